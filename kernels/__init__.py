@@ -1,0 +1,1 @@
+"""Triton kernels with their pure-PyTorch references (installed as fewstep.kernels)."""
