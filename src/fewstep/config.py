@@ -1,0 +1,317 @@
+"""The typed config: every option declared once, with type, default, allowed values and help.
+
+Users bring SimpleTuner-style JSON (`{"--model_family": "flux", ...}` or without the dashes); command-line overrides
+(`--key value`) are applied on top. Unknown keys fail with the closest valid key; bad types and ranges fail naming the
+key, before any compute starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config problem, reported before anything is built."""
+
+
+def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
+    """Declare an option: default, help text, and optional allowed values / numeric range."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # ---- model ----
+    model_family: str = opt(None, "Model family: flux, sd3 or qwen_image.", choices=("flux", "sd3", "qwen_image"))
+    model_type: str = opt("lora", "lora (peft adapters on a frozen base) or full (full fine-tuning).",
+                          choices=("lora", "full"))
+    pretrained_model_name_or_path: str = opt(None, "Local diffusers directory, hub id, or tiny:<family> (built-in).")
+    method: Optional[str] = opt(None, "flow (plain flow matching), glance or twinflow. Default: twinflow when "
+                                      "twinflow_enabled, else flow.", choices=(None, "flow", "glance", "twinflow"))
+    prediction_type: str = opt("flow_matching", "What the base model predicts.",
+                               choices=("flow_matching", "epsilon", "v_prediction"))
+    diff2flow_enabled: bool = opt(False, "Bridge an epsilon/v-prediction base to flow matching (TwinFlow only).")
+    distillation_method: Optional[str] = opt(None, "Accepted for SimpleTuner compatibility; must be null.",
+                                             choices=(None,))
+    flux_guidance_value: float = opt(1.0, "Guidance embedding value fed to guidance-distilled Flux models.", lo=0.0)
+    gradient_checkpointing: bool = opt(False, "Recompute transformer blocks in backward to save activation memory.")
+    mixed_precision: str = opt("bf16", "Training precision: bf16 or fp32 ('no' means fp32).",
+                               choices=("bf16", "fp32", "no"))
+
+    # ---- LoRA ----
+    lora_rank: int = opt(16, "LoRA rank.", lo=1)
+    lora_alpha: Optional[float] = opt(None, "LoRA alpha (default: equal to lora_rank).", lo=0.0, lo_open=True)
+    lora_targets: Optional[list] = opt(None, "Module names to adapt (list or comma string); default per family.")
+    lora_dropout: float = opt(0.0, "LoRA dropout probability.", lo=0.0, hi=1.0)
+
+    # ---- data ----
+    data_backend_config: Optional[str] = opt(None, "Path to a multidatabackend.json (SimpleTuner format).")
+    resolution: Optional[int] = opt(None, "Training resolution in pixels (overrides the backend's).", lo=8)
+    caption_dropout_probability: float = opt(0.0, "Probability of training on the empty-prompt embedding.",
+                                             lo=0.0, hi=1.0)
+    cache_dir: Optional[str] = opt(None, "Where VAE latents and text embeddings are cached (default output_dir/cache).")
+
+    # ---- optimisation ----
+    output_dir: str = opt("output", "Run directory: checkpoints, logs, LoRA weights, samples.")
+    seed: int = opt(0, "Global seed (each rank derives its own stream from it).", lo=0)
+    train_batch_size: int = opt(1, "Micro-batch size per GPU.", lo=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", lo=1)
+    max_train_steps: int = opt(100, "Optimizer steps to train (per phase for Glance).", lo=0)
+    learning_rate: float = opt(1e-4, "Peak learning rate.", lo=0.0, lo_open=True)
+    lr_scheduler: str = opt("constant", "LR schedule after warmup.",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_warmup_steps: int = opt(0, "Linear warmup steps.", lo=0)
+    optimizer: str = opt("adamw", "adamw: torch.optim.AdamW (no JIT build); deepspeed: DeepSpeed's own AdamW "
+                                  "(FusedAdam on GPU, DeepSpeedCPUAdam with offload; JIT-compiled).",
+                         choices=("adamw", "deepspeed"))
+    adam_beta1: float = opt(0.9, "AdamW beta1.", lo=0.0, hi=1.0)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", lo=0.0, hi=1.0)
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.", lo=0.0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", lo=0.0, lo_open=True)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", lo=0.0)
+
+    # ---- flow-matching sigma sampling ----
+    flow_use_uniform_schedule: bool = opt(False, "Sample sigma uniformly instead of logit-normal.")
+    flow_logit_mean: float = opt(0.0, "Mean of the logit-normal sigma distribution.")
+    flow_logit_std: float = opt(1.0, "Std of the logit-normal sigma distribution.", lo=0.0, lo_open=True)
+    flow_schedule_shift: float = opt(1.0, "Static shift s: sigma' = s*sigma / (1 + (s-1)*sigma). 1 = none.",
+                                     lo=0.0, lo_open=True)
+    flow_schedule_auto_shift: bool = opt(False, "Resolution-dependent shift (Flux rule: mu from image tokens).")
+    flow_custom_timesteps: Optional[Any] = opt(None, "Glance: list of sigmas (all <= 1) or 0-1000 timesteps to train "
+                                                     "on exclusively (JSON list, comma string or list). No shift.")
+    flow_timesteps_mode: str = opt("fixed-list", "How custom timesteps are drawn: fixed-list (uniform with "
+                                                 "replacement) or round-robin (cursor over the global batch).",
+                                   choices=("fixed-list", "round-robin"))
+
+    # ---- Glance ----
+    glance_slow_timesteps: Optional[Any] = opt(None, "method glance: the Slow LoRA's timestep list.")
+    glance_fast_timesteps: Optional[Any] = opt(None, "method glance: the Fast LoRA's timestep list.")
+
+    # ---- TwinFlow (SimpleTuner key names and defaults) ----
+    twinflow_enabled: bool = opt(False, "Enable TwinFlow (RCGM any-step training). Requires distillation_method null.")
+    twinflow_target_step_count: int = opt(1, "Sampling steps used for validation/inference.", lo=1, hi=8)
+    twinflow_estimate_order: int = opt(2, "RCGM order N: teacher sub-steps per target.", lo=0, hi=16)
+    twinflow_enhanced_ratio: float = opt(0.5, "CFG-enhanced target ratio r (0 disables).", lo=0.0)
+    twinflow_enhanced_range: list = opt([0.0, 1.0], "Open time interval (lo, hi) in which the CFG enhancement applies.")
+    twinflow_delta_t: float = opt(0.01, "RCGM pre-step Delta.", lo=0.0, hi=1.0, lo_open=True)
+    twinflow_target_clamp: float = opt(1.0, "Clamp c on the RCGM residual.", lo=0.0, lo_open=True)
+    twinflow_require_ema: bool = opt(True, "Refuse to run without an EMA teacher (use_ema) ...")
+    twinflow_allow_no_ema_teacher: bool = opt(False, "... unless the live student may act as teacher.")
+    twinflow_allow_diff2flow: bool = opt(False, "With diff2flow_enabled: allow epsilon/v-prediction bases.")
+    twinflow_adversarial_enabled: bool = opt(False, "Self-adversarial branch: L_adv and L_rectify.")
+    twinflow_adversarial_weight: float = opt(1.0, "Weight of L_adv.", lo=0.0)
+    twinflow_rectify_weight: float = opt(1.0, "Weight of L_rectify (multiplies the reference's 0.5).", lo=0.0)
+
+    # ---- EMA ----
+    use_ema: bool = opt(False, "Keep an EMA of the trained weights (TwinFlow's teacher).")
+    ema_decay: float = opt(0.995, "Target EMA decay D (0: teacher = live model; 1: frozen).", lo=0.0, hi=1.0)
+
+    # ---- distributed / engine ----
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage 0-3.", lo=0, hi=3)
+    deepspeed_config: Optional[str] = opt(None, "A DeepSpeed JSON whose entries override fewstep's generated one.")
+    offload_optimizer: bool = opt(False, "ZeRO-Offload: optimizer states on CPU.")
+    offload_param: bool = opt(False, "ZeRO-3 parameter offload to CPU.")
+    fused_kernels: str = opt("auto", "Triton kernels: auto (on CUDA), on, off.", choices=("auto", "on", "off"))
+
+    # ---- checkpoints ----
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
+                                   lo=0)
+    checkpoints_total_limit: int = opt(3, "Keep the last K checkpoints.", lo=1)
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.")
+
+    # ---- validation and logging ----
+    validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
+    validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
+    validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
+    validation_guidance: Optional[float] = opt(None, "Guidance for validation (TwinFlow forces 0).", lo=0.0)
+    validation_seed: int = opt(0, "Seed for validation noise (fixed, so images are comparable across steps).", lo=0)
+    report_to: str = opt("tensorboard", "tensorboard or none.", choices=("tensorboard", "none"))
+    logging_dir: Optional[str] = opt(None, "TensorBoard directory (default output_dir/logs).")
+
+    # ------------------------------------------------------------------
+    @property
+    def resolved_method(self) -> str:
+        return self.method or ("twinflow" if self.twinflow_enabled else "flow")
+
+    @property
+    def bf16(self) -> bool:
+        return self.mixed_precision == "bf16"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Cross-field checks (single fields were checked when set)."""
+        for key in ("model_family", "pretrained_model_name_or_path"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"'{key}' is required")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("'offload_param' needs zero_stage 3 (got zero_stage %d)" % self.zero_stage)
+        lo, hi = (list(self.twinflow_enhanced_range) + [None, None])[:2]
+        if lo is None or hi is None or not (0.0 <= lo < hi <= 1.0):
+            raise ConfigError(f"'twinflow_enhanced_range' must be [lo, hi] with 0 <= lo < hi <= 1, got "
+                              f"{self.twinflow_enhanced_range}")
+        method = self.resolved_method
+        if method == "twinflow":
+            self.twinflow_enabled = True
+            self._validate_twinflow()
+        elif self.twinflow_enabled:
+            raise ConfigError(f"'twinflow_enabled' is true but method is '{method}'")
+        if method == "glance":
+            if self.glance_slow_timesteps is None or self.glance_fast_timesteps is None:
+                raise ConfigError("method 'glance' needs 'glance_slow_timesteps' and 'glance_fast_timesteps'")
+            if self.model_type != "lora":
+                raise ConfigError("method 'glance' trains LoRAs: set model_type 'lora'")
+        if self.prediction_type != "flow_matching" and method != "twinflow":
+            raise ConfigError(f"prediction_type '{self.prediction_type}' is only supported by TwinFlow with "
+                              "diff2flow_enabled and twinflow_allow_diff2flow")
+        # Parse custom timesteps now, so a typo fails before compute (import here: methods import nothing of config).
+        from fewstep.methods.glance import parse_custom_timesteps
+        for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps"):
+            if getattr(self, key) is not None:
+                parse_custom_timesteps(getattr(self, key), key=key)
+        return self
+
+    def _validate_twinflow(self):
+        if self.distillation_method is not None:
+            raise ConfigError("TwinFlow requires 'distillation_method' to be null")
+        if self.prediction_type != "flow_matching" and not (self.diff2flow_enabled and self.twinflow_allow_diff2flow):
+            raise ConfigError(f"TwinFlow needs prediction_type 'flow_matching' (got '{self.prediction_type}'), unless "
+                              "'diff2flow_enabled' and 'twinflow_allow_diff2flow' are both true")
+        if not self.use_ema and self.twinflow_require_ema and not self.twinflow_allow_no_ema_teacher:
+            raise ConfigError("TwinFlow needs an EMA teacher: set 'use_ema': true, or accept the student as teacher "
+                              "with 'twinflow_allow_no_ema_teacher': true (or 'twinflow_require_ema': false)")
+        if self.flow_custom_timesteps is not None:
+            raise ConfigError("'flow_custom_timesteps' cannot be combined with TwinFlow (it samples its own times)")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, FIELDS.keys(), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a JSON or command-line value to the declared type of `key` and check its choices/range."""
+    f = FIELDS[key]
+    meta = f.metadata
+    typ = f.type.replace("Optional[", "").rstrip("]")
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and typ != "Any"):
+        if f.default is None or meta["choices"] and None in meta["choices"]:
+            return None
+        raise ConfigError(f"'{key}' may not be null")
+    try:
+        if typ == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            elif not isinstance(value, (bool, int)):
+                raise ValueError
+            value = bool(value)
+        elif typ == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
+        elif typ == "str":
+            if not isinstance(value, str):
+                raise ValueError
+        elif typ == "list":
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            value = list(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"'{key}' expects {typ}, got {value!r}") from None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        valid = ", ".join(str(c) for c in meta["choices"] if c is not None)
+        hint = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"] if c is not None], n=1)
+        raise ConfigError(f"'{key}' must be one of: {valid}; got {value!r}" + (f" (did you mean '{hint[0]}'?)"
+                                                                                if hint else ""))
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        raise ConfigError(f"'{key}' must be {'>' if meta['lo_open'] else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"'{key}' must be <= {hi}, got {value}")
+    return value
+
+
+def normalize_key(key: str) -> str:
+    """'--flow-custom-timesteps' / '--flow_custom_timesteps' / 'flow_custom_timesteps' -> 'flow_custom_timesteps'."""
+    return key.lstrip("-").replace("-", "_")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (true) pairs from a command line."""
+    out, i = {}, 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected command-line argument {tok!r}: overrides look like --key value")
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            k, v = tok, argv[i + 1]
+            i += 2
+        else:
+            k, v = tok, "true"
+            i += 1
+        out[normalize_key(k)] = v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = None) -> Config:
+    """Read a JSON config (SimpleTuner key spelling accepted), apply overrides, check everything."""
+    raw: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of options")
+        for k, v in data.items():
+            raw[normalize_key(k)], source[normalize_key(k)] = v, f" in {path}"
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for k, v in (overrides or {}).items():
+        raw[normalize_key(k)], source[normalize_key(k)] = v, " on the command line"
+    values = {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config key '{key}'{source[key]}{_closest(key)}")
+        values[key] = _coerce(key, value)
+    return Config(**values).validate()
+
+
+def describe_options() -> str:
+    """A Markdown table of every option (used for the README and `train.py --help`)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,37 @@
+"""EMA of the trained weights over this rank's fp32 master partition (sharded like the optimizer state).
+
+Decay warm-up follows the TwinFlow reference: the first update copies (d = 0), then d <- d + (1 - d)(D - d)/2, which
+approaches the target D. D = 1 freezes the teacher at the initial weights (the base model under LoRA); D = 0 makes it
+track the live model. The update runs through `fewstep.kernels.ema_update_` (Triton on GPU, torch foreach on CPU).
+"""
+from __future__ import annotations
+
+import torch
+
+from fewstep.kernels import ema_update_
+
+
+class EMA:
+    def __init__(self, sources: list[torch.Tensor], target_decay: float, backend: str = "auto"):
+        self.sources = sources
+        self.shadow = [s.detach().float().clone() for s in sources]
+        self.target_decay = float(target_decay)
+        self.decay = 0.0
+        self.backend = backend
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """One EMA step at the current decay; returns the decay used."""
+        d = self.decay
+        if self.target_decay < 1.0:
+            ema_update_(self.shadow, self.sources, d, backend=self.backend)
+            self.decay = d + (1.0 - d) * (self.target_decay - d) / 2.0
+        return d
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.cpu() for s in self.shadow], "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
+        self.decay = float(state["decay"])

@@ -1,0 +1,214 @@
+"""DeepSpeed set-up: process group, the generated ZeRO config, `deepspeed.initialize`, and access to this rank's
+fp32 master partition (what the EMA tracks and what the EMA teacher is swapped into).
+
+Works under the `deepspeed` launcher, `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) and
+plain `python` (a single process; the rendezvous variables are filled in here, so no mpi4py is needed).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python launcher/train.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    import deepspeed
+    import deepspeed.ops
+
+    # On CPU, DeepSpeed would JIT-build a shared-memory comm op at init (~50 s, no benefit for training): skip it.
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def build_ds_config(cfg) -> dict:
+    """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it."""
+    zero = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True,
+            "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+    if cfg.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optimizer == "deepspeed":
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_epsilon,
+            "weight_decay": cfg.adam_weight_decay}}
+    if cfg.deepspeed_config:
+        with open(cfg.deepspeed_config) as fh:
+            user = json.load(fh)
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            user.pop(key, None)  # fewstep's batch options are the single source of truth
+        _deep_update(ds, user)
+    return ds
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def lr_lambda(cfg):
+    """Warmup then constant / linear decay / cosine decay, as a multiplier of the peak LR."""
+    warm, total = cfg.lr_warmup_steps, max(cfg.max_train_steps, 1)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.lr_scheduler in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.lr_scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter]):
+    """`deepspeed.initialize` with a client torch AdamW (no JIT build) unless `optimizer: deepspeed` is asked for."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg)
+    optimizer = None
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
+    if optimizer is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
+                                                               optimizer=optimizer, lr_scheduler=scheduler,
+                                                               config=ds_config)
+    else:
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        engine.lr_scheduler = scheduler
+    return engine, optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# This rank's fp32 master partition, and swapping other weights (the EMA) into the model for teacher passes.
+# ---------------------------------------------------------------------------------------------------------------
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """The fp32 master weights this rank owns: a flat partition per param group under ZeRO (or the BF16 optimizer),
+    the parameters themselves for stage 0 in fp32."""
+    opt = engine.optimizer
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(opt, name):
+            return list(getattr(opt, name))
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+@contextlib.contextmanager
+def weights_swapped_in(engine, replacement: list[torch.Tensor]):
+    """Run the model with `replacement` (same layout as `master_partitions`) as its trained weights, then restore.
+
+    No full-model copy is made: ZeRO-3 writes this rank's shard of the low-precision flat buffer; ZeRO-1/2 and the
+    BF16 optimizer swap the fp32 partition's storage and re-gather the low-precision weights (DeepSpeed's own
+    `update_lp_params`); plain fp32 swaps parameter storage. Call it before the student forward of a step (no graph
+    alive), which is where fewstep runs teacher passes.
+    """
+    opt = engine.optimizer
+    masters = master_partitions(engine)
+    if hasattr(opt, "fp16_partitioned_groups_flat"):  # ZeRO-3
+        for lp, new in zip(opt.fp16_partitioned_groups_flat, replacement):
+            lp.data.copy_(new.to(lp.device, lp.dtype))
+        try:
+            yield
+        finally:
+            for lp, master in zip(opt.fp16_partitioned_groups_flat, masters):
+                lp.data.copy_(master.to(lp.device, lp.dtype))
+    elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, BF16 optimizer
+        saved = [m.data for m in masters]
+        for m, new in zip(masters, replacement):
+            m.data = new
+        opt.update_lp_params()
+        try:
+            yield
+        finally:
+            for m, old in zip(masters, saved):
+                m.data = old
+            opt.update_lp_params()
+    else:  # stage 0, fp32: the parameters are the masters
+        saved = [m.data for m in masters]
+        for m, new in zip(masters, replacement):
+            m.data = new
+        try:
+            yield
+        finally:
+            for m, old in zip(masters, saved):
+                m.data = old
+
+
+@torch.no_grad()
+def load_master(engine, tensors: list[torch.Tensor]) -> None:
+    """Overwrite this rank's fp32 master partition and propagate it to the model's low-precision weights."""
+    masters = master_partitions(engine)
+    for m, t in zip(masters, tensors):
+        m.copy_(t)
+    opt = engine.optimizer
+    if hasattr(opt, "fp16_partitioned_groups_flat"):
+        for lp, m in zip(opt.fp16_partitioned_groups_flat, masters):
+            lp.data.copy_(m.to(lp.device, lp.dtype))
+    elif hasattr(opt, "update_lp_params"):
+        opt.update_lp_params()
+
+
+def reset_optimizer_state(engine) -> None:
+    """Forget Adam moments and step counts (the inner torch optimizer re-creates them lazily)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner.state.clear()

@@ -1,0 +1,109 @@
+"""diff2flow: use an epsilon- or v-prediction diffusion model as a flow-matching model (e.g. a TwinFlow teacher).
+
+Diffusion: x_k = a x + b eps with a = sqrt(abar_k), b = sqrt(1 - abar_k), a^2 + b^2 = 1 (k = timestep index).
+Flow:      x_sigma = sigma z + (1 - sigma) x.
+Both describe the same point when sigma = b / (a + b) and x_k = (a + b) x_sigma. Given sigma alone,
+    s = a + b = 1 / sqrt((1 - sigma)^2 + sigma^2),   a = (1 - sigma) s,   b = sigma s,
+so the input scaling and the output conversion are exact for any sigma; only the model's timestep (which index k has
+that sigma) comes from the `alphas_cumprod` table, by linear interpolation (a continuous timestep).
+Output conversion to the flow velocity F = eps_hat - x0_hat (noise minus data, as fewstep's flow models):
+    epsilon:      x0_hat = (x_k - b eps_hat) / a
+    v_prediction: x0_hat = a x_k - b v_hat,   eps_hat = a v_hat + b x_k
+The base model only knows sigma in [sigma(0), sigma(T-1)] (about [0.009, 0.936] for SD 1.x / SDXL; epsilon models
+cannot run at sigma = 1 where a = 0), so sigmas outside are clamped to that range: inside it the bridge is exact.
+"""
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction"}
+
+
+def _check_alphas(alphas_cumprod) -> torch.Tensor:
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    if a.dim() != 1 or a.numel() < 2:
+        raise ValueError(f"diff2flow: alphas_cumprod must be a 1-D table with >= 2 entries, got shape {list(a.shape)}")
+    if not bool(((a > 0) & (a <= 1)).all()) or not bool((a[1:] < a[:-1]).all()):
+        raise ValueError("diff2flow: alphas_cumprod must be strictly decreasing values in (0, 1]")
+    return a
+
+
+def flow_sigmas(alphas_cumprod) -> torch.Tensor:
+    """Flow sigma of every diffusion timestep, sigma_k = sqrt(1 - abar_k) / (sqrt(abar_k) + sqrt(1 - abar_k)), fp64."""
+    a = _check_alphas(alphas_cumprod)
+    sa, sb = a.sqrt(), (1 - a).sqrt()
+    return sb / (sa + sb)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x (xp increasing), clamped to the table's ends."""
+    x = x.clamp(xp[0], xp[-1])
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.numel() - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+
+
+def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod) -> torch.Tensor:
+    """Continuous diffusion timestep (index units, in [0, T-1]) whose flow sigma is `sigma`, by table lookup."""
+    table = flow_sigmas(alphas_cumprod).to(sigma.device)
+    steps = torch.arange(table.numel(), dtype=torch.float64, device=sigma.device)
+    return _interp(sigma.to(torch.float64), table, steps)
+
+
+def timestep_to_sigma(timestep: torch.Tensor, alphas_cumprod) -> torch.Tensor:
+    """Flow sigma at a (continuous) diffusion timestep: the sigma table interpolated linearly, fp64."""
+    table = flow_sigmas(alphas_cumprod).to(timestep.device)
+    steps = torch.arange(table.numel(), dtype=torch.float64, device=timestep.device)
+    return _interp(timestep.to(torch.float64), steps, table)
+
+
+def diffusion_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) = (sqrt(abar), sqrt(1 - abar)) of the diffusion state that equals the flow state at `sigma`."""
+    s = torch.rsqrt((1 - sigma) ** 2 + sigma**2)
+    return (1 - sigma) * s, sigma * s
+
+
+def flow_to_diffusion_input(x_flow: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Diffusion-model input x_k = (a + b) x_sigma for the per-sample flow state at `sigma` [B]."""
+    a, b = diffusion_coefficients(sigma.to(torch.float64))
+    return x_flow * (a + b).reshape(-1, *([1] * (x_flow.dim() - 1))).to(x_flow.dtype)
+
+
+def diffusion_output_to_flow(output: torch.Tensor, x_diff: torch.Tensor, sigma: torch.Tensor,
+                             prediction_type: str) -> torch.Tensor:
+    """Flow velocity F = eps_hat - x0_hat from an epsilon / v prediction at diffusion input x_diff, in fp32 (fp64 in)."""
+    kind = PREDICTION_TYPES.get(prediction_type)
+    if kind is None:
+        raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
+    cd = torch.promote_types(torch.promote_types(output.dtype, x_diff.dtype), torch.float32)
+    a, b = (c.to(cd).reshape(-1, *([1] * (x_diff.dim() - 1))) for c in diffusion_coefficients(sigma.to(torch.float64)))
+    out, x = output.to(cd), x_diff.to(cd)
+    if kind == "epsilon":
+        eps, x0 = out, (x - b * out) / a
+    else:
+        eps, x0 = a * out + b * x, a * x - b * out
+    return eps - x0
+
+
+def diff2flow_model(diffusion_model, alphas_cumprod, prediction_type: str):
+    """Wrap `diffusion_model(x_k, timestep [B] float, cond) -> eps or v` as a flow model `model(x, t, tt, cond) -> F`.
+
+    sigma = |t| clamped to the base schedule's range; the timestep comes from the table, the input is scaled by
+    (a + b), the output converted to F = eps_hat - x0_hat (in x's dtype). `tt` and the sign of t are ignored: a
+    diffusion base is an instantaneous (tt = t) model with no fake trajectory, so as a teacher it acts as flow
+    matching (an RCGM rollout with it is an Euler integration).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
+    table = flow_sigmas(alphas_cumprod)
+    lo, hi = float(table[0]), float(table[-1])
+    abar = _check_alphas(alphas_cumprod)
+
+    def model(x, t, tt, cond):
+        sigma = t.detach().abs().to(device=x.device, dtype=torch.float64).clamp(lo, hi)
+        x_diff = flow_to_diffusion_input(x, sigma)
+        timestep = sigma_to_timestep(sigma, abar).to(torch.promote_types(t.dtype, torch.float32))
+        out = diffusion_model(x_diff, timestep, cond)
+        return diffusion_output_to_flow(out, x_diff, sigma, prediction_type).to(x.dtype)
+
+    return model

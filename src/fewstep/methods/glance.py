@@ -1,0 +1,107 @@
+"""Glance: train on a fixed list of timesteps (Slow = early ones, Fast = late ones) and chain at inference.
+
+`flow_custom_timesteps` semantics follow SimpleTuner (what users bring): a JSON list, a comma/semicolon string or a
+list; if every value is <= 1 the values are sigmas, otherwise 0-1000 timesteps (sigma = t / 1000). No shift is ever
+applied to the list. Unlike SimpleTuner, bad lists are errors rather than a silent fall-back to normal sampling.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+class TimestepListError(ValueError):
+    pass
+
+
+def parse_custom_timesteps(value: Any, key: str = "flow_custom_timesteps") -> list[float]:
+    """Turn a user's timestep list into sigmas in [0, 1], or raise naming `key`."""
+    items = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TimestepListError(f"'{key}': not a valid JSON list ({e})") from None
+        else:
+            items = [s for s in text.replace(";", ",").split(",") if s.strip()]
+    elif isinstance(value, (int, float)):
+        items = [value]
+    if not isinstance(items, (list, tuple)):
+        raise TimestepListError(f"'{key}' must be a list of numbers, got {value!r}")
+    values = []
+    for v in items:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise TimestepListError(f"'{key}': {v!r} is not a number") from None
+        if not math.isfinite(f):
+            raise TimestepListError(f"'{key}': non-finite value {v!r}")
+        if f < 0:
+            raise TimestepListError(f"'{key}': negative value {f}; expected sigmas in [0, 1] or timesteps in [0, 1000]")
+        values.append(f)
+    if not values:
+        raise TimestepListError(f"'{key}' is empty: give at least one sigma or timestep")
+    if all(v <= 1.0 for v in values):
+        return values
+    if any(v > 1000.0 for v in values):
+        raise TimestepListError(f"'{key}': {max(values)} is out of range; timesteps must lie in [0, 1000] "
+                                f"(or give sigmas, all <= 1)")
+    return [v / 1000.0 for v in values]
+
+
+class CustomTimestepSampler:
+    """Draws training sigmas from a fixed list.
+
+    fixed-list: each sample draws uniformly with replacement. round-robin: a cursor walks the list over the *global*
+    batch; rank r takes positions cursor + r*B + i of each micro-step, and the cursor advances by B*world_size. The
+    cursor is part of the checkpoint so a resumed run continues the cycle exactly.
+    """
+
+    def __init__(self, sigmas: Sequence[float], mode: str = "fixed-list", *, batch_size: int = 1,
+                 rank: int = 0, world_size: int = 1):
+        if mode not in ("fixed-list", "round-robin"):
+            raise TimestepListError(f"'flow_timesteps_mode' must be 'fixed-list' or 'round-robin', got {mode!r}")
+        self.sigmas = torch.tensor(list(sigmas), dtype=torch.float32)
+        self.mode, self.batch_size, self.rank, self.world_size = mode, batch_size, rank, world_size
+        self.cursor = 0
+        if mode == "round-robin" and len(self.sigmas) < batch_size * world_size:
+            warnings.warn(f"round-robin list of {len(self.sigmas)} timesteps is shorter than the global batch "
+                          f"({batch_size * world_size}): some timesteps repeat within one step")
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sigmas for this rank's next micro-batch."""
+        n = len(self.sigmas)
+        if self.mode == "fixed-list":
+            return self.sigmas[torch.randint(0, n, (self.batch_size,), generator=generator)]
+        start = self.cursor + self.rank * self.batch_size
+        idx = (start + torch.arange(self.batch_size)) % n
+        self.cursor = (self.cursor + self.batch_size * self.world_size) % n
+        return self.sigmas[idx]
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+
+
+def glance_schedule(slow: Sequence[float], fast: Sequence[float]) -> tuple[list[float], int]:
+    """The inference sigma schedule: Slow's list, then Fast's, then 0. Returns (sigmas, index where Fast starts).
+
+    The Slow phase stops at the first Fast sigma (it must not denoise to 0); the list must strictly decrease.
+    """
+    sigmas = list(slow) + list(fast)
+    if not slow or not fast:
+        raise TimestepListError("Glance needs a non-empty Slow and Fast list")
+    for a, b in zip(sigmas, sigmas[1:]):
+        if not a > b:
+            raise TimestepListError(f"Glance sigmas must strictly decrease (Slow then Fast), got {a} then {b}")
+    if sigmas[-1] <= 0:
+        raise TimestepListError("the last Fast sigma must be > 0 (0 is appended as the end of sampling)")
+    return sigmas + [0.0], len(slow)

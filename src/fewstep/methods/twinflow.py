@@ -1,0 +1,322 @@
+"""TwinFlow (arXiv:2512.05150): one training step's loss as pure functions over tensors and model callables.
+
+A model is a callable `model(x, t, tt, cond) -> F`: x [B, ...], signed per-sample times t, tt [B] (negative time is
+the fake/twin trajectory), `cond` an opaque dict of batch-aligned tensors. F is the any-step average velocity,
+x_tt = x_t - (t - tt) F, with x_t = t z + (1 - t) x and v = z - x (z noise, x data).
+
+Batch groups (the reference's four, see `assign_groups`): e2e (t=1, tt=0), mul (tt just below t), any (tt ~ U[0,t]),
+adv (t = tt = -t on the model's own one-step samples). Loss = L_base + adversarial_weight*L_adv
++ 0.5*rectify_weight*L_rectify; the elementwise maths (RCGM target, Barron loss) is `fewstep.kernels`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fewstep.kernels import rcgm_substep_, rcgm_target_loss
+from fewstep.kernels.reference import barron_loss_reference, enhance_target_reference, rcgm_substep_reference_
+from fewstep.kernels.reference import rcgm_target_reference
+
+from .rng import capture_rng_state, restore_rng_state
+
+E2E, MUL, ANY, ADV = 0, 1, 2, 3
+GROUP_NAMES = ("e2e", "mul", "any", "adv")
+RECTIFY_BASE_WEIGHT = 0.5  # the reference's dist_match_cof; L_rectify enters as 0.5 * rectify_weight
+MUL_GAP = 0.05  # mul rows: tt = t - u * t * 0.05
+T_MIN = 1e-5  # sampled times are kept >= this so the sign of an adversarial time (-t) is never lost to -0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _rand(n: int, device, dtype, generator=None) -> torch.Tensor:
+    """U[0,1) samples of shape [n]; drawn on the generator's device (global RNG when None), then moved."""
+    gdev = device if generator is None else generator.device
+    return torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    gdev = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
+
+
+def select_rows(cond, mask: torch.Tensor):
+    """Rows `mask` of a conditioning object: tensors (dim 0 = batch) are indexed, dicts/lists/tuples recursed,
+    other leaves (None, numbers, strings) passed through. A tensor whose dim 0 is not the batch size is an error."""
+    B = mask.shape[0]
+    if cond is None or isinstance(cond, (str, int, float, bool)):
+        return cond
+    if isinstance(cond, torch.Tensor):
+        if cond.dim() == 0 or cond.shape[0] != B:
+            raise ValueError(f"cond tensor of shape {list(cond.shape)} is not batch-aligned (batch size {B}); every "
+                             "tensor in cond must have the batch as dim 0 (keep shared tensors in the model callable)")
+        return cond[mask.to(cond.device)]
+    if isinstance(cond, dict):
+        out = {}
+        for k, v in cond.items():
+            try:
+                out[k] = select_rows(v, mask)
+            except ValueError as e:
+                raise ValueError(f"cond[{k!r}]: {e}") from None
+        return out
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(select_rows(v, mask) for v in cond)
+    raise TypeError(f"cond: cannot select rows of a {type(cond).__name__}; expected a dict of batch-aligned tensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# groups, times, weights
+
+
+def _group_sizes(batch_size: int, k: int) -> list[int]:
+    # The reference: round(B/k) rows for each group but the last, which absorbs the rounding. Its rounding leaves the
+    # last group empty at B = 6 (2, 2, 2, 0); there we fall back to floor(B/k) so every group has a row.
+    lens = [int(round(batch_size / k))] * (k - 1)
+    if batch_size - sum(lens) < 1:
+        lens = [batch_size // k] * (k - 1)
+    return lens + [batch_size - sum(lens)]
+
+
+def assign_groups(batch_size: int, micro_step: int = 0, *, adversarial: bool = True, device=None) -> torch.Tensor:
+    """Group id per row (E2E=0, MUL=1, ANY=2, ADV=3) as a LongTensor [B].
+
+    With K groups (4, or 3 = e2e/mul/any when `adversarial` is False: no ADV share, equal thirds), B >= K gives K
+    contiguous groups as the reference (last absorbs the rounding); B < K cycles the groups over gradient-accumulation
+    micro-steps: row i of micro-step k is group (k*B + i) % K, so every group appears equally over K micro-steps.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"assign_groups: batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(micro_step, int) or micro_step < 0:
+        raise ValueError(f"assign_groups: micro_step must be an int >= 0, got {micro_step!r}")
+    k = 4 if adversarial else 3
+    if batch_size < k:
+        return (micro_step * batch_size + torch.arange(batch_size, device=device)) % k
+    sizes = torch.tensor(_group_sizes(batch_size, k), device=device)
+    return torch.repeat_interleave(torch.arange(k, device=device), sizes)
+
+
+def sample_times(groups: torch.Tensor, generator=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed per-row times (t, tt) for the groups: t ~ U(0,1) (= Beta(1,1)), then e2e (1, 0); mul (t, t - u2*t*0.05);
+    any (t, t - u1*t); adv (-t, -t). Draws t, u1, u2 in that order from `generator` (global RNG when None)."""
+    if groups.dim() != 1 or groups.dtype != torch.long:
+        raise ValueError(f"sample_times: groups must be a LongTensor [B], got {groups.dtype} {list(groups.shape)}")
+    if ((groups < 0) | (groups > ADV)).any():
+        raise ValueError(f"sample_times: group ids must be in 0..3 (e2e, mul, any, adv), got {groups.tolist()}")
+    B, dev = groups.shape[0], groups.device
+    t = _rand(B, dev, dtype, generator).clamp_(T_MIN, 1.0)
+    u1, u2 = _rand(B, dev, dtype, generator), _rand(B, dev, dtype, generator)
+    tt_any = t - u1 * t
+    tt_mul = t - u2 * t * MUL_GAP
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    t_out = torch.where(groups == E2E, one, torch.where(groups == ADV, -t, t))
+    tt_out = torch.where(groups == E2E, zero, torch.where(groups == MUL, tt_mul,
+                                                          torch.where(groups == ANY, tt_any, -t)))
+    return t_out, tt_out
+
+
+def time_weight(t: torch.Tensor, tt: torch.Tensor, adv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row loss weight w = tan((1 - (|t| - |tt|)) * pi/2.5) + 1 (1 at |t|-|tt| = 1, ~4.08 at tt = t); 1 on adv."""
+    w = torch.tan((1.0 - (t.abs() - tt.abs())) * (math.pi / 2.5)) + 1.0
+    return w if adv_mask is None else torch.where(adv_mask, torch.ones_like(w), w)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# teacher passes (no grad, RNG restored before each call)
+
+
+@torch.no_grad()
+def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, enhanced_range=(0.0, 1.0),
+                        adv_mask=None, frozen_teacher: bool = False, rng_state=None):
+    """CFG-enhanced flow-matching target. Returns `(E, enhance_mask)`, E detached in fp32 (fp64 for fp64 input).
+
+    Two teacher passes at (x_t, t, t), cond then uncond, RNG restored before each. On rows with t strictly inside
+    `enhanced_range` and not adversarial: E = target + ratio*(F_T(cond) - F_T(uncond)); with a frozen teacher (EMA
+    decay 1) the base is replaced: E = F_T(uncond) + ratio*(F_T(cond) - F_T(uncond)). ratio 0: E = target, no passes.
+    """
+    lo, hi = enhanced_range
+    mask = (t > lo) & (t < hi)
+    if adv_mask is not None:
+        mask = mask & ~adv_mask
+    if ratio == 0.0 or not bool(mask.any()):
+        return enhance_target_reference(target), mask
+    if uncond is None:
+        raise ValueError(f"cfg_enhanced_target: enhanced_ratio={ratio} needs unconditional inputs (uncond is None)")
+    rng_state = capture_rng_state(x_t.device) if rng_state is None else rng_state
+    restore_rng_state(rng_state)
+    f_cond = teacher(x_t, t, t, cond)
+    restore_rng_state(rng_state)
+    f_uncond = teacher(x_t, t, t, uncond)
+    base = target
+    if frozen_teacher:
+        base = torch.where(_bcast(mask, target), f_uncond.to(target.dtype), target)
+    return enhance_target_reference(base, f_cond, f_uncond, ratio, mask), mask
+
+
+@torch.no_grad()
+def rcgm_rollout(teacher, x_t, t, tt, target, *, order: int, delta_t: float, cond=None, rng_state=None,
+                 substep=None) -> torch.Tensor:
+    """RCGM teacher rollout: the integral I = sum_k (s_k - s_{k+1}) G_k, fp32 (fp64 for fp64 input), [B, ...].
+
+    Pre-step along the target, x_0 = x_t - (t - t_m)*target with t_m = max(t - delta_t, tt), then `order` equal
+    sub-steps s_k = t_m + (tt - t_m)*k/N, G_k = teacher(x_k, s_k, s_{k+1}, cond) with the RNG restored before each
+    call, x_{k+1} = x_k - (s_k - s_{k+1}) G_k. Rows with t - tt < delta_t have t_m = tt: zero-length steps, I = 0.
+    `substep(x, acc, G, s_k, s_k1)` defaults to the torch reference (the trainer passes the kernel dispatcher).
+    """
+    if not isinstance(order, int) or order < 0:
+        raise ValueError(f"rcgm: order (twinflow_estimate_order) must be an int >= 0, got {order!r}")
+    if not delta_t > 0:
+        raise ValueError(f"rcgm: delta_t (twinflow_delta_t) must be > 0, got {delta_t}")
+    cd = torch.float64 if torch.float64 in (x_t.dtype, target.dtype) else torch.float32
+    acc = torch.zeros(x_t.shape, dtype=cd, device=x_t.device)
+    if order == 0:
+        return acc
+    substep = rcgm_substep_reference_ if substep is None else substep
+    rng_state = capture_rng_state(x_t.device) if rng_state is None else rng_state
+    # The time grid is float64 so that t - t_m is delta_t to ~1e-16 (the cof_l, cof_r scaling divides by delta_t);
+    # the teacher sees the times in t's dtype.
+    t64, tt64 = t.double(), tt.double()
+    t_m = torch.maximum(t64 - delta_t, tt64)
+    x = x_t.to(cd) - _bcast((t64 - t_m).to(cd), x_t) * target.to(cd)
+    for k in range(order):
+        s_k = t_m + (tt64 - t_m) * (k / order)
+        s_k1 = tt64 if k == order - 1 else t_m + (tt64 - t_m) * ((k + 1) / order)
+        restore_rng_state(rng_state)
+        G = teacher(x.to(x_t.dtype), s_k.to(t.dtype), s_k1.to(t.dtype), cond)
+        substep(x, acc, G, s_k, s_k1)
+    return acc
+
+
+@torch.no_grad()
+def rcgm_target(teacher, x_t, t, tt, target, F_student, *, order: int, delta_t: float, clamp: float, cond=None,
+                rng_state=None, rcgm_mask=None, substep=None) -> torch.Tensor:
+    """RCGM target T = sg(F) - clamp(cof_l*F - cof_r*I - target, +-clamp) with I = `rcgm_rollout(...)`.
+
+    cof = ((t-tt)/delta_t, 1/delta_t) where t - tt >= delta_t, else (1, 0); rows with `rcgm_mask` False get T = target.
+    For a straight flow (F = teacher = v) T = v for every order. Order 0 has no rollout (I = 0) and, as the
+    reference's estimate_order 0, no consistency target: T = target on every row (plain flow matching).
+    """
+    acc = rcgm_rollout(teacher, x_t, t, tt, target, order=order, delta_t=delta_t, cond=cond, rng_state=rng_state,
+                       substep=substep)
+    if order == 0:
+        rcgm_mask = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    return rcgm_target_reference(F_student, acc, target, t, tt, delta_t=delta_t, clamp=clamp, rcgm_mask=rcgm_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# self-adversarial parts (current model, no RNG restore)
+
+
+@torch.no_grad()
+def fake_samples(model, z, cond) -> torch.Tensor:
+    """One-step samples x_fake = sg(z - F(z, 1, 0)) from the current model."""
+    one = torch.ones(z.shape[0], device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
+    return (z - model(z, one, torch.zeros_like(one), cond).to(z.dtype)).detach()
+
+
+def rectify_loss(model, x_hat, F_e2e, cond, generator=None) -> torch.Tensor:
+    """L_rectify (DMD-style, no discriminator): scalar mean over rows of Barron(F_e2e, sg(F_e2e - F_grad)).
+
+    Fresh z', t' ~ U(0,1); x~ = t' z' + (1 - t') sg(x_hat); F_grad = clamp(F(x~, -t', -t') - F(x~, t', t'), +-1) in
+    fp32, no grad. Its gradient moves the one-step output along the gap between the fake (-t) and real (+t) fields.
+    """
+    n, x_hat = x_hat.shape[0], x_hat.detach()
+    t = _rand(n, x_hat.device, torch.promote_types(x_hat.dtype, torch.float32), generator).clamp_(T_MIN, 1.0)
+    z = _randn_like(x_hat, generator)
+    tb = _bcast(t, x_hat).to(x_hat.dtype)
+    x_tilde = tb * z + (1 - tb) * x_hat
+    cd = torch.promote_types(F_e2e.dtype, torch.float32)  # fp32 for bf16/fp32 models (fp64 stays fp64)
+    with torch.no_grad():
+        F_grad = (model(x_tilde, -t, -t, cond).to(cd) - model(x_tilde, t, t, cond).to(cd)).clamp(-1.0, 1.0)
+    return barron_loss_reference(F_e2e, F_e2e.detach().to(cd) - F_grad).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one training step
+
+
+def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2, delta_t: float = 0.01,
+                  clamp: float = 1.0, enhanced_ratio: float = 0.5, enhanced_range=(0.0, 1.0), adversarial: bool = True,
+                  adversarial_weight: float = 1.0, rectify_weight: float = 1.0, frozen_teacher: bool = False,
+                  ema_update=None, generator=None, backend: str = "auto"):
+    """One TwinFlow step's loss in the reference order. Returns `(loss, logs)`; loss is a scalar with one graph.
+
+    1. times from `groups`; adv rows' data := fake samples of the student (no grad, fresh noise); fresh z; x_t with |t|.
+    2. capture the RNG, student pass F = student(x_t, t, tt, cond) with grad (the only graph); capture the RNG again.
+    3. `ema_update()` (if given), then the teacher passes, each with the RNG restored to the pre-student state (same
+       dropout masks as the student pass): CFG-enhanced target E, RCGM rollout. With `frozen_teacher` (EMA decay 1)
+       the rollout uses the student under no grad, as the reference. The RNG is then put back to its post-student
+       state, so the global stream advances as if the teacher passes drew nothing.
+    4. per-row loss = Barron(F, T) * time_weight (the fused `rcgm_target_loss`); L_base = non-adv rows, L_adv = adv
+       rows, both summed over the counted rows / their number (all rows; order 0: mul and adv rows only).
+    5. L_rectify on e2e rows (adversarial only). loss = L_base + adversarial_weight*L_adv + 0.5*rectify_weight*L_rect.
+    """
+    B = x0.shape[0]
+    if groups.shape != (B,):
+        raise ValueError(f"twinflow_loss: groups must have shape [{B}] (one id per row), got {list(groups.shape)}")
+    groups = groups.to(x0.device)
+    if not adversarial and bool((groups == ADV).any()):
+        raise ValueError("twinflow_loss: groups contain adversarial rows but adversarial=False "
+                         "(build them with assign_groups(..., adversarial=False))")
+    wd = torch.promote_types(x0.dtype, torch.float32)  # work dtype for noise, targets and times
+    t, tt = sample_times(groups, generator, dtype=wd)
+    masks = {name: groups == g for g, name in enumerate(GROUP_NAMES)}
+    adv = masks["adv"]
+
+    x = x0.detach().to(wd)
+    if bool(adv.any()):
+        x = x.clone()
+        x[adv] = fake_samples(student, _randn_like(x[adv], generator), select_rows(cond, adv)).to(wd)
+    z = _randn_like(x, generator)
+    ta = _bcast(t.abs(), x)
+    x_t = (ta * z + (1 - ta) * x).to(x0.dtype)
+    v = z - x
+
+    rng_state = capture_rng_state(x0.device)
+    F = student(x_t, t, tt, cond)
+    after_student = capture_rng_state(x0.device)
+    if ema_update is not None:
+        ema_update()
+    E, enh_mask = cfg_enhanced_target(teacher, x_t, t, v, cond, uncond, ratio=enhanced_ratio,
+                                      enhanced_range=enhanced_range, adv_mask=adv, frozen_teacher=frozen_teacher,
+                                      rng_state=rng_state)
+    if order >= 1:
+        rcgm_model = student if frozen_teacher else teacher
+        substep = lambda *a: rcgm_substep_(*a, backend=backend)  # noqa: E731
+        acc = rcgm_rollout(rcgm_model, x_t, t, tt, E, order=order, delta_t=delta_t, cond=cond, rng_state=rng_state,
+                           substep=substep)
+        rcgm_mask, counted = ~adv, torch.ones_like(adv)
+    else:  # order 0: no consistency target; only mul (plain flow matching) and adv rows count, as the reference
+        acc, rcgm_mask, counted = None, torch.zeros_like(adv), masks["mul"] | adv
+    restore_rng_state(after_student)
+
+    w = time_weight(t, tt, adv)
+    rows, T = rcgm_target_loss(F, acc, E, t, tt, delta_t=delta_t, clamp=clamp, rcgm_mask=rcgm_mask, sample_weight=w,
+                               backend=backend)
+    n = max(int(counted.sum()), 1)
+    zero = F.sum() * 0.0  # keeps the graph when a micro-step has no counted rows
+    l_base = rows[counted & ~adv].sum() / n + zero
+    l_adv = rows[adv].sum() / n + zero
+    loss = l_base + adversarial_weight * l_adv
+
+    e2e = masks["e2e"]
+    l_rect = zero
+    if adversarial and bool(e2e.any()):
+        x_hat = (x_t.to(wd) - ta * F.detach().to(wd))[e2e]  # x_t - |t| F: the one-step output for e2e rows (t = 1)
+        l_rect = rectify_loss(student, x_hat.to(x0.dtype), F[e2e], select_rows(cond, e2e), generator)
+        loss = loss + RECTIFY_BASE_WEIGHT * rectify_weight * l_rect
+
+    with torch.no_grad():  # one device->host copy for all logged numbers
+        resid = (F.detach().to(T.dtype) - T).abs().reshape(B, -1).mean(1)  # |clamp(R)| per row on RCGM rows
+        rc = rcgm_mask.to(resid.dtype)
+        stats = torch.stack([loss.detach().to(wd), l_base.detach().to(wd), l_adv.detach().to(wd),
+                             l_rect.detach().to(wd), (resid * rc).sum().to(wd) / rc.sum().clamp_min(1).to(wd),
+                             w.mean().to(wd), enh_mask.sum().to(wd), *(m.sum().to(wd) for m in masks.values())]).tolist()
+    keys = ("loss", "l_base", "l_adv", "l_rectify", "mean_abs_clamped_residual", "mean_time_weight", "n_enhanced",
+            *(f"n_{name}" for name in GROUP_NAMES))
+    return loss, dict(zip(keys, stats))

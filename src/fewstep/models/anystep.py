@@ -1,0 +1,160 @@
+"""TwinFlow's any-step inputs for stock diffusers transformers: a target time tt and a trajectory sign.
+
+`add_anystep_embeddings` attaches `transformer.anystep_embed` and a forward hook on `transformer.time_text_embed`
+(the module every Flux/SD3/Qwen-Image transformer uses to embed the timestep). While a state is set, the hook adds
+
+    sign_embed[sign < 0]  +  E2(tt) * (t - tt),     E2 = Linear(SiLU(Linear(sinusoid(1000 * tt)))),
+
+to the time embedding (TwinFlow's `temb += E2(tt) * (t - tt)`), with t recovered from the hooked module's first
+argument (`timestep_arg / hook_time_scale`). `sign_embed` and E2's last Linear are zero-initialised, so until trained
+the model output is bit-identical to the base model. With no state set the hook returns the output untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ANYSTEP_WEIGHTS_NAME = "anystep_embeddings.safetensors"
+FREQ_DIM = 256  # sinusoid width, as in the diffusers time_proj of Flux, SD3 and Qwen-Image
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM) -> torch.Tensor:
+    """diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs.to(t.device)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class AnyStepEmbedding(nn.Module):
+    """Sign and target-time embeddings added to a transformer's time embedding (zero-initialised)."""
+
+    def __init__(self, inner_dim: int, hook_time_scale: float):
+        super().__init__()
+        self.hook_time_scale = float(hook_time_scale)
+        self.sign_embed = nn.Embedding(2, inner_dim)
+        self.tt_linear_1 = nn.Linear(FREQ_DIM, inner_dim)
+        self.tt_act = nn.SiLU()
+        self.tt_linear_2 = nn.Linear(inner_dim, inner_dim)
+        nn.init.zeros_(self.sign_embed.weight)
+        nn.init.zeros_(self.tt_linear_2.weight)
+        nn.init.zeros_(self.tt_linear_2.bias)
+        self.tt: torch.Tensor | float | None = None  # per-call state, set by set_anystep_state
+        self.sign: torch.Tensor | float | None = None
+
+    def forward(self, timestep_arg: torch.Tensor, batch: int) -> torch.Tensor:
+        """The [batch, inner_dim] term to add for the current state; timestep_arg is the hooked module's input."""
+        w = self.tt_linear_1.weight
+        out = torch.zeros(batch, w.shape[0], device=w.device, dtype=w.dtype)
+        if self.sign is not None:
+            sign = _per_sample(self.sign, batch, w.device, "sign")
+            out = out + self.sign_embed((sign < 0).long())
+        if self.tt is not None:
+            tt = _per_sample(self.tt, batch, w.device, "tt").float()
+            t = _per_sample(timestep_arg, batch, w.device, "timestep").float() / self.hook_time_scale
+            e2 = self.tt_linear_2(self.tt_act(self.tt_linear_1(timestep_sinusoid(tt * 1000.0).to(w.dtype))))
+            out = out + e2 * (t - tt).to(w.dtype)[:, None]
+        return out
+
+
+def _per_sample(v, batch: int, device, name: str) -> torch.Tensor:
+    """A python float, 0-d/1-element tensor (broadcast) or [batch] tensor -> a [batch] tensor."""
+    v = torch.as_tensor(v, device=device)
+    if v.numel() == 1:
+        return v.reshape(1).expand(batch)
+    if v.shape != (batch,):
+        raise ValueError(f"any-step {name} must be a float or a [B]=({batch},) tensor, got shape {tuple(v.shape)}")
+    return v
+
+
+def _time_embed_hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+    embed = module._fewstep_anystep[0]  # a list, so the embedding is not registered twice as a submodule
+    if embed.tt is None and embed.sign is None:
+        return out
+    t = args[0] if args else kwargs["timestep"]
+    return out + embed(t, out.shape[0]).to(out.dtype)
+
+
+def add_anystep_embeddings(transformer: nn.Module, hook_time_scale: float) -> nn.Module:
+    """Attach `transformer.anystep_embed` and its hook on `transformer.time_text_embed`; returns the embedding.
+
+    hook_time_scale: time_text_embed's first argument divided by sigma (Flux and SD3: 1000, Qwen-Image: 1).
+    Idempotent: a second call returns the existing embedding.
+    """
+    if hasattr(transformer, "anystep_embed"):
+        return transformer.anystep_embed
+    tte = getattr(transformer, "time_text_embed", None)
+    if tte is None:
+        raise TypeError(f"{type(transformer).__name__} has no `time_text_embed` module to hook any-step inputs into")
+    inner_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    ref = next(tte.parameters())
+    embed = AnyStepEmbedding(inner_dim, hook_time_scale).to(device=ref.device, dtype=ref.dtype)
+    transformer.anystep_embed = embed
+    tte._fewstep_anystep = [embed]
+    tte.register_forward_hook(_time_embed_hook, with_kwargs=True)
+    return embed
+
+
+def _embed_of(transformer: nn.Module) -> AnyStepEmbedding:
+    from fewstep.models.base import unwrap
+
+    embed = getattr(unwrap(transformer), "anystep_embed", None)
+    if embed is None:
+        raise ValueError("this transformer has no any-step embeddings: call adapter.add_anystep(transformer) "
+                         "(or add_anystep_embeddings) before passing tt/sign")
+    return embed
+
+
+def set_anystep_state(transformer: nn.Module, tt=None, sign=None) -> None:
+    """Set (or with both None, clear) the tt/sign the next forwards use; floats broadcast over the batch."""
+    embed = _embed_of(transformer)
+    embed.tt, embed.sign = tt, sign
+
+
+@contextlib.contextmanager
+def anystep_state(transformer: nn.Module, tt=None, sign=None):
+    """Context manager: tt/sign set inside the block, cleared afterwards even on error."""
+    set_anystep_state(transformer, tt, sign)
+    try:
+        yield
+    finally:
+        set_anystep_state(transformer, None, None)
+
+
+def anystep_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The any-step weights (keys relative to `anystep_embed`), detached clones."""
+    return {k: v.detach().clone() for k, v in _embed_of(transformer).state_dict().items()}
+
+
+def load_anystep_state_dict(transformer: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load weights saved by `anystep_state_dict` (strict: every key must match)."""
+    embed = _embed_of(transformer)
+    expected = set(embed.state_dict())
+    if set(sd) != expected:
+        raise KeyError(f"any-step state dict keys {sorted(sd)} do not match expected {sorted(expected)}")
+    embed.load_state_dict(sd)
+
+
+def save_anystep(transformer: nn.Module, directory) -> Path:
+    """Write the any-step weights to `directory / ANYSTEP_WEIGHTS_NAME` (fp32 safetensors); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / ANYSTEP_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in anystep_state_dict(transformer).items()}, str(path))
+    return path
+
+
+def load_anystep(transformer: nn.Module, directory) -> None:
+    """Load `directory / ANYSTEP_WEIGHTS_NAME` into the transformer's any-step embeddings."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / ANYSTEP_WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no any-step weights at {path}")
+    embed = _embed_of(transformer)
+    ref = embed.sign_embed.weight
+    load_anystep_state_dict(transformer, {k: v.to(ref.device, ref.dtype) for k, v in load_file(str(path)).items()})

@@ -1,0 +1,383 @@
+"""The model-family adapter: everything fewstep needs to know about one diffusers flow-matching family.
+
+A `FlowModelAdapter` subclass declares a family's classes and conventions as data (component classes, LoRA targets,
+time scale, latent packing) and overrides a handful of small hooks (`_encode_prompt_batch`, `_call_transformer`,
+VAE normalisation). Everything shared - loading, prompt/image encoding, packing, the forward call, collation, stock
+pipelines - is written once here.
+
+Flow-matching convention (diffusers): x_sigma = (1 - sigma) * x + sigma * noise, and the transformer predicts the
+velocity v = noise - x, so an Euler step is x <- x + (sigma_next - sigma) * v.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.models import anystep
+
+_REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
+
+# "org/name" (optionally "org/name@revision" is not supported: pass revision-free ids or a local directory)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def register_adapter(cls: type["FlowModelAdapter"]) -> type["FlowModelAdapter"]:
+    """Class decorator: register an adapter under its `family` name (and its `aliases`)."""
+    if not getattr(cls, "family", None):
+        raise TypeError(f"{cls.__name__} must set a non-empty `family` class attribute")
+    for name in (cls.family, *cls.aliases):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"model family {name!r} is already registered by {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+    return cls
+
+
+@dataclass
+class ModelComponents:
+    """What `FlowModelAdapter.load` returns. Missing parts (with_text=False, ...) are None or empty lists."""
+
+    transformer: nn.Module | None
+    vae: nn.Module | None
+    text_encoders: list = field(default_factory=list)
+    tokenizers: list = field(default_factory=list)
+    scheduler: Any = None
+    source: str = ""  # the local directory or hub id the components came from
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare diffusers model behind a DeepSpeed engine (or similar `.module` wrapper)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return model
+
+
+class FlowModelAdapter:
+    """Shared adapter logic; subclasses set the class attributes below and override the `_`-prefixed hooks."""
+
+    family: str = ""
+    aliases: tuple[str, ...] = ()
+    pipeline_cls: type = None
+    transformer_cls: type = None
+    vae_cls: type = None
+    # (subfolder, class) for each text encoder, in the pipeline's order; tokenizers load with AutoTokenizer
+    text_encoder_specs: tuple[tuple[str, type], ...] = ()
+    tokenizer_subfolders: tuple[str, ...] = ()
+    default_lora_targets: tuple[str, ...] = ()
+    cond_keys: tuple[str, ...] = ()  # keys encode_prompts returns and forward needs
+    hook_time_scale: float = 1000.0  # time_text_embed's first argument = hook_time_scale * sigma
+    packed: bool = False  # True: latents enter the transformer as 2x2-patch tokens [B, h*w/4, 4C]
+    default_guidance: float = 1.0  # distilled-guidance value when the transformer has guidance_embeds
+
+    # ------------------------------------------------------------------ loading
+    def load(self, name_or_path: str, *, dtype: torch.dtype = torch.float32, with_text: bool = True,
+             with_vae: bool = True, with_transformer: bool = True) -> ModelComponents:
+        """Load a diffusers-layout model (local dir, hub id or `tiny:<family>`) with `from_pretrained`.
+
+        Text encoders and the VAE are put in eval mode with gradients off; the transformer is returned as loaded
+        (eval mode, gradients on) for the trainer to configure.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer
+
+        src = self.resolve(name_or_path)
+        transformer = vae = None
+        if with_transformer:
+            transformer = self.transformer_cls.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+        if with_vae:
+            vae = self.vae_cls.from_pretrained(src, subfolder="vae", torch_dtype=dtype).eval().requires_grad_(False)
+        text_encoders, tokenizers = [], []
+        if with_text:
+            for sub, cls in self.text_encoder_specs:
+                text_encoders.append(cls.from_pretrained(src, subfolder=sub, dtype=dtype).eval().requires_grad_(False))
+            tokenizers = [AutoTokenizer.from_pretrained(src, subfolder=sub) for sub in self.tokenizer_subfolders]
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+        return ModelComponents(transformer, vae, text_encoders, tokenizers, scheduler, source=src)
+
+    def resolve(self, name_or_path: str) -> str:
+        """Map a user's model name to something `from_pretrained` can open without hanging.
+
+        `tiny:<family>` -> the cached tiny pipeline (built on first use); an existing directory -> itself; a hub id
+        -> itself if it is in the HF cache or the hub answers within seconds. Anything else raises a clear error.
+        """
+        name = str(name_or_path)
+        if name.startswith("tiny:"):
+            fam = name[len("tiny:"):]
+            if _canonical(fam) != self.family:
+                raise ValueError(f"{name!r} names family {fam!r}, but this is the {self.family!r} adapter; "
+                                 f"use 'tiny:{self.family}' or get_adapter({fam!r})")
+            from fewstep.models.tiny import ensure_tiny_pipeline
+            return str(ensure_tiny_pipeline(self.family))
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "transformer").is_dir() and not (path / "model_index.json").exists():
+                raise FileNotFoundError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
+                                        "model_index.json or subfolders transformer/, vae/, scheduler/, ...")
+            return str(path)
+        if not _HUB_ID.match(name) or name.startswith((".", "~")):
+            raise FileNotFoundError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
+                                    "folder, a hub id like 'org/name', or 'tiny:<family>')")
+        return _resolve_hub_id(name)
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompts(self, comps: ModelComponents, prompts: list[str], *,
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Encode captions with the family pipeline's own `encode_prompt`; returns batch-first tensors.
+
+        max_sequence_length: the long text encoder's token budget (None: the pipeline's default).
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+        if not comps.text_encoders or not comps.tokenizers:
+            raise ValueError("encode_prompts needs text encoders and tokenizers: load with with_text=True")
+        pipe = self.pipeline_cls(transformer=comps.transformer, vae=comps.vae, scheduler=comps.scheduler,
+                                 **self._text_kwargs(comps))
+        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        return self._encode_prompt_batch(pipe, list(prompts), **kwargs)
+
+    def _encode_prompt_batch(self, pipe, prompts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _text_kwargs(self, comps: ModelComponents) -> dict[str, Any]:
+        """Pipeline constructor kwargs for text encoders/tokenizers (None when not loaded)."""
+        enc_names = [sub for sub, _ in self.text_encoder_specs]
+        out = {name: None for name in (*enc_names, *self.tokenizer_subfolders)}
+        if comps.text_encoders:
+            out.update(zip(enc_names, comps.text_encoders))
+        if comps.tokenizers:
+            out.update(zip(self.tokenizer_subfolders, comps.tokenizers))
+        return out
+
+    # ------------------------------------------------------------------ images
+    def vae_scale_factor(self, vae: nn.Module) -> int:
+        """Spatial downsampling factor of the VAE (AutoencoderKL: 2 ** (levels - 1))."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def patch_factor(self, transformer: nn.Module | None) -> int:
+        """Spatial factor the transformer consumes on top of the VAE's (2 for 2x2 packing)."""
+        return 2
+
+    def resolution_multiple(self, comps: ModelComponents) -> int:
+        """Image height/width must be a multiple of this (VAE factor x patch factor)."""
+        if comps.vae is None:
+            raise ValueError("resolution_multiple needs the VAE: load with with_vae=True")
+        return self.vae_scale_factor(comps.vae) * self.patch_factor(comps.transformer)
+
+    @torch.no_grad()
+    def encode_images(self, vae: nn.Module, pixels: torch.Tensor, *, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels [B,3,H,W] in [-1,1] -> normalised latents [B,C,h,w] (posterior mean unless sample=True)."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be [B,3,H,W], got shape {tuple(pixels.shape)}")
+        dist = vae.encode(self._to_vae(pixels.to(vae.dtype))).latent_dist
+        raw = dist.sample(generator) if sample else dist.mode()
+        return self._normalize(vae, self._from_vae(raw))
+
+    @torch.no_grad()
+    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B,C,h,w] -> pixels [B,3,H,W] clamped to [-1,1]."""
+        raw = self._denormalize(vae, latents.to(vae.dtype))
+        return self._from_vae(vae.decode(self._to_vae(raw), return_dict=False)[0]).clamp(-1, 1)
+
+    def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # 4-D VAEs take [B,C,H,W] as is; Qwen adds a frame axis
+
+    def _from_vae(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _normalize(self, vae, raw: torch.Tensor) -> torch.Tensor:
+        shift = vae.config.get("shift_factor") or 0.0
+        return (raw - shift) * vae.config.scaling_factor
+
+    def _denormalize(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        shift = vae.config.get("shift_factor") or 0.0
+        return latents / vae.config.scaling_factor + shift
+
+    # ------------------------------------------------------------------ transformer call
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B,C,h,w] -> the transformer's layout (2x2 patches [B, h*w/4, 4C] when `packed`)."""
+        if not self.packed:
+            return x
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"{self.family} packs 2x2 latent patches: latent height/width must be even, got {h}x{w}")
+        x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Inverse of `pack` for latent height h and width w."""
+        if not self.packed:
+            return tokens
+        b, n, c4 = tokens.shape
+        x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c4 // 4, h, w)
+
+    def forward(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                *, tt: torch.Tensor | float | None = None, sign: torch.Tensor | float | None = None,
+                guidance: float | None = None) -> torch.Tensor:
+        """Predict the flow velocity v = noise - data for latents x [B,C,h,w] at sigma [B] in [0,1].
+
+        tt/sign (per-sample [B] or floats) feed the any-step embeddings for this call only (see `anystep`).
+        guidance: distilled-guidance value for transformers with guidance_embeds (default `default_guidance`);
+        ignored by families without one.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"x must be latents [B,C,h,w], got shape {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.shape != (b,):
+            raise ValueError(f"sigma must have shape [B]=({b},), got {tuple(sigma.shape)}")
+        missing = [k for k in self.cond_keys if k not in cond]
+        if missing:
+            raise KeyError(f"cond lacks {missing} for family {self.family!r}; expected keys {list(self.cond_keys)}")
+        module = unwrap(transformer)
+        state = (anystep.anystep_state(module, tt, sign) if tt is not None or sign is not None
+                 else contextlib.nullcontext())
+        with state:
+            out = self._call_transformer(transformer, module, self.pack(x), sigma.to(x.dtype), cond, h, w, guidance)
+        return self.unpack(out, h, w)
+
+    def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _guidance(self, module, batch: int, guidance: float | None, device) -> torch.Tensor | None:
+        """The per-sample guidance tensor diffusers' Flux-style pipelines pass (None without guidance_embeds)."""
+        if not module.config.get("guidance_embeds", False):
+            return None
+        g = self.default_guidance if guidance is None else float(guidance)
+        return torch.full((batch,), g, device=device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ batches of cached conditioning
+    def collate_cond(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack per-sample conditioning (no batch dim) into a batch.
+
+        A key `k` with a companion mask `k + "_mask"` is variable-length text: it is zero-padded along its first axis
+        to the longest item, and the mask is padded with zeros.
+        """
+        if not items:
+            raise ValueError("collate_cond got an empty list")
+        keys = set(items[0])
+        for i, it in enumerate(items):
+            if set(it) != keys:
+                raise KeyError(f"collate_cond item {i} has keys {sorted(it)}, expected {sorted(keys)}")
+        out = {}
+        for k in sorted(keys):
+            if k.endswith("_mask") and k[: -len("_mask")] in keys:
+                continue  # padded together with its embeddings below
+            mk = k + "_mask"
+            if mk in keys:
+                n = max(it[k].shape[0] for it in items)
+                out[k] = torch.stack([_pad0(it[k], n) for it in items])
+                out[mk] = torch.stack([_pad0(it[mk], n) for it in items])
+            else:
+                shapes = {tuple(it[k].shape) for it in items}
+                if len(shapes) != 1:
+                    raise ValueError(f"collate_cond: {k!r} has differing shapes {sorted(shapes)} and no {mk!r}")
+                out[k] = torch.stack([it[k] for it in items])
+        return out
+
+    def split_cond(self, cond: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Inverse of `collate_cond`: per-sample dicts, masked text trimmed after its last valid token."""
+        b = next(iter(cond.values())).shape[0]
+        items = [{k: v[i] for k, v in cond.items()} for i in range(b)]
+        for it in items:
+            for k in list(it):
+                mk = k + "_mask"
+                if mk in it:
+                    valid = it[mk].nonzero()
+                    n = int(valid.max()) + 1 if valid.numel() else 0
+                    it[k], it[mk] = it[k][:n], it[mk][:n]
+        return items
+
+    # ------------------------------------------------------------------ stock pipelines and LoRA export
+    def build_pipeline(self, comps: ModelComponents, *, transformer: nn.Module | None = None, scheduler=None):
+        """The stock diffusers pipeline over these components (text encoders may be None)."""
+        if comps.vae is None:
+            raise ValueError("build_pipeline needs the VAE (its scale factor sets latent sizes): load with_vae=True")
+        pipe = self.pipeline_cls(transformer=unwrap(transformer if transformer is not None else comps.transformer),
+                                 vae=comps.vae, scheduler=scheduler if scheduler is not None else comps.scheduler,
+                                 **self._text_kwargs(comps))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_prompt_kwargs(self, cond: dict[str, torch.Tensor], negative_cond: dict | None = None, *,
+                               guidance: float | None = None) -> dict[str, Any]:
+        """Pipeline call kwargs from cached conditioning, so `pipe(**kwargs, sigmas=...)` runs without encoders.
+
+        Without negative_cond, classifier-free guidance is switched off. `guidance` has `forward`'s meaning
+        (distilled guidance embedding), so pipeline sampling and `forward` agree by default.
+        """
+        kwargs = {k: cond[k] for k in self.cond_keys}
+        if negative_cond is not None:
+            kwargs.update({"negative_" + k: negative_cond[k] for k in self.cond_keys})
+        kwargs.update(self._pipeline_guidance_kwargs(negative_cond is not None, guidance))
+        return kwargs
+
+    def _pipeline_guidance_kwargs(self, has_negative: bool, guidance: float | None) -> dict[str, Any]:
+        return {}
+
+    def pipeline_latent_kwargs(self, comps: ModelComponents, x: torch.Tensor) -> dict[str, Any]:
+        """`latents`, `height`, `width` kwargs that make a pipeline start from latents x [B,C,h,w]."""
+        f = self.vae_scale_factor(comps.vae)
+        return {"latents": self.pack(x), "height": x.shape[2] * f, "width": x.shape[3] * f}
+
+    def latents_from_pipeline(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """A pipeline's output_type="latent" result -> latents [B,C,h,w]."""
+        return self.unpack(latents, h, w)
+
+    def save_lora(self, directory: str | os.PathLike, transformer_lora_layers: dict[str, torch.Tensor]) -> None:
+        """Export LoRA weights with the pipeline class's `save_lora_weights` (loadable by `load_lora_weights`)."""
+        self.pipeline_cls.save_lora_weights(str(directory), transformer_lora_layers=transformer_lora_layers,
+                                            safe_serialization=True)
+
+    # ------------------------------------------------------------------ any-step (TwinFlow) inputs
+    def add_anystep(self, transformer: nn.Module) -> nn.Module:
+        """Attach zero-initialised target-time and sign embeddings to `transformer` (see `fewstep.models.anystep`)."""
+        return anystep.add_anystep_embeddings(unwrap(transformer), self.hook_time_scale)
+
+
+def _pad0(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero-pad t along dim 0 to length n."""
+    if t.shape[0] == n:
+        return t
+    return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
+
+
+def _canonical(name: str) -> str:
+    """Registry key for a user-written family name ('Qwen-Image' -> 'qwenimage')."""
+    key = re.sub(r"[-_ .]", "", str(name).lower())
+    cls = _REGISTRY.get(key)
+    return cls.family if cls is not None else key
+
+
+def _resolve_hub_id(repo_id: str) -> str:
+    """A hub id if it is cached or the hub answers quickly; otherwise a clear, immediate error."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # already downloaded: use the cached snapshot, no network
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    hint = (f"Download it where there is network (`hf download {repo_id} --local-dir DIR`) and pass DIR, "
+            "or use 'tiny:<family>' for a tiny test model.")
+    if constants.HF_HUB_OFFLINE:
+        raise OSError(f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {hint}")
+    url = f"{constants.ENDPOINT}/api/models/{repo_id}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:
+        pass  # the hub answered (404/401/...): from_pretrained reports the precise problem
+    except (urllib.error.URLError, OSError) as e:
+        raise OSError(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to fetch model {repo_id!r}: "
+                      f"{getattr(e, 'reason', e)}. {hint}") from None
+    return repo_id

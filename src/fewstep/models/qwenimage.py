@@ -1,0 +1,58 @@
+"""Qwen-Image: Qwen2.5-VL text (variable length + mask), 5-D Wan-style VAE, 2x2-packed latents, timestep in [0,1]."""
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from fewstep.models.base import FlowModelAdapter, register_adapter
+
+
+@register_adapter
+class QwenImageAdapter(FlowModelAdapter):
+    family = "qwenimage"
+    aliases = ("qwen",)
+    pipeline_cls = QwenImagePipeline
+    transformer_cls = QwenImageTransformer2DModel
+    vae_cls = AutoencoderKLQwenImage
+    text_encoder_specs = (("text_encoder", Qwen2_5_VLForConditionalGeneration),)
+    tokenizer_subfolders = ("tokenizer",)
+    # Glance / TwinFlow LoRA recipe for Qwen-Image
+    default_lora_targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0",
+                            "to_add_out", "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1")
+    cond_keys = ("prompt_embeds", "prompt_embeds_mask")
+    hook_time_scale = 1.0  # QwenTimestepProjEmbeddings gets the [0,1] timestep (its time_proj scales by 1000)
+    packed = True
+
+    def vae_scale_factor(self, vae):
+        return 2 ** len(vae.temperal_downsample)
+
+    def _encode_prompt_batch(self, pipe, prompts, **kwargs):
+        prompt_embeds, mask = pipe.encode_prompt(prompt=prompts, **kwargs)
+        if mask is None:  # the pipeline drops an all-ones mask; fewstep always carries it
+            mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+        return {"prompt_embeds": prompt_embeds, "prompt_embeds_mask": mask}
+
+    # The VAE is a video VAE: [B,C,H,W] <-> [B,C,1,H,W], latents normalised per channel by latents_mean/std.
+    def _to_vae(self, x):
+        return x.unsqueeze(2)
+
+    def _from_vae(self, x):
+        return x[:, :, 0]
+
+    def _stats(self, vae, like):
+        mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        return mean, std
+
+    def _normalize(self, vae, raw):
+        mean, std = self._stats(vae, raw)
+        return (raw - mean) / std
+
+    def _denormalize(self, vae, latents):
+        mean, std = self._stats(vae, latents)
+        return latents * std + mean
+
+    def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance):
+        img_shapes = [[(1, h // 2, w // 2)]] * hidden.shape[0]
+        return transformer(hidden_states=hidden, timestep=sigma, encoder_hidden_states=cond["prompt_embeds"],
+                           encoder_hidden_states_mask=cond["prompt_embeds_mask"], img_shapes=img_shapes,
+                           return_dict=False)[0]

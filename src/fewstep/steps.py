@@ -1,0 +1,132 @@
+"""Per-method pieces of the loop: training phases, the loss of one micro-batch, and validation sampling.
+
+The maths lives in `fewstep.methods` (pure functions over tensors and callables); this module builds the callables
+from the model adapter and the DeepSpeed engine and feeds them cached batches.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
+from fewstep.lora import to_device
+from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
+from fewstep.methods.glance import CustomTimestepSampler, parse_custom_timesteps
+from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
+
+
+@dataclass
+class Phase:
+    """A stretch of training with one timestep rule and one export: Glance has two (Slow, Fast)."""
+    name: str
+    steps: int
+    sigmas: Optional[list[float]] = None  # custom training sigmas (Glance), else None
+    sampler: Optional[CustomTimestepSampler] = None
+    export_subdir: str = ""
+
+
+def build_phases(cfg, info) -> list[Phase]:
+    def sampler(sigmas):
+        return CustomTimestepSampler(sigmas, cfg.flow_timesteps_mode, batch_size=cfg.train_batch_size,
+                                     rank=info.rank, world_size=info.world_size)
+
+    method = cfg.resolved_method
+    if method == "glance":
+        slow = parse_custom_timesteps(cfg.glance_slow_timesteps, "glance_slow_timesteps")
+        fast = parse_custom_timesteps(cfg.glance_fast_timesteps, "glance_fast_timesteps")
+        return [Phase("glance-slow", cfg.max_train_steps, slow, sampler(slow), "glance-slow"),
+                Phase("glance-fast", cfg.max_train_steps, fast, sampler(fast), "glance-fast")]
+    if cfg.flow_custom_timesteps is not None:
+        sig = parse_custom_timesteps(cfg.flow_custom_timesteps)
+        return [Phase(method, cfg.max_train_steps, sig, sampler(sig))]
+    return [Phase(method, cfg.max_train_steps)]
+
+
+def reset_trainable(engine, initial_weights, scheduler, initial_sched) -> None:
+    """Start the next Glance phase from the same LoRA initialisation, fresh Adam state and LR schedule."""
+    load_master(engine, initial_weights)
+    reset_optimizer_state(engine)
+    scheduler.load_state_dict(initial_sched)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group, lr in zip(inner.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def next_batch(ctx) -> tuple[torch.Tensor, dict, dict]:
+    """This rank's next micro-batch: latents, caption embeddings (with caption dropout), empty-prompt embeddings."""
+    cfg, ds, adapter = ctx["cfg"], ctx["dataset"], ctx["adapter"]
+    idx = ctx["order"].next_indices()
+    items = [ds.item(i) for i in idx]
+    x0 = torch.stack([lat for lat, _ in items]).to(ctx["device"], ctx["dtype"])
+    drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
+    texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
+    cond = to_device(adapter.collate_cond(texts), ctx["device"], ctx["dtype"])
+    uncond = to_device(adapter.collate_cond([ds.uncond] * len(items)), ctx["device"], ctx["dtype"])
+    return x0, cond, uncond
+
+
+def velocity_fn(ctx) -> Callable:
+    """model(x, sigma, cond, tt=None, sign=None) -> fp32 velocity, through the engine's module."""
+    adapter, engine, dtype, cfg = ctx["adapter"], ctx["engine"], ctx["dtype"], ctx["cfg"]
+
+    def fn(x, sigma, cond, tt=None, sign=None):
+        return adapter.forward(engine, x.to(dtype), sigma, cond, tt=tt, sign=sign,
+                               guidance=cfg.flux_guidance_value).float()
+    return fn
+
+
+def make_step(method: str, phase: Phase, ctx) -> Callable[[int], tuple[torch.Tensor, dict]]:
+    if method == "twinflow":
+        from fewstep.twinflow_step import make_twinflow_step
+        return make_twinflow_step(ctx)
+    cfg, model = ctx["cfg"], velocity_fn(ctx)
+
+    def flow_step(micro: int):
+        x0, cond, _ = next_batch(ctx)
+        if phase.sampler is not None:  # Glance / custom list: no shift, ever
+            sigma = phase.sampler.sample()
+        else:
+            shift = (resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if cfg.flow_schedule_auto_shift
+                     else cfg.flow_schedule_shift)
+            sigma = sample_sigmas(x0.shape[0], uniform=cfg.flow_use_uniform_schedule, logit_mean=cfg.flow_logit_mean,
+                                  logit_std=cfg.flow_logit_std, shift=shift)
+        loss, _ = flow_matching_loss(model, x0, sigma.to(x0.device), cond)
+        return loss, {"sigma_mean": sigma.mean().item()}
+    return flow_step
+
+
+@torch.no_grad()
+def sample_latents(ctx, phase: Phase, cond: dict, generator: torch.Generator) -> torch.Tensor:
+    """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective)."""
+    cfg, model = ctx["cfg"], velocity_fn(ctx)
+    shape = (1, *ctx["dataset"].latents[0].shape)
+    x = torch.randn(shape, generator=generator).to(ctx["device"], ctx["dtype"])
+    if cfg.resolved_method == "twinflow":
+        from fewstep.schedulers import TwinFlowScheduler
+        sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching")
+        one = torch.ones(1, device=x.device)
+        return twinflow_loop(lambda x_, s, tt: model(x_, s, cond, tt=tt, sign=one), x.float(), sched,
+                             cfg.twinflow_target_step_count, generator=generator)
+    sigmas = phase.sigmas or flow_sigmas(cfg.validation_num_inference_steps, cfg.flow_schedule_shift)
+    return euler_loop(lambda x_, s: model(x_, s, cond), x, sigmas)
+
+
+def validate(ctx, phase: Phase, step: int, logger, comps, is_main: bool) -> None:
+    """Render the validation prompt with a fixed seed; rank 0 writes a PNG and logs it to TensorBoard."""
+    cfg, ds, engine = ctx["cfg"], ctx["dataset"], ctx["engine"]
+    prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
+    cond = to_device(ctx["adapter"].collate_cond([ds.text[prompt]]), ctx["device"], ctx["dtype"])
+    engine.eval()
+    latents = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed))
+    engine.train()
+    if not is_main:
+        return
+    pixels = ctx["adapter"].decode_latents(comps.vae, latents.float().cpu())
+    images = to_pil(pixels)
+    out = os.path.join(cfg.output_dir, "validation")
+    os.makedirs(out, exist_ok=True)
+    images[0].save(os.path.join(out, f"{phase.name}-step{step:06d}.png"))
+    logger.image(f"validation/{phase.name}", grid(images), step)

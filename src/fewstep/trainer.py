@@ -1,0 +1,181 @@
+"""The training loop, top to bottom: set up, (resume), step, log, validate, checkpoint, export.
+
+One loop serves every method: plain flow matching, Glance (two LoRA phases, Slow then Fast, on one loaded base) and
+TwinFlow. What differs per method is the loss of one micro-batch, built in `fewstep.steps`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from fewstep import checkpoint
+from fewstep.config import Config
+from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
+from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
+from fewstep.ema import EMA
+from fewstep.engine.deepspeed_engine import build_engine, master_partitions, setup_distributed
+from fewstep.kernels import resolve_backend
+from fewstep.lora import count_params, export_full, export_lora, prepare_trainable, write_run_info
+from fewstep.metrics import MetricsLogger
+from fewstep.models import get_adapter
+from fewstep.steps import Phase, build_phases, make_step, reset_trainable, validate
+
+_PREEMPT = {"flag": False}
+
+
+def _on_signal(signum, frame):
+    _PREEMPT["flag"] = True
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _log(is_main: bool, msg: str) -> None:
+    if is_main:
+        print(f"fewstep: {msg}", flush=True)
+
+
+def prepare_data(cfg: Config, adapter, is_main: bool) -> tuple[CachedDataset, int, bool]:
+    """Find samples, fill the latent/embedding cache on rank 0 (encoders loaded only if something is missing)."""
+    if cfg.data_backend_config is None:
+        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image_dir entries)")
+    backends = load_backends(cfg.data_backend_config, cfg.resolution)
+    resolutions = {b.resolution for b in backends}
+    if len(resolutions) > 1:
+        raise DataError(f"all data backends must share one resolution, got {sorted(resolutions)}")
+    resolution = resolutions.pop()
+    samples = [s for b in backends for s in find_samples(b)]
+    prompts = [s.caption for s in samples] + [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
+    cache = EmbeddingCache(cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
+                           model_key(cfg.model_family, cfg.pretrained_model_name_or_path))
+    if is_main:
+        lat, txt = cache.missing(samples, resolution, prompts)
+        if lat or txt:
+            _log(True, f"caching {len(lat)} latents and {len(txt)} prompt embeddings")
+            comps = adapter.load(cfg.pretrained_model_name_or_path, with_transformer=False)
+            cache.fill(samples, prompts, resolution, adapter.resolution_multiple(comps),
+                       lambda px: adapter.encode_images(comps.vae, px), lambda p: adapter.encode_prompts(comps, p))
+            del comps
+    if dist.is_initialized():
+        dist.barrier()
+    return CachedDataset(cache, samples, resolution, prompts), resolution, all(b.shuffle for b in backends)
+
+
+def train(cfg: Config) -> dict:
+    info = setup_distributed()
+    is_main, method = info.is_main, cfg.resolved_method
+    torch.manual_seed(cfg.seed * 7919 + info.rank)
+    adapter = get_adapter(cfg.model_family)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    dataset, resolution, shuffle = prepare_data(cfg, adapter, is_main)
+
+    comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=torch.float32, with_text=False, with_vae=is_main)
+    transformer = comps.transformer
+    trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
+    n_trainable = count_params(trainable)
+    engine, optimizer, scheduler = build_engine(cfg, transformer, trainable)
+    backend = resolve_backend(cfg.fused_kernels)
+    ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    _log(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
+                  f"world {info.world_size} | ZeRO-{cfg.zero_stage} | {dtype} | {len(dataset)} samples @ {resolution}px")
+
+    phases: list[Phase] = build_phases(cfg, info)
+    total = sum(p.steps for p in phases)
+    order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle)
+    initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
+    initial_sched = scheduler.state_dict() if len(phases) > 1 else None
+
+    step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
+    resume = checkpoint.resolve(ckpt_root, cfg.resume_from_checkpoint)
+    rank_state = None
+    if resume is not None:
+        rank_state, trainer_state = checkpoint.load(resume, engine, info.rank)
+        step = int(trainer_state["step"])
+        order.load_state_dict(rank_state["order"])
+        for p, s in zip(phases, rank_state["samplers"]):
+            if p.sampler is not None and s is not None:
+                p.sampler.load_state_dict(s)
+        if ema is not None:
+            ema.load_state_dict(rank_state["ema"])
+        _log(is_main, f"resumed from {resume} at step {step}")
+    elif cfg.resume_from_checkpoint == "latest":
+        _log(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
+
+    def save(at: int) -> None:
+        state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
+                 "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
+        path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method},
+                               cfg.checkpoints_total_limit)
+        _log(is_main, f"checkpoint saved: {path}")
+
+    logger = MetricsLogger(cfg.output_dir, cfg.logging_dir, is_main, cfg.report_to == "tensorboard", total, step,
+                           desc=method)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    if rank_state is not None:  # RNG last, so nothing above consumes from the restored stream
+        checkpoint.set_rng_state(rank_state["rng"])
+
+    ctx = dict(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, ema=ema, dtype=dtype,
+               device=info.device, backend=backend, resolution=resolution)
+    engine.train()
+    phase_start = 0
+    for phase_idx, phase in enumerate(phases):
+        phase_end = phase_start + phase.steps
+        if step >= phase_end:
+            phase_start = phase_end
+            continue
+        if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
+            reset_trainable(engine, initial_weights, scheduler, initial_sched)
+        step_fn = make_step(method, phase, ctx)
+        while step < phase_end:
+            losses = {}
+            for micro in range(cfg.gradient_accumulation_steps):
+                loss, logs = step_fn(micro)
+                engine.backward(loss)
+                engine.step()
+                for k, v in {"loss": loss.item(), **logs}.items():
+                    losses[k] = losses.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher passes
+                ema.update()
+            step += 1
+            loss_t = torch.tensor([losses["loss"]])
+            if dist.is_initialized() and info.world_size > 1:
+                dist.all_reduce(loss_t)
+                loss_t /= info.world_size
+            gn = engine.get_global_grad_norm()
+            logger.log(step, {**losses, "loss": loss_t.item(), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(gn) if gn is not None else 0.0},
+                       cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
+            if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
+                validate(ctx, phase, step, logger, comps, is_main)
+            preempted = _any_rank(_PREEMPT["flag"])
+            if preempted or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total):
+                save(step)
+            if preempted:
+                _log(is_main, f"preempted at step {step}, checkpoint saved")
+                logger.close()
+                return {"step": step, "preempted": True}
+        validate(ctx, phase, step, logger, comps, is_main)
+        out = os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
+        if cfg.model_type == "lora":
+            export_lora(adapter, transformer, out, is_main)
+        else:
+            export_full(transformer, os.path.join(out, "transformer"), is_main)
+        if is_main:
+            write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step})
+        _log(is_main, f"{phase.name}: exported to {out}")
+        phase_start = phase_end
+    if step == total and (not os.path.exists(os.path.join(ckpt_root, f"step-{step}"))):
+        save(step)
+    logger.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return {"step": step, "preempted": False}

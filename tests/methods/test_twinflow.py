@@ -1,0 +1,298 @@
+"""TwinFlow building blocks: groups, times, weights, RCGM target/rollout, CFG enhancement, RNG replay, rectify."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.methods.rng import capture_rng_state, restore_rng_state
+from fewstep.methods.twinflow import (ADV, ANY, E2E, MUL, assign_groups, cfg_enhanced_target, fake_samples,
+                                      rcgm_rollout, rcgm_target, rectify_loss, sample_times, select_rows, time_weight)
+
+SHAPE = (3, 4, 4)
+
+
+def bc(s, like):
+    return s.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def point_mass_model(x_star):
+    """Exact velocity field for data concentrated at x_star: every path is straight, F(x_t, t, tt) = (x_t - x*)/|t|."""
+    def model(x, t, tt, cond):
+        return (x - x_star) / bc(t.abs(), x)
+    return model
+
+
+def straight_batch(B, dtype, seed=0, d_min=0.0):
+    """x_t on straight paths from x* to z at times t > tt (some with t - tt below delta_t), and v = z - x*."""
+    g = torch.Generator().manual_seed(seed)
+    x_star = torch.randn(1, *SHAPE, generator=g, dtype=dtype)
+    z = torch.randn(B, *SHAPE, generator=g, dtype=dtype)
+    t = (0.2 + 0.8 * torch.rand(B, generator=g, dtype=dtype))
+    tt = t * torch.rand(B, generator=g, dtype=dtype)
+    tt[:2] = t[:2] - torch.tensor([0.004, 0.0], dtype=dtype)  # one row with 0 < t - tt < delta_t, one with tt == t
+    x_t = bc(t, z) * z + (1 - bc(t, z)) * x_star
+    return x_star, x_t, t, tt, z - x_star
+
+
+def smooth_model(seed=1, scale=1.0):
+    """A fixed nonlinear any-step model (not a straight flow)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(SHAPE[0], SHAPE[0], generator=g, dtype=torch.float64) * 0.5
+
+    def model(x, t, tt, cond):
+        tb, ttb = bc(t, x), bc(tt, x)
+        h = torch.einsum("ij,bjkl->bikl", W.to(x.dtype), x)
+        return scale * (torch.tanh(h) * (1 + tb) + 0.3 * ttb * x + 0.1 * torch.sin(3 * tb))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# groups and times
+
+@pytest.mark.parametrize("B, sizes", [(4, [1, 1, 1, 1]), (5, [1, 1, 1, 2]), (6, [1, 1, 1, 3]), (8, [2, 2, 2, 2]),
+                                      (10, [2, 2, 2, 4])])
+def test_assign_groups_contiguous(B, sizes):
+    expected = sum(([g] * n for g, n in zip((E2E, MUL, ANY, ADV), sizes)), [])
+    for k in range(3):  # the split does not depend on the micro-step
+        g = assign_groups(B, k)
+        assert g.dtype == torch.long and g.tolist() == expected
+
+
+@pytest.mark.parametrize("B", [1, 2, 3])
+def test_assign_groups_cycles_small_batches(B):
+    steps = [assign_groups(B, k) for k in range(4)]
+    assert all(s.shape == (B,) for s in steps)
+    counts = torch.bincount(torch.cat(steps), minlength=4)
+    assert counts.tolist() == [B] * 4  # every group equally often over 4 micro-steps
+    assert steps[0].tolist() == [i % 4 for i in range(B)]
+    assert steps[1].tolist() == [(B + i) % 4 for i in range(B)]
+
+
+def test_assign_groups_without_adversarial():
+    assert assign_groups(6, 0, adversarial=False).tolist() == [E2E, E2E, MUL, MUL, ANY, ANY]
+    assert assign_groups(4, 0, adversarial=False).tolist() == [E2E, MUL, ANY, ANY]
+    steps = torch.cat([assign_groups(2, k, adversarial=False) for k in range(3)])
+    assert torch.bincount(steps, minlength=4).tolist() == [2, 2, 2, 0]
+    with pytest.raises(ValueError, match="batch_size"):
+        assign_groups(0, 0)
+
+
+def test_sample_times_table():
+    groups = assign_groups(400, 0)
+    t, tt = sample_times(groups, torch.Generator().manual_seed(0))
+    e2e, mul, any_, adv = (groups == g for g in (E2E, MUL, ANY, ADV))
+    assert (t[e2e] == 1).all() and (tt[e2e] == 0).all()
+    assert ((t[mul] > 0) & (t[mul] <= 1)).all() and (tt[mul] <= t[mul]).all() and (tt[mul] >= 0.95 * t[mul]).all()
+    assert (tt[any_] <= t[any_]).all() and (tt[any_] >= 0).all()
+    assert (t[adv] < 0).all() and (t[adv] == tt[adv]).all() and (t[adv] >= -1).all()
+    # t ~ U(0, 1): mean 1/2, variance 1/12; any: tt/t ~ U(0, 1)
+    tm = t[mul | any_]
+    assert abs(tm.mean().item() - 0.5) < 0.07 and abs(tm.var().item() - 1 / 12) < 0.03
+    assert abs((tt[any_] / t[any_]).mean().item() - 0.5) < 0.1
+    t2, tt2 = sample_times(groups, torch.Generator().manual_seed(0))
+    assert torch.equal(t, t2) and torch.equal(tt, tt2)
+
+
+def test_time_weight():
+    t = torch.tensor([1.0, 0.7, 0.5, -0.3])
+    tt = torch.tensor([0.0, 0.7, 0.25, -0.3])
+    w = time_weight(t, tt, torch.tensor([False, False, False, True]))
+    expected = [1.0, 1 + math.tan(2 * math.pi / 5), 1 + math.tan(0.75 * math.pi / 2.5), 1.0]
+    torch.testing.assert_close(w, torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_select_rows():
+    m = torch.tensor([True, False, True])
+    cond = {"emb": torch.arange(6).reshape(3, 2), "mask": [torch.ones(3, 1)], "name": "x", "none": None}
+    out = select_rows(cond, m)
+    assert out["emb"].tolist() == [[0, 1], [4, 5]] and out["mask"][0].shape == (2, 1) and out["name"] == "x"
+    with pytest.raises(ValueError, match="ids.*batch-aligned"):
+        select_rows({"ids": torch.zeros(7, 3)}, m)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RCGM target
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_rcgm_straight_flow_is_self_consistent(order, dtype, tol):
+    x_star, x_t, t, tt, v = straight_batch(8, dtype)
+    model = point_mass_model(x_star)
+    F = model(x_t, t, tt, None)
+    T = rcgm_target(model, x_t, t, tt, v, F, order=order, delta_t=0.01, clamp=1.0)
+    assert torch.isfinite(T).all()
+    assert ((T - v).norm() / v.norm()).item() < tol
+    # the rollout integral is the exact displacement from t_m = max(t - delta, tt) to tt
+    acc = rcgm_rollout(model, x_t, t, tt, v, order=order, delta_t=0.01)
+    t_m = torch.maximum(t - 0.01, tt)
+    expected = bc(t_m - tt, v) * v if order > 0 else torch.zeros_like(v)
+    assert ((acc - expected).norm() / v.norm()).item() < tol
+
+
+def test_rcgm_tends_to_flow_matching_target_as_tt_to_t():
+    dtype = torch.float64
+    _, x_t, t, _, v = straight_batch(6, dtype)
+    model = smooth_model()
+    E = v + 0.3 * torch.randn_like(v)  # an arbitrary (enhanced) target
+    delta = 0.01
+    errs = []
+    for eps in (1e-1, 1e-2, 1e-3, 1e-4):
+        tt = t - delta * (1 + eps)  # t - tt just above delta
+        F = model(x_t, t, tt, None)
+        T = rcgm_target(model, x_t, t, tt, E, F, order=2, delta_t=delta, clamp=1e6)
+        errs.append(((T - E).norm() / E.norm()).item())
+    assert errs[-1] < 1e-3 and all(b < a for a, b in zip(errs, errs[1:]))
+    for tt in (t - 0.5 * delta, t.clone()):  # below delta and tt == t exactly: plain flow matching, finite
+        F = model(x_t, t, tt, None)
+        T = rcgm_target(model, x_t, t, tt, E, F, order=2, delta_t=delta, clamp=1e6)
+        assert torch.isfinite(T).all()
+        torch.testing.assert_close(T, E, rtol=1e-12, atol=1e-12)
+
+
+def test_rcgm_clamp_bounds_residual():
+    x_star, x_t, t, tt, v = straight_batch(8, torch.float32)
+    F = point_mass_model(x_star)(x_t, t, tt, None)
+    far_teacher = smooth_model(scale=50.0)
+    for c in (0.5, 1.0):
+        T = rcgm_target(far_teacher, x_t, t, tt, v, F, order=2, delta_t=0.01, clamp=c)
+        resid = (F - T).abs()
+        assert resid.max().item() <= c * (1 + 1e-6)
+        assert (resid >= c * (1 - 1e-6)).float().mean().item() > 0.5  # the clamp is active, not trivially satisfied
+    # adversarial rows (rcgm_mask False) get the target itself
+    mask = torch.ones(8, dtype=torch.bool)
+    mask[3] = False
+    T = rcgm_target(far_teacher, x_t, t, tt, v, F, order=2, delta_t=0.01, clamp=1.0, rcgm_mask=mask)
+    assert torch.equal(T[3], v[3])
+
+
+def test_rcgm_rollout_matches_hand_written_loop():
+    dtype = torch.float64
+    _, x_t, t, tt, _ = straight_batch(5, dtype)
+    model = smooth_model()
+    E = torch.randn_like(x_t)
+    acc = rcgm_rollout(model, x_t, t, tt, E, order=3, delta_t=0.02)
+    expected = torch.zeros_like(x_t)
+    for i in range(5):  # per row, scalar times: pre-step then 3 equal Euler sub-steps
+        ti, tti = t[i].item(), tt[i].item()
+        tm = max(ti - 0.02, tti)
+        x = x_t[i:i + 1] - (ti - tm) * E[i:i + 1]
+        s = [tm + (tti - tm) * k / 3 for k in range(4)]
+        for k in range(3):
+            G = model(x, torch.tensor([s[k]], dtype=dtype), torch.tensor([s[k + 1]], dtype=dtype), None)
+            x = x - (s[k] - s[k + 1]) * G
+            expected[i] += ((s[k] - s[k + 1]) * G)[0]
+    torch.testing.assert_close(acc, expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RNG replay
+
+class DropoutTeacher(nn.Module):
+    """Records the dropout mask of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.masks = []
+
+    def forward(self, x, t, tt, cond):
+        out = self.drop(torch.ones_like(x))
+        self.masks.append(out != 0)
+        return x * out * 0.01 + bc(t, x)
+
+
+def test_rng_restore_gives_identical_dropout_masks():
+    teacher = DropoutTeacher().train()
+    _, x_t, t, tt, v = straight_batch(4, torch.float32)
+    rcgm_rollout(teacher, x_t, t, tt, v, order=3, delta_t=0.01)  # captures its own state: 3 identical masks
+    assert len(teacher.masks) == 3 and all(torch.equal(m, teacher.masks[0]) for m in teacher.masks)
+    teacher.masks.clear()
+    state = capture_rng_state()
+    rcgm_rollout(teacher, x_t, t, tt, v, order=3, delta_t=0.01, rng_state=state)
+    cfg_enhanced_target(teacher, x_t, t, v, {}, {}, ratio=0.5, rng_state=state)
+    assert len(teacher.masks) == 5
+    assert all(torch.equal(m, teacher.masks[0]) for m in teacher.masks)
+    assert 0.3 < teacher.masks[0].float().mean().item() < 0.7
+    # without restoring, the masks differ (the test can see a broken restore)
+    teacher.masks.clear()
+    teacher(x_t, t, tt, None), teacher(x_t, t, tt, None)
+    assert not torch.equal(*teacher.masks)
+
+
+def test_capture_restore_roundtrip():
+    state = capture_rng_state()
+    a = torch.rand(5)
+    restore_rng_state(state)
+    assert torch.equal(a, torch.rand(5))
+    restore_rng_state(state)
+    assert torch.equal(a, torch.rand(5))  # the snapshot is reusable
+    with pytest.raises(TypeError, match="capture_rng_state"):
+        restore_rng_state(torch.get_rng_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_restore_cuda():
+    state = capture_rng_state("cuda")
+    a = torch.rand(5, device="cuda")
+    restore_rng_state(state)
+    assert torch.equal(a, torch.rand(5, device="cuda"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CFG enhancement, fake samples, rectify
+
+def cond_model(x, t, tt, cond):
+    return x * 0.5 + bc(t, x) * cond["c"].reshape(-1, 1, 1, 1).to(x.dtype)
+
+
+def test_cfg_enhanced_target():
+    B = 6
+    x_t = torch.randn(B, *SHAPE, dtype=torch.float64)
+    v = torch.randn_like(x_t)
+    t = torch.tensor([1.0, 0.5, 0.3, 0.9, 0.0, -0.4], dtype=torch.float64)
+    adv = torch.tensor([False, False, False, False, False, True])
+    cond, uncond = {"c": torch.full((B,), 2.0)}, {"c": torch.full((B,), -1.0)}
+    E, mask = cfg_enhanced_target(cond_model, x_t, t, v, cond, uncond, ratio=0.5, adv_mask=adv)
+    assert mask.tolist() == [False, True, True, True, False, False]  # t strictly inside (0, 1), not adversarial
+    fc, fu = cond_model(x_t, t, t, cond), cond_model(x_t, t, t, uncond)
+    expected = torch.where(bc(mask, v).bool(), v + 0.5 * (fc - fu), v)
+    torch.testing.assert_close(E, expected, rtol=1e-12, atol=1e-12)
+    Ef, _ = cfg_enhanced_target(cond_model, x_t, t, v, cond, uncond, ratio=0.5, adv_mask=adv, frozen_teacher=True)
+    expected = torch.where(bc(mask, v).bool(), fu + 0.5 * (fc - fu), v)
+    torch.testing.assert_close(Ef, expected, rtol=1e-12, atol=1e-12)
+    E0, _ = cfg_enhanced_target(cond_model, x_t, t, v, cond, None, ratio=0.0)
+    assert torch.equal(E0, v)
+    with pytest.raises(ValueError, match="uncond"):
+        cfg_enhanced_target(cond_model, x_t, t, v, cond, None, ratio=0.5)
+
+
+def test_fake_samples_is_one_step_generator_without_grad():
+    lin = nn.Linear(4, 4)
+    model = lambda x, t, tt, cond: lin(x) * bc(t - tt, x)  # noqa: E731
+    z = torch.randn(3, 2, 4)
+    x = fake_samples(model, z, None)
+    assert not x.requires_grad
+    torch.testing.assert_close(x, (z - lin(z)).detach())
+
+
+def test_rectify_loss_gradient_follows_fake_minus_real_gap():
+    g = torch.tensor([0.3, -0.2, 0.1])  # F(x, -t) - F(x, t) = g everywhere (|g| < 1: not clamped)
+    model = lambda x, t, tt, cond: x * 0 + torch.where(bc(t < 0, x).bool(), g, torch.zeros_like(g))  # noqa: E731
+    F_e2e = torch.randn(4, 5, 3, requires_grad=True)
+    x_hat = torch.randn(4, 5, 3)
+    loss = rectify_loss(model, x_hat, F_e2e, None, torch.Generator().manual_seed(0))
+    loss.backward()
+    D, c = 15, 1e-3
+    m = (g**2).mean()
+    w = (m / c**2 + 1) ** -0.5
+    expected = (w * 2 * g / (D * c) / 4).expand(4, 5, 3)  # d/dF of mean_rows(w m / c), F - T = g
+    torch.testing.assert_close(F_e2e.grad, expected, rtol=1e-5, atol=0)
+    # a large gap is clamped to +-1
+    big = lambda x, t, tt, cond: x * 0 + torch.where(bc(t < 0, x).bool(), 5 * g, 0 * g)  # noqa: E731
+    F2 = F_e2e.detach().clone().requires_grad_(True)
+    rectify_loss(big, x_hat, F2, None).backward()
+    gc = (5 * g).clamp(-1, 1)
+    mc = (gc**2).mean()
+    expected = ((mc / c**2 + 1) ** -0.5 * 2 * gc / (D * c) / 4).expand(4, 5, 3)
+    torch.testing.assert_close(F2.grad, expected, rtol=1e-5, atol=0)
