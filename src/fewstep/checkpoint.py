@@ -74,6 +74,8 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
     if rank == 0:
         _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({**trainer_state, "step": step}, indent=1))
     _barrier()
+    if os.environ.get("FEWSTEP_FAULT_IN_SAVE") == str(step):  # fault injection for the atomicity test
+        os._exit(17)
     if rank == 0:
         if os.path.exists(final):  # re-saving the same step (e.g. preempted right after a periodic save)
             shutil.rmtree(final)

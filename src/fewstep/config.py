@@ -178,10 +178,13 @@ class Config:
             raise ConfigError(f"prediction_type '{self.prediction_type}' is only supported by TwinFlow with "
                               "diff2flow_enabled and twinflow_allow_diff2flow")
         # Parse custom timesteps now, so a typo fails before compute (import here: methods import nothing of config).
-        from fewstep.methods.glance import parse_custom_timesteps
+        from fewstep.methods.glance import TimestepListError, parse_custom_timesteps
         for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps"):
             if getattr(self, key) is not None:
-                parse_custom_timesteps(getattr(self, key), key=key)
+                try:
+                    parse_custom_timesteps(getattr(self, key), key=key)
+                except TimestepListError as e:
+                    raise ConfigError(str(e)) from None
         return self
 
     def _validate_twinflow(self):

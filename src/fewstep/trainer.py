@@ -159,6 +159,8 @@ def train(cfg: Config) -> dict:
             preempted = _any_rank(_PREEMPT["flag"])
             if preempted or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total):
                 save(step)
+            if os.environ.get("FEWSTEP_FAULT_AFTER_STEP") == str(step):  # fault injection: a hard crash
+                os._exit(17)
             if preempted:
                 _log(is_main, f"preempted at step {step}, checkpoint saved")
                 logger.close()

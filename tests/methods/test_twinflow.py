@@ -296,3 +296,12 @@ def test_rectify_loss_gradient_follows_fake_minus_real_gap():
     mc = (gc**2).mean()
     expected = ((mc / c**2 + 1) ** -0.5 * 2 * gc / (D * c) / 4).expand(4, 5, 3)
     torch.testing.assert_close(F2.grad, expected, rtol=1e-5, atol=0)
+
+
+def test_methods_import_no_trainer_stack():
+    import subprocess
+    import sys
+    code = ("import sys, fewstep.methods.twinflow, fewstep.methods.diff2flow, fewstep.methods.rng; "
+            "bad = [m for m in ('diffusers', 'deepspeed', 'transformers', 'peft') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

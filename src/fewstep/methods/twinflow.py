@@ -140,6 +140,8 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     decay 1) the base is replaced: E = F_T(uncond) + ratio*(F_T(cond) - F_T(uncond)). ratio 0: E = target, no passes.
     """
     lo, hi = enhanced_range
+    if not lo < hi:
+        raise ValueError(f"cfg_enhanced_target: enhanced_range must be (low, high) with low < high, got {enhanced_range}")
     mask = (t > lo) & (t < hi)
     if adv_mask is not None:
         mask = mask & ~adv_mask
@@ -257,6 +259,11 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     5. L_rectify on e2e rows (adversarial only). loss = L_base + adversarial_weight*L_adv + 0.5*rectify_weight*L_rect.
     """
     B = x0.shape[0]
+    if not isinstance(order, int) or order < 0:
+        raise ValueError(f"twinflow_loss: order (twinflow_estimate_order) must be an int >= 0, got {order!r}")
+    if not delta_t > 0 or not clamp > 0:
+        raise ValueError(f"twinflow_loss: delta_t and clamp (twinflow_delta_t, twinflow_target_clamp) must be > 0, "
+                         f"got delta_t={delta_t}, clamp={clamp}")
     if groups.shape != (B,):
         raise ValueError(f"twinflow_loss: groups must have shape [{B}] (one id per row), got {list(groups.shape)}")
     groups = groups.to(x0.device)
@@ -312,11 +319,13 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
         loss = loss + RECTIFY_BASE_WEIGHT * rectify_weight * l_rect
 
     with torch.no_grad():  # one device->host copy for all logged numbers
-        resid = (F.detach().to(T.dtype) - T).abs().reshape(B, -1).mean(1)  # |clamp(R)| per row on RCGM rows
-        rc = rcgm_mask.to(resid.dtype)
+        resid = (F.detach().to(T.dtype) - T).abs().reshape(B, -1)  # |clamp(R)| on RCGM rows
+        rc = rcgm_mask.to(wd)
+        n_rc = rc.sum().clamp_min(1)
         stats = torch.stack([loss.detach().to(wd), l_base.detach().to(wd), l_adv.detach().to(wd),
-                             l_rect.detach().to(wd), (resid * rc).sum().to(wd) / rc.sum().clamp_min(1).to(wd),
+                             l_rect.detach().to(wd), (resid.mean(1).to(wd) * rc).sum() / n_rc,
+                             ((resid >= clamp * (1 - 1e-6)).to(wd).mean(1) * rc).sum() / n_rc,
                              w.mean().to(wd), enh_mask.sum().to(wd), *(m.sum().to(wd) for m in masks.values())]).tolist()
-    keys = ("loss", "l_base", "l_adv", "l_rectify", "mean_abs_clamped_residual", "mean_time_weight", "n_enhanced",
-            *(f"n_{name}" for name in GROUP_NAMES))
+    keys = ("loss", "l_base", "l_adv", "l_rectify", "mean_abs_clamped_residual", "clamp_fraction", "mean_time_weight",
+            "n_enhanced", *(f"n_{name}" for name in GROUP_NAMES))
     return loss, dict(zip(keys, stats))

@@ -26,7 +26,7 @@ from fewstep.models import anystep
 
 _REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
 
-# "org/name" (optionally "org/name@revision" is not supported: pass revision-free ids or a local directory)
+# a hub id "org/name" (no revision suffix)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -76,6 +76,7 @@ class FlowModelAdapter:
     hook_time_scale: float = 1000.0  # time_text_embed's first argument = hook_time_scale * sigma
     packed: bool = False  # True: latents enter the transformer as 2x2-patch tokens [B, h*w/4, 4C]
     default_guidance: float = 1.0  # distilled-guidance value when the transformer has guidance_embeds
+    default_text_len: int = 512  # the pipeline __call__ default max_sequence_length (long text encoder)
 
     # ------------------------------------------------------------------ loading
     def load(self, name_or_path: str, *, dtype: torch.dtype = torch.float32, with_text: bool = True,
@@ -133,7 +134,8 @@ class FlowModelAdapter:
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
         """Encode captions with the family pipeline's own `encode_prompt`; returns batch-first tensors.
 
-        max_sequence_length: the long text encoder's token budget (None: the pipeline's default).
+        max_sequence_length: the long text encoder's token budget; None: the pipeline's default, capped at the
+        last tokenizer's model_max_length (which is how tiny pipelines get short, fast text).
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
@@ -141,8 +143,9 @@ class FlowModelAdapter:
             raise ValueError("encode_prompts needs text encoders and tokenizers: load with with_text=True")
         pipe = self.pipeline_cls(transformer=comps.transformer, vae=comps.vae, scheduler=comps.scheduler,
                                  **self._text_kwargs(comps))
-        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-        return self._encode_prompt_batch(pipe, list(prompts), **kwargs)
+        if max_sequence_length is None:
+            max_sequence_length = min(self.default_text_len, comps.tokenizers[-1].model_max_length)
+        return self._encode_prompt_batch(pipe, list(prompts), max_sequence_length=max_sequence_length)
 
     def _encode_prompt_batch(self, pipe, prompts: list[str], **kwargs) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -178,14 +181,14 @@ class FlowModelAdapter:
         """Pixels [B,3,H,W] in [-1,1] -> normalised latents [B,C,h,w] (posterior mean unless sample=True)."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be [B,3,H,W], got shape {tuple(pixels.shape)}")
-        dist = vae.encode(self._to_vae(pixels.to(vae.dtype))).latent_dist
+        dist = vae.encode(self._to_vae(pixels.to(vae.device, vae.dtype))).latent_dist
         raw = dist.sample(generator) if sample else dist.mode()
         return self._normalize(vae, self._from_vae(raw))
 
     @torch.no_grad()
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B,C,h,w] -> pixels [B,3,H,W] clamped to [-1,1]."""
-        raw = self._denormalize(vae, latents.to(vae.dtype))
+        raw = self._denormalize(vae, latents.to(vae.device, vae.dtype))
         return self._from_vae(vae.decode(self._to_vae(raw), return_dict=False)[0]).clamp(-1, 1)
 
     def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
@@ -378,6 +381,6 @@ def _resolve_hub_id(repo_id: str) -> str:
     except urllib.error.HTTPError:
         pass  # the hub answered (404/401/...): from_pretrained reports the precise problem
     except (urllib.error.URLError, OSError) as e:
-        raise OSError(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to fetch model {repo_id!r}: "
-                      f"{getattr(e, 'reason', e)}. {hint}") from None
+        raise OSError(f"no local directory {repo_id!r}, and cannot reach the Hugging Face Hub ({constants.ENDPOINT}) "
+                      f"to fetch it as a hub model: {getattr(e, 'reason', e)}. {hint}") from None
     return repo_id

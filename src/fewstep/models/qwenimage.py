@@ -20,6 +20,7 @@ class QwenImageAdapter(FlowModelAdapter):
                             "to_add_out", "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1")
     cond_keys = ("prompt_embeds", "prompt_embeds_mask")
     hook_time_scale = 1.0  # QwenTimestepProjEmbeddings gets the [0,1] timestep (its time_proj scales by 1000)
+    default_text_len = 512  # QwenImagePipeline.__call__ default (encode_prompt alone allows 1024)
     packed = True
 
     def vae_scale_factor(self, vae):

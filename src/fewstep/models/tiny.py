@@ -20,6 +20,10 @@ import torch
 
 TINY_VERSION = "v1"
 SEED = 0
+# Short text budgets keep tiny forwards fast: the adapters cap the pipelines' default max_sequence_length at the
+# long tokenizer's model_max_length, and CLIP pads to its tokenizer's model_max_length.
+CLIP_LEN = 16
+T5_LEN = 32
 
 _NOUNS = """
 cat dog bird fish horse cow sheep lion tiger bear rabbit mouse elephant monkey duck owl fox deer frog snake
@@ -90,7 +94,7 @@ def _clip(hidden: int, projection: int, with_projection: bool):
 
     v = vocabulary()
     cfg = CLIPTextConfig(vocab_size=len(v), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=projection,
+                         num_attention_heads=2, max_position_embeddings=CLIP_LEN, projection_dim=projection,
                          bos_token_id=v["<s>"], eos_token_id=v["</s>"], pad_token_id=v["</s>"])
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
@@ -122,8 +126,8 @@ def _flux_parts():
                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                            pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8]),
         vae=_kl_vae(4),
-        text_encoder=_clip(32, 32, with_projection=False), tokenizer=word_tokenizer("clip", 77),
-        text_encoder_2=_t5(32), tokenizer_2=word_tokenizer("t5", 512),
+        text_encoder=_clip(32, 32, with_projection=False), tokenizer=word_tokenizer("clip", CLIP_LEN),
+        text_encoder_2=_t5(32), tokenizer_2=word_tokenizer("t5", T5_LEN),
     )
 
 
@@ -136,9 +140,9 @@ def _sd3_parts():
                                           caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
         vae=_kl_vae(4),
         # CLIP hidden 16 + 16 = 32 = T5 width; pooled 32 + 32 = pooled_projection_dim
-        text_encoder=_clip(16, 32, with_projection=True), tokenizer=word_tokenizer("clip", 77),
-        text_encoder_2=_clip(16, 32, with_projection=True), tokenizer_2=word_tokenizer("clip", 77),
-        text_encoder_3=_t5(32), tokenizer_3=word_tokenizer("t5", 256),
+        text_encoder=_clip(16, 32, with_projection=True), tokenizer=word_tokenizer("clip", CLIP_LEN),
+        text_encoder_2=_clip(16, 32, with_projection=True), tokenizer_2=word_tokenizer("clip", CLIP_LEN),
+        text_encoder_3=_t5(32), tokenizer_3=word_tokenizer("t5", T5_LEN),
     )
 
 

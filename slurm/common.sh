@@ -1,0 +1,138 @@
+# shellcheck shell=bash
+# fewstep: shared Slurm launch logic, sourced by slurm/*.sbatch (not meant to be run on its own).
+#
+#   fewstep_launch SCRIPT [ARGS...]
+#
+# starts one task per GPU with srun (RANK/LOCAL_RANK from SLURM_PROCID/SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
+# MASTER_ADDR = first node of the job, MASTER_PORT derived from the job id), forwards USR1/TERM from the batch shell
+# to the tasks, waits for them, and on such a signal requeues the job (`scontrol requeue`), which restarts it with the
+# same job id, environment and arguments, so the same output directory and `--resume_from_checkpoint latest`
+# continue the run.
+#
+# Knobs (environment variables, set before `sbatch` or in the EDIT block below; jobs inherit the submitter's
+# environment, also across requeues):
+#   FEWSTEP_ROOT    the fewstep checkout; default: the directory sbatch was run from ($SLURM_SUBMIT_DIR)
+#   FEWSTEP_PYTHON  the Python interpreter; default: python
+#   FEWSTEP_CPU=1   CPU test mode: gloo instead of NCCL (DS_ACCELERATOR=cpu), job steps get no GPU GRES
+#                   (srun --gres=none), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK. The same sbatch scripts run unchanged.
+
+# ==== EDIT: software environment (runs in the batch shell; the tasks inherit it) =================================
+# module load cuda/12.4
+# source /path/to/venv/bin/activate                     # or: conda activate fewstep
+# ==== END EDIT ====================================================================================================
+
+# ---- NCCL (GPU runs; ignored by gloo in CPU mode) ----------------------------------------------------------------
+# A failed or timed-out collective aborts the process instead of hanging the whole job until its time limit; with
+# srun --kill-on-bad-exit=1 the other ranks are then stopped too. (TORCH_NCCL_* since torch 2.2; older torch reads
+# NCCL_ASYNC_ERROR_HANDLING, which newer torch reports as deprecated, so only set it for torch < 2.2.)
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+# export NCCL_ASYNC_ERROR_HANDLING=1                    # torch < 2.2 only
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"                 # INFO prints the chosen transports/rings: use it to debug
+# If NCCL picks the wrong network interface (hangs at the first collective, or "no socket interface found"),
+# name the right one (`ip addr` on a compute node), e.g. InfiniBand IPoIB or the cluster Ethernet:
+# export NCCL_SOCKET_IFNAME=ib0                         # or exclude: ^lo,docker0
+# export NCCL_IB_HCA=mlx5                               # restrict to these InfiniBand adapters
+export PYTHONUNBUFFERED=1                               # log lines reach %x-%j.out as they happen
+
+# ---- internals ---------------------------------------------------------------------------------------------------
+FEWSTEP_SIGNAL=""      # the signal the batch shell received (USR1 or TERM), empty if none
+FEWSTEP_STEP_PID=""    # PID of the srun that runs the tasks
+
+_fewstep_die() {
+    echo "fewstep-slurm: error: $*" >&2
+    exit 2
+}
+
+_fewstep_on_signal() {
+    # Runs in the batch shell. Remember the signal and pass it on to srun, which forwards it to every task: the
+    # trainer finishes its optimizer step, all ranks save a checkpoint together, and the tasks exit 0.
+    FEWSTEP_SIGNAL=$1
+    echo "fewstep-slurm: batch shell got SIG$1 at $(date '+%F %T'); forwarding to the job step" >&2
+    if [ -n "$FEWSTEP_STEP_PID" ]; then
+        kill -s "$1" "$FEWSTEP_STEP_PID" 2>/dev/null || true
+    fi
+}
+
+# fewstep_setup: validate the allocation and export the rendezvous variables; cd to the checkout.
+fewstep_setup() {
+    [ -n "${SLURM_JOB_ID:-}" ] || _fewstep_die "not inside a Slurm job: submit with sbatch (SLURM_JOB_ID is unset)"
+    [ -n "${SLURM_NTASKS:-}" ] || _fewstep_die "SLURM_NTASKS is unset: set '#SBATCH --ntasks-per-node' (one task per GPU)"
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] || _fewstep_die "SLURM_CPUS_PER_TASK is unset: set '#SBATCH --cpus-per-task'"
+    FEWSTEP_ROOT="${FEWSTEP_ROOT:-$SLURM_SUBMIT_DIR}"
+    [ -f "$FEWSTEP_ROOT/slurm/common.sh" ] ||
+        _fewstep_die "FEWSTEP_ROOT='$FEWSTEP_ROOT' is not a fewstep checkout: submit from the repository root or set FEWSTEP_ROOT"
+    cd "$FEWSTEP_ROOT" || _fewstep_die "cannot cd to FEWSTEP_ROOT='$FEWSTEP_ROOT'"
+    export FEWSTEP_ROOT
+
+    if [ "${FEWSTEP_CPU:-0}" = 1 ]; then
+        export DS_ACCELERATOR=cpu                    # DeepSpeed's CPU accelerator: gloo, no CUDA
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"
+        FEWSTEP_GRES_OPT=(--gres=none)               # the step gets no GPUs even if the job was given some
+    else
+        FEWSTEP_GRES_OPT=()
+        # One task per GPU; each task sees all GPUs of its node and the trainer picks cuda:$LOCAL_RANK.
+        local gpus="${SLURM_GPUS_ON_NODE:-0}" tpn="${SLURM_NTASKS_PER_NODE:-}"
+        [ "$gpus" -gt 0 ] ||
+            _fewstep_die "no GPUs in this job (SLURM_GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-unset}): set '#SBATCH --gpus-per-node', or FEWSTEP_CPU=1 for CPU test mode"
+        [ -z "$tpn" ] || [ "${tpn%%(*}" = "$gpus" ] ||
+            _fewstep_die "--ntasks-per-node=$tpn but --gpus-per-node=$gpus: expected one task per GPU (make them equal)"
+    fi
+
+    # Rank 0 runs on the first node of the allocation; the port is fixed per job id, so a requeued run (same id)
+    # uses the same one and concurrent jobs on a shared node do not collide.
+    local nodes
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    [ "${#nodes[@]}" -gt 0 ] || _fewstep_die "could not expand SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'"
+    export MASTER_ADDR="${nodes[0]}"
+    export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    export WORLD_SIZE="$SLURM_NTASKS"
+    echo "fewstep-slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
+         "$WORLD_SIZE tasks, master $MASTER_ADDR:$MASTER_PORT, cpu mode ${FEWSTEP_CPU:-0}, root $FEWSTEP_ROOT" >&2
+}
+
+# fewstep_launch SCRIPT [ARGS...]: run `python SCRIPT ARGS...` as one task per GPU; see the header of this file.
+fewstep_launch() {
+    [ $# -ge 1 ] || _fewstep_die "fewstep_launch needs a script to run"
+    fewstep_setup
+    [ -f "$1" ] || _fewstep_die "'$1' not found under FEWSTEP_ROOT='$FEWSTEP_ROOT'"
+    # Traps first, so a signal that arrives before srun is up is not lost (bash's default for USR1 is to exit).
+    trap '_fewstep_on_signal USR1' USR1
+    trap '_fewstep_on_signal TERM' TERM
+
+    # `bash -c` runs in each task: $SLURM_PROCID/$SLURM_LOCALID must expand there, hence the single quotes.
+    # srun in the background: bash runs traps only between commands, and `wait` is interruptible, a foreground
+    # srun is not.
+    # shellcheck disable=SC2016
+    srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" "${FEWSTEP_GRES_OPT[@]}" \
+        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' fewstep-task \
+        "${FEWSTEP_PYTHON:-python}" "$@" &
+    FEWSTEP_STEP_PID=$!
+    if [ -n "$FEWSTEP_SIGNAL" ]; then     # signalled while srun was being started
+        kill -s "$FEWSTEP_SIGNAL" "$FEWSTEP_STEP_PID" 2>/dev/null || true
+    fi
+
+    # `wait` returns early (status > 128) when a trapped signal arrives; wait again until srun itself has exited.
+    local rc seen
+    while :; do
+        seen=$FEWSTEP_SIGNAL
+        rc=0
+        wait "$FEWSTEP_STEP_PID" || rc=$?
+        if [ "$seen" = "$FEWSTEP_SIGNAL" ] && ! kill -0 "$FEWSTEP_STEP_PID" 2>/dev/null; then
+            break
+        fi
+    done
+    trap - USR1 TERM
+
+    if [ -z "$FEWSTEP_SIGNAL" ]; then
+        echo "fewstep-slurm: job step finished with exit code $rc" >&2
+        return "$rc"
+    fi
+    # Preempted (USR1 from --signal=B:USR1@..., or TERM): the tasks have checkpointed (rc 0) or died; either way
+    # the requeued run resumes from the newest complete checkpoint.
+    echo "fewstep-slurm: job step exited with code $rc after SIG$FEWSTEP_SIGNAL; requeueing job $SLURM_JOB_ID" >&2
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0    # slurmctld ends this run now; the job goes back to PENDING with the same id
+    fi
+    echo "fewstep-slurm: 'scontrol requeue $SLURM_JOB_ID' failed (job cancelled, or not requeueable?)" >&2
+    return "$(( rc == 0 ? 1 : rc ))"
+}

@@ -1,0 +1,110 @@
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from fewstep.data.cache import CachedDataset, EmbeddingCache
+from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends, load_image
+from fewstep_testing import write_dataset
+
+
+def test_pairs_by_stem_and_single_sample_is_valid(tmp_path):
+    backend = load_backends(write_dataset(str(tmp_path), n=1))[0]
+    samples = find_samples(backend)
+    assert len(samples) == 1 and samples[0].caption == "a red circle"
+
+
+def test_relative_image_dir_resolves_against_config_folder(tmp_path):
+    write_dataset(str(tmp_path), n=1)
+    cfg = tmp_path / "rel.json"
+    cfg.write_text(json.dumps([{"backend": "simple", "resolution": 32, "image_dir": "images"}]))
+    assert load_backends(str(cfg))[0].image_dir.endswith("images")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "orphan.txt").write_text("x"), "caption without an image: .*orphan.txt"),
+    (lambda d: Image.new("RGB", (8, 8)).save(d / "lonely.png"), "image without a caption: .*lonely.png"),
+])
+def test_orphans_are_named(tmp_path, make, message):
+    backend = load_backends(write_dataset(str(tmp_path), n=1))[0]
+    make(tmp_path / "images")
+    with pytest.raises(DataError, match=message):
+        find_samples(backend)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    backend = load_backends(write_dataset(str(tmp_path), n=1))[0]
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "images" / "broken.txt").write_text("broken")
+    samples = find_samples(backend)
+    bad = [s for s in samples if s.image_path.endswith("broken.png")][0]
+    with pytest.raises(DataError, match="unreadable image .*broken.png"):
+        load_image(bad.image_path, 32, 1)
+
+
+def test_backend_errors(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps([{"backend": "simple", "resolution": 32, "image_dirr": "x"}]))
+    with pytest.raises(DataError, match="unknown key 'image_dirr'.*did you mean 'image_dir'"):
+        load_backends(str(p))
+    p.write_text(json.dumps([{"backend": "simple", "resolution": 32, "image_dir": str(tmp_path / "missing")}]))
+    with pytest.raises(DataError, match="does not exist"):
+        load_backends(str(p))
+
+
+def test_resize_and_center_crop(tmp_path):
+    img = torch.zeros(3, 20, 40)
+    img[:, :, 16:24] = 1.0  # a bright band in the middle: the centre crop must keep it
+    Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "w.png")
+    out = load_image(str(tmp_path / "w.png"), 16, 8)
+    assert out.shape == (3, 16, 16)
+    assert out.min() >= -1 and out.max() <= 1
+    assert out[:, :, 6:10].mean() > 0.9 and out[:, :, 0].mean() < 0  # band kept, sides dark
+    with pytest.raises(DataError, match="multiple of 8"):
+        load_image(str(tmp_path / "w.png"), 20, 8)
+
+
+def test_data_order_shards_ranks_and_resumes_exactly():
+    orders = [DataOrder(7, 2, r, 2, seed=3) for r in range(2)]
+    seen = []
+    for _ in range(7):  # 7 micro-steps x global batch 4 = 4 epochs over 7 samples
+        for o in orders:
+            seen += o.next_indices()
+    for epoch in range(4):
+        assert sorted(seen[epoch * 7:(epoch + 1) * 7]) == list(range(7))  # each epoch a permutation
+    a = DataOrder(7, 2, 1, 2, seed=3)
+    ref = [a.next_indices() for _ in range(6)]
+    b = DataOrder(7, 2, 1, 2, seed=3)
+    [b.next_indices() for _ in range(3)]
+    c = DataOrder(7, 2, 1, 2, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [c.next_indices() for _ in range(3)] == ref[3:]
+
+
+def test_cache_computes_once_and_reloads(tmp_path):
+    backend = load_backends(write_dataset(str(tmp_path), n=2))[0]
+    samples = find_samples(backend)
+    calls = {"img": 0, "txt": 0}
+
+    def enc_img(px):
+        calls["img"] += len(px)
+        return px[:, :1] * 2.0
+
+    def enc_txt(prompts):
+        calls["txt"] += len(prompts)
+        return {"prompt_embeds": torch.stack([torch.full((3, 4), float(len(p)) + 0.5) for p in prompts])}
+
+    cache = EmbeddingCache(str(tmp_path / "cache"), "model-a")
+    prompts = [s.caption for s in samples] + [""]
+    cache.fill(samples, prompts, 32, 1, enc_img, enc_txt)
+    cache.fill(samples, prompts, 32, 1, enc_img, enc_txt)
+    assert calls == {"img": 2, "txt": 3}  # second fill found everything cached
+    ds = CachedDataset(cache, samples, 32)
+    lat, text = ds.item(0)
+    assert torch.equal(lat, load_image(samples[0].image_path, 32, 1)[:1] * 2.0)
+    assert text["prompt_embeds"][0, 0].item() == len(samples[0].caption) + 0.5
+    assert ds.uncond["prompt_embeds"][0, 0].item() == 0.5
+    other = EmbeddingCache(str(tmp_path / "cache"), "model-b")  # another model: its own entries
+    assert len(other.missing(samples, 32, prompts)[0]) == 2

@@ -1,0 +1,63 @@
+"""Helpers for tests: write a tiny image/caption dataset and a fewstep config that points at it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_dataset(root, n=2, size=40, seed=0, captions=None):
+    """n random (not constant) RGB images with captions; returns the multidatabackend.json path."""
+    rng = np.random.default_rng(seed)
+    img_dir = os.path.join(root, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    words = captions or ["a red circle", "a blue square", "a green grass field", "a yellow sun"]
+    for i in range(n):
+        arr = (rng.random((size, size + 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(os.path.join(img_dir, f"img{i}.png"))
+        with open(os.path.join(img_dir, f"img{i}.txt"), "w") as fh:
+            fh.write(words[i % len(words)])
+    backend = os.path.join(root, "multidatabackend.json")
+    with open(backend, "w") as fh:
+        json.dump([{"backend": "simple", "resolution": 32, "shuffle": True, "image_dir": img_dir,
+                    "caption_extension": ".txt"}], fh)
+    return backend
+
+
+def write_config(root, backend, **overrides):
+    cfg = {"--model_type": "lora", "--model_family": "flux", "--pretrained_model_name_or_path": "tiny:flux",
+           "--data_backend_config": backend, "--output_dir": os.path.join(root, "out"), "--train_batch_size": 2,
+           "--max_train_steps": 4, "--learning_rate": 1e-3, "--lora_rank": 4, "--mixed_precision": "fp32",
+           "--checkpointing_steps": 0, "--validation_steps": 0, "--validation_num_inference_steps": 2}
+    cfg.update({k if k.startswith("--") else "--" + k: v for k, v in overrides.items()})
+    path = os.path.join(root, "config.json")
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
+    return path
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "logs", "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def cpu_env(**extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def run(cmd, timeout=600, **env):
+    """Run a command from the repo root; on failure raise with its output tail."""
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+PY = sys.executable

@@ -1,0 +1,115 @@
+"""diff2flow bridge: an exact epsilon / v model of Gaussian data, bridged, gives the exact flow velocity."""
+import numpy as np
+import pytest
+import torch
+
+from fewstep.methods.diff2flow import (diff2flow_model, diffusion_output_to_flow, flow_sigmas, flow_to_diffusion_input,
+                                       sigma_to_timestep, timestep_to_sigma)
+
+MU_SHAPE = (2, 3, 3)
+S = 0.5  # data std
+
+
+def scaled_linear_alphas(T=1000):
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
+    return torch.from_numpy(np.cumprod(1.0 - betas))
+
+
+def model_abar(timestep, abar):
+    """The analytic model's own abar at a continuous timestep: sigma interpolated linearly over the index table."""
+    a, b = abar.sqrt().numpy(), (1 - abar).sqrt().numpy()
+    sig = np.interp(timestep.double().numpy(), np.arange(len(a)), b / (a + b))
+    return torch.from_numpy((1 - sig) ** 2 / ((1 - sig) ** 2 + sig**2))
+
+
+def gaussian_models(mu, abar):
+    """Exact epsilon- and v-predictions for data x ~ N(mu, S^2) under x_k = a x + b eps."""
+    def coeffs(x, timestep):
+        ab = model_abar(timestep, abar).reshape(-1, 1, 1, 1)
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        r = x - a * mu
+        var = a**2 * S**2 + b**2
+        return a, b, b * r / var, mu + a * S**2 * r / var  # a, b, E[eps|x_k], E[x|x_k]
+
+    def eps_model(x, timestep, cond):
+        return coeffs(x, timestep)[2]
+
+    def v_model(x, timestep, cond):
+        a, b, eps, x0 = coeffs(x, timestep)
+        return a * eps - b * x0
+
+    return eps_model, v_model
+
+
+def exact_flow_velocity(x, sigma, mu):
+    """E[z - x | x_sigma] for x_sigma = sigma z + (1 - sigma) x, x ~ N(mu, S^2), z ~ N(0, 1)."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    var = s**2 + (1 - s) ** 2 * S**2
+    r = x - (1 - s) * mu
+    return s * r / var - (mu + (1 - s) * S**2 * r / var)
+
+
+def test_sigma_table_and_lookup():
+    abar = scaled_linear_alphas()
+    table = flow_sigmas(abar)
+    assert table.dtype == torch.float64 and bool((table[1:] > table[:-1]).all())
+    k = torch.tensor([0, 17, 500, 999])
+    a, b = abar[k].sqrt(), (1 - abar[k]).sqrt()
+    torch.testing.assert_close(table[k], b / (a + b))
+    torch.testing.assert_close(sigma_to_timestep(table[k], abar), k.double())
+    tau = torch.tensor([3.25, 123.5, 998.9], dtype=torch.float64)
+    torch.testing.assert_close(sigma_to_timestep(timestep_to_sigma(tau, abar), abar), tau)
+    assert sigma_to_timestep(torch.tensor([0.0, 1.0]), abar).tolist() == [0.0, 999.0]  # clamped to the table
+    with pytest.raises(ValueError, match="decreasing"):
+        flow_sigmas(torch.linspace(0.1, 0.9, 10))
+
+
+def test_input_scaling_maps_flow_state_to_diffusion_state():
+    x, z = torch.randn(4, *MU_SHAPE, dtype=torch.float64), torch.randn(4, *MU_SHAPE, dtype=torch.float64)
+    abar = scaled_linear_alphas()
+    k = torch.tensor([5, 200, 600, 990])
+    sigma = flow_sigmas(abar)[k].reshape(-1, 1, 1, 1)
+    x_flow = sigma * z + (1 - sigma) * x
+    a, b = abar[k].sqrt().reshape(-1, 1, 1, 1), (1 - abar[k]).sqrt().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(flow_to_diffusion_input(x_flow, sigma.flatten()), a * x + b * z)
+    # a perfect epsilon prediction (the true noise) converts to the true velocity z - x
+    F = diffusion_output_to_flow(z, a * x + b * z, sigma.flatten(), "epsilon")
+    torch.testing.assert_close(F, z - x)
+    F = diffusion_output_to_flow(a * z - b * x, a * x + b * z, sigma.flatten(), "v_prediction")
+    torch.testing.assert_close(F, z - x)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_bridged_gaussian_model_gives_exact_flow_velocity(prediction_type):
+    torch.manual_seed(0)
+    abar = scaled_linear_alphas()
+    mu = torch.randn(1, *MU_SHAPE, dtype=torch.float64)
+    eps_model, v_model = gaussian_models(mu, abar)
+    base = eps_model if prediction_type == "epsilon" else v_model
+    seen = []
+    flow = diff2flow_model(lambda x, ts, c: (seen.append(ts), base(x, ts, c))[1], abar, prediction_type)
+    table = flow_sigmas(abar)
+    # table nodes and points in between, inside the base model's range
+    sigma = torch.cat([table[torch.tensor([0, 10, 400, 999])], torch.tensor([0.05, 0.33, 0.5, 0.77, 0.93])])
+    B = sigma.numel()
+    x = torch.randn(B, *MU_SHAPE, dtype=torch.float64) * 1.3
+    F = flow(x, sigma, sigma * 0.5, None)
+    torch.testing.assert_close(F, exact_flow_velocity(x, sigma, mu), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(seen[0][:4], torch.tensor([0.0, 10.0, 400.0, 999.0], dtype=torch.float64))
+    # the sign of t and tt are ignored (a diffusion base has no fake trajectory)
+    torch.testing.assert_close(flow(x, -sigma, -sigma, None), F)
+    # sigma beyond the base schedule is clamped to its last sigma: finite, and equal to the value there
+    F1 = flow(x[:1], torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), None)
+    assert torch.isfinite(F1).all()
+    torch.testing.assert_close(F1, flow(x[:1], table[-1:], table[-1:], None))
+
+
+def test_bridge_dtype_and_errors():
+    abar = scaled_linear_alphas()
+    eps_model, _ = gaussian_models(torch.zeros(1, *MU_SHAPE, dtype=torch.float64), abar)
+    flow = diff2flow_model(lambda x, ts, c: eps_model(x.double(), ts, c).to(x.dtype), abar, "eps")
+    x = torch.randn(2, *MU_SHAPE)
+    F = flow(x, torch.tensor([0.3, 0.6]), torch.tensor([0.3, 0.6]), None)
+    assert F.dtype == torch.float32
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        diff2flow_model(eps_model, abar, "sample")

@@ -1,0 +1,60 @@
+import collections
+
+import pytest
+import torch
+
+from fewstep.methods.glance import CustomTimestepSampler, TimestepListError, glance_schedule, parse_custom_timesteps
+
+
+def test_parse_forms_and_scale():
+    assert parse_custom_timesteps("1000,979.1915") == pytest.approx([1.0, 0.9791915])
+    assert parse_custom_timesteps("[0.9, 0.5]") == [0.9, 0.5]
+    assert parse_custom_timesteps([886.7053, 20.0]) == pytest.approx([0.8867053, 0.02])
+    assert parse_custom_timesteps("0.9; 0.2") == [0.9, 0.2]
+    assert parse_custom_timesteps(0.5) == [0.5]
+
+
+@pytest.mark.parametrize("value, message", [("", "empty"), ("[]", "empty"), ("1,inf", "non-finite"),
+                                            ("1001, 3", "out of range"), ("-1", "negative"), ("a,b", "not a number"),
+                                            ("[1,", "not a valid JSON list")])
+def test_parse_errors(value, message):
+    with pytest.raises(TimestepListError, match=message):
+        parse_custom_timesteps(value)
+
+
+def test_fixed_list_draws_only_members_uniformly():
+    sig = [1.0, 0.9791915, 0.9575157, 0.9349171, 0.9113354]
+    s = CustomTimestepSampler(sig, "fixed-list", batch_size=64)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([s.sample(g) for _ in range(100)])
+    members = torch.tensor(sig)
+    assert torch.isin(draws, members).all()
+    counts = collections.Counter(draws.tolist())
+    assert len(counts) == 5 and min(counts.values()) > 0.8 * 6400 / 5  # roughly uniform
+
+
+def test_round_robin_cycles_exactly_across_ranks_and_resume():
+    sig = [0.9, 0.7, 0.5, 0.3, 0.1]
+    ranks = [CustomTimestepSampler(sig, "round-robin", batch_size=2, rank=r, world_size=2) for r in range(2)]
+    seq = []
+    for _ in range(5):
+        for s in ranks:
+            seq += s.sample().tolist()
+    expected = [sig[i % 5] for i in range(20)]
+    assert seq == pytest.approx(expected)
+    fresh = CustomTimestepSampler(sig, "round-robin", batch_size=2, rank=1, world_size=2)
+    fresh.load_state_dict(ranks[1].state_dict())
+    nxt = ranks[1].sample().tolist()
+    assert fresh.sample().tolist() == nxt
+
+
+def test_mode_typo_is_an_error():
+    with pytest.raises(TimestepListError, match="round-robin"):
+        CustomTimestepSampler([0.5], "round_robin")
+
+
+def test_glance_schedule_is_slow_then_fast_then_zero():
+    sigmas, boundary = glance_schedule([1.0, 0.97], [0.88, 0.3])
+    assert sigmas == [1.0, 0.97, 0.88, 0.3, 0.0] and boundary == 2
+    with pytest.raises(TimestepListError, match="strictly decrease"):
+        glance_schedule([1.0, 0.5], [0.6, 0.1])

@@ -1,0 +1,238 @@
+"""twinflow_loss: one training step's loss, assembled in the reference order."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.kernels.reference import barron_loss_reference, rcgm_target_reference
+from fewstep.methods.rng import capture_rng_state
+from fewstep.methods.twinflow import (ADV, E2E, assign_groups, cfg_enhanced_target, rcgm_rollout, sample_times,
+                                      select_rows, time_weight, twinflow_loss)
+
+SHAPE = (3, 4, 4)
+KW = dict(order=2, delta_t=0.01, clamp=1.0, enhanced_ratio=0.5, enhanced_range=(0.0, 1.0), adversarial=True,
+          adversarial_weight=1.0, rectify_weight=1.0, frozen_teacher=False)
+
+
+def bc(s, like):
+    return s.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class PointMass(nn.Module):
+    """F = (x - p x*)/|t|: the exact straight flow of data at x* when p = 1 (any tt, either sign of t)."""
+
+    def __init__(self, x_star, p=1.0):
+        super().__init__()
+        self.x_star = x_star
+        self.p = nn.Parameter(torch.tensor(p, dtype=x_star.dtype))
+
+    def forward(self, x, t, tt, cond):
+        return (x - self.p * self.x_star) / bc(t.abs(), x)
+
+
+class Net(nn.Module):
+    """A small any-step model that uses t, tt, their sign and the conditioning."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Conv2d(SHAPE[0] + 3, 8, 1)
+        self.out = nn.Conv2d(8, SHAPE[0], 1)
+        self.drop = nn.Dropout(dropout)
+        self.calls = []  # (grad enabled, batch, dropout mask, rng state after the call)
+
+    def forward(self, x, t, tt, cond):
+        c = cond["c"] if cond is not None else torch.zeros(x.shape[0])
+        feats = [bc(v, x).expand(-1, 1, *x.shape[2:]).to(x.dtype) for v in (t, tt, c)]
+        h = self.drop(torch.tanh(self.inp(torch.cat([x, *feats], 1))))
+        self.calls.append((torch.is_grad_enabled(), x.shape[0], h.detach() != 0, None))
+        return self.out(h)
+
+
+def batch(B, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, *SHAPE, generator=g, dtype=dtype)
+    return x0, {"c": torch.randn(B, generator=g)}, {"c": torch.zeros(B)}
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_straight_flow_has_zero_loss_and_gradient(order, frozen):
+    x_star = torch.randn(1, *SHAPE, dtype=torch.float64)
+    for B in (1, 3, 8):
+        for k in range(2):
+            model = PointMass(x_star)
+            x0 = x_star.expand(B, *SHAPE).clone()
+            _, cond, uncond = batch(B)
+            loss, logs = twinflow_loss(model, model, x0, cond, uncond, groups=assign_groups(B, k),
+                                       **{**KW, "order": order, "frozen_teacher": frozen})
+            loss.backward()
+            assert loss.item() < 1e-18 and abs(model.p.grad.item()) < 1e-8, (B, k, logs)
+    # the same check sees a model off the straight flow
+    model = PointMass(x_star, p=1.1)
+    loss, _ = twinflow_loss(model, model, x_star.expand(8, *SHAPE).clone(), *batch(8)[1:], groups=assign_groups(8, 0),
+                            **{**KW, "order": order})
+    loss.backward()
+    assert loss.item() > 1e-3 and abs(model.p.grad.item()) > 1e-3
+
+
+def test_backprop_only_through_the_student_pass():
+    student = Net()
+    teacher = copy.deepcopy(student)
+    teacher.calls = []
+    x0, cond, uncond = batch(8)
+    loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=assign_groups(8, 0), **KW)
+    assert [c[0] for c in student.calls].count(True) == 1  # one graph: the student pass
+    assert all(not c[0] for c in teacher.calls) and len(teacher.calls) == 2 + KW["order"]  # CFG + rollout
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert logs["n_e2e"] == logs["n_mul"] == logs["n_any"] == logs["n_adv"] == 2
+    assert logs["l_adv"] > 0 and logs["l_rectify"] > 0 and logs["l_base"] > 0
+
+
+def test_frozen_teacher_uses_student_for_rollout_and_teacher_for_cfg():
+    student, teacher = Net(), Net()
+    x0, cond, uncond = batch(8)
+    twinflow_loss(student, teacher, x0, cond, uncond, groups=assign_groups(8, 0), **{**KW, "frozen_teacher": True})
+    assert len(teacher.calls) == 2
+    # student: 1 grad pass + 2 rollout + 1 fake-sample pass (adv rows) + 2 rectify passes (e2e rows), all but one no-grad
+    assert len(student.calls) == 6 and [c[0] for c in student.calls].count(True) == 1
+
+
+def test_ema_update_runs_after_student_before_teacher():
+    events = []
+    student, teacher = Net(), Net()
+    s_fwd, t_fwd = student.forward, teacher.forward
+    student.forward = lambda *a: (events.append("student" if torch.is_grad_enabled() else "s"), s_fwd(*a))[1]
+    teacher.forward = lambda *a: (events.append("teacher"), t_fwd(*a))[1]
+    twinflow_loss(student, teacher, *batch(8), groups=assign_groups(8, 0), ema_update=lambda: events.append("ema"),
+                  **KW)
+    i = events.index("student")
+    assert events[i + 1] == "ema" and events.count("ema") == 1 and events.index("teacher") > i + 1
+
+
+def test_teacher_passes_replay_student_dropout_and_rng_advances():
+    student = Net(dropout=0.5).train()
+    x0, cond, uncond = batch(8)
+    loss, _ = twinflow_loss(student, student, x0, cond, uncond, groups=assign_groups(8, 0, adversarial=False),
+                            **{**KW, "adversarial": False, "order": 3})
+    full = [c for c in student.calls if c[1] == 8]
+    assert len(full) == 1 + 2 + 3 and full[0][0]  # student pass, CFG, rollout
+    assert all(torch.equal(c[2], full[0][2]) for c in full)
+    # afterwards the global RNG is where the student pass left it: teacher passes neither rewind nor advance it
+    student2 = Net(dropout=0.5).train()
+    fwd = student2.forward
+    after = {}
+
+    def record(*a):
+        out = fwd(*a)
+        if torch.is_grad_enabled():
+            after["state"] = capture_rng_state()["cpu"]
+        return out
+    student2.forward = record
+    twinflow_loss(student2, student2, x0, cond, uncond, groups=assign_groups(8, 0, adversarial=False),
+                  **{**KW, "adversarial": False, "order": 3})
+    assert torch.equal(torch.get_rng_state(), after["state"])
+
+
+def test_teacher_randomness_does_not_leak_into_the_stream():
+    def run(noisy):
+        torch.manual_seed(123)
+        student = Net(dropout=0.5).train()
+        teacher = Net()
+        fwd = teacher.forward
+        teacher.forward = lambda *a: (torch.randn(1000) if noisy else None, fwd(*a))[1]
+        loss, _ = twinflow_loss(student, teacher, *batch(8), groups=assign_groups(8, 0), **KW)
+        return loss.item(), torch.rand(4)
+    (l1, r1), (l2, r2) = run(False), run(True)
+    assert l1 == l2 and torch.equal(r1, r2)
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 5])
+def test_any_batch_size(B):
+    student = Net()
+    teacher = copy.deepcopy(student)
+    seen = []
+    for k in range(4):
+        groups = assign_groups(B, k)
+        loss, logs = twinflow_loss(student, teacher, *batch(B, seed=k), groups=groups, **KW)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert [logs[f"n_{n}"] for n in ("e2e", "mul", "any", "adv")] == torch.bincount(groups, minlength=4).tolist()
+        seen += groups.tolist()
+    assert sorted(set(seen)) == [0, 1, 2, 3]
+
+
+def test_empty_counted_rows_still_backprop():
+    student = Net()
+    # order 0 counts only mul and adv rows; a micro-step with one e2e row and no rectify has a zero loss
+    loss, logs = twinflow_loss(student, student, *batch(1), groups=assign_groups(1, 0, adversarial=False),
+                               **{**KW, "order": 0, "adversarial": False})
+    assert loss.item() == 0.0 and logs["l_base"] == 0.0
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    with pytest.raises(ValueError, match="adversarial=False"):
+        twinflow_loss(student, student, *batch(4), groups=assign_groups(4, 0), **{**KW, "adversarial": False})
+    with pytest.raises(ValueError, match=r"groups must have shape \[4\]"):
+        twinflow_loss(student, student, *batch(4), groups=assign_groups(3, 0), **KW)
+
+
+def test_matches_hand_assembled_loss():
+    """Rebuild the step from the building blocks with the documented draw order (t, u1, u2, eps_adv, z, t', z')."""
+    student, teacher = Net(), Net()
+    teacher.inp.weight.data += 0.1  # a teacher different from the student
+    x0, cond, uncond = batch(8)
+    groups = assign_groups(8, 0)
+    kw = {**KW, "adversarial_weight": 2.0, "rectify_weight": 3.0, "backend": "torch"}
+    loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=groups, generator=torch.Generator()
+                               .manual_seed(5), **kw)
+
+    g = torch.Generator().manual_seed(5)
+    t, tt = sample_times(groups, g)
+    adv, e2e = groups == ADV, groups == E2E
+    with torch.no_grad():
+        eps = torch.randn(int(adv.sum()), *SHAPE, generator=g)
+        one = torch.ones(len(eps))
+        x = x0.clone()
+        x[adv] = eps - student(eps, one, 0 * one, select_rows(cond, adv))
+    z = torch.randn(x.shape, generator=g)
+    x_t = bc(t.abs(), z) * z + (1 - bc(t.abs(), z)) * x
+    F = student(x_t, t, tt, cond)
+    with torch.no_grad():
+        E, _ = cfg_enhanced_target(teacher, x_t, t, z - x, cond, uncond, ratio=0.5, adv_mask=adv)
+        acc = rcgm_rollout(teacher, x_t, t, tt, E, order=2, delta_t=0.01, cond=cond)
+    T = rcgm_target_reference(F, acc, E, t, tt, delta_t=0.01, clamp=1.0, rcgm_mask=~adv)
+    rows = barron_loss_reference(F, T) * time_weight(t, tt, adv)
+    l_base, l_adv = rows[~adv].sum() / 8, rows[adv].sum() / 8
+    # rectify on e2e rows: x_hat = x_t - |t| F = z - F there
+    n = int(e2e.sum())
+    tp = torch.rand(n, generator=g, dtype=torch.float64).float().clamp(1e-5, 1)
+    zp = torch.randn(n, *SHAPE, generator=g)
+    x_hat = (x_t - F)[e2e].detach()
+    x_tl = bc(tp, zp) * zp + (1 - bc(tp, zp)) * x_hat
+    ce = select_rows(cond, e2e)
+    with torch.no_grad():
+        F_grad = (student(x_tl, -tp, -tp, ce) - student(x_tl, tp, tp, ce)).clamp(-1, 1)
+    l_rect = barron_loss_reference(F[e2e], F[e2e].detach() - F_grad).mean()
+    expected = l_base + 2.0 * l_adv + 0.5 * 3.0 * l_rect
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for key, ref in (("l_base", l_base), ("l_adv", l_adv), ("l_rectify", l_rect)):
+        assert logs[key] == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_triton_backend_matches_torch():
+    results = []
+    for backend in ("torch", "triton"):
+        student = Net()
+        teacher = copy.deepcopy(student)
+        loss, _ = twinflow_loss(student, teacher, *batch(8), groups=assign_groups(8, 0),
+                                generator=torch.Generator().manual_seed(1), **{**KW, "backend": backend})
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)

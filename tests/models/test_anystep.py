@@ -1,0 +1,185 @@
+"""Any-step (TwinFlow) embeddings: zero-init identity, sign/tt effects, per-family time convention, state, I/O."""
+import copy
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES
+from diffusers.models.embeddings import get_timestep_embedding
+
+from fewstep.models import (
+    ANYSTEP_WEIGHTS_NAME,
+    anystep_state,
+    anystep_state_dict,
+    get_adapter,
+    load_anystep,
+    load_anystep_state_dict,
+    save_anystep,
+    set_anystep_state,
+)
+from fewstep.models.anystep import timestep_sinusoid
+
+
+def _setup(tiny, family):
+    adapter, comps = tiny(family)
+    transformer = copy.deepcopy(comps.transformer)  # the session components stay unmodified
+    cond = adapter.encode_prompts(comps, ["a red cat", "two blue dogs"])
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(adapter.encode_images(comps.vae, torch.zeros(2, 3, 32, 32)).shape, generator=g)
+    return adapter, transformer, cond, x
+
+
+def _randomize(embed, scale=0.5):
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in embed.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_zero_init_is_bit_identical_then_inputs_matter(tiny, family):
+    adapter, tr, cond, x = _setup(tiny, family)
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        base = adapter.forward(tr, x, sigma, cond)
+        embed = adapter.add_anystep(tr)
+        assert tr.anystep_embed is embed and adapter.add_anystep(tr) is embed  # idempotent
+        zero = adapter.forward(tr, x, sigma, cond, tt=torch.tensor([0.0, 0.5]), sign=torch.tensor([-1.0, 1.0]))
+        assert torch.equal(zero, base)
+        _randomize(embed)
+        assert torch.equal(adapter.forward(tr, x, sigma, cond), base)  # no state: hook leaves output untouched
+        plus = adapter.forward(tr, x, sigma, cond, tt=0.0, sign=1.0)
+        minus = adapter.forward(tr, x, sigma, cond, tt=0.0, sign=-1.0)
+        other_tt = adapter.forward(tr, x, sigma, cond, tt=0.2, sign=1.0)
+    assert not torch.allclose(plus, minus) and not torch.allclose(plus, other_tt)
+    assert embed.tt is None and embed.sign is None  # reset after forward
+    # per-sample: a [B] sign only changes the rows it flips
+    with torch.no_grad():
+        mixed = adapter.forward(tr, x, sigma, cond, tt=0.0, sign=torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(mixed[0], plus[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], minus[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_time_convention_tt_equal_t_cancels(tiny, family):
+    """E2(tt) * (t - tt) vanishes at tt = t only if t is read on the right scale (hook_time_scale)."""
+    adapter, tr, cond, x = _setup(tiny, family)
+    sigma = torch.tensor([0.3, 0.8])
+    embed = adapter.add_anystep(tr)
+    _randomize(embed)
+    with torch.no_grad():
+        embed.sign_embed.weight.zero_()
+        base = adapter.forward(tr, x, sigma, cond)
+        same = adapter.forward(tr, x, sigma, cond, tt=sigma.clone())
+        half = adapter.forward(tr, x, sigma, cond, tt=sigma * 0.5)
+    torch.testing.assert_close(same, base, rtol=1e-4, atol=1e-4)
+    assert (half - base).norm() > 100 * (same - base).norm() + 1e-3
+
+
+def test_hook_adds_reference_terms(tiny):
+    """The hooked time embedding = stock output + sign_embed[sign<0] + E2(tt) * (t - tt), against a float64 reference."""
+    adapter, tr, cond, x = _setup(tiny, "sd3")
+    embed = adapter.add_anystep(tr)
+    _randomize(embed)
+    t, tt, sign = torch.tensor([0.9, 0.4]), torch.tensor([0.1, 0.4]), torch.tensor([-1.0, 1.0])
+    pooled = cond["pooled_prompt_embeds"]
+    with torch.no_grad():
+        stock = tr.time_text_embed(t * 1000, pooled)
+        with anystep_state(tr, tt, sign):
+            hooked = tr.time_text_embed(t * 1000, pooled)
+    sd = {k: v.double() for k, v in embed.state_dict().items()}
+    freq = get_timestep_embedding(tt.double() * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=0).double()
+    h = freq @ sd["tt_linear_1.weight"].T + sd["tt_linear_1.bias"]
+    e2 = (h * torch.sigmoid(h)) @ sd["tt_linear_2.weight"].T + sd["tt_linear_2.bias"]
+    ref = stock.double() + sd["sign_embed.weight"][(sign < 0).long()] + e2 * (t - tt).double()[:, None]
+    torch.testing.assert_close(hooked.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(timestep_sinusoid(tt * 1000), freq.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_both_sign_rows_and_tt_embedding(tiny):
+    adapter, tr, cond, x = _setup(tiny, "flux")
+    embed = adapter.add_anystep(tr)
+    _randomize(embed, 0.1)
+    v = adapter.forward(tr, x, torch.tensor([0.6, 0.6]), cond, tt=torch.tensor([0.1, 0.3]),
+                        sign=torch.tensor([1.0, -1.0]))
+    v.square().mean().backward()
+    assert (embed.sign_embed.weight.grad.abs().sum(dim=1) > 0).all()
+    assert embed.tt_linear_1.weight.grad.abs().sum() > 0 and embed.tt_linear_2.weight.grad.abs().sum() > 0
+
+
+def test_state_is_reset_on_error_and_validated(tiny):
+    adapter, tr, cond, x = _setup(tiny, "qwenimage")
+    embed = adapter.add_anystep(tr)
+    with pytest.raises(RuntimeError, match="boom"):
+        with anystep_state(tr, tt=0.0, sign=-1.0):
+            assert embed.tt == 0.0 and embed.sign == -1.0
+            raise RuntimeError("boom")
+    assert embed.tt is None and embed.sign is None
+    set_anystep_state(tr, tt=0.5)
+    assert embed.tt == 0.5
+    set_anystep_state(tr)
+    assert embed.tt is None
+    with pytest.raises(ValueError, match=r"sign must be a float or a \[B\]=\(2,\) tensor"):
+        adapter.forward(tr, x, torch.tensor([0.5, 0.5]), cond, sign=torch.ones(3))
+    assert embed.sign is None
+
+
+def test_stock_pipeline_call_conditioned_by_state(tiny):
+    """A stock pipeline under anystep_state(tt=0, sign=+1) == Euler over adapter.forward(tt=0, sign=+1)."""
+    adapter, comps = tiny("flux")
+    _, tr, cond, x0 = _setup(tiny, "flux")
+    _randomize(adapter.add_anystep(tr))
+    sigmas = [1.0, 0.5]
+    pipe = adapter.build_pipeline(comps, transformer=tr)
+    with torch.no_grad(), anystep_state(tr, tt=0.0, sign=1.0):
+        out = pipe(**adapter.pipeline_prompt_kwargs(cond), **adapter.pipeline_latent_kwargs(comps, x0),
+                   sigmas=sigmas, output_type="latent", return_dict=False)[0]
+    got = adapter.latents_from_pipeline(out, *x0.shape[-2:])
+    x = x0
+    with torch.no_grad():
+        for s, s_next in zip(sigmas, sigmas[1:] + [0.0]):
+            x = x + (s_next - s) * adapter.forward(tr, x, torch.full((2,), s), cond, tt=0.0, sign=1.0)
+        unconditioned = x0
+        for s, s_next in zip(sigmas, sigmas[1:] + [0.0]):
+            unconditioned = unconditioned + (s_next - s) * adapter.forward(tr, unconditioned, torch.full((2,), s), cond)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, unconditioned, rtol=1e-3, atol=1e-3)
+
+
+def test_state_dict_round_trip(tiny, tmp_path):
+    adapter, tr, cond, x = _setup(tiny, "sd3")
+    _randomize(adapter.add_anystep(tr))
+    sd = anystep_state_dict(tr)
+    assert set(sd) == {"sign_embed.weight", "tt_linear_1.weight", "tt_linear_1.bias", "tt_linear_2.weight",
+                       "tt_linear_2.bias"}
+    other = copy.deepcopy(tiny("sd3")[1].transformer)
+    adapter.add_anystep(other)
+    load_anystep_state_dict(other, sd)
+    args = (x, torch.tensor([0.4, 0.7]), cond)
+    with torch.no_grad():
+        want = adapter.forward(tr, *args, tt=0.1, sign=-1.0)
+        assert torch.equal(adapter.forward(other, *args, tt=0.1, sign=-1.0), want)
+    path = save_anystep(tr, tmp_path)
+    assert path.name == ANYSTEP_WEIGHTS_NAME
+    third = copy.deepcopy(tiny("sd3")[1].transformer)
+    adapter.add_anystep(third)
+    load_anystep(third, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(adapter.forward(third, *args, tt=0.1, sign=-1.0), want)
+    with pytest.raises(KeyError, match="do not match"):
+        load_anystep_state_dict(third, {"sign_embed.weight": sd["sign_embed.weight"]})
+    with pytest.raises(ValueError, match="add_anystep"):
+        anystep_state_dict(copy.deepcopy(tiny("sd3")[1].transformer))
+
+
+def test_deepcopy_keeps_hook_bound_to_its_own_embedding(tiny):
+    """EMA teachers are deep copies: the copy's hook must read the copy's weights and state."""
+    adapter, tr, cond, x = _setup(tiny, "flux")
+    _randomize(adapter.add_anystep(tr))
+    twin = copy.deepcopy(tr)
+    with torch.no_grad():
+        twin.anystep_embed.sign_embed.weight.mul_(3.0)
+        sig = torch.tensor([0.5, 0.5])
+        a = adapter.forward(tr, x, sig, cond, sign=-1.0)
+        b = adapter.forward(twin, x, sig, cond, sign=-1.0)
+    assert not torch.allclose(a, b)
+    assert get_adapter("flux").hook_time_scale == 1000 and get_adapter("qwenimage").hook_time_scale == 1

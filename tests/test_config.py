@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from fewstep.config import ConfigError, load_config, parse_overrides
+
+SEED_GLANCE = {  # the seed document's JSON, verbatim but for the model path
+    "--model_type": "lora", "--model_family": "flux", "--pretrained_model_name_or_path": "tiny:flux",
+    "--data_backend_config": "config/multidatabackend.json", "--train_batch_size": 1, "--max_train_steps": 60,
+    "--lora_rank": 32, "--output_dir": "output/glance-slow",
+    "--flow_custom_timesteps": "1000,979.1915,957.5157,934.9171,911.3354"}
+
+SEED_TWINFLOW = {
+    "model_family": "sd3", "model_type": "lora", "pretrained_model_name_or_path": "tiny:sd3",
+    "output_dir": "output/sd3-twinflow", "distillation_method": None, "use_ema": True, "twinflow_enabled": True,
+    "twinflow_target_step_count": 2, "twinflow_estimate_order": 2, "twinflow_enhanced_ratio": 0.5,
+    "twinflow_delta_t": 0.01, "twinflow_target_clamp": 1.0, "learning_rate": 1e-4, "train_batch_size": 1,
+    "gradient_accumulation_steps": 4, "mixed_precision": "bf16", "validation_guidance": 0.0,
+    "validation_num_inference_steps": 2}
+
+
+def write(tmp_path, data):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_seed_glance_config_parses_with_dashes(tmp_path):
+    cfg = load_config(write(tmp_path, SEED_GLANCE))
+    assert cfg.model_family == "flux" and cfg.lora_rank == 32 and cfg.max_train_steps == 60
+    assert cfg.lora_alpha == 32.0  # defaults to the rank
+    assert cfg.resolved_method == "flow"
+
+
+def test_seed_twinflow_config_parses_and_sets_method(tmp_path):
+    cfg = load_config(write(tmp_path, SEED_TWINFLOW))
+    assert cfg.resolved_method == "twinflow" and cfg.twinflow_target_step_count == 2 and cfg.use_ema
+    assert cfg.twinflow_adversarial_enabled is False and cfg.twinflow_rectify_weight == 1.0
+
+
+def test_overrides_apply_on_top_of_file(tmp_path):
+    cfg = load_config(write(tmp_path, SEED_GLANCE), ["--zero_stage", "3", "--use_ema", "--lora-rank=8",
+                                                    "--learning_rate", "3e-4"])
+    assert (cfg.zero_stage, cfg.use_ema, cfg.lora_rank, cfg.learning_rate) == (3, True, 8, 3e-4)
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a", "1", "--b=2", "--flag"]) == {"a": "1", "b": "2", "flag": "true"}
+    with pytest.raises(ConfigError, match="unexpected command-line argument"):
+        parse_overrides(["oops"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"lora_rnk": 4}, "unknown config key 'lora_rnk'.*did you mean 'lora_rank'"),
+    ({"--twinflow_estimate_ordr": 2}, "did you mean 'twinflow_estimate_order'"),
+    ({"zero_stage": 4}, "'zero_stage' must be <= 3"),
+    ({"learning_rate": "fast"}, "'learning_rate' expects float"),
+    ({"learning_rate": 0}, "'learning_rate' must be > 0"),
+    ({"train_batch_size": 1.5}, "'train_batch_size' expects int"),
+    ({"use_ema": "maybe"}, "'use_ema' expects bool"),
+    ({"model_type": "lora2"}, "'model_type' must be one of: lora, full; got 'lora2'"),
+    ({"flow_timesteps_mode": "round_robin"}, "did you mean 'round-robin'"),
+    ({"distillation_method": "dmd"}, "'distillation_method' must be one of"),
+    ({"offload_param": True, "zero_stage": 2}, "'offload_param' needs zero_stage 3"),
+    ({"flow_custom_timesteps": "[]"}, "empty"),
+    ({"flow_custom_timesteps": "1000, nan"}, "non-finite"),
+    ({"flow_custom_timesteps": "1200, 20"}, "out of range"),
+    ({"flow_custom_timesteps": "-0.5, 0.3"}, "negative"),
+    ({"twinflow_enhanced_range": [0.5, 0.2]}, "twinflow_enhanced_range"),
+])
+def test_errors_name_the_key(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**SEED_GLANCE, **bad}))
+
+
+def test_twinflow_requires_ema_unless_allowed(tmp_path):
+    data = {**SEED_TWINFLOW, "use_ema": False}
+    with pytest.raises(ConfigError, match="EMA teacher"):
+        load_config(write(tmp_path, data))
+    assert load_config(write(tmp_path, {**data, "twinflow_allow_no_ema_teacher": True})).use_ema is False
+    assert load_config(write(tmp_path, {**data, "twinflow_require_ema": False})).resolved_method == "twinflow"
+
+
+def test_twinflow_requires_flow_matching_unless_diff2flow(tmp_path):
+    with pytest.raises(ConfigError, match="flow_matching"):
+        load_config(write(tmp_path, {**SEED_TWINFLOW, "prediction_type": "epsilon"}))
+    cfg = load_config(write(tmp_path, {**SEED_TWINFLOW, "prediction_type": "epsilon", "diff2flow_enabled": True,
+                                       "twinflow_allow_diff2flow": True}))
+    assert cfg.prediction_type == "epsilon"
+
+
+def test_missing_required_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="'pretrained_model_name_or_path' is required"):
+        load_config(write(tmp_path, {"model_family": "flux"}))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.json"))
+
+
+def test_glance_method_needs_both_lists(tmp_path):
+    with pytest.raises(ConfigError, match="glance_slow_timesteps"):
+        load_config(write(tmp_path, {**SEED_GLANCE, "method": "glance", "flow_custom_timesteps": None}))

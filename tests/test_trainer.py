@@ -1,0 +1,135 @@
+"""End-to-end single-process training through `python launcher/train.py` (the plain-python entry point)."""
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep_testing import PY, cpu_env, read_metrics, run, write_config, write_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    return root, write_dataset(str(root), n=3)
+
+
+def train(root, backend, name, env=None, expect_rc=0, **overrides):
+    out = os.path.join(str(root), name)
+    cfg = write_config(os.path.join(str(root)), backend, output_dir=out, cache_dir=os.path.join(str(root), "cache"),
+                       **overrides)
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect_rc, proc.stderr[-5000:]
+    return out
+
+
+def lora(out):
+    return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_resume_after_crash_is_bit_exact(data):
+    root, backend = data
+    common = dict(max_train_steps=8, checkpointing_steps=2, lr_scheduler="cosine", lr_warmup_steps=2,
+                  caption_dropout_probability=0.3, use_ema=True, ema_decay=0.9)
+    straight = train(root, backend, "straight", **common)
+    crashed = train(root, backend, "crashed", env={"FEWSTEP_FAULT_AFTER_STEP": "5"}, expect_rc=17, **common)
+    assert [m["step"] for m in read_metrics(crashed)] == [1, 2, 3, 4, 5]
+    train(root, backend, "crashed", resume_from_checkpoint="latest", **common)
+    a, b = read_metrics(straight), read_metrics(crashed)
+    assert [m["step"] for m in b] == list(range(1, 9))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]  # bit-exact
+    assert [m["lr"] for m in a] == [m["lr"] for m in b]
+    wa, wb = lora(straight), lora(crashed)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(wa[k].abs().sum() > 0 for k in wa if "lora_B" in k)  # it trained
+
+
+def test_kill_during_save_keeps_last_checkpoint(data):
+    root, backend = data
+    common = dict(max_train_steps=6, checkpointing_steps=2)
+    out = train(root, backend, "killsave", env={"FEWSTEP_FAULT_IN_SAVE": "4"}, expect_rc=17, **common)
+    ckpts = os.path.join(out, "checkpoints")
+    assert open(os.path.join(ckpts, "latest")).read().strip() == "step-2"
+    assert not os.path.exists(os.path.join(ckpts, "step-4"))
+    train(root, backend, "killsave", resume_from_checkpoint="latest", **common)
+    straight = train(root, backend, "killsave-ref", **common)
+    assert [m["loss"] for m in read_metrics(out)] == [m["loss"] for m in read_metrics(straight)]
+    assert sorted(os.listdir(ckpts)) == ["latest", "step-2", "step-4", "step-6"]
+
+
+def test_lora_export_loads_in_stock_pipeline_and_matches_engine_weights(data):
+    """The exported LoRA, loaded with diffusers' load_lora_weights, reproduces the model DeepSpeed trained (read back
+    independently from the ZeRO checkpoint with DeepSpeed's own zero_to_fp32 reader)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import LoraConfig
+    from fewstep.models import get_adapter
+
+    root, backend = data
+    out = train(root, backend, "export", max_train_steps=3, checkpointing_steps=3, validation_steps=3)
+    adapter = get_adapter("flux")
+    comps = adapter.load("tiny:flux")
+    pipe = adapter.build_pipeline(comps)
+    pipe.load_lora_weights(out)
+    ref = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(adapter.default_lora_targets)))
+    trained = get_fp32_state_dict_from_zero_checkpoint(os.path.join(out, "checkpoints", "step-3"), tag="state")
+    missing, unexpected = ref.load_state_dict(trained, strict=False)
+    assert not unexpected and not [k for k in missing if "lora" in k]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(adapter.encode_images(comps.vae, torch.rand(1, 3, 32, 32, generator=g) * 2 - 1).shape,
+                    generator=g)
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        cond = adapter.collate_cond(adapter.split_cond(adapter.encode_prompts(comps, ["a red circle"])))
+        a = adapter.forward(pipe.transformer, x, sigma, cond)
+        b = adapter.forward(ref, x, sigma, cond)
+        base = adapter.forward(adapter.load("tiny:flux", with_text=False, with_vae=False).transformer, x, sigma, cond)
+    assert (a - b).abs().max() < 1e-5
+    assert (a - base).abs().max() > 1e-4  # the LoRA does change the output
+    assert os.path.exists(os.path.join(out, "validation", "flow-step000003.png"))
+
+
+def test_tensorboard_scalars_read_back(data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, backend = data
+    out = train(root, backend, "tb", max_train_steps=3, validation_steps=2)
+    acc = EventAccumulator(os.path.join(out, "logs"))
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/peak_mem_gb"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], tag
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses == pytest.approx([m["loss"] for m in read_metrics(out)], rel=1e-6)
+    assert "validation/flow" in tags["images"]
+
+
+def test_full_finetune_exports_diffusers_model(data):
+    from fewstep.models import get_adapter
+
+    root, backend = data
+    out = train(root, backend, "full", model_type="full", max_train_steps=2, learning_rate=1e-4)
+    adapter = get_adapter("flux")
+    tuned = adapter.transformer_cls.from_pretrained(os.path.join(out, "transformer"))
+    base = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
+    diffs = [(tuned.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items()]
+    assert max(diffs) > 0 and len(diffs) == len(tuned.state_dict())
+
+
+def test_bad_data_fails_before_training_with_the_file_named(tmp_path):
+    backend = write_dataset(str(tmp_path), n=1)
+    (tmp_path / "images" / "extra.txt").write_text("no image for me")
+    cfg = write_config(str(tmp_path), backend)
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "caption without an image" in proc.stderr and "extra.txt" in proc.stderr
+
+
+def test_config_error_exit_code_and_message(tmp_path):
+    backend = write_dataset(str(tmp_path), n=1)
+    cfg = write_config(str(tmp_path), backend, lora_rnak=3)
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "did you mean 'lora_rank'" in proc.stderr
