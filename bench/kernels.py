@@ -7,7 +7,8 @@
 Per kernel and size: median time (triton.testing.do_bench, CUDA events), achieved GB/s counting the minimum bytes read
 and written, that as a fraction of the device's copy bandwidth (a large device-to-device copy measured in the same run),
 and the speed-up over torch eager and over torch.compile. Each row first checks the kernel against the reference.
-Without CUDA it prints why and exits 0, unless --interpret-smoke (tiny sizes, wall-clock timer: not a performance figure).
+Without CUDA it prints why and exits 0, unless --interpret-smoke (tiny sizes, wall-clock timer: not a performance
+figure).
 """
 from __future__ import annotations
 
@@ -207,7 +208,6 @@ def copy_bandwidth(timer, dev, smoke: bool) -> float:
     n = (1 << 16) if smoke else (1 << 28)  # 1 GiB of fp32 on GPU
     src, dst = torch.randn(n, device=dev), torch.empty(n, device=dev)
     ms = timer(lambda: dst.copy_(src))
-    del src, dst
     return 2 * 4 * n / ms / 1e6
 
 

@@ -16,7 +16,7 @@ def resolve_backend(fused_kernels) -> str:
 
     YAML reads bare on/off as booleans, so True/False are accepted as on/off.
     """
-    key = {True: "on", False: "off"}.get(fused_kernels, fused_kernels) if isinstance(fused_kernels, bool) else fused_kernels
+    key = ("on" if fused_kernels else "off") if isinstance(fused_kernels, bool) else fused_kernels
     if not isinstance(key, str) or key.lower() not in _SWITCH:
         raise ValueError(f"fused_kernels: expected one of 'auto', 'on', 'off', got {fused_kernels!r}")
     return _SWITCH[key.lower()]

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import block_for, round_bf16, tl_dtype, to_out
-from .reference import compute_dtype, per_sample, rcgm_coefficients_reference
+from .reference import check_rcgm_scalars, compute_dtype, per_sample, rcgm_coefficients_reference
 
 DEFAULT_BLOCK = 4096
 DEFAULT_WARPS = 8
@@ -158,12 +158,13 @@ class _RcgmTargetLoss(torch.autograd.Function):
 def rcgm_target_loss_triton(F_student, acc, target, t, tt, *, delta_t, clamp, cond=None, uncond=None,
                             enhanced_ratio=0.0, enhance_mask=None, rcgm_mask=None, sample_weight=None, barron_c=1e-3,
                             BLOCK: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_WARPS):
-    """Fused `rcgm_target_loss_reference`: returns (loss [B], T); T detached, fp32 (fp64 when F is fp64).
+    """Fused `rcgm_target_loss_reference`: returns (loss [B], T); T detached, fp32 (fp64 if any input is fp64).
 
     Forward reads F, target (+cond, uncond, acc) once and writes T; backward reads F, T and writes dF. Gradient only
     w.r.t. F_student; sample_weight, the targets and the times are constants.
     """
     op = "rcgm_target_loss"
+    check_rcgm_scalars(delta_t, clamp, barron_c)
     if (cond is None) != (uncond is None):
         raise ValueError(f"{op}: give both cond and uncond, or neither")
     for name, v in (("acc", acc), ("target", target), ("cond", cond), ("uncond", uncond)):

@@ -40,7 +40,7 @@ def bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample(v, batch: int, name: str, *, device, dtype=torch.float32) -> torch.Tensor:
-    """Turn a number, a 0-d tensor or a [B] tensor into a [B] tensor of `dtype` on `device`; anything else is an error."""
+    """A number, a 0-d tensor or a [B] tensor as a [B] tensor of `dtype` on `device`; anything else is an error."""
     if isinstance(v, numbers.Number):
         return torch.full((batch,), float(v), dtype=dtype, device=device)
     if not isinstance(v, torch.Tensor):
@@ -59,6 +59,13 @@ def _as_list(x, name: str) -> list[torch.Tensor]:
     if not all(isinstance(v, torch.Tensor) for v in x):
         raise TypeError(f"{name}: expected a tensor or a sequence of tensors")
     return x
+
+
+def check_rcgm_scalars(delta_t, clamp, barron_c) -> None:
+    """delta_t > 0, clamp >= 0 (inf disables it), barron_c > 0; anything else is an error naming the value."""
+    for name, v, ok in (("delta_t", delta_t, "> 0"), ("clamp", clamp, ">= 0"), ("barron_c", barron_c, "> 0")):
+        if not isinstance(v, numbers.Real) or not (v > 0 or (ok == ">= 0" and v == 0)):
+            raise ValueError(f"rcgm: {name} must be a number {ok}, got {v!r}")
 
 
 def check_ema_args(ema, params, decay) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
@@ -152,6 +159,7 @@ def rcgm_target_reference(F, acc, E, t, tt, *, delta_t, clamp, rcgm_mask=None) -
 
     Rows where `rcgm_mask` is False (adversarial rows) get `T = E` exactly. `acc=None` means no rollout (zeros).
     """
+    check_rcgm_scalars(delta_t, clamp, 1.0)
     B = F.shape[0]
     cd = compute_dtype(F, acc, E, *(v for v in (t, tt) if isinstance(v, torch.Tensor)))
     t, tt = (per_sample(v, B, name, device=F.device, dtype=cd) for v, name in ((t, "t"), (tt, "tt")))
@@ -173,6 +181,7 @@ def barron_loss_reference(F, T, sample_weight=None, c=1e-3) -> torch.Tensor:
 
     Differentiable w.r.t. F through autograd (T, w and sample_weight are constants). Returns [B] in the compute dtype.
     """
+    check_rcgm_scalars(1.0, 0.0, c)
     cd = compute_dtype(F, T)
     B = F.shape[0]
     m = (F.to(cd) - T.detach().to(cd)).square().reshape(B, -1).mean(1)

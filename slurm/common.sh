@@ -14,7 +14,7 @@
 #   FEWSTEP_ROOT    the fewstep checkout; default: the directory sbatch was run from ($SLURM_SUBMIT_DIR)
 #   FEWSTEP_PYTHON  the Python interpreter; default: python
 #   FEWSTEP_CPU=1   CPU test mode: gloo instead of NCCL (DS_ACCELERATOR=cpu), job steps get no GPU GRES
-#                   (srun --gres=none), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK. The same sbatch scripts run unchanged.
+#                   (srun --gpus-per-node=0), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK. The same sbatch scripts run unchanged.
 
 # ==== EDIT: software environment (runs in the batch shell; the tasks inherit it) =================================
 # module load cuda/12.4
@@ -67,7 +67,10 @@ fewstep_setup() {
     if [ "${FEWSTEP_CPU:-0}" = 1 ]; then
         export DS_ACCELERATOR=cpu                    # DeepSpeed's CPU accelerator: gloo, no CUDA
         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"
-        FEWSTEP_GRES_OPT=(--gres=none)               # the step gets no GPUs even if the job was given some
+        FEWSTEP_GRES_OPT=()
+        if [ "${SLURM_GPUS_ON_NODE:-0}" != 0 ]; then
+            FEWSTEP_GRES_OPT=(--gpus-per-node=0)     # the job has GPUs: the step gets none (22.05 rejects --gres=none)
+        fi
     else
         FEWSTEP_GRES_OPT=()
         # One task per GPU; each task sees all GPUs of its node and the trainer picks cuda:$LOCAL_RANK.

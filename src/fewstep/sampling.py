@@ -57,3 +57,42 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 def grid(images: list[Image.Image]) -> np.ndarray:
     """Images side by side as one HWC uint8 array (for TensorBoard)."""
     return np.concatenate([np.asarray(im) for im in images], axis=1)
+
+
+def run_info(directory: str) -> dict:
+    """The `fewstep_run.json` the trainer writes beside each export (config, trained sigmas, phase)."""
+    import json
+    import os
+
+    path = os.path.join(directory, "fewstep_run.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} has no fewstep_run.json: is it a fewstep output directory?")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str, fast_dir: str, slow: Sequence[float],
+                           fast: Sequence[float], *, num_inference_steps: int | None = None, **call_kwargs):
+    """Glance inference with ONE stock diffusers pipeline: Slow LoRA for its sigmas, then Fast from where Slow stopped.
+
+    The schedule is exactly slow + fast (+ the terminal 0 the pipeline appends); the Slow phase ends at the first Fast
+    sigma instead of denoising to 0, and the scheduler must not shift custom sigmas (the caller's pipeline uses a
+    FlowMatchEulerDiscreteScheduler without dynamic shifting). The active adapter switches after the last Slow step.
+    """
+    from fewstep.methods.glance import glance_schedule
+
+    sigmas, boundary = glance_schedule(slow, fast)
+    steps = len(sigmas) - 1
+    if num_inference_steps is not None and num_inference_steps != steps:
+        raise ValueError(f"num_inference_steps={num_inference_steps} must equal the Slow+Fast list length ({steps})")
+    pipe.load_lora_weights(slow_dir, adapter_name="slow")
+    pipe.load_lora_weights(fast_dir, adapter_name="fast")
+    pipe.set_adapters("slow")
+
+    def switch(p, i, t, kwargs):
+        if i == boundary - 1:
+            p.set_adapters("fast")
+        return kwargs
+
+    return pipe(**prompt_kwargs, sigmas=sigmas[:-1], num_inference_steps=steps, callback_on_step_end=switch,
+                **call_kwargs)

@@ -78,6 +78,9 @@ def train(cfg: Config) -> dict:
 
     comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=torch.float32, with_text=False, with_vae=is_main)
     transformer = comps.transformer
+    if method == "twinflow" and not hasattr(transformer, "time_text_embed"):
+        raise ValueError(f"TwinFlow needs a transformer with a `time_text_embed` to carry the timestep-sign and "
+                         f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
     trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
     n_trainable = count_params(trainable)
     engine, optimizer, scheduler = build_engine(cfg, transformer, trainable)
@@ -134,6 +137,7 @@ def train(cfg: Config) -> dict:
             continue
         if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
             reset_trainable(engine, initial_weights, scheduler, initial_sched)
+        ctx["start_micro"] = step * cfg.gradient_accumulation_steps
         step_fn = make_step(method, phase, ctx)
         while step < phase_end:
             losses = {}
@@ -172,7 +176,8 @@ def train(cfg: Config) -> dict:
         else:
             export_full(transformer, os.path.join(out, "transformer"), is_main)
         if is_main:
-            write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step})
+            write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,
+                                      "resolution": resolution})
         _log(is_main, f"{phase.name}: exported to {out}")
         phase_start = phase_end
     if step == total and (not os.path.exists(os.path.join(ckpt_root, f"step-{step}"))):

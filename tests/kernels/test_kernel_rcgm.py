@@ -204,8 +204,13 @@ def test_bad_inputs_are_rejected():
         rcgm_target_loss(F, None, F, t, t, delta_t=DELTA, clamp=1.0, cond=F, backend="triton")
     with pytest.raises(ValueError, match=r"tt: expected shape \[3\]"):
         rcgm_target_loss(F, None, F, t, t[:2], delta_t=DELTA, clamp=1.0, backend="triton")
-    with pytest.raises(ValueError, match="delta_t must be > 0"):
+    with pytest.raises(ValueError, match="delta_t must be a number > 0, got 0.0"):
         rcgm_target_loss(F, None, F, t, t, delta_t=0.0, clamp=1.0, backend="triton")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="clamp must be a number >= 0, got None"):
+            rcgm_target_loss(F, None, F, t, t, delta_t=DELTA, clamp=None, backend=backend)
+        with pytest.raises(ValueError, match="barron_c must be a number > 0, got 0.0"):
+            rcgm_target_loss(F, None, F, t, t, delta_t=DELTA, clamp=1.0, barron_c=0.0, backend=backend)
     with pytest.raises(ValueError, match="x must be contiguous"):
         rcgm_substep_(torch.randn(4, 3, device=DEVICE).t(), F.clone(), F, t, t, backend="triton")
     with pytest.raises(ValueError, match="acc has shape"):

@@ -98,7 +98,8 @@ def test_frozen_teacher_uses_student_for_rollout_and_teacher_for_cfg():
     x0, cond, uncond = batch(8)
     twinflow_loss(student, teacher, x0, cond, uncond, groups=assign_groups(8, 0), **{**KW, "frozen_teacher": True})
     assert len(teacher.calls) == 2
-    # student: 1 grad pass + 2 rollout + 1 fake-sample pass (adv rows) + 2 rectify passes (e2e rows), all but one no-grad
+    # student: 1 grad pass + 2 rollout + 1 fake-sample pass (adv rows) + 2 rectify passes (e2e rows);
+    # all but the first are no-grad
     assert len(student.calls) == 6 and [c[0] for c in student.calls].count(True) == 1
 
 

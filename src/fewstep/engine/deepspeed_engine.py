@@ -63,7 +63,10 @@ def build_ds_config(cfg) -> dict:
     zero = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if cfg.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5,
+        # With an EMA teacher every parameter must be re-gathered from its shard at each forward, so that swapping
+        # the EMA into the shards reaches all of them: no "persistent" small parameters then.
+        zero.update(stage3_prefetch_bucket_size=5e7,
+                    stage3_param_persistence_threshold=0 if cfg.use_ema else 1e5,
                     stage3_gather_16bit_weights_on_model_save=False)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}

@@ -71,7 +71,9 @@ def flow_to_diffusion_input(x_flow: torch.Tensor, sigma: torch.Tensor) -> torch.
 
 def diffusion_output_to_flow(output: torch.Tensor, x_diff: torch.Tensor, sigma: torch.Tensor,
                              prediction_type: str) -> torch.Tensor:
-    """Flow velocity F = eps_hat - x0_hat from an epsilon / v prediction at diffusion input x_diff, in fp32 (fp64 in)."""
+    """Flow velocity F = eps_hat - x0_hat from an epsilon / v prediction at diffusion input x_diff.
+
+    Computed in fp32 (fp64 for fp64 inputs); `sigma` [B] is the flow sigma of each row."""
     kind = PREDICTION_TYPES.get(prediction_type)
     if kind is None:
         raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")

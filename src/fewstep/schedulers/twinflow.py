@@ -106,7 +106,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         if not 0.0 <= stochastic_ratio <= 1.0:
             raise ValueError(f"TwinFlowScheduler: stochastic_ratio={stochastic_ratio}, expected a value in [0, 1]")
         if len(kumaraswamy) != 3 or min(kumaraswamy) <= 0:
-            raise ValueError(f"TwinFlowScheduler: kumaraswamy={kumaraswamy!r}, expected three positive numbers (a, b, c)")
+            raise ValueError(f"TwinFlowScheduler: kumaraswamy={kumaraswamy!r}, expected three positive numbers "
+                             "(a, b, c)")
         if shift <= 0:
             raise ValueError(f"TwinFlowScheduler: shift={shift}, expected > 0")
         self.init_noise_sigma = 1.0

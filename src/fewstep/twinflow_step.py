@@ -1,0 +1,77 @@
+"""TwinFlow wiring: turn the engine and model adapter into the `student` / `teacher` callables of
+`fewstep.methods.twinflow.twinflow_loss`.
+
+The EMA teacher is this rank's fp32 EMA partition swapped into the model (`weights_swapped_in`): no second copy of the
+model exists and nothing goes to the CPU. The swap is entered lazily at the first teacher call and left before the
+next student call (and before backward), so every pass sees the right weights whatever order the method uses.
+"""
+from __future__ import annotations
+
+import torch
+
+from fewstep.engine.deepspeed_engine import weights_swapped_in
+from fewstep.methods.twinflow import assign_groups, twinflow_loss
+from fewstep.steps import next_batch, velocity_fn
+
+
+class TeacherWeights:
+    """Tracks whether the EMA weights are swapped into the model; `use(True/False)` switches lazily."""
+
+    def __init__(self, engine, ema):
+        self.engine, self.ema, self._ctx = engine, ema, None
+
+    def use(self, teacher: bool) -> None:
+        if teacher and self._ctx is None:
+            self._ctx = weights_swapped_in(self.engine, self.ema.shadow)
+            self._ctx.__enter__()
+        elif not teacher and self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
+
+
+def any_step_model(velocity) -> callable:
+    """model(x, t, tt, cond) with signed times -> velocity(x, |t|, cond, tt=|tt|, sign=sign(t))."""
+    def model(x, t, tt, cond):
+        sign = torch.where(t < 0, -1.0, 1.0).to(t.device)
+        return velocity(x, t.abs().float(), cond, tt=tt.abs().float(), sign=sign)
+    return model
+
+
+def make_twinflow_step(ctx):
+    cfg, engine, ema = ctx["cfg"], ctx["engine"], ctx["ema"]
+    model = any_step_model(velocity_fn(ctx))
+    use_ema_teacher = ema is not None and 0.0 < cfg.ema_decay
+    weights = TeacherWeights(engine, ema) if use_ema_teacher else None
+    counter = {"micro": ctx.get("start_micro", 0)}  # resumes the group cycle exactly
+
+    def student(x, t, tt, cond):
+        if weights is not None:
+            weights.use(False)
+        return model(x, t, tt, cond)
+
+    def teacher(x, t, tt, cond):
+        if weights is not None:
+            weights.use(True)
+        return model(x, t, tt, cond)
+
+    def step(micro: int):
+        x0, cond, uncond = next_batch(ctx)
+        # Groups cycle over *all* micro-steps so batch sizes < 4 still see e2e/mul/any/adv rows in turn.
+        groups = assign_groups(x0.shape[0], counter["micro"], adversarial=cfg.twinflow_adversarial_enabled)
+        counter["micro"] += 1
+        update = ema.update if (ema is not None and micro == 0) else None  # once per optimizer step
+        try:
+            loss, logs = twinflow_loss(
+                student, teacher if weights is not None else student, x0, cond, uncond,
+                groups=groups, order=cfg.twinflow_estimate_order, delta_t=cfg.twinflow_delta_t,
+                clamp=cfg.twinflow_target_clamp, enhanced_ratio=cfg.twinflow_enhanced_ratio,
+                enhanced_range=tuple(cfg.twinflow_enhanced_range), adversarial=cfg.twinflow_adversarial_enabled,
+                adversarial_weight=cfg.twinflow_adversarial_weight, rectify_weight=cfg.twinflow_rectify_weight,
+                frozen_teacher=(ema is not None and cfg.ema_decay >= 1.0), ema_update=update,
+                backend=ctx["backend"])
+        finally:
+            if weights is not None:
+                weights.use(False)  # the live weights are back before backward
+        return loss, {k: v for k, v in logs.items() if k != "loss"}
+
+    return step
