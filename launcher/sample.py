@@ -49,7 +49,11 @@ def main(argv):
     if os.path.isdir(full_dir):  # a full fine-tune
         comps.transformer = adapter.transformer_cls.from_pretrained(full_dir)
     pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
-    prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]))
+    # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
+    # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
+    prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]),
+                                                   guidance=cfg.get("flux_guidance_value"))
+    prompt_kwargs.setdefault("guidance_scale", 0.0)
     res = args.resolution or info.get("resolution") or 32
     gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
     outputs = []
@@ -73,7 +77,7 @@ def main(argv):
                 pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching",
                                                    shift=1.0)
                 with anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0):
-                    img = pipe(**prompt_kwargs, guidance_scale=0.0, num_inference_steps=n, height=res, width=res,
+                    img = pipe(**prompt_kwargs, num_inference_steps=n, height=res, width=res,
                                generator=gen()).images[0]
             else:
                 img = pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, height=res, width=res,

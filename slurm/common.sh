@@ -130,8 +130,19 @@ fewstep_launch() {
         echo "fewstep-slurm: job step finished with exit code $rc" >&2
         return "$rc"
     fi
-    # Preempted (USR1 from --signal=B:USR1@..., or TERM): the tasks have checkpointed (rc 0) or died; either way
-    # the requeued run resumes from the newest complete checkpoint.
+    # A signal while the job is still RUNNING (USR1 from --signal=B:USR1@..., or `scancel --signal=...`): the tasks
+    # have checkpointed (rc 0) or died; either way the requeued run resumes from the newest complete checkpoint.
+    # If Slurm itself is ending the job (scancel, time limit, preemption: TERM, then KILL after KillWait) its state
+    # is already COMPLETING and `scontrol requeue` would still succeed, turning every scancel into a restart: leave
+    # it ended (a preempted --requeue job is requeued by Slurm itself under PreemptMode=REQUEUE).
+    local info="" state=""
+    info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || true
+    [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]}
+    if [ "$state" != RUNNING ]; then
+        echo "fewstep-slurm: SIG$FEWSTEP_SIGNAL while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
+             "timed out or preempted); not requeueing; job step exit code $rc" >&2
+        return "$rc"
+    fi
     echo "fewstep-slurm: job step exited with code $rc after SIG$FEWSTEP_SIGNAL; requeueing job $SLURM_JOB_ID" >&2
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0    # slurmctld ends this run now; the job goes back to PENDING with the same id

@@ -16,7 +16,15 @@ def test_zero2_zero3_lora_and_full_on_two_ranks(tmp_path):
     runs = [["z2-lora", {"zero_stage": 2}], ["z3-lora", {"zero_stage": 3}],
             ["z2-full", {"zero_stage": 2, "model_type": "full", "learning_rate": 1e-4, "use_ema": True}],
             ["z3-full-bf16", {"zero_stage": 3, "model_type": "full", "learning_rate": 1e-4, "mixed_precision": "bf16",
-                              "use_ema": True, "gradient_accumulation_steps": 2}]]
+                              "use_ema": True, "gradient_accumulation_steps": 2}],
+            ["z2-twinflow-lora", {"zero_stage": 2, "twinflow_enabled": True, "use_ema": True, "ema_decay": 0.99,
+                                  "twinflow_adversarial_enabled": True, "max_train_steps": 2, "checkpointing_steps": 2}],
+            ["z3-twinflow-full", {"zero_stage": 3, "model_type": "full", "twinflow_enabled": True, "use_ema": True,
+                                  "ema_decay": 0.99, "twinflow_adversarial_enabled": True, "learning_rate": 1e-4,
+                                  "mixed_precision": "bf16", "max_train_steps": 2, "checkpointing_steps": 2}],
+            ["z2-glance-rr", {"zero_stage": 2, "method": "glance", "glance_slow_timesteps": "0.9,0.8,0.7",
+                              "glance_fast_timesteps": "0.5,0.3,0.1", "flow_timesteps_mode": "round-robin",
+                              "max_train_steps": 2, "checkpointing_steps": 2}]]
     run(["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "tests/engine/distributed_worker.py", cfg,
          json.dumps(runs)], timeout=900)
     out = tmp_path / "out"
@@ -36,6 +44,21 @@ def test_zero2_zero3_lora_and_full_on_two_ranks(tmp_path):
         assert sorted(ranks) == ["rank0.pt", "rank1.pt"]  # each rank saved its EMA partition and RNG
 
 
+    for name in ("z2-twinflow-lora", "z3-twinflow-full"):
+        m = read_metrics(out / name)
+        assert len(m) == 2 and all(k in m[0] for k in ("l_base", "l_adv", "l_rectify"))
+    assert (out / "z2-twinflow-lora" / "anystep_embeddings.safetensors").exists()
+    assert (out / "z3-twinflow-full" / "transformer" / "anystep_embeddings.safetensors").exists()
+    # round-robin over the global batch (2 ranks x batch 1): each step consumes two list entries in order, so the
+    # cursor saved with the final checkpoint (step 4 = 2 Slow + 2 Fast steps) is (2 steps * 2) mod 3 = 1 on every rank
+    for r in (0, 1):
+        state = torch.load(out / "z2-glance-rr" / "checkpoints" / "step-4" / f"rank{r}.pt", weights_only=False)
+        assert [s["cursor"] for s in state["samplers"]] == [1, 1]
+    sig = [m["sigma_mean"] for m in read_metrics(out / "z2-glance-rr")]
+    # rank 0 logs its own sigma: positions 0, 2 of the Slow list, then 0, 2 of Fast
+    assert len(sig) == 4 and max(abs(a - b) for a, b in zip(sig, [0.9, 0.7, 0.5, 0.1])) < 1e-6
+
+
 def test_deepspeed_launcher_zero3_lora(tmp_path):
     backend = write_dataset(str(tmp_path), n=2)
     cfg = write_config(str(tmp_path), backend, max_train_steps=2, train_batch_size=1)
@@ -48,3 +71,10 @@ def test_deepspeed_launcher_zero3_lora(tmp_path):
     pipe = adapter.build_pipeline(adapter.load("tiny:flux"))
     pipe.load_lora_weights(str(out))  # stock diffusers loads what ZeRO-3 trained
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+def test_ema_weights_swap_into_every_zero_stage():
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", "29613", "tests/engine/swap_worker.py"],
+               timeout=600)
+    assert proc.stdout.count("ALL SWAPS OK") == 2
+    assert proc.stdout.count("swap ok:") == 7

@@ -25,7 +25,8 @@ HOSTS = Path("/etc/hosts")
 
 
 def why_unavailable():
-    """Return None if a cluster can be started here (installing the Debian packages if needed), else the reason."""
+    """None if a cluster can be started here, installing the Debian packages first if needed; else why not (not
+    root, or Slurm missing and no apt-get). A failing apt-get raises: that is a broken machine, not a skip."""
     if os.geteuid() != 0:
         return "local Slurm cluster tests need root (they start munged, slurmctld and slurmd)"
     if all(Path(b).exists() for b in BINARIES):
@@ -36,9 +37,11 @@ def why_unavailable():
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
-            return f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[-500:]}"
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[-1000:]}")
     missing = [b for b in BINARIES if not Path(b).exists()]
-    return f"installed {PACKAGES} but {missing} are still missing" if missing else None
+    if missing:
+        raise RuntimeError(f"installed {PACKAGES} but {missing} are still missing")
+    return None
 
 
 def _free_ports(n):
@@ -77,12 +80,13 @@ def _stop_pids(pids, timeout=10.0):
 
 
 def _alive(pid):
-    # Daemons started here are not our children (they double-fork), so there is no zombie to reap: kill -0 suffices.
+    """True while `pid` runs. Daemons double-fork, so they are not our children to reap; a zombie counts as gone
+    (an init that does not reap, as in some containers, leaves exited daemons as zombies)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
+    return stat[stat.rindex(")") + 2] != "Z"  # the state letter follows the parenthesised command name
 
 
 def parse_show(text):
@@ -198,16 +202,48 @@ class LocalSlurm:
                 time.sleep(0.05)
         raise RuntimeError(f"daemon did not write its PID file {path}")
 
-    def stop(self):
-        """Stop the daemons this object started (slurmds, slurmctld, then munged), by PID; restore /etc/hosts."""
+    def stop(self, drain_timeout=45.0):
+        """Cancel leftover jobs, stop the daemons this object started (slurmds, slurmctld, then munged) by PID,
+        end any process still tied to this cluster, and restore /etc/hosts."""
         try:
-            daemons = [p for p in self._pids[::-1]]
-            _stop_pids(daemons)
+            if self._pids:
+                self._drain(drain_timeout)
+            _stop_pids(self._pids[::-1])
             self._pids = []
+            _stop_pids(self._stragglers())
         finally:
             if self._hosts_backup is not None:
                 HOSTS.write_text(self._hosts_backup)
                 self._hosts_backup = None
+
+    def _drain(self, timeout):
+        """scancel every job of this (private) cluster and wait until squeue is empty, so no slurmstepd is orphaned
+        by stopping its slurmd first (orphans keep retrying a slurmctld that is gone)."""
+        ids = self.cmd("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if not ids:
+            return
+        self.cmd("scancel", *ids, check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.cmd("squeue", "-h", "-o", "%i", check=False)
+            if r.returncode == 0 and not r.stdout.strip():
+                return
+            time.sleep(0.2)
+
+    def _stragglers(self):
+        """PIDs of processes started through this cluster (slurmstepd, job tasks) that are still alive: they carry
+        SLURM_CONF=<this cluster's slurm.conf> in their environment, which no other process can have."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                if marker in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:  # gone, or not ours to read
+                pass
+        return pids
 
     def __enter__(self):
         return self.start()
@@ -217,8 +253,12 @@ class LocalSlurm:
 
     # ---- client helpers ------------------------------------------------------------------------------------------
     def cmd(self, *args, check=True, env=None, cwd=None):
-        """Run a Slurm client command against this cluster; return the CompletedProcess (text)."""
-        r = subprocess.run(list(args), env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True)
+        """Run a Slurm client command against this cluster; return the CompletedProcess (text).
+
+        `env` entries are added to the environment (jobs inherit it); a value of None removes that variable.
+        """
+        full = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}
+        r = subprocess.run(list(args), env=full, cwd=cwd, capture_output=True, text=True)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, args))} failed (rc {r.returncode}): {r.stderr.strip()}")
         return r
@@ -229,7 +269,7 @@ class LocalSlurm:
         return int(r.stdout.strip().split(";")[0])
 
     def job(self, jobid):
-        """`scontrol show job -o` as a dict (JobState, ExitCode, RestartCnt, NodeList, ...)."""
+        """`scontrol show job -o` as a dict (JobState, ExitCode, Restarts, NodeList, ...)."""
         return parse_show(self.cmd("scontrol", "show", "job", "-o", str(jobid)).stdout)
 
     def wait(self, jobid, until, timeout, poll=0.1):

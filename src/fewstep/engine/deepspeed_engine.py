@@ -146,69 +146,78 @@ def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter
 # This rank's fp32 master partition, and swapping other weights (the EMA) into the model for teacher passes.
 # ---------------------------------------------------------------------------------------------------------------
 
-def master_partitions(engine) -> list[torch.Tensor]:
-    """The fp32 master weights this rank owns: a flat partition per param group under ZeRO (or the BF16 optimizer),
-    the parameters themselves for stage 0 in fp32."""
-    opt = engine.optimizer
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+def _layout(opt):
+    """(fp32 masters, low-precision copies the model computes with or None, sync) for DeepSpeed's optimizer wrappers.
+
+    - ZeRO-3: flat fp32 partition per group; the model's shards are views of `fp16_partitioned_groups_flat`.
+    - ZeRO-1/2 and the BF16 optimizer: flat fp32 partition per group; `update_lp_params` re-gathers the model weights.
+    - stage 0 with bf16/fp16 (FP16 optimizers): fp32 copies per parameter (or flat), model weights in `fp16_groups`.
+    - stage 0 fp32: the parameters are their own masters.
+    """
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return list(opt.fp32_partitioned_groups_flat), list(opt.fp16_partitioned_groups_flat), None
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
         if hasattr(opt, name):
-            return list(getattr(opt, name))
-    return [p for g in opt.param_groups for p in g["params"]]
+            return list(getattr(opt, name)), None, opt.update_lp_params
+    if hasattr(opt, "fp32_groups_flat") and hasattr(opt, "fp16_groups_flat"):
+        return list(opt.fp32_groups_flat), list(opt.fp16_groups_flat), None
+    if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+        return [p for g in opt.fp32_groups for p in g], [p for g in opt.fp16_groups for p in g], None
+    return [p for g in opt.param_groups for p in g["params"]], None, None
+
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """The fp32 master weights this rank owns (what the EMA tracks), in the optimizer's own layout."""
+    return _layout(engine.optimizer)[0]
 
 
 @contextlib.contextmanager
 def weights_swapped_in(engine, replacement: list[torch.Tensor]):
     """Run the model with `replacement` (same layout as `master_partitions`) as its trained weights, then restore.
 
-    No full-model copy is made: ZeRO-3 writes this rank's shard of the low-precision flat buffer; ZeRO-1/2 and the
-    BF16 optimizer swap the fp32 partition's storage and re-gather the low-precision weights (DeepSpeed's own
-    `update_lp_params`); plain fp32 swaps parameter storage. Call it before the student forward of a step (no graph
-    alive), which is where fewstep runs teacher passes.
+    No full-model copy is made and nothing moves to the CPU: where the model computes with low-precision copies (ZeRO-3
+    shards, stage-0 bf16), the replacement is written into them and the masters written back afterwards (bit-exact:
+    DeepSpeed derives those copies from the masters the same way after every step); ZeRO-1/2 swap the fp32
+    partition's storage and re-gather the model weights with DeepSpeed's own `update_lp_params`; plain fp32 swaps
+    parameter storage. Autograd graphs built before the swap stay valid as long as backward runs after it.
     """
-    opt = engine.optimizer
-    masters = master_partitions(engine)
-    if hasattr(opt, "fp16_partitioned_groups_flat"):  # ZeRO-3
-        for lp, new in zip(opt.fp16_partitioned_groups_flat, replacement):
-            lp.data.copy_(new.to(lp.device, lp.dtype))
+    masters, lowp, sync = _layout(engine.optimizer)
+    if lowp is not None:
+        with torch.no_grad():
+            for lp, new in zip(lowp, replacement):
+                lp.data.copy_(new.to(lp.device, lp.dtype))
         try:
             yield
         finally:
-            for lp, master in zip(opt.fp16_partitioned_groups_flat, masters):
-                lp.data.copy_(master.to(lp.device, lp.dtype))
-    elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, BF16 optimizer
-        saved = [m.data for m in masters]
-        for m, new in zip(masters, replacement):
-            m.data = new
-        opt.update_lp_params()
-        try:
-            yield
-        finally:
-            for m, old in zip(masters, saved):
-                m.data = old
-            opt.update_lp_params()
-    else:  # stage 0, fp32: the parameters are the masters
-        saved = [m.data for m in masters]
-        for m, new in zip(masters, replacement):
-            m.data = new
-        try:
-            yield
-        finally:
-            for m, old in zip(masters, saved):
-                m.data = old
+            with torch.no_grad():
+                for lp, master in zip(lowp, masters):
+                    lp.data.copy_(master.to(lp.device, lp.dtype))
+        return
+    saved = [m.data for m in masters]
+    for m, new in zip(masters, replacement):
+        m.data = new
+    if sync is not None:
+        sync()
+    try:
+        yield
+    finally:
+        for m, old in zip(masters, saved):
+            m.data = old
+        if sync is not None:
+            sync()
 
 
 @torch.no_grad()
 def load_master(engine, tensors: list[torch.Tensor]) -> None:
-    """Overwrite this rank's fp32 master partition and propagate it to the model's low-precision weights."""
-    masters = master_partitions(engine)
+    """Overwrite this rank's fp32 masters and propagate them to the weights the model computes with."""
+    masters, lowp, sync = _layout(engine.optimizer)
     for m, t in zip(masters, tensors):
         m.copy_(t)
-    opt = engine.optimizer
-    if hasattr(opt, "fp16_partitioned_groups_flat"):
-        for lp, m in zip(opt.fp16_partitioned_groups_flat, masters):
+    if lowp is not None:
+        for lp, m in zip(lowp, masters):
             lp.data.copy_(m.to(lp.device, lp.dtype))
-    elif hasattr(opt, "update_lp_params"):
-        opt.update_lp_params()
+    elif sync is not None:
+        sync()
 
 
 def reset_optimizer_state(engine) -> None:

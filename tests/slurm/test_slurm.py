@@ -1,0 +1,231 @@
+"""slurm/*.sbatch on a real local Slurm 22.05 cluster (two fake nodes), in CPU test mode, with the real trainer.
+
+Order matters for speed, not correctness: the fast launch-logic tests run first; the `trainer_jobs` fixture then
+submits every trainer job at once (Glance on one node, a reference TwinFlow run and a TwinFlow run that gets
+preempted on both nodes, and a sampling job that waits for the reference run), and the preemption test runs first
+among them so that it can signal its job while that is still training.
+"""
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SLURM = REPO / "slurm"
+TWINFLOW_STEPS = 16      # enough optimizer steps (~1 s each here) that USR1 after step 3 lands mid-run
+JOB_TIMEOUT = 420        # seconds; a 2-core CI machine shared with other work can be slow
+BOTH_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
+
+
+def _read_metrics(out_dir):
+    path = Path(out_dir) / "logs" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _log(workdir, job):
+    """The job's %x-%j.out (all runs of a requeued job are appended to it), progress-bar redraws split into lines."""
+    path = Path(workdir) / f"{job['JobName']}-{job['JobId']}.out"
+    return path.read_text(errors="replace").replace("\r", "\n") if path.exists() else f"<no {path}>"
+
+
+def _assert_ok(cluster, jobid, workdir, timeout=JOB_TIMEOUT):
+    job = cluster.wait_finished(jobid, timeout)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n--- job log ---\n{_log(workdir, job)}"
+    return job
+
+
+def _env(**extra):
+    """The job environment: this checkout and interpreter; the job script alone decides DS_ACCELERATOR and threads."""
+    return {"FEWSTEP_ROOT": str(REPO), "FEWSTEP_PYTHON": sys.executable, "FEWSTEP_CPU": None,
+            "DS_ACCELERATOR": None, "OMP_NUM_THREADS": None, **extra}
+
+
+# ---- static checks -------------------------------------------------------------------------------------------------
+def test_shellcheck_clean():
+    """`shellcheck -S warning slurm/*` (and following `source` into common.sh) reports nothing."""
+    if shutil.which("shellcheck") is None:
+        from cluster import why_unavailable  # installs shellcheck with the Slurm packages when root + apt
+        reason = why_unavailable()
+        if reason is not None or shutil.which("shellcheck") is None:
+            pytest.skip(f"shellcheck not installed ({reason})")
+    scripts = sorted(str(p.relative_to(REPO)) for p in SLURM.iterdir())
+    assert {"slurm/common.sh", "slurm/glance.sbatch", "slurm/twinflow.sbatch", "slurm/sample.sbatch"} <= set(scripts)
+    r = subprocess.run(["shellcheck", "-x", "-S", "warning", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---- launch logic, with a stand-in for the interpreter -------------------------------------------------------------
+PROBE = """#!/bin/bash
+# Stands in for the Python interpreter: records each task's launch environment into the --output_dir it is given.
+out=""
+while [ $# -gt 0 ]; do [ "$1" = --output_dir ] && out=$2; shift; done
+mkdir -p "$out"
+env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env"
+"""
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe-python"
+    path.write_text(PROBE)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _task_envs(out_dir):
+    envs = {}
+    for f in Path(out_dir).glob("rank-*.env"):
+        env = dict(line.split("=", 1) for line in f.read_text().splitlines())
+        envs[int(env["RANK"])] = env
+    return envs
+
+
+@pytest.mark.parametrize("cpu_mode", [False, True], ids=["gpu-mode", "cpu-mode"])
+def test_one_task_per_gpu_rank_layout(slurm_cluster, tmp_path, probe, cpu_mode):
+    """2 nodes x 2 (fake) GPUs: ranks 0-3 in node order, LOCAL_RANK per node, rendezvous at the first node.
+
+    GPU mode: every task sees all GPUs of its node (the trainer picks cuda:LOCAL_RANK). CPU mode: the step gets no GPU
+    GRES although the job has some, and DeepSpeed is told to use its CPU accelerator.
+    """
+    out = tmp_path / "out"
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), **({"FEWSTEP_CPU": "1"} if cpu_mode else {}))
+    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=["--nodes=2", "--ntasks-per-node=2",
+                                 "--gpus-per-node=2", "--cpus-per-task=1"], env=env, cwd=tmp_path)
+    job = _assert_ok(slurm_cluster, jobid, tmp_path, timeout=60)
+    envs = _task_envs(out)
+    assert sorted(envs) == [0, 1, 2, 3], _log(tmp_path, job)
+    for rank, e in envs.items():
+        assert e["WORLD_SIZE"] == "4" and e["MASTER_ADDR"] == "n1"
+        assert e["MASTER_PORT"] == str(20000 + jobid % 20000)
+        assert e["SLURMD_NODENAME"] == ("n1" if rank < 2 else "n2")
+        assert e["LOCAL_RANK"] == str(rank % 2)
+        if cpu_mode:
+            assert "CUDA_VISIBLE_DEVICES" not in e
+            assert e["DS_ACCELERATOR"] == "cpu" and e["OMP_NUM_THREADS"] == "1"
+        else:
+            assert e["CUDA_VISIBLE_DEVICES"] == "0,1"
+            assert "DS_ACCELERATOR" not in e
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--gpus-per-node=0"], "no GPUs in this job"),
+    (["--gpus-per-node=2", "--ntasks-per-node=1"], "expected one task per GPU"),
+], ids=["no-gpus", "tasks-ne-gpus"])
+def test_gpu_mode_rejects_bad_allocation(slurm_cluster, tmp_path, probe, options, message):
+    """Without FEWSTEP_CPU=1 the script refuses an allocation that is not one task per GPU, naming the problem."""
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(tmp_path / "out"))
+    jobid = slurm_cluster.sbatch(SLURM / "glance.sbatch", options=["--cpus-per-task=1", *options], env=env,
+                                 cwd=tmp_path)
+    job = slurm_cluster.wait_finished(jobid, 60)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", job
+    assert message in _log(tmp_path, job)
+    assert not (tmp_path / "out").exists()  # nothing was launched
+
+
+# ---- the real trainer ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trainer_jobs(slurm_cluster, tmp_path_factory):
+    """Submit every trainer job at once, in CPU test mode, on the tiny demo configs; yield their ids and dirs."""
+    for cfg in ("configs/demo/glance.json", "configs/demo/twinflow.json"):
+        assert (REPO / cfg).exists(), f"{cfg} is missing: the Slurm tests train the tiny demo configs"
+    work = tmp_path_factory.mktemp("slurm-jobs")
+    jobs = {}
+
+    def submit(name, script, options, config, *args):
+        out = work / name
+        env = _env(FEWSTEP_CPU="1", FEWSTEP_OUTPUT_DIR=str(out), **({"FEWSTEP_CONFIG": config} if config else {}))
+        jobs[name] = dict(id=slurm_cluster.sbatch(SLURM / script, *args, options=options, env=env, cwd=work),
+                          out=out, work=work)
+
+    twinflow_args = ("--max_train_steps", str(TWINFLOW_STEPS))
+    submit("preempted", "twinflow.sbatch", BOTH_NODES, "configs/demo/twinflow.json", *twinflow_args)
+    submit("reference", "twinflow.sbatch", BOTH_NODES, "configs/demo/twinflow.json", *twinflow_args)
+    # Glance as a single-node job, submitted the way a CPU-only cluster would take it: no GPUs at all.
+    submit("glance", "glance.sbatch", ["--gpus-per-node=0", "--cpus-per-task=1"], "configs/demo/glance.json")
+    # Sampling from the reference run's LoRA once that run has succeeded.
+    out_png = work / "sample" / "red-circle.png"
+    submit("sample", "sample.sbatch", ["--gpus-per-node=0", "--cpus-per-task=1",
+                                       f"--dependency=afterok:{jobs['reference']['id']}"], None,
+           "--method", "twinflow", "--lora", str(work / "reference"), "--steps", "2",
+           "--prompt", "a red circle", "--output", str(out_png))
+    jobs["sample"]["png"] = out_png
+    yield jobs
+    for j in jobs.values():  # leave nothing running if a test failed early
+        slurm_cluster.cmd("scancel", str(j["id"]), check=False)
+
+
+def test_twinflow_preempt_requeue_resume(slurm_cluster, trainer_jobs):
+    """USR1 to the batch shell mid-run: checkpoint, requeue, resume from latest, same losses as an unbroken run."""
+    c, j = slurm_cluster, trainer_jobs["preempted"]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while len(_read_metrics(j["out"])) < 3:  # let it train a few steps first
+        info = c.job(j["id"])
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{_log(j['work'], info)}"
+        assert time.monotonic() < deadline, "no 3 training steps logged in time"
+        time.sleep(0.1)
+    c.cmd("scancel", "--signal=USR1", "--batch", str(j["id"]))
+    c.wait(j["id"], lambda info: int(info["Restarts"]) >= 1, JOB_TIMEOUT)  # requeued by the job script
+    job = _assert_ok(c, j["id"], j["work"])
+    assert job["Restarts"] == "1" and job["NumNodes"] == "2" and job["NodeList"] == "n[1-2]", job
+
+    log = _log(j["work"], job)
+    preempted = re.findall(r"fewstep: preempted at step (\d+), checkpoint saved", log)
+    resumed = re.findall(r"fewstep: resumed from (\S+) at step (\d+)", log)
+    assert len(preempted) == 1 and len(resumed) == 1, log
+    step = int(preempted[0])
+    assert 3 <= step < TWINFLOW_STEPS, f"preempted at step {step}: not mid-run"
+    assert resumed[0] == (str(j["out"] / "checkpoints" / f"step-{step}"), str(step)), log
+    assert f"requeueing job {j['id']}" in log
+
+    metrics = _read_metrics(j["out"])
+    assert [m["step"] for m in metrics] == list(range(1, TWINFLOW_STEPS + 1))  # each step exactly once
+    reference_job = _assert_ok(c, trainer_jobs["reference"]["id"], trainer_jobs["reference"]["work"])
+    reference = _read_metrics(trainer_jobs["reference"]["out"])
+    assert reference_job["Restarts"] == "0"
+    assert [m["step"] for m in reference] == list(range(1, TWINFLOW_STEPS + 1))
+    # Same config, same 2-rank layout: a resume that restores weights, optimizer, EMA, data order and RNG exactly
+    # reproduces the uninterrupted run's losses bit for bit.
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in reference], (
+        [(m["step"], m["loss"], r["loss"]) for m, r in zip(metrics, reference) if m["loss"] != r["loss"]])
+    assert (j["out"] / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_twinflow_two_nodes(slurm_cluster, trainer_jobs):
+    """The uninterrupted TwinFlow run: 2 tasks on the 2 nodes, all steps logged once, LoRA exported."""
+    j = trainer_jobs["reference"]
+    job = _assert_ok(slurm_cluster, j["id"], j["work"])
+    assert (job["NumNodes"], job["NumTasks"], job["NodeList"], job["Restarts"]) == ("2", "2", "n[1-2]", "0"), job
+    log = _log(j["work"], job)
+    assert "world 2" in log and "2 tasks, master n1:" in log, log
+    assert [m["step"] for m in _read_metrics(j["out"])] == list(range(1, TWINFLOW_STEPS + 1))
+    for name in ("pytorch_lora_weights.safetensors", "anystep_embeddings.safetensors", "fewstep_run.json"):
+        assert (j["out"] / name).is_file(), f"{name} missing in {sorted(os.listdir(j['out']))}"
+
+
+def test_glance_single_node(slurm_cluster, trainer_jobs):
+    """Glance on one node, one task: both phases in one job, Slow and Fast LoRAs exported."""
+    j = trainer_jobs["glance"]
+    job = _assert_ok(slurm_cluster, j["id"], j["work"])
+    assert (job["NumNodes"], job["NumTasks"], job["Restarts"]) == ("1", "1", "0"), job
+    steps_per_phase = json.loads((REPO / "configs/demo/glance.json").read_text())["--max_train_steps"]
+    assert [m["step"] for m in _read_metrics(j["out"])] == list(range(1, 2 * steps_per_phase + 1))
+    for phase in ("glance-slow", "glance-fast"):
+        assert (j["out"] / phase / "pytorch_lora_weights.safetensors").is_file(), sorted(os.listdir(j["out"]))
+
+
+def test_sample_after_training(slurm_cluster, trainer_jobs):
+    """sample.sbatch, started by Slurm once the reference run succeeded, writes the image it was asked for."""
+    j = trainer_jobs["sample"]
+    job = _assert_ok(slurm_cluster, j["id"], j["work"])
+    assert job["Dependency"] in ("(null)", ""), job
+    assert j["png"].is_file() and j["png"].stat().st_size > 0, _log(j["work"], job)
+    assert f"fewstep: wrote {j['png']}" in _log(j["work"], job)

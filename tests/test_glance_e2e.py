@@ -1,0 +1,136 @@
+"""Glance end to end on a tiny Flux: one command trains Slow and Fast, one pipeline samples with the hand-off."""
+import json
+import os
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
+
+from fewstep_testing import PY, read_metrics, run, write_config, write_dataset
+
+SLOW = [1.0, 0.9869786, 0.9732042, 0.9586094, 0.9431188]
+FAST = [0.9266473, 0.8257017, 0.6779868, 0.4411997, 0.0605503]
+
+
+@pytest.fixture(scope="module")
+def glance_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glance")
+    backend = write_dataset(str(root), n=1)
+    cfg = write_config(str(root), backend, method="glance", glance_slow_timesteps=[t * 1000 for t in SLOW],
+                       glance_fast_timesteps=",".join(str(s) for s in FAST), max_train_steps=4, train_batch_size=1,
+                       flow_timesteps_mode="round-robin", validation_steps=0)
+    run([PY, "launcher/train.py", "--config", cfg])
+    return os.path.join(str(root), "out")
+
+
+def test_one_command_trains_both_loras(glance_run):
+    slow, fast = os.path.join(glance_run, "glance-slow"), os.path.join(glance_run, "glance-fast")
+    for d, sig in ((slow, SLOW), (fast, FAST)):
+        info = json.load(open(os.path.join(d, "fewstep_run.json")))
+        assert info["sigmas"] == pytest.approx(sig)
+    a = load_file(os.path.join(slow, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(fast, "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k) and any(b[k].abs().sum() > 0 for k in b if "lora_B" in k)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in read_metrics(glance_run)] == list(range(1, 9))
+    # round-robin: each phase's sigmas walk its list in order (batch 1, one rank): step k uses list[(k-1) % 5]
+    means = [m["sigma_mean"] for m in read_metrics(glance_run)]
+    assert means == pytest.approx(SLOW[:4] + FAST[:4], abs=1e-6)
+
+
+def _pipe(adapter):
+    comps = adapter.load("tiny:flux")
+    return comps, adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+
+
+def test_one_pipeline_equals_hand_written_euler_with_switch(glance_run):
+    from fewstep.models import get_adapter
+    from fewstep.sampling import euler_loop, glance_pipeline_sample
+
+    adapter = get_adapter("flux")
+    comps, pipe = _pipe(adapter)
+    cond = adapter.encode_prompts(comps, ["a red circle"])
+    shape = adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    per_step = []
+
+    out = glance_pipeline_sample(pipe, adapter.pipeline_prompt_kwargs(cond), os.path.join(glance_run, "glance-slow"),
+                                 os.path.join(glance_run, "glance-fast"), SLOW, FAST, output_type="latent",
+                                 **adapter.pipeline_latent_kwargs(comps, noise))
+    got = adapter.latents_from_pipeline(out.images, *shape[-2:])
+    # the schedule the pipeline actually used is exactly the training lists + 0 (no shift, no extra step)
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx(SLOW + FAST + [0.0], abs=1e-6)
+
+    def model(x, s):
+        return adapter.forward(pipe.transformer, x, s, cond)
+
+    def switch(i):
+        pipe.set_adapters("slow" if i < len(SLOW) else "fast")
+        per_step.append(i)
+
+    ref = euler_loop(model, noise, SLOW + FAST, on_step=switch)
+    assert (got - ref).abs().max() < 1e-4
+
+    # each adapter acts only in its own phase: disabling one changes nothing before/after the boundary
+    def run_with(active):
+        def on(i):
+            name = "slow" if i < len(SLOW) else "fast"
+            if name in active:
+                pipe.enable_lora()
+                pipe.set_adapters(name)
+            else:
+                pipe.disable_lora()
+        traj = []
+        euler_loop(lambda x, s: (traj.append(x.clone()), model(x, s))[1], noise, SLOW + FAST, on_step=on)
+        pipe.enable_lora()
+        return traj
+    both, only_slow, only_fast = run_with({"slow", "fast"}), run_with({"slow"}), run_with({"fast"})
+    k = len(SLOW)
+    assert all(torch.equal(a, b) for a, b in zip(both[:k + 1], only_slow[:k + 1]))  # Fast off: Slow phase unchanged
+    assert not torch.equal(both[-1], only_slow[-1])  # ... but the Fast phase changes
+    assert not torch.equal(both[k], only_fast[k])  # Slow off: the hand-off point changes
+
+
+def test_schedule_errors(glance_run):
+    from fewstep.models import get_adapter
+    from fewstep.sampling import glance_pipeline_sample
+
+    adapter = get_adapter("flux")
+    comps, pipe = _pipe(adapter)
+    kw = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, ["x"]))
+    s, f = os.path.join(glance_run, "glance-slow"), os.path.join(glance_run, "glance-fast")
+    with pytest.raises(ValueError, match="must equal the Slow\\+Fast list length"):
+        glance_pipeline_sample(pipe, kw, s, f, SLOW, FAST, num_inference_steps=8)
+    with pytest.raises(ValueError, match="strictly decrease"):
+        glance_pipeline_sample(pipe, kw, s, f, SLOW, [0.99, 0.5])
+
+
+def test_sample_cli_writes_png(glance_run, tmp_path):
+    out = tmp_path / "g.png"
+    run([PY, "launcher/sample.py", "--method", "glance", "--slow", os.path.join(glance_run, "glance-slow"),
+         "--fast", os.path.join(glance_run, "glance-fast"), "--prompt", "a red circle", "--seed", "3",
+         "--output", str(out)])
+    from PIL import Image
+    assert Image.open(out).size == (32, 32)
+
+
+def test_seed_two_pipeline_snippet_runs_against_our_loras(glance_run):
+    """The seed document's snippet (two pipelines, prompt strings), pointed at the tiny model and our LoRAs."""
+    from diffusers import FluxPipeline
+    from fewstep.models.tiny import ensure_tiny_pipeline
+
+    base_model = str(ensure_tiny_pipeline("flux"))
+    slow_sigmas = [t / 1000.0 for t in (1000.0, 986.9786, 973.2042, 958.6094, 943.1188)]
+    fast_sigmas = [t / 1000.0 for t in (926.6473, 825.7017, 677.9868, 441.1997, 60.5503)]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    pipe = FluxPipeline.from_pretrained(base_model, torch_dtype=torch.float32)
+    pipe.load_lora_weights(os.path.join(glance_run, "glance-slow"))
+    latents = pipe(prompt="your prompt", num_inference_steps=len(slow_sigmas), sigmas=slow_sigmas, height=32,
+                   width=32, output_type="latent", generator=generator).images
+    pipe_fast = FluxPipeline.from_pretrained(base_model, torch_dtype=torch.float32)
+    pipe_fast.load_lora_weights(os.path.join(glance_run, "glance-fast"))
+    image = pipe_fast(prompt="your prompt", num_inference_steps=len(fast_sigmas), sigmas=fast_sigmas, height=32,
+                      width=32, latents=latents, guidance_scale=1.0, generator=generator).images[0]
+    assert image.size == (32, 32)
