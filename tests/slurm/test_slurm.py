@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "slurm"
 TWINFLOW_STEPS = 16      # enough optimizer steps (~1 s each here) that USR1 after step 3 lands mid-run
 JOB_TIMEOUT = 420        # seconds; a 2-core CI machine shared with other work can be slow
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
 BOTH_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
 
 
@@ -69,7 +71,12 @@ PROBE = """#!/bin/bash
 out=""
 while [ $# -gt 0 ]; do [ "$1" = --output_dir ] && out=$2; shift; done
 mkdir -p "$out"
-env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env"
+env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
+mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
+# Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then.
+trap 'exit 0' TERM USR1
+sleep "${PROBE_SLEEP:-0}" &
+wait
 """
 
 
@@ -131,6 +138,23 @@ def test_gpu_mode_rejects_bad_allocation(slurm_cluster, tmp_path, probe, options
     assert not (tmp_path / "out").exists()  # nothing was launched
 
 
+def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
+    """`scancel JOB` sends TERM too; the job script forwards it but must not turn the cancel into a requeue."""
+    out = tmp_path / "out"
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120")
+    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while len(_task_envs(out)) < 2:  # both tasks are up
+        assert time.monotonic() < deadline, slurm_cluster.job(jobid)
+        time.sleep(0.1)
+    slurm_cluster.cmd("scancel", str(jobid))
+    job = slurm_cluster.wait_finished(jobid, 60)
+    time.sleep(1)  # a (wrong) requeue from the batch shell would land just after the cancel
+    job = slurm_cluster.job(jobid)
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), f"{job}\n{_log(tmp_path, job)}"
+    assert "not requeueing" in _log(tmp_path, job)
+
+
 # ---- the real trainer ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trainer_jobs(slurm_cluster, tmp_path_factory):
@@ -173,7 +197,9 @@ def test_twinflow_preempt_requeue_resume(slurm_cluster, trainer_jobs):
         assert time.monotonic() < deadline, "no 3 training steps logged in time"
         time.sleep(0.1)
     c.cmd("scancel", "--signal=USR1", "--batch", str(j["id"]))
-    c.wait(j["id"], lambda info: int(info["Restarts"]) >= 1, JOB_TIMEOUT)  # requeued by the job script
+    # The job script must requeue: Restarts goes to 1. Stop waiting early if the job ends without a restart.
+    info = c.wait(j["id"], lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in FINAL, JOB_TIMEOUT)
+    assert info["Restarts"] == "1", f"not requeued after USR1: {info}\n{_log(j['work'], info)}"
     job = _assert_ok(c, j["id"], j["work"])
     assert job["Restarts"] == "1" and job["NumNodes"] == "2" and job["NodeList"] == "n[1-2]", job
 
