@@ -44,6 +44,9 @@ def main(argv: list[str]) -> int:
     except DataError as e:
         print(f"fewstep: data error: {e}", file=sys.stderr)
         return 2
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -26,6 +26,11 @@ def test_batch_one_cycles_all_groups_and_logs_each_loss(tw_run):
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "l_base", "l_adv", "l_rectify"))
     assert any(m["l_rectify"] > 0 for m in metrics) and any(m["l_adv"] > 0 for m in metrics)
     assert os.path.exists(os.path.join(tw_run, "validation", "twinflow-step000003.png"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(tw_run, "logs"))
+    acc.Reload()
+    assert any(tag.startswith("twinflow/trajectories") for tag in acc.Tags()["images"])
+    assert [e.step for e in acc.Scalars("train/l_rectify")] == [1, 2, 3]
 
 
 def test_sign_embedding_trains_under_lora_and_separates_twin_time(tw_run):

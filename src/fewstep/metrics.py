@@ -66,3 +66,23 @@ class MetricsLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def trajectory_scatter(times: list[tuple[float, float]], size: int = 256):
+    """TwinFlow's sampled times as an HWC uint8 image: x = |t| (sigma), y = tt (target time, |tt|), colour = sign
+    (blue: real trajectory t > 0, red: twin trajectory t < 0). Axes run 0..1; the diagonal tt = t is drawn grey."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    pad = 16
+    im = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    span = size - 2 * pad
+    d.rectangle((pad, pad, size - pad, size - pad), outline=(0, 0, 0))
+    d.line((pad, size - pad, size - pad, pad), fill=(180, 180, 180))
+    for t, tt in times:
+        x = pad + abs(t) * span
+        y = size - pad - abs(tt) * span
+        colour = (200, 30, 30) if t < 0 else (30, 60, 200)
+        d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    return np.asarray(im)

@@ -130,3 +130,7 @@ def validate(ctx, phase: Phase, step: int, logger, comps, is_main: bool) -> None
     os.makedirs(out, exist_ok=True)
     images[0].save(os.path.join(out, f"{phase.name}-step{step:06d}.png"))
     logger.image(f"validation/{phase.name}", grid(images), step)
+    if ctx.get("twinflow_times"):
+        from fewstep.metrics import trajectory_scatter
+        logger.image("twinflow/trajectories (|t| vs tt, red = negative time)",
+                     trajectory_scatter(ctx["twinflow_times"]), step)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fewstep import checkpoint
-from fewstep.config import Config
+from fewstep.config import Config, ConfigError
 from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
 from fewstep.ema import EMA
@@ -69,6 +69,10 @@ def prepare_data(cfg: Config, adapter, is_main: bool) -> tuple[CachedDataset, in
 
 
 def train(cfg: Config) -> dict:
+    if cfg.prediction_type != "flow_matching":
+        raise ConfigError(f"model_family '{cfg.model_family}' is a flow-matching model; prediction_type "
+                          f"'{cfg.prediction_type}' (diff2flow) applies to epsilon/v-prediction bases, for which no "
+                          "model adapter ships yet (the bridge itself is fewstep.methods.diff2flow)")
     info = setup_distributed()
     is_main, method = info.is_main, cfg.resolved_method
     torch.manual_seed(cfg.seed * 7919 + info.rank)

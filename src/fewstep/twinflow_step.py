@@ -72,6 +72,10 @@ def make_twinflow_step(ctx):
         finally:
             if weights is not None:
                 weights.use(False)  # the live weights are back before backward
+        t, tt = logs.pop("times")
+        times = ctx.setdefault("twinflow_times", [])  # recent (t, tt) rows for the trajectory scatter
+        times.extend(zip(t.tolist(), tt.tolist()))
+        del times[:-1024]
         return loss, {k: v for k, v in logs.items() if k != "loss"}
 
     return step

@@ -332,4 +332,5 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
             "n_enhanced")
     logs = dict(zip(keys, stats))
     logs.update({f"n_{name}": float(c) for name, c in zip(GROUP_NAMES, counts)})
+    logs["times"] = (t.detach().cpu(), tt.detach().cpu())  # signed (t, tt) of each row, for the trajectory plot
     return loss, logs
