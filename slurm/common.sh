@@ -138,7 +138,7 @@ fewstep_launch() {
     local info="" state=""
     info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || true
     [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]}
-    if false; then
+    if [ "$state" != RUNNING ]; then
         echo "fewstep-slurm: SIG$FEWSTEP_SIGNAL while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
              "timed out or preempted); not requeueing; job step exit code $rc" >&2
         return "$rc"

@@ -17,8 +17,8 @@ def data(tmp_path_factory):
 
 def train(root, backend, name, env=None, expect_rc=0, **overrides):
     out = os.path.join(str(root), name)
-    cfg = write_config(os.path.join(str(root)), backend, output_dir=out, cache_dir=os.path.join(str(root), "cache"),
-                       **overrides)
+    overrides.setdefault("cache_dir", os.path.join(str(root), "cache"))
+    cfg = write_config(os.path.join(str(root)), backend, output_dir=out, **overrides)
     proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
                           env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect_rc, proc.stderr[-5000:]
@@ -133,3 +133,26 @@ def test_config_error_exit_code_and_message(tmp_path):
     proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
                           env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "did you mean 'lora_rank'" in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen_image"])
+def test_other_families_train_and_export_loadable_lora(data, family):
+    from fewstep.models import get_adapter
+
+    root, backend = data
+    out = train(root, backend, f"fam-{family}", model_family=family, pretrained_model_name_or_path=f"tiny:{family}",
+                max_train_steps=2, validation_steps=2, cache_dir=os.path.join(str(root), f"cache-{family}"))
+    assert len(read_metrics(out)) == 2
+    adapter = get_adapter(family)
+    pipe = adapter.build_pipeline(adapter.load(f"tiny:{adapter.family}"))
+    pipe.load_lora_weights(out)
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    assert os.path.exists(os.path.join(out, "validation", "flow-step000002.png"))
+
+
+def test_gradient_checkpointing_gives_the_same_losses(data):
+    root, backend = data
+    a = train(root, backend, "gc-off", max_train_steps=2)
+    b = train(root, backend, "gc-on", max_train_steps=2, gradient_checkpointing=True)
+    la, lb = [m["loss"] for m in read_metrics(a)], [m["loss"] for m in read_metrics(b)]
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)

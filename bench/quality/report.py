@@ -1,0 +1,152 @@
+"""PNG sample grids and the RESULTS.md table, from the JSON files the stages wrote under <out>."""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import platform
+
+import numpy as np
+from PIL import Image
+
+ROW_ORDER = ["real-train", "teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "teacher-cfg1.5-50",
+             "teacher-glance-schedule-10", "twinflow-lora-1", "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1",
+             "twinflow-full-2", "twinflow-full-4", "glance-10"]
+TRAIN_OF = {"teacher": "teacher", "twinflow-lora": "twinflow_lora", "twinflow-full": "twinflow_full",
+            "glance": "glance"}
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path: str, cols: int = 8, scale: int = 2) -> str:
+    """A 10-row grid (row k: the first `cols` samples labelled k), pixels [-1, 1] -> grey PNG, upscaled `scale`x."""
+    images = np.asarray(images, dtype=np.float32)
+    h, w = images.shape[-2:]
+    canvas = np.full((10 * (h + 1) - 1, cols * (w + 1) - 1), 128, dtype=np.uint8)
+    for k in range(10):
+        for j, i in enumerate(np.flatnonzero(labels == k)[:cols]):
+            tile = np.clip(np.round((images[i] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            canvas[k * (h + 1):k * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = tile
+    img = Image.fromarray(canvas, mode="L")
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    img.save(path, optimize=True)
+    return path
+
+
+def _train_key(row: str) -> str | None:
+    for prefix, key in TRAIN_OF.items():
+        if row.startswith(prefix):
+            return key
+    return None
+
+
+def load_rows(out: str) -> list[dict]:
+    """Every evaluated row, in table order, with the training time of the model it samples from."""
+    times_path = os.path.join(out, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    found = {}
+    for path in glob.glob(os.path.join(out, "eval", "*.json")):
+        with open(path) as fh:
+            r = json.load(fh)
+        found[r["row"]] = r
+    ordered = [found.pop(k) for k in ROW_ORDER if k in found] + [found[k] for k in sorted(found)]
+    for r in ordered:
+        t = times.get(_train_key(r["row"]) or "", {})
+        r["train_wall_s"], r["train_cpu_s"], r["train_steps"] = t.get("wall_s"), t.get("cpu_s"), t.get("steps")
+    return ordered
+
+
+def _fmt_time(wall, cpu, steps) -> str:
+    if wall is None:
+        return "-"
+    return f"{wall / 60:.1f} min ({cpu / 60:.1f} CPU-min, {steps} steps)"
+
+
+def table(rows: list[dict], grid_prefix: str = "") -> str:
+    lines = ["| row | NFE | FD (lower is better) | accuracy | diversity | training time (wall, CPU) | samples |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        grid = f"[png]({grid_prefix}{r['row']}.png)" if r["row"] != "real-train" else f"[png]({grid_prefix}real.png)"
+        lines.append(f"| {r['method']} | {r['nfe'] if r['nfe'] is not None else '-'} | {r['fd']:.2f} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['diversity']:.3f} | "
+                     f"{_fmt_time(r['train_wall_s'], r['train_cpu_s'], r['train_steps'])} | {grid} |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, checked against the measured rows (only those whose rows exist)."""
+    by = {r["row"]: r for r in rows}
+    out = []
+    t50, t1, t10 = by.get("teacher-50"), by.get("teacher-1"), by.get("teacher-10")
+    for kind in ("lora", "full"):
+        tf = by.get(f"twinflow-{kind}-1")
+        if tf and t50:
+            ok_fd = tf["fd"] <= 1.2 * t50["fd"]
+            ok_acc = tf["accuracy"] >= t50["accuracy"] - 0.02
+            out.append(f"- TwinFlow {kind} at 1 NFE: FD {tf['fd']:.2f} vs 1.2 x teacher-50 = {1.2 * t50['fd']:.2f} "
+                       f"-> **{'met' if ok_fd else 'missed'}**; accuracy {100 * tf['accuracy']:.1f}% vs teacher-50 "
+                       f"{100 * t50['accuracy']:.1f}% (within 2 points) -> **{'met' if ok_acc else 'missed'}**")
+    if t1 and t50:
+        out.append(f"- Teacher at 1 NFE far worse than at 50: FD {t1['fd']:.2f} vs {t50['fd']:.2f} -> "
+                   f"**{'met' if t1['fd'] > 2 * t50['fd'] else 'missed'}** (taken as > 2x)")
+    g = by.get("glance-10")
+    if g and t10:
+        out.append(f"- Glance at 10 NFE beats the teacher's plain 10 steps: FD {g['fd']:.2f} vs {t10['fd']:.2f} -> "
+                   f"**{'met' if g['fd'] < t10['fd'] else 'missed'}**")
+    return out
+
+
+def write_results(out: str, results_dir: str, *, smoke: bool, argv: list[str], settings: dict,
+                  elapsed_s: float) -> str:
+    """Write RESULTS.md (the measured table, targets, set-up) into `results_dir`; the prose findings section is kept
+    from an existing RESULTS.md (text between the FINDINGS markers), since it is written by a person."""
+    rows = load_rows(out)
+    prep = json.load(open(os.path.join(out, "prepare.json"))) if os.path.exists(os.path.join(out, "prepare.json")) \
+        else {}
+    path = os.path.join(results_dir, "RESULTS.md")
+    findings = "_(no findings written yet)_"
+    if os.path.exists(path):
+        text = open(path).read()
+        if "<!-- FINDINGS -->" in text and "<!-- /FINDINGS -->" in text:
+            findings = text.split("<!-- FINDINGS -->")[1].split("<!-- /FINDINGS -->")[0].strip()
+    cmd = "python bench/quality/run.py " + " ".join(argv)
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    md = [
+        "# Method quality on real data (sklearn digits)" + (" - SMOKE RUN, NOT A RESULT" if smoke else ""),
+        "",
+        f"- Date: {now}. Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, shared with other jobs; "
+        "one thread per process. Wall-clock times are therefore noisy; CPU time is the steadier measure.",
+        f"- Command: `{cmd.strip()}` ({elapsed_s / 60:.1f} min for the stages run in this invocation).",
+        f"- Data: {prep.get('train', '?')} training / {prep.get('held_out', '?')} held-out digits (stratified, seed 0),"
+        " 8x8 upsampled to 16x16. Generated: "
+        f"{settings['samples']} samples per row ({settings['samples'] // 10} per class), the same start noise for "
+        "every row.",
+        f"- Classifier (feature space of FD, accuracy and diversity): held-out accuracy "
+        f"{100 * prep.get('classifier_held_out_accuracy', float('nan')):.1f}%.",
+        f"- Teacher: FLUX.1-architecture transformer, {prep.get('transformer_params', 0) / 1e6:.2f} M parameters "
+        f"({settings['model']}).",
+        "",
+        "## Results",
+        "",
+        table(rows),
+        "",
+        "FD: Frechet distance to the held-out split in the classifier's 64-d feature space (the `real training "
+        "images` row is the floor: real data vs real data at the same sample count). Accuracy: share of samples "
+        "prompted with digit k that the classifier labels k. Diversity: within-class mean pairwise feature distance "
+        "relative to the held-out data's (1 = as diverse as real data). Training time: the run that produced the "
+        "row's model (distillation rows build on the teacher's run).",
+        "",
+        "## Targets",
+        "",
+        *(targets(rows) or ["- (no rows yet)"]),
+        "",
+        "## Findings",
+        "",
+        "<!-- FINDINGS -->",
+        findings,
+        "<!-- /FINDINGS -->",
+        "",
+    ]
+    os.makedirs(results_dir, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("\n".join(md))
+    return path

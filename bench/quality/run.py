@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Method-quality benchmark on real data (sklearn digits): teacher vs TwinFlow (LoRA, full) vs Glance.
+
+    python bench/quality/run.py                   # the full benchmark (tens of minutes on 2 CPU cores)
+    python bench/quality/run.py --smoke --out D   # tiny sizes, a minute or two: proves the pipeline runs
+    python bench/quality/run.py --stages eval report   # re-run some stages (finished ones are skipped unless --force)
+
+Stages: prepare (data split, dataset, pipeline, classifier, prompt embeddings) -> teacher (plain flow matching, full
+fine-tuning from random init) -> distil (TwinFlow LoRA, TwinFlow full and Glance, in parallel) -> eval (one row at a
+time, each written to <out>/eval/<row>.json at once) -> report (RESULTS.md + PNG grids). Every training run is
+`launcher/train.py --config <json>` in a subprocess; every sample comes from a stock FluxPipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: 2-core machine, shared
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import metrics  # noqa: E402
+import report  # noqa: E402
+from train_runs import run_parallel  # noqa: E402
+
+STAGES = ("prepare", "teacher", "distil", "eval", "report")
+TWINFLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                         "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out", "norm1.linear", "norm.linear",
+                         "norm_out.linear"]
+GLANCE_SLOW_STEPS = (1, 3, 5, 7, 9)  # 1-based steps of the teacher's own 50-step grid
+GLANCE_FAST_STEPS = (11, 21, 31, 41, 50)
+
+FULL = dict(
+    limit=None, classifier_epochs=30, samples=1000, grid_cols=8,
+    model=dict(width=128, heads=4, double_layers=2, single_layers=2),
+    teacher=dict(train_batch_size=64, max_train_steps=3000, learning_rate=1e-3, lr_scheduler="cosine",
+                 lr_warmup_steps=100),
+    twinflow_lora=dict(train_batch_size=32, max_train_steps=1200, learning_rate=1e-3, lora_rank=32, lora_alpha=32),
+    twinflow_full=dict(train_batch_size=32, max_train_steps=1200, learning_rate=2e-4),
+    glance=dict(max_train_steps=60, learning_rate=5e-4, lora_rank=16, lora_alpha=64, lr_warmup_steps=10),
+)
+SMOKE = dict(
+    limit=60, classifier_epochs=2, samples=40, grid_cols=2,
+    model=dict(width=32, heads=2, double_layers=1, single_layers=1),
+    teacher=dict(train_batch_size=8, max_train_steps=3, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=1),
+    twinflow_lora=dict(train_batch_size=4, max_train_steps=2, learning_rate=1e-3, lora_rank=4, lora_alpha=4),
+    twinflow_full=dict(train_batch_size=4, max_train_steps=2, learning_rate=2e-4),
+    glance=dict(max_train_steps=2, learning_rate=5e-4, lora_rank=4, lora_alpha=16, lr_warmup_steps=1),
+)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "output", "quality"), help="work directory (runs, caches)")
+    ap.add_argument("--results", default=None, help="where RESULTS.md and PNG grids go (default: bench/quality, "
+                                                    "or <out>/results with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (no quality claims)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--force", action="store_true", help="redo finished stages/rows of the selected stages")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def _json(path, obj=None):
+    if obj is None:
+        with open(path) as fh:
+            return json.load(fh)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def prepare(args, S, out):
+    """Split and write the data, save the base pipeline, train the classifier, cache prompt embeddings."""
+    import pipeline
+
+    from fewstep.models import get_adapter
+
+    train, held = data.load_split(args.seed, limit=S["limit"])
+    data.write_dataset(train, os.path.join(out, "data", "train"), os.path.join(out, "data", "train.json"))
+    # Glance's one training image: the first training "three"
+    one = int(np.flatnonzero(train.labels == 3)[0])
+    data.write_dataset(train, os.path.join(out, "data", "one"), os.path.join(out, "data", "one.json"), [one])
+    mean, std = data.pixel_stats(train)
+    base = os.path.join(out, "base_pipeline")
+    pipeline.save_pipeline(base, shift_factor=mean, scaling_factor=1.0 / std, resolution=data.RESOLUTION,
+                           seed=args.seed, **S["model"])
+    adapter = get_adapter("flux")
+    comps = adapter.load(base, with_transformer=False)
+    for tok in comps.tokenizers:
+        data.check_captions(tok)
+    emb = adapter.encode_prompts(comps, [data.caption(k) for k in range(10)] + [""])
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in emb.items()}, os.path.join(out, "prompts.safetensors"))
+    t0 = time.time()
+    net = metrics.train_classifier(train.images, train.labels, epochs=S["classifier_epochs"], seed=args.seed)
+    torch.save(net.state_dict(), os.path.join(out, "classifier.pt"))
+    _, pred = metrics.features_and_predictions(net, held.images)
+    _json(os.path.join(out, "prepare.json"), {
+        "train": int(len(train.labels)), "held_out": int(len(held.labels)), "glance_image_index": one,
+        "pixel_mean": mean, "pixel_std": std, "classifier_held_out_accuracy": float((pred == held.labels).mean()),
+        "classifier_train_s": time.time() - t0,
+        "transformer_params": sum(p.numel() for p in pipeline.flux_transformer(**S["model"]).parameters())})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training runs (configs for launcher/train.py)
+
+
+def _base_config(out, name, pretrained, backend, **kw):
+    return {"model_family": "flux", "pretrained_model_name_or_path": pretrained, "data_backend_config": backend,
+            "output_dir": os.path.join(out, name), "cache_dir": os.path.join(out, "cache"), "mixed_precision": "fp32",
+            "zero_stage": 2, "checkpointing_steps": 0, "checkpoints_total_limit": 1, "validation_steps": 0,
+            "seed": 0, **kw}
+
+
+def teacher_config(S, out):
+    return _base_config(out, "teacher", os.path.join(out, "base_pipeline"), os.path.join(out, "data", "train.json"),
+                        model_type="full", method="flow", caption_dropout_probability=0.1,
+                        validation_num_inference_steps=20, **S["teacher"])
+
+
+def glance_lists(steps: int = 50) -> tuple[list[float], list[float]]:
+    """Slow and Fast sigmas: steps 1,3,5,7,9 and 11,21,31,41,50 of the teacher's own 50-step Euler grid."""
+    from fewstep.sampling import flow_sigmas
+
+    grid = flow_sigmas(steps)
+    return [grid[i - 1] for i in GLANCE_SLOW_STEPS], [grid[i - 1] for i in GLANCE_FAST_STEPS]
+
+
+def distil_configs(S, out):
+    teacher_pipe = os.path.join(out, "teacher_pipeline")
+    train = os.path.join(out, "data", "train.json")
+    tw = dict(method="twinflow", use_ema=True, ema_decay=0.99, twinflow_adversarial_enabled=True,
+              twinflow_estimate_order=2, twinflow_enhanced_ratio=0.5, twinflow_delta_t=0.01,
+              twinflow_target_clamp=1.0, twinflow_target_step_count=1, validation_guidance=0.0,
+              caption_dropout_probability=0.1)
+    slow, fast = glance_lists()
+    return {
+        "twinflow_lora": _base_config(out, "twinflow_lora", teacher_pipe, train, model_type="lora",
+                                      lora_targets=TWINFLOW_LORA_TARGETS, **tw, **S["twinflow_lora"]),
+        "twinflow_full": _base_config(out, "twinflow_full", teacher_pipe, train, model_type="full", **tw,
+                                      **S["twinflow_full"]),
+        "glance": _base_config(out, "glance", teacher_pipe, os.path.join(out, "data", "one.json"), model_type="lora",
+                               method="glance", glance_slow_timesteps=slow, glance_fast_timesteps=fast,
+                               train_batch_size=1, lr_scheduler="constant_with_warmup", **S["glance"]),
+    }
+
+
+def train_stage(out, configs: dict, force: bool):
+    """Run launcher/train.py for each config (in parallel), record wall and CPU time in <out>/times.json."""
+    times_path = os.path.join(out, "times.json")
+    times = _json(times_path) if os.path.exists(times_path) else {}
+    todo = {k: c for k, c in configs.items() if force or k not in times}
+    for name, cfg in todo.items():
+        os.makedirs(cfg["output_dir"], exist_ok=True)
+        _json(os.path.join(out, f"{name}.config.json"), cfg)
+    results = run_parallel({name: [sys.executable, os.path.join(REPO, "launcher", "train.py"), "--config",
+                                   os.path.join(out, f"{name}.config.json")] for name in todo},
+                           {name: os.path.join(out, f"{name}.log") for name in todo}, cwd=REPO)
+    failed = []
+    for name, r in results.items():
+        if r["returncode"] != 0:
+            failed.append(name)
+            continue
+        times = _json(times_path) if os.path.exists(times_path) else {}
+        times[name] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "steps": configs[name]["max_train_steps"]}
+        _json(times_path, times)
+    if failed:
+        raise SystemExit(f"training failed for {failed}: see " + ", ".join(os.path.join(out, f"{n}.log")
+                                                                           for n in failed))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def rows(out):
+    """(row name, method, NFE, sampling function of (cond, noise, negative)) for every table row."""
+    import samplers
+    from fewstep.sampling import flow_sigmas
+
+    teacher = os.path.join(out, "teacher_pipeline")
+    slow, fast = glance_lists()
+    out_rows = [(f"teacher-{n}", "teacher (Euler)", n,
+                 lambda c, z, neg, n=n: samplers.euler(teacher, c, z, flow_sigmas(n))) for n in (1, 2, 4, 10, 50)]
+    out_rows.append(("teacher-cfg1.5-50", "teacher (Euler, CFG 1.5)", 50,
+                     lambda c, z, neg: samplers.euler(teacher, c, z, flow_sigmas(50), negative=neg, cfg_scale=1.5)))
+    out_rows.append(("teacher-glance-schedule-10", "teacher (Euler on the Glance sigmas, no LoRA)", 10,
+                     lambda c, z, neg: samplers.euler(teacher, c, z, slow + fast)))
+    for kind in ("lora", "full"):
+        run_dir = os.path.join(out, f"twinflow_{kind}")
+        out_rows += [(f"twinflow-{kind}-{n}", f"TwinFlow {kind}", n,
+                      lambda c, z, neg, n=n, d=run_dir, k=kind: samplers.twinflow(teacher, d, c, z, n,
+                                                                                  full=(k == "full")))
+                     for n in (1, 2, 4)]
+    g = os.path.join(out, "glance")
+    out_rows.append(("glance-10", "Glance (5 Slow + 5 Fast)", 10,
+                     lambda c, z, neg: samplers.glance(teacher, os.path.join(g, "glance-slow"),
+                                                       os.path.join(g, "glance-fast"), c, z)))
+    return out_rows
+
+
+def eval_stage(args, S, out, results_dir):
+    from safetensors.torch import load_file
+
+    _, held = data.load_split(args.seed, limit=S["limit"])
+    net = metrics.DigitNet()
+    net.load_state_dict(torch.load(os.path.join(out, "classifier.pt")))
+    net.eval()
+    ref_feats, _ = metrics.features_and_predictions(net, held.images)
+    ref_stats = metrics.gaussian_stats(ref_feats)
+    emb = load_file(os.path.join(out, "prompts.safetensors"))
+    n = S["samples"]
+    labels = np.arange(n) % 10
+    cond = {k: v[torch.from_numpy(labels)] for k, v in emb.items()}
+    negative = {k: v[10:11].expand(n, *v.shape[1:]).contiguous() for k, v in emb.items()}
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed + 1))
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    os.makedirs(results_dir, exist_ok=True)
+    report.save_grid(held.images, held.labels, os.path.join(results_dir, "real.png"), S["grid_cols"])
+    # the FD floor: real training images (same count as generated) against the held-out split
+    train, _ = data.load_split(args.seed, limit=S["limit"])
+    pick = np.random.default_rng(args.seed).permutation(len(train.labels))[:n]
+    floor = metrics.evaluate(net, train.images[pick], train.labels[pick], ref_feats, held.labels, ref_stats)
+    _json(os.path.join(out, "eval", "real-train.json"), {"row": "real-train", "method": "real training images",
+                                                         "nfe": None, **floor})
+    for name, method, nfe, fn in rows(out):
+        path = os.path.join(out, "eval", f"{name}.json")
+        if os.path.exists(path) and not args.force:
+            continue
+        t0 = time.time()
+        pixels = fn(cond, noise, negative).float().numpy()
+        sample_s = time.time() - t0
+        res = metrics.evaluate(net, pixels, labels, ref_feats, held.labels, ref_stats)
+        report.save_grid(pixels, labels, os.path.join(results_dir, f"{name}.png"), S["grid_cols"])
+        _json(path, {"row": name, "method": method, "nfe": nfe, **res, "sample_s": sample_s})
+        print(f"quality: {name}: FD {res['fd']:.2f} acc {res['accuracy']:.3f} div {res['diversity']:.3f} "
+              f"({sample_s:.1f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    S = SMOKE if args.smoke else FULL
+    out = os.path.abspath(args.out)
+    results_dir = args.results or (os.path.join(out, "results") if args.smoke else HERE)
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    if "prepare" in args.stages and (args.force or not os.path.exists(os.path.join(out, "prepare.json"))):
+        print("quality: prepare", flush=True)
+        prepare(args, S, out)
+    if "teacher" in args.stages:
+        print("quality: teacher (flow matching, full fine-tuning from random init)", flush=True)
+        train_stage(out, {"teacher": teacher_config(S, out)}, args.force)
+        import pipeline
+        pipeline.with_transformer(os.path.join(out, "base_pipeline"), os.path.join(out, "teacher", "transformer"),
+                                  os.path.join(out, "teacher_pipeline"))
+    if "distil" in args.stages:
+        print("quality: distil (TwinFlow LoRA, TwinFlow full, Glance; in parallel)", flush=True)
+        train_stage(out, distil_configs(S, out), args.force)
+    if "eval" in args.stages:
+        print("quality: eval", flush=True)
+        eval_stage(args, S, out, results_dir)
+    if "report" in args.stages:
+        path = report.write_results(out, results_dir, smoke=args.smoke, argv=sys.argv[1:] if argv is None else argv,
+                                    settings=S, elapsed_s=time.time() - t_start)
+        print(f"quality: wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
