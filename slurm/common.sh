@@ -5,16 +5,17 @@
 #
 # starts one task per GPU with srun (RANK/LOCAL_RANK from SLURM_PROCID/SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
 # MASTER_ADDR = first node of the job, MASTER_PORT derived from the job id), forwards USR1/TERM from the batch shell
-# to the tasks, waits for them, and on such a signal requeues the job (`scontrol requeue`), which restarts it with the
-# same job id, environment and arguments, so the same output directory and `--resume_from_checkpoint latest`
-# continue the run.
+# to the tasks, waits for them, and then requeues the job (`scontrol requeue`) unless Slurm itself is ending it
+# (scancel, time limit: no requeue). The requeued job restarts with the same job id, environment and arguments, so
+# the same output directory and `--resume_from_checkpoint latest` continue the run.
 #
 # Knobs (environment variables, set before `sbatch` or in the EDIT block below; jobs inherit the submitter's
 # environment, also across requeues):
 #   FEWSTEP_ROOT    the fewstep checkout; default: the directory sbatch was run from ($SLURM_SUBMIT_DIR)
 #   FEWSTEP_PYTHON  the Python interpreter; default: python
-#   FEWSTEP_CPU=1   CPU test mode: gloo instead of NCCL (DS_ACCELERATOR=cpu), job steps get no GPU GRES
-#                   (srun --gpus-per-node=0), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK. The same sbatch scripts run unchanged.
+#   FEWSTEP_CPU=1   CPU test mode: gloo instead of NCCL (DS_ACCELERATOR=cpu), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK,
+#                   and the job step gets no GPU GRES (srun --gpus-per-node=0 if the job has GPUs; submit with
+#                   `sbatch --gpus-per-node=0` on a CPU-only cluster). The same sbatch scripts run unchanged.
 
 # ==== EDIT: software environment (runs in the batch shell; the tasks inherit it) =================================
 # module load cuda/12.4
@@ -124,7 +125,7 @@ fewstep_launch() {
             break
         fi
     done
-    trap - USR1 TERM
+    trap '' USR1 TERM    # the step is over: a late signal must not kill this shell and fail a finished job
 
     if [ -z "$FEWSTEP_SIGNAL" ]; then
         echo "fewstep-slurm: job step finished with exit code $rc" >&2

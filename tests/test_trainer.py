@@ -44,6 +44,9 @@ def test_resume_after_crash_is_bit_exact(data):
     wa, wb = lora(straight), lora(crashed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(wa[k].abs().sum() > 0 for k in wa if "lora_B" in k)  # it trained
+    ema = lora(os.path.join(straight, "ema"))  # the EMA export: same keys, lagging the final weights
+    assert ema.keys() == wa.keys() and any(not torch.equal(ema[k], wa[k]) for k in wa)
+    assert any(ema[k].abs().sum() > 0 for k in ema if "lora_B" in k)
 
 
 def test_kill_during_save_keeps_last_checkpoint(data):

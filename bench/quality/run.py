@@ -30,9 +30,9 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import data  # noqa: E402
-import metrics  # noqa: E402
-import report  # noqa: E402
+import digits  # noqa: E402
+import features  # noqa: E402
+import quality_report as report  # noqa: E402
 from train_runs import run_parallel  # noqa: E402
 
 STAGES = ("prepare", "teacher", "distil", "eval", "report")
@@ -90,35 +90,35 @@ def _json(path, obj=None):
 
 def prepare(args, S, out):
     """Split and write the data, save the base pipeline, train the classifier, cache prompt embeddings."""
-    import pipeline
+    import pixel_pipeline
 
     from fewstep.models import get_adapter
 
-    train, held = data.load_split(args.seed, limit=S["limit"])
-    data.write_dataset(train, os.path.join(out, "data", "train"), os.path.join(out, "data", "train.json"))
+    train, held = digits.load_split(args.seed, limit=S["limit"])
+    digits.write_dataset(train, os.path.join(out, "data", "train"), os.path.join(out, "data", "train.json"))
     # Glance's one training image: the first training "three"
     one = int(np.flatnonzero(train.labels == 3)[0])
-    data.write_dataset(train, os.path.join(out, "data", "one"), os.path.join(out, "data", "one.json"), [one])
-    mean, std = data.pixel_stats(train)
+    digits.write_dataset(train, os.path.join(out, "data", "one"), os.path.join(out, "data", "one.json"), [one])
+    mean, std = digits.pixel_stats(train)
     base = os.path.join(out, "base_pipeline")
-    pipeline.save_pipeline(base, shift_factor=mean, scaling_factor=1.0 / std, resolution=data.RESOLUTION,
+    pixel_pipeline.save_pipeline(base, shift_factor=mean, scaling_factor=1.0 / std, resolution=digits.RESOLUTION,
                            seed=args.seed, **S["model"])
     adapter = get_adapter("flux")
     comps = adapter.load(base, with_transformer=False)
     for tok in comps.tokenizers:
-        data.check_captions(tok)
-    emb = adapter.encode_prompts(comps, [data.caption(k) for k in range(10)] + [""])
+        digits.check_captions(tok)
+    emb = adapter.encode_prompts(comps, [digits.caption(k) for k in range(10)] + [""])
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in emb.items()}, os.path.join(out, "prompts.safetensors"))
     t0 = time.time()
-    net = metrics.train_classifier(train.images, train.labels, epochs=S["classifier_epochs"], seed=args.seed)
+    net = features.train_classifier(train.images, train.labels, epochs=S["classifier_epochs"], seed=args.seed)
     torch.save(net.state_dict(), os.path.join(out, "classifier.pt"))
-    _, pred = metrics.features_and_predictions(net, held.images)
+    _, pred = features.features_and_predictions(net, held.images)
     _json(os.path.join(out, "prepare.json"), {
         "train": int(len(train.labels)), "held_out": int(len(held.labels)), "glance_image_index": one,
         "pixel_mean": mean, "pixel_std": std, "classifier_held_out_accuracy": float((pred == held.labels).mean()),
         "classifier_train_s": time.time() - t0,
-        "transformer_params": sum(p.numel() for p in pipeline.flux_transformer(**S["model"]).parameters())})
+        "transformer_params": sum(p.numel() for p in pixel_pipeline.flux_transformer(**S["model"]).parameters())})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -222,12 +222,12 @@ def rows(out):
 def eval_stage(args, S, out, results_dir):
     from safetensors.torch import load_file
 
-    _, held = data.load_split(args.seed, limit=S["limit"])
-    net = metrics.DigitNet()
+    _, held = digits.load_split(args.seed, limit=S["limit"])
+    net = features.DigitNet()
     net.load_state_dict(torch.load(os.path.join(out, "classifier.pt")))
     net.eval()
-    ref_feats, _ = metrics.features_and_predictions(net, held.images)
-    ref_stats = metrics.gaussian_stats(ref_feats)
+    ref_feats, _ = features.features_and_predictions(net, held.images)
+    ref_stats = features.gaussian_stats(ref_feats)
     emb = load_file(os.path.join(out, "prompts.safetensors"))
     n = S["samples"]
     labels = np.arange(n) % 10
@@ -238,9 +238,9 @@ def eval_stage(args, S, out, results_dir):
     os.makedirs(results_dir, exist_ok=True)
     report.save_grid(held.images, held.labels, os.path.join(results_dir, "real.png"), S["grid_cols"])
     # the FD floor: real training images (same count as generated) against the held-out split
-    train, _ = data.load_split(args.seed, limit=S["limit"])
+    train, _ = digits.load_split(args.seed, limit=S["limit"])
     pick = np.random.default_rng(args.seed).permutation(len(train.labels))[:n]
-    floor = metrics.evaluate(net, train.images[pick], train.labels[pick], ref_feats, held.labels, ref_stats)
+    floor = features.evaluate(net, train.images[pick], train.labels[pick], ref_feats, held.labels, ref_stats)
     _json(os.path.join(out, "eval", "real-train.json"), {"row": "real-train", "method": "real training images",
                                                          "nfe": None, **floor})
     for name, method, nfe, fn in rows(out):
@@ -250,7 +250,7 @@ def eval_stage(args, S, out, results_dir):
         t0 = time.time()
         pixels = fn(cond, noise, negative).float().numpy()
         sample_s = time.time() - t0
-        res = metrics.evaluate(net, pixels, labels, ref_feats, held.labels, ref_stats)
+        res = features.evaluate(net, pixels, labels, ref_feats, held.labels, ref_stats)
         report.save_grid(pixels, labels, os.path.join(results_dir, f"{name}.png"), S["grid_cols"])
         _json(path, {"row": name, "method": method, "nfe": nfe, **res, "sample_s": sample_s})
         print(f"quality: {name}: FD {res['fd']:.2f} acc {res['accuracy']:.3f} div {res['diversity']:.3f} "
@@ -273,8 +273,8 @@ def main(argv=None) -> int:
     if "teacher" in args.stages:
         print("quality: teacher (flow matching, full fine-tuning from random init)", flush=True)
         train_stage(out, {"teacher": teacher_config(S, out)}, args.force)
-        import pipeline
-        pipeline.with_transformer(os.path.join(out, "base_pipeline"), os.path.join(out, "teacher", "transformer"),
+        import pixel_pipeline
+        pixel_pipeline.with_transformer(os.path.join(out, "base_pipeline"), os.path.join(out, "teacher", "transformer"),
                                   os.path.join(out, "teacher_pipeline"))
     if "distil" in args.stages:
         print("quality: distil (TwinFlow LoRA, TwinFlow full, Glance; in parallel)", flush=True)

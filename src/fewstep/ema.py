@@ -28,6 +28,13 @@ class EMA:
             self.decay = d + (1.0 - d) * (self.target_decay - d) / 2.0
         return d
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start over from the current weights (a new Glance phase)."""
+        for s, src in zip(self.shadow, self.sources):
+            s.copy_(src)
+        self.decay = 0.0
+
     def state_dict(self) -> dict:
         return {"shadow": [s.cpu() for s in self.shadow], "decay": self.decay}
 

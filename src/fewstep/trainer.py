@@ -16,7 +16,7 @@ from fewstep.config import Config, ConfigError
 from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
 from fewstep.ema import EMA
-from fewstep.engine.deepspeed_engine import build_engine, master_partitions, setup_distributed
+from fewstep.engine.deepspeed_engine import build_engine, master_partitions, setup_distributed, weights_swapped_in
 from fewstep.kernels import resolve_backend
 from fewstep.lora import count_params, export_full, export_lora, prepare_trainable, write_run_info
 from fewstep.metrics import MetricsLogger
@@ -141,6 +141,8 @@ def train(cfg: Config) -> dict:
             continue
         if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
             reset_trainable(engine, initial_weights, scheduler, initial_sched)
+            if ema is not None:
+                ema.reset()
         ctx["start_micro"] = step * cfg.gradient_accumulation_steps
         step_fn = make_step(method, phase, ctx)
         while step < phase_end:
@@ -175,10 +177,12 @@ def train(cfg: Config) -> dict:
                 return {"step": step, "preempted": True}
         validate(ctx, phase, step, logger, comps, is_main)
         out = os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
-        if cfg.model_type == "lora":
-            export_lora(adapter, transformer, out, is_main)
-        else:
-            export_full(transformer, os.path.join(out, "transformer"), is_main)
+        export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
+            (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
+        export(out)
+        if ema is not None:  # the EMA weights, in the same loadable format, under <out>/ema
+            with weights_swapped_in(engine, ema.shadow):
+                export(os.path.join(out, "ema"))
         if is_main:
             write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,
                                       "resolution": resolution})

@@ -59,10 +59,19 @@ def test_zero2_zero3_lora_and_full_on_two_ranks(tmp_path):
     assert len(sig) == 4 and max(abs(a - b) for a, b in zip(sig, [0.9, 0.7, 0.5, 0.1])) < 1e-6
 
 
-def test_deepspeed_launcher_zero3_lora(tmp_path):
+def test_deepspeed_launcher_zero3_twinflow_seed_config(tmp_path):
+    """`deepspeed --num_gpus 2 launcher/train.py --config <seed-style TwinFlow config> --zero_stage 3` on CPU."""
     backend = write_dataset(str(tmp_path), n=2)
-    cfg = write_config(str(tmp_path), backend, max_train_steps=2, train_batch_size=1)
-    run(["deepspeed", "--num_gpus", "2", "--master_port", "29612", "launcher/train.py", "--config", cfg,
+    seed_style = {"model_family": "flux", "model_type": "lora", "pretrained_model_name_or_path": "tiny:flux",
+                  "output_dir": str(tmp_path / "out"), "data_backend_config": backend, "distillation_method": None,
+                  "use_ema": True, "twinflow_enabled": True, "twinflow_target_step_count": 2,
+                  "twinflow_estimate_order": 2, "twinflow_enhanced_ratio": 0.5, "twinflow_delta_t": 0.01,
+                  "twinflow_target_clamp": 1.0, "learning_rate": 1e-4, "train_batch_size": 1,
+                  "gradient_accumulation_steps": 4, "mixed_precision": "bf16", "validation_guidance": 0.0,
+                  "validation_num_inference_steps": 2, "max_train_steps": 2}
+    cfg = tmp_path / "twinflow.json"
+    cfg.write_text(json.dumps(seed_style))
+    run(["deepspeed", "--num_gpus", "2", "--master_port", "29612", "launcher/train.py", "--config", str(cfg),
          "--zero_stage", "3"], timeout=600)
     out = tmp_path / "out"
     assert len(read_metrics(out)) == 2
@@ -71,6 +80,7 @@ def test_deepspeed_launcher_zero3_lora(tmp_path):
     pipe = adapter.build_pipeline(adapter.load("tiny:flux"))
     pipe.load_lora_weights(str(out))  # stock diffusers loads what ZeRO-3 trained
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    assert (out / "anystep_embeddings.safetensors").exists()
 
 
 def test_ema_weights_swap_into_every_zero_stage():

@@ -1,7 +1,9 @@
 """A real, private Slurm cluster on this host, for tests (Debian 12, root, no systemd).
 
 `LocalSlurm(base, nodes=["n1", "n2"])` writes slurm.conf/gres.conf under `base`, starts munged (only if no working
-munged is found), slurmctld and one slurmd per node name, and stops exactly the PIDs it started. Node names other than
+munged is found), slurmctld and one slurmd per node name. `stop()` cancels leftover jobs, stops the daemons by the
+PIDs it recorded at start, then any process that carries this cluster's SLURM_CONF (orphaned slurmstepds, job tasks),
+again by PID; nothing is ever killed by name. Node names other than
 "localhost" are faked on 127.0.0.1 (one slurmd per name on its own port) and added to /etc/hosts only if they do not
 resolve; the original /etc/hosts is restored on stop. Each node gets `gpus_per_node` fake GPUs: /dev/null symlinks,
 which Slurm accepts as device files, so `--gres=gpu:N` jobs schedule and get CUDA_VISIBLE_DEVICES.
@@ -100,7 +102,7 @@ def parse_show(text):
 
 
 class LocalSlurm:
-    """A private Slurm cluster rooted at `base`; see the module docstring. Use as a context manager or start()/stop()."""
+    """A private Slurm cluster rooted at `base` (see the module docstring); a context manager, or start()/stop()."""
 
     def __init__(self, base, nodes=("n1", "n2"), cpus_per_node=8, gpus_per_node=2, mem_mb=16000, cred_expire=5):
         self.base = Path(base).resolve()

@@ -95,6 +95,56 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def _cfg(out: str, name: str) -> dict:
+    path = os.path.join(out, f"{name}.config.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def setup_section(out: str, prep: dict, settings: dict) -> list[str]:
+    """How every model was trained and sampled, read back from the configs the run wrote."""
+    t, tl, tf, g = (_cfg(out, n) for n in ("teacher", "twinflow_lora", "twinflow_full", "glance"))
+
+    def opt(c, *keys):
+        return ", ".join(f"`{k}` {json.dumps(c[k])}" for k in keys if k in c)
+
+    common = ("method", "model_type", "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler",
+              "lr_warmup_steps", "caption_dropout_probability")
+    twin = ("use_ema", "ema_decay", "twinflow_adversarial_enabled", "twinflow_estimate_order",
+            "twinflow_enhanced_ratio", "twinflow_delta_t", "twinflow_target_clamp")
+    return [
+        "## Set-up",
+        "",
+        "- **Latent path: an identity-like VAE.** The pipeline's `AutoencoderKL` (2 levels, 1 latent channel) has "
+        "weights set so that encoding is a 2x2 average of the grey value and decoding nearest upsampling "
+        "(`bench/quality/pixel_pipeline.py` explains how GroupNorm and SiLU are made exact). The 16x16 images are "
+        "8x8 digits upsampled 2x, so the round trip is lossless (error ~1e-5) and the latents are the 8x8 digits, "
+        f"standardised by the VAE's `shift_factor` {prep.get('pixel_mean', 0):.3f} and `scaling_factor` "
+        f"1/{prep.get('pixel_std', 1):.3f}. Quality is measured on the decoded 16x16 pixels.",
+        "- **Pipeline**: a diffusers `FluxPipeline` folder written with `save_pretrained`: that VAE, fewstep's tiny "
+        "(random, frozen) CLIP and T5 text encoders (T5 budget 8 tokens), and a FLUX.1-architecture "
+        f"`FluxTransformer2DModel` ({settings['model']}, {prep.get('transformer_params', 0) / 1e6:.2f} M parameters, "
+        "no guidance embedding). Captions are \"a drawing of <zero..nine>\"; every digit word is its own token.",
+        f"- **Teacher**: plain flow matching from random init, full fine-tuning: {opt(t, *common)}, "
+        "logit-normal sigmas, fp32, ZeRO-2, AdamW. Caption dropout gives the empty prompt a meaning (TwinFlow's CFG "
+        "target uses it). Sampled with diffusers' Euler on linspace(1, 1/N, N) (shift 1).",
+        f"- **TwinFlow LoRA**: from the teacher pipeline, {opt(tl, *common, 'lora_rank', 'lora_alpha')}, LoRA on "
+        f"{', '.join(tl.get('lora_targets') or [])}; any-step (tt, sign) embeddings trained in full. "
+        f"{opt(tl, *twin)}.",
+        f"- **TwinFlow full**: {opt(tf, *common)}; same TwinFlow options. Both sampled with `TwinFlowScheduler` "
+        "defaults (UCGM, stochastic ratio 1, end gaps 0.6 / 0.5 for 1-2 / 4 steps), tt = 0, sign +1, exactly as "
+        "`launcher/sample.py`.",
+        f"- **Glance**: ONE training image (a \"three\", training index {prep.get('glance_image_index', '?')}), "
+        f"{opt(g, 'method', 'max_train_steps', 'learning_rate', 'lr_scheduler', 'lr_warmup_steps', 'lora_rank', 'lora_alpha')}"
+        f", batch 1, default LoRA targets; Slow sigmas {[round(s, 4) for s in g.get('glance_slow_timesteps', [])]}, "
+        f"Fast {[round(s, 4) for s in g.get('glance_fast_timesteps', [])]} (steps 1,3,5,7,9 and 11,21,31,41,50 of the "
+        "teacher's 50-step grid). Sampled in one pipeline with `fewstep.sampling.glance_pipeline_sample`.",
+        "- **Classifier** (`bench/quality/features.py`): 3 conv layers + a 64-unit ReLU feature layer + 10 logits, "
+        "Adam with +-1 pixel shifts, trained on the training split only. FD, accuracy and diversity use its "
+        "64-d features; the held-out split is the reference set.",
+        "",
+    ]
+
+
 def write_results(out: str, results_dir: str, *, smoke: bool, argv: list[str], settings: dict,
                   elapsed_s: float) -> str:
     """Write RESULTS.md (the measured table, targets, set-up) into `results_dir`; the prose findings section is kept
@@ -125,6 +175,7 @@ def write_results(out: str, results_dir: str, *, smoke: bool, argv: list[str], s
         f"- Teacher: FLUX.1-architecture transformer, {prep.get('transformer_params', 0) / 1e6:.2f} M parameters "
         f"({settings['model']}).",
         "",
+        *setup_section(out, prep, settings),
         "## Results",
         "",
         table(rows),

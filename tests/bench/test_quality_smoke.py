@@ -1,0 +1,152 @@
+"""The method-quality benchmark (bench/quality): its measuring instruments, and a smoke run end to end.
+
+The smoke run trains every model for a few steps at tiny sizes and asserts that every artefact exists and every metric
+is finite; it asserts nothing about quality.
+"""
+import importlib.util
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep_testing import PY, REPO, run
+
+QUALITY = os.path.join(REPO, "bench", "quality")
+
+
+def _load(name):
+    """Import bench/quality/<name>.py under a unique module name (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_quality_{name}", os.path.join(QUALITY, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# instruments
+
+
+def test_frechet_distance_matches_closed_form_for_commuting_covariances():
+    feats = _load("features")
+    rng = np.random.default_rng(0)
+    d = 12
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+    cov_a, cov_b = (q * a) @ q.T, (q * b) @ q.T  # same eigenvectors: FD = |dmu|^2 + sum (sqrt a - sqrt b)^2
+    expected = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert feats.frechet_distance(mu_a, cov_a, mu_b, cov_b) == pytest.approx(expected, rel=1e-9)
+    assert feats.frechet_distance(mu_a, cov_a, mu_a, cov_a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        feats.frechet_distance(mu_a, cov_a, mu_b[:3], cov_b)
+
+
+def test_diversity_is_mean_pairwise_distance_ratio():
+    feats = _load("features")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 5))
+    brute = np.mean([np.linalg.norm(x[i] - x[j]) for i, j in itertools.combinations(range(7), 2)])
+    assert feats.mean_pairwise_distance(x) == pytest.approx(brute, rel=1e-12)
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    # scaling every generated feature by 0.5 halves every pairwise distance: ratio 0.5 in each class
+    assert feats.diversity_ratio(0.5 * x, labels, x, labels) == pytest.approx(0.5, rel=1e-12)
+    # a collapsed class (all rows equal) has diversity 0
+    collapsed = np.repeat(x[:1], 7, axis=0)
+    assert feats.diversity_ratio(collapsed, labels, x, labels) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pixel_vae_is_identity_through_from_pretrained(tmp_path):
+    """The benchmark's latent path: the saved-and-reloaded AutoencoderKL maps 2x-nearest-upsampled grey images to
+    their 8x8 originals (2x2 average) and back, through fewstep's adapter (with shift/scale normalisation)."""
+    from diffusers import AutoencoderKL
+
+    from fewstep.models import get_adapter
+
+    pp = _load("pixel_pipeline")
+    pp.pixel_vae(shift_factor=-0.4, scaling_factor=1.3).save_pretrained(str(tmp_path / "vae"))
+    vae = AutoencoderKL.from_pretrained(str(tmp_path / "vae"))
+    small = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pixels = small.repeat_interleave(2, 2).repeat_interleave(2, 3).expand(3, 3, 16, 16)
+    adapter = get_adapter("flux")
+    lat = adapter.encode_images(vae, pixels)
+    expected = (small - (-0.4)) * 1.3
+    assert lat.shape == (3, 1, 8, 8)
+    assert ((lat - expected).norm() / expected.norm()).item() < 1e-4
+    back = adapter.decode_latents(vae, lat)
+    assert ((back - pixels).norm() / pixels.norm()).item() < 1e-4
+
+
+def test_glance_lists_are_the_teachers_50_step_grid():
+    """Steps 1,3,5,7,9 / 11,21,31,41,50 of linspace(1, 1/50, 50): sigma_i = 1 - (i - 1) / 50."""
+    run_mod = _load_run()
+    slow, fast = run_mod.glance_lists()
+    assert slow == pytest.approx([1 - (i - 1) / 50 for i in (1, 3, 5, 7, 9)], abs=1e-12)
+    assert fast == pytest.approx([1 - (i - 1) / 50 for i in (11, 21, 31, 41, 50)], abs=1e-12)
+
+
+def test_digit_captions_are_distinct_known_tokens():
+    digits = _load("digits")
+    from fewstep.models.tiny import word_tokenizer
+
+    for tok in (word_tokenizer("clip", 16), word_tokenizer("t5", 8)):
+        digits.check_captions(tok)
+
+
+def _load_run():
+    import sys
+
+    sys.path.insert(0, QUALITY)
+    try:
+        return _load("run")
+    finally:
+        sys.path.remove(QUALITY)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    run([PY, os.path.join("bench", "quality", "run.py"), "--smoke", "--out", str(out)], timeout=300)
+    return str(out)
+
+
+ROWS = ["teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "twinflow-lora-1", "twinflow-lora-2",
+        "twinflow-lora-4", "twinflow-full-1", "twinflow-full-2", "twinflow-full-4", "glance-10"]
+
+
+def test_smoke_trains_every_model_with_the_real_exports(smoke):
+    assert os.path.isfile(os.path.join(smoke, "teacher", "transformer", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(os.path.join(smoke, "teacher_pipeline", "transformer", "config.json"))
+    lora = os.path.join(smoke, "twinflow_lora")
+    assert os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors"))
+    assert os.path.isfile(os.path.join(lora, "anystep_embeddings.safetensors"))
+    assert os.path.isfile(os.path.join(smoke, "twinflow_full", "transformer", "anystep_embeddings.safetensors"))
+    for phase in ("glance-slow", "glance-fast"):
+        assert os.path.isfile(os.path.join(smoke, "glance", phase, "pytorch_lora_weights.safetensors"))
+    cfg = json.load(open(os.path.join(smoke, "twinflow_lora.config.json")))
+    assert cfg["twinflow_adversarial_enabled"] is True and cfg["use_ema"] is True
+    assert cfg["pretrained_model_name_or_path"].endswith("teacher_pipeline")
+    times = json.load(open(os.path.join(smoke, "times.json")))
+    assert set(times) == {"teacher", "twinflow_lora", "twinflow_full", "glance"}
+    assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in times.values())
+
+
+def test_smoke_metrics_are_finite_and_reported(smoke):
+    results = os.path.join(smoke, "results")
+    text = open(os.path.join(results, "RESULTS.md")).read()
+    assert "SMOKE RUN" in text
+    for row in ROWS + ["real-train"]:
+        r = json.load(open(os.path.join(smoke, "eval", f"{row}.json")))
+        for key in ("fd", "accuracy", "diversity"):
+            assert math.isfinite(r[key]), (row, key, r[key])
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= -1e-6 and r["n"] > 0
+        assert os.path.getsize(os.path.join(results, f"{row}.png" if row != "real-train" else "real.png")) > 0
+    for method in ("TwinFlow lora", "TwinFlow full", "Glance", "teacher (Euler)"):
+        assert method in text
