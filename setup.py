@@ -15,6 +15,7 @@ setup(
         "fewstep.engine",
         "fewstep.methods",
         "fewstep.models",
+        "fewstep.planning",
         "fewstep.schedulers",
         "fewstep.kernels",
     ],

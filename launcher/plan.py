@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Will it fit? Per-GPU memory of every ZeRO layout for a fewstep config, and the one to use.
+
+    python launcher/plan.py --config my.json --gpus 8 [--nodes 1] [--gpu_mem_gb 80] [--host_mem_gb 1000]
+                            [--model_config configs/models/qwen_image.json] [--text_tokens 512] [--key value ...]
+
+--config: one or more fewstep configs; --gpus: GPUs in all, a comma list plans each (--gpus 1,8,32);
+--nodes: default ceil(gpus / 8).
+--gpu_mem_gb / --host_mem_gb: GiB per GPU / per node. Other --key value pairs override the fewstep config
+(e.g. --model_type full --lora_rank 64 --resolution 1024). Nothing touches a GPU: the model is built on meta.
+"""
+import argparse
+import sys
+
+from fewstep.config import ConfigError, load_config
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, nargs="+", help="fewstep JSON config(s)")
+    ap.add_argument("--gpus", default="1", help="GPUs in all; a comma list plans each (default 1)")
+    ap.add_argument("--nodes", type=int, default=None, help="nodes (default ceil(gpus / 8))")
+    ap.add_argument("--gpu_mem_gb", type=float, default=80.0, help="GiB per GPU (default 80)")
+    ap.add_argument("--host_mem_gb", type=float, default=None, help="host GiB per node (checks offload layouts)")
+    ap.add_argument("--model_config", default=None, help="diffusers transformer config.json to plan for")
+    ap.add_argument("--text_tokens", type=int, default=None, help="text tokens (default: the pipeline's)")
+    ap.add_argument("--overhead_gb", type=float, default=2.0, help="per-GPU runtime overhead: CUDA context, NCCL")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        gpus = [int(g) for g in args.gpus.split(",")]
+        cfgs = [load_config(path, overrides) for path in args.config]
+    except ValueError as e:  # ConfigError is a ValueError; so is a bad --gpus list
+        print(f"fewstep plan: {'config error: ' if isinstance(e, ConfigError) else '--gpus: '}{e}", file=sys.stderr)
+        return 2
+    from fewstep.planning import format_table, plan_memory
+
+    for i, (cfg, n) in enumerate((cfg, n) for cfg in cfgs for n in gpus):
+        try:
+            plan = plan_memory(cfg, n, args.nodes, args.gpu_mem_gb, args.host_mem_gb, model_config=args.model_config,
+                               text_tokens=args.text_tokens, overhead_gb=args.overhead_gb)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"fewstep plan: {e}", file=sys.stderr)
+            return 2
+        print(("\n" if i else "") + format_table(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,258 @@
+"""Per-GPU memory of each ZeRO layout (DeepSpeed 0.19.8 as fewstep configures it), the plan and its table.
+
+Per GPU, with N = GPUs in the run, P = all parameters, Pt = trainable ones, w = 2 bytes (bf16) or 4 (fp32):
+
+    params  w*P (stages 0-2) | w*P/N + persistent small params + gathered window (stage 3): the live parameters
+            w*max(largest module, min(P, max_live + prefetch)), freed again before the optimizer step
+    grads   w*Pt (stage 0; stage 1 until the reduce at the end of backward) | w*Pt/N (stages 2, 3), plus the reduce
+            buckets: w*reduce_bucket_size (x2 with overlap_comm at stages 1-2), all-reduce buckets at stage 0
+    optim   fp32 master 4*Pt (at stage 0 only with bf16; DeepSpeed clones it even in fp32 at stages >= 1) + Adam
+            m, v 8*Pt; divided by N at stages >= 1
+    ema     fewstep's EMA shadows this rank's fp32 master partition: 4*Pt (/N at stages >= 1); under LoRA that is
+            the adapter's (tiny) partition
+    step    optimizer-step transients: the reduced gradient partition w*Pt/N, its fp32 copy 4*Pt/N (bf16; always at
+            stage 3) and torch AdamW's temporaries (foreach on CUDA: one 4*Pt/N list; DeepSpeed's fused Adam: none);
+            stage 3 keeps its reduce bucket here too
+    acts    activation peak (fewstep.planning.activations), TwinFlow's no-grad teacher passes included
+
+    total = params + optim + ema + max(grads + acts, step) + overhead   (stage 3: the window goes with grads + acts)
+
+Optimizer offload moves master, m, v, EMA and the fp32 gradients to the host, 16*Pt/N (+ 4*Pt/N EMA) per rank, and
+runs the step there; parameter offload (stage 3) moves the w*P/N partition. Host memory is reported per node.
+On CPU (gloo, CI) two more terms were measured: gloo's all-gather copies its output through a staging buffer (the flat
+weights, w*P, at stages 1-2; a coalesced fetch at stage 3) and torch AdamW's CPU for-loop holds two temporaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fewstep.planning.activations import MODEL_INPUTS, Activations, cached_activations
+from fewstep.planning.model import ParamCounts, build_meta_transformer, count_params, resolve_model_config
+
+GiB = 2 ** 30
+
+
+@dataclass
+class ZeroKnobs:
+    """The DeepSpeed settings memory depends on (defaults: fewstep's generated config on GPU)."""
+
+    reduce_bucket_size: float = 5e8
+    allreduce_bucket_size: float = 5e8  # stage 0's gradient all-reduce buckets
+    overlap_comm: bool = True  # stages 1-2: double reduce buffers
+    max_live_parameters: float = 1e9  # stage 3 gathered window
+    prefetch_bucket_size: float = 5e7
+    param_persistence_threshold: float = 1e5
+    fused_adam: bool = False  # DeepSpeed's fused Adam (optimizer: deepspeed) updates in place
+    device: str = "cuda"  # "cpu": gloo collectives and torch AdamW's for-loop (measured in CI)
+
+    @property
+    def adam_temporaries(self) -> int:
+        """fp32 partition-sized temporaries of one torch AdamW step: the foreach path (CUDA) makes sqrt(v) a new
+        list; the CPU for-loop computes `v.sqrt() / c` (two alive at once). Fused Adam: none."""
+        return 0 if self.fused_adam else (1 if self.device == "cuda" else 2)
+
+
+@dataclass
+class Layout:
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    params: float  # bytes per GPU, each term as in the module docstring
+    grads: float
+    optim: float
+    ema: float
+    acts: float
+    step: float
+    overhead: float
+    host_per_node: float
+    window: float = 0.0  # ZeRO-3 gathered weights (inside params), freed before the optimizer step
+    total: float = 0.0
+    fits: bool = False
+    host_fits: bool | None = None  # None: no --host_mem_gb given
+
+    @property
+    def name(self) -> str:
+        off = "+".join(k for k, on in (("opt", self.offload_optimizer), ("param", self.offload_param)) if on)
+        return f"ZeRO-{self.stage}" + (f" offload {off}" if off else "")
+
+
+def layout_memory(c: ParamCounts, acts: float, *, stage: int, offload_optimizer: bool = False,
+                  offload_param: bool = False, gpus: int = 1, nodes: int = 1, bf16: bool = True, ema: bool = False,
+                  knobs: ZeroKnobs = ZeroKnobs(), overhead: float = 0.0) -> Layout:
+    """Per-GPU bytes of one ZeRO layout on `gpus` GPUs in all, over `nodes` nodes (module docstring: each term)."""
+    if (offload_param and stage != 3) or (offload_optimizer and stage == 0):
+        raise ValueError(f"ZeRO stage {stage} cannot offload {'parameters' if offload_param else 'the optimizer'}: "
+                         "optimizer offload needs stage >= 1, parameter offload stage 3")
+    n = gpus
+    w, P, Pt = (2 if bf16 else 4), c.total, c.trainable
+    shard = Pt if stage == 0 else Pt / n  # this rank's share of what the optimizer owns
+    window = 0.0
+    if stage < 3:
+        params = w * P + c.buffer_bytes
+    else:
+        window = w * max(c.largest_module, min(P, knobs.max_live_parameters + knobs.prefetch_bucket_size))
+        if knobs.device == "cpu":  # gloo stages each coalesced fetch (<= prefetch bucket) through a copy
+            window += w * min(P, knobs.prefetch_bucket_size + c.largest_module)
+        params = (0 if offload_param else w * P / n) + w * c.persistent + c.buffer_bytes + window
+    buckets = w * knobs.reduce_bucket_size * (2 if knobs.overlap_comm and stage < 3 else 1)
+    if stage == 0:
+        grads = w * Pt + (w * min(Pt, knobs.allreduce_bucket_size) if n > 1 else 0)
+    elif stage == 1:
+        grads = w * Pt + buckets
+    else:
+        grads = (0 if offload_optimizer else w * Pt / n) + buckets
+    master = 4 * Pt if (stage > 0 or bf16) else 0
+    optim = 0 if offload_optimizer else (master + 8 * Pt) / (1 if stage == 0 else n)
+    shadow = 4 * shard if ema else 0
+    step = 0.0  # with optimizer offload the step runs on the host
+    if not offload_optimizer:
+        fp32_grads = 4 * shard if (bf16 or stage == 3) else 0
+        step = w * shard + fp32_grads + knobs.adam_temporaries * 4 * shard
+    if stage == 3:  # ZeRO-3 allocates its reduce bucket once, at initialize: it is there at the step too
+        step += buckets
+    if knobs.device == "cpu" and 0 < stage < 3:  # gloo's all-gather of the updated weights copies the flat buffer
+        step = max(step, w * P)
+    host = (16 * Pt / n + (4 * Pt / n if ema else 0) if offload_optimizer else 0) + (w * P / n if offload_param else 0)
+    lay = Layout(stage, offload_optimizer, offload_param, params, grads, optim, 0 if offload_optimizer else shadow,
+                 acts, step, overhead, host * (gpus // nodes), window)
+    lay.total = params - window + optim + lay.ema + max(grads + acts + window, step) + overhead
+    return lay
+
+
+# every layout, least communication first: lowest stage without offload, then optimizer, then parameter offload
+LAYOUTS = [(0, False, False), (1, False, False), (2, False, False), (3, False, False), (1, True, False),
+           (2, True, False), (3, True, False), (3, False, True), (3, True, True)]
+
+
+@dataclass
+class Plan:
+    model: str  # the transformer class
+    counts: ParamCounts
+    activations: Activations
+    settings: dict
+    layouts: list
+    recommended: Layout | None
+    configured: Layout | None  # the layout the config asks for
+
+
+def as_config(cfg):
+    """A validated fewstep Config from a Config, a dict (SimpleTuner '--key' spelling accepted) or a JSON path."""
+    from fewstep.config import Config, load_config
+
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, (str, os.PathLike)):
+        return load_config(str(cfg))
+    return load_config(None, dict(cfg))
+
+
+def knobs_for(cfg, device: str = "cuda") -> ZeroKnobs:
+    """ZeroKnobs from the DeepSpeed config fewstep generates for `cfg` (its `deepspeed_config` overrides included);
+    overlap_comm is on exactly on CUDA, as the engine sets it."""
+    from fewstep.engine.deepspeed_engine import build_ds_config
+
+    z = build_ds_config(dataclasses.replace(cfg, zero_stage=3, offload_optimizer=False, offload_param=False))
+    z, d = z["zero_optimization"], ZeroKnobs()
+    return ZeroKnobs(float(z.get("reduce_bucket_size", d.reduce_bucket_size)),
+                     float(z.get("allreduce_bucket_size", d.allreduce_bucket_size)), device == "cuda",
+                     float(z.get("stage3_max_live_parameters", d.max_live_parameters)),
+                     float(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
+                     float(z.get("stage3_param_persistence_threshold", d.param_persistence_threshold)),
+                     cfg.optimizer == "deepspeed", device)
+
+
+def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float = 80.0,
+                host_mem_gb: float | None = None, *, model_config: str | dict | None = None,
+                text_tokens: int | None = None, overhead_gb: float = 2.0, margin: float = 0.05,
+                knobs: ZeroKnobs | None = None) -> Plan:
+    """Memory of every ZeRO layout (stages 0-3, optimizer / parameter offload) for `cfg` on `gpus` GPUs in all.
+
+    cfg: a fewstep Config, config dict or JSON path. nodes: default ceil(gpus / 8). gpu_mem_gb, host_mem_gb: GiB per
+    GPU, per node. model_config: a diffusers config path or dict instead of the family's shipped one. A layout fits
+    when its total (overhead_gb of CUDA context / NCCL included) is within (1 - margin) of gpu_mem_gb; the
+    recommendation is the first fitting layout of `LAYOUTS`.
+    """
+    cfg = as_config(cfg)
+    nodes = nodes or -(-gpus // 8)
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise ValueError(f"gpus must be a positive multiple of nodes, got gpus={gpus}, nodes={nodes}")
+    res = cfg.resolution or 1024
+    if res % 16:
+        raise ValueError(f"resolution must be a multiple of 16 (VAE /8, then 2x2 patches), got {res}")
+    mc = model_config if isinstance(model_config, dict) else resolve_model_config(
+        cfg.model_family, cfg.pretrained_model_name_or_path, model_config)
+    from fewstep.models import get_adapter
+
+    adapter = get_adapter(cfg.model_family)
+    knobs = knobs or knobs_for(cfg)
+    bf16, lora, twinflow = cfg.bf16, cfg.model_type == "lora", cfg.resolved_method == "twinflow"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    targets = tuple(cfg.lora_targets or adapter.default_lora_targets) if lora else ()
+    meta = build_meta_transformer(mc, dtype)
+    extra = 0
+    if twinflow:  # TwinFlow trains its any-step (target time, sign) embeddings in both modes
+        with torch.device("meta"):
+            extra = sum(p.numel() for p in adapter.add_anystep(meta).parameters())
+    counts = count_params(meta, lora=lora, targets=targets, rank=cfg.lora_rank, extra_trainable=extra,
+                          persistence_threshold=int(knobs.param_persistence_threshold))
+    txt = text_tokens or adapter.default_text_len + MODEL_INPUTS.get(mc["_class_name"], (None, 0))[1]
+    acts = cached_activations(json.dumps(mc, sort_keys=True), cfg.train_batch_size, res, txt, dtype, targets,
+                              cfg.lora_rank, adapter.add_anystep if twinflow else None)
+    act_bytes = acts.peak(cfg.gradient_checkpointing, teacher=twinflow)
+    layouts = []
+    for stage, off_opt, off_par in LAYOUTS:
+        lay = layout_memory(counts, act_bytes, stage=stage, offload_optimizer=off_opt, offload_param=off_par,
+                            gpus=gpus, nodes=nodes, bf16=bf16, ema=cfg.use_ema, knobs=knobs,
+                            overhead=overhead_gb * GiB)
+        lay.fits = lay.total <= gpu_mem_gb * GiB * (1 - margin)
+        lay.host_fits = None if host_mem_gb is None else lay.host_per_node <= host_mem_gb * GiB * (1 - margin)
+        layouts.append(lay)
+    fitting = [lay for lay in layouts if lay.fits and lay.host_fits is not False]
+    configured = next((lay for lay in layouts if (lay.stage, lay.offload_optimizer, lay.offload_param) ==
+                       (cfg.zero_stage, cfg.offload_optimizer, cfg.offload_param)), None)
+    settings = dict(model_type=cfg.model_type, lora_rank=cfg.lora_rank if lora else None, method=cfg.resolved_method,
+                    resolution=res, image_tokens=(res // 16) ** 2, text_tokens=txt, batch=cfg.train_batch_size,
+                    checkpointing=cfg.gradient_checkpointing, precision="bf16" if bf16 else "fp32", ema=cfg.use_ema,
+                    gpus=gpus, nodes=nodes, gpu_mem_gb=gpu_mem_gb, host_mem_gb=host_mem_gb, overhead_gb=overhead_gb,
+                    margin=margin, optimizer="fused Adam" if knobs.fused_adam else "torch AdamW")
+    return Plan(mc["_class_name"], counts, acts, settings, layouts, fitting[0] if fitting else None, configured)
+
+
+def format_table(plan: Plan) -> str:
+    """The plan as a fixed-width table (GiB per GPU, host GiB per node) with the recommendation."""
+    s, c, a = plan.settings, plan.counts, plan.activations
+    g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+    mode = f"LoRA r{s['lora_rank']}" if s["model_type"] == "lora" else "full fine-tuning"
+    lines = [f"{plan.model}: {c.total / 1e9:.3f}B params, {c.trainable / 1e6:,.1f}M trainable ({mode}), "
+             f"{c.frozen / 1e9:.3f}B frozen",
+             f"{s['method']}, {s['precision']}, {s['resolution']}px = {s['image_tokens']} image + {s['text_tokens']} "
+             f"text tokens, batch {s['batch']}/GPU, checkpointing {'on' if s['checkpointing'] else 'off'}, "
+             f"EMA {'on' if s['ema'] else 'off'}, {s['optimizer']}",
+             f"{s['gpus']} GPU(s) = {s['nodes']} node(s) x {s['gpus'] // s['nodes']}, {s['gpu_mem_gb']:g} GiB per GPU "
+             f"(fits: total <= {100 * (1 - s['margin']):.0f}%)" +
+             (f", {s['host_mem_gb']:g} GiB host per node" if s["host_mem_gb"] else ""), ""]
+    head = (f"  {'layout':<24}{'params':>7}{'grads':>7}{'optim':>7}{'ema':>6}{'acts':>6}{'step':>6}{'total':>7}"
+            f"{'host':>7}  fits")
+    lines += [head, "-" * len(head)]
+    for lay in plan.layouts:
+        mark = ("*" if lay is plan.configured else " ") + (">" if lay is plan.recommended else " ")
+        fit = ("yes" if lay.fits else "no") + (" (host: no)" if lay.host_fits is False else "")
+        lines.append(f"{mark}{lay.name:<24}{g(lay.params):>7}{g(lay.grads):>7}{g(lay.optim):>7}{g(lay.ema):>6}"
+                     f"{g(lay.acts):>6}{g(lay.step):>6}{g(lay.total):>7}{g(lay.host_per_node):>7}  {fit}")
+    lines += ["", f"GiB per GPU; host = GiB per node. total = params + optim + ema + max(grads + acts, step) + "
+                  f"{s['overhead_gb']:g} runtime",
+              "(grads include reduce buckets; step = optimizer-step transients; ZeRO-3 params include the gathered "
+              "window, which goes with grads + acts)",
+              f"activations: {g(a.saved(False))} GiB saved without checkpointing, {g(a.saved(True))} GiB with; one "
+              f"block {g(a.block)} GiB" + ("; TwinFlow teacher passes run without grad, a block at a time"
+                                            if s["method"] == "twinflow" else ""),
+              "* configured layout   > recommended (least communication that fits)"]
+    rec = plan.recommended
+    lines.append(f"recommended: {rec.name}, {g(rec.total)} GiB per GPU" if rec else
+                 "recommended: nothing fits - add GPUs, turn on gradient_checkpointing, lower the batch, or use LoRA")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""The transformer to plan for, on the meta device: its config, its exact parameter counts, LoRA counted analytically.
+
+Shipped architectures live in `configs/models/*.json` (a diffusers transformer config with `_class_name`); a local
+diffusers folder's `transformer/config.json` works the same. Building on the meta device allocates nothing, so the
+20B Qwen-Image transformer takes a fraction of a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
+# shipped architecture per model family (used when the pretrained path is a hub id rather than a local folder)
+FAMILY_MODEL_CONFIGS = {"qwenimage": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json"}
+
+
+def load_model_config(path: str | os.PathLike) -> dict:
+    """Read a diffusers transformer config JSON; it must name its class in `_class_name`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model config not found: {path}")
+    with open(path) as fh:
+        cfg = json.load(fh)
+    if not isinstance(cfg, dict) or "_class_name" not in cfg:
+        raise ValueError(f"{path}: expected a diffusers transformer config with '_class_name', like "
+                         f"{MODEL_CONFIG_DIR / 'flux_dev.json'}")
+    return cfg
+
+
+def resolve_model_config(family: str, name_or_path: str | None, model_config: str | None = None) -> dict:
+    """The transformer config to plan for: an explicit JSON, a local diffusers folder, or the family's shipped one."""
+    if model_config:
+        return load_model_config(model_config)
+    if name_or_path and os.path.isdir(name_or_path):
+        for sub in ("transformer/config.json", "config.json"):
+            if os.path.isfile(os.path.join(name_or_path, sub)):
+                return load_model_config(os.path.join(name_or_path, sub))
+        raise ValueError(f"pretrained_model_name_or_path {name_or_path!r} is a folder without transformer/config.json")
+    from fewstep.models import get_adapter
+
+    key = get_adapter(family).family
+    if key not in FAMILY_MODEL_CONFIGS:
+        raise ValueError(f"model_family {family!r} has no shipped architecture (known: "
+                         f"{', '.join(FAMILY_MODEL_CONFIGS)}); pass --model_config <diffusers config.json>")
+    return load_model_config(MODEL_CONFIG_DIR / FAMILY_MODEL_CONFIGS[key])
+
+
+def build_meta_transformer(model_config: dict, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The diffusers transformer named by `_class_name`, on the meta device (exact shapes, no memory)."""
+    import diffusers
+
+    cls = getattr(diffusers, model_config["_class_name"], None)
+    if cls is None:
+        raise ValueError(f"_class_name {model_config['_class_name']!r} is not a diffusers class")
+    kwargs = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = cls.from_config(kwargs)
+    return cast(model, dtype)
+
+
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype) without diffusers' warning about modules to keep in float32 (nothing is loaded here)."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return model.to(dtype)
+    finally:
+        logging.set_verbosity(level)
+
+
+def lora_param_count(model: nn.Module, targets, rank: int) -> int:
+    """Parameters peft's LoRA adds: rank * (in + out) per targeted Linear. A module is targeted when its qualified
+    name equals a target or ends with '.' + target (peft's rule for a list of names)."""
+    total, hit = 0, set()
+    for name, mod in model.named_modules():
+        match = [t for t in targets if name == t or name.endswith("." + t)]
+        if not match:
+            continue
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"LoRA target {match[0]!r} matches {name} ({type(mod).__name__}), not a Linear")
+        total += rank * (mod.in_features + mod.out_features)
+        hit.update(match)
+    missing = set(targets) - hit
+    if missing:
+        raise ValueError(f"LoRA targets {sorted(missing)} match no module of {type(model).__name__}")
+    return total
+
+
+@dataclass
+class ParamCounts:
+    total: int  # every parameter the engine holds (base + LoRA + any-step embeddings)
+    trainable: int
+    buffer_bytes: int  # non-parameter buffers (SD3's positional table), replicated on every GPU
+    persistent: int  # ZeRO-3: parameters at or below the persistence threshold, kept whole on every rank
+    largest_module: int  # DeepSpeed's "largest layer": the most parameters one module holds directly
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trainable
+
+
+def count_params(model: nn.Module, *, lora: bool, targets=(), rank: int = 0, extra_trainable: int = 0,
+                 persistence_threshold: int = 0) -> ParamCounts:
+    """Exact counts for full fine-tuning, or for LoRA (counted analytically: no peft needed) on a meta model.
+
+    extra_trainable: parameters already in `model` that train under LoRA too (TwinFlow's any-step embeddings).
+    """
+    base = sum(p.numel() for p in model.parameters())
+    n_lora = lora_param_count(model, targets, rank) if lora else 0
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() <= persistence_threshold)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return ParamCounts(base + n_lora, (n_lora + extra_trainable) if lora else base, buffers, persistent, largest)
