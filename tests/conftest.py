@@ -1,5 +1,4 @@
 """Shared test fixtures: a tiny dataset and config builder that exercise the same paths users hit."""
-import json
 import os
 import sys
 

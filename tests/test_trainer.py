@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import PY, cpu_env, read_metrics, run, write_config, write_dataset
+from fewstep_testing import PY, cpu_env, read_metrics, write_config, write_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from fewstep.jsonfile import load_json
 
 
 class ConfigError(ValueError):
@@ -288,13 +289,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
     raw: dict[str, Any] = {}
     source: dict[str, str] = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        data = load_json(path, ConfigError, "config file")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object of options")
         for k, v in data.items():

@@ -6,7 +6,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import PY, read_metrics, run, write_config, write_dataset
+from fewstep_testing import read_metrics, run, write_config, write_dataset
 
 
 def test_zero2_zero3_lora_and_full_on_two_ranks(tmp_path):

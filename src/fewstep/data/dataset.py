@@ -6,7 +6,6 @@ A backend entry looks like `{"backend": "simple", "resolution": 1024, "shuffle":
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from fewstep.jsonfile import load_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BACKEND_KEYS = {"id", "backend", "type", "resolution", "shuffle", "image_dir", "instance_data_dir",
@@ -41,13 +42,7 @@ class Backend:
 
 def load_backends(path: str, resolution_override: Optional[int] = None) -> list[Backend]:
     """Parse multidatabackend.json; relative dirs resolve against the working directory, then the file's folder."""
-    if not os.path.isfile(path):
-        raise DataError(f"data_backend_config not found: {path}")
-    with open(path) as fh:
-        try:
-            entries = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+    entries = load_json(path, DataError, "data_backend_config")
     if isinstance(entries, dict):
         entries = [entries]
     backends = []
