@@ -99,3 +99,8 @@ def test_missing_required_and_missing_file(tmp_path):
 def test_glance_method_needs_both_lists(tmp_path):
     with pytest.raises(ConfigError, match="glance_slow_timesteps"):
         load_config(write(tmp_path, {**SEED_GLANCE, "method": "glance", "flow_custom_timesteps": None}))
+
+
+def test_none_string_is_a_valid_choice_not_null(tmp_path):
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "report_to": "none"})).report_to == "none"
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "distillation_method": "null"})).distillation_method is None

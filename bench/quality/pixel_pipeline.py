@@ -4,17 +4,18 @@ Everything is a real diffusers `FluxPipeline` folder written with `save_pretrain
 the same `from_pretrained` loaders as a real FLUX.1 checkpoint. Text encoders and tokenizers are fewstep's tiny ones
 (random, frozen; captions map to distinct word tokens), the transformer is random-initialised and trained from scratch.
 
-The pixel VAE. An `AutoencoderKL` with one level (spatial factor 1) whose weights are set so that encode/decode is the
-identity on grey images, up to ~1e-6:
+The pixel VAE. An `AutoencoderKL` (one latent channel) whose weights are set so that it is exact on grey images:
   * every resnet's second conv is zero, so each resnet block returns its input; the mid-block has no attention;
   * conv_in writes 8 channels [r, g, b, -r, -g, -b, K, -K] (K = 1000, from the bias). One GroupNorm group spans all 8,
     so its mean is exactly 0 and its variance (K^2 + sum E[c^2]) / 4 is K^2/4 to 1e-6: with weight K/2 the norm
     passes the signal through unchanged (relative error ~|x|^2 / K^2);
   * the GroupNorm bias adds 20 before the SiLU, where SiLU(x) = x to 4e-8 relative (|x| <= ~4), and conv_out
     removes it again;
-  * the encoder's latent mean is the grey value (r + g + b) / 3, its log-variance -30; the decoder writes it to RGB.
+  * the encoder's latent mean is the grey value (r + g + b) / 3, its log-variance -30; the decoder writes it to RGB;
+  * with 2 levels (the default, spatial factor 2) the encoder's downsampler is a 2x2 average and the decoder's
+    upsampler nearest-neighbour x2 followed by a pass-through conv: lossless on 2x nearest-upsampled images.
 The VAE's `shift_factor` / `scaling_factor` standardise the training pixels (mean 0, std 1), as a real VAE's do, so the
-flow model sees zero-mean unit-variance latents. Latents are therefore the (standardised) pixels themselves.
+flow model sees zero-mean unit-variance latents. Latents are therefore the (standardised) 8x8 digits themselves.
 """
 from __future__ import annotations
 
@@ -124,8 +125,7 @@ def with_transformer(base_dir: str, transformer_dir: str, out_dir: str) -> str:
     for name in os.listdir(base_dir):
         src = os.path.abspath(transformer_dir if name == "transformer" else os.path.join(base_dir, name))
         dst = os.path.join(out_dir, name)
-        if os.path.lexists(dst):
-            os.remove(dst) if os.path.islink(dst) or os.path.isfile(dst) else None
-        if not os.path.lexists(dst):
-            os.symlink(src, dst)
+        if os.path.islink(dst):
+            os.remove(dst)
+        os.symlink(src, dst)
     return out_dir

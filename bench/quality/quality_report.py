@@ -1,7 +1,6 @@
 """PNG sample grids and the RESULTS.md table, from the JSON files the stages wrote under <out>."""
 from __future__ import annotations
 
-import datetime
 import glob
 import json
 import os
@@ -13,8 +12,6 @@ from PIL import Image
 ROW_ORDER = ["real-train", "teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "teacher-cfg1.5-50",
              "teacher-glance-schedule-10", "twinflow-lora-1", "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1",
              "twinflow-full-2", "twinflow-full-4", "glance-10"]
-TRAIN_OF = {"teacher": "teacher", "twinflow-lora": "twinflow_lora", "twinflow-full": "twinflow_full",
-            "glance": "glance"}
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: str, cols: int = 8, scale: int = 2) -> str:
@@ -32,13 +29,6 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: str, cols: int = 8, 
     return path
 
 
-def _train_key(row: str) -> str | None:
-    for prefix, key in TRAIN_OF.items():
-        if row.startswith(prefix):
-            return key
-    return None
-
-
 def load_rows(out: str) -> list[dict]:
     """Every evaluated row, in table order, with the training time of the model it samples from."""
     times_path = os.path.join(out, "times.json")
@@ -48,9 +38,11 @@ def load_rows(out: str) -> list[dict]:
         with open(path) as fh:
             r = json.load(fh)
         found[r["row"]] = r
-    ordered = [found.pop(k) for k in ROW_ORDER if k in found] + [found[k] for k in sorted(found)]
+    rest = sorted(found.values(), key=lambda x: (x.get("train") or "", x["nfe"] or 0))  # by run, then NFE
+    ordered = [found.pop(k) for k in ROW_ORDER if k in found]
+    ordered += [x for x in rest if x["row"] in found]
     for r in ordered:
-        t = times.get(_train_key(r["row"]) or "", {})
+        t = times.get(r.get("train") or "", {})
         r["train_wall_s"], r["train_cpu_s"], r["train_steps"] = t.get("wall_s"), t.get("cpu_s"), t.get("steps")
     return ordered
 
@@ -62,6 +54,7 @@ def _fmt_time(wall, cpu, steps) -> str:
 
 
 def table(rows: list[dict], grid_prefix: str = "") -> str:
+    """The Markdown results table, one line per row, linking each row's PNG grid."""
     lines = ["| row | NFE | FD (lower is better) | accuracy | diversity | training time (wall, CPU) | samples |",
              "|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
@@ -82,9 +75,11 @@ def targets(rows: list[dict]) -> list[str]:
         if tf and t50:
             ok_fd = tf["fd"] <= 1.2 * t50["fd"]
             ok_acc = tf["accuracy"] >= t50["accuracy"] - 0.02
+            diff = 100 * (tf["accuracy"] - t50["accuracy"])
             out.append(f"- TwinFlow {kind} at 1 NFE: FD {tf['fd']:.2f} vs 1.2 x teacher-50 = {1.2 * t50['fd']:.2f} "
                        f"-> **{'met' if ok_fd else 'missed'}**; accuracy {100 * tf['accuracy']:.1f}% vs teacher-50 "
-                       f"{100 * t50['accuracy']:.1f}% (within 2 points) -> **{'met' if ok_acc else 'missed'}**")
+                       f"{100 * t50['accuracy']:.1f}% ({diff:+.1f} points; read as no more than 2 points below) -> "
+                       f"**{'met' if ok_acc else 'missed'}**")
     if t1 and t50:
         out.append(f"- Teacher at 1 NFE far worse than at 50: FD {t1['fd']:.2f} vs {t50['fd']:.2f} -> "
                    f"**{'met' if t1['fd'] > 2 * t50['fd'] else 'missed'}** (taken as > 2x)")
@@ -109,6 +104,8 @@ def setup_section(out: str, prep: dict, settings: dict) -> list[str]:
 
     common = ("method", "model_type", "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler",
               "lr_warmup_steps", "caption_dropout_probability")
+    glance_keys = ("method", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "lora_rank",
+                   "lora_alpha")
     twin = ("use_ema", "ema_decay", "twinflow_adversarial_enabled", "twinflow_estimate_order",
             "twinflow_enhanced_ratio", "twinflow_delta_t", "twinflow_target_clamp")
     return [
@@ -134,8 +131,8 @@ def setup_section(out: str, prep: dict, settings: dict) -> list[str]:
         "defaults (UCGM, stochastic ratio 1, end gaps 0.6 / 0.5 for 1-2 / 4 steps), tt = 0, sign +1, exactly as "
         "`launcher/sample.py`.",
         f"- **Glance**: ONE training image (a \"three\", training index {prep.get('glance_image_index', '?')}), "
-        f"{opt(g, 'method', 'max_train_steps', 'learning_rate', 'lr_scheduler', 'lr_warmup_steps', 'lora_rank', 'lora_alpha')}"
-        f", batch 1, default LoRA targets; Slow sigmas {[round(s, 4) for s in g.get('glance_slow_timesteps', [])]}, "
+        f"{opt(g, *glance_keys)} (per phase), batch 1, default LoRA targets; "
+        f"Slow sigmas {[round(s, 4) for s in g.get('glance_slow_timesteps', [])]}, "
         f"Fast {[round(s, 4) for s in g.get('glance_fast_timesteps', [])]} (steps 1,3,5,7,9 and 11,21,31,41,50 of the "
         "teacher's 50-step grid). Sampled in one pipeline with `fewstep.sampling.glance_pipeline_sample`.",
         "- **Classifier** (`bench/quality/features.py`): 3 conv layers + a 64-unit ReLU feature layer + 10 logits, "
@@ -145,8 +142,7 @@ def setup_section(out: str, prep: dict, settings: dict) -> list[str]:
     ]
 
 
-def write_results(out: str, results_dir: str, *, smoke: bool, argv: list[str], settings: dict,
-                  elapsed_s: float) -> str:
+def write_results(out: str, results_dir: str, *, smoke: bool, settings: dict) -> str:
     """Write RESULTS.md (the measured table, targets, set-up) into `results_dir`; the prose findings section is kept
     from an existing RESULTS.md (text between the FINDINGS markers), since it is written by a person."""
     rows = load_rows(out)
@@ -158,27 +154,28 @@ def write_results(out: str, results_dir: str, *, smoke: bool, argv: list[str], s
         text = open(path).read()
         if "<!-- FINDINGS -->" in text and "<!-- /FINDINGS -->" in text:
             findings = text.split("<!-- FINDINGS -->")[1].split("<!-- /FINDINGS -->")[0].strip()
-    cmd = "python bench/quality/run.py " + " ".join(argv)
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    inv_path = os.path.join(out, "invocations.json")
+    invocations = json.load(open(inv_path)) if os.path.exists(inv_path) else []
+    runs = [f"  - {i['date']}: `{i['command']}` ({i['minutes']} min)" for i in invocations] or ["  - (none recorded)"]
     md = [
         "# Method quality on real data (sklearn digits)" + (" - SMOKE RUN, NOT A RESULT" if smoke else ""),
         "",
-        f"- Date: {now}. Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, shared with other jobs; "
-        "one thread per process. Wall-clock times are therefore noisy; CPU time is the steadier measure.",
-        f"- Command: `{cmd.strip()}` ({elapsed_s / 60:.1f} min for the stages run in this invocation).",
+        f"- Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, shared with other jobs; one thread per "
+        "process. Wall-clock times are therefore noisy; CPU time is the steadier measure. Runs are deterministic "
+        "(fixed seeds, one thread): a repeated run reproduced every loss and metric exactly.",
+        "- Commands (date, wall time; finished stages and rows are skipped by later invocations):",
+        *runs,
         f"- Data: {prep.get('train', '?')} training / {prep.get('held_out', '?')} held-out digits (stratified, seed 0),"
         " 8x8 upsampled to 16x16. Generated: "
         f"{settings['samples']} samples per row ({settings['samples'] // 10} per class), the same start noise for "
         "every row.",
         f"- Classifier (feature space of FD, accuracy and diversity): held-out accuracy "
         f"{100 * prep.get('classifier_held_out_accuracy', float('nan')):.1f}%.",
-        f"- Teacher: FLUX.1-architecture transformer, {prep.get('transformer_params', 0) / 1e6:.2f} M parameters "
-        f"({settings['model']}).",
         "",
         *setup_section(out, prep, settings),
         "## Results",
         "",
-        table(rows),
+        table([r for r in rows if not r["method"].startswith("ablation")]),
         "",
         "FD: Frechet distance to the held-out split in the classifier's 64-d feature space (the `real training "
         "images` row is the floor: real data vs real data at the same sample count). Accuracy: share of samples "
@@ -186,6 +183,9 @@ def write_results(out: str, results_dir: str, *, smoke: bool, argv: list[str], s
         "relative to the held-out data's (1 = as diverse as real data). Training time: the run that produced the "
         "row's model (distillation rows build on the teacher's run).",
         "",
+        *(["### Ablations (trained beside the main runs, same settings but the one change named)", "",
+            table([r for r in rows if r["method"].startswith("ablation")]), ""]
+          if any(r["method"].startswith("ablation") for r in rows) else []),
         "## Targets",
         "",
         *(targets(rows) or ["- (no rows yet)"]),

@@ -6,8 +6,9 @@
     python bench/quality/run.py --stages eval report   # re-run some stages (finished ones are skipped unless --force)
 
 Stages: prepare (data split, dataset, pipeline, classifier, prompt embeddings) -> teacher (plain flow matching, full
-fine-tuning from random init) -> distil (TwinFlow LoRA, TwinFlow full and Glance, in parallel) -> eval (one row at a
-time, each written to <out>/eval/<row>.json at once) -> report (RESULTS.md + PNG grids). Every training run is
+fine-tuning from random init) -> distil (TwinFlow LoRA, TwinFlow full, Glance and the ABLATIONS variants, in
+parallel) -> eval (one row at a time, each written to <out>/eval/<row>.json at once) -> report (RESULTS.md + PNG
+grids). Every training run is
 `launcher/train.py --config <json>` in a subprocess; every sample comes from a stock FluxPipeline.
 """
 from __future__ import annotations
@@ -39,6 +40,12 @@ STAGES = ("prepare", "teacher", "distil", "eval", "report")
 TWINFLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                          "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out", "norm1.linear", "norm.linear",
                          "norm_out.linear"]
+# Variants trained beside the main runs (skip with --no-ablations): name -> (base run, config overrides, label).
+ABLATIONS = {
+    "twinflow_lora_nocfg": ("twinflow_lora", {"twinflow_enhanced_ratio": 0.0}, "no CFG-enhanced target"),
+    "twinflow_lora_noadv": ("twinflow_lora", {"twinflow_adversarial_enabled": False}, "no L_adv / L_rectify"),
+    "glance_10img": ("glance", {"data_backend_config": "data/ten.json"}, "10 training images (one per class)"),
+}
 GLANCE_SLOW_STEPS = (1, 3, 5, 7, 9)  # 1-based steps of the teacher's own 50-step grid
 GLANCE_FAST_STEPS = (11, 21, 31, 41, 50)
 
@@ -68,7 +75,12 @@ def parse_args(argv=None):
                                                     "or <out>/results with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (no quality claims)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--no-ablations", action="store_true", help="distil: train only the main TwinFlow/Glance runs")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BASE:key=value,...",
+                    help="distil: an extra run, e.g. twinflow_lora_2400=twinflow_lora:max_train_steps=2400 "
+                         "(recorded in <out>/variants.json; evaluated as an ablation row)")
     ap.add_argument("--force", action="store_true", help="redo finished stages/rows of the selected stages")
+    ap.add_argument("--rows", nargs="+", default=None, help="eval: only rows whose name starts with one of these")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -99,6 +111,8 @@ def prepare(args, S, out):
     # Glance's one training image: the first training "three"
     one = int(np.flatnonzero(train.labels == 3)[0])
     digits.write_dataset(train, os.path.join(out, "data", "one"), os.path.join(out, "data", "one.json"), [one])
+    ten = [int(np.flatnonzero(train.labels == k)[0]) for k in range(10)]  # one per class, for an ablation
+    digits.write_dataset(train, os.path.join(out, "data", "ten"), os.path.join(out, "data", "ten.json"), ten)
     mean, std = digits.pixel_stats(train)
     base = os.path.join(out, "base_pipeline")
     pixel_pipeline.save_pipeline(base, shift_factor=mean, scaling_factor=1.0 / std, resolution=digits.RESOLUTION,
@@ -165,6 +179,44 @@ def distil_configs(S, out):
     }
 
 
+def parse_variant(spec: str) -> tuple[str, tuple]:
+    """'name=base:key=value,key=value' -> (name, (base run, overrides, label)); values are JSON where they parse."""
+    try:
+        name, rest = spec.split("=", 1)
+        base, _, kvs = rest.partition(":")
+        over = {}
+        for kv in filter(None, kvs.split(",")):
+            k, v = kv.split("=", 1)
+            try:
+                over[k.strip()] = json.loads(v)
+            except json.JSONDecodeError:
+                over[k.strip()] = v
+    except ValueError:
+        raise SystemExit(f"--variant {spec!r}: expected NAME=BASE:key=value[,key=value...]") from None
+    if base not in ("twinflow_lora", "twinflow_full", "glance") or not name.startswith(base.split("_")[0]):
+        raise SystemExit(f"--variant {spec!r}: BASE must be twinflow_lora, twinflow_full or glance, and NAME start "
+                         "with 'twinflow' or 'glance' accordingly")
+    return name, (base, over, ", ".join(f"{k} {json.dumps(v)}" for k, v in over.items()))
+
+
+def variants(out: str) -> dict:
+    """ABLATIONS plus the --variant runs recorded in <out>/variants.json."""
+    path = os.path.join(out, "variants.json")
+    extra = {k: tuple(v) for k, v in _json(path).items()} if os.path.exists(path) else {}
+    return {**ABLATIONS, **extra}
+
+
+def ablation_configs(S, out, names=None):
+    base = distil_configs(S, out)
+    configs = {}
+    for name, (src, over, _) in variants(out).items():
+        if names is not None and name not in names:
+            continue
+        over = {k: (os.path.join(out, v) if k == "data_backend_config" else v) for k, v in over.items()}
+        configs[name] = {**base[src], **over, "output_dir": os.path.join(out, name)}
+    return configs
+
+
 def train_stage(out, configs: dict, force: bool):
     """Run launcher/train.py for each config (in parallel), record wall and CPU time in <out>/times.json."""
     times_path = os.path.join(out, "times.json")
@@ -182,7 +234,8 @@ def train_stage(out, configs: dict, force: bool):
             failed.append(name)
             continue
         times = _json(times_path) if os.path.exists(times_path) else {}
-        times[name] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "steps": configs[name]["max_train_steps"]}
+        phases = 2 if configs[name].get("method") == "glance" else 1  # Glance: Slow then Fast, each max_train_steps
+        times[name] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "steps": phases * configs[name]["max_train_steps"]}
         _json(times_path, times)
     if failed:
         raise SystemExit(f"training failed for {failed}: see " + ", ".join(os.path.join(out, f"{n}.log")
@@ -194,29 +247,38 @@ def train_stage(out, configs: dict, force: bool):
 
 
 def rows(out):
-    """(row name, method, NFE, sampling function of (cond, noise, negative)) for every table row."""
+    """(row, method, NFE, training run, sampling fn of (cond, noise, negative)) for every row whose model exists."""
     import samplers
     from fewstep.sampling import flow_sigmas
 
     teacher = os.path.join(out, "teacher_pipeline")
     slow, fast = glance_lists()
-    out_rows = [(f"teacher-{n}", "teacher (Euler)", n,
+    out_rows = [(f"teacher-{n}", "teacher (Euler)", n, "teacher",
                  lambda c, z, neg, n=n: samplers.euler(teacher, c, z, flow_sigmas(n))) for n in (1, 2, 4, 10, 50)]
-    out_rows.append(("teacher-cfg1.5-50", "teacher (Euler, CFG 1.5)", 50,
+    out_rows.append(("teacher-cfg1.5-50", "teacher (Euler, CFG 1.5)", 50, "teacher",
                      lambda c, z, neg: samplers.euler(teacher, c, z, flow_sigmas(50), negative=neg, cfg_scale=1.5)))
-    out_rows.append(("teacher-glance-schedule-10", "teacher (Euler on the Glance sigmas, no LoRA)", 10,
+    out_rows.append(("teacher-glance-schedule-10", "teacher (Euler on the Glance sigmas, no LoRA)", 10, "teacher",
                      lambda c, z, neg: samplers.euler(teacher, c, z, slow + fast)))
-    for kind in ("lora", "full"):
-        run_dir = os.path.join(out, f"twinflow_{kind}")
-        out_rows += [(f"twinflow-{kind}-{n}", f"TwinFlow {kind}", n,
-                      lambda c, z, neg, n=n, d=run_dir, k=kind: samplers.twinflow(teacher, d, c, z, n,
-                                                                                  full=(k == "full")))
+    twinflow_runs = [("twinflow_lora", "TwinFlow lora", False), ("twinflow_full", "TwinFlow full", True)]
+    twinflow_runs += [(name, f"ablation: TwinFlow {src.split('_')[1]}, {label}", src == "twinflow_full")
+                      for name, (src, _, label) in variants(out).items() if src.startswith("twinflow")]
+    for key, method, full in twinflow_runs:
+        out_rows += [(f"{key.replace('_', '-')}-{n}", method, n, key,
+                      lambda c, z, neg, n=n, d=os.path.join(out, key), f=full: samplers.twinflow(teacher, d, c, z, n,
+                                                                                                  full=f))
                      for n in (1, 2, 4)]
-    g = os.path.join(out, "glance")
-    out_rows.append(("glance-10", "Glance (5 Slow + 5 Fast)", 10,
-                     lambda c, z, neg: samplers.glance(teacher, os.path.join(g, "glance-slow"),
-                                                       os.path.join(g, "glance-fast"), c, z)))
-    return out_rows
+    glance_runs = [("glance", "Glance (5 Slow + 5 Fast)")]
+    glance_runs += [(name, f"ablation: Glance, {label}") for name, (src, _, label) in variants(out).items()
+                    if src == "glance"]
+    for key, method in glance_runs:
+        g = os.path.join(out, key)
+        out_rows.append((f"{key.replace('_', '-')}-10", method, 10, key,
+                         lambda c, z, neg, g=g: samplers.glance(teacher, os.path.join(g, "glance-slow"),
+                                                                os.path.join(g, "glance-fast"), c, z)))
+    # only rows whose training run finished (ablations are optional)
+    return [r for r in out_rows if r[3] == "teacher" or os.path.exists(os.path.join(out, r[3], "fewstep_run.json"))
+            or os.path.exists(os.path.join(out, r[3], "transformer", "fewstep_run.json"))
+            or os.path.exists(os.path.join(out, r[3], "glance-fast", "fewstep_run.json"))]
 
 
 def eval_stage(args, S, out, results_dir):
@@ -243,16 +305,16 @@ def eval_stage(args, S, out, results_dir):
     floor = features.evaluate(net, train.images[pick], train.labels[pick], ref_feats, held.labels, ref_stats)
     _json(os.path.join(out, "eval", "real-train.json"), {"row": "real-train", "method": "real training images",
                                                          "nfe": None, **floor})
-    for name, method, nfe, fn in rows(out):
+    for name, method, nfe, train_key, fn in rows(out):
         path = os.path.join(out, "eval", f"{name}.json")
-        if os.path.exists(path) and not args.force:
+        if (os.path.exists(path) and not args.force) or (args.rows and not name.startswith(tuple(args.rows))):
             continue
         t0 = time.time()
         pixels = fn(cond, noise, negative).float().numpy()
         sample_s = time.time() - t0
         res = features.evaluate(net, pixels, labels, ref_feats, held.labels, ref_stats)
         report.save_grid(pixels, labels, os.path.join(results_dir, f"{name}.png"), S["grid_cols"])
-        _json(path, {"row": name, "method": method, "nfe": nfe, **res, "sample_s": sample_s})
+        _json(path, {"row": name, "method": method, "nfe": nfe, "train": train_key, **res, "sample_s": sample_s})
         print(f"quality: {name}: FD {res['fd']:.2f} acc {res['accuracy']:.3f} div {res['diversity']:.3f} "
               f"({sample_s:.1f} s)", flush=True)
 
@@ -276,15 +338,26 @@ def main(argv=None) -> int:
         import pixel_pipeline
         pixel_pipeline.with_transformer(os.path.join(out, "base_pipeline"), os.path.join(out, "teacher", "transformer"),
                                   os.path.join(out, "teacher_pipeline"))
+    if args.variant:
+        path = os.path.join(out, "variants.json")
+        recorded = _json(path) if os.path.exists(path) else {}
+        _json(path, {**recorded, **dict(parse_variant(v) for v in args.variant)})
     if "distil" in args.stages:
-        print("quality: distil (TwinFlow LoRA, TwinFlow full, Glance; in parallel)", flush=True)
-        train_stage(out, distil_configs(S, out), args.force)
+        configs = {**distil_configs(S, out), **({} if args.no_ablations else ablation_configs(S, out))}
+        print(f"quality: distil ({', '.join(configs)}; in parallel)", flush=True)
+        train_stage(out, configs, args.force)
     if "eval" in args.stages:
         print("quality: eval", flush=True)
         eval_stage(args, S, out, results_dir)
+    if set(args.stages) - {"report"}:  # record what this invocation did, for RESULTS.md
+        argv_used = sys.argv[1:] if argv is None else argv
+        path = os.path.join(out, "invocations.json")
+        done = _json(path) if os.path.exists(path) else []
+        _json(path, done + [{"date": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_start)),
+                             "command": " ".join(["python bench/quality/run.py", *argv_used]),
+                             "minutes": round((time.time() - t_start) / 60, 1)}])
     if "report" in args.stages:
-        path = report.write_results(out, results_dir, smoke=args.smoke, argv=sys.argv[1:] if argv is None else argv,
-                                    settings=S, elapsed_s=time.time() - t_start)
+        path = report.write_results(out, results_dir, smoke=args.smoke, settings=S)
         print(f"quality: wrote {path}", flush=True)
     return 0
 

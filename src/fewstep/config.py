@@ -214,7 +214,9 @@ def _coerce(key: str, value: Any) -> Any:
     f = FIELDS[key]
     meta = f.metadata
     typ = f.type.replace("Optional[", "").rstrip("]")
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and typ != "Any"):
+    is_choice = meta["choices"] is not None and value in meta["choices"]  # e.g. report_to: "none"
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and typ != "Any"
+                         and not is_choice):
         if f.default is None or meta["choices"] and None in meta["choices"]:
             return None
         raise ConfigError(f"'{key}' may not be null")

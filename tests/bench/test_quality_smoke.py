@@ -88,6 +88,18 @@ def test_glance_lists_are_the_teachers_50_step_grid():
     assert fast == pytest.approx([1 - (i - 1) / 50 for i in (11, 21, 31, 41, 50)], abs=1e-12)
 
 
+def test_variant_spec_parses_into_base_and_overrides():
+    run_mod = _load_run()
+    name, (base, over, label) = run_mod.parse_variant(
+        "twinflow_lora_x=twinflow_lora:max_train_steps=10,twinflow_enhanced_ratio=0,twinflow_adversarial_enabled=false")
+    assert (name, base) == ("twinflow_lora_x", "twinflow_lora")
+    assert over == {"max_train_steps": 10, "twinflow_enhanced_ratio": 0, "twinflow_adversarial_enabled": False}
+    assert "max_train_steps 10" in label
+    for bad in ("no_equals_sign", "glance_x=teacher:learning_rate=1", "twinflow_x=glance:learning_rate=1"):
+        with pytest.raises(SystemExit, match="--variant"):
+            run_mod.parse_variant(bad)
+
+
 def test_digit_captions_are_distinct_known_tokens():
     digits = _load("digits")
     from fewstep.models.tiny import word_tokenizer
@@ -117,8 +129,12 @@ def smoke(tmp_path_factory):
     return str(out)
 
 
-ROWS = ["teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "twinflow-lora-1", "twinflow-lora-2",
-        "twinflow-lora-4", "twinflow-full-1", "twinflow-full-2", "twinflow-full-4", "glance-10"]
+ROWS = ["teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "teacher-cfg1.5-50",
+        "teacher-glance-schedule-10", "twinflow-lora-1", "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1",
+        "twinflow-full-2", "twinflow-full-4", "glance-10", "twinflow-lora-nocfg-1", "twinflow-lora-noadv-1",
+        "glance-10img-10"]
+RUNS = {"teacher", "twinflow_lora", "twinflow_full", "glance", "twinflow_lora_nocfg", "twinflow_lora_noadv",
+        "glance_10img"}
 
 
 def test_smoke_trains_every_model_with_the_real_exports(smoke):
@@ -134,8 +150,18 @@ def test_smoke_trains_every_model_with_the_real_exports(smoke):
     assert cfg["twinflow_adversarial_enabled"] is True and cfg["use_ema"] is True
     assert cfg["pretrained_model_name_or_path"].endswith("teacher_pipeline")
     times = json.load(open(os.path.join(smoke, "times.json")))
-    assert set(times) == {"teacher", "twinflow_lora", "twinflow_full", "glance"}
+    assert set(times) == RUNS
     assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in times.values())
+    # each ablation differs from its base run in exactly the option it names (and its output_dir)
+    for name, base, key in (("twinflow_lora_nocfg", "twinflow_lora", "twinflow_enhanced_ratio"),
+                            ("twinflow_lora_noadv", "twinflow_lora", "twinflow_adversarial_enabled"),
+                            ("glance_10img", "glance", "data_backend_config")):
+        a, b = (json.load(open(os.path.join(smoke, f"{n}.config.json"))) for n in (name, base))
+        assert {k for k in a if a[k] != b.get(k)} == {key, "output_dir"}, name
+    ten = [f for f in os.listdir(os.path.join(smoke, "data", "ten")) if f.endswith(".txt")]
+    assert sorted(open(os.path.join(smoke, "data", "ten", f)).read() for f in ten) == sorted(
+        f"a drawing of {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+    assert len([f for f in os.listdir(os.path.join(smoke, "data", "one")) if f.endswith(".png")]) == 1
 
 
 def test_smoke_metrics_are_finite_and_reported(smoke):
@@ -148,5 +174,5 @@ def test_smoke_metrics_are_finite_and_reported(smoke):
             assert math.isfinite(r[key]), (row, key, r[key])
         assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= -1e-6 and r["n"] > 0
         assert os.path.getsize(os.path.join(results, f"{row}.png" if row != "real-train" else "real.png")) > 0
-    for method in ("TwinFlow lora", "TwinFlow full", "Glance", "teacher (Euler)"):
+    for method in ("TwinFlow lora", "TwinFlow full", "Glance", "teacher (Euler)", "ablation: TwinFlow lora"):
         assert method in text
