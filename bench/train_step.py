@@ -160,9 +160,10 @@ def main(argv):
     engine, _, _ = build_engine(cfg, transformer, trainable)
     latent_shape, cond, uncond = synthetic_inputs(args, adapter, transformer, smoke_res)
     ds = SyntheticDataset(latent_shape, cond, uncond)
+    backend = resolve_backend(cfg.fused_kernels)
     ctx = dict(cfg=cfg, adapter=adapter, engine=engine, dataset=ds, dtype=torch.bfloat16, device=info.device,
-               order=DataOrder(len(ds), args.batch, 0, 1, 0), backend=resolve_backend("auto"), resolution=0,
-               ema=EMA(master_partitions(engine), cfg.ema_decay, resolve_backend("auto")) if cfg.use_ema else None)
+               order=DataOrder(len(ds), args.batch, 0, 1, 0), backend=backend, resolution=0,
+               ema=EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None)
     step_fn = make_step(cfg.resolved_method, Phase(cfg.resolved_method, 1), ctx)
 
     def one_step():

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 
-import torch
 from torch import nn
 
 from fewstep.models import anystep
@@ -38,7 +37,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     return trainable
 
 
-def _gathered(module: nn.Module, params):
+def _gathered(params):
     """Context that materialises ZeRO-3 partitioned parameters (no-op otherwise)."""
     import contextlib
 
@@ -57,7 +56,7 @@ def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool) ->
     from peft.utils import get_peft_model_state_dict
 
     lora_params = [p for n, p in transformer.named_parameters() if "lora_" in n or "anystep_embed" in n]
-    with _gathered(transformer, lora_params):
+    with _gathered(lora_params):
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
@@ -73,7 +72,7 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
     stock diffusers model. Collective under ZeRO-3."""
     from safetensors.torch import save_file
 
-    with _gathered(transformer, list(transformer.parameters())):
+    with _gathered(list(transformer.parameters())):
         if is_main:
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -95,8 +94,3 @@ def write_run_info(out_dir: str, cfg, extra: dict | None = None) -> None:
 
 def count_params(params) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
-
-
-def to_device(cond: dict, device, dtype) -> dict:
-    return {k: (v.to(device=device, dtype=dtype) if torch.is_floating_point(v) else v.to(device))
-            for k, v in cond.items()}

@@ -12,7 +12,6 @@ from typing import Callable, Optional
 import torch
 
 from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
-from fewstep.lora import to_device
 from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
 from fewstep.methods.glance import CustomTimestepSampler, parse_custom_timesteps
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
@@ -55,8 +54,15 @@ def reset_trainable(engine, initial_weights, scheduler, initial_sched) -> None:
         group["lr"] = lr
 
 
-def next_batch(ctx) -> tuple[torch.Tensor, dict, dict]:
-    """This rank's next micro-batch: latents, caption embeddings (with caption dropout), empty-prompt embeddings."""
+def to_device(cond: dict, device, dtype) -> dict:
+    """Move a batch of embeddings to the device; floating tensors also take the training dtype (masks keep theirs)."""
+    return {k: (v.to(device=device, dtype=dtype) if torch.is_floating_point(v) else v.to(device))
+            for k, v in cond.items()}
+
+
+def next_batch(ctx, with_uncond: bool = False) -> tuple[torch.Tensor, dict, Optional[dict]]:
+    """This rank's next micro-batch: latents, caption embeddings (with caption dropout) and, if asked, the
+    empty-prompt embeddings (TwinFlow's CFG target)."""
     cfg, ds, adapter = ctx["cfg"], ctx["dataset"], ctx["adapter"]
     idx = ctx["order"].next_indices()
     items = [ds.item(i) for i in idx]
@@ -64,6 +70,8 @@ def next_batch(ctx) -> tuple[torch.Tensor, dict, dict]:
     drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
     texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
     cond = to_device(adapter.collate_cond(texts), ctx["device"], ctx["dtype"])
+    if not with_uncond:
+        return x0, cond, None
     uncond = to_device(adapter.collate_cond([ds.uncond] * len(items)), ctx["device"], ctx["dtype"])
     return x0, cond, uncond
 

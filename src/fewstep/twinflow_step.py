@@ -55,7 +55,7 @@ def make_twinflow_step(ctx):
         return model(x, t, tt, cond)
 
     def step(micro: int):
-        x0, cond, uncond = next_batch(ctx)
+        x0, cond, uncond = next_batch(ctx, with_uncond=True)
         # Groups cycle over *all* micro-steps so batch sizes < 4 still see e2e/mul/any/adv rows in turn.
         groups = assign_groups(x0.shape[0], counter["micro"], adversarial=cfg.twinflow_adversarial_enabled)
         counter["micro"] += 1
