@@ -98,3 +98,17 @@ def test_seed_scheduler_snippet_in_each_pipeline(family):
                         noise, sched, 2)
     assert (got.float() - ref.float()).abs().max() < 1e-4
     assert pipe.scheduler.sigmas.tolist() == pytest.approx([0.999, 0.6, 0.0], abs=1e-6)
+
+
+def test_frozen_teacher_run_trains_and_exports_no_ema_copy(tmp_path):
+    """ema_decay 1: the teacher is the frozen start (the base under LoRA). Training runs with the CFG target built
+    on the frozen teacher; there is no EMA to export (it would be a copy of the starting weights)."""
+    backend = write_dataset(str(tmp_path), n=4)
+    cfg = write_config(str(tmp_path), backend, twinflow_enabled=True, use_ema=True, ema_decay=1.0,
+                       twinflow_enhanced_ratio=1.0, train_batch_size=4, max_train_steps=2, learning_rate=5e-3)
+    run([PY, "launcher/train.py", "--config", cfg])
+    out = os.path.join(str(tmp_path), "out")
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["n_enhanced"] > 0 for m in metrics)
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert not os.path.exists(os.path.join(out, "ema"))

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 ROW_ORDER = ["real-train", "teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "teacher-cfg1.5-50",
-             "teacher-glance-schedule-10", "twinflow-lora-1", "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1",
+             "teacher-10-shift0.6", "teacher-10-shift1.5", "teacher-10-shift3.0", "teacher-glance-schedule-10", "twinflow-lora-1", "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1",
              "twinflow-full-2", "twinflow-full-4", "glance-10"]
 
 

@@ -130,11 +130,12 @@ def smoke(tmp_path_factory):
 
 
 ROWS = ["teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "teacher-cfg1.5-50",
-        "teacher-glance-schedule-10", "twinflow-lora-1", "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1",
-        "twinflow-full-2", "twinflow-full-4", "glance-10", "twinflow-lora-nocfg-1", "twinflow-lora-noadv-1",
-        "glance-10img-10"]
-RUNS = {"teacher", "twinflow_lora", "twinflow_full", "glance", "twinflow_lora_nocfg", "twinflow_lora_noadv",
-        "glance_10img"}
+        "teacher-10-shift0.6", "teacher-10-shift3.0", "teacher-glance-schedule-10", "twinflow-lora-1",
+        "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1", "twinflow-full-2", "twinflow-full-4", "glance-10",
+        "twinflow-full-cfg-1", "twinflow-full-noadv-1", "twinflow-full-frozen-1", "glance-10img-10",
+        "glance-lr1e4-10", "glance-uniform-10"]
+RUNS = {"teacher", "twinflow_lora", "twinflow_full", "glance", "twinflow_full_cfg", "twinflow_full_noadv",
+        "twinflow_full_frozen", "glance_10img", "glance_lr1e4", "glance_uniform"}
 
 
 def test_smoke_trains_every_model_with_the_real_exports(smoke):
@@ -153,11 +154,18 @@ def test_smoke_trains_every_model_with_the_real_exports(smoke):
     assert set(times) == RUNS
     assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in times.values())
     # each ablation differs from its base run in exactly the option it names (and its output_dir)
-    for name, base, key in (("twinflow_lora_nocfg", "twinflow_lora", "twinflow_enhanced_ratio"),
-                            ("twinflow_lora_noadv", "twinflow_lora", "twinflow_adversarial_enabled"),
-                            ("glance_10img", "glance", "data_backend_config")):
+    for name, base, keys in (("twinflow_full_cfg", "twinflow_full", {"twinflow_enhanced_ratio"}),
+                             ("twinflow_full_noadv", "twinflow_full", {"twinflow_adversarial_enabled"}),
+                             ("twinflow_full_frozen", "twinflow_full", {"ema_decay", "twinflow_enhanced_ratio"}),
+                             ("glance_10img", "glance", {"data_backend_config"}),
+                             ("glance_lr1e4", "glance", {"learning_rate"}),
+                             ("glance_uniform", "glance", {"glance_slow_timesteps", "glance_fast_timesteps",
+                                                           "learning_rate"})):
         a, b = (json.load(open(os.path.join(smoke, f"{n}.config.json"))) for n in (name, base))
-        assert {k for k in a if a[k] != b.get(k)} == {key, "output_dir"}, name
+        assert {k for k in a if a[k] != b.get(k)} == keys | {"output_dir"}, name
+    uniform = json.load(open(os.path.join(smoke, "glance_uniform.config.json")))  # the teacher's plain 10 steps
+    assert uniform["glance_slow_timesteps"] + uniform["glance_fast_timesteps"] == pytest.approx(
+        [1 - i / 10 for i in range(10)], abs=1e-12)
     ten = [f for f in os.listdir(os.path.join(smoke, "data", "ten")) if f.endswith(".txt")]
     assert sorted(open(os.path.join(smoke, "data", "ten", f)).read() for f in ten) == sorted(
         f"a drawing of {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
@@ -174,5 +182,6 @@ def test_smoke_metrics_are_finite_and_reported(smoke):
             assert math.isfinite(r[key]), (row, key, r[key])
         assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= -1e-6 and r["n"] > 0
         assert os.path.getsize(os.path.join(results, f"{row}.png" if row != "real-train" else "real.png")) > 0
-    for method in ("TwinFlow lora", "TwinFlow full", "Glance", "teacher (Euler)", "ablation: TwinFlow lora"):
+    for method in ("TwinFlow lora", "TwinFlow full", "Glance", "teacher (Euler)", "ablation: TwinFlow full",
+                   "ablation: Glance"):
         assert method in text
