@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         try:
             plan = plan_memory(cfg, n, args.nodes, args.gpu_mem_gb, args.host_mem_gb, model_config=args.model_config,
                                text_tokens=args.text_tokens, overhead_gb=args.overhead_gb)
-        except (ValueError, FileNotFoundError) as e:
+        except ValueError as e:
             print(f"fewstep plan: {e}", file=sys.stderr)
             return 2
         print(("\n" if i else "") + format_table(plan))

@@ -211,6 +211,11 @@ def test_bad_inputs_are_named(tmp_path):
     bad.write_text(json.dumps({"num_layers": 2}))
     with pytest.raises(ValueError, match="_class_name"):
         load_model_config(bad)
+    with pytest.raises(ValueError, match="model config not found: .*missing.json"):
+        load_model_config(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        load_model_config(tmp_path / "broken.json")
     empty = tmp_path / "empty_model"
     empty.mkdir()
     with pytest.raises(ValueError, match="without transformer/config.json"):

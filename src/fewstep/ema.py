@@ -19,11 +19,16 @@ class EMA:
         self.decay = 0.0
         self.backend = backend
 
+    @property
+    def frozen(self) -> bool:
+        """Target decay 1: the shadow stays at the initial weights and is never updated."""
+        return self.target_decay >= 1.0
+
     @torch.no_grad()
     def update(self) -> float:
         """One EMA step at the current decay; returns the decay used."""
         d = self.decay
-        if self.target_decay < 1.0:
+        if not self.frozen:
             ema_update_(self.shadow, self.sources, d, backend=self.backend)
             self.decay = d + (1.0 - d) * (self.target_decay - d) / 2.0
         return d

@@ -180,7 +180,7 @@ def train(cfg: Config) -> dict:
         export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
             (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
         export(out)
-        if ema is not None and ema.target_decay < 1.0:  # the EMA weights, same format, under <out>/ema
+        if ema is not None and not ema.frozen:  # the EMA weights, same format, under <out>/ema
             with weights_swapped_in(engine, ema.shadow):
                 export(os.path.join(out, "ema"))
         if is_main:

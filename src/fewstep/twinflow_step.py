@@ -67,7 +67,7 @@ def make_twinflow_step(ctx):
                 clamp=cfg.twinflow_target_clamp, enhanced_ratio=cfg.twinflow_enhanced_ratio,
                 enhanced_range=tuple(cfg.twinflow_enhanced_range), adversarial=cfg.twinflow_adversarial_enabled,
                 adversarial_weight=cfg.twinflow_adversarial_weight, rectify_weight=cfg.twinflow_rectify_weight,
-                frozen_teacher=(ema is not None and cfg.ema_decay >= 1.0), ema_update=update,
+                frozen_teacher=(ema is not None and ema.frozen), ema_update=update,
                 backend=ctx["backend"])
         finally:
             if weights is not None:

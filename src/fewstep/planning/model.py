@@ -6,7 +6,6 @@ diffusers folder's `transformer/config.json` works the same. Building on the met
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fewstep.jsonfile import load_json
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
 # shipped architecture per model family (used when the pretrained path is a hub id rather than a local folder)
 FAMILY_MODEL_CONFIGS = {"qwenimage": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json"}
 
 
 def load_model_config(path: str | os.PathLike) -> dict:
-    """Read a diffusers transformer config JSON; it must name its class in `_class_name`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model config not found: {path}")
-    with open(path) as fh:
-        cfg = json.load(fh)
+    """Read a diffusers transformer config JSON; it must name its class in `_class_name`. A missing file or invalid
+    JSON raises ValueError naming the file."""
+    cfg = load_json(path, ValueError, "model config")
     if not isinstance(cfg, dict) or "_class_name" not in cfg:
         raise ValueError(f"{path}: expected a diffusers transformer config with '_class_name', like "
                          f"{MODEL_CONFIG_DIR / 'flux_dev.json'}")
