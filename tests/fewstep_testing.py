@@ -53,10 +53,14 @@ def cpu_env(**extra):
 
 
 def run(cmd, timeout=600, **env):
-    """Run a command from the repo root; on failure raise with its output tail."""
+    """Run a command from the repo root; on failure raise with the first traceback (under torchrun that is the rank
+    that failed first; the other ranks' tracebacks that follow are mostly the broken connection) and the output tail."""
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        first = proc.stderr.find("Traceback")
+        cause = proc.stderr[first:first + 3000] if first >= 0 else ""
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- first traceback ---\n{cause}\n"
+                             f"--- stdout tail ---\n{proc.stdout[-3000:]}\n--- stderr tail ---\n{proc.stderr[-4000:]}")
     return proc
 
 

@@ -1,11 +1,11 @@
 """Triton EMA on real DeepSpeed ZeRO-3 partitions (2 ranks, gloo on CPU) equals a full-parameter EMA after gathering."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fewstep_testing import run
 
 WORKER = Path(__file__).with_name("zero3_ema_worker.py")
 
@@ -13,11 +13,8 @@ WORKER = Path(__file__).with_name("zero3_ema_worker.py")
 def test_ema_on_zero3_partitions_matches_full_ema(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "result.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(out)],
+        TRITON_INTERPRET="1")
     r = json.loads(out.read_text())
     assert r["world"] == 2 and r["n_params"] == 6
     # really sharded: each rank holds about half of every parameter

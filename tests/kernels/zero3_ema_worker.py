@@ -27,6 +27,13 @@ def gather_full(shard: torch.Tensor, p) -> torch.Tensor:
     return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
 
 
+def owned(shard: torch.Tensor, p) -> torch.Tensor:
+    """The elements of this rank's partition that belong to the parameter. The last ranks' partitions end in
+    padding, which ZeRO-3 leaves uninitialised (it can hold NaN bit patterns, so it is never compared)."""
+    start = dist.get_rank() * p.partition_numel()
+    return shard[: max(0, min(p.partition_numel(), p.ds_numel - start))]
+
+
 def split_flat(flat: torch.Tensor, group) -> list[torch.Tensor]:
     """Split a flat partition into the per-parameter partitions of its sub-group (concatenated in group order)."""
     return list(torch.split(flat, [p.partition_numel() for p in group]))
@@ -44,9 +51,10 @@ def main(out_path: str) -> None:
     params = list(engine.module.parameters())
     zopt = engine.optimizer
     groups, flats = zopt.fp16_groups, zopt.fp32_partitioned_groups_flat
-    # sanity of the flat-partition layout this test relies on: lp flat buffer split == the ds_tensor shards
+    # sanity of the flat-partition layout this test relies on: the lp flat buffer, split, is the ds_tensor shards
     for g, lp_flat in zip(groups, zopt.fp16_partitioned_groups_flat):
-        assert all(torch.equal(a, p.ds_tensor) for a, p in zip(split_flat(lp_flat, g), g))
+        for a, p in zip(split_flat(lp_flat, g), g):
+            assert a.data_ptr() == p.ds_tensor.data_ptr() and a.numel() == p.ds_tensor.numel()
 
     g = torch.Generator().manual_seed(100 + rank)
     ema_shards = [torch.randn(p.ds_tensor.numel(), generator=g) for p in params]
@@ -72,7 +80,9 @@ def main(out_path: str) -> None:
     for grp, ef, f in zip(groups, ema_flats, flats):
         for p, shard, mshard in zip(grp, split_flat(ef, grp), split_flat(f.detach(), grp)):
             err_b = max(err_b, (gather_full(shard, p) - ema_full_b[id(p)]).abs().max().item())
-            master_vs_bf16 = max(master_vs_bf16, (mshard - p.ds_tensor.float()).abs().max().item())
+            diff = owned(mshard, p) - owned(p.ds_tensor, p).float()
+            if diff.numel():
+                master_vs_bf16 = max(master_vs_bf16, diff.abs().max().item())
     scale = max(r.abs().max().item() for r in ema_full_a)
     if rank == 0:
         with open(out_path, "w") as fh:
