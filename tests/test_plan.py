@@ -10,7 +10,6 @@
 import contextlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import torch
 from fewstep.planning import (GiB, LAYOUTS, ParamCounts, ZeroKnobs, build_meta_transformer, count_params,
                               layout_memory, load_model_config, lora_param_count, plan_memory, resolve_model_config)
 from fewstep.planning.model import MODEL_CONFIG_DIR
+from fewstep_testing import run
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {"qwen_image.json": 20.430, "flux_dev.json": 11.901, "sd35_large.json": 8.057}  # billions of parameters
@@ -322,12 +322,10 @@ def measured(tmp_path_factory):
     script = tmp / "worker.py"
     script.write_text(WORKER)
     # glibc returns a freed chunk to the OS only if it was mmapped; a fixed threshold makes RSS follow live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), str(script), str(spec)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), str(script), str(spec)], timeout=300, MALLOC_MMAP_THRESHOLD_="65536")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[0][len("RESULT "):]), ds
 
 
@@ -405,9 +403,9 @@ def test_plan_matches_deepspeed_training_on_cpu(measured):
     runs = list(zip(ds, result["ds"]))[1:]  # skip the warm-up
     for (tiny_run, tiny_rss), (med_run, med_rss) in zip(runs[::2], runs[1::2]):
         plans = []
-        for run in (tiny_run, med_run):
-            c = as_config(run["config"])
-            plans.append(plan_memory(c, gpus=2, nodes=1, model_config=run["model"], text_tokens=run["text_tokens"],
+        for spec in (tiny_run, med_run):
+            c = as_config(spec["config"])
+            plans.append(plan_memory(c, gpus=2, nodes=1, model_config=spec["model"], text_tokens=spec["text_tokens"],
                                      overhead_gb=0.0, knobs=knobs_for(c, "cpu")).configured)
         got, est = med_rss - tiny_rss, plans[1].total - plans[0].total
         label = (plans[1].name, med_run["config"]["mixed_precision"], med_run["config"]["gradient_checkpointing"])
