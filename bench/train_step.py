@@ -136,7 +136,8 @@ def main(argv):
     from fewstep.config import load_config
     from fewstep.data.dataset import DataOrder
     from fewstep.ema import EMA
-    from fewstep.engine.deepspeed_engine import build_engine, master_partitions, setup_distributed
+    from fewstep.engine.deepspeed_engine import build_engine, master_partitions
+    from fewstep.engine.distributed import setup_distributed
     from fewstep.kernels import resolve_backend
     from fewstep.lora import count_params, prepare_trainable
     from fewstep.models import get_adapter

@@ -257,7 +257,8 @@ def main(spec):
     out = {"ds": [], "seconds": []}
     build = lambda mc: getattr(diffusers, mc["_class_name"]).from_config({k: v for k, v in mc.items() if k[0] != "_"})
     from fewstep.config import load_config
-    from fewstep.engine.deepspeed_engine import build_engine, setup_distributed
+    from fewstep.engine.deepspeed_engine import build_engine
+    from fewstep.engine.distributed import setup_distributed
     info = setup_distributed()
     for run in spec["ds"]:  # fewstep's engine: deepspeed.initialize with its generated config, torch AdamW
         base, t0 = start(), time.time()

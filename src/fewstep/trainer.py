@@ -16,7 +16,8 @@ from fewstep.config import Config, ConfigError
 from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
 from fewstep.ema import EMA
-from fewstep.engine.deepspeed_engine import build_engine, master_partitions, setup_distributed, weights_swapped_in
+from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
+from fewstep.engine.distributed import setup_distributed
 from fewstep.kernels import resolve_backend
 from fewstep.lora import count_params, export_full, export_lora, prepare_trainable, write_run_info
 from fewstep.metrics import MetricsLogger

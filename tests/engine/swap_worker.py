@@ -4,7 +4,8 @@ import deepspeed
 import torch
 
 from fewstep.config import load_config
-from fewstep.engine.deepspeed_engine import build_engine, master_partitions, setup_distributed, weights_swapped_in
+from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
+from fewstep.engine.distributed import setup_distributed
 from fewstep.lora import prepare_trainable
 from fewstep.models import get_adapter
 

@@ -1,61 +1,14 @@
-"""DeepSpeed set-up: process group, the generated ZeRO config, `deepspeed.initialize`, and access to this rank's
-fp32 master partition (what the EMA tracks and what the EMA teacher is swapped into).
-
-Works under the `deepspeed` launcher, `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) and
-plain `python` (a single process; the rendezvous variables are filled in here, so no mpi4py is needed).
+"""DeepSpeed set-up: the generated ZeRO config, `deepspeed.initialize`, and access to this rank's fp32 master
+partition (what the EMA tracks and what the EMA teacher is swapped into). The process group is set up by
+`fewstep.engine.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
-import socket
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU)."""
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # plain `python launcher/train.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-    import deepspeed
-    import deepspeed.ops
-
-    # On CPU, DeepSpeed would JIT-build a shared-memory comm op at init (~50 s, no benefit for training): skip it.
-    if not cuda:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
 def build_ds_config(cfg) -> dict:

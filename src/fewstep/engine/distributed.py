@@ -1,0 +1,324 @@
+"""The process group, and every collective fewstep itself issues (DeepSpeed issues its own).
+
+Three rules keep multi-GPU and multi-node runs honest, and CPU + gloo tests able to guard them:
+
+- **Tensors go on the communication device.** NCCL only takes CUDA tensors (a CPU tensor raises "No backend type
+  associated with device type cpu"), gloo takes CPU ones. `comm_device()` asks the default group which device types
+  it serves, so the same code is right under both; nothing outside this module calls `torch.distributed` directly
+  (a test scans the sources for that).
+- **One reduction per optimizer step.** `reduce_step` carries the logged means and the flags (preemption, ...) in
+  one tensor, so every rank takes the same decisions from the same numbers.
+- **Long, uneven waits do not use collectives.** While rank 0 writes an export or decodes a validation image, or
+  each rank fills its share of the data cache, the others wait in `wait_for_all`: a barrier over the rendezvous
+  store that polls without a deadline (a heartbeat line every few minutes), instead of a collective that the
+  process-group timeout (`distributed_timeout_seconds`) would kill. If a rank fails inside `uneven_work`, the
+  others stop with its message instead of waiting for ever.
+
+Rank and world size come from torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK), from Slurm's srun
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_NODELIST) or, for plain `python`, a world of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launch environment is inconsistent (a user-facing error)."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch environment
+# ---------------------------------------------------------------------------------------------------------------
+
+def expand_hostlist(spec: str) -> list[str]:
+    """Slurm's compressed host list -> host names: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        cur += ch
+    parts.append(cur)
+    hosts = []
+    for part in filter(None, parts):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, rest = m.groups()
+        tails = expand_hostlist(rest) if rest else [""]
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                hosts.extend(f"{prefix}{str(n).zfill(len(lo))}{tail}" for tail in tails)
+    return hosts
+
+
+def launch_env(env: dict[str, str]) -> dict[str, str]:
+    """The rendezvous variables to add to `env` so that `init_process_group(env://)` finds its world.
+
+    torchrun / the deepspeed launcher / slurm/common.sh set RANK and WORLD_SIZE: nothing to add. A bare
+    `srun python launcher/train.py` has only SLURM_*: rank, local rank and world come from there, the master is the
+    first node of the step and the port is derived from the job id (as in slurm/common.sh). Plain `python`: a world
+    of one on a free local port.
+    """
+    if "RANK" in env:
+        if "WORLD_SIZE" not in env:
+            raise LaunchError("RANK is set but WORLD_SIZE is not: launch with torchrun, deepspeed or srun")
+        return {} if "LOCAL_RANK" in env else {"LOCAL_RANK": env["RANK"]}
+    ntasks = env.get("SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in env else None
+    if ntasks is not None and int(ntasks) > 1:
+        missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID") if k not in env]
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if missing or not nodes:
+            raise LaunchError(f"srun started {ntasks} tasks but {missing or 'SLURM_STEP_NODELIST'} is unset; "
+                              "launch through slurm/common.sh or set RANK/WORLD_SIZE/LOCAL_RANK yourself")
+        out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": ntasks, "LOCAL_RANK": env["SLURM_LOCALID"]}
+        if "MASTER_ADDR" not in env:
+            out["MASTER_ADDR"] = expand_hostlist(nodes)[0]
+        if "MASTER_PORT" not in env:
+            out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return out
+    out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(_free_port())
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_device(local_rank: int) -> torch.device:
+    """cuda:(LOCAL_RANK mod visible GPUs), so sites that bind one GPU per task (each task sees one) work too."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU) with the given collective timeout."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(launch_env(dict(os.environ)))
+    import deepspeed
+    import deepspeed.ops
+
+    # On CPU, DeepSpeed would JIT-build a shared-memory comm op at init (~50 s, no benefit for training): skip it.
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = local_device(local_rank)
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=timedelta(seconds=timeout_seconds))
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collectives
+# ---------------------------------------------------------------------------------------------------------------
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def comm_device() -> torch.device:
+    """The device collectives of the default group take tensors on: CPU under gloo, this rank's GPU under NCCL."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    types = {d.type for d in getattr(dist.distributed_c10d._get_default_group(), "_device_types", [])}
+    if "cpu" in types or not types:
+        return torch.device("cpu")
+    kind = sorted(types)[0]
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
+def reduce_step(means: dict[str, float], flags: dict[str, bool] | None = None) -> tuple[dict, dict]:
+    """One all-reduce for a step: `means` averaged over ranks, `flags` true if true on any rank.
+
+    Every rank must pass the same keys in the same order. Returns plain Python floats and bools.
+    """
+    flags = flags or {}
+    values = [float(v) for v in means.values()] + [1.0 if f else 0.0 for f in flags.values()]
+    if not values:
+        return {}, {}
+    t = torch.tensor(values, dtype=torch.float64 if comm_device().type == "cpu" else torch.float32,
+                     device=comm_device())
+    n = world_size()
+    if n > 1:
+        dist.all_reduce(t)
+    out = t.tolist()
+    return ({k: v / n for k, v in zip(means, out)},
+            {k: v > 0 for k, v in zip(flags, out[len(means):])})
+
+
+def any_rank(flag: bool) -> bool:
+    return reduce_step({}, {"flag": flag})[1]["flag"]
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (pickled; small objects only)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Waits that may be long: a barrier over the rendezvous store, not bound by the collective timeout
+# ---------------------------------------------------------------------------------------------------------------
+
+class RankFailed(RuntimeError):
+    """Another rank failed inside `uneven_work`; this rank stops instead of waiting for it."""
+
+
+_ABORT_KEY = "fewstep/abort"
+_wait_seq = [0]
+HEARTBEAT_SECONDS = float(os.environ.get("FEWSTEP_WAIT_HEARTBEAT", "300"))
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _check_abort(store) -> None:
+    if store.check([_ABORT_KEY]):
+        raise RankFailed(store.get(_ABORT_KEY).decode(errors="replace"))
+
+
+def wait_for_all(tag: str) -> None:
+    """A barrier that tolerates any wait: every rank counts itself in through the store and polls until all have.
+
+    Every rank must call it the same number of times (like any barrier). A heartbeat line is printed (local rank 0 of
+    each node) every `FEWSTEP_WAIT_HEARTBEAT` seconds of waiting; a failure reported by another rank raises.
+    """
+    n = world_size()
+    if n == 1:
+        return
+    _wait_seq[0] += 1
+    store, key = _store(), f"fewstep/wait/{_wait_seq[0]}"
+    arrived = store.add(key, 1)
+    start = last = time.monotonic()
+    pause = 0.005
+    while arrived < n:
+        _check_abort(store)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+        arrived = store.add(key, 0)
+        now = time.monotonic()
+        if now - last >= HEARTBEAT_SECONDS and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"fewstep: rank {rank()} waiting at '{tag}' for {now - start:.0f} s ({arrived}/{n} ranks there)",
+                  flush=True)
+            last = now
+
+
+@contextlib.contextmanager
+def uneven_work(tag: str):
+    """Run a block whose duration differs between ranks (rank-0 writes, per-rank cache shares), then `wait_for_all`.
+
+    If the block raises on one rank, the others stop with that rank's message (`RankFailed`) instead of hanging.
+    No collective may run inside the block.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if world_size() > 1:
+            with contextlib.suppress(Exception):
+                _store().set(_ABORT_KEY, f"rank {rank()} failed during {tag}: {type(e).__name__}: {e}")
+        raise
+    wait_for_all(tag)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which ranks share a directory (node-local vs shared filesystems)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SharingGroup:
+    """The ranks that see the same directory (all ranks on a shared filesystem, one node's on a node-local one)."""
+    members: list[int]
+    index: int  # this rank's position in `members`
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+def sharing_group(directory: str, patience_seconds: float = 10.0) -> SharingGroup:
+    """Find the ranks that see `directory` as this rank does (collective).
+
+    Each rank drops a marker file under `directory/.fewstep-ranks/<token>/`, then lists which markers it can see.
+    Views must agree (if rank a sees b, b sees a and both see the same set); on a shared filesystem with attribute
+    caching the listing is retried for up to `patience_seconds` until they do.
+    """
+    me, n = rank(), world_size()
+    if n == 1:
+        return SharingGroup([0], 0)
+    token = broadcast_object(uuid.uuid4().hex if me == 0 else None)
+    marks = os.path.join(directory, ".fewstep-ranks", token)
+    os.makedirs(marks, exist_ok=True)
+    with open(os.path.join(marks, f"rank{me}"), "w") as fh:
+        fh.write(socket.gethostname())
+    wait_for_all("sharing check")
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        seen = sorted(int(f[4:]) for f in os.listdir(marks) if f.startswith("rank") and f[4:].isdigit())
+        views = all_gather_object(seen)
+        consistent = me in seen and all(views[m] == seen for m in seen)
+        consistent = all(all_gather_object(consistent))
+        if consistent or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    wait_for_all("sharing check done")
+    if seen and seen[0] == me:
+        import shutil
+        shutil.rmtree(marks, ignore_errors=True)
+    if not consistent:
+        raise LaunchError(f"ranks disagree about which of them share '{directory}' (views {views}); is the "
+                          "filesystem caching directory listings? Use a shared directory or a node-local one")
+    return SharingGroup(seen, seen.index(me))
