@@ -17,7 +17,8 @@ import shutil
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from fewstep.engine import distributed
 
 ENGINE_TAG = "state"
 
@@ -38,8 +39,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    # Ranks write shards of very different sizes (under ZeRO-1/2 rank 0 writes the whole module state): a store-based
+    # wait, not a collective bound by the process-group timeout.
+    distributed.wait_for_all("checkpoint")
 
 
 def _write_atomic(path: str, text: str) -> None:
