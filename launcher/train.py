@@ -6,8 +6,12 @@ Command-line `--key value` pairs override the JSON file; `--help` lists every op
 """
 import sys
 
-from fewstep.config import ConfigError, describe_options, load_config
-from fewstep.data.dataset import DataError
+from fewstep import preemption
+
+preemption.install()  # first: a SIGUSR1/SIGTERM during imports, model load or engine set-up must not kill the task
+
+from fewstep.config import ConfigError, describe_options, load_config  # noqa: E402
+from fewstep.data.dataset import DataError  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -37,6 +41,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError) as e:
         print(f"fewstep: config error: {e}", file=sys.stderr)
         return 2
+    from fewstep.engine.distributed import LaunchError, RankFailed
     from fewstep.trainer import train
 
     try:
@@ -44,9 +49,12 @@ def main(argv: list[str]) -> int:
     except DataError as e:
         print(f"fewstep: data error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, LaunchError) as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
         return 2
+    except RankFailed as e:
+        print(f"fewstep: stopping: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,17 +7,24 @@ cursors) and `trainer.json`; `<output_dir>/checkpoints/latest` names the newest 
 Atomicity: everything is written into `.tmp-step-<N>/`; only after every rank has finished does rank 0 rename it to
 `step-<N>` and then replace `latest` (itself written to a temporary file first). A kill at any moment leaves the last
 completed checkpoint and `latest` intact; stale `.tmp-*` folders are removed at the next save.
+
+Durability: on a shared filesystem a rename can reach the server before another client's file data does, so each rank
+fsyncs the files it wrote and the checkpoint's directories before the barrier that precedes the rename, and rank 0
+fsyncs the checkpoints root after the rename and again after replacing `latest`. `trainer.json` records the world size,
+ZeRO stage and every file a complete checkpoint holds; `resolve` trusts a checkpoint only if all of them are there.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
 import torch
 
+from fewstep import faults
 from fewstep.engine import distributed
 
 ENGINE_TAG = "state"
@@ -53,6 +60,55 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# DeepSpeed's per-rank files ([bf16_]zero_pp_rank_<r>_mp_rank_00_{optim,model}_states.pt) and our rank<r>.pt
+_PER_RANK = re.compile(r"(?<=zero_pp_rank_)(\d+)(?=_)|(?<=^rank)(\d+)(?=\.pt$)")
+
+
+def _owner(name: str) -> int:
+    """The rank that writes a checkpoint file: per-rank files are rank r's, all others (DeepSpeed's module states under
+    ZeRO-0/1/2, its recovery scripts, trainer.json) rank 0's."""
+    m = _PER_RANK.search(name)
+    return int(m.group()) if m else 0
+
+
+def _for_rank(name: str, r: int) -> str:
+    """A per-rank file's name as rank r writes it."""
+    return _PER_RANK.sub(str(r), name, count=1)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)  # directories too: fsync on a directory persists its entries
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_own_files(directory: str, rank: int) -> None:
+    """fsync the files under `directory` that this rank wrote, then every directory of the tree, deepest first (each
+    rank added entries to them; a rank's fsync covers at least its own)."""
+    for here, _, files in os.walk(directory, topdown=False):
+        for name in files:
+            if _owner(name) == rank:
+                _fsync(os.path.join(here, name))
+        _fsync(here)
+
+
+def _manifest(directory: str, world_size: int) -> list[str]:
+    """Relative paths of every file a complete checkpoint holds, from rank 0's files in `directory` (written, its
+    others' possibly not yet): each per-rank file repeated for every rank, plus trainer.json."""
+    files = ["trainer.json"]
+    for here, _, names in os.walk(directory):
+        rel = os.path.relpath(here, directory)
+        for name in names:
+            if _owner(name) != 0:
+                continue
+            per_rank = _PER_RANK.search(name) is not None
+            for r in range(world_size) if per_rank else [0]:
+                files.append(os.path.normpath(os.path.join(rel, _for_rank(name, r) if per_rank else name)))
+    return sorted(set(files))
+
+
 def list_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
@@ -74,37 +130,101 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
                            exclude_frozen_parameters=True)
     torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank{rank}.pt"))
     if rank == 0:
-        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({**trainer_state, "step": step}, indent=1))
+        world = distributed.world_size()
+        meta = {**trainer_state, "step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                "files": _manifest(tmp, world)}
+        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(meta, indent=1))
+    _fsync_own_files(tmp, rank)
+    faults.delay("checkpoint")
     _barrier()
-    if os.environ.get("FEWSTEP_FAULT_IN_SAVE") == str(step):  # fault injection for the atomicity test
-        os._exit(17)
+    faults.crash_if("FEWSTEP_FAULT_IN_SAVE", step)  # fault injection for the atomicity test
     if rank == 0:
         if os.path.exists(final):  # re-saving the same step (e.g. preempted right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)  # the rename is durable before `latest` can name it
         _write_atomic(os.path.join(root, "latest"), os.path.basename(final))
+        _fsync(root)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
+class IncompleteCheckpointError(FileNotFoundError):
+    """An explicitly named checkpoint lacks files (a save that never finished, or a lost shard)."""
+
+
+def missing_files(path: str) -> list[str]:
+    """The files (relative paths) a complete checkpoint at `path` holds but this one lacks; [] if complete."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        return ["trainer.json"]
+    except (OSError, ValueError):
+        return ["trainer.json (unreadable)"]
+    expected = meta["files"] if "files" in meta else _inferred_files(path)
+    return [f for f in expected if not os.path.isfile(os.path.join(path, f))]
+
+
+def _inferred_files(path: str) -> list[str]:
+    """For checkpoints written before trainer.json listed its files: every per-rank file present, repeated for every
+    rank up to the highest one seen (a missing last rank goes unnoticed)."""
+    per_rank = ["rank0.pt"]
+    for here, _, names in os.walk(path):
+        rel = os.path.relpath(here, path)
+        per_rank += [os.path.normpath(os.path.join(rel, n)) for n in names if _PER_RANK.search(n)]
+    world = 1 + max(_owner(os.path.basename(f)) for f in per_rank)
+    return sorted({os.path.join(os.path.dirname(f), _for_rank(os.path.basename(f), r))
+                   for f in per_rank for r in range(world)})
+
+
+def _listing(names: list[str], shown: int) -> str:
+    """'a, b, c and 5 more': a bounded line even when a save of hundreds of ranks died half way."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def resolve(root: str, spec: str | None) -> str | None:
-    """'latest' -> the newest complete checkpoint under root (None if there is none); a path -> itself."""
+    """'latest' -> the newest complete checkpoint under root (None if there is none); a path -> itself if complete.
+
+    `latest` is trusted only if the checkpoint it names is complete; otherwise the newest complete one is used, with
+    one warning line naming what is missing. An explicit path that is incomplete raises IncompleteCheckpointError.
+    """
     if spec is None:
         return None
     if spec == "latest":
-        latest = os.path.join(root, "latest")
-        if os.path.exists(latest):
-            with open(latest) as fh:
-                path = os.path.join(root, fh.read().strip())
-            if os.path.isdir(path):
-                return path
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        return _resolve_latest(root)
     if not os.path.isdir(spec):
         raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at '{spec}'")
+    missing = missing_files(spec)
+    if missing:
+        raise IncompleteCheckpointError(f"resume_from_checkpoint: checkpoint '{spec}' is incomplete, missing "
+                                        f"{_listing(missing, 10)} (an interrupted save or a lost shard)")
     return spec
+
+
+def _resolve_latest(root: str) -> str | None:
+    found = list_checkpoints(root)
+    named = None
+    if os.path.exists(os.path.join(root, "latest")):
+        with open(os.path.join(root, "latest")) as fh:
+            named = os.path.join(root, fh.read().strip())
+    # `latest` first: the highest step can be older work (a run resumed from an earlier step), then newest first
+    candidates = ([named] if named in found else []) + [p for p in reversed(found) if p != named]
+    skipped = []
+    for path in candidates:
+        missing = missing_files(path)
+        if not missing:
+            break
+        skipped.append(f"{os.path.basename(path)} (missing {_listing(missing, 3)})")
+    else:
+        path = None
+    if skipped and distributed.rank() == 0:
+        then = f"resuming from {os.path.basename(path)}" if path else "no complete checkpoint left, starting fresh"
+        print(f"fewstep: warning: skipping incomplete checkpoint {'; '.join(skipped)}; {then}", flush=True)
+    return path
 
 
 def load(path: str, engine, rank: int) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -58,7 +59,10 @@ class Config:
     resolution: Optional[int] = opt(None, "Training resolution in pixels (overrides the backend's).", lo=8)
     caption_dropout_probability: float = opt(0.0, "Probability of training on the empty-prompt embedding.",
                                              lo=0.0, hi=1.0)
-    cache_dir: Optional[str] = opt(None, "Where VAE latents and text embeddings are cached (default output_dir/cache).")
+    cache_dir: Optional[str] = opt(None, "Where VAE latents and text embeddings are cached (default output_dir/cache). "
+                                         "Shared or node-local: the ranks that see one directory fill it together, "
+                                         "so a node-local path (e.g. $SLURM_TMPDIR/cache) is filled once per node. "
+                                         "$VARS and ~ are expanded.")
 
     # ---- optimisation ----
     output_dir: str = opt("output", "Run directory: checkpoints, logs, LoRA weights, samples.")
@@ -123,6 +127,9 @@ class Config:
     deepspeed_config: Optional[str] = opt(None, "A DeepSpeed JSON whose entries override fewstep's generated one.")
     offload_optimizer: bool = opt(False, "ZeRO-Offload: optimizer states on CPU.")
     offload_param: bool = opt(False, "ZeRO-3 parameter offload to CPU.")
+    distributed_timeout_seconds: float = opt(
+        1800.0, "Timeout of every collective (NCCL/gloo process group) before the job aborts. Uneven work (cache "
+        "fill, rank-0 exports and validation decoding, checkpoint writes) waits without it.", lo=1.0)
     fused_kernels: str = opt("auto", "Triton kernels: auto (on CUDA), on, off.", choices=("auto", "on", "off"))
 
     # ---- checkpoints ----
@@ -157,6 +164,9 @@ class Config:
         for key in ("model_family", "pretrained_model_name_or_path"):
             if getattr(self, key) is None:
                 raise ConfigError(f"'{key}' is required")
+        for key in ("output_dir", "cache_dir", "logging_dir"):  # e.g. "$SLURM_TMPDIR/cache": expanded per rank
+            if getattr(self, key):
+                setattr(self, key, os.path.expandvars(os.path.expanduser(getattr(self, key))))
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, str):

@@ -7,6 +7,8 @@ import shutil
 
 from torch import nn
 
+from fewstep import faults
+from fewstep.engine import distributed
 from fewstep.models import anystep
 
 
@@ -52,17 +54,19 @@ def _gathered(params):
 def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool) -> None:
     """Write `out_dir/pytorch_lora_weights.safetensors` (+ any-step embeddings) for `load_lora_weights`.
 
-    Collective under ZeRO-3 (every rank must call it)."""
+    Every rank must call it (a collective gather under ZeRO-3); the others wait for rank 0's write without a
+    collective timeout."""
     from peft.utils import get_peft_model_state_dict
 
     lora_params = [p for n, p in transformer.named_parameters() if "lora_" in n or "anystep_embed" in n]
-    with _gathered(lora_params):
+    with _gathered(lora_params), distributed.uneven_work("export"):
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
             adapter.save_lora(out_dir, sd)
             if hasattr(transformer, "anystep_embed"):
                 anystep.save_anystep(transformer, out_dir)
+            faults.delay("export")
 
 
 def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
@@ -72,7 +76,7 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
     stock diffusers model. Collective under ZeRO-3."""
     from safetensors.torch import save_file
 
-    with _gathered(list(transformer.parameters())):
+    with _gathered(list(transformer.parameters())), distributed.uneven_work("export"):
         if is_main:
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -85,6 +89,7 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
                 anystep.save_anystep(transformer, tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
+            faults.delay("export")
 
 
 def write_run_info(out_dir: str, cfg, extra: dict | None = None) -> None:

@@ -11,10 +11,13 @@ from typing import Callable, Optional
 
 import torch
 
+from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
 from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
 from fewstep.methods.glance import CustomTimestepSampler, parse_custom_timesteps
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
+from fewstep.step_context import StepContext, next_batch, to_device, velocity_fn
+from fewstep.twinflow_step import make_twinflow_step
 
 
 @dataclass
@@ -54,43 +57,10 @@ def reset_trainable(engine, initial_weights, scheduler, initial_sched) -> None:
         group["lr"] = lr
 
 
-def to_device(cond: dict, device, dtype) -> dict:
-    """Move a batch of embeddings to the device; floating tensors also take the training dtype (masks keep theirs)."""
-    return {k: (v.to(device=device, dtype=dtype) if torch.is_floating_point(v) else v.to(device))
-            for k, v in cond.items()}
-
-
-def next_batch(ctx, with_uncond: bool = False) -> tuple[torch.Tensor, dict, Optional[dict]]:
-    """This rank's next micro-batch: latents, caption embeddings (with caption dropout) and, if asked, the
-    empty-prompt embeddings (TwinFlow's CFG target)."""
-    cfg, ds, adapter = ctx["cfg"], ctx["dataset"], ctx["adapter"]
-    idx = ctx["order"].next_indices()
-    items = [ds.item(i) for i in idx]
-    x0 = torch.stack([lat for lat, _ in items]).to(ctx["device"], ctx["dtype"])
-    drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
-    texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
-    cond = to_device(adapter.collate_cond(texts), ctx["device"], ctx["dtype"])
-    if not with_uncond:
-        return x0, cond, None
-    uncond = to_device(adapter.collate_cond([ds.uncond] * len(items)), ctx["device"], ctx["dtype"])
-    return x0, cond, uncond
-
-
-def velocity_fn(ctx) -> Callable:
-    """model(x, sigma, cond, tt=None, sign=None) -> fp32 velocity, through the engine's module."""
-    adapter, engine, dtype, cfg = ctx["adapter"], ctx["engine"], ctx["dtype"], ctx["cfg"]
-
-    def fn(x, sigma, cond, tt=None, sign=None):
-        return adapter.forward(engine, x.to(dtype), sigma, cond, tt=tt, sign=sign,
-                               guidance=cfg.flux_guidance_value).float()
-    return fn
-
-
-def make_step(method: str, phase: Phase, ctx) -> Callable[[int], tuple[torch.Tensor, dict]]:
+def make_step(method: str, phase: Phase, ctx: StepContext) -> Callable[[int], tuple[torch.Tensor, dict]]:
     if method == "twinflow":
-        from fewstep.twinflow_step import make_twinflow_step
         return make_twinflow_step(ctx)
-    cfg, model = ctx["cfg"], velocity_fn(ctx)
+    cfg, model = ctx.cfg, velocity_fn(ctx)
 
     def flow_step(micro: int):
         x0, cond, _ = next_batch(ctx)
@@ -107,11 +77,11 @@ def make_step(method: str, phase: Phase, ctx) -> Callable[[int], tuple[torch.Ten
 
 
 @torch.no_grad()
-def sample_latents(ctx, phase: Phase, cond: dict, generator: torch.Generator) -> torch.Tensor:
+def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.Generator) -> torch.Tensor:
     """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective)."""
-    cfg, model = ctx["cfg"], velocity_fn(ctx)
-    shape = (1, *ctx["dataset"].latents[0].shape)
-    x = torch.randn(shape, generator=generator).to(ctx["device"], ctx["dtype"])
+    cfg, model = ctx.cfg, velocity_fn(ctx)
+    shape = (1, *ctx.dataset.latents[0].shape)
+    x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)
     if cfg.resolved_method == "twinflow":
         from fewstep.schedulers import TwinFlowScheduler
         sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching")
@@ -122,23 +92,31 @@ def sample_latents(ctx, phase: Phase, cond: dict, generator: torch.Generator) ->
     return euler_loop(lambda x_, s: model(x_, s, cond), x, sigmas)
 
 
-def validate(ctx, phase: Phase, step: int, logger, comps, is_main: bool) -> None:
-    """Render the validation prompt with a fixed seed; rank 0 writes a PNG and logs it to TensorBoard."""
-    cfg, ds, engine = ctx["cfg"], ctx["dataset"], ctx["engine"]
+def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bool) -> None:
+    """Render the validation prompt with a fixed seed (every rank samples: ZeRO-3 forwards are collective); rank 0
+    decodes, writes a PNG and logs it to TensorBoard while the others wait without a collective timeout."""
+    cfg, ds, engine = ctx.cfg, ctx.dataset, ctx.engine
     prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
-    cond = to_device(ctx["adapter"].collate_cond([ds.text[prompt]]), ctx["device"], ctx["dtype"])
+    cond = to_device(ctx.adapter.collate_cond([ds.text[prompt]]), ctx.device, ctx.dtype)
     engine.eval()
     latents = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed))
     engine.train()
-    if not is_main:
-        return
-    pixels = ctx["adapter"].decode_latents(comps.vae, latents.float().cpu())
-    images = to_pil(pixels)
-    out = os.path.join(cfg.output_dir, "validation")
+    with distributed.uneven_work("validation"):
+        if is_main:
+            _write_validation(ctx, phase, step, logger, vae, latents)
+
+
+def _write_validation(ctx: StepContext, phase: Phase, step: int, logger, vae, latents: torch.Tensor) -> None:
+    from fewstep import faults
+
+    pixels = ctx.adapter.decode_latents(vae, latents)
+    images = to_pil(pixels.float().cpu())
+    out = os.path.join(ctx.cfg.output_dir, "validation")
     os.makedirs(out, exist_ok=True)
     images[0].save(os.path.join(out, f"{phase.name}-step{step:06d}.png"))
     logger.image(f"validation/{phase.name}", grid(images), step)
-    if ctx.get("twinflow_times"):
+    if ctx.twinflow_times:
         from fewstep.metrics import trajectory_scatter
         logger.image("twinflow/trajectories (|t| vs tt, red = negative time)",
-                     trajectory_scatter(ctx["twinflow_times"]), step)
+                     trajectory_scatter(ctx.twinflow_times), step)
+    faults.delay("validation")

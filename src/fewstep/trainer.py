@@ -2,40 +2,31 @@
 
 One loop serves every method: plain flow matching, Glance (two LoRA phases, Slow then Fast, on one loaded base) and
 TwinFlow. What differs per method is the loss of one micro-batch, built in `fewstep.steps`.
+
+Multi-GPU rules this file keeps (see `fewstep.engine.distributed`): one reduction per optimizer step carries the
+logged values and the preemption flag; work that takes different times on different ranks (cache fill, rank-0
+exports and validation decoding, checkpoint writes) ends in a store-based wait, not a collective with a timeout.
 """
 from __future__ import annotations
 
 import os
-import signal
 
 import torch
-import torch.distributed as dist
 
-from fewstep import checkpoint
+from fewstep import checkpoint, faults, preemption
 from fewstep.config import Config, ConfigError
 from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
 from fewstep.ema import EMA
+from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
-from fewstep.engine.distributed import setup_distributed
+from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.kernels import resolve_backend
 from fewstep.lora import count_params, export_full, export_lora, prepare_trainable, write_run_info
 from fewstep.metrics import MetricsLogger
 from fewstep.models import get_adapter
+from fewstep.step_context import StepContext
 from fewstep.steps import Phase, build_phases, make_step, reset_trainable, validate
-
-_PREEMPT = {"flag": False}
-
-
-def _on_signal(signum, frame):
-    _PREEMPT["flag"] = True
-
-
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _log(is_main: bool, msg: str) -> None:
@@ -43,8 +34,19 @@ def _log(is_main: bool, msg: str) -> None:
         print(f"fewstep: {msg}", flush=True)
 
 
-def prepare_data(cfg: Config, adapter, is_main: bool) -> tuple[CachedDataset, int, bool]:
-    """Find samples, fill the latent/embedding cache on rank 0 (encoders loaded only if something is missing)."""
+def require_shared_output_dir(output_dir: str, info: DistInfo) -> None:
+    """Every rank writes its checkpoint shard under output_dir and rank 0 assembles them: all must see one directory."""
+    os.makedirs(output_dir, exist_ok=True)
+    group = distributed.sharing_group(output_dir)
+    if group.size != info.world_size:
+        raise ConfigError(f"output_dir '{output_dir}' is not shared by all {info.world_size} ranks (rank {info.rank} "
+                        f"sees ranks {group.members} there): checkpoints are written by every rank and assembled by "
+                        "rank 0, so put output_dir on a filesystem every node mounts (cache_dir may be node-local)")
+
+
+def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, int, bool]:
+    """Find samples and fill the latent/embedding cache: every rank that sees the cache directory encodes its share
+    (so a node-local cache is filled once per node), with the encoders on its own device."""
     if cfg.data_backend_config is None:
         raise DataError("'data_backend_config' is required (a multidatabackend.json listing image_dir entries)")
     backends = load_backends(cfg.data_backend_config, cfg.resolution)
@@ -56,16 +58,26 @@ def prepare_data(cfg: Config, adapter, is_main: bool) -> tuple[CachedDataset, in
     prompts = [s.caption for s in samples] + [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
     cache = EmbeddingCache(cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
                            model_key(cfg.model_family, cfg.pretrained_model_name_or_path))
-    if is_main:
-        lat, txt = cache.missing(samples, resolution, prompts)
+    group = distributed.sharing_group(cache.root)
+    unique = list({s.image_path: s for s in samples}.values())
+    mine = unique[group.index::group.size], sorted(set(prompts))[group.index::group.size]
+    lat, txt = cache.missing(mine[0], resolution, mine[1])
+    counts, _ = distributed.reduce_step({"lat": len(lat), "txt": len(txt)})
+    if counts["lat"] or counts["txt"]:
+        _log(info.is_main, f"caching latents and prompt embeddings: {len(lat)} + {len(txt)} on this rank, "
+                           f"{group.size} rank(s) per cache directory")
+    with distributed.uneven_work("cache fill"):
         if lat or txt:
-            _log(True, f"caching {len(lat)} latents and {len(txt)} prompt embeddings")
-            comps = adapter.load(cfg.pretrained_model_name_or_path, with_transformer=False)
-            cache.fill(samples, prompts, resolution, adapter.resolution_multiple(comps),
+            dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+            comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_transformer=False)
+            for m in [comps.vae, *comps.text_encoders]:
+                m.to(info.device)
+            cache.fill(lat, txt, resolution, adapter.resolution_multiple(comps),
                        lambda px: adapter.encode_images(comps.vae, px), lambda p: adapter.encode_prompts(comps, p))
             del comps
-    if dist.is_initialized():
-        dist.barrier()
+            if info.device.type == "cuda":
+                torch.cuda.empty_cache()
+        faults.delay("cache")
     return CachedDataset(cache, samples, resolution, prompts), resolution, all(b.shuffle for b in backends)
 
 
@@ -74,14 +86,19 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"model_family '{cfg.model_family}' is a flow-matching model; prediction_type "
                           f"'{cfg.prediction_type}' (diff2flow) applies to epsilon/v-prediction bases, for which no "
                           "model adapter ships yet (the bridge itself is fewstep.methods.diff2flow)")
-    info = setup_distributed()
+    preemption.install()
+    info = setup_distributed(cfg.distributed_timeout_seconds)
     is_main, method = info.is_main, cfg.resolved_method
     torch.manual_seed(cfg.seed * 7919 + info.rank)
     adapter = get_adapter(cfg.model_family)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    dataset, resolution, shuffle = prepare_data(cfg, adapter, is_main)
+    require_shared_output_dir(cfg.output_dir, info)
+    dataset, resolution, shuffle = prepare_data(cfg, adapter, info)
 
-    comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=torch.float32, with_text=False, with_vae=is_main)
+    _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")
+    with distributed.uneven_work("model load"):  # ranks read weights from disk at different speeds
+        comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=torch.float32, with_text=False,
+                             with_vae=is_main)
+        faults.delay("load")
     transformer = comps.transformer
     if method == "twinflow" and not hasattr(transformer, "time_text_embed"):
         raise ValueError(f"TwinFlow needs a transformer with a `time_text_embed` to carry the timestep-sign and "
@@ -102,7 +119,9 @@ def train(cfg: Config) -> dict:
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
-    resume = checkpoint.resolve(ckpt_root, cfg.resume_from_checkpoint)
+    with distributed.uneven_work("resolve checkpoint"):  # rank 0 decides, so every rank loads the same one
+        found = checkpoint.resolve(ckpt_root, cfg.resume_from_checkpoint) if is_main else None
+    resume = distributed.broadcast_object(found)
     rank_state = None
     if resume is not None:
         rank_state, trainer_state = checkpoint.load(resume, engine, info.rank)
@@ -124,15 +143,17 @@ def train(cfg: Config) -> dict:
                                cfg.checkpoints_total_limit)
         _log(is_main, f"checkpoint saved: {path}")
 
+    if distributed.any_rank(preemption.requested()):  # signalled while loading: nothing new to save
+        _log(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
+        preemption.clear()
+        return {"step": step, "preempted": True}
     logger = MetricsLogger(cfg.output_dir, cfg.logging_dir, is_main, cfg.report_to == "tensorboard", total, step,
                            desc=method)
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
     if rank_state is not None:  # RNG last, so nothing above consumes from the restored stream
         checkpoint.set_rng_state(rank_state["rng"])
 
-    ctx = dict(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, ema=ema, dtype=dtype,
-               device=info.device, backend=backend, resolution=resolution)
+    ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
+                      dtype=dtype, backend=backend, ema=ema)
     engine.train()
     phase_start = 0
     for phase_idx, phase in enumerate(phases):
@@ -144,54 +165,56 @@ def train(cfg: Config) -> dict:
             reset_trainable(engine, initial_weights, scheduler, initial_sched)
             if ema is not None:
                 ema.reset()
-        ctx["start_micro"] = step * cfg.gradient_accumulation_steps
+        ctx.start_micro = step * cfg.gradient_accumulation_steps
         step_fn = make_step(method, phase, ctx)
         while step < phase_end:
-            losses = {}
+            logs = {}
             for micro in range(cfg.gradient_accumulation_steps):
-                loss, logs = step_fn(micro)
+                loss, terms = step_fn(micro)
                 engine.backward(loss)
                 engine.step()
-                for k, v in {"loss": loss.item(), **logs}.items():
-                    losses[k] = losses.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+                for k, v in {"loss": loss.item(), **terms}.items():
+                    logs[k] = logs.get(k, 0.0) + v / cfg.gradient_accumulation_steps
             if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher passes
                 ema.update()
             step += 1
-            loss_t = torch.tensor([losses["loss"]])
-            if dist.is_initialized() and info.world_size > 1:
-                dist.all_reduce(loss_t)
-                loss_t /= info.world_size
+            # The one reduction of the step: rank means of the logged terms, and the preemption flag.
+            logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested()})
             gn = engine.get_global_grad_norm()
-            logger.log(step, {**losses, "loss": loss_t.item(), "lr": scheduler.get_last_lr()[0],
+            logger.log(step, {**logs, "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(gn) if gn is not None else 0.0},
                        cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
             if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
-                validate(ctx, phase, step, logger, comps, is_main)
-            preempted = _any_rank(_PREEMPT["flag"])
-            if preempted or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total):
+                validate(ctx, phase, step, logger, comps.vae, is_main)
+            if flags["preempt"] or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total):
                 save(step)
-            if os.environ.get("FEWSTEP_FAULT_AFTER_STEP") == str(step):  # fault injection: a hard crash
-                os._exit(17)
-            if preempted:
+            faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
+            if flags["preempt"]:
                 _log(is_main, f"preempted at step {step}, checkpoint saved")
+                preemption.clear()
                 logger.close()
                 return {"step": step, "preempted": True}
-        validate(ctx, phase, step, logger, comps, is_main)
-        out = os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
-        export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
-            (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
-        export(out)
-        if ema is not None and not ema.frozen:  # the EMA weights, same format, under <out>/ema
-            with weights_swapped_in(engine, ema.shadow):
-                export(os.path.join(out, "ema"))
-        if is_main:
-            write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,
-                                      "resolution": resolution})
-        _log(is_main, f"{phase.name}: exported to {out}")
+        validate(ctx, phase, step, logger, comps.vae, is_main)
+        export_phase(cfg, adapter, engine, transformer, ema, phase, step, resolution, is_main)
         phase_start = phase_end
     if step == total and (not os.path.exists(os.path.join(ckpt_root, f"step-{step}"))):
         save(step)
     logger.close()
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.wait_for_all("end")
     return {"step": step, "preempted": False}
+
+
+def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, step: int, resolution: int,
+                 is_main: bool) -> None:
+    """Write the phase's weights (LoRA or full) and, with an EMA, the EMA weights under `<out>/ema` (collective)."""
+    out = os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
+    export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
+        (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
+    export(out)
+    if ema is not None and not ema.frozen:  # the EMA weights, same format, under <out>/ema
+        with weights_swapped_in(engine, ema.shadow):
+            export(os.path.join(out, "ema"))
+    if is_main:
+        write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,
+                                  "resolution": resolution})
+    _log(is_main, f"{phase.name}: exported to {out}")

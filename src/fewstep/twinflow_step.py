@@ -11,7 +11,7 @@ import torch
 
 from fewstep.engine.deepspeed_engine import weights_swapped_in
 from fewstep.methods.twinflow import assign_groups, twinflow_loss
-from fewstep.steps import next_batch, velocity_fn
+from fewstep.step_context import StepContext, next_batch, velocity_fn
 
 
 class TeacherWeights:
@@ -37,12 +37,12 @@ def any_step_model(velocity) -> callable:
     return model
 
 
-def make_twinflow_step(ctx):
-    cfg, engine, ema = ctx["cfg"], ctx["engine"], ctx["ema"]
+def make_twinflow_step(ctx: StepContext):
+    cfg, engine, ema = ctx.cfg, ctx.engine, ctx.ema
     model = any_step_model(velocity_fn(ctx))
     use_ema_teacher = ema is not None and 0.0 < cfg.ema_decay
     weights = TeacherWeights(engine, ema) if use_ema_teacher else None
-    counter = {"micro": ctx.get("start_micro", 0)}  # resumes the group cycle exactly
+    counter = {"micro": ctx.start_micro}  # resumes the group cycle exactly
 
     def student(x, t, tt, cond):
         if weights is not None:
@@ -68,14 +68,13 @@ def make_twinflow_step(ctx):
                 enhanced_range=tuple(cfg.twinflow_enhanced_range), adversarial=cfg.twinflow_adversarial_enabled,
                 adversarial_weight=cfg.twinflow_adversarial_weight, rectify_weight=cfg.twinflow_rectify_weight,
                 frozen_teacher=(ema is not None and ema.frozen), ema_update=update,
-                backend=ctx["backend"])
+                backend=ctx.backend)
         finally:
             if weights is not None:
                 weights.use(False)  # the live weights are back before backward
         t, tt = logs.pop("times")
-        times = ctx.setdefault("twinflow_times", [])  # recent (t, tt) rows for the trajectory scatter
-        times.extend(zip(t.tolist(), tt.tolist()))
-        del times[:-1024]
+        ctx.twinflow_times.extend(zip(t.tolist(), tt.tolist()))  # recent rows for the trajectory scatter
+        del ctx.twinflow_times[:-1024]
         return loss, {k: v for k, v in logs.items() if k != "loss"}
 
     return step

@@ -75,6 +75,27 @@ def test_time_convention_tt_equal_t_cancels(tiny, family):
     assert (half - base).norm() > 100 * (same - base).norm() + 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bf16_tt_equal_t_is_exactly_flow_matching(tiny, tiny_dirs, family):
+    """In a bf16 model the transformer's timestep is sigma rounded to bf16, tt stays fp32: t must be the fp32 sigma,
+    or tt = t leaves a spurious E2(tt) * (t - tt). Sigmas not representable in bf16 (0.93 -> 0.9297)."""
+    adapter, _, cond, x = _setup(tiny, family)
+    tr = adapter.load(tiny_dirs(family), dtype=torch.bfloat16, with_text=False, with_vae=False).transformer
+    embed = adapter.add_anystep(tr)
+    _randomize(embed)  # E2's zero-initialised last layer would hide the term
+    x, cond = x.bfloat16(), {k: v.bfloat16() if v.is_floating_point() else v for k, v in cond.items()}
+    sigma = torch.tensor([0.93, 0.37])
+    assert not torch.equal(sigma.bfloat16().float(), sigma)
+    with torch.no_grad():
+        for sign in (None, torch.tensor([1.0, -1.0])):
+            no_tt = adapter.forward(tr, x, sigma, cond, sign=sign)
+            same = adapter.forward(tr, x, sigma, cond, tt=sigma.clone(), sign=sign)
+            assert torch.equal(same, no_tt), (sign, (same.float() - no_tt.float()).abs().max())
+            assert embed.tt is None and embed.sign is None and embed.t is None  # cleared after each call
+        # the term is live: tt != t moves the output
+        assert not torch.equal(adapter.forward(tr, x, sigma, cond, tt=sigma - 0.05, sign=sign), no_tt)
+
+
 def test_hook_adds_reference_terms(tiny):
     """The hooked time embedding = stock output + sign_embed[sign<0] + E2(tt) * (t - tt), against a float64 reference."""
     adapter, tr, cond, x = _setup(tiny, "sd3")

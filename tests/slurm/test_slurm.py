@@ -167,6 +167,13 @@ def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
 
 
 # ---- the real trainer ----------------------------------------------------------------------------------------------
+BARE_SRUN = """#!/bin/bash
+cd "$FEWSTEP_ROOT" || exit 2
+srun --cpus-per-task=1 "$FEWSTEP_PYTHON" launcher/train.py --config configs/demo/flow.json --max_train_steps 3 \\
+    --checkpointing_steps 0 --validation_steps 0 --output_dir "$FEWSTEP_OUTPUT_DIR"
+"""
+
+
 @pytest.fixture(scope="module")
 def trainer_jobs(slurm_cluster, tmp_path_factory):
     """Submit every trainer job at once, in CPU test mode, on the tiny demo configs; yield their ids and dirs."""
@@ -193,6 +200,13 @@ def trainer_jobs(slurm_cluster, tmp_path_factory):
            "--method", "twinflow", "--lora", str(work / "reference"), "--steps", "2",
            "--prompt", "a red circle", "--output", str(out_png))
     jobs["sample"]["png"] = out_png
+    # A user's own job script without slurm/common.sh: a bare `srun python launcher/train.py` on both nodes.
+    bare = work / "bare-srun.sh"
+    bare.write_text(BARE_SRUN)
+    jobs["bare"] = dict(id=slurm_cluster.sbatch(bare, options=[*BOTH_NODES[:2], "--gpus-per-node=0",
+                                                               "--cpus-per-task=1", "--output=%x-%j.out"],
+                                                env=_env(DS_ACCELERATOR="cpu", FEWSTEP_OUTPUT_DIR=str(work / "bare")),
+                                                cwd=work), out=work / "bare", work=work)
     yield jobs
     for j in jobs.values():  # leave nothing running if a test failed early
         slurm_cluster.cmd("scancel", str(j["id"]), check=False)
@@ -266,3 +280,13 @@ def test_sample_after_training(slurm_cluster, trainer_jobs):
     assert job["Dependency"] in ("(null)", ""), job
     assert j["png"].is_file() and j["png"].stat().st_size > 0, _log(j["work"], job)
     assert f"fewstep: wrote {j['png']}" in _log(j["work"], job)
+
+
+def test_bare_srun_without_common_sh(slurm_cluster, trainer_jobs):
+    """`srun python launcher/train.py` with no RANK/WORLD_SIZE in the environment: the trainer reads SLURM_PROCID,
+    SLURM_LOCALID and SLURM_STEP_NUM_TASKS and forms one 2-rank world (not two worlds of one on one output dir)."""
+    j = trainer_jobs["bare"]
+    job = _assert_ok(slurm_cluster, j["id"], j["work"])
+    log = _log(j["work"], job)
+    assert "world 2" in log and "world 1" not in log, log
+    assert [m["step"] for m in _read_metrics(j["out"])] == [1, 2, 3], log

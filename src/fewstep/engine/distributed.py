@@ -130,6 +130,10 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(launch_env(dict(os.environ)))
+    if os.environ["WORLD_SIZE"] == "1" and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "SLURM_STEP_ID" not in os.environ:
+        print(f"fewstep: this Slurm job has {os.environ['SLURM_NTASKS']} tasks, but this process was started "
+              "without srun: training as a single process (use slurm/common.sh or srun for all tasks)", flush=True)
     import deepspeed
     import deepspeed.ops
 

@@ -5,9 +5,12 @@
 
     sign_embed[sign < 0]  +  E2(tt) * (t - tt),     E2 = Linear(SiLU(Linear(sinusoid(1000 * tt)))),
 
-to the time embedding (TwinFlow's `temb += E2(tt) * (t - tt)`), with t recovered from the hooked module's first
-argument (`timestep_arg / hook_time_scale`). `sign_embed` and E2's last Linear are zero-initialised, so until trained
-the model output is bit-identical to the base model. With no state set the hook returns the output untouched.
+to the time embedding (TwinFlow's `temb += E2(tt) * (t - tt)`). t is the fp32 sigma that `FlowModelAdapter.forward`
+puts in the state; without one (a stock pipeline called under `anystep_state(tt=..., sign=...)`) it is recovered from
+the hooked module's first argument (`timestep_arg / hook_time_scale`), which in a bf16 model is sigma rounded to bf16
+(spacing 2^-8 near 1), so tt = t would leave a spurious (t - tt). `sign_embed` and E2's last Linear are
+zero-initialised, so until trained the model output is bit-identical to the base model. With no tt and no sign set the
+hook returns the output untouched.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class AnyStepEmbedding(nn.Module):
         nn.init.zeros_(self.tt_linear_2.bias)
         self.tt: torch.Tensor | float | None = None  # per-call state, set by set_anystep_state
         self.sign: torch.Tensor | float | None = None
+        self.t: torch.Tensor | float | None = None  # the caller's (fp32) sigma; None: read it from the hooked input
 
     def forward(self, timestep_arg: torch.Tensor, batch: int) -> torch.Tensor:
         """The [batch, inner_dim] term to add for the current state; timestep_arg is the hooked module's input."""
@@ -54,10 +58,17 @@ class AnyStepEmbedding(nn.Module):
             out = out + self.sign_embed((sign < 0).long())
         if self.tt is not None:
             tt = _per_sample(self.tt, batch, w.device, "tt").float()
-            t = _per_sample(timestep_arg, batch, w.device, "timestep").float() / self.hook_time_scale
+            t = self._current_time(timestep_arg, batch)
             e2 = self.tt_linear_2(self.tt_act(self.tt_linear_1(timestep_sinusoid(tt * 1000.0).to(w.dtype))))
             out = out + e2 * (t - tt).to(w.dtype)[:, None]
         return out
+
+    def _current_time(self, timestep_arg: torch.Tensor, batch: int) -> torch.Tensor:
+        """t as a [batch] fp32 tensor: the state's t if set, else the hooked argument over hook_time_scale."""
+        device = self.tt_linear_1.weight.device
+        if self.t is not None:
+            return _per_sample(self.t, batch, device, "t").float()
+        return _per_sample(timestep_arg, batch, device, "timestep").float() / self.hook_time_scale
 
 
 def _per_sample(v, batch: int, device, name: str) -> torch.Tensor:
@@ -108,20 +119,24 @@ def _embed_of(transformer: nn.Module) -> AnyStepEmbedding:
     return embed
 
 
-def set_anystep_state(transformer: nn.Module, tt=None, sign=None) -> None:
-    """Set (or with both None, clear) the tt/sign the next forwards use; floats broadcast over the batch."""
+def set_anystep_state(transformer: nn.Module, tt=None, sign=None, t=None) -> None:
+    """Set (or with all None, clear) the tt/sign the next forwards use; floats broadcast over the batch.
+
+    t: the current time (sigma in [0, 1], fp32) for (t - tt); None reads it from the transformer's own timestep input,
+    which is rounded to the model dtype.
+    """
     embed = _embed_of(transformer)
-    embed.tt, embed.sign = tt, sign
+    embed.tt, embed.sign, embed.t = tt, sign, t
 
 
 @contextlib.contextmanager
-def anystep_state(transformer: nn.Module, tt=None, sign=None):
-    """Context manager: tt/sign set inside the block, cleared afterwards even on error."""
-    set_anystep_state(transformer, tt, sign)
+def anystep_state(transformer: nn.Module, tt=None, sign=None, t=None):
+    """Context manager: tt/sign (and t) set inside the block, cleared afterwards even on error."""
+    set_anystep_state(transformer, tt, sign, t)
     try:
         yield
     finally:
-        set_anystep_state(transformer, None, None)
+        set_anystep_state(transformer)
 
 
 def anystep_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:

@@ -229,7 +229,9 @@ class FlowModelAdapter:
                 guidance: float | None = None) -> torch.Tensor:
         """Predict the flow velocity v = noise - data for latents x [B,C,h,w] at sigma [B] in [0,1].
 
-        tt/sign (per-sample [B] or floats) feed the any-step embeddings for this call only (see `anystep`).
+        tt/sign (per-sample [B] or floats) feed the any-step embeddings for this call only (see `anystep`), with the
+        fp32 sigma as their t: the transformer sees sigma in x's dtype, and bf16 sigma would make (t - tt) non-zero at
+        tt = sigma.
         guidance: distilled-guidance value for transformers with guidance_embeds (default `default_guidance`);
         ignored by families without one.
         """
@@ -243,7 +245,7 @@ class FlowModelAdapter:
         if missing:
             raise KeyError(f"cond lacks {missing} for family {self.family!r}; expected keys {list(self.cond_keys)}")
         module = unwrap(transformer)
-        state = (anystep.anystep_state(module, tt, sign) if tt is not None or sign is not None
+        state = (anystep.anystep_state(module, tt, sign, t=sigma.float()) if tt is not None or sign is not None
                  else contextlib.nullcontext())
         with state:
             out = self._call_transformer(transformer, module, self.pack(x), sigma.to(x.dtype), cond, h, w, guidance)

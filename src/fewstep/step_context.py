@@ -1,0 +1,58 @@
+"""What a micro-step needs, as one typed object, and the two things every method does with it: draw this rank's next
+batch of cached tensors, and call the model through the engine.
+
+`fewstep.steps` (flow matching, Glance, validation) and `fewstep.twinflow_step` both build on this module; neither
+imports the other's internals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class StepContext:
+    cfg: Any                    # fewstep.config.Config
+    adapter: Any                # the model family's FlowModelAdapter
+    engine: Any                 # the DeepSpeed engine wrapping the transformer
+    dataset: Any                # fewstep.data.cache.CachedDataset (or anything with item(i), uncond, latents)
+    order: Any                  # fewstep.data.dataset.DataOrder: this rank's resumable sample order
+    device: torch.device
+    dtype: torch.dtype          # the training compute dtype (bf16 or fp32)
+    backend: str = "torch"      # kernel backend (fewstep.kernels.resolve_backend)
+    ema: Optional[Any] = None   # fewstep.ema.EMA over the fp32 master partitions, or None
+    start_micro: int = 0        # micro-steps taken before this phase started (resume keeps group cycles exact)
+    twinflow_times: list = field(default_factory=list)  # recent (t, tt) rows for the TensorBoard scatter
+
+
+def to_device(cond: dict, device, dtype) -> dict:
+    """Move a batch of embeddings to the device; floating tensors also take the training dtype (masks keep theirs)."""
+    return {k: (v.to(device=device, dtype=dtype) if torch.is_floating_point(v) else v.to(device))
+            for k, v in cond.items()}
+
+
+def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tensor, dict, Optional[dict]]:
+    """This rank's next micro-batch: latents, caption embeddings (with caption dropout) and, if asked, the
+    empty-prompt embeddings (TwinFlow's CFG target)."""
+    cfg, ds, adapter = ctx.cfg, ctx.dataset, ctx.adapter
+    idx = ctx.order.next_indices()
+    items = [ds.item(i) for i in idx]
+    x0 = torch.stack([lat for lat, _ in items]).to(ctx.device, ctx.dtype)
+    drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
+    texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
+    cond = to_device(adapter.collate_cond(texts), ctx.device, ctx.dtype)
+    if not with_uncond:
+        return x0, cond, None
+    uncond = to_device(adapter.collate_cond([ds.uncond] * len(items)), ctx.device, ctx.dtype)
+    return x0, cond, uncond
+
+
+def velocity_fn(ctx: StepContext) -> Callable:
+    """model(x, sigma, cond, tt=None, sign=None) -> fp32 velocity, through the engine's module."""
+    adapter, engine, dtype, guidance = ctx.adapter, ctx.engine, ctx.dtype, ctx.cfg.flux_guidance_value
+
+    def fn(x, sigma, cond, tt=None, sign=None):
+        return adapter.forward(engine, x.to(dtype), sigma, cond, tt=tt, sign=sign, guidance=guidance).float()
+    return fn

@@ -1,0 +1,67 @@
+"""2-rank checks of fewstep.engine.distributed on gloo, without DeepSpeed (so a launch costs ~3 s).
+
+Usage: torchrun --nproc_per_node 2 collectives_worker.py TMPDIR
+Prints "<check> ok" lines; any failed check raises.
+"""
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from fewstep.engine import distributed
+
+TIMEOUT = 1.0  # seconds: a plain collective times out when one rank is 2 s late
+tmp = sys.argv[1]
+dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT))
+rank = dist.get_rank()
+
+# One reduction: means over ranks, flags true on any rank, in the order given.
+means, flags = distributed.reduce_step({"loss": 1.0 + rank, "sigma": 0.25 * rank}, {"preempt": rank == 1, "bad": False})
+assert means == {"loss": 1.5, "sigma": 0.125} and flags == {"preempt": True, "bad": False}, (means, flags)
+assert distributed.any_rank(rank == 0) and not distributed.any_rank(False)
+print("reduce_step ok", flush=True)
+
+# The store-based wait tolerates any delay (longer than the collective timeout), and uneven_work ends in it.
+if rank == 0:
+    time.sleep(2 * TIMEOUT)
+distributed.wait_for_all("late rank 0")
+with distributed.uneven_work("rank-0 export"):
+    if rank == 0:
+        time.sleep(2 * TIMEOUT)
+print("store wait ok", flush=True)
+
+# Which ranks share a directory: one shared folder -> both; one folder per rank (node-local) -> each alone.
+shared = distributed.sharing_group(os.path.join(tmp, "shared"))
+assert (shared.members, shared.index) == ([0, 1], rank), shared
+local = distributed.sharing_group(os.path.join(tmp, f"node{rank}"))
+assert (local.members, local.index) == ([rank], 0), local
+assert not os.listdir(os.path.join(tmp, "shared", ".fewstep-ranks"))  # markers cleaned up
+print("sharing_group ok", flush=True)
+
+# A failure inside uneven_work on rank 0 stops rank 1 with rank 0's message instead of a hang.
+t0 = time.monotonic()
+try:
+    with distributed.uneven_work("export"):
+        if rank == 0:
+            raise OSError("disk full")
+    raise AssertionError("rank 1 passed a wait that rank 0 never reached")
+except distributed.RankFailed as e:
+    assert rank == 1 and "rank 0 failed during export: OSError: disk full" in str(e), e
+    assert time.monotonic() - t0 < 10
+except OSError:
+    assert rank == 0
+print("abort ok", flush=True)
+
+# Last (a timed-out gloo collective breaks the group): a plain barrier with rank 0 late by the same delay fails,
+# so the timeout above was real.
+if rank == 0:
+    time.sleep(2 * TIMEOUT)
+else:
+    try:
+        dist.barrier()
+        raise AssertionError("a gloo barrier outlived its timeout")
+    except RuntimeError:
+        pass
+print("plain barrier times out", flush=True)

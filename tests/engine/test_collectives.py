@@ -1,0 +1,144 @@
+"""fewstep.engine.distributed: collectives on the communication device, one reduction per step, store-based waits,
+directory sharing groups, and the launch environment (torchrun, deepspeed, bare srun, plain python)."""
+import ast
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.engine import distributed
+from fewstep_testing import PY, cpu_env, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+               "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all",
+               "all_to_all_single", "send", "recv", "isend", "irecv"}
+COMM_MODULES = {"torch.distributed", "deepspeed.comm"}
+
+
+def direct_collective_calls(path: Path) -> list[str]:
+    """`dist.all_reduce(...)`-style calls in one file, whatever the module is imported as."""
+    tree = ast.parse(path.read_text())
+    aliases, direct = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name in COMM_MODULES}
+        elif isinstance(node, ast.ImportFrom):
+            if node.module in COMM_MODULES:
+                direct |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+            elif node.module in ("torch", "deepspeed"):
+                aliases |= {a.asname or a.name for a in node.names if a.name in ("distributed", "comm")}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in COLLECTIVES and ast.unparse(f.value) in aliases | COMM_MODULES:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(f)}")
+        elif isinstance(f, ast.Name) and f.id in direct:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {f.id}")
+    return found
+
+
+def test_collectives_only_in_the_distributed_module():
+    """Every collective fewstep issues goes through engine/distributed.py, which puts tensors on the comm device:
+    a `dist.all_reduce(torch.tensor(...))` anywhere else would put a CPU tensor into an NCCL collective."""
+    allowed = REPO / "src" / "fewstep" / "engine" / "distributed.py"
+    files = [p for d in ("src", "launcher", "kernels", "bench") for p in (REPO / d).rglob("*.py") if p != allowed]
+    assert len(files) > 30
+    found = [hit for p in files for hit in direct_collective_calls(p)]
+    assert not found, "collectives outside fewstep.engine.distributed:\n" + "\n".join(found)
+    # the scanner itself finds the pattern it guards against
+    sample = REPO / "tests" / "engine" / "_scan_sample.py"
+    try:
+        sample.write_text("import torch.distributed as dist\nimport torch\n"
+                          "def f(x):\n    dist.all_reduce(torch.tensor([x]))\n    torch.distributed.barrier()\n")
+        assert len(direct_collective_calls(sample)) == 2
+    finally:
+        sample.unlink()
+
+
+def test_comm_device_follows_what_the_group_serves():
+    """Under a group that serves only CUDA (here gloo registered for cuda alone, which rejects CPU tensors exactly
+    as NCCL does) the comm device is CUDA, not the CPU; under plain gloo it is the CPU."""
+    code = textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        from fewstep.engine import distributed
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+        torch.cuda.current_device = lambda: 0  # no GPU here; the rule only needs the index
+        dist.init_process_group("cuda:gloo", rank=0, world_size=1)
+        try:
+            dist.all_reduce(torch.zeros(1))
+            raise SystemExit("a cuda-only group accepted a CPU tensor")
+        except RuntimeError as e:
+            assert "No backend type associated with device type cpu" in str(e), e
+        print("nccl-like", distributed.comm_device())
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + os.environ["PORT2"])
+        print("gloo", distributed.comm_device())
+    """)
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=cpu_env(PORT=str(distributed._free_port()), PORT2=str(distributed._free_port())))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nccl-like cuda:0" in proc.stdout and "gloo cpu" in proc.stdout, proc.stdout
+
+
+def test_reduce_waits_sharing_and_abort_on_two_ranks(tmp_path):
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(distributed._free_port()),
+                "tests/engine/collectives_worker.py", str(tmp_path)], timeout=180)
+    for check in ("reduce_step ok", "store wait ok", "sharing_group ok", "abort ok", "plain barrier times out"):
+        assert proc.stdout.count(check) == 2, proc.stdout
+
+
+# ---- launch environment -------------------------------------------------------------------------------------------
+def test_torchrun_and_deepspeed_launcher_env_is_used_as_is():
+    assert distributed.launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "a",
+                                   "MASTER_PORT": "1"}) == {}
+    assert distributed.launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == {"LOCAL_RANK": "0"}
+    with pytest.raises(distributed.LaunchError, match="WORLD_SIZE"):
+        distributed.launch_env({"RANK": "0"})
+
+
+def test_bare_srun_task_env():
+    """`srun python launcher/train.py` (no slurm/common.sh): rank, world and local rank from SLURM_*, master = the
+    step's first node, port from the job id (as slurm/common.sh derives it). Values as Slurm 22.05 sets them."""
+    task = {"SLURM_JOB_ID": "4321", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+            "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-10]",
+            "SLURM_JOB_NODELIST": "gpu[07-10]"}
+    assert distributed.launch_env(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4321 % 20000)}
+    # the batch shell itself (no job step) is a single process, however many tasks the job has
+    batch = {k: v for k, v in task.items() if not k.startswith("SLURM_STEP")}
+    assert distributed.launch_env(batch)["WORLD_SIZE"] == "1"
+    broken = {k: v for k, v in task.items() if k != "SLURM_LOCALID"}
+    with pytest.raises(distributed.LaunchError, match="SLURM_LOCALID"):
+        distributed.launch_env(broken)
+
+
+def test_plain_python_is_a_world_of_one():
+    env = distributed.launch_env({})
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+    assert int(env["MASTER_PORT"]) > 0
+
+
+@pytest.mark.parametrize("spec,hosts", [("n1", ["n1"]), ("n[1-2]", ["n1", "n2"]),
+                                        ("gpu[08-10,12],login1", ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]),
+                                        ("r[1-2]-ib[0-1]", ["r1-ib0", "r1-ib1", "r2-ib0", "r2-ib1"])])
+def test_expand_hostlist(spec, hosts):
+    assert distributed.expand_hostlist(spec) == hosts
+
+
+def test_device_is_local_rank_modulo_visible_gpus(monkeypatch):
+    """Sites that bind one GPU per task show each task a single device: LOCAL_RANK 3 must then use cuda:0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.local_device(3) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert distributed.local_device(3) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.local_device(3) == torch.device("cpu")

@@ -1,0 +1,83 @@
+"""What CPU + gloo on one machine usually hides: slow rank-0 work inside a collective timeout, and node-local paths.
+
+- Rank 0 is made slow (FEWSTEP_TEST_DELAY) in each place where it works alone or longer than the others (cache
+  fill, model load, validation decoding, exports, checkpoint writes) under a collective timeout shorter than the delay: the run must
+  still complete.
+- Two "nodes" are two processes with LOCAL_RANK 0 each, each in its own mount namespace with a private tmpfs at the
+  same cache_dir path: exactly what a node-local scratch directory looks like to a multi-node job.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from fewstep.engine.distributed import _free_port
+from fewstep_testing import PY, REPO, cpu_env, read_metrics, run, write_config, write_dataset
+
+
+def test_slow_rank0_work_survives_a_short_collective_timeout(tmp_path):
+    backend = write_dataset(str(tmp_path), n=3)
+    cfg = write_config(str(tmp_path), backend, zero_stage=3, use_ema=True, ema_decay=0.9, max_train_steps=2,
+                       checkpointing_steps=1, distributed_timeout_seconds=3)
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "launcher/train.py",
+                "--config", cfg], timeout=600,
+               FEWSTEP_TEST_DELAY="cache:5,load:5,validation:5,export:5,checkpoint:5")
+    for where in ("cache", "load", "validation", "export", "checkpoint"):
+        assert f"rank 0 delayed 5 s at {where}" in proc.stdout, proc.stdout[-3000:]
+    out = tmp_path / "out"
+    assert len(read_metrics(out)) == 2
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "ema" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _unshare_available() -> str | None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "node-local directories are simulated with `unshare -m` + tmpfs, which needs root"
+    r = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    return None if r.returncode == 0 else f"unshare -m does not work here: {r.stderr.strip()}"
+
+
+def _launch_nodes(cfg, local_path, port, extra_env=None):
+    """Start ranks 0 and 1 as two 'nodes' (LOCAL_RANK 0 each), each with a private tmpfs mounted at `local_path`."""
+    procs = []
+    for rank in (0, 1):
+        env = cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      **(extra_env or {}))
+        script = f'mount -t tmpfs fewstep-node{rank} "$1" && exec "$2" launcher/train.py --config "$3"'
+        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "node",
+                                       local_path, PY, cfg], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+def test_two_nodes_each_fill_their_node_local_cache(tmp_path):
+    reason = _unshare_available()
+    if reason:
+        pytest.skip(reason)
+    backend = write_dataset(str(tmp_path), n=3)
+    node_local = tmp_path / "scratch"
+    node_local.mkdir()
+    cfg = write_config(str(tmp_path), backend, cache_dir=str(node_local / "cache"), max_train_steps=2,
+                       validation_steps=0, train_batch_size=1)
+    results = _launch_nodes(cfg, str(node_local), _free_port())
+    for rank, (rc, out, err) in enumerate(results):
+        assert rc == 0, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-4000:]}"
+    assert "1 rank(s) per cache directory" in results[0][1]  # each node filled its own copy
+    assert not os.listdir(node_local)  # nothing leaked to the real directory under the mounts
+    assert len(read_metrics(tmp_path / "out")) == 2
+
+
+def test_node_local_output_dir_is_refused_by_name(tmp_path):
+    reason = _unshare_available()
+    if reason:
+        pytest.skip(reason)
+    backend = write_dataset(str(tmp_path), n=2)
+    node_local = tmp_path / "scratch"
+    node_local.mkdir()
+    cfg = write_config(str(tmp_path), backend, output_dir=str(node_local / "run"), cache_dir=str(tmp_path / "c"))
+    results = _launch_nodes(cfg, str(node_local), _free_port())
+    rc, out, err = results[0]
+    assert rc == 2, f"{out[-2000:]}\n{err[-3000:]}"
+    assert f"output_dir '{node_local / 'run'}' is not shared by all 2 ranks" in err
+    assert "Traceback" not in err

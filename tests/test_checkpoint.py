@@ -1,0 +1,111 @@
+"""Checkpoint durability and completeness, on real 2-rank DeepSpeed saves (torchrun, gloo, ZeRO-2 and ZeRO-3).
+
+- every file and directory of a saved checkpoint was fsynced before rank 0's rename, each per-rank file by the rank
+  that wrote it; the checkpoints root was fsynced after the rename and after `latest` was replaced;
+- `resolve('latest')` skips a checkpoint that lost one rank's shard (with one warning line naming it) and an explicit
+  path to it raises naming the missing file.
+"""
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+
+from fewstep import checkpoint
+from fewstep_testing import REPO, run
+
+STAGES = (2, 3)
+PER_RANK = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d+)\.pt$")  # DeepSpeed's per-rank shards, our rank<r>.pt
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One torchrun launch: steps 1 and 2 saved per ZeRO stage, with each rank's fsync/replace log."""
+    out = os.path.realpath(tmp_path_factory.mktemp("checkpoint"))
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(REPO, "tests", "checkpoint_worker.py"), out, *map(str, STAGES)], timeout=600)
+    return out
+
+
+def _logs(saved, stage):
+    logs = []
+    for r in range(2):
+        with open(os.path.join(saved, f"z{stage}", f"audit-rank{r}.json")) as fh:
+            logs.append(json.load(fh))
+    return logs
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_file_and_directory_is_fsynced_before_the_rename(saved, stage):
+    root = os.path.join(saved, f"z{stage}", "checkpoints")
+    final, tmp = os.path.join(root, "step-2"), os.path.join(root, ".tmp-step-2")
+    logs = _logs(saved, stage)
+    renames = [e for e in logs[0] if e[0] == "replace" and e[2:] == [tmp, final]]
+    assert len(renames) == 1, "rank 0 renames the finished checkpoint"
+    renamed_at = renames[0][1]
+    synced = [{e[2] for e in log if e[0] == "fsync" and e[1] < renamed_at} for log in logs]
+    entries = [final] + [os.path.join(here, n) for here, dirs, files in os.walk(final) for n in dirs + files]
+    assert len(entries) >= 8
+    for path in entries:
+        before = tmp + path[len(final):]  # fsynced under its name before the rename
+        per_rank = PER_RANK.search(os.path.basename(path))
+        if per_rank:
+            writer = int(per_rank.group(1) or per_rank.group(2))
+            assert before in synced[writer], f"rank {writer} did not fsync its {path[len(root):]} before the rename"
+        else:
+            assert before in synced[0] | synced[1], f"{path[len(root):]} was not fsynced before the rename"
+    # rank 0: the root after the rename, `latest` (its temporary file) and the root again after replacing it
+    after = [e for e in logs[0] if e[1] > renamed_at]
+    kinds = [(e[0], e[-1]) for e in after]
+    latest = os.path.join(root, "latest")
+    assert ("fsync", root) in kinds
+    i_root = kinds.index(("fsync", root))
+    i_latest = kinds.index(("replace", latest))
+    assert i_root < i_latest and ("fsync", latest + ".tmp") in kinds[:i_latest]
+    assert ("fsync", root) in kinds[i_latest:]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_trainer_json_lists_every_rank_file(saved, stage):
+    path = os.path.join(saved, f"z{stage}", "checkpoints", "step-2")
+    with open(os.path.join(path, "trainer.json")) as fh:
+        meta = json.load(fh)
+    assert meta["world_size"] == 2 and meta["zero_stage"] == stage and meta["step"] == 2
+    on_disk = sorted(os.path.relpath(os.path.join(h, n), path) for h, _, files in os.walk(path) for n in files)
+    assert meta["files"] == on_disk
+    assert {"rank0.pt", "rank1.pt"} <= set(meta["files"])
+    assert checkpoint.missing_files(path) == []
+
+
+@pytest.mark.parametrize("stage,lost", [(2, "rank1.pt"), (2, "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                                        (3, "state/zero_pp_rank_1_mp_rank_00_model_states.pt")])
+def test_resolve_skips_a_checkpoint_missing_one_rank_shard(saved, stage, lost, tmp_path, capsys):
+    root = str(tmp_path / "checkpoints")
+    shutil.copytree(os.path.join(saved, f"z{stage}", "checkpoints"), root)
+    step1, step2 = os.path.join(root, "step-1"), os.path.join(root, "step-2")
+    assert checkpoint.resolve(root, "latest") == step2
+    assert capsys.readouterr().out == ""
+    os.remove(os.path.join(step2, lost))
+    assert checkpoint.resolve(root, "latest") == step1
+    warning = capsys.readouterr().out.strip().splitlines()
+    assert len(warning) == 1 and "step-2" in warning[0] and lost in warning[0] and "step-1" in warning[0], warning
+    with pytest.raises(checkpoint.IncompleteCheckpointError, match=lost.replace(".", r"\.")) as err:
+        checkpoint.resolve(root, step2)
+    assert isinstance(err.value, FileNotFoundError)  # launcher/train.py prints it as one clean error line
+    assert checkpoint.resolve(root, step1) == step1
+    os.remove(os.path.join(step1, "trainer.json"))  # nothing complete left: start fresh, say why
+    assert checkpoint.resolve(root, "latest") is None
+    assert "starting fresh" in capsys.readouterr().out
+
+
+def test_resolve_infers_rank_files_of_checkpoints_without_a_file_list(saved, tmp_path):
+    """trainer.json from before it listed files: the per-rank families present must be there for every rank."""
+    path = str(tmp_path / "step-2")
+    shutil.copytree(os.path.join(saved, "z3", "checkpoints", "step-2"), path)
+    with open(os.path.join(path, "trainer.json"), "w") as fh:
+        json.dump({"method": "test", "step": 2}, fh)
+    assert checkpoint.missing_files(path) == []
+    os.remove(os.path.join(path, "state", "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    assert checkpoint.missing_files(path) == ["state/zero_pp_rank_0_mp_rank_00_model_states.pt"]
