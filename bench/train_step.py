@@ -141,6 +141,7 @@ def main(argv):
     from fewstep.kernels import resolve_backend
     from fewstep.lora import count_params, prepare_trainable
     from fewstep.models import get_adapter
+    from fewstep.step_context import StepContext
     from fewstep.steps import Phase, make_step
 
     if args.smoke:
@@ -162,9 +163,9 @@ def main(argv):
     latent_shape, cond, uncond = synthetic_inputs(args, adapter, transformer, smoke_res)
     ds = SyntheticDataset(latent_shape, cond, uncond)
     backend = resolve_backend(cfg.fused_kernels)
-    ctx = dict(cfg=cfg, adapter=adapter, engine=engine, dataset=ds, dtype=torch.bfloat16, device=info.device,
-               order=DataOrder(len(ds), args.batch, 0, 1, 0), backend=backend, resolution=0,
-               ema=EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None)
+    ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=ds, dtype=torch.bfloat16, device=info.device,
+                      order=DataOrder(len(ds), args.batch, 0, 1, 0), backend=backend,
+                      ema=EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None)
     step_fn = make_step(cfg.resolved_method, Phase(cfg.resolved_method, 1), ctx)
 
     def one_step():

@@ -182,8 +182,7 @@ def reduce_step(means: dict[str, float], flags: dict[str, bool] | None = None) -
     values = [float(v) for v in means.values()] + [1.0 if f else 0.0 for f in flags.values()]
     if not values:
         return {}, {}
-    t = torch.tensor(values, dtype=torch.float64 if comm_device().type == "cpu" else torch.float32,
-                     device=comm_device())
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())  # NCCL and gloo both reduce fp64
     n = world_size()
     if n > 1:
         dist.all_reduce(t)
