@@ -75,7 +75,8 @@ class Config:
                             choices=("constant", "constant_with_warmup", "linear", "cosine"))
     lr_warmup_steps: int = opt(0, "Linear warmup steps.", lo=0)
     optimizer: str = opt("adamw", "adamw: torch.optim.AdamW (no JIT build); deepspeed: DeepSpeed's own AdamW "
-                                  "(FusedAdam on GPU, DeepSpeedCPUAdam with offload; JIT-compiled).",
+                                  "(FusedAdam, or DeepSpeedCPUAdam with offload_optimizer: JIT-compiled ops, ~40 s "
+                                  "each on first use, cached in $TORCH_EXTENSIONS_DIR).",
                          choices=("adamw", "deepspeed"))
     adam_beta1: float = opt(0.9, "AdamW beta1.", lo=0.0, hi=1.0)
     adam_beta2: float = opt(0.999, "AdamW beta2.", lo=0.0, hi=1.0)
@@ -125,7 +126,9 @@ class Config:
     # ---- distributed / engine ----
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage 0-3.", lo=0, hi=3)
     deepspeed_config: Optional[str] = opt(None, "A DeepSpeed JSON whose entries override fewstep's generated one.")
-    offload_optimizer: bool = opt(False, "ZeRO-Offload: optimizer states on CPU.")
+    offload_optimizer: bool = opt(False, "ZeRO-Offload (stages 1-3): fp32 masters and Adam states on CPU, stepped "
+                                         "there (fast with optimizer deepspeed: DeepSpeedCPUAdam; torch AdamW "
+                                         "with adamw).")
     offload_param: bool = opt(False, "ZeRO-3 parameter offload to CPU.")
     distributed_timeout_seconds: float = opt(
         1800.0, "Timeout of every collective (NCCL/gloo process group) before the job aborts. Uneven work (cache "
@@ -171,6 +174,8 @@ class Config:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, str):
             self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got zero_stage 0)")
         if self.offload_param and self.zero_stage != 3:
             raise ConfigError("'offload_param' needs zero_stage 3 (got zero_stage %d)" % self.zero_stage)
         lo, hi = (list(self.twinflow_enhanced_range) + [None, None])[:2]

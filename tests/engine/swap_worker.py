@@ -1,22 +1,81 @@
-"""2-rank check of `weights_swapped_in`: inside it every trained parameter (gathered) holds the replacement values,
-after it the original values exactly; for ZeRO stages 0-3, fp32 and bf16, LoRA and full. Run under torchrun."""
+"""2-rank checks of the engine's access to the fp32 masters, for ZeRO stages 0-3, fp32 and bf16, LoRA and full, torch
+AdamW and DeepSpeed's own optimizers (FusedAdam; DeepSpeedCPUAdam under offload_optimizer). Run under torchrun.
+
+- `weights_swapped_in`: inside it every trained parameter (gathered) holds the replacement values, after it the
+  original values exactly; entering and leaving it (and `load_master`) synchronise the accelerator before and after
+  writing the weights the model computes with.
+- Glance's reset (`reset_trainable`: initial weights, fresh Adam and LR schedule): the step after it repeats the very
+  first step bit for bit, after Adam has taken several steps (stale moments or step counters would change it).
+- The LR schedule reaches the param groups the optimizer steps with.
+"""
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from fewstep.config import load_config
-from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
+from fewstep.engine.deepspeed_engine import (_layout, build_engine, lr_lambda, master_partitions,
+                                             weights_swapped_in)
 from fewstep.engine.distributed import setup_distributed
 from fewstep.lora import prepare_trainable
 from fewstep.models import get_adapter
+from fewstep.steps import reset_trainable
+
+RUNS = [  # stage, precision, model_type, optimizer, offload_optimizer
+    (0, "fp32", "lora", "adamw", False), (0, "bf16", "full", "adamw", False), (1, "bf16", "lora", "adamw", False),
+    (2, "fp32", "full", "adamw", False), (2, "bf16", "lora", "adamw", False), (3, "fp32", "lora", "adamw", False),
+    (3, "bf16", "full", "adamw", False),
+    (2, "fp32", "lora", "deepspeed", False),  # FusedAdam
+    (3, "bf16", "full", "deepspeed", True),  # DeepSpeedCPUAdam
+    (2, "bf16", "lora", "adamw", True),  # torch AdamW on the CPU partitions
+]
+
+
+class SyncProbe:
+    """Wraps the accelerator's `synchronize`: calls the real one and records, per call, the first elements of the
+    first low-precision copy (None where the layout has none)."""
+
+    def __init__(self, lowp):
+        self.real, self.lowp, self.calls = get_accelerator().synchronize, lowp, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(None if self.lowp is None else head(self.lowp[0]))
+        return self.real(*args, **kwargs)
+
+    def during(self, fn):
+        self.calls = []
+        get_accelerator().synchronize = self
+        try:
+            fn()
+        finally:
+            get_accelerator().synchronize = self.real
+        return self.calls
+
+
+def head(t, dtype=None):
+    return t.detach().reshape(-1)[:8].to(dtype or t.dtype).float().clone()
+
+
+def check_ordered(probe, fn, old, new, label):
+    """The swap's writes happen between two syncs: the first sees `old` values, the last `new` ones."""
+    calls = probe.during(fn)
+    assert len(calls) >= 2, (label, "synchronize calls", len(calls))
+    if old is not None:
+        assert torch.equal(calls[0], old) and torch.equal(calls[-1], new), (label, calls[0], calls[-1], old, new)
+
+
+def same(a, b):
+    """Equal, NaN == NaN (the last ZeRO partition ends in uninitialised padding)."""
+    return bool((a.eq(b) | (a.isnan() & b.isnan())).all())
+
 
 info = setup_distributed()
 adapter = get_adapter("flux")
-for stage, precision, model_type in [(0, "fp32", "lora"), (0, "bf16", "full"), (1, "bf16", "lora"),
-                                     (2, "fp32", "full"), (2, "bf16", "lora"), (3, "fp32", "lora"),
-                                     (3, "bf16", "full")]:
+for stage, precision, model_type, opt_name, offload in RUNS:
+    label = f"stage {stage} {precision} {model_type} {opt_name}{' offload' if offload else ''}"
     cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux",
                              "zero_stage": stage, "mixed_precision": precision, "model_type": model_type,
-                             "use_ema": True, "lora_rank": 4})
+                             "use_ema": True, "lora_rank": 4, "optimizer": opt_name, "offload_optimizer": offload,
+                             "learning_rate": 1e-3, "lr_warmup_steps": 3})
     torch.manual_seed(0)
     t = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
     trainable = prepare_trainable(cfg, adapter, t, anystep_embeddings=True)
@@ -24,24 +83,70 @@ for stage, precision, model_type in [(0, "fp32", "lora"), (0, "bf16", "full"), (
         for p in trainable:
             p.add_(torch.randn_like(p) * 0.1)
     names = [n for n, p in t.named_parameters() if p.requires_grad]
-    engine, _, _ = build_engine(cfg, t, trainable)
+    engine, optimizer, scheduler = build_engine(cfg, t, trainable)
     params = dict(engine.module.named_parameters())
 
     def snapshot():
         with deepspeed.zero.GatheredParameters([params[n] for n in names], enabled=stage == 3):
             return {n: params[n].detach().float().clone() for n in names}
 
+    # --- the swap, and the syncs around its writes
+    masters, lowp, _ = _layout(engine.optimizer)
+    probe = SyncProbe(lowp)
     before = snapshot()
     replacement = [m.detach() * 2.0 + 0.5 for m in master_partitions(engine)]
-    with weights_swapped_in(engine, replacement):
-        inside = snapshot()
+    lp_now, lp_new, lp_master = (None, None, None) if lowp is None else \
+        (head(lowp[0]), head(replacement[0], lowp[0].dtype), head(masters[0], lowp[0].dtype))
+    swap = weights_swapped_in(engine, replacement)
+    check_ordered(probe, swap.__enter__, lp_now, lp_new, label + " enter")
+    inside = snapshot()
+    check_ordered(probe, lambda: swap.__exit__(None, None, None), lp_new, lp_master, label + " exit")
     after = snapshot()
     tol = 0.0 if precision == "fp32" else 2e-2
     for n in names:
         expect = before[n] * 2.0 + 0.5
         err = (inside[n] - expect).abs().max().item()
-        assert err <= tol * max(1.0, expect.abs().max().item()), (stage, precision, model_type, n, err)
-        assert torch.equal(after[n], before[n]), (stage, precision, model_type, n)
+        assert err <= tol * max(1.0, expect.abs().max().item()), (label, n, err)
+        assert torch.equal(after[n], before[n]), (label, n)
+
+    # --- the LR schedule and Glance's reset, through real optimizer steps on a fixed batch
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(info.rank)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=gen).to(dtype), torch.rand(2, generator=gen)
+    cond = {"prompt_embeds": torch.randn(2, 5, 32, generator=gen).to(dtype),
+            "pooled_prompt_embeds": torch.randn(2, 32, generator=gen).to(dtype)}
+    schedule = lr_lambda(cfg)
+
+    def train_step(k):
+        loss = adapter.forward(engine, x, sigma, cond).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        lr = engine.get_lr()[0]  # what the optimizer's param groups hold
+        assert abs(lr - cfg.learning_rate * schedule(k + 1)) < 1e-12, (label, k, lr)
+
+    initial = [m.detach().clone() for m in master_partitions(engine)]
+    initial_sched = scheduler.state_dict()
+    assert abs(engine.get_lr()[0] - cfg.learning_rate * schedule(0)) < 1e-12, (label, engine.get_lr())
+    # Start from a reset too: at stage 0 with bf16, DeepSpeed's FP16 wrappers take a zero-gradient Adam step while
+    # initialising (so Adam's first real step is its second); elsewhere the state after `initialize` is already fresh.
+    reset_trainable(engine, initial, scheduler, initial_sched)
+    train_step(0)
+    first = [m.detach().clone() for m in master_partitions(engine)]
+    assert not all(same(a, b) for a, b in zip(first, initial)), label  # it stepped
+    for k in (1, 2):
+        train_step(k)
+    lp_trained, lp_initial = (None, None) if lowp is None else (head(lowp[0]), head(initial[0], lowp[0].dtype))
+    check_ordered(probe, lambda: reset_trainable(engine, initial, scheduler, initial_sched), lp_trained, lp_initial,
+                  label + " load_master")
+    assert all(same(m, w) for m, w in zip(master_partitions(engine), initial)), label
+    train_step(0)
+    again = master_partitions(engine)
+    assert all(same(a, b) for a, b in zip(again, first)), \
+        (label, "step after reset differs from the first step", max((a - b).abs().nan_to_num().max().item()
+                                                                    for a, b in zip(again, first)))
     if info.rank == 0:
-        print(f"swap ok: stage {stage} {precision} {model_type} ({len(names)} tensors)", flush=True)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        print(f"swap ok: {label} ({len(names)} tensors, {type(engine.optimizer).__name__}/{type(inner).__name__})",
+              flush=True)
+    del engine, optimizer, scheduler
 print("ALL SWAPS OK", flush=True)

@@ -10,12 +10,22 @@ import math
 
 import torch
 
+from fewstep.config import ConfigError
+
+PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
+
 
 def build_ds_config(cfg) -> dict:
-    """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it."""
-    zero = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True,
+    """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it.
+
+    The ZeRO stage is the user file's `zero_optimization.stage` if it sets one (e.g. configs/deepspeed/zero3.json),
+    else `zero_stage`; the stage-3 defaults below follow it. The merged result is checked before anything is built.
+    """
+    user = _read_user_config(cfg.deepspeed_config)
+    stage = user.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+    zero = {"stage": stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
-    if cfg.zero_stage == 3:
+    if stage == 3:
         # With an EMA teacher every parameter must be re-gathered from its shard at each forward, so that swapping
         # the EMA into the shards reaches all of them: no "persistent" small parameters then.
         zero.update(stage3_prefetch_bucket_size=5e7,
@@ -32,7 +42,7 @@ def build_ds_config(cfg) -> dict:
         "bf16": {"enabled": cfg.bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
+        "zero_force_ds_cpu_optimizer": False,  # optimizer adamw + offload_optimizer: torch AdamW on the CPU partitions
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -40,13 +50,22 @@ def build_ds_config(cfg) -> dict:
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_epsilon,
             "weight_decay": cfg.adam_weight_decay}}
-    if cfg.deepspeed_config:
-        with open(cfg.deepspeed_config) as fh:
-            user = json.load(fh)
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-            user.pop(key, None)  # fewstep's batch options are the single source of truth
-        _deep_update(ds, user)
+    _deep_update(ds, user)
+    source = f"deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "fewstep's options"
+    _check_offload(ds["zero_optimization"], source)
+    if cfg.use_ema:
+        _check_ema_swap(ds["zero_optimization"], source)
     return ds
+
+
+def _read_user_config(path) -> dict:
+    if not path:
+        return {}
+    with open(path) as fh:
+        user = json.load(fh)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        user.pop(key, None)  # fewstep's batch options are the single source of truth
+    return user
 
 
 def _deep_update(base: dict, new: dict) -> None:
@@ -55,6 +74,56 @@ def _deep_update(base: dict, new: dict) -> None:
             _deep_update(base[k], v)
         else:
             base[k] = v
+
+
+def _device(zero: dict, key: str):
+    return (zero.get(key) or {}).get("device", "none")
+
+
+def _check_offload(zero: dict, source: str) -> None:
+    """ZeRO-Offload is a ZeRO feature: at stage 0 DeepSpeed ignores it for a torch AdamW, and with `optimizer:
+    deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
+    if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
+        raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
+
+
+def _check_ema_swap(zero: dict, source: str) -> None:
+    """The EMA (export, TwinFlow's teacher) is swapped into the weights by `weights_swapped_in`, which writes this
+    rank's ZeRO-3 shards and must read its fp32 masters. Refuse what keeps weights out of its reach (DeepSpeed 0.19):
+
+    - persistent parameters (numel <= stage3_param_persistence_threshold, while the running total stays within
+      stage3_model_persistence_threshold) stay gathered in full and are never re-gathered from their shard;
+    - hpZ (zero_hpz_partition_size > 1): after a parameter's first gather in a step, later gathers (backward, a
+      teacher pass after the student's) read its secondary copy `ds_secondary_tensor`, refreshed only after the
+      optimizer step;
+    - NVMe offload: the shards (offload_param) or the fp32 masters (offload_optimizer) are not in memory.
+
+    zero_quantized_weights is fine: it quantizes the shard at every gather (frozen weights, which
+    zero_quantized_nontrainable_weights keeps quantized, are never swapped).
+    """
+    why = "with use_ema the EMA weights are swapped into this rank's ZeRO-3 shards, and "
+    if zero.get("stage") == 3:
+        value = zero.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT)
+        if not _is_zero(value) and not _is_zero(zero.get("stage3_model_persistence_threshold")):
+            raise ConfigError(f"{source}: zero_optimization.stage3_param_persistence_threshold is {value} (0 "
+                              f"needed): {why}parameters below the threshold would persist gathered in full, so the "
+                              "EMA teacher and the EMA export would silently run them with the live weights")
+        hpz = zero.get("zero_hpz_partition_size", 1)
+        if hpz not in (0, 1):
+            raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size is {hpz} (1 needed): {why}hpZ "
+                              "gathers from a secondary copy of each parameter that the swap does not reach")
+    for key in ("offload_param", "offload_optimizer"):
+        if _device(zero, key) == "nvme":
+            raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme: with use_ema the EMA tracks this "
+                              "rank's fp32 masters and is swapped into its shards, which must both stay in memory "
+                              "(use device cpu, or use_ema false)")
+
+
+def _is_zero(value) -> bool:
+    try:
+        return float(value) == 0
+    except (TypeError, ValueError):
+        return False
 
 
 def lr_lambda(cfg):
@@ -75,7 +144,13 @@ def lr_lambda(cfg):
 
 
 def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter]):
-    """`deepspeed.initialize` with a client torch AdamW (no JIT build) unless `optimizer: deepspeed` is asked for."""
+    """`deepspeed.initialize` with a client torch AdamW (no JIT build), or with `optimizer: deepspeed` the AdamW
+    DeepSpeed builds from the config (FusedAdam; DeepSpeedCPUAdam under offload_optimizer; both JIT-compiled ops).
+
+    The LR schedule goes in as a callable, which DeepSpeed applies to the basic optimizer (the one holding the
+    param groups and Adam state) once it has built and wrapped it: one path for both optimizers. A LambdaLR over
+    the optimizer `initialize` returns fails for DeepSpeed's wrappers ("DeepSpeedZeroOptimizer is not an Optimizer").
+    """
     import deepspeed
 
     ds_config = build_ds_config(cfg)
@@ -83,15 +158,10 @@ def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
-    if optimizer is not None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
-                                                               optimizer=optimizer, lr_scheduler=scheduler,
-                                                               config=ds_config)
-    else:
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        engine.lr_scheduler = scheduler
+    schedule = lr_lambda(cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda basic: torch.optim.lr_scheduler.LambdaLR(basic, schedule))
     return engine, optimizer, scheduler
 
 
@@ -106,6 +176,7 @@ def _layout(opt):
     - ZeRO-1/2 and the BF16 optimizer: flat fp32 partition per group; `update_lp_params` re-gathers the model weights.
     - stage 0 with bf16/fp16 (FP16 optimizers): fp32 copies per parameter (or flat), model weights in `fp16_groups`.
     - stage 0 fp32: the parameters are their own masters.
+    The same holds whichever optimizer steps the masters (torch AdamW, FusedAdam, DeepSpeedCPUAdam).
     """
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         return list(opt.fp32_partitioned_groups_flat), list(opt.fp16_partitioned_groups_flat), None
@@ -119,9 +190,52 @@ def _layout(opt):
     return [p for g in opt.param_groups for p in g["params"]], None, None
 
 
+def _regathered(opt) -> list[torch.Tensor]:
+    """ZeRO-1/2 and the BF16 optimizer: the flat low-precision buffers `update_lp_params` writes the masters into."""
+    for name in ("bit16_groups_flat", "bf16_groups_flat"):
+        if hasattr(opt, name):
+            return list(getattr(opt, name))
+    return []
+
+
 def master_partitions(engine) -> list[torch.Tensor]:
     """The fp32 master weights this rank owns (what the EMA tracks), in the optimizer's own layout."""
     return _layout(engine.optimizer)[0]
+
+
+@contextlib.contextmanager
+def _device_ordered():
+    """Synchronise the accelerator before and after a write into the weights the model computes with.
+
+    Our copies run on the current (default) stream, while ZeRO-3 all-gathers and prefetches read the shards on
+    DeepSpeed's own stream (ZeRO-1/2 re-gather on theirs). The sync before lets every gather or prefetch still
+    reading the shards finish before they are overwritten; the sync after makes the new values complete before a
+    later gather on another stream reads them. A device-wide sync, not an event on one stream, because prefetches
+    DeepSpeed launched are not ours to wait on. Twice per swap enter and exit: negligible next to a forward.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+    yield
+    get_accelerator().synchronize()
+
+
+def _storages(tensors) -> set:
+    return {(t.device, t.untyped_storage().data_ptr()) for t in tensors if t.untyped_storage().nbytes() > 0}
+
+
+def _check_no_alias(targets: list[torch.Tensor], masters: list[torch.Tensor], replacement: list[torch.Tensor]):
+    """The swap writes the replacement into `targets` and later the masters back. A target sharing storage with a
+    master (DeepSpeed drops the separate fp32 copy when the model's own weights are fp32 on the optimizer's device)
+    would lose the master for good; one sharing storage with the replacement would be written from itself."""
+    for what, protected in (("a fp32 master partition", _storages(masters)),
+                            ("the replacement weights", _storages(replacement))):
+        for i, t in enumerate(targets):
+            if t.untyped_storage().nbytes() > 0 and (t.device, t.untyped_storage().data_ptr()) in protected:
+                raise RuntimeError(
+                    f"weights_swapped_in: the model's weight buffer {i} ({t.dtype}, {tuple(t.shape)}, {t.device}) "
+                    f"shares storage with {what}; swapping would overwrite it. Refusing instead of corrupting the "
+                    "fp32 masters (a DeepSpeed optimizer layout fewstep does not support)")
 
 
 @contextlib.contextmanager
@@ -132,48 +246,71 @@ def weights_swapped_in(engine, replacement: list[torch.Tensor]):
     shards, stage-0 bf16), the replacement is written into them and the masters written back afterwards (bit-exact:
     DeepSpeed derives those copies from the masters the same way after every step); ZeRO-1/2 swap the fp32
     partition's storage and re-gather the model weights with DeepSpeed's own `update_lp_params`; plain fp32 swaps
-    parameter storage. Autograd graphs built before the swap stay valid as long as backward runs after it.
+    parameter storage. Autograd graphs built before the swap stay valid as long as backward runs after it. Every
+    write is bracketed by accelerator syncs (`_device_ordered`) and refused if it would reach a master.
     """
     masters, lowp, sync = _layout(engine.optimizer)
     if lowp is not None:
-        with torch.no_grad():
+        _check_no_alias(lowp, masters, replacement)
+        with torch.no_grad(), _device_ordered():
             for lp, new in zip(lowp, replacement):
                 lp.data.copy_(new.to(lp.device, lp.dtype))
         try:
             yield
         finally:
-            with torch.no_grad():
+            with torch.no_grad(), _device_ordered():
                 for lp, master in zip(lowp, masters):
                     lp.data.copy_(master.to(lp.device, lp.dtype))
         return
+    _check_no_alias(_regathered(engine.optimizer), masters, replacement)
     saved = [m.data for m in masters]
-    for m, new in zip(masters, replacement):
-        m.data = new
-    if sync is not None:
-        sync()
+    with _device_ordered():
+        for m, new in zip(masters, replacement):
+            m.data = new
+        if sync is not None:
+            sync()
     try:
         yield
     finally:
-        for m, old in zip(masters, saved):
-            m.data = old
-        if sync is not None:
-            sync()
+        with _device_ordered():
+            for m, old in zip(masters, saved):
+                m.data = old
+            if sync is not None:
+                sync()
 
 
 @torch.no_grad()
 def load_master(engine, tensors: list[torch.Tensor]) -> None:
     """Overwrite this rank's fp32 masters and propagate them to the weights the model computes with."""
     masters, lowp, sync = _layout(engine.optimizer)
-    for m, t in zip(masters, tensors):
-        m.copy_(t)
-    if lowp is not None:
-        for lp, m in zip(lowp, masters):
-            lp.data.copy_(m.to(lp.device, lp.dtype))
-    elif sync is not None:
-        sync()
+    with _device_ordered():
+        for m, t in zip(masters, tensors):
+            m.copy_(t)
+        if lowp is not None:
+            for lp, m in zip(lowp, masters):
+                lp.data.copy_(m.to(lp.device, lp.dtype))
+        elif sync is not None:
+            sync()
+
+
+def _inner_optimizers(engine) -> list:
+    """The torch optimizers doing the Adam maths: the wrapper's `.optimizer` (torch AdamW, FusedAdam,
+    DeepSpeedCPUAdam), or the engine's optimizer itself without a wrapper, plus ZeRO-3's partial-offload
+    `backup_optimizer` when there is one."""
+    opt = engine.optimizer
+    return [o for o in (getattr(opt, "optimizer", opt), getattr(opt, "backup_optimizer", None)) if o is not None]
 
 
 def reset_optimizer_state(engine) -> None:
-    """Forget Adam moments and step counts (the inner torch optimizer re-creates them lazily)."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    inner.state.clear()
+    """Restart Adam: moments and step counts are re-created lazily at the next step, as after `initialize`.
+
+    Step counters: torch AdamW and DeepSpeedCPUAdam keep theirs in `state[p]["step"]`; FusedAdam seeds a new state's
+    step from `param_group["step"]` (where a ZeRO-1/2 checkpoint restores it), so that is zeroed too. The
+    DeepSpeedCPUAdam C++ op caches beta**step but recomputes it whenever the step it is given is neither its last
+    nor last + 1, so a step restarting at 1 gets the first step's bias correction (swap_worker checks all three).
+    """
+    for opt in _inner_optimizers(engine):
+        opt.state.clear()
+        for group in opt.param_groups:
+            if "step" in group:
+                group["step"] = 0

@@ -1,0 +1,131 @@
+"""The generated DeepSpeed config after a user's `deepspeed_config` is merged (no process group needed), and the swap's
+guard against overwriting the fp32 masters (fake optimizers exposing DeepSpeed's attribute layout)."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fewstep.config import ConfigError, load_config
+from fewstep.engine.deepspeed_engine import build_ds_config, weights_swapped_in
+from fewstep_testing import REPO
+
+
+def ds_config(tmp_path, user=None, **overrides):
+    opts = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", **overrides}
+    if user is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(user))
+        opts["deepspeed_config"] = str(path)
+    return build_ds_config(load_config(None, opts))
+
+
+def test_persistent_parameters_refused_with_an_ema_teacher(tmp_path):
+    user = {"zero_optimization": {"stage3_param_persistence_threshold": 1e4}}
+    with pytest.raises(ConfigError) as e:
+        ds_config(tmp_path, user, zero_stage=3, use_ema=True)
+    msg = str(e.value)
+    assert str(tmp_path / "ds.json") in msg and "zero_optimization.stage3_param_persistence_threshold" in msg
+    assert "persist" in msg and "EMA" in msg
+    ds_config(tmp_path, user, zero_stage=3, use_ema=False)  # no swap: persistence is the user's choice
+    ds_config(tmp_path, user, zero_stage=2, use_ema=True)  # stage 2 has no persistent parameters
+
+
+def test_nothing_persists_is_accepted(tmp_path):
+    z = ds_config(tmp_path, {"zero_optimization": {"stage3_param_persistence_threshold": 0}}, zero_stage=3,
+                  use_ema=True)["zero_optimization"]
+    assert z["stage3_param_persistence_threshold"] == 0
+    # a model-wide budget of 0 persists nothing either (DeepSpeed skips a parameter that would exceed it)
+    ds_config(tmp_path, {"zero_optimization": {"stage3_param_persistence_threshold": 1e4,
+                                               "stage3_model_persistence_threshold": 0}}, zero_stage=3, use_ema=True)
+
+
+def test_stage3_from_the_deepspeed_config_gets_the_stage3_defaults(tmp_path):
+    """configs/deepspeed/zero3.json sets stage 3 while zero_stage stays at its default 2: with an EMA teacher the
+    generated config must still persist nothing (it used to leave DeepSpeed's default 1e5)."""
+    cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "use_ema": True,
+                             "deepspeed_config": os.path.join(REPO, "configs", "deepspeed", "zero3.json")})
+    z = build_ds_config(cfg)["zero_optimization"]
+    assert cfg.zero_stage == 2 and z["stage"] == 3
+    assert z["stage3_param_persistence_threshold"] == 0
+
+
+def test_hpz_secondary_partitions_refused_with_an_ema_teacher(tmp_path):
+    user = {"zero_optimization": {"zero_hpz_partition_size": 2}}
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size is 2"):
+        ds_config(tmp_path, user, zero_stage=3, use_ema=True)
+    ds_config(tmp_path, user, zero_stage=3)
+    # quantized all-gathers quantize the (swapped) shard at every gather: allowed
+    ds_config(tmp_path, {"zero_optimization": {"zero_quantized_weights": True}}, zero_stage=3, use_ema=True)
+
+
+@pytest.mark.parametrize("key", ["offload_param", "offload_optimizer"])
+def test_nvme_offload_refused_with_an_ema(tmp_path, key):
+    user = {"zero_optimization": {key: {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    with pytest.raises(ConfigError, match=f"{key}.device is nvme"):
+        ds_config(tmp_path, user, zero_stage=3, use_ema=True)
+    ds_config(tmp_path, user, zero_stage=3)
+
+
+def test_offload_optimizer_needs_a_zero_stage(tmp_path):
+    """At stage 0 DeepSpeed ignores the offload for torch AdamW, and with optimizer deepspeed steps DeepSpeedCPUAdam
+    on the parameters wherever they are (a CUDA parameter fails at the first step)."""
+    for optimizer in ("adamw", "deepspeed"):
+        with pytest.raises(ConfigError, match="'offload_optimizer'.*zero_stage 1, 2 or 3"):
+            ds_config(tmp_path, zero_stage=0, offload_optimizer=True, optimizer=optimizer)
+    with pytest.raises(ConfigError, match="offload_optimizer"):  # stage 0 set by the user's file
+        ds_config(tmp_path, {"zero_optimization": {"stage": 0}}, zero_stage=2, offload_optimizer=True)
+    for stage in (1, 2, 3):
+        z = ds_config(tmp_path, zero_stage=stage, offload_optimizer=True)["zero_optimization"]
+        assert z["offload_optimizer"]["device"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The alias guard of `weights_swapped_in`
+# ---------------------------------------------------------------------------------------------------------------
+
+def zero3(masters, shards):
+    """DeepSpeedZeroOptimizer_Stage3's layout: fp32 partitions and the bf16 shards the model gathers from."""
+    return SimpleNamespace(optimizer=SimpleNamespace(fp32_partitioned_groups_flat=masters,
+                                                     fp16_partitioned_groups_flat=shards))
+
+
+def test_swap_refuses_a_shard_that_shares_storage_with_a_master():
+    master = torch.arange(8, dtype=torch.float32)
+    kept = master.clone()
+    for shard in (master, master[4:], master.view(2, 4)):  # the master itself, a view of part of it, a reshape
+        with pytest.raises(RuntimeError, match="shares storage with a fp32 master"):
+            with weights_swapped_in(zero3([master], [shard]), [torch.full((8,), -1.0)]):
+                pytest.fail("the body must not run")
+        assert torch.equal(master, kept)
+
+
+def test_swap_refuses_a_shard_that_shares_storage_with_the_replacement():
+    master, shard = torch.arange(8, dtype=torch.float32), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="shares storage with the replacement"):
+        with weights_swapped_in(zero3([master], [shard]), [shard]):
+            pass
+
+
+def test_swap_refuses_a_regathered_buffer_that_shares_storage_with_a_master():
+    """ZeRO-1/2: the swap re-points the master and DeepSpeed's `update_lp_params` writes the model's flat buffer;
+    if that buffer were the master's storage, the saved master would be overwritten with the replacement."""
+    master = torch.arange(8, dtype=torch.float32)
+    kept, calls = master.clone(), []
+    opt = SimpleNamespace(single_partition_of_fp32_groups=[master], bit16_groups_flat=[master],
+                          update_lp_params=lambda: calls.append(1))
+    with pytest.raises(RuntimeError, match="shares storage with a fp32 master"):
+        with weights_swapped_in(SimpleNamespace(optimizer=opt), [torch.full((8,), -1.0)]):
+            pass
+    assert calls == [] and torch.equal(master, kept)
+
+
+def test_swap_with_separate_storage_writes_and_restores():
+    """The guard's control: separate buffers (the real ZeRO-3 layout) swap in and back."""
+    master, shard = torch.arange(8, dtype=torch.float32), torch.arange(8, dtype=torch.float32).bfloat16()
+    empty = torch.empty(0)  # e.g. an NVMe-swapped sub-group: no storage, never an alias
+    with weights_swapped_in(zero3([master, empty], [shard, torch.empty(0).bfloat16()]),
+                            [torch.full((8,), -1.0), empty]):
+        assert torch.equal(shard, torch.full((8,), -1.0).bfloat16())
+    assert torch.equal(shard, master.bfloat16()) and torch.equal(master, torch.arange(8, dtype=torch.float32))
