@@ -1,24 +1,28 @@
 #!/usr/bin/env python
 """Train with fewstep: `deepspeed launcher/train.py --config configs/demo/flow.json [--key value ...]`.
 
-Also runs under `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK set) and plain `python` (one process).
-Command-line `--key value` pairs override the JSON file; `--help` lists every option.
+Also runs under `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK, or SLURM_PROCID/SLURM_LOCALID) and plain
+`python` (one process). Command-line `--key value` pairs override the JSON file; `--help` lists every option.
+
+A mistake the user can fix (config, data, paths, model source, a busy output_dir, a resume that does not fit, a
+diverged run) ends in one `fewstep: ...` line on rank 0 and exit status 2 (1 for a diverged run); FEWSTEP_DEBUG=1
+shows the traceback instead.
 """
+import os
 import sys
 
-from fewstep import preemption
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notices (torchvision) are not for our users
+
+from fewstep import preemption  # noqa: E402
 
 preemption.install()  # first: a SIGUSR1/SIGTERM during imports, model load or engine set-up must not kill the task
 
-from fewstep.config import ConfigError, describe_options, load_config  # noqa: E402
-from fewstep.data.dataset import DataError  # noqa: E402
+from fewstep.config import describe_options, load_config  # noqa: E402
+from fewstep.errors import NonFiniteStop, UserError  # noqa: E402
 
 
-def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        print(describe_options())
-        return 0
+def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """--config PATH (or --config=PATH), dropping the deepspeed launcher's --local_rank; the rest are overrides."""
     config, rest, i = None, [], 0
     while i < len(argv):
         a = argv[i]
@@ -27,8 +31,7 @@ def main(argv: list[str]) -> int:
             continue
         if a == "--config":
             if i + 1 >= len(argv):
-                print("fewstep: --config needs a path", file=sys.stderr)
-                return 2
+                raise UserError("--config needs a path")
             config, i = argv[i + 1], i + 2
             continue
         if a.startswith("--config="):
@@ -36,25 +39,33 @@ def main(argv: list[str]) -> int:
             continue
         rest.append(a)
         i += 1
-    try:
-        cfg = load_config(config, rest)
-    except (ConfigError, ValueError) as e:
-        print(f"fewstep: config error: {e}", file=sys.stderr)
-        return 2
-    from fewstep.engine.distributed import LaunchError, RankFailed
-    from fewstep.trainer import train
+    return config, rest
+
+
+def report(error: BaseException) -> None:
+    """One line on stderr, from rank 0 only (every rank of a launch usually hits the same mistake)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fewstep: {error}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(describe_options())
+        return 0
+    from fewstep.engine.distributed import RankFailed
 
     try:
+        config, rest = parse_argv(argv)
+        cfg = load_config(config, rest)
+        from fewstep.trainer import train
+
         train(cfg)
-    except DataError as e:
-        print(f"fewstep: data error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigError, FileNotFoundError, LaunchError) as e:
-        print(f"fewstep: error: {e}", file=sys.stderr)
-        return 2
-    except RankFailed as e:
-        print(f"fewstep: stopping: {e}", file=sys.stderr)
-        return 1
+    except (UserError, RankFailed) as e:
+        if os.environ.get("FEWSTEP_DEBUG") == "1":
+            raise
+        report(e)
+        return 1 if isinstance(e, (NonFiniteStop, RankFailed)) else 2
     return 0
 
 

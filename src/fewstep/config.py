@@ -10,14 +10,14 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fewstep.errors import UserError
 from fewstep.jsonfile import load_json
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, reported before anything is built."""
 
 
@@ -62,7 +62,7 @@ class Config:
     cache_dir: Optional[str] = opt(None, "Where VAE latents and text embeddings are cached (default output_dir/cache). "
                                          "Shared or node-local: the ranks that see one directory fill it together, "
                                          "so a node-local path (e.g. $SLURM_TMPDIR/cache) is filled once per node. "
-                                         "$VARS and ~ are expanded.")
+                                         "$VARS and ~ are expanded (on rank 0; every rank uses its path).")
 
     # ---- optimisation ----
     output_dir: str = opt("output", "Run directory: checkpoints, logs, LoRA weights, samples.")
@@ -167,9 +167,6 @@ class Config:
         for key in ("model_family", "pretrained_model_name_or_path"):
             if getattr(self, key) is None:
                 raise ConfigError(f"'{key}' is required")
-        for key in ("output_dir", "cache_dir", "logging_dir"):  # e.g. "$SLURM_TMPDIR/cache": expanded per rank
-            if getattr(self, key):
-                setattr(self, key, os.path.expandvars(os.path.expanduser(getattr(self, key))))
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, str):

@@ -8,6 +8,7 @@ import shutil
 from torch import nn
 
 from fewstep import faults
+from fewstep.config import ConfigError
 from fewstep.engine import distributed
 from fewstep.models import anystep
 
@@ -35,7 +36,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
         transformer.anystep_embed.requires_grad_(True)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"no LoRA target matched {targets} in {type(transformer).__name__}")
+        raise ConfigError(f"no LoRA target matched {targets} in {type(transformer).__name__}")
     return trainable
 
 
@@ -92,9 +93,33 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
             faults.delay("export")
 
 
+RUN_INFO = "fewstep_run.json"
+
+
 def write_run_info(out_dir: str, cfg, extra: dict | None = None) -> None:
-    with open(os.path.join(out_dir, "fewstep_run.json"), "w") as fh:
+    """The config and what was trained, beside the weights (written atomically: it marks a finished export)."""
+    tmp = os.path.join(out_dir, RUN_INFO + ".tmp")
+    with open(tmp, "w") as fh:
         json.dump({"config": cfg.to_dict(), **(extra or {})}, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(out_dir, RUN_INFO))
+
+
+def remove_run_info(out_dir: str) -> None:
+    try:
+        os.remove(os.path.join(out_dir, RUN_INFO))
+    except FileNotFoundError:
+        pass
+
+
+def run_info_matches(out_dir: str, phase: str, step: int) -> bool:
+    try:
+        with open(os.path.join(out_dir, RUN_INFO)) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return info.get("phase") == phase and info.get("step") == step
 
 
 def count_params(params) -> int:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from fewstep import checkpoint, faults, preemption
+from fewstep import checkpoint, faults, preemption, run_dir
 from fewstep.config import Config, ConfigError
 from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
@@ -22,7 +22,8 @@ from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.kernels import resolve_backend
-from fewstep.lora import count_params, export_full, export_lora, prepare_trainable, write_run_info
+from fewstep.lora import (count_params, export_full, export_lora, prepare_trainable, remove_run_info,
+                          run_info_matches, write_run_info)
 from fewstep.metrics import MetricsLogger
 from fewstep.models import get_adapter
 from fewstep.step_context import StepContext
@@ -32,16 +33,6 @@ from fewstep.steps import Phase, build_phases, make_step, reset_trainable, valid
 def _log(is_main: bool, msg: str) -> None:
     if is_main:
         print(f"fewstep: {msg}", flush=True)
-
-
-def require_shared_output_dir(output_dir: str, info: DistInfo) -> None:
-    """Every rank writes its checkpoint shard under output_dir and rank 0 assembles them: all must see one directory."""
-    os.makedirs(output_dir, exist_ok=True)
-    group = distributed.sharing_group(output_dir)
-    if group.size != info.world_size:
-        raise ConfigError(f"output_dir '{output_dir}' is not shared by all {info.world_size} ranks (rank {info.rank} "
-                        f"sees ranks {group.members} there): checkpoints are written by every rank and assembled by "
-                        "rank 0, so put output_dir on a filesystem every node mounts (cache_dir may be node-local)")
 
 
 def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, int, bool]:
@@ -88,10 +79,16 @@ def train(cfg: Config) -> dict:
                           "model adapter ships yet (the bridge itself is fewstep.methods.diff2flow)")
     preemption.install()
     info = setup_distributed(cfg.distributed_timeout_seconds)
+    run_dir.resolve_paths(cfg, info)
+    with run_dir.locked(cfg.output_dir, info):
+        return _train(cfg, info)
+
+
+def _train(cfg: Config, info: DistInfo) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
     torch.manual_seed(cfg.seed * 7919 + info.rank)
     adapter = get_adapter(cfg.model_family)
-    require_shared_output_dir(cfg.output_dir, info)
+    adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here, at once
     dataset, resolution, shuffle = prepare_data(cfg, adapter, info)
 
     _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")
@@ -101,7 +98,7 @@ def train(cfg: Config) -> dict:
         faults.delay("load")
     transformer = comps.transformer
     if method == "twinflow" and not hasattr(transformer, "time_text_embed"):
-        raise ValueError(f"TwinFlow needs a transformer with a `time_text_embed` to carry the timestep-sign and "
+        raise ConfigError(f"TwinFlow needs a transformer with a `time_text_embed` to carry the timestep-sign and "
                          f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
     trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
     n_trainable = count_params(trainable)
@@ -158,7 +155,11 @@ def train(cfg: Config) -> dict:
     phase_start = 0
     for phase_idx, phase in enumerate(phases):
         phase_end = phase_start + phase.steps
-        if step >= phase_end:
+        if step >= phase_end:  # finished before this (re)start; an interruption may have come before its export
+            if step == phase_end and not phase_exported(cfg, phase, step):
+                _log(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); exporting now")
+                validate(ctx, phase, step, logger, comps.vae, is_main)
+                export_phase(cfg, adapter, engine, transformer, ema, phase, step, resolution, is_main)
             phase_start = phase_end
             continue
         if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
@@ -178,6 +179,7 @@ def train(cfg: Config) -> dict:
             if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher passes
                 ema.update()
             step += 1
+            faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
             # The one reduction of the step: rank means of the logged terms, and the preemption flag.
             logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested()})
             gn = engine.get_global_grad_norm()
@@ -204,10 +206,27 @@ def train(cfg: Config) -> dict:
     return {"step": step, "preempted": False}
 
 
+def _export_dir(cfg: Config, phase: Phase) -> str:
+    return os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
+
+
+def phase_exported(cfg: Config, phase: Phase, step: int) -> bool:
+    """Whether the phase's export finished (its run info, written last, names this phase and step); rank 0 reads."""
+    done = None
+    if distributed.rank() == 0:
+        done = run_info_matches(_export_dir(cfg, phase), phase.name, step)
+    return distributed.broadcast_object(done)
+
+
 def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, step: int, resolution: int,
                  is_main: bool) -> None:
-    """Write the phase's weights (LoRA or full) and, with an EMA, the EMA weights under `<out>/ema` (collective)."""
-    out = os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
+    """Write the phase's weights (LoRA or full) and, with an EMA, the EMA weights under `<out>/ema` (collective).
+
+    The run info (`fewstep_run.json`) is removed first and written last, so it marks a complete export: a run
+    interrupted anywhere in between exports again when it resumes (see `phase_exported`)."""
+    out = _export_dir(cfg, phase)
+    if is_main:
+        remove_run_info(out)
     export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
         (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
     export(out)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fewstep.errors import UserError
 from fewstep.jsonfile import load_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -21,7 +22,7 @@ BACKEND_KEYS = {"id", "backend", "type", "resolution", "shuffle", "image_dir", "
                 "caption_extension", "repeats", "disabled"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the training data, naming the file."""
 
 

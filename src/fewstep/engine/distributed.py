@@ -31,8 +31,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fewstep.errors import UserError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UserError, RuntimeError):
     """The launch environment is inconsistent (a user-facing error)."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.errors import ModelFamilyError, ModelSourceError
 from fewstep.models import anystep
 
 _REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
@@ -113,18 +114,18 @@ class FlowModelAdapter:
         if name.startswith("tiny:"):
             fam = name[len("tiny:"):]
             if _canonical(fam) != self.family:
-                raise ValueError(f"{name!r} names family {fam!r}, but this is the {self.family!r} adapter; "
+                raise ModelFamilyError(f"{name!r} names family {fam!r}, but this is the {self.family!r} adapter; "
                                  f"use 'tiny:{self.family}' or get_adapter({fam!r})")
             from fewstep.models.tiny import ensure_tiny_pipeline
             return str(ensure_tiny_pipeline(self.family))
         path = Path(name).expanduser()
         if path.is_dir():
             if not (path / "transformer").is_dir() and not (path / "model_index.json").exists():
-                raise FileNotFoundError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
+                raise ModelSourceError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
                                         "model_index.json or subfolders transformer/, vae/, scheduler/, ...")
             return str(path)
         if not _HUB_ID.match(name) or name.startswith((".", "~")):
-            raise FileNotFoundError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
+            raise ModelSourceError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
                                     "folder, a hub id like 'org/name', or 'tiny:<family>')")
         return _resolve_hub_id(name)
 
@@ -376,13 +377,13 @@ def _resolve_hub_id(repo_id: str) -> str:
     hint = (f"Download it where there is network (`hf download {repo_id} --local-dir DIR`) and pass DIR, "
             "or use 'tiny:<family>' for a tiny test model.")
     if constants.HF_HUB_OFFLINE:
-        raise OSError(f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {hint}")
+        raise ModelSourceError(f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {hint}")
     url = f"{constants.ENDPOINT}/api/models/{repo_id}"
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5)
     except urllib.error.HTTPError:
         pass  # the hub answered (404/401/...): from_pretrained reports the precise problem
     except (urllib.error.URLError, OSError) as e:
-        raise OSError(f"no local directory {repo_id!r}, and cannot reach the Hugging Face Hub ({constants.ENDPOINT}) "
+        raise ModelSourceError(f"no local directory {repo_id!r}, and cannot reach the Hugging Face Hub ({constants.ENDPOINT}) "
                       f"to fetch it as a hub model: {getattr(e, 'reason', e)}. {hint}") from None
     return repo_id

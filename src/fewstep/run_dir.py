@@ -1,0 +1,99 @@
+"""The run directory: one set of paths for every rank, one run at a time, and all ranks able to see it.
+
+- Paths: rank 0 expands and absolutises `output_dir`, `cache_dir` and `logging_dir` and every rank uses its answer, so
+  ranks started in different working directories (or with different environments) cannot write to different places.
+- Lock: rank 0 holds an `flock` on `<output_dir>/.fewstep.lock` (the `filelock` package) for the run's lifetime. A
+  second run on the same directory stops at once, naming the first run's host, PID and Slurm job. The kernel drops
+  an flock with its process, so a run killed with -9 (or a requeued Slurm job) never blocks its own resume.
+- Shared: every rank writes its checkpoint shard under output_dir and rank 0 assembles them, so all ranks must see
+  the same directory (a node-local output_dir in a multi-node job is refused by name).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+from fewstep.engine import distributed
+from fewstep.engine.distributed import DistInfo
+from fewstep.errors import RunDirBusy, UserError
+
+LOCK_NAME = ".fewstep.lock"
+OWNER_NAME = ".fewstep-owner.json"  # who holds the lock (the lock file itself is truncated by every opener)
+
+
+def resolve_paths(cfg, info: DistInfo) -> None:
+    """Replace cfg's path options by rank 0's absolute, expanded values (collective)."""
+    keys = ("output_dir", "cache_dir", "logging_dir")
+    mine = {k: os.path.abspath(os.path.expandvars(os.path.expanduser(getattr(cfg, k))))
+            if getattr(cfg, k) else None for k in keys}
+    for k, v in distributed.broadcast_object(mine).items():
+        setattr(cfg, k, v)
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _describe_owner(output_dir: str) -> str:
+    try:
+        with open(os.path.join(output_dir, OWNER_NAME)) as fh:
+            o = json.load(fh)
+    except (OSError, ValueError):
+        return "another process (its owner file is unreadable)"
+    job = f", Slurm job {o['slurm_job']}" if o.get("slurm_job") else ""
+    return f"PID {o.get('pid')} on {o.get('host')}{job}, started {o.get('started')}"
+
+
+def _acquire(output_dir: str):
+    """Rank 0: create output_dir and take its lock. Returns (lock or None, error message or None)."""
+    from filelock import FileLock, Timeout
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return None, f"output_dir '{output_dir}' exists and is not a directory"
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        return None, f"cannot create output_dir '{output_dir}': {e.strerror or e}"
+    lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None, (f"output_dir '{output_dir}' is in use by another fewstep run ({_describe_owner(output_dir)}); "
+                      "wait for it to finish, stop it, or choose another output_dir")
+    except OSError as e:  # a filesystem without flock support: run unlocked rather than not at all
+        print(f"fewstep: warning: cannot lock '{output_dir}' ({e}); running without the one-run-per-directory "
+              "guard", flush=True)
+        return None, None
+    with open(os.path.join(output_dir, OWNER_NAME), "w") as fh:
+        json.dump(_owner(), fh)
+    return lock, None
+
+
+@contextlib.contextmanager
+def locked(output_dir: str, info: DistInfo):
+    """Hold the run directory for the block (collective: every rank enters; rank 0 holds the lock)."""
+    lock, problem = _acquire(output_dir) if info.is_main else (None, None)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise RunDirBusy(problem) if "in use" in problem else UserError(problem)
+    try:
+        require_shared(output_dir, info)
+        yield
+    finally:
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(output_dir, OWNER_NAME))
+            lock.release()
+
+
+def require_shared(output_dir: str, info: DistInfo) -> None:
+    """All ranks must see one output_dir (checkpoints are written by every rank and assembled by rank 0)."""
+    group = distributed.sharing_group(output_dir)
+    if group.size != info.world_size:
+        raise UserError(f"output_dir '{output_dir}' is not shared by all {info.world_size} ranks (rank {info.rank} "
+                        f"sees ranks {group.members} there): checkpoints are written by every rank and assembled by "
+                        "rank 0, so put output_dir on a filesystem every node mounts (cache_dir may be node-local)")

@@ -1,0 +1,121 @@
+"""Failure modes a user meets: one run per output dir, user mistakes as one clean line, and an interruption at a
+Glance phase boundary that must not lose the Slow LoRA."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write_dataset
+
+
+def launch(cfg, **env):
+    return subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(**env),
+                           capture_output=True, text=True, timeout=600)
+
+
+def one_clean_line(proc) -> str:
+    """The run failed with exactly one `fewstep: ...` line on stderr, no traceback."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("fewstep: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+# ---- one run per output dir -----------------------------------------------------------------------------------------
+def test_second_run_on_a_busy_output_dir_stops_naming_the_first_and_kill9_does_not_block_resume(tmp_path):
+    backend = write_dataset(str(tmp_path), n=2)
+    cfg = write_config(str(tmp_path), backend, max_train_steps=2, checkpointing_steps=1,
+                       resume_from_checkpoint="latest")
+    first = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=cpu_env(FEWSTEP_TEST_DELAY="load:60"))
+    try:
+        for line in first.stdout:  # the first run holds the directory while it "loads"
+            if "delayed 60 s at load" in line:
+                break
+        t0 = time.monotonic()
+        second = launch(cfg)
+        line = one_clean_line(second)
+        assert second.returncode == 2 and time.monotonic() - t0 < 60
+        assert f"is in use by another fewstep run (PID {first.pid} on {socket.gethostname()}" in line, line
+        assert not os.path.exists(tmp_path / "out" / "checkpoints")  # the second run wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)  # kill -9: the kernel drops the flock with the process
+        first.wait()
+    third = launch(cfg)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+
+
+# ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
+                                  "missing-model-dir"])
+def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
+    backend = write_dataset(str(tmp_path), n=2)
+    overrides, env, expect = {}, {}, ""
+    if case == "unknown-key":
+        overrides, expect = {"lora_rnk": 4}, "unknown config key 'lora_rnk' in "
+    elif case == "output-dir-is-a-file":
+        (tmp_path / "afile").write_text("x")
+        overrides, expect = {"output_dir": str(tmp_path / "afile")}, "exists and is not a directory"
+    elif case == "offline-hub-id":
+        overrides, env = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}, {"HF_HUB_OFFLINE": "1"}
+        expect = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    elif case == "caption-without-image":
+        (tmp_path / "images" / "orphan.txt").write_text("a caption")
+        expect = "caption without an image: "
+    else:
+        overrides, expect = {"pretrained_model_name_or_path": str(tmp_path / "nowhere")}, "does not exist"
+    proc = launch(write_config(str(tmp_path), backend, **overrides), **env)
+    assert proc.returncode == 2 and expect in one_clean_line(proc)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    backend = write_dataset(str(tmp_path), n=2)
+    proc = launch(write_config(str(tmp_path), backend, lora_rnk=4), FEWSTEP_DEBUG="1")
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+
+
+# ---- Glance phase boundary -----------------------------------------------------------------------------------------
+GLANCE = dict(method="glance", glance_slow_timesteps="0.9,0.8", glance_fast_timesteps="0.4,0.1", max_train_steps=6,
+              checkpointing_steps=3, use_ema=True, ema_decay=0.9, resume_from_checkpoint="latest", train_batch_size=1)
+
+
+def _phase_files(out, phase):
+    d = out / phase
+    weights = {f: load_file(d / f) for f in ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors")}
+    info = json.loads((d / "fewstep_run.json").read_text())
+    return weights, {k: info[k] for k in ("phase", "step", "sigmas", "resolution")}
+
+
+@pytest.mark.parametrize("interruption", ["crash", "preempt"])
+def test_interruption_at_the_glance_phase_boundary_keeps_the_slow_export(tmp_path, interruption):
+    """Interrupted right after the Slow phase's last step (checkpoint at step 6 written, Slow not yet exported), then
+    resumed: glance-slow/ is exported on resume and equals the uninterrupted run's, and Fast continues exactly."""
+    backend = write_dataset(str(tmp_path), n=2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = launch(write_config(str(tmp_path / "a"), backend, output_dir=str(tmp_path / "a" / "out"),
+                                   cache_dir=str(tmp_path / "cache"), **GLANCE))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cfg = write_config(str(tmp_path / "b"), backend, output_dir=str(tmp_path / "b" / "out"),
+                       cache_dir=str(tmp_path / "cache"), **GLANCE)
+    fault = {"FEWSTEP_FAULT_AFTER_STEP": "6"} if interruption == "crash" else {"FEWSTEP_FAULT_SIGNAL_AT_STEP": "6"}
+    first = launch(cfg, **fault)
+    assert first.returncode == (17 if interruption == "crash" else 0), first.stderr[-3000:]
+    b = tmp_path / "b" / "out"
+    assert not (b / "glance-slow" / "fewstep_run.json").exists()  # interrupted before the Slow export
+    resumed = launch(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "glance-slow: finished at step 6 but not exported (interrupted); exporting now" in resumed.stdout
+    a = tmp_path / "a" / "out"
+    for phase in ("glance-slow", "glance-fast"):
+        (wa, ia), (wb, ib) = _phase_files(a, phase), _phase_files(b, phase)
+        assert ia == ib
+        for f in wa:
+            assert wa[f].keys() == wb[f].keys() and all(torch.equal(wa[f][k], wb[f][k]) for k in wa[f]), (phase, f)
+    assert [m["loss"] for m in read_metrics(a)] == [m["loss"] for m in read_metrics(b)]
