@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print(describe_options())
         return 0
-    from fewstep.engine.distributed import RankFailed
+    from fewstep.engine.distributed import RankFailed, teardown
 
     try:
         config, rest = parse_argv(argv)
@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
             raise
         report(e)
         return 1 if isinstance(e, (NonFiniteStop, RankFailed)) else 2
+    teardown()
     return 0
 
 

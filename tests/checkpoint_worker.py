@@ -59,3 +59,5 @@ def main(out: str, stages: list[int]) -> None:
 
 if __name__ == "__main__":
     main(os.path.realpath(sys.argv[1]), [int(s) for s in sys.argv[2:]])
+    from fewstep.engine.distributed import teardown
+    teardown()

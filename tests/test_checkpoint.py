@@ -3,18 +3,22 @@
 - every file and directory of a saved checkpoint was fsynced before rank 0's rename, each per-rank file by the rank
   that wrote it; the checkpoints root was fsynced after the rename and after `latest` was replaced;
 - `resolve('latest')` skips a checkpoint that lost one rank's shard (with one warning line naming it) and an explicit
-  path to it raises naming the missing file.
+  path to it raises naming the missing file;
+- a full disk loses nothing: with a small tmpfs as output_dir, a save that hits ENOSPC leaves the previous checkpoint
+  and `latest` as they were, removes its partial folder and stops the run with one line saying what happened (the
+  2-rank case and the free-space check that refuses to start such a save are in tests/test_resume_layout.py).
 """
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
 
 from fewstep import checkpoint
-from fewstep_testing import REPO, run
+from fewstep_testing import PY, REPO, cpu_env, read_metrics, run, write_config, write_dataset
 
 STAGES = (2, 3)
 PER_RANK = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d+)\.pt$")  # DeepSpeed's per-rank shards, our rank<r>.pt
@@ -109,3 +113,63 @@ def test_resolve_infers_rank_files_of_checkpoints_without_a_file_list(saved, tmp
     assert checkpoint.missing_files(path) == []
     os.remove(os.path.join(path, "state", "zero_pp_rank_0_mp_rank_00_model_states.pt"))
     assert checkpoint.missing_files(path) == ["state/zero_pp_rank_0_mp_rank_00_model_states.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk loses nothing (issue #18 §5): a small tmpfs as output_dir, through launcher/train.py
+# ---------------------------------------------------------------------------------------------------------------
+
+TMPFS_SIZE = "256k"  # one checkpoint of the run below (~170 KiB in tmpfs pages) fits, a second one does not
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def train_on_small_disk(tmp_path, out, **env):
+    backend = write_dataset(str(tmp_path / "data"), n=2)
+    cfg = write_config(str(tmp_path / "data"), backend, output_dir=str(out), cache_dir=str(tmp_path / "cache"),
+                       max_train_steps=6, checkpointing_steps=2)
+    return subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(**env),
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_step2_intact(root):
+    assert open(os.path.join(root, "latest")).read().strip() == "step-2"
+    assert sorted(os.listdir(root)) == ["latest", "step-2"]  # no partial .tmp-step-4 left behind
+    assert checkpoint.missing_files(os.path.join(root, "step-2")) == []
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-2")
+
+
+def test_save_that_hits_enospc_keeps_the_previous_checkpoint_and_says_so(small_disk, tmp_path, capsys):
+    proc = train_on_small_disk(tmp_path, small_disk / "out", FEWSTEP_CHECKPOINT_SPACE_CHECK="0")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    root = str(small_disk / "out" / "checkpoints")
+    assert_step2_intact(root)
+    assert capsys.readouterr().out == ""  # resolve: no warning about an incomplete checkpoint
+    msg = one_message(proc.stderr)
+    assert msg.startswith("fewstep: checkpoint step-4 was not saved: rank 0 could not write "), msg
+    assert "[Errno 28] No space left on device. Nothing was lost: step-2 and `latest` are unchanged, and the " \
+           "partial .tmp-step-4 was removed (" in msg and "free now on " + root in msg
+    assert "resume_from_checkpoint latest" in msg
+    assert [m["step"] for m in read_metrics(str(small_disk / "out"))] == [1, 2, 3, 4]
+
+
+def one_message(stderr: str) -> str:
+    """The launcher's one `fewstep: ...` line (tqdm's bar may precede it on the same line, after a carriage return)."""
+    found = re.findall(r"fewstep: [^\r\n]*", stderr)
+    assert len(found) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return found[0]
+

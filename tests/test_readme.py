@@ -18,3 +18,12 @@ def test_ci_runs_the_readme_commands():
     assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
     assert "pip install -r requirements.txt && pip install -e ." in readme
     assert "pip install -r requirements.txt && pip install -e ." in ci
+
+
+def test_ci_runs_the_readme_demo_command_verbatim():
+    """The README's first command (install + demo) is one line, and .ci/run runs that same line."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    ci = open(os.path.join(REPO, ".ci", "run")).read().splitlines()
+    first = readme.split("```bash\n", 1)[1].split("\n", 1)[0]
+    assert first.startswith("pip install -r requirements.txt && pip install -e . && python launcher/demo.py"), first
+    assert first in ci, f".ci/run does not run the README's first command {first!r}"

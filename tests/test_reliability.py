@@ -111,7 +111,7 @@ def test_interruption_at_the_glance_phase_boundary_keeps_the_slow_export(tmp_pat
     assert not (b / "glance-slow" / "fewstep_run.json").exists()  # interrupted before the Slow export
     resumed = launch(cfg)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "glance-slow: finished at step 6 but not exported (interrupted); exporting now" in resumed.stdout
+    assert "glance-slow: finished at step 6 but not exported (interrupted); exporting" in resumed.stdout
     a = tmp_path / "a" / "out"
     for phase in ("glance-slow", "glance-fast"):
         (wa, ia), (wb, ib) = _phase_files(a, phase), _phase_files(b, phase)

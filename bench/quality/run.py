@@ -4,6 +4,7 @@
     python bench/quality/run.py                   # the full benchmark (tens of minutes on 2 CPU cores)
     python bench/quality/run.py --smoke --out D   # tiny sizes, a minute or two: proves the pipeline runs
     python bench/quality/run.py --stages eval report   # re-run some stages (finished ones are skipped unless --force)
+    python bench/quality/run.py --stages prepare teacher --export-teacher data/digits-teacher   # the demo's teacher
 
 Stages: prepare (data split, dataset, pipeline, classifier, prompt embeddings) -> teacher (plain flow matching, full
 fine-tuning from random init) -> distil (TwinFlow LoRA, TwinFlow full, Glance and the ABLATIONS variants, in
@@ -34,12 +35,11 @@ import torch  # noqa: E402
 import digits  # noqa: E402
 import features  # noqa: E402
 import quality_report as report  # noqa: E402
+import recipes  # noqa: E402
+from recipes import glance_lists  # noqa: E402,F401  (the tests read it from here)
 from train_runs import run_parallel  # noqa: E402
 
 STAGES = ("prepare", "teacher", "distil", "eval", "report")
-TWINFLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                         "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out", "norm1.linear", "norm.linear",
-                         "norm_out.linear"]
 # Variants trained beside the main runs (skip with --no-ablations): name -> (base run, config overrides, label).
 # A value "@uniform-slow"/"@uniform-fast" is replaced by the Glance lists at steps 1,6,..,46 of the 50-step grid.
 ABLATIONS = {
@@ -54,8 +54,6 @@ ABLATIONS = {
                                   "learning_rate": 1e-4},
                        "the teacher's plain 10-step sigmas as lists (steps 1,6,..,46), learning_rate 0.0001"),
 }
-GLANCE_SLOW_STEPS = (1, 3, 5, 7, 9)  # 1-based steps of the teacher's own 50-step grid
-GLANCE_FAST_STEPS = (11, 21, 31, 41, 50)
 UNIFORM_SLOW_STEPS, UNIFORM_FAST_STEPS = (1, 6, 11, 16, 21), (26, 31, 36, 41, 46)  # = flow_sigmas(10)
 TEACHER_SHIFTS = (0.6, 1.5, 3.0)  # extra teacher rows: 10 Euler steps on shifted grids (is uniform its best?)
 
@@ -92,6 +90,10 @@ def parse_args(argv=None):
     ap.add_argument("--force", action="store_true", help="redo finished stages/rows of the selected stages")
     ap.add_argument("--rows", nargs="+", default=None, help="eval: only rows whose name starts with one of these")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export-teacher", metavar="DIR", default=None,
+                    help="after the stages: write the teacher as a self-contained pipeline folder DIR with a README.md "
+                         "saying how it was made (the demo's data/digits-teacher)")
+    ap.add_argument("--export-dtype", choices=("bf16", "fp32"), default="bf16", help="--export-teacher weights dtype")
     return ap.parse_args(argv)
 
 
@@ -149,47 +151,22 @@ def prepare(args, S, out):
 # training runs (configs for launcher/train.py)
 
 
-def _base_config(out, name, pretrained, backend, **kw):
-    return {"model_family": "flux", "pretrained_model_name_or_path": pretrained, "data_backend_config": backend,
-            "output_dir": os.path.join(out, name), "cache_dir": os.path.join(out, "cache"), "mixed_precision": "fp32",
-            "zero_stage": 2, "checkpointing_steps": 0, "checkpoints_total_limit": 1, "validation_steps": 0,
-            "seed": 0, **kw}
-
-
 def teacher_config(S, out):
-    return _base_config(out, "teacher", os.path.join(out, "base_pipeline"), os.path.join(out, "data", "train.json"),
-                        model_type="full", method="flow", caption_dropout_probability=0.1,
-                        validation_num_inference_steps=20, **S["teacher"])
-
-
-def glance_lists(slow_steps=GLANCE_SLOW_STEPS, fast_steps=GLANCE_FAST_STEPS) -> tuple[list[float], list[float]]:
-    """Slow and Fast sigmas at the given 1-based steps (default 1,3,5,7,9 and 11,21,31,41,50) of the teacher's own
-    50-step Euler grid."""
-    from fewstep.sampling import flow_sigmas
-
-    grid = flow_sigmas(50)
-    return [grid[i - 1] for i in slow_steps], [grid[i - 1] for i in fast_steps]
+    return recipes.teacher_config(os.path.join(out, "teacher"), os.path.join(out, "base_pipeline"),
+                                  os.path.join(out, "data", "train.json"), os.path.join(out, "cache"), **S["teacher"])
 
 
 def distil_configs(S, out):
-    teacher_pipe = os.path.join(out, "teacher_pipeline")
+    """The main distillation runs, all from the teacher pipeline (recipes in recipes.py)."""
+    teacher_pipe, cache = os.path.join(out, "teacher_pipeline"), os.path.join(out, "cache")
     train = os.path.join(out, "data", "train.json")
-    # twinflow_enhanced_ratio 0: the student learns the teacher's *unguided* distribution, the one the teacher rows
-    # are sampled from and FD measures (r > 0 trains towards CFG scale 1 + r, up to 1/(1 - r) with the EMA teacher;
-    # see RESULTS.md and the twinflow_full_cfg ablation). Cosine decay lets the noisy, clamped RCGM targets average out.
-    tw = dict(method="twinflow", use_ema=True, ema_decay=0.99, twinflow_adversarial_enabled=True,
-              twinflow_estimate_order=2, twinflow_enhanced_ratio=0.0, twinflow_delta_t=0.01,
-              twinflow_target_clamp=1.0, twinflow_target_step_count=1, validation_guidance=0.0,
-              caption_dropout_probability=0.1, lr_scheduler="cosine")
-    slow, fast = glance_lists()
     return {
-        "twinflow_lora": _base_config(out, "twinflow_lora", teacher_pipe, train, model_type="lora",
-                                      lora_targets=TWINFLOW_LORA_TARGETS, **tw, **S["twinflow_lora"]),
-        "twinflow_full": _base_config(out, "twinflow_full", teacher_pipe, train, model_type="full", **tw,
-                                      **S["twinflow_full"]),
-        "glance": _base_config(out, "glance", teacher_pipe, os.path.join(out, "data", "one.json"), model_type="lora",
-                               method="glance", glance_slow_timesteps=slow, glance_fast_timesteps=fast,
-                               train_batch_size=1, lr_scheduler="constant_with_warmup", **S["glance"]),
+        "twinflow_lora": recipes.twinflow_config(os.path.join(out, "twinflow_lora"), teacher_pipe, train, cache,
+                                                 full=False, **S["twinflow_lora"]),
+        "twinflow_full": recipes.twinflow_config(os.path.join(out, "twinflow_full"), teacher_pipe, train, cache,
+                                                 full=True, **S["twinflow_full"]),
+        "glance": recipes.glance_config(os.path.join(out, "glance"), teacher_pipe,
+                                        os.path.join(out, "data", "one.json"), cache, **S["glance"]),
     }
 
 
@@ -295,9 +272,7 @@ def rows(out):
                          lambda c, z, neg, g=g: samplers.glance(teacher, os.path.join(g, "glance-slow"),
                                                                 os.path.join(g, "glance-fast"), c, z)))
     # only rows whose training run finished (ablations are optional)
-    return [r for r in out_rows if r[3] == "teacher" or os.path.exists(os.path.join(out, r[3], "fewstep_run.json"))
-            or os.path.exists(os.path.join(out, r[3], "transformer", "fewstep_run.json"))
-            or os.path.exists(os.path.join(out, r[3], "glance-fast", "fewstep_run.json"))]
+    return [r for r in out_rows if r[3] == "teacher" or recipes.finished(os.path.join(out, r[3]))]
 
 
 def eval_stage(args, S, out, results_dir):
@@ -375,6 +350,13 @@ def main(argv=None) -> int:
         _json(path, done + [{"date": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_start)),
                              "command": " ".join(["python bench/quality/run.py", *argv_used]),
                              "minutes": round((time.time() - t_start) / 60, 1)}])
+    if args.export_teacher:
+        import teacher_export
+        if not os.path.exists(os.path.join(out, "teacher_pipeline", "model_index.json")):
+            raise SystemExit("fewstep: --export-teacher: no trained teacher in --out (run the teacher stage first)")
+        command = " ".join(["python bench/quality/run.py", *(sys.argv[1:] if argv is None else argv)])
+        path = teacher_export.export(out, args.export_teacher, args.export_dtype, S, command)
+        print(f"quality: wrote the teacher pipeline {path}", flush=True)
     if "report" in args.stages:
         path = report.write_results(out, results_dir, smoke=args.smoke, settings=S)
         print(f"quality: wrote {path}", flush=True)

@@ -12,9 +12,20 @@ Durability: on a shared filesystem a rename can reach the server before another 
 fsyncs the files it wrote and the checkpoint's directories before the barrier that precedes the rename, and rank 0
 fsyncs the checkpoints root after the rename and again after replacing `latest`. `trainer.json` records the world size,
 ZeRO stage and every file a complete checkpoint holds; `resolve` trusts a checkpoint only if all of them are there.
+
+Layout: `trainer.json` also records what fixes the checkpoint's layout (model, LoRA shape, ZeRO stage, world size,
+dtype; `fewstep.checkpoint_layout`). LoRA runs add `trainable.pt`, their trainable state in a stage-independent form,
+and every rank file with an EMA holds the map of its pieces. `find_resume` compares the record with the new run and
+refuses or plans a reshard (`fewstep.reshard`); `restore` carries it out.
+
+A full disk: a save first checks the free space against the last checkpoint's size (or an estimate; set
+FEWSTEP_CHECKPOINT_SPACE_CHECK=0 to skip), and a write that fails anyway (ENOSPC, a lost mount) on any rank is
+reported on every rank after DeepSpeed's collectives have run their course: the partial `.tmp-step-N` is removed,
+the previous checkpoint and `latest` are untouched, and every rank raises `CheckpointWriteError` with one message.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,8 +35,12 @@ import shutil
 import numpy as np
 import torch
 
-from fewstep import faults
+from fewstep import checkpoint_space as space
+from fewstep import faults, reshard
+from fewstep.checkpoint_layout import TRAINABLE_FILE, Resume, ResumeMismatch, plan, run_layout  # noqa: F401
+from fewstep.checkpoint_space import CheckpointWriteError  # noqa: F401
 from fewstep.engine import distributed
+from fewstep.errors import UserError
 
 ENGINE_TAG = "state"
 
@@ -117,7 +132,11 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_state: dict, keep: int) -> str:
-    """Write checkpoint `step` collectively (every rank calls this). Returns the final directory."""
+    """Write checkpoint `step` collectively (every rank calls this). Returns the final directory.
+
+    `trainer_state["layout"]` (from `run_layout`) is recorded; with model_type lora the stage-independent
+    trainable.pt is written too. Raises CheckpointWriteError on every rank if the save cannot start or fails.
+    """
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")
     if rank == 0:
@@ -126,33 +145,89 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
             if d.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=True)
-    torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank{rank}.pt"))
-    if rank == 0:
-        world = distributed.world_size()
-        meta = {**trainer_state, "step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                "files": _manifest(tmp, world)}
-        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(meta, indent=1))
-    _fsync_own_files(tmp, rank)
+    layout = trainer_state.get("layout") or {}
+    trainable = reshard.gather_trainable(engine, rank) if layout.get("model_type") == "lora" else None  # collective
+    ema_map = reshard.fragment_map(engine) if rank_state.get("ema") is not None else None
+    previous = next((p for p in reversed(list_checkpoints(root)) if not missing_files(p)), None) if rank == 0 else None
+    space.check(root, step, previous,  # collective: rank 0 decides, every rank refuses together
+                lambda: space.estimated_bytes(engine, trainable, rank_state.get("ema") is not None))
+    errors: list = []
+    with space.deferred_errors(engine, errors):  # DeepSpeed's save runs collectives: a failed write must not skip them
+        engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+    writing = tmp
+    if not errors:
+        try:
+            extra = {"ema_map": ema_map} if ema_map is not None else {}
+            writing = os.path.join(tmp, f"rank{rank}.pt")
+            space.save_torch({**rank_state, **extra, "rng": rng_state()}, writing)
+            if rank == 0:
+                if trainable is not None:
+                    writing = os.path.join(tmp, TRAINABLE_FILE)
+                    space.save_torch(trainable, writing)
+                writing = os.path.join(tmp, "trainer.json")
+                world = distributed.world_size()
+                meta = {**trainer_state, "step": step, "world_size": world,
+                        "zero_stage": engine.zero_optimization_stage(), "ema": rank_state.get("ema") is not None,
+                        "ema_maps": ema_map is not None, "files": _manifest(tmp, world)}
+                _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(meta, indent=1))
+            writing = tmp
+            _fsync_own_files(tmp, rank)
+        except Exception as e:  # noqa: BLE001 - reported below on every rank; the others must not hang
+            errors.append((getattr(e, "filename", None) or writing, e))
     faults.delay("checkpoint")
     _barrier()
+    failures = [f for f in distributed.all_gather_object(space.describe(errors, rank, tmp) if errors else None) if f]
+    if failures:
+        message = None
+        if rank == 0:  # composed by rank 0 alone, so every rank raises the very same words
+            shutil.rmtree(tmp, ignore_errors=True)
+            message = (f"checkpoint step-{step} was not saved: {failures[0]}. {space.intact(root)}, and the partial "
+                       f".tmp-step-{step} was removed ({space.free(root)} free now on {root}). Free some space (or "
+                       "lower checkpoints_total_limit) and resume with resume_from_checkpoint latest")
+        _barrier()
+        raise CheckpointWriteError(distributed.broadcast_object(message))
     faults.crash_if("FEWSTEP_FAULT_IN_SAVE", step)  # fault injection for the atomicity test
+    failed = None
     if rank == 0:
-        if os.path.exists(final):  # re-saving the same step (e.g. preempted right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)  # the rename is durable before `latest` can name it
-        _write_atomic(os.path.join(root, "latest"), os.path.basename(final))
-        _fsync(root)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            failed = _commit(root, final, tmp, keep)
+        except OSError as e:
+            failed = f"{e} ({space.free(root)} free on {root})"
+        if failed:
+            failed = f"checkpoint step-{step} could not be made current: {failed}. {space.intact(root)}"
     _barrier()
+    failed = distributed.broadcast_object(failed)
+    if failed:
+        raise CheckpointWriteError(failed)
     return final
 
 
-class IncompleteCheckpointError(FileNotFoundError):
+def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
+    """Rank 0: rename the finished checkpoint into place, point `latest` at it, prune. Returns an error or None."""
+    if os.path.exists(final):  # re-saving the same step (e.g. preempted right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)  # the rename is durable before `latest` can name it
+    try:
+        _write_atomic(os.path.join(root, "latest"), os.path.basename(final))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(root, "latest.tmp"))
+        return (f"{os.path.basename(final)} is complete, but `latest` could not be updated ({e}; "
+                f"{space.free(root)} free on {root}); resume_from_checkpoint {final} resumes it")
+    _fsync(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+class IncompleteCheckpointError(UserError, FileNotFoundError):
     """An explicitly named checkpoint lacks files (a save that never finished, or a lost shard)."""
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """resume_from_checkpoint names a directory that does not exist."""
 
 
 def missing_files(path: str) -> list[str]:
@@ -197,7 +272,7 @@ def resolve(root: str, spec: str | None) -> str | None:
     if spec == "latest":
         return _resolve_latest(root)
     if not os.path.isdir(spec):
-        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at '{spec}'")
+        raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'")
     missing = missing_files(spec)
     if missing:
         raise IncompleteCheckpointError(f"resume_from_checkpoint: checkpoint '{spec}' is incomplete, missing "
@@ -227,14 +302,91 @@ def _resolve_latest(root: str) -> str | None:
     return path
 
 
-def load(path: str, engine, rank: int) -> tuple[dict, dict]:
-    """Restore engine state; returns (this rank's state dict, trainer state). RNG is restored last by the caller."""
+def _load_engine(path: str, engine) -> None:
     engine.load_checkpoint(path, tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
                            load_lr_scheduler_states=True)
+
+
+def load(path: str, engine, rank: int) -> tuple[dict, dict]:
+    """Restore engine state (same layout); returns (this rank's state dict, trainer state). RNG is restored last by
+    the caller."""
+    _load_engine(path, engine)
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         raise RuntimeError(f"{path} has no state for rank {rank}: was it written with a different world size?")
     rank_state = torch.load(rank_file, weights_only=False)
     with open(os.path.join(path, "trainer.json")) as fh:
         trainer_state = json.load(fh)
+    return rank_state, trainer_state
+
+
+def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Resume | None:
+    """Resolve `resume_from_checkpoint` and compare the checkpoint's layout record with this run's (collective).
+
+    Rank 0 decides and every rank gets the same answer: the plan (None: start fresh), or the same error raised on
+    every rank (ResumeMismatch naming every differing key, IncompleteCheckpointError, CheckpointNotFound), which
+    launcher/train.py prints as one line.
+    """
+    outcome = None
+    with distributed.uneven_work("resolve checkpoint"):  # rank 0 decides, so every rank loads the same one
+        if distributed.rank() == 0:
+            try:
+                path = resolve(root, spec)
+                outcome = ("ok", _plan(path, layout, use_ema) if path else None)
+            except UserError as e:
+                outcome = ("error", type(e), str(e))
+    outcome = distributed.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise outcome[1](outcome[2])
+    return outcome[1]
+
+
+def _plan(path: str, layout: dict, use_ema: bool) -> Resume:
+    with open(os.path.join(path, "trainer.json")) as fh:
+        meta = json.load(fh)
+    files = meta["files"] if "files" in meta else _inferred_files(path)
+    saved_ema = meta.get("ema")
+    if saved_ema is None:  # written before trainer.json said so
+        saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False,
+                               mmap=True).get("ema") is not None
+    return plan(path, meta, layout, files, saved_ema, bool(meta.get("ema_maps")), use_ema)
+
+
+def restore(resume: Resume, engine, rank: int, ema=None, seed: int = 0) -> tuple[dict, dict]:
+    """Restore the engine (module, optimizer, LR schedule) and `ema` from the planned checkpoint, resharding as
+    planned (collective). Returns (this rank's state: order, samplers, rng; trainer state). RNG is applied last by the
+    caller."""
+    path = resume.path
+    if resume.mode == "native" and resume.saved_world == distributed.world_size():
+        rank_state, trainer_state = load(path, engine, rank)
+        saved_ema = rank_state.get("ema")
+    elif resume.mode == "native":  # stage-0 fp32 on another world size: nothing is partitioned, the EMA neither
+        _load_engine(path, engine)
+        with open(os.path.join(path, "trainer.json")) as fh:
+            trainer_state = json.load(fh)
+        rank_state = reshard.composed_rank_state(path, rank, resume.saved_world, seed, int(trainer_state["step"]))
+        saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False).get("ema")
+    else:
+        with open(os.path.join(path, "trainer.json")) as fh:
+            trainer_state = json.load(fh)
+        if resume.mode == "trainable":
+            reshard.apply_trainable(engine, torch.load(os.path.join(path, TRAINABLE_FILE), map_location="cpu",
+                                                       weights_only=False))
+        else:
+            with distributed.uneven_work("universal checkpoint conversion"):
+                if rank == 0:
+                    reshard.convert_universal(path, ENGINE_TAG)
+            reshard.load_universal(engine, path)
+        rank_state = reshard.composed_rank_state(path, rank, resume.saved_world, seed, int(trainer_state["step"]))
+        saved_ema = True if resume.reshard_ema else None
+    if ema is not None:
+        if saved_ema is None:  # the checkpoint kept no EMA: start it from the restored weights
+            ema.reset()
+            if rank == 0:
+                print(f"fewstep: warning: {path} holds no EMA; use_ema starts one from the restored weights",
+                      flush=True)
+        elif resume.mode == "native":
+            ema.load_state_dict(saved_ema)
+        else:
+            reshard.reshard_ema(ema, engine, path, resume.saved_world)
     return rank_state, trainer_state

@@ -83,6 +83,12 @@ class Config:
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay.", lo=0.0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", lo=0.0, lo_open=True)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", lo=0.0)
+    nan_policy: str = opt("skip-then-stop", "A step whose loss or gradients are non-finite on any rank never updates "
+                                            "the model (parameters, optimizer state, LR schedule and step count stay "
+                                            "as they were). skip-then-stop: skip it, and stop (exit 1) after "
+                                            "nan_max_bad_steps such steps in a row; stop: stop at the first; skip: "
+                                            "skip them all.", choices=("skip-then-stop", "stop", "skip"))
+    nan_max_bad_steps: int = opt(5, "skip-then-stop: how many non-finite steps in a row end the run.", lo=1)
 
     # ---- flow-matching sigma sampling ----
     flow_use_uniform_schedule: bool = opt(False, "Sample sigma uniformly instead of logit-normal.")

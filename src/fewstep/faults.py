@@ -3,6 +3,7 @@
 - FEWSTEP_FAULT_AFTER_STEP=N   hard crash (exit 17) right after optimizer step N
 - FEWSTEP_FAULT_IN_SAVE=N      hard crash while checkpoint N is being written (after the shards, before the rename)
 - FEWSTEP_FAULT_SIGNAL_AT_STEP=N   the process sends itself SIGUSR1 right after optimizer step N (a preemption)
+- FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
 - FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (cache, load, validation, export,
   checkpoint): slow work on one rank, as a large cache fill or export is on real hardware
 """
@@ -21,6 +22,21 @@ def crash_if(variable: str, step: int) -> None:
 def signal_if(variable: str, step: int) -> None:
     if os.environ.get(variable) == str(step):
         os.kill(os.getpid(), signal.SIGUSR1)
+
+
+_nan_attempts = {"n": 0}
+
+
+def nan_loss_if(loss, step: int, rank: int):
+    """`loss` times NaN when FEWSTEP_FAULT_NAN_LOSS names this step and rank (and attempts are left)."""
+    spec = os.environ.get("FEWSTEP_FAULT_NAN_LOSS")
+    if not spec:
+        return loss
+    at, who, *count = (int(x) for x in spec.split(":"))
+    if (at, who) != (step, rank) or _nan_attempts["n"] >= (count[0] if count else 1):
+        return loss
+    _nan_attempts["n"] += 1
+    return loss * float("nan")
 
 
 def delay(where: str) -> None:

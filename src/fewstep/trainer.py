@@ -9,16 +9,19 @@ exports and validation decoding, checkpoint writes) ends in a store-based wait, 
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from fewstep import checkpoint, faults, preemption, run_dir
 from fewstep.config import Config, ConfigError
+from fewstep.errors import NonFiniteStop
 from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
 from fewstep.ema import EMA
-from fewstep.engine import distributed
+from fewstep.engine import distributed, nonfinite
 from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.kernels import resolve_backend
@@ -26,6 +29,7 @@ from fewstep.lora import (count_params, export_full, export_lora, prepare_traina
                           run_info_matches, write_run_info)
 from fewstep.metrics import MetricsLogger
 from fewstep.models import get_adapter
+from fewstep.nan_guard import NonFiniteGuard
 from fewstep.step_context import StepContext
 from fewstep.steps import Phase, build_phases, make_step, reset_trainable, validate
 
@@ -116,27 +120,25 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
-    with distributed.uneven_work("resolve checkpoint"):  # rank 0 decides, so every rank loads the same one
-        found = checkpoint.resolve(ckpt_root, cfg.resume_from_checkpoint) if is_main else None
-    resume = distributed.broadcast_object(found)
+    layout = checkpoint.run_layout(cfg, adapter, engine, info.world_size)
+    # rank 0 resolves and compares layouts; every rank gets the same plan (or raises the same ResumeMismatch)
+    resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=ema is not None)
     rank_state = None
-    if resume is not None:
-        rank_state, trainer_state = checkpoint.load(resume, engine, info.rank)
+    if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
+        rank_state, trainer_state = checkpoint.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
         step = int(trainer_state["step"])
         order.load_state_dict(rank_state["order"])
         for p, s in zip(phases, rank_state["samplers"]):
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
-        if ema is not None:
-            ema.load_state_dict(rank_state["ema"])
-        _log(is_main, f"resumed from {resume} at step {step}")
+        _log(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
     elif cfg.resume_from_checkpoint == "latest":
         _log(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
 
     def save(at: int) -> None:
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
-        path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method},
+        path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
                                cfg.checkpoints_total_limit)
         _log(is_main, f"checkpoint saved: {path}")
 
@@ -151,59 +153,118 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
                       dtype=dtype, backend=backend, ema=ema)
+    guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
+    finish = lambda phase, at: (validate(ctx, phase, at, logger, comps.vae, is_main),  # noqa: E731
+                                export_phase(cfg, adapter, engine, transformer, ema, phase, at, resolution, is_main))
     engine.train()
     phase_start = 0
-    for phase_idx, phase in enumerate(phases):
-        phase_end = phase_start + phase.steps
-        if step >= phase_end:  # finished before this (re)start; an interruption may have come before its export
-            if step == phase_end and not phase_exported(cfg, phase, step):
-                _log(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); exporting now")
-                validate(ctx, phase, step, logger, comps.vae, is_main)
-                export_phase(cfg, adapter, engine, transformer, ema, phase, step, resolution, is_main)
+    try:
+        for phase_idx, phase in enumerate(phases):
+            phase_end = phase_start + phase.steps
+            if step >= phase_end:  # finished before this (re)start; an interruption may have come before its export
+                if step == phase_end and not phase_exported(cfg, phase, step):
+                    _log(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); exporting")
+                    finish(phase, step)
+                phase_start = phase_end
+                continue
+            if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
+                reset_trainable(engine, initial_weights, scheduler, initial_sched)
+                if ema is not None:
+                    ema.reset()
+            ctx.start_micro = step * cfg.gradient_accumulation_steps
+            step_fn = make_step(method, phase, ctx)
+            while step < phase_end:
+                outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard)
+                due = False
+                if outcome.applied:
+                    if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher
+                        ema.update()
+                    step += 1
+                    gn = engine.get_global_grad_norm()
+                    logger.log(step, {**outcome.logs, "lr": scheduler.get_last_lr()[0],
+                                      "grad_norm": float(gn) if gn is not None else 0.0,
+                                      "skipped_steps": guard.skipped},
+                               cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
+                    if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
+                        validate(ctx, phase, step, logger, comps.vae, is_main)
+                    due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < total
+                if due or outcome.preempt:
+                    require_finite_weights(trainable, f"checkpoint step-{step}")
+                    save(step)
+                if outcome.applied:
+                    faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
+                if outcome.preempt:
+                    _log(is_main, f"preempted at step {step}, checkpoint saved")
+                    preemption.clear()
+                    return {"step": step, "preempted": True}
+            finish(phase, step)
             phase_start = phase_end
-            continue
-        if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
-            reset_trainable(engine, initial_weights, scheduler, initial_sched)
-            if ema is not None:
-                ema.reset()
-        ctx.start_micro = step * cfg.gradient_accumulation_steps
-        step_fn = make_step(method, phase, ctx)
-        while step < phase_end:
-            logs = {}
-            for micro in range(cfg.gradient_accumulation_steps):
-                loss, terms = step_fn(micro)
-                engine.backward(loss)
-                engine.step()
-                for k, v in {"loss": loss.item(), **terms}.items():
-                    logs[k] = logs.get(k, 0.0) + v / cfg.gradient_accumulation_steps
-            if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher passes
-                ema.update()
-            step += 1
-            faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
-            # The one reduction of the step: rank means of the logged terms, and the preemption flag.
-            logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested()})
-            gn = engine.get_global_grad_norm()
-            logger.log(step, {**logs, "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(gn) if gn is not None else 0.0},
-                       cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
-            if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
-                validate(ctx, phase, step, logger, comps.vae, is_main)
-            if flags["preempt"] or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total):
-                save(step)
-            faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
-            if flags["preempt"]:
-                _log(is_main, f"preempted at step {step}, checkpoint saved")
-                preemption.clear()
-                logger.close()
-                return {"step": step, "preempted": True}
-        validate(ctx, phase, step, logger, comps.vae, is_main)
-        export_phase(cfg, adapter, engine, transformer, ema, phase, step, resolution, is_main)
-        phase_start = phase_end
-    if step == total and (not os.path.exists(os.path.join(ckpt_root, f"step-{step}"))):
-        save(step)
-    logger.close()
+        if step == total and (not os.path.exists(os.path.join(ckpt_root, f"step-{step}"))):
+            require_finite_weights(trainable, f"checkpoint step-{step}")
+            save(step)
+    finally:
+        logger.close()
     distributed.wait_for_all("end")
     return {"step": step, "preempted": False}
+
+
+@dataclass
+class StepOutcome:
+    applied: bool   # the optimizer update was taken (False: skipped, nothing of the step reached the model)
+    logs: dict      # rank means of the logged terms
+    preempt: bool   # some rank was signalled
+
+
+def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo, guard: NonFiniteGuard):
+    """One optimizer step on every rank: micro-batches, the step's single reduction (logged means, preemption and
+    non-finite flags), then the update, or, if any rank saw a non-finite loss or gradient, no update at all."""
+    logs, loss_finite = run_micro_steps(engine, step_fn, accumulation, step, info.rank)
+    grads = nonfinite.local_grad_check(engine)  # at the boundary, before the optimizer step; no collective
+    faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
+    logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested(),
+                                                  "nonfinite": not (loss_finite and grads.finite)})
+    if flags["nonfinite"]:  # parameters, optimizer state, LR schedule and step count stay as they were
+        nonfinite.skip_step(engine)
+        reason = "non-finite loss or gradients (on some rank)"
+    elif not take_optimizer_step(engine):  # DeepSpeed itself found the gradient norm invalid (e.g. overflowing)
+        reason = "gradient norm not finite"
+    else:
+        guard.good()
+        return StepOutcome(True, logs, flags["preempt"])
+    _log(info.is_main, f"step {step}: {reason}: update skipped")
+    guard.bad(step)  # raises NonFiniteStop when nan_policy says so
+    return StepOutcome(False, logs, flags["preempt"])
+
+
+def take_optimizer_step(engine) -> bool:
+    """engine.step() at the accumulation boundary; whether DeepSpeed applied it (it skips an invalid norm itself)."""
+    engine.step()
+    return engine.was_step_applied()
+
+
+def require_finite_weights(params, what: str) -> None:
+    """Nothing non-finite is ever written: every rank checks its weights, all agree (collective)."""
+    if distributed.any_rank(not nonfinite.local_weights_finite(params)):
+        raise NonFiniteStop(f"the trained weights are non-finite: {what} not written (earlier checkpoints and "
+                            "exports are intact)")
+
+
+def run_micro_steps(engine, step_fn, accumulation: int, step: int, rank: int) -> tuple[dict, bool]:
+    """Forward and backward of every micro-batch of one optimizer step, stopping short of the optimizer step itself
+    (the caller decides, with every rank, whether to take it). Returns the micro-averaged logged terms and whether
+    every loss was finite."""
+    logs, finite = {}, True
+    for micro in range(accumulation):
+        loss, terms = step_fn(micro)
+        loss = faults.nan_loss_if(loss, step, rank)
+        engine.backward(loss)
+        if micro < accumulation - 1:
+            engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
+        value = loss.item()
+        finite = finite and math.isfinite(value)
+        for k, v in {"loss": value, **terms}.items():
+            logs[k] = logs.get(k, 0.0) + v / accumulation
+    return logs, finite
 
 
 def _export_dir(cfg: Config, phase: Phase) -> str:
@@ -229,9 +290,12 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
         remove_run_info(out)
     export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
         (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    require_finite_weights(trained, f"export {out}")
     export(out)
     if ema is not None and not ema.frozen:  # the EMA weights, same format, under <out>/ema
         with weights_swapped_in(engine, ema.shadow):
+            require_finite_weights(trained, f"EMA export {out}/ema")
             export(os.path.join(out, "ema"))
     if is_main:
         write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,

@@ -16,3 +16,7 @@ for name, overrides in runs:
     cfg = load_config(config, {**overrides, "output_dir": os.path.join(base_out, name)})
     result = train(cfg)
     assert result["step"] == cfg.max_train_steps * (2 if cfg.resolved_method == "glance" else 1), result
+
+from fewstep.engine.distributed import teardown  # noqa: E402
+
+teardown()

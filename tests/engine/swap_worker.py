@@ -150,3 +150,7 @@ for stage, precision, model_type, opt_name, offload in RUNS:
               flush=True)
     del engine, optimizer, scheduler
 print("ALL SWAPS OK", flush=True)
+
+from fewstep.engine.distributed import teardown  # noqa: E402
+
+teardown()

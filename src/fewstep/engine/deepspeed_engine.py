@@ -281,8 +281,16 @@ def weights_swapped_in(engine, replacement: list[torch.Tensor]):
 
 @torch.no_grad()
 def load_master(engine, tensors: list[torch.Tensor]) -> None:
-    """Overwrite this rank's fp32 masters and propagate them to the weights the model computes with."""
-    masters, lowp, sync = _layout(engine.optimizer)
+    """Overwrite this rank's fp32 masters and propagate them to the weights the model computes with.
+
+    Collective under ZeRO-3: like DeepSpeed's own checkpoint load, every parameter goes back to its partition first
+    and the "persistent" ones (small parameters kept gathered in full when the persistence threshold is not 0) are
+    re-gathered from their new shards afterwards; otherwise they would keep their old values until the next step.
+    """
+    opt = engine.optimizer
+    masters, lowp, sync = _layout(opt)
+    if hasattr(opt, "checkpoint_event_prologue"):
+        opt.checkpoint_event_prologue()
     with _device_ordered():
         for m, t in zip(masters, tensors):
             m.copy_(t)
@@ -291,6 +299,8 @@ def load_master(engine, tensors: list[torch.Tensor]) -> None:
                 lp.data.copy_(m.to(lp.device, lp.dtype))
         elif sync is not None:
             sync()
+    if hasattr(opt, "checkpoint_event_epilogue"):
+        opt.checkpoint_event_epilogue()
 
 
 def _inner_optimizers(engine) -> list:

@@ -152,6 +152,13 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
+def teardown() -> None:
+    """Destroy the process group before the interpreter exits (gloo can otherwise abort a rank at exit with
+    "terminate called without an active exception" after everything has finished)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Collectives
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""A non-finite step never reaches the model, in every ZeRO stage and precision, on 2 ranks.
+
+Rank 1 alone gets a NaN loss at step 3 (FEWSTEP_FAULT_NAN_LOSS). Both ranks must skip the update together; the state
+right after the skipped step (saved by a preemption signalled in the same step) must equal, bit for bit, the state
+of a clean run stopped after step 2: fp32 masters (read back with DeepSpeed's zero_to_fp32), Adam moments and step
+counts, and the LR schedule. The run then resumes and finishes with finite exports; `nan_policy: stop` ends the run
+with the last checkpoint intact and nothing exported.
+"""
+import glob
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.engine.distributed import _free_port
+from fewstep_testing import read_metrics, run, write_config, write_dataset
+
+# stage 0 fp32 is the layout where DeepSpeed itself would apply a non-finite update
+COMBOS = [(1, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16"), (1, "bf16"), (2, "fp32"), (0, "fp32")]
+FAULT = {"FEWSTEP_FAULT_NAN_LOSS": "3:1", "FEWSTEP_FAULT_SIGNAL_AT_STEP": "3"}
+
+
+def _leaves(obj, path=""):
+    """(path, value) for every tensor and number in a nested checkpoint structure."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{path}/{i}")
+    elif isinstance(obj, (torch.Tensor, int, float)) and not isinstance(obj, bool):
+        yield path, obj
+
+
+def _optimizer_state(ckpt):
+    """Adam moments, step counts and LR-schedule state of every rank's shard (the flat fp32 master partitions are
+    compared through zero_to_fp32 instead: ZeRO pads them with uninitialised memory)."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(ckpt, "state", "*optim_states.pt"))):
+        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for path, v in _leaves(sd.get("base_optimizer_state", sd.get("optimizer_state_dict", {}))):
+            out[os.path.basename(f) + path] = v
+    for f in sorted(glob.glob(os.path.join(ckpt, "state", "*model_states.pt"))):
+        states = torch.load(f, map_location="cpu", weights_only=False)
+        sched = states.get("lr_scheduler") or {}
+        out[os.path.basename(f) + "/lr"] = (sched.get("last_epoch"), tuple(sched.get("_last_lr", ())))
+        for path, v in _leaves(states.get("optimizer") or {}):  # stage 0 keeps the optimizer state here
+            out[os.path.basename(f) + "/optimizer" + path] = v
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8),
+                                                                          b.view(-1).view(torch.uint8))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nan")
+    backend = write_dataset(str(root), n=4)
+    cfg = write_config(str(root), backend, train_batch_size=1, checkpointing_steps=1, lr_scheduler="linear",
+                       lr_warmup_steps=2, max_train_steps=4, resume_from_checkpoint="latest",
+                       cache_dir=str(root / "cache"))
+    plan = []
+    for stage, prec in COMBOS:
+        tag, common = f"z{stage}-{prec}", {"zero_stage": stage, "mixed_precision": prec}
+        plan += [[f"ref-{tag}", {**common, "max_train_steps": 2}, {}],
+                 [f"nan-{tag}", common, FAULT],   # skip at step 3 + preempted: saves the state after the skip
+                 [f"nan-{tag}", common, {}]]      # resume, finish
+    plan.append(["stop-z2", {"zero_stage": 2, "nan_policy": "stop"}, {"FEWSTEP_FAULT_NAN_LOSS": "3:1"}])
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                "tests/nan_training_worker.py", cfg, json.dumps(plan)], timeout=900)
+    return root / "out", proc.stdout
+
+
+@pytest.mark.parametrize("stage,prec", COMBOS)
+def test_skipped_step_leaves_the_state_bit_identical(runs, stage, prec):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out, stdout = runs
+    tag = f"z{stage}-{prec}"
+    ref, bad = out / f"ref-{tag}" / "checkpoints" / "step-2", out / f"nan-{tag}" / "checkpoints" / "step-2"
+    if stage == 0:  # no ZeRO partitions: the module state is the fp32 weights
+        masters = [torch.load(c / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+                   for c in (ref, bad)]
+    else:
+        masters = [get_fp32_state_dict_from_zero_checkpoint(str(c), tag="state") for c in (ref, bad)]
+    assert masters[0].keys() == masters[1].keys() and masters[0]
+    assert all(_same(masters[0][k], masters[1][k]) for k in masters[0]), tag
+    a, b = _optimizer_state(ref), _optimizer_state(bad)
+    assert a.keys() == b.keys() and any("exp_avg" in k for k in a), sorted(a)[:5]
+    assert [k for k in a if not _same(a[k], b[k])] == [], tag
+    # the run went on from there: every step logged once, nothing non-finite exported
+    metrics = read_metrics(out / f"nan-{tag}")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in metrics)
+    lora = load_file(out / f"nan-{tag}" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in lora.values())
+
+
+def test_both_ranks_skip_and_say_so(runs):
+    _, stdout = runs
+    for stage, prec in COMBOS:
+        assert f'RESULT nan-z{stage}-{prec} {{"step": 2, "preempted": true}}' in stdout
+    assert stdout.count("step 3: non-finite loss or gradients (on some rank): update skipped") == len(COMBOS) + 1
+
+
+def test_nan_policy_stop_keeps_the_last_checkpoint_and_exports_nothing(runs):
+    out, stdout = runs
+    assert "RESULT stop-z2" in stdout and "nan_policy stop" in stdout
+    run_dir = out / "stop-z2"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not (run_dir / "pytorch_lora_weights.safetensors").exists()
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]

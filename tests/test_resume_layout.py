@@ -1,0 +1,292 @@
+"""Resuming with a changed layout (issue #18 §2), on real DeepSpeed runs (torchrun, gloo, fp32, tiny Flux).
+
+What "continues bit-exactly against an uninterrupted run" means here. A 2-rank and a 1-rank run never train
+identically (each rank draws its own noise), so a checkpoint is resharded *to the layout of the uninterrupted run*
+and compared with it: the uninterrupted run U saves at step 2; its step-2 state is resharded to the other layout and
+saved there with no training in between (world size 1 -> 2, or ZeRO-3 -> ZeRO-2); that checkpoint is resharded back
+(2 ranks -> 1, ZeRO-2 -> ZeRO-3) and trains steps 3-4. Its losses, final weights and EMA export must equal U's bit for
+bit, which needs every piece of state to survive both reshards: fp32 masters, Adam moments and step, LR schedule,
+EMA, data-order and Glance timestep cursors, and the RNG of every rank that existed in both layouts (a new rank gets
+streams seeded from (seed, rank, step)). Independently of fewstep's files, the worker dumps the live state through
+DeepSpeed's API just before each save and right after each restore, and every restore must reproduce what was saved,
+bit for bit, in every layout (including the weights the model computes with).
+
+Three launches (1 rank, 2 ranks, 1 rank) run every training; the tests then read their outputs.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch, plan
+from fewstep_testing import REPO, read_metrics, run, write_config, write_dataset
+
+FULL = {"model_type": "full", "learning_rate": 1e-4}
+LORA_FILES = ["pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors"]
+FULL_FILES = ["transformer/diffusion_pytorch_model.safetensors", "ema/transformer/diffusion_pytorch_model.safetensors"]
+
+
+def launch(cfg, nproc, runs, **env):
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         os.path.join(REPO, "tests", "resume_layout_worker.py"), cfg, json.dumps(runs)], timeout=900, **env)
+
+
+def legacy_copy(src, dst):
+    """A copy of checkpoint `src` as fewstep wrote it before the layout record: no layout, no trainable.pt."""
+    shutil.copytree(src, dst)
+    os.remove(os.path.join(dst, TRAINABLE_FILE))
+    with open(os.path.join(dst, "trainer.json")) as fh:
+        meta = json.load(fh)
+    for key in ("layout", "ema"):
+        meta.pop(key)
+    meta["files"].remove(TRAINABLE_FILE)
+    with open(os.path.join(dst, "trainer.json"), "w") as fh:
+        json.dump(meta, fh)
+
+
+def small_disk(path, size) -> bool:
+    """Mount a tmpfs of `size` at `path` (root only); False where that is not possible."""
+    path.mkdir(parents=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout")
+    backend = write_dataset(str(root), n=4)
+    cfg = write_config(str(root), backend, max_train_steps=4, train_batch_size=1, checkpointing_steps=2,
+                       cache_dir=str(root / "cache"), use_ema=True, ema_decay=0.9,
+                       flow_custom_timesteps="0.9,0.7,0.5", flow_timesteps_mode="round-robin")
+    o = root / "out"
+
+    def from_(name, step=2):
+        return str(o / name / "checkpoints" / f"step-{step}")
+
+    # full disks (§5), tmpfs: one checkpoint fits (~200 KiB in tmpfs pages on 2 ranks), a second one does not
+    disk, check = small_disk(o / "disk-full", "320k"), small_disk(o / "disk-check", "256k")
+    try:
+        launch(cfg, 1, [["lora-w1", {}], ["full-w1", FULL]])  # uninterrupted 1-rank runs, saving at steps 2 and 4
+        launch(cfg, 2, [  # 1 -> 2 ranks, no training: saved again in the 2-rank layout
+            ["lora-w2", {"resume_from_checkpoint": from_("lora-w1"), "max_train_steps": 2}],
+            ["full-w2", {**FULL, "resume_from_checkpoint": from_("full-w1"), "max_train_steps": 2}],
+            # ZeRO-3 uninterrupted; its step 2 to ZeRO-2 (no training), then back to ZeRO-3 for steps 3-4
+            ["lora-z3", {"zero_stage": 3}],
+            ["lora-z3-z2", {"resume_from_checkpoint": from_("lora-z3"), "max_train_steps": 2}],
+            ["lora-z2-z3", {"zero_stage": 3, "resume_from_checkpoint": from_("lora-z3-z2")}],
+            # the same without an EMA: ZeRO-3 then keeps the small LoRA weights gathered ("persistent")
+            ["lora-z2-z3-noema", {"zero_stage": 3, "use_ema": False,
+                                  "resume_from_checkpoint": from_("lora-z3-z2")}],
+            # refused on both ranks alike: a full fine-tune changing stage (and world size)
+            ["full-w2-z3", {**FULL, "zero_stage": 3, "resume_from_checkpoint": from_("full-w1")}],
+            # ENOSPC in a 2-rank save (the free-space check off, so that the write itself fails)
+            *([["disk-full", {"max_train_steps": 6}]] if disk else [])], FEWSTEP_CHECKPOINT_SPACE_CHECK="0")
+        legacy_copy(from_("lora-w1"), str(o / "legacy-w1"))
+        legacy_copy(from_("lora-w2"), str(o / "legacy-w2"))
+        launch(cfg, 1, [  # 2 -> 1 rank: steps 3-4
+            ["lora-back", {"resume_from_checkpoint": from_("lora-w2")}],
+            ["full-back", {**FULL, "resume_from_checkpoint": from_("full-w2")}],
+            # checkpoints from before the layout record: same layout (DeepSpeed's own load), and 2 -> 1 (universal)
+            ["legacy-same", {"resume_from_checkpoint": str(o / "legacy-w1")}],
+            ["legacy-back", {"resume_from_checkpoint": str(o / "legacy-w2")}],
+            # refused
+            ["lora-rank", {"lora_rank": 8, "resume_from_checkpoint": from_("lora-w2")}],
+            ["lora-many", {"lora_rank": 8, "lora_alpha": 16, "lora_targets": "to_q,to_k", "mixed_precision": "bf16",
+                           "resume_from_checkpoint": from_("lora-w1")}],
+            ["full-z3", {**FULL, "zero_stage": 3, "resume_from_checkpoint": from_("full-w1")}],
+            # the free-space check refuses to start the second save
+            *([["disk-check", {"max_train_steps": 6}]] if check else [])])
+        yield o
+    finally:
+        for name, mounted in (("disk-full", disk), ("disk-check", check)):
+            if mounted:
+                subprocess.run(["umount", "-l", str(o / name)], check=False)
+
+
+def outcome(o, name, rank=0):
+    with open(o / name / f"outcome-rank{rank}.json") as fh:
+        return json.load(fh)
+
+
+def assert_continues(o, reference, resumed, files):
+    """Steps 3-4 of `resumed` equal `reference`'s (losses, LR, sigmas), and so do its final weights and EMA."""
+    a, b = read_metrics(o / reference), read_metrics(o / resumed)
+    assert [m["step"] for m in b] == [3, 4], b
+    for key in ("loss", "lr", "sigma_mean"):
+        assert [m[key] for m in a[2:]] == [m[key] for m in b], (key, a, b)
+    for f in files:
+        wa, wb = load_file(o / reference / f), load_file(o / resumed / f)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (resumed, f)
+    assert outcome(o, resumed) == {"ok": {"step": 4, "preempted": False}}
+
+
+def assert_restored(o, source, resumed, mode):
+    """What `resumed` restored is, bit for bit, what `source` held when it saved step 2 (DeepSpeed's own view)."""
+    saved = torch.load(o / source / "saved-step2.pt", weights_only=False)
+    got = torch.load(o / resumed / "restored-step2.pt", weights_only=False)
+    assert got["mode"] == mode
+    assert saved["state"].keys() == got["state"].keys() and len(saved["state"]) > 0
+    for name, values in saved["state"].items():
+        assert set(values) == {"fp32", "exp_avg", "exp_avg_sq"}, values.keys()
+        for key, value in values.items():
+            assert torch.equal(value, got["state"][name][key]), (resumed, name, key)
+        assert torch.equal(got["weights"][name], got["state"][name]["fp32"]), (resumed, name, "model weights")
+        if got["ema"] is not None:
+            assert torch.equal(saved["ema"][name], got["ema"][name]), (resumed, name, "ema")
+    for key in ("adam_step", "lr", "order", "samplers") + (("ema_decay",) if got["ema"] is not None else ()):
+        assert saved[key] == got[key], (key, saved[key], got[key])
+    assert saved["adam_step"] == 2 and saved["samplers"] == got["samplers"] != [None]
+
+
+def test_lora_two_ranks_to_one_continues_bit_exactly(out):
+    assert_restored(out, "lora-w1", "lora-w2", "trainable")  # 1 -> 2 ranks
+    assert_restored(out, "lora-w2", "lora-back", "trainable")  # 2 -> 1 rank
+    assert_continues(out, "lora-w1", "lora-back", LORA_FILES)
+    meta = json.loads((out / "lora-w2" / "checkpoints" / "step-2" / "trainer.json").read_text())
+    assert meta["layout"] == {"family": "flux", "model": "tiny:flux", "model_type": "lora",
+                              "lora": {"rank": 4, "alpha": 4.0, "targets": ["to_k", "to_out.0", "to_q", "to_v"]},
+                              "anystep_embeddings": False, "zero_stage": 2, "world_size": 2, "dtype": "fp32"}
+    assert TRAINABLE_FILE in meta["files"] and meta["ema_maps"] is True
+
+
+def test_lora_zero2_to_zero3_continues_bit_exactly(out):
+    assert_restored(out, "lora-z3", "lora-z3-z2", "trainable")  # ZeRO-3 -> ZeRO-2
+    assert_restored(out, "lora-z3-z2", "lora-z2-z3", "trainable")  # ZeRO-2 -> ZeRO-3
+    assert_continues(out, "lora-z3", "lora-z2-z3", LORA_FILES)
+    assert_restored(out, "lora-z3-z2", "lora-z2-z3-noema", "trainable")  # persistent parameters re-gathered
+    assert_continues(out, "lora-z3", "lora-z2-z3-noema", LORA_FILES[:1])
+
+
+def test_full_finetune_two_ranks_to_one_within_a_stage(out):
+    assert_restored(out, "full-w1", "full-w2", "universal")
+    assert_restored(out, "full-w2", "full-back", "universal")
+    assert_continues(out, "full-w1", "full-back", FULL_FILES)
+    assert (out / "full-w2" / "checkpoints" / "step-2" / "universal" / "zero").is_dir()  # DeepSpeed's conversion
+
+
+def test_checkpoints_without_a_layout_record_still_resume(out):
+    assert_restored(out, "lora-w1", "legacy-same", "native")
+    assert_continues(out, "lora-w1", "legacy-same", LORA_FILES)
+    assert_restored(out, "lora-w2", "legacy-back", "universal")  # an older LoRA checkpoint: universal, 2 -> 1
+    assert_continues(out, "lora-w1", "legacy-back", LORA_FILES)
+
+
+def test_changed_lora_rank_is_refused_by_name(out):
+    got = outcome(out, "lora-rank")
+    assert got["error"] == "ResumeMismatch"
+    msg = got["message"]
+    assert "lora_rank 4 -> 8" in msg and "lora_alpha 4.0 -> 8.0" in msg  # alpha defaults to the rank
+    assert "(world size 2 -> 1 on its own would be resharded)" in msg
+    assert "To continue it, resume with lora_rank 4, lora_alpha 4.0;" in msg
+    assert "start a new run" in msg and "\n" not in msg
+    many = outcome(out, "lora-many")["message"]
+    for part in ("lora_rank 4 -> 8", "lora_alpha 4.0 -> 16.0", "lora_targets [to_k, to_out.0, to_q, to_v] -> "
+                 "[to_k, to_q]", "mixed_precision fp32 -> bf16"):
+        assert part in many, (part, many)
+    assert not (out / "lora-rank" / "checkpoints").exists()  # refused before anything was written
+
+
+def test_changed_stage_of_a_full_finetune_is_refused_on_every_rank(out):
+    got = outcome(out, "full-z3")
+    assert got["error"] == "ResumeMismatch"
+    assert "zero_stage 2 -> 3" in got["message"] and "resume with zero_stage 2" in got["message"]
+    assert "zero_to_fp32.py" in got["message"]  # how to start again from the weights
+    both = [outcome(out, "full-w2-z3", r) for r in (0, 1)]
+    assert both[0] == both[1] and both[0]["error"] == "ResumeMismatch"
+    assert "zero_stage 2 -> 3 (world size 1 -> 2 on its own would be resharded)" in both[0]["message"]
+
+
+def test_full_disk_on_two_ranks_stops_both_alike_and_loses_nothing(out):
+    """ENOSPC during a 2-rank save (free-space check off): no rank hangs in DeepSpeed's barrier, both raise the same
+    CheckpointWriteError, step-2 and `latest` stay, the partial save is gone."""
+    if not (out / "disk-full" / "outcome-rank0.json").exists():
+        pytest.skip("no tmpfs could be mounted (needs root)")
+    from fewstep import checkpoint
+
+    both = [outcome(out, "disk-full", r) for r in (0, 1)]
+    assert both[0] == both[1] and both[0]["error"] == "CheckpointWriteError", both
+    assert both[0]["message"].startswith("checkpoint step-4 was not saved: rank ")
+    assert "No space left on device. Nothing was lost: step-2 and `latest` are unchanged" in both[0]["message"]
+    root = str(out / "disk-full" / "checkpoints")
+    assert sorted(os.listdir(root)) == ["latest", "step-2"]
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-2")
+    assert [m["step"] for m in read_metrics(out / "disk-full")] == [1, 2, 3, 4]
+
+
+def test_save_that_cannot_fit_is_not_started(out):
+    if not (out / "disk-check" / "outcome-rank0.json").exists():
+        pytest.skip("no tmpfs could be mounted (needs root)")
+    from fewstep import checkpoint
+
+    got = outcome(out, "disk-check")
+    assert got["error"] == "CheckpointWriteError"
+    assert got["message"].startswith("checkpoint step-4 was not started: it needs about "), got
+    assert "(the size of step-2) but only " in got["message"] and "FEWSTEP_CHECKPOINT_SPACE_CHECK=0" in got["message"]
+    root = str(out / "disk-check" / "checkpoints")
+    assert sorted(os.listdir(root)) == ["latest", "step-2"]  # nothing of step 4 was written
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan alone (no DeepSpeed): which changes reshard, which are refused, and with what words
+# ---------------------------------------------------------------------------------------------------------------
+
+LAYOUT = {"family": "flux", "model": "tiny:flux", "model_type": "lora",
+          "lora": {"rank": 4, "alpha": 4.0, "targets": ["to_k", "to_q"]}, "anystep_embeddings": False,
+          "zero_stage": 2, "world_size": 2, "dtype": "bf16"}
+FILES = ["rank0.pt", "rank1.pt", TRAINABLE_FILE, "state/mp_rank_00_model_states.pt", "trainer.json"]
+
+
+def meta(**layout):
+    lay = {**LAYOUT, **layout}
+    return {"layout": lay, "world_size": lay["world_size"], "zero_stage": lay["zero_stage"], "step": 4}
+
+
+def new(**changes):
+    return {**LAYOUT, **changes}
+
+
+def test_plan_reshards_what_the_state_allows():
+    p = plan("/c/step-4", meta(), new(), FILES, True, True, True)
+    assert p.mode == "native" and p.note == ""
+    p = plan("/c/step-4", meta(), new(world_size=8, zero_stage=3), FILES, True, True, True)
+    assert (p.mode, p.changes, p.reshard_ema) == ("trainable", ["world size 2 -> 8", "zero_stage 2 -> 3"], True)
+    full = dict(model_type="full", lora=None)
+    p = plan("/c/step-4", meta(**full), new(**full, world_size=1), FILES[:2], True, True, True)
+    assert p.mode == "universal"
+    p = plan("/c/step-4", meta(**full, zero_stage=0, dtype="fp32"),
+             new(**full, zero_stage=0, dtype="fp32", world_size=4), FILES[:2], True, True, False)
+    assert p.mode == "native"  # stage-0 fp32 state is not partitioned
+    # a checkpoint from before the record: only world size and stage are known
+    old = {"world_size": 2, "zero_stage": 2, "step": 4}
+    assert plan("/c/step-4", old, new(lora={"rank": 64, "alpha": 1.0, "targets": ["x"]}), FILES[:2], True, False,
+                False).mode == "native"
+    assert plan("/c/step-4", old, new(world_size=1), FILES[:2], False, False, True).mode == "universal"
+
+
+def test_plan_refusals_name_every_key_and_the_way_on():
+    with pytest.raises(ResumeMismatch) as err:
+        plan("/c/step-4", meta(), new(family="sd3", model="tiny:sd3", anystep_embeddings=True, world_size=1),
+             FILES, True, True, True)
+    msg = str(err.value)
+    assert ("model_family flux -> sd3, pretrained_model_name_or_path tiny:flux -> tiny:sd3, any-step embeddings "
+            "(method twinflow) False -> True (world size 2 -> 1 on its own would be resharded)") in msg
+    assert "To continue it, resume with model_family flux, pretrained_model_name_or_path tiny:flux" in msg
+    full = dict(model_type="full", lora=None)
+    with pytest.raises(ResumeMismatch, match=r"zero_stage 2 -> 1\. A full fine-tune's optimizer state"):
+        plan("/c/step-4", meta(**full), new(**full, zero_stage=1), FILES[:2], True, True, True)
+    with pytest.raises(ResumeMismatch, match="model_type lora -> full"):
+        plan("/c/step-4", meta(), new(**full), FILES, True, True, True)
+    old = {"world_size": 2, "zero_stage": 2, "step": 4}
+    with pytest.raises(ResumeMismatch, match=r"zero_stage 2 -> 3\. .*before fewstep saved a stage-independent.*"
+                                             r"predates the layout record"):
+        plan("/c/step-4", old, new(zero_stage=3), FILES[:2], False, False, False)
+    with pytest.raises(ResumeMismatch, match=r"world size 2 -> 1\. Its EMA partitions .* resume on 2 rank"):
+        plan("/c/step-4", old, new(world_size=1), FILES[:2], True, False, True)
+    # the same checkpoint without an EMA in it: nothing to reshard, the EMA starts from the restored weights
+    assert plan("/c/step-4", old, new(world_size=1), FILES[:2], False, False, True).mode == "universal"
