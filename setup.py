@@ -21,6 +21,6 @@ setup(
     ],
     install_requires=[
         "torch", "deepspeed", "diffusers", "peft", "triton", "transformers", "safetensors",
-        "tensorboard", "pillow", "numpy", "tqdm",
+        "tensorboard", "pillow", "numpy", "tqdm", "filelock",
     ],
 )
