@@ -23,4 +23,5 @@ setup(
         "torch", "deepspeed", "diffusers", "peft", "triton", "transformers", "safetensors",
         "tensorboard", "pillow", "numpy", "tqdm", "filelock",
     ],
+    extras_require={"wandb": ["wandb"]},  # report_to: wandb (requirements.txt pins it)
 )

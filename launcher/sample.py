@@ -4,18 +4,37 @@
   python launcher/sample.py --method glance --slow OUT/glance-slow --fast OUT/glance-fast --prompt "..." --seed 0
   python launcher/sample.py --method twinflow --lora OUT --steps 2 --prompt "..." --seed 0
   python launcher/sample.py --method flow --lora OUT --steps 20 --prompt "..."
+  python launcher/sample.py ... --device cuda:1 --dtype fp32 --offload model --json timings.json
 
 The base model is read from the run's fewstep_run.json unless --model is given. Images are written as PNG.
+Device and precision: --device defaults to cuda when torch sees a GPU, else cpu; --dtype to bf16 on such a GPU, else
+fp32. --offload model|sequential keeps the weights in CPU memory and lets diffusers move them to the GPU as needed
+(for pipelines that do not fit; needs accelerate; nothing to do on --device cpu). All noise (the start noise and
+TwinFlow's stochastic steps) is drawn on the CPU from --seed, so a seed gives the same noise on every device and
+dtype. A mistake (unknown dtype, a GPU asked for that is not there, a directory that is no fewstep export) ends in
+one `fewstep: ...` line and exit status 2.
 """
 import argparse
+import functools
+import json
 import os
 import sys
+import time
 
 import torch
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notices (torchvision) are not for our users
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Argument mistakes end like every other user mistake: one `fewstep:` line, exit status 2."""
+        print(f"fewstep: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=("glance", "twinflow", "flow"))
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -27,67 +46,141 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="sampling steps; twinflow accepts several (e.g. 1 2 4); glance: must equal the list length")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the training resolution)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on cpu)")
+    p.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
+                   help="diffusers CPU offload for pipelines that do not fit on the GPU: model (whole models in turn) "
+                        "or sequential (submodule by submodule: least memory, slowest)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed pipeline calls before the timed ones")
+    p.add_argument("--json", default=None, help="also write device, dtype, load and per-image times to this file")
     return p
 
 
-def main(argv):
-    args = build_parser().parse_args(argv)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample(args, cpu_offload_hooks: bool = False) -> dict:
+    """Load, place and run the pipeline for parsed `args`; writes the PNGs and returns the timing record.
+
+    cpu_offload_hooks: with --device cpu, apply --offload anyway (accelerate's hooks with the CPU as execution device:
+    the offload code path without a GPU, for tests) instead of dropping it.
+    """
+    from fewstep.sampling import (SamplingError, anystep_dir, dtype_name, resolve_device, resolve_dtype,
+                                  run_info)
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    offload = args.offload
+    if offload != "none" and device.type == "cpu" and not cpu_offload_hooks:
+        print(f"fewstep: --offload {offload} does nothing on --device cpu (the weights are in CPU memory already); "
+              "sampling without it", file=sys.stderr)
+        offload = "none"
+    run_dir = args.slow if args.method == "glance" else args.lora
+    if run_dir is None or (args.method == "glance" and args.fast is None):
+        raise SamplingError("--slow and --fast are required for --method glance" if args.method == "glance"
+                            else f"--lora is required for --method {args.method}")
+    info = run_info(run_dir)
+    if args.method == "glance":
+        from fewstep.methods.glance import glance_schedule
+
+        slow, fast = info["sigmas"], run_info(args.fast)["sigmas"]
+        if slow is None or fast is None:
+            raise SamplingError("the Glance directories carry no timestep lists (were they trained with Glance "
+                                "lists?)")
+        n_glance = len(glance_schedule(slow, fast)[0]) - 1
+        if args.steps and (len(args.steps) != 1 or args.steps[0] != n_glance):
+            raise SamplingError(f"--steps for Glance must be the Slow+Fast list length, {n_glance}")
+        steps_list = [n_glance]
+    else:
+        steps_list = args.steps or ([2] if args.method == "twinflow" else [20])
+
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from fewstep.models import anystep, get_adapter
-    from fewstep.sampling import flow_sigmas, glance_pipeline_sample, run_info
+    from fewstep.sampling import flow_sigmas, glance_pipeline_sample, load_glance_loras, place_pipeline
     from fewstep.schedulers import TwinFlowScheduler
 
-    run_dir = args.slow if args.method == "glance" else args.lora
-    if run_dir is None:
-        sys.exit("fewstep: " + ("--slow and --fast are required" if args.method == "glance" else "--lora is required"))
-    info = run_info(run_dir)
     cfg = info["config"]
     adapter = get_adapter(cfg["model_family"])
-    comps = adapter.load(args.model or cfg["pretrained_model_name_or_path"])
+    t_load = time.perf_counter()
+    comps = adapter.load(args.model or cfg["pretrained_model_name_or_path"], dtype=dtype)
     full_dir = os.path.join(run_dir, "transformer")
     if os.path.isdir(full_dir):  # a full fine-tune
-        comps.transformer = adapter.transformer_cls.from_pretrained(full_dir)
+        comps.transformer = adapter.transformer_cls.from_pretrained(full_dir, dtype=dtype)
     pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+    # Every weight is loaded in CPU memory before the pipeline is placed: LoRAs, any-step embeddings (created in the
+    # transformer's dtype and moved with it), Glance's two adapters.
+    if args.method == "glance":
+        load_glance_loras(pipe, args.slow, args.fast)
+    elif os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
+        pipe.load_lora_weights(run_dir)
+    if args.method == "twinflow":
+        anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
+        anystep.load_anystep(pipe.transformer, anystep_dir(run_dir))
+        pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0)
+    place_pipeline(pipe, device, offload)
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
     # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
     prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]),
                                                    guidance=cfg.get("flux_guidance_value"))
     prompt_kwargs.setdefault("guidance_scale", 0.0)
+    _sync(device)
+    load_s = time.perf_counter() - t_load
     res = args.resolution or info.get("resolution") or 32
-    gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-    outputs = []
-    if args.method == "glance":
-        if args.fast is None:
-            sys.exit("fewstep: --fast is required for --method glance")
-        slow, fast = info["sigmas"], run_info(args.fast)["sigmas"]
-        if slow is None or fast is None:
-            sys.exit("fewstep: the Glance directories carry no timestep lists (were they trained with Glance lists?)")
-        steps = args.steps[0] if args.steps else None
-        img = glance_pipeline_sample(pipe, prompt_kwargs, args.slow, args.fast, slow, fast, num_inference_steps=steps,
-                                     height=res, width=res, generator=gen()).images[0]
-        outputs.append((args.output, img))
-    else:
-        if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
-            pipe.load_lora_weights(run_dir)
-        for n in args.steps or ([2] if args.method == "twinflow" else [20]):
-            if args.method == "twinflow":
-                anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
-                anystep.load_anystep(pipe.transformer, run_dir)
-                pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching",
-                                                   shift=1.0)
-                with anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0):
-                    img = pipe(**prompt_kwargs, num_inference_steps=n, height=res, width=res,
-                               generator=gen()).images[0]
-            else:
-                img = pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, height=res, width=res,
-                           generator=gen()).images[0]
-            stem, ext = os.path.splitext(args.output)
-            outputs.append((f"{stem}-{n}{ext or '.png'}" if len(args.steps or [n]) > 1 else args.output, img))
-    for path, img in outputs:
+
+    def generate(n):
+        gen = torch.Generator().manual_seed(args.seed)  # CPU noise: the same on every device and dtype
+        if args.method == "glance":
+            return glance_pipeline_sample(pipe, prompt_kwargs, None, None, slow, fast, height=res, width=res,
+                                          generator=gen).images[0]
+        if args.method == "twinflow":  # its stochastic steps draw from gen too (the pipeline passes no generator)
+            pipe.scheduler.step = functools.partial(TwinFlowScheduler.step, pipe.scheduler, generator=gen)
+            with anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0):
+                return pipe(**prompt_kwargs, num_inference_steps=n, height=res, width=res, generator=gen).images[0]
+        return pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, height=res, width=res,
+                    generator=gen).images[0]
+
+    for _ in range(args.warmup):
+        generate(steps_list[0])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = []
+    for n in steps_list:
+        _sync(device)
+        t0 = time.perf_counter()
+        img = generate(n)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        stem, ext = os.path.splitext(args.output)
+        path = f"{stem}-{n}{ext or '.png'}" if len(steps_list) > 1 else args.output
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path)
-        print(f"fewstep: wrote {path}")
+        print(f"fewstep: wrote {path} ({n} steps, {seconds:.3f} s)")
+        runs.append({"steps": n, "seconds": seconds, "output": path})
+    return {"method": args.method, "family": adapter.family, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": dtype_name(dtype), "offload": offload, "resolution": res, "load_s": load_s, "warmup": args.warmup,
+            "runs": runs,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from fewstep.errors import UserError
+
+    try:
+        record = sample(args)
+    except UserError as e:
+        if os.environ.get("FEWSTEP_DEBUG") == "1":
+            raise
+        print(f"fewstep: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=1)
     return 0
 
 

@@ -10,7 +10,6 @@ import os
 import sys
 import time
 
-import torch
 
 from fewstep import checkpoint
 from fewstep.config import load_config

@@ -5,7 +5,13 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+try:  # without a GPU DeepSpeed must use its CPU accelerator; with one, the tests run on CUDA as users would
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+except ImportError:  # pragma: no cover
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.join(REPO, "tests"))
 

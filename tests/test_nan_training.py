@@ -10,6 +10,7 @@ import glob
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -106,7 +107,10 @@ def test_both_ranks_skip_and_say_so(runs):
     _, stdout = runs
     for stage, prec in COMBOS:
         assert f'RESULT nan-z{stage}-{prec} {{"step": 2, "preempted": true}}' in stdout
-    assert stdout.count("step 3: non-finite loss or gradients (on some rank): update skipped") == len(COMBOS) + 1
+    # the loss is NaN on one rank, so both flags are set; rank 0 (which logs) names its own non-finite terms, if any
+    said = re.findall(r"step 3: non-finite loss and gradients \(on some rank(?:; here: [\w, ]+)?\): update skipped",
+                      stdout)
+    assert len(said) == len(COMBOS) + 1, stdout[-3000:]
 
 
 def test_nan_policy_stop_keeps_the_last_checkpoint_and_exports_nothing(runs):

@@ -47,7 +47,7 @@ TEACHER = os.path.join(REPO, "data", "digits-teacher")
 DEMO = dict(
     limit=None, samples=1000, grid_noises=2, classifier_epochs=30, teacher_steps=50,
     twinflow=dict(train_batch_size=32, max_train_steps=600, learning_rate=5e-4),
-    glance=dict(max_train_steps=60, learning_rate=5e-4, lora_rank=16, lora_alpha=64, lr_warmup_steps=10),
+    glance=dict(max_train_steps=60, learning_rate=5e-5, lora_rank=16, lora_alpha=16, lr_warmup_steps=10),
 )
 SMOKE = dict(
     limit=60, samples=20, grid_noises=1, classifier_epochs=1, teacher_steps=4,

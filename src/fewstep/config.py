@@ -53,6 +53,10 @@ class Config:
     lora_alpha: Optional[float] = opt(None, "LoRA alpha (default: equal to lora_rank).", lo=0.0, lo_open=True)
     lora_targets: Optional[list] = opt(None, "Module names to adapt (list or comma string); default per family.")
     lora_dropout: float = opt(0.0, "LoRA dropout probability.", lo=0.0, hi=1.0)
+    lora_export_formats: list = opt(["diffusers"], "LoRA files each export writes (list or comma string): diffusers "
+                                    "(pytorch_lora_weights.safetensors, always written) and comfyui (also "
+                                    "pytorch_lora_weights_comfyui.safetensors: the ComfyUI/kohya lora_unet_ layout "
+                                    "over the original checkpoint's module names; flux and qwen_image).")
 
     # ---- data ----
     data_backend_config: Optional[str] = opt(None, "Path to a multidatabackend.json (SimpleTuner format).")
@@ -153,8 +157,13 @@ class Config:
     validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
     validation_guidance: Optional[float] = opt(None, "Guidance for validation (TwinFlow forces 0).", lo=0.0)
     validation_seed: int = opt(0, "Seed for validation noise (fixed, so images are comparable across steps).", lo=0)
-    report_to: str = opt("tensorboard", "tensorboard or none.", choices=("tensorboard", "none"))
-    logging_dir: Optional[str] = opt(None, "TensorBoard directory (default output_dir/logs).")
+    report_to: str = opt("tensorboard", "Where rank 0 logs scalars and validation images: tensorboard, wandb, all "
+                                        "(both; also 'tensorboard,wandb') or none. W&B offline: WANDB_MODE=offline.",
+                         choices=("tensorboard", "wandb", "all", "none", "tensorboard,wandb", "wandb,tensorboard"))
+    logging_dir: Optional[str] = opt(None, "TensorBoard directory, and where W&B keeps its run folder unless WANDB_DIR "
+                                           "is set (default output_dir/logs).")
+    tracker_project_name: str = opt("fewstep", "W&B project (SimpleTuner's key).")
+    tracker_run_name: Optional[str] = opt(None, "W&B run name (SimpleTuner's key; default: the output_dir's name).")
 
     # ------------------------------------------------------------------
     @property
@@ -199,6 +208,12 @@ class Config:
         if self.prediction_type != "flow_matching" and method != "twinflow":
             raise ConfigError(f"prediction_type '{self.prediction_type}' is only supported by TwinFlow with "
                               "diff2flow_enabled and twinflow_allow_diff2flow")
+        from fewstep import lora_formats, metrics  # noqa: E402 (import here: they import nothing of config)
+        self.lora_export_formats = lora_formats.normalize_formats(self.lora_export_formats)
+        for problem in (lora_formats.formats_problem(self.lora_export_formats, self.model_type, self.model_family),
+                        metrics.report_to_problem(self.report_to)):
+            if problem:
+                raise ConfigError(problem)
         # Parse custom timesteps now, so a typo fails before compute (import here: methods import nothing of config).
         from fewstep.methods.glance import TimestepListError, parse_custom_timesteps
         for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps"):

@@ -1,13 +1,12 @@
-"""Which weights train (LoRA via peft, or everything), and exporting them in formats stock diffusers loads."""
+"""Which weights train (LoRA via peft, or everything), and LoRA exports for diffusers and ComfyUI (`lora_formats`)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from torch import nn
 
-from fewstep import faults
+from fewstep import faults, lora_formats
 from fewstep.config import ConfigError
 from fewstep.engine import distributed
 from fewstep.models import anystep
@@ -37,6 +36,8 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(f"no LoRA target matched {targets} in {type(transformer).__name__}")
+    if "comfyui" in getattr(cfg, "lora_export_formats", ()):  # refuse now what the export could not write later
+        lora_formats.check_modules(adapter.family, _lora_scales(transformer))
     return trainable
 
 
@@ -52,11 +53,28 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool) -> None:
-    """Write `out_dir/pytorch_lora_weights.safetensors` (+ any-step embeddings) for `load_lora_weights`.
+def _lora_scales(transformer: nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """{module: the LoRA scale peft applies (lora_alpha / r, or / sqrt(r) with rslora)} for every adapted module."""
+    from peft.tuners.lora import LoraLayer
 
-    Every rank must call it (a collective gather under ZeRO-3); the others wait for rank 0's write without a
-    collective timeout."""
+    return {name: float(m.scaling[adapter_name]) for name, m in transformer.named_modules()
+            if isinstance(m, LoraLayer) and adapter_name in m.scaling}
+
+
+def _out_features(transformer: nn.Module) -> dict[str, int]:
+    """Output width of every Linear by its diffusers name (a peft-wrapped one under its own name)."""
+    return {name.removesuffix(".base_layer"): m.out_features for name, m in transformer.named_modules()
+            if isinstance(m, nn.Linear)}
+
+
+def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool,
+                formats: tuple[str, ...] | list[str] = ("diffusers",)) -> None:
+    """Write `out_dir/pytorch_lora_weights.safetensors` (+ any-step embeddings) for `load_lora_weights`, and with
+    "comfyui" in `formats` the same LoRA in the ComfyUI/kohya layout beside it (`lora_formats`).
+
+    Each module's LoRA scale (lora_alpha / r) is folded into its lora_B, so both files mean the same under every
+    loader (a diffusers file carries no alpha: `load_lora_weights` assumes lora_alpha = r). Every rank must call it
+    (a collective gather under ZeRO-3); the others wait for rank 0's write without a collective timeout."""
     from peft.utils import get_peft_model_state_dict
 
     lora_params = [p for n, p in transformer.named_parameters() if "lora_" in n or "anystep_embed" in n]
@@ -64,32 +82,15 @@ def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool) ->
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
+            sd = lora_formats.fold_scaling(sd, _lora_scales(transformer))
             adapter.save_lora(out_dir, sd)
+            comfy = os.path.join(out_dir, lora_formats.COMFYUI_WEIGHTS_NAME)
+            if "comfyui" in formats:
+                lora_formats.save_kohya(adapter.family, sd, comfy, _out_features(transformer))
+            elif os.path.exists(comfy):  # from an earlier export with other options: it would not match
+                os.remove(comfy)
             if hasattr(transformer, "anystep_embed"):
                 anystep.save_anystep(transformer, out_dir)
-            faults.delay("export")
-
-
-def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
-    """Write the fine-tuned transformer in diffusers `save_pretrained` layout (`from_pretrained` loads it).
-
-    Any-step embeddings are stored beside it (`anystep_embeddings.safetensors`), not inside, so the folder stays a
-    stock diffusers model. Collective under ZeRO-3."""
-    from safetensors.torch import save_file
-
-    with _gathered(list(transformer.parameters())), distributed.uneven_work("export"):
-        if is_main:
-            tmp = out_dir + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            transformer.save_config(tmp)
-            sd = {k: v.detach().cpu().contiguous().clone() for k, v in transformer.state_dict().items()
-                  if not k.startswith("anystep_embed.")}
-            save_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-            if hasattr(transformer, "anystep_embed"):
-                anystep.save_anystep(transformer, tmp)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
             faults.delay("export")
 
 

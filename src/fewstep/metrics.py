@@ -1,38 +1,89 @@
-"""Metrics: TensorBoard scalars and images, a per-step JSONL log, and the tqdm progress bar (rank 0 only)."""
+"""Metrics on rank 0: a per-step JSONL log, TensorBoard and/or Weights & Biases scalars and images, the tqdm bar.
+
+`report_to` picks the trackers (tensorboard, wandb, all, none). W&B runs under `wandb.init` in whatever mode its
+environment says: `WANDB_MODE=offline` writes the run to `<dir>/wandb/offline-run-*/` for a later `wandb sync`,
+with `<dir>` = `logging_dir` (default `output_dir/logs`) unless `WANDB_DIR` is set. The run id is kept in
+`<output_dir>/logs/wandb-run-id`, so a resumed run continues the same W&B run.
+"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
 import time
+import uuid
 
-import torch
+TRACKERS = ("tensorboard", "wandb")
+# W&B captions for image tags (prefix match); the seed document asks for the trajectory scatter to be marked so
+_CAPTIONS = {"twinflow/trajectories": "experimental/theory unverified: TwinFlow's sampled (|t|, tt, sign)"}
+
+
+def trackers(report_to: str | None) -> set[str]:
+    """'tensorboard' | 'wandb' | 'all' | 'none' | a comma list of trackers -> the set of trackers."""
+    names = {s.strip().lower() for s in str(report_to or "none").split(",") if s.strip()}
+    if "all" in names:
+        return set(TRACKERS)
+    return names - {"none"}
+
+
+def report_to_problem(report_to: str | None) -> str | None:
+    """Why `report_to` cannot be honoured here (None if it can): an unknown tracker, or wandb not installed."""
+    unknown = trackers(report_to) - set(TRACKERS)
+    if unknown:
+        return f"'report_to' names unknown trackers {sorted(unknown)}; use tensorboard, wandb, all or none"
+    if "wandb" in trackers(report_to) and importlib.util.find_spec("wandb") is None:
+        return "'report_to' wandb needs the wandb package: pip install -r requirements.txt (or pip install wandb)"
+    return None
 
 
 def peak_memory_gb() -> float:
     """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in GiB."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
 
 
 class MetricsLogger:
+    """Rank 0's logger (`enabled` False elsewhere: every method is then a no-op apart from the timing).
+
+    use_tensorboard: write TensorBoard events to `logging_dir`. wandb_init: keyword arguments for `wandb.init`
+    (project, name, config); None: no W&B. `from_config` builds both from a Config."""
+
     def __init__(self, output_dir: str, logging_dir: str | None, enabled: bool, use_tensorboard: bool,
-                 total_steps: int, start_step: int, desc: str = "train"):
+                 total_steps: int, start_step: int, desc: str = "train", wandb_init: dict | None = None):
         self.enabled = enabled
         self.jsonl = os.path.join(output_dir, "logs", "metrics.jsonl")
         self.writer = None
+        self.wandb_run = None
         self.bar = None
         self._t = time.perf_counter()
         if not enabled:
             return
         os.makedirs(os.path.dirname(self.jsonl), exist_ok=True)
         self._truncate(start_step)
+        log_dir = logging_dir or os.path.join(output_dir, "logs")
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(logging_dir or os.path.join(output_dir, "logs"))
+            self.writer = SummaryWriter(log_dir)
+        if wandb_init is not None:
+            self.wandb_run = _start_wandb(os.path.join(output_dir, "logs", "wandb-run-id"), log_dir, start_step,
+                                          wandb_init)
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+
+    @classmethod
+    def from_config(cls, cfg, enabled: bool, total_steps: int, start_step: int, desc: str = "train"):
+        """The logger `cfg.report_to` asks for (W&B project/run name from tracker_project_name/tracker_run_name)."""
+        chosen = trackers(cfg.report_to)
+        wandb_init = None
+        if "wandb" in chosen:
+            name = cfg.tracker_run_name or os.path.basename(os.path.normpath(cfg.output_dir))
+            wandb_init = {"project": cfg.tracker_project_name, "name": name, "config": cfg.to_dict()}
+        return cls(cfg.output_dir, cfg.logging_dir, enabled, "tensorboard" in chosen, total_steps, start_step,
+                   desc=desc, wandb_init=wandb_init)
 
     def _truncate(self, start_step: int) -> None:
         """On resume, drop lines logged after the checkpoint so every step appears exactly once."""
@@ -54,18 +105,58 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"train/{k}", float(v), step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": float(v) for k, v in scalars.items()}, step=step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{scalars.get('lr', 0):.2e}")
 
     def image(self, tag: str, image_hwc_uint8, step: int) -> None:
-        if self.enabled and self.writer is not None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
             self.writer.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
+        if self.wandb_run is not None:
+            import wandb
+
+            caption = next((c for prefix, c in _CAPTIONS.items() if tag.startswith(prefix)), None)
+            self.wandb_run.log({tag: wandb.Image(image_hwc_uint8, caption=caption)}, step=step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.finish()
+            wandb.teardown()  # waits for wandb-core to write everything (finish alone can return before)
+            self.wandb_run = None
+
+
+def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict):
+    """wandb.init for this run: a fresh id at step 0, the recorded one on resume (resume='allow')."""
+    import wandb
+
+    from fewstep.errors import UserError
+
+    run_id = None
+    if start_step > 0 and os.path.exists(id_file):
+        with open(id_file) as fh:
+            run_id = fh.read().strip() or None
+    run_id = run_id or uuid.uuid4().hex[:8]
+    kwargs = dict(init, id=run_id, resume="allow")
+    if not os.environ.get("WANDB_DIR"):
+        os.makedirs(log_dir, exist_ok=True)
+        kwargs["dir"] = log_dir
+    try:
+        run = wandb.init(**kwargs)
+    except Exception as e:  # no login in online mode, an unreachable server, a bad project name
+        raise UserError(f"report_to wandb: wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0]}); log "
+                        "in (`wandb login` or WANDB_API_KEY) or log offline with WANDB_MODE=offline") from None
+    with open(id_file, "w") as fh:
+        fh.write(run_id)
+    return run
 
 
 def trajectory_scatter(times: list[tuple[float, float]], size: int = 256):

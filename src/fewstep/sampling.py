@@ -1,17 +1,31 @@
-"""Sampling loops shared by validation and `launcher/sample.py`.
+"""Sampling loops shared by validation and `launcher/sample.py`, and the sampler's device, dtype and offload choices.
 
 A model function here is `model_fn(x, sigma[B]) -> v` (flow velocity, v = noise - data). Euler over a sigma list is
 x <- x + (sigma_next - sigma) v; TwinFlow uses its scheduler's UCGM step with the any-step inputs tt and sign.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fewstep.errors import UserError
 from fewstep.methods.flow_matching import shift_sigmas
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling request that cannot run as asked (device, dtype, offload, run directory)."""
+
+
+class NotARunDir(SamplingError, FileNotFoundError):
+    """The directory holds no fewstep export (no `fewstep_run.json`)."""
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> list[float]:
@@ -62,22 +76,30 @@ def grid(images: list[Image.Image]) -> np.ndarray:
 def run_info(directory: str) -> dict:
     """The `fewstep_run.json` the trainer writes beside each export (config, trained sigmas, phase)."""
     import json
-    import os
 
     path = os.path.join(directory, "fewstep_run.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory} has no fewstep_run.json: is it a fewstep output directory?")
+        raise NotARunDir(f"{directory} has no fewstep_run.json: is it a fewstep output directory?")
     with open(path) as fh:
         return json.load(fh)
 
 
-def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str, fast_dir: str, slow: Sequence[float],
-                           fast: Sequence[float], *, num_inference_steps: int | None = None, **call_kwargs):
+def load_glance_loras(pipe, slow_dir: str, fast_dir: str) -> None:
+    """Load the Slow and Fast LoRAs into `pipe` as adapters "slow" and "fast" (Slow active)."""
+    pipe.load_lora_weights(slow_dir, adapter_name="slow")
+    pipe.load_lora_weights(fast_dir, adapter_name="fast")
+    pipe.set_adapters("slow")
+
+
+def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast_dir: str | None,
+                           slow: Sequence[float], fast: Sequence[float], *, num_inference_steps: int | None = None,
+                           **call_kwargs):
     """Glance inference with ONE stock diffusers pipeline: Slow LoRA for its sigmas, then Fast from where Slow stopped.
 
     The schedule is exactly slow + fast (+ the terminal 0 the pipeline appends); the Slow phase ends at the first Fast
     sigma instead of denoising to 0, and the scheduler must not shift custom sigmas (the caller's pipeline uses a
     FlowMatchEulerDiscreteScheduler without dynamic shifting). The active adapter switches after the last Slow step.
+    slow_dir/fast_dir None: the adapters are loaded already (`load_glance_loras`, e.g. before `place_pipeline`).
     """
     from fewstep.methods.glance import glance_schedule
 
@@ -85,8 +107,8 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str, fast_dir: s
     steps = len(sigmas) - 1
     if num_inference_steps is not None and num_inference_steps != steps:
         raise ValueError(f"num_inference_steps={num_inference_steps} must equal the Slow+Fast list length ({steps})")
-    pipe.load_lora_weights(slow_dir, adapter_name="slow")
-    pipe.load_lora_weights(fast_dir, adapter_name="fast")
+    if slow_dir is not None or fast_dir is not None:
+        load_glance_loras(pipe, slow_dir, fast_dir)
     pipe.set_adapters("slow")
 
     def switch(p, i, t, kwargs):
@@ -96,3 +118,83 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str, fast_dir: s
 
     return pipe(**prompt_kwargs, sigmas=sigmas[:-1], num_inference_steps=steps, callback_on_step_end=switch,
                 **call_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`--device`: None picks cuda when torch sees a GPU, else cpu; 'cuda' or 'cuda:N' must name a visible GPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SamplingError(f"unknown device {name!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise SamplingError(f"device {name!r} is not supported by the sampler: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise SamplingError(f"--device {name} needs a CUDA GPU, but torch {torch.__version__} sees none "
+                            f"(CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SamplingError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 .. "
+                            f"cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`--dtype`: bf16, fp16 or fp32. None: bf16 on a GPU that supports it, else fp32."""
+    if name is None:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    dtype = DTYPES.get(str(name).lower())
+    if dtype is None:
+        raise SamplingError(f"unknown dtype {name!r}: expected bf16, fp16 or fp32")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (the short spelling `resolve_dtype` accepts)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def place_pipeline(pipe, device: torch.device, offload: str = "none"):
+    """Put a loaded pipeline on `device`, or let diffusers offload it to CPU memory (needs accelerate).
+
+    offload 'model': `enable_model_cpu_offload` keeps each whole model (text encoders, transformer, VAE) in CPU memory
+    until its turn; 'sequential': `enable_sequential_cpu_offload` streams each submodule's weights in for its forward
+    (least GPU memory, slowest). Load LoRAs and any-step weights first: after a LoRA load diffusers re-applies
+    offloading only for its default device. The any-step embeddings stay on `device` (their forward reads its weights
+    directly, which sequential offload would leave on the meta device).
+    """
+    if offload not in OFFLOAD_MODES:
+        raise SamplingError(f"unknown offload mode {offload!r}: expected one of {', '.join(OFFLOAD_MODES)}")
+    if offload == "none":
+        return pipe.to(device)
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise SamplingError(f"--offload {offload} needs accelerate (pip install accelerate)") from None
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+        embed = getattr(pipe.transformer, "anystep_embed", None)
+        if embed is not None:
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(embed, recurse=True)  # puts its weights back in CPU memory
+            embed.to(torch.device(device.type, device.index or 0))
+    return pipe
+
+
+def anystep_dir(run_dir: str) -> str:
+    """Where a TwinFlow export keeps its any-step embeddings: beside the LoRA, or in `transformer/` (full)."""
+    from fewstep.models.anystep import ANYSTEP_WEIGHTS_NAME
+
+    for d in (run_dir, os.path.join(run_dir, "transformer")):
+        if os.path.exists(os.path.join(d, ANYSTEP_WEIGHTS_NAME)):
+            return d
+    raise SamplingError(f"{run_dir} holds no {ANYSTEP_WEIGHTS_NAME} (nor its transformer/): is it a TwinFlow export?")

@@ -18,7 +18,7 @@ class StepContext:
     adapter: Any                # the model family's FlowModelAdapter
     engine: Any                 # the DeepSpeed engine wrapping the transformer
     dataset: Any                # fewstep.data.cache.CachedDataset (or anything with item(i), uncond, latents)
-    order: Any                  # fewstep.data.dataset.DataOrder: this rank's resumable sample order
+    order: Any                  # fewstep.data.order.DataOrder: this rank's resumable sample order
     device: torch.device
     dtype: torch.dtype          # the training compute dtype (bf16 or fp32)
     backend: str = "torch"      # kernel backend (fewstep.kernels.resolve_backend)
@@ -34,11 +34,14 @@ def to_device(cond: dict, device, dtype) -> dict:
 
 
 def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tensor, dict, Optional[dict]]:
-    """This rank's next micro-batch: latents, caption embeddings (with caption dropout) and, if asked, the
-    empty-prompt embeddings (TwinFlow's CFG target)."""
+    """This rank's next micro-batch (all of one bucket, so one latent shape): latents, caption embeddings (with
+    caption dropout) and, if asked, the empty-prompt embeddings (TwinFlow's CFG target)."""
     cfg, ds, adapter = ctx.cfg, ctx.dataset, ctx.adapter
-    idx = ctx.order.next_indices()
-    items = [ds.item(i) for i in idx]
+    layout = getattr(ds, "layout", None)  # buckets and entries; a plain dataset of same-shape items has none
+    if layout is None:
+        items = [ds.item(i) for i in ctx.order.next_indices()]
+    else:  # one bucket per micro-batch; a sample with several captions uses the one the order drew
+        items = [ds.item(i, variant) for i, variant in ctx.order.next_items(layout)]
     x0 = torch.stack([lat for lat, _ in items]).to(ctx.device, ctx.dtype)
     drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
     texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]

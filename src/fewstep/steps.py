@@ -80,7 +80,8 @@ def make_step(method: str, phase: Phase, ctx: StepContext) -> Callable[[int], tu
 def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.Generator) -> torch.Tensor:
     """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective)."""
     cfg, model = ctx.cfg, velocity_fn(ctx)
-    shape = (1, *ctx.dataset.latents[0].shape)
+    ds = ctx.dataset  # a square at the training resolution (datasets without buckets: the first latent's shape)
+    shape = (1, *getattr(ds, "validation_shape", ds.latents[0].shape))
     x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)
     if cfg.resolved_method == "twinflow":
         from fewstep.schedulers import TwinFlowScheduler

@@ -17,15 +17,17 @@ import torch
 
 from fewstep import checkpoint, faults, preemption, run_dir
 from fewstep.config import Config, ConfigError
-from fewstep.errors import NonFiniteStop
-from fewstep.data.cache import CachedDataset, EmbeddingCache, model_key
-from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends
+from fewstep.data.cache import CachedDataset, model_key
+from fewstep.data.dataset import DataError, DataOrder
 from fewstep.ema import EMA
 from fewstep.engine import distributed, nonfinite
-from fewstep.engine.deepspeed_engine import build_engine, master_partitions, weights_swapped_in
+from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
 from fewstep.engine.distributed import DistInfo, setup_distributed
+from fewstep.engine.loading import load_transformer
+from fewstep.errors import NonFiniteStop
 from fewstep.kernels import resolve_backend
-from fewstep.lora import (count_params, export_full, export_lora, prepare_trainable, remove_run_info,
+from fewstep.full_export import export_full
+from fewstep.lora import (count_params, export_lora, prepare_trainable, remove_run_info,
                           run_info_matches, write_run_info)
 from fewstep.metrics import MetricsLogger
 from fewstep.models import get_adapter
@@ -40,40 +42,53 @@ def _log(is_main: bool, msg: str) -> None:
 
 
 def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, int, bool]:
-    """Find samples and fill the latent/embedding cache: every rank that sees the cache directory encodes its share
-    (so a node-local cache is filled once per node), with the encoders on its own device."""
+    """Read the data config, plan every image's bucket and crop, and fill the latent/embedding caches: in each cache
+    directory, every rank that sees it encodes its share (so a node-local cache is filled once per node), with the
+    encoders on its own device. Returns the dataset, the first entry's square size (logs, run info) and whether
+    every entry shuffles."""
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.buckets import Geometry
+    from fewstep.data.cache import CacheSet
+    from fewstep.data.dataset import collect_samples
+    from fewstep.data.prepare import resolution_multiple, summary
+
     if cfg.data_backend_config is None:
-        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image_dir entries)")
-    backends = load_backends(cfg.data_backend_config, cfg.resolution)
-    resolutions = {b.resolution for b in backends}
-    if len(resolutions) > 1:
-        raise DataError(f"all data backends must share one resolution, got {sorted(resolutions)}")
-    resolution = resolutions.pop()
-    samples = [s for b in backends for s in find_samples(b)]
-    prompts = [s.caption for s in samples] + [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
-    cache = EmbeddingCache(cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
-                           model_key(cfg.model_family, cfg.pretrained_model_name_or_path))
-    group = distributed.sharing_group(cache.root)
-    unique = list({s.image_path: s for s in samples}.values())
-    mine = unique[group.index::group.size], sorted(set(prompts))[group.index::group.size]
-    lat, txt = cache.missing(mine[0], resolution, mine[1])
-    counts, _ = distributed.reduce_step({"lat": len(lat), "txt": len(txt)})
+        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
+    data = load_data_config(cfg.data_backend_config, cfg.resolution)
+    multiple = resolution_multiple(adapter, cfg.pretrained_model_name_or_path)
+    samples, skipped = collect_samples(data, multiple)
+    for line in summary(data, samples, skipped):
+        _log(info.is_main, line)
+    extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
+    caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
+                      model_key(cfg.model_family, cfg.pretrained_model_name_or_path), data.default_text_cache_dir,
+                      data.text_batch_sizes)
+    shares, sizes = {}, set()
+    for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
+        group = distributed.sharing_group(root)
+        shares[root] = caches.share(root, group.index, group.size)
+        sizes.add(group.size)
+    lat, txt = sum(len(a) for a, _ in shares.values()), sum(len(b) for _, b in shares.values())
+    counts, _ = distributed.reduce_step({"lat": lat, "txt": txt})
     if counts["lat"] or counts["txt"]:
-        _log(info.is_main, f"caching latents and prompt embeddings: {len(lat)} + {len(txt)} on this rank, "
-                           f"{group.size} rank(s) per cache directory")
+        _log(info.is_main, f"caching latents and prompt embeddings: {lat} + {txt} on this rank, "
+                           f"{'/'.join(map(str, sorted(sizes)))} rank(s) per cache directory ({len(shares)})")
     with distributed.uneven_work("cache fill"):
         if lat or txt:
             dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
             comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_transformer=False)
             for m in [comps.vae, *comps.text_encoders]:
                 m.to(info.device)
-            cache.fill(lat, txt, resolution, adapter.resolution_multiple(comps),
-                       lambda px: adapter.encode_images(comps.vae, px), lambda p: adapter.encode_prompts(comps, p))
+            for root, (mine_lat, mine_txt) in shares.items():
+                caches.cache_at(root).fill(mine_lat, mine_txt, lambda px: adapter.encode_images(comps.vae, px),
+                                           lambda p: adapter.encode_prompts(comps, p))
             del comps
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
         faults.delay("cache")
-    return CachedDataset(cache, samples, resolution, prompts), resolution, all(b.shuffle for b in backends)
+    dataset = CachedDataset(caches, data.images, multiple, extra)
+    first = data.images[samples[0].entry]
+    return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)
 
 
 def train(cfg: Config) -> dict:
@@ -92,15 +107,15 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
     torch.manual_seed(cfg.seed * 7919 + info.rank)
     adapter = get_adapter(cfg.model_family)
-    adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here, at once
+    source = adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
     dataset, resolution, shuffle = prepare_data(cfg, adapter, info)
 
     _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")
-    with distributed.uneven_work("model load"):  # ranks read weights from disk at different speeds
-        comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=torch.float32, with_text=False,
-                             with_vae=is_main)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (fp32, host)
+        vae = adapter.load(source, with_transformer=False, with_text=False).vae if is_main else None
         faults.delay("load")
-    transformer = comps.transformer
+    transformer = load_transformer(adapter, source, dtype, build_ds_config(cfg), info.device)  # training dtype
     if method == "twinflow" and not hasattr(transformer, "time_text_embed"):
         raise ConfigError(f"TwinFlow needs a transformer with a `time_text_embed` to carry the timestep-sign and "
                          f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
@@ -109,7 +124,6 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     engine, optimizer, scheduler = build_engine(cfg, transformer, trainable)
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     _log(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
                   f"world {info.world_size} | ZeRO-{cfg.zero_stage} | {dtype} | {len(dataset)} samples @ {resolution}px")
 
@@ -146,16 +160,19 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         _log(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
         preemption.clear()
         return {"step": step, "preempted": True}
-    logger = MetricsLogger(cfg.output_dir, cfg.logging_dir, is_main, cfg.report_to == "tensorboard", total, step,
-                           desc=method)
+    logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
     if rank_state is not None:  # RNG last, so nothing above consumes from the restored stream
         checkpoint.set_rng_state(rank_state["rng"])
 
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
                       dtype=dtype, backend=backend, ema=ema)
     guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
-    finish = lambda phase, at: (validate(ctx, phase, at, logger, comps.vae, is_main),  # noqa: E731
-                                export_phase(cfg, adapter, engine, transformer, ema, phase, at, resolution, is_main))
+
+    def finish(phase: Phase, at: int) -> None:
+        _log(is_main, f"{phase.name}: validating and exporting")
+        validate(ctx, phase, at, logger, vae, is_main)
+        export_phase(cfg, adapter, engine, transformer, ema, phase, at, resolution, is_main)
+
     engine.train()
     phase_start = 0
     try:
@@ -186,7 +203,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                                       "skipped_steps": guard.skipped},
                                cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
                     if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
-                        validate(ctx, phase, step, logger, comps.vae, is_main)
+                        validate(ctx, phase, step, logger, vae, is_main)
                     due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < total
                 if due or outcome.preempt:
                     require_finite_weights(trainable, f"checkpoint step-{step}")
@@ -221,11 +238,13 @@ def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo
     logs, loss_finite = run_micro_steps(engine, step_fn, accumulation, step, info.rank)
     grads = nonfinite.local_grad_check(engine)  # at the boundary, before the optimizer step; no collective
     faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
-    logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested(),
-                                                  "nonfinite": not (loss_finite and grads.finite)})
-    if flags["nonfinite"]:  # parameters, optimizer state, LR schedule and step count stay as they were
+    bad_terms = [k for k, v in logs.items() if not math.isfinite(v)]  # this rank's, to say where it went wrong
+    logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested(), "loss": not loss_finite,
+                                                  "grads": not grads.finite})
+    if flags["loss"] or flags["grads"]:  # parameters, optimizer state, LR schedule and step count stay as they were
         nonfinite.skip_step(engine)
-        reason = "non-finite loss or gradients (on some rank)"
+        what = " and ".join(name for name, bad in (("loss", flags["loss"]), ("gradients", flags["grads"])) if bad)
+        reason = f"non-finite {what} (on some rank{'; here: ' + ', '.join(bad_terms) if bad_terms else ''})"
     elif not take_optimizer_step(engine):  # DeepSpeed itself found the gradient norm invalid (e.g. overflowing)
         reason = "gradient norm not finite"
     else:
@@ -288,7 +307,8 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
     out = _export_dir(cfg, phase)
     if is_main:
         remove_run_info(out)
-    export = (lambda d: export_lora(adapter, transformer, d, is_main)) if cfg.model_type == "lora" else \
+    formats = cfg.lora_export_formats
+    export = (lambda d: export_lora(adapter, transformer, d, is_main, formats)) if cfg.model_type == "lora" else \
         (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
     trained = [p for p in transformer.parameters() if p.requires_grad]
     require_finite_weights(trained, f"export {out}")

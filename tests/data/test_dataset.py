@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.data.cache import CachedDataset, EmbeddingCache
+from fewstep.data.cache import CachedDataset
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends, load_image
 from fewstep_testing import write_dataset
 
@@ -83,8 +83,12 @@ def test_data_order_shards_ranks_and_resumes_exactly():
 
 
 def test_cache_computes_once_and_reloads(tmp_path):
-    backend = load_backends(write_dataset(str(tmp_path), n=2))[0]
-    samples = find_samples(backend)
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.cache import CacheSet
+    from fewstep.data.dataset import collect_samples
+
+    config = load_data_config(write_dataset(str(tmp_path), n=2))
+    samples, _ = collect_samples(config, 1)
     calls = {"img": 0, "txt": 0}
 
     def enc_img(px):
@@ -95,15 +99,19 @@ def test_cache_computes_once_and_reloads(tmp_path):
         calls["txt"] += len(prompts)
         return {"prompt_embeds": torch.stack([torch.full((3, 4), float(len(p)) + 0.5) for p in prompts])}
 
-    cache = EmbeddingCache(str(tmp_path / "cache"), "model-a")
-    prompts = [s.caption for s in samples] + [""]
-    cache.fill(samples, prompts, 32, 1, enc_img, enc_txt)
-    cache.fill(samples, prompts, 32, 1, enc_img, enc_txt)
+    def fill(model):
+        caches = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), model)
+        for root in caches.roots():
+            caches.cache_at(root).fill(*caches.share(root, 0, 1), enc_img, enc_txt)
+        return caches
+
+    fill("model-a")
+    caches = fill("model-a")
     assert calls == {"img": 2, "txt": 3}  # second fill found everything cached
-    ds = CachedDataset(cache, samples, 32)
+    ds = CachedDataset(caches, config.images, 1)
     lat, text = ds.item(0)
     assert torch.equal(lat, load_image(samples[0].image_path, 32, 1)[:1] * 2.0)
     assert text["prompt_embeds"][0, 0].item() == len(samples[0].caption) + 0.5
     assert ds.uncond["prompt_embeds"][0, 0].item() == 0.5
-    other = EmbeddingCache(str(tmp_path / "cache"), "model-b")  # another model: its own entries
-    assert len(other.missing(samples, 32, prompts)[0]) == 2
+    other = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), "model-b")  # another model: its own
+    assert len(other.share(other.roots()[0], 0, 1)[0]) == 2

@@ -1,7 +1,6 @@
 """fewstep.engine.distributed: collectives on the communication device, one reduction per step, store-based waits,
 directory sharing groups, and the launch environment (torchrun, deepspeed, bare srun, plain python)."""
 import ast
-import os
 import subprocess
 import textwrap
 from pathlib import Path

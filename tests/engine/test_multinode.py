@@ -6,7 +6,6 @@
 - Two "nodes" are two processes with LOCAL_RANK 0 each, each in its own mount namespace with a private tmpfs at the
   same cache_dir path: exactly what a node-local scratch directory looks like to a multi-node job.
 """
-import json
 import os
 import shutil
 import subprocess

@@ -7,7 +7,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||b|| in float64 (b must not be all zeros)."""
-    a, b = a.double(), b.double()
+    a, b = a.double(), b.double().to(a.device)
     nb = b.norm().item()
     assert nb > 0, "reference is all zeros: the comparison would prove nothing"
     return (a - b).norm().item() / nb

@@ -1,8 +1,13 @@
 """On-disk cache of VAE latents and text embeddings, keyed by content and model.
 
 Everything a run needs from the VAE and text encoders (training latents, caption embeddings, the empty-prompt
-embedding for CFG and caption dropout, validation prompt embeddings) is computed once by rank 0 and stored as
-safetensors. Training then loads only the transformer.
+embedding for CFG and caption dropout, validation prompt embeddings) is computed once and stored as safetensors.
+Training then loads only the transformer.
+
+Where: the run's `cache_dir` by default; an image entry's `cache_dir_vae` (or the `cache_dir` of the image_embeds
+entry it names) for its latents; a text_embeds entry's `cache_dir` for the captions of the entries it serves (the
+default one also holds the empty and validation prompts). Each directory gets a subfolder per model; a latent file
+is keyed by the image's content and its plan (bucket, resize, crop), a text file by the prompt.
 """
 from __future__ import annotations
 
@@ -10,12 +15,14 @@ import glob
 import hashlib
 import json
 import os
+from collections import Counter
 from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from fewstep.data.dataset import Sample, load_image
+from fewstep.data.buckets import load_planned
+from fewstep.data.dataset import Sample, build_layout
 
 
 def model_key(family: str, name_or_path: str) -> str:
@@ -49,71 +56,140 @@ def _atomic_save(tensors: dict, path: str) -> None:
 class EmbeddingCache:
     """Latents at `<dir>/<model>/latents/<hash>.safetensors`, text at `<dir>/<model>/text/<hash>.safetensors`."""
 
-    def __init__(self, root: str, model: str):
-        self.root = os.path.join(root, model)
+    def __init__(self, root: str, model: str, text_batch_size: int = 8):
+        self.root, self.text_batch_size = os.path.join(root, model), text_batch_size
         os.makedirs(os.path.join(self.root, "latents"), exist_ok=True)
         os.makedirs(os.path.join(self.root, "text"), exist_ok=True)
 
-    def latent_path(self, sample: Sample, resolution: int) -> str:
-        with open(sample.image_path, "rb") as fh:
-            key = _digest(fh.read(), resolution)
-        return os.path.join(self.root, "latents", key + ".safetensors")
+    def latent_path(self, sample: Sample) -> str:
+        return os.path.join(self.root, "latents", _digest(sample.digest, sample.plan.tag()) + ".safetensors")
 
     def text_path(self, prompt: str) -> str:
         return os.path.join(self.root, "text", _digest(prompt) + ".safetensors")
 
-    def missing(self, samples: list[Sample], resolution: int, prompts: list[str]) -> tuple[list, list]:
-        lat = [s for s in samples if not os.path.exists(self.latent_path(s, resolution))]
+    def missing(self, samples: list[Sample], prompts: list[str]) -> tuple[list, list]:
+        lat = [s for s in samples if not os.path.exists(self.latent_path(s))]
         txt = sorted({p for p in prompts if not os.path.exists(self.text_path(p))})
         return lat, txt
 
-    def fill(self, samples: list[Sample], prompts: list[str], resolution: int, multiple: int,
-             encode_images: Callable, encode_prompts: Callable, batch_size: int = 8) -> None:
-        """Compute and store whatever is missing (call on one rank, then barrier)."""
-        lat, txt = self.missing(samples, resolution, prompts)
-        for i in range(0, len(lat), batch_size):
-            chunk = lat[i:i + batch_size]
-            pixels = torch.stack([load_image(s.image_path, resolution, multiple) for s in chunk])
-            with torch.no_grad():
-                latents = encode_images(pixels).float()
-            for s, z in zip(chunk, latents):
-                _atomic_save({"latents": z}, self.latent_path(s, resolution))
-        for i in range(0, len(txt), batch_size):
-            chunk = txt[i:i + batch_size]
+    def fill(self, samples: list[Sample], prompts: list[str], encode_images: Callable, encode_prompts: Callable,
+             batch_size: int = 8) -> None:
+        """Compute and store whatever is missing; images are encoded in batches of one size."""
+        lat, txt = self.missing(samples, prompts)
+        by_size: dict[tuple, list[Sample]] = {}
+        for s in lat:
+            by_size.setdefault(s.plan.target, []).append(s)
+        for group in by_size.values():
+            for i in range(0, len(group), batch_size):
+                chunk = group[i:i + batch_size]
+                pixels = torch.stack([load_planned(s.image_path, s.plan) for s in chunk])
+                with torch.no_grad():
+                    latents = encode_images(pixels).float()
+                for s, z in zip(chunk, latents):
+                    _atomic_save({"latents": z}, self.latent_path(s))
+        for i in range(0, len(txt), self.text_batch_size):
+            chunk = txt[i:i + self.text_batch_size]
             with torch.no_grad():
                 emb = encode_prompts(chunk)
             for j, p in enumerate(chunk):
                 _atomic_save({k: v[j].float() for k, v in emb.items()}, self.text_path(p))
 
-    def load_latents(self, sample: Sample, resolution: int) -> torch.Tensor:
-        return load_file(self.latent_path(sample, resolution))["latents"]
+    def load_latents(self, sample: Sample) -> torch.Tensor:
+        return load_file(self.latent_path(sample))["latents"]
 
     def load_text(self, prompt: str) -> dict:
         return load_file(self.text_path(prompt))
 
 
-class CachedDataset:
-    """The training set held in memory as cached tensors: latents plus caption embeddings per sample."""
+class CacheSet:
+    """Which cache directory holds what: each sample's latents, each prompt's embeddings (see the module doc).
 
-    def __init__(self, cache: EmbeddingCache, samples: list[Sample], resolution: int,
-                 extra_prompts: Optional[list[str]] = None):
+    `work(root)` lists a directory's entries in one order on every rank, so that the ranks sharing the directory
+    can split its filling (`share`)."""
+
+    def __init__(self, samples: list[Sample], entries: list, extra_prompts: list[str], base_dir: str, model: str,
+                 default_text_dir: Optional[str] = None, text_batch_sizes: Optional[dict] = None):
+        sizes = text_batch_sizes or {}
+        self.caches: dict[str, EmbeddingCache] = {}
+
+        def cache(directory: Optional[str]) -> EmbeddingCache:
+            size, directory = sizes.get(directory, 8), directory or base_dir
+            if directory not in self.caches:
+                self.caches[directory] = EmbeddingCache(directory, model, size)
+            return self.caches[directory]
+
         self.samples = samples
-        self.latents = [cache.load_latents(s, resolution) for s in samples]
-        prompts = {s.caption for s in samples} | {""} | set(extra_prompts or [])
-        self.text = {p: cache.load_text(p) for p in prompts}
+        self.latent_cache = [cache(entries[s.entry].vae_cache_dir) for s in samples]
+        self.text_cache: dict[str, EmbeddingCache] = {}
+        self._prompts: dict[str, set] = {}
+        for s in samples:
+            for p in s.captions:
+                self._add(p, cache(entries[s.entry].text_cache_dir))
+        for p in extra_prompts:
+            self._add(p, cache(default_text_dir))
+
+    def _add(self, prompt: str, cache: EmbeddingCache) -> None:
+        self.text_cache.setdefault(prompt, cache)
+        self._prompts.setdefault(cache.root, set()).add(prompt)
+
+    def roots(self) -> list[str]:
+        return sorted(c.root for c in self.caches.values())
+
+    def work(self, root: str) -> tuple[list[Sample], list[str]]:
+        """The unique latents and prompts stored under `root`, in the same order on every rank."""
+        seen, lat = set(), []
+        for s, c in zip(self.samples, self.latent_cache):
+            if c.root == root and (s.digest, s.plan) not in seen:
+                seen.add((s.digest, s.plan))
+                lat.append(s)
+        return lat, sorted(self._prompts.get(root, ()))
+
+    def share(self, root: str, index: int, size: int) -> tuple[list[Sample], list[str]]:
+        """What this rank (`index` of `size` ranks that see `root`) still has to compute for `root`."""
+        lat, txt = self.work(root)
+        return self.cache_at(root).missing(lat[index::size], txt[index::size])
+
+    def cache_at(self, root: str) -> EmbeddingCache:
+        return next(c for c in self.caches.values() if c.root == root)
+
+
+class CachedDataset:
+    """The training set held in memory as cached tensors: latents plus caption embeddings per sample, and the
+    `layout` the data order draws batches from (one bucket per batch)."""
+
+    def __init__(self, caches: CacheSet, entries: list, multiple: int, extra_prompts: Optional[list[str]] = None):
+        self.samples, self.entries, self.multiple = caches.samples, entries, multiple
+        self.latents = [c.load_latents(s) for s, c in zip(self.samples, caches.latent_cache)]
+        prompts = {p for s in self.samples for p in s.captions} | {""} | set(extra_prompts or [])
+        self.text = {p: caches.text_cache[p].load_text(p) for p in prompts}
+        self.layout = build_layout(self.samples, entries)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def item(self, i: int) -> tuple[torch.Tensor, dict]:
-        return self.latents[i], self.text[self.samples[i].caption]
+    def item(self, i: int, variant: int = 0) -> tuple[torch.Tensor, dict]:
+        return self.latents[i], self.text[self.samples[i].captions[variant]]
 
     @property
     def uncond(self) -> dict:
         return self.text[""]
 
+    @property
+    def validation_shape(self) -> tuple[int, ...]:
+        """Validation samples a square at the first entry's resolution, in this model's latent layout."""
+        from fewstep.data.buckets import Geometry
+
+        first = self.samples[0]
+        c, _, w = self.latents[0].shape
+        factor = first.plan.target[0] // w  # the VAE's downsampling
+        side = Geometry(self.entries[first.entry], self.multiple).square[0] // factor
+        return c, side, side
+
+    def buckets(self) -> Counter:
+        """Images per (entry id, bucket "WxH")."""
+        return Counter((self.entries[s.entry].id, f"{s.plan.target[0]}x{s.plan.target[1]}") for s in self.samples)
+
 
 def describe(dataset: CachedDataset) -> str:
-    shape = tuple(dataset.latents[0].shape)
-    return json.dumps({"samples": len(dataset), "latent_shape": shape,
+    return json.dumps({"samples": len(dataset), "buckets": {f"{e} {b}": n for (e, b), n in dataset.buckets().items()},
                        "captions": sorted({s.caption for s in dataset.samples})[:3]})

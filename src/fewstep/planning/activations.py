@@ -108,7 +108,7 @@ def trace_activations(model: nn.Module, inputs: dict, keep_blocks: int = 2) -> A
 
     Works on any device; on meta it costs nothing. Tensors are told apart by their storage, so views count once.
     """
-    lists = [(name, len(ml)) for name, ml in model.named_children() if isinstance(ml, nn.ModuleList) and len(ml) > 1]
+    lists = [(name, len(ml)) for name, ml in model.named_children() if isinstance(ml, nn.ModuleList) and len(ml) > 0]
     for name, _ in lists:
         setattr(model, name, nn.ModuleList(list(getattr(model, name))[:keep_blocks]))
     params = {p.untyped_storage()._cdata for p in model.parameters()}

@@ -71,7 +71,11 @@ class Layout:
     overhead: float
     host_per_node: float
     window: float = 0.0  # ZeRO-3 gathered weights (inside params), freed before the optimizer step
+    gpus: int = 1
     total: float = 0.0
+    load: float = 0.0  # peak while loading the model and building the engine
+    export: float = 0.0  # peak while writing a full export (rank 0; its shard buffer is host memory on a GPU)
+    export_host: float = 0.0  # rank 0's host memory for the shard being written (full fine-tuning)
     fits: bool = False
     host_fits: bool | None = None  # None: no --host_mem_gb given
 
@@ -119,9 +123,42 @@ def layout_memory(c: ParamCounts, acts: float, *, stage: int, offload_optimizer:
         step = max(step, w * P)
     host = (16 * Pt / n + (4 * Pt / n if ema else 0) if offload_optimizer else 0) + (w * P / n if offload_param else 0)
     lay = Layout(stage, offload_optimizer, offload_param, params, grads, optim, 0 if offload_optimizer else shadow,
-                 acts, step, overhead, host * (gpus // nodes), window)
+                 acts, step, overhead, host * (gpus // nodes), window, gpus)
     lay.total = params - window + optim + lay.ema + max(grads + acts + window, step) + overhead
+    lay.load, lay.export, lay.export_host = stage_peaks(c, lay, w, knobs)
     return lay
+
+
+def stage_peaks(c: ParamCounts, lay: Layout, w: int, knobs: ZeroKnobs) -> tuple[float, float, float]:
+    """(load, export, export host) peaks of a layout, per GPU, in bytes (see fewstep.engine.loading and
+    fewstep.full_export):
+
+    - load: the state after `deepspeed.initialize`: parameters without the gathered window, fp32 masters (Adam's
+      moments come at the first step), EMA and ZeRO-3's gradient partition (allocated up front); plus the larger of two
+      transients: the one module `zero.Init` holds whole while partitioning it (gloo stages the broadcast: twice),
+      and the copy DeepSpeed makes while flattening the trainable weights (ZeRO-1/2 on the host; on a GPU only
+      ZeRO-3's partition-sized one counts);
+    - export (validation, then the exports): that state with Adam's moments, plus the larger of the validation
+      forward's gathered window and, under ZeRO-3, one gathered block (twice with gloo's staging copy) with, on
+      rank 0 of a full fine-tune, the shard being assembled (at most SHARD_BYTES plus one block: host memory on a
+      GPU, the same memory on the CPU).
+    """
+    from fewstep.full_export import SHARD_BYTES
+
+    cpu, n = knobs.device == "cpu", lay.gpus
+    static = lay.params - lay.window + lay.optim + lay.ema + lay.overhead
+    adam = 0.0 if lay.offload_optimizer else 8 * c.trainable / (1 if lay.stage == 0 else n)
+    # ZeRO-2/3 keep their gradient partition between steps (ZeRO-3 allocates it at initialize); stages 0-1 free it
+    kept_grads = 0.0 if lay.stage < 2 else max(
+        lay.grads - w * knobs.reduce_bucket_size * (2 if knobs.overlap_comm and lay.stage < 3 else 1), 0.0)
+    build = w * c.largest_module * (2 if cpu else 1) if lay.stage == 3 else 0.0
+    # ZeRO-1/2 flatten the trainable weights on the host (a copy), ZeRO-3 its partitions where they live
+    flatten = 0.0 if lay.stage == 0 else w * c.trainable / n if lay.stage == 3 else w * c.trainable * cpu
+    load = static - adam + (kept_grads if lay.stage == 3 else 0.0) + max(build, flatten)
+    gathered = w * c.largest_block * (2 if cpu else 1) if lay.stage == 3 else 0.0
+    shard = (min(SHARD_BYTES, w * c.total) + w * c.largest_block) if c.trainable == c.total else 0.0
+    export = static + kept_grads + max(gathered + (shard if cpu else 0.0), lay.window)
+    return load, export, shard
 
 
 # every layout, least communication first: lowest stage without offload, then optimizer, then parameter offload
@@ -237,17 +274,22 @@ def format_table(plan: Plan) -> str:
              f"(fits: total <= {100 * (1 - s['margin']):.0f}%)" +
              (f", {s['host_mem_gb']:g} GiB host per node" if s["host_mem_gb"] else ""), ""]
     head = (f"  {'layout':<24}{'params':>7}{'grads':>7}{'optim':>7}{'ema':>6}{'acts':>6}{'step':>6}{'total':>7}"
-            f"{'host':>7}  fits")
+            f"{'load':>6}{'export':>7}{'host':>7}  fits")
     lines += [head, "-" * len(head)]
     for lay in plan.layouts:
         mark = ("*" if lay is plan.configured else " ") + (">" if lay is plan.recommended else " ")
         fit = ("yes" if lay.fits else "no") + (" (host: no)" if lay.host_fits is False else "")
         lines.append(f"{mark}{lay.name:<24}{g(lay.params):>7}{g(lay.grads):>7}{g(lay.optim):>7}{g(lay.ema):>6}"
-                     f"{g(lay.acts):>6}{g(lay.step):>6}{g(lay.total):>7}{g(lay.host_per_node):>7}  {fit}")
+                     f"{g(lay.acts):>6}{g(lay.step):>6}{g(lay.total):>7}{g(lay.load):>6}{g(lay.export):>7}"
+                     f"{g(lay.host_per_node):>7}  {fit}")
     lines += ["", f"GiB per GPU; host = GiB per node. total = params + optim + ema + max(grads + acts, step) + "
                   f"{s['overhead_gb']:g} runtime",
               "(grads include reduce buckets; step = optimizer-step transients; ZeRO-3 params include the gathered "
               "window, which goes with grads + acts)",
+              "load: peak while loading and building the engine (ZeRO-3: partitioned as built); export: peak of a "
+              "full export, one block gathered at a time" + (f" (+ {g(plan.layouts[0].export_host)} GiB host on "
+                                                              "rank 0 for the shard being written)"
+                                                              if plan.layouts[0].export_host else ""),
               f"activations: {g(a.saved(False))} GiB saved without checkpointing, {g(a.saved(True))} GiB with; one "
               f"block {g(a.block)} GiB" + ("; TwinFlow teacher passes run without grad, a block at a time"
                                             if s["method"] == "twinflow" else ""),

@@ -98,6 +98,7 @@ class ParamCounts:
     buffer_bytes: int  # non-parameter buffers (SD3's positional table), replicated on every GPU
     persistent: int  # ZeRO-3: parameters at or below the persistence threshold, kept whole on every rank
     largest_module: int  # DeepSpeed's "largest layer": the most parameters one module holds directly
+    largest_block: int = 0  # the largest group the full export gathers at once (a transformer block)
 
     @property
     def frozen(self) -> int:
@@ -115,4 +116,8 @@ def count_params(model: nn.Module, *, lora: bool, targets=(), rank: int = 0, ext
     persistent = sum(p.numel() for p in model.parameters() if p.numel() <= persistence_threshold)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return ParamCounts(base + n_lora, (n_lora + extra_trainable) if lora else base, buffers, persistent, largest)
+    from fewstep.full_export import param_groups
+
+    block = max(sum(p.numel() for _, p in group) for group in param_groups(model))
+    return ParamCounts(base + n_lora, (n_lora + extra_trainable) if lora else base, buffers, persistent, largest,
+                       block)

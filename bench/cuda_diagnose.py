@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Bisect the two CUDA-only failures of the first GPU check (bench/RESULTS.md, 2026-12-04), in one short run.
+
+1. `launcher/train.py` (tiny:flux, TwinFlow LoRA, bf16, ZeRO-2) found the loss or the gradients non-finite at step 1,
+   every try, on an H200; the same config trains on CPU (with the Triton kernels under the interpreter too).
+2. `launcher/sample.py` on a TwinFlow LoRA gave a CUDA bf16 image at relative distance 1.37 from the CPU fp32 image
+   of the same seed (bf16 vs fp32 on the CPU: 0.02).
+
+Part A (sampling): the stock tiny FLUX pipeline, 1 Euler step from the same CPU noise, on cpu fp32 (reference),
+cuda fp32 and cuda bf16; then the same with TwinFlow's any-step embeddings attached (zero-initialised: output must not
+change) and a TwinFlowScheduler. Prints the relative distance of each image to the reference: a device bug shows in
+cuda fp32, a precision one only in bf16, an any-step/scheduler one only in the TwinFlow rows.
+
+Part B (training): 3 steps of the GPU check's training config, then one variant per suspect (fused kernels off,
+overlap_comm off, fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0). Each row: exit status, the
+steps that were applied, and the trainer's own line naming what was non-finite (loss, gradients, and this rank's
+non-finite terms). The first variant that trains names the culprit.
+
+    python bench/cuda_diagnose.py [--out DIR] [--parts a,b]     # about 2 minutes on one GPU
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE_CONFIG = {"model_family": "flux", "model_type": "lora", "pretrained_model_name_or_path": "tiny:flux",
+               "data_backend_config": "configs/demo/multidatabackend.json", "use_ema": True, "ema_decay": 0.99,
+               "twinflow_enabled": True, "twinflow_target_step_count": 2, "twinflow_adversarial_enabled": True,
+               "learning_rate": 1e-3, "lora_rank": 8, "train_batch_size": 4, "max_train_steps": 3,
+               "mixed_precision": "bf16", "checkpointing_steps": 0, "validation_steps": 0,
+               "validation_guidance": 0.0, "report_to": "none"}
+VARIANTS = [("as the GPU check", {}), ("fused_kernels off", {"fused_kernels": "off"}),
+            ("overlap_comm off", {"deepspeed_config": {"zero_optimization": {"overlap_comm": False}}}),
+            ("fp32", {"mixed_precision": "no"}), ("no adversarial branch", {"twinflow_adversarial_enabled": False}),
+            ("no EMA", {"use_ema": False}), ("flow matching (no TwinFlow)", {"twinflow_enabled": False}),
+            ("ZeRO stage 0", {"zero_stage": 0})]
+
+
+def rel(a, b) -> float:
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+
+
+def part_a() -> list[str]:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import fewstep  # noqa: F401
+    from fewstep.models import anystep, get_adapter
+    from fewstep.models.tiny import ensure_tiny_pipeline
+    from fewstep.schedulers import TwinFlowScheduler
+
+    adapter = get_adapter("flux")
+    path = str(ensure_tiny_pipeline("flux"))
+    rows = ["| pipeline | device | dtype | rel. distance to cpu fp32 | finite |", "|---|---|---|---:|---|"]
+    gpu = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU (the dry run): cpu bf16 only
+    for twin in (False, True):
+        ref = None
+        for device, dtype in dict.fromkeys((("cpu", torch.float32), ("cpu", torch.bfloat16), (gpu, torch.float32),
+                                            (gpu, torch.bfloat16))):
+            comps = adapter.load(path, dtype=dtype)
+            pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+            if twin:
+                anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
+                pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0)
+            pipe.to(device)
+            kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, ["a red circle"]), guidance=None)
+            kwargs.setdefault("guidance_scale", 0.0)
+            gen = torch.Generator().manual_seed(0)
+            ctx = anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0) if twin else _null()
+            with ctx:
+                img = pipe(**kwargs, num_inference_steps=1, height=32, width=32, generator=gen,
+                           output_type="pt").images[0].float().cpu()
+            ref = img if ref is None else ref
+            name = "TwinFlow (any-step, zero-init)" if twin else "stock FLUX, Euler"
+            rows.append(f"| {name} | {device} | {str(dtype).split('.')[-1]} | "
+                        f"{'ref' if img is ref else f'{rel(img, ref):.4f}'} | {bool(torch.isfinite(img).all())} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def part_b(out: str, variants: int) -> list[str]:
+    rows = ["| variant | exit | steps logged | first non-finite report | s |", "|---|---:|---:|---|---:|"]
+    for name, change in VARIANTS[:variants]:
+        cfg = {**BASE_CONFIG, "output_dir": os.path.join(out, re.sub(r"\W+", "_", name))}
+        ds = change.get("deepspeed_config")
+        cfg.update({k: v for k, v in change.items() if k != "deepspeed_config"})
+        with tempfile.TemporaryDirectory() as tmp:
+            if ds is not None:
+                cfg["deepspeed_config"] = os.path.join(tmp, "ds.json")
+                with open(cfg["deepspeed_config"], "w") as fh:
+                    json.dump(ds, fh)
+            path = os.path.join(tmp, "config.json")
+            with open(path, "w") as fh:
+                json.dump(cfg, fh)
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, "launcher/train.py", "--config", path], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+        text = proc.stdout + proc.stderr
+        bad = re.findall(r"fewstep: step \d+: (non-finite[^\n]*|gradient norm[^\n]*)", text)
+        applied = _applied_steps(cfg["output_dir"])
+        first = bad[0] if bad else ("" if proc.returncode == 0 else text.strip().splitlines()[-1][:160])
+        rows.append(f"| {name} | {proc.returncode} | {applied} | {first} | {time.time() - t0:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _applied_steps(output_dir: str) -> str:
+    path = os.path.join(output_dir, "logs", "metrics.jsonl")
+    if not os.path.exists(path):
+        return "0"
+    with open(path) as fh:
+        return str(sum(1 for line in fh if line.strip()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(REPO, "output", "cuda_diagnose"))
+    ap.add_argument("--parts", default="a,b")
+    ap.add_argument("--variants", type=int, default=len(VARIANTS), help="run the first N training variants")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    md = ["### CUDA diagnosis (`bench/cuda_diagnose.py`)", ""]
+    if "a" in args.parts:
+        md += ["Part A: one 32 px image from the same CPU noise", ""] + part_a() + [""]
+    if "b" in args.parts:
+        md += ["Part B: 3 TwinFlow LoRA steps on tiny:flux (the GPU check's config), one change per row", ""]
+        md += part_b(args.out, args.variants) + [""]
+    with open(os.path.join(args.out, "diagnose.md"), "w") as fh:
+        fh.write("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""SimpleTuner's multidatabackend.json, read as users write it: image entries, text_embeds and image_embeds entries.
+
+Every key either does what SimpleTuner's DATALOADER.md documents, or stops the run with a `DataError` naming the
+file, the entry and the key and saying what fewstep does instead. Keys that cannot change the training data in
+SimpleTuner either (write batch sizes, `hash_filenames`) are accepted.
+
+fewstep's own spelling still works: `{"backend": "simple", "resolution": 1024, "image_dir": "data",
+"caption_extension": ".txt", "shuffle": true}`. An entry without a `crop` key is cropped as fewstep always did (a
+centre square of the image resized to cover `resolution`); SimpleTuner's default would be `crop: false`.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fewstep.data.errors import DataError
+from fewstep.jsonfile import load_json
+
+_COMMON = {"id", "dataset_type", "type", "backend", "disabled", "disable"}
+IMAGE_KEYS = _COMMON | {
+    "instance_data_dir", "image_dir", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
+    "crop_aspect_buckets", "max_upscale_threshold", "minimum_image_size", "maximum_image_size",
+    "target_downsample_size", "minimum_aspect_ratio", "maximum_aspect_ratio", "caption_strategy",
+    "caption_extension", "instance_prompt", "prepend_instance_prompt", "only_instance_prompt",
+    "disable_multiline_split", "repeats", "probability", "shuffle", "cache_dir_vae", "text_embeds", "image_embeds",
+    "hash_filenames"}
+TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
+IMAGE_EMBED_KEYS = _COMMON | {"cache_dir"}
+
+_NO_PRECACHE = ("fewstep encodes every image and caption before training, so that training loads only the "
+                "transformer; remove the key")
+_NO_FILE_LIST = "fewstep keeps no file lists between runs and scans the image folder at every start; remove the key"
+_CONDITIONING = "conditioning data (ControlNet, masks, edit references) is not supported: fewstep distils " \
+                "text-to-image models from image/caption pairs"
+_SCHEDULE = "dataset scheduling is not supported: every enabled entry is sampled from the first step to the " \
+            "last; weight entries with 'probability' or disable one with 'disabled: true'"
+_falsy = lambda v: not v  # noqa: E731
+_never = lambda v: False  # noqa: E731
+_at_most_one = lambda v: v is None or (isinstance(v, (int, float)) and v <= 1)  # noqa: E731
+# SimpleTuner keys fewstep refuses, unless set to the value that leaves the data as it is: key -> (accepted?, why)
+REFUSED: dict[str, tuple[Any, str]] = {
+    "vae_cache_clear_each_epoch": (_falsy, "fewstep encodes each image once, before training (training loads only "
+                                   "the transformer), so crops are not re-drawn every epoch; set it to false"),
+    "vae_cache_ondemand": (_falsy, _NO_PRECACHE), "vae_cache_disable": (_falsy, _NO_PRECACHE),
+    "text_cache_ondemand": (_falsy, _NO_PRECACHE), "text_cache_disable": (_falsy, _NO_PRECACHE),
+    "skip_file_discovery": (_falsy, _NO_FILE_LIST), "preserve_data_backend_cache": (_falsy, _NO_FILE_LIST),
+    "metadata_backend": (lambda v: v in (None, "discovery"),
+                         "fewstep reads each image's size from the file itself ('discovery'); remove the key"),
+    "delete_unwanted_images": (_falsy, "fewstep never deletes your files: images outside the size or aspect limits "
+                               "are skipped and counted in the log"),
+    "delete_problematic_images": (_falsy, "fewstep never deletes your files: an unreadable image stops the run "
+                                  "naming it"),
+    "max_num_samples": (lambda v: v is None, "not supported: put the subset you want in its own folder"),
+    "start_epoch": (_at_most_one, _SCHEDULE), "start_step": (_at_most_one, _SCHEDULE),
+    "end_epoch": (lambda v: v is None, _SCHEDULE), "end_step": (lambda v: v is None, _SCHEDULE),
+    "timestep_sampling_offset": (_falsy, "per-entry timestep offsets are not supported; timestep sampling is "
+                                 "set for the whole run in the config (flow_logit_mean, flow_schedule_shift, ...)"),
+    "is_regularisation_data": (_falsy, "regularisation (parent-teacher) data is not supported"),
+    "is_regularization_data": (_falsy, "regularisation (parent-teacher) data is not supported"),
+    "caption_shuffle": (lambda v: not v or (isinstance(v, dict) and not v.get("enable")),
+                        "not supported: write the variants as separate "
+                        "lines of the caption file (each line is a caption; one is drawn per sample)"),
+    "caption_filter_list": (_falsy, "not supported: edit the captions (fewstep trains on them as written)"),
+    "conditioning": (_never, _CONDITIONING), "conditioning_data": (_never, _CONDITIONING),
+    "conditioning_type": (_never, _CONDITIONING), "source_dataset_id": (_never, _CONDITIONING),
+    "conditioning_image_embeds": (_never, _CONDITIONING),
+    "cache_dir_conditioning_image_embeds": (_never, _CONDITIONING),
+    "parquet": (_never, "parquet metadata is not supported: use caption_strategy textfile, filename or "
+                "instanceprompt"),
+    "video": (_never, "fewstep trains image models; video datasets are not supported"),
+    "audio": (_never, "fewstep trains image models; audio datasets are not supported"),
+    "slider_strength": (_never, "slider LoRA training is not supported"),
+    "grounding": (_never, "grounding (spatial annotations) is not supported"),
+}
+_STORAGE_TYPES = {"aws": "S3", "csv": "a CSV URL list", "huggingface": "the Hugging Face hub",
+                  "webshart": "Webshart shards", "memory": "a RAM copy of the cache"}
+_CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
+_CROP_STYLES = {"center": "center", "centre": "center", "corner": "corner", "random": "random"}
+_CROP_ASPECTS = ("square", "preserve", "closest", "random")
+RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
+
+
+@dataclass
+class ImageEntry:
+    """One image entry with SimpleTuner's defaults resolved (see `load_data_config`)."""
+    id: str
+    image_dir: str
+    resolution: float                    # pixels (pixel, pixel_area) or megapixels (area)
+    resolution_type: str = "pixel"
+    crop: bool = True
+    crop_explicit: bool = False          # the entry set `crop` (SimpleTuner's crop rules); else fewstep's default
+    crop_style: str = "center"
+    crop_aspect: str = "square"
+    crop_aspect_buckets: list = field(default_factory=list)  # floats, or {"aspect": a, "weight": w}
+    max_upscale_threshold: Optional[float] = None
+    minimum_image_size: Optional[float] = None
+    maximum_image_size: Optional[float] = None
+    target_downsample_size: Optional[float] = None
+    minimum_aspect_ratio: Optional[float] = None
+    maximum_aspect_ratio: Optional[float] = None
+    caption_strategy: str = "textfile"
+    caption_extension: str = ".txt"
+    instance_prompt: Optional[str | list] = None
+    prepend_instance_prompt: bool = False
+    only_instance_prompt: bool = False
+    multiline: bool = True               # textfile: each line is a caption (disable_multiline_split: false)
+    repeats: int = 0                     # extra passes per epoch (SimpleTuner: 0 = each image once)
+    probability: float = 1.0             # relative weight when a batch picks its entry
+    shuffle: bool = True
+    vae_cache_dir: Optional[str] = None  # where this entry's latents go (cache_dir_vae / its image_embeds entry)
+    text_cache_dir: Optional[str] = None  # where its caption embeddings go (its text_embeds entry)
+    where: str = ""                      # "<file> entry <i> ('<id>')" for messages
+
+    @property
+    def shown_crop(self) -> str:
+        """How this entry's images are cut, in words (logged at start)."""
+        if not self.crop:
+            return "aspect buckets (crop: false)"
+        aspect = {"square": "square", "preserve": "aspect buckets", "closest": "closest crop_aspect_bucket",
+                  "random": "random crop_aspect_bucket"}[self.crop_aspect]
+        default = not self.crop_explicit and self.crop_aspect == "square"
+        note = " (fewstep's default; SimpleTuner's is crop: false)" if default else ""
+        return f"{self.crop_style} crop, {aspect}{note}"
+
+
+@dataclass
+class DataConfig:
+    """Everything a multidatabackend.json says: image entries and the default text-embedding cache."""
+    path: str
+    images: list[ImageEntry]
+    default_text_cache_dir: Optional[str] = None
+    text_batch_sizes: dict = field(default_factory=dict)  # text cache dir -> text_encoder_batch_size
+
+
+def _check_keys(entry: dict, allowed: set, where: str) -> None:
+    kinds = {"image": IMAGE_KEYS, "text_embeds": TEXT_KEYS, "image_embeds": IMAGE_EMBED_KEYS}
+    for key in entry:
+        if key in allowed:
+            continue
+        elsewhere = [k for k, keys in kinds.items() if key in keys]
+        if elsewhere:
+            raise DataError(f"{where}: '{key}' applies to dataset_type {' / '.join(elsewhere)} entries, not to "
+                            f"this {entry.get('dataset_type', 'image')} entry")
+        if key in REFUSED:
+            ok, why = REFUSED[key]
+            if ok(entry[key]):
+                continue
+            raise DataError(f"{where}: '{key}': {why}")
+        if key.startswith(("aws_", "csv_", "huggingface", "memory_filesystem")):
+            raise DataError(f"{where}: '{key}' belongs to a storage type fewstep does not support; it reads local "
+                            "(or shared) folders: use type 'local' with instance_data_dir / cache_dir")
+        hint = difflib.get_close_matches(key, sorted(allowed | set(REFUSED)), n=1)
+        raise DataError(f"{where}: unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+
+
+def _number(entry: dict, key: str, where: str, lo: float = 0.0, integer: bool = False, default=None):
+    value = entry.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise DataError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < lo:
+        raise DataError(f"{where}: '{key}' must be >= {lo}, got {value!r}")
+    return value
+
+
+def _flag(entry: dict, key: str, where: str, default: bool) -> bool:
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise DataError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _choice(entry: dict, key: str, where: str, choices, default: str) -> str:
+    value = entry.get(key, default)
+    if value not in choices:
+        raise DataError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _local_dir(value, key: str, where: str, config_path: str, must_exist: bool) -> Optional[str]:
+    """A folder from the file: ~ and $VARS expanded on this rank; relative paths against the working directory,
+    then (for an existing data folder) the file's own folder."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be a path, got {value!r}")
+    path = os.path.expanduser(os.path.expandvars(value))
+    if must_exist and not os.path.isabs(path) and not os.path.isdir(path):
+        alt = os.path.join(os.path.dirname(os.path.abspath(config_path)), path)
+        path = alt if os.path.isdir(alt) else path
+    if must_exist and not os.path.isdir(path):
+        raise DataError(f"{where}: {key} '{path}' does not exist")
+    return os.path.abspath(path)
+
+
+def _kind(entry: dict, where: str) -> str:
+    dataset_type = entry.get("dataset_type", "image")
+    if dataset_type not in ("image", "text_embeds", "image_embeds"):
+        raise DataError(f"{where}: dataset_type '{dataset_type}' is not supported: fewstep trains text-to-image "
+                        "models on 'image' entries, with 'text_embeds' / 'image_embeds' entries naming cache folders")
+    storage = entry.get("type", entry.get("backend", "local"))
+    if storage in _STORAGE_TYPES:
+        raise DataError(f"{where}: type '{storage}' ({_STORAGE_TYPES[storage]}) is not supported: fewstep reads "
+                        "images and writes its caches on local or shared folders; use type 'local' with "
+                        "instance_data_dir (images) or cache_dir (text_embeds / image_embeds)")
+    if storage not in ("local", "simple"):
+        raise DataError(f"{where}: type '{storage}' is not supported (use 'local')")
+    return dataset_type
+
+
+def load_data_config(path: str, resolution_override: Optional[int] = None) -> DataConfig:
+    """Parse a multidatabackend.json (a list of entries, or one entry). `resolution_override` (the config's
+    `resolution`, in pixels) replaces every image entry's resolution; an `area` entry then reads it as pixel_area."""
+    entries = load_json(path, DataError, "data_backend_config")
+    if isinstance(entries, dict):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise DataError(f"{path}: expected a list of backend entries (JSON objects)")
+    live, ids = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{path} entry {i}" + (f" ('{entry['id']}')" if "id" in entry else "")
+        if entry.get("disabled", entry.get("disable", False)):
+            continue  # SimpleTuner skips a disabled entry entirely
+        key = str(entry.get("id", f"entry{i}"))
+        if key in ids:
+            raise DataError(f"{where}: id '{key}' is used by two entries")
+        ids.add(key)
+        live.append((i, key, where, entry, _kind(entry, where)))
+    text = {k: (e, w) for _, k, w, e, kind in live if kind == "text_embeds"}
+    image_embeds = {k: (e, w) for _, k, w, e, kind in live if kind == "image_embeds"}
+    config = DataConfig(path, [])
+    for key, (entry, where) in text.items():
+        _check_keys(entry, TEXT_KEYS, where)
+        _number(entry, "write_batch_size", where, lo=1, integer=True)  # accepted: each file is written as encoded
+        size = _number(entry, "text_encoder_batch_size", where, lo=1, integer=True)
+        if size:
+            config.text_batch_sizes[_local_dir(entry.get("cache_dir"), "cache_dir", where, path, False)] = size
+    for key, (entry, where) in image_embeds.items():
+        _check_keys(entry, IMAGE_EMBED_KEYS, where)
+    defaults = [k for k, (e, w) in text.items() if _flag(e, "default", w, False)]
+    if len(defaults) > 1:
+        raise DataError(f"{path}: more than one text_embeds entry has default: true ({', '.join(defaults)})")
+    if not defaults and len(text) > 1:
+        raise DataError(f"{path}: several text_embeds entries and none has default: true (the default one holds "
+                        "the empty-prompt and validation-prompt embeddings)")
+    default = defaults[0] if defaults else (next(iter(text)) if text else None)
+    if default is not None:
+        entry, where = text[default]
+        config.default_text_cache_dir = _local_dir(entry.get("cache_dir"), "cache_dir", where, path, False)
+    for i, key, where, entry, kind in live:
+        if kind == "image":
+            config.images.append(_image_entry(entry, key, where, path, resolution_override, text, image_embeds,
+                                              default))
+    if not config.images:
+        raise DataError(f"{path}: no enabled image entries")
+    return config
+
+
+def _image_entry(entry: dict, key: str, where: str, path: str, override, text: dict, image_embeds: dict,
+                 default_text) -> ImageEntry:
+    _check_keys(entry, IMAGE_KEYS, where)
+    image_dir = entry.get("instance_data_dir", entry.get("image_dir"))
+    if image_dir is None:
+        raise DataError(f"{where}: needs 'instance_data_dir' (or 'image_dir'): the folder of images")
+    image_dir = _local_dir(image_dir, "instance_data_dir" if "instance_data_dir" in entry else "image_dir", where,
+                           path, True)
+    res_type = _choice(entry, "resolution_type", where, RESOLUTION_TYPES, "pixel")
+    resolution = entry.get("resolution")
+    if override is not None:
+        resolution, res_type = override, ("pixel_area" if res_type == "area" else res_type)
+    if resolution is None:
+        raise DataError(f"{where}: needs 'resolution' (or set 'resolution' in the config for every entry)")
+    if res_type == "area":
+        if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution <= 64:
+            raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "
+                            f"got {resolution!r}")
+    elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or resolution < 8 or (
+            res_type == "pixel" and resolution != int(resolution)):
+        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {resolution!r}")
+    crop_explicit = "crop" in entry
+    crop = _flag(entry, "crop", where, True)
+    crop_aspect = _choice(entry, "crop_aspect", where, _CROP_ASPECTS, "square")
+    style = entry.get("crop_style", "random" if crop_explicit else "center")
+    if style == "face":
+        raise DataError(f"{where}: crop_style 'face' is not supported (fewstep ships no face detector); use "
+                        "'center', 'random' or 'corner'")
+    if not isinstance(style, str) or style not in _CROP_STYLES:
+        raise DataError(f"{where}: 'crop_style' must be one of {', '.join(_CROP_STYLES)}; got {style!r}")
+    style = _CROP_STYLES[style]
+    buckets = entry.get("crop_aspect_buckets") or []
+    if crop and crop_aspect in ("closest", "random"):
+        _check_aspect_buckets(buckets, crop_aspect, where)
+    nums = {k: _number(entry, k, where) for k in ("minimum_image_size", "maximum_image_size",
+                                                    "target_downsample_size", "max_upscale_threshold")}
+    aspects = {k: _number(entry, k, where) for k in ("minimum_aspect_ratio", "maximum_aspect_ratio")}
+    if nums["maximum_image_size"] and not nums["target_downsample_size"]:
+        raise DataError(f"{where}: 'maximum_image_size' needs 'target_downsample_size' too (the size an image "
+                        "larger than maximum_image_size is resized to before the crop)")
+    strategy = entry.get("caption_strategy", "textfile")
+    if strategy not in _CAPTION_STRATEGIES:
+        raise DataError(f"{where}: caption_strategy '{strategy}' is not supported; use one of "
+                        f"{', '.join(_CAPTION_STRATEGIES)}")
+    instance = entry.get("instance_prompt")
+    if instance is not None and not (isinstance(instance, str) or (
+            isinstance(instance, list) and instance and all(isinstance(p, str) for p in instance))):
+        raise DataError(f"{where}: 'instance_prompt' must be a string (or a list of strings), got {instance!r}")
+    prepend, only = (_flag(entry, k, where, False) for k in ("prepend_instance_prompt", "only_instance_prompt"))
+    if (strategy == "instanceprompt" or prepend or only) and not instance:
+        need = "caption_strategy 'instanceprompt'" if strategy == "instanceprompt" else \
+            ("prepend_instance_prompt" if prepend else "only_instance_prompt")
+        raise DataError(f"{where}: {need} needs a non-empty 'instance_prompt'")
+    if prepend and isinstance(instance, list):
+        raise DataError(f"{where}: prepend_instance_prompt needs a single 'instance_prompt' string")
+    ext = entry.get("caption_extension", ".txt")
+    probability = _number(entry, "probability", where, default=1.0)
+    if not probability:
+        raise DataError(f"{where}: 'probability' must be > 0 (SimpleTuner would read 0 as 1.0); to leave an entry "
+                        "out, set 'disabled': true")
+    return ImageEntry(
+        id=key, image_dir=image_dir, resolution=float(resolution), resolution_type=res_type, crop=crop,
+        crop_explicit=crop_explicit, crop_style=style if crop else "center", crop_aspect=crop_aspect if crop else
+        "preserve", crop_aspect_buckets=list(buckets), **nums, **aspects, caption_strategy=strategy,
+        caption_extension=ext if ext.startswith(".") else "." + ext, instance_prompt=instance,
+        prepend_instance_prompt=prepend, only_instance_prompt=only,
+        multiline=not _flag(entry, "disable_multiline_split", where, False),
+        repeats=_number(entry, "repeats", where, integer=True, default=0) or 0, probability=float(probability),
+        shuffle=_flag(entry, "shuffle", where, True),
+        vae_cache_dir=_vae_dir(entry, where, path, image_embeds),
+        text_cache_dir=_text_dir(entry, where, path, text, default_text), where=where)
+
+
+def _check_aspect_buckets(buckets, crop_aspect: str, where: str) -> None:
+    if not isinstance(buckets, list) or not buckets:
+        raise DataError(f"{where}: crop_aspect '{crop_aspect}' needs 'crop_aspect_buckets', a list of aspect "
+                        "ratios (width / height) such as [0.75, 1.0, 1.5]")
+    dicts = [isinstance(b, dict) for b in buckets]
+    for b in buckets:
+        a = b.get("aspect") if isinstance(b, dict) else b
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or a <= 0 or (
+                isinstance(b, dict) and not isinstance(b.get("weight"), (int, float))):
+            raise DataError(f"{where}: crop_aspect_buckets entries must be positive numbers or "
+                            f"{{\"aspect\": a, \"weight\": w}} objects, got {b!r}")
+    if any(dicts) and not all(dicts):
+        raise DataError(f"{where}: crop_aspect_buckets mixes numbers and objects")
+    if all(dicts) and abs(sum(b["weight"] for b in buckets) - 1.0) > 1e-6:
+        raise DataError(f"{where}: the weights of crop_aspect_buckets must add up to 1")
+
+
+def _vae_dir(entry: dict, where: str, path: str, image_embeds: dict) -> Optional[str]:
+    """cache_dir_vae, else the cache_dir of the image_embeds entry it names, else None (the run's cache_dir)."""
+    if entry.get("cache_dir_vae"):
+        return _local_dir(entry["cache_dir_vae"], "cache_dir_vae", where, path, False)
+    link = entry.get("image_embeds")
+    if link is None:
+        return None
+    if link not in image_embeds:
+        raise DataError(f"{where}: image_embeds '{link}' names no enabled image_embeds entry")
+    linked, linked_where = image_embeds[link]
+    return _local_dir(linked.get("cache_dir"), "cache_dir", linked_where, path, False)
+
+
+def _text_dir(entry: dict, where: str, path: str, text: dict, default) -> Optional[str]:
+    """The cache_dir of the text_embeds entry it names (or of the default one), else None (the run's cache_dir)."""
+    link = entry.get("text_embeds", default)
+    if link is None:
+        return None
+    if link not in text:
+        raise DataError(f"{where}: text_embeds '{link}' names no enabled text_embeds entry")
+    linked, linked_where = text[link]
+    return _local_dir(linked.get("cache_dir"), "cache_dir", linked_where, path, False)

@@ -1,0 +1,75 @@
+"""Finding an entry's images and their captions (SimpleTuner's caption strategies).
+
+- `textfile` (default): `photo.png` + `photo.txt` (`caption_extension`) beside it. Each non-empty line is one
+  caption (`disable_multiline_split: true` keeps the file as one caption); a sample draws one line each time it is
+  used. An image without a caption file, or a caption file without an image, is an error naming the file.
+- `filename`: the file name without extension, underscores as spaces (`a_red_circle.png` -> "a red circle").
+- `instanceprompt`: `instance_prompt` for every image.
+
+`prepend_instance_prompt` puts `instance_prompt` and a space before every caption; `only_instance_prompt` replaces
+every caption with `instance_prompt`. The folder is searched recursively (hidden folders skipped), in sorted order.
+"""
+from __future__ import annotations
+
+import os
+
+from fewstep.data.backends import ImageEntry
+from fewstep.data.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def walk_files(root: str) -> list[str]:
+    """Every file under `root` (recursively, skipping hidden folders and files), as sorted relative paths."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(folder, root)
+        found += [f if rel == "." else os.path.join(rel, f) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _textfile(path: str, multiline: bool) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if not multiline:
+        return [text.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines or [""]
+
+
+def _instance(entry: ImageEntry) -> list[str]:
+    prompt = entry.instance_prompt
+    return [p.strip() for p in prompt] if isinstance(prompt, list) else [prompt.strip()]
+
+
+def find_captioned_images(entry: ImageEntry) -> list[tuple[str, list[str]]]:
+    """(image path, its captions) for every image of the entry, in sorted order."""
+    files = walk_files(entry.image_dir)
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    out = []
+    if entry.caption_strategy == "textfile" and not entry.only_instance_prompt:
+        ext = entry.caption_extension
+        stems = {os.path.splitext(f)[0] for f in images}
+        for f in files:
+            if f.endswith(ext) and os.path.splitext(f)[0] not in stems:
+                raise DataError(f"caption without an image: {os.path.join(entry.image_dir, f)} "
+                                f"(expected {os.path.splitext(f)[0]}{{{','.join(IMAGE_EXTENSIONS)}}})")
+        present = set(files)
+        for f in images:
+            cap = os.path.splitext(f)[0] + ext
+            if cap not in present:
+                raise DataError(f"image without a caption: {os.path.join(entry.image_dir, f)} (expected "
+                                f"{os.path.basename(cap)}, or set caption_strategy 'filename' or 'instanceprompt')")
+            out.append((f, _textfile(os.path.join(entry.image_dir, cap), entry.multiline)))
+    elif entry.caption_strategy == "filename" and not entry.only_instance_prompt:
+        out = [(f, [os.path.splitext(os.path.basename(f))[0].replace("_", " ")]) for f in images]
+    else:  # instanceprompt, or only_instance_prompt with any strategy
+        out = [(f, _instance(entry)) for f in images]
+    if entry.prepend_instance_prompt and not entry.only_instance_prompt and entry.caption_strategy != \
+            "instanceprompt":
+        out = [(f, [f"{entry.instance_prompt} {c}" for c in caps]) for f, caps in out]
+    if not out:
+        what = "image/caption pairs" if entry.caption_strategy == "textfile" else "images"
+        raise DataError(f"no {what} in {entry.image_dir}")
+    return [(os.path.join(entry.image_dir, f), caps) for f, caps in out]

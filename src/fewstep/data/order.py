@@ -1,0 +1,160 @@
+"""A deterministic, resumable, rank-sharded order over bucketed data from one or more entries.
+
+The data are split into streams, one per (entry, bucket), each an endless sequence of positions: position p of a
+stream of n items is item perm_e[p % n] of epoch e = p // n (a seeded permutation per epoch, or file order without
+`shuffle`). One call of `next_items` is one micro-step of every rank together, a "slot":
+
+1. the slot's entry is drawn with weights `probability` (seeded by the slot number; one entry: always it);
+2. the entry's next batch comes from one of its buckets, following rounds in which bucket j appears
+   ceil(n_j / global batch) times, shuffled (seeded by the round number), so buckets are used in proportion to size;
+3. rank r takes positions c + r*B .. c + r*B + B - 1 of that stream (c: the stream's positions used so far), so
+   every rank's micro-batch of a step has the same shape and the ranks' samples are disjoint (a bucket smaller than
+   the global batch wraps into its next epoch).
+
+The state is counters only (slots, per-entry slots, per-stream positions, keyed by name), so resume is exact. One
+entry with one bucket gives exactly the order of fewstep before buckets (its state's `consumed` too).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from fewstep.data.errors import DataError
+
+
+@dataclass
+class Stream:
+    key: str           # "<entry id>|<W>x<H>": the state is keyed by it
+    items: list[int]   # dataset indices (an image repeated `repeats` extra times appears that often)
+    shuffle: bool = True
+
+
+@dataclass
+class Layout:
+    """What the order needs to know about the data: its streams, which entry each belongs to, entry weights, and
+    how many caption variants each dataset index has."""
+    streams: list[Stream]
+    entries: list[tuple[str, float, list[int]]]  # (entry id, probability, its stream indices)
+    variants: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def single(n: int, shuffle: bool = True) -> "Layout":
+        """n items in one stream (a dataset without buckets)."""
+        return Layout([Stream("all", list(range(n)), shuffle)], [("all", 1.0, [0])], [1] * n)
+
+
+def _hash_int(*parts) -> int:
+    """A stable 63-bit integer of `parts` (identical on every rank, run and Python)."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class DataOrder:
+    """This rank's view of the order (see the module doc). `n` and `shuffle` describe the data when `next_items` is
+    given no layout (a plain dataset of n items)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.slot, self.entry_slots, self.positions = 0, {}, {}
+        self._legacy: Optional[int] = None  # `consumed` of a pre-bucket checkpoint, applied at the first draw
+        self._perms: dict = {}
+        self._rounds: dict = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    # ---------------------------------------------------------------- drawing
+    def _perm(self, j: int, stream: Stream, epoch: int) -> Optional[list[int]]:
+        if not stream.shuffle:
+            return None
+        key = (stream.key, epoch)
+        if key not in self._perms:
+            seed = self.seed * 1_000_003 + epoch if j == 0 else _hash_int("perm", self.seed, stream.key, epoch)
+            g = torch.Generator().manual_seed(seed)
+            if len(self._perms) > 64:
+                self._perms.clear()
+            self._perms[key] = torch.randperm(len(stream.items), generator=g).tolist()
+        return self._perms[key]
+
+    def _entry(self, layout: Layout) -> int:
+        if len(layout.entries) == 1:
+            return 0
+        weights = [w for _, w, _ in layout.entries]
+        u = _hash_int("entry", self.seed, self.slot) / 2 ** 63 * sum(weights)
+        for e, w in enumerate(weights):
+            u -= w
+            if u < 0:
+                return e
+        return len(weights) - 1
+
+    def _stream(self, layout: Layout, e: int, k: int) -> int:
+        """The stream of entry e's k-th batch: rounds listing bucket j ceil(n_j / global batch) times."""
+        name, _, ids = layout.entries[e]
+        if len(ids) == 1:
+            return ids[0]
+        counts = [math.ceil(len(layout.streams[j].items) / self.global_batch) for j in ids]
+        rnd, pos = divmod(k, sum(counts))
+        key = (name, rnd, tuple(counts))
+        if key not in self._rounds:
+            sched = [j for j, c in zip(ids, counts) for _ in range(c)]
+            if all(layout.streams[j].shuffle for j in ids):
+                g = torch.Generator().manual_seed(_hash_int("round", self.seed, name, rnd))
+                sched = [sched[i] for i in torch.randperm(len(sched), generator=g).tolist()]
+            if len(self._rounds) > 64:
+                self._rounds.clear()
+            self._rounds[key] = sched
+        return self._rounds[key][pos]
+
+    def _apply_legacy(self, layout: Layout) -> None:
+        consumed, self._legacy = self._legacy, None
+        if len(layout.streams) != 1:
+            raise DataError("this checkpoint's data position was saved before fewstep had buckets and several "
+                            "entries; resume it with the data it was trained on (one entry, one image size)")
+        self.slot = consumed // self.global_batch
+        self.entry_slots = {layout.entries[0][0]: self.slot}
+        self.positions = {layout.streams[0].key: consumed}
+
+    def next_items(self, layout: Optional[Layout] = None) -> list[tuple[int, int]]:
+        """This rank's next micro-batch: (dataset index, caption variant) pairs, all from one bucket."""
+        layout = layout or Layout.single(self.n, self.shuffle)
+        if self._legacy is not None:
+            self._apply_legacy(layout)
+        e = self._entry(layout)
+        name = layout.entries[e][0]
+        k = self.entry_slots.get(name, 0)
+        j = self._stream(layout, e, k)
+        stream = layout.streams[j]
+        n, c = len(stream.items), self.positions.get(stream.key, 0)
+        out = []
+        for p in range(c + self.rank * self.batch_size, c + (self.rank + 1) * self.batch_size):
+            perm = self._perm(j, stream, p // n)
+            i = stream.items[perm[p % n] if perm is not None else p % n]
+            k_var = layout.variants[i] if layout.variants else 1
+            out.append((i, _hash_int("caption", self.seed, stream.key, p) % k_var if k_var > 1 else 0))
+        self.positions[stream.key] = c + self.global_batch
+        self.entry_slots[name] = k + 1
+        self.slot += 1
+        return out
+
+    def next_indices(self, layout: Optional[Layout] = None) -> list[int]:
+        return [i for i, _ in self.next_items(layout)]
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Counters only; `consumed` (samples drawn by all ranks) is what fewstep saved before buckets."""
+        return {"consumed": self.slot * self.global_batch, "slot": self.slot, "entries": dict(self.entry_slots),
+                "positions": dict(self.positions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "slot" not in state:  # a checkpoint from before buckets: one stream at `consumed`
+            self._legacy = int(state["consumed"])
+            return
+        self.slot, self._legacy = int(state["slot"]), None
+        self.entry_slots = {str(k): int(v) for k, v in state["entries"].items()}
+        self.positions = {str(k): int(v) for k, v in state["positions"].items()}

@@ -1,0 +1,130 @@
+"""Loading the transformer to train with bounded memory per rank.
+
+- ZeRO stages 0-2: `from_pretrained` straight into the training dtype and onto this rank's device. diffusers builds
+  the model empty and fills it shard by shard, so bf16 weights never pass through an fp32 copy and never sit whole
+  in host memory (eight ranks of a node would otherwise each hold the whole model on the host at once).
+- ZeRO-3: the model is built inside `deepspeed.zero.Init`, which partitions every parameter as soon as its module is
+  constructed (a module's own parameters are the largest thing ever whole on a rank), and each rank then reads only
+  its own slice of every tensor from the memory-mapped safetensors files. No rank ever holds the whole model, on the
+  host or on the device. The trainable fp32 masters stay DeepSpeed's (made from these partitions at initialize).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import torch
+from torch import nn
+
+from fewstep.engine import distributed
+from fewstep.errors import ModelSourceError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+
+def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, device: torch.device) -> nn.Module:
+    """The family's transformer from a resolved pipeline folder, partitioned at birth under ZeRO-3 (collective)."""
+    folder = os.path.join(source, "transformer")
+    if ds_config["zero_optimization"].get("stage") != 3:
+        with distributed.uneven_work("model load"):  # ranks read from disk at different speeds
+            onto = {"device_map": {"": device}} if device.type == "cuda" else {}  # CPU: where it loads anyway
+            return adapter.transformer_cls.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **onto)
+    import deepspeed
+
+    config = adapter.transformer_cls.load_config(folder)
+    # from_config runs every parameter's initialiser (then overwritten by the checkpoint): keep the RNG streams as
+    # from_pretrained leaves them, so noise, timesteps and LoRA init are the same at every stage
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # a broadcast per parameter
+            model = adapter.transformer_cls.from_config(config)
+    with distributed.uneven_work("partitioned load"):
+        load_partitioned(model, weight_files(folder))
+    return model
+
+
+def weight_files(folder: str) -> dict[str, str]:
+    """tensor name -> safetensors file, from the sharded index or the single weights file."""
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        return {name: os.path.join(folder, f) for name, f in weight_map.items()}
+    single = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.exists(single):
+        raise ModelSourceError(f"no {WEIGHTS_NAME} (or {INDEX_NAME}) in '{folder}'")
+    f = SafetensorsFile(single)
+    f.close()
+    return {name: single for name in f.header if name != "__metadata__"}
+
+
+@torch.no_grad()
+def load_partitioned(model: nn.Module, files: dict[str, str]) -> None:
+    """Copy each ZeRO-3 parameter's slice owned by this rank (and every buffer) from the safetensors files.
+
+    A ZeRO-3 parameter is a flat partition `p.ds_tensor` of `p.ds_numel` elements split evenly over ranks (the last
+    partition padded); this rank reads exactly the bytes of its slice with plain file reads (`SafetensorsFile`):
+    nothing is memory-mapped, so no page of another rank's slice ever counts against this rank's memory.
+    """
+    params = dict(model.named_parameters())
+    buffers = {k: v for k, v in model.named_buffers() if k in model.state_dict()}
+    missing = sorted((set(params) | set(buffers)) - set(files))
+    if missing:
+        raise ModelSourceError(f"the checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
+    opened: dict[str, SafetensorsFile] = {}
+
+    def source(name: str) -> SafetensorsFile:
+        if files[name] not in opened:
+            opened[files[name]] = SafetensorsFile(files[name])
+        return opened[files[name]]
+
+    try:
+        for name, p in params.items():
+            if not hasattr(p, "ds_tensor"):  # not partitioned (created outside zero.Init): copy it whole
+                p.data.copy_(source(name).read(name).view(p.shape))
+                continue
+            part = p.ds_tensor.view(-1)
+            start = distributed.rank() * part.numel()
+            count = max(0, min(part.numel(), p.ds_numel - start))
+            if count:
+                part[:count].copy_(source(name).read(name, start, count))
+        for name, b in buffers.items():
+            b.copy_(source(name).read(name).view(b.shape))
+    finally:
+        for f in opened.values():
+            f.close()
+
+
+class SafetensorsFile:
+    """Reads element ranges of tensors from a .safetensors file with plain reads (the format: an 8-byte little-endian
+    header length, a JSON header of dtype / shape / byte offsets per tensor, then the raw little-endian data)."""
+
+    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: str):
+        self.path, self.fh = path, open(path, "rb")
+        (size,) = struct.unpack("<Q", self.fh.read(8))
+        self.header = json.loads(self.fh.read(size))
+        self.base = 8 + size
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements [start, start + count) of tensor `name` in row-major order, as a flat tensor."""
+        info = self.header[name]
+        dtype = self.DTYPES[info["dtype"]]
+        item = torch.empty((), dtype=dtype).element_size()
+        total = math.prod(info["shape"])
+        count = total - start if count is None else count
+        if start < 0 or start + count > total:
+            raise ValueError(f"{self.path}: {name} has {total} elements, asked for [{start}, {start + count})")
+        buf = bytearray(count * item)
+        self.fh.seek(self.base + info["data_offsets"][0] + start * item)
+        if self.fh.readinto(buf) != len(buf):
+            raise ModelSourceError(f"{self.path} is truncated (tensor {name})")
+        return torch.frombuffer(buf, dtype=dtype) if count else torch.empty(0, dtype=dtype)
+
+    def close(self) -> None:
+        self.fh.close()

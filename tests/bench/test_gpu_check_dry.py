@@ -1,0 +1,57 @@
+"""bench/gpu_check.sh starts and every command line it would run on a GPU is valid: its dry mode on the CPU.
+
+Slow: the dry run is about 2 minutes on 2 idle CPU cores (every step at tiny sizes: collect-only tests, the kernel
+interpreter smoke run, bench/train_step.py --smoke, a 2-step TwinFlow training, launcher/sample.py). Skip it with
+`-k "not dry_run"`.
+"""
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from fewstep_testing import REPO, cpu_env
+
+SCRIPT = "bench/gpu_check.sh"
+STEPS = ["setup", "diagnose", "kernel_tests", "train", "sample", "sample_tests", "kernels", "train_step"]
+
+
+def _script(*args, timeout=60, **env):
+    return subprocess.run(["bash", SCRIPT, *args], cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    out = tmp_path / "out"
+    p = _script("--dry", timeout=900, OUT=str(out))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert data["mode"] == "dry" and [s["step"] for s in data["steps"]] == STEPS
+    assert all(s["status"] == "ok" for s in data["steps"]), data["steps"]
+    assert data["env"]["versions"]["diffusers"] and data["env"]["device"].startswith("cpu")
+    assert "collected" in data["tests"]["kernel_tests"] and "collected" in data["tests"]["sample_tests"]
+    assert {t["method"] for t in data["train_step"].values()} == {"twinflow", "flow"}
+    assert data["train"]["steps"] == 2 and data["train"]["mixed_precision"] == "bf16"
+    assert {(r["offload"], r["nfe"]) for r in data["sample"]} == {("none", 1), ("none", 2)}  # offload: no-op on cpu
+    summary = (out / "summary.md").read_text()
+    assert "| stock FLUX, Euler | cpu | bfloat16 |" in summary and "| as the GPU check | 0 | 3 |" in summary
+    assert "DRY RUN on CPU" in summary and "| rcgm_loss_fwd_bwd |" in (out / "kernels.md").read_text()
+    log = (out / "steps.log").read_text()
+    assert all(f"== {s}: ok" in log for s in STEPS)
+
+
+def test_only_and_bad_arguments(tmp_path):
+    p = _script("--bogus")
+    assert p.returncode == 2 and "unknown argument --bogus" in p.stderr
+    p = _script("--help")
+    assert p.returncode == 0 and "--prepare-wheels" in p.stdout and "carry=[\".whl\"]" in p.stdout
+    out = tmp_path / "out"
+    p = _script("--dry", "--only", "sample_tests", timeout=300, OUT=str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [s["step"] for s in json.loads((out / "gpu_check.json").read_text())["steps"]] == ["setup", "sample_tests"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_clean():
+    p = subprocess.run(["shellcheck", "-S", "warning", SCRIPT], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout

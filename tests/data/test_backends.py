@@ -1,0 +1,165 @@
+"""multidatabackend.json as SimpleTuner users write it: which keys work, which are refused, and with what message."""
+import json
+import os
+
+import pytest
+
+from bucket_testing import simpletuner_example, write_backend, write_images
+from fewstep.data.backends import load_data_config
+from fewstep.data.errors import DataError
+from fewstep.errors import UserError
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(str(tmp_path / "images"))
+
+
+def entry(images, **keys):
+    return {"id": "photos", "type": "local", "instance_data_dir": images, "resolution": 32, **keys}
+
+
+def load(tmp_path, *entries):
+    return load_data_config(write_backend(str(tmp_path / "mdb.json"), list(entries)))
+
+
+def test_simpletuner_documentation_example_is_accepted(tmp_path, images):
+    config = load_data_config(simpletuner_example(str(tmp_path), images))
+    (photos,) = config.images
+    assert (photos.crop, photos.crop_explicit, photos.crop_style, photos.crop_aspect) == (True, True, "center",
+                                                                                          "square")
+    assert (photos.resolution, photos.resolution_type, photos.repeats) == (32, "pixel_area", 0)
+    assert photos.vae_cache_dir == str(tmp_path / "vaecache")
+    assert photos.text_cache_dir == config.default_text_cache_dir == str(tmp_path / "textcache")
+    assert photos.instance_prompt == "something to label every image" and photos.caption_strategy == "textfile"
+
+
+def test_documentation_text_embeds_entry_on_s3_is_refused_with_what_to_do(tmp_path, images):
+    aws = {"id": "an example backend for text embeds.", "dataset_type": "text_embeds", "default": True,
+           "type": "aws", "aws_bucket_name": "textembeds-something-yummy", "aws_region_name": None,
+           "aws_endpoint_url": "https://foo.bar/", "aws_access_key_id": "x", "aws_secret_access_key": "y",
+           "aws_data_prefix": "", "cache_dir": ""}
+    with pytest.raises(DataError, match=r"mdb.json entry 1 \('an example backend for text embeds.'\): type 'aws' "
+                                        r"\(S3\) is not supported: .*type 'local' with .*cache_dir"):
+        load(tmp_path, entry(images), aws)
+
+
+def test_fewstep_spelling_keeps_its_meaning(tmp_path, images):
+    (e,) = load(tmp_path, {"backend": "simple", "resolution": 32, "shuffle": False, "image_dir": images,
+                           "caption_extension": "txt"}).images
+    assert (e.crop, e.crop_explicit, e.crop_style, e.crop_aspect, e.resolution_type) == (True, False, "center",
+                                                                                         "square", "pixel")
+    assert (e.shuffle, e.caption_extension, e.repeats, e.probability) == (False, ".txt", 0, 1.0)
+    assert "fewstep's default" in e.shown_crop
+
+
+def test_explicit_crop_takes_simpletuner_defaults(tmp_path, images):
+    (e,) = load(tmp_path, entry(images, crop=True)).images
+    assert (e.crop_style, e.crop_aspect) == ("random", "square")  # SimpleTuner: crop_style defaults to random
+    (e,) = load(tmp_path, entry(images, crop=False, crop_style="corner")).images
+    assert (e.crop_style, e.crop_aspect) == ("center", "preserve")  # crop false keeps the aspect; no crop style
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"vae_cache_clear_each_epoch": True}, "'vae_cache_clear_each_epoch': fewstep encodes each image once"),
+    ({"crop_style": "face"}, "crop_style 'face' is not supported .*'center', 'random' or 'corner'"),
+    ({"crop_aspect": "closest"}, "crop_aspect 'closest' needs 'crop_aspect_buckets'"),
+    ({"crop_aspect": "random", "crop_aspect_buckets": [{"aspect": 1.0, "weight": 0.4}]}, "must add up to 1"),
+    ({"caption_strategy": "parquet"}, "caption_strategy 'parquet' is not supported; use one of textfile"),
+    ({"parquet": {"path": "x.parquet"}}, "'parquet': parquet metadata is not supported"),
+    ({"caption_strategy": "instanceprompt"}, "instanceprompt' needs a non-empty 'instance_prompt'"),
+    ({"prepend_instance_prompt": True}, "prepend_instance_prompt needs a non-empty 'instance_prompt'"),
+    ({"probability": 0}, "'probability' must be > 0 .*'disabled': true"),
+    ({"repeats": -1}, "'repeats' must be >= 0"),
+    ({"maximum_image_size": 64}, "'maximum_image_size' needs 'target_downsample_size'"),
+    ({"resolution_type": "megapixel"}, "'resolution_type' must be one of pixel, area, pixel_area"),
+    ({"resolution_type": "area", "resolution": 1024}, "'resolution' is in megapixels"),
+    ({"resolution": 31.5}, "'resolution' must be an integer >= 8 pixels"),
+    ({"max_num_samples": 10}, "'max_num_samples': not supported"),
+    ({"start_step": 300}, "'start_step': dataset scheduling is not supported"),
+    ({"conditioning_data": "x"}, "conditioning data .* is not supported"),
+    ({"caption_filter_list": ["arafed "]}, "'caption_filter_list': not supported"),
+    ({"skip_file_discovery": "vae aspect metadata"}, "scans the image folder at every start"),
+    ({"metadata_backend": "parquet"}, "reads each image's size from the file"),
+    ({"delete_unwanted_images": True}, "never deletes your files"),
+    ({"timestep_sampling_offset": 0.5}, "per-entry timestep offsets are not supported"),
+    ({"default": True}, "'default' applies to dataset_type text_embeds entries, not to this image entry"),
+    ({"aws_bucket_name": "b"}, "'aws_bucket_name' belongs to a storage type fewstep does not support"),
+    ({"instance_data_dirr": "x"}, "unknown key 'instance_data_dirr'; did you mean 'instance_data_dir'"),
+    ({"dataset_type": "video"}, "dataset_type 'video' is not supported"),
+    ({"text_embeds": "nowhere"}, "text_embeds 'nowhere' names no enabled text_embeds entry"),
+    ({"image_embeds": "nowhere"}, "image_embeds 'nowhere' names no enabled image_embeds entry"),
+])
+def test_refusals_name_file_entry_and_key(tmp_path, images, keys, message):
+    with pytest.raises(DataError, match=r"mdb.json entry 0 \('photos'\): .*" + message) as info:
+        load(tmp_path, entry(images, **keys))
+    assert isinstance(info.value, UserError)  # printed as one `fewstep: ...` line
+
+
+@pytest.mark.parametrize("keys", [
+    {"vae_cache_clear_each_epoch": False}, {"skip_file_discovery": ""}, {"preserve_data_backend_cache": False},
+    {"metadata_backend": "discovery"}, {"hash_filenames": True}, {"delete_unwanted_images": False},
+    {"start_epoch": 1, "start_step": 0}, {"caption_shuffle": {"enable": False}}, {"disabled": False},
+    {"crop": False, "maximum_image_size": 64, "target_downsample_size": 32},  # no effect with crop false, as there
+])
+def test_keys_that_leave_the_data_as_it_is_are_accepted(tmp_path, images, keys):
+    assert len(load(tmp_path, entry(images, **keys)).images) == 1
+
+
+def test_embed_entries_name_cache_locations(tmp_path, images):
+    config = load(tmp_path,
+                  entry(images, id="a", cache_dir_vae="~/vae-a"),
+                  entry(images, id="b", image_embeds="vae", text_embeds="alt"),
+                  entry(images, id="c"),
+                  {"id": "vae", "type": "local", "dataset_type": "image_embeds", "cache_dir": str(tmp_path / "v")},
+                  {"id": "main", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "t"),
+                   "write_batch_size": 128, "text_encoder_batch_size": 4},
+                  {"id": "alt", "dataset_type": "text_embeds", "cache_dir": "rel-text"},
+                  {"id": "off", "type": "aws", "disabled": True})  # a disabled entry is skipped entirely
+    a, b, c = config.images
+    assert a.vae_cache_dir == os.path.expanduser("~/vae-a") and a.text_cache_dir == str(tmp_path / "t")
+    assert b.vae_cache_dir == str(tmp_path / "v") and b.text_cache_dir == os.path.abspath("rel-text")
+    assert c.vae_cache_dir is None  # the run's cache_dir
+    assert config.default_text_cache_dir == str(tmp_path / "t")
+    assert config.text_batch_sizes == {str(tmp_path / "t"): 4}
+
+
+def test_text_embeds_defaults(tmp_path, images):
+    one = {"id": "t1", "dataset_type": "text_embeds", "cache_dir": str(tmp_path / "t1")}
+    assert load(tmp_path, entry(images), one).default_text_cache_dir == str(tmp_path / "t1")  # the only one
+    two = {"id": "t2", "dataset_type": "text_embeds", "cache_dir": ""}
+    with pytest.raises(DataError, match="several text_embeds entries and none has default: true"):
+        load(tmp_path, entry(images), one, two)
+    with pytest.raises(DataError, match=r"more than one text_embeds entry has default: true \(t1, t2\)"):
+        load(tmp_path, entry(images), {**one, "default": True}, {**two, "default": True})
+    config = load(tmp_path, entry(images), one, {**two, "default": True})
+    assert config.default_text_cache_dir is None  # cache_dir "": the run's cache_dir
+
+
+def test_multiple_entries_with_their_own_resolutions_and_probabilities(tmp_path, images):
+    config = load(tmp_path, entry(images, id="small", probability=0.25, repeats=2),
+                  entry(images, id="large", resolution=64, resolution_type="pixel_area"))
+    assert [(e.id, e.resolution, e.probability, e.repeats) for e in config.images] == [
+        ("small", 32, 0.25, 2), ("large", 64, 1.0, 0)]
+    with pytest.raises(DataError, match="id 'small' is used by two entries"):
+        load(tmp_path, entry(images, id="small"), entry(images, id="small"))
+
+
+def test_resolution_override_applies_to_every_entry(tmp_path, images):
+    path = write_backend(str(tmp_path / "mdb.json"), [entry(images, id="a"), entry(
+        images, id="b", resolution=1.0, resolution_type="area")])
+    a, b = load_data_config(path, resolution_override=48).images
+    assert (a.resolution, a.resolution_type) == (48, "pixel")
+    assert (b.resolution, b.resolution_type) == (48, "pixel_area")  # the override is in pixels
+
+
+def test_single_object_and_errors_name_the_file(tmp_path, images):
+    p = tmp_path / "one.json"
+    p.write_text(json.dumps(entry(images)))
+    assert len(load_data_config(str(p)).images) == 1
+    p.write_text("[1, 2]")
+    with pytest.raises(DataError, match="one.json: expected a list of backend entries"):
+        load_data_config(str(p))
+    p.write_text(json.dumps([{"id": "t", "dataset_type": "text_embeds"}]))
+    with pytest.raises(DataError, match="one.json: no enabled image entries"):
+        load_data_config(str(p))

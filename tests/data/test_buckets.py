@@ -1,0 +1,135 @@
+"""Bucket sizes, filters, resize and crop plans (SimpleTuner's DATALOADER.md rules, sides rounded to the model's
+VAE x patch multiple)."""
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewstep.data.backends import ImageEntry
+from fewstep.data.buckets import Geometry, Plan, image_size, load_planned
+from fewstep.data.errors import DataError
+
+
+def geometry(multiple=4, **keys):
+    keys.setdefault("resolution", 32.0)
+    return Geometry(ImageEntry(id="e", image_dir=".", where="mdb.json entry 0", **keys), multiple)
+
+
+def test_pixel_area_buckets_match_simpletuner_examples():
+    # OPTIONS.md: "Example resulting sizes for 1024: 1024x1024, 1216x832, 832x1216" (SimpleTuner's 64-px alignment)
+    g = geometry(64, resolution=1024.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve")
+    assert [g.plan(w, h, "k").target for w, h in [(2000, 2000), (1460, 1000), (1000, 1460)]] == [
+        (1024, 1024), (1216, 832), (832, 1216)]
+    area = geometry(64, resolution=1.0, resolution_type="area", crop=False, crop_aspect="preserve")
+    assert area.bucket(1.46) == (1216, 832) and area.square == (1024, 1024)
+    assert geometry(64, resolution=0.26, resolution_type="area").square == (512, 512)  # SimpleTuner's 0.25 MP map
+
+
+@pytest.mark.parametrize("multiple", [4, 8, 16])
+@pytest.mark.parametrize("aspect", [0.33, 0.5, 0.67, 0.75, 1.0, 1.33, 1.5, 1.78, 2.0, 3.0])
+def test_area_buckets_keep_the_area_with_sides_a_multiple(multiple, aspect):
+    g = geometry(multiple, resolution=256.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve")
+    w, h = g.bucket(aspect)
+    assert w % multiple == 0 and h % multiple == 0
+    assert abs(w * h / 256 ** 2 - 1) < 0.12  # about the area of a 256 x 256 square
+    assert abs(math.log((w / h) / aspect)) < 0.1  # about the aspect ratio
+
+
+def test_pixel_buckets_put_the_short_side_at_resolution():
+    g = geometry(16, resolution=64.0, resolution_type="pixel", crop=False, crop_aspect="preserve")
+    assert g.plan(300, 200, "k").target == (96, 64) and g.plan(200, 300, "k").target == (64, 96)
+    with pytest.raises(DataError, match="mdb.json entry 0: resolution 30 must be a multiple of 4 .*try 28"):
+        geometry(4, resolution=30.0)  # a square crop at exactly `resolution`
+    assert geometry(4, resolution=30.0, crop=False, crop_aspect="preserve").square == (32, 32)  # buckets round
+
+
+def test_size_and_aspect_filters():
+    g = geometry(resolution=32.0, minimum_image_size=32, minimum_aspect_ratio=0.5, maximum_aspect_ratio=3.0,
+                 crop=False, crop_aspect="preserve")
+    assert g.plan(30, 50, "k") == "smaller than minimum_image_size"  # pixel: the short side
+    assert g.plan(100, 32, "k") == "aspect ratio above maximum_aspect_ratio"
+    assert g.plan(32, 70, "k") == "aspect ratio below minimum_aspect_ratio"
+    assert isinstance(g.plan(96, 32, "k"), Plan) and isinstance(g.plan(32, 64, "k"), Plan)  # 3.0 and 0.5 are in
+    area = geometry(resolution=32.0, resolution_type="pixel_area", minimum_image_size=24, crop=False,
+                    crop_aspect="preserve")
+    assert area.plan(20, 20, "k") == "smaller than minimum_image_size"  # area 400 < 24 x 24
+    assert isinstance(area.plan(40, 16, "k"), Plan)  # area 640 is enough without a square crop
+    square = geometry(resolution=32.0, resolution_type="pixel_area", minimum_image_size=24, crop=True,
+                      crop_explicit=True)
+    assert square.plan(40, 16, "k") == "smaller than minimum_image_size"  # a square crop needs a 24-px short side
+    with pytest.raises(DataError, match="minimum_image_size 6 is in megapixels"):
+        geometry(resolution=1.0, resolution_type="area", minimum_image_size=6)
+
+
+def test_fewstep_default_resizes_to_cover_then_centre_crops():
+    plan = geometry(resolution=32.0).plan(40, 48, "k")
+    assert plan == Plan((32, 32), (32, 38), (0, 3))
+
+
+def test_explicit_square_crop_follows_simpletuners_documented_rule():
+    g = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True, crop_style="center")
+    assert g.plan(64, 48, "k") == Plan((32, 32), (64, 48), (16, 8))  # no resize: a tile of the image
+    assert g.plan(20, 30, "k") == Plan((32, 32), (32, 48), (0, 8))  # smaller than the crop: upscaled to cover
+    big = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True, crop_style="center",
+                   maximum_image_size=64, target_downsample_size=32)
+    assert big.plan(96, 64, "k") == Plan((32, 32), (48, 32), (8, 0))  # > 64x64 area: to ~32x32 area, then cover
+    assert big.plan(48, 32, "k") == Plan((32, 32), (48, 32), (8, 0))  # under maximum_image_size: cropped as is
+    pixel = geometry(resolution=32.0, crop=True, crop_explicit=True, crop_style="center", maximum_image_size=48,
+                     target_downsample_size=40)
+    assert pixel.plan(100, 50, "k").resize == (80, 40)  # a side > 48: short side to 40
+
+
+def test_aspect_buckets_resize_to_cover_and_trim_the_rounding():
+    g = geometry(resolution=32.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve")
+    assert g.plan(60, 40, "k") == Plan((40, 28), (42, 28), (1, 0))
+    assert g.plan(600, 400, "k").target == (40, 28)  # any size of one shape: one bucket
+
+
+def test_crop_styles():
+    corner = geometry(resolution=32.0, crop=True, crop_explicit=True, crop_style="corner")
+    assert corner.plan(64, 48, "k").offset == (0, 0)
+    rand = geometry(resolution=32.0, crop=True, crop_explicit=True, crop_style="random")
+    offsets = {rand.plan(64, 48, f"image{i}").offset for i in range(20)}
+    assert len(offsets) > 5 and all(0 <= x <= 32 and 0 <= y <= 16 for x, y in offsets)
+    assert rand.plan(64, 48, "image3") == rand.plan(64, 48, "image3")  # drawn once per image: stable
+
+
+def test_closest_and_random_crop_aspect_buckets():
+    closest = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True,
+                       crop_aspect="closest", crop_aspect_buckets=[0.75, 1.0, 1.5])
+    assert closest.plan(52, 40, "k").target == closest.bucket(1.5) == (40, 28)
+    assert closest.plan(40, 52, "k").target == closest.bucket(0.75)
+    rand = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True,
+                    crop_aspect="random", crop_aspect_buckets=[0.75, 1.0, 1.5])
+    targets = {rand.plan(64, 64, f"img{i}").target for i in range(30)}
+    assert targets == {rand.bucket(a) for a in (0.75, 1.0, 1.5)}
+    weighted = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True,
+                        crop_aspect="random", crop_aspect_buckets=[{"aspect": 1.5, "weight": 1.0},
+                                                                   {"aspect": 0.75, "weight": 0.0}])
+    assert {weighted.plan(64, 64, f"img{i}").target for i in range(10)} == {(40, 28)}
+    limited = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True,
+                       crop_aspect="closest", crop_aspect_buckets=[1.0], max_upscale_threshold=0.2)
+    assert limited.plan(16, 16, "k").startswith("needs more upscaling")  # 2x > 20 % more
+    assert isinstance(limited.plan(28, 28, "k"), Plan)
+
+
+def test_load_planned_pixels(tmp_path):
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[:, 28:32] = 255  # a bright band in the middle: a centred crop keeps it
+    Image.fromarray(arr).save(tmp_path / "w.png")
+    plan = geometry(resolution=32.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve").plan(
+        60, 40, "k")
+    x = load_planned(str(tmp_path / "w.png"), plan)
+    assert x.shape == (3, 28, 40) and x.min() >= -1 and x.max() <= 1
+    assert x[:, :, 19:21].mean() > 0.5 and x[:, :, 0].mean() < -0.9
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: portrait
+    Image.new("RGB", (60, 40), (200, 10, 10)).save(tmp_path / "r.jpg", exif=exif)
+    assert image_size(str(tmp_path / "r.jpg")) == (40, 60)
+    plan = geometry(resolution=32.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve").plan(
+        40, 60, "k")
+    assert load_planned(str(tmp_path / "r.jpg"), plan).shape == (3, 40, 28)

@@ -1,0 +1,68 @@
+"""Caption strategies textfile / filename / instanceprompt, and the instance-prompt switches."""
+import os
+
+import pytest
+
+from bucket_testing import write_images
+from fewstep.data.backends import ImageEntry
+from fewstep.data.captions import find_captioned_images
+from fewstep.data.errors import DataError
+
+
+def captions(folder, **keys):
+    entry = ImageEntry(id="e", image_dir=folder, resolution=32.0, **keys)
+    return [(os.path.relpath(p, folder), caps) for p, caps in find_captioned_images(entry)]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = write_images(str(tmp_path / "imgs"), [("red_circle", 16, 16), ("blue_sky", 16, 16)], captions=False)
+    with open(os.path.join(d, "red_circle.txt"), "w") as fh:
+        fh.write("a red circle\n\n a round red thing \n")
+    with open(os.path.join(d, "blue_sky.txt"), "w") as fh:
+        fh.write("a blue sky")
+    return d
+
+
+def test_textfile_lines_are_captions(folder):
+    assert captions(folder) == [("blue_sky.png", ["a blue sky"]),
+                                ("red_circle.png", ["a red circle", "a round red thing"])]
+    assert captions(folder, multiline=False)[1] == ("red_circle.png", ["a red circle\n\n a round red thing"])
+
+
+def test_filename_and_instanceprompt(folder):
+    assert captions(folder, caption_strategy="filename") == [("blue_sky.png", ["blue sky"]),
+                                                            ("red_circle.png", ["red circle"])]
+    assert captions(folder, caption_strategy="instanceprompt", instance_prompt="sks photo") == [
+        ("blue_sky.png", ["sks photo"]), ("red_circle.png", ["sks photo"])]
+    assert captions(folder, caption_strategy="instanceprompt", instance_prompt=["a", "b"])[0][1] == ["a", "b"]
+
+
+def test_prepend_and_only_instance_prompt(folder):
+    assert captions(folder, instance_prompt="sks", prepend_instance_prompt=True)[1][1] == [
+        "sks a red circle", "sks a round red thing"]
+    assert captions(folder, caption_strategy="filename", instance_prompt="sks", prepend_instance_prompt=True)[0][1] \
+        == ["sks blue sky"]
+    assert captions(folder, instance_prompt="sks", only_instance_prompt=True) == [
+        ("blue_sky.png", ["sks"]), ("red_circle.png", ["sks"])]
+
+
+def test_recursive_scan_in_sorted_order_skips_hidden_folders(folder):
+    write_images(os.path.join(folder, "sub"), [("deep_one", 16, 16)])
+    write_images(os.path.join(folder, ".hidden"), [("ignored", 16, 16)])
+    assert [p for p, _ in captions(folder)] == ["blue_sky.png", "red_circle.png", os.path.join("sub", "deep_one.png")]
+
+
+def test_textfile_orphans_are_errors_but_not_for_other_strategies(folder):
+    os.remove(os.path.join(folder, "blue_sky.txt"))
+    with pytest.raises(DataError, match="image without a caption: .*blue_sky.png .*caption_strategy 'filename'"):
+        captions(folder)
+    assert len(captions(folder, caption_strategy="filename")) == 2
+    with open(os.path.join(folder, "lonely.txt"), "w") as fh:
+        fh.write("x")
+    with pytest.raises(DataError, match="caption without an image: .*lonely.txt"):
+        captions(folder, caption_strategy="textfile", only_instance_prompt=False)
+    empty = os.path.join(os.path.dirname(folder), "empty")
+    os.makedirs(empty)
+    with pytest.raises(DataError, match="no images in .*empty"):
+        captions(empty, caption_strategy="filename")

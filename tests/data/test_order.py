@@ -1,0 +1,118 @@
+"""The bucketed data order: one bucket per step on every rank, disjoint rank shares, exact resume, entry
+probabilities, repeats and caption variants."""
+from collections import Counter
+
+import pytest
+
+from fewstep.data.backends import ImageEntry
+from fewstep.data.buckets import Plan
+from fewstep.data.dataset import Sample, build_layout
+from fewstep.data.errors import DataError
+from fewstep.data.order import DataOrder, Layout, Stream
+
+
+def layout_of(sizes, entries=None, variants=None):
+    """Streams of the given sizes over consecutive dataset indices; `entries`: (name, weight, stream ids)."""
+    streams, start = [], 0
+    for j, n in enumerate(sizes):
+        streams.append(Stream(f"s{j}", list(range(start, start + n))))
+        start += n
+    return Layout(streams, entries or [("all", 1.0, list(range(len(sizes))))], variants or [1] * start)
+
+
+def stream_of(layout, i):
+    return next(j for j, s in enumerate(layout.streams) if i in s.items)
+
+
+def draw(orders, layout, steps):
+    """[[rank0 items, rank1 items, ...] per step]."""
+    return [[o.next_items(layout) for o in orders] for _ in range(steps)]
+
+
+def test_every_step_is_one_bucket_and_ranks_take_disjoint_samples():
+    layout = layout_of([8, 4, 12])  # multiples of the global batch: no epoch ends inside a step
+    orders = [DataOrder(24, 2, r, 2, seed=5) for r in range(2)]
+    seen = Counter()
+    for step in draw(orders, layout, 24):  # 4 rounds of 6 steps
+        idx = [i for rank in step for i, _ in rank]
+        assert len({stream_of(layout, i) for i in idx}) == 1  # one bucket for the whole step, every rank
+        assert len(set(idx)) == 4  # disjoint shares
+        seen.update(idx)
+    assert seen == Counter({i: 4 for i in range(24)})  # every sample once per round
+    assert orders[0].state_dict() == orders[1].state_dict()  # the state does not depend on the rank
+
+
+def test_buckets_are_used_in_proportion_to_their_size():
+    layout = layout_of([10, 3, 1])
+    order = DataOrder(14, 2, 0, 1, seed=1)
+    per_round = [stream_of(layout, order.next_items(layout)[0][0]) for _ in range(5 * 8)]
+    for r in range(5):  # rounds of ceil(10/2) + ceil(3/2) + ceil(1/2) = 8 steps
+        assert Counter(per_round[8 * r:8 * (r + 1)]) == {0: 5, 1: 2, 2: 1}
+    assert per_round[:8] != per_round[8:16]  # each round shuffled anew
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_mid_epoch_gives_the_identical_sequence(world):
+    layout = layout_of([5, 3, 2], entries=[("a", 0.7, [0, 1]), ("b", 0.3, [2])], variants=[1, 3, 1, 2, 1, 1, 1,
+                                                                                           1, 4, 1])
+    straight = [DataOrder(10, 2, r, world, seed=9) for r in range(world)]
+    ref = draw(straight, layout, 13)
+    first = [DataOrder(10, 2, r, world, seed=9) for r in range(world)]
+    draw(first, layout, 6)  # interrupted mid-epoch
+    resumed = [DataOrder(10, 2, r, world, seed=9) for r in range(world)]
+    for o, f in zip(resumed, first):
+        o.load_state_dict(f.state_dict())
+    assert draw(resumed, layout, 7) == ref[6:]
+
+
+def test_entry_probabilities_are_seeded_weights():
+    layout = layout_of([4, 4], entries=[("often", 0.8, [0]), ("rare", 0.2, [1])])
+    a, b = DataOrder(8, 1, 0, 1, seed=3), DataOrder(8, 1, 0, 1, seed=3)
+    picks = ["often" if a.next_items(layout)[0][0] < 4 else "rare" for _ in range(4000)]
+    assert abs(picks.count("often") / 4000 - 0.8) < 0.03
+    assert ["often" if b.next_items(layout)[0][0] < 4 else "rare" for _ in range(200)] == picks[:200]
+    other = DataOrder(8, 1, 0, 1, seed=4)
+    assert ["often" if other.next_items(layout)[0][0] < 4 else "rare" for _ in range(200)] != picks[:200]
+
+
+def test_caption_variants_are_drawn_per_use_and_reproducible():
+    layout = layout_of([1], variants=[3])
+    draws = [DataOrder(1, 1, 0, 1, seed=0).next_items(layout)]
+    order = DataOrder(1, 1, 0, 1, seed=0)
+    variants = [order.next_items(layout)[0][1] for _ in range(60)]
+    assert set(variants) == {0, 1, 2} and variants[0] == draws[0][0][1]
+
+
+def test_one_bucket_is_the_order_fewstep_had_before_buckets():
+    """Same positions and permutations as the pre-bucket DataOrder (its test: epochs are permutations)."""
+    plain = [DataOrder(7, 2, r, 2, seed=3) for r in range(2)]
+    layout = Layout([Stream("e|32x32", list(range(7)))], [("e", 1.0, [0])], [1] * 7)
+    bucketed = [DataOrder(7, 2, r, 2, seed=3) for r in range(2)]
+    assert [[o.next_indices() for o in plain] for _ in range(9)] == \
+           [[o.next_indices(layout) for o in bucketed] for _ in range(9)]
+    assert bucketed[0].state_dict()["consumed"] == 9 * 4
+
+
+def test_checkpoint_from_before_buckets_resumes_exactly():
+    layout = Layout([Stream("e|32x32", list(range(7)))], [("e", 1.0, [0])], [1] * 7)
+    ref = DataOrder(7, 2, 1, 2, seed=3)
+    expected = [ref.next_indices(layout) for _ in range(8)][5:]
+    old = DataOrder(7, 2, 1, 2, seed=3)
+    old.load_state_dict({"consumed": 5 * 4})  # what fewstep saved before buckets
+    assert [old.next_indices(layout) for _ in range(3)] == expected
+    multi = DataOrder(7, 2, 1, 2, seed=3)
+    multi.load_state_dict({"consumed": 20})
+    with pytest.raises(DataError, match="saved before fewstep had buckets"):
+        multi.next_items(layout_of([4, 3]))
+
+
+def test_build_layout_groups_by_entry_and_bucket_with_repeats():
+    entries = [ImageEntry(id="a", image_dir=".", resolution=32.0, repeats=1),
+               ImageEntry(id="b", image_dir=".", resolution=64.0, probability=0.5, shuffle=False)]
+    plan = lambda w, h: Plan((w, h), (w, h))  # noqa: E731
+    samples = [Sample("1.png", "x", entry=0, plan=plan(32, 32)), Sample("2.png", "y", ["y", "z"], 0, plan(40, 28)),
+               Sample("3.png", "x", entry=0, plan=plan(32, 32)), Sample("4.png", "w", entry=1, plan=plan(64, 64))]
+    layout = build_layout(samples, entries)
+    assert [(s.key, s.items, s.shuffle) for s in layout.streams] == [
+        ("a|32x32", [0, 2, 0, 2], True), ("a|40x28", [1, 1], True), ("b|64x64", [3], False)]
+    assert layout.entries == [("a", 1.0, [0, 1]), ("b", 0.5, [2])] and layout.variants == [1, 2, 1, 1]

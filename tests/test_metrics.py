@@ -1,0 +1,139 @@
+"""Weights & Biases logging (`report_to: wandb` / `all`) in offline mode, read back from the run's own `.wandb`
+transaction log with wandb's protobuf records; no mocks."""
+import glob
+import json
+import os
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+
+from fewstep.config import ConfigError, load_config
+from fewstep.metrics import MetricsLogger, trackers
+from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write_dataset
+
+pytest.importorskip("wandb")
+
+
+def wandb_records(run_dir: str) -> list:
+    """Every record of an offline run's `run-<id>.wandb` file: wandb's datastore format (a 7-byte ':W&B' header,
+    then LevelDB-log blocks of 32 KiB whose chunks carry serialized `wandb_internal_pb2.Record`s)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, pending, chunks = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:  # FULL
+            chunks.append(chunk)
+        elif kind == 2:  # FIRST
+            pending = chunk
+        elif kind == 3:  # MIDDLE
+            pending += chunk
+        elif kind == 4:  # LAST
+            chunks.append(pending + chunk)
+    records = []
+    for chunk in chunks:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(chunk)
+        records.append(rec)
+    return records
+
+
+def history(records) -> dict[int, dict]:
+    """{step: {key: value}} merged over the run's history records (a logged image is a dict of its fields)."""
+    out = {}
+    for rec in records:
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row = out.setdefault(rec.history.step.num, {})
+        for item in rec.history.item:
+            *parents, leaf = [item.key] if item.key else list(item.nested_key)
+            node = row
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = json.loads(item.value_json)
+    return out
+
+
+def offline_runs(wandb_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")))
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    wandb_dir = tmp_path / "wandb-dir"
+    wandb_dir.mkdir()
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(k, v)
+    return str(wandb_dir)
+
+
+def test_report_to_values():
+    assert trackers("all") == trackers("tensorboard,wandb") == {"tensorboard", "wandb"}
+    assert trackers("none") == set() and trackers("wandb") == {"wandb"}
+    base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux"}
+    assert load_config(None, {**base, "report_to": "wandb", "tracker_project_name": "p"}).tracker_project_name == "p"
+    with pytest.raises(ConfigError, match="report_to"):
+        load_config(None, {**base, "report_to": "comet_ml"})
+
+
+def test_logger_writes_scalars_images_and_resumes_the_same_run(tmp_path, offline):
+    out = str(tmp_path / "run")
+    init = {"project": "fewstep-test", "name": "unit", "config": {"seed": 3}}
+    logger = MetricsLogger(out, None, True, False, total_steps=3, start_step=0, wandb_init=init)
+    for step in (1, 2):
+        logger.log(step, {"loss": 1.0 / step, "lr": 0.1}, samples=2)
+    scatter = np.zeros((8, 8, 3), np.uint8)
+    logger.image("twinflow/trajectories (|t| vs tt, red = negative time)", scatter, 2)
+    logger.close()
+    logger = MetricsLogger(out, None, True, False, total_steps=3, start_step=2, wandb_init=init)  # a resume
+    logger.log(3, {"loss": 0.25, "lr": 0.1}, samples=2)
+    logger.close()
+    first, second = offline_runs(offline)
+    run_ids = {os.path.basename(r).rsplit("-", 1)[1] for r in (first, second)}
+    assert len(run_ids) == 1  # the resumed process continued the same W&B run
+    rows = history(wandb_records(first))
+    assert [rows[s]["train/loss"] for s in (1, 2)] == [1.0, 0.5]
+    image = rows[2]["twinflow/trajectories (|t| vs tt, red = negative time)"]
+    assert image["_type"] == "image-file" and "experimental/theory unverified" in image["caption"]
+    assert os.path.exists(os.path.join(first, "files", image["path"]))
+    assert history(wandb_records(second))[3]["train/loss"] == 0.25
+    (run,) = [r.run for r in wandb_records(first) if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name) == ("fewstep-test", "unit")
+    assert not os.path.exists(os.path.join(out, "logs", "events.out.tfevents"))  # no TensorBoard asked for
+
+
+def test_trainer_reports_to_wandb_offline_beside_tensorboard(tmp_path):
+    """`report_to: all` through launcher/train.py: the offline W&B run holds every logged scalar of every step
+    (the values of metrics.jsonl) and the validation image; TensorBoard is written as before."""
+    backend = write_dataset(str(tmp_path), n=2)
+    out = str(tmp_path / "out")
+    cfg = write_config(str(tmp_path), backend, output_dir=out, max_train_steps=3, validation_steps=2,
+                       report_to="all", tracker_project_name="fewstep-ci", tracker_run_name="tiny-flux")
+    wandb_dir = str(tmp_path / "wandb-dir")
+    os.makedirs(wandb_dir)
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, capture_output=True, text=True,
+                          env=cpu_env(WANDB_MODE="offline", WANDB_DIR=wandb_dir, WANDB_SILENT="true"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (run_dir,) = offline_runs(wandb_dir)
+    records = wandb_records(run_dir)
+    rows = history(records)
+    logged = read_metrics(out)
+    assert sorted(rows) == [m["step"] for m in logged] == [1, 2, 3]
+    for m in logged:
+        for k, v in m.items():
+            if k != "step":
+                assert rows[m["step"]][f"train/{k}"] == pytest.approx(v, rel=1e-12), (m["step"], k)
+    assert rows[2]["validation/flow"]["_type"] == "image-file"
+    assert rows[3]["validation/flow"]["_type"] == "image-file"  # the final validation, at the last step
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name) == ("fewstep-ci", "tiny-flux")
+    assert glob.glob(os.path.join(out, "logs", "events.out.tfevents.*"))

@@ -1,0 +1,203 @@
+"""launcher/sample.py: --device/--dtype/--offload on flux LoRA, TwinFlow (LoRA and full) and Glance outputs.
+
+The outputs come from short trainings through launcher/train.py on tiny:flux (the flux LoRA for --method flow is the
+Glance run's Slow LoRA: a plain flow-matching LoRA export, so one training fewer). Most checks call the CLI's `sample`
+in-process (one import of diffusers for all of them); the exit status and the one-line errors are also checked on the
+real command line. bf16 vs fp32 tolerance: the images (pixels scaled to [-1, 1]) differ by a relative norm
+||bf16 - fp32|| / ||fp32|| of about 0.022 on these tiny models (measured for all three methods); the tests allow 0.05
+and require a difference (a bf16 run that silently stayed in fp32 would match exactly).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewstep_testing import PY, REPO, cpu_env, run, write_config, write_dataset
+
+BF16_REL_TOL = 0.05
+PROMPT = "a red circle"
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("fewstep_sample_cli", os.path.join(REPO, "launcher", "sample.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CLI = _load_cli()
+
+
+def _train(root, **overrides):
+    backend = write_dataset(str(root), n=1 if overrides.get("method") == "glance" else 2)
+    # on a GPU machine the trainer runs on it (cpu_env's DS_ACCELERATOR=cpu would not match its CUDA device)
+    run([PY, "launcher/train.py", "--config", write_config(str(root), backend, **overrides)],
+        DS_ACCELERATOR="cuda" if torch.cuda.is_available() else "cpu")
+    return os.path.join(str(root), "out")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Lazily trained outputs by name: flow (a flux LoRA), twinflow (LoRA), twinflow_full, glance (Slow + Fast)."""
+    recipes = {
+        "twinflow": dict(twinflow_enabled=True, use_ema=True, ema_decay=0.99, twinflow_adversarial_enabled=True,
+                         train_batch_size=1, max_train_steps=2, learning_rate=5e-3),
+        "twinflow_full": dict(model_type="full", twinflow_enabled=True, use_ema=True, ema_decay=0.99,
+                              train_batch_size=1, max_train_steps=1, learning_rate=1e-4),
+        "glance": dict(method="glance", glance_slow_timesteps=[1000, 980, 960], glance_fast_timesteps=[900, 600, 300],
+                       max_train_steps=2, train_batch_size=1),
+    }
+    done = {}
+
+    def get(name):
+        if name == "flow":
+            return os.path.join(get("glance"), "glance-slow")
+        if name not in done:
+            done[name] = _train(tmp_path_factory.mktemp(name), **recipes[name])
+        return done[name]
+    return get
+
+
+def _method_args(runs, method):
+    if method == "glance":
+        out = runs("glance")
+        return ["--method", "glance", "--slow", os.path.join(out, "glance-slow"), "--fast",
+                os.path.join(out, "glance-fast")]
+    return ["--method", method, "--lora", runs(method), "--steps", "1", "2"] if method == "twinflow" else \
+        ["--method", method, "--lora", runs(method), "--steps", "3"]
+
+
+def _sample(args, **kw):
+    """Run the CLI's sample() in-process; returns (record, [images as float arrays in [-1, 1]])."""
+    record = CLI.sample(CLI.build_parser().parse_args(["--prompt", PROMPT, *args]), **kw)
+    return record, [np.asarray(Image.open(r["output"]), dtype=np.float64) / 127.5 - 1 for r in record["runs"]]
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("method", ["flow", "twinflow", "glance"])
+def test_bf16_and_fp32_on_cpu_agree(runs, tmp_path, method):
+    base = _method_args(runs, method)
+    r32, im32 = _sample([*base, "--device", "cpu", "--dtype", "fp32", "--output", str(tmp_path / "a.png")])
+    r16, im16 = _sample([*base, "--device", "cpu", "--dtype", "bf16", "--output", str(tmp_path / "b.png")])
+    assert (r32["dtype"], r16["dtype"], r16["device"]) == ("fp32", "bf16", "cpu")
+    assert [r["steps"] for r in r16["runs"]] == [r["steps"] for r in r32["runs"]]
+    for a, b in zip(im16, im32):
+        assert a.shape == (32, 32, 3)
+        assert 0 < _rel(a, b) < BF16_REL_TOL, _rel(a, b)
+
+
+def test_default_on_cpu_is_fp32_and_json_record(runs, tmp_path):
+    """The real command line: defaults (cpu + fp32 without a GPU), --warmup, --json."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the defaults without a GPU")
+    out, rec = tmp_path / "tw.png", tmp_path / "tw.json"
+    run([PY, "launcher/sample.py", "--method", "twinflow", "--lora", runs("twinflow"), "--steps", "1", "2",
+         "--prompt", PROMPT, "--warmup", "1", "--output", str(out), "--json", str(rec)])
+    r = json.loads(rec.read_text())
+    assert (r["device"], r["dtype"], r["offload"], r["warmup"]) == ("cpu", "fp32", "none", 1)
+    assert [x["steps"] for x in r["runs"]] == [1, 2] and all(x["seconds"] > 0 for x in r["runs"])
+    assert all(os.path.exists(x["output"]) for x in r["runs"]) and r["load_s"] > 0
+
+
+def test_twinflow_noise_follows_the_seed(runs, tmp_path):
+    """TwinFlow's stochastic steps (2 NFE and up) draw from --seed's generator, not the global RNG."""
+    base = ["--method", "twinflow", "--lora", runs("twinflow"), "--steps", "2", "--device", "cpu"]
+    torch.manual_seed(1)
+    _, a = _sample([*base, "--output", str(tmp_path / "a.png")])
+    torch.manual_seed(2)
+    _, b = _sample([*base, "--output", str(tmp_path / "b.png")])
+    _, c = _sample([*base, "--seed", "1", "--output", str(tmp_path / "c.png")])
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("method", ["twinflow", "glance"])
+def test_model_offload_hooks_give_the_same_images(runs, tmp_path, method):
+    """--offload model through accelerate's hooks (CPU as the execution device here): LoRAs, any-step embeddings and
+    Glance's adapter switch survive the offloading, bit for bit."""
+    base = [*_method_args(runs, method), "--device", "cpu", "--dtype", "bf16"]
+    _, plain = _sample([*base, "--output", str(tmp_path / "a.png")])
+    rec, hooked = _sample([*base, "--offload", "model", "--output", str(tmp_path / "b.png")], cpu_offload_hooks=True)
+    assert rec["offload"] == "model"
+    assert all(np.array_equal(a, b) for a, b in zip(plain, hooked))
+
+
+def test_offload_on_cpu_is_a_noop_with_a_message(runs, tmp_path, capsys):
+    rc = CLI.main(["--method", "flow", "--lora", runs("flow"), "--steps", "2", "--prompt", PROMPT, "--device", "cpu",
+                   "--offload", "sequential", "--output", str(tmp_path / "a.png")])
+    assert rc == 0 and os.path.exists(tmp_path / "a.png")
+    assert "fewstep: --offload sequential does nothing on --device cpu" in capsys.readouterr().err
+
+
+def test_full_finetune_twinflow_finds_its_anystep_embeddings(runs, tmp_path):
+    out = runs("twinflow_full")
+    assert os.path.exists(os.path.join(out, "transformer", "anystep_embeddings.safetensors"))
+    rec, ims = _sample(["--method", "twinflow", "--lora", out, "--steps", "1", "--device", "cpu", "--dtype", "bf16",
+                        "--output", str(tmp_path / "a.png")])
+    assert rec["dtype"] == "bf16" and ims[0].shape == (32, 32, 3)
+
+
+def _error_line(capsys, rc):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("fewstep: "), err
+    return err[0]
+
+
+def test_unknown_dtype_on_the_command_line(runs):
+    proc = subprocess.run([PY, "launcher/sample.py", "--method", "flow", "--lora", runs("flow"), "--prompt", "x",
+                           "--dtype", "fp8"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["fewstep: unknown dtype 'fp8': expected bf16, fp16 or fp32"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_a_gpu(runs, capsys):
+    rc = CLI.main(["--method", "flow", "--lora", runs("flow"), "--prompt", "x", "--device", "cuda"])
+    assert "--device cuda needs a CUDA GPU" in _error_line(capsys, rc)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:64"], "cuda:64"),
+    (["--steps", "3"], "--steps for Glance must be the Slow+Fast list length, 6"),
+])
+def test_bad_requests_end_in_one_line(runs, capsys, argv, message):
+    rc = CLI.main([*_method_args(runs, "glance"), "--prompt", "x", *argv])
+    assert message in _error_line(capsys, rc)
+
+
+def test_not_a_run_dir_and_missing_arguments(tmp_path, capsys):
+    rc = CLI.main(["--method", "twinflow", "--lora", str(tmp_path), "--prompt", "x"])
+    assert "has no fewstep_run.json" in _error_line(capsys, rc)
+    rc = CLI.main(["--method", "flow", "--prompt", "x"])
+    assert "--lora is required" in _error_line(capsys, rc)
+    with pytest.raises(SystemExit) as exc:
+        CLI.main(["--method", "flow", "--lora", str(tmp_path), "--prompt", "x", "--offload", "disk"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fewstep: argument --offload: invalid choice")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_sampling_with_and_without_offload(runs, tmp_path):
+    """On a GPU: the default is cuda + bf16 (TwinFlow LoRA with its any-step embeddings, and Glance's switch), close to
+    the CPU fp32 images from the same seed; model and sequential offload give the same images as plain placement."""
+    for method in ("twinflow", "glance"):
+        base = _method_args(runs, method)
+        ref_rec, ref = _sample([*base, "--device", "cpu", "--dtype", "fp32", "--output", str(tmp_path / "ref.png")])
+        rec, ims = _sample([*base, "--output", str(tmp_path / "gpu.png")])
+        assert rec["device"].startswith("cuda") and rec["dtype"] == "bf16" and rec["peak_mem_gib"] > 0
+        for a, b in zip(ims, ref):
+            assert _rel(a, b) < BF16_REL_TOL, (method, _rel(a, b))
+        for mode in ("model", "sequential"):
+            orec, off = _sample([*base, "--offload", mode, "--output", str(tmp_path / f"{mode}.png")])
+            assert orec["offload"] == mode
+            for a, b in zip(off, ims):
+                assert _rel(a, b) < 1e-2, (method, mode, _rel(a, b))
