@@ -57,10 +57,11 @@ def part_a() -> list[str]:
 
     adapter = get_adapter("flux")
     path = str(ensure_tiny_pipeline("flux"))
-    rows = ["| pipeline | device | dtype | rel. distance to cpu fp32 | finite |", "|---|---|---|---:|---|"]
+    rows = ["| pipeline | device | dtype | image: rel. distance to cpu fp32 | image finite | prompt embeddings: rel. "
+            "distance to cpu fp32 (finite) |", "|---|---|---|---:|---|---|"]
     gpu = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU (the dry run): cpu bf16 only
     for twin in (False, True):
-        ref = None
+        ref = emb_ref = None
         for device, dtype in dict.fromkeys((("cpu", torch.float32), ("cpu", torch.bfloat16), (gpu, torch.float32),
                                             (gpu, torch.bfloat16))):
             comps = adapter.load(path, dtype=dtype)
@@ -69,7 +70,11 @@ def part_a() -> list[str]:
                 anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
                 pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0)
             pipe.to(device)
-            kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, ["a red circle"]), guidance=None)
+            emb = adapter.encode_prompts(comps, ["a red circle"])  # the text encoders on `device` in `dtype`
+            emb_ref = emb if ref is None else emb_ref
+            emb_note = "; ".join(f"{k} {'ref' if ref is None else f'{rel(v, emb_ref[k]):.4f}'} "
+                                 f"({bool(torch.isfinite(v).all())})" for k, v in emb.items() if torch.is_tensor(v))
+            kwargs = adapter.pipeline_prompt_kwargs(emb, guidance=None)
             kwargs.setdefault("guidance_scale", 0.0)
             gen = torch.Generator().manual_seed(0)
             ctx = anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0) if twin else _null()
@@ -79,7 +84,8 @@ def part_a() -> list[str]:
             ref = img if ref is None else ref
             name = "TwinFlow (any-step, zero-init)" if twin else "stock FLUX, Euler"
             rows.append(f"| {name} | {device} | {str(dtype).split('.')[-1]} | "
-                        f"{'ref' if img is ref else f'{rel(img, ref):.4f}'} | {bool(torch.isfinite(img).all())} |")
+                        f"{'ref' if img is ref else f'{rel(img, ref):.4f}'} | {bool(torch.isfinite(img).all())} | "
+                        f"{emb_note} |")
             print(rows[-1], flush=True)
     return rows
 
@@ -93,7 +99,8 @@ class _null:
 
 
 def part_b(out: str, variants: int) -> list[str]:
-    rows = ["| variant | exit | steps logged | first non-finite report | s |", "|---|---:|---:|---|---:|"]
+    rows = ["| variant | exit | steps logged | first non-finite report | cached latents / embeddings finite | s |",
+            "|---|---:|---:|---|---|---:|"]
     for name, change in VARIANTS[:variants]:
         cfg = {**BASE_CONFIG, "output_dir": os.path.join(out, re.sub(r"\W+", "_", name))}
         ds = change.get("deepspeed_config")
@@ -113,9 +120,25 @@ def part_b(out: str, variants: int) -> list[str]:
         bad = re.findall(r"fewstep: step \d+: (non-finite[^\n]*|gradient norm[^\n]*)", text)
         applied = _applied_steps(cfg["output_dir"])
         first = bad[0] if bad else ("" if proc.returncode == 0 else text.strip().splitlines()[-1][:160])
-        rows.append(f"| {name} | {proc.returncode} | {applied} | {first} | {time.time() - t0:.0f} |")
+        rows.append(f"| {name} | {proc.returncode} | {applied} | {first} | {_cache_finite(cfg['output_dir'])} | "
+                    f"{time.time() - t0:.0f} |")
         print(rows[-1], flush=True)
     return rows
+
+
+def _cache_finite(output_dir: str) -> str:
+    """Whether every cached latent and prompt embedding the run wrote is finite, per kind (the cache fill runs the
+    VAE and text encoders on the GPU)."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    out = []
+    for kind in ("latents", "text"):
+        files = glob.glob(os.path.join(output_dir, "cache", "**", kind, "*.safetensors"), recursive=True)
+        bad = sum(1 for f in files if not all(bool(v.float().isfinite().all()) for v in load_file(f).values()))
+        out.append(f"{kind}: {len(files) - bad}/{len(files)}")
+    return ", ".join(out)
 
 
 def _applied_steps(output_dir: str) -> str:

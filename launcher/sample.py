@@ -51,9 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
                    help="diffusers CPU offload for pipelines that do not fit on the GPU: model (whole models in turn) "
                         "or sequential (submodule by submodule: least memory, slowest)")
+    p.add_argument("--target-time", default=None, choices=("few", "any", "mul"),
+                   help="twinflow: each step's target time tt: few (0: jump to data, re-noise), any (the next sigma), "
+                        "mul (the current sigma: plain flow). Default: the preset for the step count")
+    p.add_argument("--stochastic-ratio", type=float, default=None,
+                   help="twinflow: share of fresh noise when re-noising (1: all fresh, 0: Euler). Default: preset")
+    p.add_argument("--gap-end", type=float, default=None, help="twinflow: end gap of the sigma grid. Default: preset")
+    p.add_argument("--kumaraswamy", type=float, nargs=3, default=None, metavar=("A", "B", "C"),
+                   help="twinflow: time warp of the sigma grid (1 1 1: none). Default: preset")
     p.add_argument("--warmup", type=int, default=0, help="untimed pipeline calls before the timed ones")
     p.add_argument("--json", default=None, help="also write device, dtype, load and per-image times to this file")
     return p
+
+
+def twinflow_scheduler(steps: int, args):
+    """The TwinFlow sampler for `steps` NFE: the measured preset (`twinflow_preset`), with the CLI's overrides."""
+    from fewstep.schedulers import TwinFlowScheduler
+    from fewstep.schedulers.twinflow import twinflow_preset
+
+    preset = twinflow_preset(steps)
+    for key in ("target_time", "stochastic_ratio", "gap_end", "kumaraswamy"):
+        if getattr(args, key, None) is not None:
+            preset[key] = tuple(args.kumaraswamy) if key == "kumaraswamy" else getattr(args, key)
+    try:
+        return TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0, **preset)
+    except ValueError as e:
+        from fewstep.sampling import SamplingError
+        raise SamplingError(str(e)) from None
 
 
 def _sync(device: torch.device) -> None:
@@ -95,6 +119,9 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         steps_list = [n_glance]
     else:
         steps_list = args.steps or ([2] if args.method == "twinflow" else [20])
+    if args.method == "twinflow":  # sampler settings checked before anything loads
+        for n in steps_list:
+            twinflow_scheduler(n, args)
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -119,7 +146,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     if args.method == "twinflow":
         anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
         anystep.load_anystep(pipe.transformer, anystep_dir(run_dir))
-        pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0)
+        pipe.scheduler = twinflow_scheduler(steps_list[0], args)
     place_pipeline(pipe, device, offload)
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
     # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
@@ -136,8 +163,10 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
             return glance_pipeline_sample(pipe, prompt_kwargs, None, None, slow, fast, height=res, width=res,
                                           generator=gen).images[0]
         if args.method == "twinflow":  # its stochastic steps draw from gen too (the pipeline passes no generator)
+            pipe.scheduler = twinflow_scheduler(n, args)
             pipe.scheduler.step = functools.partial(TwinFlowScheduler.step, pipe.scheduler, generator=gen)
-            with anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0):
+            # each forward takes t and tt from the scheduler's current step (its target_time mode)
+            with anystep.anystep_state(pipe.transformer, sign=1.0, scheduler=pipe.scheduler):
                 return pipe(**prompt_kwargs, num_inference_steps=n, height=res, width=res, generator=gen).images[0]
         return pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, height=res, width=res,
                     generator=gen).images[0]

@@ -201,3 +201,28 @@ def test_cuda_bf16_sampling_with_and_without_offload(runs, tmp_path):
             assert orec["offload"] == mode
             for a, b in zip(off, ims):
                 assert _rel(a, b) < 1e-2, (method, mode, _rel(a, b))
+
+
+def test_twinflow_sampler_flags(runs, tmp_path):
+    """--target-time / --stochastic-ratio / --gap-end / --kumaraswamy reach the scheduler; the defaults are the preset
+    (an explicit preset gives the same image), other settings another image; a bad value is one fewstep: line."""
+    from fewstep.schedulers.twinflow import twinflow_preset
+
+    base = ["--method", "twinflow", "--lora", runs("twinflow"), "--steps", "2", "--device", "cpu"]
+    p = twinflow_preset(2)
+    explicit = ["--target-time", p["target_time"], "--stochastic-ratio", str(p["stochastic_ratio"]),
+                "--kumaraswamy", *map(str, p["kumaraswamy"])]
+    _, default = _sample([*base, "--output", str(tmp_path / "a.png")])
+    _, same = _sample([*base, *explicit, "--output", str(tmp_path / "b.png")])
+    assert np.array_equal(default[0], same[0])
+    others = [["--target-time", "mul"], ["--target-time", "any"], ["--gap-end", "0.2"],
+              ["--kumaraswamy", "1.17", "0.8", "1.1"], ["--stochastic-ratio", "0.5" if p["stochastic_ratio"] != 0.5
+                                                        else "0"]]
+    for i, flags in enumerate(others):
+        _, im = _sample([*base, *flags, "--output", str(tmp_path / f"o{i}.png")])
+        assert not np.array_equal(im[0], default[0]), flags
+    proc = subprocess.run([PY, "launcher/sample.py", "--prompt", PROMPT, *base, "--stochastic-ratio", "2",
+                           "--output", str(tmp_path / "bad.png")], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("fewstep:") and "stochastic_ratio" in proc.stderr
+    assert "Traceback" not in proc.stderr

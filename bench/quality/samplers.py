@@ -47,23 +47,26 @@ def euler(pipeline_dir: str, cond: dict, noise: torch.Tensor, sigmas: list[float
 
 
 def twinflow(pipeline_dir: str, run_dir: str, cond: dict, noise: torch.Tensor, steps: int, *, seed: int = 0,
-             full: bool = False):
-    """TwinFlow any-step sampling (UCGM, `TwinFlowScheduler` defaults) as `launcher/sample.py` does it.
+             full: bool = False, **sampler):
+    """TwinFlow any-step sampling (UCGM) as `launcher/sample.py` does it: `twinflow_preset(steps)`, with `sampler`
+    overriding TwinFlowScheduler settings (target_time, stochastic_ratio, gap_end, kumaraswamy).
 
     LoRA runs: `load_lora_weights(run_dir)`; full runs: the transformer from `run_dir/transformer`. The any-step
-    embeddings load from beside the weights; tt = 0 ("few") and sign +1 for every step. The scheduler's re-noising
-    draws from the global RNG, seeded here.
+    embeddings load from beside the weights; t and tt come from the scheduler's current step, sign +1. The
+    scheduler's re-noising draws from the global RNG, seeded here.
     """
     from fewstep.schedulers import TwinFlowScheduler
+    from fewstep.schedulers.twinflow import twinflow_preset
 
     tdir = os.path.join(run_dir, "transformer") if full else None
-    comps, pipe = load(pipeline_dir, tdir, TwinFlowScheduler(num_train_timesteps=1000, shift=1.0))
+    sched = TwinFlowScheduler(num_train_timesteps=1000, shift=1.0, **{**twinflow_preset(steps), **sampler})
+    comps, pipe = load(pipeline_dir, tdir, sched)
     if not full:
         pipe.load_lora_weights(run_dir)
     anystep.add_anystep_embeddings(pipe.transformer, ADAPTER.hook_time_scale)
     anystep.load_anystep(pipe.transformer, tdir or run_dir)
     torch.manual_seed(seed)
-    with anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0):
+    with anystep.anystep_state(pipe.transformer, sign=1.0, scheduler=pipe.scheduler):
         return run_pipeline(comps, pipe, cond, noise, num_inference_steps=steps)
 
 

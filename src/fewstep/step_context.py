@@ -17,7 +17,7 @@ class StepContext:
     cfg: Any                    # fewstep.config.Config
     adapter: Any                # the model family's FlowModelAdapter
     engine: Any                 # the DeepSpeed engine wrapping the transformer
-    dataset: Any                # fewstep.data.cache.CachedDataset (or anything with item(i), uncond, latents)
+    dataset: Any                # fewstep.data.cache.CachedDataset (or anything with item(i), uncond, text)
     order: Any                  # fewstep.data.order.DataOrder: this rank's resumable sample order
     device: torch.device
     dtype: torch.dtype          # the training compute dtype (bf16 or fp32)

@@ -81,11 +81,13 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
     """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective)."""
     cfg, model = ctx.cfg, velocity_fn(ctx)
     ds = ctx.dataset  # a square at the training resolution (datasets without buckets: the first latent's shape)
-    shape = (1, *getattr(ds, "validation_shape", ds.latents[0].shape))
+    shape = (1, *(ds.validation_shape if hasattr(ds, "validation_shape") else ds.latents[0].shape))
     x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)
     if cfg.resolved_method == "twinflow":
         from fewstep.schedulers import TwinFlowScheduler
-        sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching")
+        from fewstep.schedulers.twinflow import twinflow_preset
+        n = cfg.twinflow_target_step_count  # sampled with the same preset as launcher/sample.py
+        sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", **twinflow_preset(n))
         one = torch.ones(1, device=x.device)
         return twinflow_loop(lambda x_, s, tt: model(x_, s, cond, tt=tt, sign=one), x.float(), sched,
                              cfg.twinflow_target_step_count, generator=generator)

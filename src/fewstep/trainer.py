@@ -49,20 +49,25 @@ def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, i
     from fewstep.data.backends import load_data_config
     from fewstep.data.buckets import Geometry
     from fewstep.data.cache import CacheSet
-    from fewstep.data.dataset import collect_samples
+    from fewstep.data.dataset import DigestMemo, collect_samples
     from fewstep.data.prepare import resolution_multiple, summary
 
     if cfg.data_backend_config is None:
         raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
     data = load_data_config(cfg.data_backend_config, cfg.resolution)
     multiple = resolution_multiple(adapter, cfg.pretrained_model_name_or_path)
-    samples, skipped = collect_samples(data, multiple)
+    with distributed.uneven_work("data scan"):  # rank 0 alone lists, sizes and hashes the images
+        if info.rank == 0:
+            memo = DigestMemo(os.path.join(cfg.output_dir, "data_digests.json"))
+            found = collect_samples(data, multiple, memo)
+            memo.save()
+    samples, skipped = distributed.broadcast_object(found if info.rank == 0 else None)
     for line in summary(data, samples, skipped):
         _log(info.is_main, line)
     extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
     caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
                       model_key(cfg.model_family, cfg.pretrained_model_name_or_path), data.default_text_cache_dir,
-                      data.text_batch_sizes)
+                      data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
     shares, sizes = {}, set()
     for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
         group = distributed.sharing_group(root)
@@ -75,7 +80,7 @@ def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, i
                            f"{'/'.join(map(str, sorted(sizes)))} rank(s) per cache directory ({len(shares)})")
     with distributed.uneven_work("cache fill"):
         if lat or txt:
-            dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+            dtype = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else torch.float32  # encoders
             comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_transformer=False)
             for m in [comps.vae, *comps.text_encoders]:
                 m.to(info.device)

@@ -204,3 +204,43 @@ def test_deepcopy_keeps_hook_bound_to_its_own_embedding(tiny):
         b = adapter.forward(twin, x, sig, cond, sign=-1.0)
     assert not torch.allclose(a, b)
     assert get_adapter("flux").hook_time_scale == 1000 and get_adapter("qwenimage").hook_time_scale == 1
+
+
+@pytest.mark.parametrize("mode", ["few", "any", "mul"])
+def test_stock_pipeline_follows_the_scheduler_target_times(tiny, mode):
+    """anystep_state(scheduler=...) in a stock pipeline == fewstep's own UCGM loop with tt per step (the mode's), at
+    2 steps with deterministic re-noising (s = 0); the three modes give three different samples."""
+    from fewstep.sampling import twinflow_loop
+    from fewstep.schedulers import TwinFlowScheduler
+
+    adapter, comps = tiny("flux")
+    _, tr, cond, x0 = _setup(tiny, "flux")
+    _randomize(adapter.add_anystep(tr))
+
+    def sched():
+        return TwinFlowScheduler(num_train_timesteps=1000, shift=1.0, target_time=mode, stochastic_ratio=0.0)
+    pipe = adapter.build_pipeline(comps, transformer=tr, scheduler=sched())
+    with torch.no_grad(), anystep_state(tr, sign=1.0, scheduler=pipe.scheduler):
+        out = pipe(**adapter.pipeline_prompt_kwargs(cond), **adapter.pipeline_latent_kwargs(comps, x0),
+                   num_inference_steps=2, output_type="latent", return_dict=False)[0]
+    assert tr.anystep_embed.scheduler is None  # cleared after the block
+    got = adapter.latents_from_pipeline(out, *x0.shape[-2:])
+    with torch.no_grad():
+        ref = twinflow_loop(lambda x, s, tt: adapter.forward(tr, x, s, cond, tt=tt, sign=1.0), x0, sched(), 2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    _MODE_SAMPLES[mode] = got
+    if len(_MODE_SAMPLES) == 3:
+        a, b, c = _MODE_SAMPLES.values()
+        assert not torch.allclose(a, b) and not torch.allclose(b, c) and not torch.allclose(a, c)
+
+
+_MODE_SAMPLES = {}
+
+
+def test_scheduler_and_tt_are_exclusive(tiny):
+    from fewstep.schedulers import TwinFlowScheduler
+
+    _, tr, _, _ = _setup(tiny, "flux")
+    get_adapter("flux").add_anystep(tr)
+    with pytest.raises(ValueError, match="either a scheduler or tt"):
+        set_anystep_state(tr, tt=0.0, scheduler=TwinFlowScheduler())

@@ -6,8 +6,13 @@ Training then loads only the transformer.
 
 Where: the run's `cache_dir` by default; an image entry's `cache_dir_vae` (or the `cache_dir` of the image_embeds
 entry it names) for its latents; a text_embeds entry's `cache_dir` for the captions of the entries it serves (the
-default one also holds the empty and validation prompts). Each directory gets a subfolder per model; a latent file
-is keyed by the image's content and its plan (bucket, resize, crop), a text file by the prompt.
+default one also holds the empty and validation prompts). Each directory gets a subfolder per model and storage
+dtype (the training dtype: bf16 latents and embeddings take half of fp32's disk and I/O); a latent file is keyed by
+the image's content and its plan (bucket, resize, crop), a text file by the prompt.
+
+Reads are lazy: `CachedDataset` keeps file paths, and reads a sample's latents and caption embeddings (safetensors,
+memory-mapped) when the data order draws it. Only the empty prompt's and the validation prompts' embeddings stay in
+memory, so a data set much larger than host memory trains, and memory per rank does not grow with it.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,11 +58,17 @@ def _atomic_save(tensors: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-class EmbeddingCache:
-    """Latents at `<dir>/<model>/latents/<hash>.safetensors`, text at `<dir>/<model>/text/<hash>.safetensors`."""
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-    def __init__(self, root: str, model: str, text_batch_size: int = 8):
-        self.root, self.text_batch_size = os.path.join(root, model), text_batch_size
+
+class EmbeddingCache:
+    """Latents at `<dir>/<model>/<dtype>/latents/<hash>.safetensors`, text at `.../text/<hash>.safetensors`."""
+
+    def __init__(self, root: str, model: str, text_batch_size: int = 8, dtype: torch.dtype = torch.float32):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"cache dtype must be one of {list(DTYPE_NAMES)}, got {dtype}")
+        self.root = os.path.join(root, model, DTYPE_NAMES[dtype])
+        self.text_batch_size, self.dtype = text_batch_size, dtype
         os.makedirs(os.path.join(self.root, "latents"), exist_ok=True)
         os.makedirs(os.path.join(self.root, "text"), exist_ok=True)
 
@@ -84,15 +95,15 @@ class EmbeddingCache:
                 chunk = group[i:i + batch_size]
                 pixels = torch.stack([load_planned(s.image_path, s.plan) for s in chunk])
                 with torch.no_grad():
-                    latents = encode_images(pixels).float()
+                    latents = encode_images(pixels)
                 for s, z in zip(chunk, latents):
-                    _atomic_save({"latents": z}, self.latent_path(s))
+                    _atomic_save({"latents": z.to(self.dtype)}, self.latent_path(s))
         for i in range(0, len(txt), self.text_batch_size):
             chunk = txt[i:i + self.text_batch_size]
             with torch.no_grad():
                 emb = encode_prompts(chunk)
             for j, p in enumerate(chunk):
-                _atomic_save({k: v[j].float() for k, v in emb.items()}, self.text_path(p))
+                _atomic_save({k: v[j].to(self.dtype) for k, v in emb.items()}, self.text_path(p))
 
     def load_latents(self, sample: Sample) -> torch.Tensor:
         return load_file(self.latent_path(sample))["latents"]
@@ -108,14 +119,15 @@ class CacheSet:
     can split its filling (`share`)."""
 
     def __init__(self, samples: list[Sample], entries: list, extra_prompts: list[str], base_dir: str, model: str,
-                 default_text_dir: Optional[str] = None, text_batch_sizes: Optional[dict] = None):
+                 default_text_dir: Optional[str] = None, text_batch_sizes: Optional[dict] = None,
+                 dtype: torch.dtype = torch.float32):
         sizes = text_batch_sizes or {}
         self.caches: dict[str, EmbeddingCache] = {}
 
         def cache(directory: Optional[str]) -> EmbeddingCache:
             size, directory = sizes.get(directory, 8), directory or base_dir
             if directory not in self.caches:
-                self.caches[directory] = EmbeddingCache(directory, model, size)
+                self.caches[directory] = EmbeddingCache(directory, model, size, dtype)
             return self.caches[directory]
 
         self.samples = samples
@@ -153,22 +165,45 @@ class CacheSet:
         return next(c for c in self.caches.values() if c.root == root)
 
 
+class PromptEmbeddings(Mapping):
+    """prompt -> its cached embeddings, read from disk on each access; the `resident` prompts (the empty one, the
+    validation prompts) are read once and kept."""
+
+    def __init__(self, paths: dict[str, str], resident: set[str]):
+        self.paths = paths
+        self.resident = {p: load_file(paths[p]) for p in sorted(resident) if p in paths}
+
+    def __getitem__(self, prompt: str) -> dict:
+        hit = self.resident.get(prompt)
+        return hit if hit is not None else load_file(self.paths[prompt])
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 class CachedDataset:
-    """The training set held in memory as cached tensors: latents plus caption embeddings per sample, and the
-    `layout` the data order draws batches from (one bucket per batch)."""
+    """The training set as cached tensors on disk: each sample's latents and caption embeddings are read when drawn
+    (module doc), and the `layout` the data order draws batches from (one bucket per batch)."""
 
     def __init__(self, caches: CacheSet, entries: list, multiple: int, extra_prompts: Optional[list[str]] = None):
         self.samples, self.entries, self.multiple = caches.samples, entries, multiple
-        self.latents = [c.load_latents(s) for s, c in zip(self.samples, caches.latent_cache)]
-        prompts = {p for s in self.samples for p in s.captions} | {""} | set(extra_prompts or [])
-        self.text = {p: caches.text_cache[p].load_text(p) for p in prompts}
+        self.latent_paths = [c.latent_path(s) for s, c in zip(self.samples, caches.latent_cache)]
+        resident = {""} | set(extra_prompts or [])
+        prompts = {p for s in self.samples for p in s.captions} | resident
+        self.text = PromptEmbeddings({p: caches.text_cache[p].text_path(p) for p in prompts}, resident)
         self.layout = build_layout(self.samples, entries)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def latents(self, i: int) -> torch.Tensor:
+        return load_file(self.latent_paths[i])["latents"]
+
     def item(self, i: int, variant: int = 0) -> tuple[torch.Tensor, dict]:
-        return self.latents[i], self.text[self.samples[i].captions[variant]]
+        return self.latents(i), self.text[self.samples[i].captions[variant]]
 
     @property
     def uncond(self) -> dict:
@@ -180,7 +215,7 @@ class CachedDataset:
         from fewstep.data.buckets import Geometry
 
         first = self.samples[0]
-        c, _, w = self.latents[0].shape
+        c, _, w = self.latents(0).shape
         factor = first.plan.target[0] // w  # the VAE's downsampling
         side = Geometry(self.entries[first.entry], self.multiple).square[0] // factor
         return c, side, side

@@ -11,6 +11,7 @@ A fewstep entry like `{"backend": "simple", "resolution": 1024, "shuffle": true,
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,15 +65,17 @@ def load_image(path: str, resolution: int, multiple: int) -> torch.Tensor:
     return load_planned(path, plan)
 
 
-def collect_samples(config: DataConfig, multiple: int) -> tuple[list[Sample], dict[str, Counter]]:
+def collect_samples(config: DataConfig, multiple: int,
+                    digest_of=content_digest) -> tuple[list[Sample], dict[str, Counter]]:
     """Every usable image of every entry with its plan; and, per entry id, why images were skipped (counts).
 
-    An entry whose images are all skipped is an error naming it and the reasons."""
+    `digest_of(path)` gives an image's content hash (`DigestMemo` skips files hashed before). An entry whose images
+    are all skipped is an error naming it and the reasons."""
     samples, skipped = [], {}
     for e, entry in enumerate(config.images):
         geometry, reasons, kept = Geometry(entry, multiple), Counter(), 0
         for path, caps in find_captioned_images(entry):
-            digest = content_digest(path)
+            digest = digest_of(path)
             plan = geometry.plan(*image_size(path), key=f"{entry.id}|{digest}")
             if isinstance(plan, str):
                 reasons[plan] += 1
@@ -84,6 +87,36 @@ def collect_samples(config: DataConfig, multiple: int) -> tuple[list[Sample], di
             detail = ", ".join(f"{n} {why}" for why, n in reasons.items())
             raise DataError(f"{entry.where}: every image in {entry.image_dir} is skipped ({detail})")
     return samples, skipped
+
+
+class DigestMemo:
+    """Content hashes remembered across runs in a JSON file: a file whose size and mtime are unchanged is not read
+    again (hashing reads every byte of every image: at a million images, a restart would re-read the data set)."""
+
+    def __init__(self, path: str):
+        self.path, self.known, self.changed = path, {}, False
+        if os.path.exists(path):
+            with open(path) as fh:
+                self.known = json.load(fh)
+
+    def __call__(self, image_path: str) -> str:
+        key, st = os.path.abspath(image_path), os.stat(image_path)
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.known.get(key)
+        if hit is not None and hit[:2] == stamp:
+            return hit[2]
+        digest = content_digest(image_path)
+        self.known[key], self.changed = [*stamp, digest], True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(self.known, fh)
+        os.replace(tmp, self.path)
 
 
 def build_layout(samples: list[Sample], entries: list[ImageEntry]) -> Layout:

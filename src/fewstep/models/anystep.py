@@ -48,6 +48,7 @@ class AnyStepEmbedding(nn.Module):
         self.tt: torch.Tensor | float | None = None  # per-call state, set by set_anystep_state
         self.sign: torch.Tensor | float | None = None
         self.t: torch.Tensor | float | None = None  # the caller's (fp32) sigma; None: read it from the hooked input
+        self.scheduler = None  # a TwinFlowScheduler inside a stock pipeline: t and tt of its current step
 
     def forward(self, timestep_arg: torch.Tensor, batch: int) -> torch.Tensor:
         """The [batch, inner_dim] term to add for the current state; timestep_arg is the hooked module's input."""
@@ -56,12 +57,22 @@ class AnyStepEmbedding(nn.Module):
         if self.sign is not None:
             sign = _per_sample(self.sign, batch, w.device, "sign")
             out = out + self.sign_embed((sign < 0).long())
-        if self.tt is not None:
-            tt = _per_sample(self.tt, batch, w.device, "tt").float()
-            t = self._current_time(timestep_arg, batch)
+        t_tt = self._scheduler_times() if self.scheduler is not None else None
+        if self.tt is not None or t_tt is not None:
+            t, tt = t_tt if t_tt is not None else (None, self.tt)
+            tt = _per_sample(tt, batch, w.device, "tt").float()
+            t = _per_sample(t, batch, w.device, "t").float() if t is not None else self._current_time(timestep_arg,
+                                                                                                     batch)
             e2 = self.tt_linear_2(self.tt_act(self.tt_linear_1(timestep_sinusoid(tt * 1000.0).to(w.dtype))))
             out = out + e2 * (t - tt).to(w.dtype)[:, None]
         return out
+
+    def _scheduler_times(self) -> tuple[float, float]:
+        """(sigma_i, tt_i) of the scheduler's current step: the exact fp64 sigma (not the model-dtype timestep the
+        pipeline passes) and its target time per `target_time` (few: 0, any: sigma_{i+1}, mul: sigma_i)."""
+        sched = self.scheduler
+        i = sched.step_index if sched.step_index is not None else (sched.begin_index or 0)
+        return float(sched.sigmas[i]), float(sched.target_times()[i])
 
     def _current_time(self, timestep_arg: torch.Tensor, batch: int) -> torch.Tensor:
         """t as a [batch] fp32 tensor: the state's t if set, else the hooked argument over hook_time_scale."""
@@ -83,7 +94,7 @@ def _per_sample(v, batch: int, device, name: str) -> torch.Tensor:
 
 def _time_embed_hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
     embed = module._fewstep_anystep[0]  # a list, so the embedding is not registered twice as a submodule
-    if embed.tt is None and embed.sign is None:
+    if embed.tt is None and embed.sign is None and embed.scheduler is None:
         return out
     t = args[0] if args else kwargs["timestep"]
     return out + embed(t, out.shape[0]).to(out.dtype)
@@ -119,20 +130,23 @@ def _embed_of(transformer: nn.Module) -> AnyStepEmbedding:
     return embed
 
 
-def set_anystep_state(transformer: nn.Module, tt=None, sign=None, t=None) -> None:
+def set_anystep_state(transformer: nn.Module, tt=None, sign=None, t=None, scheduler=None) -> None:
     """Set (or with all None, clear) the tt/sign the next forwards use; floats broadcast over the batch.
 
     t: the current time (sigma in [0, 1], fp32) for (t - tt); None reads it from the transformer's own timestep input,
-    which is rounded to the model dtype.
+    which is rounded to the model dtype. scheduler: a `TwinFlowScheduler` driving a stock diffusers pipeline; each
+    forward then takes t and tt from its current step (its `target_time` mode), instead of tt and t.
     """
+    if scheduler is not None and (tt is not None or t is not None):
+        raise ValueError("set_anystep_state: give either a scheduler or tt/t, not both")
     embed = _embed_of(transformer)
-    embed.tt, embed.sign, embed.t = tt, sign, t
+    embed.tt, embed.sign, embed.t, embed.scheduler = tt, sign, t, scheduler
 
 
 @contextlib.contextmanager
-def anystep_state(transformer: nn.Module, tt=None, sign=None, t=None):
-    """Context manager: tt/sign (and t) set inside the block, cleared afterwards even on error."""
-    set_anystep_state(transformer, tt, sign, t)
+def anystep_state(transformer: nn.Module, tt=None, sign=None, t=None, scheduler=None):
+    """Context manager: tt/sign (and t, or a scheduler) set inside the block, cleared afterwards even on error."""
+    set_anystep_state(transformer, tt, sign, t, scheduler)
     try:
         yield
     finally:

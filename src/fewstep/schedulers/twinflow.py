@@ -47,6 +47,22 @@ def default_gap_end(num_steps: int) -> float:
     return 0.6 if num_steps <= 2 else 0.5 if num_steps <= 4 else 0.3
 
 
+# The sampler per step count (NFE), as `launcher/sample.py`, validation and the quality benchmark use it: the best of
+# every mode measured on the digits benchmark (bench/quality/RESULTS.md, "TwinFlow sampler modes"). Target time "any"
+# (tt = the next sigma) without re-noising (s = 0), the reference's end gaps: at 2, 4 and 8 NFE it is the best or
+# within the noise-draw spread of the best for the LoRA and the full fine-tune, and more steps are never worse. The
+# reference's own few-step preset (few, s = 1: the class defaults) is flat or worse with more steps there. At 1 NFE
+# every mode but "mul" is the same step.
+PRESETS = {1: dict(target_time="any", stochastic_ratio=0.0, gap_end=None, kumaraswamy=(1.0, 1.0, 1.0))}
+
+
+def twinflow_preset(num_steps: int) -> dict:
+    """TwinFlowScheduler settings for `num_steps` steps: the preset of the largest listed count <= num_steps."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return dict(PRESETS[max(n for n in PRESETS if n <= num_steps)])
+
+
 def ucgm_sigmas(num_steps: int, gap_start: float = 0.001, gap_end: float | None = None,
                 kumaraswamy=(1.0, 1.0, 1.0)) -> np.ndarray:
     """The N non-terminal UCGM sigmas (float64, decreasing), before any shift and without the terminal 0."""

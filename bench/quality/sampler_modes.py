@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Every TwinFlow sampler mode at every NFE, on one trained TwinFlow model, scored as the demo scores (#16 part 1).
+
+Rows: target time few / any / mul x stochastic ratio 1 / 0 x NFE 1, 2, 4, 8 (the reference's end gaps per NFE), and
+the reference's many-step preset (30 steps, Kumaraswamy (1.17, 0.8, 1.1), s = 0, any). Each row is sampled from
+`--noises` start-noise draws (1,000 samples each, 100 per digit, the demo's prompts) and scored against the held-out
+digits with the demo's classifier: FD mean and spread over the draws, accuracy.
+
+    python bench/quality/sampler_modes.py --run output/demo/twinflow --full     # the demo's TwinFlow (full FT)
+    python bench/quality/sampler_modes.py --run DIR                               # a TwinFlow LoRA export
+
+Writes `<out>/sampler_modes.md` and `.json` (default out: the run folder).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("fewstep_digits_demo", os.path.join(HERE, "demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rows(nfes):
+    out = [(f"{tt}, s={s:g}", n, dict(target_time=tt, stochastic_ratio=s))
+           for n in nfes for tt in ("few", "any", "mul") for s in (1.0, 0.0)
+           if not (n == 1 and (tt == "any" or s == 0.0))]  # at 1 NFE: any = few, and s does not act
+    out.append(("many-step preset: any, s=0, Kumaraswamy (1.17, 0.8, 1.1), end gap 0", 30,
+                dict(target_time="any", stochastic_ratio=0.0, gap_end=0.0, kumaraswamy=(1.17, 0.8, 1.1))))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a TwinFlow export (LoRA folder, or full fine-tune with --full)")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--teacher", default=os.path.join(REPO, "data", "digits-teacher"))
+    ap.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--noises", type=int, default=3)
+    ap.add_argument("--no-many-step", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    demo = _demo()
+    import features
+    import samplers
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    demo.quiet()
+    t0 = time.time()
+    out = args.out or args.run
+    data_dir = os.path.join(out, "sampler_modes_data")
+    train, held = demo.write_data(demo.DEMO, data_dir)
+    net = features.train_classifier(train.images, train.labels, epochs=demo.DEMO["classifier_epochs"], seed=0)
+    ref_feats, _ = features.features_and_predictions(net, held.images)
+    ref = {"feats": ref_feats, "labels": held.labels, "stats": features.gaussian_stats(ref_feats)}
+    n = demo.DEMO["samples"]
+    cond, labels = demo.prompt_batch(args.teacher, n)
+    noises = [torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1 + k)) for k in range(args.noises)]
+    todo = [r for r in rows(args.nfe) if not (args.no_many_step and r[1] == 30)]
+    results = []
+    for label, nfe, sampler in todo:
+        fds, accs = [], []
+        for k, z in enumerate(noises):
+            px = samplers.twinflow(args.teacher, args.run, cond, z, nfe, full=args.full, seed=k, **sampler)
+            r = demo.evaluate(net, px.float().numpy(), labels, ref)
+            fds.append(r["fd"])
+            accs.append(r["accuracy"])
+        results.append({"mode": label, "nfe": nfe, "sampler": {k: list(v) if isinstance(v, tuple) else v
+                                                                 for k, v in sampler.items()},
+                        "fd": fds, "fd_mean": float(np.mean(fds)), "fd_std": float(np.std(fds)),
+                        "accuracy": float(np.mean(accs))})
+        print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {np.mean(fds):.2f} +- {np.std(fds):.2f}", flush=True)
+    lines = [f"Run: `{args.run}` ({'full fine-tune' if args.full else 'LoRA'}); {n} samples per draw, "
+             f"{args.noises} start-noise draws; FD mean +- std over the draws.", "",
+             "| sampler | NFE | FD | accuracy |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['mode']} | {r['nfe']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} | {100 * r['accuracy']:.1f}% |"
+              for r in results]
+    with open(os.path.join(out, "sampler_modes.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "sampler_modes.json"), "w") as fh:
+        json.dump({"run": args.run, "full": args.full, "noises": args.noises, "samples": n, "rows": results}, fh,
+                  indent=1)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

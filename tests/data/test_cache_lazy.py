@@ -1,0 +1,96 @@
+"""The latent/embedding cache at scale: stored in the training dtype, read lazily (memory per rank does not grow with
+the data set), and image hashes remembered across runs."""
+import os
+
+import pytest
+import torch
+
+from fewstep.data import dataset as dataset_mod
+from fewstep.data.backends import load_data_config
+from fewstep.data.cache import CachedDataset, CacheSet
+from fewstep.data.dataset import DigestMemo, collect_samples
+from fewstep_testing import write_dataset
+
+
+def _fill(tmp_path, samples, config, dtype, enc_img, enc_txt):
+    caches = CacheSet(samples, config.images, ["", "a validation prompt"], str(tmp_path / "cache"), "m", dtype=dtype)
+    for root in caches.roots():
+        caches.cache_at(root).fill(*caches.share(root, 0, 1), enc_img, enc_txt)
+    return caches
+
+
+def _encoders(text_shape=(3, 4)):
+    def enc_img(px):
+        return px[:, :1] * 1.2345678  # fp32 values that bf16 cannot hold exactly
+
+    def enc_txt(prompts):
+        g = torch.Generator().manual_seed(len(prompts))
+        return {"prompt_embeds": torch.randn(len(prompts), *text_shape, generator=g) + 0.1}
+    return enc_img, enc_txt
+
+
+def test_cache_is_stored_in_the_training_dtype(tmp_path):
+    config = load_data_config(write_dataset(str(tmp_path), n=2))
+    samples, _ = collect_samples(config, 1)
+    enc_img, enc_txt = _encoders()
+    ds16 = CachedDataset(_fill(tmp_path, samples, config, torch.bfloat16, enc_img, enc_txt), config.images, 1)
+    ds32 = CachedDataset(_fill(tmp_path, samples, config, torch.float32, enc_img, enc_txt), config.images, 1)
+    (lat16, txt16), (lat32, _) = ds16.item(0), ds32.item(0)
+    assert lat16.dtype == txt16["prompt_embeds"].dtype == torch.bfloat16 and lat32.dtype == torch.float32
+    assert torch.equal(lat16, lat32.to(torch.bfloat16)) and not torch.equal(lat16.float(), lat32)
+    assert ds16.latent_paths[0] != ds32.latent_paths[0]  # one cache per storage dtype: never mixed up
+    assert ds16.uncond["prompt_embeds"].dtype == torch.bfloat16
+
+
+def _peak_rss_since_reset() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def _reset_peak() -> int:
+    with open("/proc/self/clear_refs", "w") as fh:  # Linux: VmHWM back to the current RSS
+        fh.write("5")
+    return _peak_rss_since_reset()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_memory_does_not_grow_with_the_data_set(tmp_path):
+    """60 captions of a T5-sized embedding (512 x 1024 fp32 = 2 MiB each, 120 MiB in all): building the dataset and
+    drawing every item once must not hold them (the old dataset loaded all of them at construction)."""
+    n = 60
+    captions = [f"a drawing of number {i}" for i in range(n)]
+    config = load_data_config(write_dataset(str(tmp_path), n=n, size=16, captions=captions))
+    samples, _ = collect_samples(config, 1)
+    assert len({s.caption for s in samples}) == n
+    enc_img, enc_txt = _encoders(text_shape=(512, 1024))
+    caches = _fill(tmp_path, samples, config, torch.float32, enc_img, enc_txt)
+    total = sum(os.path.getsize(c.text_path(q)) for q, c in caches.text_cache.items())
+    assert total > 100 * 2 ** 20
+    base = _reset_peak()
+    ds = CachedDataset(caches, config.images, 1, ["a validation prompt"])
+    for i in range(len(ds)):
+        lat, text = ds.item(i)
+        assert text["prompt_embeds"].shape == (512, 1024)
+        assert torch.isfinite(text["prompt_embeds"]).all()  # touch every value (file-backed pages count once read)
+        del lat, text
+    grew = _peak_rss_since_reset() - base
+    assert grew < 0.15 * total, (grew / 2 ** 20, total / 2 ** 20)  # a few items and the resident prompts at most
+
+
+def test_digest_memo_hashes_each_image_once_across_runs(tmp_path, monkeypatch):
+    config = load_data_config(write_dataset(str(tmp_path), n=3))
+    calls = []
+    real = dataset_mod.content_digest
+    monkeypatch.setattr(dataset_mod, "content_digest", lambda p: calls.append(p) or real(p))
+    memo_path = str(tmp_path / "out" / "data_digests.json")
+    memo = DigestMemo(memo_path)
+    first, _ = collect_samples(config, 1, memo)
+    memo.save()
+    assert len(calls) == 3
+    again, _ = collect_samples(config, 1, DigestMemo(memo_path))  # a restart: nothing re-read
+    assert len(calls) == 3 and [s.digest for s in again] == [s.digest for s in first]
+    changed = first[0].image_path
+    with open(changed, "ab") as fh:  # an edited image is hashed again
+        fh.write(b"\0")
+    third, _ = collect_samples(config, 1, DigestMemo(memo_path))
+    assert calls[3:] == [changed] and third[0].digest != first[0].digest
