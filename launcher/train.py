@@ -71,4 +71,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if code:  # after a failure the process group is still up (tearing it down could wait on ranks that are gone),
+        sys.stdout.flush()  # and gloo's threads can abort the interpreter's exit ("terminate called without an
+        sys.stderr.flush()  # active exception", status -6): leave at once with the status the error gave
+        os._exit(code)
+    sys.exit(code)

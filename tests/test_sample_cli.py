@@ -215,7 +215,7 @@ def test_twinflow_sampler_flags(runs, tmp_path):
     _, default = _sample([*base, "--output", str(tmp_path / "a.png")])
     _, same = _sample([*base, *explicit, "--output", str(tmp_path / "b.png")])
     assert np.array_equal(default[0], same[0])
-    others = [["--target-time", "mul"], ["--target-time", "any"], ["--gap-end", "0.2"],
+    others = [*(["--target-time", t] for t in ("few", "any", "mul") if t != p["target_time"]), ["--gap-end", "0.2"],
               ["--kumaraswamy", "1.17", "0.8", "1.1"], ["--stochastic-ratio", "0.5" if p["stochastic_ratio"] != 0.5
                                                         else "0"]]
     for i, flags in enumerate(others):

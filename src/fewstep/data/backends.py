@@ -353,21 +353,19 @@ def _vae_dir(entry: dict, where: str, path: str, image_embeds: dict) -> Optional
     """cache_dir_vae, else the cache_dir of the image_embeds entry it names, else None (the run's cache_dir)."""
     if entry.get("cache_dir_vae"):
         return _local_dir(entry["cache_dir_vae"], "cache_dir_vae", where, path, False)
-    link = entry.get("image_embeds")
-    if link is None:
-        return None
-    if link not in image_embeds:
-        raise DataError(f"{where}: image_embeds '{link}' names no enabled image_embeds entry")
-    linked, linked_where = image_embeds[link]
-    return _local_dir(linked.get("cache_dir"), "cache_dir", linked_where, path, False)
+    return _linked_dir(entry.get("image_embeds"), image_embeds, "image_embeds", where, path)
 
 
 def _text_dir(entry: dict, where: str, path: str, text: dict, default) -> Optional[str]:
     """The cache_dir of the text_embeds entry it names (or of the default one), else None (the run's cache_dir)."""
-    link = entry.get("text_embeds", default)
+    return _linked_dir(entry.get("text_embeds", default), text, "text_embeds", where, path)
+
+
+def _linked_dir(link, linked: dict, kind: str, where: str, path: str) -> Optional[str]:
+    """The cache_dir of the enabled `kind` entry that `link` names; None without a link."""
     if link is None:
         return None
-    if link not in text:
-        raise DataError(f"{where}: text_embeds '{link}' names no enabled text_embeds entry")
-    linked, linked_where = text[link]
-    return _local_dir(linked.get("cache_dir"), "cache_dir", linked_where, path, False)
+    if link not in linked:
+        raise DataError(f"{where}: {kind} '{link}' names no enabled {kind} entry")
+    target, target_where = linked[link]
+    return _local_dir(target.get("cache_dir"), "cache_dir", target_where, path, False)
