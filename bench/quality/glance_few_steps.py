@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from sampler_modes import _demo  # noqa: E402
+from sampler_modes import _demo, draw_scorer  # noqa: E402
 
 SPLITS = {4: 2, 5: 2, 6: 3}  # NFE -> Slow steps (the rest are Fast)
 
@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     demo = _demo()
     import digits
-    import features
     import recipes
     import samplers
     from fewstep.sampling import flow_sigmas
@@ -50,31 +49,17 @@ def main(argv=None) -> int:
     demo.quiet()
     t0 = time.time()
     out = os.path.abspath(args.out)
-    train, held = demo.write_data(demo.DEMO, out)
+    train, score = draw_scorer(demo, args.teacher, out, args.noises)
     ten = [int(np.flatnonzero(train.labels == k)[0]) for k in range(10)]
     digits.write_dataset(train, os.path.join(out, "data", "ten"), os.path.join(out, "data", "ten.json"), ten)
-    net = features.train_classifier(train.images, train.labels, epochs=demo.DEMO["classifier_epochs"], seed=0)
-    ref_feats, _ = features.features_and_predictions(net, held.images)
-    ref = {"feats": ref_feats, "labels": held.labels, "stats": features.gaussian_stats(ref_feats)}
     n = demo.DEMO["samples"]
-    cond, labels = demo.prompt_batch(args.teacher, n)
-    noises = [torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1 + k)) for k in range(args.noises)]
-
-    def score(fn) -> dict:
-        fds, accs = [], []
-        for z in noises:
-            r = demo.evaluate(net, fn(z).float().numpy(), labels, ref)
-            fds.append(r["fd"])
-            accs.append(r["accuracy"])
-        return {"fd": fds, "fd_mean": float(np.mean(fds)), "fd_std": float(np.std(fds)),
-                "accuracy": float(np.mean(accs))}
 
     results = []
     for nfe in args.nfe:
         grid = flow_sigmas(nfe)
         slow, fast = grid[:SPLITS[nfe]], grid[SPLITS[nfe]:]
         results.append({"row": "teacher, plain schedule", "nfe": nfe,
-                        **score(lambda z: samplers.euler(args.teacher, cond, z, grid))})
+                        **score(lambda cond, k, z: samplers.euler(args.teacher, cond, z, grid))})
         print(f"[{time.time() - t0:5.0f} s] teacher @ {nfe}: FD {results[-1]['fd_mean']:.2f}", flush=True)
         for images in ("one", "ten"):
             for lr in (5e-5, 5e-4):
@@ -94,7 +79,7 @@ def main(argv=None) -> int:
                 g = cfg["output_dir"]
                 label = (f"Glance {len(slow)} Slow + {len(fast)} Fast, {images} "
                          f"image{'s' if images == 'ten' else ''}, LR {lr:g}")
-                results.append({"row": label, "nfe": nfe, **score(lambda z: samplers.glance(
+                results.append({"row": label, "nfe": nfe, **score(lambda cond, k, z: samplers.glance(
                     args.teacher, os.path.join(g, "glance-slow"), os.path.join(g, "glance-fast"), cond, z))})
                 print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {results[-1]['fd_mean']:.2f}", flush=True)
     lines = [f"{n} samples per draw, {args.noises} start-noise draws (FD mean +- std); Slow + Fast lists = the "

@@ -42,6 +42,32 @@ def rows(nfes):
     return out
 
 
+def draw_scorer(demo, teacher: str, data_dir: str, draws: int):
+    """The demo's scoring over `draws` start-noise draws (1,000 samples each, the demo's prompts and classifier).
+
+    Returns (the training split, score): `score(fn)` calls `fn(cond, k, noise)` -> pixels for draw k and gives the FD
+    of each draw, their mean and std, and the mean class accuracy."""
+    import features
+
+    train, held = demo.write_data(demo.DEMO, data_dir)
+    net = features.train_classifier(train.images, train.labels, epochs=demo.DEMO["classifier_epochs"], seed=0)
+    ref_feats, _ = features.features_and_predictions(net, held.images)
+    ref = {"feats": ref_feats, "labels": held.labels, "stats": features.gaussian_stats(ref_feats)}
+    n = demo.DEMO["samples"]
+    cond, labels = demo.prompt_batch(teacher, n)
+    noises = [torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1 + k)) for k in range(draws)]
+
+    def score(fn) -> dict:
+        fds, accs = [], []
+        for k, z in enumerate(noises):
+            r = demo.evaluate(net, fn(cond, k, z).float().numpy(), labels, ref)
+            fds.append(r["fd"])
+            accs.append(r["accuracy"])
+        return {"fd": fds, "fd_mean": float(np.mean(fds)), "fd_std": float(np.std(fds)),
+                "accuracy": float(np.mean(accs))}
+    return train, score
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a TwinFlow export (LoRA folder, or full fine-tune with --full)")
@@ -53,35 +79,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     demo = _demo()
-    import features
     import samplers
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     demo.quiet()
     t0 = time.time()
     out = args.out or args.run
-    data_dir = os.path.join(out, "sampler_modes_data")
-    train, held = demo.write_data(demo.DEMO, data_dir)
-    net = features.train_classifier(train.images, train.labels, epochs=demo.DEMO["classifier_epochs"], seed=0)
-    ref_feats, _ = features.features_and_predictions(net, held.images)
-    ref = {"feats": ref_feats, "labels": held.labels, "stats": features.gaussian_stats(ref_feats)}
+    _, score = draw_scorer(demo, args.teacher, os.path.join(out, "sampler_modes_data"), args.noises)
     n = demo.DEMO["samples"]
-    cond, labels = demo.prompt_batch(args.teacher, n)
-    noises = [torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1 + k)) for k in range(args.noises)]
     todo = [r for r in rows(args.nfe) if not (args.no_many_step and r[1] == 30)]
     results = []
     for label, nfe, sampler in todo:
-        fds, accs = [], []
-        for k, z in enumerate(noises):
-            px = samplers.twinflow(args.teacher, args.run, cond, z, nfe, full=args.full, seed=k, **sampler)
-            r = demo.evaluate(net, px.float().numpy(), labels, ref)
-            fds.append(r["fd"])
-            accs.append(r["accuracy"])
+        r = score(lambda cond, k, z: samplers.twinflow(args.teacher, args.run, cond, z, nfe, full=args.full, seed=k,
+                                                       **sampler))
         results.append({"mode": label, "nfe": nfe, "sampler": {k: list(v) if isinstance(v, tuple) else v
-                                                                 for k, v in sampler.items()},
-                        "fd": fds, "fd_mean": float(np.mean(fds)), "fd_std": float(np.std(fds)),
-                        "accuracy": float(np.mean(accs))})
-        print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {np.mean(fds):.2f} +- {np.std(fds):.2f}", flush=True)
+                                                                 for k, v in sampler.items()}, **r})
+        print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {r['fd_mean']:.2f} +- {r['fd_std']:.2f}", flush=True)
     lines = [f"Run: `{args.run}` ({'full fine-tune' if args.full else 'LoRA'}); {n} samples per draw, "
              f"{args.noises} start-noise draws; FD mean +- std over the draws.", "",
              "| sampler | NFE | FD | accuracy |", "|---|---:|---:|---:|"]
