@@ -67,7 +67,7 @@ def part_a() -> list[str]:
             comps = adapter.load(path, dtype=dtype)
             pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
             if twin:
-                anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
+                adapter.add_anystep(pipe.transformer)
                 pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0)
             pipe.to(device)
             emb = adapter.encode_prompts(comps, ["a red circle"])  # the text encoders on `device` in `dtype`

@@ -2,10 +2,13 @@
 """Training-step benchmark of the real architectures through fewstep's own engine and step code.
 
   python bench/train_step.py --family qwen_image --depth 60 --resolution 1024 --method twinflow --lora_rank 64
+  python bench/train_step.py --family sdxl --depth 2 --resolution 1024   # SDXL UNet, transformer depth (1, 2, 2)
   python bench/train_step.py --smoke          # CPU: tiny model, one step, no figures claimed (CI)
 
-Builds the transformer from `configs/models/<family>.json` (the published architecture, random bf16 weights; `--depth`
-keeps K blocks, per-block figures are reported), feeds synthetic latents and text embeddings of the real shapes,
+Builds the denoiser from `configs/models/<family>.json` (the published architecture, random bf16 weights; `--depth`
+keeps K transformer blocks, per-block figures are reported; for the SDXL UNet, real widths with every level's
+transformer depth capped at K: `transformer_layers_per_block` (1, 2, 10) -> (1, 2, 2) at K = 2, resnets untouched),
+feeds synthetic latents and text embeddings of the real shapes,
 and runs warm-up then timed steps through `fewstep.engine` (deepspeed.initialize) and `fewstep.steps.make_step`
 (flow matching or TwinFlow, gradient checkpointing on), exactly as `launcher/train.py` does. Reports s/step,
 samples/s, achieved TFLOP/s and MFU from FLOPs counted with torch's FlopCounterMode over one whole step (forward with
@@ -21,14 +24,19 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_FILES = {"qwen_image": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json"}
-TEXT_LEN = {"qwen_image": 512, "flux": 512, "sd3": 333}  # pipelines' defaults (SD3: 77 CLIP + 256 T5)
+MODEL_FILES = {"qwen_image": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json",
+               "sdxl": "sdxl.json"}
+TEXT_LEN = {"qwen_image": 512, "flux": 512, "sd3": 333, "sdxl": 77}  # pipelines' defaults (SD3: 77 CLIP + 256 T5)
+# config keys a family needs: SDXL is an epsilon-prediction base, trained as a flow model through diff2flow (TwinFlow)
+FAMILY_OVERRIDES = {"sdxl": {"prediction_type": "epsilon", "diff2flow_enabled": True,
+                             "twinflow_allow_diff2flow": True}}
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen_image", choices=sorted(MODEL_FILES))
-    p.add_argument("--depth", type=int, default=None, help="transformer blocks to keep (default: all)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="transformer blocks to keep (default: all); SDXL: per-level transformer depth cap")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--method", default="twinflow", choices=("twinflow", "flow"))
@@ -60,22 +68,42 @@ class SyntheticDataset:
         return self.text[""]
 
 
+def model_kwargs(family: str, depth: int | None) -> tuple[str, dict]:
+    """(diffusers class name, constructor kwargs) of the family's shipped architecture at `depth` (module docstring)."""
+    with open(os.path.join(REPO, "configs", "models", MODEL_FILES[family])) as fh:
+        kwargs = json.load(fh)
+    cls = kwargs.pop("_class_name")
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    if depth is not None:
+        if "transformer_layers_per_block" in kwargs:  # a UNet: real widths, every level's transformer depth capped
+            per = kwargs["transformer_layers_per_block"]
+            per = [per] * len(kwargs["down_block_types"]) if isinstance(per, int) else per
+            kwargs["transformer_layers_per_block"] = [min(n, depth) for n in per]
+        elif "num_single_layers" in kwargs:  # Flux: keep the double/single proportion
+            total = kwargs["num_layers"] + kwargs["num_single_layers"]
+            kwargs["num_layers"] = max(1, round(depth * kwargs["num_layers"] / total))
+            kwargs["num_single_layers"] = max(0, depth - kwargs["num_layers"])
+        else:
+            kwargs["num_layers"] = depth
+    return cls, kwargs
+
+
+def transformer_blocks(model) -> int:
+    """Transformer blocks the denoiser runs per call: num_layers (+ single layers) of a transformer; a UNet's
+    BasicTransformerBlocks over all levels (its mid block and every up block count: 70 for SDXL)."""
+    if hasattr(model.config, "num_layers"):
+        return model.config.num_layers + getattr(model.config, "num_single_layers", 0)
+    return sum(len(ml) for name, ml in model.named_modules()
+               if name.endswith("transformer_blocks") and isinstance(ml, torch.nn.ModuleList))
+
+
 def build_transformer(args, adapter):
     if args.smoke:
-        return adapter.load(f"tiny:{adapter.family}", with_text=False, with_vae=False).transformer
+        return adapter.load(f"tiny:{adapter.family}", with_text=False, with_vae=False).denoiser
     import diffusers
 
-    with open(os.path.join(REPO, "configs", "models", MODEL_FILES[args.family])) as fh:
-        kwargs = json.load(fh)
-    cls = getattr(diffusers, kwargs.pop("_class_name"))
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
-    if args.depth is not None:
-        if "num_single_layers" in kwargs:  # Flux: keep the double/single proportion
-            total = kwargs["num_layers"] + kwargs["num_single_layers"]
-            kwargs["num_layers"] = max(1, round(args.depth * kwargs["num_layers"] / total))
-            kwargs["num_single_layers"] = max(0, args.depth - kwargs["num_layers"])
-        else:
-            kwargs["num_layers"] = args.depth
+    cls, kwargs = model_kwargs(args.family, args.depth)
+    cls = getattr(diffusers, cls)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # never materialise a fp32 copy of a 20B model
@@ -89,11 +117,14 @@ def build_transformer(args, adapter):
 
 def synthetic_inputs(args, adapter, transformer, smoke_res):
     cfgm = transformer.config
-    d = cfgm.joint_attention_dim
+    unet = hasattr(cfgm, "cross_attention_dim")  # SDXL's UNet: text width cross_attention_dim
+    d = cfgm.cross_attention_dim if unet else cfgm.joint_attention_dim
     L = 8 if args.smoke else TEXT_LEN[args.family]
     cond = {"prompt_embeds": torch.randn(L, d)}
-    if "pooled_prompt_embeds" in adapter.cond_keys:
-        cond["pooled_prompt_embeds"] = torch.randn(cfgm.pooled_projection_dim)
+    if "pooled_prompt_embeds" in adapter.cond_keys:  # SDXL: add_embedding's input less its 6 embedded time ids
+        pooled = (cfgm.projection_class_embeddings_input_dim - 6 * cfgm.addition_time_embed_dim if unet
+                  else cfgm.pooled_projection_dim)
+        cond["pooled_prompt_embeds"] = torch.randn(pooled)
     if "prompt_embeds_mask" in adapter.cond_keys:
         cond["prompt_embeds_mask"] = torch.ones(L, dtype=torch.long)
     packed = 4 if adapter.packed else 1
@@ -130,6 +161,9 @@ def sync():
 
 def main(argv):
     args = parse(argv)
+    if args.family in FAMILY_OVERRIDES and args.method != "twinflow":
+        raise SystemExit(f"bench/train_step.py: {args.family} is an epsilon-prediction base: only --method twinflow "
+                         "(with diff2flow) trains it")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -152,7 +186,8 @@ def main(argv):
                  "model_type": "lora" if args.lora_rank else "full", "lora_rank": max(args.lora_rank, 1),
                  "train_batch_size": args.batch, "gradient_checkpointing": True, "zero_stage": 2,
                  "mixed_precision": "bf16", "use_ema": args.method == "twinflow", "ema_decay": 0.99,
-                 "twinflow_enabled": args.method == "twinflow", "twinflow_adversarial_enabled": True}
+                 "twinflow_enabled": args.method == "twinflow", "twinflow_adversarial_enabled": True,
+                 **FAMILY_OVERRIDES.get(args.family, {})}
     cfg = load_config(None, overrides)
     adapter = get_adapter(args.family)
     transformer = build_transformer(args, adapter)
@@ -217,7 +252,7 @@ def main(argv):
     peak = measured_peak_tflops()
     achieved = flops / step_s / 1e12
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
-    blocks = getattr(transformer.config, "num_layers", 0) + getattr(transformer.config, "num_single_layers", 0)
+    blocks = transformer_blocks(transformer)
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke, not a figure)",
            "family": args.family, "blocks": blocks, "resolution": smoke_res if args.smoke else args.resolution,
            "batch": args.batch, "method": args.method, "lora_rank": args.lora_rank, "params_base": n_total,

@@ -2,7 +2,7 @@
 """Will it fit? Per-GPU memory of every ZeRO layout for a fewstep config, and the one to use.
 
     python launcher/plan.py --config my.json --gpus 8 [--nodes 1] [--gpu_mem_gb 80] [--host_mem_gb 1000]
-                            [--model_config configs/models/qwen_image.json] [--text_tokens 512] [--key value ...]
+                            [--model_config configs/models/sdxl.json] [--text_tokens 512] [--key value ...]
 
 --config: one or more fewstep configs; --gpus: GPUs in all, a comma list plans each (--gpus 1,8,32);
 --nodes: default ceil(gpus / 8).
@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--nodes", type=int, default=None, help="nodes (default ceil(gpus / 8))")
     ap.add_argument("--gpu_mem_gb", type=float, default=80.0, help="GiB per GPU (default 80)")
     ap.add_argument("--host_mem_gb", type=float, default=None, help="host GiB per node (checks offload layouts)")
-    ap.add_argument("--model_config", default=None, help="diffusers transformer config.json to plan for")
+    ap.add_argument("--model_config", default=None,
+                    help="diffusers denoiser (transformer or UNet) config.json to plan for")
     ap.add_argument("--text_tokens", type=int, default=None, help="text tokens (default: the pipeline's)")
     ap.add_argument("--overhead_gb", type=float, default=2.0, help="per-GPU runtime overhead: CUDA context, NCCL")
     args, overrides = ap.parse_known_args(argv)

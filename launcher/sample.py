@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def twinflow_scheduler(steps: int, args):
-    """The TwinFlow sampler for `steps` NFE: the measured preset (`twinflow_preset`), with the CLI's overrides."""
+def twinflow_scheduler(steps: int, args, base_config=None, prediction_type: str = "flow_matching"):
+    """The TwinFlow sampler for `steps` NFE: the measured preset (`twinflow_preset`), with the CLI's overrides.
+
+    base_config / prediction_type: for a diffusion base (SDXL), its folder's scheduler config (the betas) and
+    'epsilon' / 'v_prediction': the scheduler then scales the UNet's input and converts its output (diff2flow)."""
     from fewstep.schedulers import TwinFlowScheduler
     from fewstep.schedulers.twinflow import twinflow_preset
 
@@ -74,6 +77,8 @@ def twinflow_scheduler(steps: int, args):
         if getattr(args, key, None) is not None:
             preset[key] = tuple(args.kumaraswamy) if key == "kumaraswamy" else getattr(args, key)
     try:
+        if base_config is not None:
+            return TwinFlowScheduler.from_config(base_config, prediction_type=prediction_type, shift=1.0, **preset)
         return TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0, **preset)
     except ValueError as e:
         from fewstep.sampling import SamplingError
@@ -133,10 +138,15 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     adapter = get_adapter(cfg["model_family"])
     t_load = time.perf_counter()
     comps = adapter.load(args.model or cfg["pretrained_model_name_or_path"], dtype=dtype)
-    full_dir = os.path.join(run_dir, "transformer")
+    full_dir = os.path.join(run_dir, adapter.denoiser_subfolder)
     if os.path.isdir(full_dir):  # a full fine-tune
-        comps.transformer = adapter.transformer_cls.from_pretrained(full_dir, dtype=dtype)
+        comps.denoiser = adapter.denoiser_cls.from_pretrained(full_dir, dtype=dtype)
+    base = {}  # a diffusion base: the TwinFlow scheduler bridges its UNet (input scale, timestep, output conversion)
+    if adapter.diffusion_base:
+        adapter.set_prediction_type(cfg.get("prediction_type") or adapter.prediction_type)
+        base = dict(base_config=comps.scheduler.config, prediction_type=adapter.prediction_type)
     pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+    denoiser = getattr(pipe, adapter.denoiser_subfolder)
     # Every weight is loaded in CPU memory before the pipeline is placed: LoRAs, any-step embeddings (created in the
     # transformer's dtype and moved with it), Glance's two adapters.
     if args.method == "glance":
@@ -144,9 +154,9 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     elif os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
         pipe.load_lora_weights(run_dir)
     if args.method == "twinflow":
-        anystep.add_anystep_embeddings(pipe.transformer, adapter.hook_time_scale)
-        anystep.load_anystep(pipe.transformer, anystep_dir(run_dir))
-        pipe.scheduler = twinflow_scheduler(steps_list[0], args)
+        adapter.add_anystep(denoiser)
+        anystep.load_anystep(denoiser, anystep_dir(run_dir, adapter.denoiser_subfolder))
+        pipe.scheduler = twinflow_scheduler(steps_list[0], args, **base)
     place_pipeline(pipe, device, offload)
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
     # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
@@ -163,10 +173,10 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
             return glance_pipeline_sample(pipe, prompt_kwargs, None, None, slow, fast, height=res, width=res,
                                           generator=gen).images[0]
         if args.method == "twinflow":  # its stochastic steps draw from gen too (the pipeline passes no generator)
-            pipe.scheduler = twinflow_scheduler(n, args)
+            pipe.scheduler = twinflow_scheduler(n, args, **base)
             pipe.scheduler.step = functools.partial(TwinFlowScheduler.step, pipe.scheduler, generator=gen)
             # each forward takes t and tt from the scheduler's current step (its target_time mode)
-            with anystep.anystep_state(pipe.transformer, sign=1.0, scheduler=pipe.scheduler):
+            with anystep.anystep_state(denoiser, sign=1.0, scheduler=pipe.scheduler):
                 return pipe(**prompt_kwargs, num_inference_steps=n, height=res, width=res, generator=gen).images[0]
         return pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, height=res, width=res,
                     generator=gen).images[0]

@@ -39,7 +39,7 @@ def main(out: str, stages: list[int]) -> None:
     for stage in stages:
         cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux",
                                  "zero_stage": stage, "model_type": "lora", "lora_rank": 4})
-        transformer = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
+        transformer = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
         engine, _, _ = build_engine(cfg, transformer, prepare_trainable(cfg, adapter, transformer,
                                                                         anystep_embeddings=False))
         root = os.path.join(out, f"z{stage}", "checkpoints")

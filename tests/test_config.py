@@ -84,9 +84,19 @@ def test_twinflow_requires_ema_unless_allowed(tmp_path):
 def test_twinflow_requires_flow_matching_unless_diff2flow(tmp_path):
     with pytest.raises(ConfigError, match="flow_matching"):
         load_config(write(tmp_path, {**SEED_TWINFLOW, "prediction_type": "epsilon"}))
-    cfg = load_config(write(tmp_path, {**SEED_TWINFLOW, "prediction_type": "epsilon", "diff2flow_enabled": True,
-                                       "twinflow_allow_diff2flow": True}))
-    assert cfg.prediction_type == "epsilon"
+    diff2flow = {"prediction_type": "epsilon", "diff2flow_enabled": True, "twinflow_allow_diff2flow": True}
+    # the seed's diff2flow addition applies to a diffusion base: as written, with model_family sdxl, it loads
+    sdxl = {**SEED_TWINFLOW, "model_family": "sdxl", "pretrained_model_name_or_path": "tiny:sdxl"}
+    cfg = load_config(write(tmp_path, {**sdxl, **diff2flow}))
+    assert (cfg.model_family, cfg.prediction_type) == ("sdxl", "epsilon")
+    # ... and is refused, naming both, for a flow-matching family
+    with pytest.raises(ConfigError, match="prediction_type 'epsilon'.*model_family 'sd3' is a flow-matching model"):
+        load_config(write(tmp_path, {**SEED_TWINFLOW, **diff2flow}))
+    # a diffusion base without the addition is told what to add; other methods are refused
+    with pytest.raises(ConfigError, match=r"'sdxl' is a diffusion model.*\"diff2flow_enabled\": true"):
+        load_config(write(tmp_path, sdxl))
+    with pytest.raises(ConfigError, match="sdxl' trains with method 'twinflow'"):
+        load_config(write(tmp_path, {**sdxl, **diff2flow, "twinflow_enabled": False, "method": "flow"}))
 
 
 def test_missing_required_and_missing_file(tmp_path):

@@ -28,7 +28,7 @@ QWEN_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"
 
 def _bare(family):
     adapter = get_adapter(family)
-    return adapter, adapter.load(f"tiny:{adapter.family}", with_text=False, with_vae=False).transformer.eval()
+    return adapter, adapter.load(f"tiny:{adapter.family}", with_text=False, with_vae=False).denoiser.eval()
 
 
 def _trained(family, targets, rank=4, alpha=16.0):

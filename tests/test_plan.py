@@ -1,11 +1,12 @@
 """The memory planner (fewstep.planning, launcher/plan.py).
 
-- the shipped architectures have the published parameter counts (built on the meta device);
+- the shipped architectures have the published parameter counts (built on the meta device), SDXL's UNet included;
 - LoRA counted analytically equals what peft adds;
 - model-state bytes agree with DeepSpeed's own estimators, up to conventions explained at the test;
 - activation estimates and whole-layout totals agree within 15% with the RSS measured on CPU: real forward/backward
   passes, and real DeepSpeed ZeRO-2/3 training (torchrun, 2 ranks, gloo, client torch AdamW, fewstep's engine);
-- the CLI prints the table and a recommendation for Qwen-Image LoRA and full fine-tuning on 1, 8 and 32 GPUs.
+- the CLI prints the table and a recommendation for Qwen-Image LoRA and full fine-tuning on 1, 8 and 32 GPUs, and for
+  SDXL TwinFlow LoRA (configs/twinflow/sdxl_lora.json) on 1 and 8 GPUs.
 """
 import contextlib
 import io
@@ -18,14 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.planning import (GiB, LAYOUTS, ParamCounts, ZeroKnobs, build_meta_transformer, count_params,
+from fewstep.planning import (GiB, LAYOUTS, AnyStep, ParamCounts, ZeroKnobs, build_meta_transformer, count_params,
                               layout_memory, load_model_config, lora_param_count, plan_memory, resolve_model_config)
 from fewstep.planning.model import MODEL_CONFIG_DIR
 from fewstep_testing import run
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = {"qwen_image.json": 20.430, "flux_dev.json": 11.901, "sd35_large.json": 8.057}  # billions of parameters
-FAMILY = {"qwen_image.json": "qwen_image", "flux_dev.json": "flux", "sd35_large.json": "sd3"}
+PUBLISHED = {"qwen_image.json": 20.430, "flux_dev.json": 11.901, "sd35_large.json": 8.057,  # billions of parameters
+             "sdxl.json": 2.567}
+FAMILY = {"qwen_image.json": "qwen_image", "flux_dev.json": "flux", "sd35_large.json": "sd3", "sdxl.json": "sdxl"}
+SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0 unet, as published
 # a "medium" FLUX transformer (28.2M parameters) and a tiny one with the same module graph (34K parameters)
 MEDIUM = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
           "num_single_layers": 2, "attention_head_dim": 64, "num_attention_heads": 8, "joint_attention_dim": 256,
@@ -33,6 +36,15 @@ MEDIUM = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels
 TINY = dict(MEDIUM, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
             axes_dims_rope=[2, 2, 4])
 NARROW = dict(MEDIUM, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32)  # activation-bound
+# SDXL's UNet layout (3 levels, no attention at the first, text_time added conditioning) at toy width
+SMALL_UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+              "block_out_channels": [32, 64, 128], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 3],
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+              "attention_head_dim": [2, 4, 8], "cross_attention_dim": 64, "use_linear_projection": True,
+              "norm_num_groups": 8, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+              "projection_class_embeddings_input_dim": 6 * 8 + 32}
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the SDXL adapter's default LoRA targets
 
 
 def cfg(**kw):
@@ -69,6 +81,81 @@ def test_lora_count_equals_peft(name):
         model.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=targets))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert sum(p.numel() for p in model.parameters()) == base + expected
+
+
+def test_sdxl_unet_has_the_published_size():
+    model = build_meta_transformer(load_model_config(MODEL_CONFIG_DIR / "sdxl.json"))
+    assert type(model).__name__ == "UNet2DConditionModel"
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(SDXL_UNET_PARAMS, rel=1e-3)
+
+
+def _sdxl_lora_by_hand(r: int) -> int:
+    """LoRA on SDXL's attention projections, r * (in + out) each. A BasicTransformerBlock of width d has a
+    self-attention (q, k, v, out: d -> d) and a cross-attention (q, out: d -> d; k, v: 2048 text -> d):
+    8d + 4d + 2 (2048 + d) = 14d + 4096 per rank. Blocks: width 640 (level 1): 2 down + 3 up attentions x 2 deep;
+    width 1280 (level 2): 2 down + 1 mid + 3 up attentions x 10 deep. Convolutions are not targeted."""
+    per = lambda d: 14 * d + 2 * 2048  # noqa: E731
+    return r * ((2 + 3) * 2 * per(640) + (2 + 1 + 3) * 10 * per(1280))
+
+
+def test_sdxl_lora_and_anystep_counts():
+    from fewstep.planning import anystep_dim, anystep_param_count
+
+    mc = load_model_config(MODEL_CONFIG_DIR / "sdxl.json")
+    meta = build_meta_transformer(mc)
+    linears = [(n, m) for n, m in meta.named_modules() if n.endswith(tuple("." + t for t in UNET_TARGETS))]
+    assert len(linears) == 70 * 8 and all(isinstance(m, torch.nn.Linear) for _, m in linears)
+    n_lora = lora_param_count(meta, UNET_TARGETS, rank=64)
+    assert n_lora > 0 and n_lora == _sdxl_lora_by_hand(64) == 64 * sum(m.in_features + m.out_features
+                                                                        for _, m in linears)
+    # TwinFlow's any-step embedding on a UNet is as wide as its time embedding (1280), not heads x head dim:
+    # nn.Embedding(2, D) + Linear(256, D) + Linear(D, D)
+    D = 1280
+    assert anystep_dim(meta) == meta.time_embedding.linear_2.out_features == D
+    assert anystep_param_count(meta) == 2 * D + (256 * D + D) + (D * D + D)
+    plan = plan_memory(ROOT / "configs" / "twinflow" / "sdxl_lora.json", gpus=8)
+    c = plan.counts
+    assert c.trainable == _sdxl_lora_by_hand(64) + 2 * D + 257 * D + (D + 1) * D
+    assert c.total == sum(p.numel() for p in meta.parameters()) + c.trainable and c.frozen == meta.num_parameters()
+    assert plan.settings["text_tokens"] == 77  # CLIP's length, whatever the adapter's T5-style default_text_len
+    full = plan_memory({**json.loads((ROOT / "configs" / "twinflow" / "sdxl_lora.json").read_text()),
+                        "model_type": "full"}, gpus=8).counts
+    assert full.trainable == full.total == meta.num_parameters() + anystep_param_count(meta)
+    # a model_config of another class than the family's: the planner sizes the embedding itself (no adapter hook)
+    other = plan_memory(cfg(model_type="lora", lora_rank=64, lora_targets=UNET_TARGETS, method="twinflow",
+                            resolution=1024, use_ema=True), gpus=8, model_config=mc, text_tokens=77).counts
+    assert (other.total, other.trainable) == (c.total, c.trainable)
+
+
+def test_unet_activations_traced_on_meta():
+    """SDXL's UNet forward runs on meta tensors of the real shapes; its blocks are the units diffusers' gradient
+    checkpointing recomputes: every ResnetBlock2D and every BasicTransformerBlock."""
+    from fewstep.planning import model_activations
+    from fewstep.planning.activations import MODEL_INPUTS, block_lists, default_text_tokens
+
+    mc = load_model_config(MODEL_CONFIG_DIR / "sdxl.json")
+    meta = build_meta_transformer(mc)
+    with torch.device("meta"):
+        inputs = MODEL_INPUTS["UNet2DConditionModel"][0](meta.config, 2, 1024 // 16, 77, torch.bfloat16)
+    assert inputs["sample"].shape == (2, 4, 128, 128) and inputs["timestep"].shape == (2,)
+    assert inputs["encoder_hidden_states"].shape == (2, 77, 2048)
+    assert {k: tuple(v.shape) for k, v in inputs["added_cond_kwargs"].items()} == {"text_embeds": (2, 1280),
+                                                                                    "time_ids": (2, 6)}
+    assert default_text_tokens("UNet2DConditionModel", 512) == 77
+    lists = block_lists(meta)
+    resnets = [n for n, cut in lists if n.endswith("resnets") and not cut]
+    blocks = [n for n, cut in lists if n.endswith("transformer_blocks") and cut]
+    assert len(resnets) + len(blocks) == len(lists) and len(resnets) == 3 + 1 + 3 and len(blocks) == 2 + 2 + 1 + 3 + 3
+    assert sum(len(meta.get_submodule(n)) for n in blocks) == 70
+    assert sum(len(meta.get_submodule(n)) for n in resnets) == 2 * 3 + 2 + 3 * 3
+    one, two = (model_activations(mc, batch=b, resolution=1024, text_tokens=77, dtype=torch.bfloat16)
+                for b in (1, 2))
+    assert len(one.lists) == len(lists) and sum(n for n, _, _ in one.lists) == 70 + 17
+    assert 0 < one.saved(True) < one.saved(False) and one.peak(True) < one.peak(False)
+    assert two.saved(False) == pytest.approx(2 * one.saved(False), rel=0.01)  # activations scale with the batch
+    lora = model_activations(mc, batch=1, resolution=1024, text_tokens=77, dtype=torch.bfloat16,
+                             lora_targets=tuple(UNET_TARGETS), lora_rank=64, anystep=AnyStep("sdxl"))
+    assert lora.saved(True) < one.saved(True) and lora.working > lora.block  # frozen layers save less
 
 
 def test_counts_lora_full_and_twinflow_embeddings():
@@ -228,6 +315,14 @@ def test_local_diffusers_folder_is_read(tmp_path):
     plan = plan_memory(cfg(pretrained_model_name_or_path=str(tmp_path), resolution=64), text_tokens=8)
     meta = build_meta_transformer(TINY)
     assert plan.counts.total == sum(p.numel() for p in meta.parameters())
+    sdxl = tmp_path / "sdxl"  # an SDXL-layout pipeline folder keeps its denoiser in unet/
+    (sdxl / "unet").mkdir(parents=True)
+    (sdxl / "unet" / "config.json").write_text(json.dumps(SMALL_UNET))
+    assert resolve_model_config("sdxl", str(sdxl)) == SMALL_UNET
+    plan = plan_memory(cfg(pretrained_model_name_or_path=str(sdxl), resolution=64, model_type="lora",
+                           lora_targets=UNET_TARGETS), text_tokens=8)
+    assert plan.model == "UNet2DConditionModel"
+    assert plan.counts.frozen == sum(p.numel() for p in build_meta_transformer(SMALL_UNET).parameters())
 
 
 # ----------------------------------------------------------------------------------------------- measured on CPU
@@ -293,7 +388,8 @@ ACT_RUNS = [  # (model, LoRA targets, checkpointing): activation-bound models at
       "pooled_projection_dim": 32, "out_channels": 4, "pos_embed_max_size": 64}, None, False),
     ({"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 16, "out_channels": 4,
       "num_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64,
-      "axes_dims_rope": [8, 12, 12]}, None, True)]
+      "axes_dims_rope": [8, 12, 12]}, None, True),
+    (SMALL_UNET, None, False), (SMALL_UNET, None, True), (SMALL_UNET, UNET_TARGETS, True)]
 DS_RUNS = [(2, "fp32", False), (3, "fp32", True), (2, "bf16", True)]  # (ZeRO stage, precision, checkpointing)
 
 
@@ -445,3 +541,21 @@ def test_cli_qwen_image_lora_and_full(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config", str(paths[0]),
                           "--lora_rnk", "4"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "lora_rnk" in bad.stderr and "lora_rank" in bad.stderr
+
+
+def test_cli_sdxl_twinflow_lora():
+    """configs/twinflow/sdxl_lora.json (TwinFlow through diff2flow, LoRA r64 on the attention projections, 1024px)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config",
+                           str(ROOT / "configs" / "twinflow" / "sdxl_lora.json"), "--gpus", "1,8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    tables = re.split(r"\n(?=UNet2DConditionModel:)", proc.stdout)
+    assert len(tables) == 2 and all(t.startswith("UNet2DConditionModel: 2.662B params") for t in tables), proc.stdout
+    for gpus, table in zip((1, 8), tables):
+        assert f"{gpus} GPU(s)" in table and "LoRA r64" in table and "2.567B frozen" in table
+        assert "twinflow, bf16, 1024px = 4096 image + 77 text tokens" in table
+        rows = [ln for ln in table.splitlines() if re.match(r"^[ *][ >]ZeRO-", ln)]
+        assert len(rows) == len(LAYOUTS) and all(r.rstrip().endswith("yes") for r in rows)  # 2.6B LoRA: all fit
+        assert [r for r in rows if r[0] == "*"][0][2:26].strip() == "ZeRO-2"  # the config's zero_stage
+        assert "recommended: ZeRO-0," in table

@@ -73,7 +73,7 @@ def test_lora_export_loads_in_stock_pipeline_and_matches_engine_weights(data):
     comps = adapter.load("tiny:flux")
     pipe = adapter.build_pipeline(comps)
     pipe.load_lora_weights(out)
-    ref = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
+    ref = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
     ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(adapter.default_lora_targets)))
     trained = get_fp32_state_dict_from_zero_checkpoint(os.path.join(out, "checkpoints", "step-3"), tag="state")
     missing, unexpected = ref.load_state_dict(trained, strict=False)
@@ -86,7 +86,7 @@ def test_lora_export_loads_in_stock_pipeline_and_matches_engine_weights(data):
         cond = adapter.collate_cond(adapter.split_cond(adapter.encode_prompts(comps, ["a red circle"])))
         a = adapter.forward(pipe.transformer, x, sigma, cond)
         b = adapter.forward(ref, x, sigma, cond)
-        base = adapter.forward(adapter.load("tiny:flux", with_text=False, with_vae=False).transformer, x, sigma, cond)
+        base = adapter.forward(adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser, x, sigma, cond)
     assert (a - b).abs().max() < 1e-5
     assert (a - base).abs().max() > 1e-4  # the LoRA does change the output
     assert os.path.exists(os.path.join(out, "validation", "flow-step000003.png"))
@@ -113,8 +113,8 @@ def test_full_finetune_exports_diffusers_model(data):
     root, backend = data
     out = train(root, backend, "full", model_type="full", max_train_steps=2, learning_rate=1e-4)
     adapter = get_adapter("flux")
-    tuned = adapter.transformer_cls.from_pretrained(os.path.join(out, "transformer"))
-    base = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
+    tuned = adapter.denoiser_cls.from_pretrained(os.path.join(out, "transformer"))
+    base = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
     diffs = [(tuned.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items()]
     assert max(diffs) > 0 and len(diffs) == len(tuned.state_dict())
 

@@ -38,7 +38,7 @@ def test_sign_embedding_trains_under_lora_and_separates_twin_time(tw_run):
 
     adapter = get_adapter("flux")
     comps = adapter.load("tiny:flux", with_text=False, with_vae=False)
-    t = comps.transformer
+    t = comps.denoiser
     t.load_lora_adapter(os.path.join(tw_run, "pytorch_lora_weights.safetensors"), prefix="transformer")
     adapter.add_anystep(t)
     anystep.load_anystep(t, tw_run)
@@ -76,9 +76,9 @@ def test_seed_scheduler_snippet_in_each_pipeline(family):
     torch.manual_seed(0)
     adapter = get_adapter(family)
     comps = adapter.load(f"tiny:{adapter.family}")
-    adapter.add_anystep(comps.transformer)
+    adapter.add_anystep(comps.denoiser)
     with torch.no_grad():  # non-zero embeddings, so that a missing tt/sign would show
-        for p in comps.transformer.anystep_embed.parameters():
+        for p in comps.denoiser.anystep_embed.parameters():
             p.normal_(0, 0.05)
     pipe = adapter.build_pipeline(comps)
     pipe.scheduler = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0,
@@ -87,14 +87,14 @@ def test_seed_scheduler_snippet_in_each_pipeline(family):
     cond = adapter.encode_prompts(comps, ["a red circle"])
     shape = adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    with anystep.anystep_state(comps.transformer, tt=0.0, sign=1.0):
+    with anystep.anystep_state(comps.denoiser, tt=0.0, sign=1.0):
         kwargs = adapter.pipeline_prompt_kwargs(cond)
         kwargs.setdefault("guidance_scale", 0.0)  # the seed's guidance 0.0 (Flux keeps its distilled guidance)
         out = pipe(**kwargs, num_inference_steps=2,
                    output_type="latent", **adapter.pipeline_latent_kwargs(comps, noise)).images
     got = adapter.latents_from_pipeline(out, *shape[-2:])
     sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", stochastic_ratio=0.0)
-    ref = twinflow_loop(lambda x, s, tt: adapter.forward(comps.transformer, x, s, cond, tt=tt, sign=torch.ones(1)),
+    ref = twinflow_loop(lambda x, s, tt: adapter.forward(comps.denoiser, x, s, cond, tt=tt, sign=torch.ones(1)),
                         noise, sched, 2)
     assert (got.float() - ref.float()).abs().max() < 1e-4
     assert pipe.scheduler.sigmas.tolist() == pytest.approx([0.999, 0.6, 0.0], abs=1e-6)

@@ -145,7 +145,7 @@ def prompt_batch(teacher: str, n: int) -> tuple[dict, np.ndarray]:
     from fewstep.models import get_adapter
 
     adapter = get_adapter("flux")
-    comps = adapter.load(teacher, with_transformer=False)
+    comps = adapter.load(teacher, with_denoiser=False)
     for tok in comps.tokenizers:
         digits.check_captions(tok)
     emb = adapter.encode_prompts(comps, [digits.caption(k) for k in range(10)])

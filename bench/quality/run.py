@@ -130,7 +130,7 @@ def prepare(args, S, out):
     pixel_pipeline.save_pipeline(base, shift_factor=mean, scaling_factor=1.0 / std, resolution=digits.RESOLUTION,
                            seed=args.seed, **S["model"])
     adapter = get_adapter("flux")
-    comps = adapter.load(base, with_transformer=False)
+    comps = adapter.load(base, with_denoiser=False)
     for tok in comps.tokenizers:
         digits.check_captions(tok)
     emb = adapter.encode_prompts(comps, [digits.caption(k) for k in range(10)] + [""])

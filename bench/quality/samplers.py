@@ -21,8 +21,8 @@ def load(pipeline_dir: str, transformer_dir: str | None = None, scheduler=None):
 
     comps = ADAPTER.load(pipeline_dir, with_text=False)
     if transformer_dir is not None:
-        comps.transformer = ADAPTER.transformer_cls.from_pretrained(transformer_dir)
-    comps.transformer.eval()
+        comps.denoiser = ADAPTER.denoiser_cls.from_pretrained(transformer_dir)
+    comps.denoiser.eval()
     # shift 1, no dynamic shift: the sigmas we pass are used verbatim (plus the terminal 0)
     pipe = ADAPTER.build_pipeline(comps, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=1.0))
     return comps, pipe
@@ -63,7 +63,7 @@ def twinflow(pipeline_dir: str, run_dir: str, cond: dict, noise: torch.Tensor, s
     comps, pipe = load(pipeline_dir, tdir, sched)
     if not full:
         pipe.load_lora_weights(run_dir)
-    anystep.add_anystep_embeddings(pipe.transformer, ADAPTER.hook_time_scale)
+    ADAPTER.add_anystep(pipe.transformer)
     anystep.load_anystep(pipe.transformer, tdir or run_dir)
     torch.manual_seed(seed)
     with anystep.anystep_state(pipe.transformer, sign=1.0, scheduler=pipe.scheduler):

@@ -28,11 +28,15 @@ def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
+DIFFUSION_FAMILIES = ("sdxl",)  # epsilon/v-prediction bases: TwinFlow through diff2flow only
+
 
 @dataclass
 class Config:
     # ---- model ----
-    model_family: str = opt(None, "Model family: flux, sd3 or qwen_image.", choices=("flux", "sd3", "qwen_image"))
+    model_family: str = opt(None, "Model family: flux, sd3, qwen_image (flow matching) or sdxl (an epsilon/v "
+                                  "diffusion base, TwinFlow through diff2flow).",
+                            choices=("flux", "sd3", "qwen_image", "sdxl"))
     model_type: str = opt("lora", "lora (peft adapters on a frozen base) or full (full fine-tuning).",
                           choices=("lora", "full"))
     pretrained_model_name_or_path: str = opt(None, "Local diffusers directory, hub id, or tiny:<family> (built-in).")
@@ -205,9 +209,7 @@ class Config:
                 raise ConfigError("method 'glance' needs 'glance_slow_timesteps' and 'glance_fast_timesteps'")
             if self.model_type != "lora":
                 raise ConfigError("method 'glance' trains LoRAs: set model_type 'lora'")
-        if self.prediction_type != "flow_matching" and method != "twinflow":
-            raise ConfigError(f"prediction_type '{self.prediction_type}' is only supported by TwinFlow with "
-                              "diff2flow_enabled and twinflow_allow_diff2flow")
+        self._validate_prediction_type(method)
         from fewstep import lora_formats, metrics  # noqa: E402 (import here: they import nothing of config)
         self.lora_export_formats = lora_formats.normalize_formats(self.lora_export_formats)
         for problem in (lora_formats.formats_problem(self.lora_export_formats, self.model_type, self.model_family),
@@ -223,6 +225,21 @@ class Config:
                 except TimestepListError as e:
                     raise ConfigError(str(e)) from None
         return self
+
+    def _validate_prediction_type(self, method: str) -> None:
+        diffusion_base = self.model_family in DIFFUSION_FAMILIES
+        diff2flow = {"prediction_type": "epsilon", "diff2flow_enabled": True, "twinflow_allow_diff2flow": True}
+        if diffusion_base and self.prediction_type == "flow_matching":
+            raise ConfigError(f"model_family '{self.model_family}' is a diffusion model (epsilon or v prediction): "
+                              f"fewstep trains it with TwinFlow through diff2flow; add {json.dumps(diff2flow)} "
+                              "('v_prediction' for a v model)")
+        if diffusion_base and method != "twinflow":
+            raise ConfigError(f"model_family '{self.model_family}' trains with method 'twinflow' (through "
+                              f"diff2flow), not '{method}'")
+        if not diffusion_base and self.prediction_type != "flow_matching":
+            raise ConfigError(f"prediction_type '{self.prediction_type}' (diff2flow) is for diffusion bases "
+                              f"(model_family {', '.join(DIFFUSION_FAMILIES)}); model_family '{self.model_family}' "
+                              "is a flow-matching model: remove prediction_type or set it to 'flow_matching'")
 
     def _validate_twinflow(self):
         if self.distillation_method is not None:

@@ -25,19 +25,40 @@ WEIGHTS = "diffusion_pytorch_model"
 
 
 def param_groups(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
-    """The model's parameters in export order, one group per block of a ModuleList (transformer_blocks.0, ...) and
-    one group for everything else; the any-step embeddings are left out."""
+    """The model's parameters in export order: one group per block of a ModuleList (transformer_blocks.0, ...), a
+    block that itself holds ModuleLists (a UNet's down_blocks.0: resnets, attentions) split the same way, and one
+    group for everything else; the any-step embeddings are left out."""
     blocks, rest = [], []
-    for child_name, child in model.named_children():
-        if child_name == "anystep_embed":
+    _collect(model, "", blocks, rest, skip="anystep_embed")
+    return [g for g in [rest, *blocks] if g]
+
+
+def _collect(module: nn.Module, prefix: str, blocks: list, rest: list, skip: str | None = None) -> None:
+    for child_name, child in module.named_children():
+        if child_name == skip:
             continue
         if isinstance(child, nn.ModuleList):
             for i, block in enumerate(child):
-                blocks.append([(f"{child_name}.{i}.{n}", p) for n, p in block.named_parameters()])
+                _add_block(block, f"{prefix}{child_name}.{i}.", blocks)
+        elif _holds_blocks(child):  # e.g. a UNet's mid_block (resnets, attentions)
+            _add_block(child, f"{prefix}{child_name}.", blocks)
         else:
-            rest += [(f"{child_name}.{n}", p) for n, p in child.named_parameters()]
-    rest += [(n, p) for n, p in model.named_parameters(recurse=False)]
-    return [g for g in [rest, *blocks] if g]
+            rest += [(f"{prefix}{child_name}.{n}", p) for n, p in child.named_parameters()]
+    rest += [(prefix + n, p) for n, p in module.named_parameters(recurse=False)]
+
+
+def _holds_blocks(module: nn.Module) -> bool:
+    return any(isinstance(c, nn.ModuleList) for c in module.children())
+
+
+def _add_block(block: nn.Module, name: str, blocks: list) -> None:
+    """One group for a block; a block of blocks (a UNet's down_blocks.0) is split the same way as the model."""
+    if not _holds_blocks(block):
+        blocks.append([(name + n, p) for n, p in block.named_parameters()])
+        return
+    own = []
+    _collect(block, name, blocks, own)
+    blocks.append(own)
 
 
 def _gathered(params):
@@ -77,14 +98,15 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
                     size += p.numel() * p.element_size()
                 if size >= SHARD_BYTES:
                     flush()
-    with distributed.uneven_work("export"):
+    embed = getattr(transformer, "anystep_embed", None)  # partitioned under ZeRO-3 like any parameter: gathered
+    with _gathered(list(embed.parameters()) if embed is not None else []), distributed.uneven_work("export"):
         if is_main:
             buffers = {k: b for k, b in transformer.named_buffers() if k in transformer.state_dict()
                        and not k.startswith("anystep_embed.")}
             pending.update({k: b.detach().to("cpu", copy=True).contiguous() for k, b in buffers.items()})
             flush()
             _write_index(tmp, shards)
-            if hasattr(transformer, "anystep_embed"):
+            if embed is not None:
                 anystep.save_anystep(transformer, tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)

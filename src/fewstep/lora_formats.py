@@ -102,8 +102,8 @@ def formats_problem(formats: list[str], model_type: str, model_family: str | Non
         family = re.sub(r"[-_ .]", "", str(model_family).lower())
         if family not in FAMILIES:
             return (f"'lora_export_formats' comfyui is available for flux and qwen_image, not {model_family}: "
-                    "diffusers has no converter for a kohya-layout SD3 LoRA to check such a file against, and "
-                    "ComfyUI loads fewstep's diffusers SD3 file (its `transformer.` keys) as it is")
+                    "fewstep writes (and tests) the kohya layout only where diffusers has a converter to check it "
+                    "against (ComfyUI loads fewstep's diffusers SD3 file, its `transformer.` keys, as it is)")
     return None
 
 

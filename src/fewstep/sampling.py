@@ -181,7 +181,8 @@ def place_pipeline(pipe, device: torch.device, offload: str = "none"):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.enable_sequential_cpu_offload(device=device)
-        embed = getattr(pipe.transformer, "anystep_embed", None)
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        embed = getattr(denoiser, "anystep_embed", None)
         if embed is not None:
             from accelerate.hooks import remove_hook_from_module
 
@@ -190,11 +191,13 @@ def place_pipeline(pipe, device: torch.device, offload: str = "none"):
     return pipe
 
 
-def anystep_dir(run_dir: str) -> str:
-    """Where a TwinFlow export keeps its any-step embeddings: beside the LoRA, or in `transformer/` (full)."""
+def anystep_dir(run_dir: str, denoiser_subfolder: str = "transformer") -> str:
+    """Where a TwinFlow export keeps its any-step embeddings: beside the LoRA, or in the full fine-tune's
+    `transformer/` (`unet/` for a UNet family)."""
     from fewstep.models.anystep import ANYSTEP_WEIGHTS_NAME
 
-    for d in (run_dir, os.path.join(run_dir, "transformer")):
+    for d in (run_dir, os.path.join(run_dir, denoiser_subfolder)):
         if os.path.exists(os.path.join(d, ANYSTEP_WEIGHTS_NAME)):
             return d
-    raise SamplingError(f"{run_dir} holds no {ANYSTEP_WEIGHTS_NAME} (nor its transformer/): is it a TwinFlow export?")
+    raise SamplingError(f"{run_dir} holds no {ANYSTEP_WEIGHTS_NAME} (nor its {denoiser_subfolder}/): is it a TwinFlow "
+                        "export?")

@@ -81,7 +81,7 @@ def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, i
     with distributed.uneven_work("cache fill"):
         if lat or txt:
             dtype = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else torch.float32  # encoders
-            comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_transformer=False)
+            comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_denoiser=False)
             for m in [comps.vae, *comps.text_encoders]:
                 m.to(info.device)
             for root, (mine_lat, mine_txt) in shares.items():
@@ -97,10 +97,6 @@ def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, i
 
 
 def train(cfg: Config) -> dict:
-    if cfg.prediction_type != "flow_matching":
-        raise ConfigError(f"model_family '{cfg.model_family}' is a flow-matching model; prediction_type "
-                          f"'{cfg.prediction_type}' (diff2flow) applies to epsilon/v-prediction bases, for which no "
-                          "model adapter ships yet (the bridge itself is fewstep.methods.diff2flow)")
     preemption.install()
     info = setup_distributed(cfg.distributed_timeout_seconds)
     run_dir.resolve_paths(cfg, info)
@@ -113,16 +109,22 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     torch.manual_seed(cfg.seed * 7919 + info.rank)
     adapter = get_adapter(cfg.model_family)
     source = adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
+    if adapter.diffusion_base:  # TwinFlow through diff2flow: the config's prediction type is the one trained with
+        if cfg.prediction_type != adapter.folder_prediction_type:
+            _log(is_main, f"warning: prediction_type '{cfg.prediction_type}' (config) differs from "
+                          f"'{adapter.folder_prediction_type}' in {source}'s scheduler config; using "
+                          f"'{cfg.prediction_type}'")
+        adapter.set_prediction_type(cfg.prediction_type)
     dataset, resolution, shuffle = prepare_data(cfg, adapter, info)
 
     _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (fp32, host)
-        vae = adapter.load(source, with_transformer=False, with_text=False).vae if is_main else None
+        vae = adapter.load(source, with_denoiser=False, with_text=False).vae if is_main else None
         faults.delay("load")
     transformer = load_transformer(adapter, source, dtype, build_ds_config(cfg), info.device)  # training dtype
-    if method == "twinflow" and not hasattr(transformer, "time_text_embed"):
-        raise ConfigError(f"TwinFlow needs a transformer with a `time_text_embed` to carry the timestep-sign and "
+    if method == "twinflow" and not hasattr(transformer, adapter.anystep_module):
+        raise ConfigError(f"TwinFlow needs a denoiser with a `{adapter.anystep_module}` to carry the timestep-sign and "
                          f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
     trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
     n_trainable = count_params(trainable)
@@ -314,7 +316,7 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
         remove_run_info(out)
     formats = cfg.lora_export_formats
     export = (lambda d: export_lora(adapter, transformer, d, is_main, formats)) if cfg.model_type == "lora" else \
-        (lambda d: export_full(transformer, os.path.join(d, "transformer"), is_main))
+        (lambda d: export_full(transformer, os.path.join(d, adapter.denoiser_subfolder), is_main))
     trained = [p for p in transformer.parameters() if p.requires_grad]
     require_finite_weights(trained, f"export {out}")
     export(out)

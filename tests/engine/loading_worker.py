@@ -31,7 +31,7 @@ for family in ("flux", "qwen_image"):
     for dtype in (torch.float32, torch.bfloat16):
         cfg = load_config(None, {"model_family": family, "pretrained_model_name_or_path": src, "zero_stage": 3,
                                  "mixed_precision": "bf16" if dtype == torch.bfloat16 else "fp32"})
-        ref = adapter.transformer_cls.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+        ref = adapter.denoiser_cls.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
         model = load_transformer(adapter, src, dtype, build_ds_config(cfg), info.device)
         params = dict(model.named_parameters())
         assert all(hasattr(p, "ds_tensor") for p in params.values())
@@ -43,7 +43,7 @@ for family in ("flux", "qwen_image"):
         full_export.export_full(model, out, info.is_main)
         wait_for_all("exported")
         assert os.path.exists(os.path.join(out, "diffusion_pytorch_model.safetensors.index.json"))
-        back = adapter.transformer_cls.from_pretrained(out, torch_dtype=dtype)
+        back = adapter.denoiser_cls.from_pretrained(out, torch_dtype=dtype)
         assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
         if info.is_main:
             n = len([f for f in os.listdir(out) if f.endswith(".safetensors")])

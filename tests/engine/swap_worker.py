@@ -77,7 +77,7 @@ for stage, precision, model_type, opt_name, offload in RUNS:
                              "use_ema": True, "lora_rank": 4, "optimizer": opt_name, "offload_optimizer": offload,
                              "learning_rate": 1e-3, "lr_warmup_steps": 3})
     torch.manual_seed(0)
-    t = adapter.load("tiny:flux", with_text=False, with_vae=False).transformer
+    t = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
     trainable = prepare_trainable(cfg, adapter, t, anystep_embeddings=True)
     with torch.no_grad():  # non-trivial values everywhere (LoRA B starts at zero)
         for p in trainable:

@@ -98,10 +98,16 @@ def test_bridged_gaussian_model_gives_exact_flow_velocity(prediction_type):
     torch.testing.assert_close(seen[0][:4], torch.tensor([0.0, 10.0, 400.0, 999.0], dtype=torch.float64))
     # the sign of t and tt are ignored (a diffusion base has no fake trajectory)
     torch.testing.assert_close(flow(x, -sigma, -sigma, None), F)
-    # sigma beyond the base schedule is clamped to its last sigma: finite, and equal to the value there
-    F1 = flow(x[:1], torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), None)
-    assert torch.isfinite(F1).all()
-    torch.testing.assert_close(F1, flow(x[:1], table[-1:], table[-1:], None))
+    # sigma = 1 (pure noise) is beyond an epsilon base: the input keeps its exact scale (x_k = z), the base runs at its
+    # last timestep and F is the flow identity, so x - 1 * F is the base's x0 estimate there (DDIM's first step)
+    seen.clear()
+    z = torch.randn(1, *MU_SHAPE, dtype=torch.float64)
+    F1 = flow(z, torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), None)
+    assert torch.isfinite(F1).all() and float(seen[0]) == 999.0
+    a, b = abar[-1].sqrt(), (1 - abar[-1]).sqrt()
+    out = base(z, seen[0], None)
+    x0_ddim = (z - b * out) / a if prediction_type == "epsilon" else a * z - b * out
+    torch.testing.assert_close(z - F1, x0_ddim, rtol=1e-9, atol=1e-9)
 
 
 def test_bridge_dtype_and_errors():

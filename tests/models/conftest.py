@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-FAMILY_NAMES = ("flux", "sd3", "qwenimage")
+FAMILY_NAMES = ("flux", "sd3", "qwenimage", "sdxl")
 
 
 @pytest.fixture(autouse=True, scope="module")

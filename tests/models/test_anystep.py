@@ -21,7 +21,7 @@ from fewstep.models.anystep import timestep_sinusoid
 
 def _setup(tiny, family):
     adapter, comps = tiny(family)
-    transformer = copy.deepcopy(comps.transformer)  # the session components stay unmodified
+    transformer = copy.deepcopy(comps.denoiser)  # the session components stay unmodified
     cond = adapter.encode_prompts(comps, ["a red cat", "two blue dogs"])
     g = torch.Generator().manual_seed(7)
     x = torch.randn(adapter.encode_images(comps.vae, torch.zeros(2, 3, 32, 32)).shape, generator=g)
@@ -80,7 +80,7 @@ def test_bf16_tt_equal_t_is_exactly_flow_matching(tiny, tiny_dirs, family):
     """In a bf16 model the transformer's timestep is sigma rounded to bf16, tt stays fp32: t must be the fp32 sigma,
     or tt = t leaves a spurious E2(tt) * (t - tt). Sigmas not representable in bf16 (0.93 -> 0.9297)."""
     adapter, _, cond, x = _setup(tiny, family)
-    tr = adapter.load(tiny_dirs(family), dtype=torch.bfloat16, with_text=False, with_vae=False).transformer
+    tr = adapter.load(tiny_dirs(family), dtype=torch.bfloat16, with_text=False, with_vae=False).denoiser
     embed = adapter.add_anystep(tr)
     _randomize(embed)  # E2's zero-initialised last layer would hide the term
     x, cond = x.bfloat16(), {k: v.bfloat16() if v.is_floating_point() else v for k, v in cond.items()}
@@ -150,7 +150,7 @@ def test_stock_pipeline_call_conditioned_by_state(tiny):
     _, tr, cond, x0 = _setup(tiny, "flux")
     _randomize(adapter.add_anystep(tr))
     sigmas = [1.0, 0.5]
-    pipe = adapter.build_pipeline(comps, transformer=tr)
+    pipe = adapter.build_pipeline(comps, denoiser=tr)
     with torch.no_grad(), anystep_state(tr, tt=0.0, sign=1.0):
         out = pipe(**adapter.pipeline_prompt_kwargs(cond), **adapter.pipeline_latent_kwargs(comps, x0),
                    sigmas=sigmas, output_type="latent", return_dict=False)[0]
@@ -172,7 +172,7 @@ def test_state_dict_round_trip(tiny, tmp_path):
     sd = anystep_state_dict(tr)
     assert set(sd) == {"sign_embed.weight", "tt_linear_1.weight", "tt_linear_1.bias", "tt_linear_2.weight",
                        "tt_linear_2.bias"}
-    other = copy.deepcopy(tiny("sd3")[1].transformer)
+    other = copy.deepcopy(tiny("sd3")[1].denoiser)
     adapter.add_anystep(other)
     load_anystep_state_dict(other, sd)
     args = (x, torch.tensor([0.4, 0.7]), cond)
@@ -181,7 +181,7 @@ def test_state_dict_round_trip(tiny, tmp_path):
         assert torch.equal(adapter.forward(other, *args, tt=0.1, sign=-1.0), want)
     path = save_anystep(tr, tmp_path)
     assert path.name == ANYSTEP_WEIGHTS_NAME
-    third = copy.deepcopy(tiny("sd3")[1].transformer)
+    third = copy.deepcopy(tiny("sd3")[1].denoiser)
     adapter.add_anystep(third)
     load_anystep(third, tmp_path)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_state_dict_round_trip(tiny, tmp_path):
     with pytest.raises(KeyError, match="do not match"):
         load_anystep_state_dict(third, {"sign_embed.weight": sd["sign_embed.weight"]})
     with pytest.raises(ValueError, match="add_anystep"):
-        anystep_state_dict(copy.deepcopy(tiny("sd3")[1].transformer))
+        anystep_state_dict(copy.deepcopy(tiny("sd3")[1].denoiser))
 
 
 def test_deepcopy_keeps_hook_bound_to_its_own_embedding(tiny):
@@ -219,7 +219,7 @@ def test_stock_pipeline_follows_the_scheduler_target_times(tiny, mode):
 
     def sched():
         return TwinFlowScheduler(num_train_timesteps=1000, shift=1.0, target_time=mode, stochastic_ratio=0.0)
-    pipe = adapter.build_pipeline(comps, transformer=tr, scheduler=sched())
+    pipe = adapter.build_pipeline(comps, denoiser=tr, scheduler=sched())
     with torch.no_grad(), anystep_state(tr, sign=1.0, scheduler=pipe.scheduler):
         out = pipe(**adapter.pipeline_prompt_kwargs(cond), **adapter.pipeline_latent_kwargs(comps, x0),
                    num_inference_steps=2, output_type="latent", return_dict=False)[0]

@@ -133,7 +133,7 @@ def test_config_roundtrip_and_errors(tmp_path):
     assert r.config.shift == 2.0 and list(r.config.kumaraswamy) == [1.17, 0.8, 1.1] and r.config.target_time == "any"
     s.set_timesteps(5), r.set_timesteps(5)
     assert torch.equal(s.sigmas, r.sigmas)
-    for kw, msg in (({"prediction_type": "epsilon"}, "prediction_type='epsilon'"),
+    for kw, msg in (({"prediction_type": "sample"}, "prediction_type='sample'"),
                     ({"target_time": "fast"}, "target_time='fast'"), ({"stochastic_ratio": 1.5}, "stochastic_ratio"),
                     ({"kumaraswamy": (1, 1)}, "kumaraswamy")):
         with pytest.raises(ValueError, match=msg):

@@ -26,20 +26,22 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 
 def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, device: torch.device) -> nn.Module:
-    """The family's transformer from a resolved pipeline folder, partitioned at birth under ZeRO-3 (collective)."""
-    folder = os.path.join(source, "transformer")
+    """The family's denoiser (transformer or UNet) from a resolved pipeline folder, partitioned at birth under ZeRO-3
+    (collective)."""
+    folder = os.path.join(source, adapter.denoiser_subfolder)
     if ds_config["zero_optimization"].get("stage") != 3:
         with distributed.uneven_work("model load"):  # ranks read from disk at different speeds
             onto = {"device_map": {"": device}} if device.type == "cuda" else {}  # CPU: where it loads anyway
-            return adapter.transformer_cls.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **onto)
+            return adapter.denoiser_cls.from_pretrained(source, subfolder=adapter.denoiser_subfolder, torch_dtype=dtype,
+                                                     **onto)
     import deepspeed
 
-    config = adapter.transformer_cls.load_config(folder)
+    config = adapter.denoiser_cls.load_config(folder)
     # from_config runs every parameter's initialiser (then overwritten by the checkpoint): keep the RNG streams as
     # from_pretrained leaves them, so noise, timesteps and LoRA init are the same at every stage
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # a broadcast per parameter
-            model = adapter.transformer_cls.from_config(config)
+            model = adapter.denoiser_cls.from_config(config)
     with distributed.uneven_work("partitioned load"):
         load_partitioned(model, weight_files(folder))
     return model

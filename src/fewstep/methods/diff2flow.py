@@ -9,8 +9,15 @@ that sigma) comes from the `alphas_cumprod` table, by linear interpolation (a co
 Output conversion to the flow velocity F = eps_hat - x0_hat (noise minus data, as fewstep's flow models):
     epsilon:      x0_hat = (x_k - b eps_hat) / a
     v_prediction: x0_hat = a x_k - b v_hat,   eps_hat = a v_hat + b x_k
-The base model only knows sigma in [sigma(0), sigma(T-1)] (about [0.009, 0.936] for SD 1.x / SDXL; epsilon models
-cannot run at sigma = 1 where a = 0), so sigmas outside are clamped to that range: inside it the bridge is exact.
+Time outside the base's range. The base model only knows sigma in [lo, hi] = [sigma(0), sigma(T-1)] (about
+[0.028, 0.936] for SDXL's scaled-linear betas; an epsilon model cannot run at sigma = 1, where a = 0). fewstep's rule
+(`bridge_velocity`), for the teacher and the student alike:
+  * the input is scaled by the exact s(sigma) (at sigma = 1: x_k = z, unit variance, as diffusion samplers start);
+  * the timestep and the output conversion use sigma clamped to [lo, hi]: x0_hat is the base's data estimate there
+    (at sigma = 1 exactly DDIM's first-step x0 prediction from pure noise);
+  * above hi the velocity is F = (x - x0_hat) / sigma, the flow identity at the true sigma (x = sigma z + (1-sigma) x0),
+    so that x - sigma F = x0_hat: a one-step sample from pure noise is the base's x0 estimate; below lo F = eps - x0.
+Inside [lo, hi] all of this is the exact bridge. The student also gets the true t through its any-step embedding.
 """
 from __future__ import annotations
 
@@ -87,25 +94,57 @@ def diffusion_output_to_flow(output: torch.Tensor, x_diff: torch.Tensor, sigma: 
     return eps - x0
 
 
+def sigma_range(alphas_cumprod) -> tuple[float, float]:
+    """(lo, hi): the flow sigmas of the base schedule's first and last timestep."""
+    table = flow_sigmas(alphas_cumprod)
+    return float(table[0]), float(table[-1])
+
+
+def bridge_timestep(sigma: torch.Tensor, alphas_cumprod) -> torch.Tensor:
+    """The base model's (continuous) timestep for flow sigma [B]: that of sigma clamped to the base's range, fp64."""
+    return sigma_to_timestep(sigma.abs(), alphas_cumprod)
+
+
+def bridge_velocity(output: torch.Tensor, x_flow: torch.Tensor, sigma: torch.Tensor, alphas_cumprod,
+                    prediction_type: str) -> torch.Tensor:
+    """Flow velocity F from the base's epsilon / v `output` for the flow state x_flow at sigma [B] (module docstring).
+
+    The base was called on `flow_to_diffusion_input(x_flow, sigma)` at `bridge_timestep(sigma)`. Computed in fp32
+    (fp64 for fp64 inputs); returned in x_flow's dtype."""
+    kind = PREDICTION_TYPES.get(prediction_type)
+    if kind is None:
+        raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
+    lo, hi = sigma_range(alphas_cumprod)
+    cd = torch.promote_types(torch.promote_types(output.dtype, x_flow.dtype), torch.float32)
+    sig = sigma.detach().abs().to(device=x_flow.device, dtype=torch.float64)
+    view = (-1, *([1] * (x_flow.dim() - 1)))
+    x_diff = flow_to_diffusion_input(x_flow.to(cd), sig)
+    a, b = (c.to(cd).reshape(view) for c in diffusion_coefficients(sig.clamp(lo, hi)))
+    out = output.to(cd)
+    if kind == "epsilon":
+        eps, x0 = out, (x_diff - b * out) / a
+    else:
+        eps, x0 = a * out + b * x_diff, a * x_diff - b * out
+    above = (sig > hi).reshape(view)
+    F = torch.where(above, (x_flow.to(cd) - x0) / sig.to(cd).reshape(view).clamp_min(hi), eps - x0)
+    return F.to(x_flow.dtype)
+
+
 def diff2flow_model(diffusion_model, alphas_cumprod, prediction_type: str):
     """Wrap `diffusion_model(x_k, timestep [B] float, cond) -> eps or v` as a flow model `model(x, t, tt, cond) -> F`.
 
-    sigma = |t| clamped to the base schedule's range; the timestep comes from the table, the input is scaled by
-    (a + b), the output converted to F = eps_hat - x0_hat (in x's dtype). `tt` and the sign of t are ignored: a
-    diffusion base is an instantaneous (tt = t) model with no fake trajectory, so as a teacher it acts as flow
-    matching (an RCGM rollout with it is an Euler integration).
+    sigma = |t|; input, timestep and output per `bridge_velocity` (exact inside the base's range). `tt` and the sign of
+    t are ignored: a diffusion base is an instantaneous (tt = t) model with no fake trajectory, so as a teacher it acts
+    as flow matching (an RCGM rollout with it is an Euler integration).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
-    table = flow_sigmas(alphas_cumprod)
-    lo, hi = float(table[0]), float(table[-1])
     abar = _check_alphas(alphas_cumprod)
 
     def model(x, t, tt, cond):
-        sigma = t.detach().abs().to(device=x.device, dtype=torch.float64).clamp(lo, hi)
-        x_diff = flow_to_diffusion_input(x, sigma)
-        timestep = sigma_to_timestep(sigma, abar).to(torch.promote_types(t.dtype, torch.float32))
-        out = diffusion_model(x_diff, timestep, cond)
-        return diffusion_output_to_flow(out, x_diff, sigma, prediction_type).to(x.dtype)
+        sigma = t.detach().abs().to(device=x.device, dtype=torch.float64)
+        timestep = bridge_timestep(sigma, abar).to(torch.promote_types(t.dtype, torch.float32))
+        out = diffusion_model(flow_to_diffusion_input(x, sigma), timestep, cond)
+        return bridge_velocity(out, x, sigma, abar, prediction_type)
 
     return model

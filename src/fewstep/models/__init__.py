@@ -3,7 +3,7 @@
     adapter = get_adapter("flux")
     comps = adapter.load("tiny:flux")            # or a local diffusers folder / hub id
     cond = adapter.encode_prompts(comps, ["a red cube"])
-    v = adapter.forward(comps.transformer, x, sigma, cond)
+    v = adapter.forward(comps.denoiser, x, sigma, cond)
 
 Adding a family = adding one module here whose adapter class is decorated with `@register_adapter`; every module
 in this package is imported below, so the registry fills itself.

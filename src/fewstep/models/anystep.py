@@ -1,14 +1,16 @@
-"""TwinFlow's any-step inputs for stock diffusers transformers: a target time tt and a trajectory sign.
+"""TwinFlow's any-step inputs for stock diffusers denoisers: a target time tt and a trajectory sign.
 
-`add_anystep_embeddings` attaches `transformer.anystep_embed` and a forward hook on `transformer.time_text_embed`
-(the module every Flux/SD3/Qwen-Image transformer uses to embed the timestep). While a state is set, the hook adds
+`add_anystep_embeddings` attaches `model.anystep_embed` and a forward hook on the module that embeds the timestep:
+`time_text_embed` in every Flux/SD3/Qwen-Image transformer, `time_embedding` in a UNet2DConditionModel (SDXL). While a
+state is set, the hook adds
 
     sign_embed[sign < 0]  +  E2(tt) * (t - tt),     E2 = Linear(SiLU(Linear(sinusoid(1000 * tt)))),
 
 to the time embedding (TwinFlow's `temb += E2(tt) * (t - tt)`). t is the fp32 sigma that `FlowModelAdapter.forward`
 puts in the state; without one (a stock pipeline called under `anystep_state(tt=..., sign=...)`) it is recovered from
 the hooked module's first argument (`timestep_arg / hook_time_scale`), which in a bf16 model is sigma rounded to bf16
-(spacing 2^-8 near 1), so tt = t would leave a spurious (t - tt). `sign_embed` and E2's last Linear are
+(spacing 2^-8 near 1), so tt = t would leave a spurious (t - tt). A UNet's `time_embedding` gets the sinusoid, not
+the timestep (hook_time_scale None): there t must come from the state or a scheduler. `sign_embed` and E2's last Linear are
 zero-initialised, so until trained the model output is bit-identical to the base model. With no tt and no sign set the
 hook returns the output untouched.
 """
@@ -37,7 +39,7 @@ class AnyStepEmbedding(nn.Module):
 
     def __init__(self, inner_dim: int, hook_time_scale: float):
         super().__init__()
-        self.hook_time_scale = float(hook_time_scale)
+        self.hook_time_scale = None if hook_time_scale is None else float(hook_time_scale)
         self.sign_embed = nn.Embedding(2, inner_dim)
         self.tt_linear_1 = nn.Linear(FREQ_DIM, inner_dim)
         self.tt_act = nn.SiLU()
@@ -79,6 +81,9 @@ class AnyStepEmbedding(nn.Module):
         device = self.tt_linear_1.weight.device
         if self.t is not None:
             return _per_sample(self.t, batch, device, "t").float()
+        if self.hook_time_scale is None:
+            raise ValueError("this denoiser's hooked time embedding does not see the timestep: pass t (the sigma) to "
+                             "set_anystep_state / anystep_state, or a scheduler")
         return _per_sample(timestep_arg, batch, device, "timestep").float() / self.hook_time_scale
 
 
@@ -100,18 +105,21 @@ def _time_embed_hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Te
     return out + embed(t, out.shape[0]).to(out.dtype)
 
 
-def add_anystep_embeddings(transformer: nn.Module, hook_time_scale: float) -> nn.Module:
-    """Attach `transformer.anystep_embed` and its hook on `transformer.time_text_embed`; returns the embedding.
+def add_anystep_embeddings(transformer: nn.Module, hook_time_scale: float | None,
+                           module: str = "time_text_embed") -> nn.Module:
+    """Attach `transformer.anystep_embed` and its hook on `transformer.<module>`; returns the embedding.
 
-    hook_time_scale: time_text_embed's first argument divided by sigma (Flux and SD3: 1000, Qwen-Image: 1).
-    Idempotent: a second call returns the existing embedding.
+    hook_time_scale: the hooked module's first argument divided by sigma (Flux and SD3: 1000, Qwen-Image: 1; None when
+    it is not the timestep, as a UNet's `time_embedding`). Idempotent: a second call returns the existing embedding.
     """
     if hasattr(transformer, "anystep_embed"):
         return transformer.anystep_embed
-    tte = getattr(transformer, "time_text_embed", None)
+    tte = getattr(transformer, module, None)
     if tte is None:
-        raise TypeError(f"{type(transformer).__name__} has no `time_text_embed` module to hook any-step inputs into")
-    inner_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        raise TypeError(f"{type(transformer).__name__} has no `{module}` module to hook any-step inputs into")
+    # the time embedding's width: a TimestepEmbedding's output Linear, else the transformer's inner dim
+    inner_dim = (tte.linear_2.out_features if isinstance(getattr(tte, "linear_2", None), nn.Linear)
+                 else transformer.config.num_attention_heads * transformer.config.attention_head_dim)
     ref = next(tte.parameters())
     embed = AnyStepEmbedding(inner_dim, hook_time_scale).to(device=ref.device, dtype=ref.dtype)
     transformer.anystep_embed = embed

@@ -46,7 +46,7 @@ def register_adapter(cls: type["FlowModelAdapter"]) -> type["FlowModelAdapter"]:
 class ModelComponents:
     """What `FlowModelAdapter.load` returns. Missing parts (with_text=False, ...) are None or empty lists."""
 
-    transformer: nn.Module | None
+    denoiser: nn.Module | None  # what training tunes: the transformer (flow families) or the UNet (diffusion families)
     vae: nn.Module | None
     text_encoders: list = field(default_factory=list)
     tokenizers: list = field(default_factory=list)
@@ -67,7 +67,11 @@ class FlowModelAdapter:
     family: str = ""
     aliases: tuple[str, ...] = ()
     pipeline_cls: type = None
-    transformer_cls: type = None
+    denoiser_cls: type = None  # the diffusers model class training tunes (a transformer or a UNet)
+    denoiser_subfolder: str = "transformer"  # its pipeline component name = subfolder (also in full exports)
+    scheduler_cls: type = None  # the folder's scheduler class (None: FlowMatchEulerDiscreteScheduler)
+    lora_layers_kwarg: str = "transformer_lora_layers"  # pipeline_cls.save_lora_weights' argument for the denoiser
+    anystep_module: str = "time_text_embed"  # the denoiser's time-embedding module the any-step hook adds to
     vae_cls: type = None
     # (subfolder, class) for each text encoder, in the pipeline's order; tokenizers load with AutoTokenizer
     text_encoder_specs: tuple[tuple[str, type], ...] = ()
@@ -78,22 +82,23 @@ class FlowModelAdapter:
     packed: bool = False  # True: latents enter the transformer as 2x2-patch tokens [B, h*w/4, 4C]
     default_guidance: float = 1.0  # distilled-guidance value when the transformer has guidance_embeds
     default_text_len: int = 512  # the pipeline __call__ default max_sequence_length (long text encoder)
+    diffusion_base: bool = False  # an epsilon/v-prediction model that `forward` bridges to flow (diff2flow)
 
     # ------------------------------------------------------------------ loading
     def load(self, name_or_path: str, *, dtype: torch.dtype = torch.float32, with_text: bool = True,
-             with_vae: bool = True, with_transformer: bool = True) -> ModelComponents:
+             with_vae: bool = True, with_denoiser: bool = True) -> ModelComponents:
         """Load a diffusers-layout model (local dir, hub id or `tiny:<family>`) with `from_pretrained`.
 
-        Text encoders and the VAE are put in eval mode with gradients off; the transformer is returned as loaded
+        Text encoders and the VAE are put in eval mode with gradients off; the denoiser is returned as loaded
         (eval mode, gradients on) for the trainer to configure.
         """
         from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer
 
         src = self.resolve(name_or_path)
-        transformer = vae = None
-        if with_transformer:
-            transformer = self.transformer_cls.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+        denoiser = vae = None
+        if with_denoiser:
+            denoiser = self.denoiser_cls.from_pretrained(src, subfolder=self.denoiser_subfolder, torch_dtype=dtype)
         if with_vae:
             vae = self.vae_cls.from_pretrained(src, subfolder="vae", torch_dtype=dtype).eval().requires_grad_(False)
         text_encoders, tokenizers = [], []
@@ -101,8 +106,8 @@ class FlowModelAdapter:
             for sub, cls in self.text_encoder_specs:
                 text_encoders.append(cls.from_pretrained(src, subfolder=sub, dtype=dtype).eval().requires_grad_(False))
             tokenizers = [AutoTokenizer.from_pretrained(src, subfolder=sub) for sub in self.tokenizer_subfolders]
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
-        return ModelComponents(transformer, vae, text_encoders, tokenizers, scheduler, source=src)
+        scheduler = (self.scheduler_cls or FlowMatchEulerDiscreteScheduler).from_pretrained(src, subfolder="scheduler")
+        return ModelComponents(denoiser, vae, text_encoders, tokenizers, scheduler, source=src)
 
     def resolve(self, name_or_path: str) -> str:
         """Map a user's model name to something `from_pretrained` can open without hanging.
@@ -120,9 +125,9 @@ class FlowModelAdapter:
             return str(ensure_tiny_pipeline(self.family))
         path = Path(name).expanduser()
         if path.is_dir():
-            if not (path / "transformer").is_dir() and not (path / "model_index.json").exists():
+            if not (path / self.denoiser_subfolder).is_dir() and not (path / "model_index.json").exists():
                 raise ModelSourceError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
-                                        "model_index.json or subfolders transformer/, vae/, scheduler/, ...")
+                                        f"model_index.json or subfolders {self.denoiser_subfolder}/, vae/, scheduler/, ...")
             return str(path)
         if not _HUB_ID.match(name) or name.startswith((".", "~")):
             raise ModelSourceError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
@@ -142,8 +147,8 @@ class FlowModelAdapter:
             raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
         if not comps.text_encoders or not comps.tokenizers:
             raise ValueError("encode_prompts needs text encoders and tokenizers: load with with_text=True")
-        pipe = self.pipeline_cls(transformer=comps.transformer, vae=comps.vae, scheduler=comps.scheduler,
-                                 **self._text_kwargs(comps))
+        pipe = self.pipeline_cls(**{self.denoiser_subfolder: comps.denoiser}, vae=comps.vae,
+                                 scheduler=comps.scheduler, **self._text_kwargs(comps))
         if max_sequence_length is None:
             max_sequence_length = min(self.default_text_len, comps.tokenizers[-1].model_max_length)
         return self._encode_prompt_batch(pipe, list(prompts), max_sequence_length=max_sequence_length)
@@ -174,7 +179,7 @@ class FlowModelAdapter:
         """Image height/width must be a multiple of this (VAE factor x patch factor)."""
         if comps.vae is None:
             raise ValueError("resolution_multiple needs the VAE: load with with_vae=True")
-        return self.vae_scale_factor(comps.vae) * self.patch_factor(comps.transformer)
+        return self.vae_scale_factor(comps.vae) * self.patch_factor(comps.denoiser)
 
     @torch.no_grad()
     def encode_images(self, vae: nn.Module, pixels: torch.Tensor, *, sample: bool = False,
@@ -249,7 +254,8 @@ class FlowModelAdapter:
         state = (anystep.anystep_state(module, tt, sign, t=sigma.float()) if tt is not None or sign is not None
                  else contextlib.nullcontext())
         with state:
-            out = self._call_transformer(transformer, module, self.pack(x), sigma.to(x.dtype), cond, h, w, guidance)
+            sig = sigma.float() if self.diffusion_base else sigma.to(x.dtype)  # the bridge needs the exact sigma
+            out = self._call_transformer(transformer, module, self.pack(x), sig, cond, h, w, guidance)
         return self.unpack(out, h, w)
 
     def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance) -> torch.Tensor:
@@ -305,12 +311,14 @@ class FlowModelAdapter:
         return items
 
     # ------------------------------------------------------------------ stock pipelines and LoRA export
-    def build_pipeline(self, comps: ModelComponents, *, transformer: nn.Module | None = None, scheduler=None):
-        """The stock diffusers pipeline over these components (text encoders may be None)."""
+    def build_pipeline(self, comps: ModelComponents, *, denoiser: nn.Module | None = None, scheduler=None):
+        """The stock diffusers pipeline over these components (text encoders may be None); `denoiser` replaces the
+        loaded one (e.g. a trained transformer or UNet)."""
         if comps.vae is None:
             raise ValueError("build_pipeline needs the VAE (its scale factor sets latent sizes): load with_vae=True")
-        pipe = self.pipeline_cls(transformer=unwrap(transformer if transformer is not None else comps.transformer),
-                                 vae=comps.vae, scheduler=scheduler if scheduler is not None else comps.scheduler,
+        den = unwrap(denoiser if denoiser is not None else comps.denoiser)
+        pipe = self.pipeline_cls(**{self.denoiser_subfolder: den}, vae=comps.vae,
+                                 scheduler=scheduler if scheduler is not None else comps.scheduler,
                                  **self._text_kwargs(comps))
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -340,15 +348,16 @@ class FlowModelAdapter:
         """A pipeline's output_type="latent" result -> latents [B,C,h,w]."""
         return self.unpack(latents, h, w)
 
-    def save_lora(self, directory: str | os.PathLike, transformer_lora_layers: dict[str, torch.Tensor]) -> None:
-        """Export LoRA weights with the pipeline class's `save_lora_weights` (loadable by `load_lora_weights`)."""
-        self.pipeline_cls.save_lora_weights(str(directory), transformer_lora_layers=transformer_lora_layers,
+    def save_lora(self, directory: str | os.PathLike, lora_layers: dict[str, torch.Tensor]) -> None:
+        """Export the denoiser's LoRA weights with the pipeline class's `save_lora_weights` (so `load_lora_weights`
+        loads them)."""
+        self.pipeline_cls.save_lora_weights(str(directory), **{self.lora_layers_kwarg: lora_layers},
                                             safe_serialization=True)
 
     # ------------------------------------------------------------------ any-step (TwinFlow) inputs
     def add_anystep(self, transformer: nn.Module) -> nn.Module:
         """Attach zero-initialised target-time and sign embeddings to `transformer` (see `fewstep.models.anystep`)."""
-        return anystep.add_anystep_embeddings(unwrap(transformer), self.hook_time_scale)
+        return anystep.add_anystep_embeddings(unwrap(transformer), self.hook_time_scale, self.anystep_module)
 
 
 def _pad0(t: torch.Tensor, n: int) -> torch.Tensor:

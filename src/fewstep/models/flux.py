@@ -11,7 +11,7 @@ class FluxAdapter(FlowModelAdapter):
     family = "flux"
     aliases = ("flux1",)
     pipeline_cls = FluxPipeline
-    transformer_cls = FluxTransformer2DModel
+    denoiser_cls = FluxTransformer2DModel
     vae_cls = AutoencoderKL
     text_encoder_specs = (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel))
     tokenizer_subfolders = ("tokenizer", "tokenizer_2")

@@ -11,7 +11,7 @@ class QwenImageAdapter(FlowModelAdapter):
     family = "qwenimage"
     aliases = ("qwen",)
     pipeline_cls = QwenImagePipeline
-    transformer_cls = QwenImageTransformer2DModel
+    denoiser_cls = QwenImageTransformer2DModel
     vae_cls = AutoencoderKLQwenImage
     text_encoder_specs = (("text_encoder", Qwen2_5_VLForConditionalGeneration),)
     tokenizer_subfolders = ("tokenizer",)

@@ -10,7 +10,7 @@ class SD3Adapter(FlowModelAdapter):
     family = "sd3"
     aliases = ("sd35", "stablediffusion3")
     pipeline_cls = StableDiffusion3Pipeline
-    transformer_cls = SD3Transformer2DModel
+    denoiser_cls = SD3Transformer2DModel
     vae_cls = AutoencoderKL
     text_encoder_specs = (("text_encoder", CLIPTextModelWithProjection),
                           ("text_encoder_2", CLIPTextModelWithProjection),

@@ -108,14 +108,14 @@ def _t5(d_model: int):
                                    eos_token_id=v["</s>"], decoder_start_token_id=v["<pad>"]))
 
 
-def _kl_vae(latent_channels: int):
+def _kl_vae(latent_channels: int, shift_factor: float | None = 0.1):
     from diffusers import AutoencoderKL
 
     # two levels: spatial factor 2; non-trivial shift/scale so latent normalisation is exercised
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                          latent_channels=latent_channels, norm_num_groups=4, sample_size=32, scaling_factor=1.5,
-                         shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False)
+                         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _flux_parts():
@@ -173,7 +173,29 @@ def _qwen_parts():
     )
 
 
-_BUILDERS = {"flux": _flux_parts, "sd3": _sd3_parts, "qwenimage": _qwen_parts}
+def _sdxl_parts():
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    # SDXL's layout at toy width: CLIP hidden 32 + 32 = cross_attention_dim; add_embedding input = 6 time ids x 8 +
+    # the pooled 32. SDXL's VAE has no shift factor (the stock pipeline ignores one).
+    return dict(
+        unet=UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                  transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4),
+                                  cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
+                                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                                  projection_class_embeddings_input_dim=6 * 8 + 32),
+        vae=_kl_vae(4, shift_factor=None),
+        text_encoder=_clip(32, 32, with_projection=False), tokenizer=word_tokenizer("clip", CLIP_LEN),
+        text_encoder_2=_clip(32, 32, with_projection=True), tokenizer_2=word_tokenizer("clip", CLIP_LEN),
+        # SDXL base 1.0's scheduler config: scaled-linear betas, epsilon prediction
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         prediction_type="epsilon", timestep_spacing="leading", steps_offset=1),
+    )
+
+
+_BUILDERS = {"flux": _flux_parts, "sd3": _sd3_parts, "qwenimage": _qwen_parts, "sdxl": _sdxl_parts}
 
 
 def build_tiny_pipeline(family: str):
@@ -188,8 +210,9 @@ def build_tiny_pipeline(family: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         parts = _BUILDERS[adapter.family]()
-    # shift 1, no dynamic shifting: custom sigmas are used verbatim
-    return adapter.pipeline_cls(scheduler=FlowMatchEulerDiscreteScheduler(), **parts)
+    # flow families: shift 1, no dynamic shifting (custom sigmas are used verbatim)
+    parts.setdefault("scheduler", FlowMatchEulerDiscreteScheduler())
+    return adapter.pipeline_cls(**parts)
 
 
 def save_tiny_pipeline(family: str, path: str | os.PathLike) -> Path:

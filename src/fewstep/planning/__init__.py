@@ -3,8 +3,9 @@
     plan = plan_memory("my_config.json", gpus=8)                     # or a Config / dict
     print(format_table(plan)); plan.recommended.name                 # e.g. "ZeRO-2"
 
-The transformer is built on the meta device (`model`), its activations are traced there (`activations`), and each
-ZeRO layout's per-GPU memory follows DeepSpeed's own bookkeeping (`layouts`). The CLI is `launcher/plan.py`.
+The denoiser (a transformer, or SDXL's UNet) is built on the meta device (`model`), its activations are traced there
+(`activations`), and each ZeRO layout's per-GPU memory follows DeepSpeed's own bookkeeping (`layouts`). The CLI is
+`launcher/plan.py`.
 """
 from fewstep.planning.activations import Activations, model_activations, trace_activations  # noqa: F401
 from fewstep.planning.layouts import (  # noqa: F401
@@ -20,7 +21,10 @@ from fewstep.planning.layouts import (  # noqa: F401
 )
 from fewstep.planning.model import (  # noqa: F401
     MODEL_CONFIG_DIR,
+    AnyStep,
     ParamCounts,
+    anystep_dim,
+    anystep_param_count,
     build_meta_transformer,
     count_params,
     load_model_config,

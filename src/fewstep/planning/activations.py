@@ -1,9 +1,14 @@
 """Activation memory, measured on the meta device rather than guessed from a formula.
 
 Tokens: (resolution / 16)^2 image tokens (VAE /8, then 2x2 patches) + text tokens (the pipeline's default length:
-512 for Qwen-Image and FLUX, 77 CLIP + 256 T5 for SD3). Two blocks of each block list run forward on meta tensors of
-those shapes under `saved_tensors_hooks`; what autograd keeps for backward is summed per block (parameters excluded,
-attention counted as flash / memory-efficient attention keeps it: q, k, v, out and the fp32 log-sum-exp). Then
+512 for Qwen-Image and FLUX, 77 CLIP + 256 T5 for SD3, 77 CLIP for SDXL). A UNet (SDXL) takes the R/8 x R/8 latent
+as it is; (R/16)^2 is then the token count of its widest attention level. Blocks are the units diffusers' gradient
+checkpointing recomputes one at a time: a transformer's top-level block lists (transformer_blocks, ...); in a UNet
+every `resnets` list (ResnetBlock2D) and every Transformer2DModel's `transformer_blocks` list (BasicTransformerBlock).
+Block lists run forward on meta tensors of those shapes under `saved_tensors_hooks` (lists of identical,
+shape-preserving blocks cut to two; a UNet's resnets lists, whose blocks change width and take skip connections, run
+whole); what autograd keeps for backward is summed per block (parameters excluded, attention counted as flash /
+memory-efficient attention keeps it: q, k, v, out and the fp32 log-sum-exp). Then
 
     no checkpointing:  saved = outside blocks + sum over blocks of (block saved)
     checkpointing:     saved = outside blocks + sum over blocks of (block inputs) + shared inputs (temb, RoPE)
@@ -47,10 +52,31 @@ def _qwen_inputs(c, b, h, txt, dt):
                 img_shapes=[[(1, h, h)]] * b)
 
 
-# transformer class -> (forward kwargs from (config, batch, h = resolution/16, text tokens, dtype),
-#                       text tokens beyond the adapter's `default_text_len`: SD3 prepends 77 CLIP tokens)
+def _unet_inputs(c, b, h, txt, dt):  # SDXL-style UNet: NCHW latents 2h x 2h (VAE /8), no patches
+    added = None
+    if c.addition_embed_type == "text_time":  # pooled text + 6 micro-conditioning time ids, each embedded to 256
+        n_ids = 6
+        added = {"text_embeds": torch.randn(b, c.projection_class_embeddings_input_dim
+                                            - n_ids * c.addition_time_embed_dim, dtype=dt),
+                 "time_ids": torch.zeros(b, n_ids, dtype=dt)}
+    return dict(sample=torch.randn(b, c.in_channels, 2 * h, 2 * h, dtype=dt), timestep=torch.rand(b, dtype=dt),
+                encoder_hidden_states=torch.randn(b, txt, c.cross_attention_dim, dtype=dt), added_cond_kwargs=added)
+
+
+# denoiser class -> (forward kwargs from (config, batch, h = resolution/16, text tokens, dtype),
+#                    text tokens beyond the adapter's `default_text_len`: SD3 prepends 77 CLIP tokens)
 MODEL_INPUTS = {"FluxTransformer2DModel": (_flux_inputs, 0), "SD3Transformer2DModel": (_sd3_inputs, 77),
-                "QwenImageTransformer2DModel": (_qwen_inputs, 0)}
+                "QwenImageTransformer2DModel": (_qwen_inputs, 0), "UNet2DConditionModel": (_unet_inputs, 0)}
+# denoiser class -> its text length whatever the adapter's `default_text_len` (a T5-style max_sequence_length):
+# CLIP-only pipelines (SDXL) always encode the tokenizer's 77 tokens
+FIXED_TEXT_TOKENS = {"UNet2DConditionModel": 77}
+
+
+def default_text_tokens(class_name: str, default_text_len: int) -> int:
+    """Text tokens the family's pipeline encodes by default for a denoiser of `class_name`."""
+    if class_name in FIXED_TEXT_TOKENS:
+        return FIXED_TEXT_TOKENS[class_name]
+    return default_text_len + MODEL_INPUTS.get(class_name, (None, 0))[1]
 
 
 class _FlashSDPA(torch.autograd.Function):
@@ -103,14 +129,28 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
+def block_lists(model: nn.Module) -> list[tuple[str, bool]]:
+    """(qualified name, cuttable) of each block list (module docstring): a transformer's top-level ModuleLists; in a
+    UNet (a model with `down_blocks` and `up_blocks`) every `resnets` list (not cuttable: widths change, skip
+    connections are consumed) and every `transformer_blocks` list (cuttable)."""
+    if isinstance(getattr(model, "down_blocks", None), nn.ModuleList) and hasattr(model, "up_blocks"):
+        return [(name, name.endswith("transformer_blocks")) for name, ml in model.named_modules()
+                if isinstance(ml, nn.ModuleList) and len(ml) > 0 and name.rsplit(".", 1)[-1] in
+                ("resnets", "transformer_blocks")]
+    return [(name, True) for name, ml in model.named_children() if isinstance(ml, nn.ModuleList) and len(ml) > 0]
+
+
 def trace_activations(model: nn.Module, inputs: dict, keep_blocks: int = 2) -> Activations:
-    """Run `model(**inputs)` (block lists cut to `keep_blocks`) and sum what autograd saves, per block.
+    """Run `model(**inputs)` (cuttable block lists cut to `keep_blocks`) and sum what autograd saves, per block.
 
     Works on any device; on meta it costs nothing. Tensors are told apart by their storage, so views count once.
     """
-    lists = [(name, len(ml)) for name, ml in model.named_children() if isinstance(ml, nn.ModuleList) and len(ml) > 0]
-    for name, _ in lists:
-        setattr(model, name, nn.ModuleList(list(getattr(model, name))[:keep_blocks]))
+    lists = [(name, len(model.get_submodule(name)), cut) for name, cut in block_lists(model)]
+    for name, _, cut in lists:
+        if cut:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, nn.ModuleList(list(model.get_submodule(name))[:keep_blocks]))
+    lists = [(name, n) for name, n, _ in lists]
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     saved, block_inputs, where, hooks = {}, {}, [None], []
 
@@ -121,7 +161,7 @@ def trace_activations(model: nn.Module, inputs: dict, keep_blocks: int = 2) -> A
         return t
 
     for name, _ in lists:
-        for i, blk in enumerate(getattr(model, name)):
+        for i, blk in enumerate(model.get_submodule(name)):
             def pre(mod, args, kwargs, label=(name, i)):
                 where[0] = label
                 block_inputs[label] = {t.untyped_storage()._cdata: (t, t.untyped_storage().nbytes())
@@ -145,7 +185,7 @@ def trace_activations(model: nn.Module, inputs: dict, keep_blocks: int = 2) -> A
     shared = {sid: nb for ins in block_inputs.values() for sid, (_, nb) in ins.items() if count[sid] > 1}
     rows = []
     for name, n in lists:
-        labels = [(name, i) for i in range(min(n, keep_blocks))]
+        labels = [(name, i) for i in range(len(model.get_submodule(name)))]
         s = [sum(nb for _, nb, lab in saved.values() if lab == {label}) for label in labels]
         i = [sum(nb for sid, (_, nb) in block_inputs[label].items() if sid not in shared) for label in labels]
         rows.append((n, sum(s) // len(s), sum(i) // len(i)))

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.planning.activations import MODEL_INPUTS, Activations, cached_activations
-from fewstep.planning.model import ParamCounts, build_meta_transformer, count_params, resolve_model_config
+from fewstep.planning.activations import Activations, cached_activations, default_text_tokens
+from fewstep.planning.model import AnyStep, ParamCounts, build_meta_transformer, count_params, resolve_model_config
 
 GiB = 2 ** 30
 
@@ -168,7 +168,7 @@ LAYOUTS = [(0, False, False), (1, False, False), (2, False, False), (3, False, F
 
 @dataclass
 class Plan:
-    model: str  # the transformer class
+    model: str  # the denoiser class (a transformer or a UNet)
     counts: ParamCounts
     activations: Activations
     settings: dict
@@ -220,7 +220,8 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
         raise ValueError(f"gpus must be a positive multiple of nodes, got gpus={gpus}, nodes={nodes}")
     res = cfg.resolution or 1024
     if res % 16:
-        raise ValueError(f"resolution must be a multiple of 16 (VAE /8, then 2x2 patches), got {res}")
+        raise ValueError(f"resolution must be a multiple of 16 (VAE /8, then 2x2 patches or a UNet's downsampling), "
+                         f"got {res}")
     mc = model_config if isinstance(model_config, dict) else resolve_model_config(
         cfg.model_family, cfg.pretrained_model_name_or_path, model_config)
     from fewstep.models import get_adapter
@@ -231,15 +232,15 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
     dtype = torch.bfloat16 if bf16 else torch.float32
     targets = tuple(cfg.lora_targets or adapter.default_lora_targets) if lora else ()
     meta = build_meta_transformer(mc, dtype)
-    extra = 0
-    if twinflow:  # TwinFlow trains its any-step (target time, sign) embeddings in both modes
+    extra, anystep = 0, AnyStep(adapter.family) if twinflow else None
+    if twinflow:  # TwinFlow trains its any-step (target time, sign) embeddings in both modes (width: anystep_dim)
         with torch.device("meta"):
-            extra = sum(p.numel() for p in adapter.add_anystep(meta).parameters())
+            extra = sum(p.numel() for p in anystep(meta).parameters())
     counts = count_params(meta, lora=lora, targets=targets, rank=cfg.lora_rank, extra_trainable=extra,
                           persistence_threshold=int(knobs.param_persistence_threshold))
-    txt = text_tokens or adapter.default_text_len + MODEL_INPUTS.get(mc["_class_name"], (None, 0))[1]
+    txt = text_tokens or default_text_tokens(mc["_class_name"], adapter.default_text_len)
     acts = cached_activations(json.dumps(mc, sort_keys=True), cfg.train_batch_size, res, txt, dtype, targets,
-                              cfg.lora_rank, adapter.add_anystep if twinflow else None)
+                              cfg.lora_rank, anystep)
     act_bytes = acts.peak(cfg.gradient_checkpointing, teacher=twinflow)
     layouts = []
     for stage, off_opt, off_par in LAYOUTS:

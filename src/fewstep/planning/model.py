@@ -1,7 +1,8 @@
-"""The transformer to plan for, on the meta device: its config, its exact parameter counts, LoRA counted analytically.
+"""The denoiser to plan for, on the meta device: its config, its exact parameter counts, LoRA counted analytically.
 
-Shipped architectures live in `configs/models/*.json` (a diffusers transformer config with `_class_name`); a local
-diffusers folder's `transformer/config.json` works the same. Building on the meta device allocates nothing, so the
+The denoiser is a diffusers transformer (FLUX, SD3, Qwen-Image) or UNet (SDXL). Shipped architectures live in
+`configs/models/*.json` (a diffusers model config with `_class_name`); a local diffusers folder's
+`transformer/config.json` or `unet/config.json` works the same. Building on the meta device allocates nothing, so the
 20B Qwen-Image transformer takes a fraction of a second.
 """
 from __future__ import annotations
@@ -17,28 +18,32 @@ from fewstep.jsonfile import load_json
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
 # shipped architecture per model family (used when the pretrained path is a hub id rather than a local folder)
-FAMILY_MODEL_CONFIGS = {"qwenimage": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json"}
+FAMILY_MODEL_CONFIGS = {"qwenimage": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json",
+                        "sdxl": "sdxl.json"}
+DENOISER_SUBFOLDERS = ("transformer", "unet")  # where a diffusers pipeline folder keeps its denoiser
 
 
 def load_model_config(path: str | os.PathLike) -> dict:
-    """Read a diffusers transformer config JSON; it must name its class in `_class_name`. A missing file or invalid
-    JSON raises ValueError naming the file."""
+    """Read a diffusers denoiser (transformer or UNet) config JSON; it must name its class in `_class_name`. A missing
+    file or invalid JSON raises ValueError naming the file."""
     cfg = load_json(path, ValueError, "model config")
     if not isinstance(cfg, dict) or "_class_name" not in cfg:
-        raise ValueError(f"{path}: expected a diffusers transformer config with '_class_name', like "
-                         f"{MODEL_CONFIG_DIR / 'flux_dev.json'}")
+        raise ValueError(f"{path}: expected a diffusers denoiser (transformer or UNet) config with '_class_name', "
+                         f"like {MODEL_CONFIG_DIR / 'flux_dev.json'}")
     return cfg
 
 
 def resolve_model_config(family: str, name_or_path: str | None, model_config: str | None = None) -> dict:
-    """The transformer config to plan for: an explicit JSON, a local diffusers folder, or the family's shipped one."""
+    """The denoiser config to plan for: an explicit JSON, a local diffusers folder (its `transformer/` or `unet/`
+    config, or a config.json at its top), or the family's shipped one."""
     if model_config:
         return load_model_config(model_config)
     if name_or_path and os.path.isdir(name_or_path):
-        for sub in ("transformer/config.json", "config.json"):
+        for sub in [f"{d}/config.json" for d in DENOISER_SUBFOLDERS] + ["config.json"]:
             if os.path.isfile(os.path.join(name_or_path, sub)):
                 return load_model_config(os.path.join(name_or_path, sub))
-        raise ValueError(f"pretrained_model_name_or_path {name_or_path!r} is a folder without transformer/config.json")
+        raise ValueError(f"pretrained_model_name_or_path {name_or_path!r} is a folder without transformer/config.json "
+                         "or unet/config.json (the denoiser: a transformer or a UNet)")
     from fewstep.models import get_adapter
 
     key = get_adapter(family).family
@@ -49,7 +54,8 @@ def resolve_model_config(family: str, name_or_path: str | None, model_config: st
 
 
 def build_meta_transformer(model_config: dict, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The diffusers transformer named by `_class_name`, on the meta device (exact shapes, no memory)."""
+    """The diffusers denoiser (any diffusers model class: a transformer or a UNet) named by `_class_name`, on the meta
+    device (exact shapes, no memory)."""
     import diffusers
 
     cls = getattr(diffusers, model_config["_class_name"], None)
@@ -71,6 +77,50 @@ def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         return model.to(dtype)
     finally:
         logging.set_verbosity(level)
+
+
+def anystep_dim(model: nn.Module) -> int:
+    """Width D of TwinFlow's any-step embedding: the time embedding's output width where the model has a
+    TimestepEmbedding (a UNet's `time_embedding.linear_2`: 1280 for SDXL), else the transformer's inner dim
+    (num_attention_heads * attention_head_dim), as `fewstep.models.anystep.add_anystep_embeddings` sizes it."""
+    for name in ("time_embedding", "time_text_embed"):
+        lin = getattr(getattr(model, name, None), "linear_2", None)
+        if isinstance(lin, nn.Linear):
+            return lin.out_features
+    return model.config.num_attention_heads * model.config.attention_head_dim
+
+
+def anystep_param_count(model: nn.Module) -> int:
+    """Parameters of the any-step embedding: nn.Embedding(2, D) + Linear(256, D) + Linear(D, D)."""
+    from fewstep.models.anystep import FREQ_DIM
+
+    d = anystep_dim(model)
+    return 2 * d + (FREQ_DIM + 1) * d + (d + 1) * d
+
+
+@dataclass(frozen=True)
+class AnyStep:
+    """Attaches a family's any-step embedding to a (meta) denoiser: `AnyStep("sdxl")(model)` -> the embedding.
+
+    Hashable by value, so activation traces are memoised across plans. The family adapter's own `add_anystep` is
+    used; a denoiser it cannot hook (a model_config of another class than the family's) gets an unhooked
+    `AnyStepEmbedding` of the same width (`anystep_dim`): its parameters are what the plan counts, and the one
+    [batch, D] term the hook would add is negligible next to the activations.
+    """
+
+    family: str
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        from fewstep.models import get_adapter
+        from fewstep.models.anystep import AnyStepEmbedding
+
+        try:
+            return get_adapter(self.family).add_anystep(model)
+        except (TypeError, AttributeError):
+            if hasattr(model, "anystep_embed"):
+                raise
+            model.anystep_embed = AnyStepEmbedding(anystep_dim(model), 1.0)
+            return model.anystep_embed
 
 
 def lora_param_count(model: nn.Module, targets, rank: int) -> int:
@@ -98,7 +148,8 @@ class ParamCounts:
     buffer_bytes: int  # non-parameter buffers (SD3's positional table), replicated on every GPU
     persistent: int  # ZeRO-3: parameters at or below the persistence threshold, kept whole on every rank
     largest_module: int  # DeepSpeed's "largest layer": the most parameters one module holds directly
-    largest_block: int = 0  # the largest group the full export gathers at once (a transformer block)
+    largest_block: int = 0  # the largest group the full export gathers at once (fewstep.full_export.param_groups:
+    #                         a transformer block; in a UNet a resnet or a transformer block)
 
     @property
     def frozen(self) -> int:

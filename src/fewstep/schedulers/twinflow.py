@@ -17,6 +17,18 @@ Grid for N steps (`set_timesteps(N)`): u = linspace(gap_start, 1 - gap_end, N) (
 last), Kumaraswamy warp u <- (1 - (1 - u^a)^b)^c, sigma = 1 - u, then the diffusers shift (static `shift`, or the
 dynamic exponential/linear shift with `mu` when `use_dynamic_shifting`), the optional `shift_terminal` stretch, and a
 terminal 0. gap_end=None picks the reference presets: 0.6 for N <= 2, 0.5 for N <= 4, 0.3 above.
+
+Diffusion bases. With `prediction_type="epsilon"` or `"v_prediction"` the scheduler drives a diffusion model (e.g.
+SDXL's UNet in a stock `StableDiffusionXLPipeline`) through the diff2flow bridge (`fewstep.methods.diff2flow`, the
+same functions the training code uses). The base's `alphas_cumprod` comes from diffusers' DDPM config keys
+(`beta_start`, `beta_end`, `beta_schedule`, `trained_betas`, `rescale_betas_zero_snr`), so
+`TwinFlowScheduler.from_config(pipe.scheduler.config, **twinflow_preset(n))` works on an Euler / DDPM / DDIM config.
+The grid, `sigmas` and `target_times()` stay flow sigmas (step 0 starts at pure noise, `init_noise_sigma` = 1);
+`timesteps` are the base's continuous timesteps `bridge_timestep(sigmas[:-1])`, `scale_model_input` maps the flow state
+to the base's input (`flow_to_diffusion_input`) and `step` converts the output to the flow velocity
+(`bridge_velocity`, fp64) before the step rule. Outside the base's sigma range the bridge's documented rule applies (a
+one-step sample from pure noise is the base's DDIM x0 estimate). Clamped timesteps may repeat (e.g. 999 for sigmas
+0.999 and 0.95 on SDXL): the step index is counted per `step`, and a repeated timestep maps to its first step.
 """
 from __future__ import annotations
 
@@ -30,7 +42,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-PREDICTION_TYPES = ("flow_matching", "flow_matching_reversed")
+from fewstep.methods.diff2flow import bridge_timestep, bridge_velocity, flow_to_diffusion_input, timestep_to_sigma
+
+from .diffusion_base import DIFFUSION_PREDICTION_TYPES, diffusion_alphas_cumprod
+
+PREDICTION_TYPES = ("flow_matching", "flow_matching_reversed") + DIFFUSION_PREDICTION_TYPES
 TARGET_TIMES = ("few", "any", "mul")
 SIGMAS_POLICIES = ("auto", "always", "ignore")
 
@@ -88,6 +104,10 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     pass `linspace(1, 1/N, N)` when their caller gave none; "auto" (default) replaces exactly that default grid with
     the UCGM grid and uses any other sigmas verbatim (shifted like diffusers does); "always" uses given sigmas
     verbatim; "ignore" always uses the UCGM grid.
+
+    `prediction_type` "epsilon" / "v_prediction" samples a diffusion model whose noise table is given by the diffusers
+    DDPM keys `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`, `rescale_betas_zero_snr` (module docstring);
+    other keys of a diffusers scheduler config are ignored by `from_config`.
     """
 
     _compatibles = []
@@ -112,6 +132,11 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
         sigmas_policy: str = "auto",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         checks = [("prediction_type", prediction_type, PREDICTION_TYPES), ("target_time", target_time, TARGET_TIMES),
                   ("sigmas_policy", sigmas_policy, SIGMAS_POLICIES),
@@ -127,6 +152,10 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         if shift <= 0:
             raise ValueError(f"TwinFlowScheduler: shift={shift}, expected > 0")
         self.init_noise_sigma = 1.0
+        # The diffusion base's noise table (float32, as diffusers' schedulers); None for flow models.
+        self.alphas_cumprod = (diffusion_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                        trained_betas, rescale_betas_zero_snr)
+                               if self.is_diffusion else None)
         self.num_inference_steps = None
         self._step_index = None
         self._begin_index = None
@@ -136,7 +165,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         if not use_dynamic_shifting:  # the dynamic shift needs mu, known only at set_timesteps
             sig = self._shift * sig / (1 + (self._shift - 1) * sig)
         self.sigmas = torch.from_numpy(np.append(sig, 0.0))
-        self.timesteps = (self.sigmas[:-1] * num_train_timesteps).to(torch.float32)
+        self.timesteps = self._timesteps_for(self.sigmas)
         self.sigma_max, self.sigma_min = float(self.sigmas[0]), float(self.sigmas[-2])
 
     # -- attributes and helpers the diffusers pipelines use --------------------------------------------------------
@@ -144,6 +173,17 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     def shift(self) -> float:
         """The static shift in use (`set_shift` changes it)."""
         return self._shift
+
+    @property
+    def is_diffusion(self) -> bool:
+        """Whether the model is an epsilon / v-prediction diffusion model sampled through the diff2flow bridge."""
+        return self.config.prediction_type in DIFFUSION_PREDICTION_TYPES
+
+    def _timesteps_for(self, sigmas: torch.Tensor) -> torch.Tensor:
+        # What the pipeline hands the model (float32): sigma * T for flow models, the bridge timestep for diffusion.
+        if self.is_diffusion:
+            return bridge_timestep(sigmas[:-1], self.alphas_cumprod).to(dtype=torch.float32)
+        return (sigmas[:-1] * self.config.num_train_timesteps).to(dtype=torch.float32)
 
     @property
     def step_index(self):
@@ -188,7 +228,9 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
                       timesteps=None):
         """Build the sampling schedule (float64 sigmas with a terminal 0, timesteps = sigma * num_train_timesteps).
 
-        `sigmas` follow `sigmas_policy`; explicit `timesteps` are used as given (sigma = timesteps / T, no shift).
+        `sigmas` follow `sigmas_policy`; explicit `timesteps` are used as given (sigma = timesteps / T, no shift; for
+        diffusion types they are the base's timesteps and sigma is their flow sigma, `timestep_to_sigma`).
+        Diffusion types: timesteps = `bridge_timestep(sigmas[:-1])`.
         `mu` is required and used only when `config.use_dynamic_shifting` (as in diffusers).
         """
         T = self.config.num_train_timesteps
@@ -207,7 +249,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"TwinFlowScheduler.set_timesteps: num_inference_steps={num_inference_steps}, expected "
                              ">= 1 (or non-empty sigmas/timesteps)")
         if timesteps is not None:
-            sig = given / T
+            sig = timestep_to_sigma(torch.from_numpy(given), self.alphas_cumprod).numpy() if self.is_diffusion \
+                else given / T
         elif sigmas is not None and self._use_given_sigmas(given):
             sig = self._apply_shift(given, mu)
         else:
@@ -218,7 +261,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
                              "in (0, 1]")
         self.num_inference_steps = num_inference_steps
         self.sigmas = torch.from_numpy(np.append(sig, 0.0)).to(device=device)
-        self.timesteps = (self.sigmas[:-1] * T).to(dtype=torch.float32)
+        self.timesteps = self._timesteps_for(self.sigmas)
         self._step_index = None
         self._begin_index = None
 
@@ -243,17 +286,28 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Index of `timestep` in the schedule (the second match if it occurs twice, as diffusers)."""
+        """Index of `timestep` in the schedule (the second match if it occurs twice, as diffusers; the first for
+        diffusion types, whose repeats come from clamping at the base's range ends, e.g. the first steps from noise)."""
         schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
         timestep = torch.as_tensor(timestep, device=schedule_timesteps.device, dtype=schedule_timesteps.dtype)
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
             raise ValueError(f"TwinFlowScheduler: timestep {float(timestep)} is not in the schedule "
                              f"{schedule_timesteps.tolist()}; pass one of scheduler.timesteps")
-        return indices[1 if len(indices) > 1 else 0].item()
+        return indices[1 if len(indices) > 1 and not self.is_diffusion else 0].item()
 
     def _init_step_index(self, timestep):
         self._step_index = self.index_for_timestep(timestep) if self.begin_index is None else self._begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The model input for the current step: `sample` itself for flow models; for diffusion types the base's input
+        `flow_to_diffusion_input(sample, sigma_i)` (this starts the step count, like diffusers' Euler)."""
+        if not self.is_diffusion:
+            return sample
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index].reshape(1).to(sample.device)
+        return flow_to_diffusion_input(sample, sigma)
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
         """Forward process x_sigma = sigma * noise + (1 - sigma) * sample at `timestep` (img2img / inpaint)."""
@@ -266,11 +320,16 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         sigma = sigmas[idx].reshape(-1, *([1] * (sample.ndim - 1)))
         return sigma * noise + (1.0 - sigma) * sample
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """`scale_noise` with diffusers' DDPM-style argument order (SDXL img2img): the flow state at `timesteps`."""
+        return self.scale_noise(original_samples, timesteps, noise)
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None,
              return_dict: bool = True):
         """One UCGM step from sigmas[i] to sigmas[i + 1] (see the module docstring), computed in float64.
 
-        `model_output` is the velocity z - x (noise minus data). Noise for s > 0 comes from `generator`, or the
+        `model_output` is the velocity z - x (noise minus data), or for diffusion types the base's epsilon / v output
+        at `scale_model_input(sample)`, converted by `bridge_velocity`. Noise for s > 0 comes from `generator`, or the
         global RNG when None (diffusers pipelines pass none). Returns `prev_sample` in the dtype of `sample`.
         """
         if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
@@ -284,7 +343,11 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         sigma = self.sigmas[self._step_index].to(sample.device)
         sigma_next = self.sigmas[self._step_index + 1].to(sample.device)
         x = sample.to(torch.float64)
-        F = model_output.to(torch.float64)
+        if self.is_diffusion:
+            F = bridge_velocity(model_output.to(torch.float64), x, sigma.reshape(1), self.alphas_cumprod,
+                                self.config.prediction_type)
+        else:
+            F = model_output.to(torch.float64)
         if self.config.prediction_type == "flow_matching_reversed":
             F = -F
         x_hat = x - sigma * F

@@ -1,0 +1,93 @@
+"""The SDXL adapter: a UNet diffusion base behind the flow-model interface, through the diff2flow bridge."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from fewstep.methods.diff2flow import diff2flow_model, flow_sigmas
+from fewstep.models import anystep, get_adapter
+
+
+def _cond(unet, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return {"prompt_embeds": torch.randn(b, 5, c.cross_attention_dim, generator=g),
+            "pooled_prompt_embeds": torch.randn(b, pooled, generator=g)}
+
+
+def v_folder(tiny_dirs, tmp_path):
+    """The tiny SDXL pipeline with its scheduler config switched to v prediction (same weights)."""
+    dst = tmp_path / "sdxl-v"
+    shutil.copytree(tiny_dirs("sdxl"), dst)
+    path = dst / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_forward_is_the_diff2flow_bridge_over_the_unet(tiny_dirs, tmp_path, kind):
+    adapter = get_adapter("sdxl")
+    comps = adapter.load(str(v_folder(tiny_dirs, tmp_path)) if kind == "v_prediction" else tiny_dirs("sdxl"),
+                         with_text=False)
+    assert adapter.prediction_type == kind  # read from the folder's scheduler config
+    unet = comps.denoiser
+    torch.testing.assert_close(adapter.alphas_cumprod.float(), comps.scheduler.alphas_cumprod)  # its own betas
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([1.0, 0.95, 0.5, 0.01])  # above, inside and below the base's range
+    cond = _cond(unet, 4)
+    h = w = 8 * adapter.pixel_factor
+    ids = torch.tensor([[h, w, 0, 0, h, w]] * 4, dtype=torch.float32)
+
+    def unet_call(x_k, timestep, c):  # the UNet as a diffusion user calls it
+        return unet(x_k, timestep, encoder_hidden_states=c["prompt_embeds"],
+                    added_cond_kwargs={"text_embeds": c["pooled_prompt_embeds"], "time_ids": ids}).sample
+
+    with torch.no_grad():
+        got = adapter.forward(unet, x, sigma, cond)
+        want = diff2flow_model(unet_call, comps.scheduler.alphas_cumprod, kind)(x, sigma, sigma, cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    lo, hi = adapter.sigma_range()
+    assert lo == pytest.approx(float(flow_sigmas(comps.scheduler.alphas_cumprod)[0])) and 0.9 < hi < 0.95
+    adapter.set_prediction_type("epsilon" if kind == "v_prediction" else "v_prediction")  # the config's choice wins
+    with torch.no_grad():
+        assert not torch.allclose(adapter.forward(unet, x, sigma, cond), got)
+    with pytest.raises(ValueError, match="'epsilon' or 'v_prediction'"):
+        adapter.set_prediction_type("flow_matching")
+
+
+def test_anystep_on_the_unet_time_embedding(tiny_dirs):
+    adapter = get_adapter("sdxl")
+    unet = adapter.load(tiny_dirs("sdxl"), with_text=False, with_vae=False).denoiser
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sigma, cond = torch.tensor([0.7, 0.3]), _cond(unet)
+    with torch.no_grad():
+        base = adapter.forward(unet, x, sigma, cond)
+        embed = adapter.add_anystep(unet)
+        assert embed.sign_embed.weight.shape[1] == unet.time_embedding.linear_2.out_features
+        # zero-initialised: bit-identical to the base model until trained
+        assert torch.equal(adapter.forward(unet, x, sigma, cond, tt=torch.tensor([0.2, 0.0]), sign=-1.0), base)
+        for p in embed.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        pos = adapter.forward(unet, x, sigma, cond, tt=sigma, sign=1.0)
+        neg = adapter.forward(unet, x, sigma, cond, tt=sigma, sign=-1.0)
+        far = adapter.forward(unet, x, sigma, cond, tt=torch.zeros(2), sign=1.0)
+    assert not torch.allclose(pos, neg) and not torch.allclose(pos, far)
+    # the UNet's time embedding sees a sinusoid, not the timestep: t must come from the caller or a scheduler
+    with pytest.raises(ValueError, match="pass t"), anystep.anystep_state(unet, tt=0.0):
+        unet(x, torch.tensor([500.0, 500.0]), encoder_hidden_states=cond["prompt_embeds"],
+             added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"], "time_ids": torch.zeros(2, 6)})
+
+
+def test_empty_prompt_is_zeros_as_sdxl_pipelines_use_it(tiny):
+    adapter, comps = tiny("sdxl")
+    cond = adapter.encode_prompts(comps, ["a red cube", ""])
+    assert cond["prompt_embeds"][0].abs().sum() > 0 and cond["pooled_prompt_embeds"][0].abs().sum() > 0
+    assert not cond["prompt_embeds"][1].any() and not cond["pooled_prompt_embeds"][1].any()
+    # the pipeline's own text for a real prompt: penultimate CLIP states of both encoders, bigG's projected pool
+    pipe = adapter.build_pipeline(comps)
+    embeds, _, pooled, _ = pipe.encode_prompt("a red cube", do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond["prompt_embeds"][:1], embeds)
+    torch.testing.assert_close(cond["pooled_prompt_embeds"][:1], pooled)
