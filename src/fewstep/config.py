@@ -131,6 +131,8 @@ class Config:
     twinflow_allow_diff2flow: bool = opt(False, "With diff2flow_enabled: allow epsilon/v-prediction bases.")
     twinflow_adversarial_enabled: bool = opt(False, "Self-adversarial branch: L_adv and L_rectify.")
     twinflow_adversarial_weight: float = opt(1.0, "Weight of L_adv.", lo=0.0)
+    twinflow_group_weights: list = opt([1, 1, 1, 1], "Batch shares of the e2e, mul, any and adv groups (positive "
+                                                     "integers; equal = the reference's split).")
     twinflow_rectify_weight: float = opt(1.0, "Weight of L_rectify (multiplies the reference's 0.5).", lo=0.0)
 
     # ---- EMA ----
@@ -198,6 +200,9 @@ class Config:
         if lo is None or hi is None or not (0.0 <= lo < hi <= 1.0):
             raise ConfigError(f"'twinflow_enhanced_range' must be [lo, hi] with 0 <= lo < hi <= 1, got "
                               f"{self.twinflow_enhanced_range}")
+        w = self.twinflow_group_weights
+        if len(w) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w):
+            raise ConfigError(f"'twinflow_group_weights' must be 4 positive integers (e2e, mul, any, adv), got {w}")
         method = self.resolved_method
         if method == "twinflow":
             self.twinflow_enabled = True

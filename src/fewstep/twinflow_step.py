@@ -57,7 +57,8 @@ def make_twinflow_step(ctx: StepContext):
     def step(micro: int):
         x0, cond, uncond = next_batch(ctx, with_uncond=True)
         # Groups cycle over *all* micro-steps so batch sizes < 4 still see e2e/mul/any/adv rows in turn.
-        groups = assign_groups(x0.shape[0], counter["micro"], adversarial=cfg.twinflow_adversarial_enabled)
+        groups = assign_groups(x0.shape[0], counter["micro"], adversarial=cfg.twinflow_adversarial_enabled,
+                               weights=cfg.twinflow_group_weights)
         counter["micro"] += 1
         update = ema.update if (ema is not None and micro == 0) else None  # once per optimizer step
         try:

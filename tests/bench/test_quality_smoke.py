@@ -185,3 +185,32 @@ def test_smoke_metrics_are_finite_and_reported(smoke):
     for method in ("TwinFlow lora", "TwinFlow full", "Glance", "teacher (Euler)", "ablation: TwinFlow full",
                    "ablation: Glance"):
         assert method in text
+
+
+def test_diff2flow_smoke_runs_end_to_end_with_finite_metrics(tmp_path):
+    """bench/quality/diff2flow.py --smoke: SDXL-layout epsilon and v teachers (DDPM loop), TwinFlow diff2flow students
+    through launcher/train.py, every row sampled through a stock StableDiffusionXLPipeline; results stay in --out."""
+    out = tmp_path / "d2f"
+    results_md = os.path.join(QUALITY, "RESULTS.md")
+    before = open(results_md).read()
+    run([PY, os.path.join("bench", "quality", "diff2flow.py"), "--smoke", "--out", str(out)], timeout=240)
+    assert open(results_md).read() == before  # smoke results go to <out>/results, never into bench/quality
+    rows = ["real-train"] + [f"teacher-{k}-{n}" for k in ("eps", "v") for n in (1, 2, 4, 10, 50)] + [
+        f"twinflow-{k}-{n}" for k in ("eps", "v") for n in (1, 2, 4)]
+    for row in rows:
+        r = json.load(open(out / "eval" / f"{row}.json"))
+        assert len(r["fd"]) == 3 and all(math.isfinite(x) and x >= -1e-6 for x in r["fd"]), row
+        assert math.isfinite(r["fd_mean"]) and 0.0 <= r["accuracy"] <= 1.0, row
+        assert r["diversity"] is None or math.isfinite(r["diversity"]), row
+        png = out / "results" / ("d2f-real.png" if row == "real-train" else f"d2f-{row}.png")
+        assert png.stat().st_size > 0
+    for k, pred in (("eps", "epsilon"), ("v", "v_prediction")):
+        sched = json.load(open(out / f"teacher_{k}" / "scheduler" / "scheduler_config.json"))
+        assert sched["prediction_type"] == pred
+        cfg = json.load(open(out / f"student-{k}.config.json"))
+        assert cfg["model_family"] == "sdxl" and cfg["diff2flow_enabled"] and cfg["prediction_type"] == pred
+        assert (out / f"student_{k}" / "unet" / "anystep_embeddings.safetensors").is_file()
+    vae = json.load(open(out / "teacher_eps" / "vae" / "config.json"))
+    assert vae["shift_factor"] is None  # the pixel mean lives inside the VAE: stock pipeline and adapter agree
+    text = (out / "results" / "RESULTS.md").read_text()
+    assert "<!-- diff2flow:begin -->" in text and "<!-- diff2flow:end -->" in text and "SMOKE" in text

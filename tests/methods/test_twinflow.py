@@ -69,6 +69,24 @@ def test_assign_groups_cycles_small_batches(B):
     assert steps[1].tolist() == [(B + i) % 4 for i in range(B)]
 
 
+def test_assign_groups_weighted_shares():
+    # equal weights are the reference split exactly
+    assert all(assign_groups(b, k, weights=[3, 3, 3, 3]).tolist() == assign_groups(b, k).tolist()
+               for b in (2, 6, 10) for k in range(3))
+    # B >= sum(w): contiguous groups sized by largest remainder of B * w / sum(w)
+    assert torch.bincount(assign_groups(8, 0, weights=[2, 1, 1, 1]), minlength=4).tolist() == [3, 2, 2, 1]
+    assert torch.bincount(assign_groups(32, 5, weights=[3, 1, 1, 1]), minlength=4).tolist() == [16, 6, 5, 5]
+    # B < sum(w): the pattern e2e, e2e, mul, any, adv cycles over micro-steps, each group w times per cycle
+    steps = torch.cat([assign_groups(2, k, weights=[2, 1, 1, 1]) for k in range(5)])
+    assert steps.tolist()[:5] == [E2E, E2E, MUL, ANY, ADV]
+    assert torch.bincount(steps, minlength=4).tolist() == [4, 2, 2, 2]
+    # without the adversarial branch the adv weight is ignored (a tie in the remainders goes to the earlier group)
+    assert assign_groups(6, 0, adversarial=False, weights=[2, 1, 1, 9]).tolist() == [E2E, E2E, E2E, MUL, MUL, ANY]
+    for bad in ([0, 1, 1, 1], [1.5, 1, 1, 1], [1, 1, 1]):
+        with pytest.raises(ValueError, match="positive integers"):
+            assign_groups(8, 0, weights=bad)
+
+
 def test_assign_groups_without_adversarial():
     assert assign_groups(6, 0, adversarial=False).tolist() == [E2E, E2E, MUL, MUL, ANY, ANY]
     assert assign_groups(4, 0, adversarial=False).tolist() == [E2E, MUL, ANY, ANY]

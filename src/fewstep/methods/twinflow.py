@@ -83,22 +83,44 @@ def _group_sizes(batch_size: int, k: int) -> list[int]:
     return lens + [batch_size - sum(lens)]
 
 
-def assign_groups(batch_size: int, micro_step: int = 0, *, adversarial: bool = True, device=None) -> torch.Tensor:
+def assign_groups(batch_size: int, micro_step: int = 0, *, adversarial: bool = True, device=None,
+                  weights=None) -> torch.Tensor:
     """Group id per row (E2E=0, MUL=1, ANY=2, ADV=3) as a LongTensor [B].
 
     With K groups (4, or 3 = e2e/mul/any when `adversarial` is False: no ADV share, equal thirds), B >= K gives K
     contiguous groups as the reference (last absorbs the rounding); B < K cycles the groups over gradient-accumulation
     micro-steps: row i of micro-step k is group (k*B + i) % K, so every group appears equally over K micro-steps.
+
+    weights: positive integer shares (e2e, mul, any, adv; adv ignored without `adversarial`). Equal weights are the
+    reference split above. Otherwise the cycle is the pattern of w_g copies of each group g (length P = sum w): B >= P
+    gives contiguous groups sized by largest remainder of B * w_g / P, B < P cycles the pattern over micro-steps.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"assign_groups: batch_size must be an int >= 1, got {batch_size!r}")
     if not isinstance(micro_step, int) or micro_step < 0:
         raise ValueError(f"assign_groups: micro_step must be an int >= 0, got {micro_step!r}")
     k = 4 if adversarial else 3
+    w = [1] * k if weights is None else [int(x) for x in list(weights)[:k]]
+    if len(w) != k or any(x < 1 for x in w) or any(x != y for x, y in zip(w, list(weights or w)[:k])):
+        raise ValueError(f"assign_groups: weights must be {k} positive integers (e2e, mul, any, adv), got {weights!r}")
+    if len(set(w)) > 1:
+        return _weighted_groups(batch_size, micro_step, w, device)
     if batch_size < k:
         return (micro_step * batch_size + torch.arange(batch_size, device=device)) % k
     sizes = torch.tensor(_group_sizes(batch_size, k), device=device)
     return torch.repeat_interleave(torch.arange(k, device=device), sizes)
+
+
+def _weighted_groups(batch_size: int, micro_step: int, w: list[int], device) -> torch.Tensor:
+    pattern = torch.repeat_interleave(torch.arange(len(w)), torch.tensor(w))
+    p = len(pattern)
+    if batch_size < p:
+        return pattern[(micro_step * batch_size + torch.arange(batch_size)) % p].to(device)
+    exact = [batch_size * x / p for x in w]
+    sizes = [int(math.floor(e)) for e in exact]
+    for g in sorted(range(len(w)), key=lambda g: sizes[g] - exact[g])[:batch_size - sum(sizes)]:
+        sizes[g] += 1  # largest remainders first
+    return torch.repeat_interleave(torch.arange(len(w)), torch.tensor(sizes)).to(device)
 
 
 def sample_times(groups: torch.Tensor, generator=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
