@@ -22,15 +22,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: the two trainings share 2 cores with us
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import quality_env  # noqa: E402,F401  (process defaults, before torch)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

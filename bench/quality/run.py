@@ -20,14 +20,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: 2-core machine, shared
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import quality_env  # noqa: E402,F401  (process defaults, before torch)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
