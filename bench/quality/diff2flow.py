@@ -211,11 +211,7 @@ def scorer(args, S, out):
     from safetensors.torch import load_file
 
     _, held = digits.load_split(args.seed, limit=S["limit"])
-    net = features.DigitNet()
-    net.load_state_dict(torch.load(os.path.join(out, "classifier.pt")))
-    net.eval()
-    ref_feats, _ = features.features_and_predictions(net, held.images)
-    ref_stats = features.gaussian_stats(ref_feats)
+    net, ref_feats, ref_stats = features.load_reference(os.path.join(out, "classifier.pt"), held.images)
     d = load_file(os.path.join(out, "prepared.safetensors"))
     n = S["samples"]
     labels = np.arange(n) % 10

@@ -78,6 +78,15 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def load_reference(classifier_path: str, held_images) -> tuple["DigitNet", np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A saved classifier (eval mode), the held-out images' features and their Gaussian statistics (FD's reference)."""
+    net = DigitNet()
+    net.load_state_dict(torch.load(classifier_path))
+    net.eval()
+    ref_feats, _ = features_and_predictions(net, held_images)
+    return net, ref_feats, gaussian_stats(ref_feats)
+
+
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh((m + m.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T

@@ -275,11 +275,7 @@ def eval_stage(args, S, out, results_dir):
     from safetensors.torch import load_file
 
     _, held = digits.load_split(args.seed, limit=S["limit"])
-    net = features.DigitNet()
-    net.load_state_dict(torch.load(os.path.join(out, "classifier.pt")))
-    net.eval()
-    ref_feats, _ = features.features_and_predictions(net, held.images)
-    ref_stats = features.gaussian_stats(ref_feats)
+    net, ref_feats, ref_stats = features.load_reference(os.path.join(out, "classifier.pt"), held.images)
     emb = load_file(os.path.join(out, "prompts.safetensors"))
     n = S["samples"]
     labels = np.arange(n) % 10
