@@ -114,3 +114,14 @@ def test_glance_method_needs_both_lists(tmp_path):
 def test_none_string_is_a_valid_choice_not_null(tmp_path):
     assert load_config(write(tmp_path, {**SEED_GLANCE, "report_to": "none"})).report_to == "none"
     assert load_config(write(tmp_path, {**SEED_GLANCE, "distillation_method": "null"})).distillation_method is None
+
+
+def test_twinflow_group_weights_from_file_and_command_line(tmp_path):
+    path = write(tmp_path, SEED_TWINFLOW)
+    assert load_config(path).twinflow_group_weights == [1, 1, 1, 1]  # the reference's equal split
+    assert load_config(path, ["--twinflow_group_weights", "2,1,1,1"]).twinflow_group_weights == [2, 1, 1, 1]
+    assert load_config(write(tmp_path, {**SEED_TWINFLOW, "twinflow_group_weights": [1, 1, 2, 1]})
+                       ).twinflow_group_weights == [1, 1, 2, 1]
+    for bad in ([0, 1, 1, 1], [1, 1, 1], [1.5, 1, 1, 1]):
+        with pytest.raises(ConfigError, match="'twinflow_group_weights' must be 4 positive integers"):
+            load_config(write(tmp_path, {**SEED_TWINFLOW, "twinflow_group_weights": bad}))

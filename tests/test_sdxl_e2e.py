@@ -54,7 +54,9 @@ def runs(tmp_path_factory):
     matrix = [*straight_and_resumed("eps-z2-lora", {"zero_stage": 2}),
               *straight_and_resumed("v-z3-full", {"zero_stage": 3, **FULL, **as_v}),
               ["eps-z3-lora", {"zero_stage": 3, "max_train_steps": 4}],
-              ["v-z2-full", {"zero_stage": 2, **FULL, **as_v, "max_train_steps": 2}]]
+              # and non-equal batch-group shares: the e2e, e2e, mul, any, adv cycle over 5 accumulation micro-steps
+              ["v-z2-full", {"zero_stage": 2, **FULL, **as_v, "max_train_steps": 2, "gradient_accumulation_steps": 5,
+                             "twinflow_group_weights": [2, 1, 1, 1]}]]
     run(["torchrun", "--nproc_per_node", "2", "--master_port", "29631", "tests/engine/distributed_worker.py",
          str(config), json.dumps(matrix)], timeout=900)
     return root
@@ -109,6 +111,8 @@ def test_two_ranks_lora_and_full_resume_exactly(runs):
         assert (out / name / "ema" / "unet" / "anystep_embeddings.safetensors").exists()
         m = read_metrics(out / name)
         assert all(k in m[0] for k in ("l_base", "l_adv", "l_rectify"))
+    for m in read_metrics(out / "v-z2-full"):  # twinflow_group_weights 2:1:1:1 reached the training step
+        assert (m["n_e2e"], m["n_mul"], m["n_any"], m["n_adv"]) == (0.4, 0.2, 0.2, 0.2)
 
 
 @pytest.mark.parametrize("name", ["eps-z2-lora", "v-z3-full"])

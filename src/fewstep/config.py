@@ -200,7 +200,8 @@ class Config:
         if lo is None or hi is None or not (0.0 <= lo < hi <= 1.0):
             raise ConfigError(f"'twinflow_enhanced_range' must be [lo, hi] with 0 <= lo < hi <= 1, got "
                               f"{self.twinflow_enhanced_range}")
-        w = self.twinflow_group_weights
+        w = [int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in self.twinflow_group_weights]
+        self.twinflow_group_weights = w  # "2,1,1,1" on the command line arrives as strings
         if len(w) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w):
             raise ConfigError(f"'twinflow_group_weights' must be 4 positive integers (e2e, mul, any, adv), got {w}")
         method = self.resolved_method
