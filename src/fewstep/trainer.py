@@ -109,12 +109,9 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     torch.manual_seed(cfg.seed * 7919 + info.rank)
     adapter = get_adapter(cfg.model_family)
     source = adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
-    if adapter.diffusion_base:  # TwinFlow through diff2flow: the config's prediction type is the one trained with
-        if cfg.prediction_type != adapter.folder_prediction_type:
-            _log(is_main, f"warning: prediction_type '{cfg.prediction_type}' (config) differs from "
-                          f"'{adapter.folder_prediction_type}' in {source}'s scheduler config; using "
-                          f"'{cfg.prediction_type}'")
-        adapter.set_prediction_type(cfg.prediction_type)
+    note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
+    if note:
+        _log(is_main, f"warning: {note}")
     dataset, resolution, shuffle = prepare_data(cfg, adapter, info)
 
     _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")

@@ -117,15 +117,24 @@ def add_anystep_embeddings(transformer: nn.Module, hook_time_scale: float | None
     tte = getattr(transformer, module, None)
     if tte is None:
         raise TypeError(f"{type(transformer).__name__} has no `{module}` module to hook any-step inputs into")
-    # the time embedding's width: a TimestepEmbedding's output Linear, else the transformer's inner dim
-    inner_dim = (tte.linear_2.out_features if isinstance(getattr(tte, "linear_2", None), nn.Linear)
-                 else transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+    inner_dim = embedding_width(transformer, module)
     ref = next(tte.parameters())
     embed = AnyStepEmbedding(inner_dim, hook_time_scale).to(device=ref.device, dtype=ref.dtype)
     transformer.anystep_embed = embed
     tte._fewstep_anystep = [embed]
     tte.register_forward_hook(_time_embed_hook, with_kwargs=True)
     return embed
+
+
+def embedding_width(model: nn.Module, module: str | None = None) -> int:
+    """Width of the any-step embedding = the hooked time embedding's: a TimestepEmbedding's output Linear (a UNet's
+    `time_embedding.linear_2`: 1280 for SDXL), else the transformer's inner dim (heads x head dim). module: the hooked
+    module's name; None looks at `time_embedding` and `time_text_embed`."""
+    for name in ((module,) if module else ("time_embedding", "time_text_embed")):
+        lin = getattr(getattr(model, name, None), "linear_2", None)
+        if isinstance(lin, nn.Linear):
+            return lin.out_features
+    return model.config.num_attention_heads * model.config.attention_head_dim
 
 
 def _embed_of(transformer: nn.Module) -> AnyStepEmbedding:

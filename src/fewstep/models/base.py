@@ -109,6 +109,11 @@ class FlowModelAdapter:
         scheduler = (self.scheduler_cls or FlowMatchEulerDiscreteScheduler).from_pretrained(src, subfolder="scheduler")
         return ModelComponents(denoiser, vae, text_encoders, tokenizers, scheduler, source=src)
 
+    def use_prediction_type(self, prediction_type: str, source: str) -> str | None:
+        """Use the config's `prediction_type` for this base model (from `source`); returns a warning to log, or None.
+        Flow families predict the velocity: nothing to set (the config allows them only 'flow_matching')."""
+        return None
+
     def resolve(self, name_or_path: str) -> str:
         """Map a user's model name to something `from_pretrained` can open without hanging.
 
@@ -202,6 +207,15 @@ class FlowModelAdapter:
 
     def _from_vae(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    @staticmethod
+    def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE config's per-channel `latents_mean` / `latents_std` as [1,C,1,1] tensors like `like` (None if
+        absent)."""
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is None or std is None:
+            return None
+        return tuple(torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1) for v in (mean, std))
 
     def _normalize(self, vae, raw: torch.Tensor) -> torch.Tensor:
         shift = vae.config.get("shift_factor") or 0.0

@@ -39,17 +39,12 @@ class QwenImageAdapter(FlowModelAdapter):
     def _from_vae(self, x):
         return x[:, :, 0]
 
-    def _stats(self, vae, like):
-        mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-        return mean, std
-
     def _normalize(self, vae, raw):
-        mean, std = self._stats(vae, raw)
+        mean, std = self._channel_stats(vae, raw)
         return (raw - mean) / std
 
     def _denormalize(self, vae, latents):
-        mean, std = self._stats(vae, latents)
+        mean, std = self._channel_stats(vae, latents)
         return latents * std + mean
 
     def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance):

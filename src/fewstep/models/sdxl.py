@@ -14,12 +14,12 @@ import json
 import os
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from fewstep.methods import diff2flow
 from fewstep.models.base import FlowModelAdapter, register_adapter
+from fewstep.schedulers.diffusion_base import alphas_cumprod_from_config
 
 SDXL_VAE_FACTOR = 8  # every SDXL VAE downsamples 8x; a resolved folder's own VAE config takes precedence
 
@@ -46,15 +46,25 @@ class SDXLAdapter(FlowModelAdapter):
 
     def __init__(self):
         # SDXL base 1.0's schedule until a folder is resolved: scaled-linear betas 0.00085..0.012, epsilon
-        self._set_schedule(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").config)
+        self._set_schedule({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
         self.pixel_factor = SDXL_VAE_FACTOR
 
     # ------------------------------------------------------------------ the base's schedule
     def _set_schedule(self, scheduler_config) -> None:
-        sched = DDPMScheduler.from_config(scheduler_config)  # betas -> alphas_cumprod exactly as every DDPM scheduler
-        self.alphas_cumprod = sched.alphas_cumprod.double()
-        self.folder_prediction_type = sched.config.prediction_type
+        # the same table the TwinFlowScheduler builds from this config when it samples the UNet
+        self.alphas_cumprod = alphas_cumprod_from_config(scheduler_config).double()
+        self.folder_prediction_type = scheduler_config.get("prediction_type", "epsilon")
         self.prediction_type = self.folder_prediction_type
+
+    def use_prediction_type(self, prediction_type: str, source: str) -> str | None:
+        """The config's prediction type wins over the folder's (some v fine-tunes ship an epsilon scheduler config);
+        a disagreement is returned as a warning naming both."""
+        folder = self.folder_prediction_type
+        self.set_prediction_type(prediction_type)
+        if prediction_type == folder:
+            return None
+        return (f"prediction_type '{prediction_type}' (config) differs from '{folder}' in {source}'s scheduler config; "
+                f"using '{prediction_type}'")
 
     def set_prediction_type(self, prediction_type: str) -> None:
         """Use `prediction_type` ('epsilon' / 'v_prediction') whatever the folder's scheduler config says."""
@@ -88,21 +98,13 @@ class SDXLAdapter(FlowModelAdapter):
 
     # Latents as StableDiffusionXLPipeline scales them: by scaling_factor, with the VAE's per-channel latents_mean/std
     # when its config has them (some SDXL-layout VAEs); shift_factor is not used by SDXL pipelines.
-    def _stats(self, vae, like):
-        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-        if mean is None or std is None:
-            return None
-        shape = (1, -1, 1, 1)
-        return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(shape),
-                torch.tensor(std, device=like.device, dtype=like.dtype).view(shape))
-
     def _normalize(self, vae, raw):
-        stats = self._stats(vae, raw)
+        stats = self._channel_stats(vae, raw)
         scale = vae.config.scaling_factor
         return raw * scale if stats is None else (raw - stats[0]) * scale / stats[1]
 
     def _denormalize(self, vae, latents):
-        stats = self._stats(vae, latents)
+        stats = self._channel_stats(vae, latents)
         scale = vae.config.scaling_factor
         return latents / scale if stats is None else latents * stats[1] / scale + stats[0]
 

@@ -80,14 +80,10 @@ def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def anystep_dim(model: nn.Module) -> int:
-    """Width D of TwinFlow's any-step embedding: the time embedding's output width where the model has a
-    TimestepEmbedding (a UNet's `time_embedding.linear_2`: 1280 for SDXL), else the transformer's inner dim
-    (num_attention_heads * attention_head_dim), as `fewstep.models.anystep.add_anystep_embeddings` sizes it."""
-    for name in ("time_embedding", "time_text_embed"):
-        lin = getattr(getattr(model, name, None), "linear_2", None)
-        if isinstance(lin, nn.Linear):
-            return lin.out_features
-    return model.config.num_attention_heads * model.config.attention_head_dim
+    """Width D of TwinFlow's any-step embedding, as `fewstep.models.anystep` sizes it (1280 for SDXL's UNet)."""
+    from fewstep.models.anystep import embedding_width
+
+    return embedding_width(model)
 
 
 def anystep_param_count(model: nn.Module) -> int:

@@ -18,8 +18,15 @@ def diffusion_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float 
     """`alphas_cumprod` [num_train_timesteps] (float32) of a diffusers DDPM-style config, as diffusers computes it.
 
     `trained_betas` (if given) override the schedule. `rescale_betas_zero_snr` follows EulerDiscreteScheduler: the
-    zero-terminal-SNR rescale, with the last `alphas_cumprod` set to 2**-24 so that the table stays usable.
+    zero-terminal-SNR rescale, with the last `alphas_cumprod` set to 2**-24 so that the table stays usable. Built on
+    the CPU whatever the default device (the planner builds adapters under `torch.device("meta")`).
     """
+    with torch.device("cpu"):
+        return _alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                               rescale_betas_zero_snr)
+
+
+def _alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr):
     if trained_betas is not None:
         betas = torch.tensor(trained_betas, dtype=torch.float32).reshape(-1)
     elif beta_schedule == "linear":
@@ -43,3 +50,12 @@ def diffusion_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float 
         raise ValueError("TwinFlowScheduler: the betas (beta_start / beta_end / beta_schedule / trained_betas) must "
                          "give a strictly decreasing alphas_cumprod in (0, 1] with >= 2 entries")
     return alphas_cumprod
+
+
+def alphas_cumprod_from_config(config) -> torch.Tensor:
+    """`diffusion_alphas_cumprod` of a diffusers scheduler config (a folder's scheduler_config.json or `.config`),
+    with diffusers' defaults for missing keys."""
+    get = config.get
+    return diffusion_alphas_cumprod(get("num_train_timesteps", 1000), get("beta_start", 0.0001),
+                                    get("beta_end", 0.02), get("beta_schedule", "linear"), get("trained_betas"),
+                                    get("rescale_betas_zero_snr", False))
