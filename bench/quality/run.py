@@ -226,9 +226,12 @@ def train_stage(out, configs: dict, force: bool):
         phases = 2 if configs[name].get("method") == "glance" else 1  # Glance: Slow then Fast, each max_train_steps
         times[name] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "steps": phases * configs[name]["max_train_steps"]}
         _json(times_path, times)
-    if failed:
+    if failed:  # the logs' tails too: a failure inside a test's temporary folder is otherwise lost with it
+        tails = "".join(f"\n--- {n}.log (last 30 lines) ---\n" + "".join(open(os.path.join(out, f"{n}.log"),
+                                                                          errors="replace").readlines()[-30:])
+                        for n in failed)
         raise SystemExit(f"training failed for {failed}: see " + ", ".join(os.path.join(out, f"{n}.log")
-                                                                           for n in failed))
+                                                                           for n in failed) + tails)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
