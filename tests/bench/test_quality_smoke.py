@@ -214,3 +214,36 @@ def test_diff2flow_smoke_runs_end_to_end_with_finite_metrics(tmp_path):
     assert vae["shift_factor"] is None  # the pixel mean lives inside the VAE: stock pipeline and adapter agree
     text = (out / "results" / "RESULTS.md").read_text()
     assert "<!-- diff2flow:begin -->" in text and "<!-- diff2flow:end -->" in text and "SMOKE" in text
+
+
+def test_twinflow_training_report_means_over_training_seeds(tmp_path):
+    """bench/quality/twinflow_training.py: finished runs are found per training seed (`<variant>.seed<k>`), each gets
+    its row, and a variant with several seeds gets the seeds' mean; the ordering flag is FD(4) <= FD(2) <= FD(1)."""
+    import sys
+
+    sys.path.insert(0, QUALITY)
+    try:
+        tt = _load("twinflow_training")
+    finally:
+        sys.path.remove(QUALITY)
+    for d in ("full-4x", "full-4x.seed1", "full-4x.seed2", "lora-4x", "lora-4x.seedx"):
+        os.makedirs(tmp_path / d / "transformer")
+    for d in ("full-4x", "full-4x.seed2", "lora-4x"):  # full-4x.seed1 has no export: unfinished
+        (tmp_path / d / "transformer" / "fewstep_run.json").write_text("{}")
+    assert tt.finished_runs(str(tmp_path)) == [("full-4x", 0), ("full-4x", 2), ("lora-4x", 0)]
+    assert tt.run_name("full-4x", 0) == "full-4x" and tt.run_name("full-4x", 3) == "full-4x.seed3"
+
+    fds = {(0, 1): 30.0, (0, 2): 26.0, (0, 4): 25.0, (2, 1): 28.0, (2, 2): 27.5, (2, 4): 27.9}
+    results = [{"variant": "full-4x", "seed": s, "label": "4x", "full": True, "nfe": n, "fd_mean": fd, "fd_std": 0.5,
+                "cpu_s": 60.0} for (s, n), fd in fds.items()]
+    teacher = {"fd_mean": 20.0, "fd_std": 1.0}
+    tt.write_report(str(tmp_path), 3, teacher, results)
+    lines = (tmp_path / "twinflow_training.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| 4x") or line.startswith("| **4x")]
+    assert len(rows) == 3
+    assert rows[0].split(" | ")[5] == "yes" and rows[1].split(" | ")[5] == "no"  # 25 <= 26 <= 30; 27.9 > 27.5
+    mean_cells = rows[2].split(" | ")
+    assert mean_cells[1] == "2 seeds"
+    assert mean_cells[2] == f"{np.mean([30.0, 28.0]):.2f} +- {np.std([30.0, 28.0]):.2f}"
+    assert mean_cells[6] == f"{np.mean([30.0, 28.0]) / 20.0:.2f}x"
+    assert json.load(open(tmp_path / "twinflow_training.json"))["rows"] == results
