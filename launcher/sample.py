@@ -143,7 +143,9 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         comps.denoiser = adapter.denoiser_cls.from_pretrained(full_dir, dtype=dtype)
     base = {}  # a diffusion base: the TwinFlow scheduler bridges its UNet (input scale, timestep, output conversion)
     if adapter.diffusion_base:
-        adapter.use_prediction_type(cfg.get("prediction_type") or adapter.prediction_type, comps.source)
+        note = adapter.use_prediction_type(cfg.get("prediction_type") or adapter.prediction_type, comps.source)
+        if note:  # as training logged it: the run's type wins over the folder's
+            print(f"fewstep: warning: {note}", file=sys.stderr)
         base = dict(base_config=comps.scheduler.config, prediction_type=adapter.prediction_type)
     pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
     denoiser = getattr(pipe, adapter.denoiser_subfolder)

@@ -53,14 +53,18 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print(describe_options())
         return 0
-    from fewstep.engine.distributed import RankFailed, teardown
+    from fewstep.engine.distributed import RankFailed, announce_failure, teardown
 
     try:
         config, rest = parse_argv(argv)
         cfg = load_config(config, rest)
         from fewstep.trainer import train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except BaseException as e:  # ranks waiting for this one stop with its message instead of waiting for ever
+            announce_failure(e)
+            raise
     except (UserError, RankFailed) as e:
         if os.environ.get("FEWSTEP_DEBUG") == "1":
             raise

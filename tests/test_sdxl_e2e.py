@@ -4,6 +4,7 @@ stock `StableDiffusionXLPipeline` at 1 and 2 steps."""
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from diffusers import UNet2DConditionModel
 
 from fewstep.models import get_adapter
-from fewstep_testing import PY, assert_resumed_run_matches, read_metrics, run, write_dataset
+from fewstep_testing import PY, REPO, assert_resumed_run_matches, cpu_env, read_metrics, run, write_dataset
 
 # SimpleTuner's TwinFlow seed config (the LoRA part), plus the guide's addition for diffusion models
 SEED = {"model_type": "lora", "distillation_method": None, "use_ema": True, "twinflow_enabled": True,
@@ -80,6 +81,13 @@ def test_seed_config_with_the_diff2flow_addition_trains_as_written(tmp_path):
     assert (tmp_path / "out" / "validation" / "twinflow-step000002.png").exists()  # validation images sample it
     info = json.loads((tmp_path / "out" / "fewstep_run.json").read_text())
     assert info["config"]["prediction_type"] == "v_prediction"
+    # sampling the run names the disagreement as training did (the run's type is used)
+    sample = subprocess.run([PY, "launcher/sample.py", "--method", "twinflow", "--lora", str(tmp_path / "out"),
+                             "--prompt", "a red circle", "--steps", "1", "--device", "cpu",
+                             "--output", str(tmp_path / "s.png")], cwd=REPO, env=cpu_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert "fewstep: warning: prediction_type 'v_prediction' (config) differs from 'epsilon'" in sample.stderr
 
 
 def test_two_ranks_lora_and_full_resume_exactly(runs):

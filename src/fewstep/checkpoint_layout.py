@@ -34,8 +34,9 @@ class ResumeMismatch(ConfigError):
     """The checkpoint cannot be resumed with this run's configuration (launcher/train.py prints one line)."""
 
 
-def run_layout(cfg, adapter, engine, world_size: int) -> dict:
-    """The layout record of this run (see the module docstring)."""
+def run_layout(cfg, adapter, zero_stage: int, world_size: int) -> dict:
+    """The layout record of this run (see the module docstring); `zero_stage` as DeepSpeed will run it (the built
+    DeepSpeed config's, after a user's `deepspeed_config`), so it is known before anything is loaded."""
     lora = None
     if cfg.model_type == "lora":
         lora = {"rank": int(cfg.lora_rank), "alpha": float(cfg.lora_alpha if cfg.lora_alpha is not None
@@ -43,7 +44,7 @@ def run_layout(cfg, adapter, engine, world_size: int) -> dict:
                 "targets": sorted(cfg.lora_targets or adapter.default_lora_targets)}
     return {"family": cfg.model_family, "model": _model_id(cfg.pretrained_model_name_or_path),
             "model_type": cfg.model_type, "lora": lora, "anystep_embeddings": cfg.resolved_method == "twinflow",
-            "zero_stage": int(engine.zero_optimization_stage()), "world_size": int(world_size),
+            "zero_stage": int(zero_stage), "world_size": int(world_size),
             "dtype": "bf16" if cfg.bf16 else "fp32"}
 
 

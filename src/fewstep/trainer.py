@@ -4,8 +4,9 @@ One loop serves every method: plain flow matching, Glance (two LoRA phases, Slow
 TwinFlow. What differs per method is the loss of one micro-batch, built in `fewstep.steps`.
 
 Multi-GPU rules this file keeps (see `fewstep.engine.distributed`): one reduction per optimizer step carries the
-logged values and the preemption flag; work that takes different times on different ranks (cache fill, rank-0
-exports and validation decoding, checkpoint writes) ends in a store-based wait, not a collective with a timeout.
+logged values and the preemption flag; work that takes different times on different ranks (data scan, cache fill,
+rank-0 exports and validation decoding, checkpoint writes) ends in a store-based wait, not a collective with a
+timeout.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 
 from fewstep import checkpoint, faults, preemption, run_dir
 from fewstep.config import Config, ConfigError
-from fewstep.data.cache import CachedDataset, model_key
-from fewstep.data.dataset import DataError, DataOrder
+from fewstep.data.dataset import DataOrder
+from fewstep.data.prepare import build_dataset
 from fewstep.ema import EMA
 from fewstep.engine import distributed, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
@@ -41,61 +42,6 @@ def _log(is_main: bool, msg: str) -> None:
         print(f"fewstep: {msg}", flush=True)
 
 
-def prepare_data(cfg: Config, adapter, info: DistInfo) -> tuple[CachedDataset, int, bool]:
-    """Read the data config, plan every image's bucket and crop, and fill the latent/embedding caches: in each cache
-    directory, every rank that sees it encodes its share (so a node-local cache is filled once per node), with the
-    encoders on its own device. Returns the dataset, the first entry's square size (logs, run info) and whether
-    every entry shuffles."""
-    from fewstep.data.backends import load_data_config
-    from fewstep.data.buckets import Geometry
-    from fewstep.data.cache import CacheSet
-    from fewstep.data.dataset import DigestMemo, collect_samples
-    from fewstep.data.prepare import resolution_multiple, summary
-
-    if cfg.data_backend_config is None:
-        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
-    data = load_data_config(cfg.data_backend_config, cfg.resolution)
-    multiple = resolution_multiple(adapter, cfg.pretrained_model_name_or_path)
-    with distributed.uneven_work("data scan"):  # rank 0 alone lists, sizes and hashes the images
-        if info.rank == 0:
-            memo = DigestMemo(os.path.join(cfg.output_dir, "data_digests.json"))
-            found = collect_samples(data, multiple, memo)
-            memo.save()
-    samples, skipped = distributed.broadcast_object(found if info.rank == 0 else None)
-    for line in summary(data, samples, skipped):
-        _log(info.is_main, line)
-    extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
-    caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
-                      model_key(cfg.model_family, cfg.pretrained_model_name_or_path), data.default_text_cache_dir,
-                      data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
-    shares, sizes = {}, set()
-    for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
-        group = distributed.sharing_group(root)
-        shares[root] = caches.share(root, group.index, group.size)
-        sizes.add(group.size)
-    lat, txt = sum(len(a) for a, _ in shares.values()), sum(len(b) for _, b in shares.values())
-    counts, _ = distributed.reduce_step({"lat": lat, "txt": txt})
-    if counts["lat"] or counts["txt"]:
-        _log(info.is_main, f"caching latents and prompt embeddings: {lat} + {txt} on this rank, "
-                           f"{'/'.join(map(str, sorted(sizes)))} rank(s) per cache directory ({len(shares)})")
-    with distributed.uneven_work("cache fill"):
-        if lat or txt:
-            dtype = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else torch.float32  # encoders
-            comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_denoiser=False)
-            for m in [comps.vae, *comps.text_encoders]:
-                m.to(info.device)
-            for root, (mine_lat, mine_txt) in shares.items():
-                caches.cache_at(root).fill(mine_lat, mine_txt, lambda px: adapter.encode_images(comps.vae, px),
-                                           lambda p: adapter.encode_prompts(comps, p))
-            del comps
-            if info.device.type == "cuda":
-                torch.cuda.empty_cache()
-        faults.delay("cache")
-    dataset = CachedDataset(caches, data.images, multiple, extra)
-    first = data.images[samples[0].entry]
-    return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)
-
-
 def train(cfg: Config) -> dict:
     preemption.install()
     info = setup_distributed(cfg.distributed_timeout_seconds)
@@ -112,14 +58,20 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
         _log(is_main, f"warning: {note}")
-    dataset, resolution, shuffle = prepare_data(cfg, adapter, info)
+    ds_config = build_ds_config(cfg)
+    step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
+    layout = checkpoint.run_layout(cfg, adapter, ds_config["zero_optimization"]["stage"], info.world_size)
+    # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
+    # raises the same ResumeMismatch)
+    resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
+    dataset, resolution, shuffle = build_dataset(cfg, adapter, info)
 
     _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (fp32, host)
         vae = adapter.load(source, with_denoiser=False, with_text=False).vae if is_main else None
         faults.delay("load")
-    transformer = load_transformer(adapter, source, dtype, build_ds_config(cfg), info.device)  # training dtype
+    transformer = load_transformer(adapter, source, dtype, ds_config, info.device)  # training dtype
     if method == "twinflow" and not hasattr(transformer, adapter.anystep_module):
         raise ConfigError(f"TwinFlow needs a denoiser with a `{adapter.anystep_module}` to carry the timestep-sign and "
                          f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
@@ -137,10 +89,6 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
-    step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
-    layout = checkpoint.run_layout(cfg, adapter, engine, info.world_size)
-    # rank 0 resolves and compares layouts; every rank gets the same plan (or raises the same ResumeMismatch)
-    resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=ema is not None)
     rank_state = None
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
         rank_state, trainer_state = checkpoint.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)

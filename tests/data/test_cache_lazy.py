@@ -8,7 +8,7 @@ import torch
 from fewstep.data import dataset as dataset_mod
 from fewstep.data.backends import load_data_config
 from fewstep.data.cache import CachedDataset, CacheSet
-from fewstep.data.dataset import DigestMemo, collect_samples
+from fewstep.data.dataset import ProbeMemo, collect_samples
 from fewstep_testing import write_dataset
 
 
@@ -77,20 +77,25 @@ def test_memory_does_not_grow_with_the_data_set(tmp_path):
     assert grew < 0.15 * total, (grew / 2 ** 20, total / 2 ** 20)  # a few items and the resident prompts at most
 
 
-def test_digest_memo_hashes_each_image_once_across_runs(tmp_path, monkeypatch):
+def test_probe_memo_reads_each_image_once_across_runs(tmp_path, monkeypatch):
     config = load_data_config(write_dataset(str(tmp_path), n=3))
     calls = []
     real = dataset_mod.content_digest
     monkeypatch.setattr(dataset_mod, "content_digest", lambda p: calls.append(p) or real(p))
     memo_path = str(tmp_path / "out" / "data_digests.json")
-    memo = DigestMemo(memo_path)
+    memo = ProbeMemo(memo_path)
     first, _ = collect_samples(config, 1, memo)
     memo.save()
     assert len(calls) == 3
-    again, _ = collect_samples(config, 1, DigestMemo(memo_path))  # a restart: nothing re-read
+    again, _ = collect_samples(config, 1, ProbeMemo(memo_path))  # a restart: nothing re-read
     assert len(calls) == 3 and [s.digest for s in again] == [s.digest for s in first]
+    assert [s.plan for s in again] == [s.plan for s in first]  # sizes remembered too
     changed = first[0].image_path
-    with open(changed, "ab") as fh:  # an edited image is hashed again
+    with open(changed, "ab") as fh:  # an edited image is probed again
         fh.write(b"\0")
-    third, _ = collect_samples(config, 1, DigestMemo(memo_path))
+    third, _ = collect_samples(config, 1, ProbeMemo(memo_path))
     assert calls[3:] == [changed] and third[0].digest != first[0].digest
+    # a memo written before sizes were kept ([size, mtime, digest]) is read again, not misread
+    old = ProbeMemo(memo_path)
+    old.known = {k: v[:3] for k, v in old.known.items()}
+    assert old.lookup(first[1].image_path) is None and old(first[1].image_path)[0] == first[1].digest

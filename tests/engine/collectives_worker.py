@@ -40,6 +40,34 @@ assert (local.members, local.index) == ([rank], 0), local
 assert not os.listdir(os.path.join(tmp, "shared", ".fewstep-ranks"))  # markers cleaned up
 print("sharing_group ok", flush=True)
 
+# The first data scan is spread over ranks: each probes a disjoint share of the images (rank 0, slow at listing,
+# waits in the store), rank 0 merges; the result is a one-process scan's; a restart probes nothing.
+from fewstep.data import dataset as data_mod  # noqa: E402
+from fewstep.data.backends import load_data_config  # noqa: E402
+from fewstep.data.prepare import scan_images  # noqa: E402
+
+config, memo = load_data_config(os.path.join(tmp, "scan", "multidatabackend.json")), os.path.join(tmp, "memo.json")
+probed, real_digest = [], data_mod.content_digest
+data_mod.content_digest = lambda p: probed.append(p) or real_digest(p)
+os.environ["FEWSTEP_TEST_DELAY"] = f"scan:{2 * TIMEOUT}"
+samples, skipped, n = scan_images(config, 1, memo)
+del os.environ["FEWSTEP_TEST_DELAY"]
+shares = distributed.all_gather_object(sorted(probed))
+assert n == 5 and all(shares) and not set(shares[0]) & set(shares[1]) and sum(map(len, shares)) == 5, shares
+probed.clear()
+again = scan_images(config, 1, memo)
+assert again == (samples, skipped, 0) and not probed, (again[2], probed)
+assert (samples, skipped) == data_mod.collect_samples(config, 1)
+print("spread scan ok", flush=True)
+
+# The tiny pipeline a rank builds (the first rank to finish wins the cache) is complete on every rank: transformers
+# writes nothing from save_pretrained on ranks > 0 of a process group unless told to.
+from fewstep.models.tiny import save_tiny_pipeline  # noqa: E402
+
+built = save_tiny_pipeline("flux", os.path.join(tmp, f"tiny-rank{rank}"))
+assert all((built / enc / "model.safetensors").exists() for enc in ("text_encoder", "text_encoder_2")), rank
+print("tiny pipeline ok", flush=True)
+
 # A failure inside uneven_work on rank 0 stops rank 1 with rank 0's message instead of a hang.
 t0 = time.monotonic()
 try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewstep.engine import distributed
-from fewstep_testing import PY, cpu_env, run
+from fewstep_testing import PY, cpu_env, run, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,10 +87,12 @@ def test_comm_device_follows_what_the_group_serves():
     assert "nccl-like cuda:0" in proc.stdout and "gloo cpu" in proc.stdout, proc.stdout
 
 
-def test_reduce_waits_sharing_and_abort_on_two_ranks(tmp_path):
+def test_collectives_waits_scan_tiny_build_and_abort_on_two_ranks(tmp_path):
+    write_dataset(str(tmp_path / "scan"), n=5)
     proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(distributed._free_port()),
                 "tests/engine/collectives_worker.py", str(tmp_path)], timeout=180)
-    for check in ("reduce_step ok", "store wait ok", "sharing_group ok", "abort ok", "plain barrier times out"):
+    for check in ("reduce_step ok", "store wait ok", "sharing_group ok", "spread scan ok", "tiny pipeline ok",
+                  "abort ok", "plain barrier times out"):
         assert proc.stdout.count(check) == 2, proc.stdout
 
 

@@ -6,6 +6,7 @@
 - Two "nodes" are two processes with LOCAL_RANK 0 each, each in its own mount namespace with a private tmpfs at the
   same cache_dir path: exactly what a node-local scratch directory looks like to a multi-node job.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -37,13 +38,15 @@ def _unshare_available() -> str | None:
     return None if r.returncode == 0 else f"unshare -m does not work here: {r.stderr.strip()}"
 
 
-def _launch_nodes(cfg, local_path, port, extra_env=None):
-    """Start ranks 0 and 1 as two 'nodes' (LOCAL_RANK 0 each), each with a private tmpfs mounted at `local_path`."""
+def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None):
+    """Start ranks 0 and 1 as two 'nodes' (LOCAL_RANK 0 each), each with a private tmpfs mounted at `local_path`;
+    `rank0_files`: a folder whose contents are copied into rank 0's tmpfs only (rank 1's gets an empty images/)."""
     procs = []
     for rank in (0, 1):
         env = cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       **(extra_env or {}))
-        script = f'mount -t tmpfs fewstep-node{rank} "$1" && exec "$2" launcher/train.py --config "$3"'
+        copy = (f'cp -r "{rank0_files}"/. "$1"/ && ' if rank == 0 else 'mkdir "$1/images" && ') if rank0_files else ""
+        script = f'mount -t tmpfs fewstep-node{rank} "$1" && {copy}exec "$2" launcher/train.py --config "$3"'
         procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "node",
                                        local_path, PY, cfg], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -80,3 +83,29 @@ def test_node_local_output_dir_is_refused_by_name(tmp_path):
     assert rc == 2, f"{out[-2000:]}\n{err[-3000:]}"
     assert f"output_dir '{node_local / 'run'}' is not shared by all 2 ranks" in err
     assert "Traceback" not in err
+
+
+def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
+    """Node-local data that only rank 0's node holds: every rank reads images (the first scan is spread over ranks),
+    so the run stops with one line naming the rank and the image, on every rank, instead of a hang. Twice: the image
+    folder exists on rank 1's node but is empty (the image is missing in rank 1's share of the scan); and no folder
+    at all on rank 1's node (rank 1 fails reading the data config, outside any wait, while rank 0 waits for it)."""
+    reason = _unshare_available()
+    if reason:
+        pytest.skip(reason)
+    write_dataset(str(tmp_path / "src"), n=4)
+    node_local = tmp_path / "scratch"
+    node_local.mkdir()
+    backend = tmp_path / "multidatabackend.json"
+    for image_dir, expected in ((node_local / "images", "failed during data probe: DataError: image '"),
+                                (node_local / "nowhere", "failed: DataError: ")):
+        backend.write_text(json.dumps([{"backend": "simple", "resolution": 32, "image_dir": str(image_dir),
+                                        "caption_extension": ".txt"}]))
+        if image_dir.name == "nowhere":
+            shutil.copytree(tmp_path / "src" / "images", tmp_path / "src" / "nowhere")
+        cfg = write_config(str(tmp_path), str(backend), cache_dir=str(tmp_path / "c"))
+        results = _launch_nodes(cfg, str(node_local), _free_port(), rank0_files=str(tmp_path / "src"))
+        rc, out, err = results[0]
+        assert rc == 1 and results[1][0] == 2, f"{out[-2000:]}\n{err[-3000:]}\n{results[1][2][-3000:]}"
+        assert f"fewstep: rank 1 {expected}" in err and "does not exist" in err, err[-3000:]
+        assert "Traceback" not in err

@@ -26,7 +26,8 @@ from fewstep.data.errors import DataError
 from fewstep.data.order import DataOrder, Layout, Stream
 
 __all__ = ["DataError", "DataOrder", "Sample", "Backend", "load_backends", "find_samples", "load_image",
-           "collect_samples", "build_layout", "IMAGE_EXTENSIONS"]
+           "collect_samples", "list_images", "plan_samples", "probe_image",
+           "ProbeMemo", "build_layout", "IMAGE_EXTENSIONS"]
 
 Backend = ImageEntry  # the name this type had before SimpleTuner's keys were read
 
@@ -65,33 +66,57 @@ def load_image(path: str, resolution: int, multiple: int) -> torch.Tensor:
     return load_planned(path, plan)
 
 
+Probe = tuple  # (content digest, (width, height)): what the scan reads of an image file
+
+
+def probe_image(path: str) -> Probe:
+    """The two things read from an image at start-up: its content hash (every byte) and its size (the header)."""
+    return content_digest(path), image_size(path)
+
+
+def list_images(config: DataConfig) -> list[tuple[int, str, list[str]]]:
+    """(entry index, image path, captions) of every captioned image of every enabled entry, in a fixed order."""
+    return [(e, path, caps) for e, entry in enumerate(config.images) for path, caps in find_captioned_images(entry)]
+
+
+def plan_samples(config: DataConfig, multiple: int, listed: list[tuple[int, str, list[str]]],
+                 probes: list[Probe]) -> tuple[list[Sample], dict[str, Counter]]:
+    """Give every listed image (with its probe) its bucket and crop; per entry id, why images were skipped. An entry
+    whose images are all skipped is an error naming it and the reasons."""
+    geometries = [Geometry(entry, multiple) for entry in config.images]
+    reasons = {entry.id: Counter() for entry in config.images}
+    samples = []
+    for (e, path, caps), (digest, size) in zip(listed, probes, strict=True):
+        entry = config.images[e]
+        plan = geometries[e].plan(*size, key=f"{entry.id}|{digest}")
+        if isinstance(plan, str):
+            reasons[entry.id][plan] += 1
+            continue
+        samples.append(Sample(path, caps[0], caps, e, plan, digest))
+    kept = Counter(s.entry for s in samples)
+    for e, entry in enumerate(config.images):
+        if not kept[e]:
+            detail = ", ".join(f"{n} {why}" for why, n in reasons[entry.id].items())
+            raise DataError(f"{entry.where}: every image in {entry.image_dir} is skipped ({detail})")
+    return samples, reasons
+
+
 def collect_samples(config: DataConfig, multiple: int,
-                    digest_of=content_digest) -> tuple[list[Sample], dict[str, Counter]]:
+                    probe=probe_image) -> tuple[list[Sample], dict[str, Counter]]:
     """Every usable image of every entry with its plan; and, per entry id, why images were skipped (counts).
 
-    `digest_of(path)` gives an image's content hash (`DigestMemo` skips files hashed before). An entry whose images
-    are all skipped is an error naming it and the reasons."""
-    samples, skipped = [], {}
-    for e, entry in enumerate(config.images):
-        geometry, reasons, kept = Geometry(entry, multiple), Counter(), 0
-        for path, caps in find_captioned_images(entry):
-            digest = digest_of(path)
-            plan = geometry.plan(*image_size(path), key=f"{entry.id}|{digest}")
-            if isinstance(plan, str):
-                reasons[plan] += 1
-                continue
-            samples.append(Sample(path, caps[0], caps, e, plan, digest))
-            kept += 1
-        skipped[entry.id] = reasons
-        if not kept:
-            detail = ", ".join(f"{n} {why}" for why, n in reasons.items())
-            raise DataError(f"{entry.where}: every image in {entry.image_dir} is skipped ({detail})")
-    return samples, skipped
+    `probe(path)` gives an image's (digest, size) (`ProbeMemo` skips files read before). One process does all of it;
+    the trainer spreads the probes over ranks (`fewstep.data.prepare.scan_images`)."""
+    listed = list_images(config)
+    return plan_samples(config, multiple, listed, [probe(path) for _, path, _ in listed])
 
 
-class DigestMemo:
-    """Content hashes remembered across runs in a JSON file: a file whose size and mtime are unchanged is not read
-    again (hashing reads every byte of every image: at a million images, a restart would re-read the data set)."""
+class ProbeMemo:
+    """Probes remembered across runs in a JSON file: a file whose size and mtime are unchanged is not read again
+    (hashing reads every byte of every image: at a million images, a restart would re-read the data set).
+
+    Entries are `path: [size, mtime_ns, digest, width, height]`; `record` is what a probe on any rank returns, so
+    ranks can probe their share and one rank merges the records (`update`) and saves."""
 
     def __init__(self, path: str):
         self.path, self.known, self.changed = path, {}, False
@@ -99,15 +124,36 @@ class DigestMemo:
             with open(path) as fh:
                 self.known = json.load(fh)
 
-    def __call__(self, image_path: str) -> str:
-        key, st = os.path.abspath(image_path), os.stat(image_path)
-        stamp = [st.st_size, st.st_mtime_ns]
+    @staticmethod
+    def _stamp(image_path: str) -> tuple[str, list[int]]:
+        st = os.stat(image_path)
+        return os.path.abspath(image_path), [st.st_size, st.st_mtime_ns]
+
+    def lookup(self, image_path: str) -> Probe | None:
+        """The remembered probe if the file is unchanged (a stat, no read), else None."""
+        key, stamp = self._stamp(image_path)
         hit = self.known.get(key)
-        if hit is not None and hit[:2] == stamp:
-            return hit[2]
-        digest = content_digest(image_path)
-        self.known[key], self.changed = [*stamp, digest], True
-        return digest
+        if hit is None or len(hit) != 5 or hit[:2] != stamp:  # 3-long: a memo from before sizes were kept
+            return None
+        return hit[2], (hit[3], hit[4])
+
+    @classmethod
+    def record(cls, image_path: str) -> tuple[str, list]:
+        """Probe the file: (memo key, memo entry)."""
+        key, stamp = cls._stamp(image_path)
+        digest, (w, h) = probe_image(image_path)
+        return key, [*stamp, digest, w, h]
+
+    def update(self, records: dict[str, list]) -> None:
+        self.known.update(records)
+        self.changed |= bool(records)
+
+    def __call__(self, image_path: str) -> Probe:
+        hit = self.lookup(image_path)
+        if hit is None:
+            self.update(dict([self.record(image_path)]))
+            hit = self.lookup(image_path)
+        return hit
 
     def save(self) -> None:
         if not self.changed:

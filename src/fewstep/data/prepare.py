@@ -1,13 +1,31 @@
-"""Small steps of the trainer's data preparation that need no process group: the model's size multiple (from its
-VAE config, no weights) and the start-up summary of what the data config produced."""
+"""The trainer's data preparation, behind one call: `build_dataset(cfg, adapter, info)`.
+
+1. Scan (`scan_images`): rank 0 lists every captioned image and looks each up in the probe memo (a stat, no read);
+   the images it has not seen are probed (content hash of every byte + header size) by all ranks, each its share,
+   and rank 0 merges them, plans every image's bucket and crop, and broadcasts the samples. A first scan of a large
+   data set is spread over the whole job; a restart reads nothing but the memo.
+2. Cache: in each cache directory, every rank that sees it encodes its share (so a node-local cache is filled once per
+   node), with the encoders on its own device, stored in the training dtype and read lazily.
+
+Work that takes different times on different ranks runs inside `distributed.uneven_work` (a store-based wait with
+no deadline): never inside a collective bound by `distributed_timeout_seconds`.
+"""
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import torch
 
-from fewstep.data.backends import DataConfig
-from fewstep.data.dataset import Sample
+from fewstep import faults
+from fewstep.data.backends import DataConfig, load_data_config
+from fewstep.data.buckets import Geometry
+from fewstep.data.cache import CachedDataset, CacheSet, model_key
+from fewstep.data.dataset import ProbeMemo, Sample, list_images, plan_samples
+from fewstep.data.errors import DataError
+from fewstep.engine import distributed
+
+MEMO_NAME = "data_digests.json"  # in output_dir
 
 
 def resolution_multiple(adapter, name_or_path: str) -> int:
@@ -32,3 +50,92 @@ def summary(config: DataConfig, samples: list[Sample], skipped: dict[str, Counte
             line += "; skipped " + ", ".join(f"{n} {why}" for why, n in skipped[entry.id].items())
         lines.append(line)
     return lines
+
+
+def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list[Sample], dict[str, Counter], int]:
+    """Every usable image with its plan, the skip counts per entry, and how many images were probed (read) in this
+    scan over all ranks (collective; the same result on every rank).
+
+    Only rank 0 holds the memo and the listing; the other ranks see just the paths to probe and send back their
+    records (`ProbeMemo.record`), so host memory on ranks > 0 grows with their share, not with the data set.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    with distributed.uneven_work("data listing"):  # rank 0 alone walks the folders and stats each image
+        if rank == 0:
+            memo, listed = ProbeMemo(memo_path), list_images(config)
+            unseen = [path for _, path, _ in listed if memo.lookup(path) is None]
+            faults.delay("scan")
+    unseen = distributed.broadcast_object(unseen if rank == 0 else None)
+    with distributed.uneven_work("data probe"):  # each rank hashes its share of the unseen images
+        mine = _probe_share(unseen[rank::world], rank)
+    records = distributed.gather_object(mine)
+    with distributed.uneven_work("data plan"):  # a DataError here reaches every rank
+        if rank == 0:
+            for part in records:
+                memo.update(part)
+            found = plan_samples(config, multiple, listed, [memo.lookup(path) for _, path, _ in listed])
+            memo.save()
+    samples, skipped = distributed.broadcast_object(found if rank == 0 else None)
+    return samples, skipped, len(unseen)
+
+
+def _probe_share(paths: list[str], rank: int) -> dict[str, list]:
+    try:
+        return dict(ProbeMemo.record(path) for path in paths)
+    except FileNotFoundError as e:  # listed on rank 0's node, absent here: node-local data
+        raise DataError(f"image '{e.filename}' (listed by rank 0) does not exist on rank {rank}: every rank reads the "
+                        "images, so image_dir must be on a shared filesystem or copied to the same path on every "
+                        "node") from None
+
+
+def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDataset, int, bool]:
+    """Read the data config, scan and plan the images, and fill the latent/embedding caches (collective).
+
+    Rank 0 prints what the data config produced before the fill starts. Returns the dataset, the first entry's square
+    size (logs, run info) and whether every entry shuffles."""
+    if cfg.data_backend_config is None:
+        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
+    data = load_data_config(cfg.data_backend_config, cfg.resolution)
+    multiple = resolution_multiple(adapter, cfg.pretrained_model_name_or_path)
+    samples, skipped, probed = scan_images(data, multiple, os.path.join(cfg.output_dir, MEMO_NAME))
+    log = summary(data, samples, skipped)
+    if probed:
+        log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
+                   f"({len(samples)} usable; the others were remembered from earlier runs)")
+    extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
+    caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
+                      model_key(cfg.model_family, cfg.pretrained_model_name_or_path), data.default_text_cache_dir,
+                      data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
+    shares, sizes = {}, set()
+    for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
+        group = distributed.sharing_group(root)
+        shares[root] = caches.share(root, group.index, group.size)
+        sizes.add(group.size)
+    lat, txt = sum(len(a) for a, _ in shares.values()), sum(len(b) for _, b in shares.values())
+    counts, _ = distributed.reduce_step({"lat": lat, "txt": txt})
+    if counts["lat"] or counts["txt"]:
+        log.append(f"caching latents and prompt embeddings: {lat} + {txt} on this rank, "
+                   f"{'/'.join(map(str, sorted(sizes)))} rank(s) per cache directory ({len(shares)})")
+    _print(info, log)
+    with distributed.uneven_work("cache fill"):
+        if lat or txt:
+            dtype = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else torch.float32  # encoders
+            comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_denoiser=False)
+            for m in [comps.vae, *comps.text_encoders]:
+                m.to(info.device)
+            for root, (mine_lat, mine_txt) in shares.items():
+                caches.cache_at(root).fill(mine_lat, mine_txt, lambda px: adapter.encode_images(comps.vae, px),
+                                           lambda p: adapter.encode_prompts(comps, p))
+            del comps
+            if info.device.type == "cuda":
+                torch.cuda.empty_cache()
+        faults.delay("cache")
+    dataset = CachedDataset(caches, data.images, multiple, extra)
+    first = data.images[samples[0].entry]
+    return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)
+
+
+def _print(info, lines: list[str]) -> None:
+    if info.is_main:
+        for line in lines:
+            print(f"fewstep: {line}", flush=True)

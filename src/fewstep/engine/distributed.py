@@ -213,6 +213,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_object(obj, dst: int = 0) -> list | None:
+    """Every rank's `obj` as a list on rank `dst` (None elsewhere): unlike `all_gather_object`, only one rank ever
+    holds them all."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)  # torch puts the pickles on the group's device (the current GPU for NCCL)
+    return out
+
+
 def all_gather_object(obj) -> list:
     if world_size() == 1:
         return [obj]
@@ -279,11 +289,23 @@ def uneven_work(tag: str):
     try:
         yield
     except BaseException as e:
-        if world_size() > 1:
-            with contextlib.suppress(Exception):
-                _store().set(_ABORT_KEY, f"rank {rank()} failed during {tag}: {type(e).__name__}: {e}")
+        announce_failure(e, tag)
         raise
     wait_for_all(tag)
+
+
+def announce_failure(error: BaseException, tag: str | None = None) -> None:
+    """Tell the ranks waiting in `wait_for_all` that this rank failed, so that they stop with its message
+    (`RankFailed`) instead of waiting for ever: launcher/train.py calls it for any failure, wherever it happened (a
+    bare `srun` without --kill-on-bad-exit leaves the other tasks running). The first failure's message is kept;
+    no-op without a process group; never raises."""
+    if isinstance(error, RankFailed) or not dist.is_initialized() or world_size() == 1:
+        return
+    where = f" during {tag}" if tag else ""
+    with contextlib.suppress(Exception):
+        store = _store()
+        if not store.check([_ABORT_KEY]):
+            store.set(_ABORT_KEY, f"rank {rank()} failed{where}: {type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -216,9 +216,22 @@ def build_tiny_pipeline(family: str):
 
 
 def save_tiny_pipeline(family: str, path: str | os.PathLike) -> Path:
-    """Build the tiny pipeline for `family` and `save_pretrained` it (fp32 safetensors) into `path`."""
+    """Build the tiny pipeline for `family` and `save_pretrained` it (fp32 safetensors) into `path`.
+
+    Works on any rank of a process group: transformers (5.x) writes nothing from `save_pretrained` on a rank other
+    than 0 once torch.distributed is initialised (`should_save_on_this_rank`), which left a rank that won the race in
+    `ensure_tiny_pipeline` with empty text-encoder folders. Each process writes its own private copy here, so every
+    text encoder is told to write, and a folder without its weights is an error, never renamed into the cache."""
     path = Path(path)
-    build_tiny_pipeline(family).save_pretrained(str(path), safe_serialization=True)
+    pipe = build_tiny_pipeline(family)
+    encoders = {name: c for name, c in pipe.components.items() if hasattr(c, "should_save_on_this_rank")}
+    for model in encoders.values():
+        model.should_save_on_this_rank = lambda is_main_process: True
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    empty = [name for name in encoders if not (path / name / "model.safetensors").exists()]
+    if empty:
+        raise RuntimeError(f"save_pretrained wrote no weights for {empty} in {path} (transformers skips the write on "
+                           "ranks other than 0 of a process group)")
     return path
 
 
