@@ -27,6 +27,8 @@ from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch, plan
 from fewstep_testing import REPO, read_metrics, run, write_config, write_dataset
 
 FULL = {"model_type": "full", "learning_rate": 1e-4}
+FULL_Z3 = {**FULL, "zero_stage": 3}
+FULL_Z3_BF16 = {**FULL_Z3, "mixed_precision": "bf16"}
 LORA_FILES = ["pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors"]
 FULL_FILES = ["transformer/diffusion_pytorch_model.safetensors", "ema/transformer/diffusion_pytorch_model.safetensors"]
 
@@ -71,10 +73,14 @@ def out(tmp_path_factory):
     # full disks (§5), tmpfs: one checkpoint fits (~200 KiB in tmpfs pages on 2 ranks), a second one does not
     disk, check = small_disk(o / "disk-full", "320k"), small_disk(o / "disk-check", "256k")
     try:
-        launch(cfg, 1, [["lora-w1", {}], ["full-w1", FULL]])  # uninterrupted 1-rank runs, saving at steps 2 and 4
+        launch(cfg, 1, [["lora-w1", {}], ["full-w1", FULL],  # uninterrupted 1-rank runs, saving at steps 2 and 4
+                        ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16]])
         launch(cfg, 2, [  # 1 -> 2 ranks, no training: saved again in the 2-rank layout
             ["lora-w2", {"resume_from_checkpoint": from_("lora-w1"), "max_train_steps": 2}],
             ["full-w2", {**FULL, "resume_from_checkpoint": from_("full-w1"), "max_train_steps": 2}],
+            ["full-z3-w2", {**FULL_Z3, "resume_from_checkpoint": from_("full-z3-w1"), "max_train_steps": 2}],
+            ["full-z3-bf16-w2", {**FULL_Z3_BF16, "resume_from_checkpoint": from_("full-z3-bf16-w1"),
+                                 "max_train_steps": 2}],
             # ZeRO-3 uninterrupted; its step 2 to ZeRO-2 (no training), then back to ZeRO-3 for steps 3-4
             ["lora-z3", {"zero_stage": 3}],
             ["lora-z3-z2", {"resume_from_checkpoint": from_("lora-z3"), "max_train_steps": 2}],
@@ -91,6 +97,8 @@ def out(tmp_path_factory):
         launch(cfg, 1, [  # 2 -> 1 rank: steps 3-4
             ["lora-back", {"resume_from_checkpoint": from_("lora-w2")}],
             ["full-back", {**FULL, "resume_from_checkpoint": from_("full-w2")}],
+            ["full-z3-back", {**FULL_Z3, "resume_from_checkpoint": from_("full-z3-w2")}],
+            ["full-z3-bf16-back", {**FULL_Z3_BF16, "resume_from_checkpoint": from_("full-z3-bf16-w2")}],
             # checkpoints from before the layout record: same layout (DeepSpeed's own load), and 2 -> 1 (universal)
             ["legacy-same", {"resume_from_checkpoint": str(o / "legacy-w1")}],
             ["legacy-back", {"resume_from_checkpoint": str(o / "legacy-w2")}],
@@ -135,7 +143,9 @@ def assert_restored(o, source, resumed, mode):
         assert set(values) == {"fp32", "exp_avg", "exp_avg_sq"}, values.keys()
         for key, value in values.items():
             assert torch.equal(value, got["state"][name][key]), (resumed, name, key)
-        assert torch.equal(got["weights"][name], got["state"][name]["fp32"]), (resumed, name, "model weights")
+        master = got["state"][name]["fp32"]  # the weights the model computes with: the master in the run's dtype
+        master = master.bfloat16().float() if "bf16" in resumed else master
+        assert torch.equal(got["weights"][name], master), (resumed, name, "model weights")
         if got["ema"] is not None:
             assert torch.equal(saved["ema"][name], got["ema"][name]), (resumed, name, "ema")
     for key in ("adam_step", "lr", "order", "samplers") + (("ema_decay",) if got["ema"] is not None else ()):
@@ -169,6 +179,15 @@ def test_full_finetune_two_ranks_to_one_within_a_stage(out):
     assert (out / "full-w2" / "checkpoints" / "step-2" / "universal" / "zero").is_dir()  # DeepSpeed's conversion
 
 
+@pytest.mark.parametrize("name", ["full-z3", "full-z3-bf16"])
+def test_zero3_full_finetune_two_ranks_to_one(out, name):
+    """The universal checkpoint of a ZeRO-3 full fine-tune (fp32, and bf16 weights with fp32 masters): 1 -> 2 -> 1
+    ranks restores every master, moment and EMA partition bit for bit, and steps 3-4 equal the uninterrupted run's."""
+    assert_restored(out, f"{name}-w1", f"{name}-w2", "universal")
+    assert_restored(out, f"{name}-w2", f"{name}-back", "universal")
+    assert_continues(out, f"{name}-w1", f"{name}-back", FULL_FILES)
+
+
 def test_checkpoints_without_a_layout_record_still_resume(out):
     assert_restored(out, "lora-w1", "legacy-same", "native")
     assert_continues(out, "lora-w1", "legacy-same", LORA_FILES)
@@ -189,6 +208,7 @@ def test_changed_lora_rank_is_refused_by_name(out):
                  "[to_k, to_q]", "mixed_precision fp32 -> bf16"):
         assert part in many, (part, many)
     assert not (out / "lora-rank" / "checkpoints").exists()  # refused before anything was written
+    assert not (out / "lora-rank" / "data_digests.json").exists()  # and before the data scan (or the model load)
 
 
 def test_changed_stage_of_a_full_finetune_is_refused_on_every_rank(out):
