@@ -31,6 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fewstep.engine import liveness
 from fewstep.errors import UserError
 
 
@@ -149,12 +150,15 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=timedelta(seconds=timeout_seconds))
+    if world_size() > 1:  # a rank that dies silently is noticed by the others' waits
+        liveness.start(_store(), rank(), max(timeout_seconds, liveness.MIN_SECONDS))
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
 def teardown() -> None:
     """Destroy the process group before the interpreter exits (gloo can otherwise abort a rank at exit with
     "terminate called without an active exception" after everything has finished)."""
+    liveness.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -248,6 +252,11 @@ def _store():
     return dist.distributed_c10d._get_default_store()
 
 
+def _store_lost(tag: str, error: Exception) -> RankFailed:
+    return RankFailed(f"rank {rank()} lost the rendezvous store while waiting at '{tag}' ({type(error).__name__}: "
+                      f"{error}): its host (rank 0, or the launcher's agent) has probably died; see its log")
+
+
 def _check_abort(store) -> None:
     if store.check([_ABORT_KEY]):
         raise RankFailed(store.get(_ABORT_KEY).decode(errors="replace"))
@@ -257,21 +266,34 @@ def wait_for_all(tag: str) -> None:
     """A barrier that tolerates any wait: every rank counts itself in through the store and polls until all have.
 
     Every rank must call it the same number of times (like any barrier). A heartbeat line is printed (local rank 0 of
-    each node) every `FEWSTEP_WAIT_HEARTBEAT` seconds of waiting; a failure reported by another rank raises.
+    each node) every `FEWSTEP_WAIT_HEARTBEAT` seconds of waiting; a failure reported by another rank raises, and so
+    does a rank that has shown no sign of life for longer than the collective timeout (`liveness`).
     """
     n = world_size()
     if n == 1:
         return
     _wait_seq[0] += 1
     store, key = _store(), f"fewstep/wait/{_wait_seq[0]}"
-    arrived = store.add(key, 1)
+    try:
+        arrived = store.add(key, 1)
+    except dist.DistError as e:
+        raise _store_lost(tag, e) from None
     start = last = time.monotonic()
     pause = 0.005
+    watch = liveness.Watch(store, n)
     while arrived < n:
-        _check_abort(store)
+        try:
+            _check_abort(store)
+            silent = watch.silent_rank()
+            arrived = store.add(key, 0)
+        except dist.DistError as e:
+            raise _store_lost(tag, e) from None
+        if silent is not None:
+            raise RankFailed(f"rank {silent[0]} has shown no sign of life for {silent[1]:.0f} s while rank {rank()} "
+                             f"waited at '{tag}' ({arrived}/{n} ranks there): it was probably killed (out of host "
+                             "memory?); see its log")
         time.sleep(pause)
         pause = min(pause * 2, 0.5)
-        arrived = store.add(key, 0)
         now = time.monotonic()
         if now - last >= HEARTBEAT_SECONDS and os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"fewstep: rank {rank()} waiting at '{tag}' for {now - start:.0f} s ({arrived}/{n} ranks there)",
