@@ -135,7 +135,12 @@ class ProbeMemo:
         hit = self.known.get(key)
         if hit is None or len(hit) != 5 or hit[:2] != stamp:  # 3-long: a memo from before sizes were kept
             return None
-        return hit[2], (hit[3], hit[4])
+        return self.probe_of(hit)
+
+    @staticmethod
+    def probe_of(entry: list) -> Probe:
+        """The probe a memo entry (or a `record`) holds."""
+        return entry[2], (entry[3], entry[4])
 
     @classmethod
     def record(cls, image_path: str) -> tuple[str, list]:
@@ -151,8 +156,9 @@ class ProbeMemo:
     def __call__(self, image_path: str) -> Probe:
         hit = self.lookup(image_path)
         if hit is None:
-            self.update(dict([self.record(image_path)]))
-            hit = self.lookup(image_path)
+            key, entry = self.record(image_path)
+            self.update({key: entry})
+            hit = self.probe_of(entry)
         return hit
 
     def save(self) -> None:

@@ -63,7 +63,8 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list
     with distributed.uneven_work("data listing"):  # rank 0 alone walks the folders and stats each image
         if rank == 0:
             memo, listed = ProbeMemo(memo_path), list_images(config)
-            unseen = [path for _, path, _ in listed if memo.lookup(path) is None]
+            probes = [memo.lookup(path) for _, path, _ in listed]  # None: not seen before, or changed
+            unseen = [path for (_, path, _), probe in zip(listed, probes) if probe is None]
             faults.delay("scan")
     unseen = distributed.broadcast_object(unseen if rank == 0 else None)
     with distributed.uneven_work("data probe"):  # each rank hashes its share of the unseen images
@@ -71,9 +72,11 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list
     records = distributed.gather_object(mine)
     with distributed.uneven_work("data plan"):  # a DataError here reaches every rank
         if rank == 0:
-            for part in records:
-                memo.update(part)
-            found = plan_samples(config, multiple, listed, [memo.lookup(path) for _, path, _ in listed])
+            fresh = {key: entry for part in records for key, entry in part.items()}
+            memo.update(fresh)
+            probes = [probe or ProbeMemo.probe_of(fresh[os.path.abspath(path)])
+                      for (_, path, _), probe in zip(listed, probes)]
+            found = plan_samples(config, multiple, listed, probes)
             memo.save()
     samples, skipped = distributed.broadcast_object(found if rank == 0 else None)
     return samples, skipped, len(unseen)
