@@ -19,6 +19,12 @@ TRACKERS = ("tensorboard", "wandb")
 _CAPTIONS = {"twinflow/trajectories": "experimental/theory unverified: TwinFlow's sampled (|t|, tt, sign)"}
 
 
+def log_main(is_main: bool, msg: str) -> None:
+    """A `fewstep: ...` progress line, printed by rank 0 only."""
+    if is_main:
+        print(f"fewstep: {msg}", flush=True)
+
+
 def trackers(report_to: str | None) -> set[str]:
     """'tensorboard' | 'wandb' | 'all' | 'none' | a comma list of trackers -> the set of trackers."""
     names = {s.strip().lower() for s in str(report_to or "none").split(",") if s.strip()}

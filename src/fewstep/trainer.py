@@ -30,16 +30,11 @@ from fewstep.kernels import resolve_backend
 from fewstep.full_export import export_full
 from fewstep.lora import (count_params, export_lora, prepare_trainable, remove_run_info,
                           run_info_matches, write_run_info)
-from fewstep.metrics import MetricsLogger
+from fewstep.metrics import MetricsLogger, log_main
 from fewstep.models import get_adapter
 from fewstep.nan_guard import NonFiniteGuard
 from fewstep.step_context import StepContext
 from fewstep.steps import Phase, build_phases, make_step, reset_trainable, validate
-
-
-def _log(is_main: bool, msg: str) -> None:
-    if is_main:
-        print(f"fewstep: {msg}", flush=True)
 
 
 def train(cfg: Config) -> dict:
@@ -57,7 +52,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     source = adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
-        _log(is_main, f"warning: {note}")
+        log_main(is_main, f"warning: {note}")
     ds_config = build_ds_config(cfg)
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
     layout = checkpoint.run_layout(cfg, adapter, ds_config["zero_optimization"]["stage"], info.world_size)
@@ -66,7 +61,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
     dataset, resolution, shuffle = build_dataset(cfg, adapter, info)
 
-    _log(is_main, f"loading {cfg.pretrained_model_name_or_path}")
+    log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (fp32, host)
         vae = adapter.load(source, with_denoiser=False, with_text=False).vae if is_main else None
@@ -80,8 +75,9 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     engine, optimizer, scheduler = build_engine(cfg, transformer, trainable)
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
-    _log(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
-                  f"world {info.world_size} | ZeRO-{cfg.zero_stage} | {dtype} | {len(dataset)} samples @ {resolution}px")
+    log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
+                      f"world {info.world_size} | ZeRO-{cfg.zero_stage} | {dtype} | {len(dataset)} samples @ "
+                      f"{resolution}px")
 
     phases: list[Phase] = build_phases(cfg, info)
     total = sum(p.steps for p in phases)
@@ -97,19 +93,19 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         for p, s in zip(phases, rank_state["samplers"]):
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
-        _log(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
     elif cfg.resume_from_checkpoint == "latest":
-        _log(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
+        log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
 
     def save(at: int) -> None:
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
         path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
                                cfg.checkpoints_total_limit)
-        _log(is_main, f"checkpoint saved: {path}")
+        log_main(is_main, f"checkpoint saved: {path}")
 
     if distributed.any_rank(preemption.requested()):  # signalled while loading: nothing new to save
-        _log(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
+        log_main(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
         preemption.clear()
         return {"step": step, "preempted": True}
     logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
@@ -121,7 +117,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
 
     def finish(phase: Phase, at: int) -> None:
-        _log(is_main, f"{phase.name}: validating and exporting")
+        log_main(is_main, f"{phase.name}: validating and exporting")
         validate(ctx, phase, at, logger, vae, is_main)
         export_phase(cfg, adapter, engine, transformer, ema, phase, at, resolution, is_main)
 
@@ -132,7 +128,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             phase_end = phase_start + phase.steps
             if step >= phase_end:  # finished before this (re)start; an interruption may have come before its export
                 if step == phase_end and not phase_exported(cfg, phase, step):
-                    _log(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); exporting")
+                    log_main(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); "
+                                      "exporting")
                     finish(phase, step)
                 phase_start = phase_end
                 continue
@@ -163,7 +160,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                 if outcome.applied:
                     faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
                 if outcome.preempt:
-                    _log(is_main, f"preempted at step {step}, checkpoint saved")
+                    log_main(is_main, f"preempted at step {step}, checkpoint saved")
                     preemption.clear()
                     return {"step": step, "preempted": True}
             finish(phase, step)
@@ -202,7 +199,7 @@ def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo
     else:
         guard.good()
         return StepOutcome(True, logs, flags["preempt"])
-    _log(info.is_main, f"step {step}: {reason}: update skipped")
+    log_main(info.is_main, f"step {step}: {reason}: update skipped")
     guard.bad(step)  # raises NonFiniteStop when nan_policy says so
     return StepOutcome(False, logs, flags["preempt"])
 
@@ -272,4 +269,4 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
     if is_main:
         write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,
                                   "resolution": resolution})
-    _log(is_main, f"{phase.name}: exported to {out}")
+    log_main(is_main, f"{phase.name}: exported to {out}")

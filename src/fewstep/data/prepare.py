@@ -24,6 +24,7 @@ from fewstep.data.cache import CachedDataset, CacheSet, model_key
 from fewstep.data.dataset import ProbeMemo, Sample, list_images, plan_samples
 from fewstep.data.errors import DataError
 from fewstep.engine import distributed
+from fewstep.metrics import log_main
 
 MEMO_NAME = "data_digests.json"  # in output_dir
 
@@ -119,7 +120,8 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
     if counts["lat"] or counts["txt"]:
         log.append(f"caching latents and prompt embeddings: {lat} + {txt} on this rank, "
                    f"{'/'.join(map(str, sorted(sizes)))} rank(s) per cache directory ({len(shares)})")
-    _print(info, log)
+    for line in log:
+        log_main(info.is_main, line)
     with distributed.uneven_work("cache fill"):
         if lat or txt:
             dtype = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else torch.float32  # encoders
@@ -137,8 +139,3 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
     first = data.images[samples[0].entry]
     return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)
 
-
-def _print(info, lines: list[str]) -> None:
-    if info.is_main:
-        for line in lines:
-            print(f"fewstep: {line}", flush=True)

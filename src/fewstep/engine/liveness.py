@@ -55,8 +55,8 @@ class Watch:
     def __init__(self, store, world: int):
         self.store, self.keys = store, [_KEY.format(r) for r in range(world)]
         self.stale_after = _beat["stale_after"]
-        self.counts: list | None = None
-        self.since = [time.monotonic()] * world
+        self.counts: list | None = None  # at the last read
+        self.since: list[float] = []  # per rank: when its count last moved (set at the first read)
         self.next_read = 0.0
 
     def silent_rank(self) -> tuple[int, float] | None:
