@@ -57,8 +57,9 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list
     """Every usable image with its plan, the skip counts per entry, and how many images were probed (read) in this
     scan over all ranks (collective; the same result on every rank).
 
-    Only rank 0 holds the memo and the listing; the other ranks see just the paths to probe and send back their
-    records (`ProbeMemo.record`), so host memory on ranks > 0 grows with their share, not with the data set.
+    Only rank 0 holds the memo and the listing; the other ranks receive the paths of the unseen images (not the memo,
+    not the captions), probe their slice and send its records (`ProbeMemo.record`) to rank 0 alone
+    (`distributed.gather_object`). Every rank then holds the samples, as training needs them.
     """
     rank, world = distributed.rank(), distributed.world_size()
     with distributed.uneven_work("data listing"):  # rank 0 alone walks the folders and stats each image
