@@ -35,20 +35,25 @@ def to_device(cond: dict, device, dtype) -> dict:
 
 def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tensor, dict, Optional[dict]]:
     """This rank's next micro-batch (all of one bucket, so one latent shape): latents, caption embeddings (with
-    caption dropout) and, if asked, the empty-prompt embeddings (TwinFlow's CFG target)."""
+    caption dropout) and, if asked, the empty-prompt embeddings (TwinFlow's CFG target). Both carry the images' own
+    conditioning where the family has some (`adapter.micro_cond`: SDXL's sizes and crop)."""
     cfg, ds, adapter = ctx.cfg, ctx.dataset, ctx.adapter
     layout = getattr(ds, "layout", None)  # buckets and entries; a plain dataset of same-shape items has none
     if layout is None:
-        items = [ds.item(i) for i in ctx.order.next_indices()]
+        indices = ctx.order.next_indices()
+        items = [ds.item(i) for i in indices]
     else:  # one bucket per micro-batch; a sample with several captions uses the one the order drew
-        items = [ds.item(i, variant) for i, variant in ctx.order.next_items(layout)]
+        picks = ctx.order.next_items(layout)
+        indices, items = [i for i, _ in picks], [ds.item(i, variant) for i, variant in picks]
     x0 = torch.stack([lat for lat, _ in items]).to(ctx.device, ctx.dtype)
     drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
     texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
-    cond = to_device(adapter.collate_cond(texts), ctx.device, ctx.dtype)
+    plans = [getattr(ds.samples[i], "plan", None) for i in indices] if hasattr(ds, "samples") else [None]
+    image_cond = adapter.micro_cond(plans) if all(p is not None for p in plans) else {}  # planned images only
+    cond = to_device({**adapter.collate_cond(texts), **image_cond}, ctx.device, ctx.dtype)
     if not with_uncond:
         return x0, cond, None
-    uncond = to_device(adapter.collate_cond([ds.uncond] * len(items)), ctx.device, ctx.dtype)
+    uncond = to_device({**adapter.collate_cond([ds.uncond] * len(items)), **image_cond}, ctx.device, ctx.dtype)
     return x0, cond, uncond
 
 

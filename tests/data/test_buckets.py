@@ -65,6 +65,7 @@ def test_size_and_aspect_filters():
 def test_fewstep_default_resizes_to_cover_then_centre_crops():
     plan = geometry(resolution=32.0).plan(40, 48, "k")
     assert plan == Plan((32, 32), (32, 38), (0, 3))
+    assert plan.source == (40, 48)  # the image's own size (SDXL's micro-conditioning), not part of equality
 
 
 def test_explicit_square_crop_follows_simpletuners_documented_rule():

@@ -28,6 +28,8 @@ class PointMass(nn.Module):
         self.p = nn.Parameter(torch.tensor(p, dtype=x_star.dtype))
 
     def forward(self, x, t, tt, cond):
+        slope = float(self.x_star.abs().max() / t.abs().min())  # the largest |dF/dp| of this call
+        self.largest_slope = max(getattr(self, "largest_slope", 0.0), slope)
         return (x - self.p * self.x_star) / bc(t.abs(), x)
 
 
@@ -59,16 +61,20 @@ def batch(B, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("frozen", [False, True])
 def test_straight_flow_has_zero_loss_and_gradient(order, frozen):
+    """On the exact straight flow (p = 1) loss and gradient are fp64 round-off. F = (x - x*)/|t| scales with 1/|t|, and
+    so does the round-off of every residual: with s the largest |dF/dp| = |x*|/|t| the passes saw, the gradient's
+    round-off is about (2/c) * eps64 * s^2 = 4e-13 s^2 (residual round-off ~ eps * s, times dF/dp ~ s, over the Barron
+    c = 1e-3); the bound 1e-10 s^2 is 50x the largest of 1,800 draws, so a time drawn near 0 does not make it flaky."""
     x_star = torch.randn(1, *SHAPE, dtype=torch.float64)
     for B in (1, 3, 8):
         for k in range(2):
             model = PointMass(x_star)
-            x0 = x_star.expand(B, *SHAPE).clone()
             _, cond, uncond = batch(B)
-            loss, logs = twinflow_loss(model, model, x0, cond, uncond, groups=assign_groups(B, k),
-                                       **{**KW, "order": order, "frozen_teacher": frozen})
+            loss, logs = twinflow_loss(model, model, x_star.expand(B, *SHAPE).clone(), cond, uncond,
+                                       groups=assign_groups(B, k), **{**KW, "order": order, "frozen_teacher": frozen})
             loss.backward()
-            assert loss.item() < 1e-18 and abs(model.p.grad.item()) < 1e-8, (B, k, logs)
+            scale = model.largest_slope ** 2
+            assert loss.item() < 1e-18 and abs(model.p.grad.item()) < 1e-10 * scale, (B, k, scale, logs)
     # the same check sees a model off the straight flow
     model = PointMass(x_star, p=1.1)
     loss, _ = twinflow_loss(model, model, x_star.expand(8, *SHAPE).clone(), *batch(8)[1:], groups=assign_groups(8, 0),

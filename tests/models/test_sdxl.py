@@ -1,7 +1,9 @@
 """The SDXL adapter: a UNet diffusion base behind the flow-model interface, through the diff2flow bridge."""
 import json
+import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +93,81 @@ def test_empty_prompt_is_zeros_as_sdxl_pipelines_use_it(tiny):
     embeds, _, pooled, _ = pipe.encode_prompt("a red cube", do_classifier_free_guidance=False)
     torch.testing.assert_close(cond["prompt_embeds"][:1], embeds)
     torch.testing.assert_close(cond["pooled_prompt_embeds"][:1], pooled)
+
+
+def _images(root, sizes):
+    """Random RGB images of the given (w, h) sizes with one caption each; returns the multidatabackend.json path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img_dir = os.path.join(root, "images")
+    os.makedirs(img_dir)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(os.path.join(img_dir, f"im{i}.png"))
+        with open(os.path.join(img_dir, f"im{i}.txt"), "w") as fh:
+            fh.write(f"caption {i}")
+    path = os.path.join(root, "multidatabackend.json")
+    with open(path, "w") as fh:
+        json.dump([{"id": "d", "backend": "simple", "image_dir": img_dir, "resolution": 32, "crop": True,
+                    "crop_style": "random", "caption_extension": ".txt"}], fh)
+    return path, img_dir
+
+
+def test_training_batches_carry_each_images_size_and_crop(tiny_dirs, tmp_path):
+    """SDXL's add_time_ids in a training batch are each image's own (as diffusers' SDXL fine-tuning builds them):
+    original (h, w), the crop's top-left (y, x) in the resized image (checked against the cached pixels), target
+    (h, w); the unconditional batch (TwinFlow's CFG target) carries the same; the UNet is called with them, and with
+    the pipeline's uncropped default (H, W, 0, 0, H, W) without them."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.buckets import load_planned
+    from fewstep.data.cache import CachedDataset, CacheSet
+    from fewstep.data.dataset import collect_samples
+    from fewstep.data.order import DataOrder
+    from fewstep.step_context import StepContext, next_batch
+
+    sizes = {"im0.png": (48, 40), "im1.png": (40, 64), "im2.png": (56, 44)}  # (w, h), none square
+    backend, img_dir = _images(str(tmp_path), list(sizes.values()))
+    config = load_data_config(backend)
+    samples, _ = collect_samples(config, 8)
+    caches = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), "m")
+    for root in caches.roots():
+        caches.cache_at(root).fill(*caches.share(root, 0, 1), lambda px: px[:, :1].clone(),
+                                   lambda ps: {"prompt_embeds": torch.randn(len(ps), 3, 4) + 1.0,
+                                               "pooled_prompt_embeds": torch.randn(len(ps), 4) + 1.0})
+    ds = CachedDataset(caches, config.images, 8)
+    adapter = get_adapter("sdxl")
+    ctx = StepContext(cfg=SimpleNamespace(caption_dropout_probability=0.0), adapter=adapter, engine=None, dataset=ds,
+                      order=DataOrder(len(ds), 3, 0, 1, seed=5), device=torch.device("cpu"), dtype=torch.float32)
+    picks = DataOrder(len(ds), 3, 0, 1, seed=5).next_items(ds.layout)  # the same draw, to know which rows are whose
+    x0, cond, uncond = next_batch(ctx, with_uncond=True)
+    assert cond["time_ids"].shape == (3, 6) and torch.equal(uncond["time_ids"], cond["time_ids"])
+    crops = set()
+    for row, (i, _) in zip(cond["time_ids"].tolist(), picks):
+        s = ds.samples[i]
+        w, h = sizes[os.path.basename(s.image_path)]
+        orig_h, orig_w, top, left, th, tw = map(int, row)
+        assert (orig_h, orig_w, th, tw) == (h, w, 32, 32)
+        with Image.open(s.image_path) as im:  # the training pixels are the crop at (top, left) of the resized image
+            im = im.convert("RGB").resize(s.plan.resize, Image.Resampling.BICUBIC) if im.size != s.plan.resize \
+                else im.convert("RGB")
+            crop = torch.from_numpy(np.asarray(im.crop((left, top, left + tw, top + th)), dtype=np.float32) / 127.5
+                                    - 1).permute(2, 0, 1)
+        torch.testing.assert_close(load_planned(s.image_path, s.plan), crop)
+        crops.add((top, left))
+    assert crops != {(0, 0)}  # random crops: the corners are not the pipeline's default
+
+    unet = adapter.load(tiny_dirs("sdxl"), with_text=False, with_vae=False).denoiser
+    x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    sigma, text = torch.tensor([0.7, 0.4, 0.2]), _cond(unet, b=3)
+    default = torch.tensor([[4 * adapter.pixel_factor] * 2 + [0, 0] + [4 * adapter.pixel_factor] * 2] * 3)
+    with torch.no_grad():
+        plain = adapter.forward(unet, x, sigma, text)
+        assert torch.equal(adapter.forward(unet, x, sigma, {**text, "time_ids": default}), plain)
+        assert not torch.allclose(adapter.forward(unet, x, sigma, {**text, "time_ids": cond["time_ids"]}), plain)
+        with pytest.raises(ValueError, match=r"\[B, 6\]"):
+            adapter.forward(unet, x, sigma, {**text, "time_ids": cond["time_ids"][:2]})
+    assert get_adapter("flux").micro_cond([s.plan for s in ds.samples]) == {}  # other families: none

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -41,10 +41,15 @@ def round_to_multiple(value: float, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one image becomes training pixels: resize to `resize`, crop `target` at `offset` (all (x, y) / (w, h))."""
+    """How one image becomes training pixels: resize to `resize`, crop `target` at `offset` (all (x, y) / (w, h)).
+
+    `source` is the image's own size (after its EXIF orientation), kept for SDXL's micro-conditioning (original size
+    and crop corner, `FlowModelAdapter.micro_cond`); the pixels follow from resize and offset alone, so it is not part
+    of the cache key (`tag`) nor of equality."""
     target: tuple[int, int]
     resize: tuple[int, int]
     offset: tuple[int, int] = (0, 0)
+    source: Optional[tuple[int, int]] = field(default=None, compare=False)
 
     def tag(self) -> str:
         """Identifies the pixels this plan produces (part of the latent cache key)."""
@@ -173,7 +178,7 @@ class Geometry:
             offset = (rng.randint(0, free[0]), rng.randint(0, free[1]))
         else:
             offset = (free[0] // 2, free[1] // 2)
-        return Plan(target, size, offset)
+        return Plan(target, size, offset, (w, h))
 
 
 def image_size(path: str) -> tuple[int, int]:

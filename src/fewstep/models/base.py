@@ -311,6 +311,11 @@ class FlowModelAdapter:
                 out[k] = torch.stack([it[k] for it in items])
         return out
 
+    def micro_cond(self, plans: list) -> dict[str, torch.Tensor]:
+        """Conditioning a batch takes from its images rather than their captions, built from each sample's
+        `fewstep.data.buckets.Plan` and merged into `cond` (SDXL: add_time_ids); none for most families."""
+        return {}
+
     def split_cond(self, cond: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Inverse of `collate_cond`: per-sample dicts, masked text trimmed after its last valid token."""
         b = next(iter(cond.values())).shape[0]

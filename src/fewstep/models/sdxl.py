@@ -120,12 +120,28 @@ class SDXLAdapter(FlowModelAdapter):
         H, W = h * self.pixel_factor, w * self.pixel_factor
         return torch.tensor([[H, W, 0, 0, H, W]], device=device, dtype=dtype).expand(batch, 6)
 
+    def micro_cond(self, plans: list) -> dict[str, torch.Tensor]:
+        """Each training image's add_time_ids, as SDXL was trained with them (and diffusers' SDXL fine-tuning builds
+        them): its original size (h, w) before resizing, the crop's top-left corner (y, x) in the resized image, the
+        target size (h, w). A randomly cropped image thus does not teach the model that crops are whole images;
+        sampling keeps the pipeline's (H, W, 0, 0, H, W)."""
+        rows = []
+        for p in plans:
+            if p.source is None:
+                raise ValueError(f"micro_cond: plan {p.tag()} has no source size (plans from Geometry.plan have one)")
+            rows.append([p.source[1], p.source[0], p.offset[1], p.offset[0], p.target[1], p.target[0]])
+        return {"time_ids": torch.tensor(rows, dtype=torch.float32)}
+
     def _call_transformer(self, unet, module, hidden, sigma, cond, h, w, guidance):
         # sigma is fp32 here (diffusion_base): the bridge's scale, timestep and conversion need it exact
         x_diff = diff2flow.flow_to_diffusion_input(hidden, sigma)
         timestep = diff2flow.bridge_timestep(sigma, self.alphas_cumprod).float()
-        added = {"text_embeds": cond["pooled_prompt_embeds"],
-                 "time_ids": self.time_ids(hidden.shape[0], h, w, hidden.device, hidden.dtype)}
+        time_ids = cond.get("time_ids")  # the training images' own (micro_cond); else the pipeline's default
+        if time_ids is None:
+            time_ids = self.time_ids(hidden.shape[0], h, w, hidden.device, hidden.dtype)
+        elif time_ids.shape != (hidden.shape[0], 6):
+            raise ValueError(f"cond['time_ids'] must be [B, 6] = ({hidden.shape[0]}, 6), got {tuple(time_ids.shape)}")
+        added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": time_ids.to(hidden.dtype)}
         out = unet(x_diff, timestep, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added,
                    return_dict=False)[0]
         return diff2flow.bridge_velocity(out, hidden, sigma, self.alphas_cumprod, self.prediction_type)
