@@ -1,57 +1,18 @@
 """Triton kernels with their pure-PyTorch references (installed as fewstep.kernels).
 
-Public dispatchers take `backend="auto"|"triton"|"torch"`: "auto" runs the Triton kernel when the tensors are on CUDA
-and the reference (`fewstep.kernels.reference`) otherwise; "triton" forces the kernel (CPU tensors need
-TRITON_INTERPRET=1, which `import fewstep` sets when CUDA is absent); "torch" forces the reference.
+Public dispatchers (`kernels/api.py`) take `backend="auto"|"triton"|"torch"`: "auto" runs the Triton kernel when the
+tensors are on CUDA and the reference (`fewstep.kernels.reference`) otherwise; "triton" forces the kernel (CPU tensors
+need TRITON_INTERPRET=1, which `import fewstep` sets when CUDA is absent); "torch" forces the reference.
 `resolve_backend(cfg.fused_kernels)` maps the config switch auto|on|off to these names.
 """
-from __future__ import annotations
-
-import torch
-
-from ._dispatch import resolve_backend, use_triton
-from .ema import ema_update_triton_
-from .rcgm import rcgm_substep_triton_, rcgm_target_loss_triton
-from .reference import ema_update_reference_, rcgm_substep_reference_, rcgm_target_loss_reference
-
 __all__ = ["ema_update_", "rcgm_substep_", "rcgm_target_loss", "resolve_backend"]
 
-
-def ema_update_(ema, params, decay, *, backend: str = "auto") -> None:
-    """In place `ema <- decay*ema + (1-decay)*param` over a tensor (e.g. a flat ZeRO partition) or a list of tensors.
-
-    ema is fp32; params fp32/bf16/fp16 (upcast). decay = 0 copies the params exactly; decay = 1 leaves ema unchanged.
-    """
-    ts = [ema] if isinstance(ema, torch.Tensor) else list(ema)
-    ps = [params] if isinstance(params, torch.Tensor) else list(params)
-    if use_triton(backend, *ts, *ps, op="ema_update_"):
-        ema_update_triton_(ts, ps, decay)
-    else:
-        ema_update_reference_(ts, ps, decay)
-
-
-def rcgm_substep_(x, acc, F, t_cur, t_next, *, backend: str = "auto") -> None:
-    """One RCGM teacher sub-step in place: h = t_cur - t_next per sample; `x -= h*F; acc += h*F` (fp32 maths).
-
-    x, acc, F: [B, ...] (F may be bf16, x/acc fp32 or F's dtype); t_cur, t_next: [B] tensors or numbers.
-    """
-    if use_triton(backend, x, acc, F, op="rcgm_substep_"):
-        rcgm_substep_triton_(x, acc, F, t_cur, t_next)
-    else:
-        rcgm_substep_reference_(x, acc, F, t_cur, t_next)
-
-
-def rcgm_target_loss(F_student, acc, target, t, tt, *, delta_t, clamp, cond=None, uncond=None, enhanced_ratio=0.0,
-                     enhance_mask=None, rcgm_mask=None, sample_weight=None, barron_c=1e-3, backend: str = "auto"):
-    """RCGM target and per-sample Barron-reweighted L2 loss (TwinFlow steps 5-6). Returns `(loss [B], T)`.
-
-    E = target + enhanced_ratio*enhance_mask*(cond - uncond); per sample d = t - tt, (cof_l, cof_r) = (d/delta_t,
-    1/delta_t) if d >= delta_t else (1, 0); T = F - clamp(cof_l*F - cof_r*acc - E, +-clamp), and T = E on rows where
-    rcgm_mask is False. m = mean((F-T)^2), w = sg((m/c^2+1)^-1/2), loss = sample_weight*w*m/c with c = barron_c.
-    T is detached and fp32 (fp64 for fp64 inputs); the loss is differentiable w.r.t. F_student only.
-    """
-    kw = dict(delta_t=delta_t, clamp=clamp, cond=cond, uncond=uncond, enhanced_ratio=enhanced_ratio,
-              enhance_mask=enhance_mask, rcgm_mask=rcgm_mask, sample_weight=sample_weight, barron_c=barron_c)
-    if use_triton(backend, F_student, acc, target, cond, uncond, op="rcgm_target_loss"):
-        return rcgm_target_loss_triton(F_student, acc, target, t, tt, **kw)
-    return rcgm_target_loss_reference(F_student, acc, target, t, tt, **kw)
+if __name__ == "fewstep.kernels":
+    from .api import ema_update_, rcgm_substep_, rcgm_target_loss, resolve_backend
+else:
+    # Found as a bare top-level `kernels`: the repository root is on sys.path (`python -m pytest` or a notebook
+    # there), and transformers imports any `kernels` it finds while looking for Hugging Face's kernel-hub package.
+    # Stay empty: importing Triton here would fix its mode before `import fewstep` can set TRITON_INTERPRET (the
+    # interpreter then cannot run Triton's own library functions, e.g. tl.sum), and without a __version__ transformers
+    # does not take this folder for the hub package.
+    __all__ = []

@@ -43,7 +43,21 @@ def use_triton(backend: str, *tensors: torch.Tensor | None, op: str) -> bool:
     if not on_cuda and not interpreting():
         raise RuntimeError(f"{op}: backend='triton' with CPU tensors needs the Triton interpreter: set "
                            "TRITON_INTERPRET=1 before importing fewstep, or use backend='auto'/'torch'")
+    if not on_cuda and not _library_interpreted():
+        raise RuntimeError(f"{op}: Triton was imported before TRITON_INTERPRET=1 was set, so its own library "
+                           "(tl.sum, ...) cannot run in the interpreter: import fewstep before anything that imports "
+                           "triton, export TRITON_INTERPRET=1, or use backend='auto'/'torch'")
     return True
+
+
+def _library_interpreted() -> bool:
+    """Whether Triton's own @jit library functions run in the interpreter. Each @jit function is compiled-mode or
+    interpreted from the moment it is decorated: Triton's library when triton is first imported, fewstep's kernels
+    when fewstep.kernels is (after `import fewstep` set TRITON_INTERPRET)."""
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.sum, InterpretedFunction)
 
 
 def block_for(n: int, block: int) -> int:

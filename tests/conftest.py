@@ -14,6 +14,9 @@ except ImportError:  # pragma: no cover
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.join(REPO, "tests"))
+# Before any test module imports diffusers (which imports torch._dynamo, which imports Triton): without a GPU,
+# `import fewstep` sets TRITON_INTERPRET=1, and Triton reads it once, when it decorates its own library.
+import fewstep  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -1,9 +1,12 @@
 """Backend switch: resolve_backend and the auto/triton/torch choice of the public dispatchers."""
+import subprocess
+
 import pytest
 import torch
 
 import fewstep.kernels as K
-from fewstep.kernels import resolve_backend
+from fewstep.kernels import api, resolve_backend
+from fewstep_testing import PY, REPO, cpu_env
 
 
 def test_resolve_backend_maps_the_config_switch():
@@ -21,7 +24,7 @@ def test_resolve_backend_rejects_other_values(bad):
 def _forbid(monkeypatch, name):
     def boom(*a, **k):
         raise AssertionError(f"{name} must not run here")
-    monkeypatch.setattr(K, name, boom)
+    monkeypatch.setattr(api, name, boom)
 
 
 def test_auto_uses_the_reference_for_cpu_tensors(monkeypatch):
@@ -58,7 +61,51 @@ def test_unknown_backend_is_an_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_uses_triton_for_cuda_tensors(monkeypatch):
     calls = []
-    real = K.ema_update_triton_
-    monkeypatch.setattr(K, "ema_update_triton_", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    real = api.ema_update_triton_
+    monkeypatch.setattr(api, "ema_update_triton_", lambda *a, **k: (calls.append(1), real(*a, **k)))
     K.ema_update_(torch.randn(3, device="cuda"), torch.randn(3, device="cuda"), 0.5)
     assert calls
+
+
+# A fresh process, the repository root on sys.path (as under `python -m pytest` there), no TRITON_INTERPRET set and no
+# GPU: `first` runs, then one fused RCGM loss (forward and backward) through the interpreter, or its refusal.
+_PROBE = """
+import sys
+sys.path.insert(0, {repo!r})
+{first}
+import torch
+import fewstep.kernels as K
+F = torch.randn(2, 5, requires_grad=True)
+try:
+    loss, _ = K.rcgm_target_loss(F, None, torch.randn(2, 5), 0.5, 0.0, delta_t=0.01, clamp=1.0, backend="triton")
+    loss.sum().backward()
+    print("ran", bool(F.grad.abs().sum() > 0))
+except RuntimeError as e:
+    print("refused:", e)
+"""
+
+
+def _probe(first: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in cpu_env(CUDA_VISIBLE_DEVICES="").items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([PY, "-c", _PROBE.format(repo=REPO, first=first)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_repo_kernels_folder_found_by_transformers_leaves_triton_alone():
+    """transformers imports any top-level `kernels` it finds (looking for Hugging Face's kernel-hub package), so with
+    the repository root on sys.path it imports this folder, before fewstep. That import must not import Triton (which
+    would fix Triton's library in compiled mode before `import fewstep` sets TRITON_INTERPRET: the interpreted kernels
+    then fail inside tl.sum) and must not pass for the hub package."""
+    p = _probe("import transformers.integrations.hub_kernels\n"
+               "from transformers.utils import is_kernels_available\n"
+               "assert 'kernels' in sys.modules and not is_kernels_available()\n"
+               "assert 'triton' not in sys.modules, 'the bare kernels import imported triton'")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "ran True", p.stdout
+
+
+def test_triton_imported_before_fewstep_is_a_clear_refusal_on_cpu():
+    p = _probe("import triton.language")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.startswith("refused: rcgm_target_loss: Triton was imported before TRITON_INTERPRET=1"), p.stdout
+    assert "import fewstep before anything that imports triton" in p.stdout
