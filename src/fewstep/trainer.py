@@ -72,7 +72,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                          f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
     trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
     n_trainable = count_params(trainable)
-    engine, optimizer, scheduler = build_engine(cfg, transformer, trainable)
+    engine, optimizer, scheduler = build_engine(cfg, transformer, trainable, ds_config)
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
     log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "

@@ -143,7 +143,7 @@ def lr_lambda(cfg):
     return f
 
 
-def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter]):
+def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter], ds_config: dict | None = None):
     """`deepspeed.initialize` with a client torch AdamW (no JIT build), or with `optimizer: deepspeed` the AdamW
     DeepSpeed builds from the config (FusedAdam; DeepSpeedCPUAdam under offload_optimizer; both JIT-compiled ops).
 
@@ -153,7 +153,7 @@ def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter
     """
     import deepspeed
 
-    ds_config = build_ds_config(cfg)
+    ds_config = build_ds_config(cfg) if ds_config is None else ds_config  # the trainer passes the one it checked
     optimizer = None
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
