@@ -55,9 +55,9 @@ def _library_interpreted() -> bool:
     interpreted from the moment it is decorated: Triton's library when triton is first imported, fewstep's kernels
     when fewstep.kernels is (after `import fewstep` set TRITON_INTERPRET)."""
     from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction  # compiled-mode; the interpreter's InterpretedFunction is not one
 
-    return isinstance(standard.sum, InterpretedFunction)
+    return not isinstance(standard.sum, JITFunction)
 
 
 def block_for(n: int, block: int) -> int:
