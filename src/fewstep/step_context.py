@@ -48,8 +48,9 @@ def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tenso
     x0 = torch.stack([lat for lat, _ in items]).to(ctx.device, ctx.dtype)
     drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
     texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
-    plans = [getattr(ds.samples[i], "plan", None) for i in indices] if hasattr(ds, "samples") else [None]
-    image_cond = adapter.micro_cond(plans) if all(p is not None for p in plans) else {}  # planned images only
+    samples = getattr(ds, "samples", None)  # with their plans (CachedDataset); synthetic data have none
+    plans = [getattr(samples[i], "plan", None) for i in indices] if samples is not None else []
+    image_cond = adapter.micro_cond(plans) if plans and all(p is not None for p in plans) else {}
     cond = to_device({**adapter.collate_cond(texts), **image_cond}, ctx.device, ctx.dtype)
     if not with_uncond:
         return x0, cond, None
