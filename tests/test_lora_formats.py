@@ -24,6 +24,7 @@ QWEN_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"
                 "img_mlp.net.0.proj", "img_mlp.net.2", "img_mod.1", "txt_mlp.net.0.proj", "txt_mlp.net.2", "txt_mod.1",
                 "img_in", "txt_in", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
                 "time_text_embed.timestep_embedder.linear_2"]  # proj_out: see test_qwen_top_level_proj_out
+SDXL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]  # kohya's
 
 
 def _bare(family):
@@ -49,7 +50,7 @@ def _loaded(family, directory, weight_name):
     """A fresh tiny transformer after the stock pipeline's `load_lora_weights(directory, weight_name=...)`."""
     adapter, t = _bare(family)
     no_text = adapter._text_kwargs(ModelComponents(None, None))  # every text encoder/tokenizer None
-    pipe = adapter.pipeline_cls(transformer=t, vae=None, scheduler=None, **no_text)
+    pipe = adapter.pipeline_cls(**{adapter.denoiser_subfolder: t}, vae=None, scheduler=None, **no_text)
     pipe.load_lora_weights(directory, weight_name=weight_name)
     return t
 
@@ -63,13 +64,14 @@ def _deltas(t):
 def _inputs(adapter, family):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4, 4, 4, generator=g)
-    cond = {"prompt_embeds": torch.randn(1, 6, 32, generator=g)}
-    cond.update({"pooled_prompt_embeds": torch.randn(1, 32, generator=g)} if family == "flux" else
+    cond = {"prompt_embeds": torch.randn(1, 6, 64 if family == "sdxl" else 32, generator=g)}
+    cond.update({"pooled_prompt_embeds": torch.randn(1, 32, generator=g)} if family in ("flux", "sdxl") else
                 {"prompt_embeds_mask": torch.ones(1, 6, dtype=torch.long)})
     return x, torch.tensor([0.7]), cond
 
 
-@pytest.mark.parametrize("family,targets", [("flux", FLUX_TINY_TARGETS), ("qwen_image", QWEN_TARGETS)])
+@pytest.mark.parametrize("family,targets", [("flux", FLUX_TINY_TARGETS), ("qwen_image", QWEN_TARGETS),
+                                            ("sdxl", SDXL_TARGETS)])
 def test_comfyui_file_round_trips_through_diffusers(tmp_path, family, targets):
     adapter, trained = _trained(family, targets)
     export_lora(adapter, trained, str(tmp_path), True, ["diffusers", "comfyui"])
@@ -80,6 +82,11 @@ def test_comfyui_file_round_trips_through_diffusers(tmp_path, family, targets):
         assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in comfy
         assert "lora_unet_single_blocks_0_linear2.lora_up.weight" in comfy
         assert not any("to_q" in k for k in comfy)
+    if family == "sdxl":  # sgm names; the tiny UNet has layers_per_block 1: down_blocks.1.attentions.0 = input 3
+        assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in comfy
+        assert "lora_unet_middle_block_1_proj_in.lora_up.weight" in comfy
+        assert "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_2.alpha" in comfy
+        assert not any("down_blocks" in k or "attentions" in k for k in comfy)
     a = _loaded(family, str(tmp_path), "pytorch_lora_weights.safetensors")
     b = _loaded(family, str(tmp_path), lora_formats.COMFYUI_WEIGHTS_NAME)
     da, db = _deltas(a), _deltas(b)
@@ -129,6 +136,45 @@ def test_flux_fused_single_blocks_at_full_width(tmp_path):
             assert got is not None and torch.equal(got, sd["transformer." + k]), k
 
 
+def test_sdxl_at_full_layout(tmp_path):
+    """At SDXL base 1.0's layout (layers_per_block 2, transformer depths 1/2/10; a meta UNet, no weights): every
+    attention Linear gets the sgm name public SDXL LoRAs carry (kohya's sd-scripts reports 722 U-Net modules for
+    them), and diffusers' sgm converter (`StableDiffusionXLPipeline.lora_state_dict` with the UNet config, as
+    `load_lora_weights` calls it) returns every tensor exactly."""
+    import json
+
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from fewstep_testing import REPO
+
+    with open(os.path.join(REPO, "configs", "models", "sdxl.json")) as fh:
+        config = {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and "attentions" in n}
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for n, m in linears.items():
+        sd[f"unet.{n}.lora_A.weight"] = torch.randn(1, m.in_features, generator=g)
+        sd[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, 1, generator=g)
+    lora_formats.save_kohya("sdxl", sd, str(tmp_path / "comfy.safetensors"),
+                            layers_per_block=config["layers_per_block"])
+    names = {k.rsplit(".", 2)[0] for k in load_file(str(tmp_path / "comfy.safetensors"))}
+    assert len(names) == len(linears) == 722
+    for anchor in ("input_blocks_4_1_proj_in", "input_blocks_8_1_transformer_blocks_9_attn2_to_v",
+                   "middle_block_1_transformer_blocks_9_attn1_to_out_0", "output_blocks_0_1_transformer_blocks_9_ff_net_2",
+                   "output_blocks_5_1_transformer_blocks_1_ff_net_2", "output_blocks_5_1_transformer_blocks_1_attn1_to_k"):
+        assert "lora_unet_" + anchor in names, anchor
+    back, alphas = StableDiffusionXLPipeline.lora_state_dict(str(tmp_path), weight_name="comfy.safetensors",
+                                                            unet_config=unet.config)
+    # load_lora_into_unet's next step: the old diffusers names to peft's
+    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in back.items()})
+    assert {"unet." + k for k in back} == sd.keys()
+    assert all(torch.equal(v, sd["unet." + k]) for k, v in back.items())
+    assert len(alphas) == 722 and set(alphas.values()) == {1.0}  # alpha = rank: the file's LoRA at scale 1
+
+
 def test_qwen_top_level_proj_out(tmp_path):
     """Qwen-Image's top-level proj_out (its name is also a suffix of no block module) maps to itself."""
     adapter, trained = _trained("qwen_image", ["proj_out"])
@@ -154,13 +200,24 @@ def test_modules_without_a_kohya_key_are_refused_before_training():
     with pytest.raises(lora_formats.LoraFormatError, match="no ComfyUI/kohya key"):
         lora_formats.to_kohya("qwenimage", {"transformer.pos_embed.lora_A.weight": torch.zeros(1, 2),
                                             "transformer.pos_embed.lora_B.weight": torch.zeros(2, 1)})
+    adapter, unet = _bare("sdxl")  # SDXL: the attention Linears only (a resnet's convolution has no kohya LoRA here)
+    cfg.lora_targets = ["to_q", "time_emb_proj"]
+    with pytest.raises(lora_formats.LoraFormatError, match=r"down_blocks\.0\.resnets\.0\.time_emb_proj"):
+        prepare_trainable(cfg, adapter, unet, anystep_embeddings=False)
+    with pytest.raises(lora_formats.LoraFormatError, match="layers_per_block as one integer"):
+        lora_formats.kohya_target("sdxl", "down_blocks.1.attentions.0.proj_in", (2, 2, 2))
 
 
 def test_export_formats_option(tmp_path):
+    from fewstep_testing import REPO
+
     base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux"}
     assert load_config(None, base).lora_export_formats == ["diffusers"]
     assert load_config(None, {**base, "lora_export_formats": "diffusers, ComfyUI"}).lora_export_formats == [
         "diffusers", "comfyui"]
+    sdxl = load_config(os.path.join(REPO, "configs", "twinflow", "sdxl_lora.json"),
+                       {"lora_export_formats": "diffusers,comfyui"})
+    assert sdxl.lora_export_formats == ["diffusers", "comfyui"]
     for bad, msg in [({"lora_export_formats": "comfyui"}, "must include 'diffusers'"),
                      ({"lora_export_formats": "diffusers,kohya"}, "got kohya"),
                      ({"lora_export_formats": "diffusers,comfyui", "model_type": "full"}, "applies to LoRA runs"),

@@ -60,7 +60,7 @@ class Config:
     lora_export_formats: list = opt(["diffusers"], "LoRA files each export writes (list or comma string): diffusers "
                                     "(pytorch_lora_weights.safetensors, always written) and comfyui (also "
                                     "pytorch_lora_weights_comfyui.safetensors: the ComfyUI/kohya lora_unet_ layout "
-                                    "over the original checkpoint's module names; flux and qwen_image).")
+                                    "over the original checkpoint's module names; flux, qwen_image and sdxl).")
 
     # ---- data ----
     data_backend_config: Optional[str] = opt(None, "Path to a multidatabackend.json (SimpleTuner format).")

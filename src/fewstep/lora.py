@@ -37,7 +37,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     if not trainable:
         raise ConfigError(f"no LoRA target matched {targets} in {type(transformer).__name__}")
     if "comfyui" in getattr(cfg, "lora_export_formats", ()):  # refuse now what the export could not write later
-        lora_formats.check_modules(adapter.family, _lora_scales(transformer))
+        lora_formats.check_modules(adapter.family, _lora_scales(transformer), _layers_per_block(transformer))
     return trainable
 
 
@@ -59,6 +59,11 @@ def _lora_scales(transformer: nn.Module, adapter_name: str = "default") -> dict[
 
     return {name: float(m.scaling[adapter_name]) for name, m in transformer.named_modules()
             if isinstance(m, LoraLayer) and adapter_name in m.scaling}
+
+
+def _layers_per_block(denoiser: nn.Module):
+    """A UNet's `layers_per_block` (the sgm names of SDXL's kohya layout count it); None for a transformer."""
+    return dict(getattr(denoiser, "config", None) or {}).get("layers_per_block")
 
 
 def _out_features(transformer: nn.Module) -> dict[str, int]:
@@ -86,7 +91,8 @@ def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool,
             adapter.save_lora(out_dir, sd)
             comfy = os.path.join(out_dir, lora_formats.COMFYUI_WEIGHTS_NAME)
             if "comfyui" in formats:
-                lora_formats.save_kohya(adapter.family, sd, comfy, _out_features(transformer))
+                lora_formats.save_kohya(adapter.family, sd, comfy, _out_features(transformer),
+                                        _layers_per_block(transformer))
             elif os.path.exists(comfy):  # from an earlier export with other options: it would not match
                 os.remove(comfy)
             if hasattr(transformer, "anystep_embed"):

@@ -22,6 +22,12 @@ comfy/lora.py), so this is the layout every ComfyUI version with the model accep
   (shift, scale) where diffusers' `norm_out.linear` stores (scale, shift): its lora_up rows are swapped halves.
 - Qwen-Image: ComfyUI's QwenImage model uses the diffusers module names, so the kohya name is the diffusers name;
   diffusers reads it back with `_convert_non_diffusers_qwen_lora_to_diffusers`.
+- SDXL: the sgm/LDM UNet names of the original checkpoint (kohya's sd-scripts trains SDXL on that UNet; ComfyUI
+  and A1111 map them): `down_blocks.i.attentions.j` -> `input_blocks.(1 + i(L+1) + j).1`, `mid_block.attentions.0`
+  -> `middle_block.1`, `up_blocks.i.attentions.j` -> `output_blocks.(i(L+1) + j).1` with L = the UNet's
+  `layers_per_block` (2 for SDXL); inside an attention (proj_in, proj_out, transformer_blocks.k.attn1/attn2,
+  ff.net) the names are the same. diffusers reads it back with `_maybe_map_sgm_blocks_to_diffusers`. LoRAs on the
+  UNet's resnets (convolutions) are refused: the default and kohya's own SDXL targets are the attention Linears.
 - SD3 has no diffusers converter for this layout to check a file against (and ComfyUI loads fewstep's diffusers
   SD3 file as it is), so it is refused at config time.
 
@@ -41,7 +47,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: config validation
 
 COMFYUI_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # must not end in pytorch_lora_weights.safetensors
 FORMATS = ("diffusers", "comfyui")
-FAMILIES = ("flux", "qwenimage")
+FAMILIES = ("flux", "qwenimage", "sdxl")
 PREFIX = "lora_unet_"
 
 # FLUX.1: diffusers module suffix -> BFL module suffix, per block kind; fused BFL modules list their members in
@@ -72,6 +78,12 @@ _QWEN_BLOCK = re.compile(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_p
 _QWEN_TOP = {"img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
              "time_text_embed.timestep_embedder.linear_2"}
 
+# SDXL: an attention (Transformer2DModel) of the diffusers UNet, then the Linear inside it (same name in sgm)
+_SDXL_ATTENTION = re.compile(r"(?:down_blocks\.(\d+)\.attentions\.(\d+)|(mid_block)\.attentions\.0|"
+                             r"up_blocks\.(\d+)\.attentions\.(\d+))\."
+                             r"(proj_in|proj_out|transformer_blocks\.\d+\.(?:attn[12]\.(?:to_[qkv]|to_out\.0)|"
+                             r"ff\.net\.(?:0\.proj|2)))")
+
 
 class LoraFormatError(UserError):
     """A LoRA module that has no place in the requested file layout."""
@@ -101,16 +113,17 @@ def formats_problem(formats: list[str], model_type: str, model_family: str | Non
                     "a diffusers transformer/ folder")
         family = re.sub(r"[-_ .]", "", str(model_family).lower())
         if family not in FAMILIES:
-            return (f"'lora_export_formats' comfyui is available for flux and qwen_image, not {model_family}: "
+            return (f"'lora_export_formats' comfyui is available for flux, qwen_image and sdxl, not {model_family}: "
                     "fewstep writes (and tests) the kohya layout only where diffusers has a converter to check it "
                     "against (ComfyUI loads fewstep's diffusers SD3 file, its `transformer.` keys, as it is)")
     return None
 
 
-def kohya_target(family: str, module: str) -> tuple[str, tuple[str, ...]]:
+def kohya_target(family: str, module: str, layers_per_block: int | None = None) -> tuple[str, tuple[str, ...]]:
     """(original-checkpoint module, its diffusers members in row order) for a diffusers module name.
 
     A plain module is its own single member; a fused one lists every member (including ones without a LoRA).
+    layers_per_block: the UNet config's, for sdxl (the sgm block index counts a block's layers).
     Raises LoraFormatError for a module the layout cannot hold."""
     if family == "flux":
         for pattern, plain, fused, bfl in ((r"transformer_blocks\.(\d+)\.", _FLUX_DOUBLE, _FLUX_DOUBLE_FUSED,
@@ -132,18 +145,35 @@ def kohya_target(family: str, module: str) -> tuple[str, tuple[str, ...]]:
     elif family == "qwenimage":
         if _QWEN_BLOCK.fullmatch(module) or module in _QWEN_TOP:
             return module, (module,)
+    elif family == "sdxl":
+        m = _SDXL_ATTENTION.fullmatch(module)
+        if m:
+            return _sgm_attention(m, layers_per_block) + "." + m.group(6), (module,)
     else:
         raise LoraFormatError(f"the ComfyUI/kohya LoRA layout is available for {', '.join(FAMILIES)}, not {family}")
     raise LoraFormatError(f"LoRA module '{module}' has no ComfyUI/kohya key for {family}: drop it from lora_targets "
                           "or export only the diffusers format")
 
 
-def check_modules(family: str, modules) -> None:
+def _sgm_attention(m: re.Match, layers_per_block: int | None) -> str:
+    """The sgm name of the UNet attention `m` matched (see the module docstring for the index arithmetic)."""
+    if m.group(3):
+        return "middle_block.1"
+    if not isinstance(layers_per_block, int) or isinstance(layers_per_block, bool) or layers_per_block < 1:
+        raise LoraFormatError(f"the sgm (kohya) SDXL names need the UNet's layers_per_block as one integer, got "
+                              f"{layers_per_block!r}")
+    per = layers_per_block + 1  # an sgm down block: its layers then a downsampler; an up block: L + 1 layers
+    if m.group(1) is not None:
+        return f"input_blocks.{1 + int(m.group(1)) * per + int(m.group(2))}.1"
+    return f"output_blocks.{int(m.group(4)) * per + int(m.group(5))}.1"
+
+
+def check_modules(family: str, modules, layers_per_block: int | None = None) -> None:
     """Raise LoraFormatError (one line naming every offender) unless every module maps to the kohya layout."""
     bad = []
     for module in modules:
         try:
-            kohya_target(family, module)
+            kohya_target(family, module, layers_per_block)
         except LoraFormatError:
             bad.append(module)
     if bad:
@@ -153,11 +183,11 @@ def check_modules(family: str, modules) -> None:
 
 
 def lora_pairs(sd: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (lora_A [r, in], lora_B [out, r])} from a peft/diffusers state dict (an optional `transformer.`
-    prefix is dropped)."""
+    """{module: (lora_A [r, in], lora_B [out, r])} from a peft/diffusers state dict (an optional `transformer.` or
+    `unet.` prefix is dropped)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_([AB])\.weight", key)
+        m = re.fullmatch(r"(?:transformer\.|unet\.)?(.+)\.lora_([AB])\.weight", key)
         if not m:
             raise LoraFormatError(f"unexpected key '{key}' in a LoRA state dict (expected <module>.lora_A/B.weight)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = value
@@ -173,24 +203,25 @@ def fold_scaling(sd: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[
     Exact for power-of-two scales (the usual alpha = r or 4r); otherwise one fp32 rounding per element."""
     out = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_B\.weight", key)
+        m = re.fullmatch(r"(?:transformer\.|unet\.)?(.+)\.lora_B\.weight", key)
         scale = scales.get(m.group(1), 1.0) if m else 1.0
         out[key] = value * scale if scale != 1.0 else value
     return out
 
 
-def to_kohya(family: str, sd: dict[str, torch.Tensor], out_features: dict[str, int] | None = None
-             ) -> dict[str, torch.Tensor]:
+def to_kohya(family: str, sd: dict[str, torch.Tensor], out_features: dict[str, int] | None = None,
+             layers_per_block: int | None = None) -> dict[str, torch.Tensor]:
     """The ComfyUI/kohya state dict of a LoRA at scale 1 (see `fold_scaling`), as fp32.
 
     out_features: output width of each diffusers Linear; needed only for members of a fused module that have no
-    LoRA of their own (e.g. Flux's proj_mlp inside single-block linear1 when only to_q/to_k/to_v are trained)."""
+    LoRA of their own (e.g. Flux's proj_mlp inside single-block linear1 when only to_q/to_k/to_v are trained).
+    layers_per_block: the UNet config's (sdxl only)."""
     import torch
 
     pairs = lora_pairs(sd)
     groups: dict[str, tuple[str, ...]] = {}
     for module in pairs:
-        target, members = kohya_target(family, module)
+        target, members = kohya_target(family, module, layers_per_block)
         groups[target] = members
     out = {}
     for target, members in sorted(groups.items()):
@@ -221,9 +252,9 @@ def to_kohya(family: str, sd: dict[str, torch.Tensor], out_features: dict[str, i
 
 
 def save_kohya(family: str, sd: dict[str, torch.Tensor], path: str,
-               out_features: dict[str, int] | None = None) -> None:
+               out_features: dict[str, int] | None = None, layers_per_block: int | None = None) -> None:
     """Write `to_kohya(...)` to `path` (safetensors)."""
     from safetensors.torch import save_file
 
-    save_file(to_kohya(family, sd, out_features), path,
+    save_file(to_kohya(family, sd, out_features, layers_per_block), path,
               metadata={"format": "pt", "fewstep_layout": "kohya", "fewstep_model_family": family})
