@@ -10,6 +10,7 @@ training image (the demo's "three") or ten (one per class), at the demo's learni
 FLUX one (5e-4). Every row is sampled from `--noises` start-noise draws (1,000 samples each); FD mean +- std.
 
     python bench/quality/glance_few_steps.py [--out output/glance_few_steps] [--nfe 4 5 6]
+    ... --smoke   # one pair (one image, LR 5e-4) at the demo's smoke sizes: proves the script runs, no claims
 
 Writes `<out>/glance_few_steps.md` and `.json`.
 """
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher", default=os.path.join(REPO, "data", "digits-teacher"))
     ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--noises", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="one pair at the demo's smoke sizes (for tests; no claims)")
     args = ap.parse_args(argv)
     demo = _demo()
+    S = demo.SMOKE if args.smoke else demo.DEMO
+    pairs = [("one", 5e-4)] if args.smoke else [(i, lr) for i in ("one", "ten") for lr in (5e-5, 5e-4)]
     import digits
     import recipes
     import samplers
@@ -49,10 +53,10 @@ def main(argv=None) -> int:
     demo.quiet()
     t0 = time.time()
     out = os.path.abspath(args.out)
-    train, score = draw_scorer(demo, args.teacher, out, args.noises)
+    train, score = draw_scorer(demo, args.teacher, out, args.noises, S)
     ten = [int(np.flatnonzero(train.labels == k)[0]) for k in range(10)]
     digits.write_dataset(train, os.path.join(out, "data", "ten"), os.path.join(out, "data", "ten.json"), ten)
-    n = demo.DEMO["samples"]
+    n = S["samples"]
 
     results = []
     for nfe in args.nfe:
@@ -61,35 +65,35 @@ def main(argv=None) -> int:
         results.append({"row": "teacher, plain schedule", "nfe": nfe,
                         **score(lambda cond, k, z: samplers.euler(args.teacher, cond, z, grid))})
         print(f"[{time.time() - t0:5.0f} s] teacher @ {nfe}: FD {results[-1]['fd_mean']:.2f}", flush=True)
-        for images in ("one", "ten"):
-            for lr in (5e-5, 5e-4):
-                name = f"glance-{nfe}-{images}-lr{lr:g}"
-                cfg = recipes.glance_config(os.path.join(out, name), args.teacher,
-                                            os.path.join(out, "data", f"{images}.json"), os.path.join(out, "cache"),
-                                            **{**demo.DEMO["glance"], "learning_rate": lr})
-                cfg.update(glance_slow_timesteps=slow, glance_fast_timesteps=fast)
-                path = os.path.join(out, f"{name}.config.json")
-                with open(path, "w") as fh:
-                    json.dump(cfg, fh, indent=1)
-                if not recipes.finished(cfg["output_dir"]):
-                    proc = subprocess.run([sys.executable, os.path.join(REPO, "launcher", "train.py"), "--config",
-                                           path], cwd=REPO, capture_output=True, text=True)
-                    if proc.returncode:
-                        raise SystemExit(f"{name} failed: {proc.stderr[-2000:]}")
-                g = cfg["output_dir"]
-                label = (f"Glance {len(slow)} Slow + {len(fast)} Fast, {images} "
-                         f"image{'s' if images == 'ten' else ''}, LR {lr:g}")
-                results.append({"row": label, "nfe": nfe, **score(lambda cond, k, z: samplers.glance(
-                    args.teacher, os.path.join(g, "glance-slow"), os.path.join(g, "glance-fast"), cond, z))})
-                print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {results[-1]['fd_mean']:.2f}", flush=True)
-    lines = [f"{n} samples per draw, {args.noises} start-noise draws (FD mean +- std); Slow + Fast lists = the "
+        for images, lr in pairs:
+            name = f"glance-{nfe}-{images}-lr{lr:g}"
+            cfg = recipes.glance_config(os.path.join(out, name), args.teacher,
+                                        os.path.join(out, "data", f"{images}.json"), os.path.join(out, "cache"),
+                                        **{**S["glance"], "learning_rate": lr})
+            cfg.update(glance_slow_timesteps=slow, glance_fast_timesteps=fast)
+            path = os.path.join(out, f"{name}.config.json")
+            with open(path, "w") as fh:
+                json.dump(cfg, fh, indent=1)
+            if not recipes.finished(cfg["output_dir"]):
+                proc = subprocess.run([sys.executable, os.path.join(REPO, "launcher", "train.py"), "--config",
+                                       path], cwd=REPO, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"{name} failed: {proc.stderr[-2000:]}")
+            g = cfg["output_dir"]
+            label = (f"Glance {len(slow)} Slow + {len(fast)} Fast, {images} "
+                     f"image{'s' if images == 'ten' else ''}, LR {lr:g}")
+            results.append({"row": label, "nfe": nfe, **score(lambda cond, k, z: samplers.glance(
+                args.teacher, os.path.join(g, "glance-slow"), os.path.join(g, "glance-fast"), cond, z))})
+            print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {results[-1]['fd_mean']:.2f}", flush=True)
+    lines = ["SMOKE RUN (a few samples and steps): no quality claims.", ""] if args.smoke else []
+    lines += [f"{n} samples per draw, {args.noises} start-noise draws (FD mean +- std); Slow + Fast lists = the "
              "teacher's plain N-step grid split in two.", "", "| row | NFE | FD | accuracy |", "|---|---:|---:|---:|"]
     lines += [f"| {r['row']} | {r['nfe']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} | {100 * r['accuracy']:.1f}% |"
               for r in results]
     with open(os.path.join(out, "glance_few_steps.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "glance_few_steps.json"), "w") as fh:
-        json.dump({"samples": n, "noises": args.noises, "rows": results}, fh, indent=1)
+        json.dump({"samples": n, "noises": args.noises, "smoke": args.smoke, "rows": results}, fh, indent=1)
     print("\n".join(lines))
     return 0
 

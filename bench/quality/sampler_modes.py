@@ -8,6 +8,7 @@ digits with the demo's classifier: FD mean and spread over the draws, accuracy.
 
     python bench/quality/sampler_modes.py --run output/demo/twinflow --full     # the demo's TwinFlow (full FT)
     python bench/quality/sampler_modes.py --run DIR                               # a TwinFlow LoRA export
+    ... --smoke   # the demo's smoke sizes (20 samples, a 1-epoch classifier): proves the script runs, no claims
 
 Writes `<out>/sampler_modes.md` and `.json` (default out: the run folder).
 """
@@ -42,18 +43,20 @@ def rows(nfes):
     return out
 
 
-def draw_scorer(demo, teacher: str, data_dir: str, draws: int):
-    """The demo's scoring over `draws` start-noise draws (1,000 samples each, the demo's prompts and classifier).
+def draw_scorer(demo, teacher: str, data_dir: str, draws: int, S: dict | None = None):
+    """The demo's scoring over `draws` start-noise draws (S = the demo's sizes, default `demo.DEMO`: 1,000 samples
+    each, the demo's prompts and classifier).
 
     Returns (the training split, score): `score(fn)` calls `fn(cond, k, noise)` -> pixels for draw k and gives the FD
     of each draw, their mean and std, and the mean class accuracy."""
     import features
 
-    train, held = demo.write_data(demo.DEMO, data_dir)
-    net = features.train_classifier(train.images, train.labels, epochs=demo.DEMO["classifier_epochs"], seed=0)
+    S = S or demo.DEMO
+    train, held = demo.write_data(S, data_dir)
+    net = features.train_classifier(train.images, train.labels, epochs=S["classifier_epochs"], seed=0)
     ref_feats, _ = features.features_and_predictions(net, held.images)
     ref = {"feats": ref_feats, "labels": held.labels, "stats": features.gaussian_stats(ref_feats)}
-    n = demo.DEMO["samples"]
+    n = S["samples"]
     cond, labels = demo.prompt_batch(teacher, n)
     noises = [torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1 + k)) for k in range(draws)]
 
@@ -77,16 +80,18 @@ def main(argv=None) -> int:
     ap.add_argument("--noises", type=int, default=3)
     ap.add_argument("--no-many-step", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the demo's smoke sizes (for tests; no quality claims)")
     args = ap.parse_args(argv)
     demo = _demo()
+    S = demo.SMOKE if args.smoke else demo.DEMO
     import samplers
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     demo.quiet()
     t0 = time.time()
     out = args.out or args.run
-    _, score = draw_scorer(demo, args.teacher, os.path.join(out, "sampler_modes_data"), args.noises)
-    n = demo.DEMO["samples"]
+    _, score = draw_scorer(demo, args.teacher, os.path.join(out, "sampler_modes_data"), args.noises, S)
+    n = S["samples"]
     todo = [r for r in rows(args.nfe) if not (args.no_many_step and r[1] == 30)]
     results = []
     for label, nfe, sampler in todo:
@@ -95,7 +100,8 @@ def main(argv=None) -> int:
         results.append({"mode": label, "nfe": nfe, "sampler": {k: list(v) if isinstance(v, tuple) else v
                                                                  for k, v in sampler.items()}, **r})
         print(f"[{time.time() - t0:5.0f} s] {label} @ {nfe}: FD {r['fd_mean']:.2f} +- {r['fd_std']:.2f}", flush=True)
-    lines = [f"Run: `{args.run}` ({'full fine-tune' if args.full else 'LoRA'}); {n} samples per draw, "
+    lines = ["SMOKE RUN (a few samples, a 1-epoch classifier): no quality claims.", ""] if args.smoke else []
+    lines += [f"Run: `{args.run}` ({'full fine-tune' if args.full else 'LoRA'}); {n} samples per draw, "
              f"{args.noises} start-noise draws; FD mean +- std over the draws.", "",
              "| sampler | NFE | FD | accuracy |", "|---|---:|---:|---:|"]
     lines += [f"| {r['mode']} | {r['nfe']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} | {100 * r['accuracy']:.1f}% |"
@@ -103,8 +109,8 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "sampler_modes.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "sampler_modes.json"), "w") as fh:
-        json.dump({"run": args.run, "full": args.full, "noises": args.noises, "samples": n, "rows": results}, fh,
-                  indent=1)
+        json.dump({"run": args.run, "full": args.full, "noises": args.noises, "samples": n, "smoke": args.smoke,
+                   "rows": results}, fh, indent=1)
     print("\n".join(lines))
     return 0
 

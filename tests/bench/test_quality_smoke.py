@@ -187,6 +187,36 @@ def test_smoke_metrics_are_finite_and_reported(smoke):
         assert method in text
 
 
+def test_sampler_modes_and_glance_few_steps_smoke(smoke, tmp_path):
+    """bench/quality/sampler_modes.py and glance_few_steps.py --smoke, on the smoke run's teacher and TwinFlow full
+    fine-tune: every sampler row at 1 and 2 NFE plus the many-step preset, and one Glance pair at 4 NFE trained through
+    launcher/train.py on the teacher's plain 4-step grid split 2 + 2; every metric finite."""
+    teacher = os.path.join(smoke, "teacher_pipeline")
+    modes = tmp_path / "modes"
+    run([PY, os.path.join("bench", "quality", "sampler_modes.py"), "--smoke", "--run",
+         os.path.join(smoke, "twinflow_full"), "--full", "--teacher", teacher, "--nfe", "1", "2", "--noises", "1",
+         "--out", str(modes)], timeout=300)
+    report = json.load(open(modes / "sampler_modes.json"))
+    got = {(r["mode"].split(",")[0], r["sampler"].get("stochastic_ratio"), r["nfe"]) for r in report["rows"]}
+    expected = {("few", 1.0, 1), ("mul", 1.0, 1)} | {(tt, st, 2) for tt in ("few", "any", "mul") for st in (1.0, 0.0)}
+    assert got == expected | {("many-step preset: any", 0.0, 30)}
+    assert all(math.isfinite(r["fd_mean"]) and 0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
+    assert report["smoke"] and "SMOKE RUN" in (modes / "sampler_modes.md").read_text()
+
+    few = tmp_path / "few"
+    run([PY, os.path.join("bench", "quality", "glance_few_steps.py"), "--smoke", "--teacher", teacher, "--nfe", "4",
+         "--noises", "1", "--out", str(few)], timeout=300)
+    report = json.load(open(few / "glance_few_steps.json"))
+    assert [(r["row"].split(",")[0], r["nfe"]) for r in report["rows"]] == [
+        ("teacher", 4), ("Glance 2 Slow + 2 Fast", 4)]
+    assert all(math.isfinite(r["fd_mean"]) for r in report["rows"])
+    cfg = json.load(open(few / "glance-4-one-lr0.0005.config.json"))
+    assert cfg["glance_slow_timesteps"] == pytest.approx([1.0, 0.75])
+    assert cfg["glance_fast_timesteps"] == pytest.approx([0.5, 0.25])
+    for phase in ("glance-slow", "glance-fast"):
+        assert (few / "glance-4-one-lr0.0005" / phase / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_diff2flow_smoke_runs_end_to_end_with_finite_metrics(tmp_path):
     """bench/quality/diff2flow.py --smoke: SDXL-layout epsilon and v teachers (DDPM loop), TwinFlow diff2flow students
     through launcher/train.py, every row sampled through a stock StableDiffusionXLPipeline; results stay in --out."""
