@@ -209,7 +209,10 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from fewstep.engine.host_memory import DEFAULT_THRESHOLD, fix_mmap_threshold
     from fewstep.errors import UserError
+
+    fix_mmap_threshold(DEFAULT_THRESHOLD)  # as the trainer: offloaded weights moving to and fro are freed on the host
 
     try:
         record = sample(args)

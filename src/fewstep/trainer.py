@@ -21,7 +21,7 @@ from fewstep.config import Config, ConfigError
 from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset
 from fewstep.ema import EMA
-from fewstep.engine import distributed, nonfinite
+from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.engine.loading import load_transformer
@@ -39,7 +39,9 @@ from fewstep.steps import Phase, build_phases, make_step, reset_trainable, valid
 
 def train(cfg: Config) -> dict:
     preemption.install()
+    allocator = host_memory.fix_mmap_threshold(cfg.malloc_mmap_threshold)  # before anything large is allocated
     info = setup_distributed(cfg.distributed_timeout_seconds)
+    log_main(info.is_main, f"host memory: {allocator}")
     run_dir.resolve_paths(cfg, info)
     with run_dir.locked(cfg.output_dir, info):
         return _train(cfg, info)
