@@ -171,7 +171,10 @@ def main(argv):
     peaks = measure(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "launcher/train.py",
                      "--config", cfg_path], env, os.path.join(work, "train.log"))
     wall = time.time() - t0
+    with open(os.path.join(work, "train.log")) as fh:  # the allocator setting the trainer reported (host_memory)
+        allocator = next((ln.split("host memory: ", 1)[1].strip() for ln in fh if "fewstep: host memory: " in ln), None)
     result = {"case": args.case, "blocks": args.blocks, "heads": args.heads, "steps": args.steps, "wall_s": wall,
+              "allocator": allocator,
               "peaks_gib": {k: [v / GiB for v in vals] for k, vals in peaks.items()}, "config": common,
               "date": time.strftime("%Y-%m-%d"), "command": "python bench/memory.py " + " ".join(argv)}
     result["planner_gib"] = planner_figures(result)

@@ -22,3 +22,4 @@ def test_stage_peaks_within_the_planner(tmp_path):
     for stage, predicted in planner.items():
         assert max(peaks[stage]) <= 1.15 * predicted, (stage, peaks[stage], predicted)
     assert max(peaks["load"]) < max(peaks["train"])  # the measurement sees the stages apart
+    assert result["allocator"] == "glibc mmap threshold fixed at 1 MiB"  # what the planner's figures assume
