@@ -100,10 +100,16 @@ def test_tensorboard_scalars_read_back(data):
     acc = EventAccumulator(os.path.join(out, "logs"))
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/peak_mem_gb"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/peak_mem_gb",
+                "train/host_rss_gb"):
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], tag
+    metrics = read_metrics(out)
     losses = [e.value for e in acc.Scalars("train/loss")]
-    assert losses == pytest.approx([m["loss"] for m in read_metrics(out)], rel=1e-6)
+    assert losses == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    # host memory now, in GiB: a real process's size, at most its peak (on CPU peak_mem_gb is the peak RSS)
+    assert all(0.1 < m["host_rss_gb"] < 64 for m in metrics)
+    if not torch.cuda.is_available():
+        assert all(m["host_rss_gb"] <= 1.01 * m["peak_mem_gb"] for m in metrics)  # (sampled at different times)
     assert "validation/flow" in tags["images"]
 
 

@@ -52,6 +52,15 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
 
 
+def host_rss_gb() -> float | None:
+    """This process's resident set size now (host memory), in GiB; None where /proc is not available."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class MetricsLogger:
     """Rank 0's logger (`enabled` False elsewhere: every method is then a no-op apart from the timing).
 
@@ -106,6 +115,9 @@ class MetricsLogger:
         self._t = now
         if not self.enabled:
             return
+        rss = host_rss_gb()  # rank 0's host memory (the rank that also decodes, exports and writes checkpoints)
+        if rss is not None:
+            scalars["host_rss_gb"] = rss
         with open(self.jsonl, "a") as fh:
             fh.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
         if self.writer is not None:
