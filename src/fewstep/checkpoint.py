@@ -40,6 +40,7 @@ from fewstep import faults, reshard
 from fewstep.checkpoint_layout import TRAINABLE_FILE, Resume, ResumeMismatch, plan, run_layout  # noqa: F401
 from fewstep.checkpoint_space import CheckpointWriteError  # noqa: F401
 from fewstep.engine import distributed
+from fewstep.engine.deepspeed_engine import replay_adam_bias_correction
 from fewstep.errors import UserError
 
 ENGINE_TAG = "state"
@@ -389,4 +390,5 @@ def restore(resume: Resume, engine, rank: int, ema=None, seed: int = 0) -> tuple
             ema.load_state_dict(saved_ema)
         else:
             reshard.reshard_ema(ema, engine, path, resume.saved_world)
+    replay_adam_bias_correction(engine)
     return rank_state, trainer_state

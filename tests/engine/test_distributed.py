@@ -77,24 +77,18 @@ def test_zero2_zero3_lora_and_full_on_two_ranks(tmp_path):
     assert len(sig) == 4 and max(abs(a - b) for a, b in zip(sig, [0.85, 0.8, 0.4, 0.3])) < 1e-6
 
     # FusedAdam (ZeRO-2) and DeepSpeedCPUAdam (ZeRO-3 offload, with the EMA): 2 steps + resume = 4 steps, the same
-    # losses bit for bit. The weights too for FusedAdam; DeepSpeedCPUAdam's C++ op takes beta2**3 from std::pow at
-    # the first step after a resume but as beta2*beta2*beta2 in a straight run (1 fp32 ulp apart for 0.999): the fp32
-    # masters differ at rounding level, and a rare bf16 weight lands one ulp away.
-    for name, weights, ulps in (("z2-fusedadam", ["pytorch_lora_weights.safetensors"], 0),
-                                ("z3-cpuadam-ema", ["transformer/diffusion_pytorch_model.safetensors",
-                                                    "ema/transformer/diffusion_pytorch_model.safetensors"], 1)):
+    # losses and weights bit for bit. (DeepSpeedCPUAdam's C++ op would take beta**3 from std::pow at the first step
+    # after a resume, not the straight run's running product: `replay_adam_bias_correction` gives it the product.)
+    for name, weights in (("z2-fusedadam", ["pytorch_lora_weights.safetensors"]),
+                          ("z3-cpuadam-ema", ["transformer/diffusion_pytorch_model.safetensors",
+                                              "ema/transformer/diffusion_pytorch_model.safetensors"])):
         a, b = read_metrics(out / name), read_metrics(out / f"{name}-resumed")
         assert [m["step"] for m in b] == [1, 2, 3, 4]
         assert [m["loss"] for m in a] == [m["loss"] for m in b] and a[0]["loss"] != a[-1]["loss"]
         for f in weights:
             wa, wb = load_file(out / name / f), load_file(out / f"{name}-resumed" / f)
             assert wa.keys() == wb.keys(), (name, f)
-            differ = 0
-            for k in wa:
-                diff = (wa[k].float() - wb[k].float()).abs()
-                assert (diff <= wa[k].float().abs() * ulps * 2.0 ** -7).all(), (name, f, k, diff.max())
-                differ += int((diff > 0).sum())
-            assert differ <= 1e-3 * sum(w.numel() for w in wa.values()), (name, f, differ)
+            assert all(torch.equal(wa[k], wb[k]) for k in wa), (name, f)
     ema, live = (load_file(out / "z3-cpuadam-ema" / f"{d}transformer/diffusion_pytorch_model.safetensors")
                  for d in ("ema/", ""))
     assert any(not torch.equal(ema[k], live[k]) for k in live)  # the EMA export is the EMA, not the live weights

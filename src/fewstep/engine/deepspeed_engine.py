@@ -311,6 +311,30 @@ def _inner_optimizers(engine) -> list:
     return [o for o in (getattr(opt, "optimizer", opt), getattr(opt, "backup_optimizer", None)) if o is not None]
 
 
+def replay_adam_bias_correction(engine) -> None:
+    """After a resume, give DeepSpeedCPUAdam's C++ op the beta**step a straight run has, so the next step is bit-exact.
+
+    The op caches beta1**step and beta2**step in fp32 and multiplies them by beta at each consecutive step; given any
+    other step (the first one after a resume, in a fresh process) it recomputes them with std::pow, which differs from
+    the running product in the last bits (and more after many steps). Calling the op for steps 1..k on a one-element
+    dummy, group by group as `step()` does, leaves exactly the running product; the dummy's update is discarded.
+    torch AdamW and FusedAdam compute the correction from the step count alone: nothing to do.
+    """
+    for opt in _inner_optimizers(engine):
+        op = getattr(opt, "ds_opt_adam", None)
+        if op is None or not hasattr(op, "adam_update") or not hasattr(opt, "opt_id"):
+            continue
+        steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
+        if not steps:
+            continue
+        p, g, m, v = (torch.zeros(1) for _ in range(4))
+        for step in range(1, max(steps) + 1):
+            for group in opt.param_groups:
+                beta1, beta2 = group["betas"]
+                op.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                               group["bias_correction"], p, g, m, v)
+
+
 def reset_optimizer_state(engine) -> None:
     """Restart Adam: moments and step counts are re-created lazily at the next step, as after `initialize`.
 
