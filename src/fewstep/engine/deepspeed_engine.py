@@ -317,7 +317,8 @@ def replay_adam_bias_correction(engine) -> None:
     The op caches beta1**step and beta2**step in fp32 and multiplies them by beta at each consecutive step; given any
     other step (the first one after a resume, in a fresh process) it recomputes them with std::pow, which differs from
     the running product in the last bits (and more after many steps). Calling the op for steps 1..k on a one-element
-    dummy, group by group as `step()` does, leaves exactly the running product; the dummy's update is discarded.
+    dummy, group by group as `step()` does, leaves exactly the running product; the dummy's update is discarded
+    (about 2 us per step on CPU: 2 s after a million steps).
     torch AdamW and FusedAdam compute the correction from the step count alone: nothing to do.
     """
     for opt in _inner_optimizers(engine):
