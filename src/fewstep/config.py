@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
+from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
 from fewstep.errors import UserError
 from fewstep.jsonfile import load_json
 
@@ -152,10 +153,11 @@ class Config:
         "fill, rank-0 exports and validation decoding, checkpoint writes) waits without it.", lo=1.0)
     fused_kernels: str = opt("auto", "Triton kernels: auto (on CUDA), on, off.", choices=("auto", "on", "off"))
     malloc_mmap_threshold: int = opt(
-        DEFAULT_MMAP_THRESHOLD, "Host memory: glibc's mmap threshold in bytes, fixed on every rank at start so that freed tensors at "
-        "or above it return to the OS (glibc's own threshold moves up to 32 MiB and then keeps freed weights' memory: "
-        "5.8 instead of 4.2 GiB per rank measured; 1 MiB keeps small tensors on the fast heap: bench/RESULTS.md). "
-        "0 keeps glibc's moving threshold; MALLOC_MMAP_THRESHOLD_ in the environment wins.", lo=0, hi=32 * 2 ** 20)
+        DEFAULT_MMAP_THRESHOLD, "Host memory: glibc's mmap threshold in bytes, fixed on every rank at start so that "
+        "freed tensors at or above it return to the OS (glibc's own threshold moves up to 32 MiB and then keeps freed "
+        "weights' memory: 5.8 instead of 4.2 GiB per rank measured; 1 MiB keeps small tensors on the fast heap: "
+        "bench/RESULTS.md). 0 keeps glibc's moving threshold; MALLOC_MMAP_THRESHOLD_ in the environment wins.",
+        lo=0, hi=MAX_MMAP_THRESHOLD)
 
     # ---- checkpoints ----
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
