@@ -157,10 +157,20 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
 
 def teardown() -> None:
     """Destroy the process group before the interpreter exits (gloo can otherwise abort a rank at exit with
-    "terminate called without an active exception" after everything has finished)."""
+    "terminate called without an active exception" after everything has finished).
+
+    Called when this rank has finished well. Under gloo the ranks first meet in a bounded barrier, so that no rank
+    closes its connections while another still finishes its last collective (seen once as a rank aborting at exit
+    even so); a rank that does not arrive within a minute is not waited for. NCCL needs no such meeting."""
     liveness.stop()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError:  # a rank that failed or left: tear down without it
+            pass
+    dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------
