@@ -49,6 +49,7 @@ COMFYUI_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # must not en
 FORMATS = ("diffusers", "comfyui")
 FAMILIES = ("flux", "qwenimage", "sdxl")
 PREFIX = "lora_unet_"
+_PIPELINE_PREFIX = r"(?:transformer\.|unet\.)?"  # the denoiser's prefix in a diffusers pipeline's LoRA file
 
 # FLUX.1: diffusers module suffix -> BFL module suffix, per block kind; fused BFL modules list their members in
 # row order. Sources: diffusers' `_convert_kohya_flux_lora_to_diffusers` (the inverse of this) and ComfyUI's
@@ -187,7 +188,7 @@ def lora_pairs(sd: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, tor
     `unet.` prefix is dropped)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(?:transformer\.|unet\.)?(.+)\.lora_([AB])\.weight", key)
+        m = re.fullmatch(_PIPELINE_PREFIX + r"(.+)\.lora_([AB])\.weight", key)
         if not m:
             raise LoraFormatError(f"unexpected key '{key}' in a LoRA state dict (expected <module>.lora_A/B.weight)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = value
@@ -203,7 +204,7 @@ def fold_scaling(sd: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[
     Exact for power-of-two scales (the usual alpha = r or 4r); otherwise one fp32 rounding per element."""
     out = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(?:transformer\.|unet\.)?(.+)\.lora_B\.weight", key)
+        m = re.fullmatch(_PIPELINE_PREFIX + r"(.+)\.lora_B\.weight", key)
         scale = scales.get(m.group(1), 1.0) if m else 1.0
         out[key] = value * scale if scale != 1.0 else value
     return out
