@@ -13,8 +13,10 @@ cuda fp32, a precision one only in bf16, an any-step/scheduler one only in the T
 
 Part B (training): 3 steps of the GPU check's training config, then one variant per suspect (fused kernels off,
 overlap_comm off, fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0). Each row: exit status, the
-steps that were applied, and the trainer's own line naming what was non-finite (loss, gradients, and this rank's
-non-finite terms). The first variant that trains names the culprit.
+steps that were applied, and the trainer's own line naming what was non-finite (loss, gradients, this rank's
+non-finite terms and, with `nan_trace`, the first module whose output or output gradient went non-finite, e.g.
+`forward: single_transformer_blocks.0.attn (Attention) output in forward pass 2, inputs finite`). The first variant
+that trains names the culprit.
 
     python bench/cuda_diagnose.py [--out DIR] [--parts a,b]     # about 2 minutes on one GPU
 """
@@ -34,7 +36,7 @@ BASE_CONFIG = {"model_family": "flux", "model_type": "lora", "pretrained_model_n
                "twinflow_enabled": True, "twinflow_target_step_count": 2, "twinflow_adversarial_enabled": True,
                "learning_rate": 1e-3, "lora_rank": 8, "train_batch_size": 4, "max_train_steps": 3,
                "mixed_precision": "bf16", "checkpointing_steps": 0, "validation_steps": 0,
-               "validation_guidance": 0.0, "report_to": "none"}
+               "validation_guidance": 0.0, "report_to": "none", "nan_trace": True}
 VARIANTS = [("as the GPU check", {}), ("fused_kernels off", {"fused_kernels": "off"}),
             ("overlap_comm off", {"deepspeed_config": {"zero_optimization": {"overlap_comm": False}}}),
             ("fp32", {"mixed_precision": "no"}), ("no adversarial branch", {"twinflow_adversarial_enabled": False}),

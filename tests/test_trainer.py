@@ -15,13 +15,16 @@ def data(tmp_path_factory):
     return root, write_dataset(str(root), n=3)
 
 
-def train(root, backend, name, env=None, expect_rc=0, **overrides):
+def train(root, backend, name, env=None, expect_rc=0, output=None, **overrides):
+    """Train into <root>/<name>; returns that folder. `output`: a list that gets the run's stdout + stderr."""
     out = os.path.join(str(root), name)
     overrides.setdefault("cache_dir", os.path.join(str(root), "cache"))
     cfg = write_config(os.path.join(str(root)), backend, output_dir=out, **overrides)
     proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
                           env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect_rc, proc.stderr[-5000:]
+    if output is not None:
+        output.append(proc.stdout + proc.stderr)
     return out
 
 
@@ -163,3 +166,33 @@ def test_gradient_checkpointing_gives_the_same_losses(data):
     b = train(root, backend, "gc-on", max_train_steps=2, gradient_checkpointing=True)
     la, lb = [m["loss"] for m in read_metrics(a)], [m["loss"] for m in read_metrics(b)]
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+
+
+def test_training_randomness_is_independent_of_non_training_work(data):
+    """A rank's noise, timesteps, caption dropout and LoRA init come from one stream seeded from (seed, rank): random
+    numbers drawn while scanning, caching, loading, validating, exporting (between Glance's phases too) or
+    checkpointing (library initialisers, a cache fill only some runs do) leave the run bit-identical; so do
+    nan_trace's hooks."""
+    root, backend = data
+    common = dict(method="glance", glance_slow_timesteps=[1000, 980], glance_fast_timesteps=[900, 500],
+                  max_train_steps=2, caption_dropout_probability=0.3, checkpointing_steps=1, validation_steps=1)
+    plain = train(root, backend, "rng-plain", **common)
+    drawn = train(root, backend, "rng-drawn", env={
+        "FEWSTEP_TEST_RNG_DRAW": "scan,cache,load,validation,export,checkpoint"}, nan_trace=True, **common)
+    assert [m["loss"] for m in read_metrics(drawn)] == [m["loss"] for m in read_metrics(plain)]
+    assert len(read_metrics(plain)) == 4  # both phases trained
+    for phase in ("glance-slow", "glance-fast"):
+        a, b = lora(os.path.join(plain, phase)), lora(os.path.join(drawn, phase))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_trace_names_where_the_first_non_finite_value_appeared(data):
+    """nan_trace: a skipped step's message says where it went non-finite (here the loss: every module output finite,
+    the first non-finite gradient at the transformer's own output)."""
+    root, backend = data
+    text = []
+    train(root, backend, "nan-trace", env={"FEWSTEP_FAULT_NAN_LOSS": "2:0"}, output=text, nan_trace=True,
+          max_train_steps=3)
+    assert ("step 2: non-finite loss and gradients (on some rank; here: loss); first non-finite here: forward: every "
+            "module output finite; backward: first non-finite gradient at the output of (model) "
+            "(FluxTransformer2DModel): update skipped") in text[0]

@@ -28,15 +28,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 
-import numpy as np
 import torch
 
 from fewstep import checkpoint_space as space
-from fewstep import faults, reshard
+from fewstep import faults, reshard, rng_streams
 from fewstep.checkpoint_layout import TRAINABLE_FILE, Resume, ResumeMismatch, plan, run_layout  # noqa: F401
 from fewstep.checkpoint_space import CheckpointWriteError  # noqa: F401
 from fewstep.engine import distributed
@@ -44,21 +42,6 @@ from fewstep.engine.deepspeed_engine import replay_adam_bias_correction
 from fewstep.errors import UserError
 
 ENGINE_TAG = "state"
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _barrier():
@@ -161,7 +144,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
         try:
             extra = {"ema_map": ema_map} if ema_map is not None else {}
             writing = os.path.join(tmp, f"rank{rank}.pt")
-            space.save_torch({**rank_state, **extra, "rng": rng_state()}, writing)
+            space.save_torch({**rank_state, **extra, "rng": rng_streams.state()}, writing)
             if rank == 0:
                 if trainable is not None:
                     writing = os.path.join(tmp, TRAINABLE_FILE)
@@ -176,7 +159,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
             _fsync_own_files(tmp, rank)
         except Exception as e:  # noqa: BLE001 - reported below on every rank; the others must not hang
             errors.append((getattr(e, "filename", None) or writing, e))
-    faults.delay("checkpoint")
+    faults.work_at("checkpoint")
     _barrier()
     failures = [f for f in distributed.all_gather_object(space.describe(errors, rank, tmp) if errors else None) if f]
     if failures:

@@ -99,6 +99,10 @@ class Config:
                                             "nan_max_bad_steps such steps in a row; stop: stop at the first; skip: "
                                             "skip them all.", choices=("skip-then-stop", "stop", "skip"))
     nan_max_bad_steps: int = opt(5, "skip-then-stop: how many non-finite steps in a row end the run.", lo=1)
+    nan_trace: bool = opt(False, "Diagnosis: hooks on every denoiser module find where a non-finite value first "
+                                 "appears (the first module output in forward order, the first output gradient in "
+                                 "backward order); a skipped step's message names them. Slows every step (a device "
+                                 "sync per module).")
 
     # ---- flow-matching sigma sampling ----
     flow_use_uniform_schedule: bool = opt(False, "Sample sigma uniformly instead of logit-normal.")

@@ -6,6 +6,8 @@
 - FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
 - FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, cache, load, validation,
   export, checkpoint): slow work on one rank, as a large cache fill or export is on real hardware
+- FEWSTEP_TEST_RNG_DRAW=where[,where...]   every rank draws from the global generators (torch, random, NumPy) at
+  `where`, as library code run there may (initialisers while loading, a sampler in a validation)
 """
 from __future__ import annotations
 
@@ -39,7 +41,16 @@ def nan_loss_if(loss, step: int, rank: int):
     return loss * float("nan")
 
 
-def delay(where: str) -> None:
+def work_at(where: str) -> None:
+    """A stand-in for the non-training work done at `where` (FEWSTEP_TEST_DELAY, FEWSTEP_TEST_RNG_DRAW)."""
+    if where in os.environ.get("FEWSTEP_TEST_RNG_DRAW", "").split(","):
+        import random
+
+        import numpy as np
+        import torch
+        torch.rand(7)
+        random.random()
+        np.random.rand(3)
     spec = os.environ.get("FEWSTEP_TEST_DELAY")
     if not spec or os.environ.get("RANK", "0") != "0":
         return

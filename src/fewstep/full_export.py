@@ -110,7 +110,7 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
                 anystep.save_anystep(transformer, tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
-            faults.delay("export")
+            faults.work_at("export")
 
 
 def _write_index(folder: str, shards: list[tuple[str, list[str], int]]) -> None:

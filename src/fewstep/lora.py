@@ -97,7 +97,7 @@ def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool,
                 os.remove(comfy)
             if hasattr(transformer, "anystep_embed"):
                 anystep.save_anystep(transformer, out_dir)
-            faults.delay("export")
+            faults.work_at("export")
 
 
 RUN_INFO = "fewstep_run.json"

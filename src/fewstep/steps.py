@@ -122,4 +122,4 @@ def _write_validation(ctx: StepContext, phase: Phase, step: int, logger, vae, la
         from fewstep.metrics import trajectory_scatter
         logger.image("twinflow/trajectories (|t| vs tt, red = negative time)",
                      trajectory_scatter(ctx.twinflow_times), step)
-    faults.delay("validation")
+    faults.work_at("validation")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep import checkpoint, faults, preemption, run_dir
+from fewstep import checkpoint, faults, preemption, rng_streams, run_dir
 from fewstep.config import Config, ConfigError
 from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset
@@ -25,6 +25,7 @@ from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.engine.loading import load_transformer
+from fewstep.engine.nonfinite_trace import NonFiniteTrace
 from fewstep.errors import NonFiniteStop
 from fewstep.kernels import resolve_backend
 from fewstep.full_export import export_full
@@ -49,7 +50,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, info: DistInfo) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
-    torch.manual_seed(cfg.seed * 7919 + info.rank)
+    seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
     source = adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
@@ -67,12 +68,14 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (fp32, host)
         vae = adapter.load(source, with_denoiser=False, with_text=False).vae if is_main else None
-        faults.delay("load")
+        faults.work_at("load")
     transformer = load_transformer(adapter, source, dtype, ds_config, info.device)  # training dtype
     if method == "twinflow" and not hasattr(transformer, adapter.anystep_module):
         raise ConfigError(f"TwinFlow needs a denoiser with a `{adapter.anystep_module}` to carry the timestep-sign and "
                          f"target-time inputs; {type(transformer).__name__} ({cfg.model_family}) has none")
+    rng_streams.set_state(seeded)  # loading may have drawn (library initialisers, a cache fill on some ranks only)
     trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
+    stream = rng_streams.state()  # the loop continues from here on a fresh run
     n_trainable = count_params(trainable)
     engine, optimizer, scheduler = build_engine(cfg, transformer, trainable, ds_config)
     backend = resolve_backend(cfg.fused_kernels)
@@ -99,6 +102,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
 
+    @rng_streams.isolated()
     def save(at: int) -> None:
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
@@ -111,13 +115,14 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         preemption.clear()
         return {"step": step, "preempted": True}
     logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
-    if rank_state is not None:  # RNG last, so nothing above consumes from the restored stream
-        checkpoint.set_rng_state(rank_state["rng"])
+    rng_streams.set_state(rank_state["rng"] if rank_state is not None else stream)  # last: nothing above draws on
 
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
                       dtype=dtype, backend=backend, ema=ema)
     guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
+    trace = NonFiniteTrace(transformer) if cfg.nan_trace else None
 
+    @rng_streams.isolated()
     def finish(phase: Phase, at: int) -> None:
         log_main(is_main, f"{phase.name}: validating and exporting")
         validate(ctx, phase, at, logger, vae, is_main)
@@ -142,7 +147,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             ctx.start_micro = step * cfg.gradient_accumulation_steps
             step_fn = make_step(method, phase, ctx)
             while step < phase_end:
-                outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard)
+                outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard,
+                                         trace)
                 due = False
                 if outcome.applied:
                     if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher
@@ -154,7 +160,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                                       "skipped_steps": guard.skipped},
                                cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
                     if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
-                        validate(ctx, phase, step, logger, vae, is_main)
+                        with rng_streams.isolated():
+                            validate(ctx, phase, step, logger, vae, is_main)
                     due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < total
                 if due or outcome.preempt:
                     require_finite_weights(trainable, f"checkpoint step-{step}")
@@ -183,9 +190,12 @@ class StepOutcome:
     preempt: bool   # some rank was signalled
 
 
-def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo, guard: NonFiniteGuard):
+def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo, guard: NonFiniteGuard,
+                   trace: NonFiniteTrace | None = None):
     """One optimizer step on every rank: micro-batches, the step's single reduction (logged means, preemption and
     non-finite flags), then the update, or, if any rank saw a non-finite loss or gradient, no update at all."""
+    if trace is not None:
+        trace.reset()
     logs, loss_finite = run_micro_steps(engine, step_fn, accumulation, step, info.rank)
     grads = nonfinite.local_grad_check(engine)  # at the boundary, before the optimizer step; no collective
     faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
@@ -196,6 +206,8 @@ def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo
         nonfinite.skip_step(engine)
         what = " and ".join(name for name, bad in (("loss", flags["loss"]), ("gradients", flags["grads"])) if bad)
         reason = f"non-finite {what} (on some rank{'; here: ' + ', '.join(bad_terms) if bad_terms else ''})"
+        if trace is not None:
+            reason += f"; {trace.report()}"
     elif not take_optimizer_step(engine):  # DeepSpeed itself found the gradient norm invalid (e.g. overflowing)
         reason = "gradient norm not finite"
     else:

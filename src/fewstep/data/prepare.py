@@ -67,7 +67,7 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list
             memo, listed = ProbeMemo(memo_path), list_images(config)
             probes = [memo.lookup(path) for _, path, _ in listed]  # None: not seen before, or changed
             unseen = [path for (_, path, _), probe in zip(listed, probes) if probe is None]
-            faults.delay("scan")
+            faults.work_at("scan")
     unseen = distributed.broadcast_object(unseen if rank == 0 else None)
     with distributed.uneven_work("data probe"):  # each rank hashes its share of the unseen images
         mine = _probe_share(unseen[rank::world], rank)
@@ -135,7 +135,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
             del comps
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
-        faults.delay("cache")
+        faults.work_at("cache")
     dataset = CachedDataset(caches, data.images, multiple, extra)
     first = data.images[samples[0].entry]
     return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)

@@ -37,11 +37,9 @@ def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, 
     import deepspeed
 
     config = adapter.denoiser_cls.load_config(folder)
-    # from_config runs every parameter's initialiser (then overwritten by the checkpoint): keep the RNG streams as
-    # from_pretrained leaves them, so noise, timesteps and LoRA init are the same at every stage
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # a broadcast per parameter
-            model = adapter.denoiser_cls.from_config(config)
+    # from_config runs every parameter's initialiser (overwritten below; the trainer restores its RNG stream after)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # a broadcast per parameter
+        model = adapter.denoiser_cls.from_config(config)
     with distributed.uneven_work("partitioned load"):
         load_partitioned(model, weight_files(folder))
     return model
