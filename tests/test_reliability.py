@@ -1,5 +1,6 @@
 """Failure modes a user meets: one run per output dir, user mistakes as one clean line, and an interruption at a
 Glance phase boundary that must not lose the Slow LoRA."""
+import concurrent.futures
 import json
 import os
 import signal
@@ -99,13 +100,14 @@ def test_interruption_at_the_glance_phase_boundary_keeps_the_slow_export(tmp_pat
     backend = write_dataset(str(tmp_path), n=2)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = launch(write_config(str(tmp_path / "a"), backend, output_dir=str(tmp_path / "a" / "out"),
-                                   cache_dir=str(tmp_path / "cache"), **GLANCE))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_cfg = write_config(str(tmp_path / "a"), backend, output_dir=str(tmp_path / "a" / "out"),
+                                cache_dir=str(tmp_path / "cache"), **GLANCE)
     cfg = write_config(str(tmp_path / "b"), backend, output_dir=str(tmp_path / "b" / "out"),
                        cache_dir=str(tmp_path / "cache"), **GLANCE)
     fault = {"FEWSTEP_FAULT_AFTER_STEP": "6"} if interruption == "crash" else {"FEWSTEP_FAULT_SIGNAL_AT_STEP": "6"}
-    first = launch(cfg, **fault)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two single-process runs: one core each
+        straight, first = pool.map(lambda args: launch(args[0], **args[1]), [(straight_cfg, {}), (cfg, fault)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert first.returncode == (17 if interruption == "crash" else 0), first.stderr[-3000:]
     b = tmp_path / "b" / "out"
     assert not (b / "glance-slow" / "fewstep_run.json").exists()  # interrupted before the Slow export
