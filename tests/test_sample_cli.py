@@ -7,6 +7,7 @@ real command line. bf16 vs fp32 tolerance: the images (pixels scaled to [-1, 1])
 ||bf16 - fp32|| / ||fp32|| of about 0.022 on these tiny models (measured for all three methods); the tests allow 0.05
 and require a difference (a bf16 run that silently stayed in fp32 would match exactly).
 """
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -43,7 +44,8 @@ def _train(root, **overrides):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Lazily trained outputs by name: flow (a flux LoRA), twinflow (LoRA), twinflow_full, glance (Slow + Fast)."""
+    """Trained outputs by name (all trained at the first request): flow (a flux LoRA), twinflow (LoRA), twinflow_full,
+    glance (Slow + Fast)."""
     recipes = {
         "twinflow": dict(twinflow_enabled=True, use_ema=True, ema_decay=0.99, twinflow_adversarial_enabled=True,
                          train_batch_size=1, max_train_steps=2, learning_rate=5e-3),
@@ -57,8 +59,10 @@ def runs(tmp_path_factory):
     def get(name):
         if name == "flow":
             return os.path.join(get("glance"), "glance-slow")
-        if name not in done:
-            done[name] = _train(tmp_path_factory.mktemp(name), **recipes[name])
+        if not done:  # all three at once, side by side (single-process trainings: one core each)
+            with concurrent.futures.ThreadPoolExecutor(len(recipes)) as pool:
+                jobs = {k: pool.submit(_train, tmp_path_factory.mktemp(k), **r) for k, r in recipes.items()}
+                done.update({k: job.result() for k, job in jobs.items()})
         return done[name]
     return get
 
