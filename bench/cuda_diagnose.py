@@ -64,8 +64,8 @@ def part_a() -> list[str]:
     adapter = get_adapter("flux")
     path = str(ensure_tiny_pipeline("flux"))
     rows = ["| pipeline | device | dtype | image: rel. distance to cpu fp32 | image finite | prompt embeddings: rel. "
-            f"distance to cpu fp32 (finite) | transformer modules against cpu fp32: first over {DIVERGED} · largest · "
-            "the output (rel. distances) |", "|---|---|---|---:|---|---|---|"]
+            f"distance to cpu fp32 (finite) | transformer modules against cpu fp32: first over {DIVERGED} · "
+            "largest · the output (rel. distances) |", "|---|---|---|---:|---|---|---|"]
     gpu = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU (the dry run): cpu bf16 only
     for twin in (False, True):
         ref = emb_ref = None

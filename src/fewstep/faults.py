@@ -6,8 +6,8 @@
 - FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
 - FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, cache, load, validation,
   export, checkpoint): slow work on one rank, as a large cache fill or export is on real hardware
-- FEWSTEP_TEST_RNG_DRAW=where[,where...]   every rank draws from the global generators (torch, random, NumPy) at
-  `where`, as library code run there may (initialisers while loading, a sampler in a validation)
+- FEWSTEP_TEST_RNG_DRAW=where[,where...]   a rank reaching `where` draws from the global generators (torch's CPU and
+  CUDA ones, random, NumPy), as library code run there may (initialisers while loading, a sampler in a validation)
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def work_at(where: str) -> None:
         import numpy as np
         import torch
         torch.rand(7)
+        if torch.cuda.is_available():
+            torch.rand(7, device="cuda")
         random.random()
         np.random.rand(3)
     spec = os.environ.get("FEWSTEP_TEST_DELAY")

@@ -5,8 +5,8 @@ all the step's passes: student, teacher, twin) whose output is non-finite is rec
 already non-finite (finite inputs and a non-finite output name the culprit; non-finite inputs point at whatever ran
 before it outside a module, or at the data). A hook on each output tensor does the same for gradients, in backward
 order: the first module output whose gradient is non-finite (named after the outermost module returning that
-tensor). The culprit is then the backward of what consumed that output: for the model's own output, the loss. Each check
-is a device-wide reduction read back to the host, so this slows every step: a diagnosis switch, off by default.
+tensor). The culprit is then the backward of what consumed that output: for the model's own output, the loss. Each
+check is a device-wide reduction read back to the host, so this slows every step: a diagnosis switch, off by default.
 """
 from __future__ import annotations
 
