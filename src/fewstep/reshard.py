@@ -26,12 +26,12 @@ import argparse
 import contextlib
 import io
 import os
-import random
 import shutil
 
 import numpy as np
 import torch
 
+from fewstep import rng_streams
 from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch
 from fewstep.engine.deepspeed_engine import load_master, master_partitions
 
@@ -279,14 +279,8 @@ def reshard_ema(ema, engine, path: str, saved_world: int) -> None:
 def fresh_rng(seed: int, rank: int, step: int) -> dict:
     """RNG states for a rank that did not exist when the checkpoint was written, seeded from (seed, rank, step)."""
     s = int(np.random.SeedSequence([int(seed), int(rank), int(step), 0x5EED]).generate_state(1, np.uint64)[0])
-    state = {"torch": torch.Generator().manual_seed(s).get_state(), "python": random.Random(s).getstate(),
-             "numpy": np.random.RandomState(s % 2 ** 32).get_state()}
-    if torch.cuda.is_available():
-        current = torch.cuda.get_rng_state_all()
-        torch.cuda.manual_seed_all(s)
-        state["cuda"] = torch.cuda.get_rng_state_all()
-        torch.cuda.set_rng_state_all(current)
-    return state
+    with rng_streams.isolated():  # the state `rng_streams.seed(s)` gives, without touching this process's stream
+        return rng_streams.seed(s)
 
 
 def composed_rank_state(path: str, rank: int, saved_world: int, seed: int, step: int) -> dict:

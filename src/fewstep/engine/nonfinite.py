@@ -133,8 +133,9 @@ def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return t.reshape(-1).split(1 << 24)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Element by element: only needed where the norm is taken in fp32 (no fp64 on the accelerator)."""
+def all_finite(t: torch.Tensor) -> bool:
+    """Element by element, in chunks (the check's boolean copy stays small whatever the tensor's size). The gradient
+    check needs it only where the norm is taken in fp32 (no fp64 on the accelerator)."""
     return all(bool(torch.isfinite(c).all()) for c in _chunks(t))
 
 
@@ -156,7 +157,7 @@ def local_grad_check(engine) -> GradCheck:
         from deepspeed.accelerator import get_accelerator
         get_accelerator().synchronize()
     sq = _sq_norms(tensors)
-    finite = all(math.isfinite(n) or _all_finite(t) for t, n in zip(tensors, sq))
+    finite = all(math.isfinite(n) or all_finite(t) for t, n in zip(tensors, sq))
     sq_norm = math.fsum(sq)
     if replicated and rank() != 0 and math.isfinite(sq_norm):
         sq_norm = 0.0
@@ -287,6 +288,6 @@ def local_weights_finite(params) -> bool:
             values = part[:owned]
         else:
             values = p.data
-        if values.numel() and not _all_finite(values):
+        if values.numel() and not all_finite(values):
             return False
     return True

@@ -15,6 +15,8 @@ import functools
 import torch
 from torch import nn
 
+from fewstep.engine.nonfinite import all_finite
+
 
 def _float_tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
@@ -27,7 +29,7 @@ def _float_tensors(obj) -> list[torch.Tensor]:
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+    return all(all_finite(t) for t in tensors if t.numel())
 
 
 class NonFiniteTrace:
