@@ -1,4 +1,5 @@
 """Helpers for tests: write a tiny image/caption dataset and a fewstep config that points at it."""
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -81,3 +82,10 @@ def assert_resumed_run_matches(straight, resumed, steps, read_lora):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(wa[k].abs().sum() > 0 for k in wa if "lora_B" in k)  # it trained
     return wa
+
+
+def side_by_side(*calls):
+    """Call each function at once in a thread; their results, in order. For independent single-process trainings
+    (each uses one core under OMP_NUM_THREADS=1, so two of them keep both of CI's cores busy)."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return [job.result() for job in [pool.submit(call) for call in calls]]

@@ -1,6 +1,5 @@
 """Failure modes a user meets: one run per output dir, user mistakes as one clean line, and an interruption at a
 Glance phase boundary that must not lose the Slow LoRA."""
-import concurrent.futures
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write_dataset
+from fewstep_testing import PY, REPO, cpu_env, read_metrics, side_by_side, write_config, write_dataset
 
 
 def launch(cfg, **env):
@@ -105,8 +104,7 @@ def test_interruption_at_the_glance_phase_boundary_keeps_the_slow_export(tmp_pat
     cfg = write_config(str(tmp_path / "b"), backend, output_dir=str(tmp_path / "b" / "out"),
                        cache_dir=str(tmp_path / "cache"), **GLANCE)
     fault = {"FEWSTEP_FAULT_AFTER_STEP": "6"} if interruption == "crash" else {"FEWSTEP_FAULT_SIGNAL_AT_STEP": "6"}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two single-process runs: one core each
-        straight, first = pool.map(lambda args: launch(args[0], **args[1]), [(straight_cfg, {}), (cfg, fault)])
+    straight, first = side_by_side(lambda: launch(straight_cfg), lambda: launch(cfg, **fault))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert first.returncode == (17 if interruption == "crash" else 0), first.stderr[-3000:]
     b = tmp_path / "b" / "out"

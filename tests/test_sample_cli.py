@@ -7,7 +7,6 @@ real command line. bf16 vs fp32 tolerance: the images (pixels scaled to [-1, 1])
 ||bf16 - fp32|| / ||fp32|| of about 0.022 on these tiny models (measured for all three methods); the tests allow 0.05
 and require a difference (a bf16 run that silently stayed in fp32 would match exactly).
 """
-import concurrent.futures
 import importlib.util
 import json
 import os
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep_testing import PY, REPO, cpu_env, run, write_config, write_dataset
+from fewstep_testing import PY, REPO, cpu_env, run, side_by_side, write_config, write_dataset
 
 BF16_REL_TOL = 0.05
 PROMPT = "a red circle"
@@ -59,10 +58,9 @@ def runs(tmp_path_factory):
     def get(name):
         if name == "flow":
             return os.path.join(get("glance"), "glance-slow")
-        if not done:  # all three at once, side by side (single-process trainings: one core each)
-            with concurrent.futures.ThreadPoolExecutor(len(recipes)) as pool:
-                jobs = {k: pool.submit(_train, tmp_path_factory.mktemp(k), **r) for k, r in recipes.items()}
-                done.update({k: job.result() for k, job in jobs.items()})
+        if not done:  # all three at once
+            roots = {k: tmp_path_factory.mktemp(k) for k in recipes}
+            done.update(zip(recipes, side_by_side(*(lambda k=k: _train(roots[k], **recipes[k]) for k in recipes))))
         return done[name]
     return get
 

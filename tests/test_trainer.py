@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import PY, assert_resumed_run_matches, cpu_env, read_metrics, write_config, write_dataset
+from fewstep_testing import (PY, assert_resumed_run_matches, cpu_env, read_metrics, side_by_side, write_config,
+                             write_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -15,35 +16,20 @@ def data(tmp_path_factory):
     return root, write_dataset(str(root), n=3)
 
 
-def start(root, backend, name, env=None, **overrides):
-    """Launch a training into <root>/<name> (its own config file, so several can run at once; single-process runs use
-    one core each). Returns (output folder, process)."""
+def train(root, backend, name, env=None, expect_rc=0, output=None, **overrides):
+    """Train into <root>/<name> and wait; returns that folder. Its config file is its own, so several trainings can
+    run `side_by_side`. `output`: a list that gets the run's stdout + stderr."""
     out = os.path.join(str(root), name)
     overrides.setdefault("cache_dir", os.path.join(str(root), "cache"))  # shared: the cache's writes are atomic
     cfg_dir = os.path.join(str(root), "configs", name)
     os.makedirs(cfg_dir, exist_ok=True)
     cfg = write_config(cfg_dir, backend, output_dir=out, **overrides)
-    logs = [os.path.join(cfg_dir, f) for f in ("stdout.txt", "stderr.txt")]  # files: a full pipe would stall a run
-    with open(logs[0], "w") as so, open(logs[1], "w") as se:
-        proc = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], env=cpu_env(**(env or {})), stdout=so,
-                                stderr=se, cwd=os.path.dirname(os.path.dirname(__file__)))
-    return out, proc, logs
-
-
-def finish(started, expect_rc=0, output=None):
-    """Wait for a `start`ed training; returns its output folder. `output`: a list that gets its stdout + stderr."""
-    out, proc, logs = started
-    proc.wait(timeout=600)
-    stdout, stderr = (open(f).read() for f in logs)
-    assert proc.returncode == expect_rc, stderr[-5000:]
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect_rc, proc.stderr[-5000:]
     if output is not None:
-        output.append(stdout + stderr)
+        output.append(proc.stdout + proc.stderr)
     return out
-
-
-def train(root, backend, name, env=None, expect_rc=0, output=None, **overrides):
-    """Train into <root>/<name> and wait; returns that folder."""
-    return finish(start(root, backend, name, env, **overrides), expect_rc, output)
 
 
 def lora(out):
@@ -57,9 +43,10 @@ def test_resume_after_crash_is_bit_exact(data, sampling):
                   caption_dropout_probability=0.3, use_ema=True, ema_decay=0.9)
     if sampling == "glance-round-robin":  # the timestep cursor must be restored too (3 sigmas, batch 2: no cycle)
         common.update(flow_custom_timesteps="1000,979.1915,957.5157", flow_timesteps_mode="round-robin")
-    runs = start(root, backend, f"straight-{sampling}", **common), \
-        start(root, backend, f"crashed-{sampling}", env={"FEWSTEP_FAULT_AFTER_STEP": "5"}, **common)
-    straight, crashed = finish(runs[0]), finish(runs[1], expect_rc=17)
+    straight, crashed = side_by_side(
+        lambda: train(root, backend, f"straight-{sampling}", **common),
+        lambda: train(root, backend, f"crashed-{sampling}", env={"FEWSTEP_FAULT_AFTER_STEP": "5"}, expect_rc=17,
+                      **common))
     assert [m["step"] for m in read_metrics(crashed)] == [1, 2, 3, 4, 5]
     train(root, backend, f"crashed-{sampling}", resume_from_checkpoint="latest", **common)
     wa = assert_resumed_run_matches(straight, crashed, 8, lora)
@@ -71,9 +58,9 @@ def test_resume_after_crash_is_bit_exact(data, sampling):
 def test_kill_during_save_keeps_last_checkpoint(data):
     root, backend = data
     common = dict(max_train_steps=6, checkpointing_steps=2)
-    runs = start(root, backend, "killsave", env={"FEWSTEP_FAULT_IN_SAVE": "4"}, **common), \
-        start(root, backend, "killsave-ref", **common)
-    out, straight = finish(runs[0], expect_rc=17), finish(runs[1])
+    out, straight = side_by_side(
+        lambda: train(root, backend, "killsave", env={"FEWSTEP_FAULT_IN_SAVE": "4"}, expect_rc=17, **common),
+        lambda: train(root, backend, "killsave-ref", **common))
     ckpts = os.path.join(out, "checkpoints")
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step-2"
     assert not os.path.exists(os.path.join(ckpts, "step-4"))
@@ -181,9 +168,8 @@ def test_other_families_train_and_export_loadable_lora(data, family):
 
 def test_gradient_checkpointing_gives_the_same_losses(data):
     root, backend = data
-    runs = start(root, backend, "gc-off", max_train_steps=2), \
-        start(root, backend, "gc-on", max_train_steps=2, gradient_checkpointing=True)
-    a, b = map(finish, runs)
+    a, b = side_by_side(lambda: train(root, backend, "gc-off", max_train_steps=2),
+                        lambda: train(root, backend, "gc-on", max_train_steps=2, gradient_checkpointing=True))
     la, lb = [m["loss"] for m in read_metrics(a)], [m["loss"] for m in read_metrics(b)]
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
 
@@ -196,9 +182,9 @@ def test_training_randomness_is_independent_of_non_training_work(data):
     root, backend = data
     common = dict(method="glance", glance_slow_timesteps=[1000, 980], glance_fast_timesteps=[900, 500],
                   max_train_steps=2, caption_dropout_probability=0.3, checkpointing_steps=1, validation_steps=1)
-    runs = start(root, backend, "rng-plain", **common), start(root, backend, "rng-drawn", env={
-        "FEWSTEP_TEST_RNG_DRAW": "scan,cache,load,validation,export,checkpoint"}, nan_trace=True, **common)
-    plain, drawn = map(finish, runs)
+    draws = {"FEWSTEP_TEST_RNG_DRAW": "scan,cache,load,validation,export,checkpoint"}
+    plain, drawn = side_by_side(lambda: train(root, backend, "rng-plain", **common),
+                                lambda: train(root, backend, "rng-drawn", env=draws, nan_trace=True, **common))
     assert [m["loss"] for m in read_metrics(drawn)] == [m["loss"] for m in read_metrics(plain)]
     assert len(read_metrics(plain)) == 4  # both phases trained
     for phase in ("glance-slow", "glance-fast"):
