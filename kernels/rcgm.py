@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import block_for, round_bf16, tl_dtype, to_out
-from .reference import check_rcgm_scalars, compute_dtype, per_sample, rcgm_coefficients_reference
+from .reference import BARRON_EPS, check_rcgm_scalars, compute_dtype, per_sample, rcgm_coefficients_reference
 
 DEFAULT_BLOCK = 4096
 DEFAULT_WARPS = 8
@@ -136,7 +136,7 @@ class _RcgmTargetLoss(torch.autograd.Function):
             CD=tl_dtype(cd), HAS_ACC=acc is not None, HAS_COND=cond is not None, num_warps=num_warps)
         # tiny [B] epilogue: Barron weight (detached) and the loss
         m = partial.sum(1) / n
-        w = (m / (c * c) + 1.0).rsqrt()
+        w = (m / (c * c + BARRON_EPS) + 1.0).rsqrt()
         loss = sw * w * m / c
         ctx.save_for_backward(F, T, sw * w * (2.0 / (c * n)))
         ctx.launch = (n, blk, nblk, num_warps)

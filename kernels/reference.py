@@ -176,8 +176,12 @@ def rcgm_target_reference(F, acc, E, t, tt, *, delta_t, clamp, rcgm_mask=None) -
     return T
 
 
+BARRON_EPS = 1e-8  # the reference adds it to c^2 in the weight: (m / (c^2 + 1e-8) + 1)^-1/2
+
+
 def barron_loss_reference(F, T, sample_weight=None, c=1e-3) -> torch.Tensor:
-    """Per-sample Barron-reweighted L2 (alpha = 1): `m = mean((F-T)^2)`, `w = sg((m/c^2+1)^-1/2)`, `loss = sw*w*m/c`.
+    """Per-sample Barron-reweighted L2 (alpha = 1): `m = mean((F-T)^2)`, `w = sg((m/(c^2 + BARRON_EPS)+1)^-1/2)`,
+    `loss = sw*w*m/c`, as the reference's `barron_reweighting_loss`.
 
     Differentiable w.r.t. F through autograd (T, w and sample_weight are constants). Returns [B] in the compute dtype.
     """
@@ -185,7 +189,7 @@ def barron_loss_reference(F, T, sample_weight=None, c=1e-3) -> torch.Tensor:
     cd = compute_dtype(F, T)
     B = F.shape[0]
     m = (F.to(cd) - T.detach().to(cd)).square().reshape(B, -1).mean(1)
-    w = (m.detach() / (c * c) + 1.0).rsqrt()
+    w = (m.detach() / (c * c + BARRON_EPS) + 1.0).rsqrt()
     sw = 1.0 if sample_weight is None else per_sample(
         sample_weight.detach() if isinstance(sample_weight, torch.Tensor) else sample_weight, B, "sample_weight",
         device=F.device, dtype=cd)

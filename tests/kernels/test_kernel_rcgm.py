@@ -215,3 +215,20 @@ def test_bad_inputs_are_rejected():
         rcgm_substep_(torch.randn(4, 3, device=DEVICE).t(), F.clone(), F, t, t, backend="triton")
     with pytest.raises(ValueError, match="acc has shape"):
         rcgm_substep_(F.clone(), torch.randn(3, 5, device=DEVICE), F, t, t, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_barron_loss_is_the_reference_implementations(backend):
+    """TwinFlow's `barron_reweighting_loss` (alpha = 1), written out here: mse / c * (mse / (c^2 + 1e-8) + 1)^-1/2.
+    Residuals of order 1 (far above c = 1e-3), where its 1e-8 moves the loss by 0.5%, checked to 1e-10."""
+    g = torch.Generator().manual_seed(5)
+    B, c = 6, 1e-3
+    F = torch.randn(B, 3, 5, 7, generator=g, dtype=torch.float64).to(DEVICE)
+    E = torch.randn(B, 3, 5, 7, generator=g, dtype=torch.float64).to(DEVICE)
+    t = torch.rand(B, generator=g, dtype=torch.float64).to(DEVICE)
+    keep_none = torch.zeros(B, dtype=torch.bool, device=DEVICE)  # T = E on every row
+    loss, _ = rcgm_target_loss(F, None, E, t, t, delta_t=DELTA, clamp=CLAMP, rcgm_mask=keep_none, barron_c=c,
+                               backend=backend)
+    mse = (F - E).square().flatten(1).mean(1)
+    expected = mse * (mse / (c ** 2 + 1e-8) + 1.0) ** -0.5 / c
+    assert rel_err(loss, expected) <= 1e-10

@@ -276,9 +276,6 @@ def test_cfg_enhanced_target():
     fc, fu = cond_model(x_t, t, t, cond), cond_model(x_t, t, t, uncond)
     expected = torch.where(bc(mask, v).bool(), v + 0.5 * (fc - fu), v)
     torch.testing.assert_close(E, expected, rtol=1e-12, atol=1e-12)
-    Ef, _ = cfg_enhanced_target(cond_model, x_t, t, v, cond, uncond, ratio=0.5, adv_mask=adv, frozen_teacher=True)
-    expected = torch.where(bc(mask, v).bool(), fu + 0.5 * (fc - fu), v)
-    torch.testing.assert_close(Ef, expected, rtol=1e-12, atol=1e-12)
     E0, _ = cfg_enhanced_target(cond_model, x_t, t, v, cond, None, ratio=0.0)
     assert torch.equal(E0, v)
     with pytest.raises(ValueError, match="uncond"):
@@ -303,7 +300,7 @@ def test_rectify_loss_gradient_follows_fake_minus_real_gap():
     loss.backward()
     D, c = 15, 1e-3
     m = (g**2).mean()
-    w = (m / c**2 + 1) ** -0.5
+    w = (m / (c**2 + 1e-8) + 1) ** -0.5  # the reference's Barron weight
     expected = (w * 2 * g / (D * c) / 4).expand(4, 5, 3)  # d/dF of mean_rows(w m / c), F - T = g
     torch.testing.assert_close(F_e2e.grad, expected, rtol=1e-5, atol=0)
     # a large gap is clamped to +-1
@@ -312,7 +309,7 @@ def test_rectify_loss_gradient_follows_fake_minus_real_gap():
     rectify_loss(big, x_hat, F2, None).backward()
     gc = (5 * g).clamp(-1, 1)
     mc = (gc**2).mean()
-    expected = ((mc / c**2 + 1) ** -0.5 * 2 * gc / (D * c) / 4).expand(4, 5, 3)
+    expected = ((mc / (c**2 + 1e-8) + 1) ** -0.5 * 2 * gc / (D * c) / 4).expand(4, 5, 3)
     torch.testing.assert_close(F2.grad, expected, rtol=1e-5, atol=0)
 
 

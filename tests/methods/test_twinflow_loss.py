@@ -99,6 +99,27 @@ def test_backprop_only_through_the_student_pass():
     assert logs["l_adv"] > 0 and logs["l_rectify"] > 0 and logs["l_base"] > 0
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_cfg_enhanced_target_keeps_the_data_velocity_and_is_continuous_in_the_ratio(frozen):
+    """E = v + r*(F_T(cond) - F_T(uncond)) with a live or a frozen (EMA decay 1) teacher, as the reference on data (it
+    swaps the base for F_T(uncond) only in image-free training): a ratio of 1e-9 gives the ratio-0 loss (the plain
+    target v) to 1e-6, where a swapped base would jump to the unconditional field."""
+    def loss_at(ratio):
+        student, teacher = Net(), Net()
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.3 * torch.randn_like(p))  # a teacher whose cond and uncond fields differ from the student's
+        torch.manual_seed(1)
+        x0, cond, uncond = batch(8)
+        loss, _ = twinflow_loss(student, teacher, x0, cond, uncond, groups=assign_groups(8, 0),
+                                **{**KW, "enhanced_ratio": ratio, "frozen_teacher": frozen})
+        return loss.item()
+
+    base, tiny, half = loss_at(0.0), loss_at(1e-9), loss_at(0.5)
+    assert abs(tiny - base) <= 1e-6 * abs(base), (base, tiny)
+    assert abs(half - base) > 1e-3 * abs(base), (base, half)  # the enhancement itself is felt
+
+
 def test_frozen_teacher_uses_student_for_rollout_and_teacher_for_cfg():
     student, teacher = Net(), Net()
     x0, cond, uncond = batch(8)

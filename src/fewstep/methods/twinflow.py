@@ -154,12 +154,14 @@ def time_weight(t: torch.Tensor, tt: torch.Tensor, adv_mask: torch.Tensor | None
 
 @torch.no_grad()
 def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, enhanced_range=(0.0, 1.0),
-                        adv_mask=None, frozen_teacher: bool = False, rng_state=None):
+                        adv_mask=None, rng_state=None):
     """CFG-enhanced flow-matching target. Returns `(E, enhance_mask)`, E detached in fp32 (fp64 for fp64 input).
 
     Two teacher passes at (x_t, t, t), cond then uncond, RNG restored before each. On rows with t strictly inside
-    `enhanced_range` and not adversarial: E = target + ratio*(F_T(cond) - F_T(uncond)); with a frozen teacher (EMA
-    decay 1) the base is replaced: E = F_T(uncond) + ratio*(F_T(cond) - F_T(uncond)). ratio 0: E = target, no passes.
+    `enhanced_range` and not adversarial: E = target + ratio*(F_T(cond) - F_T(uncond)), whatever the EMA decay. (The
+    reference replaces the base by F_T(uncond) only in its image-free mode, where x is the model's own sample and
+    z - x no data velocity; on data that would learn guidance scale `ratio` instead of 1 + ratio, and jump from the
+    conditional to the unconditional field as ratio leaves 0.) ratio 0: E = target, no passes.
     """
     lo, hi = enhanced_range
     if not lo < hi:
@@ -177,10 +179,7 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     f_cond = teacher(x_t, t, t, cond)
     restore_rng_state(rng_state)
     f_uncond = teacher(x_t, t, t, uncond)
-    base = target
-    if frozen_teacher:
-        base = torch.where(_bcast(mask, target), f_uncond.to(target.dtype), target)
-    return enhance_target_reference(base, f_cond, f_uncond, ratio, mask), mask
+    return enhance_target_reference(target, f_cond, f_uncond, ratio, mask), mask
 
 
 @torch.no_grad()
@@ -314,8 +313,7 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     if ema_update is not None:
         ema_update()
     E, enh_mask = cfg_enhanced_target(teacher, x_t, t, v, cond, uncond, ratio=enhanced_ratio,
-                                      enhanced_range=enhanced_range, adv_mask=adv, frozen_teacher=frozen_teacher,
-                                      rng_state=rng_state)
+                                      enhanced_range=enhanced_range, adv_mask=adv, rng_state=rng_state)
     if order >= 1:
         rcgm_model = student if frozen_teacher else teacher
         substep = lambda *a: rcgm_substep_(*a, backend=backend)  # noqa: E731
