@@ -4,7 +4,10 @@
 1. `launcher/train.py` (tiny:flux, TwinFlow LoRA, bf16, ZeRO-2) found the loss or the gradients non-finite at step 1,
    every try, on an H200; the same config trains on CPU (with the Triton kernels under the interpreter too).
 2. `launcher/sample.py` on a TwinFlow LoRA gave a CUDA bf16 image at relative distance 1.37 from the CPU fp32 image
-   of the same seed (bf16 vs fp32 on the CPU: 0.02).
+   of the same seed (bf16 vs fp32 on the CPU: 0.02). Explained since (2026-12-05) without CUDA: that box's torch 2.11
+   draws CPU bf16 normals from another stream than fp32 ones, and the pipeline drew its start noise in its dtype; an
+   emulation of it gives 1.34-1.37 on the CPU. The start noise is now drawn in fp32 (`start_noise`); Part A's first
+   line measures the two streams of the torch it runs on.
 
 Part A (sampling): the stock tiny FLUX pipeline, 1 Euler step from the same CPU noise, on cpu fp32 (reference),
 cuda fp32 and cuda bf16; then the same with TwinFlow's any-step embeddings attached (zero-initialised: output must not
@@ -13,8 +16,10 @@ cuda fp32, a precision one only in bf16, an any-step/scheduler one only in the T
 transformer module (in call order) whose output is more than 0.5 away from the reference's, which names the layer,
 and the module furthest away.
 
-Part B (training): 3 steps of the GPU check's training config, then one variant per suspect (fused kernels off,
-overlap_comm off, fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0). Each row: exit status, the
+Part B (training): 3 steps of the GPU check's training config, then one variant per suspect: the same run on this
+machine's CPU (the GPU box's torch without CUDA: a torch-version cause, not a CUDA one), cuDNN attention off (torch
+>= 2.11 prefers it for bf16 on Hopper), attention in SDPA's math kernel only, fused kernels off, overlap_comm off,
+fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0. Each row: exit status, the
 steps that were applied, and the trainer's own line naming what was non-finite (loss, gradients, this rank's
 non-finite terms and, with `nan_trace`, the first module whose output or output gradient went non-finite, e.g.
 `forward: single_transformer_blocks.0.attn (Attention) output in forward pass 2, inputs finite`). The first variant
@@ -39,7 +44,13 @@ BASE_CONFIG = {"model_family": "flux", "model_type": "lora", "pretrained_model_n
                "learning_rate": 1e-3, "lora_rank": 8, "train_batch_size": 4, "max_train_steps": 3,
                "mixed_precision": "bf16", "checkpointing_steps": 0, "validation_steps": 0,
                "validation_guidance": 0.0, "report_to": "none", "nan_trace": True}
-VARIANTS = [("as the GPU check", {}), ("fused_kernels off", {"fused_kernels": "off"}),
+# "_env": environment changes; "_sdpa": torch.backends.cuda switches set before the trainer starts
+VARIANTS = [("as the GPU check", {}),
+            ("on the CPU (no CUDA)", {"_env": {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}}),
+            ("cuDNN attention off", {"_sdpa": {"enable_cudnn_sdp": False}}),
+            ("SDPA math only", {"_sdpa": {"enable_cudnn_sdp": False, "enable_flash_sdp": False,
+                                          "enable_mem_efficient_sdp": False}}),
+            ("fused_kernels off", {"fused_kernels": "off"}),
             ("overlap_comm off", {"deepspeed_config": {"zero_optimization": {"overlap_comm": False}}}),
             ("fp32", {"mixed_precision": "no"}), ("no adversarial branch", {"twinflow_adversarial_enabled": False}),
             ("no EMA", {"use_ema": False}), ("flow matching (no TwinFlow)", {"twinflow_enabled": False}),
@@ -50,6 +61,18 @@ def rel(a, b) -> float:
     """||a - b|| / ||b|| (0 when both are zero, inf when only b is)."""
     diff, norm = float((a.double().cpu() - b.double().cpu()).norm()), float(b.double().cpu().norm())
     return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
+
+
+def randn_streams() -> str:
+    """This torch's CPU normals from one seed in bf16 against fp32: about 0.002 (rounding) where both are one stream
+    (torch 2.13), about 1.4 where bf16 has its own (the first GPU check's torch 2.11, its 1.37 sampling mismatch)."""
+    import torch
+
+    draw = {d: torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=d) for d in (torch.float32,
+                                                                                                 torch.bfloat16)}
+    return (f"torch {torch.__version__}: CPU randn bf16 vs fp32 from one seed: rel. distance "
+            f"{rel(draw[torch.bfloat16], draw[torch.float32]):.4f}, bf16 max |x| {draw[torch.bfloat16].abs().max():.2f} "
+            "(the pipelines' start noise is drawn in fp32 either way)")
 
 
 def part_a() -> list[str]:
@@ -84,11 +107,12 @@ def part_a() -> list[str]:
                                  f"({bool(torch.isfinite(v).all())})" for k, v in emb.items() if torch.is_tensor(v))
             kwargs = adapter.pipeline_prompt_kwargs(emb, guidance=None)
             kwargs.setdefault("guidance_scale", 0.0)
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator().manual_seed(0)  # fp32 CPU start noise (see FlowModelAdapter.start_noise)
+            start = adapter.pipeline_latent_kwargs(comps, adapter.start_noise(comps, 1, 32, 32, gen).to(dtype))
             ctx = anystep.anystep_state(pipe.transformer, tt=0.0, sign=1.0) if twin else _null()
             with ctx, ModuleOutputs(pipe.transformer) as outputs:
-                img = pipe(**kwargs, num_inference_steps=1, height=32, width=32, generator=gen,
-                           output_type="pt").images[0].float().cpu()
+                img = pipe(**kwargs, num_inference_steps=1, generator=gen, output_type="pt",
+                           **start).images[0].float().cpu()
             if ref is None:
                 ref, ref_outputs = img, outputs
             name = "TwinFlow (any-step, zero-init)" if twin else "stock FLUX, Euler"
@@ -153,7 +177,8 @@ def part_b(out: str, variants: int) -> list[str]:
     for name, change in VARIANTS[:variants]:
         cfg = {**BASE_CONFIG, "output_dir": os.path.join(out, re.sub(r"\W+", "_", name))}
         ds = change.get("deepspeed_config")
-        cfg.update({k: v for k, v in change.items() if k != "deepspeed_config"})
+        cfg.update({k: v for k, v in change.items() if k not in ("deepspeed_config", "_env", "_sdpa")})
+        switches = "".join(f"torch.backends.cuda.{k}({v}); " for k, v in change.get("_sdpa", {}).items())
         with tempfile.TemporaryDirectory() as tmp:
             if ds is not None:
                 cfg["deepspeed_config"] = os.path.join(tmp, "ds.json")
@@ -163,8 +188,12 @@ def part_b(out: str, variants: int) -> list[str]:
             with open(path, "w") as fh:
                 json.dump(cfg, fh)
             t0 = time.time()
-            proc = subprocess.run([sys.executable, "launcher/train.py", "--config", path], cwd=REPO,
-                                  capture_output=True, text=True, timeout=120)
+            cmd = [sys.executable, "launcher/train.py", "--config", path]
+            if switches:  # the trainer as its own __main__, after the switches
+                cmd = [sys.executable, "-c", f"import runpy, sys, torch; {switches}sys.argv = {cmd[1:]!r}; "
+                       "runpy.run_path('launcher/train.py', run_name='__main__')"]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, **change.get("_env", {})})
         text = proc.stdout + proc.stderr
         bad = re.findall(r"fewstep: step \d+: (non-finite[^\n]*|gradient norm[^\n]*)", text)
         applied = _applied_steps(cfg["output_dir"])
@@ -207,7 +236,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     md = ["### CUDA diagnosis (`bench/cuda_diagnose.py`)", ""]
     if "a" in args.parts:
-        md += ["Part A: one 32 px image from the same CPU noise", ""] + part_a() + [""]
+        md += ["Part A: one 32 px image from the same CPU noise", "", randn_streams(), ""] + part_a() + [""]
     if "b" in args.parts:
         md += ["Part B: 3 TwinFlow LoRA steps on tiny:flux (the GPU check's config), one change per row", ""]
         md += part_b(args.out, args.variants) + [""]

@@ -13,9 +13,10 @@
 # setup, diagnose, kernel_tests, train, sample, sample_tests, kernels, train_step (open questions first):
 #   setup         45  install .whl/ into $WORK/site (never touching the image's CUDA torch), put this checkout's
 #                     fewstep first on PYTHONPATH, record device, driver and versions
-#   diagnose     150  bench/cuda_diagnose.py: bisects the first GPU check's CUDA-only failures (TwinFlow training
-#                     non-finite at step 1; CUDA bf16 sampling far from CPU fp32): pipeline parity cpu/cuda fp32/bf16,
-#                     then 3 training steps per suspect (fused kernels, overlap_comm, fp32, adversarial, EMA, ...)
+#   diagnose     190  bench/cuda_diagnose.py: bisects the first GPU check's CUDA-only failures (TwinFlow training
+#                     non-finite at step 1; CUDA bf16 sampling far from CPU fp32): torch's bf16 vs fp32 CPU normals,
+#                     pipeline parity cpu/cuda fp32/bf16, then 3 training steps per suspect (the same run on the CPU,
+#                     cuDNN / math-only attention, fused kernels, overlap_comm, fp32, adversarial, EMA, ...)
 #   kernel_tests 110  pytest tests/kernels on CUDA (Triton kernels against their torch references)
 #   kernels       90  bench/kernels.py at 256M elements: GB/s vs copy bandwidth, against eager and
 #                     torch.compile (rows print as they finish: a cut-short step keeps them)
@@ -263,7 +264,7 @@ step_sample_tests() {
 run_step setup 45 step_setup
 if [[ $STATUS != ok ]]; then echo "gpu_check: setup failed, nothing else can run" >&2; exit 1; fi
 # what the last GPU run left open first; kernels and train_step have recorded figures (bench/RESULTS.md)
-run_step diagnose 150 step_diagnose
+run_step diagnose 190 step_diagnose
 run_step kernel_tests 110 step_kernel_tests
 run_step train 60 step_train
 run_step sample 50 step_sample

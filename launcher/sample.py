@@ -10,8 +10,8 @@ The base model is read from the run's fewstep_run.json unless --model is given. 
 Device and precision: --device defaults to cuda when torch sees a GPU, else cpu; --dtype to bf16 on such a GPU, else
 fp32. --offload model|sequential keeps the weights in CPU memory and lets diffusers move them to the GPU as needed
 (for pipelines that do not fit; needs accelerate; nothing to do on --device cpu). All noise (the start noise and
-TwinFlow's stochastic steps) is drawn on the CPU from --seed, so a seed gives the same noise on every device and
-dtype. A mistake (unknown dtype, a GPU asked for that is not there, a directory that is no fewstep export) ends in
+TwinFlow's stochastic steps) is drawn on the CPU in fp32 from --seed, so a seed gives the same noise on every device
+and dtype (whatever the torch version: before 2.13 its CPU bf16 normals are another stream). A mistake (unknown dtype, a GPU asked for that is not there, a directory that is no fewstep export) ends in
 one `fewstep: ...` line and exit status 2.
 """
 import argparse
@@ -170,18 +170,17 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     res = args.resolution or info.get("resolution") or 32
 
     def generate(n):
-        gen = torch.Generator().manual_seed(args.seed)  # CPU noise: the same on every device and dtype
+        gen = torch.Generator().manual_seed(args.seed)  # CPU noise, fp32: the same on every device and dtype
+        start = adapter.pipeline_latent_kwargs(comps, adapter.start_noise(comps, 1, res, res, gen).to(dtype))
         if args.method == "glance":
-            return glance_pipeline_sample(pipe, prompt_kwargs, None, None, slow, fast, height=res, width=res,
-                                          generator=gen).images[0]
+            return glance_pipeline_sample(pipe, prompt_kwargs, None, None, slow, fast, **start).images[0]
         if args.method == "twinflow":  # its stochastic steps draw from gen too (the pipeline passes no generator)
             pipe.scheduler = twinflow_scheduler(n, args, **base)
             pipe.scheduler.step = functools.partial(TwinFlowScheduler.step, pipe.scheduler, generator=gen)
             # each forward takes t and tt from the scheduler's current step (its target_time mode)
             with anystep.anystep_state(denoiser, sign=1.0, scheduler=pipe.scheduler):
-                return pipe(**prompt_kwargs, num_inference_steps=n, height=res, width=res, generator=gen).images[0]
-        return pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, height=res, width=res,
-                    generator=gen).images[0]
+                return pipe(**prompt_kwargs, num_inference_steps=n, **start).images[0]
+        return pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, **start).images[0]
 
     for _ in range(args.warmup):
         generate(steps_list[0])

@@ -84,8 +84,25 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _randn_of_torch_before_2_13(monkeypatch):
+    """torch.randn as torch < 2.13 draws on the CPU: bf16/fp16 normals from another stream than fp32's (the low 8
+    bits of each word as the uniform), so a seed gives unrelated start noise in bf16. Emulated as the fp32 draw
+    reversed and negated: the same distribution, other noise."""
+    real = torch.randn
+
+    def randn(*size, generator=None, dtype=None, device=None, **kw):
+        if dtype in (torch.bfloat16, torch.float16) and torch.device(device or "cpu").type == "cpu":
+            x = real(*size, generator=generator, dtype=torch.float32, device=device, **kw)
+            return -x.flatten().flip(0).view(x.shape).to(dtype)
+        return real(*size, generator=generator, dtype=dtype, device=device, **kw)
+    monkeypatch.setattr(torch, "randn", randn)
+
+
 @pytest.mark.parametrize("method", ["flow", "twinflow", "glance"])
-def test_bf16_and_fp32_on_cpu_agree(runs, tmp_path, method):
+def test_bf16_and_fp32_on_cpu_agree(runs, tmp_path, method, monkeypatch):
+    """The same seed gives the same image in bf16 and fp32 (up to bf16 rounding), also under a torch whose CPU bf16
+    normals are another stream than its fp32 ones (torch < 2.13, e.g. the first GPU check's 2.11)."""
+    _randn_of_torch_before_2_13(monkeypatch)
     base = _method_args(runs, method)
     r32, im32 = _sample([*base, "--device", "cpu", "--dtype", "fp32", "--output", str(tmp_path / "a.png")])
     r16, im16 = _sample([*base, "--device", "cpu", "--dtype", "bf16", "--output", str(tmp_path / "b.png")])

@@ -358,6 +358,19 @@ class FlowModelAdapter:
     def _pipeline_guidance_kwargs(self, has_negative: bool, guidance: float | None) -> dict[str, Any]:
         return {}
 
+    def start_noise(self, comps: ModelComponents, batch: int, height: int, width: int,
+                    generator: torch.Generator) -> torch.Tensor:
+        """A pipeline's start latents [B,C,h,w] for an image of about height x width, drawn in fp32 on the CPU from
+        `generator` as the stock pipelines draw them (same shape, same stream), whatever dtype the pipeline runs
+        in. Pass them with `pipeline_latent_kwargs`: a pipeline draws its own in its dtype, and torch before 2.13
+        draws CPU bf16 normals from another, coarser stream (uniforms of 8 bits), so a bf16 image would start from
+        other noise than the fp32 image of the same seed."""
+        f = self.vae_scale_factor(comps.vae)
+        m = f * (2 if self.packed else 1)  # what the pipeline rounds the size down to
+        channels = comps.denoiser.config.in_channels // (4 if self.packed else 1)
+        shape = (batch, channels, height // m * (m // f), width // m * (m // f))
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
     def pipeline_latent_kwargs(self, comps: ModelComponents, x: torch.Tensor) -> dict[str, Any]:
         """`latents`, `height`, `width` kwargs that make a pipeline start from latents x [B,C,h,w]."""
         f = self.vae_scale_factor(comps.vae)
