@@ -101,6 +101,24 @@ def test_stock_pipeline_matches_euler_loop(tiny, family):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_start_noise_is_what_the_stock_pipeline_draws(tiny, family):
+    """`start_noise` + `pipeline_latent_kwargs` give the stock pipeline the very start latents it draws itself in
+    fp32 from the same generator (shape and stream), so fixing the noise's dtype changes no fp32 image."""
+    adapter, comps = tiny(family)
+    cond = adapter.encode_prompts(comps, PROMPTS[:1])
+    pipe = adapter.build_pipeline(comps)
+    common = dict(**adapter.pipeline_prompt_kwargs(cond), num_inference_steps=2, output_type="latent",
+                  return_dict=False)
+    with torch.no_grad():
+        own = pipe(**common, height=32, width=48, generator=torch.Generator().manual_seed(4))[0]
+        noise = adapter.start_noise(comps, 1, 32, 48, torch.Generator().manual_seed(4))
+        given = pipe(**common, **adapter.pipeline_latent_kwargs(comps, noise))[0]
+    assert noise.dtype == torch.float32 and noise.shape[-2:] == (32 // adapter.vae_scale_factor(comps.vae),
+                                                                 48 // adapter.vae_scale_factor(comps.vae))
+    assert torch.equal(own, given)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_collate_split_round_trip(tiny, family):
     adapter, comps = tiny(family)
     prompts = ["a cat", "a small red house next to a tall green tree by the river", "two dogs"]
