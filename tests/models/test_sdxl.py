@@ -60,6 +60,17 @@ def test_forward_is_the_diff2flow_bridge_over_the_unet(tiny_dirs, tmp_path, kind
         adapter.set_prediction_type("flow_matching")
 
 
+def test_the_configs_prediction_type_survives_loading_the_folder(tiny_dirs):
+    """The trainer's order: resolve, use the config's type (a v fine-tune with an epsilon scheduler config), then load
+    the VAE from the same folder (which resolves it again): the config's type must still be the one used."""
+    adapter = get_adapter("sdxl")
+    src = adapter.resolve(str(tiny_dirs("sdxl")))
+    assert adapter.folder_prediction_type == "epsilon"
+    assert "using 'v_prediction'" in adapter.use_prediction_type("v_prediction", src)
+    adapter.load(src, with_denoiser=False, with_text=False)
+    assert adapter.prediction_type == "v_prediction"
+
+
 def test_anystep_on_the_unet_time_embedding(tiny_dirs):
     adapter = get_adapter("sdxl")
     unet = adapter.load(tiny_dirs("sdxl"), with_text=False, with_vae=False).denoiser

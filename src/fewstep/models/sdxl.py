@@ -6,7 +6,8 @@ returns the flow velocity like every family: the bridge (`fewstep.methods.diff2f
 diffusion state, picks the UNet timestep from the folder's `alphas_cumprod`, and converts its epsilon / v output, with
 the documented rule for sigma above the base's range (sigma = 1 is pure noise). The prediction type and the
 `alphas_cumprod` table come from the folder's scheduler config when the adapter resolves the folder
-(`adapter.resolve`, which `load` and the trainer call); `set_prediction_type` overrides the first.
+(`adapter.resolve`, which `load` and the trainer call); `set_prediction_type` overrides the first, for good (a later
+`resolve` or `load` of the folder keeps the override).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class SDXLAdapter(FlowModelAdapter):
     packed = False
 
     def __init__(self):
+        self.prediction_override = None  # set_prediction_type's choice: wins over every folder resolved
         # SDXL base 1.0's schedule until a folder is resolved: scaled-linear betas 0.00085..0.012, epsilon
         self._set_schedule({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
         self.pixel_factor = SDXL_VAE_FACTOR
@@ -54,7 +56,7 @@ class SDXLAdapter(FlowModelAdapter):
         # the same table the TwinFlowScheduler builds from this config when it samples the UNet
         self.alphas_cumprod = alphas_cumprod_from_config(scheduler_config).double()
         self.folder_prediction_type = scheduler_config.get("prediction_type", "epsilon")
-        self.prediction_type = self.folder_prediction_type
+        self.prediction_type = self.prediction_override or self.folder_prediction_type
 
     def use_prediction_type(self, prediction_type: str, source: str) -> str | None:
         """The config's prediction type wins over the folder's (some v fine-tunes ship an epsilon scheduler config);
@@ -70,7 +72,7 @@ class SDXLAdapter(FlowModelAdapter):
         """Use `prediction_type` ('epsilon' / 'v_prediction') whatever the folder's scheduler config says."""
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{self.family} predicts 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        self.prediction_type = prediction_type
+        self.prediction_type = self.prediction_override = prediction_type
 
     def resolve(self, name_or_path: str) -> str:
         """As the base class, then read the folder's scheduler config (schedule, prediction type) and VAE factor."""
