@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fewstep.config import ConfigError, load_config, parse_overrides
+from fewstep.config import ConfigError, load_config, normalize_key, parse_overrides
 
 SEED_GLANCE = {  # the seed document's JSON, verbatim but for the model path
     "--model_type": "lora", "--model_family": "flux", "--pretrained_model_name_or_path": "tiny:flux",
@@ -17,6 +17,12 @@ SEED_TWINFLOW = {
     "twinflow_delta_t": 0.01, "twinflow_target_clamp": 1.0, "learning_rate": 1e-4, "train_batch_size": 1,
     "gradient_accumulation_steps": 4, "mixed_precision": "bf16", "validation_guidance": 0.0,
     "validation_num_inference_steps": 2}
+
+
+def merged(base, changes):
+    """base with changes applied, whichever spelling (with or without '--') either uses for a key."""
+    changed = {normalize_key(k) for k in changes}
+    return {**{k: v for k, v in base.items() if normalize_key(k) not in changed}, **changes}
 
 
 def write(tmp_path, data):
@@ -60,7 +66,12 @@ def test_parse_overrides_forms():
     ({"use_ema": "maybe"}, "'use_ema' expects bool"),
     ({"model_type": "lora2"}, "'model_type' must be one of: lora, full; got 'lora2'"),
     ({"flow_timesteps_mode": "round_robin"}, "did you mean 'round-robin'"),
-    ({"distillation_method": "dmd"}, "'distillation_method' must be one of"),
+    ({"distillation_method": "dmd"}, "'distillation_method' must be one of: null; got 'dmd'"),
+    ({"max_train_steps": 0}, "'max_train_steps' must be >= 1"),
+    ({"method": "glance", "glance_slow_timesteps": "0.9", "glance_fast_timesteps": "0.3"},
+     "'flow_custom_timesteps' is not used by method 'glance'"),
+    ({"glance_fast_timesteps": "0.3"}, "'glance_fast_timesteps' is not used by method 'flow'"),
+    ({"deepspeed_config": "/nonexistent/ds.json"}, "deepspeed_config not found: /nonexistent/ds.json"),
     ({"offload_param": True, "zero_stage": 2}, "'offload_param' needs zero_stage 3"),
     ({"flow_custom_timesteps": "[]"}, "empty"),
     ({"flow_custom_timesteps": "1000, nan"}, "non-finite"),
@@ -70,7 +81,7 @@ def test_parse_overrides_forms():
 ])
 def test_errors_name_the_key(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path, {**SEED_GLANCE, **bad}))
+        load_config(write(tmp_path, merged(SEED_GLANCE, bad)))
 
 
 def test_twinflow_requires_ema_unless_allowed(tmp_path):
@@ -83,7 +94,7 @@ def test_twinflow_requires_ema_unless_allowed(tmp_path):
 
 def test_twinflow_requires_flow_matching_unless_diff2flow(tmp_path):
     with pytest.raises(ConfigError, match="flow_matching"):
-        load_config(write(tmp_path, {**SEED_TWINFLOW, "prediction_type": "epsilon"}))
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"prediction_type": "epsilon"})))
     diff2flow = {"prediction_type": "epsilon", "diff2flow_enabled": True, "twinflow_allow_diff2flow": True}
     # the seed's diff2flow addition applies to a diffusion base: as written, with model_family sdxl, it loads
     sdxl = {**SEED_TWINFLOW, "model_family": "sdxl", "pretrained_model_name_or_path": "tiny:sdxl"}
@@ -91,7 +102,7 @@ def test_twinflow_requires_flow_matching_unless_diff2flow(tmp_path):
     assert (cfg.model_family, cfg.prediction_type) == ("sdxl", "epsilon")
     # ... and is refused, naming both, for a flow-matching family
     with pytest.raises(ConfigError, match="prediction_type 'epsilon'.*model_family 'sd3' is a flow-matching model"):
-        load_config(write(tmp_path, {**SEED_TWINFLOW, **diff2flow}))
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, diff2flow)))
     # a diffusion base without the addition is told what to add; other methods are refused
     with pytest.raises(ConfigError, match=r"'sdxl' is a diffusion model.*\"diff2flow_enabled\": true"):
         load_config(write(tmp_path, sdxl))
@@ -108,20 +119,37 @@ def test_missing_required_and_missing_file(tmp_path):
 
 def test_glance_method_needs_both_lists(tmp_path):
     with pytest.raises(ConfigError, match="glance_slow_timesteps"):
-        load_config(write(tmp_path, {**SEED_GLANCE, "method": "glance", "flow_custom_timesteps": None}))
+        load_config(write(tmp_path, merged(SEED_GLANCE, {"method": "glance", "flow_custom_timesteps": None})))
 
 
 def test_none_string_is_a_valid_choice_not_null(tmp_path):
-    assert load_config(write(tmp_path, {**SEED_GLANCE, "report_to": "none"})).report_to == "none"
-    assert load_config(write(tmp_path, {**SEED_GLANCE, "distillation_method": "null"})).distillation_method is None
+    assert load_config(write(tmp_path, merged(SEED_GLANCE, {"report_to": "none"}))).report_to == "none"
+    cfg = load_config(write(tmp_path, merged(SEED_GLANCE, {"distillation_method": "null"})))
+    assert cfg.distillation_method is None
 
 
 def test_twinflow_group_weights_from_file_and_command_line(tmp_path):
     path = write(tmp_path, SEED_TWINFLOW)
     assert load_config(path).twinflow_group_weights == [1, 1, 1, 1]  # the reference's equal split
     assert load_config(path, ["--twinflow_group_weights", "2,1,1,1"]).twinflow_group_weights == [2, 1, 1, 1]
-    assert load_config(write(tmp_path, {**SEED_TWINFLOW, "twinflow_group_weights": [1, 1, 2, 1]})
+    assert load_config(write(tmp_path, merged(SEED_TWINFLOW, {"twinflow_group_weights": [1, 1, 2, 1]}))
                        ).twinflow_group_weights == [1, 1, 2, 1]
     for bad in ([0, 1, 1, 1], [1, 1, 1], [1.5, 1, 1, 1]):
         with pytest.raises(ConfigError, match="'twinflow_group_weights' must be 4 positive integers"):
-            load_config(write(tmp_path, {**SEED_TWINFLOW, "twinflow_group_weights": bad}))
+            load_config(write(tmp_path, merged(SEED_TWINFLOW, {"twinflow_group_weights": bad})))
+
+
+def test_a_key_given_twice_in_one_file_is_an_error(tmp_path):
+    """'--model_family' and 'model_family' in one JSON: which was meant is not guessed (the last one used to win)."""
+    with pytest.raises(ConfigError, match=r"'model_family' is given twice \(as 'model_family' and '--model_family'\)"):
+        load_config(write(tmp_path, {**SEED_TWINFLOW, "--model_family": "flux"}))
+
+
+def test_deepspeed_config_must_be_a_json_object(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{zero_optimization: 3}")
+    with pytest.raises(ConfigError, match="ds.json: not valid JSON"):
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
+    bad.write_text("[3]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))

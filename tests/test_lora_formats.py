@@ -208,6 +208,24 @@ def test_modules_without_a_kohya_key_are_refused_before_training():
         lora_formats.kohya_target("sdxl", "down_blocks.1.attentions.0.proj_in", (2, 2, 2))
 
 
+def test_a_lora_target_that_names_no_module_is_refused():
+    """One misspelt target among good ones is refused by name with a suggestion (peft would adapt the rest silently;
+    with every target misspelt it raised its own traceback)."""
+    from types import SimpleNamespace
+
+    from fewstep.lora import prepare_trainable
+
+    adapter, t = _bare("flux")
+    cfg = SimpleNamespace(model_type="lora", gradient_checkpointing=False, lora_rank=4, lora_alpha=4.0,
+                          lora_dropout=0.0, lora_targets=["to_q", "to_qq", "attn.to_kk"], lora_export_formats=[])
+    with pytest.raises(ConfigError, match=r"named 'to_qq' \(did you mean 'to_q'\?\), 'attn.to_kk' \(did you mean "
+                                          r"'attn.to_k'\?\)"):
+        prepare_trainable(cfg, adapter, t, anystep_embeddings=False)
+    assert not any("lora" in name for name, _ in t.named_modules())  # refused before anything was adapted
+    cfg.lora_targets = ["to_q", "single_transformer_blocks.0.proj_out"]  # a tail and a full name
+    assert prepare_trainable(cfg, adapter, t, anystep_embeddings=False)
+
+
 def test_export_formats_option(tmp_path):
     from fewstep_testing import REPO
 

@@ -79,7 +79,7 @@ class Config:
     seed: int = opt(0, "Global seed (each rank derives its own stream from it).", lo=0)
     train_batch_size: int = opt(1, "Micro-batch size per GPU.", lo=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", lo=1)
-    max_train_steps: int = opt(100, "Optimizer steps to train (per phase for Glance).", lo=0)
+    max_train_steps: int = opt(100, "Optimizer steps to train (per phase for Glance).", lo=1)
     learning_rate: float = opt(1e-4, "Peak learning rate.", lo=0.0, lo_open=True)
     lr_scheduler: str = opt("constant", "LR schedule after warmup.",
                             choices=("constant", "constant_with_warmup", "linear", "cosine"))
@@ -227,6 +227,17 @@ class Config:
                 raise ConfigError("method 'glance' needs 'glance_slow_timesteps' and 'glance_fast_timesteps'")
             if self.model_type != "lora":
                 raise ConfigError("method 'glance' trains LoRAs: set model_type 'lora'")
+        unused = {"glance": ("flow_custom_timesteps",), "flow": ("glance_slow_timesteps", "glance_fast_timesteps"),
+                  "twinflow": ("glance_slow_timesteps", "glance_fast_timesteps")}[method]
+        for key in (k for k in unused if getattr(self, k) is not None):
+            lists = ("'glance_slow_timesteps' and 'glance_fast_timesteps'" if method == "glance" else
+                     "'flow_custom_timesteps' (or nothing)")
+            raise ConfigError(f"'{key}' is not used by method '{method}', which trains on {lists}: remove it, or "
+                              "set the method that uses it")
+        if self.deepspeed_config is not None:
+            if not isinstance(load_json(self.deepspeed_config, ConfigError, "deepspeed_config"), dict):
+                raise ConfigError(f"deepspeed_config {self.deepspeed_config}: expected a JSON object (DeepSpeed's "
+                                  "config keys)")
         self._validate_prediction_type(method)
         from fewstep import lora_formats, metrics  # noqa: E402 (import here: they import nothing of config)
         self.lora_export_formats = lora_formats.normalize_formats(self.lora_export_formats)
@@ -320,7 +331,7 @@ def _coerce(key: str, value: Any) -> Any:
     except (ValueError, TypeError, json.JSONDecodeError):
         raise ConfigError(f"'{key}' expects {typ}, got {value!r}") from None
     if meta["choices"] is not None and value not in meta["choices"]:
-        valid = ", ".join(str(c) for c in meta["choices"] if c is not None)
+        valid = ", ".join("null" if c is None else str(c) for c in meta["choices"])
         hint = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"] if c is not None], n=1)
         raise ConfigError(f"'{key}' must be one of: {valid}; got {value!r}" + (f" (did you mean '{hint[0]}'?)"
                                                                                 if hint else ""))
@@ -365,8 +376,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
         data = load_json(path, ConfigError, "config file")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object of options")
+        spelled: dict[str, str] = {}
         for k, v in data.items():
-            raw[normalize_key(k)], source[normalize_key(k)] = v, f" in {path}"
+            key = normalize_key(k)
+            if key in spelled:  # '--model_family' and 'model_family': which one was meant?
+                raise ConfigError(f"{path}: '{key}' is given twice (as {spelled[key]!r} and {k!r}); keep one")
+            spelled[key] = k
+            raw[key], source[key] = v, f" in {path}"
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for k, v in (overrides or {}).items():

@@ -29,6 +29,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
 
     transformer.requires_grad_(False)
     targets = cfg.lora_targets or list(adapter.default_lora_targets)
+    check_targets(transformer, targets)
     transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                        target_modules=targets, init_lora_weights=True))
     if anystep_embeddings:
@@ -39,6 +40,20 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     if "comfyui" in getattr(cfg, "lora_export_formats", ()):  # refuse now what the export could not write later
         lora_formats.check_modules(adapter.family, _lora_scales(transformer), _layers_per_block(transformer))
     return trainable
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every LoRA target must name modules of the model as peft matches a list (the full name, or its dotted tail):
+    a typo in one of several targets would otherwise adapt fewer layers without a word."""
+    import difflib
+
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        tails = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)})
+        hints = [f"'{t}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(t, tails, n=1)) else f"'{t}'"
+                 for t in missing]
+        raise ConfigError(f"lora_targets: no module of {type(model).__name__} is named {', '.join(hints)}")
 
 
 def _gathered(params):

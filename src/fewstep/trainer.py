@@ -42,13 +42,12 @@ def train(cfg: Config) -> dict:
     preemption.install()
     allocator = host_memory.fix_mmap_threshold(cfg.malloc_mmap_threshold)  # before anything large is allocated
     info = setup_distributed(cfg.distributed_timeout_seconds)
-    log_main(info.is_main, f"host memory: {allocator}")
     run_dir.resolve_paths(cfg, info)
     with run_dir.locked(cfg.output_dir, info):
-        return _train(cfg, info)
+        return _train(cfg, info, allocator)
 
 
-def _train(cfg: Config, info: DistInfo) -> dict:
+def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
     seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
@@ -80,8 +79,9 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     engine, optimizer, scheduler = build_engine(cfg, transformer, trainable, ds_config)
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
+    log_main(is_main, f"host memory: {allocator}")
     log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
-                      f"world {info.world_size} | ZeRO-{cfg.zero_stage} | {dtype} | {len(dataset)} samples @ "
+                      f"world {info.world_size} | ZeRO-{ds_config['zero_optimization']['stage']} | {dtype} | {len(dataset)} samples @ "
                       f"{resolution}px")
 
     phases: list[Phase] = build_phases(cfg, info)

@@ -106,7 +106,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
     log = summary(data, samples, skipped)
     if probed:
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
-                   f"({len(samples)} usable; the others were remembered from earlier runs)")
+                   f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
     extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
     caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
                       model_key(cfg.model_family, cfg.pretrained_model_name_or_path), data.default_text_cache_dir,
