@@ -142,3 +142,36 @@ def test_ema_weights_swap_into_every_zero_stage():
     assert proc.stdout.count("ALL SWAPS OK") == 2
     assert proc.stdout.count("swap ok:") == 10
     assert "FusedAdam" in proc.stdout and "DeepSpeedCPUAdam" in proc.stdout
+
+
+def test_deepspeeds_deprecated_collective_names_do_not_flood_the_log(tmp_path):
+    """torch 2.13 warns on every call of the collective names DeepSpeed's ZeRO-3 uses (dozens a step); after
+    `quiet_deprecated_collectives` (called by setup_distributed) they are silent, other FutureWarnings are not."""
+    import subprocess
+    import sys
+
+    code = f"""
+import warnings, torch, torch.distributed as dist
+from fewstep.engine.distributed import quiet_deprecated_collectives
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+x = torch.ones(3)
+
+def calls():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet and quiet_deprecated_collectives()
+        dist.all_gather_into_tensor(torch.empty(3), x)
+        dist.reduce_scatter_tensor(torch.empty(3), x)
+        warnings.warn("another", FutureWarning)
+    return sorted(str(w.message)[:40] for w in seen if w.category is FutureWarning)
+
+quiet = False
+loud = calls()
+quiet = True
+print(len(loud), calls())
+dist.destroy_process_group()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "['another']"], out.stdout  # the two deprecations are torch's today

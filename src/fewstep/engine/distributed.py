@@ -25,6 +25,7 @@ import re
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -140,6 +141,7 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     import deepspeed
     import deepspeed.ops
 
+    quiet_deprecated_collectives()
     # On CPU, DeepSpeed would JIT-build a shared-memory comm op at init (~50 s, no benefit for training): skip it.
     if not cuda:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -153,6 +155,13 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     if world_size() > 1:  # a rank that dies silently is noticed by the others' waits
         liveness.start(_store(), rank(), max(timeout_seconds, liveness.MIN_SECONDS))
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def quiet_deprecated_collectives() -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 gathers and reduce-scatters call torch.distributed's older names, which torch 2.13
+    deprecates with a FutureWarning per call (dozens a step): nothing a user can act on, and it buries the log."""
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
 
 
 def teardown() -> None:
