@@ -18,7 +18,7 @@ from fewstep import preemption  # noqa: E402
 preemption.install()  # first: a SIGUSR1/SIGTERM during imports, model load or engine set-up must not kill the task
 
 from fewstep.config import describe_options, load_config  # noqa: E402
-from fewstep.errors import NonFiniteStop, UserError  # noqa: E402
+from fewstep.errors import UserError, exit_status  # noqa: E402
 
 
 def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         if os.environ.get("FEWSTEP_DEBUG") == "1":
             raise
         report(e)
-        return 1 if isinstance(e, (NonFiniteStop, RankFailed)) else 2
+        return exit_status(e)
     teardown()
     return 0
 

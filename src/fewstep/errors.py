@@ -24,3 +24,14 @@ class NonFiniteStop(UserError):
 
 class ModelFamilyError(UserError, ValueError):
     """The model source names another family than `model_family` (e.g. 'tiny:sd3' with model_family flux)."""
+
+
+def exit_status(error: BaseException) -> int:
+    """The launcher's exit status for an error it reports in one line: 2 for a mistake in the user's input, 1 for a
+    run that failed on its way (a non-finite stop, or another rank's failure that was not such a mistake: an error
+    carrying `exit_status`, as `RankFailed` does, keeps the failing rank's)."""
+    if isinstance(error, NonFiniteStop):
+        return 1
+    if isinstance(error, UserError):
+        return 2
+    return getattr(error, "exit_status", 1)

@@ -80,6 +80,7 @@ def test_node_local_output_dir_is_refused_by_name(tmp_path):
     cfg = write_config(str(tmp_path), backend, output_dir=str(node_local / "run"), cache_dir=str(tmp_path / "c"))
     results = _launch_nodes(cfg, str(node_local), _free_port())
     rc, out, err = results[0]
+    # both ranks find the mistake; whichever reports first, rank 0 ends with status 2 (its own error or rank 1's)
     assert rc == 2, f"{out[-2000:]}\n{err[-3000:]}"
     assert f"output_dir '{node_local / 'run'}' is not shared by all 2 ranks" in err
     assert "Traceback" not in err
@@ -106,6 +107,7 @@ def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
         cfg = write_config(str(tmp_path), str(backend), cache_dir=str(tmp_path / "c"))
         results = _launch_nodes(cfg, str(node_local), _free_port(), rank0_files=str(tmp_path / "src"))
         rc, out, err = results[0]
-        assert rc == 1 and results[1][0] == 2, f"{out[-2000:]}\n{err[-3000:]}\n{results[1][2][-3000:]}"
+        # rank 0 ends as the failing rank 1 does: a user's mistake (node-local data), exit status 2
+        assert rc == 2 and results[1][0] == 2, f"{out[-2000:]}\n{err[-3000:]}\n{results[1][2][-3000:]}"
         assert f"fewstep: rank 1 {expected}" in err and "does not exist" in err, err[-3000:]
         assert "Traceback" not in err

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fewstep.engine import liveness
-from fewstep.errors import UserError
+from fewstep.errors import UserError, exit_status
 
 
 class LaunchError(UserError, RuntimeError):
@@ -259,7 +259,12 @@ def all_gather_object(obj) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 
 class RankFailed(RuntimeError):
-    """Another rank failed inside `uneven_work`; this rank stops instead of waiting for it."""
+    """Another rank failed inside `uneven_work`; this rank stops instead of waiting for it. `exit_status` is the one
+    the failing rank exits with (2 when it was the user's mistake: every rank then ends as that rank does)."""
+
+    def __init__(self, message: str, exit_status: int = 1):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 _ABORT_KEY = "fewstep/abort"
@@ -278,7 +283,8 @@ def _store_lost(tag: str, error: Exception) -> RankFailed:
 
 def _check_abort(store) -> None:
     if store.check([_ABORT_KEY]):
-        raise RankFailed(store.get(_ABORT_KEY).decode(errors="replace"))
+        status, _, message = store.get(_ABORT_KEY).decode(errors="replace").partition("|")
+        raise RankFailed(message, int(status))
 
 
 def wait_for_all(tag: str) -> None:
@@ -346,7 +352,7 @@ def announce_failure(error: BaseException, tag: str | None = None) -> None:
     with contextlib.suppress(Exception):
         store = _store()
         if not store.check([_ABORT_KEY]):
-            store.set(_ABORT_KEY, f"rank {rank()} failed{where}: {type(error).__name__}: {error}")
+            store.set(_ABORT_KEY, f"{exit_status(error)}|rank {rank()} failed{where}: {type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
