@@ -7,7 +7,14 @@
 --config: one or more fewstep configs; --gpus: GPUs in all, a comma list plans each (--gpus 1,8,32);
 --nodes: default ceil(gpus / 8).
 --gpu_mem_gb / --host_mem_gb: GiB per GPU / per node. Other --key value pairs override the fewstep config
-(e.g. --model_type full --lora_rank 64 --resolution 1024). Nothing touches a GPU: the model is built on meta.
+(e.g. --model_type full --lora_rank 64 --resolution 1024 --data_backend_config my_data.json). Nothing touches a GPU:
+the model is built on meta.
+
+Resolution: the one the trainer would train at, read by the trainer's own data-backend code: the largest image entry
+of data_backend_config (the config's resolution, if set, replacing every entry's, as in training); without a data
+backend the config's resolution, else 1024. Architecture: --model_config, a local diffusers folder's denoiser config,
+or for a hub id or a tiny:<family> test model the family's real one in configs/models/. The output names both
+sources. A config or data backend the trainer would reject exits 2 with one `fewstep plan: ...` line.
 """
 import argparse
 import sys

@@ -11,12 +11,15 @@ Device and precision: --device defaults to cuda when torch sees a GPU, else cpu;
 fp32. --offload model|sequential keeps the weights in CPU memory and lets diffusers move them to the GPU as needed
 (for pipelines that do not fit; needs accelerate; nothing to do on --device cpu). All noise (the start noise and
 TwinFlow's stochastic steps) is drawn on the CPU in fp32 from --seed, so a seed gives the same noise on every device
-and dtype (whatever the torch version: before 2.13 its CPU bf16 normals are another stream). A mistake (unknown dtype, a GPU asked for that is not there, a directory that is no fewstep export) ends in
-one `fewstep: ...` line and exit status 2.
+and dtype (whatever the torch version: before 2.13 its CPU bf16 normals are another stream). A mistake (unknown
+dtype, a GPU asked for that is not there, a directory that is no fewstep export, a number out of range) ends in one
+`fewstep: ...` line and exit status 2.
 """
 import argparse
 import functools
+import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="LoRA directory (twinflow/flow), or a full fine-tune output directory")
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="sampling steps; twinflow accepts several (e.g. 1 2 4); glance: must equal the list length")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the training resolution)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="pixels, rounded down to the model's multiple (default: the training resolution)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on cpu)")
     p.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
@@ -62,6 +66,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=0, help="untimed pipeline calls before the timed ones")
     p.add_argument("--json", default=None, help="also write device, dtype, load and per-image times to this file")
     return p
+
+
+SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+
+
+def check_numbers(args) -> None:
+    """Each numeric option on its own, before anything loads (argparse checked the types): a value out of range is a
+    SamplingError naming the option, the value and what it takes. `check_twinflow_grid` checks the sigma grid the
+    sampler options make together, `model_resolution` the resolution against the model."""
+    from fewstep.sampling import SamplingError
+    from fewstep.schedulers import TwinFlowScheduler
+
+    gap_start = inspect.signature(TwinFlowScheduler).parameters["gap_start"].default  # the grid's start, u = 0.001
+    rules = [
+        ("--steps", args.steps, lambda n: n >= 1, "integers >= 1"),
+        ("--resolution", args.resolution, lambda r: r >= 1, "a positive number of pixels"),
+        ("--seed", args.seed, lambda s: 0 <= s <= SEED_MAX, f"an integer from 0 to 2**64 - 1 ({SEED_MAX})"),
+        ("--warmup", args.warmup, lambda n: n >= 0, "an integer >= 0"),
+        ("--stochastic-ratio", args.stochastic_ratio, lambda s: 0 <= s <= 1, "a number in [0, 1]"),
+        ("--gap-end", args.gap_end, lambda g: 0 <= g < 1 - gap_start,
+         f"a number in [0, {1 - gap_start:g}) (the sigma grid runs from u = {gap_start:g} to 1 - gap_end)"),
+        ("--kumaraswamy", args.kumaraswamy, lambda k: 0 < k < math.inf, "three positive finite numbers A B C"),
+    ]
+    for option, value, ok, expected in rules:
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v is not None and not ok(v)]
+        if bad:
+            raise SamplingError(f"{option}: got {' '.join(map(str, bad))}, expected {expected}")
+
+
+def check_twinflow_grid(steps: int, args) -> None:
+    """The TwinFlow sampler for `steps` NFE builds its sigma grid (before anything loads): the options can be valid
+    one by one and still collapse the grid (e.g. --gap-end 0.99 at 8 steps, --kumaraswamy 1000 1 1)."""
+    from fewstep.sampling import SamplingError
+    from fewstep.schedulers.twinflow import default_gap_end
+
+    scheduler = twinflow_scheduler(steps, args)
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError:
+        gap_end, kumaraswamy = scheduler.config.gap_end, scheduler.config.kumaraswamy
+        gap_end = default_gap_end(steps) if gap_end is None else gap_end
+        raise SamplingError(f"the TwinFlow sigma grid for {steps} steps (gap end {gap_end:g}, Kumaraswamy "
+                            f"{' '.join(f'{k:g}' for k in kumaraswamy)}) collapses: its sigmas must be distinct, in "
+                            "(0, 1]; change --gap-end or --kumaraswamy") from None
+
+
+def model_resolution(res: int, adapter, model: str) -> int:
+    """`res` rounded down to the model's multiple (VAE x patch factor, from its VAE config: no weights are read), as
+    training buckets are; a SamplingError below it."""
+    from fewstep.data.prepare import resolution_multiple
+    from fewstep.sampling import SamplingError
+
+    m = resolution_multiple(adapter, model)
+    if res < m:
+        raise SamplingError(f"--resolution: got {res}, expected at least {m} (sides are a multiple of {m} for "
+                            f"{adapter.family})")
+    if res % m:
+        print(f"fewstep: --resolution {res} is not a multiple of {m}: sampling at {res // m * m}", file=sys.stderr)
+    return res // m * m
 
 
 def twinflow_scheduler(steps: int, args, base_config=None, prediction_type: str = "flow_matching"):
@@ -99,6 +162,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     from fewstep.sampling import (SamplingError, anystep_dir, dtype_name, resolve_device, resolve_dtype,
                                   run_info)
 
+    check_numbers(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     offload = args.offload
@@ -126,7 +190,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         steps_list = args.steps or ([2] if args.method == "twinflow" else [20])
     if args.method == "twinflow":  # sampler settings checked before anything loads
         for n in steps_list:
-            twinflow_scheduler(n, args)
+            check_twinflow_grid(n, args)
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -136,8 +200,10 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
 
     cfg = info["config"]
     adapter = get_adapter(cfg["model_family"])
+    model = args.model or cfg["pretrained_model_name_or_path"]
+    res = model_resolution(args.resolution or info.get("resolution") or 32, adapter, model)
     t_load = time.perf_counter()
-    comps = adapter.load(args.model or cfg["pretrained_model_name_or_path"], dtype=dtype)
+    comps = adapter.load(model, dtype=dtype)
     full_dir = os.path.join(run_dir, adapter.denoiser_subfolder)
     if os.path.isdir(full_dir):  # a full fine-tune
         comps.denoiser = adapter.denoiser_cls.from_pretrained(full_dir, dtype=dtype)
@@ -167,7 +233,6 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     prompt_kwargs.setdefault("guidance_scale", 0.0)
     _sync(device)
     load_s = time.perf_counter() - t_load
-    res = args.resolution or info.get("resolution") or 32
 
     def generate(n):
         gen = torch.Generator().manual_seed(args.seed)  # CPU noise, fp32: the same on every device and dtype

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from fewstep.planning import (GiB, LAYOUTS, AnyStep, ParamCounts, ZeroKnobs, build_meta_transformer, count_params,
-                              layout_memory, load_model_config, lora_param_count, plan_memory, resolve_model_config)
+                              format_table, layout_memory, load_model_config, lora_param_count, plan_memory,
+                              resolve_model_config)
 from fewstep.planning.model import MODEL_CONFIG_DIR
 from fewstep_testing import run
 
@@ -50,6 +51,13 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the SDXL adapter's defaul
 def cfg(**kw):
     base = {"model_family": "flux", "model_type": "full", "pretrained_model_name_or_path": "tiny:flux"}
     return {**base, **kw}
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    """The shipped configs name their data backend relative to the repository root, and the planner reads it (as the
+    trainer does) relative to the working directory."""
+    monkeypatch.chdir(ROOT)
 
 
 # ------------------------------------------------------------------------------------------------ parameter counts
@@ -323,6 +331,90 @@ def test_local_diffusers_folder_is_read(tmp_path):
                            lora_targets=UNET_TARGETS), text_tokens=8)
     assert plan.model == "UNet2DConditionModel"
     assert plan.counts.frozen == sum(p.numel() for p in build_meta_transformer(SMALL_UNET).parameters())
+
+
+# --------------------------------------------------------------------------- resolution and architecture sources
+def _backend(tmp_path, name, *entries):
+    """A multidatabackend.json whose image folders do not exist: the planner reads sizes, not images."""
+    path = tmp_path / name
+    path.write_text(json.dumps([{"backend": "simple", "image_dir": str(tmp_path / "absent"), **e} for e in entries]))
+    return str(path)
+
+
+def test_resolution_is_the_trainers(tmp_path):
+    """The planner trains at the data backend's resolution, read by the trainer's own code (load_data_config and
+    Geometry): the largest image entry, the config's resolution replacing each entry's, SimpleTuner's area map."""
+    flux = json.loads((ROOT / "configs" / "glance" / "flux.json").read_text())
+    mc = load_model_config(MODEL_CONFIG_DIR / "flux_dev.json")
+    plan = lambda **kw: plan_memory({**flux, **kw}, model_config=mc)  # noqa: E731
+    at1024 = plan()  # configs/glance/multidatabackend.json: 1024 (its image folder need not exist)
+    mdb512 = _backend(tmp_path, "mdb512.json", {"resolution": 512})
+    at512 = plan(data_backend_config=mdb512)
+    assert at1024.settings["resolution"] == 1024
+    assert at512.settings["resolution"] == 512 and at512.settings["image_tokens"] == 32 ** 2
+    assert 0 < at512.configured.acts < at1024.configured.acts / 2
+    assert at512.configured.total < at1024.configured.total
+    assert at1024.settings["resolution_source"] == "data_backend_config configs/glance/multidatabackend.json entry 0"
+    assert at512.settings["resolution_source"] == f"data_backend_config {mdb512} entry 0"
+    two = _backend(tmp_path, "two.json", {"id": "small", "resolution": 512}, {"id": "big", "resolution": 768})
+    s = plan(data_backend_config=two).settings
+    assert s["resolution"] == 768 and "entry 1 ('big') (the largest of 2 image entries)" in s["resolution_source"]
+    s = plan(data_backend_config=two, resolution=256).settings  # the config's resolution wins, as in training
+    assert s["resolution"] == 256 and "resolution 256 applied to every entry" in s["resolution_source"]
+    area = _backend(tmp_path, "area.json", {"resolution": 0.25, "resolution_type": "area", "crop": False})
+    s = plan(data_backend_config=area).settings  # 0.25 MP trains at 512 x 512 (SimpleTuner's map)
+    assert s["resolution"] == 512 and "aspect buckets vary per image" in s["resolution_source"]
+    # no data backend: the config's resolution, else the planner's stated default
+    assert plan_memory(cfg(resolution=64), model_config=TINY, text_tokens=8).settings["resolution_source"] == \
+        "the config's resolution (no data_backend_config)"
+    s = plan_memory(cfg(), model_config=TINY, text_tokens=8).settings
+    assert s["resolution"] == 1024 and s["resolution_source"].startswith("the planner's default")
+    with pytest.raises(ValueError, match="must be an integer >= 8 pixels"):  # the trainer's own check
+        plan(data_backend_config=_backend(tmp_path, "bad.json", {"resolution": "big"}))
+    with pytest.raises(ValueError, match=r"bad\.json entry 0: resolution 500 must be a multiple of 16"):
+        plan(data_backend_config=_backend(tmp_path, "bad.json", {"resolution": 500}))
+
+
+def test_tiny_model_plans_the_real_architecture_and_says_so():
+    """tiny:<family> (a few-MB CPU test model) stands for its family: the plan is the real architecture's, and says so
+    in one line (a hub id's plan names the shipped config too)."""
+    plan = plan_memory(ROOT / "configs" / "demo" / "glance.json")
+    line = ("architecture: tiny:flux is a test model; planning the real FLUX.1 architecture "
+            "(configs/models/flux_dev.json) instead (--model_config plans another)")
+    assert plan.settings["model_source"] == line and format_table(plan).splitlines()[1] == line
+    assert round(plan.counts.frozen / 1e9, 3) == PUBLISHED["flux_dev.json"]
+    assert plan.settings["resolution"] == 32  # configs/demo/multidatabackend.json, as the demo trains
+    mc = load_model_config(MODEL_CONFIG_DIR / "flux_dev.json")
+    assert plan_memory(ROOT / "configs" / "demo" / "glance.json", model_config=mc).settings["model_source"] == \
+        "architecture: model_config given as a dict"
+
+
+def test_cli_prints_resolution_and_architecture(tmp_path):
+    """`--data_backend_config mdb512.json` plans at 512 px and says so; a tiny test model says that the real
+    architecture is planned instead; a data backend the trainer would reject is one `fewstep plan:` line, exit 2."""
+    mdb512 = _backend(tmp_path, "mdb512.json", {"resolution": 512})
+    configs = [str(ROOT / "configs" / "glance" / "flux.json"), str(ROOT / "configs" / "demo" / "glance.json")]
+    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config", *configs,
+                           "--data_backend_config", mdb512], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    real, demo = re.split(r"\n(?=FluxTransformer2DModel:)", proc.stdout)
+    for table in (real, demo):
+        assert f"\nresolution: 512px, from data_backend_config {mdb512} entry 0\n" in table
+        assert ", 512px = 1024 image + 512 text tokens" in table
+    assert "\narchitecture: configs/models/flux_dev.json (model_family flux's shipped FLUX.1, for " \
+           "black-forest-labs/FLUX.1-dev)\n" in real
+    assert "\narchitecture: tiny:flux is a test model; planning the real FLUX.1 architecture " \
+           "(configs/models/flux_dev.json) instead" in demo
+    assert demo.startswith("FluxTransformer2DModel: 11.91")  # the real 11.9B transformer (+ LoRA)
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config",
+                           str(ROOT / "configs" / "demo" / "glance.json"), "--data_backend_config", str(bad)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("fewstep")]
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert len(ours) == 1 and ours[0].startswith(f"fewstep plan: {bad}: not valid JSON"), proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------- measured on CPU

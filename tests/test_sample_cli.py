@@ -88,7 +88,9 @@ def _randn_of_torch_before_2_13(monkeypatch):
     """torch.randn as torch < 2.13 draws on the CPU: bf16/fp16 normals from another stream than fp32's (the low 8
     bits of each word as the uniform), so a seed gives unrelated start noise in bf16. Emulated as the fp32 draw
     reversed and negated: the same distribution, other noise."""
-    real = torch.randn
+    with torch.device("cpu"):  # torch caches its factory functions for device contexts at their first use: make it
+        torch.empty(0)          # happen now, or the cache would hold this stand-in for good (and the real randn
+    real = torch.randn          # would escape later `with torch.device("meta")` blocks, e.g. the memory planner's)
 
     def randn(*size, generator=None, dtype=None, device=None, **kw):
         if dtype in (torch.bfloat16, torch.float16) and torch.device(device or "cpu").type == "cpu":
@@ -182,14 +184,41 @@ def test_cuda_without_a_gpu(runs, capsys):
     assert "--device cuda needs a CUDA GPU" in _error_line(capsys, rc)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--device", "cuda:64"], "cuda:64"),
-    (["--steps", "3"], "--steps for Glance must be the Slow+Fast list length, 6"),
+@pytest.mark.parametrize("method, argv, message", [
+    ("glance", ["--device", "tpu"], "unknown device 'tpu'"),
+    ("glance", ["--device", "cuda:64"], "cuda:64"),
+    ("glance", ["--steps", "3"], "--steps for Glance must be the Slow+Fast list length, 6"),
+    ("twinflow", ["--steps", "0"], "--steps: got 0, expected integers >= 1"),
+    ("flow", ["--steps", "2", "-1"], "--steps: got -1, expected integers >= 1"),
+    ("twinflow", ["--gap-end", "5"], "--gap-end: got 5.0, expected a number in [0, 0.999)"),
+    ("twinflow", ["--gap-end", "nan"], "--gap-end: got nan, expected a number in [0, 0.999)"),
+    ("twinflow", ["--stochastic-ratio", "-0.5"], "--stochastic-ratio: got -0.5, expected a number in [0, 1]"),
+    ("twinflow", ["--kumaraswamy", "1", "inf", "1"], "--kumaraswamy: got inf, expected three positive finite"),
+    ("twinflow", ["--kumaraswamy", "1000", "1", "1"], "the TwinFlow sigma grid for 2 steps (gap end 0.6, "
+                                                      "Kumaraswamy 1000 1 1) collapses"),
+    ("flow", ["--resolution", "0"], "--resolution: got 0, expected a positive number of pixels"),
+    ("twinflow", ["--resolution", "-32"], "--resolution: got -32, expected a positive number of pixels"),
+    ("flow", ["--resolution", "3"], "--resolution: got 3, expected at least 4 (sides are a multiple of 4 for flux)"),
+    ("flow", ["--seed", "-1"], "--seed: got -1, expected an integer from 0 to 2**64 - 1"),
+    ("twinflow", ["--seed", str(2 ** 64)], f"--seed: got {2 ** 64}, expected an integer from 0 to 2**64 - 1"),
+    ("flow", ["--warmup", "-1"], "--warmup: got -1, expected an integer >= 0"),
 ])
-def test_bad_requests_end_in_one_line(runs, capsys, argv, message):
-    rc = CLI.main([*_method_args(runs, "glance"), "--prompt", "x", *argv])
+def test_bad_requests_end_in_one_line(runs, capsys, monkeypatch, method, argv, message):
+    """Found before any model loads (--resolution against the model's multiple reads its VAE config only)."""
+    from fewstep.models import FlowModelAdapter
+
+    def load(*a, **kw):
+        raise AssertionError("loaded a model for a request that cannot run")
+    monkeypatch.setattr(FlowModelAdapter, "load", load)
+    rc = CLI.main([*_method_args(runs, method), "--prompt", "x", *argv])
     assert message in _error_line(capsys, rc)
+
+
+def test_resolution_rounds_down_to_the_model_multiple(runs, tmp_path, capsys):
+    rec, ims = _sample(["--method", "flow", "--lora", runs("flow"), "--steps", "1", "--device", "cpu",
+                        "--resolution", "22", "--output", str(tmp_path / "a.png")])
+    assert rec["resolution"] == 20 and ims[0].shape == (20, 20, 3)
+    assert "fewstep: --resolution 22 is not a multiple of 4: sampling at 20" in capsys.readouterr().err
 
 
 def test_not_a_run_dir_and_missing_arguments(tmp_path, capsys):
@@ -240,8 +269,11 @@ def test_twinflow_sampler_flags(runs, tmp_path):
     for i, flags in enumerate(others):
         _, im = _sample([*base, *flags, "--output", str(tmp_path / f"o{i}.png")])
         assert not np.array_equal(im[0], default[0]), flags
-    proc = subprocess.run([PY, "launcher/sample.py", "--prompt", PROMPT, *base, "--stochastic-ratio", "2",
-                           "--output", str(tmp_path / "bad.png")], cwd=REPO, env=cpu_env(), capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("fewstep:") and "stochastic_ratio" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    bad = {"--stochastic-ratio: got 2.0": ["--stochastic-ratio", "2"], "--gap-end: got 5.0": ["--gap-end", "5"],
+           "--steps: got 0": ["--steps", "0"], "--resolution: got 0": ["--resolution", "0"]}
+    procs = {message: subprocess.Popen([PY, "launcher/sample.py", "--prompt", PROMPT, *base, *flags, "--output",
+                                        str(tmp_path / "bad.png")], cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) for message, flags in bad.items()}
+    for message, proc in procs.items():  # one line each, so no traceback
+        err = proc.communicate(timeout=300)[1].strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"fewstep: {message}"), (message, err)

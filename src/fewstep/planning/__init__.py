@@ -4,7 +4,8 @@
     print(format_table(plan)); plan.recommended.name                 # e.g. "ZeRO-2"
 
 The denoiser (a transformer, or SDXL's UNet) is built on the meta device (`model`), its activations are traced there
-(`activations`), and each ZeRO layout's per-GPU memory follows DeepSpeed's own bookkeeping (`layouts`). The CLI is
+(`activations`), and each ZeRO layout's per-GPU memory follows DeepSpeed's own bookkeeping (`layouts`) at the
+resolution the trainer would train at (`resolution`: the data backend's, read by the trainer's own code). The CLI is
 `launcher/plan.py`.
 """
 from fewstep.planning.activations import Activations, model_activations, trace_activations  # noqa: F401
@@ -29,5 +30,7 @@ from fewstep.planning.model import (  # noqa: F401
     count_params,
     load_model_config,
     lora_param_count,
+    model_config_source,
     resolve_model_config,
 )
+from fewstep.planning.resolution import Resolution, training_resolution  # noqa: F401

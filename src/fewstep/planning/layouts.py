@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.planning.activations import Activations, cached_activations, default_text_tokens
-from fewstep.planning.model import AnyStep, ParamCounts, build_meta_transformer, count_params, resolve_model_config
+from fewstep.planning.model import AnyStep, ParamCounts, build_meta_transformer, count_params, model_config_source
+from fewstep.planning.resolution import training_resolution
 
 GiB = 2 ** 30
 
@@ -212,21 +213,25 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
     cfg: a fewstep Config, config dict or JSON path. nodes: default ceil(gpus / 8). gpu_mem_gb, host_mem_gb: GiB per
     GPU, per node. model_config: a diffusers config path or dict instead of the family's shipped one. A layout fits
     when its total (overhead_gb of CUDA context / NCCL included) is within (1 - margin) of gpu_mem_gb; the
-    recommendation is the first fitting layout of `LAYOUTS`.
+    recommendation is the first fitting layout of `LAYOUTS`. The resolution is the one the trainer would use
+    (`fewstep.planning.resolution`: the data backend's, or the config's `resolution`); a data backend the trainer would
+    reject raises its DataError (a ValueError). `settings` records where the resolution and the architecture come
+    from (`resolution_source`, `model_source`), and `format_table` prints both.
     """
     cfg = as_config(cfg)
     nodes = nodes or -(-gpus // 8)
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise ValueError(f"gpus must be a positive multiple of nodes, got gpus={gpus}, nodes={nodes}")
-    res = cfg.resolution or 1024
-    if res % 16:
-        raise ValueError(f"resolution must be a multiple of 16 (VAE /8, then 2x2 patches or a UNet's downsampling), "
-                         f"got {res}")
-    mc = model_config if isinstance(model_config, dict) else resolve_model_config(
-        cfg.model_family, cfg.pretrained_model_name_or_path, model_config)
     from fewstep.models import get_adapter
 
     adapter = get_adapter(cfg.model_family)
+    resolution = training_resolution(cfg, adapter)
+    res = resolution.pixels
+    if res % 16:
+        raise ValueError(f"resolution must be a multiple of 16 (VAE /8, then 2x2 patches or a UNet's downsampling), "
+                         f"got {res} (from {resolution.source})")
+    mc, model_source = (model_config, "architecture: model_config given as a dict") if isinstance(model_config, dict) \
+        else model_config_source(cfg.model_family, cfg.pretrained_model_name_or_path, model_config)
     knobs = knobs or knobs_for(cfg)
     bf16, lora, twinflow = cfg.bf16, cfg.model_type == "lora", cfg.resolved_method == "twinflow"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -254,7 +259,8 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
     configured = next((lay for lay in layouts if (lay.stage, lay.offload_optimizer, lay.offload_param) ==
                        (cfg.zero_stage, cfg.offload_optimizer, cfg.offload_param)), None)
     settings = dict(model_type=cfg.model_type, lora_rank=cfg.lora_rank if lora else None, method=cfg.resolved_method,
-                    resolution=res, image_tokens=(res // 16) ** 2, text_tokens=txt, batch=cfg.train_batch_size,
+                    resolution=res, resolution_source=resolution.source, model_source=model_source,
+                    image_tokens=(res // 16) ** 2, text_tokens=txt, batch=cfg.train_batch_size,
                     checkpointing=cfg.gradient_checkpointing, precision="bf16" if bf16 else "fp32", ema=cfg.use_ema,
                     gpus=gpus, nodes=nodes, gpu_mem_gb=gpu_mem_gb, host_mem_gb=host_mem_gb, overhead_gb=overhead_gb,
                     margin=margin, optimizer="fused Adam" if knobs.fused_adam else "torch AdamW")
@@ -267,7 +273,8 @@ def format_table(plan: Plan) -> str:
     g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     mode = f"LoRA r{s['lora_rank']}" if s["model_type"] == "lora" else "full fine-tuning"
     lines = [f"{plan.model}: {c.total / 1e9:.3f}B params, {c.trainable / 1e6:,.1f}M trainable ({mode}), "
-             f"{c.frozen / 1e9:.3f}B frozen",
+             f"{c.frozen / 1e9:.3f}B frozen", s["model_source"],
+             f"resolution: {s['resolution']}px, from {s['resolution_source']}",
              f"{s['method']}, {s['precision']}, {s['resolution']}px = {s['image_tokens']} image + {s['text_tokens']} "
              f"text tokens, batch {s['batch']}/GPU, checkpointing {'on' if s['checkpointing'] else 'off'}, "
              f"EMA {'on' if s['ema'] else 'off'}, {s['optimizer']}",

@@ -17,9 +17,10 @@ from torch import nn
 from fewstep.jsonfile import load_json
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
-# shipped architecture per model family (used when the pretrained path is a hub id rather than a local folder)
+# shipped architecture per model family (used when the pretrained path is a hub id or `tiny:<family>`, not a folder)
 FAMILY_MODEL_CONFIGS = {"qwenimage": "qwen_image.json", "flux": "flux_dev.json", "sd3": "sd35_large.json",
                         "sdxl": "sdxl.json"}
+FAMILY_NAMES = {"qwenimage": "Qwen-Image", "flux": "FLUX.1", "sd3": "SD3.5 Large", "sdxl": "SDXL"}  # for messages
 DENOISER_SUBFOLDERS = ("transformer", "unet")  # where a diffusers pipeline folder keeps its denoiser
 
 
@@ -35,13 +36,23 @@ def load_model_config(path: str | os.PathLike) -> dict:
 
 def resolve_model_config(family: str, name_or_path: str | None, model_config: str | None = None) -> dict:
     """The denoiser config to plan for: an explicit JSON, a local diffusers folder (its `transformer/` or `unet/`
-    config, or a config.json at its top), or the family's shipped one."""
+    config, or a config.json at its top), or the family's shipped one (`model_config_source` says which)."""
+    return model_config_source(family, name_or_path, model_config)[0]
+
+
+def model_config_source(family: str, name_or_path: str | None, model_config: str | None = None) -> tuple[dict, str]:
+    """`resolve_model_config`'s config and one line saying where it came from (the plan prints it).
+
+    A hub id and fewstep's `tiny:<family>` test model both plan the family's shipped (real) architecture: the planner
+    answers whether a config fits on GPUs, its token counts are the real pipelines' (VAE /8, the pipeline's text
+    length), and a tiny model is a CPU stand-in for its family. The line says so; `model_config` plans another."""
     if model_config:
-        return load_model_config(model_config)
+        return load_model_config(model_config), f"architecture: model_config {model_config}"
     if name_or_path and os.path.isdir(name_or_path):
         for sub in [f"{d}/config.json" for d in DENOISER_SUBFOLDERS] + ["config.json"]:
             if os.path.isfile(os.path.join(name_or_path, sub)):
-                return load_model_config(os.path.join(name_or_path, sub))
+                path = os.path.join(name_or_path, sub)
+                return load_model_config(path), f"architecture: {path} (the local diffusers folder)"
         raise ValueError(f"pretrained_model_name_or_path {name_or_path!r} is a folder without transformer/config.json "
                          "or unet/config.json (the denoiser: a transformer or a UNet)")
     from fewstep.models import get_adapter
@@ -50,7 +61,15 @@ def resolve_model_config(family: str, name_or_path: str | None, model_config: st
     if key not in FAMILY_MODEL_CONFIGS:
         raise ValueError(f"model_family {family!r} has no shipped architecture (known: "
                          f"{', '.join(FAMILY_MODEL_CONFIGS)}); pass --model_config <diffusers config.json>")
-    return load_model_config(MODEL_CONFIG_DIR / FAMILY_MODEL_CONFIGS[key])
+    path = MODEL_CONFIG_DIR / FAMILY_MODEL_CONFIGS[key]
+    shown = path.relative_to(MODEL_CONFIG_DIR.parents[1]).as_posix()
+    if str(name_or_path or "").startswith("tiny:"):
+        line = (f"architecture: {name_or_path} is a test model; planning the real {FAMILY_NAMES[key]} architecture "
+                f"({shown}) instead (--model_config plans another)")
+    else:
+        line = (f"architecture: {shown} (model_family {family}'s shipped {FAMILY_NAMES[key]}"
+                + (f", for {name_or_path})" if name_or_path else ")"))
+    return load_model_config(path), line
 
 
 def build_meta_transformer(model_config: dict, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
