@@ -80,8 +80,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
     log_main(is_main, f"host memory: {allocator}")
+    stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
     log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
-                      f"world {info.world_size} | ZeRO-{ds_config['zero_optimization']['stage']} | {dtype} | {len(dataset)} samples @ "
+                      f"world {info.world_size} | ZeRO-{stage} | {dtype} | {len(dataset)} samples @ "
                       f"{resolution}px")
 
     phases: list[Phase] = build_phases(cfg, info)
