@@ -153,3 +153,17 @@ def test_deepspeed_config_must_be_a_json_object(tmp_path):
     bad.write_text("[3]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
+
+
+def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):
+    """configs/deepspeed/zero3.json sets stage 3 while zero_stage stays at its default 2: offload_param is valid
+    there, and a file that sets stage 2 refuses it, naming the file."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(ds), "offload_param": True})))
+    assert cfg.offload_param and cfg.zero_stage == 2
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"'offload_param' needs zero_stage 3 \(got ZeRO stage 2 from "
+                                          r"deepspeed_config"):
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(ds), "offload_param": True,
+                                                            "zero_stage": 3})))

@@ -204,10 +204,20 @@ class Config:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, str):
             self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got zero_stage 0)")
-        if self.offload_param and self.zero_stage != 3:
-            raise ConfigError("'offload_param' needs zero_stage 3 (got zero_stage %d)" % self.zero_stage)
+        user_ds = {}
+        if self.deepspeed_config is not None:
+            user_ds = load_json(self.deepspeed_config, ConfigError, "deepspeed_config")
+            if not isinstance(user_ds, dict):
+                raise ConfigError(f"deepspeed_config {self.deepspeed_config}: expected a JSON object (DeepSpeed's "
+                                  "config keys)")
+        zero = user_ds.get("zero_optimization") or {}
+        stage = zero.get("stage", self.zero_stage)  # the file's wins, as in the engine's config
+        where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if "stage" in zero \
+            else f"zero_stage {stage}"
+        if self.offload_optimizer and stage == 0:
+            raise ConfigError(f"'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got {where})")
+        if self.offload_param and stage != 3:
+            raise ConfigError(f"'offload_param' needs zero_stage 3 (got {where})")
         lo, hi = (list(self.twinflow_enhanced_range) + [None, None])[:2]
         if lo is None or hi is None or not (0.0 <= lo < hi <= 1.0):
             raise ConfigError(f"'twinflow_enhanced_range' must be [lo, hi] with 0 <= lo < hi <= 1, got "
@@ -234,10 +244,6 @@ class Config:
                      "'flow_custom_timesteps' (or nothing)")
             raise ConfigError(f"'{key}' is not used by method '{method}', which trains on {lists}: remove it, or "
                               "set the method that uses it")
-        if self.deepspeed_config is not None:
-            if not isinstance(load_json(self.deepspeed_config, ConfigError, "deepspeed_config"), dict):
-                raise ConfigError(f"deepspeed_config {self.deepspeed_config}: expected a JSON object (DeepSpeed's "
-                                  "config keys)")
         self._validate_prediction_type(method)
         from fewstep import lora_formats, metrics  # noqa: E402 (import here: they import nothing of config)
         self.lora_export_formats = lora_formats.normalize_formats(self.lora_export_formats)
