@@ -54,6 +54,9 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--a", "1", "--b=2", "--flag"]) == {"a": "1", "b": "2", "flag": "true"}
     with pytest.raises(ConfigError, match="unexpected command-line argument"):
         parse_overrides(["oops"])
+    with pytest.raises(ConfigError, match=r"--max_train_steps needs a value \(--max_train_steps VALUE; Optimizer"):
+        parse_overrides(["--max_train_steps", "--use_ema"])  # a bare flag is true: only booleans can be one
+    assert parse_overrides(["--use_ema", "--max-train-steps=3"]) == {"use_ema": "true", "max_train_steps": "3"}
 
 
 @pytest.mark.parametrize("bad, message", [

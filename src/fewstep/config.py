@@ -370,6 +370,9 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         else:
             k, v = tok, "true"
             i += 1
+            key = normalize_key(k)
+            if key in FIELDS and "bool" not in FIELDS[key].type:  # a bare flag is true: only booleans are flags
+                raise ConfigError(f"{tok} needs a value ({tok} VALUE; {FIELDS[key].metadata['help']})")
         out[normalize_key(k)] = v
     return out
 
