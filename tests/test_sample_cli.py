@@ -277,3 +277,26 @@ def test_twinflow_sampler_flags(runs, tmp_path):
     for message, proc in procs.items():  # one line each, so no traceback
         err = proc.communicate(timeout=300)[1].strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"fewstep: {message}"), (message, err)
+
+
+def test_readmes_diffusers_snippet_runs_as_written(runs):
+    """The README's TwinFlow sampling snippet (stock FluxPipeline + TwinFlowScheduler + the any-step embeddings), as
+    written but for the LoRA folder, on the tiny pipeline the LoRA was trained on: it must run and use the trained
+    any-step embeddings (it once skipped adding them and failed)."""
+    import re
+
+    from diffusers import FluxPipeline
+
+    from fewstep.models.tiny import ensure_tiny_pipeline
+    from fewstep.sampling import run_info
+
+    with open(os.path.join(REPO, "README.md")) as fh:
+        blocks = re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+    snippet = next(b for b in blocks if "FluxPipeline" not in b and "pipe.transformer" in b)
+    run_dir = runs("twinflow")
+    assert run_info(run_dir)["config"]["pretrained_model_name_or_path"] == "tiny:flux"
+    scope = {"pipe": FluxPipeline.from_pretrained(str(ensure_tiny_pipeline("flux")))}
+    exec(snippet.replace('"output/twinflow"', repr(run_dir)), scope)
+    assert scope["image"].size == (256, 256)  # the tiny pipeline's default size
+    embed = scope["pipe"].transformer.anystep_embed
+    assert embed.sign_embed.weight.abs().sum() > 0  # the trained any-step weights, not the zero-initialised ones
