@@ -105,6 +105,12 @@ def test_schedule_errors(glance_run):
         glance_pipeline_sample(pipe, kw, s, f, SLOW, FAST, num_inference_steps=8)
     with pytest.raises(ValueError, match="strictly decrease"):
         glance_pipeline_sample(pipe, kw, s, f, SLOW, [0.99, 0.5])
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shifting in ({"shift": 3.0}, {"use_dynamic_shifting": True}):  # a stock FLUX / Qwen-Image scheduler shifts
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(**shifting)  # custom sigmas: the lists would not be used
+        with pytest.raises(ValueError, match="shifts the sigmas it is given"):
+            glance_pipeline_sample(pipe, kw, s, f, SLOW, FAST)
 
 
 def test_sample_cli_writes_png(glance_run, tmp_path):

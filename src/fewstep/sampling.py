@@ -105,6 +105,12 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
 
     sigmas, boundary = glance_schedule(slow, fast)
     steps = len(sigmas) - 1
+    config = pipe.scheduler.config
+    if config.get("use_dynamic_shifting") or config.get("shift", 1.0) != 1.0:  # diffusers would shift the lists
+        raise ValueError(f"glance_pipeline_sample: the pipeline's {type(pipe.scheduler).__name__} shifts the sigmas it "
+                         f"is given (use_dynamic_shifting={config.get('use_dynamic_shifting')}, "
+                         f"shift={config.get('shift')}), but the Slow/Fast lists are the schedule itself: set "
+                         "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)")
     if num_inference_steps is not None and num_inference_steps != steps:
         raise ValueError(f"num_inference_steps={num_inference_steps} must equal the Slow+Fast list length ({steps})")
     if slow_dir is not None or fast_dir is not None:
