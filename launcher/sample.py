@@ -5,6 +5,7 @@
   python launcher/sample.py --method twinflow --lora OUT --steps 2 --prompt "..." --seed 0
   python launcher/sample.py --method flow --lora OUT --steps 20 --prompt "..."
   python launcher/sample.py ... --device cuda:1 --dtype fp32 --offload model --json timings.json
+  python launcher/sample.py --method glance ... --cfg-scale 5 --negative-prompt " "     # Qwen-Image's default
 
 The base model is read from the run's fewstep_run.json unless --model is given. Images are written as PNG.
 Device and precision: --device defaults to cuda when torch sees a GPU, else cpu; --dtype to bf16 on such a GPU, else
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-end", type=float, default=None, help="twinflow: end gap of the sigma grid. Default: preset")
     p.add_argument("--kumaraswamy", type=float, nargs=3, default=None, metavar=("A", "B", "C"),
                    help="twinflow: time warp of the sigma grid (1 1 1: none). Default: preset")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance with --negative-prompt (1: none; 2x the model calls). Default: none "
+                        "for twinflow (its target distils guidance); for glance and flow the family's: Qwen-Image 5 "
+                        "(as Glance's reference), others none")
+    p.add_argument("--negative-prompt", default=" ", help="the prompt CFG steers away from (default ' ')")
     p.add_argument("--warmup", type=int, default=0, help="untimed pipeline calls before the timed ones")
     p.add_argument("--json", default=None, help="also write device, dtype, load and per-image times to this file")
     return p
@@ -84,6 +90,7 @@ def check_numbers(args) -> None:
         ("--resolution", args.resolution, lambda r: r >= 1, "a positive number of pixels"),
         ("--seed", args.seed, lambda s: 0 <= s <= SEED_MAX, f"an integer from 0 to 2**64 - 1 ({SEED_MAX})"),
         ("--warmup", args.warmup, lambda n: n >= 0, "an integer >= 0"),
+        ("--cfg-scale", args.cfg_scale, lambda s: 1 <= s < math.inf, "a number >= 1 (1: no CFG)"),
         ("--stochastic-ratio", args.stochastic_ratio, lambda s: 0 <= s <= 1, "a number in [0, 1]"),
         ("--gap-end", args.gap_end, lambda g: 0 <= g < 1 - gap_start,
          f"a number in [0, {1 - gap_start:g}) (the sigma grid runs from u = {gap_start:g} to 1 - gap_end)"),
@@ -228,8 +235,11 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     place_pipeline(pipe, device, offload)
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
     # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
-    prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]),
+    cfg_scale = args.cfg_scale or (1.0 if args.method == "twinflow" else adapter.sample_cfg_scale)
+    negative = adapter.encode_prompts(comps, [args.negative_prompt]) if cfg_scale > 1 else None
+    prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]), negative,
                                                    guidance=cfg.get("flux_guidance_value"))
+    prompt_kwargs.update(adapter.pipeline_cfg_kwargs(cfg_scale))  # 1: off (Qwen-Image's pipeline default is 4)
     prompt_kwargs.setdefault("guidance_scale", 0.0)
     _sync(device)
     load_s = time.perf_counter() - t_load
@@ -267,7 +277,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     return {"method": args.method, "family": adapter.family, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": dtype_name(dtype), "offload": offload, "resolution": res, "load_s": load_s, "warmup": args.warmup,
-            "runs": runs,
+            "cfg_scale": cfg_scale, "runs": runs,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 

@@ -300,3 +300,23 @@ def test_readmes_diffusers_snippet_runs_as_written(runs):
     assert scope["image"].size == (256, 256)  # the tiny pipeline's default size
     embed = scope["pipe"].transformer.anystep_embed
     assert embed.sign_embed.weight.abs().sum() > 0  # the trained any-step weights, not the zero-initialised ones
+
+
+def test_classifier_free_guidance(runs, tmp_path):
+    """--cfg-scale: with the prompt itself as the negative, CFG is the conditional prediction (the same image as no
+    CFG); with another negative the image changes. Off by default for FLUX (Qwen-Image's default is 5, as Glance's
+    reference samples it), and always off by default for TwinFlow (its target distils the guidance)."""
+    from fewstep.models import get_adapter
+
+    base = [*_method_args(runs, "glance"), "--device", "cpu"]
+    rec, plain = _sample([*base, "--output", str(tmp_path / "a.png")])
+    assert rec["cfg_scale"] == 1.0
+    _, same = _sample([*base, "--cfg-scale", "4", "--negative-prompt", PROMPT, "--output", str(tmp_path / "b.png")])
+    rec, guided = _sample([*base, "--cfg-scale", "4", "--output", str(tmp_path / "c.png")])
+    assert rec["cfg_scale"] == 4.0
+    assert _rel(same[0], plain[0]) < 1e-6 and _rel(guided[0], plain[0]) > 0.05, (_rel(same[0], plain[0]),
+                                                                                  _rel(guided[0], plain[0]))
+    assert get_adapter("qwenimage").sample_cfg_scale == 5.0 and get_adapter("flux").sample_cfg_scale == 1.0
+    rec, _ = _sample(["--method", "twinflow", "--lora", runs("twinflow"), "--steps", "1", "--device", "cpu",
+                      "--output", str(tmp_path / "t.png")])
+    assert rec["cfg_scale"] == 1.0

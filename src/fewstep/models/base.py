@@ -81,6 +81,8 @@ class FlowModelAdapter:
     hook_time_scale: float = 1000.0  # time_text_embed's first argument = hook_time_scale * sigma
     packed: bool = False  # True: latents enter the transformer as 2x2-patch tokens [B, h*w/4, 4C]
     default_guidance: float = 1.0  # distilled-guidance value when the transformer has guidance_embeds
+    cfg_scale_kwarg: str = "guidance_scale"  # the pipeline argument scaling classifier-free guidance
+    sample_cfg_scale: float = 1.0  # CFG its multi-step samples take by default (1: none)
     default_text_len: int = 512  # the pipeline __call__ default max_sequence_length (long text encoder)
     diffusion_base: bool = False  # an epsilon/v-prediction model that `forward` bridges to flow (diff2flow)
 
@@ -357,6 +359,10 @@ class FlowModelAdapter:
 
     def _pipeline_guidance_kwargs(self, has_negative: bool, guidance: float | None) -> dict[str, Any]:
         return {}
+
+    def pipeline_cfg_kwargs(self, scale: float) -> dict[str, Any]:
+        """The pipeline kwarg for classifier-free guidance at `scale` (with negative embeddings in the call)."""
+        return {self.cfg_scale_kwarg: float(scale)}
 
     def start_noise(self, comps: ModelComponents, batch: int, height: int, width: int,
                     generator: torch.Generator) -> torch.Tensor:

@@ -18,6 +18,7 @@ class FluxAdapter(FlowModelAdapter):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     hook_time_scale = 1000.0  # FluxTransformer2DModel multiplies the [0,1] timestep by 1000 before time_text_embed
+    cfg_scale_kwarg = "true_cfg_scale"  # guidance_scale is the distilled-guidance embedding's value
     packed = True
 
     def _encode_prompt_batch(self, pipe, prompts, **kwargs):

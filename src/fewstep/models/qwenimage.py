@@ -22,6 +22,8 @@ class QwenImageAdapter(FlowModelAdapter):
     hook_time_scale = 1.0  # QwenTimestepProjEmbeddings gets the [0,1] timestep (its time_proj scales by 1000)
     default_text_len = 512  # QwenImagePipeline.__call__ default (encode_prompt alone allows 1024)
     packed = True
+    cfg_scale_kwarg = "true_cfg_scale"
+    sample_cfg_scale = 5.0  # Glance's reference samples Qwen-Image with true CFG 5, negative prompt " "
 
     def vae_scale_factor(self, vae):
         return 2 ** len(vae.temperal_downsample)
