@@ -68,11 +68,10 @@ def randn_streams() -> str:
     (torch 2.13), about 1.4 where bf16 has its own (the first GPU check's torch 2.11, its 1.37 sampling mismatch)."""
     import torch
 
-    draw = {d: torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=d) for d in (torch.float32,
-                                                                                                 torch.bfloat16)}
-    return (f"torch {torch.__version__}: CPU randn bf16 vs fp32 from one seed: rel. distance "
-            f"{rel(draw[torch.bfloat16], draw[torch.float32]):.4f}, bf16 max |x| {draw[torch.bfloat16].abs().max():.2f} "
-            "(the pipelines' start noise is drawn in fp32 either way)")
+    fp32, bf16 = (torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=d)
+                  for d in (torch.float32, torch.bfloat16))
+    return (f"torch {torch.__version__}: CPU randn bf16 vs fp32 from one seed: rel. distance {rel(bf16, fp32):.4f}, "
+            f"bf16 max |x| {bf16.abs().max():.2f} (the pipelines' start noise is drawn in fp32 either way)")
 
 
 def part_a() -> list[str]:
