@@ -210,9 +210,8 @@ class Config:
             if not isinstance(user_ds, dict):
                 raise ConfigError(f"deepspeed_config {self.deepspeed_config}: expected a JSON object (DeepSpeed's "
                                   "config keys)")
-        zero = user_ds.get("zero_optimization") or {}
-        stage = zero.get("stage", self.zero_stage)  # the file's wins, as in the engine's config
-        where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if "stage" in zero \
+        stage = zero_stage_in_use(self.zero_stage, user_ds)
+        where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if stage_set_by(user_ds) \
             else f"zero_stage {stage}"
         if self.offload_optimizer and stage == 0:
             raise ConfigError(f"'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got {where})")
@@ -287,6 +286,17 @@ class Config:
                               "with 'twinflow_allow_no_ema_teacher': true (or 'twinflow_require_ema': false)")
         if self.flow_custom_timesteps is not None:
             raise ConfigError("'flow_custom_timesteps' cannot be combined with TwinFlow (it samples its own times)")
+
+
+def stage_set_by(user_ds: dict) -> bool:
+    """Whether a deepspeed_config file's contents set the ZeRO stage."""
+    return "stage" in (user_ds.get("zero_optimization") or {})
+
+
+def zero_stage_in_use(zero_stage: int, user_ds: dict) -> int:
+    """The ZeRO stage training runs: the deepspeed_config file's `zero_optimization.stage` if it sets one (e.g.
+    configs/deepspeed/zero3.json), else the `zero_stage` option."""
+    return (user_ds.get("zero_optimization") or {}).get("stage", zero_stage)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

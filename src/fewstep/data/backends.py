@@ -211,9 +211,11 @@ def _kind(entry: dict, where: str) -> str:
     return dataset_type
 
 
-def load_data_config(path: str, resolution_override: Optional[int] = None) -> DataConfig:
+def load_data_config(path: str, resolution_override: Optional[int] = None,
+                     images_must_exist: bool = True) -> DataConfig:
     """Parse a multidatabackend.json (a list of entries, or one entry). `resolution_override` (the config's
-    `resolution`, in pixels) replaces every image entry's resolution; an `area` entry then reads it as pixel_area."""
+    `resolution`, in pixels) replaces every image entry's resolution; an `area` entry then reads it as pixel_area.
+    `images_must_exist` False: image folders are not looked for (the memory planner reads sizes, not images)."""
     entries = load_json(path, DataError, "data_backend_config")
     if isinstance(entries, dict):
         entries = [entries]
@@ -253,20 +255,20 @@ def load_data_config(path: str, resolution_override: Optional[int] = None) -> Da
     for i, key, where, entry, kind in live:
         if kind == "image":
             config.images.append(_image_entry(entry, key, where, path, resolution_override, text, image_embeds,
-                                              default))
+                                              default, images_must_exist))
     if not config.images:
         raise DataError(f"{path}: no enabled image entries")
     return config
 
 
 def _image_entry(entry: dict, key: str, where: str, path: str, override, text: dict, image_embeds: dict,
-                 default_text) -> ImageEntry:
+                 default_text, must_exist: bool = True) -> ImageEntry:
     _check_keys(entry, IMAGE_KEYS, where)
     image_dir = entry.get("instance_data_dir", entry.get("image_dir"))
     if image_dir is None:
         raise DataError(f"{where}: needs 'instance_data_dir' (or 'image_dir'): the folder of images")
     image_dir = _local_dir(image_dir, "instance_data_dir" if "instance_data_dir" in entry else "image_dir", where,
-                           path, True)
+                           path, must_exist)
     res_type = _choice(entry, "resolution_type", where, RESOLUTION_TYPES, "pixel")
     resolution = entry.get("resolution")
     if override is not None:

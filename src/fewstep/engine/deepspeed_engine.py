@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fewstep.config import ConfigError
+from fewstep.config import ConfigError, zero_stage_in_use
 
 PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
 
@@ -22,7 +22,7 @@ def build_ds_config(cfg) -> dict:
     else `zero_stage`; the stage-3 defaults below follow it. The merged result is checked before anything is built.
     """
     user = _read_user_config(cfg.deepspeed_config)
-    stage = user.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+    stage = zero_stage_in_use(cfg.zero_stage, user)
     zero = {"stage": stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if stage == 3:

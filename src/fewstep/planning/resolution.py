@@ -12,15 +12,10 @@ the adapter's patch factor), not read from a VAE config, since a hub model is no
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 
 DEFAULT_RESOLUTION = 1024
 VAE_FACTOR = 8  # the shipped architectures' VAEs downsample 8x (as `activations` assumes)
-IMAGE_DIR_KEYS = ("instance_data_dir", "image_dir")  # an image entry's folder (fewstep.data.backends)
 
 
 @dataclass(frozen=True)
@@ -41,11 +36,8 @@ def training_resolution(cfg, adapter) -> Resolution:
     from fewstep.data.buckets import Geometry
 
     multiple = VAE_FACTOR * adapter.patch_factor(None)
-    with _with_existing_folders(cfg.data_backend_config) as path:
-        images = load_data_config(path, cfg.resolution).images
-        sizes = [(Geometry(entry, multiple).square[0], entry.where.replace(path, cfg.data_backend_config), entry)
-                 for entry in images]
-    side, where, entry = max(sizes, key=lambda s: s[0])
+    images = load_data_config(cfg.data_backend_config, cfg.resolution, images_must_exist=False).images
+    side, where, entry = max(((Geometry(e, multiple).square[0], e.where, e) for e in images), key=lambda s: s[0])
     source = f"data_backend_config {where}"
     if len(images) > 1:
         source += f" (the largest of {len(images)} image entries)"
@@ -55,27 +47,3 @@ def training_resolution(cfg, adapter) -> Resolution:
         source += "; planned at its square size (its aspect buckets vary per image)"
     return Resolution(side, source)
 
-
-@contextlib.contextmanager
-def _with_existing_folders(path: str):
-    """A copy of the data backend file whose image folders exist (a temporary folder), for `load_data_config`, which
-    requires them; a DataError raised inside names the original file. A file that is not a list or an object of
-    entries is passed through unchanged, for the parser's own error."""
-    from fewstep.data.errors import DataError
-    from fewstep.jsonfile import load_json
-
-    entries = load_json(path, DataError, "data_backend_config")
-    items = [entries] if isinstance(entries, dict) else entries
-    if not isinstance(items, list):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="fewstep-plan-") as tmp:
-        items = [{**e, **{k: tmp for k in IMAGE_DIR_KEYS if isinstance(e.get(k), str)}} if isinstance(e, dict) else e
-                 for e in items]
-        copy = os.path.join(tmp, os.path.basename(path))
-        with open(copy, "w") as fh:
-            json.dump(items, fh)
-        try:
-            yield copy
-        except DataError as e:
-            raise DataError(str(e).replace(copy, path)) from None
