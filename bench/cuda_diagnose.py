@@ -170,29 +170,37 @@ class _null:
         return False
 
 
+def run_trainer(cfg: dict, change: dict, tmp: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """launcher/train.py on `cfg` with one suspect `change` applied: config keys, a `deepspeed_config` dict,
+    `_env` (environment) or `_sdpa` (torch.backends.cuda switches set before the trainer starts)."""
+    cfg = {**cfg, **{k: v for k, v in change.items() if k not in ("deepspeed_config", "_env", "_sdpa")}}
+    if change.get("deepspeed_config") is not None:
+        cfg["deepspeed_config"] = os.path.join(tmp, "ds.json")
+        with open(cfg["deepspeed_config"], "w") as fh:
+            json.dump(change["deepspeed_config"], fh)
+    path = os.path.join(tmp, "config.json")
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
+    cmd = [sys.executable, "launcher/train.py", "--config", path]
+    switches = "".join(f"torch.backends.cuda.{k}({v}); " for k, v in change.get("_sdpa", {}).items())
+    if switches:  # the trainer as its own __main__, after the switches
+        cmd = [sys.executable, "-c", f"import runpy, sys, torch; {switches}sys.argv = {cmd[1:]!r}; "
+               "runpy.run_path('launcher/train.py', run_name='__main__')"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **change.get("_env", {})})
+
+
 def part_b(out: str, variants: int) -> list[str]:
+    """Writes out/fix.json: the first GPU variant that trained all 3 steps, when the GPU check's own config did not
+    (the GPU check's train step then trains with it, so that sampling still gets a LoRA to measure)."""
     rows = ["| variant | exit | steps logged | first non-finite report | cached latents / embeddings finite | s |",
             "|---|---:|---:|---|---|---:|"]
+    base_trained = None
     for name, change in VARIANTS[:variants]:
         cfg = {**BASE_CONFIG, "output_dir": os.path.join(out, re.sub(r"\W+", "_", name))}
-        ds = change.get("deepspeed_config")
-        cfg.update({k: v for k, v in change.items() if k not in ("deepspeed_config", "_env", "_sdpa")})
-        switches = "".join(f"torch.backends.cuda.{k}({v}); " for k, v in change.get("_sdpa", {}).items())
+        t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            if ds is not None:
-                cfg["deepspeed_config"] = os.path.join(tmp, "ds.json")
-                with open(cfg["deepspeed_config"], "w") as fh:
-                    json.dump(ds, fh)
-            path = os.path.join(tmp, "config.json")
-            with open(path, "w") as fh:
-                json.dump(cfg, fh)
-            t0 = time.time()
-            cmd = [sys.executable, "launcher/train.py", "--config", path]
-            if switches:  # the trainer as its own __main__, after the switches
-                cmd = [sys.executable, "-c", f"import runpy, sys, torch; {switches}sys.argv = {cmd[1:]!r}; "
-                       "runpy.run_path('launcher/train.py', run_name='__main__')"]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, **change.get("_env", {})})
+            proc = run_trainer(cfg, change, tmp)
         text = proc.stdout + proc.stderr
         bad = re.findall(r"fewstep: step \d+: (non-finite[^\n]*|gradient norm[^\n]*)", text)
         applied = _applied_steps(cfg["output_dir"])
@@ -200,6 +208,13 @@ def part_b(out: str, variants: int) -> list[str]:
         rows.append(f"| {name} | {proc.returncode} | {applied} | {first} | {_cache_finite(cfg['output_dir'])} | "
                     f"{time.time() - t0:.0f} |")
         print(rows[-1], flush=True)
+        trained = proc.returncode == 0 and applied == str(BASE_CONFIG["max_train_steps"])
+        if base_trained is None:
+            base_trained = trained
+        elif (not base_trained and trained and "CUDA_VISIBLE_DEVICES" not in change.get("_env", {})
+              and not os.path.exists(os.path.join(out, "fix.json"))):
+            with open(os.path.join(out, "fix.json"), "w") as fh:
+                json.dump({"name": name, "change": change}, fh)
     return rows
 
 
@@ -231,7 +246,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "output", "cuda_diagnose"))
     ap.add_argument("--parts", default="a,b")
     ap.add_argument("--variants", type=int, default=len(VARIANTS), help="run the first N training variants")
+    ap.add_argument("--train", metavar="CONFIG", help="instead: train CONFIG with --fix's change (GPU check)")
+    ap.add_argument("--fix", metavar="FIX_JSON", help="a fix.json written by part B")
     args = ap.parse_args(argv)
+    if args.train:
+        with open(args.train) as fh:
+            cfg = json.load(fh)
+        with open(args.fix) as fh:
+            fix = json.load(fh)
+        print(f"cuda_diagnose: training {args.train} with '{fix['name']}' ({fix['change']})", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = run_trainer(cfg, fix["change"], tmp, timeout=600)
+        print(proc.stdout + proc.stderr)
+        return proc.returncode
     os.makedirs(args.out, exist_ok=True)
     md = ["### CUDA diagnosis (`bench/cuda_diagnose.py`)", ""]
     if "a" in args.parts:

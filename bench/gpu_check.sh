@@ -23,7 +23,8 @@
 #   train_step   110  bench/train_step.py: Qwen-Image, 8 blocks at real width, 1024², TwinFlow LoRA r64, then
 #                     the flow-matching peer anchor (s/step, MFU, peak memory, share outside transformer calls)
 #   train         60  launcher/train.py: 20-step TwinFlow LoRA (bf16, EMA, adversarial branch, fused kernels) on
-#                     tiny:flux, or GPU_CHECK_TRAIN_MODEL (a diffusers folder of family GPU_CHECK_TRAIN_FAMILY)
+#                     tiny:flux, or GPU_CHECK_TRAIN_MODEL (a diffusers folder of family GPU_CHECK_TRAIN_FAMILY);
+#                     if the diagnosis found this config non-finite and one change that trains, with that change
 #   sample        50  launcher/sample.py on that LoRA at 1 and 2 NFE (cuda, bf16, one untimed warm-up), then
 #                     1 NFE with --offload model and --offload sequential
 #   sample_tests  90  pytest tests/test_sample_cli.py's CUDA test (cuda bf16 vs cpu fp32, both offloads; it trains
@@ -241,11 +242,19 @@ step_train() {
  "gradient_accumulation_steps": 1, "max_train_steps": $steps, "mixed_precision": "bf16",
  "checkpointing_steps": 0, "validation_steps": 0, "validation_guidance": 0.0, "report_to": "none"}
 EOF
-    tmo "$PY" launcher/train.py --config "$WORK/train_config.json"
+    local fix=$WORK/diagnose/fix.json  # the diagnosis found the stock config non-finite and this change trains
+    if [[ -f $fix ]]; then
+        echo "train: the diagnosis found a change that trains on this GPU; training with it: $(cat "$fix")"
+        tmo "$PY" bench/cuda_diagnose.py --train "$WORK/train_config.json" --fix "$fix"
+    else
+        tmo "$PY" launcher/train.py --config "$WORK/train_config.json"
+    fi
 }
 
 step_sample() {
-    local common=(launcher/sample.py --method twinflow --lora "$WORK/train" --prompt "a red circle" --seed 0)
+    local method=twinflow  # a diagnosis fix may have turned TwinFlow off (bench/cuda_diagnose.py's fix.json)
+    if grep -qs '"twinflow_enabled": false' "$WORK/diagnose/fix.json"; then method=flow; fi
+    local common=(launcher/sample.py --method "$method" --lora "$WORK/train" --prompt "a red circle" --seed 0)
     tmo "$PY" "${common[@]}" --steps 1 2 --warmup 1 --output "$WORK/sample.png" --json "$WORK/sample.json"
     local mode
     for mode in model sequential; do
