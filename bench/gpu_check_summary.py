@@ -96,7 +96,8 @@ def build(work, mode, command):
     env = _json(os.path.join(work, "env.json")) or {}
     rows, steps_md = steps_table(work)
     kernels_md = (_read(os.path.join(work, "kernels.md")) or "").strip()
-    ts = {k: _json(os.path.join(work, f"{k}.json")) for k in ("train_step", "train_step_flow")}
+    runs = ("train_step", "train_step_all_rows", "train_step_flow")
+    ts = {k: _json(os.path.join(work, f"{k}.json")) for k in runs}
     train = train_figures(work)
     samples = sample_rows(work)
     tests = {k: pytest_outcome(_read(os.path.join(work, f"{k}.log"))) for k in ("kernel_tests", "sample_tests")}
@@ -118,12 +119,14 @@ def build(work, mode, command):
     md += ["### Kernel parity tests on CUDA", "", f"`pytest tests/kernels`: {tests['kernel_tests'] or 'no result'}", ""]
     md += ["### Kernels (`bench/kernels.py`)", "", kernels_md or "no result", ""]
     md += ["### Training step (`bench/train_step.py`)", ""]
-    keys = ("device", "family", "blocks", "resolution", "batch", "method", "lora_rank", "params_base",
+    keys = ("device", "family", "blocks", "resolution", "batch", "method", "teacher_rows", "lora_rank", "params_base",
             "params_trainable", "s_per_step", "s_per_step_per_block", "samples_per_s", "tflop_per_step",
             "achieved_tflops", "peak_bf16_tflops_measured", "mfu", "peak_mem_gib", "non_model_share")
-    have = [k for k in ("train_step", "train_step_flow") if ts[k]]
+    have = [k for k in runs if ts[k]]
     if have:
-        md += ["| metric | " + " | ".join(ts[k]["method"] for k in have) + " |", "|---|" + "---:|" * len(have)]
+        names = [ts[k]["method"] + (f" ({ts[k]['teacher_rows']} rows)" if ts[k]["method"] == "twinflow" else "")
+                 for k in have]
+        md += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(have)]
         md += [f"| {k} | " + " | ".join(_fmt(ts[h].get(k)) for h in have) + " |" for k in keys]
     else:
         md.append("no result")

@@ -41,6 +41,8 @@ def parse(argv):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--method", default="twinflow", choices=("twinflow", "flow"))
     p.add_argument("--lora_rank", type=int, default=64, help="0 = full fine-tuning")
+    p.add_argument("--teacher_rows", default="used", choices=("used", "all"),
+                   help="TwinFlow: teacher passes on the used rows (default) or the whole batch (reference)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, one step: checks the script runs")
@@ -187,6 +189,7 @@ def main(argv):
                  "train_batch_size": args.batch, "gradient_checkpointing": True, "zero_stage": 2,
                  "mixed_precision": "bf16", "use_ema": args.method == "twinflow", "ema_decay": 0.99,
                  "twinflow_enabled": args.method == "twinflow", "twinflow_adversarial_enabled": True,
+                 "twinflow_teacher_rows": args.teacher_rows,
                  **FAMILY_OVERRIDES.get(args.family, {})}
     cfg = load_config(None, overrides)
     adapter = get_adapter(args.family)
@@ -253,9 +256,11 @@ def main(argv):
     achieved = flops / step_s / 1e12
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
     blocks = transformer_blocks(transformer)
-    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke, not a figure)",
+    device = "cpu (smoke, not a figure)" if args.smoke else "cpu"
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else device,
            "family": args.family, "blocks": blocks, "resolution": smoke_res if args.smoke else args.resolution,
-           "batch": args.batch, "method": args.method, "lora_rank": args.lora_rank, "params_base": n_total,
+           "batch": args.batch, "method": args.method, "teacher_rows": args.teacher_rows,
+           "lora_rank": args.lora_rank, "params_base": n_total,
            "params_trainable": n_train, "s_per_step": step_s, "s_per_step_per_block": step_s / max(blocks, 1),
            "samples_per_s": args.batch / step_s, "tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
            "peak_bf16_tflops_measured": peak, "mfu": achieved / peak if peak == peak else float("nan"),

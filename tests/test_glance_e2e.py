@@ -140,3 +140,26 @@ def test_seed_two_pipeline_snippet_runs_against_our_loras(glance_run):
     image = pipe_fast(prompt="your prompt", num_inference_steps=len(fast_sigmas), sigmas=fast_sigmas, height=32,
                       width=32, latents=latents, guidance_scale=1.0, generator=generator).images[0]
     assert image.size == (32, 32)
+
+
+def test_the_trainer_warns_when_flux_gets_qwen_image_lists(tmp_path, capsys):
+    """SimpleTuner's GLANCE.md gives FLUX users Qwen-Image's lists: the trainer's phases say so on rank 0 (and train
+    on them: a warning, as a user may mean it), and stay silent for FLUX's own lists and on other ranks."""
+    from fewstep.config import load_config
+    from fewstep.engine.distributed import DistInfo
+    from fewstep.steps import build_phases
+
+    qwen_slow = "1000.0,979.1915,957.5157,934.9171,911.3354"
+    backend = write_dataset(str(tmp_path), n=1)
+    main, other = DistInfo(0, 2, 0, torch.device("cpu")), DistInfo(1, 2, 1, torch.device("cpu"))
+    cfg = load_config(write_config(str(tmp_path), backend, method="glance", glance_slow_timesteps=qwen_slow,
+                                   glance_fast_timesteps=[t * 1000 for t in FAST]))
+    phases = build_phases(cfg, main)
+    out = capsys.readouterr().out
+    assert "warning: 'glance_slow_timesteps': this is Qwen-Image's Slow list" in out and "986.9786" in out
+    assert "glance_fast_timesteps" not in out and phases[0].sigmas[1] == pytest.approx(0.9791915)
+    build_phases(cfg, other)
+    cfg = load_config(write_config(str(tmp_path), backend, method="glance", glance_slow_timesteps=SLOW,
+                                   glance_fast_timesteps=FAST))
+    build_phases(cfg, main)
+    assert capsys.readouterr().out == ""

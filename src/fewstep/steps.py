@@ -13,8 +13,9 @@ import torch
 
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
+from fewstep.metrics import log_main
 from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
-from fewstep.methods.glance import CustomTimestepSampler, parse_custom_timesteps
+from fewstep.methods.glance import CustomTimestepSampler, foreign_reference_list, parse_custom_timesteps
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, next_batch, to_device, velocity_fn
 from fewstep.twinflow_step import make_twinflow_step
@@ -31,6 +32,8 @@ class Phase:
 
 
 def build_phases(cfg, info) -> list[Phase]:
+    """The training phases: one per Glance LoRA (Slow then Fast), else one. Warns on rank 0 when a timestep list is
+    another model family's Glance list (SimpleTuner's doc gives FLUX users Qwen-Image's)."""
     def sampler(sigmas):
         return CustomTimestepSampler(sigmas, cfg.flow_timesteps_mode, batch_size=cfg.train_batch_size,
                                      rank=info.rank, world_size=info.world_size)
@@ -39,12 +42,21 @@ def build_phases(cfg, info) -> list[Phase]:
     if method == "glance":
         slow = parse_custom_timesteps(cfg.glance_slow_timesteps, "glance_slow_timesteps")
         fast = parse_custom_timesteps(cfg.glance_fast_timesteps, "glance_fast_timesteps")
+        _warn_foreign_lists(cfg, info, {"glance_slow_timesteps": slow, "glance_fast_timesteps": fast})
         return [Phase("glance-slow", cfg.max_train_steps, slow, sampler(slow), "glance-slow"),
                 Phase("glance-fast", cfg.max_train_steps, fast, sampler(fast), "glance-fast")]
     if cfg.flow_custom_timesteps is not None:
         sig = parse_custom_timesteps(cfg.flow_custom_timesteps)
+        _warn_foreign_lists(cfg, info, {"flow_custom_timesteps": sig})
         return [Phase(method, cfg.max_train_steps, sig, sampler(sig))]
     return [Phase(method, cfg.max_train_steps)]
+
+
+def _warn_foreign_lists(cfg, info, lists: dict[str, list[float]]) -> None:
+    for key, sigmas in lists.items():
+        note = foreign_reference_list(cfg.model_family, sigmas)
+        if note:
+            log_main(info.is_main, f"warning: '{key}': {note}")
 
 
 def reset_trainable(engine, initial_weights, scheduler, initial_sched) -> None:

@@ -29,6 +29,11 @@ class TeacherWeights:
             ctx.__exit__(None, None, None)
 
 
+def has_dropout(module: torch.nn.Module) -> bool:
+    """Whether any dropout layer of `module` drops something (p > 0; diffusers' transformers carry p = 0 ones)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 def any_step_model(velocity) -> callable:
     """model(x, t, tt, cond) with signed times -> velocity(x, |t|, cond, tt=|tt|, sign=sign(t))."""
     def model(x, t, tt, cond):
@@ -43,6 +48,9 @@ def make_twinflow_step(ctx: StepContext):
     use_ema_teacher = ema is not None and 0.0 < cfg.ema_decay
     weights = TeacherWeights(engine, ema) if use_ema_teacher else None
     counter = {"micro": ctx.start_micro}  # resumes the group cycle exactly
+    # Teacher passes run on the rows whose output is used, unless a dropout layer would then draw other masks than
+    # the student pass did (the passes replay its RNG state; LoRA dropout > 0 is the usual case).
+    used_rows_only = cfg.twinflow_teacher_rows == "used" and not has_dropout(engine.module)
 
     def student(x, t, tt, cond):
         if weights is not None:
@@ -69,7 +77,7 @@ def make_twinflow_step(ctx: StepContext):
                 enhanced_range=tuple(cfg.twinflow_enhanced_range), adversarial=cfg.twinflow_adversarial_enabled,
                 adversarial_weight=cfg.twinflow_adversarial_weight, rectify_weight=cfg.twinflow_rectify_weight,
                 frozen_teacher=(ema is not None and ema.frozen), ema_update=update,
-                backend=ctx.backend)
+                backend=ctx.backend, used_rows_only=used_rows_only)
         finally:
             if weights is not None:
                 weights.use(False)  # the live weights are back before backward

@@ -58,3 +58,29 @@ def test_glance_schedule_is_slow_then_fast_then_zero():
     assert sigmas == [1.0, 0.97, 0.88, 0.3, 0.0] and boundary == 2
     with pytest.raises(TimestepListError, match="strictly decrease"):
         glance_schedule([1.0, 0.5], [0.6, 0.1])
+
+
+def test_flux_reference_lists_are_its_50_step_schedule_and_a_qwen_list_on_flux_is_flagged():
+    """The paper's FLUX.1 lists are FLUX's own shifted 50-step schedule (dynamic shift mu = 1.15 at 1024 px) at steps
+    1, 3, 5, 7, 9 (Slow) and 11, 21, 31, 41, 50 (Fast), derived here with diffusers' scheduler; a Qwen-Image list
+    given to FLUX (as SimpleTuner's GLANCE.md does) is named, with FLUX's own list; a family's own list is not."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.methods.glance import REFERENCE_TIMESTEPS, foreign_reference_list
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 50, 50), mu=1.15)
+    ts = sched.sigmas[:-1].double() * 1000
+    slow, fast = REFERENCE_TIMESTEPS["flux"]["FLUX.1-dev"]
+    assert torch.allclose(ts[[0, 2, 4, 6, 8]], torch.tensor(slow, dtype=torch.float64), rtol=1e-6, atol=2e-4)
+    assert torch.allclose(ts[[10, 20, 30, 40, 49]], torch.tensor(fast, dtype=torch.float64), rtol=1e-6, atol=2e-4)
+
+    qwen_slow, qwen_fast = REFERENCE_TIMESTEPS["qwen_image"]["Qwen-Image"]
+    note = foreign_reference_list("flux", parse_custom_timesteps(qwen_slow))
+    assert note and "Qwen-Image's Slow list" in note and "986.9786" in note
+    assert "Qwen-Image's Fast list" in foreign_reference_list("flux", parse_custom_timesteps(qwen_fast))
+    assert "FLUX.1-dev's Fast list" in foreign_reference_list("qwen_image", parse_custom_timesteps(fast))
+    assert foreign_reference_list("qwen_image", parse_custom_timesteps(qwen_slow)) is None
+    assert foreign_reference_list("flux", parse_custom_timesteps(slow)) is None
+    assert foreign_reference_list("flux", parse_custom_timesteps(qwen_slow[:4])) is None  # an edited list: the user's

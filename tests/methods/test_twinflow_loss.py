@@ -264,3 +264,56 @@ def test_triton_backend_matches_torch():
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("adversarial", [True, False])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_teacher_passes_on_used_rows_only_give_the_same_loss(adversarial, order):
+    """`used_rows_only`: the CFG passes see only the enhanced rows (not e2e, t = 1, nor adv) and the rollout passes
+    only the rows with a rollout (not adv, t - delta_t > tt); loss and gradients equal the whole-batch passes'."""
+    B, delta_t = 24, 0.03  # delta_t above the mul gap's mean (0.05 t / 2), so some mul rows have no rollout
+    kw = {**KW, "order": order, "delta_t": delta_t, "adversarial": adversarial, "backend": "torch"}
+    x0, cond, uncond = batch(B, torch.float64, seed=3)
+    cond["pair"] = [torch.randn(B, 2, dtype=torch.float64)]  # nested conditioning is selected by row too
+    groups = assign_groups(B, 0, adversarial=adversarial)
+    t, tt = sample_times(groups, torch.Generator().manual_seed(9), dtype=torch.float64)
+    adv = groups == ADV
+    want_cfg = int(((t > 0) & (t < 1) & ~adv).sum())
+    want_rollout = int(((t.double() - delta_t > tt.double()) & ~adv).sum())
+    assert 0 < want_cfg < B and 0 < want_rollout < B and want_rollout != want_cfg
+
+    out = {}
+    for rows_only in (False, True):
+        student, teacher = Net().double(), Net().double()
+        teacher.inp.weight.data += 0.1  # a teacher unlike the student, so that wrong rows would show
+        loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=groups, used_rows_only=rows_only,
+                                   generator=torch.Generator().manual_seed(9), **kw)
+        loss.backward()
+        out[rows_only] = (loss.detach(), [p.grad.clone() for p in student.parameters()], teacher.calls, logs)
+    (l_all, g_all, calls_all, logs_all), (l_used, g_used, calls_used, logs_used) = out[False], out[True]
+    assert [c[1] for c in calls_all] == [B] * (2 + order)
+    assert [c[1] for c in calls_used] == [want_cfg] * 2 + [want_rollout] * order
+    assert torch.allclose(l_used, l_all, rtol=1e-12, atol=0) and l_all > 0
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(g_used, g_all))
+    assert logs_used["n_enhanced"] == logs_all["n_enhanced"] == want_cfg
+
+
+@pytest.mark.parametrize("used_rows_only", [True, False])
+def test_a_rank_with_no_row_to_run_still_makes_every_teacher_pass(used_rows_only):
+    """ZeRO-3 gathers the weights inside every pass: a rank whose rows need no CFG or rollout pass (here e2e rows:
+    t = 1, tt = 0, never enhanced; the rollout's rows mask empty) must make the same passes as the others, on one row
+    whose output is dropped; skipping them hangs the ranks that have rows (a 2-rank ZeRO-3 run did)."""
+    teacher = Net().double()
+    x0, cond, uncond = batch(4, torch.float64)
+    t, tt = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    E, mask = cfg_enhanced_target(teacher, x0, t, x0, cond, uncond, ratio=0.5, used_rows_only=used_rows_only)
+    assert torch.equal(E, x0) and not mask.any()
+    assert [c[1] for c in teacher.calls] == [1, 1]
+    if used_rows_only:  # the whole-batch rollout never skips
+        acc = rcgm_rollout(teacher, x0, t, tt, x0, order=2, delta_t=0.01, cond=cond,
+                           rows=torch.zeros(4, dtype=torch.bool), used_rows_only=True)
+        assert [c[1] for c in teacher.calls] == [1, 1, 1, 1] and torch.equal(acc, torch.zeros_like(x0))
+    teacher.calls.clear()  # a range no row's t falls in: the same passes, whatever the draw
+    cfg_enhanced_target(teacher, x0, torch.full((4,), 0.5, dtype=torch.float64), x0, cond, uncond, ratio=0.5,
+                        enhanced_range=(0.6, 0.9), used_rows_only=used_rows_only)
+    assert [c[1] for c in teacher.calls] == [1, 1]

@@ -254,13 +254,13 @@ def weights_swapped_in(engine, replacement: list[torch.Tensor]):
         _check_no_alias(lowp, masters, replacement)
         with torch.no_grad(), _device_ordered():
             for lp, new in zip(lowp, replacement):
-                lp.data.copy_(new.to(lp.device, lp.dtype))
+                lp.data.copy_(new)  # casts in place: no temporary copy of the partition
         try:
             yield
         finally:
             with torch.no_grad(), _device_ordered():
                 for lp, master in zip(lowp, masters):
-                    lp.data.copy_(master.to(lp.device, lp.dtype))
+                    lp.data.copy_(master)
         return
     _check_no_alias(_regathered(engine.optimizer), masters, replacement)
     saved = [m.data for m in masters]

@@ -91,6 +91,33 @@ class CustomTimestepSampler:
         self.cursor = int(state["cursor"])
 
 
+# The paper's lists (CSU-JPG/Glance train_configs): each is its model's own 10-step schedule, split 5 + 5. Qwen-Image's
+# are shifted further toward sigma 1 than FLUX.1's; SimpleTuner's GLANCE.md applies the Qwen lists to FLUX.
+REFERENCE_TIMESTEPS = {
+    "qwen_image": {"Qwen-Image": ([1000.0, 979.1915, 957.5157, 934.9171, 911.3354],
+                                  [886.7053, 745.0728, 562.9505, 320.0802, 20.0])},
+    "flux": {"FLUX.1-dev": ([1000.0, 986.9786, 973.2042, 958.6094, 943.1188],
+                            [926.6473, 825.7017, 677.9868, 441.1997, 60.5503])},
+}
+
+
+def foreign_reference_list(model_family: str, sigmas: Sequence[float]) -> Optional[str]:
+    """A note when `sigmas` is another model's Glance list (the paper's Slow or Fast list of a family other than
+    `model_family`), naming this family's own list where the paper gives one; None otherwise."""
+    for family, models in REFERENCE_TIMESTEPS.items():
+        for model, lists in models.items():
+            for part, ts in zip(("Slow", "Fast"), lists):
+                if family == model_family or len(ts) != len(sigmas):
+                    continue
+                if all(abs(t / 1000 - s) < 1e-6 for t, s in zip(ts, sigmas)):
+                    own = next(iter(REFERENCE_TIMESTEPS.get(model_family, {}).items()), None)
+                    hint = (f"{own[0]}'s {part} list is {', '.join(map(str, own[1][part == 'Fast']))}" if own
+                            else f"a {model_family} list is points of its own sampling schedule")
+                    return (f"this is {model}'s {part} list from the Glance paper, points of that model's shifted "
+                            f"schedule, not of {model_family}'s; {hint}")
+    return None
+
+
 def glance_schedule(slow: Sequence[float], fast: Sequence[float]) -> tuple[list[float], int]:
     """The inference sigma schedule: Slow's list, then Fast's, then 0. Returns (sigmas, index where Fast starts).
 
