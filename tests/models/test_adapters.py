@@ -184,6 +184,21 @@ def test_flux_guidance_kwarg_reaches_the_model(tiny):
     assert adapter.pipeline_prompt_kwargs(cond, guidance=4.0)["guidance_scale"] == 4.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flux_position_ids_are_the_pipelines_made_once_per_shape(dtype):
+    """FLUX's position ids, made on the device once per shape, equal FluxPipeline's (made on the CPU and copied over
+    in every call), also past bf16's exact integers (256)."""
+    from diffusers import FluxPipeline
+
+    from fewstep.models.flux import position_ids
+
+    for h, w in ((3, 5), (300, 7)):
+        img, txt = position_ids(h, w, 11, torch.device("cpu"), dtype)
+        assert torch.equal(img, FluxPipeline._prepare_latent_image_ids(1, h, w, torch.device("cpu"), dtype))
+        assert torch.equal(txt, torch.zeros(11, 3, dtype=dtype)) and img.dtype == txt.dtype == dtype
+        assert position_ids(h, w, 11, torch.device("cpu"), dtype)[0] is img
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_lora_targets_exist_and_export_round_trips(tiny_dirs, family, tmp_path):
     from peft import LoraConfig

@@ -159,12 +159,13 @@ def _subset(mask: torch.Tensor, used_rows_only: bool) -> tuple[int, tuple | None
     One device->host read; indexing by the indices afterwards needs none. With no row in `mask` the passes still run,
     on one row whose output is dropped: ZeRO-3 gathers the weights inside every pass, so a rank whose data needs no
     pass must make it anyway, or the ranks whose data does would wait for it forever."""
-    n = int(mask.sum())
+    idx = mask.nonzero().squeeze(1)
+    n = idx.shape[0]
     if n == 0:
         return 0, (torch.zeros(1, dtype=torch.long, device=mask.device), mask.shape[0])
     if not used_rows_only or n == mask.shape[0]:
         return n, None
-    return n, (mask.nonzero().squeeze(1), mask.shape[0])
+    return n, (idx, mask.shape[0])
 
 
 def _rows(a, sub):

@@ -1,4 +1,6 @@
 """FLUX.1 (dev/schnell/Krea ...): CLIP-L pooled + T5 text, 2x2-packed latents, timestep in [0,1], distilled guidance."""
+import functools
+
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
@@ -28,8 +30,7 @@ class FluxAdapter(FlowModelAdapter):
     def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance):
         b = hidden.shape[0]
         txt = cond["prompt_embeds"]
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, hidden.device, hidden.dtype)
-        txt_ids = torch.zeros(txt.shape[1], 3, device=hidden.device, dtype=hidden.dtype)
+        img_ids, txt_ids = position_ids(h // 2, w // 2, txt.shape[1], hidden.device, hidden.dtype)
         return transformer(hidden_states=hidden, timestep=sigma, guidance=self._guidance(module, b, guidance,
                            hidden.device), pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=txt,
                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
@@ -37,3 +38,14 @@ class FluxAdapter(FlowModelAdapter):
     def _pipeline_guidance_kwargs(self, has_negative, guidance):
         # FluxPipeline's guidance_scale feeds the distilled guidance embedding (forward's `guidance`)
         return {"guidance_scale": self.default_guidance if guidance is None else float(guidance)}
+
+
+@functools.lru_cache(maxsize=32)
+def position_ids(h: int, w: int, text_len: int, device: torch.device, dtype: torch.dtype):
+    """(img_ids [h*w, 3] = (0, row, column), txt_ids [text_len, 3] = 0), as FluxPipeline builds them, made once per
+    shape on the device: the pipeline's helper builds them on the CPU and copies them over in every call, a copy
+    from pageable memory that waits for the GPU's queue (a TwinFlow step makes about ten calls)."""
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None].expand(h, w)
+    cols = torch.arange(w, device=device, dtype=torch.float32)[None, :].expand(h, w)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3).to(dtype)
+    return img_ids, torch.zeros(text_len, 3, device=device, dtype=dtype)
