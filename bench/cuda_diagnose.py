@@ -17,7 +17,8 @@ transformer module (in call order) whose output is more than 0.5 away from the r
 and the module furthest away.
 
 Part B (training): 3 steps of the GPU check's training config, then one variant per suspect: the same run on this
-machine's CPU (the GPU box's torch without CUDA: a torch-version cause, not a CUDA one), cuDNN attention off (torch
+machine's CPU (the GPU box's torch without CUDA: a torch-version cause, not a CUDA one), the teacher passes on the
+whole batch (as the failing run had them), cuDNN attention off (torch
 >= 2.11 prefers it for bf16 on Hopper), attention in SDPA's math kernel only, fused kernels off, overlap_comm off,
 fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0. Each row: exit status, the
 steps that were applied, and the trainer's own line naming what was non-finite (loss, gradients, this rank's
@@ -47,6 +48,7 @@ BASE_CONFIG = {"model_family": "flux", "model_type": "lora", "pretrained_model_n
 # "_env": environment changes; "_sdpa": torch.backends.cuda switches set before the trainer starts
 VARIANTS = [("as the GPU check", {}),
             ("on the CPU (no CUDA)", {"_env": {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}}),
+            ("teacher passes on the whole batch", {"twinflow_teacher_rows": "all"}),  # as on 2026-12-04
             ("cuDNN attention off", {"_sdpa": {"enable_cudnn_sdp": False}}),
             ("SDPA math only", {"_sdpa": {"enable_cudnn_sdp": False, "enable_flash_sdp": False,
                                           "enable_mem_efficient_sdp": False}}),

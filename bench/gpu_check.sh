@@ -20,9 +20,9 @@
 #   kernel_tests 110  pytest tests/kernels on CUDA (Triton kernels against their torch references)
 #   kernels       90  bench/kernels.py at 256M elements: GB/s vs copy bandwidth, against eager and
 #                     torch.compile (rows print as they finish: a cut-short step keeps them)
-#   train_step   150  bench/train_step.py: Qwen-Image, 8 blocks at real width, 1024², TwinFlow LoRA r64, the same
-#                     with --teacher_rows all (the reference's whole-batch teacher passes), then the flow-matching
-#                     peer anchor (s/step, MFU, peak memory, share outside transformer calls)
+#   train_step   160  bench/train_step.py: Qwen-Image, 8 blocks at real width, 1024², TwinFlow LoRA r64, then
+#                     the flow-matching peer anchor (s/step, MFU, peak memory, share outside transformer calls);
+#                     then TwinFlow at 512², batch 4, teacher passes on the used rows vs the whole batch (paired)
 #   train         60  launcher/train.py: 20-step TwinFlow LoRA (bf16, EMA, adversarial branch, fused kernels) on
 #                     tiny:flux, or GPU_CHECK_TRAIN_MODEL (a diffusers folder of family GPU_CHECK_TRAIN_FAMILY);
 #                     if the diagnosis found this config non-finite and one change that trains, with that change
@@ -223,17 +223,19 @@ step_kernels() {
 step_train_step() {
     local smoke=()
     if [[ $MODE == dry ]]; then smoke=(--smoke); fi
-    local run json
-    # TwinFlow (teacher passes on the used rows, the default), the same steps with the whole batch (the reference's
-    # way: same groups and times, so a paired comparison), then the flow-matching peer anchor
-    for run in twinflow twinflow_all flow; do
-        json=$WORK/train_step.json
-        local args=(--method twinflow)
+    local run json args
+    # TwinFlow and the flow-matching peer anchor at 1024², batch 1; then TwinFlow at 512², batch 4 with its teacher
+    # passes on the used rows (the default) and on the whole batch (the reference's way), a paired comparison (same
+    # groups and times; at batch 1 a rank with no used row still runs one, so the comparison needs batch >= 2)
+    for run in twinflow flow used_b4 all_b4; do
         case $run in
-            twinflow_all) json=$WORK/train_step_all_rows.json args=(--method twinflow --teacher_rows all) ;;
-            flow) json=$WORK/train_step_flow.json args=(--method flow) ;;
+            twinflow) json=$WORK/train_step.json args=(--method twinflow --resolution 1024 --batch 1) ;;
+            flow) json=$WORK/train_step_flow.json args=(--method flow --resolution 1024 --batch 1) ;;
+            used_b4) json=$WORK/train_step_used_rows.json args=(--method twinflow --resolution 512 --batch 4) ;;
+            all_b4) json=$WORK/train_step_all_rows.json
+                    args=(--method twinflow --resolution 512 --batch 4 --teacher_rows all) ;;
         esac
-        tmo "$PY" bench/train_step.py --family qwen_image --depth 8 --resolution 1024 "${args[@]}" \
+        tmo "$PY" bench/train_step.py --family qwen_image --depth 8 "${args[@]}" \
             --lora_rank 64 --warmup 2 --steps 3 --json "$json" "${smoke[@]}"
     done
 }
@@ -286,7 +288,7 @@ run_step train 60 step_train
 run_step sample 50 step_sample
 run_step sample_tests 90 step_sample_tests
 run_step kernels 90 step_kernels
-run_step train_step 150 step_train_step
+run_step train_step 160 step_train_step
 echo "gpu_check: $MODE run done in ${SECONDS}s; summary in $OUT/summary.md"
 cat "$OUT/summary.md"
 exit "$FAILED"

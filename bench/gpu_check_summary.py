@@ -96,7 +96,7 @@ def build(work, mode, command):
     env = _json(os.path.join(work, "env.json")) or {}
     rows, steps_md = steps_table(work)
     kernels_md = (_read(os.path.join(work, "kernels.md")) or "").strip()
-    runs = ("train_step", "train_step_all_rows", "train_step_flow")
+    runs = ("train_step", "train_step_flow", "train_step_used_rows", "train_step_all_rows")
     ts = {k: _json(os.path.join(work, f"{k}.json")) for k in runs}
     train = train_figures(work)
     samples = sample_rows(work)
@@ -124,8 +124,8 @@ def build(work, mode, command):
             "achieved_tflops", "peak_bf16_tflops_measured", "mfu", "peak_mem_gib", "non_model_share")
     have = [k for k in runs if ts[k]]
     if have:
-        names = [ts[k]["method"] + (f" ({ts[k]['teacher_rows']} rows)" if ts[k]["method"] == "twinflow" else "")
-                 for k in have]
+        names = [f"{ts[k]['method']} {ts[k]['resolution']}px b{ts[k]['batch']}" +
+                 (f" ({ts[k].get('teacher_rows')} rows)" if ts[k]["method"] == "twinflow" else "") for k in have]
         md += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(have)]
         md += [f"| {k} | " + " | ".join(_fmt(ts[h].get(k)) for h in have) + " |" for k in keys]
     else:

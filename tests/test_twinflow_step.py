@@ -19,3 +19,11 @@ def test_only_a_dropout_that_drops_keeps_the_teacher_on_the_whole_batch(family):
                               lora_dropout=dropout, lora_targets=None, lora_export_formats=["diffusers"])
         prepare_trainable(cfg, adapter, model, anystep_embeddings=family == "flux")
         assert has_dropout(model) is want
+
+
+def test_every_kind_of_dropout_layer_counts():
+    import torch
+
+    for layer, want in ((torch.nn.Dropout2d(0.1), True), (torch.nn.AlphaDropout(0.2), True),
+                        (torch.nn.Dropout(0.0), False), (torch.nn.Identity(), False)):
+        assert has_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), layer)) is want

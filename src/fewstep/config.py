@@ -141,9 +141,9 @@ class Config:
                                                      "integers; equal = the reference's split).")
     twinflow_rectify_weight: float = opt(1.0, "Weight of L_rectify (multiplies the reference's 0.5).", lo=0.0)
     twinflow_teacher_rows: str = opt("used", "Rows the teacher passes (CFG target, RCGM rollout) run on: used = only "
-                                     "those whose output the loss uses (the same loss; with the default groups 26% "
-                                     "fewer teacher rows, 45% with the adversarial branch), all = the whole batch, "
-                                     "as the reference. A model with dropout always "
+                                     "those whose output the loss uses (the same loss up to rounding; at a batch of 2+ "
+                                     "per rank and the default groups 26% fewer teacher rows, 45% with the "
+                                     "adversarial branch; none at batch 1), all = the whole batch, as the reference. A model with dropout always "
                                      "runs all (the passes replay the student's dropout masks).",
                                      choices=("used", "all"))
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import weights_swapped_in
+from fewstep.metrics import log_main
 from fewstep.methods.twinflow import assign_groups, twinflow_loss
 from fewstep.step_context import StepContext, next_batch, velocity_fn
 
@@ -30,8 +32,9 @@ class TeacherWeights:
 
 
 def has_dropout(module: torch.nn.Module) -> bool:
-    """Whether any dropout layer of `module` drops something (p > 0; diffusers' transformers carry p = 0 ones)."""
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+    """Whether any dropout layer of `module` (nn.Dropout, Dropout1d/2d/3d, AlphaDropout, ...) drops something
+    (p > 0; diffusers' transformers carry p = 0 ones, and PEFT's LoRA dropout 0 is an Identity)."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
 
 def any_step_model(velocity) -> callable:
@@ -51,6 +54,10 @@ def make_twinflow_step(ctx: StepContext):
     # Teacher passes run on the rows whose output is used, unless a dropout layer would then draw other masks than
     # the student pass did (the passes replay its RNG state; LoRA dropout > 0 is the usual case).
     used_rows_only = cfg.twinflow_teacher_rows == "used" and not has_dropout(engine.module)
+    if cfg.twinflow_teacher_rows == "used" and not used_rows_only:
+        log_main(distributed.rank() == 0, "note: the model has dropout, so TwinFlow's teacher passes run on the whole "
+                                          "batch (twinflow_teacher_rows: used needs none: a sub-batch would draw "
+                                          "other dropout masks than the student pass they replay)")
 
     def student(x, t, tt, cond):
         if weights is not None:

@@ -266,19 +266,24 @@ def test_triton_backend_matches_torch():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("adversarial", [True, False])
-@pytest.mark.parametrize("order", [1, 2, 3])
-def test_teacher_passes_on_used_rows_only_give_the_same_loss(adversarial, order):
-    """`used_rows_only`: the CFG passes see only the enhanced rows (not e2e, t = 1, nor adv) and the rollout passes
-    only the rows with a rollout (not adv, t - delta_t > tt); loss and gradients equal the whole-batch passes'."""
+@pytest.mark.parametrize("adversarial,order,frozen,enhanced_range", [
+    (True, 1, False, (0.0, 1.0)), (True, 2, False, (0.0, 1.0)), (False, 3, False, (0.0, 1.0)),
+    (True, 2, True, (0.0, 1.0)), (False, 2, False, (0.3, 0.7))])
+def test_teacher_passes_on_used_rows_only_give_the_same_loss(adversarial, order, frozen, enhanced_range):
+    """`used_rows_only`: the CFG passes see only the enhanced rows (not e2e, t = 1, nor adv, nor t outside the range)
+    and the rollout passes only the rows with a rollout (not adv, t - delta_t > tt); loss and gradients equal the
+    whole-batch passes', with an EMA or a frozen teacher (whose rollout runs the student)."""
     B, delta_t = 24, 0.03  # delta_t above the mul gap's mean (0.05 t / 2), so some mul rows have no rollout
-    kw = {**KW, "order": order, "delta_t": delta_t, "adversarial": adversarial, "backend": "torch"}
-    x0, cond, uncond = batch(B, torch.float64, seed=3)
+    kw = {**KW, "order": order, "delta_t": delta_t, "adversarial": adversarial, "backend": "torch",
+          "frozen_teacher": frozen, "enhanced_range": enhanced_range}
+    x0, cond, _ = batch(B, torch.float64, seed=3)
+    uncond = {"c": torch.randn(B, dtype=torch.float64)}  # rows that differ, so a wrong uncond row would show
     cond["pair"] = [torch.randn(B, 2, dtype=torch.float64)]  # nested conditioning is selected by row too
     groups = assign_groups(B, 0, adversarial=adversarial)
     t, tt = sample_times(groups, torch.Generator().manual_seed(9), dtype=torch.float64)
     adv = groups == ADV
-    want_cfg = int(((t > 0) & (t < 1) & ~adv).sum())
+    lo, hi = enhanced_range
+    want_cfg = int(((t > lo) & (t < hi) & ~adv).sum())
     want_rollout = int(((t.double() - delta_t > tt.double()) & ~adv).sum())
     assert 0 < want_cfg < B and 0 < want_rollout < B and want_rollout != want_cfg
 
@@ -288,14 +293,28 @@ def test_teacher_passes_on_used_rows_only_give_the_same_loss(adversarial, order)
         teacher.inp.weight.data += 0.1  # a teacher unlike the student, so that wrong rows would show
         loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=groups, used_rows_only=rows_only,
                                    generator=torch.Generator().manual_seed(9), **kw)
+        no_grad_student_calls = [c[1] for c in student.calls if not c[0]]
         loss.backward()
-        out[rows_only] = (loss.detach(), [p.grad.clone() for p in student.parameters()], teacher.calls, logs)
-    (l_all, g_all, calls_all, logs_all), (l_used, g_used, calls_used, logs_used) = out[False], out[True]
-    assert [c[1] for c in calls_all] == [B] * (2 + order)
-    assert [c[1] for c in calls_used] == [want_cfg] * 2 + [want_rollout] * order
+        out[rows_only] = (loss.detach(), [p.grad.clone() for p in student.parameters()],
+                          [c[1] for c in teacher.calls], no_grad_student_calls, logs)
+    (l_all, g_all, t_all, s_all, logs_all), (l_used, g_used, t_used, s_used, logs_used) = out[False], out[True]
+    # a frozen teacher's rollout runs the student; its no-grad calls: fake samples (if adv rows), the rollout, rectify
+    first = int(bool(adv.any()))
+    rollout_model_all, rollout_model_used = ((s_all[first:first + order], s_used[first:first + order]) if frozen
+                                             else (t_all[2:], t_used[2:]))
+    assert t_all[:2] == [B, B] and t_used[:2] == [want_cfg, want_cfg]
+    assert rollout_model_all == [B] * order and rollout_model_used == [want_rollout] * order
     assert torch.allclose(l_used, l_all, rtol=1e-12, atol=0) and l_all > 0
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(g_used, g_all))
     assert logs_used["n_enhanced"] == logs_all["n_enhanced"] == want_cfg
+
+
+def test_conditioning_that_is_not_batch_aligned_is_refused_before_any_pass():
+    student = Net()
+    x0, cond, uncond = batch(4)
+    with pytest.raises(ValueError, match=r"twinflow_loss: uncond: cond\['c'\]: cond tensor of shape \[1\]"):
+        twinflow_loss(student, student, x0, cond, {"c": torch.zeros(1)}, groups=assign_groups(4, 0), **KW)
+    assert student.calls == []
 
 
 @pytest.mark.parametrize("used_rows_only", [True, False])

@@ -254,7 +254,7 @@ def weights_swapped_in(engine, replacement: list[torch.Tensor]):
         _check_no_alias(lowp, masters, replacement)
         with torch.no_grad(), _device_ordered():
             for lp, new in zip(lowp, replacement):
-                lp.data.copy_(new)  # casts in place: no temporary copy of the partition
+                lp.data.copy_(new)  # casts in place: no temporary bf16 copy of the partition on the device
         try:
             yield
         finally:
