@@ -330,7 +330,7 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
        the rollout uses the student under no grad, as the reference. The RNG is then put back to its post-student
        state, so the global stream advances as if the teacher passes drew nothing. `used_rows_only` runs each
        teacher pass on the rows whose output is used (see `cfg_enhanced_target`, `rcgm_rollout`); for a model
-       without dropout the loss is the same.
+       without dropout the loss is the same up to rounding.
     4. per-row loss = Barron(F, T) * time_weight (the fused `rcgm_target_loss`); L_base = non-adv rows, L_adv = adv
        rows, both summed over the counted rows / their number (all rows; order 0: mul and adv rows only).
     5. L_rectify on e2e rows (adversarial only). loss = L_base + adversarial_weight*L_adv + 0.5*rectify_weight*L_rect.
