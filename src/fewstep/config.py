@@ -143,9 +143,9 @@ class Config:
     twinflow_teacher_rows: str = opt("used", "Rows the teacher passes (CFG target, RCGM rollout) run on: used = only "
                                      "those whose output the loss uses (the same loss up to rounding; at a batch of 2+ "
                                      "per rank and the default groups 26% fewer teacher rows, 45% with the "
-                                     "adversarial branch; none at batch 1), all = the whole batch, as the reference. A model with dropout always "
-                                     "runs all (the passes replay the student's dropout masks).",
-                                     choices=("used", "all"))
+                                     "adversarial branch; none at batch 1), all = the whole batch, as the reference. "
+                                     "A model with dropout always runs all (the passes replay the student's dropout "
+                                     "masks).", choices=("used", "all"))
 
     # ---- EMA ----
     use_ema: bool = opt(False, "Keep an EMA of the trained weights (TwinFlow's teacher).")

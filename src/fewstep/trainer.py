@@ -57,7 +57,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         log_main(is_main, f"warning: {note}")
     ds_config = build_ds_config(cfg)
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
-    layout = checkpoint.run_layout(cfg, adapter, ds_config["zero_optimization"]["stage"], info.world_size)
+    stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
+    layout = checkpoint.run_layout(cfg, adapter, stage, info.world_size)
     # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
     # raises the same ResumeMismatch)
     resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
@@ -80,7 +81,6 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
     log_main(is_main, f"host memory: {allocator}")
-    stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
     log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
                       f"world {info.world_size} | ZeRO-{stage} | {dtype} | {len(dataset)} samples @ "
                       f"{resolution}px")

@@ -53,8 +53,9 @@ def make_twinflow_step(ctx: StepContext):
     counter = {"micro": ctx.start_micro}  # resumes the group cycle exactly
     # Teacher passes run on the rows whose output is used, unless a dropout layer would then draw other masks than
     # the student pass did (the passes replay its RNG state; LoRA dropout > 0 is the usual case).
-    used_rows_only = cfg.twinflow_teacher_rows == "used" and not has_dropout(engine.module)
-    if cfg.twinflow_teacher_rows == "used" and not used_rows_only:
+    used_rows_only = cfg.twinflow_teacher_rows == "used"
+    if used_rows_only and has_dropout(engine.module):
+        used_rows_only = False
         log_main(distributed.rank() == 0, "note: the model has dropout, so TwinFlow's teacher passes run on the whole "
                                           "batch (twinflow_teacher_rows: used needs none: a sub-batch would draw "
                                           "other dropout masks than the student pass they replay)")
