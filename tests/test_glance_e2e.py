@@ -122,6 +122,53 @@ def test_sample_cli_writes_png(glance_run, tmp_path):
     assert Image.open(out).size == (32, 32)
 
 
+def test_fast_phase_validation_is_the_chained_image(glance_run, tmp_path):
+    """The Fast phase's validation image is what inference makes from the two exports (Slow's list, then Fast's from
+    where Slow stopped: launcher/sample.py, same seed and prompt), not Fast run from pure noise."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "chained.png"
+    run([PY, "launcher/sample.py", "--method", "glance", "--slow", os.path.join(glance_run, "glance-slow"),
+         "--fast", os.path.join(glance_run, "glance-fast"), "--prompt", "a red circle", "--seed", "0",
+         "--output", str(out)])
+
+    def pixels(path):
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+    val = os.path.join(glance_run, "validation")
+    fast = pixels(os.path.join(val, "glance-fast-step000008.png"))
+    assert np.abs(fast - pixels(out)).max() <= 1  # 8-bit rounding of two code paths
+    assert os.path.exists(os.path.join(val, "glance-slow-handoff.safetensors"))
+
+    from fewstep.models import get_adapter
+    from fewstep.sampling import load_glance_loras
+
+    adapter = get_adapter("flux")
+    comps, pipe = _pipe(adapter)
+    load_glance_loras(pipe, os.path.join(glance_run, "glance-slow"), os.path.join(glance_run, "glance-fast"))
+    at_boundary = {}
+
+    def switch(p, i, t, kwargs):  # after Slow's last step: what the stock pipeline hands to Fast
+        if i == len(SLOW) - 1:
+            at_boundary["x"] = kwargs["latents"].clone()
+            p.set_adapters("fast")
+        return kwargs
+
+    handoff = load_file(os.path.join(val, "glance-slow-handoff.safetensors"))["latents"]
+    noise = torch.randn(handoff.shape, generator=torch.Generator().manual_seed(0))  # validation_seed 0
+    prompt = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, ["a red circle"]))
+    pipe(**prompt, **adapter.pipeline_latent_kwargs(comps, noise), sigmas=SLOW + FAST,
+         num_inference_steps=len(SLOW + FAST), callback_on_step_end=switch, output_type="latent")
+    torch.testing.assert_close(handoff, adapter.latents_from_pipeline(at_boundary["x"], *handoff.shape[-2:]), rtol=0, atol=1e-4)
+
+    pipe.unload_lora_weights()  # what the Fast phase's validation was before: Fast alone from pure noise
+    pipe.load_lora_weights(os.path.join(glance_run, "glance-fast"))
+    alone = pipe(**prompt, **adapter.pipeline_latent_kwargs(comps, noise), sigmas=FAST,
+                 num_inference_steps=len(FAST)).images[0]
+    assert np.abs(fast - np.asarray(alone, dtype=np.float64)).max() > 5  # the image comparison can tell them apart
+
+
 def test_seed_two_pipeline_snippet_runs_against_our_loras(glance_run):
     """The seed document's snippet (two pipelines, prompt strings), pointed at the tiny model and our LoRAs."""
     from diffusers import FluxPipeline

@@ -36,9 +36,10 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> list[float]:
 
 @torch.no_grad()
 def euler_loop(model_fn: Callable, x: torch.Tensor, sigmas: Sequence[float],
-               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Euler over `sigmas` (a terminal 0 is appended if missing). `on_step(i)` runs before step i (adapter switch)."""
-    sigmas = list(sigmas) + ([] if sigmas[-1] == 0 else [0.0])
+               on_step: Callable[[int], None] | None = None, to_zero: bool = True) -> torch.Tensor:
+    """Euler over `sigmas` (a terminal 0 is appended if missing, unless `to_zero` is False: then it stops at the last
+    sigma, as Glance's Slow half stops where Fast starts). `on_step(i)` runs before step i (adapter switch)."""
+    sigmas = list(sigmas) + ([] if sigmas[-1] == 0 or not to_zero else [0.0])
     for i in range(len(sigmas) - 1):
         if on_step is not None:
             on_step(i)

@@ -5,17 +5,21 @@ from the model adapter and the DeepSpeed engine and feeds them cached batches.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file
 
+from fewstep.data.cache import atomic_save
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
 from fewstep.metrics import log_main
 from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
 from fewstep.methods.glance import CustomTimestepSampler, foreign_reference_list, parse_custom_timesteps
+from fewstep.models.base import unwrap
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, next_batch, to_device, velocity_fn
 from fewstep.twinflow_step import make_twinflow_step
@@ -29,11 +33,16 @@ class Phase:
     sigmas: Optional[list[float]] = None  # custom training sigmas (Glance), else None
     sampler: Optional[CustomTimestepSampler] = None
     export_subdir: str = ""
+    glance: Optional[tuple[list[float], list[float]]] = None  # Glance's (Slow, Fast) lists: validation chains them
 
 
 def build_phases(cfg, info) -> list[Phase]:
     """The training phases: one per Glance LoRA (Slow then Fast), else one. Warns on rank 0 when a timestep list is
-    another model family's Glance list (SimpleTuner's doc gives FLUX users Qwen-Image's)."""
+    another model family's Glance list (SimpleTuner's doc gives FLUX users Qwen-Image's), and when TwinFlow is given
+    a validation guidance it does not use."""
+    if cfg.resolved_method == "twinflow" and (cfg.validation_guidance or 0.0) > 1.0:
+        log_main(info.is_main, f"warning: 'validation_guidance' {cfg.validation_guidance} is not used: TwinFlow "
+                               "samples without classifier-free guidance (its target distils it)")
     def sampler(sigmas):
         return CustomTimestepSampler(sigmas, cfg.flow_timesteps_mode, batch_size=cfg.train_batch_size,
                                      rank=info.rank, world_size=info.world_size)
@@ -43,8 +52,8 @@ def build_phases(cfg, info) -> list[Phase]:
         slow = parse_custom_timesteps(cfg.glance_slow_timesteps, "glance_slow_timesteps")
         fast = parse_custom_timesteps(cfg.glance_fast_timesteps, "glance_fast_timesteps")
         _warn_foreign_lists(cfg, info, {"glance_slow_timesteps": slow, "glance_fast_timesteps": fast})
-        return [Phase("glance-slow", cfg.max_train_steps, slow, sampler(slow), "glance-slow"),
-                Phase("glance-fast", cfg.max_train_steps, fast, sampler(fast), "glance-fast")]
+        return [Phase("glance-slow", cfg.max_train_steps, slow, sampler(slow), "glance-slow", (slow, fast)),
+                Phase("glance-fast", cfg.max_train_steps, fast, sampler(fast), "glance-fast", (slow, fast))]
     if cfg.flow_custom_timesteps is not None:
         sig = parse_custom_timesteps(cfg.flow_custom_timesteps)
         _warn_foreign_lists(cfg, info, {"flow_custom_timesteps": sig})
@@ -88,9 +97,23 @@ def make_step(method: str, phase: Phase, ctx: StepContext) -> Callable[[int], tu
     return flow_step
 
 
+HANDOFF = "glance-slow-handoff.safetensors"  # under <output_dir>/validation: where Slow's validation stopped
+
+
+def validation_cfg_scale(cfg, adapter) -> float:
+    """Classifier-free guidance of validation images: `validation_guidance` (<= 1: none), by default the family's
+    (as launcher/sample.py: Qwen-Image 5); TwinFlow never (its target distils guidance)."""
+    if cfg.resolved_method == "twinflow":
+        return 1.0
+    scale = adapter.sample_cfg_scale if cfg.validation_guidance is None else cfg.validation_guidance
+    return max(float(scale), 1.0)
+
+
 @torch.no_grad()
-def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.Generator) -> torch.Tensor:
-    """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective)."""
+def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.Generator,
+                   uncond: Optional[dict] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective). Returns
+    the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts)."""
     cfg, model = ctx.cfg, velocity_fn(ctx)
     ds = ctx.dataset  # a square at the training resolution (datasets without buckets: the first latent's shape)
     shape = (1, *(ds.validation_shape if hasattr(ds, "validation_shape") else ds.latents[0].shape))
@@ -102,9 +125,62 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
         sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", **twinflow_preset(n))
         one = torch.ones(1, device=x.device)
         return twinflow_loop(lambda x_, s, tt: model(x_, s, cond, tt=tt, sign=one), x.float(), sched,
-                             cfg.twinflow_target_step_count, generator=generator)
-    sigmas = phase.sigmas or flow_sigmas(cfg.validation_num_inference_steps, cfg.flow_schedule_shift)
-    return euler_loop(lambda x_, s: model(x_, s, cond), x, sigmas)
+                             cfg.twinflow_target_step_count, generator=generator), None
+    scale = validation_cfg_scale(cfg, ctx.adapter)
+
+    def guided(x_, s):  # v_uncond + scale * (v_cond - v_uncond)
+        v = model(x_, s, cond)
+        if uncond is None or scale == 1.0:
+            return v
+        v_u = model(x_, s, uncond)
+        return v_u + scale * (v - v_u)
+
+    if phase.glance is None:
+        return euler_loop(guided, x, phase.sigmas or flow_sigmas(cfg.validation_num_inference_steps,
+                                                                 cfg.flow_schedule_shift)), None
+    # Glance: the image inference makes, Slow's list then Fast's. In the Slow phase the base model (LoRA off) stands
+    # in for the untrained Fast; the Fast phase starts from the hand-off of the Slow phase's last validation.
+    slow, fast = phase.glance
+    if phase.name == "glance-slow":
+        handoff = euler_loop(guided, x, slow + fast[:1], to_zero=False)
+        with lora_disabled(ctx.engine):
+            return euler_loop(guided, handoff, fast), handoff
+    handoff = _read_handoff(cfg)
+    if handoff is None:
+        log_main(distributed.rank() == 0, f"note: no {HANDOFF} from the Slow phase's validation; the Fast phase's "
+                                          "validation starts from the base model's Slow steps")
+        with lora_disabled(ctx.engine):
+            handoff = euler_loop(guided, x, slow + fast[:1], to_zero=False)
+    return euler_loop(guided, handoff.to(ctx.device, ctx.dtype), fast), None
+
+
+@contextlib.contextmanager
+def lora_disabled(engine):
+    """The base model: the LoRA layers bypassed (a flag on each layer, the same on every rank; no weight moves)."""
+    module = unwrap(engine)
+    has_lora = getattr(module, "_hf_peft_config_loaded", False)
+    if has_lora:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        if has_lora:
+            module.enable_adapters()
+
+
+def _read_handoff(cfg) -> Optional[torch.Tensor]:
+    """Rank 0 reads the Slow phase's hand-off latents and every rank gets them (the output dir may be node-local)."""
+    x = None
+    if distributed.rank() == 0:
+        path = os.path.join(cfg.output_dir, "validation", HANDOFF)
+        x = load_file(path)["latents"] if os.path.exists(path) else None
+    return distributed.broadcast_object(x)
+
+
+def _write_handoff(cfg, latents: torch.Tensor) -> None:
+    out = os.path.join(cfg.output_dir, "validation")
+    os.makedirs(out, exist_ok=True)
+    atomic_save({"latents": latents.float()}, os.path.join(out, HANDOFF))
 
 
 def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bool) -> None:
@@ -113,11 +189,14 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
     cfg, ds, engine = ctx.cfg, ctx.dataset, ctx.engine
     prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
     cond = to_device(ctx.adapter.collate_cond([ds.text[prompt]]), ctx.device, ctx.dtype)
+    uncond = to_device(ctx.adapter.collate_cond([ds.uncond]), ctx.device, ctx.dtype)
     engine.eval()
-    latents = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed))
+    latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed), uncond)
     engine.train()
     with distributed.uneven_work("validation"):
         if is_main:
+            if handoff is not None:
+                _write_handoff(cfg, handoff)
             _write_validation(ctx, phase, step, logger, vae, latents)
 
 

@@ -52,7 +52,8 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:32]
 
 
-def _atomic_save(tensors: dict, path: str) -> None:
+def atomic_save(tensors: dict, path: str) -> None:
+    """safetensors written under a temporary name, then renamed: a reader sees the whole file or none."""
     tmp = f"{path}.tmp.{os.getpid()}"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
@@ -97,13 +98,13 @@ class EmbeddingCache:
                 with torch.no_grad():
                     latents = encode_images(pixels)
                 for s, z in zip(chunk, latents):
-                    _atomic_save({"latents": z.to(self.dtype)}, self.latent_path(s))
+                    atomic_save({"latents": z.to(self.dtype)}, self.latent_path(s))
         for i in range(0, len(txt), self.text_batch_size):
             chunk = txt[i:i + self.text_batch_size]
             with torch.no_grad():
                 emb = encode_prompts(chunk)
             for j, p in enumerate(chunk):
-                _atomic_save({k: v[j].to(self.dtype) for k, v in emb.items()}, self.text_path(p))
+                atomic_save({k: v[j].to(self.dtype) for k, v in emb.items()}, self.text_path(p))
 
     def load_latents(self, sample: Sample) -> torch.Tensor:
         return load_file(self.latent_path(sample))["latents"]

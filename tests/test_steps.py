@@ -1,0 +1,70 @@
+"""fewstep.steps: validation sampling (classifier-free guidance, Glance's chained lists) against stock pipelines."""
+from types import SimpleNamespace
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from fewstep.models import get_adapter
+from fewstep.step_context import StepContext
+from fewstep.steps import Phase, sample_latents, validation_cfg_scale
+
+
+class _Engine(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_validation_guidance_rule():
+    flux, qwen = get_adapter("flux"), get_adapter("qwen_image")
+    cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None)
+    assert validation_cfg_scale(cfg, flux) == 1.0 and validation_cfg_scale(cfg, qwen) == 5.0  # as sample.py
+    for given, want in ((3.5, 3.5), (0.0, 1.0), (1.0, 1.0)):  # SimpleTuner's TwinFlow configs give 0: none
+        cfg.validation_guidance = given
+        assert validation_cfg_scale(cfg, flux) == want
+    cfg.resolved_method = "twinflow"
+    cfg.validation_guidance = 4.0
+    assert validation_cfg_scale(cfg, qwen) == 1.0  # TwinFlow's target distils guidance
+
+
+def test_validation_guidance_is_the_pipelines_true_cfg():
+    """A flow run's validation with `validation_guidance` 3 makes the latents FluxPipeline makes with
+    true_cfg_scale 3 and the empty prompt as negative (same noise, same sigmas); guidance 1 makes other ones."""
+    adapter = get_adapter("flux")
+    comps = adapter.load("tiny:flux")
+    cond, uncond = (adapter.encode_prompts(comps, [p]) for p in ("a red circle", ""))
+    noise_shape = adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+
+    def ours(scale):
+        cfg = SimpleNamespace(resolved_method="flow", validation_guidance=scale, flux_guidance_value=None)
+        ds = SimpleNamespace(validation_shape=tuple(noise_shape[1:]))
+        ctx = StepContext(cfg=cfg, adapter=adapter, engine=_Engine(comps.denoiser), dataset=ds, order=None,
+                          device=torch.device("cpu"), dtype=torch.float32)
+        x, handoff = sample_latents(ctx, Phase("flow", 1, sigmas), cond, torch.Generator().manual_seed(7), uncond)
+        assert handoff is None
+        return x
+
+    pipe = adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+    noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(7))
+    kwargs = {**adapter.pipeline_prompt_kwargs(cond, uncond), **adapter.pipeline_cfg_kwargs(3.0)}
+    out = pipe(**kwargs, **adapter.pipeline_latent_kwargs(comps, noise), sigmas=sigmas, num_inference_steps=4,
+               output_type="latent").images
+    ref = adapter.latents_from_pipeline(out, *noise_shape[-2:])
+    got = ours(3.0)
+    assert (got - ref).norm() / ref.norm() < 1e-5
+    assert (ours(1.0) - ref).norm() / ref.norm() > 1e-3
+
+
+def test_twinflow_says_it_does_not_use_validation_guidance(capsys):
+    from fewstep.steps import build_phases
+
+    info = SimpleNamespace(is_main=True, rank=0, world_size=1)
+    for guidance, warned in ((3.5, True), (0.0, False), (None, False)):  # SimpleTuner's TwinFlow recipe gives 0
+        cfg = SimpleNamespace(resolved_method="twinflow", validation_guidance=guidance, flow_custom_timesteps=None,
+                              max_train_steps=3)
+        assert [p.name for p in build_phases(cfg, info)] == ["twinflow"]
+        assert ("'validation_guidance' 3.5 is not used" in capsys.readouterr().out) is warned
