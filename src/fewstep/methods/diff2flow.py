@@ -50,9 +50,10 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
 
 
-def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod) -> torch.Tensor:
-    """Continuous diffusion timestep (index units, in [0, T-1]) whose flow sigma is `sigma`, by table lookup."""
-    table = flow_sigmas(alphas_cumprod).to(sigma.device)
+def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Continuous diffusion timestep (index units, in [0, T-1]) whose flow sigma is `sigma`, by table lookup.
+    `table`: `flow_sigmas(alphas_cumprod)` already on sigma's device (a caller in a training loop keeps one there)."""
+    table = flow_sigmas(alphas_cumprod).to(sigma.device) if table is None else table
     steps = torch.arange(table.numel(), dtype=torch.float64, device=sigma.device)
     return _interp(sigma.to(torch.float64), table, steps)
 
@@ -100,9 +101,9 @@ def sigma_range(alphas_cumprod) -> tuple[float, float]:
     return float(table[0]), float(table[-1])
 
 
-def bridge_timestep(sigma: torch.Tensor, alphas_cumprod) -> torch.Tensor:
+def bridge_timestep(sigma: torch.Tensor, alphas_cumprod, table: torch.Tensor | None = None) -> torch.Tensor:
     """The base model's (continuous) timestep for flow sigma [B]: that of sigma clamped to the base's range, fp64."""
-    return sigma_to_timestep(sigma.abs(), alphas_cumprod)
+    return sigma_to_timestep(sigma.abs(), alphas_cumprod, table)
 
 
 def bridge_velocity(output: torch.Tensor, x_flow: torch.Tensor, sigma: torch.Tensor, alphas_cumprod,

@@ -55,6 +55,7 @@ class SDXLAdapter(FlowModelAdapter):
     def _set_schedule(self, scheduler_config) -> None:
         # the same table the TwinFlowScheduler builds from this config when it samples the UNet
         self.alphas_cumprod = alphas_cumprod_from_config(scheduler_config).double()
+        self._sigma_tables = {}  # device -> diff2flow.flow_sigmas(alphas_cumprod) there
         self.folder_prediction_type = scheduler_config.get("prediction_type", "epsilon")
         self.prediction_type = self.prediction_override or self.folder_prediction_type
 
@@ -137,7 +138,10 @@ class SDXLAdapter(FlowModelAdapter):
     def _call_transformer(self, unet, module, hidden, sigma, cond, h, w, guidance):
         # sigma is fp32 here (diffusion_base): the bridge's scale, timestep and conversion need it exact
         x_diff = diff2flow.flow_to_diffusion_input(hidden, sigma)
-        timestep = diff2flow.bridge_timestep(sigma, self.alphas_cumprod).float()
+        table = self._sigma_tables.get(sigma.device)
+        if table is None:  # made once per device: a copy from the CPU in every call would wait for the GPU's queue
+            table = self._sigma_tables[sigma.device] = diff2flow.flow_sigmas(self.alphas_cumprod).to(sigma.device)
+        timestep = diff2flow.bridge_timestep(sigma, self.alphas_cumprod, table).float()
         time_ids = cond.get("time_ids")  # the training images' own (micro_cond); else the pipeline's default
         if time_ids is None:
             time_ids = self.time_ids(hidden.shape[0], h, w, hidden.device, hidden.dtype)
