@@ -20,18 +20,24 @@ import torch
 def state() -> dict:
     """The global generators' state (what a checkpoint stores per rank)."""
     snapshot = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see other GPUs, or its own under another index
+        snapshot["cuda"] = torch.cuda.get_rng_state()
     return snapshot
 
 
 def set_state(snapshot: dict) -> None:
-    """Put the global generators back to a `state()` snapshot (CUDA's only where this process has CUDA)."""
+    """Put the global generators back to a `state()` snapshot (CUDA's only where this process has CUDA, into this
+    rank's current GPU)."""
     torch.set_rng_state(snapshot["torch"])
     random.setstate(snapshot["python"])
     np.random.set_state(snapshot["numpy"])
-    if "cuda" in snapshot and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(snapshot["cuda"])
+    cuda = snapshot.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12-05 hold every visible GPU's: take ours
+            here = torch.cuda.current_device()
+            cuda = cuda[here] if here < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def seed(value: int) -> dict:
