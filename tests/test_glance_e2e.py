@@ -160,7 +160,8 @@ def test_fast_phase_validation_is_the_chained_image(glance_run, tmp_path):
     prompt = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, ["a red circle"]))
     pipe(**prompt, **adapter.pipeline_latent_kwargs(comps, noise), sigmas=SLOW + FAST,
          num_inference_steps=len(SLOW + FAST), callback_on_step_end=switch, output_type="latent")
-    torch.testing.assert_close(handoff, adapter.latents_from_pipeline(at_boundary["x"], *handoff.shape[-2:]), rtol=0, atol=1e-4)
+    stock = adapter.latents_from_pipeline(at_boundary["x"], *handoff.shape[-2:])
+    torch.testing.assert_close(handoff, stock, rtol=0, atol=1e-4)
 
     pipe.unload_lora_weights()  # what the Fast phase's validation was before: Fast alone from pure noise
     pipe.load_lora_weights(os.path.join(glance_run, "glance-fast"))
