@@ -68,6 +68,20 @@ built = save_tiny_pipeline("flux", os.path.join(tmp, f"tiny-rank{rank}"))
 assert all((built / enc / "model.safetensors").exists() for enc in ("text_encoder", "text_encoder_2")), rank
 print("tiny pipeline ok", flush=True)
 
+# Ranks that disagree about who shares a directory stop together with a clear error, even when their patience runs
+# out at different times (rank 1 never sees rank 0's marker; rank 0's deadline is already past).
+real_listdir = os.listdir
+if rank == 1:
+    os.listdir = lambda p=".": [f for f in real_listdir(p) if not ("disagree" in str(p) and f == "rank0")]
+t0 = time.monotonic()
+try:
+    distributed.sharing_group(os.path.join(tmp, "disagree"), patience_seconds=0.0 if rank == 0 else 30.0)
+    raise AssertionError("ranks that disagree were accepted")
+except distributed.LaunchError as e:
+    assert "ranks disagree about which of them share" in str(e) and time.monotonic() - t0 < 10, e
+os.listdir = real_listdir
+print("sharing_group disagreement ok", flush=True)
+
 # A failure inside uneven_work on rank 0 stops rank 1 with rank 0's message instead of a hang.
 t0 = time.monotonic()
 try:

@@ -389,10 +389,12 @@ def sharing_group(directory: str, patience_seconds: float = 10.0) -> SharingGrou
     deadline = time.monotonic() + patience_seconds
     while True:
         seen = sorted(int(f[4:]) for f in os.listdir(marks) if f.startswith("rank") and f[4:].isdigit())
-        views = all_gather_object(seen)
-        consistent = me in seen and all(views[m] == seen for m in seen)
-        consistent = all(all_gather_object(consistent))
-        if consistent or time.monotonic() > deadline:
+        # every rank decides from the same gathered values: ranks leave the wait above at different times, and one
+        # rank stopping on its own clock while another loops into the next gather would hang that one
+        gathered = all_gather_object((seen, time.monotonic() > deadline))
+        views = [v for v, _ in gathered]
+        consistent = all(m in views[m] and all(views[k] == views[m] for k in views[m]) for m in range(n))
+        if consistent or any(expired for _, expired in gathered):
             break
         time.sleep(0.5)
     wait_for_all("sharing check done")
