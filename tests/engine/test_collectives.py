@@ -96,6 +96,19 @@ def test_collectives_waits_scan_tiny_build_and_abort_on_two_ranks(tmp_path):
         assert proc.stdout.count(check) == 2, proc.stdout
 
 
+def test_a_good_run_ends_with_status_0_on_every_rank_when_rank_0_hosts_the_store():
+    """srun / the deepspeed launcher: rank 0's process hosts the rendezvous store. Rank 0 reaching the final wait
+    last must not leave before rank 1 has seen it (rank 1 would lose the store and fail a finished run)."""
+    port = str(distributed._free_port())
+    procs = [subprocess.Popen([PY, "tests/engine/teardown_worker.py"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=cpu_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port)) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"rank {r} finished" in out, (r, p.returncode, err[-2000:])
+
+
 # ---- launch environment -------------------------------------------------------------------------------------------
 def test_torchrun_and_deepspeed_launcher_env_is_used_as_is():
     assert distributed.launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "a",

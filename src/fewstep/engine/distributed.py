@@ -168,18 +168,38 @@ def teardown() -> None:
     """Destroy the process group before the interpreter exits (gloo can otherwise abort a rank at exit with
     "terminate called without an active exception" after everything has finished).
 
-    Called when this rank has finished well. Under gloo the ranks first meet in a bounded barrier, so that no rank
-    closes its connections while another still finishes its last collective (seen once as a rank aborting at exit
-    even so); a rank that does not arrive within a minute is not waited for. NCCL needs no such meeting."""
+    Called when this rank has finished well. Rank 0 first stays until every rank has left its last wait
+    (`_leave_together`). Under gloo the ranks then meet in a bounded barrier, so that no rank closes its connections
+    while another still finishes its last collective (seen once as a rank aborting at exit even so); a rank that
+    does not arrive within a minute is not waited for."""
     liveness.stop()
     if not dist.is_initialized():
         return
+    if dist.get_world_size() > 1:
+        _leave_together()
     if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=60))
         except RuntimeError:  # a rank that failed or left: tear down without it
             pass
     dist.destroy_process_group()
+
+
+def _leave_together(patience_seconds: float = 60.0) -> None:
+    """Each rank counts itself out through the store; rank 0 returns once all have (or after `patience_seconds`).
+
+    Under srun (slurm/common.sh) and the deepspeed launcher the rendezvous store lives in rank 0's process. The last
+    rank to reach the final `wait_for_all` returns at once; if that is rank 0 and it exits, a rank still between two
+    polls of that wait finds the store gone and fails a run that finished well (exit 1, a FAILED Slurm job)."""
+    try:
+        store = _store()
+        left = store.add("fewstep/left", 1)
+        deadline = time.monotonic() + patience_seconds
+        while rank() == 0 and left < world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = store.add("fewstep/left", 0)
+    except dist.DistError:  # the store's host is gone already: nothing to keep alive
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
