@@ -1,6 +1,7 @@
 """fewstep.engine.distributed: collectives on the communication device, one reduction per step, store-based waits,
 directory sharing groups, and the launch environment (torchrun, deepspeed, bare srun, plain python)."""
 import ast
+import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -156,3 +157,23 @@ def test_device_is_local_rank_modulo_visible_gpus(monkeypatch):
     assert distributed.local_device(3) == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed.local_device(3) == torch.device("cpu")
+
+
+def test_deepspeed_is_handed_the_gpu_index_a_bound_task_sees(monkeypatch):
+    """DeepSpeed takes its GPU from LOCAL_RANK (init_process_group's device_id, the engine's set_device, zero.Init):
+    a task with LOCAL_RANK 3 that sees one GPU must hand it 0, or it asks for cuda:3 ("invalid device ordinal").
+    CUDA is faked and DeepSpeed's init only records what it would read (neither can run here)."""
+    import deepspeed
+
+    for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed, "_launch_local_rank", [None])  # setup writes it; leave this process as it was
+    seen = {}
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(local_rank=os.environ["LOCAL_RANK"]))
+    info = distributed.setup_distributed(60)
+    assert seen == {"local_rank": "0"} and info.device == torch.device("cuda", 0)
+    assert (info.rank, info.local_rank) == (3, 3)  # the launcher's, for per-node work

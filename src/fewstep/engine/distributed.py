@@ -121,6 +121,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_launch_local_rank = [None]  # the launcher's LOCAL_RANK (setup_distributed may hand DeepSpeed another value)
+
+
 def local_device(local_rank: int) -> torch.device:
     """cuda:(LOCAL_RANK mod visible GPUs), so sites that bind one GPU per task (each task sees one) work too."""
     if not torch.cuda.is_available():
@@ -146,9 +149,14 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     if not cuda:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     local_rank = int(os.environ["LOCAL_RANK"])
+    _launch_local_rank[0] = local_rank
     device = local_device(local_rank)
     if cuda:
         torch.cuda.set_device(device)
+        # DeepSpeed takes its GPU from LOCAL_RANK (init_process_group's device_id, the engine, zero.Init): give it
+        # the index chosen here, which differs where a task sees fewer GPUs than its node runs tasks (one bound per
+        # task). DistInfo keeps the launcher's local rank.
+        os.environ["LOCAL_RANK"] = str(device.index)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=timedelta(seconds=timeout_seconds))
@@ -340,7 +348,8 @@ def wait_for_all(tag: str) -> None:
         time.sleep(pause)
         pause = min(pause * 2, 0.5)
         now = time.monotonic()
-        if now - last >= HEARTBEAT_SECONDS and os.environ.get("LOCAL_RANK", "0") == "0":
+        local = _launch_local_rank[0] if _launch_local_rank[0] is not None else int(os.environ.get("LOCAL_RANK", 0))
+        if now - last >= HEARTBEAT_SECONDS and local == 0:
             print(f"fewstep: rank {rank()} waiting at '{tag}' for {now - start:.0f} s ({arrived}/{n} ranks there)",
                   flush=True)
             last = now
