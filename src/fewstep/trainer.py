@@ -24,7 +24,7 @@ from fewstep.ema import EMA
 from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
 from fewstep.engine.distributed import DistInfo, setup_distributed
-from fewstep.engine.loading import load_transformer
+from fewstep.engine.loading import load_transformer, local_model
 from fewstep.engine.nonfinite_trace import NonFiniteTrace
 from fewstep.errors import NonFiniteStop
 from fewstep.kernels import resolve_backend
@@ -51,7 +51,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
     seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
-    source = adapter.resolve(cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
+    source = local_model(adapter, cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
         log_main(is_main, f"warning: {note}")

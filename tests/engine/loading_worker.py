@@ -48,4 +48,51 @@ for family in ("flux", "qwen_image"):
         if info.is_main:
             n = len([f for f in os.listdir(out) if f.endswith(".safetensors")])
             print(f"loading ok: {family} {dtype}, {n} shards", flush=True)
+# A hub id that is not in the (shared) Hugging Face cache: one rank downloads it, every rank then loads the cached
+# snapshot, also under ZeRO-3 (which reads the files). The hub is a folder here: there is no network.
+import shutil  # noqa: E402
+
+import huggingface_hub  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
+from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
+
+from fewstep.engine.loading import local_model  # noqa: E402
+
+hub, downloads = os.path.join(tmp, "flux"), os.path.join(tmp, "downloads.txt")
+constants.HF_HUB_CACHE = os.path.join(tmp, "hf-cache")
+snapshot = os.path.join(constants.HF_HUB_CACHE, "models--org--tiny-flux", "snapshots", "0")
+
+
+def fake_snapshot_download(repo_id, local_files_only=False, **kwargs):
+    assert repo_id == "org/tiny-flux", repo_id
+    if not local_files_only:
+        with open(downloads, "a") as fh:
+            fh.write(f"rank {info.rank}\n")
+        shutil.copytree(hub, snapshot)
+    if not os.path.isdir(snapshot):
+        raise LocalEntryNotFoundError("not cached")
+    return snapshot
+
+
+huggingface_hub.snapshot_download = fake_snapshot_download
+constants.HF_HUB_OFFLINE = False
+import urllib.request  # noqa: E402
+
+urllib.request.urlopen = lambda *a, **k: None  # the hub answers
+if info.is_main:  # the pipeline's other folders beside the sharded transformer saved above
+    tiny_root = str(get_adapter("flux").resolve("tiny:flux"))
+    shutil.copy(os.path.join(tiny_root, "model_index.json"), hub)
+    for sub in ("scheduler", "vae"):
+        shutil.copytree(os.path.join(tiny_root, sub), os.path.join(hub, sub))
+wait_for_all("hub ready")
+adapter = get_adapter("flux")
+src = local_model(adapter, "org/tiny-flux")
+assert src == snapshot, src
+cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "org/tiny-flux", "zero_stage": 3})
+model = load_transformer(adapter, src, torch.float32, build_ds_config(cfg), info.device)
+assert all(hasattr(p, "ds_tensor") for p in model.parameters())
+with open(downloads) as fh:
+    assert fh.read().count("rank") == 1
+if info.is_main:
+    print("hub id ok: downloaded once, loaded partitioned from the cache", flush=True)
 teardown()

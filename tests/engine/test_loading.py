@@ -9,3 +9,4 @@ def test_partitioned_load_and_sharded_export_round_trip(tmp_path):
                 "tests/engine/loading_worker.py", str(tmp_path)], timeout=600)
     for case in ("flux torch.float32", "flux torch.bfloat16", "qwen_image torch.float32", "qwen_image torch.bfloat16"):
         assert f"loading ok: {case}" in proc.stdout, proc.stdout[-2000:]
+    assert "hub id ok: downloaded once" in proc.stdout, proc.stdout[-2000:]

@@ -25,6 +25,27 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 
+def local_model(adapter, name: str) -> str:
+    """`adapter.resolve(name)` as a local folder on every rank (collective).
+
+    A hub id that is not in the local Hugging Face cache yet is downloaded once per set of ranks that share that
+    cache (the first rank of each set; the others wait without a collective timeout), then opened from the cache like
+    any folder. Otherwise every rank of every node would download the model at once, and the ZeRO-3 load reads the
+    safetensors files themselves, which a hub id does not name."""
+    source = adapter.resolve(name)  # a cached hub id is its snapshot folder already
+    if not distributed.any_rank(not os.path.isdir(source)):  # one decision: every rank takes the same collectives
+        return source
+    from huggingface_hub import constants, snapshot_download
+
+    os.makedirs(constants.HF_HUB_CACHE, exist_ok=True)
+    group = distributed.sharing_group(constants.HF_HUB_CACHE)
+    with distributed.uneven_work("model download"):
+        if group.index == 0:
+            print(f"fewstep: rank {distributed.rank()} downloading {name} into {constants.HF_HUB_CACHE}", flush=True)
+            snapshot_download(name)
+    return adapter.resolve(name)  # now cached on every rank
+
+
 def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, device: torch.device) -> nn.Module:
     """The family's denoiser (transformer or UNet) from a resolved pipeline folder, partitioned at birth under ZeRO-3
     (collective)."""
