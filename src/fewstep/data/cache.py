@@ -31,17 +31,34 @@ from fewstep.data.dataset import Sample, build_layout
 
 
 def model_key(family: str, name_or_path: str) -> str:
-    """Identify the encoders: family, path, and (for local dirs) their configs and weight-file sizes/mtimes."""
-    h = hashlib.sha256(f"{family}|{name_or_path}".encode())
-    if os.path.isdir(name_or_path):
-        for sub in sorted(glob.glob(os.path.join(name_or_path, "*"))):
-            name = os.path.basename(sub)
-            if not (name.startswith("vae") or name.startswith("text_encoder") or name.startswith("tokenizer")):
-                continue
-            for f in sorted(glob.glob(os.path.join(sub, "*"))):
-                st = os.stat(f)
-                h.update(f"{name}/{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    """Identify the encoders by content, not by place or time: the family and, for a local folder, each VAE /
+    text-encoder / tokenizer file's name, size and a hash of its first and last MiB (a safetensors file starts with
+    its tensor index); otherwise the name. A copy of the model on each node's disk, made anew at every requeue, keeps
+    its key (its paths and modification times would not, and each node would encode the data set again)."""
+    h = hashlib.sha256(family.encode())
+    if not os.path.isdir(name_or_path):
+        h.update(f"|{name_or_path}".encode())
+        return h.hexdigest()[:16]
+    for sub in sorted(glob.glob(os.path.join(name_or_path, "*"))):
+        name = os.path.basename(sub)
+        if not (name.startswith("vae") or name.startswith("text_encoder") or name.startswith("tokenizer")):
+            continue
+        for f in sorted(glob.glob(os.path.join(sub, "*"))):
+            if os.path.isfile(f):
+                h.update(f"|{name}/{os.path.basename(f)}|{os.path.getsize(f)}|".encode())
+                h.update(_head_and_tail(f))
     return h.hexdigest()[:16]
+
+
+def _head_and_tail(path: str, n: int = 1 << 20) -> bytes:
+    with open(path, "rb") as fh:
+        head = fh.read(n)
+        size = fh.seek(0, os.SEEK_END)
+        if size <= 2 * n:
+            fh.seek(len(head))
+            return head + fh.read()
+        fh.seek(size - n)
+        return head + fh.read()
 
 
 def _digest(*parts) -> str:

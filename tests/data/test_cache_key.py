@@ -1,0 +1,28 @@
+"""fewstep.data.cache.model_key: which encoders made a cache, by their files' content."""
+import os
+import shutil
+
+from fewstep.data.cache import model_key
+from fewstep.models.tiny import ensure_tiny_pipeline
+
+
+def _copy(src, dst):
+    """As `cp -r` to a node's local disk: new paths, new modification times."""
+    shutil.copytree(src, dst, copy_function=shutil.copy)
+    return str(dst)
+
+
+def test_a_copy_of_the_model_on_another_disk_keeps_the_key_and_other_encoders_change_it(tmp_path):
+    src = str(ensure_tiny_pipeline("flux"))
+    a, b = _copy(src, tmp_path / "node0" / "flux"), _copy(src, tmp_path / "node1" / "model")
+    os.utime(os.path.join(b, "vae", "config.json"), ns=(1, 1))
+    assert model_key("flux", a) == model_key("flux", b) == model_key("flux", src)
+    assert model_key("sd3", a) != model_key("flux", a)
+    weights = os.path.join(b, "text_encoder", "model.safetensors")
+    with open(weights, "r+b") as fh:  # other text-encoder weights, same size
+        fh.seek(-4, os.SEEK_END)
+        last = fh.read(4)
+        fh.seek(-4, os.SEEK_END)
+        fh.write(bytes(x ^ 0xFF for x in last))
+    assert model_key("flux", b) != model_key("flux", a)
+    assert model_key("flux", "org/name") != model_key("flux", "org/other")
