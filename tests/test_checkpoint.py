@@ -173,3 +173,35 @@ def one_message(stderr: str) -> str:
     assert len(found) == 1 and "Traceback" not in stderr, stderr[-3000:]
     return found[0]
 
+
+
+def _complete(root, step):
+    path = os.path.join(root, f"step-{step}")
+    os.makedirs(path)
+    with open(os.path.join(path, "trainer.json"), "w") as fh:
+        json.dump({"step": step, "files": []}, fh)
+    return path
+
+
+def test_pruning_keeps_the_newest_of_this_runs_past_and_leaves_a_later_runs_steps(tmp_path):
+    """checkpoints_total_limit 3. A plain run keeps its last 3. After a resume from step-1500 (steps 2000-3000 are
+    a later run's), the save at 1600 keeps itself, 1000 and 1500, leaves 2000-3000, and `latest` resolves to 1600
+    (pruning by step number deleted 1600 and `latest` fell back to the abandoned step-3000)."""
+    root = str(tmp_path / "plain")
+    for step in (100, 200, 300):
+        _complete(root, step)
+    tmp = _complete(root, 400).replace("step-400", ".tmp-step-400")
+    os.rename(os.path.join(root, "step-400"), tmp)
+    assert checkpoint._commit(root, os.path.join(root, "step-400"), tmp, keep=3) is None
+    assert sorted(os.listdir(root)) == ["latest", "step-200", "step-300", "step-400"]
+
+    root = str(tmp_path / "rolled-back")
+    for step in (500, 1000, 1500, 2000, 2500, 3000):
+        _complete(root, step)
+    tmp = _complete(root, 1600).replace("step-1600", ".tmp-step-1600")
+    os.rename(os.path.join(root, "step-1600"), tmp)
+    assert checkpoint._commit(root, os.path.join(root, "step-1600"), tmp, keep=3) is None
+    assert sorted(os.listdir(root), key=lambda d: (d != "latest", len(d), d)) == [
+        "latest", "step-1000", "step-1500", "step-1600", "step-2000", "step-2500", "step-3000"]
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1600")
+    assert checkpoint.later_than(root, 1600) == ["step-2000", "step-2500", "step-3000"]  # named at the resume

@@ -115,6 +115,15 @@ def list_checkpoints(root: str) -> list[str]:
     return [os.path.join(root, d) for d in sorted(steps, key=lambda d: int(d[5:]))]
 
 
+def step_of(path: str) -> int:
+    return int(os.path.basename(path)[len("step-"):])
+
+
+def later_than(root: str, step: int) -> list[str]:
+    """Names of the checkpoints above `step`: an earlier run's, when this one resumed from an earlier step."""
+    return [os.path.basename(p) for p in list_checkpoints(root) if step_of(p) > step]
+
+
 def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_state: dict, keep: int) -> str:
     """Write checkpoint `step` collectively (every rank calls this). Returns the final directory.
 
@@ -201,9 +210,15 @@ def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
         return (f"{os.path.basename(final)} is complete, but `latest` could not be updated ({e}; "
                 f"{space.free(root)} free on {root}); resume_from_checkpoint {final} resumes it")
     _fsync(root)
-    for old in list_checkpoints(root)[:-keep]:
+    # Prune this run's own past: steps below the one just written, the newest keep - 1 of them kept. Higher steps are
+    # a later run's, left behind by a resume from an earlier step: pruning by step number would delete the
+    # checkpoint just written, and `latest` would then fall back to the abandoned run.
+    step = step_of(final)
+    older = [p for p in list_checkpoints(root) if step_of(p) < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return None
+
 
 
 class IncompleteCheckpointError(UserError, FileNotFoundError):

@@ -100,6 +100,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        later = checkpoint.later_than(ckpt_root, step) if is_main else []
+        if later:  # a resume from an earlier step: the abandoned run's checkpoints stay until this run reaches them
+            log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, not pruned; this "
+                              "run replaces each when it saves that step")
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
 
