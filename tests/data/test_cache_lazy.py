@@ -25,7 +25,7 @@ def _encoders(text_shape=(3, 4)):
 
     def enc_txt(prompts):
         g = torch.Generator().manual_seed(len(prompts))
-        return {"prompt_embeds": torch.randn(len(prompts), *text_shape, generator=g) + 0.1}
+        return [{"prompt_embeds": e} for e in torch.randn(len(prompts), *text_shape, generator=g) + 0.1]
     return enc_img, enc_txt
 
 

@@ -97,7 +97,7 @@ def test_cache_computes_once_and_reloads(tmp_path):
 
     def enc_txt(prompts):
         calls["txt"] += len(prompts)
-        return {"prompt_embeds": torch.stack([torch.full((3, 4), float(len(p)) + 0.5) for p in prompts])}
+        return [{"prompt_embeds": torch.full((3, 4), float(len(p)) + 0.5)} for p in prompts]
 
     def fill(model):
         caches = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), model)

@@ -147,8 +147,8 @@ def test_training_batches_carry_each_images_size_and_crop(tiny_dirs, tmp_path):
     caches = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), "m")
     for root in caches.roots():
         caches.cache_at(root).fill(*caches.share(root, 0, 1), lambda px: px[:, :1].clone(),
-                                   lambda ps: {"prompt_embeds": torch.randn(len(ps), 3, 4) + 1.0,
-                                               "pooled_prompt_embeds": torch.randn(len(ps), 4) + 1.0})
+                                   lambda ps: [{"prompt_embeds": torch.randn(3, 4) + 1.0,
+                                                "pooled_prompt_embeds": torch.randn(4) + 1.0} for _ in ps])
     ds = CachedDataset(caches, config.images, 8)
     adapter = get_adapter("sdxl")
     ctx = StepContext(cfg=SimpleNamespace(caption_dropout_probability=0.0), adapter=adapter, engine=None, dataset=ds,

@@ -103,7 +103,11 @@ class EmbeddingCache:
 
     def fill(self, samples: list[Sample], prompts: list[str], encode_images: Callable, encode_prompts: Callable,
              batch_size: int = 8) -> None:
-        """Compute and store whatever is missing; images are encoded in batches of one size."""
+        """Compute and store whatever is missing; images are encoded in batches of one size.
+
+        encode_images(pixels [B,3,H,W]) -> latents [B,...]; encode_prompts(prompts) -> one dict of tensors per prompt,
+        each trimmed to its own length (`FlowModelAdapter.split_cond`): an entry must not depend on the prompts it
+        was encoded with (Qwen-Image pads a batch to its longest prompt)."""
         lat, txt = self.missing(samples, prompts)
         by_size: dict[tuple, list[Sample]] = {}
         for s in lat:
@@ -119,9 +123,9 @@ class EmbeddingCache:
         for i in range(0, len(txt), self.text_batch_size):
             chunk = txt[i:i + self.text_batch_size]
             with torch.no_grad():
-                emb = encode_prompts(chunk)
-            for j, p in enumerate(chunk):
-                atomic_save({k: v[j].to(self.dtype) for k, v in emb.items()}, self.text_path(p))
+                items = encode_prompts(chunk)
+            for p, item in zip(chunk, items, strict=True):
+                atomic_save({k: v.to(self.dtype) for k, v in item.items()}, self.text_path(p))
 
     def load_latents(self, sample: Sample) -> torch.Tensor:
         return load_file(self.latent_path(sample))["latents"]

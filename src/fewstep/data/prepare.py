@@ -131,7 +131,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
                 m.to(info.device)
             for root, (mine_lat, mine_txt) in shares.items():
                 caches.cache_at(root).fill(mine_lat, mine_txt, lambda px: adapter.encode_images(comps.vae, px),
-                                           lambda p: adapter.encode_prompts(comps, p))
+                                           lambda p: adapter.split_cond(adapter.encode_prompts(comps, p)))
             del comps
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()

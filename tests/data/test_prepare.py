@@ -1,0 +1,31 @@
+"""fewstep.data.prepare.build_dataset on a real tiny model: what the cache fill stores."""
+import torch
+
+from fewstep.config import load_config
+from fewstep.data.prepare import build_dataset
+from fewstep.engine.distributed import DistInfo
+from fewstep.models import get_adapter
+from fewstep_testing import write_dataset
+
+SHORT, LONG = "a cat", "a large black cat asleep on a red sofa beside an open window on a sunny afternoon"
+
+
+def test_each_caption_is_stored_at_its_own_length_whatever_it_was_encoded_with(tmp_path):
+    """Qwen-Image's encoder pads a batch to its longest prompt: the stored embedding of the short caption (encoded
+    with the long one and the empty prompt) has its own length, all valid, and equals it encoded alone."""
+    backend = write_dataset(str(tmp_path), n=2, captions=[SHORT, LONG])
+    cfg = load_config(None, {"model_family": "qwen_image", "pretrained_model_name_or_path": "tiny:qwenimage",
+                             "data_backend_config": backend, "output_dir": str(tmp_path / "out"),
+                             "mixed_precision": "fp32", "resolution": 32})
+    adapter = get_adapter("qwen_image")
+    dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
+    comps = adapter.load("tiny:qwenimage", with_denoiser=False, with_vae=False)
+    lengths = {}
+    for prompt in (SHORT, LONG, ""):
+        stored = dataset.text[prompt]
+        alone = adapter.split_cond(adapter.encode_prompts(comps, [prompt]))[0]
+        mask = stored["prompt_embeds_mask"]
+        assert stored["prompt_embeds"].shape[0] == mask.shape[0] == int(mask.sum()), prompt
+        torch.testing.assert_close(stored["prompt_embeds"], alone["prompt_embeds"], rtol=1e-4, atol=1e-5)
+        lengths[prompt] = mask.shape[0]
+    assert lengths[SHORT] < lengths[LONG]
