@@ -68,3 +68,37 @@ def test_twinflow_says_it_does_not_use_validation_guidance(capsys):
                               max_train_steps=3)
         assert [p.name for p in build_phases(cfg, info)] == ["twinflow"]
         assert ("'validation_guidance' 3.5 is not used" in capsys.readouterr().out) is warned
+
+
+def test_validation_decodes_on_the_gpu_and_returns_the_vae_to_the_host(monkeypatch):
+    """On a GPU run the VAE moves to the training device for the decode and back after (also when the decode runs
+    out of memory: then it decodes on the host). CUDA is faked: the VAE records where it is sent."""
+    from fewstep.steps import decode_on_device
+
+    class VAE(torch.nn.Module):
+        where = "cpu"
+
+        def to(self, device):
+            self.where = str(device)
+            return self
+
+    class Adapter:
+        def __init__(self, oom_on_gpu):
+            self.oom_on_gpu, self.decoded_on = oom_on_gpu, []
+
+        def decode_latents(self, vae, latents):
+            self.decoded_on.append(vae.where)
+            if self.oom_on_gpu and vae.where != "cpu":
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return latents[:, :3] * 0.5
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    latents = torch.randn(1, 4, 8, 8)
+    for oom, path in ((False, ["cuda"]), (True, ["cuda", "cpu"])):
+        adapter, vae = Adapter(oom), VAE()
+        pixels = decode_on_device(adapter, vae, latents, torch.device("cuda"))
+        assert adapter.decoded_on == path and vae.where == "cpu"
+        torch.testing.assert_close(pixels, latents[:, :3] * 0.5)
+    adapter, vae = Adapter(False), VAE()
+    decode_on_device(adapter, vae, latents, torch.device("cpu"))
+    assert adapter.decoded_on == ["cpu"]

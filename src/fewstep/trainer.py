@@ -66,8 +66,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (fp32, host)
-        vae = adapter.load(source, with_denoiser=False, with_text=False).vae if is_main else None
+    with distributed.uneven_work("VAE load"):  # rank 0 decodes the validation images (kept on the host between)
+        vae_dtype = dtype if info.device.type == "cuda" else torch.float32  # as the cache fill's encoders
+        vae = adapter.load(source, dtype=vae_dtype, with_denoiser=False, with_text=False).vae if is_main else None
         faults.work_at("load")
     transformer = load_transformer(adapter, source, dtype, ds_config, info.device)  # training dtype
     if method == "twinflow" and not hasattr(transformer, adapter.anystep_module):
