@@ -115,3 +115,25 @@ def test_cache_computes_once_and_reloads(tmp_path):
     assert ds.uncond["prompt_embeds"][0, 0].item() == 0.5
     other = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), "model-b")  # another model: its own
     assert len(other.share(other.roots()[0], 0, 1)[0]) == 2
+
+
+def test_images_that_do_not_decode_are_skipped_at_the_scan_and_counted(tmp_path, capsys):
+    """A truncated PNG passes a header read; the scan decodes each image once, so it (and a file that is no image)
+    is skipped with a line naming it and counted, instead of stopping the whole job at the cache fill."""
+    import os
+    from collections import Counter
+
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.dataset import collect_samples
+
+    config = load_data_config(write_dataset(str(tmp_path), n=2, size=64))
+    cut = tmp_path / "images" / "img1.png"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    (tmp_path / "images" / "noise.png").write_bytes(b"not a png")
+    (tmp_path / "images" / "noise.txt").write_text("noise")
+    samples, skipped = collect_samples(config, 1)
+    assert [os.path.basename(s.image_path) for s in samples] == ["img0.png"]
+    assert skipped[config.images[0].id] == Counter({"unreadable": 2})
+    out = capsys.readouterr().out
+    assert "skipping unreadable image" in out and "img1.png" in out and "noise.png" in out

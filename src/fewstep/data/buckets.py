@@ -193,6 +193,24 @@ def image_size(path: str) -> tuple[int, int]:
     return w, h
 
 
+UNREADABLE = (0, 0)  # the size a probe records for a file that does not decode
+
+
+def decoded_size(path: str) -> tuple[int, int]:
+    """`image_size` from a full decode: a truncated or corrupt file passes a header read and would stop the whole job
+    at the cache fill. UNREADABLE (with a line naming the file) if it does not decode, or is larger than Pillow's
+    decompression-bomb limit."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return image_size(path)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError) as e:
+        print(f"fewstep: skipping unreadable image {path}: {e}", flush=True)
+        return UNREADABLE
+
+
 def content_digest(path: str) -> str:
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()[:32]

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from fewstep.data.backends import DataConfig, ImageEntry, load_data_config
-from fewstep.data.buckets import Geometry, Plan, content_digest, image_size, load_planned
+from fewstep.data.buckets import UNREADABLE, Geometry, Plan, content_digest, decoded_size, image_size, load_planned
 from fewstep.data.captions import IMAGE_EXTENSIONS, find_captioned_images
 from fewstep.data.errors import DataError
 from fewstep.data.order import DataOrder, Layout, Stream
@@ -70,8 +70,9 @@ Probe = tuple  # (content digest, (width, height)): what the scan reads of an im
 
 
 def probe_image(path: str) -> Probe:
-    """The two things read from an image at start-up: its content hash (every byte) and its size (the header)."""
-    return content_digest(path), image_size(path)
+    """The two things read from an image at start-up: its content hash (every byte) and its size (a full decode, so a
+    file that does not decode is skipped here, not found at the cache fill; `UNREADABLE`)."""
+    return content_digest(path), decoded_size(path)
 
 
 def list_images(config: DataConfig) -> list[tuple[int, str, list[str]]]:
@@ -88,6 +89,9 @@ def plan_samples(config: DataConfig, multiple: int, listed: list[tuple[int, str,
     samples = []
     for (e, path, caps), (digest, size) in zip(listed, probes, strict=True):
         entry = config.images[e]
+        if tuple(size) == UNREADABLE:
+            reasons[entry.id]["unreadable"] += 1
+            continue
         plan = geometries[e].plan(*size, key=f"{entry.id}|{digest}")
         if isinstance(plan, str):
             reasons[entry.id][plan] += 1
@@ -115,7 +119,8 @@ class ProbeMemo:
     """Probes remembered across runs in a JSON file: a file whose size and mtime are unchanged is not read again
     (hashing reads every byte of every image: at a million images, a restart would re-read the data set).
 
-    Entries are `path: [size, mtime_ns, digest, width, height]`; `record` is what a probe on any rank returns, so
+    Entries are `path: [size, mtime_ns, digest, width, height, "decoded"]` (0 x 0: the file does not decode);
+    `record` is what a probe on any rank returns, so
     ranks can probe their share and one rank merges the records (`update`) and saves."""
 
     def __init__(self, path: str):
@@ -133,7 +138,7 @@ class ProbeMemo:
         """The remembered probe if the file is unchanged (a stat, no read), else None."""
         key, stamp = self._stamp(image_path)
         hit = self.known.get(key)
-        if hit is None or len(hit) != 5 or hit[:2] != stamp:  # 3-long: a memo from before sizes were kept
+        if hit is None or len(hit) != 6 or hit[:2] != stamp:  # shorter: a memo from before full decodes (or sizes)
             return None
         return self.probe_of(hit)
 
@@ -147,7 +152,7 @@ class ProbeMemo:
         """Probe the file: (memo key, memo entry)."""
         key, stamp = cls._stamp(image_path)
         digest, (w, h) = probe_image(image_path)
-        return key, [*stamp, digest, w, h]
+        return key, [*stamp, digest, w, h, "decoded"]
 
     def update(self, records: dict[str, list]) -> None:
         self.known.update(records)
