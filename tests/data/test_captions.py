@@ -66,3 +66,33 @@ def test_textfile_orphans_are_errors_but_not_for_other_strategies(folder):
     os.makedirs(empty)
     with pytest.raises(DataError, match="no images in .*empty"):
         captions(empty, caption_strategy="filename")
+
+
+def test_caption_files_are_read_many_at_a_time_each_with_its_image(tmp_path, monkeypatch):
+    """Rank 0 reads every caption file at each start: on a shared filesystem each read waits ~1 ms, so they are read
+    concurrently (here: several reads in flight at once); each image keeps its own caption, in sorted order."""
+    import threading
+    import time
+
+    from fewstep.data import captions
+    from fewstep.data.backends import load_data_config
+    from fewstep_testing import write_dataset
+
+    write_dataset(str(tmp_path), n=200, size=8, captions=[f"caption {i}" for i in range(200)])
+    entry = load_data_config(str(tmp_path / "multidatabackend.json")).images[0]
+    real, state, lock = captions._textfile, {"now": 0, "most": 0}, threading.Lock()
+
+    def slow_read(path, multiline):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.002)  # a shared filesystem's latency
+        with lock:
+            state["now"] -= 1
+        return real(path, multiline)
+
+    monkeypatch.setattr(captions, "_textfile", slow_read)
+    found = captions.find_captioned_images(entry)
+    assert state["most"] > 1
+    assert len(found) == 200 and [p for p, _ in found] == sorted(p for p, _ in found)
+    assert all(caps == [f"caption {int(os.path.basename(p)[3:-4])}"] for p, caps in found)  # img<i>.png

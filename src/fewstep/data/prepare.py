@@ -3,7 +3,8 @@
 1. Scan (`scan_images`): rank 0 lists every captioned image and looks each up in the probe memo (a stat, no read);
    the images it has not seen are probed (content hash of every byte + header size) by all ranks, each its share,
    and rank 0 merges them, plans every image's bucket and crop, and broadcasts the samples. A first scan of a large
-   data set is spread over the whole job; a restart reads nothing but the memo.
+   data set is spread over the whole job; a restart reads the memo, the caption files and a stat of each image
+   (rank 0, many at a time: `captions.in_threads`).
 2. Cache: in each cache directory, every rank that sees it encodes its share (so a node-local cache is filled once per
    node), with the encoders on its own device, stored in the training dtype and read lazily.
 
@@ -21,6 +22,7 @@ from fewstep import faults
 from fewstep.data.backends import DataConfig, load_data_config
 from fewstep.data.buckets import Geometry
 from fewstep.data.cache import CachedDataset, CacheSet, model_key
+from fewstep.data.captions import in_threads
 from fewstep.data.dataset import ProbeMemo, Sample, list_images, plan_samples
 from fewstep.data.errors import DataError
 from fewstep.engine import distributed
@@ -65,7 +67,7 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list
     with distributed.uneven_work("data listing"):  # rank 0 alone walks the folders and stats each image
         if rank == 0:
             memo, listed = ProbeMemo(memo_path), list_images(config)
-            probes = [memo.lookup(path) for _, path, _ in listed]  # None: not seen before, or changed
+            probes = in_threads(memo.lookup, [path for _, path, _ in listed])  # None: not seen before, or changed
             unseen = [path for (_, path, _), probe in zip(listed, probes) if probe is None]
             faults.work_at("scan")
     unseen = distributed.broadcast_object(unseen if rank == 0 else None)
