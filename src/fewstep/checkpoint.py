@@ -364,13 +364,16 @@ def restore(resume: Resume, engine, rank: int, ema=None, seed: int = 0) -> tuple
         with open(os.path.join(path, "trainer.json")) as fh:
             trainer_state = json.load(fh)
         rank_state = reshard.composed_rank_state(path, rank, resume.saved_world, seed, int(trainer_state["step"]))
-        saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False).get("ema")
+        saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False,
+                               mmap=True).get("ema")
     else:
         with open(os.path.join(path, "trainer.json")) as fh:
             trainer_state = json.load(fh)
         if resume.mode == "trainable":
+            # memory-mapped: each rank copies out its own slices; the file (GBs for a rank-64 Qwen-Image LoRA) is
+            # read once per node through the page cache, not held whole by every rank
             reshard.apply_trainable(engine, torch.load(os.path.join(path, TRAINABLE_FILE), map_location="cpu",
-                                                       weights_only=False))
+                                                       weights_only=False, mmap=True))
         else:
             with distributed.uneven_work("universal checkpoint conversion"):
                 if rank == 0:
