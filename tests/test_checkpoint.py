@@ -205,3 +205,5 @@ def test_pruning_keeps_the_newest_of_this_runs_past_and_leaves_a_later_runs_step
         "latest", "step-1000", "step-1500", "step-1600", "step-2000", "step-2500", "step-3000"]
     assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1600")
     assert checkpoint.later_than(root, 1600) == ["step-2000", "step-2500", "step-3000"]  # named at the resume
+    os.remove(os.path.join(root, "step-1600", "trainer.json"))  # this run's newest lost: its own earlier step next
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1500")

@@ -69,6 +69,22 @@ def test_kill_during_save_keeps_last_checkpoint(data):
     assert sorted(os.listdir(ckpts)) == ["latest", "step-2", "step-4", "step-6"]
 
 
+def test_a_resume_from_an_earlier_step_saves_its_own_final_checkpoint(data):
+    """Run A ends at step 4 (step-2, step-4 saved). Run B resumes from step-2: it names A's step-4 at the start,
+    keeps it while it trains, and at its end writes its own step-4 in its place (it used to see step-4 on disk and
+    save nothing: had B trained otherwise, A's weights would have stayed the run's final checkpoint)."""
+    root, backend = data
+    common = dict(max_train_steps=4, checkpointing_steps=2)
+    out = train(root, backend, "rollback", **common)
+    ckpts = os.path.join(out, "checkpoints")
+    written = os.stat(os.path.join(ckpts, "step-4", "trainer.json")).st_mtime_ns
+    log = []
+    train(root, backend, "rollback", output=log, resume_from_checkpoint=os.path.join(ckpts, "step-2"), **common)
+    assert "note: step-4 (later steps of an earlier run) are kept" in log[0]
+    assert open(os.path.join(ckpts, "latest")).read().strip() == "step-4"
+    assert os.stat(os.path.join(ckpts, "step-4", "trainer.json")).st_mtime_ns != written  # B's own
+
+
 def test_lora_export_loads_in_stock_pipeline_and_matches_engine_weights(data):
     """The exported LoRA, loaded with diffusers' load_lora_weights, reproduces the model DeepSpeed trained (read back
     independently from the ZeRO checkpoint with DeepSpeed's own zero_to_fp32 reader)."""

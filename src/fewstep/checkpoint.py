@@ -220,7 +220,6 @@ def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
     return None
 
 
-
 class IncompleteCheckpointError(UserError, FileNotFoundError):
     """An explicitly named checkpoint lacks files (a save that never finished, or a lost shard)."""
 
@@ -285,8 +284,12 @@ def _resolve_latest(root: str) -> str | None:
     if os.path.exists(os.path.join(root, "latest")):
         with open(os.path.join(root, "latest")) as fh:
             named = os.path.join(root, fh.read().strip())
-    # `latest` first: the highest step can be older work (a run resumed from an earlier step), then newest first
-    candidates = ([named] if named in found else []) + [p for p in reversed(found) if p != named]
+    # `latest` first: the highest step can be older work (a run resumed from an earlier step); then newest first,
+    # this run's own steps (at or below the one `latest` names) before a later run's
+    ceiling = step_of(named) if named in found else float("inf")
+    rest = [p for p in reversed(found) if p != named]
+    candidates = ([named] if named in found else []) + [p for p in rest if step_of(p) <= ceiling] + \
+        [p for p in rest if step_of(p) > ceiling]
     skipped = []
     for path in candidates:
         missing = missing_files(path)

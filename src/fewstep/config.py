@@ -172,7 +172,8 @@ class Config:
     # ---- checkpoints ----
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
                                    lo=0)
-    checkpoints_total_limit: int = opt(3, "Keep the last K checkpoints.", lo=1)
+    checkpoints_total_limit: int = opt(3, "Keep this run's newest K checkpoints (a later run's steps, left by a "
+                                          "resume from an earlier step, are kept and not counted).", lo=1)
     resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.")
 
     # ---- validation and logging ----

@@ -108,12 +108,15 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
 
+    last_saved = {"step": step if resume is not None else None}  # the newest checkpoint of this run's own line
+
     @rng_streams.isolated()
     def save(at: int) -> None:
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
         path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
                                cfg.checkpoints_total_limit)
+        last_saved["step"] = at
         log_main(is_main, f"checkpoint saved: {path}")
 
     if distributed.any_rank(preemption.requested()):  # signalled while loading: nothing new to save
@@ -180,7 +183,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     return {"step": step, "preempted": True}
             finish(phase, step)
             phase_start = phase_end
-        if step == total and (not os.path.exists(os.path.join(ckpt_root, f"step-{step}"))):
+        if step == total and last_saved["step"] != step:  # a step-N of another run (before a rollback) is replaced
             require_finite_weights(trainable, f"checkpoint step-{step}")
             save(step)
     finally:
