@@ -51,6 +51,7 @@ for family in ("flux", "qwen_image"):
 # A hub id that is not in the (shared) Hugging Face cache: one rank downloads it, every rank then loads the cached
 # snapshot, also under ZeRO-3 (which reads the files). The hub is a folder here: there is no network.
 import shutil  # noqa: E402
+import types  # noqa: E402
 
 import huggingface_hub  # noqa: E402
 from huggingface_hub import constants  # noqa: E402
@@ -63,18 +64,28 @@ constants.HF_HUB_CACHE = os.path.join(tmp, "hf-cache")
 snapshot = os.path.join(constants.HF_HUB_CACHE, "models--org--tiny-flux", "snapshots", "0")
 
 
-def fake_snapshot_download(repo_id, local_files_only=False, **kwargs):
+def fake_snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None, **kwargs):
     assert repo_id == "org/tiny-flux", repo_id
     if not local_files_only:
+        assert revision == "c0ffee" * 6 + "abcd", revision  # the commit rank 0 listed, on every downloading rank
         with open(downloads, "a") as fh:
             fh.write(f"rank {info.rank}\n")
-        shutil.copytree(hub, snapshot)
+        shutil.copytree(hub, snapshot, ignore=lambda d, names: [n for n in names if n.endswith(".md")])
+        assert "model_index.json" in allow_patterns and "README.md" not in allow_patterns, allow_patterns
     if not os.path.isdir(snapshot):
         raise LocalEntryNotFoundError("not cached")
     return snapshot
 
 
+class FakeApi:
+    def model_info(self, repo_id):
+        files = [os.path.relpath(os.path.join(d, f), hub) for d, _, names in os.walk(hub) for f in names]
+        return types.SimpleNamespace(sha="c0ffee" * 6 + "abcd",
+                                     siblings=[types.SimpleNamespace(rfilename=f) for f in files])
+
+
 huggingface_hub.snapshot_download = fake_snapshot_download
+huggingface_hub.HfApi = FakeApi
 constants.HF_HUB_OFFLINE = False
 import urllib.request  # noqa: E402
 
@@ -84,6 +95,8 @@ if info.is_main:  # the pipeline's other folders beside the sharded transformer 
     shutil.copy(os.path.join(tiny_root, "model_index.json"), hub)
     for sub in ("scheduler", "vae"):
         shutil.copytree(os.path.join(tiny_root, sub), os.path.join(hub, sub))
+    with open(os.path.join(hub, "README.md"), "w") as fh:  # a top-level file diffusers does not load
+        fh.write("a model card")
 wait_for_all("hub ready")
 adapter = get_adapter("flux")
 src = local_model(adapter, "org/tiny-flux")

@@ -430,6 +430,8 @@ def sharing_group(directory: str, patience_seconds: float = 10.0) -> SharingGrou
     if seen and seen[0] == me:
         import shutil
         shutil.rmtree(marks, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the parent too, unless another check is using it
+            os.rmdir(os.path.dirname(marks))
     if not consistent:
         raise LaunchError(f"ranks disagree about which of them share '{directory}' (views {views}); is the "
                           "filesystem caching directory listings? Use a shared directory or a node-local one")

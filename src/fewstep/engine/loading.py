@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 
 import torch
@@ -29,21 +30,52 @@ def local_model(adapter, name: str) -> str:
     """`adapter.resolve(name)` as a local folder on every rank (collective).
 
     A hub id that is not in the local Hugging Face cache yet is downloaded once per set of ranks that share that
-    cache (the first rank of each set; the others wait without a collective timeout), then opened from the cache like
-    any folder. Otherwise every rank of every node would download the model at once, and the ZeRO-3 load reads the
-    safetensors files themselves, which a hub id does not name."""
-    source = adapter.resolve(name)  # a cached hub id is its snapshot folder already
+    cache (the first rank of each set; the others wait without a collective timeout): the commit rank 0 finds, so
+    every node trains the same revision, and only the files diffusers loads (`pipeline_files`). Otherwise every rank
+    of every node would download the model at once, and the ZeRO-3 load reads the safetensors files themselves,
+    which a hub id does not name."""
+    with distributed.uneven_work("model source"):  # may fail on one rank only (its cache, its network)
+        source = adapter.resolve(name)  # a cached hub id is its snapshot folder already
     if not distributed.any_rank(not os.path.isdir(source)):  # one decision: every rank takes the same collectives
         return source
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
+    with distributed.uneven_work("hub listing"):
+        if distributed.rank() == 0:
+            info = HfApi().model_info(name)
+            listing = (info.sha, [s.rfilename for s in info.siblings])
+    revision, files = distributed.broadcast_object(listing if distributed.rank() == 0 else None)
     os.makedirs(constants.HF_HUB_CACHE, exist_ok=True)
     group = distributed.sharing_group(constants.HF_HUB_CACHE)
     with distributed.uneven_work("model download"):
         if group.index == 0:
-            print(f"fewstep: rank {distributed.rank()} downloading {name} into {constants.HF_HUB_CACHE}", flush=True)
-            snapshot_download(name)
-    return adapter.resolve(name)  # now cached on every rank
+            print(f"fewstep: rank {distributed.rank()} downloading {name}@{revision[:10]} into "
+                  f"{constants.HF_HUB_CACHE}", flush=True)
+            snapshot_download(name, revision=revision, allow_patterns=pipeline_files(files))
+    with distributed.uneven_work("model source"):
+        return adapter.resolve(snapshot_download(name, revision=revision, local_files_only=True))
+
+
+_OTHER_FORMATS = (".onnx", ".onnx_data", ".pb", ".msgpack", ".h5", ".ckpt", ".gguf", ".xml")
+_VARIANT = re.compile(r"\.(fp16|bf16|fp8|int8|ema|non_ema)(-\d+-of-\d+)?\.(safetensors|bin)$|\.index\.\w+\.json$")
+
+
+def pipeline_files(files: list[str]) -> list[str]:
+    """Of a hub pipeline repo's files, the ones diffusers' `from_pretrained` loads: model_index.json and each component
+    folder's files, without single-file checkpoints and pictures at the top level (FLUX.1-dev: 24 GB), precision
+    variants (`*.fp16.safetensors`), other formats (ONNX, OpenVINO, Flax, TensorFlow), and a folder's PyTorch `.bin`
+    weights where it has safetensors."""
+    with_safetensors = {f.split("/")[0] for f in files if "/" in f and f.endswith(".safetensors")}
+    keep = [f for f in files if f == "model_index.json"]
+    for f in files:
+        folder, _, rest = f.partition("/")
+        base = os.path.basename(f)
+        if not rest or _VARIANT.search(base) or base.endswith(_OTHER_FORMATS) or base.startswith("openvino"):
+            continue
+        if base.endswith(".bin") and folder in with_safetensors:
+            continue
+        keep.append(f)
+    return keep
 
 
 def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, device: torch.device) -> nn.Module:
