@@ -78,7 +78,7 @@ def test_validation_decodes_on_the_gpu_and_returns_the_vae_to_the_host(monkeypat
     class VAE(torch.nn.Module):
         where = "cpu"
 
-        def to(self, device):
+        def to(self, device, dtype=None):
             self.where = str(device)
             return self
 
@@ -102,3 +102,54 @@ def test_validation_decodes_on_the_gpu_and_returns_the_vae_to_the_host(monkeypat
     adapter, vae = Adapter(False), VAE()
     decode_on_device(adapter, vae, latents, torch.device("cpu"))
     assert adapter.decoded_on == ["cpu"]
+
+
+def test_lora_disabled_runs_the_base_model_and_restores_the_lora():
+    """The Slow phase's validation runs Fast's list on the base model: with the LoRA off the output is the base's
+    (the LoRA trained away from zero changes it), and after the block the LoRA acts again."""
+    from peft import LoraConfig
+
+    from fewstep.steps import lora_disabled
+
+    adapter = get_adapter("flux")
+    comps = adapter.load("tiny:flux", with_text=False)
+    model = comps.denoiser
+    x = torch.randn(adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape,
+                    generator=torch.Generator().manual_seed(0))
+    cond = {"prompt_embeds": torch.randn(1, 8, 32), "pooled_prompt_embeds": torch.randn(1, 32)}
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        base = adapter.forward(model, x, sigma, cond)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(adapter.default_lora_targets)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(1))
+        trained = adapter.forward(model, x, sigma, cond)
+        with lora_disabled(_Engine(model)):
+            off = adapter.forward(model, x, sigma, cond)
+        again = adapter.forward(model, x, sigma, cond)
+    assert (trained - base).abs().max() > 1e-3
+    torch.testing.assert_close(off, base)
+    torch.testing.assert_close(again, trained)
+
+
+def test_a_handoff_of_another_shape_or_unreadable_is_not_used(tmp_path):
+    """An output dir reused at another resolution, or a damaged file: the Fast phase's validation falls back (to the
+    base model's Slow steps) instead of failing after the whole run."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from fewstep.steps import HANDOFF, _read_handoff
+
+    cfg = SimpleNamespace(output_dir=str(tmp_path))
+    os.makedirs(tmp_path / "validation")
+    path = str(tmp_path / "validation" / HANDOFF)
+    assert _read_handoff(cfg, (1, 4, 8, 8)) is None  # none yet
+    x = torch.randn(1, 4, 8, 8) + 0.5
+    save_file({"latents": x}, path)
+    torch.testing.assert_close(_read_handoff(cfg, (1, 4, 8, 8)), x)
+    assert _read_handoff(cfg, (1, 4, 16, 16)) is None
+    with open(path, "wb") as fh:
+        fh.write(b"not safetensors")
+    assert _read_handoff(cfg, (1, 4, 8, 8)) is None

@@ -1,5 +1,5 @@
 """A rank's training randomness (noise, timesteps, caption dropout, LoRA init) is one stream: the global generators
-(torch CPU, every CUDA device, Python's `random`, NumPy) seeded once from (seed, rank).
+(torch CPU, this rank's CUDA device, Python's `random`, NumPy) seeded once from (seed, rank).
 
 Work that is not training must not draw from that stream, or the same seed would give another run depending on
 things that have nothing to do with the maths: a library's initialisers run while loading (their number differs

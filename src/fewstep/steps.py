@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fewstep.data.cache import atomic_save
@@ -18,7 +19,8 @@ from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
 from fewstep.metrics import log_main
 from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
-from fewstep.methods.glance import CustomTimestepSampler, foreign_reference_list, parse_custom_timesteps
+from fewstep.methods.glance import (CustomTimestepSampler, foreign_reference_list, glance_schedule,
+                                    parse_custom_timesteps)
 from fewstep.models.base import unwrap
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, next_batch, to_device, velocity_fn
@@ -140,23 +142,25 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
                                                                  cfg.flow_schedule_shift)), None
     # Glance: the image inference makes, Slow's list then Fast's. In the Slow phase the base model (LoRA off) stands
     # in for the untrained Fast; the Fast phase starts from the hand-off of the Slow phase's last validation.
-    slow, fast = phase.glance
+    sigmas, boundary = glance_schedule(*phase.glance)
+    slow_part, fast_part = sigmas[:boundary + 1], sigmas[boundary:]  # Slow stops where Fast starts
     if phase.name == "glance-slow":
-        handoff = euler_loop(guided, x, slow + fast[:1], to_zero=False)
+        handoff = euler_loop(guided, x, slow_part, to_zero=False)
         with lora_disabled(ctx.engine):
-            return euler_loop(guided, handoff, fast), handoff
-    handoff = _read_handoff(cfg)
+            return euler_loop(guided, handoff, fast_part), handoff
+    handoff = _read_handoff(cfg, x.shape)
     if handoff is None:
-        log_main(distributed.rank() == 0, f"note: no {HANDOFF} from the Slow phase's validation; the Fast phase's "
-                                          "validation starts from the base model's Slow steps")
+        log_main(distributed.rank() == 0, f"note: no {HANDOFF} of this shape from the Slow phase's validation; the "
+                                          "Fast phase's validation starts from the base model's Slow steps")
         with lora_disabled(ctx.engine):
-            handoff = euler_loop(guided, x, slow + fast[:1], to_zero=False)
-    return euler_loop(guided, handoff.to(ctx.device, ctx.dtype), fast), None
+            handoff = euler_loop(guided, x, slow_part, to_zero=False)
+    return euler_loop(guided, handoff.to(ctx.device, ctx.dtype), fast_part), None
 
 
 @contextlib.contextmanager
 def lora_disabled(engine):
-    """The base model: the LoRA layers bypassed (a flag on each layer, the same on every rank; no weight moves)."""
+    """The base model: the LoRA layers bypassed (PEFT flags on each layer, the same on every rank; no weight moves).
+    PEFT also switches the LoRA weights' requires_grad off and back on: call it outside autograd (validation)."""
     module = unwrap(engine)
     has_lora = getattr(module, "_hf_peft_config_loaded", False)
     if has_lora:
@@ -168,12 +172,15 @@ def lora_disabled(engine):
             module.enable_adapters()
 
 
-def _read_handoff(cfg) -> Optional[torch.Tensor]:
-    """Rank 0 reads the Slow phase's hand-off latents and every rank gets them (the output dir may be node-local)."""
+def _read_handoff(cfg, shape) -> Optional[torch.Tensor]:
+    """Rank 0 reads the Slow phase's hand-off latents and every rank gets them; None if there is none of this shape
+    (an output dir reused at another resolution) or it cannot be read (rank 0 must reach the broadcast)."""
     x = None
     if distributed.rank() == 0:
         path = os.path.join(cfg.output_dir, "validation", HANDOFF)
-        x = load_file(path)["latents"] if os.path.exists(path) else None
+        with contextlib.suppress(OSError, SafetensorError, KeyError):
+            x = load_file(path)["latents"]
+        x = x if x is not None and tuple(x.shape) == tuple(shape) else None
     return distributed.broadcast_object(x)
 
 
@@ -203,16 +210,16 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
 def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Decode with the VAE on the training GPU for the call (a 1024 px decode takes well under a second there, and a
     minute on the host's CPU while every GPU idles), then back on the host, so that training keeps the GPU's memory.
-    On the host if the GPU runs out of memory."""
+    On the host (in fp32) if the GPU runs out of memory or cannot decode."""
     if device.type != "cuda":
         return adapter.decode_latents(vae, latents)
     try:
         vae.to(device)
         return adapter.decode_latents(vae, latents).cpu()
-    except torch.OutOfMemoryError:
-        vae.to("cpu")
+    except RuntimeError as e:  # out of memory, or a kernel the GPU lacks at this size: the host can still decode
+        vae.to("cpu", torch.float32)  # bf16 convolutions on a CPU are slow
         torch.cuda.empty_cache()
-        log_main(True, "note: the GPU had no memory left for the VAE: validation decodes on the host")
+        log_main(True, f"note: validation decodes on the host ({str(e).splitlines()[0][:120]})")
         return adapter.decode_latents(vae, latents)
     finally:
         vae.to("cpu")

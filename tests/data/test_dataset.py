@@ -137,3 +137,19 @@ def test_images_that_do_not_decode_are_skipped_at_the_scan_and_counted(tmp_path,
     assert skipped[config.images[0].id] == Counter({"unreadable": 2})
     out = capsys.readouterr().out
     assert "skipping unreadable image" in out and "img1.png" in out and "noise.png" in out
+
+
+def test_an_unreadable_image_is_probed_again_at_the_next_start(tmp_path):
+    """A read error may be the filesystem's (EIO, a stale handle): the memo does not keep "unreadable", so the image
+    is read again at the next start (a readable one is not)."""
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.dataset import ProbeMemo, collect_samples
+
+    config = load_data_config(write_dataset(str(tmp_path), n=2, size=64))
+    img = tmp_path / "images" / "img1.png"
+    img.write_bytes(img.read_bytes()[:100])
+    memo = ProbeMemo(str(tmp_path / "memo.json"))
+    assert len(collect_samples(config, 1, memo)[0]) == 1
+    memo.save()
+    again = ProbeMemo(str(tmp_path / "memo.json"))
+    assert again.lookup(str(img)) is None and again.lookup(str(tmp_path / "images" / "img0.png")) is not None

@@ -39,7 +39,7 @@ def in_threads(fn, items: list) -> list:
     if len(items) < 2 * READ_THREADS:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return list(pool.map(fn, items, chunksize=16))
+        return list(pool.map(fn, items))
 
 
 def _textfile(path: str, multiline: bool) -> list[str]:

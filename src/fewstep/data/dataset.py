@@ -119,7 +119,8 @@ class ProbeMemo:
     """Probes remembered across runs in a JSON file: a file whose size and mtime are unchanged is not read again
     (hashing reads every byte of every image: at a million images, a restart would re-read the data set).
 
-    Entries are `path: [size, mtime_ns, digest, width, height, "decoded"]` (0 x 0: the file does not decode);
+    Entries are `path: [size, mtime_ns, digest, width, height, "decoded"]` (0 x 0: the file did not decode, and is
+    probed again at the next start);
     `record` is what a probe on any rank returns, so
     ranks can probe their share and one rank merges the records (`update`) and saves."""
 
@@ -139,6 +140,8 @@ class ProbeMemo:
         key, stamp = self._stamp(image_path)
         hit = self.known.get(key)
         if hit is None or len(hit) != 6 or hit[:2] != stamp:  # shorter: a memo from before full decodes (or sizes)
+            return None
+        if tuple(hit[3:5]) == UNREADABLE:  # probed again at each start: the failure may have been the filesystem's
             return None
         return self.probe_of(hit)
 
