@@ -19,19 +19,27 @@ class _Engine(torch.nn.Module):
 
 
 def test_validation_guidance_rule():
+    """SimpleTuner's meanings: for FLUX validation_guidance is the distilled-guidance value and validation_guidance_real
+    the CFG scale; for the others validation_guidance is the CFG scale. TwinFlow: no CFG, the training value."""
+    from fewstep.steps import validation_distilled_guidance
+
     flux, qwen = get_adapter("flux"), get_adapter("qwen_image")
-    cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None)
+    cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=None)
     assert validation_cfg_scale(cfg, flux) == 1.0 and validation_cfg_scale(cfg, qwen) == 5.0  # as sample.py
-    for given, want in ((3.5, 3.5), (0.0, 1.0), (1.0, 1.0)):  # SimpleTuner's TwinFlow configs give 0: none
-        cfg.validation_guidance = given
-        assert validation_cfg_scale(cfg, flux) == want
+    assert validation_distilled_guidance(cfg, flux) is None  # the training value
+    cfg.validation_guidance = 3.5
+    assert validation_cfg_scale(cfg, flux) == 1.0 and validation_distilled_guidance(cfg, flux) == 3.5
+    assert validation_cfg_scale(cfg, qwen) == 3.5 and validation_distilled_guidance(cfg, qwen) is None
+    cfg.validation_guidance, cfg.validation_guidance_real = 0.0, 4.0  # SimpleTuner's TwinFlow recipe gives 0
+    assert validation_cfg_scale(cfg, qwen) == 1.0 and validation_cfg_scale(cfg, flux) == 4.0
     cfg.resolved_method = "twinflow"
     cfg.validation_guidance = 4.0
-    assert validation_cfg_scale(cfg, qwen) == 1.0  # TwinFlow's target distils guidance
+    assert validation_cfg_scale(cfg, qwen) == validation_cfg_scale(cfg, flux) == 1.0
+    assert validation_distilled_guidance(cfg, flux) is None
 
 
 def test_validation_guidance_is_the_pipelines_true_cfg():
-    """A flow run's validation with `validation_guidance` 3 makes the latents FluxPipeline makes with
+    """A flow run's validation with `validation_guidance_real` 3 makes the latents FluxPipeline makes with
     true_cfg_scale 3 and the empty prompt as negative (same noise, same sigmas); guidance 1 makes other ones."""
     adapter = get_adapter("flux")
     comps = adapter.load("tiny:flux")
@@ -40,7 +48,8 @@ def test_validation_guidance_is_the_pipelines_true_cfg():
     sigmas = [1.0, 0.75, 0.5, 0.25]
 
     def ours(scale):
-        cfg = SimpleNamespace(resolved_method="flow", validation_guidance=scale, flux_guidance_value=None)
+        cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=scale,
+                              flux_guidance_value=None)
         ds = SimpleNamespace(validation_shape=tuple(noise_shape[1:]))
         ctx = StepContext(cfg=cfg, adapter=adapter, engine=_Engine(comps.denoiser), dataset=ds, order=None,
                           device=torch.device("cpu"), dtype=torch.float32)
@@ -65,9 +74,9 @@ def test_twinflow_says_it_does_not_use_validation_guidance(capsys):
     info = SimpleNamespace(is_main=True, rank=0, world_size=1)
     for guidance, warned in ((3.5, True), (0.0, False), (None, False)):  # SimpleTuner's TwinFlow recipe gives 0
         cfg = SimpleNamespace(resolved_method="twinflow", validation_guidance=guidance, flow_custom_timesteps=None,
-                              max_train_steps=3)
+                              validation_guidance_real=None, max_train_steps=3)
         assert [p.name for p in build_phases(cfg, info)] == ["twinflow"]
-        assert ("'validation_guidance' 3.5 is not used" in capsys.readouterr().out) is warned
+        assert ("'validation_guidance' 3.5 not used" in capsys.readouterr().out) is warned
 
 
 def test_validation_decodes_on_the_gpu_and_returns_the_vae_to_the_host(monkeypatch):

@@ -180,10 +180,15 @@ class Config:
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
     validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
     validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
-    validation_guidance: Optional[float] = opt(None, "Classifier-free guidance of validation images, the empty prompt "
-                                                     "as negative (<= 1: none; default: the family's, as "
-                                                     "launcher/sample.py: Qwen-Image 5). TwinFlow samples without.",
-                                               lo=0.0)
+    validation_guidance: Optional[float] = opt(None, "Guidance of validation images, as in SimpleTuner: for FLUX the "
+                                                     "distilled-guidance value (default flux_guidance_value), for the "
+                                                     "other families the classifier-free guidance scale, the empty "
+                                                     "prompt as negative (<= 1: none; "
+                                                     "default: the family's, as launcher/sample.py: Qwen-Image 5). "
+                                                     "TwinFlow samples without CFG, at the training value.", lo=0.0)
+    validation_guidance_real: Optional[float] = opt(None, "FLUX: classifier-free guidance scale of validation images, "
+                                                          "the empty prompt as negative (<= 1 or null: none), as in "
+                                                          "SimpleTuner.", lo=0.0)
     validation_seed: int = opt(0, "Seed for validation noise (fixed, so images are comparable across steps).", lo=0)
     report_to: str = opt("tensorboard", "Where rank 0 logs scalars and validation images: tensorboard, wandb, all "
                                         "(both; also 'tensorboard,wandb') or none. W&B offline: WANDB_MODE=offline.",

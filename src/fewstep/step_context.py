@@ -58,9 +58,11 @@ def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tenso
     return x0, cond, uncond
 
 
-def velocity_fn(ctx: StepContext) -> Callable:
-    """model(x, sigma, cond, tt=None, sign=None) -> fp32 velocity, through the engine's module."""
-    adapter, engine, dtype, guidance = ctx.adapter, ctx.engine, ctx.dtype, ctx.cfg.flux_guidance_value
+def velocity_fn(ctx: StepContext, guidance: Optional[float] = None) -> Callable:
+    """model(x, sigma, cond, tt=None, sign=None) -> fp32 velocity, through the engine's module. `guidance`: the
+    distilled-guidance value of a family that has one (default: the training value, `flux_guidance_value`)."""
+    adapter, engine, dtype = ctx.adapter, ctx.engine, ctx.dtype
+    guidance = ctx.cfg.flux_guidance_value if guidance is None else guidance
 
     def fn(x, sigma, cond, tt=None, sign=None):
         return adapter.forward(engine, x.to(dtype), sigma, cond, tt=tt, sign=sign, guidance=guidance).float()

@@ -42,9 +42,12 @@ def build_phases(cfg, info) -> list[Phase]:
     """The training phases: one per Glance LoRA (Slow then Fast), else one. Warns on rank 0 when a timestep list is
     another model family's Glance list (SimpleTuner's doc gives FLUX users Qwen-Image's), and when TwinFlow is given
     a validation guidance it does not use."""
-    if cfg.resolved_method == "twinflow" and (cfg.validation_guidance or 0.0) > 1.0:
-        log_main(info.is_main, f"warning: 'validation_guidance' {cfg.validation_guidance} is not used: TwinFlow "
-                               "samples without classifier-free guidance (its target distils it)")
+    ignored = {k: getattr(cfg, k) for k in ("validation_guidance", "validation_guidance_real")
+               if (getattr(cfg, k, None) or 0.0) > 1.0}
+    if cfg.resolved_method == "twinflow" and ignored:
+        log_main(info.is_main, f"warning: {', '.join(f'{k!r} {v}' for k, v in ignored.items())} not used: TwinFlow "
+                               "samples without classifier-free guidance (its target distils it), at the training "
+                               "guidance value")
     def sampler(sigmas):
         return CustomTimestepSampler(sigmas, cfg.flow_timesteps_mode, batch_size=cfg.train_batch_size,
                                      rank=info.rank, world_size=info.world_size)
@@ -103,12 +106,21 @@ HANDOFF = "glance-slow-handoff.safetensors"  # under <output_dir>/validation: wh
 
 
 def validation_cfg_scale(cfg, adapter) -> float:
-    """Classifier-free guidance of validation images: `validation_guidance` (<= 1: none), by default the family's
-    (as launcher/sample.py: Qwen-Image 5); TwinFlow never (its target distils guidance)."""
+    """Classifier-free guidance of validation images (1: none): `validation_guidance`, or for a guidance-distilled
+    family (FLUX) `validation_guidance_real` (SimpleTuner's meanings); by default the family's (as
+    launcher/sample.py: Qwen-Image 5); TwinFlow never (its target distils guidance)."""
     if cfg.resolved_method == "twinflow":
         return 1.0
-    scale = adapter.sample_cfg_scale if cfg.validation_guidance is None else cfg.validation_guidance
-    return max(float(scale), 1.0)
+    given = cfg.validation_guidance_real if adapter.distilled_guidance else cfg.validation_guidance
+    return max(float(adapter.sample_cfg_scale if given is None else given), 1.0)
+
+
+def validation_distilled_guidance(cfg, adapter) -> Optional[float]:
+    """The distilled-guidance value of validation images (FLUX: `validation_guidance`; None: the training value).
+    TwinFlow samples at the training value."""
+    if cfg.resolved_method == "twinflow" or not adapter.distilled_guidance:
+        return None
+    return cfg.validation_guidance
 
 
 @torch.no_grad()
@@ -116,7 +128,8 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
                    uncond: Optional[dict] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective). Returns
     the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts)."""
-    cfg, model = ctx.cfg, velocity_fn(ctx)
+    cfg = ctx.cfg
+    model = velocity_fn(ctx, validation_distilled_guidance(cfg, ctx.adapter))
     ds = ctx.dataset  # a square at the training resolution (datasets without buckets: the first latent's shape)
     shape = (1, *(ds.validation_shape if hasattr(ds, "validation_shape") else ds.latents[0].shape))
     x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)

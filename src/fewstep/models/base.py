@@ -81,6 +81,7 @@ class FlowModelAdapter:
     hook_time_scale: float = 1000.0  # time_text_embed's first argument = hook_time_scale * sigma
     packed: bool = False  # True: latents enter the transformer as 2x2-patch tokens [B, h*w/4, 4C]
     default_guidance: float = 1.0  # distilled-guidance value when the transformer has guidance_embeds
+    distilled_guidance: bool = False  # "guidance" means that embedding's value (FLUX.1-dev), not a CFG scale
     cfg_scale_kwarg: str = "guidance_scale"  # the pipeline argument scaling classifier-free guidance
     sample_cfg_scale: float = 1.0  # CFG its multi-step samples take by default (1: none)
     default_text_len: int = 512  # the pipeline __call__ default max_sequence_length (long text encoder)

@@ -21,6 +21,7 @@ class FluxAdapter(FlowModelAdapter):
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     hook_time_scale = 1000.0  # FluxTransformer2DModel multiplies the [0,1] timestep by 1000 before time_text_embed
     cfg_scale_kwarg = "true_cfg_scale"  # guidance_scale is the distilled-guidance embedding's value
+    distilled_guidance = True
     packed = True
 
     def _encode_prompt_batch(self, pipe, prompts, **kwargs):
