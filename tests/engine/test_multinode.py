@@ -38,14 +38,16 @@ def _unshare_available() -> str | None:
     return None if r.returncode == 0 else f"unshare -m does not work here: {r.stderr.strip()}"
 
 
-def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None):
+def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None, node_files=None):
     """Start ranks 0 and 1 as two 'nodes' (LOCAL_RANK 0 each), each with a private tmpfs mounted at `local_path`;
-    `rank0_files`: a folder whose contents are copied into rank 0's tmpfs only (rank 1's gets an empty images/)."""
+    `rank0_files`: a folder whose contents are copied into rank 0's tmpfs only (rank 1's gets an empty images/);
+    `node_files`: one folder per rank, copied into that rank's tmpfs."""
     procs = []
     for rank in (0, 1):
         env = cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       **(extra_env or {}))
         copy = (f'cp -r "{rank0_files}"/. "$1"/ && ' if rank == 0 else 'mkdir "$1/images" && ') if rank0_files else ""
+        copy += f'cp -r "{node_files[rank]}"/. "$1"/ && ' if node_files else ""
         script = f'mount -t tmpfs fewstep-node{rank} "$1" && {copy}exec "$2" launcher/train.py --config "$3"'
         procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "node",
                                        local_path, PY, cfg], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -111,3 +113,30 @@ def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
         assert rc == 2 and results[1][0] == 2, f"{out[-2000:]}\n{err[-3000:]}\n{results[1][2][-3000:]}"
         assert f"fewstep: rank 1 {expected}" in err and "does not exist" in err, err[-3000:]
         assert "Traceback" not in err
+
+
+def test_model_copies_that_differ_between_nodes_are_refused(tmp_path):
+    """Each node has its own copy of the model at the same path (a node-local scratch disk); one node's text encoder
+    differs (a partial or other copy). The ranks would fill different cache folders while splitting the work as
+    one: every rank stops with one line instead."""
+    reason = _unshare_available()
+    if reason:
+        pytest.skip(reason)
+    from fewstep.models.tiny import ensure_tiny_pipeline
+
+    backend = write_dataset(str(tmp_path), n=2)
+    copies = [tmp_path / f"node{r}" for r in (0, 1)]
+    for c in copies:
+        shutil.copytree(ensure_tiny_pipeline("flux"), c / "model", copy_function=shutil.copy)
+    with open(copies[1] / "model" / "text_encoder" / "model.safetensors", "r+b") as fh:
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x01\x02\x03\x04")
+    node_local = tmp_path / "scratch"
+    node_local.mkdir()
+    cfg = write_config(str(tmp_path), backend, pretrained_model_name_or_path=str(node_local / "model"),
+                       cache_dir=str(tmp_path / "cache"))
+    results = _launch_nodes(cfg, str(node_local), _free_port(), node_files=[str(c) for c in copies])
+    for rank, (rc, out, err) in enumerate(results):
+        assert rc == 2 and "Traceback" not in err, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-3000:]}"
+    assert "text-encoder files of" in results[0][2] and "differ between ranks (ranks [1] differ from rank 0)" in \
+        results[0][2]

@@ -110,8 +110,15 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
     extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
+    with distributed.uneven_work("model key"):  # reads the encoders' files
+        key = model_key(cfg.model_family, cfg.pretrained_model_name_or_path)
+    keys = distributed.all_gather_object(key)
+    if len(set(keys)) > 1:  # per-node copies that differ would fill different cache folders as if they were one
+        raise DataError(f"the VAE / text-encoder files of {cfg.pretrained_model_name_or_path} differ between ranks "
+                        f"(ranks {[r for r, k in enumerate(keys) if k != keys[0]]} differ from rank 0): every node "
+                        "needs the same copy of the model")
     caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
-                      model_key(cfg.model_family, cfg.pretrained_model_name_or_path), data.default_text_cache_dir,
+                      key, data.default_text_cache_dir,
                       data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
     shares, sizes = {}, set()
     for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
