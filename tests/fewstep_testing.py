@@ -89,3 +89,15 @@ def side_by_side(*calls):
     (each uses one core under OMP_NUM_THREADS=1, so two of them keep both of CI's cores busy)."""
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
         return [job.result() for job in [pool.submit(call) for call in calls]]
+
+
+class EngineWrapper(torch.nn.Module):
+    """A module behind `.module`, called through, as a DeepSpeed engine wraps the model (for step code tested
+    without DeepSpeed)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -7,15 +7,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from fewstep.models import get_adapter
 from fewstep.step_context import StepContext
 from fewstep.steps import Phase, sample_latents, validation_cfg_scale
-
-
-class _Engine(torch.nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+from fewstep_testing import EngineWrapper
 
 
 def test_validation_guidance_rule():
@@ -51,7 +43,7 @@ def test_validation_guidance_is_the_pipelines_true_cfg():
         cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=scale,
                               flux_guidance_value=None)
         ds = SimpleNamespace(validation_shape=tuple(noise_shape[1:]))
-        ctx = StepContext(cfg=cfg, adapter=adapter, engine=_Engine(comps.denoiser), dataset=ds, order=None,
+        ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(comps.denoiser), dataset=ds, order=None,
                           device=torch.device("cpu"), dtype=torch.float32)
         x, handoff = sample_latents(ctx, Phase("flow", 1, sigmas), cond, torch.Generator().manual_seed(7), uncond)
         assert handoff is None
@@ -134,7 +126,7 @@ def test_lora_disabled_runs_the_base_model_and_restores_the_lora():
             if "lora_B" in name:
                 p.normal_(generator=torch.Generator().manual_seed(1))
         trained = adapter.forward(model, x, sigma, cond)
-        with lora_disabled(_Engine(model)):
+        with lora_disabled(EngineWrapper(model)):
             off = adapter.forward(model, x, sigma, cond)
         again = adapter.forward(model, x, sigma, cond)
     assert (trained - base).abs().max() > 1e-3

@@ -8,6 +8,7 @@ import torch
 from fewstep.lora import prepare_trainable
 from fewstep.models import get_adapter
 from fewstep.twinflow_step import has_dropout
+from fewstep_testing import EngineWrapper
 
 
 @pytest.mark.parametrize("family", ["flux", "sdxl"])
@@ -46,17 +47,6 @@ class _Batches:
         return self.rows[i]
 
 
-class _Engine(torch.nn.Module):
-    """The `.module` wrapper shape of a DeepSpeed engine (the swap is not needed: the live student is the teacher)."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
 def _rows_per_pass(teacher_rows: str, lora_dropout: float) -> list[int]:
     """The batch size of every model call in one TwinFlow micro-step (batch 8, order 2, adversarial branch on,
     the live student as teacher), built from a Config as the trainer builds it; same data, groups and times."""
@@ -74,7 +64,7 @@ def _rows_per_pass(teacher_rows: str, lora_dropout: float) -> list[int]:
                  train_batch_size=8, mixed_precision="fp32", twinflow_teacher_rows=teacher_rows)
     prepare_trainable(cfg, adapter, model, anystep_embeddings=True)
     ds = _Batches(adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape[1:])
-    ctx = StepContext(cfg=cfg, adapter=adapter, engine=_Engine(model), dataset=ds,
+    ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(model), dataset=ds,
                       order=DataOrder(len(ds), 8, 0, 1, seed=3), device=torch.device("cpu"), dtype=torch.float32)
     seen = []
     model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["hidden_states"].shape[0]),

@@ -108,7 +108,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
 
-    last_saved = {"step": step if resume is not None else None}  # the newest checkpoint of this run's own line
+    # the newest checkpoint of this run's own line: the one it resumed from, if that is in its own checkpoints folder
+    own = resume is not None and os.path.isdir(ckpt_root) and \
+        os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), ckpt_root)
+    last_saved = {"step": step if own else None}
 
     @rng_streams.isolated()
     def save(at: int) -> None:

@@ -138,7 +138,7 @@ def test_bare_srun_task_env():
 def test_plain_python_is_a_world_of_one():
     env = distributed.launch_env({})
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
-    assert int(env["MASTER_PORT"]) > 0
+    assert env["MASTER_PORT"] == "0"  # its store binds a free port itself: runs started together cannot collide
 
 
 @pytest.mark.parametrize("spec,hosts", [("n1", ["n1"]), ("n[1-2]", ["n1", "n2"]),

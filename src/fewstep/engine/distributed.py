@@ -110,8 +110,8 @@ def launch_env(env: dict[str, str]) -> dict[str, str]:
     out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if "MASTER_ADDR" not in env:
         out["MASTER_ADDR"] = "127.0.0.1"
-    if "MASTER_PORT" not in env:
-        out["MASTER_PORT"] = str(_free_port())
+    if "MASTER_PORT" not in env:  # a world of one hosts its own store: port 0 lets it bind any free port itself
+        out["MASTER_PORT"] = "0"  # (picking one here and binding it later races other runs started at once)
     return out
 
 
