@@ -17,6 +17,7 @@ import socket
 import time
 
 from fewstep.engine import distributed
+from fewstep.engine.sharing import sharing_group
 from fewstep.engine.distributed import DistInfo
 from fewstep.errors import RunDirBusy, UserError
 
@@ -92,7 +93,7 @@ def locked(output_dir: str, info: DistInfo):
 
 def require_shared(output_dir: str, info: DistInfo) -> None:
     """All ranks must see one output_dir (checkpoints are written by every rank and assembled by rank 0)."""
-    group = distributed.sharing_group(output_dir)
+    group = sharing_group(output_dir)
     if group.size != info.world_size:
         raise UserError(f"output_dir '{output_dir}' is not shared by all {info.world_size} ranks (rank {info.rank} "
                         f"sees ranks {group.members} there): checkpoints are written by every rank and assembled by "

@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from fewstep.engine import distributed
+from fewstep.engine.sharing import sharing_group
 
 TIMEOUT = 1.0  # seconds: a plain collective times out when one rank is 2 s late
 tmp = sys.argv[1]
@@ -33,9 +34,9 @@ with distributed.uneven_work("rank-0 export"):
 print("store wait ok", flush=True)
 
 # Which ranks share a directory: one shared folder -> both; one folder per rank (node-local) -> each alone.
-shared = distributed.sharing_group(os.path.join(tmp, "shared"))
+shared = sharing_group(os.path.join(tmp, "shared"))
 assert (shared.members, shared.index) == ([0, 1], rank), shared
-local = distributed.sharing_group(os.path.join(tmp, f"node{rank}"))
+local = sharing_group(os.path.join(tmp, f"node{rank}"))
 assert (local.members, local.index) == ([rank], 0), local
 distributed.wait_for_all("cleaned")  # the group's first rank removes the markers after the others have left
 assert not os.path.exists(os.path.join(tmp, "shared", ".fewstep-ranks"))  # markers cleaned up, folder too
@@ -76,7 +77,7 @@ if rank == 1:
     os.listdir = lambda p=".": [f for f in real_listdir(p) if not ("disagree" in str(p) and f == "rank0")]
 t0 = time.monotonic()
 try:
-    distributed.sharing_group(os.path.join(tmp, "disagree"), patience_seconds=0.0 if rank == 0 else 30.0)
+    sharing_group(os.path.join(tmp, "disagree"), patience_seconds=0.0 if rank == 0 else 30.0)
     raise AssertionError("ranks that disagree were accepted")
 except distributed.LaunchError as e:
     assert "ranks disagree about which of them share" in str(e) and time.monotonic() - t0 < 10, e

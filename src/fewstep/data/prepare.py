@@ -26,6 +26,7 @@ from fewstep.data.captions import in_threads
 from fewstep.data.dataset import ProbeMemo, Sample, list_images, plan_samples
 from fewstep.data.errors import DataError
 from fewstep.engine import distributed
+from fewstep.engine.sharing import sharing_group
 from fewstep.metrics import log_main
 
 MEMO_NAME = "data_digests.json"  # in output_dir
@@ -122,7 +123,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
                       data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
     shares, sizes = {}, set()
     for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
-        group = distributed.sharing_group(root)
+        group = sharing_group(root)
         shares[root] = caches.share(root, group.index, group.size)
         sizes.add(group.size)
     lat, txt = sum(len(a) for a, _ in shares.values()), sum(len(b) for _, b in shares.values())

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fewstep.engine import distributed
+from fewstep.engine.sharing import sharing_group
 from fewstep.errors import ModelSourceError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -46,7 +47,7 @@ def local_model(adapter, name: str) -> str:
             listing = (info.sha, [s.rfilename for s in info.siblings])
     revision, files = distributed.broadcast_object(listing if distributed.rank() == 0 else None)
     os.makedirs(constants.HF_HUB_CACHE, exist_ok=True)
-    group = distributed.sharing_group(constants.HF_HUB_CACHE)
+    group = sharing_group(constants.HF_HUB_CACHE)
     with distributed.uneven_work("model download"):
         if group.index == 0:
             print(f"fewstep: rank {distributed.rank()} downloading {name}@{revision[:10]} into "
