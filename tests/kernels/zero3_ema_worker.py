@@ -94,3 +94,7 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # without it gloo's threads can abort a rank at interpreter exit ("terminate called without an active exception",
+    # pytorch/pytorch#190489), failing the launch after the check passed (seen once in CI, 2026-12-05)
+    from fewstep.engine.distributed import teardown
+    teardown()
