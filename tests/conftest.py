@@ -19,6 +19,13 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import fewstep  # noqa: E402,F401
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU, at most 4. Many tests launch two ranks of their own, and each worker may hold a
+    few GB (tiny pipelines, DeepSpeed engines); past 4 the suite waits on its longest files, not on CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
 @pytest.fixture
 def repo():
     return REPO

@@ -15,7 +15,8 @@ def test_every_option_is_documented():
 def test_ci_runs_the_readme_commands():
     readme = open(os.path.join(REPO, "README.md")).read()
     ci = open(os.path.join(REPO, ".ci", "run")).read()
-    assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
+    tests = "python -m pytest -q -n auto --dist loadfile tests"
+    assert tests in readme and tests in ci
     assert "pip install -r requirements.txt && pip install -e ." in readme
     assert "pip install -r requirements.txt && pip install -e ." in ci
 
