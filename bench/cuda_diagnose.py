@@ -229,7 +229,7 @@ def _cache_finite(output_dir: str) -> str:
 
     out = []
     for kind in ("latents", "text"):
-        files = glob.glob(os.path.join(output_dir, "cache", "**", kind, "*.safetensors"), recursive=True)
+        files = glob.glob(os.path.join(output_dir, "cache", "**", kind, "**", "*.safetensors"), recursive=True)
         bad = sum(1 for f in files if not all(bool(v.float().isfinite().all()) for v in load_file(f).values()))
         out.append(f"{kind}: {len(files) - bad}/{len(files)}")
     return ", ".join(out)

@@ -95,7 +95,7 @@ def lora(path):
 
 
 def latent_shapes(cache_root):
-    files = glob.glob(os.path.join(cache_root, "*", "*", "latents", "*"))  # <dir>/<model>/<dtype>/latents/
+    files = glob.glob(os.path.join(cache_root, "*", "*", "latents", "*", "*"))  # <dir>/<model>/<dtype>/latents/<xx>/
     return {tuple(load_file(f)["latents"].shape) for f in files}
 
 
@@ -127,6 +127,6 @@ def test_simpletuner_documentation_example_trains_as_written(runs):
     assert os.path.exists(os.path.join(out(root, "example"), "pytorch_lora_weights.safetensors"))
     # cache_dir_vae holds the latents, the text_embeds entry's cache_dir the caption / empty-prompt embeddings
     assert latent_shapes(os.path.join(example, "vaecache")) == {(4, 16, 16)}
-    assert len(glob.glob(os.path.join(example, "textcache", "*", "*", "text", "*"))) == 6  # 5 captions + ""
-    assert not glob.glob(os.path.join(out(root, "example"), "cache", "*", "*", "latents", "*"))
+    assert len(glob.glob(os.path.join(example, "textcache", "*", "*", "text", "*", "*"))) == 6  # 5 captions + ""
+    assert not glob.glob(os.path.join(out(root, "example"), "cache", "*", "*", "latents", "*", "*"))
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from fewstep.config import ConfigError, load_config, normalize_key, parse_overrides
+from fewstep.config import FIELDS, ConfigError, load_config
+from fewstep.config_values import normalize_key, parse_overrides
 
 SEED_GLANCE = {  # the seed document's JSON, verbatim but for the model path
     "--model_type": "lora", "--model_family": "flux", "--pretrained_model_name_or_path": "tiny:flux",
@@ -51,12 +52,12 @@ def test_overrides_apply_on_top_of_file(tmp_path):
 
 
 def test_parse_overrides_forms():
-    assert parse_overrides(["--a", "1", "--b=2", "--flag"]) == {"a": "1", "b": "2", "flag": "true"}
+    assert parse_overrides(["--a", "1", "--b=2", "--flag"], FIELDS) == {"a": "1", "b": "2", "flag": "true"}
     with pytest.raises(ConfigError, match="unexpected command-line argument"):
-        parse_overrides(["oops"])
+        parse_overrides(["oops"], FIELDS)
     with pytest.raises(ConfigError, match=r"--max_train_steps needs a value \(--max_train_steps VALUE; Optimizer"):
-        parse_overrides(["--max_train_steps", "--use_ema"])  # a bare flag is true: only booleans can be one
-    assert parse_overrides(["--use_ema", "--max-train-steps=3"]) == {"use_ema": "true", "max_train_steps": "3"}
+        parse_overrides(["--max_train_steps", "--use_ema"], FIELDS)  # a bare flag is true: only booleans can be one
+    assert parse_overrides(["--use_ema", "--max-train-steps=3"], FIELDS) == {"use_ema": "true", "max_train_steps": "3"}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -85,6 +86,19 @@ def test_parse_overrides_forms():
 def test_errors_name_the_key(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, merged(SEED_GLANCE, bad)))
+
+
+def test_every_unknown_key_is_named_at_once(tmp_path):
+    """A config brought from elsewhere may hold several keys fewstep does not have: one error names them all, each
+    with where it was given and its closest option, before the first bad value is even looked at."""
+    path = write(tmp_path, merged(SEED_GLANCE, {"--lora_rnk": 4, "push_to_hub": True, "zero_stage": 9}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["--max_train_stepz", "3"])
+    msg = str(err.value)
+    assert msg.startswith("3 unknown config keys: ")
+    assert f"'lora_rnk' in {path} (did you mean 'lora_rank'?)" in msg and f"'push_to_hub' in {path}" in msg
+    assert "'max_train_stepz' on the command line (did you mean 'max_train_steps'?)" in msg
+    assert "zero_stage" not in msg  # values are checked once the keys are all known
 
 
 def test_twinflow_requires_ema_unless_allowed(tmp_path):

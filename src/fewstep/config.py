@@ -7,20 +7,17 @@ key, before any compute starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
 from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
-from fewstep.errors import UserError
+from fewstep.config_values import closest_keys, coerce, normalize_key, parse_overrides
+from fewstep.errors import ConfigError
 from fewstep.jsonfile import load_json
 
-
-class ConfigError(UserError, ValueError):
-    """A config problem, reported before anything is built."""
+__all__ = ["Config", "ConfigError", "FIELDS", "load_config", "describe_options", "stage_set_by", "zero_stage_in_use"]
 
 
 def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
@@ -179,16 +176,19 @@ class Config:
     # ---- validation and logging ----
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
     validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
+    validation_negative_prompt: Optional[str] = opt(None, "The prompt validation's classifier-free guidance steers "
+                                                          "away from (SimpleTuner's key; default: the empty prompt, "
+                                                          "the one training drops captions to).")
     validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
     validation_guidance: Optional[float] = opt(None, "Guidance of validation images, as in SimpleTuner: for FLUX the "
                                                      "distilled-guidance value (default flux_guidance_value), for the "
-                                                     "other families the classifier-free guidance scale, the empty "
-                                                     "prompt as negative (<= 1: none; "
+                                                     "other families the classifier-free guidance scale, against "
+                                                     "validation_negative_prompt (<= 1: none; "
                                                      "default: the family's, as launcher/sample.py: Qwen-Image 5). "
                                                      "TwinFlow samples without CFG, at the training value.", lo=0.0)
     validation_guidance_real: Optional[float] = opt(None, "FLUX: classifier-free guidance scale of validation images, "
-                                                          "the empty prompt as negative (<= 1 or null: none), as in "
-                                                          "SimpleTuner.", lo=0.0)
+                                                          "against validation_negative_prompt (<= 1 or null: none), "
+                                                          "as in SimpleTuner.", lo=0.0)
     validation_seed: int = opt(0, "Seed for validation noise (fixed, so images are comparable across steps).", lo=0)
     report_to: str = opt("tensorboard", "Where rank 0 logs scalars and validation images: tensorboard, wandb, all "
                                         "(both; also 'tensorboard,wandb') or none. W&B offline: WANDB_MODE=offline.",
@@ -317,91 +317,6 @@ def zero_stage_in_use(zero_stage: int, user_ds: dict) -> int:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, FIELDS.keys(), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Convert a JSON or command-line value to the declared type of `key` and check its choices/range."""
-    f = FIELDS[key]
-    meta = f.metadata
-    typ = f.type.replace("Optional[", "").rstrip("]")
-    is_choice = meta["choices"] is not None and value in meta["choices"]  # e.g. report_to: "none"
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and typ != "Any"
-                         and not is_choice):
-        if f.default is None or meta["choices"] and None in meta["choices"]:
-            return None
-        raise ConfigError(f"'{key}' may not be null")
-    try:
-        if typ == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                value = value.lower() in ("true", "1", "yes")
-            elif not isinstance(value, (bool, int)):
-                raise ValueError
-            value = bool(value)
-        elif typ == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif typ == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError
-        elif typ == "str":
-            if not isinstance(value, str):
-                raise ValueError
-        elif typ == "list":
-            if isinstance(value, str):
-                value = json.loads(value) if value.strip().startswith("[") else value.split(",")
-            value = list(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"'{key}' expects {typ}, got {value!r}") from None
-    if meta["choices"] is not None and value not in meta["choices"]:
-        valid = ", ".join("null" if c is None else str(c) for c in meta["choices"])
-        hint = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"] if c is not None], n=1)
-        raise ConfigError(f"'{key}' must be one of: {valid}; got {value!r}" + (f" (did you mean '{hint[0]}'?)"
-                                                                                if hint else ""))
-    lo, hi = meta["lo"], meta["hi"]
-    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        raise ConfigError(f"'{key}' must be {'>' if meta['lo_open'] else '>='} {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"'{key}' must be <= {hi}, got {value}")
-    return value
-
-
-def normalize_key(key: str) -> str:
-    """'--flow-custom-timesteps' / '--flow_custom_timesteps' / 'flow_custom_timesteps' -> 'flow_custom_timesteps'."""
-    return key.lstrip("-").replace("-", "_")
-
-
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`--key value`, `--key=value` and bare `--flag` (true) pairs from a command line."""
-    out, i = {}, 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--"):
-            raise ConfigError(f"unexpected command-line argument {tok!r}: overrides look like --key value")
-        if "=" in tok:
-            k, v = tok.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            k, v = tok, argv[i + 1]
-            i += 2
-        else:
-            k, v = tok, "true"
-            i += 1
-            key = normalize_key(k)
-            if key in FIELDS and "bool" not in FIELDS[key].type:  # a bare flag is true: only booleans are flags
-                raise ConfigError(f"{tok} needs a value ({tok} VALUE; {FIELDS[key].metadata['help']})")
-        out[normalize_key(k)] = v
-    return out
-
-
 def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = None) -> Config:
     """Read a JSON config (SimpleTuner key spelling accepted), apply overrides, check everything."""
     raw: dict[str, Any] = {}
@@ -418,15 +333,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
             spelled[key] = k
             raw[key], source[key] = v, f" in {path}"
     if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
+        overrides = parse_overrides(overrides, FIELDS)
     for k, v in (overrides or {}).items():
         raw[normalize_key(k)], source[normalize_key(k)] = v, " on the command line"
-    values = {}
-    for key, value in raw.items():
-        if key not in FIELDS:
-            raise ConfigError(f"unknown config key '{key}'{source[key]}{_closest(key)}")
-        values[key] = _coerce(key, value)
-    return Config(**values).validate()
+    unknown = [k for k in raw if k not in FIELDS]
+    if unknown:  # all of them at once: a config brought from elsewhere may have several
+        raise ConfigError(closest_keys(unknown, source, FIELDS))
+    return Config(**{key: coerce(key, FIELDS[key], value) for key, value in raw.items()}).validate()
 
 
 def describe_options() -> str:

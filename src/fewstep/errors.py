@@ -10,6 +10,11 @@ class UserError(Exception):
     """A problem the user can fix; its message says what and how."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config problem (an unknown key, a bad value, options that do not go together), reported before anything is
+    built."""
+
+
 class ModelSourceError(UserError, FileNotFoundError):
     """The model to load is not where the config says (missing folder, offline hub id, wrong family)."""
 

@@ -207,9 +207,8 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
     """Render the validation prompt with a fixed seed (every rank samples: ZeRO-3 forwards are collective); rank 0
     decodes, writes a PNG and logs it to TensorBoard while the others wait without a collective timeout."""
     cfg, ds, engine = ctx.cfg, ctx.dataset, ctx.engine
-    prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
-    cond = to_device(ctx.adapter.collate_cond([ds.text[prompt]]), ctx.device, ctx.dtype)
-    uncond = to_device(ctx.adapter.collate_cond([ds.uncond]), ctx.device, ctx.dtype)
+    cond, uncond = (to_device(ctx.adapter.collate_cond([ds.text[p]]), ctx.device, ctx.dtype)
+                    for p in validation_prompts(cfg, ds))
     engine.eval()
     latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed), uncond)
     engine.train()
@@ -218,6 +217,13 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
             if handoff is not None:
                 _write_handoff(cfg, handoff)
             _write_validation(ctx, phase, step, logger, vae, latents)
+
+
+def validation_prompts(cfg, ds) -> tuple[str, str]:
+    """The validation prompt (default: the first training caption) and the negative one of its classifier-free
+    guidance (default: the empty prompt); both were cached with the data set (`fewstep.data.prepare`)."""
+    prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
+    return prompt, cfg.validation_negative_prompt or ""
 
 
 def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:

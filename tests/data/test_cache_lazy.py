@@ -1,5 +1,6 @@
 """The latent/embedding cache at scale: stored in the training dtype, read lazily (memory per rank does not grow with
 the data set), and image hashes remembered across runs."""
+import glob
 import os
 
 import pytest
@@ -40,6 +41,30 @@ def test_cache_is_stored_in_the_training_dtype(tmp_path):
     assert torch.equal(lat16, lat32.to(torch.bfloat16)) and not torch.equal(lat16.float(), lat32)
     assert ds16.latent_paths[0] != ds32.latent_paths[0]  # one cache per storage dtype: never mixed up
     assert ds16.uncond["prompt_embeds"].dtype == torch.bfloat16
+
+
+def test_files_sit_in_subfolders_and_a_flat_cache_moves_without_encoding(tmp_path):
+    """Each file sits in the subfolder named by its key's first two hex digits (a million images in one folder are
+    slow on a parallel filesystem); a cache of the older flat layout is moved there, and nothing is encoded again."""
+    config = load_data_config(write_dataset(str(tmp_path), n=3))
+    samples, _ = collect_samples(config, 1)
+    enc_img, enc_txt = _encoders()
+    ds = CachedDataset(_fill(tmp_path, samples, config, torch.float32, enc_img, enc_txt), config.images, 1)
+    want = [ds.item(i) for i in range(len(ds))]
+    files = glob.glob(os.path.join(tmp_path, "cache", "**", "*.safetensors"), recursive=True)
+    assert len(files) == 3 + 5  # 3 latents; 3 captions, the empty and the validation prompt
+    for f in files:
+        kind, sub, name = f.split(os.sep)[-3:]
+        assert kind in ("latents", "text") and sub == name[:2] and len(name) == 32 + len(".safetensors")
+        os.replace(f, os.path.join(os.path.dirname(os.path.dirname(f)), name))  # the flat layout of older caches
+
+    def never(*_):
+        raise AssertionError("encoded again")
+    ds = CachedDataset(_fill(tmp_path, samples, config, torch.float32, never, never), config.images, 1)
+    for (lat, text), (lat0, text0) in zip((ds.item(i) for i in range(len(ds))), want, strict=True):
+        assert torch.equal(lat, lat0) and text.keys() == text0.keys()
+        assert all(torch.equal(text[k], text0[k]) for k in text)
+    assert sorted(glob.glob(os.path.join(tmp_path, "cache", "**", "*.safetensors"), recursive=True)) == sorted(files)
 
 
 def _peak_rss_since_reset() -> int:

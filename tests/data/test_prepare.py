@@ -29,3 +29,26 @@ def test_each_caption_is_stored_at_its_own_length_whatever_it_was_encoded_with(t
         torch.testing.assert_close(stored["prompt_embeds"], alone["prompt_embeds"], rtol=1e-4, atol=1e-5)
         lengths[prompt] = mask.shape[0]
     assert lengths[SHORT] < lengths[LONG]
+
+
+def test_validation_negative_prompt_is_cached_and_used_as_the_negative(tmp_path):
+    """SimpleTuner's `validation_negative_prompt`: encoded with the data set, kept in memory like the validation
+    prompt, and what validation's classifier-free guidance steers away from; without it, the empty prompt."""
+    from fewstep.steps import validation_prompts
+
+    backend = write_dataset(str(tmp_path), n=2, captions=[SHORT, LONG])
+    base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "data_backend_config": backend,
+            "output_dir": str(tmp_path / "out"), "mixed_precision": "fp32", "resolution": 32}
+    cfg = load_config(None, {**base, "--validation_negative_prompt": "blurry, cropped, ugly"})
+    adapter = get_adapter("flux")
+    dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert validation_prompts(cfg, dataset) == (dataset.samples[0].caption, "blurry, cropped, ugly")
+    assert "blurry, cropped, ugly" in dataset.text.resident
+    comps = adapter.load("tiny:flux", with_denoiser=False, with_vae=False)
+    alone = adapter.split_cond(adapter.encode_prompts(comps, ["blurry, cropped, ugly"]))[0]
+    stored = dataset.text["blurry, cropped, ugly"]
+    assert stored.keys() == alone.keys()
+    for k in stored:
+        torch.testing.assert_close(stored[k], alone[k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(stored["prompt_embeds"], dataset.uncond["prompt_embeds"])
+    assert validation_prompts(load_config(None, base), dataset)[1] == ""

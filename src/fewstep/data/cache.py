@@ -8,7 +8,9 @@ Where: the run's `cache_dir` by default; an image entry's `cache_dir_vae` (or th
 entry it names) for its latents; a text_embeds entry's `cache_dir` for the captions of the entries it serves (the
 default one also holds the empty and validation prompts). Each directory gets a subfolder per model and storage
 dtype (the training dtype: bf16 latents and embeddings take half of fp32's disk and I/O); a latent file is keyed by
-the image's content and its plan (bucket, resize, crop), a text file by the prompt.
+the image's content and its plan (bucket, resize, crop), a text file by the prompt. Files sit in 256 subfolders by
+the first two hex digits of their key: a million images make ~4k entries per folder, not a million in one (which
+parallel filesystems serve slowly); a cache of the older flat layout is moved into them, not encoded again.
 
 Reads are lazy: `CachedDataset` keeps file paths, and reads a sample's latents and caption embeddings (safetensors,
 memory-mapped) when the data order draws it. Only the empty prompt's and the validation prompts' embeddings stay in
@@ -72,15 +74,32 @@ def _digest(*parts) -> str:
 def atomic_save(tensors: dict, path: str) -> None:
     """safetensors written under a temporary name, then renamed: a reader sees the whole file or none."""
     tmp = f"{path}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
+
+
+def _present(path: str) -> bool:
+    """Whether `path` is cached. A file of the flat layout (`<kind>/<key>.safetensors`, caches written before
+    2026-12-06) is moved to `path` first: a rename, not a new encoding."""
+    if os.path.exists(path):
+        return True
+    flat = os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
+    if not os.path.exists(flat):
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.replace(flat, path)
+    except FileNotFoundError:  # moved meanwhile by a rank of another run on this cache
+        pass
+    return os.path.exists(path)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class EmbeddingCache:
-    """Latents at `<dir>/<model>/<dtype>/latents/<hash>.safetensors`, text at `.../text/<hash>.safetensors`."""
+    """Latents at `<dir>/<model>/<dtype>/latents/<hash[:2]>/<hash>.safetensors`, text at `.../text/...` alike."""
 
     def __init__(self, root: str, model: str, text_batch_size: int = 8, dtype: torch.dtype = torch.float32):
         if dtype not in DTYPE_NAMES:
@@ -90,15 +109,18 @@ class EmbeddingCache:
         os.makedirs(os.path.join(self.root, "latents"), exist_ok=True)
         os.makedirs(os.path.join(self.root, "text"), exist_ok=True)
 
+    def _path(self, kind: str, key: str) -> str:
+        return os.path.join(self.root, kind, key[:2], key + ".safetensors")
+
     def latent_path(self, sample: Sample) -> str:
-        return os.path.join(self.root, "latents", _digest(sample.digest, sample.plan.tag()) + ".safetensors")
+        return self._path("latents", _digest(sample.digest, sample.plan.tag()))
 
     def text_path(self, prompt: str) -> str:
-        return os.path.join(self.root, "text", _digest(prompt) + ".safetensors")
+        return self._path("text", _digest(prompt))
 
     def missing(self, samples: list[Sample], prompts: list[str]) -> tuple[list, list]:
-        lat = [s for s in samples if not os.path.exists(self.latent_path(s))]
-        txt = sorted({p for p in prompts if not os.path.exists(self.text_path(p))})
+        lat = [s for s in samples if not _present(self.latent_path(s))]
+        txt = sorted({p for p in prompts if not _present(self.text_path(p))})
         return lat, txt
 
     def fill(self, samples: list[Sample], prompts: list[str], encode_images: Callable, encode_prompts: Callable,

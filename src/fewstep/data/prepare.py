@@ -110,7 +110,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
     if probed:
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
-    extra = [""] + ([cfg.validation_prompt] if cfg.validation_prompt else [])
+    extra = [""] + [p for p in (cfg.validation_prompt, cfg.validation_negative_prompt) if p]
     with distributed.uneven_work("model key"):  # reads the encoders' files
         key = model_key(cfg.model_family, cfg.pretrained_model_name_or_path)
     keys = distributed.all_gather_object(key)

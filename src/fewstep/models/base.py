@@ -13,22 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fewstep.errors import ModelFamilyError, ModelSourceError
+from fewstep.errors import ModelFamilyError
 from fewstep.models import anystep
+from fewstep.models.source import resolve_folder_or_hub
 
 _REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
-
-# a hub id "org/name" (no revision suffix)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def register_adapter(cls: type["FlowModelAdapter"]) -> type["FlowModelAdapter"]:
@@ -121,7 +116,8 @@ class FlowModelAdapter:
         """Map a user's model name to something `from_pretrained` can open without hanging.
 
         `tiny:<family>` -> the cached tiny pipeline (built on first use); an existing directory -> itself; a hub id
-        -> itself if it is in the HF cache or the hub answers within seconds. Anything else raises a clear error.
+        -> itself if it is in the HF cache or the hub answers within seconds (`fewstep.models.source`). Anything
+        else raises a clear error.
         """
         name = str(name_or_path)
         if name.startswith("tiny:"):
@@ -131,16 +127,7 @@ class FlowModelAdapter:
                                  f"use 'tiny:{self.family}' or get_adapter({fam!r})")
             from fewstep.models.tiny import ensure_tiny_pipeline
             return str(ensure_tiny_pipeline(self.family))
-        path = Path(name).expanduser()
-        if path.is_dir():
-            if not (path / self.denoiser_subfolder).is_dir() and not (path / "model_index.json").exists():
-                raise ModelSourceError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
-                                        f"model_index.json or subfolders {self.denoiser_subfolder}/, vae/, scheduler/, ...")
-            return str(path)
-        if not _HUB_ID.match(name) or name.startswith((".", "~")):
-            raise ModelSourceError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
-                                    "folder, a hub id like 'org/name', or 'tiny:<family>')")
-        return _resolve_hub_id(name)
+        return resolve_folder_or_hub(name, self.denoiser_subfolder)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -411,27 +398,3 @@ def _canonical(name: str) -> str:
     key = re.sub(r"[-_ .]", "", str(name).lower())
     cls = _REGISTRY.get(key)
     return cls.family if cls is not None else key
-
-
-def _resolve_hub_id(repo_id: str) -> str:
-    """A hub id if it is cached or the hub answers quickly; otherwise a clear, immediate error."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:  # already downloaded: use the cached snapshot, no network
-        return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
-    hint = (f"Download it where there is network (`hf download {repo_id} --local-dir DIR`) and pass DIR, "
-            "or use 'tiny:<family>' for a tiny test model.")
-    if constants.HF_HUB_OFFLINE:
-        raise ModelSourceError(f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {hint}")
-    url = f"{constants.ENDPOINT}/api/models/{repo_id}"
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5)
-    except urllib.error.HTTPError:
-        pass  # the hub answered (404/401/...): from_pretrained reports the precise problem
-    except (urllib.error.URLError, OSError) as e:
-        raise ModelSourceError(f"no local directory {repo_id!r}, and cannot reach the Hugging Face Hub ({constants.ENDPOINT}) "
-                      f"to fetch it as a hub model: {getattr(e, 'reason', e)}. {hint}") from None
-    return repo_id

@@ -1,0 +1,58 @@
+"""Where a model comes from: a local diffusers folder or a hub id, checked before anything loads.
+
+`resolve_folder_or_hub` turns a user's `pretrained_model_name_or_path` into something `from_pretrained` opens
+without hanging: an existing pipeline folder as is, a hub id if it is in the Hugging Face cache or the hub answers
+within seconds; anything else is one clear error (`ModelSourceError`). `tiny:<family>` is the adapter's business
+(`FlowModelAdapter.resolve`).
+"""
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from fewstep.errors import ModelSourceError
+
+# a hub id "org/name" (no revision suffix)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:
+    """A diffusers pipeline folder (one with model_index.json or a `denoiser_subfolder`/) or a reachable hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / denoiser_subfolder).is_dir() and not (path / "model_index.json").exists():
+            raise ModelSourceError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
+                                   f"model_index.json or subfolders {denoiser_subfolder}/, vae/, scheduler/, ...")
+        return str(path)
+    if not HUB_ID.match(name) or name.startswith((".", "~")):
+        raise ModelSourceError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
+                               "folder, a hub id like 'org/name', or 'tiny:<family>')")
+    return resolve_hub_id(name)
+
+
+def resolve_hub_id(repo_id: str) -> str:
+    """A hub id if it is cached or the hub answers quickly; otherwise a clear, immediate error."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # already downloaded: use the cached snapshot, no network
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    hint = (f"Download it where there is network (`hf download {repo_id} --local-dir DIR`) and pass DIR, "
+            "or use 'tiny:<family>' for a tiny test model.")
+    if constants.HF_HUB_OFFLINE:
+        raise ModelSourceError(f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                               f"set. {hint}")
+    url = f"{constants.ENDPOINT}/api/models/{repo_id}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:
+        pass  # the hub answered (404/401/...): from_pretrained reports the precise problem
+    except (urllib.error.URLError, OSError) as e:
+        raise ModelSourceError(f"no local directory {repo_id!r}, and cannot reach the Hugging Face Hub "
+                               f"({constants.ENDPOINT}) to fetch it as a hub model: {getattr(e, 'reason', e)}. "
+                               f"{hint}") from None
+    return repo_id
