@@ -65,9 +65,11 @@ fewstep_setup() {
     cd "$FEWSTEP_ROOT" || _fewstep_die "cannot cd to FEWSTEP_ROOT='$FEWSTEP_ROOT'"
     export FEWSTEP_ROOT
 
+    # Each task's CPU threads (data loading, DeepSpeedCPUAdam under offload_optimizer): its own CPUs, not every core
+    # of the node once per task where the site does not bind tasks to cores.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"
     if [ "${FEWSTEP_CPU:-0}" = 1 ]; then
         export DS_ACCELERATOR=cpu                    # DeepSpeed's CPU accelerator: gloo, no CUDA
-        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"
         FEWSTEP_GRES_OPT=()
         if [ "${SLURM_GPUS_ON_NODE:-0}" != 0 ]; then
             FEWSTEP_GRES_OPT=(--gpus-per-node=0)     # the job has GPUs: the step gets none (22.05 rejects --gres=none)
@@ -83,12 +85,15 @@ fewstep_setup() {
     fi
 
     # Rank 0 runs on the first node of the allocation; the port is fixed per job id, so a requeued run (same id)
-    # uses the same one and concurrent jobs on a shared node do not collide.
+    # uses the same one and concurrent jobs on a shared node do not collide. 10000-29999: below Linux's ephemeral
+    # ports (32768-60999), which any outgoing connection on the node (NCCL's, another job's) may hold. A single
+    # task hosts its own store and binds any free port (0).
     local nodes
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     [ "${#nodes[@]}" -gt 0 ] || _fewstep_die "could not expand SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'"
     export MASTER_ADDR="${nodes[0]}"
-    export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+    if [ "$SLURM_NTASKS" = 1 ]; then MASTER_PORT=0; fi
     export WORLD_SIZE="$SLURM_NTASKS"
     echo "fewstep-slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
          "$WORLD_SIZE tasks, master $MASTER_ADDR:$MASTER_PORT, cpu mode ${FEWSTEP_CPU:-0}, root $FEWSTEP_ROOT" >&2
@@ -107,7 +112,10 @@ fewstep_launch() {
     # srun in the background: bash runs traps only between commands, and `wait` is interruptible, a foreground
     # srun is not.
     # shellcheck disable=SC2016
-    srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" "${FEWSTEP_GRES_OPT[@]}" \
+    # --export=ALL: the tasks get this shell's environment (rendezvous, NCCL, venv PATH) also where the site submits
+    # with --export=NONE. ${a[@]+"${a[@]}"}: an empty array under `set -u` is "unbound" in bash < 4.4 (RHEL 7).
+    srun --export=ALL --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
+        ${FEWSTEP_GRES_OPT[@]+"${FEWSTEP_GRES_OPT[@]}"} \
         bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' fewstep-task \
         "${FEWSTEP_PYTHON:-python}" "$@" &
     FEWSTEP_STEP_PID=$!
@@ -136,10 +144,18 @@ fewstep_launch() {
     # If Slurm itself is ending the job (scancel, time limit, preemption: TERM, then KILL after KillWait) its state
     # is already COMPLETING and `scontrol requeue` would still succeed, turning every scancel into a restart: leave
     # it ended (a preempted --requeue job is requeued by Slurm itself under PreemptMode=REQUEUE).
-    local info="" state=""
-    info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || true
-    [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]}
-    if [ "$state" != RUNNING ]; then
+    # A busy controller may not answer at once: ask again before reading "no answer" as "ended" (which would leave
+    # an unfinished run COMPLETED).
+    local info="" state="" try
+    for try in 1 2 3 4 5 6; do
+        info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || info=""
+        [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]} && break
+        echo "fewstep-slurm: scontrol show job $SLURM_JOB_ID gave no state (try $try of 6)" >&2
+        sleep $((try * 5))
+    done
+    if [ -z "$state" ]; then
+        echo "fewstep-slurm: cannot read job $SLURM_JOB_ID's state after SIG$FEWSTEP_SIGNAL; trying to requeue" >&2
+    elif [ "$state" != RUNNING ]; then
         echo "fewstep-slurm: SIG$FEWSTEP_SIGNAL while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
              "timed out or preempted); not requeueing; job step exit code $rc" >&2
         return "$rc"

@@ -53,7 +53,7 @@ def test_second_run_on_a_busy_output_dir_stops_naming_the_first_and_kill9_does_n
 
 # ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
-                                  "missing-model-dir"])
+                                  "missing-model-dir", "unset-variable"])
 def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     backend = write_dataset(str(tmp_path), n=2)
     overrides, env, expect = {}, {}, ""
@@ -68,10 +68,14 @@ def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     elif case == "caption-without-image":
         (tmp_path / "images" / "orphan.txt").write_text("a caption")
         expect = "caption without an image: "
+    elif case == "unset-variable":  # e.g. $SLURM_TMPDIR off the site that sets it: not a folder named '$SLURM_TMPDIR'
+        overrides = {"cache_dir": "$FEWSTEP_UNSET_DIR/cache"}
+        expect = "cache_dir '$FEWSTEP_UNSET_DIR/cache': environment variable FEWSTEP_UNSET_DIR is not set"
     else:
         overrides, expect = {"pretrained_model_name_or_path": str(tmp_path / "nowhere")}, "does not exist"
     proc = launch(write_config(str(tmp_path), backend, **overrides), **env)
     assert proc.returncode == 2 and expect in one_clean_line(proc)
+    assert not os.path.exists(os.path.join(REPO, "$FEWSTEP_UNSET_DIR"))  # nothing written under the literal name
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 
@@ -26,12 +27,22 @@ OWNER_NAME = ".fewstep-owner.json"  # who holds the lock (the lock file itself i
 
 
 def resolve_paths(cfg, info: DistInfo) -> None:
-    """Replace cfg's path options by rank 0's absolute, expanded values (collective)."""
+    """Replace cfg's path options by rank 0's absolute, expanded values (collective). A variable that rank 0 does not
+    have (`$SLURM_TMPDIR` is a site's, not Slurm's) is an error on every rank: `expandvars` would leave it as text,
+    and the run would write to a folder literally named `$SLURM_TMPDIR` under the working directory."""
     keys = ("output_dir", "cache_dir", "logging_dir")
-    mine = {k: os.path.abspath(os.path.expandvars(os.path.expanduser(getattr(cfg, k))))
+    mine = {k: (getattr(cfg, k), os.path.abspath(os.path.expandvars(os.path.expanduser(getattr(cfg, k)))))
             if getattr(cfg, k) else None for k in keys}
     for k, v in distributed.broadcast_object(mine).items():
-        setattr(cfg, k, v)
+        if v is not None:
+            unset = _UNSET_VAR.findall(v[1])
+            if unset:
+                raise UserError(f"{k} {v[0]!r}: environment variable {', '.join(dict.fromkeys(unset))} is not set "
+                                "(on rank 0, which expands the paths for every rank); set it or give a path")
+        setattr(cfg, k, None if v is None else v[1])
+
+
+_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # what expandvars leaves: a variable that is not set
 
 
 def _owner() -> dict:

@@ -50,6 +50,7 @@ for family in ("flux", "qwen_image"):
             print(f"loading ok: {family} {dtype}, {n} shards", flush=True)
 # A hub id that is not in the (shared) Hugging Face cache: one rank downloads it, every rank then loads the cached
 # snapshot, also under ZeRO-3 (which reads the files). The hub is a folder here: there is no network.
+import fnmatch  # noqa: E402
 import shutil  # noqa: E402
 import types  # noqa: E402
 
@@ -65,23 +66,29 @@ snapshot = os.path.join(constants.HF_HUB_CACHE, "models--org--tiny-flux", "snaps
 
 
 def fake_snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None, **kwargs):
+    """The hub's snapshot_download: the files of `allow_patterns` (all: None) at `revision` into the cache."""
     assert repo_id == "org/tiny-flux", repo_id
     if not local_files_only:
         assert revision == "c0ffee" * 6 + "abcd", revision  # the commit rank 0 listed, on every downloading rank
         with open(downloads, "a") as fh:
-            fh.write(f"rank {info.rank}\n")
-        shutil.copytree(hub, snapshot, ignore=lambda d, names: [n for n in names if n.endswith(".md")])
-        assert "model_index.json" in allow_patterns and "README.md" not in allow_patterns, allow_patterns
+            fh.write(f"rank {info.rank}: {' '.join(allow_patterns or ['*'])}\n")
+        for rel in hub_files():
+            if allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                os.makedirs(os.path.dirname(os.path.join(snapshot, rel)), exist_ok=True)
+                shutil.copy(os.path.join(hub, rel), os.path.join(snapshot, rel))
     if not os.path.isdir(snapshot):
         raise LocalEntryNotFoundError("not cached")
     return snapshot
 
 
+def hub_files():
+    return sorted(os.path.relpath(os.path.join(d, f), hub) for d, _, names in os.walk(hub) for f in names)
+
+
 class FakeApi:
     def model_info(self, repo_id):
-        files = [os.path.relpath(os.path.join(d, f), hub) for d, _, names in os.walk(hub) for f in names]
         return types.SimpleNamespace(sha="c0ffee" * 6 + "abcd",
-                                     siblings=[types.SimpleNamespace(rfilename=f) for f in files])
+                                     siblings=[types.SimpleNamespace(rfilename=f) for f in hub_files()])
 
 
 huggingface_hub.snapshot_download = fake_snapshot_download
@@ -95,6 +102,7 @@ if info.is_main:  # the pipeline's other folders beside the sharded transformer 
     shutil.copy(os.path.join(tiny_root, "model_index.json"), hub)
     for sub in ("scheduler", "vae"):
         shutil.copytree(os.path.join(tiny_root, sub), os.path.join(hub, sub))
+    shutil.copytree(os.path.join(hub, "vae"), os.path.join(hub, "vae_1_0"))  # a folder that is not a component
     with open(os.path.join(hub, "README.md"), "w") as fh:  # a top-level file diffusers does not load
         fh.write("a model card")
 wait_for_all("hub ready")
@@ -104,8 +112,11 @@ assert src == snapshot, src
 cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "org/tiny-flux", "zero_stage": 3})
 model = load_transformer(adapter, src, torch.float32, build_ds_config(cfg), info.device)
 assert all(hasattr(p, "ds_tensor") for p in model.parameters())
-with open(downloads) as fh:
-    assert fh.read().count("rank") == 1
+with open(downloads) as fh:  # rank 0 (the one cache's first rank) read model_index.json, then the files it names
+    calls = fh.read().splitlines()
+assert len(calls) == 2 and calls[0] == "rank 0: model_index.json" and calls[1].startswith("rank 0: "), calls
+assert "README.md" not in calls[1] and "vae_1_0" not in calls[1] and "vae/config.json" in calls[1], calls
+assert not os.path.exists(os.path.join(snapshot, "vae_1_0")) and not os.path.exists(os.path.join(snapshot, "README.md"))
 if info.is_main:
     print("hub id ok: downloaded once, loaded partitioned from the cache", flush=True)
 teardown()

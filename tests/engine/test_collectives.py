@@ -126,7 +126,7 @@ def test_bare_srun_task_env():
             "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-10]",
             "SLURM_JOB_NODELIST": "gpu[07-10]"}
     assert distributed.launch_env(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4321 % 20000)}
+                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": str(10000 + 4321 % 20000)}
     # the batch shell itself (no job step) is a single process, however many tasks the job has
     batch = {k: v for k, v in task.items() if not k.startswith("SLURM_STEP")}
     assert distributed.launch_env(batch)["WORLD_SIZE"] == "1"

@@ -1,5 +1,7 @@
 """ZeRO-3 partitioned loading (each rank reads only its slice of each tensor from sharded safetensors) and the
 block-by-block sharded full export that stock `from_pretrained` loads back, on 2 ranks."""
+import json
+
 from fewstep.engine.distributed import _free_port
 from fewstep_testing import run
 
@@ -30,3 +32,22 @@ def test_hub_download_takes_only_the_files_diffusers_loads():
     assert pipeline_files(sdxl) == ["model_index.json", "unet/diffusion_pytorch_model.safetensors",
                                     "text_encoder/model.safetensors", "tokenizer/vocab.json",
                                     "scheduler/scheduler_config.json", "legacy/pytorch_model.bin"]
+    # with model_index.json's components, only their folders (SDXL base: not vae_1_0/, vae_decoder/, ...)
+    components = {"unet", "text_encoder", "tokenizer", "scheduler", "vae"}
+    extra = ["vae_1_0/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    assert pipeline_files(sdxl + extra, components) == ["model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                                                        "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                                                        "scheduler/scheduler_config.json",
+                                                        "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_pipeline_components_are_model_index_folders(tmp_path):
+    from fewstep.engine.loading import pipeline_components
+
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0",
+                                 "force_zeros_for_empty_prompt": True, "feature_extractor": [None, None],
+                                 "image_encoder": [None, None], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                                 "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet"],
+                                 "vae": ["diffusers", "AutoencoderKL"]}))
+    assert pipeline_components(str(index)) == {"scheduler", "text_encoder", "unet", "vae"}

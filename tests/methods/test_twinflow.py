@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fewstep.methods.rng import capture_rng_state, restore_rng_state
-from fewstep.methods.twinflow import (ADV, ANY, E2E, MUL, assign_groups, cfg_enhanced_target, fake_samples,
+from fewstep.methods.twinflow import (ADV, ANY, E2E, MUL, assign_groups, steps_for_every_group, cfg_enhanced_target, fake_samples,
                                       rcgm_rollout, rcgm_target, rectify_loss, sample_times, select_rows, time_weight)
 
 SHAPE = (3, 4, 4)
@@ -85,6 +85,24 @@ def test_assign_groups_weighted_shares():
     for bad in ([0, 1, 1, 1], [1.5, 1, 1, 1], [1, 1, 1]):
         with pytest.raises(ValueError, match="positive integers"):
             assign_groups(8, 0, weights=bad)
+
+
+@pytest.mark.parametrize("adversarial, weights", [(True, None), (False, None), (True, [2, 1, 1, 1]),
+                                                  (False, [1, 3, 1, 1])])
+def test_steps_for_every_group_is_what_the_cycle_needs(adversarial, weights):
+    """`steps_for_every_group` (the start-up note's advice) is the fewest micro-steps in which `assign_groups` gives
+    an optimizer step every group, from any starting micro-step of a run."""
+    k = 4 if adversarial else 3
+    for batch in range(1, 8):
+        need = steps_for_every_group(batch, 1, adversarial=adversarial, weights=weights)
+
+        def covers(n, start):
+            rows = torch.cat([assign_groups(batch, start + m, adversarial=adversarial, weights=weights)
+                              for m in range(n)])
+            return set(rows.tolist()) == set(range(k))
+        # an optimizer step of `need` micro-steps starts at a multiple of `need`
+        assert all(covers(need, step * need) for step in range(12)), (batch, need)
+        assert need == 1 or not all(covers(need - 1, step * (need - 1)) for step in range(12)), (batch, need)
 
 
 def test_assign_groups_without_adversarial():

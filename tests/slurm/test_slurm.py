@@ -80,8 +80,10 @@ while [ $# -gt 0 ]; do [ "$1" = --output_dir ] && out=$2; shift; done
 mkdir -p "$out"
 env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
 mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
-# Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then.
-trap 'exit 0' TERM USR1
+# Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then; on TERM it
+# takes PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> behind.
+trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit 0' TERM
+trap 'exit 0' USR1
 sleep "${PROBE_SLEEP:-0}" &
 wait
 """
@@ -112,19 +114,24 @@ def test_one_task_per_gpu_rank_layout(slurm_cluster, tmp_path, probe, cpu_mode):
     """
     out = tmp_path / "out"
     env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), **({"FEWSTEP_CPU": "1"} if cpu_mode else {}))
+    # Submitted as on a site whose default is not --export=ALL: the batch shell gets the named variables, and its
+    # job steps would get only these too (SLURM_EXPORT_ENV) unless the srun passes its own environment on.
+    export = ",".join([k for k, v in env.items() if v is not None] + ["PATH", "SLURM_CONF"])
     jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=["--nodes=2", "--ntasks-per-node=2",
-                                 "--gpus-per-node=2", "--cpus-per-task=1"], env=env, cwd=tmp_path)
+                                 "--gpus-per-node=2", "--cpus-per-task=1", f"--export={export}"], env=env,
+                                 cwd=tmp_path)
     job = _assert_ok(slurm_cluster, jobid, tmp_path, timeout=60)
     envs = _task_envs(out)
     assert sorted(envs) == [0, 1, 2, 3], _log(tmp_path, job)
     for rank, e in envs.items():
         assert e["WORLD_SIZE"] == "4" and e["MASTER_ADDR"] == "n1"
-        assert e["MASTER_PORT"] == str(20000 + jobid % 20000)
+        assert e["MASTER_PORT"] == str(10000 + jobid % 20000)  # fixed per job id, below the ephemeral ports
         assert e["SLURMD_NODENAME"] == ("n1" if rank < 2 else "n2")
         assert e["LOCAL_RANK"] == str(rank % 2)
+        assert e["OMP_NUM_THREADS"] == "1"  # its --cpus-per-task, not every core of the node
         if cpu_mode:
             assert "CUDA_VISIBLE_DEVICES" not in e
-            assert e["DS_ACCELERATOR"] == "cpu" and e["OMP_NUM_THREADS"] == "1"
+            assert e["DS_ACCELERATOR"] == "cpu"
         else:  # both GPUs of its node (task/none: Slurm's own device indices, not renumbered)
             assert len(set(e["CUDA_VISIBLE_DEVICES"].split(","))) == 2
             assert e["CUDA_VISIBLE_DEVICES"] == envs[rank ^ 1]["CUDA_VISIBLE_DEVICES"]  # same node, same GPUs
@@ -149,7 +156,8 @@ def test_gpu_mode_rejects_bad_allocation(slurm_cluster, tmp_path, probe, options
 def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
     """`scancel JOB` sends TERM too; the job script forwards it but must not turn the cancel into a requeue."""
     out = tmp_path / "out"
-    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120")
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120",
+               PROBE_TERM_DELAY="3")
     jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while len(_task_envs(out)) < 2:  # both tasks are up
@@ -164,6 +172,8 @@ def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
     # Usually the batch shell logs "...; not requeueing"; if srun exits before the shell's own TERM arrives, the
     # shell just ends. Either way it must never have asked for a requeue.
     assert "requeueing job" not in log, log
+    # every task had its TERM and the time to checkpoint (KillWait), not an immediate kill from srun
+    assert (out / "term-0").exists() and (out / "term-1").exists(), log
 
 
 # ---- the real trainer ----------------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def launch_env(env: dict[str, str]) -> dict[str, str]:
         if "MASTER_ADDR" not in env:
             out["MASTER_ADDR"] = expand_hostlist(nodes)[0]
         if "MASTER_PORT" not in env:
-            out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+            # as slurm/common.sh: fixed per job id (a requeue keeps it), below Linux's ephemeral ports (32768+)
+            out["MASTER_PORT"] = str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return out
     out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if "MASTER_ADDR" not in env:

@@ -25,6 +25,7 @@ from fewstep.errors import ModelSourceError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
+INDEX_FILE = "model_index.json"  # a diffusers pipeline's list of components
 
 
 def local_model(adapter, name: str) -> str:
@@ -41,18 +42,23 @@ def local_model(adapter, name: str) -> str:
         return source
     from huggingface_hub import HfApi, constants, snapshot_download
 
+    os.makedirs(constants.HF_HUB_CACHE, exist_ok=True)
     with distributed.uneven_work("hub listing"):
         if distributed.rank() == 0:
             info = HfApi().model_info(name)
-            listing = (info.sha, [s.rfilename for s in info.siblings])
-    revision, files = distributed.broadcast_object(listing if distributed.rank() == 0 else None)
-    os.makedirs(constants.HF_HUB_CACHE, exist_ok=True)
+            files = [s.rfilename for s in info.siblings]
+            components = None
+            if INDEX_FILE in files:  # the pipeline's components: its other folders are not loaded
+                folder = snapshot_download(name, revision=info.sha, allow_patterns=[INDEX_FILE])
+                components = pipeline_components(os.path.join(folder, INDEX_FILE))
+            listing = (info.sha, pipeline_files(files, components))
+    revision, wanted = distributed.broadcast_object(listing if distributed.rank() == 0 else None)
     group = sharing_group(constants.HF_HUB_CACHE)
     with distributed.uneven_work("model download"):
         if group.index == 0:
             print(f"fewstep: rank {distributed.rank()} downloading {name}@{revision[:10]} into "
                   f"{constants.HF_HUB_CACHE}", flush=True)
-            snapshot_download(name, revision=revision, allow_patterns=pipeline_files(files))
+            snapshot_download(name, revision=revision, allow_patterns=wanted)
     with distributed.uneven_work("model source"):
         return adapter.resolve(snapshot_download(name, revision=revision, local_files_only=True))
 
@@ -61,17 +67,28 @@ _OTHER_FORMATS = (".onnx", ".onnx_data", ".pb", ".msgpack", ".h5", ".ckpt", ".gg
 _VARIANT = re.compile(r"\.(fp16|bf16|fp8|int8|ema|non_ema)(-\d+-of-\d+)?\.(safetensors|bin)$|\.index\.\w+\.json$")
 
 
-def pipeline_files(files: list[str]) -> list[str]:
-    """Of a hub pipeline repo's files, the ones diffusers' `from_pretrained` loads: model_index.json and each component
-    folder's files, without single-file checkpoints and pictures at the top level (FLUX.1-dev: 24 GB), precision
-    variants (`*.fp16.safetensors`), other formats (ONNX, OpenVINO, Flax, TensorFlow), and a folder's PyTorch `.bin`
-    weights where it has safetensors."""
+def pipeline_components(index_path: str) -> set[str]:
+    """The component folders a pipeline's model_index.json names (`"vae": ["diffusers", "AutoencoderKL"]`); an
+    absent optional component (`[null, null]`) and the `_class_name`-style entries are not folders."""
+    with open(index_path) as fh:
+        index = json.load(fh)
+    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+
+
+def pipeline_files(files: list[str], components: set[str] | None = None) -> list[str]:
+    """Of a hub pipeline repo's files, the ones diffusers' `from_pretrained` loads: model_index.json and the files of
+    each component folder (`components`, from model_index.json; None: every folder; SDXL base also ships
+    `vae_1_0/`, `vae_decoder/`, `vae_encoder/`), without single-file checkpoints and pictures at the top level
+    (FLUX.1-dev: 24 GB), precision variants (`*.fp16.safetensors`), other formats (ONNX, OpenVINO, Flax,
+    TensorFlow), and a folder's PyTorch `.bin` weights where it has safetensors."""
     with_safetensors = {f.split("/")[0] for f in files if "/" in f and f.endswith(".safetensors")}
-    keep = [f for f in files if f == "model_index.json"]
+    keep = [f for f in files if f == INDEX_FILE]
     for f in files:
         folder, _, rest = f.partition("/")
         base = os.path.basename(f)
         if not rest or _VARIANT.search(base) or base.endswith(_OTHER_FORMATS) or base.startswith("openvino"):
+            continue
+        if components is not None and folder not in components:
             continue
         if base.endswith(".bin") and folder in with_safetensors:
             continue

@@ -112,6 +112,17 @@ def assign_groups(batch_size: int, micro_step: int = 0, *, adversarial: bool = T
     return torch.repeat_interleave(torch.arange(k, device=device), sizes)
 
 
+def steps_for_every_group(batch_size: int, accumulation: int, *, adversarial: bool = True, weights=None) -> int:
+    """The gradient-accumulation steps an optimizer step needs for `assign_groups`' cycle to give it every group
+    (rows of each rank): 1 for a batch of the cycle's length or more, else ceil(length / batch). The cycle runs over
+    micro-steps, the same on every rank (every rank makes the same passes: ZeRO-3 forwards are collective, and a
+    rank with more passes, e.g. L_rectify's, would hold the others back at each step)."""
+    k = 4 if adversarial else 3
+    w = [1] * k if weights is None else [int(x) for x in list(weights)[:k]]
+    length = k if len(set(w)) == 1 else sum(w)
+    return 1 if batch_size >= length else -(-length // batch_size)
+
+
 def _weighted_groups(batch_size: int, micro_step: int, w: list[int], device) -> torch.Tensor:
     pattern = torch.repeat_interleave(torch.arange(len(w)), torch.tensor(w))
     p = len(pattern)
