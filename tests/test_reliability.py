@@ -51,6 +51,37 @@ def test_second_run_on_a_busy_output_dir_stops_naming_the_first_and_kill9_does_n
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
 
 
+HOLDER = """
+import json, os, sys, time
+from filelock import FileLock
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+lock = FileLock(os.path.join(out, ".fewstep.lock"))
+lock.acquire()
+json.dump({"host": "gpu-dead", "pid": 1, "slurm_job": "4242", "started": "then"},
+          open(os.path.join(out, ".fewstep-owner.json"), "w"))
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))  # then the lock goes, as a dead node's does when its lease ends
+"""
+
+
+def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
+    """A Slurm job requeued after a node failure restarts with its job id while the dead node's lock may linger on
+    the shared filesystem: rank 0 waits for it (naming it), and then trains, instead of ending the job as busy."""
+    backend = write_dataset(str(tmp_path), n=2)
+    cfg = write_config(str(tmp_path), backend, max_train_steps=2)
+    holder = subprocess.Popen([PY, "-c", HOLDER, str(tmp_path / "out"), "12"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = launch(cfg, SLURM_JOB_ID="4242", FEWSTEP_REQUEUE_LOCK_WAIT="120")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "still locked by an earlier run of this Slurm job (PID 1 on gpu-dead, Slurm job 4242" in proc.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+
+
 # ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
                                   "missing-model-dir", "unset-variable"])

@@ -74,8 +74,18 @@ def _acquire(output_dir: str):
     try:
         lock.acquire()
     except Timeout:
-        return None, (f"output_dir '{output_dir}' is in use by another fewstep run ({_describe_owner(output_dir)}); "
-                      "wait for it to finish, stop it, or choose another output_dir")
+        wait = _requeue_wait(output_dir)
+        try:
+            if wait is None:
+                raise
+            print(f"fewstep: output_dir '{output_dir}' is still locked by an earlier run of this Slurm job "
+                  f"({_describe_owner(output_dir)}; its node failed?); waiting up to {wait:.0f} s for the "
+                  "filesystem to release the lock", flush=True)
+            lock.acquire(timeout=wait, poll_interval=min(5.0, wait / 10))
+        except Timeout:
+            return None, (f"output_dir '{output_dir}' is in use by another fewstep run "
+                          f"({_describe_owner(output_dir)}); wait for it to finish, stop it, or choose another "
+                          "output_dir")
     except OSError as e:  # a filesystem without flock support: run unlocked rather than not at all
         print(f"fewstep: warning: cannot lock '{output_dir}' ({e}); running without the one-run-per-directory "
               "guard", flush=True)
@@ -85,10 +95,28 @@ def _acquire(output_dir: str):
     return lock, None
 
 
+def _requeue_wait(output_dir: str) -> float | None:
+    """Seconds to wait for a lock that an earlier run of this same Slurm job holds (None: do not wait). A job
+    requeued after a node failure restarts with its job id while the dead node's lock may linger on a shared
+    filesystem until its lease ends (NFSv4: ~90 s; Lustre: until the client is evicted): that is not another run.
+    FEWSTEP_REQUEUE_LOCK_WAIT (seconds, default 600) bounds the wait."""
+    job = os.environ.get("SLURM_JOB_ID")
+    try:
+        with open(os.path.join(output_dir, OWNER_NAME)) as fh:
+            owner = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not job or str(owner.get("slurm_job")) != job:
+        return None
+    return float(os.environ.get("FEWSTEP_REQUEUE_LOCK_WAIT", "600"))
+
+
 @contextlib.contextmanager
 def locked(output_dir: str, info: DistInfo):
-    """Hold the run directory for the block (collective: every rank enters; rank 0 holds the lock)."""
-    lock, problem = _acquire(output_dir) if info.is_main else (None, None)
+    """Hold the run directory for the block (collective: every rank enters; rank 0 holds the lock, which it may wait
+    for after a requeue: the others wait without a collective timeout)."""
+    with distributed.uneven_work("run directory lock"):
+        lock, problem = _acquire(output_dir) if info.is_main else (None, None)
     problem = distributed.broadcast_object(problem)
     if problem:
         raise RunDirBusy(problem) if "in use" in problem else UserError(problem)
