@@ -91,7 +91,11 @@ fewstep_setup() {
     local nodes
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     [ "${#nodes[@]}" -gt 0 ] || _fewstep_die "could not expand SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'"
-    export MASTER_ADDR="${nodes[0]}"
+    # Its NodeAddr: the address Slurm itself reaches it at (the node name where the site sets none; a name that only
+    # slurm.conf knows would not resolve for the other ranks).
+    local addr=""
+    [[ $(scontrol show node -o "${nodes[0]}" 2>/dev/null) =~ NodeAddr=([^[:space:]]+) ]] && addr=${BASH_REMATCH[1]}
+    export MASTER_ADDR="${addr:-${nodes[0]}}"
     export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
     if [ "$SLURM_NTASKS" = 1 ]; then MASTER_PORT=0; fi
     export WORLD_SIZE="$SLURM_NTASKS"

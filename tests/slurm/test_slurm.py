@@ -124,7 +124,7 @@ def test_one_task_per_gpu_rank_layout(slurm_cluster, tmp_path, probe, cpu_mode):
     envs = _task_envs(out)
     assert sorted(envs) == [0, 1, 2, 3], _log(tmp_path, job)
     for rank, e in envs.items():
-        assert e["WORLD_SIZE"] == "4" and e["MASTER_ADDR"] == "n1"
+        assert e["WORLD_SIZE"] == "4" and e["MASTER_ADDR"] == "127.0.0.1"  # n1's NodeAddr (its name need not resolve)
         assert e["MASTER_PORT"] == str(10000 + jobid % 20000)  # fixed per job id, below the ephemeral ports
         assert e["SLURMD_NODENAME"] == ("n1" if rank < 2 else "n2")
         assert e["LOCAL_RANK"] == str(rank % 2)
@@ -266,7 +266,7 @@ def test_twinflow_two_nodes(slurm_cluster, trainer_jobs):
     job = _assert_ok(slurm_cluster, j["id"], j["work"])
     assert (job["NumNodes"], job["NumTasks"], job["NodeList"], job["Restarts"]) == ("2", "2", "n[1-2]", "0"), job
     log = _log(j["work"], job)
-    assert "world 2" in log and "2 tasks, master n1:" in log, log
+    assert "world 2" in log and "2 tasks, master 127.0.0.1:" in log, log  # n1's NodeAddr
     assert [m["step"] for m in _read_metrics(j["out"])] == list(range(1, TWINFLOW_STEPS + 1))
     for name in ("pytorch_lora_weights.safetensors", "anystep_embeddings.safetensors", "fewstep_run.json"):
         assert (j["out"] / name).is_file(), f"{name} missing in {sorted(os.listdir(j['out']))}"
