@@ -62,7 +62,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
     # raises the same ResumeMismatch)
     resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
-    dataset, resolution, shuffle = build_dataset(cfg, adapter, info)
+    dataset, resolution, shuffle = build_dataset(cfg, adapter, info, source)
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32

@@ -52,3 +52,27 @@ def test_validation_negative_prompt_is_cached_and_used_as_the_negative(tmp_path)
         torch.testing.assert_close(stored[k], alone[k], rtol=1e-4, atol=1e-5)
     assert not torch.equal(stored["prompt_embeds"], dataset.uncond["prompt_embeds"])
     assert validation_prompts(load_config(None, base), dataset)[1] == ""
+
+
+def test_the_encoders_come_from_the_resolved_source_not_the_hub_name(tmp_path, monkeypatch):
+    """The trainer resolves a hub id once (`local_model`: the snapshot of one commit for every rank) and the data
+    preparation reads the VAE and text encoders from that folder: the name is not resolved again (offline here, so
+    a second lookup fails), and the cache is keyed by the folder's content (a snapshot of the same files as a local
+    copy shares its cache)."""
+    import shutil
+
+    from fewstep.data.cache import model_key
+
+    backend = write_dataset(str(tmp_path), n=2, captions=[SHORT, LONG])
+    snapshot = tmp_path / "hf" / "models--org--tiny-flux" / "snapshots" / ("c0ffee" * 6 + "abcd")
+    shutil.copytree(get_adapter("flux").resolve("tiny:flux"), snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "org/tiny-flux",
+                             "data_backend_config": backend, "output_dir": str(tmp_path / "out"),
+                             "mixed_precision": "fp32", "resolution": 32})
+    dataset, _, _ = build_dataset(cfg, get_adapter("flux"), DistInfo(0, 1, 0, torch.device("cpu")), str(snapshot))
+    assert len(dataset) == 2 and dataset.text[SHORT]["prompt_embeds"].shape[0] > 0
+    key = model_key("flux", str(snapshot))
+    assert key == model_key("flux", str(get_adapter("flux").resolve("tiny:flux")))  # by content, not by name
+    assert all(key in p for p in dataset.latent_paths)

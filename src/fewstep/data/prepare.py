@@ -96,15 +96,19 @@ def _probe_share(paths: list[str], rank: int) -> dict[str, list]:
                         "node") from None
 
 
-def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDataset, int, bool]:
+def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None
+                  ) -> tuple[CachedDataset, int, bool]:
     """Read the data config, scan and plan the images, and fill the latent/embedding caches (collective).
 
-    Rank 0 prints what the data config produced before the fill starts. Returns the dataset, the first entry's square
-    size (logs, run info) and whether every entry shuffles."""
+    `source`: the model folder to read the VAE and text encoders from (`engine.loading.local_model`'s answer: for a
+    hub id, the snapshot of the commit every rank trains; the cache is keyed by its files' content); default
+    `pretrained_model_name_or_path`. Rank 0 prints what the data config produced before the fill starts. Returns
+    the dataset, the first entry's square size (logs, run info) and whether every entry shuffles."""
+    source = source or cfg.pretrained_model_name_or_path
     if cfg.data_backend_config is None:
         raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
     data = load_data_config(cfg.data_backend_config, cfg.resolution)
-    multiple = resolution_multiple(adapter, cfg.pretrained_model_name_or_path)
+    multiple = resolution_multiple(adapter, source)
     samples, skipped, probed = scan_images(data, multiple, os.path.join(cfg.output_dir, MEMO_NAME))
     log = summary(data, samples, skipped)
     if probed:
@@ -112,7 +116,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
     extra = [""] + [p for p in (cfg.validation_prompt, cfg.validation_negative_prompt) if p]
     with distributed.uneven_work("model key"):  # reads the encoders' files
-        key = model_key(cfg.model_family, cfg.pretrained_model_name_or_path)
+        key = model_key(cfg.model_family, source)
     keys = distributed.all_gather_object(key)
     if len(set(keys)) > 1:  # per-node copies that differ would fill different cache folders as if they were one
         raise DataError(f"the VAE / text-encoder files of {cfg.pretrained_model_name_or_path} differ between ranks "
@@ -136,7 +140,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo) -> tuple[CachedDatas
     with distributed.uneven_work("cache fill"):
         if lat or txt:
             dtype = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else torch.float32  # encoders
-            comps = adapter.load(cfg.pretrained_model_name_or_path, dtype=dtype, with_denoiser=False)
+            comps = adapter.load(source, dtype=dtype, with_denoiser=False)
             for m in [comps.vae, *comps.text_encoders]:
                 m.to(info.device)
             for root, (mine_lat, mine_txt) in shares.items():
