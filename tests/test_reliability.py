@@ -70,15 +70,18 @@ def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
     the shared filesystem: rank 0 waits for it (naming it), and then trains, instead of ending the job as busy."""
     backend = write_dataset(str(tmp_path), n=2)
     cfg = write_config(str(tmp_path), backend, max_train_steps=2)
-    holder = subprocess.Popen([PY, "-c", HOLDER, str(tmp_path / "out"), "12"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([PY, "-c", HOLDER, str(tmp_path / "out"), "600"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = launch(cfg, SLURM_JOB_ID="4242", FEWSTEP_REQUEUE_LOCK_WAIT="120")
+        run = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=cpu_env(SLURM_JOB_ID="4242", FEWSTEP_REQUEUE_LOCK_WAIT="20"))
+        waiting = next((line for line in run.stdout if "still locked" in line), "")
+        assert "by an earlier run of this Slurm job (PID 1 on gpu-dead, Slurm job 4242" in waiting, waiting
     finally:
-        holder.kill()
+        holder.kill()  # the dead node's lease ends
         holder.wait()
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "still locked by an earlier run of this Slurm job (PID 1 on gpu-dead, Slurm job 4242" in proc.stdout
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
 
 
