@@ -148,18 +148,20 @@ fewstep_launch() {
     # If Slurm itself is ending the job (scancel, time limit, preemption: TERM, then KILL after KillWait) its state
     # is already COMPLETING and `scontrol requeue` would still succeed, turning every scancel into a restart: leave
     # it ended (a preempted --requeue job is requeued by Slurm itself under PreemptMode=REQUEUE).
-    # A busy controller may not answer at once: ask again before reading "no answer" as "ended" (which would leave
-    # an unfinished run COMPLETED).
+    # A busy controller may not answer at once: ask again (2+4+8+16 s) before giving up. Without an answer the job
+    # is neither requeued (it may be a cancel) nor left COMPLETED: it fails, and its log says why.
     local info="" state="" try
-    for try in 1 2 3 4 5 6; do
+    for try in 1 2 3 4 5; do
         info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || info=""
         [[ $info =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]} && break
-        echo "fewstep-slurm: scontrol show job $SLURM_JOB_ID gave no state (try $try of 6)" >&2
-        sleep $((try * 5))
+        [ "$try" = 5 ] || sleep $((1 << try))
     done
     if [ -z "$state" ]; then
-        echo "fewstep-slurm: cannot read job $SLURM_JOB_ID's state after SIG$FEWSTEP_SIGNAL; trying to requeue" >&2
-    elif [ "$state" != RUNNING ]; then
+        echo "fewstep-slurm: cannot read job $SLURM_JOB_ID's state after SIG$FEWSTEP_SIGNAL (scontrol gave none in" \
+             "30 s): not requeueing; resubmit to resume from the latest checkpoint" >&2
+        return "$(( rc == 0 ? 1 : rc ))"
+    fi
+    if [ "$state" != RUNNING ]; then
         echo "fewstep-slurm: SIG$FEWSTEP_SIGNAL while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
              "timed out or preempted); not requeueing; job step exit code $rc" >&2
         return "$rc"

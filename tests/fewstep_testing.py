@@ -48,8 +48,10 @@ def read_metrics(output_dir):
 
 
 def cpu_env(**extra):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    """The environment of a fewstep process a test starts: this one's, on the CPU, without the Slurm job the suite
+    may itself run in (a test that wants Slurm variables passes them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     if not torch.cuda.is_available():  # on a GPU machine the tests run as users would, on CUDA
         env["DS_ACCELERATOR"] = "cpu"
     env.update(extra)

@@ -58,7 +58,7 @@ out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
 lock = FileLock(os.path.join(out, ".fewstep.lock"))
 lock.acquire()
-json.dump({"host": "gpu-dead", "pid": 1, "slurm_job": "4242", "started": "then"},
+json.dump({"host": "gpu-dead", "pid": 1, "slurm_job": "4242", "slurm_restart": 0, "started": "then"},
           open(os.path.join(out, ".fewstep-owner.json"), "w"))
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))  # then the lock goes, as a dead node's does when its lease ends
@@ -66,17 +66,21 @@ time.sleep(float(sys.argv[2]))  # then the lock goes, as a dead node's does when
 
 
 def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
-    """A Slurm job requeued after a node failure restarts with its job id while the dead node's lock may linger on
-    the shared filesystem: rank 0 waits for it (naming it), and then trains, instead of ending the job as busy."""
+    """A Slurm job requeued after a node failure restarts with its job id (and a higher restart count) while the dead
+    node's lock may linger on the shared filesystem: rank 0 waits for it (naming it), and then trains, instead of
+    ending the job as busy. A second run in the same run of the job (two steps of one allocation) is busy at once."""
     backend = write_dataset(str(tmp_path), n=2)
     cfg = write_config(str(tmp_path), backend, max_train_steps=2)
     holder = subprocess.Popen([PY, "-c", HOLDER, str(tmp_path / "out"), "600"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        same = launch(cfg, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0", FEWSTEP_REQUEUE_LOCK_WAIT="600")
+        assert same.returncode == 2 and "is in use by another fewstep run (PID 1 on gpu-dead" in one_clean_line(same)
         run = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=cpu_env(SLURM_JOB_ID="4242", FEWSTEP_REQUEUE_LOCK_WAIT="20"))
+                               stderr=subprocess.PIPE, env=cpu_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1",
+                                                                   FEWSTEP_REQUEUE_LOCK_WAIT="20"))
         waiting = next((line for line in run.stdout if "still locked" in line), "")
-        assert "by an earlier run of this Slurm job (PID 1 on gpu-dead, Slurm job 4242" in waiting, waiting
+        assert "by this Slurm job's run before its requeue (PID 1 on gpu-dead, Slurm job 4242" in waiting, waiting
     finally:
         holder.kill()  # the dead node's lease ends
         holder.wait()

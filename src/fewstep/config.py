@@ -178,7 +178,8 @@ class Config:
     validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
     validation_negative_prompt: Optional[str] = opt(None, "The prompt validation's classifier-free guidance steers "
                                                           "away from (SimpleTuner's key; default: the empty prompt, "
-                                                          "the one training drops captions to).")
+                                                          "the one training drops captions to, where SimpleTuner's "
+                                                          "is 'blurry, cropped, ugly').")
     validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
     validation_guidance: Optional[float] = opt(None, "Guidance of validation images, as in SimpleTuner: for FLUX the "
                                                      "distilled-guidance value (default flux_guidance_value), for the "

@@ -4,7 +4,8 @@
   ranks started in different working directories (or with different environments) cannot write to different places.
 - Lock: rank 0 holds an `flock` on `<output_dir>/.fewstep.lock` (the `filelock` package) for the run's lifetime. A
   second run on the same directory stops at once, naming the first run's host, PID and Slurm job. The kernel drops
-  an flock with its process, so a run killed with -9 (or a requeued Slurm job) never blocks its own resume.
+  an flock with its process, so a run killed with -9 (or a requeued Slurm job) never blocks its own resume; a Slurm
+  job requeued after a node failure waits for the dead node's lock to lapse on a shared filesystem.
 - Shared: every rank writes its checkpoint shard under output_dir and rank 0 assembles them, so all ranks must see
   the same directory (a node-local output_dir in a multi-node job is refused by name).
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import time
 
+from fewstep import paths
 from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
 from fewstep.engine.distributed import DistInfo
@@ -31,22 +32,18 @@ def resolve_paths(cfg, info: DistInfo) -> None:
     have (`$SLURM_TMPDIR` is a site's, not Slurm's) is an error on every rank: `expandvars` would leave it as text,
     and the run would write to a folder literally named `$SLURM_TMPDIR` under the working directory."""
     keys = ("output_dir", "cache_dir", "logging_dir")
-    mine = {k: (getattr(cfg, k), os.path.abspath(os.path.expandvars(os.path.expanduser(getattr(cfg, k)))))
-            if getattr(cfg, k) else None for k in keys}
+    mine = {k: (getattr(cfg, k), os.path.abspath(paths.expand(getattr(cfg, k)))) if getattr(cfg, k) else None
+            for k in keys}
     for k, v in distributed.broadcast_object(mine).items():
-        if v is not None:
-            unset = _UNSET_VAR.findall(v[1])
-            if unset:
-                raise UserError(f"{k} {v[0]!r}: environment variable {', '.join(dict.fromkeys(unset))} is not set "
-                                "(on rank 0, which expands the paths for every rank); set it or give a path")
+        problem = paths.unexpanded(*v) if v is not None else None
+        if problem:
+            raise UserError(f"{k} {v[0]!r}: {problem} (on rank 0, which expands the paths for every rank)")
         setattr(cfg, k, None if v is None else v[1])
-
-
-_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # what expandvars leaves: a variable that is not set
 
 
 def _owner() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -74,18 +71,20 @@ def _acquire(output_dir: str):
     try:
         lock.acquire()
     except Timeout:
+        owner = _describe_owner(output_dir)
         wait = _requeue_wait(output_dir)
+        if wait is None:
+            return None, (f"output_dir '{output_dir}' is in use by another fewstep run ({owner}); wait for it to "
+                          "finish, stop it, or choose another output_dir")
+        print(f"fewstep: output_dir '{output_dir}' is still locked by this Slurm job's run before its requeue "
+              f"({owner}; its node failed?); waiting up to {wait:.0f} s for the filesystem to release the lock",
+              flush=True)
         try:
-            if wait is None:
-                raise
-            print(f"fewstep: output_dir '{output_dir}' is still locked by an earlier run of this Slurm job "
-                  f"({_describe_owner(output_dir)}; its node failed?); waiting up to {wait:.0f} s for the "
-                  "filesystem to release the lock", flush=True)
-            lock.acquire(timeout=wait, poll_interval=min(5.0, wait / 10))
+            lock.acquire(timeout=wait, poll_interval=min(5.0, max(wait, 0.1) / 10))
         except Timeout:
-            return None, (f"output_dir '{output_dir}' is in use by another fewstep run "
-                          f"({_describe_owner(output_dir)}); wait for it to finish, stop it, or choose another "
-                          "output_dir")
+            return None, (f"output_dir '{output_dir}' is still locked by this Slurm job's run before its requeue "
+                          f"({owner}) after {wait:.0f} s: if that node is gone for good, remove "
+                          f"{os.path.join(output_dir, LOCK_NAME)}, or wait longer (FEWSTEP_REQUEUE_LOCK_WAIT)")
     except OSError as e:  # a filesystem without flock support: run unlocked rather than not at all
         print(f"fewstep: warning: cannot lock '{output_dir}' ({e}); running without the one-run-per-directory "
               "guard", flush=True)
@@ -96,19 +95,26 @@ def _acquire(output_dir: str):
 
 
 def _requeue_wait(output_dir: str) -> float | None:
-    """Seconds to wait for a lock that an earlier run of this same Slurm job holds (None: do not wait). A job
-    requeued after a node failure restarts with its job id while the dead node's lock may linger on a shared
-    filesystem until its lease ends (NFSv4: ~90 s; Lustre: until the client is evicted): that is not another run.
-    FEWSTEP_REQUEUE_LOCK_WAIT (seconds, default 600) bounds the wait."""
+    """Seconds to wait for a lock held by this Slurm job's run before its latest requeue (None: do not wait; another
+    run, or another step of this same run of the job, holds it). A job requeued after a node failure restarts with
+    its job id and a higher SLURM_RESTART_COUNT while the dead node's lock may linger on a shared filesystem until
+    its lease ends (NFSv4: ~90 s; Lustre: until the client is evicted). FEWSTEP_REQUEUE_LOCK_WAIT (seconds, default
+    600) bounds the wait."""
     job = os.environ.get("SLURM_JOB_ID")
     try:
         with open(os.path.join(output_dir, OWNER_NAME)) as fh:
             owner = json.load(fh)
-    except (OSError, ValueError):
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        earlier = job and str(owner.get("slurm_job")) == job and int(owner.get("slurm_restart") or 0) < restarts
+    except (OSError, ValueError, TypeError):
         return None
-    if not job or str(owner.get("slurm_job")) != job:
+    if not earlier:
         return None
-    return float(os.environ.get("FEWSTEP_REQUEUE_LOCK_WAIT", "600"))
+    value = os.environ.get("FEWSTEP_REQUEUE_LOCK_WAIT", "600")
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        raise UserError(f"FEWSTEP_REQUEUE_LOCK_WAIT={value!r}: expected a number of seconds") from None
 
 
 @contextlib.contextmanager

@@ -89,6 +89,8 @@ def test_explicit_crop_takes_simpletuner_defaults(tmp_path, images):
     ({"dataset_type": "video"}, "dataset_type 'video' is not supported"),
     ({"text_embeds": "nowhere"}, "text_embeds 'nowhere' names no enabled text_embeds entry"),
     ({"image_embeds": "nowhere"}, "image_embeds 'nowhere' names no enabled image_embeds entry"),
+    ({"cache_dir_vae": "$FEWSTEP_UNSET_DIR/vae"}, r"cache_dir_vae '\$FEWSTEP_UNSET_DIR/vae': environment variable "
+                                                   "FEWSTEP_UNSET_DIR is not set"),
 ])
 def test_refusals_name_file_entry_and_key(tmp_path, images, keys, message):
     with pytest.raises(DataError, match=r"mdb.json entry 0 \('photos'\): .*" + message) as info:

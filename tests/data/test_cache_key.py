@@ -26,3 +26,19 @@ def test_a_copy_of_the_model_on_another_disk_keeps_the_key_and_other_encoders_ch
         fh.write(bytes(x ^ 0xFF for x in last))
     assert model_key("flux", b) != model_key("flux", a)
     assert model_key("flux", "org/name") != model_key("flux", "org/other")
+
+
+def test_folders_the_pipeline_does_not_load_do_not_change_the_key(tmp_path):
+    """A hub snapshot downloaded with every folder (SDXL base ships vae_1_0/ beside vae/) and one with only the
+    pipeline's components (model_index.json) hold the same encoders: one key, so nodes whose caches differ that way
+    are not refused as holding different models."""
+    src = str(ensure_tiny_pipeline("flux"))
+    full = tmp_path / "full"
+    shutil.copytree(src, full)
+    shutil.copytree(os.path.join(src, "vae"), full / "vae_1_0")
+    with open(full / "vae_1_0" / "config.json", "a") as fh:
+        fh.write(" ")  # not the same files as vae/
+    assert model_key("flux", str(full)) == model_key("flux", src)
+    with open(full / "vae" / "config.json", "a") as fh:
+        fh.write(" ")
+    assert model_key("flux", str(full)) != model_key("flux", src)  # a component's files still count

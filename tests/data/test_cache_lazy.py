@@ -43,9 +43,11 @@ def test_cache_is_stored_in_the_training_dtype(tmp_path):
     assert ds16.uncond["prompt_embeds"].dtype == torch.bfloat16
 
 
-def test_files_sit_in_subfolders_and_a_flat_cache_moves_without_encoding(tmp_path):
+def test_files_sit_in_subfolders_and_a_flat_cache_is_read_in_place(tmp_path):
     """Each file sits in the subfolder named by its key's first two hex digits (a million images in one folder are
-    slow on a parallel filesystem); a cache of the older flat layout is moved there, and nothing is encoded again."""
+    slow on a parallel filesystem). A cache of the older flat layout is read where it is: nothing is encoded again,
+    nothing moved (it may be read-only, or read by a run of the older version at the same time), and an entry it
+    lacks is added beside the others."""
     config = load_data_config(write_dataset(str(tmp_path), n=3))
     samples, _ = collect_samples(config, 1)
     enc_img, enc_txt = _encoders()
@@ -53,18 +55,29 @@ def test_files_sit_in_subfolders_and_a_flat_cache_moves_without_encoding(tmp_pat
     want = [ds.item(i) for i in range(len(ds))]
     files = glob.glob(os.path.join(tmp_path, "cache", "**", "*.safetensors"), recursive=True)
     assert len(files) == 3 + 5  # 3 latents; 3 captions, the empty and the validation prompt
+    flat = []
     for f in files:
         kind, sub, name = f.split(os.sep)[-3:]
         assert kind in ("latents", "text") and sub == name[:2] and len(name) == 32 + len(".safetensors")
-        os.replace(f, os.path.join(os.path.dirname(os.path.dirname(f)), name))  # the flat layout of older caches
+        flat.append(os.path.join(os.path.dirname(os.path.dirname(f)), name))  # the flat layout of older caches
+        os.replace(f, flat[-1])
+        os.rmdir(os.path.dirname(f))
+    os.remove(next(f for f in flat if os.sep + "latents" + os.sep in f))  # a latent the older cache lacks
+
+    calls = []
+
+    def enc_img_counted(px):
+        calls.append(px.shape[0])
+        return enc_img(px)
 
     def never(*_):
         raise AssertionError("encoded again")
-    ds = CachedDataset(_fill(tmp_path, samples, config, torch.float32, never, never), config.images, 1)
+    ds = CachedDataset(_fill(tmp_path, samples, config, torch.float32, enc_img_counted, never), config.images, 1)
     for (lat, text), (lat0, text0) in zip((ds.item(i) for i in range(len(ds))), want, strict=True):
         assert torch.equal(lat, lat0) and text.keys() == text0.keys()
         assert all(torch.equal(text[k], text0[k]) for k in text)
-    assert sorted(glob.glob(os.path.join(tmp_path, "cache", "**", "*.safetensors"), recursive=True)) == sorted(files)
+    assert calls == [1]  # only the missing latent, written flat beside the others
+    assert sorted(glob.glob(os.path.join(tmp_path, "cache", "**", "*.safetensors"), recursive=True)) == sorted(flat)
 
 
 def _peak_rss_since_reset() -> int:

@@ -42,7 +42,7 @@ def test_hub_download_takes_only_the_files_diffusers_loads():
 
 
 def test_pipeline_components_are_model_index_folders(tmp_path):
-    from fewstep.engine.loading import pipeline_components
+    from fewstep.models.source import pipeline_components
 
     index = tmp_path / "model_index.json"
     index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0",

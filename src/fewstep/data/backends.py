@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fewstep import paths
 from fewstep.data.errors import DataError
 from fewstep.jsonfile import load_json
 
@@ -187,7 +188,10 @@ def _local_dir(value, key: str, where: str, config_path: str, must_exist: bool) 
         return None
     if not isinstance(value, str):
         raise DataError(f"{where}: '{key}' must be a path, got {value!r}")
-    path = os.path.expanduser(os.path.expandvars(value))
+    path = paths.expand(value)
+    problem = paths.unexpanded(value, path)
+    if problem:
+        raise DataError(f"{where}: {key} {value!r}: {problem}")
     if must_exist and not os.path.isabs(path) and not os.path.isdir(path):
         alt = os.path.join(os.path.dirname(os.path.abspath(config_path)), path)
         path = alt if os.path.isdir(alt) else path

@@ -10,7 +10,8 @@ default one also holds the empty and validation prompts). Each directory gets a 
 dtype (the training dtype: bf16 latents and embeddings take half of fp32's disk and I/O); a latent file is keyed by
 the image's content and its plan (bucket, resize, crop), a text file by the prompt. Files sit in 256 subfolders by
 the first two hex digits of their key: a million images make ~4k entries per folder, not a million in one (which
-parallel filesystems serve slowly); a cache of the older flat layout is moved into them, not encoded again.
+parallel filesystems serve slowly). A cache written in the older flat layout keeps it: read in place, not encoded
+again, nothing moved.
 
 Reads are lazy: `CachedDataset` keeps file paths, and reads a sample's latents and caption embeddings (safetensors,
 memory-mapped) when the data order draws it. Only the empty prompt's and the validation prompts' embeddings stay in
@@ -30,20 +31,25 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.data.buckets import load_planned
 from fewstep.data.dataset import Sample, build_layout
+from fewstep.models.source import folder_components
 
 
 def model_key(family: str, name_or_path: str) -> str:
     """Identify the encoders by content, not by place or time: the family and, for a local folder, each VAE /
     text-encoder / tokenizer file's name, size and a hash of its first and last MiB (a safetensors file starts with
-    its tensor index); otherwise the name. A copy of the model on each node's disk, made anew at every requeue, keeps
+    its tensor index), of the folders its model_index.json names (SDXL's `vae_1_0/` is not loaded); otherwise the
+    name. A copy of the model on each node's disk, made anew at every requeue, keeps
     its key (its paths and modification times would not, and each node would encode the data set again)."""
     h = hashlib.sha256(family.encode())
     if not os.path.isdir(name_or_path):
         h.update(f"|{name_or_path}".encode())
         return h.hexdigest()[:16]
+    components = folder_components(name_or_path)  # a folder model_index.json does not name is not loaded
     for sub in sorted(glob.glob(os.path.join(name_or_path, "*"))):
         name = os.path.basename(sub)
         if not (name.startswith("vae") or name.startswith("text_encoder") or name.startswith("tokenizer")):
+            continue
+        if components is not None and name not in components:
             continue
         for f in sorted(glob.glob(os.path.join(sub, "*"))):
             if os.path.isfile(f):
@@ -79,27 +85,24 @@ def atomic_save(tensors: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _present(path: str) -> bool:
-    """Whether `path` is cached. A file of the flat layout (`<kind>/<key>.safetensors`, caches written before
-    2026-12-06) is moved to `path` first: a rename, not a new encoding."""
-    if os.path.exists(path):
-        return True
-    flat = os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
-    if not os.path.exists(flat):
-        return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        os.replace(flat, path)
-    except FileNotFoundError:  # moved meanwhile by a rank of another run on this cache
-        pass
-    return os.path.exists(path)
+def _has_flat_files(folder: str) -> bool:
+    """Whether `folder` holds cache files directly (the layout before 2026-12-06), not in key subfolders. Stops at
+    the first entry that answers, so a large folder is not listed."""
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if e.name.endswith(".safetensors"):
+                return True
+            if e.is_dir() and len(e.name) == 2:
+                return False
+    return False
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class EmbeddingCache:
-    """Latents at `<dir>/<model>/<dtype>/latents/<hash[:2]>/<hash>.safetensors`, text at `.../text/...` alike."""
+    """Latents at `<dir>/<model>/<dtype>/latents/<hash[:2]>/<hash>.safetensors`, text at `.../text/...` alike (in
+    a cache of the flat layout, `.../latents/<hash>.safetensors`)."""
 
     def __init__(self, root: str, model: str, text_batch_size: int = 8, dtype: torch.dtype = torch.float32):
         if dtype not in DTYPE_NAMES:
@@ -108,8 +111,13 @@ class EmbeddingCache:
         self.text_batch_size, self.dtype = text_batch_size, dtype
         os.makedirs(os.path.join(self.root, "latents"), exist_ok=True)
         os.makedirs(os.path.join(self.root, "text"), exist_ok=True)
+        # a cache written in the flat layout keeps it (read in place, new entries beside the old): nothing is moved,
+        # so a read-only cache, a run of an older version on it, and going back to that version all keep working
+        self.flat = {kind: _has_flat_files(os.path.join(self.root, kind)) for kind in ("latents", "text")}
 
     def _path(self, kind: str, key: str) -> str:
+        if self.flat[kind]:
+            return os.path.join(self.root, kind, key + ".safetensors")
         return os.path.join(self.root, kind, key[:2], key + ".safetensors")
 
     def latent_path(self, sample: Sample) -> str:
@@ -119,8 +127,8 @@ class EmbeddingCache:
         return self._path("text", _digest(prompt))
 
     def missing(self, samples: list[Sample], prompts: list[str]) -> tuple[list, list]:
-        lat = [s for s in samples if not _present(self.latent_path(s))]
-        txt = sorted({p for p in prompts if not _present(self.text_path(p))})
+        lat = [s for s in samples if not os.path.exists(self.latent_path(s))]
+        txt = sorted({p for p in prompts if not os.path.exists(self.text_path(p))})
         return lat, txt
 
     def fill(self, samples: list[Sample], prompts: list[str], encode_images: Callable, encode_prompts: Callable,

@@ -22,10 +22,10 @@ from torch import nn
 from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
 from fewstep.errors import ModelSourceError
+from fewstep.models.source import INDEX_FILE, pipeline_components
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-INDEX_FILE = "model_index.json"  # a diffusers pipeline's list of components
 
 
 def local_model(adapter, name: str) -> str:
@@ -65,14 +65,6 @@ def local_model(adapter, name: str) -> str:
 
 _OTHER_FORMATS = (".onnx", ".onnx_data", ".pb", ".msgpack", ".h5", ".ckpt", ".gguf", ".xml")
 _VARIANT = re.compile(r"\.(fp16|bf16|fp8|int8|ema|non_ema)(-\d+-of-\d+)?\.(safetensors|bin)$|\.index\.\w+\.json$")
-
-
-def pipeline_components(index_path: str) -> set[str]:
-    """The component folders a pipeline's model_index.json names (`"vae": ["diffusers", "AutoencoderKL"]`); an
-    absent optional component (`[null, null]`) and the `_class_name`-style entries are not folders."""
-    with open(index_path) as fh:
-        index = json.load(fh)
-    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
 
 
 def pipeline_files(files: list[str], components: set[str] | None = None) -> list[str]:

@@ -7,6 +7,8 @@ within seconds; anything else is one clear error (`ModelSourceError`). `tiny:<fa
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -16,6 +18,21 @@ from fewstep.errors import ModelSourceError
 
 # a hub id "org/name" (no revision suffix)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+INDEX_FILE = "model_index.json"  # a diffusers pipeline's list of components
+
+
+def pipeline_components(index_path: str) -> set[str]:
+    """The component folders a pipeline's model_index.json names (`"vae": ["diffusers", "AutoencoderKL"]`); an
+    absent optional component (`[null, null]`) and the `_class_name`-style entries are not folders."""
+    with open(index_path) as fh:
+        index = json.load(fh)
+    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+
+
+def folder_components(folder: str) -> set[str] | None:
+    """`pipeline_components` of a pipeline folder, or None where it has no model_index.json."""
+    index = os.path.join(folder, INDEX_FILE)
+    return pipeline_components(index) if os.path.isfile(index) else None
 
 
 def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:

@@ -1,0 +1,25 @@
+"""Paths users write: `~` and `$VAR` / `${VAR}` expanded, and what could not be expanded named instead of becoming
+a folder literally called `$SLURM_TMPDIR` under the working directory (`os.path.expandvars` leaves an unset
+variable, and forms such as `${VAR:-default}`, as they are)."""
+from __future__ import annotations
+
+import os
+import re
+
+_LEFTOVER = re.compile(r"\$\{[^}]*\}?|\$[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand(value: str) -> str:
+    """`value` with `~` and the set environment variables expanded."""
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def unexpanded(value: str, expanded: str) -> str | None:
+    """Why `expanded` (= `expand(value)`) still holds a `$`: None if it does not."""
+    left = list(dict.fromkeys(_LEFTOVER.findall(expanded)))
+    if not left:
+        return None
+    names = [x.lstrip("${").rstrip("}") for x in left]
+    if all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
+        return f"environment variable {', '.join(names)} is not set"
+    return f"{', '.join(left)} is not expanded (only $VAR and ${{VAR}} are, for variables that are set)"
