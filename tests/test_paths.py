@@ -11,5 +11,5 @@ def test_unexpanded_names_unset_variables_and_unsupported_forms(monkeypatch):
                         # a shell default is not what Python expands: named as such, even with the variable set
                         ("${FEWSTEP_SET_DIR:-/tmp}/c", "${FEWSTEP_SET_DIR:-/tmp} is not expanded (only $VAR and "
                                                        "${VAR} are, for variables that are set)")]:
-        assert unexpanded(value, expand(value)) == want, value
+        assert unexpanded(expand(value)) == want, value
     assert expand("$FEWSTEP_SET_DIR/c") == "/scratch/me/c"

@@ -14,8 +14,8 @@ def expand(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-def unexpanded(value: str, expanded: str) -> str | None:
-    """Why `expanded` (= `expand(value)`) still holds a `$`: None if it does not."""
+def unexpanded(expanded: str) -> str | None:
+    """Why `expanded` (an `expand` result) still holds a `$`: None if it does not."""
     left = list(dict.fromkeys(_LEFTOVER.findall(expanded)))
     if not left:
         return None

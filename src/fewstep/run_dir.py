@@ -35,26 +35,38 @@ def resolve_paths(cfg, info: DistInfo) -> None:
     mine = {k: (getattr(cfg, k), os.path.abspath(paths.expand(getattr(cfg, k)))) if getattr(cfg, k) else None
             for k in keys}
     for k, v in distributed.broadcast_object(mine).items():
-        problem = paths.unexpanded(*v) if v is not None else None
+        problem = paths.unexpanded(v[1]) if v is not None else None
         if problem:
             raise UserError(f"{k} {v[0]!r}: {problem} (on rank 0, which expands the paths for every rank)")
         setattr(cfg, k, None if v is None else v[1])
 
 
+def _restart_count() -> int:
+    """How often Slurm has requeued this job (SLURM_RESTART_COUNT; 0 outside Slurm)."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(value) if value.isdigit() else 0
+
+
 def _owner() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "slurm_restart": _restart_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _describe_owner(output_dir: str) -> str:
+def _read_owner(output_dir: str) -> dict | None:
+    """The lock holder's `_owner()` record, or None if it cannot be read."""
     try:
         with open(os.path.join(output_dir, OWNER_NAME)) as fh:
-            o = json.load(fh)
+            owner = json.load(fh)
     except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _describe_owner(owner: dict | None) -> str:
+    if owner is None:
         return "another process (its owner file is unreadable)"
-    job = f", Slurm job {o['slurm_job']}" if o.get("slurm_job") else ""
-    return f"PID {o.get('pid')} on {o.get('host')}{job}, started {o.get('started')}"
+    job = f", Slurm job {owner['slurm_job']}" if owner.get("slurm_job") else ""
+    return f"PID {owner.get('pid')} on {owner.get('host')}{job}, started {owner.get('started')}"
 
 
 def _acquire(output_dir: str):
@@ -71,8 +83,8 @@ def _acquire(output_dir: str):
     try:
         lock.acquire()
     except Timeout:
-        owner = _describe_owner(output_dir)
-        wait = _requeue_wait(output_dir)
+        holder = _read_owner(output_dir)
+        owner, wait = _describe_owner(holder), _requeue_wait(holder)
         if wait is None:
             return None, (f"output_dir '{output_dir}' is in use by another fewstep run ({owner}); wait for it to "
                           "finish, stop it, or choose another output_dir")
@@ -94,21 +106,17 @@ def _acquire(output_dir: str):
     return lock, None
 
 
-def _requeue_wait(output_dir: str) -> float | None:
+def _requeue_wait(owner: dict | None) -> float | None:
     """Seconds to wait for a lock held by this Slurm job's run before its latest requeue (None: do not wait; another
     run, or another step of this same run of the job, holds it). A job requeued after a node failure restarts with
     its job id and a higher SLURM_RESTART_COUNT while the dead node's lock may linger on a shared filesystem until
     its lease ends (NFSv4: ~90 s; Lustre: until the client is evicted). FEWSTEP_REQUEUE_LOCK_WAIT (seconds, default
     600) bounds the wait."""
     job = os.environ.get("SLURM_JOB_ID")
-    try:
-        with open(os.path.join(output_dir, OWNER_NAME)) as fh:
-            owner = json.load(fh)
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        earlier = job and str(owner.get("slurm_job")) == job and int(owner.get("slurm_restart") or 0) < restarts
-    except (OSError, ValueError, TypeError):
+    if owner is None or not job or str(owner.get("slurm_job")) != job:
         return None
-    if not earlier:
+    earlier = owner.get("slurm_restart", 0)  # absent in owner files of versions before 2026-12-06: the first run
+    if not isinstance(earlier, int) or earlier >= _restart_count():
         return None
     value = os.environ.get("FEWSTEP_REQUEUE_LOCK_WAIT", "600")
     try:

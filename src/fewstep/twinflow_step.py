@@ -51,15 +51,15 @@ def make_twinflow_step(ctx: StepContext):
     use_ema_teacher = ema is not None and 0.0 < cfg.ema_decay
     weights = TeacherWeights(engine, ema) if use_ema_teacher else None
     counter = {"micro": ctx.start_micro}  # resumes the group cycle exactly
-    # Teacher passes run on the rows whose output is used, unless a dropout layer would then draw other masks than
-    # the student pass did (the passes replay its RNG state; LoRA dropout > 0 is the usual case).
-    needed = steps_for_every_group(cfg.train_batch_size, cfg.gradient_accumulation_steps,
-                                   adversarial=cfg.twinflow_adversarial_enabled, weights=cfg.twinflow_group_weights)
+    needed = steps_for_every_group(cfg.train_batch_size, adversarial=cfg.twinflow_adversarial_enabled,
+                                   weights=cfg.twinflow_group_weights)
     if cfg.gradient_accumulation_steps < needed:
         log_main(distributed.rank() == 0, f"note: at train_batch_size {cfg.train_batch_size} TwinFlow's groups (e2e, "
                                           "mul, any, adv) cycle over micro-steps, the same on every rank, so each "
                                           "optimizer step trains only some of them; gradient_accumulation_steps "
                                           f"{needed} gives every step all of them")
+    # Teacher passes run on the rows whose output is used, unless a dropout layer would then draw other masks than
+    # the student pass did (the passes replay its RNG state; LoRA dropout > 0 is the usual case).
     used_rows_only = cfg.twinflow_teacher_rows == "used"
     if used_rows_only and has_dropout(engine.module):
         used_rows_only = False

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from fewstep.methods.rng import capture_rng_state, restore_rng_state
-from fewstep.methods.twinflow import (ADV, ANY, E2E, MUL, assign_groups, steps_for_every_group, cfg_enhanced_target, fake_samples,
-                                      rcgm_rollout, rcgm_target, rectify_loss, sample_times, select_rows, time_weight)
+from fewstep.methods.twinflow import (ADV, ANY, E2E, MUL, assign_groups, cfg_enhanced_target, fake_samples,
+                                      rcgm_rollout, rcgm_target, rectify_loss, sample_times, select_rows,
+                                      steps_for_every_group, time_weight)
 
 SHAPE = (3, 4, 4)
 
@@ -94,7 +95,7 @@ def test_steps_for_every_group_is_what_the_cycle_needs(adversarial, weights):
     an optimizer step every group, from any starting micro-step of a run."""
     k = 4 if adversarial else 3
     for batch in range(1, 8):
-        need = steps_for_every_group(batch, 1, adversarial=adversarial, weights=weights)
+        need = steps_for_every_group(batch, adversarial=adversarial, weights=weights)
 
         def covers(n, start):
             rows = torch.cat([assign_groups(batch, start + m, adversarial=adversarial, weights=weights)

@@ -189,7 +189,7 @@ def _local_dir(value, key: str, where: str, config_path: str, must_exist: bool) 
     if not isinstance(value, str):
         raise DataError(f"{where}: '{key}' must be a path, got {value!r}")
     path = paths.expand(value)
-    problem = paths.unexpanded(value, path)
+    problem = paths.unexpanded(path)
     if problem:
         raise DataError(f"{where}: {key} {value!r}: {problem}")
     if must_exist and not os.path.isabs(path) and not os.path.isdir(path):

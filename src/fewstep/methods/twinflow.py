@@ -100,10 +100,7 @@ def assign_groups(batch_size: int, micro_step: int = 0, *, adversarial: bool = T
         raise ValueError(f"assign_groups: batch_size must be an int >= 1, got {batch_size!r}")
     if not isinstance(micro_step, int) or micro_step < 0:
         raise ValueError(f"assign_groups: micro_step must be an int >= 0, got {micro_step!r}")
-    k = 4 if adversarial else 3
-    w = [1] * k if weights is None else [int(x) for x in list(weights)[:k]]
-    if len(w) != k or any(x < 1 for x in w) or any(x != y for x, y in zip(w, list(weights or w)[:k])):
-        raise ValueError(f"assign_groups: weights must be {k} positive integers (e2e, mul, any, adv), got {weights!r}")
+    k, w = _group_weights(adversarial, weights)
     if len(set(w)) > 1:
         return _weighted_groups(batch_size, micro_step, w, device)
     if batch_size < k:
@@ -112,14 +109,22 @@ def assign_groups(batch_size: int, micro_step: int = 0, *, adversarial: bool = T
     return torch.repeat_interleave(torch.arange(k, device=device), sizes)
 
 
-def steps_for_every_group(batch_size: int, accumulation: int, *, adversarial: bool = True, weights=None) -> int:
+def _group_weights(adversarial: bool, weights) -> tuple[int, list[int]]:
+    """(number of groups K, their integer shares) for `assign_groups`: adv's share is dropped without `adversarial`."""
+    k = 4 if adversarial else 3
+    w = [1] * k if weights is None else [int(x) for x in list(weights)[:k]]
+    if len(w) != k or any(x < 1 for x in w) or any(x != y for x, y in zip(w, list(weights or w)[:k])):
+        raise ValueError(f"assign_groups: weights must be {k} positive integers (e2e, mul, any, adv), got {weights!r}")
+    return k, w
+
+
+def steps_for_every_group(batch_size: int, *, adversarial: bool = True, weights=None) -> int:
     """The gradient-accumulation steps an optimizer step needs for `assign_groups`' cycle to give it every group
     (rows of each rank): 1 for a batch of the cycle's length or more, else ceil(length / batch). The cycle runs over
     micro-steps, the same on every rank (every rank makes the same passes: ZeRO-3 forwards are collective, and a
     rank with more passes, e.g. L_rectify's, would hold the others back at each step)."""
-    k = 4 if adversarial else 3
-    w = [1] * k if weights is None else [int(x) for x in list(weights)[:k]]
-    length = k if len(set(w)) == 1 else sum(w)
+    k, w = _group_weights(adversarial, weights)
+    length = k if len(set(w)) == 1 else sum(w)  # equal shares cycle the K groups; others their pattern of sum(w)
     return 1 if batch_size >= length else -(-length // batch_size)
 
 
