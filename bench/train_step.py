@@ -173,7 +173,7 @@ def main(argv):
     from fewstep.data.dataset import DataOrder
     from fewstep.ema import EMA
     from fewstep.engine.deepspeed_engine import build_engine, master_partitions
-    from fewstep.engine.distributed import setup_distributed
+    from fewstep.engine.distributed import setup_distributed, teardown
     from fewstep.kernels import resolve_backend
     from fewstep.lora import count_params, prepare_trainable
     from fewstep.models import get_adapter
@@ -273,6 +273,7 @@ def main(argv):
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
+    teardown()  # as launcher/train.py ends: gloo's threads can otherwise abort the exit of a multi-rank run
     return res
 
 

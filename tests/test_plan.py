@@ -445,7 +445,7 @@ def main(spec):
     build = lambda mc: getattr(diffusers, mc["_class_name"]).from_config({k: v for k, v in mc.items() if k[0] != "_"})
     from fewstep.config import load_config
     from fewstep.engine.deepspeed_engine import build_engine
-    from fewstep.engine.distributed import setup_distributed
+    from fewstep.engine.distributed import setup_distributed, teardown
     info = setup_distributed()
     for run in spec["ds"]:  # fewstep's engine: deepspeed.initialize with its generated config, torch AdamW
         base, t0 = start(), time.time()
@@ -467,6 +467,7 @@ def main(spec):
         del engine, model, inputs
     if info.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
+    teardown()  # as launcher/train.py ends: without it gloo's threads can abort the exit (status -6)
 
 
 main(json.load(open(sys.argv[1])))

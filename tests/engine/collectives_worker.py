@@ -86,6 +86,20 @@ except distributed.LaunchError as e:
 os.listdir = real_listdir
 print("sharing_group disagreement ok", flush=True)
 
+# A wait that was complete returns even if a rank fails as soon as it has left it (that failure stops the others
+# at their next wait): rank 1 waits long enough for its polls to be 0.5 s apart; rank 0 arrives last and announces
+# a failure at once, before rank 1's next poll. The announcement is then withdrawn for the checks below.
+if rank == 0:
+    time.sleep(2.0)
+distributed.wait_for_all("complete before a failure")
+if rank == 0:
+    distributed.announce_failure(OSError("failed after the wait"), "the next step")
+dist.barrier()  # plain collectives until it is withdrawn: a store wait would now stop with that failure
+if rank == 0:
+    distributed._store().delete_key(distributed._ABORT_KEY)
+dist.barrier()
+print("complete wait ok", flush=True)
+
 # A failure inside uneven_work on rank 0 stops rank 1 with rank 0's message instead of a hang.
 t0 = time.monotonic()
 try:
@@ -111,3 +125,9 @@ else:
     except RuntimeError:
         pass
 print("plain barrier times out", flush=True)
+
+# The group is broken now, so it cannot be torn down: leave without running gloo's destructors, which can abort the
+# interpreter's exit ("terminate called without an active exception", status -6), as launcher/train.py does after
+# a failure.
+sys.stdout.flush()
+os._exit(0)

@@ -37,7 +37,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from fewstep.config import load_config
 from fewstep.engine.deepspeed_engine import _inner_optimizers, build_engine, master_partitions
-from fewstep.engine.distributed import all_gather_object, reduce_step, setup_distributed, world_size
+from fewstep.engine.distributed import all_gather_object, reduce_step, setup_distributed, teardown, world_size
 from fewstep.engine.nonfinite import local_grad_check, skip_step
 
 RUNS = [  # stage, precision, optimizer, offload_optimizer, gradient_accumulation_steps, fp32 gradient accumulation
@@ -301,9 +301,7 @@ def main():
     shutil.rmtree(os.path.dirname(accum))
     if info.rank == 0:
         print("ALL NONFINITE OK", flush=True)
-    # Without it gloo's threads can abort the process at interpreter exit ("terminate called without an active
-    # exception", pytorch/pytorch#190489), failing the launch after every check passed.
-    dist.destroy_process_group()
+    teardown()  # as launcher/train.py ends: without it gloo's threads can abort the exit (status -6)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_collectives_waits_scan_tiny_build_and_abort_on_two_ranks(tmp_path):
     proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(distributed._free_port()),
                 "tests/engine/collectives_worker.py", str(tmp_path)], timeout=180)
     for check in ("reduce_step ok", "store wait ok", "sharing_group ok", "spread scan ok", "tiny pipeline ok",
-                  "sharing_group disagreement ok", "abort ok", "plain barrier times out"):
+                  "sharing_group disagreement ok", "complete wait ok", "abort ok", "plain barrier times out"):
         assert proc.stdout.count(check) == 2, proc.stdout
 
 

@@ -309,10 +309,12 @@ def _store_lost(tag: str, error: Exception) -> RankFailed:
                       f"{error}): its host (rank 0, or the launcher's agent) has probably died; see its log")
 
 
-def _check_abort(store) -> None:
-    if store.check([_ABORT_KEY]):
-        status, _, message = store.get(_ABORT_KEY).decode(errors="replace").partition("|")
-        raise RankFailed(message, int(status))
+def _announced_failure(store) -> RankFailed | None:
+    """The failure a rank has announced (`announce_failure`), as the RankFailed to raise; None if there is none."""
+    if not store.check([_ABORT_KEY]):
+        return None
+    status, _, message = store.get(_ABORT_KEY).decode(errors="replace").partition("|")
+    return RankFailed(message, int(status))
 
 
 def wait_for_all(tag: str) -> None:
@@ -335,12 +337,18 @@ def wait_for_all(tag: str) -> None:
     pause = 0.005
     watch = liveness.Watch(store, n)
     while arrived < n:
+        # Failure and liveness are read before the count: a wait that was complete by then returns (a rank that left
+        # it and failed at once stops this one at its next wait); one that was not stops with the failure.
         try:
-            _check_abort(store)
+            failed = _announced_failure(store)
             silent = watch.silent_rank()
             arrived = store.add(key, 0)
         except dist.DistError as e:
             raise _store_lost(tag, e) from None
+        if arrived >= n:
+            break
+        if failed is not None:
+            raise failed
         if silent is not None:
             raise RankFailed(f"rank {silent[0]} has shown no sign of life for {silent[1]:.0f} s while rank {rank()} "
                              f"waited at '{tag}' ({arrived}/{n} ranks there): it was probably killed (out of host "
