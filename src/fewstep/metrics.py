@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import resource
+import sys
 import time
 import uuid
 
@@ -20,9 +21,11 @@ _CAPTIONS = {"twinflow/trajectories": "experimental/theory unverified: TwinFlow'
 
 
 def log_main(is_main: bool, msg: str) -> None:
-    """A `fewstep: ...` progress line, printed by rank 0 only."""
+    """A `fewstep: ...` progress line on stdout, printed by rank 0 only (above the progress bar, if one is shown)."""
     if is_main:
-        print(f"fewstep: {msg}", flush=True)
+        from tqdm.auto import tqdm
+        tqdm.write(f"fewstep: {msg}", file=sys.stdout)
+        sys.stdout.flush()
 
 
 def trackers(report_to: str | None) -> set[str]:

@@ -12,7 +12,8 @@ import torch
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import weights_swapped_in
 from fewstep.metrics import log_main
-from fewstep.methods.twinflow import assign_groups, steps_for_every_group, twinflow_loss
+from fewstep.methods.twinflow import twinflow_loss
+from fewstep.methods.twinflow_times import assign_groups, steps_for_every_group
 from fewstep.step_context import StepContext, next_batch, velocity_fn
 
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from fewstep.kernels.reference import barron_loss_reference, rcgm_target_reference
 from fewstep.methods.rng import capture_rng_state
-from fewstep.methods.twinflow import (ADV, E2E, assign_groups, cfg_enhanced_target, rcgm_rollout, sample_times,
-                                      select_rows, time_weight, twinflow_loss)
+from fewstep.methods.twinflow import cfg_enhanced_target, rcgm_rollout, select_rows, twinflow_loss
+from fewstep.methods.twinflow_times import ADV, E2E, assign_groups, sample_times, time_weight
 
 SHAPE = (3, 4, 4)
 KW = dict(order=2, delta_t=0.01, clamp=1.0, enhanced_ratio=0.5, enhanced_range=(0.0, 1.0), adversarial=True,
