@@ -2,7 +2,7 @@
 the handlers are installed at process start, the run exits 0 with a message, and a resume works."""
 import signal
 import subprocess
-import time
+import threading
 
 from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write_dataset
 
@@ -19,13 +19,17 @@ def test_signal_during_model_load_exits_cleanly(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=cpu_env(FEWSTEP_TEST_DELAY="load:6"))
         runs[sig] = root, cfg, proc
-    deadline = time.monotonic() + 300
-    for sig, (_, _, proc) in runs.items():
-        for line in proc.stdout:  # wait until the model is being loaded
+    def signal_while_loading(sig, proc):  # each run is signalled as soon as it says it is loading the model
+        for line in proc.stdout:
             if "delayed 6 s at load" in line:
-                break
-            assert time.monotonic() < deadline
-        proc.send_signal(sig)
+                proc.send_signal(sig)
+                return
+
+    watchers = [threading.Thread(target=signal_while_loading, args=(sig, proc)) for sig, (_, _, proc) in runs.items()]
+    for w in watchers:
+        w.start()
+    for w in watchers:
+        w.join(timeout=300)
     for sig, (_, _, proc) in runs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (sig.name, err[-3000:])

@@ -32,10 +32,10 @@ def test_second_run_on_a_busy_output_dir_stops_naming_the_first_and_kill9_does_n
     cfg = write_config(str(tmp_path), backend, max_train_steps=2, checkpointing_steps=1,
                        resume_from_checkpoint="latest")
     first = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=cpu_env(FEWSTEP_TEST_DELAY="load:60"))
+                             stderr=subprocess.PIPE, env=cpu_env(FEWSTEP_TEST_DELAY="load:600"))
     try:
-        for line in first.stdout:  # the first run holds the directory while it "loads"
-            if "delayed 60 s at load" in line:
+        for line in first.stdout:  # the first run holds the directory while it "loads" (until it is killed below)
+            if "delayed 600 s at load" in line:
                 break
         t0 = time.monotonic()
         second = launch(cfg)

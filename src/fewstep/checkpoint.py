@@ -145,7 +145,9 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
     space.check(root, step, previous,  # collective: rank 0 decides, every rank refuses together
                 lambda: space.estimated_bytes(engine, trainable, rank_state.get("ema") is not None))
     errors: list = []
-    with space.deferred_errors(engine, errors):  # DeepSpeed's save runs collectives: a failed write must not skip them
+    # DeepSpeed's save runs collectives: a failed write must not skip them; its barriers wait for rank 0's writes
+    with space.deferred_errors(engine, errors), distributed.deepspeed_barriers_wait("checkpoint (DeepSpeed)"):
+        faults.work_at("deepspeed-save")
         engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
     writing = tmp

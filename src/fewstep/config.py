@@ -157,7 +157,8 @@ class Config:
     offload_param: bool = opt(False, "ZeRO-3 parameter offload to CPU.")
     distributed_timeout_seconds: float = opt(
         1800.0, "Timeout of every collective (NCCL/gloo process group) before the job aborts. Uneven work (cache "
-        "fill, rank-0 exports and validation decoding, checkpoint writes) waits without it.", lo=1.0)
+        "fill, rank-0 exports and validation decoding, checkpoint writes) waits without it, and the start-up rendezvous "
+        "at least 1800 s.", lo=1.0)
     fused_kernels: str = opt("auto", "Triton kernels: auto (on CUDA), on, off.", choices=("auto", "on", "off"))
     malloc_mmap_threshold: int = opt(
         DEFAULT_MMAP_THRESHOLD, "Host memory: glibc's mmap threshold in bytes, fixed on every rank at start so that "

@@ -4,8 +4,9 @@
 - FEWSTEP_FAULT_IN_SAVE=N      hard crash while checkpoint N is being written (after the shards, before the rename)
 - FEWSTEP_FAULT_SIGNAL_AT_STEP=N   the process sends itself SIGUSR1 right after optimizer step N (a preemption)
 - FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
-- FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, cache, load, validation,
-  export, checkpoint): slow work on one rank, as a large cache fill or export is on real hardware
+- FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, cache, load, logger,
+  validation, export, deepspeed-save, checkpoint): slow work on one rank, as a large cache fill or export is on real
+  hardware
 - FEWSTEP_TEST_RNG_DRAW=where[,where...]   a rank reaching `where` draws from the global generators (torch's CPU and
   CUDA ones, random, NumPy), as library code run there may (initialisers while loading, a sampler in a validation)
 """

@@ -101,8 +101,10 @@ def _acquire(output_dir: str):
         print(f"fewstep: warning: cannot lock '{output_dir}' ({e}); running without the one-run-per-directory "
               "guard", flush=True)
         return None, None
-    with open(os.path.join(output_dir, OWNER_NAME), "w") as fh:
+    path = os.path.join(output_dir, OWNER_NAME)
+    with open(f"{path}.tmp.{os.getpid()}", "w") as fh:  # renamed into place: a run refused now reads all or nothing
         json.dump(_owner(), fh)
+    os.replace(fh.name, path)
     return lock, None
 
 

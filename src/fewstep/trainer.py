@@ -126,7 +126,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         log_main(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
         preemption.clear()
         return {"step": step, "preempted": True}
-    logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
+    with distributed.uneven_work("metrics logger"):  # rank 0's alone (TensorBoard's import, wandb.init: seconds)
+        faults.work_at("logger")
+        logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
     rng_streams.set_state(rank_state["rng"] if rank_state is not None else stream)  # last: nothing above draws on
 
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,

@@ -81,6 +81,7 @@ def test_comm_device_follows_what_the_group_serves():
         dist.destroy_process_group()
         dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + os.environ["PORT2"])
         print("gloo", distributed.comm_device())
+        dist.destroy_process_group()
     """)
     proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=cpu_env(PORT=str(distributed._free_port()), PORT2=str(distributed._free_port())))
@@ -108,6 +109,20 @@ def test_a_good_run_ends_with_status_0_on_every_rank_when_rank_0_hosts_the_store
     outs = [p.communicate(timeout=120) for p in procs]
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"rank {r} finished" in out, (r, p.returncode, err[-2000:])
+
+
+def test_a_rank_that_joins_later_than_the_collective_timeout_is_waited_for(tmp_path):
+    """The rendezvous waits for a late rank (a node that starts late, slow imports on a shared filesystem) however
+    short `distributed_timeout_seconds` is; that timeout still bounds every collective."""
+    port = str(distributed._free_port())
+    procs = [subprocess.Popen([PY, "tests/engine/startup_worker.py", "2", str(tmp_path / "ready")], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=cpu_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port)) for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and "started together" in out, (r, p.returncode, err[-2000:])
+    assert "collective timed out" in outs[1][0]
 
 
 # ---- launch environment -------------------------------------------------------------------------------------------
@@ -174,6 +189,7 @@ def test_deepspeed_is_handed_the_gpu_index_a_bound_task_sees(monkeypatch):
     monkeypatch.setattr(distributed, "_launch_local_rank", [None])  # setup writes it; leave this process as it was
     seen = {}
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(local_rank=os.environ["LOCAL_RANK"]))
+    monkeypatch.setattr(torch.distributed.distributed_c10d, "_set_pg_timeout", lambda *a, **k: None)  # no group
     info = distributed.setup_distributed(60)
     assert seen == {"local_rank": "0"} and info.device == torch.device("cuda", 0)
     assert (info.rank, info.local_rank) == (3, 3)  # the launcher's, for per-node work

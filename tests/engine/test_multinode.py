@@ -1,8 +1,8 @@
 """What CPU + gloo on one machine usually hides: slow rank-0 work inside a collective timeout, and node-local paths.
 
 - Rank 0 is made slow (FEWSTEP_TEST_DELAY) in each place where it works alone or longer than the others (cache
-  fill, model load, validation decoding, exports, checkpoint writes) under a collective timeout shorter than the delay: the run must
-  still complete.
+  fill, model load, metrics logger set-up, validation decoding, exports, checkpoint writes inside and after
+  DeepSpeed's save) under a collective timeout shorter than the delay: the run must still complete.
 - Two "nodes" are two processes with LOCAL_RANK 0 each, each in its own mount namespace with a private tmpfs at the
   same cache_dir path: exactly what a node-local scratch directory looks like to a multi-node job.
 """
@@ -17,14 +17,17 @@ from fewstep.engine.distributed import _free_port
 from fewstep_testing import PY, REPO, cpu_env, read_metrics, run, write_config, write_dataset
 
 
+SLOW_PLACES = ("cache", "load", "logger", "validation", "export", "deepspeed-save", "checkpoint")
+
+
 def test_slow_rank0_work_survives_a_short_collective_timeout(tmp_path):
     backend = write_dataset(str(tmp_path), n=3)
     cfg = write_config(str(tmp_path), backend, zero_stage=3, use_ema=True, ema_decay=0.9, max_train_steps=2,
                        checkpointing_steps=1, distributed_timeout_seconds=3)
     proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "launcher/train.py",
                 "--config", cfg], timeout=600,
-               FEWSTEP_TEST_DELAY="cache:5,load:5,validation:5,export:5,checkpoint:5")
-    for where in ("cache", "load", "validation", "export", "checkpoint"):
+               FEWSTEP_TEST_DELAY=",".join(f"{where}:5" for where in SLOW_PLACES))
+    for where in SLOW_PLACES:
         assert f"rank 0 delayed 5 s at {where}" in proc.stdout, proc.stdout[-3000:]
     out = tmp_path / "out"
     assert len(read_metrics(out)) == 2

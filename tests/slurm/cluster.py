@@ -215,7 +215,10 @@ class LocalSlurm:
             _stop_pids(self._stragglers())
         finally:
             if self._hosts_backup is not None:
-                HOSTS.write_text(self._hosts_backup)
+                if HOSTS.read_text().startswith(self._hosts_backup):  # only appended to: cut back, never emptied
+                    os.truncate(HOSTS, len(self._hosts_backup.encode()))
+                else:
+                    HOSTS.write_text(self._hosts_backup)
                 self._hosts_backup = None
 
     def _drain(self, timeout):

@@ -78,12 +78,13 @@ PROBE = """#!/bin/bash
 out=""
 while [ $# -gt 0 ]; do [ "$1" = --output_dir ] && out=$2; shift; done
 mkdir -p "$out"
-env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
-mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
 # Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then; on TERM it
-# takes PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> behind.
+# takes PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> behind. The traps are set before the
+# env file, which tells the tests that the task is up.
 trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit 0' TERM
 trap 'exit 0' USR1
+env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
+mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
 sleep "${PROBE_SLEEP:-0}" &
 wait
 """

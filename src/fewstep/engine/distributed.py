@@ -131,6 +131,9 @@ def local_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+RENDEZVOUS_SECONDS = 1800.0
+
+
 def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU) with the given collective timeout."""
     cuda = torch.cuda.is_available()
@@ -158,8 +161,12 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
         # task). DistInfo keeps the launcher's local rank.
         os.environ["LOCAL_RANK"] = str(device.index)
     if not dist.is_initialized():
+        # The rendezvous waits at least RENDEZVOUS_SECONDS for every rank (nodes start minutes apart: a late node,
+        # imports from a shared filesystem); the collective timeout applies from the first collective on.
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
-                                   timeout=timedelta(seconds=timeout_seconds))
+                                   timeout=timedelta(seconds=max(timeout_seconds, RENDEZVOUS_SECONDS)))
+        if timeout_seconds < RENDEZVOUS_SECONDS:
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_seconds))
     if world_size() > 1:  # a rank that dies silently is noticed by the others' waits
         liveness.start(_store(), rank(), max(timeout_seconds, liveness.MIN_SECONDS))
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
@@ -378,6 +385,28 @@ def uneven_work(tag: str):
     wait_for_all(tag)
 
 
+@contextlib.contextmanager
+def deepspeed_barriers_wait(tag: str):
+    """Within the block, DeepSpeed's whole-world `deepspeed.comm.barrier()` is `wait_for_all(tag)`: its
+    `save_checkpoint` has ranks meet in barriers bound by the collective timeout while rank 0 alone writes the whole
+    module state under ZeRO-1/2 (minutes for a large full fine-tune on a slow filesystem). Barriers of a subgroup
+    stay collectives. Every rank must run the block (DeepSpeed calls its barriers on every rank alike)."""
+    import deepspeed.comm as ds_comm
+
+    collective = ds_comm.barrier
+
+    def barrier(*args, **kwargs):
+        if args or kwargs.get("group") is not None:
+            return collective(*args, **kwargs)
+        return wait_for_all(tag)
+
+    ds_comm.barrier = barrier
+    try:
+        yield
+    finally:
+        ds_comm.barrier = collective
+
+
 def announce_failure(error: BaseException, tag: str | None = None) -> None:
     """Tell the ranks waiting in `wait_for_all` that this rank failed, so that they stop with its message
     (`RankFailed`) instead of waiting for ever: launcher/train.py calls it for any failure, wherever it happened (a
@@ -386,7 +415,6 @@ def announce_failure(error: BaseException, tag: str | None = None) -> None:
     if isinstance(error, RankFailed) or not dist.is_initialized() or world_size() == 1:
         return
     where = f" during {tag}" if tag else ""
-    with contextlib.suppress(Exception):
-        store = _store()
-        if not store.check([_ABORT_KEY]):
-            store.set(_ABORT_KEY, f"{exit_status(error)}|rank {rank()} failed{where}: {type(error).__name__}: {error}")
+    with contextlib.suppress(Exception):  # set only if unset, atomically (ranks that fail together: the first wins)
+        _store().compare_set(_ABORT_KEY, "", f"{exit_status(error)}|rank {rank()} failed{where}: "
+                                             f"{type(error).__name__}: {error}")
