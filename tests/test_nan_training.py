@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.engine.distributed import _free_port
 from fewstep_testing import read_metrics, run, write_config, write_dataset
 
 # stage 0 fp32 is the layout where DeepSpeed itself would apply a non-finite update
@@ -74,8 +73,8 @@ def runs(tmp_path_factory):
                  [f"nan-{tag}", common, FAULT],   # skip at step 3 + preempted: saves the state after the skip
                  [f"nan-{tag}", common, {}]]      # resume, finish
     plan.append(["stop-z2", {"zero_stage": 2, "nan_policy": "stop"}, {"FEWSTEP_FAULT_NAN_LOSS": "3:1"}])
-    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                "tests/nan_training_worker.py", cfg, json.dumps(plan)], timeout=900)
+    proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/nan_training_worker.py", cfg,
+                json.dumps(plan)], timeout=900)
     return root / "out", proc.stdout
 
 

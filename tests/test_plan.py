@@ -486,14 +486,6 @@ ACT_RUNS = [  # (model, LoRA targets, checkpointing): activation-bound models at
 DS_RUNS = [(2, "fp32", False), (3, "fp32", True), (2, "bf16", True)]  # (ZeRO stage, precision, checkpointing)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """One torchrun launch (2 ranks): a warm-up, then a (tiny, medium) pair of DeepSpeed runs per layout."""
@@ -512,8 +504,8 @@ def measured(tmp_path_factory):
     script = tmp / "worker.py"
     script.write_text(WORKER)
     # glibc returns a freed chunk to the OS only if it was mmapped; a fixed threshold makes RSS follow live tensors
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port()), str(script), str(spec)], timeout=300, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+                str(spec)], timeout=300, MALLOC_MMAP_THRESHOLD_="65536")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[0][len("RESULT "):]), ds

@@ -19,6 +19,7 @@ def test_signal_during_model_load_exits_cleanly(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=cpu_env(FEWSTEP_TEST_DELAY="load:6"))
         runs[sig] = root, cfg, proc
+
     def signal_while_loading(sig, proc):  # each run is signalled as soon as it says it is loading the model
         for line in proc.stdout:
             if "delayed 6 s at load" in line:

@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
               # and non-equal batch-group shares: the e2e, e2e, mul, any, adv cycle over 5 accumulation micro-steps
               ["v-z2-full", {"zero_stage": 2, **FULL, **as_v, "max_train_steps": 2, "gradient_accumulation_steps": 5,
                              "twinflow_group_weights": [2, 1, 1, 1]}]]
-    run(["torchrun", "--nproc_per_node", "2", "--master_port", "29631", "tests/engine/distributed_worker.py",
+    run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/engine/distributed_worker.py",
          str(config), json.dumps(matrix)], timeout=900)
     return root
 

@@ -91,8 +91,8 @@ def test_comm_device_follows_what_the_group_serves():
 
 def test_collectives_waits_scan_tiny_build_and_abort_on_two_ranks(tmp_path):
     write_dataset(str(tmp_path / "scan"), n=5)
-    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(distributed._free_port()),
-                "tests/engine/collectives_worker.py", str(tmp_path)], timeout=180)
+    proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/engine/collectives_worker.py",
+                str(tmp_path)], timeout=180)
     for check in ("reduce_step ok", "store wait ok", "sharing_group ok", "spread scan ok", "tiny pipeline ok",
                   "sharing_group disagreement ok", "complete wait ok", "abort ok", "plain barrier times out"):
         assert proc.stdout.count(check) == 2, proc.stdout

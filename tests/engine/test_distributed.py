@@ -48,7 +48,7 @@ def test_zero2_zero3_lora_and_full_on_two_ranks(tmp_path):
                                          "ema_decay": 0.9, "twinflow_adversarial_enabled": True,
                                          "max_train_steps": 2, "mixed_precision": "bf16", "_nan_fill": fill}]
               for tag, fill in (("", False), ("-nanfill", True))]]
-    run(["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "tests/engine/distributed_worker.py", cfg,
+    run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/engine/distributed_worker.py", cfg,
          json.dumps(runs)], timeout=900)
     out = tmp_path / "out"
     z2, z3 = read_metrics(out / "z2-lora"), read_metrics(out / "z3-lora")
@@ -137,7 +137,7 @@ def test_deepspeed_launcher_zero3_twinflow_seed_config(tmp_path):
 def test_ema_weights_swap_into_every_zero_stage():
     """swap_worker: the EMA swap (with accelerator syncs around its writes), Glance's optimizer reset and the LR
     schedule, for every ZeRO stage and for torch AdamW, FusedAdam and DeepSpeedCPUAdam."""
-    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", "29613", "tests/engine/swap_worker.py"],
+    proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/engine/swap_worker.py"],
                timeout=600)
     assert proc.stdout.count("ALL SWAPS OK") == 2
     assert proc.stdout.count("swap ok:") == 10

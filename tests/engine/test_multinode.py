@@ -24,7 +24,7 @@ def test_slow_rank0_work_survives_a_short_collective_timeout(tmp_path):
     backend = write_dataset(str(tmp_path), n=3)
     cfg = write_config(str(tmp_path), backend, zero_stage=3, use_ema=True, ema_decay=0.9, max_train_steps=2,
                        checkpointing_steps=1, distributed_timeout_seconds=3)
-    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "launcher/train.py",
+    proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "launcher/train.py",
                 "--config", cfg], timeout=600,
                FEWSTEP_TEST_DELAY=",".join(f"{where}:5" for where in SLOW_PLACES))
     for where in SLOW_PLACES:
