@@ -1,4 +1,5 @@
-"""Reading a user's JSON file with an error that names it (config files, data backends)."""
+"""Reading a user's JSON file with an error that names it (config files, data backends), and writing one of
+fewstep's atomically."""
 import json
 import os
 
@@ -12,3 +13,14 @@ def load_json(path: str, error: type[Exception], what: str):
             return json.load(fh)
         except json.JSONDecodeError as e:
             raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def save_json(path: str, obj, **dump_options) -> None:
+    """Write `obj` as JSON to `path` atomically: into `<path>.tmp.<pid>` (one per writing process), flushed to disk,
+    then renamed over `path`, so a reader sees the whole new file or the previous one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, **dump_options)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -9,6 +9,7 @@ from torch import nn
 from fewstep import faults, lora_formats
 from fewstep.config import ConfigError
 from fewstep.engine import distributed
+from fewstep.jsonfile import save_json
 from fewstep.models import anystep
 
 
@@ -120,12 +121,7 @@ RUN_INFO = "fewstep_run.json"
 
 def write_run_info(out_dir: str, cfg, extra: dict | None = None) -> None:
     """The config and what was trained, beside the weights (written atomically: it marks a finished export)."""
-    tmp = os.path.join(out_dir, RUN_INFO + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"config": cfg.to_dict(), **(extra or {})}, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(out_dir, RUN_INFO))
+    save_json(os.path.join(out_dir, RUN_INFO), {"config": cfg.to_dict(), **(extra or {})}, indent=1, default=str)
 
 
 def remove_run_info(out_dir: str) -> None:

@@ -22,6 +22,7 @@ from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
 from fewstep.engine.distributed import DistInfo
 from fewstep.errors import RunDirBusy, UserError
+from fewstep.jsonfile import save_json
 
 LOCK_NAME = ".fewstep.lock"
 OWNER_NAME = ".fewstep-owner.json"  # who holds the lock (the lock file itself is truncated by every opener)
@@ -101,10 +102,7 @@ def _acquire(output_dir: str):
         print(f"fewstep: warning: cannot lock '{output_dir}' ({e}); running without the one-run-per-directory "
               "guard", flush=True)
         return None, None
-    path = os.path.join(output_dir, OWNER_NAME)
-    with open(f"{path}.tmp.{os.getpid()}", "w") as fh:  # renamed into place: a run refused now reads all or nothing
-        json.dump(_owner(), fh)
-    os.replace(fh.name, path)
+    save_json(os.path.join(output_dir, OWNER_NAME), _owner())  # atomic: a run refused now reads all of it or none
     return lock, None
 
 

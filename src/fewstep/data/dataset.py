@@ -24,6 +24,7 @@ from fewstep.data.buckets import UNREADABLE, Geometry, Plan, content_digest, dec
 from fewstep.data.captions import IMAGE_EXTENSIONS, find_captioned_images
 from fewstep.data.errors import DataError
 from fewstep.data.order import DataOrder, Layout, Stream
+from fewstep.jsonfile import save_json
 
 __all__ = ["DataError", "DataOrder", "Sample", "Backend", "load_backends", "find_samples", "load_image",
            "collect_samples", "list_images", "plan_samples", "probe_image",
@@ -173,10 +174,7 @@ class ProbeMemo:
         if not self.changed:
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(self.known, fh)
-        os.replace(tmp, self.path)
+        save_json(self.path, self.known)
 
 
 def build_layout(samples: list[Sample], entries: list[ImageEntry]) -> Layout:
