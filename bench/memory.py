@@ -166,9 +166,7 @@ def main(argv):
     import shutil
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)
     t0 = time.time()
-    from fewstep.engine.distributed import _free_port
-
-    peaks = measure(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "launcher/train.py",
+    peaks = measure(["torchrun", "--nproc_per_node", "2", "--standalone", "launcher/train.py",
                      "--config", cfg_path], env, os.path.join(work, "train.log"))
     wall = time.time() - t0
     with open(os.path.join(work, "train.log")) as fh:  # the allocator setting the trainer reported (host_memory)

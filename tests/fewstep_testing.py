@@ -2,6 +2,8 @@
 import concurrent.futures
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 
@@ -58,6 +60,27 @@ def cpu_env(**extra):
     return env
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct TCP ports, free now, for processes a test starts by hand (a rendezvous store binds one seconds
+    later). Drawn below Linux's ephemeral range (32768+): a port the kernel hands out (bind to port 0, or any
+    outgoing connection, gloo's included) could be taken by another test's connection before the store binds it."""
+    ports = []
+    while len(ports) < n:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 def run(cmd, timeout=600, **env):
     """Run a command from the repo root; on failure raise with the first traceback (under torchrun that is the rank
     that failed first; the other ranks' tracebacks that follow are mostly the broken connection) and the output tail."""
@@ -103,3 +126,4 @@ class EngineWrapper(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fewstep.engine import distributed
-from fewstep_testing import PY, cpu_env, run, write_dataset
+from fewstep_testing import PY, cpu_env, free_port, free_ports, run, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,8 +83,9 @@ def test_comm_device_follows_what_the_group_serves():
         print("gloo", distributed.comm_device())
         dist.destroy_process_group()
     """)
+    port, port2 = free_ports(2)
     proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=cpu_env(PORT=str(distributed._free_port()), PORT2=str(distributed._free_port())))
+                          env=cpu_env(PORT=str(port), PORT2=str(port2)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nccl-like cuda:0" in proc.stdout and "gloo cpu" in proc.stdout, proc.stdout
 
@@ -101,7 +102,7 @@ def test_collectives_waits_scan_tiny_build_and_abort_on_two_ranks(tmp_path):
 def test_a_good_run_ends_with_status_0_on_every_rank_when_rank_0_hosts_the_store():
     """srun / the deepspeed launcher: rank 0's process hosts the rendezvous store. Rank 0 reaching the final wait
     last must not leave before rank 1 has seen it (rank 1 would lose the store and fail a finished run)."""
-    port = str(distributed._free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([PY, "tests/engine/teardown_worker.py"], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env=cpu_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
@@ -114,7 +115,7 @@ def test_a_good_run_ends_with_status_0_on_every_rank_when_rank_0_hosts_the_store
 def test_a_rank_that_joins_later_than_the_collective_timeout_is_waited_for(tmp_path):
     """The rendezvous waits for a late rank (a node that starts late, slow imports on a shared filesystem) however
     short `distributed_timeout_seconds` is; that timeout still bounds every collective."""
-    port = str(distributed._free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([PY, "tests/engine/startup_worker.py", "2", str(tmp_path / "ready")], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=cpu_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",

@@ -4,8 +4,7 @@ import subprocess
 
 import pytest
 
-from fewstep.engine.distributed import _free_port
-from fewstep_testing import PY, REPO, cpu_env
+from fewstep_testing import PY, REPO, cpu_env, free_port
 
 TIMEOUT_S = 4  # distributed_timeout_seconds of the two ranks: the liveness bound
 
@@ -15,7 +14,7 @@ TIMEOUT_S = 4  # distributed_timeout_seconds of the two ranks: the liveness boun
     (0, "rank 1 lost the rendezvous store while waiting at 'cache fill'"),  # rank 0 (the store's host) dies
 ])
 def test_a_killed_rank_stops_the_survivor(victim, expected):
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([PY, "tests/engine/liveness_worker.py", str(TIMEOUT_S), str(victim)], cwd=REPO,
                               env=cpu_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                           MASTER_PORT=str(port), FEWSTEP_LIVENESS_MIN_SECONDS="0"),

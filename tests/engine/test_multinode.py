@@ -13,8 +13,7 @@ import subprocess
 
 import pytest
 
-from fewstep.engine.distributed import _free_port
-from fewstep_testing import PY, REPO, cpu_env, read_metrics, run, write_config, write_dataset
+from fewstep_testing import PY, REPO, cpu_env, free_port, read_metrics, run, write_config, write_dataset
 
 
 SLOW_PLACES = ("cache", "load", "logger", "validation", "export", "deepspeed-save", "checkpoint")
@@ -67,7 +66,7 @@ def test_two_nodes_each_fill_their_node_local_cache(tmp_path):
     node_local.mkdir()
     cfg = write_config(str(tmp_path), backend, cache_dir=str(node_local / "cache"), max_train_steps=2,
                        validation_steps=0, train_batch_size=1)
-    results = _launch_nodes(cfg, str(node_local), _free_port())
+    results = _launch_nodes(cfg, str(node_local), free_port())
     for rank, (rc, out, err) in enumerate(results):
         assert rc == 0, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-4000:]}"
     assert "1 rank(s) per cache directory" in results[0][1]  # each node filled its own copy
@@ -83,7 +82,7 @@ def test_node_local_output_dir_is_refused_by_name(tmp_path):
     node_local = tmp_path / "scratch"
     node_local.mkdir()
     cfg = write_config(str(tmp_path), backend, output_dir=str(node_local / "run"), cache_dir=str(tmp_path / "c"))
-    results = _launch_nodes(cfg, str(node_local), _free_port())
+    results = _launch_nodes(cfg, str(node_local), free_port())
     rc, out, err = results[0]
     # both ranks find the mistake; whichever reports first, rank 0 ends with status 2 (its own error or rank 1's)
     assert rc == 2, f"{out[-2000:]}\n{err[-3000:]}"
@@ -110,7 +109,7 @@ def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
         if image_dir.name == "nowhere":
             shutil.copytree(tmp_path / "src" / "images", tmp_path / "src" / "nowhere")
         cfg = write_config(str(tmp_path), str(backend), cache_dir=str(tmp_path / "c"))
-        results = _launch_nodes(cfg, str(node_local), _free_port(), rank0_files=str(tmp_path / "src"))
+        results = _launch_nodes(cfg, str(node_local), free_port(), rank0_files=str(tmp_path / "src"))
         rc, out, err = results[0]
         # rank 0 ends as the failing rank 1 does: a user's mistake (node-local data), exit status 2
         assert rc == 2 and results[1][0] == 2, f"{out[-2000:]}\n{err[-3000:]}\n{results[1][2][-3000:]}"
@@ -138,7 +137,7 @@ def test_model_copies_that_differ_between_nodes_are_refused(tmp_path):
     node_local.mkdir()
     cfg = write_config(str(tmp_path), backend, pretrained_model_name_or_path=str(node_local / "model"),
                        cache_dir=str(tmp_path / "cache"))
-    results = _launch_nodes(cfg, str(node_local), _free_port(), node_files=[str(c) for c in copies])
+    results = _launch_nodes(cfg, str(node_local), free_port(), node_files=[str(c) for c in copies])
     for rank, (rc, out, err) in enumerate(results):
         assert rc == 2 and "Traceback" not in err, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-3000:]}"
     assert "text-encoder files of" in results[0][2] and "differ between ranks (ranks [1] differ from rank 0)" in \

@@ -14,10 +14,11 @@ interfere; still, run one of these at a time (each slurmd adds CPU load and the 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from fewstep_testing import free_ports
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "shellcheck"]
 BINARIES = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/munged", "/usr/bin/shellcheck"]
@@ -44,18 +45,6 @@ def why_unavailable():
     if missing:
         raise RuntimeError(f"installed {PACKAGES} but {missing} are still missing")
     return None
-
-
-def _free_ports(n):
-    """n distinct TCP ports that are free right now (bound then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _resolves(name):
@@ -118,7 +107,7 @@ class LocalSlurm:
         b = self.base
         for d in ("etc", "log", "run", "state/ctld", "fakegpu"):
             (b / d).mkdir(parents=True, exist_ok=True)
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         fake = len(self.nodes) > 1 or self.nodes != ["localhost"]
         lines = [
             "ClusterName=fewstepci", "SlurmctldHost=localhost", f"SlurmctldPort={ctld_port}", "SlurmUser=root",

@@ -293,6 +293,27 @@ def test_sample_after_training(slurm_cluster, trainer_jobs):
     assert f"fewstep: wrote {j['png']}" in _log(j["work"], job)
 
 
+BARE_SRUN_ENV = """#!/bin/bash
+srun "$FEWSTEP_PYTHON" -c 'import json, os, sys
+sys.path.insert(0, os.path.join(os.environ["FEWSTEP_ROOT"], "src"))
+from fewstep.engine.distributed import launch_env
+print("LAUNCH", json.dumps(launch_env(dict(os.environ))), flush=True)'
+"""
+
+
+def test_bare_srun_rendezvous_at_the_first_nodes_address(slurm_cluster, tmp_path):
+    """A bare srun's master is the first node's NodeAddr, as slurm/common.sh's: a node name need not resolve (here
+    n1's does, through /etc/hosts, but Slurm reaches n1 at 127.0.0.1)."""
+    script = tmp_path / "bare-env.sh"
+    script.write_text(BARE_SRUN_ENV)
+    jobid = slurm_cluster.sbatch(script, options=[*BOTH_NODES[:2], "--gpus-per-node=0", "--cpus-per-task=1",
+                                                  "--output=%x-%j.out"], env=_env(), cwd=tmp_path)
+    job = _assert_ok(slurm_cluster, jobid, tmp_path, timeout=120)
+    envs = [json.loads(line.split("LAUNCH ", 1)[1]) for line in _log(tmp_path, job).splitlines() if "LAUNCH " in line]
+    assert sorted(e["RANK"] for e in envs) == ["0", "1"], _log(tmp_path, job)
+    assert all(e["MASTER_ADDR"] == "127.0.0.1" and e["WORLD_SIZE"] == "2" for e in envs), envs
+
+
 def test_bare_srun_without_common_sh(slurm_cluster, trainer_jobs):
     """`srun python launcher/train.py` with no RANK/WORLD_SIZE in the environment: the trainer reads SLURM_PROCID,
     SLURM_LOCALID and SLURM_STEP_NUM_TASKS and forms one 2-rank world (not two worlds of one on one output dir)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -81,13 +81,25 @@ def expand_hostlist(spec: str) -> list[str]:
     return hosts
 
 
+def node_address(node: str) -> str:
+    """A Slurm node's NodeAddr, the address Slurm itself reaches it at (as slurm/common.sh): a node name need not
+    resolve, or may resolve to another interface. The name itself where scontrol does not answer."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else node
+
+
 def launch_env(env: dict[str, str]) -> dict[str, str]:
     """The rendezvous variables to add to `env` so that `init_process_group(env://)` finds its world.
 
     torchrun / the deepspeed launcher / slurm/common.sh set RANK and WORLD_SIZE: nothing to add. A bare
     `srun python launcher/train.py` has only SLURM_*: rank, local rank and world come from there, the master is the
-    first node of the step and the port is derived from the job id (as in slurm/common.sh). Plain `python`: a world
-    of one on a free local port.
+    first node of the step (its NodeAddr) and the port is derived from the job id (as in slurm/common.sh). Plain
+    `python`: a world of one on a free local port.
     """
     if "RANK" in env:
         if "WORLD_SIZE" not in env:
@@ -102,7 +114,7 @@ def launch_env(env: dict[str, str]) -> dict[str, str]:
                               "launch through slurm/common.sh or set RANK/WORLD_SIZE/LOCAL_RANK yourself")
         out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": ntasks, "LOCAL_RANK": env["SLURM_LOCALID"]}
         if "MASTER_ADDR" not in env:
-            out["MASTER_ADDR"] = expand_hostlist(nodes)[0]
+            out["MASTER_ADDR"] = node_address(expand_hostlist(nodes)[0])
         if "MASTER_PORT" not in env:
             # as slurm/common.sh: fixed per job id (a requeue keeps it), below Linux's ephemeral ports (32768+)
             out["MASTER_PORT"] = str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
@@ -113,12 +125,6 @@ def launch_env(env: dict[str, str]) -> dict[str, str]:
     if "MASTER_PORT" not in env:  # a world of one hosts its own store: port 0 lets it bind any free port itself
         out["MASTER_PORT"] = "0"  # (picking one here and binding it later races other runs started at once)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _launch_local_rank = [None]  # the launcher's LOCAL_RANK (setup_distributed may hand DeepSpeed another value)
