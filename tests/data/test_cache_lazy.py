@@ -118,8 +118,8 @@ def test_memory_does_not_grow_with_the_data_set(tmp_path):
 def test_probe_memo_reads_each_image_once_across_runs(tmp_path, monkeypatch):
     config = load_data_config(write_dataset(str(tmp_path), n=3))
     calls = []
-    real = dataset_mod.content_digest
-    monkeypatch.setattr(dataset_mod, "content_digest", lambda p: calls.append(p) or real(p))
+    real = dataset_mod.probe_image
+    monkeypatch.setattr(dataset_mod, "probe_image", lambda p: calls.append(p) or real(p))
     memo_path = str(tmp_path / "out" / "data_digests.json")
     memo = ProbeMemo(memo_path)
     first, _ = collect_samples(config, 1, memo)

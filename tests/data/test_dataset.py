@@ -153,3 +153,24 @@ def test_an_unreadable_image_is_probed_again_at_the_next_start(tmp_path):
     memo.save()
     again = ProbeMemo(str(tmp_path / "memo.json"))
     assert again.lookup(str(img)) is None and again.lookup(str(tmp_path / "images" / "img0.png")) is not None
+
+
+def test_the_scan_reads_each_image_file_once(tmp_path, monkeypatch):
+    """The probe (content hash, full decode, size after EXIF orientation) opens the file once: on a shared filesystem
+    each open is a metadata round trip, and a first scan may meet millions of images. A rotated JPEG still gets its
+    used size, and the digest is the file's."""
+    import builtins
+    import hashlib
+
+    from fewstep.data.dataset import probe_image
+
+    img = Image.new("RGB", (40, 60), (200, 30, 30))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated by 90 degrees: used as 60 x 40
+    path = tmp_path / "r.jpg"
+    img.save(path, exif=exif)
+    opened, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    digest, size = probe_image(str(path))
+    assert opened == [str(path)]
+    assert size == (60, 40) and digest == hashlib.sha256(path.read_bytes()).hexdigest()[:32]

@@ -50,8 +50,8 @@ from fewstep.data.backends import load_data_config  # noqa: E402
 from fewstep.data.prepare import scan_images  # noqa: E402
 
 config, memo = load_data_config(os.path.join(tmp, "scan", "multidatabackend.json")), os.path.join(tmp, "memo.json")
-probed, real_digest = [], data_mod.content_digest
-data_mod.content_digest = lambda p: probed.append(p) or real_digest(p)
+probed, real_probe = [], data_mod.probe_image
+data_mod.probe_image = lambda p: probed.append(p) or real_probe(p)
 os.environ["FEWSTEP_TEST_DELAY"] = f"scan:{2 * TIMEOUT}"
 samples, skipped, n = scan_images(config, 1, memo)
 del os.environ["FEWSTEP_TEST_DELAY"]

@@ -18,6 +18,7 @@ hash, so every rank and every run agrees and the cached latents stay valid.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import random
 from dataclasses import dataclass, field
@@ -181,39 +182,40 @@ class Geometry:
         return Plan(target, size, offset, (w, h))
 
 
+def _used_size(im: Image.Image) -> tuple[int, int]:
+    w, h = im.size
+    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: rotated by 90 or 270 degrees
+        w, h = h, w
+    return w, h
+
+
 def image_size(path: str) -> tuple[int, int]:
     """(width, height) as the image will be used (after its EXIF orientation), read from the file's header."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-                w, h = h, w
+            return _used_size(im)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"unreadable image {path}: {e}") from None
-    return w, h
 
 
 UNREADABLE = (0, 0)  # the size a probe records for a file that does not decode
 
 
-def decoded_size(path: str) -> tuple[int, int]:
-    """`image_size` from a full decode: a truncated or corrupt file passes a header read and would stop the whole job
-    at the cache fill. UNREADABLE (with a line naming the file) if it does not decode, or is larger than Pillow's
-    decompression-bomb limit."""
+def decoded_size(path: str, data: bytes) -> tuple[int, int]:
+    """`image_size` from a full decode of the file's bytes `data`: a truncated or corrupt file passes a header read
+    and would stop the whole job at the cache fill. UNREADABLE (with a line naming the file) if it does not decode,
+    or is larger than Pillow's decompression-bomb limit."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-        return image_size(path)
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError) as e:
+            return _used_size(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         print(f"fewstep: skipping unreadable image {path}: {e}", flush=True)
         return UNREADABLE
 
 
-def content_digest(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()[:32]
+def content_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def load_planned(path: str, plan: Plan) -> torch.Tensor:

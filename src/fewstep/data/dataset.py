@@ -71,9 +71,12 @@ Probe = tuple  # (content digest, (width, height)): what the scan reads of an im
 
 
 def probe_image(path: str) -> Probe:
-    """The two things read from an image at start-up: its content hash (every byte) and its size (a full decode, so a
-    file that does not decode is skipped here, not found at the cache fill; `UNREADABLE`)."""
-    return content_digest(path), decoded_size(path)
+    """The two things read from an image at start-up, from one read of the file: its content hash (every byte) and
+    its size (a full decode, so a file that does not decode is skipped here, not found at the cache fill;
+    `UNREADABLE`)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return content_digest(data), decoded_size(path, data)
 
 
 def list_images(config: DataConfig) -> list[tuple[int, str, list[str]]]:
