@@ -6,6 +6,7 @@ import random
 import socket
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import torch
@@ -127,3 +128,64 @@ class EngineWrapper(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+
+class BlockingHostCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (as "file:line" of fewstep's code) every copy from the host to another device that waits for that
+    device's queue (non_blocking off: on CUDA a stream synchronisation). With tensors on the meta device, which have
+    no values to read, this and the errors meta raises on any device->host read (`.item()`, `.tolist()`, `.cpu()`,
+    `nonzero`, a bool-mask index) show, on the CPU, every place a GPU step would wait for the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocking = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src, dst = (args[0], kwargs.get("device")) if func == torch.ops.aten._to_copy.default else args[1::-1]
+            dst = dst.device if isinstance(dst, torch.Tensor) else dst
+            blocking = not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
+            if src.device.type == "cpu" and dst is not None and torch.device(dst).type != "cpu" and blocking:
+                ours = [f for f in traceback.extract_stack() if "/fewstep/" in f.filename]
+                self.blocking.append(f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside fewstep")
+        return func(*args, **kwargs)
+
+
+class CachedBatches:
+    """`n` same-shape cached samples as `fewstep.step_context.next_batch` reads them: random latents and the family's
+    own text embeddings of distinct prompts (encoded by its tiny encoders), and the empty prompt's."""
+
+    def __init__(self, adapter, comps, latent_shape, n=8):
+        g = torch.Generator().manual_seed(0)
+        texts = adapter.split_cond(adapter.encode_prompts(comps, [f"prompt {i}" for i in range(n)]))
+        self.rows = [(torch.randn(latent_shape, generator=g), t) for t in texts]
+        self.uncond = adapter.split_cond(adapter.encode_prompts(comps, [""]))[0]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def item(self, i):
+        return self.rows[i]
+
+
+def tiny_step_context(family: str, device="cpu", batch_size=8, **cfg):
+    """A StepContext as the trainer builds one, over the family's tiny model with a rank-4 LoRA (and TwinFlow's
+    any-step embeddings when `twinflow_enabled`), called as through an engine, on `device` (meta: no values);
+    fp32, one rank, CachedBatches for data. `cfg`: Config fields over these defaults."""
+    from fewstep.config import Config
+    from fewstep.data.order import DataOrder
+    from fewstep.lora import prepare_trainable
+    from fewstep.models import get_adapter
+    from fewstep.step_context import StepContext
+
+    adapter = get_adapter(family)
+    comps = adapter.load(f"tiny:{family}")
+    cfg = Config(**{"model_family": family, "pretrained_model_name_or_path": f"tiny:{family}", "model_type": "lora",
+                    "lora_rank": 4, "lora_alpha": 4.0, "use_ema": False, "train_batch_size": batch_size,
+                    "mixed_precision": "fp32", **cfg})
+    model = comps.denoiser
+    prepare_trainable(cfg, adapter, model, anystep_embeddings=cfg.twinflow_enabled)
+    ds = CachedBatches(adapter, comps, adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape[1:])
+    return StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(model.to(device)), dataset=ds,
+                       order=DataOrder(len(ds), batch_size, 0, 1, seed=3), device=torch.device(device),
+                       dtype=torch.float32)

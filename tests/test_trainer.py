@@ -218,3 +218,18 @@ def test_nan_trace_names_where_the_first_non_finite_value_appeared(data):
     assert ("step 2: non-finite loss and gradients (on some rank; here: loss); first non-finite here: forward: every "
             "module output finite; backward: first non-finite gradient at the output of (model) "
             "(FluxTransformer2DModel): update skipped") in text[0]
+
+
+def test_logged_terms_are_read_from_the_device_in_one_copy(monkeypatch):
+    """The loss and a method's device-side terms come back as floats, host numbers as they are, in their order, and
+    with a single device->host read (one `tolist` of one stacked tensor, whatever the number of terms)."""
+    from fewstep.trainer import read_numbers
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    out = read_numbers({"loss": torch.tensor(2.5), "n_e2e": 2.0, "l_adv": torch.tensor(0.25, dtype=torch.bfloat16),
+                        "clamp_fraction": torch.tensor(0.125, dtype=torch.float64)})
+    assert out == {"loss": 2.5, "n_e2e": 2.0, "l_adv": 0.25, "clamp_fraction": 0.125}
+    assert list(out) == ["loss", "n_e2e", "l_adv", "clamp_fraction"] and reads == [(3,)]
+    assert all(type(v) is float for v in out.values())

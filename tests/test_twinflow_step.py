@@ -7,8 +7,11 @@ import torch
 
 from fewstep.lora import prepare_trainable
 from fewstep.models import get_adapter
-from fewstep.twinflow_step import has_dropout
-from fewstep_testing import EngineWrapper
+from fewstep.twinflow_step import has_dropout, make_twinflow_step
+from fewstep_testing import BlockingHostCopies, tiny_step_context
+
+TWINFLOW = dict(twinflow_enabled=True, twinflow_allow_no_ema_teacher=True, twinflow_adversarial_enabled=True,
+                twinflow_estimate_order=2)
 
 
 @pytest.mark.parametrize("family", ["flux", "sdxl"])
@@ -30,45 +33,13 @@ def test_every_kind_of_dropout_layer_counts():
         assert has_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), layer)) is want
 
 
-class _Batches:
-    """Eight same-shape cached samples (random, not zeros), as `next_batch` reads them."""
-
-    def __init__(self, latent_shape, seq=8, dim=32):
-        g = torch.Generator().manual_seed(0)
-        self.rows = [(torch.randn(latent_shape, generator=g),
-                      {"prompt_embeds": torch.randn(seq, dim, generator=g) + 1.0,
-                       "pooled_prompt_embeds": torch.randn(dim, generator=g) + 1.0}) for _ in range(8)]
-        self.uncond = {"prompt_embeds": torch.randn(seq, dim, generator=g), "pooled_prompt_embeds": torch.zeros(dim)}
-
-    def __len__(self):
-        return len(self.rows)
-
-    def item(self, i):
-        return self.rows[i]
-
-
 def _rows_per_pass(teacher_rows: str, lora_dropout: float) -> list[int]:
     """The batch size of every model call in one TwinFlow micro-step (batch 8, order 2, adversarial branch on,
     the live student as teacher), built from a Config as the trainer builds it; same data, groups and times."""
-    from fewstep.config import Config
-    from fewstep.data.order import DataOrder
-    from fewstep.step_context import StepContext
-    from fewstep.twinflow_step import make_twinflow_step
-
-    adapter = get_adapter("flux")
-    comps = adapter.load("tiny:flux", with_text=False)
-    model = comps.denoiser
-    cfg = Config(model_family="flux", pretrained_model_name_or_path="tiny:flux", model_type="lora", lora_rank=4,
-                 lora_alpha=4.0, lora_dropout=lora_dropout, twinflow_enabled=True, use_ema=False,
-                 twinflow_allow_no_ema_teacher=True, twinflow_adversarial_enabled=True, twinflow_estimate_order=2,
-                 train_batch_size=8, mixed_precision="fp32", twinflow_teacher_rows=teacher_rows)
-    prepare_trainable(cfg, adapter, model, anystep_embeddings=True)
-    ds = _Batches(adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape[1:])
-    ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(model), dataset=ds,
-                      order=DataOrder(len(ds), 8, 0, 1, seed=3), device=torch.device("cpu"), dtype=torch.float32)
+    ctx = tiny_step_context("flux", **TWINFLOW, lora_dropout=lora_dropout, twinflow_teacher_rows=teacher_rows)
     seen = []
-    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["hidden_states"].shape[0]),
-                                    with_kwargs=True)
+    ctx.engine.module.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["hidden_states"].shape[0]),
+                                                with_kwargs=True)
     torch.manual_seed(0)
     loss, _ = make_twinflow_step(ctx)(0)
     assert torch.isfinite(loss)
@@ -82,3 +53,35 @@ def test_teacher_rows_option_reaches_the_loss():
     assert len(used) == len(every) >= 5  # every pass is made either way (ZeRO-3 gathers inside each forward)
     assert sum(used) < sum(every), (used, every)
     assert _rows_per_pass("used", 0.1) == every
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "sdxl"])
+def test_a_micro_step_never_waits_for_the_gpu(family):
+    """A TwinFlow micro-step (batch, every pass through the family's real diffusers model, backward) only queues device
+    work: on the meta device, where any read of a value raises, it completes, and no host->device copy waits for the
+    device's queue (see BlockingHostCopies). The one read, of the loss and the logged terms, is the trainer's, after
+    backward (`fewstep.trainer.read_numbers`)."""
+    ctx = tiny_step_context(family, device="meta", **TWINFLOW)
+    step = make_twinflow_step(ctx)
+    step(0)[0].backward()  # warm-up: diffusers' Qwen-Image copies its RoPE tables to the device once, at the first call
+    with BlockingHostCopies() as copies:
+        loss, terms = step(1)
+        loss.backward()
+    assert loss.device.type == "meta" and not copies.blocking, copies.blocking
+    assert {k for k, v in terms.items() if isinstance(v, torch.Tensor)} >= {"l_base", "l_adv", "l_rectify"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU guard above runs everywhere)")
+def test_a_micro_step_never_synchronises_on_cuda():
+    """The same on a GPU, by CUDA itself: torch's sync debug mode raises at any synchronising call in the step."""
+    ctx = tiny_step_context("flux", device="cuda", **TWINFLOW)
+    step = make_twinflow_step(ctx)
+    step(0)[0].backward()  # warm-up (first-call set-up may copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = step(1)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

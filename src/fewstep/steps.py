@@ -97,7 +97,7 @@ def make_step(method: str, phase: Phase, ctx: StepContext) -> Callable[[int], tu
                      else cfg.flow_schedule_shift)
             sigma = sample_sigmas(x0.shape[0], uniform=cfg.flow_use_uniform_schedule, logit_mean=cfg.flow_logit_mean,
                                   logit_std=cfg.flow_logit_std, shift=shift)
-        loss, _ = flow_matching_loss(model, x0, sigma.to(x0.device), cond)
+        loss, _ = flow_matching_loss(model, x0, sigma, cond)
         return loss, {"sigma_mean": sigma.mean().item()}
     return flow_step
 

@@ -248,7 +248,8 @@ def require_finite_weights(params, what: str) -> None:
 def run_micro_steps(engine, step_fn, accumulation: int, step: int, rank: int) -> tuple[dict, bool]:
     """Forward and backward of every micro-batch of one optimizer step, stopping short of the optimizer step itself
     (the caller decides, with every rank, whether to take it). Returns the micro-averaged logged terms and whether
-    every loss was finite."""
+    every loss was finite. The loss and the terms the method computed on the device are read in one copy after
+    backward is queued (a read waits for the GPU: one per micro-step, not one per term)."""
     logs, finite = {}, True
     for micro in range(accumulation):
         loss, terms = step_fn(micro)
@@ -256,11 +257,19 @@ def run_micro_steps(engine, step_fn, accumulation: int, step: int, rank: int) ->
         engine.backward(loss)
         if micro < accumulation - 1:
             engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
-        value = loss.item()
-        finite = finite and math.isfinite(value)
-        for k, v in {"loss": value, **terms}.items():
+        values = read_numbers({"loss": loss, **terms})
+        finite = finite and math.isfinite(values["loss"])
+        for k, v in values.items():
             logs[k] = logs.get(k, 0.0) + v / accumulation
     return logs, finite
+
+
+def read_numbers(terms: dict) -> dict[str, float]:
+    """Numbers and 0-d tensors as floats, the tensors read from the device in one copy."""
+    on_device = [k for k, v in terms.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([terms[k].detach().double() for k in on_device]).tolist() if on_device else []
+    numbers = dict(zip(on_device, read))
+    return {k: numbers[k] if k in numbers else float(v) for k, v in terms.items()}
 
 
 def _export_dir(cfg: Config, phase: Phase) -> str:

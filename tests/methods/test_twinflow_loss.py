@@ -9,6 +9,7 @@ from fewstep.kernels.reference import barron_loss_reference, rcgm_target_referen
 from fewstep.methods.rng import capture_rng_state
 from fewstep.methods.twinflow import cfg_enhanced_target, rcgm_rollout, select_rows, twinflow_loss
 from fewstep.methods.twinflow_times import ADV, E2E, assign_groups, sample_times, time_weight
+from fewstep_testing import BlockingHostCopies
 
 SHAPE = (3, 4, 4)
 KW = dict(order=2, delta_t=0.01, clamp=1.0, enhanced_ratio=0.5, enhanced_range=(0.0, 1.0), adversarial=True,
@@ -336,3 +337,27 @@ def test_a_rank_with_no_row_to_run_still_makes_every_teacher_pass(used_rows_only
     cfg_enhanced_target(teacher, x0, torch.full((4,), 0.5, dtype=torch.float64), x0, cond, uncond, ratio=0.5,
                         enhanced_range=(0.6, 0.9), used_rows_only=used_rows_only)
     assert [c[1] for c in teacher.calls] == [1, 1]
+
+
+@pytest.mark.parametrize("order, used_rows_only", [(2, True), (2, False), (0, True)])
+@pytest.mark.parametrize("adversarial", [True, False])
+def test_a_step_never_waits_for_the_device(order, used_rows_only, adversarial):
+    """The row plan (groups, times, the rows each pass runs on) is made on the host, so a step queues its GPU work
+    without reading a device tensor back (`.item()`, a bool-mask index, `nonzero`, `.tolist()`, `.cpu()`) or a copy
+    that waits for the device. On the meta device a tensor has no values to read: any such read raises there."""
+    student = Net().to("meta")
+    teacher = copy.deepcopy(student)
+    B = 8
+    x0 = torch.randn(B, *SHAPE, device="meta")
+    cond, uncond = {"c": torch.randn(B, device="meta")}, {"c": torch.zeros(B, device="meta")}
+    groups = assign_groups(B, 0, adversarial=adversarial)
+    copies = BlockingHostCopies()
+    with copies:
+        loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=groups,
+                                   **{**KW, "order": order, "adversarial": adversarial,
+                                      "used_rows_only": used_rows_only, "backend": "torch"})
+        loss.backward()
+    assert loss.device.type == "meta" and all(v.device.type == "meta" for k, v in logs.items()
+                                              if isinstance(v, torch.Tensor) and k != "times")
+    assert not copies.blocking, copies.blocking
+    assert logs["n_adv"] == (2 if adversarial else 0)  # host-known numbers stay numbers

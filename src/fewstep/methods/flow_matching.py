@@ -51,8 +51,9 @@ def flow_matching_loss(model: Callable, x0: torch.Tensor, sigma: torch.Tensor, c
 
     Returns (loss, prediction). The loss is computed in fp32 whatever the model's dtype.
     """
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
-    pred = model(noisy_latents(x0, noise, sigma.to(x0.device)), sigma.to(x0.device), cond)
+    if noise is None:  # drawn on the host (the same noise on any device), copied without waiting for the device
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0, non_blocking=True)
+    sigma = sigma.to(x0.device, non_blocking=True)
+    pred = model(noisy_latents(x0, noise, sigma), sigma, cond)
     target = (noise - x0).float()
     return torch.mean((pred.float() - target) ** 2), pred

@@ -4,9 +4,12 @@ A model is a callable `model(x, t, tt, cond) -> F`: x [B, ...], signed per-sampl
 the fake/twin trajectory), `cond` an opaque dict of batch-aligned tensors. F is the any-step average velocity,
 x_tt = x_t - (t - tt) F, with x_t = t z + (1 - t) x and v = z - x (z noise, x data).
 
-Batch groups (the reference's four, `fewstep.methods.twinflow_times`): e2e (t=1, tt=0), mul (tt just below t), any (tt ~ U[0,t]),
-adv (t = tt = -t on the model's own one-step samples). Loss = L_base + adversarial_weight*L_adv
+Batch groups (the reference's four, `fewstep.methods.twinflow_times`): e2e (t=1, tt=0), mul (tt just below t), any
+(tt ~ U[0,t]), adv (t = tt = -t on the model's own one-step samples). Loss = L_base + adversarial_weight*L_adv
 + 0.5*rectify_weight*L_rectify; the elementwise maths (RCGM target, Barron loss) is `fewstep.kernels`.
+
+The row plan (groups, times, which rows each pass runs on) is made on the host and copied to the device without
+waiting: choosing rows never reads a device tensor back, so a step queues its GPU work without stalling on the GPU.
 """
 from __future__ import annotations
 
@@ -30,9 +33,21 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
-    gdev = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
+def _randn(shape, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """Normal noise of `shape` in `like`'s dtype and device, drawn from `generator` (its device) or the global RNG."""
+    gdev = like.device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=like.dtype).to(like.device)
+
+
+def _on(a: torch.Tensor, device) -> torch.Tensor:
+    """`a` on `device`; a host tensor is copied without waiting for the device's queue (pageable memory is staged
+    at once, so the source may go right after)."""
+    return a.to(device, non_blocking=True)
+
+
+def _indices(mask: torch.Tensor, device) -> torch.Tensor:
+    """The rows of a [B] bool mask as indices on `device`; the mask is read on the host (a device mask: one sync)."""
+    return _on(mask.cpu().nonzero().squeeze(1), device)
 
 
 def select_rows(cond, mask: torch.Tensor, batch_size: int | None = None):
@@ -46,7 +61,7 @@ def select_rows(cond, mask: torch.Tensor, batch_size: int | None = None):
         if cond.dim() == 0 or cond.shape[0] != B:
             raise ValueError(f"cond tensor of shape {list(cond.shape)} is not batch-aligned (batch size {B}); every "
                              "tensor in cond must have the batch as dim 0 (keep shared tensors in the model callable)")
-        return cond[mask.to(cond.device)]
+        return cond[_on(mask, cond.device)]
     if isinstance(cond, dict):
         out = {}
         for k, v in cond.items():
@@ -64,19 +79,19 @@ def select_rows(cond, mask: torch.Tensor, batch_size: int | None = None):
 # teacher passes (no grad, RNG restored before each call)
 
 
-def _subset(mask: torch.Tensor, used_rows_only: bool) -> tuple[int, tuple | None]:
-    """(rows in `mask`, the rows to run the teacher on: (indices, batch size), or None for the whole batch).
+def _subset(mask: torch.Tensor, used_rows_only: bool, device) -> tuple[int, tuple | None]:
+    """(rows in `mask`, the rows to run the teacher on: (indices on `device`, batch size), or None for all rows).
 
-    One device->host read; indexing by the indices afterwards needs none. With no row in `mask` the passes still run,
-    on one row whose output is dropped: ZeRO-3 gathers the weights inside every pass, so a rank whose data needs no
-    pass must make it anyway, or the ranks whose data does would wait for it forever."""
-    idx = mask.nonzero().squeeze(1)
-    n = idx.shape[0]
+    `mask` is read on the host (the trainer's is a host tensor: no device sync). With no row in `mask` the passes
+    still run, on one row whose output is dropped: ZeRO-3 gathers the weights inside every pass, so a rank whose data
+    needs no pass must make it anyway, or the ranks whose data does would wait for it forever."""
+    mask = mask.cpu()
+    n, B = int(mask.sum()), mask.shape[0]
     if n == 0:
-        return 0, (torch.zeros(1, dtype=torch.long, device=mask.device), mask.shape[0])
-    if not used_rows_only or n == mask.shape[0]:
+        return 0, (torch.zeros(1, dtype=torch.long, device=device), B)
+    if not used_rows_only or n == B:
         return n, None
-    return n, (idx, mask.shape[0])
+    return n, (_indices(mask, device), B)
 
 
 def _rows(a, sub):
@@ -89,7 +104,7 @@ def _scatter_rows(rows: torch.Tensor, sub) -> torch.Tensor:
     if sub is None:
         return rows
     idx, B = sub
-    return rows.new_zeros((B, *rows.shape[1:])).index_copy_(0, idx.to(rows.device), rows)
+    return rows.new_zeros((B, *rows.shape[1:])).index_copy_(0, idx, rows)
 
 
 @torch.no_grad()
@@ -109,7 +124,8 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     CPU), and a non-finite output on an unused row no longer reaches E (0 * nan); only a teacher with dropout sees
     other masks on a sub-batch (the trainer turns it off then, so that every pass replays the student's masks).
     A rank with no row to run still makes the passes, on one row (see `_subset`): at a micro-batch of 1 per rank
-    nothing is saved.
+    nothing is saved. `t` and `adv_mask` may be on the host (the rows are then chosen without a device sync) or on
+    x_t's device; the returned mask is on t's.
     """
     lo, hi = enhanced_range
     if not lo < hi:
@@ -117,14 +133,14 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
                          f"got {enhanced_range}")
     mask = (t > lo) & (t < hi)
     if adv_mask is not None:
-        mask = mask & ~adv_mask
+        mask = mask & ~adv_mask.to(mask.device)
     if ratio == 0.0:
         return enhance_target_reference(target), mask
-    n, sub = _subset(mask, used_rows_only)
+    n, sub = _subset(mask, used_rows_only, x_t.device)
     if uncond is None:
         raise ValueError(f"cfg_enhanced_target: enhanced_ratio={ratio} needs unconditional inputs (uncond is None)")
     rng_state = capture_rng_state(x_t.device) if rng_state is None else rng_state
-    x_s, t_s = _rows(x_t, sub), _rows(t, sub)
+    x_s, t_s = _rows(x_t, sub), _rows(_on(t, x_t.device), sub)
     restore_rng_state(rng_state)
     f_cond = teacher(x_s, t_s, t_s, _rows(cond, sub))
     restore_rng_state(rng_state)
@@ -132,7 +148,7 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     if n == 0:  # the passes ran for the other ranks' sake (see _subset)
         return enhance_target_reference(target), mask
     f_cond, f_uncond = _scatter_rows(f_cond, sub), _scatter_rows(f_uncond, sub)
-    return enhance_target_reference(target, f_cond, f_uncond, ratio, mask), mask
+    return enhance_target_reference(target, f_cond, f_uncond, ratio, _on(mask, target.device)), mask
 
 
 @torch.no_grad()
@@ -145,6 +161,7 @@ def rcgm_rollout(teacher, x_t, t, tt, target, *, order: int, delta_t: float, con
     call, x_{k+1} = x_k - (s_k - s_{k+1}) G_k. Rows with t - tt <= delta_t have t_m = tt: zero-length steps, I = 0.
     `substep(x, acc, G, s_k, s_k1)` defaults to the torch reference (the trainer passes the kernel dispatcher).
 
+    `t`, `tt` and `rows` may be on the host (the rows are then chosen without a device sync) or on x_t's device.
     `used_rows_only`: the teacher runs only on rows with a non-zero-length rollout that are in `rows` (a [B] bool
     mask of the rows whose I is used; None: all); I is 0 on the others: adv rows and rows whose gap t - tt is at
     most delta_t (about half the mul rows at delta_t 0.01), 19% of the rows without the adversarial branch, 39% with
@@ -167,8 +184,9 @@ def rcgm_rollout(teacher, x_t, t, tt, target, *, order: int, delta_t: float, con
     n, sub = -1, None
     if used_rows_only:
         live = t_m > tt64 if rows is None else (t_m > tt64) & rows.to(t_m.device)
-        n, sub = _subset(live, True)
-    x_s, t64, tt64, t_m = _rows(x_t, sub), _rows(t64, sub), _rows(tt64, sub), _rows(t_m, sub)
+        n, sub = _subset(live, True, x_t.device)
+    t64, tt64, t_m = (_rows(_on(a, x_t.device), sub) for a in (t64, tt64, t_m))
+    x_s = _rows(x_t, sub)
     cond, acc_s = _rows(cond, sub), _rows(acc, sub)
     x = x_s.to(cd) - _bcast((t64 - t_m).to(cd), x_s) * _rows(target, sub).to(cd)
     for k in range(order):
@@ -192,8 +210,10 @@ def rcgm_target(teacher, x_t, t, tt, target, F_student, *, order: int, delta_t: 
     acc = rcgm_rollout(teacher, x_t, t, tt, target, order=order, delta_t=delta_t, cond=cond, rng_state=rng_state,
                        substep=substep, rows=rcgm_mask, used_rows_only=used_rows_only)
     if order == 0:
-        rcgm_mask = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-    return rcgm_target_reference(F_student, acc, target, t, tt, delta_t=delta_t, clamp=clamp, rcgm_mask=rcgm_mask)
+        rcgm_mask = torch.zeros(t.shape, dtype=torch.bool)
+    dev = F_student.device
+    return rcgm_target_reference(F_student, acc, target, _on(t, dev), _on(tt, dev), delta_t=delta_t, clamp=clamp,
+                                 rcgm_mask=None if rcgm_mask is None else _on(rcgm_mask, dev))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -215,7 +235,7 @@ def rectify_loss(model, x_hat, F_e2e, cond, generator=None) -> torch.Tensor:
     """
     n, x_hat = x_hat.shape[0], x_hat.detach()
     t = uniform(n, x_hat.device, torch.promote_types(x_hat.dtype, torch.float32), generator).clamp_(T_MIN, 1.0)
-    z = _randn_like(x_hat, generator)
+    z = _randn(x_hat.shape, x_hat, generator)
     tb = _bcast(t, x_hat).to(x_hat.dtype)
     x_tilde = tb * z + (1 - tb) * x_hat
     cd = torch.promote_types(F_e2e.dtype, torch.float32)  # fp32 for bf16/fp32 models (fp64 stays fp64)
@@ -232,7 +252,9 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
                   clamp: float = 1.0, enhanced_ratio: float = 0.5, enhanced_range=(0.0, 1.0), adversarial: bool = True,
                   adversarial_weight: float = 1.0, rectify_weight: float = 1.0, frozen_teacher: bool = False,
                   ema_update=None, generator=None, backend: str = "auto", used_rows_only: bool = False):
-    """One TwinFlow step's loss in the reference order. Returns `(loss, logs)`; loss is a scalar with one graph.
+    """One TwinFlow step's loss in the reference order. Returns `(loss, logs)`; loss is a scalar with one graph, logs
+    the logged terms: 0-d tensors on the device where computed there (read them after backward: reading one waits for
+    the GPU), floats where known on the host (group sizes), and "times", the rows' signed (t, tt) on the host.
 
     1. times from `groups`; adv rows' data := fake samples of the student (no grad, fresh noise); fresh z; x_t with |t|.
     2. capture the RNG, student pass F = student(x_t, t, tt, cond) with grad (the only graph); capture the RNG again.
@@ -256,24 +278,27 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
         raise ValueError(f"twinflow_loss: groups must have shape [{B}] (one id per row), got {list(groups.shape)}")
     for name, c in (("cond", cond), ("uncond", uncond)):  # every pass selects rows of them: check them once, here
         try:
-            select_rows(c, torch.zeros(0, dtype=torch.long, device=groups.device), B)
+            select_rows(c, torch.zeros(0, dtype=torch.long, device=x0.device), B)
         except ValueError as e:
             raise ValueError(f"twinflow_loss: {name}: {e}") from None
-    counts = torch.bincount(groups.cpu(), minlength=4).tolist()  # host-side group sizes (no device syncs below)
-    groups = groups.to(x0.device)
+    # The row plan, on the host: groups, times and masks (the trainer's groups are a host tensor already).
+    groups, dev = groups.cpu(), x0.device
+    counts = torch.bincount(groups, minlength=4).tolist()
     if not adversarial and counts[ADV] > 0:
         raise ValueError("twinflow_loss: groups contain adversarial rows but adversarial=False "
                          "(build them with assign_groups(..., adversarial=False))")
     wd = torch.promote_types(x0.dtype, torch.float32)  # work dtype for noise, targets and times
-    t, tt = sample_times(groups, generator, dtype=wd)
-    masks = {name: groups == g for g, name in enumerate(GROUP_NAMES)}
-    adv = masks["adv"]
+    t_host, tt_host = sample_times(groups, generator, dtype=wd)
+    host_masks = {name: groups == g for g, name in enumerate(GROUP_NAMES)}
+    t, tt = _on(t_host, dev), _on(tt_host, dev)
+    adv, mul = _on(host_masks["adv"], dev), _on(host_masks["mul"], dev)
 
     x = x0.detach().to(wd)
     if counts[ADV] > 0:
-        x = x.clone()
-        x[adv] = fake_samples(student, _randn_like(x[adv], generator), select_rows(cond, adv)).to(wd)
-    z = _randn_like(x, generator)
+        adv_rows = _indices(host_masks["adv"], dev)
+        noise = _randn((counts[ADV], *x.shape[1:]), x, generator)
+        x = x.index_copy(0, adv_rows, fake_samples(student, noise, select_rows(cond, adv_rows, B)).to(wd))
+    z = _randn(x.shape, x, generator)
     ta = _bcast(t.abs(), x)
     x_t = (ta * z + (1 - ta) * x).to(x0.dtype)
     v = z - x
@@ -283,17 +308,18 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     after_student = capture_rng_state(x0.device)
     if ema_update is not None:
         ema_update()
-    E, enh_mask = cfg_enhanced_target(teacher, x_t, t, v, cond, uncond, ratio=enhanced_ratio,
-                                      enhanced_range=enhanced_range, adv_mask=adv, rng_state=rng_state,
+    E, enh_mask = cfg_enhanced_target(teacher, x_t, t_host, v, cond, uncond, ratio=enhanced_ratio,
+                                      enhanced_range=enhanced_range, adv_mask=host_masks["adv"], rng_state=rng_state,
                                       used_rows_only=used_rows_only)
     if order >= 1:
         rcgm_model = student if frozen_teacher else teacher
         substep = lambda *a: rcgm_substep_(*a, backend=backend)  # noqa: E731
-        acc = rcgm_rollout(rcgm_model, x_t, t, tt, E, order=order, delta_t=delta_t, cond=cond, rng_state=rng_state,
-                           substep=substep, rows=~adv, used_rows_only=used_rows_only)
+        acc = rcgm_rollout(rcgm_model, x_t, t_host, tt_host, E, order=order, delta_t=delta_t, cond=cond,
+                           rng_state=rng_state, substep=substep, rows=~host_masks["adv"],
+                           used_rows_only=used_rows_only)
         rcgm_mask, counted = ~adv, torch.ones_like(adv)
     else:  # order 0: no consistency target; only mul (plain flow matching) and adv rows count, as the reference
-        acc, rcgm_mask, counted = None, torch.zeros_like(adv), masks["mul"] | adv
+        acc, rcgm_mask, counted = None, torch.zeros_like(adv), mul | adv
     restore_rng_state(after_student)
 
     w = time_weight(t, tt, adv)
@@ -305,24 +331,24 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     l_adv = torch.where(adv, rows, 0.0).sum() / n + zero
     loss = l_base + adversarial_weight * l_adv
 
-    e2e = masks["e2e"]
     l_rect = zero
     if adversarial and counts[E2E] > 0:
-        x_hat = (x_t.to(wd) - ta * F.detach().to(wd))[e2e]  # x_t - |t| F: the one-step output for e2e rows (t = 1)
-        l_rect = rectify_loss(student, x_hat.to(x0.dtype), F[e2e], select_rows(cond, e2e), generator)
+        e2e_rows = _indices(host_masks["e2e"], dev)
+        x_hat = (x_t.to(wd) - ta * F.detach().to(wd)).index_select(0, e2e_rows)  # x_t - |t| F: the one-step output
+        l_rect = rectify_loss(student, x_hat.to(x0.dtype), F.index_select(0, e2e_rows),
+                              select_rows(cond, e2e_rows, B), generator)
         loss = loss + RECTIFY_BASE_WEIGHT * rectify_weight * l_rect
 
-    with torch.no_grad():  # one device->host copy for the logged numbers
+    with torch.no_grad():  # device scalars: the caller reads them with the loss, in one copy, after backward
         resid = (F.detach().to(T.dtype) - T).abs().reshape(B, -1)  # |clamp(R)| on RCGM rows
         rc = rcgm_mask.to(wd)
         n_rc = rc.sum().clamp_min(1)
         stats = torch.stack([loss.detach().to(wd), l_base.detach().to(wd), l_adv.detach().to(wd),
                              l_rect.detach().to(wd), (resid.mean(1).to(wd) * rc).sum() / n_rc,
-                             ((resid >= clamp * (1 - 1e-6)).to(wd).mean(1) * rc).sum() / n_rc,
-                             w.mean().to(wd), enh_mask.sum().to(wd)]).tolist()
-    keys = ("loss", "l_base", "l_adv", "l_rectify", "mean_abs_clamped_residual", "clamp_fraction", "mean_time_weight",
-            "n_enhanced")
-    logs = dict(zip(keys, stats))
+                             ((resid >= clamp * (1 - 1e-6)).to(wd).mean(1) * rc).sum() / n_rc, w.mean().to(wd)])
+    keys = ("loss", "l_base", "l_adv", "l_rectify", "mean_abs_clamped_residual", "clamp_fraction", "mean_time_weight")
+    logs = dict(zip(keys, stats.unbind()))
+    logs["n_enhanced"] = float(enh_mask.sum())  # host mask
     logs.update({f"n_{name}": float(c) for name, c in zip(GROUP_NAMES, counts)})
-    logs["times"] = (t.detach().cpu(), tt.detach().cpu())  # signed (t, tt) of each row, for the trajectory plot
+    logs["times"] = (t_host, tt_host)  # signed (t, tt) of each row, for the trajectory plot
     return loss, logs

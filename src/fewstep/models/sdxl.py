@@ -121,7 +121,8 @@ class SDXLAdapter(FlowModelAdapter):
         """SDXL micro-conditioning (original size, crop top-left, target size) for an uncropped h x w latent, as
         `StableDiffusionXLPipeline` builds it by default."""
         H, W = h * self.pixel_factor, w * self.pixel_factor
-        return torch.tensor([[H, W, 0, 0, H, W]], device=device, dtype=dtype).expand(batch, 6)
+        ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=dtype)  # made on the host, copied without waiting
+        return ids.to(device, non_blocking=True).expand(batch, 6)
 
     def micro_cond(self, plans: list) -> dict[str, torch.Tensor]:
         """Each training image's add_time_ids, as SDXL was trained with them (and diffusers' SDXL fine-tuning builds
