@@ -129,26 +129,32 @@ class EngineWrapper(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-class BlockingHostCopies(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records (as "file:line" of fewstep's code) every copy from the host to another device that waits for that
-    device's queue (non_blocking off: on CUDA a stream synchronisation). With tensors on the meta device, which have
-    no values to read, this and the errors meta raises on any device->host read (`.item()`, `.tolist()`, `.cpu()`,
-    `nonzero`, a bool-mask index) show, on the CPU, every place a GPU step would wait for the GPU."""
+class HostToDeviceCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every copy of a host tensor onto another device as (where, shape, blocking): `where` the "file:line" of
+    fewstep's code that made it, `blocking` whether it waits for the device's queue (non_blocking off: on CUDA a
+    stream synchronisation). With tensors on the meta device, which have no values to read, this and the errors meta
+    raises on any device->host read (`.item()`, `.tolist()`, `.cpu()`, `nonzero`, a bool-mask index) show, on the
+    CPU, every place a GPU step would wait for the GPU."""
 
     def __init__(self):
         super().__init__()
-        self.blocking = []
+        self.copies = []
+
+    @property
+    def blocking(self) -> list:
+        return [c for c in self.copies if c[2]]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            src, dst = (args[0], kwargs.get("device")) if func == torch.ops.aten._to_copy.default else args[1::-1]
-            dst = dst.device if isinstance(dst, torch.Tensor) else dst
-            blocking = not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
-            if src.device.type == "cpu" and dst is not None and torch.device(dst).type != "cpu" and blocking:
+            src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
+            if src.device.type == "cpu" and dst.device.type != "cpu":
+                blocking = not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
                 ours = [f for f in traceback.extract_stack() if "/fewstep/" in f.filename]
-                self.blocking.append(f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside fewstep")
-        return func(*args, **kwargs)
+                where = f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside fewstep"
+                self.copies.append((where, tuple(src.shape), blocking))
+        return out
 
 
 class CachedBatches:

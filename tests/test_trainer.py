@@ -233,3 +233,26 @@ def test_logged_terms_are_read_from_the_device_in_one_copy(monkeypatch):
     assert out == {"loss": 2.5, "n_e2e": 2.0, "l_adv": 0.25, "clamp_fraction": 0.125}
     assert list(out) == ["loss", "n_e2e", "l_adv", "clamp_fraction"] and reads == [(3,)]
     assert all(type(v) is float for v in out.values())
+
+
+def test_an_optimizer_step_reads_the_device_once(monkeypatch):
+    """Over gradient-accumulation micro-steps the losses and device-side terms are summed on the device and read once,
+    at the end (one `tolist`); the result is the micro-average, and one non-finite loss makes the step non-finite."""
+    from fewstep.trainer import run_micro_steps
+
+    class Engine:  # the two calls run_micro_steps makes of a DeepSpeed engine
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    w = torch.nn.Parameter(torch.tensor(2.0))
+    losses = [1.0, 2.0, float("nan")]
+    step_fn = lambda micro: (w * losses[micro], {"l_adv": w.detach() * 0 + micro, "n_e2e": 2.0})  # noqa: E731
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    logs, finite = run_micro_steps(Engine(), step_fn, 2, step=1, rank=0)
+    assert logs == {"loss": 3.0, "l_adv": 0.5, "n_e2e": 2.0} and finite and reads == [(2,)]
+    assert not run_micro_steps(Engine(), step_fn, 3, step=1, rank=0)[1]

@@ -8,7 +8,7 @@ import torch
 from fewstep.lora import prepare_trainable
 from fewstep.models import get_adapter
 from fewstep.twinflow_step import has_dropout, make_twinflow_step
-from fewstep_testing import BlockingHostCopies, tiny_step_context
+from fewstep_testing import HostToDeviceCopies, tiny_step_context
 
 TWINFLOW = dict(twinflow_enabled=True, twinflow_allow_no_ema_teacher=True, twinflow_adversarial_enabled=True,
                 twinflow_estimate_order=2)
@@ -59,12 +59,12 @@ def test_teacher_rows_option_reaches_the_loss():
 def test_a_micro_step_never_waits_for_the_gpu(family):
     """A TwinFlow micro-step (batch, every pass through the family's real diffusers model, backward) only queues device
     work: on the meta device, where any read of a value raises, it completes, and no host->device copy waits for the
-    device's queue (see BlockingHostCopies). The one read, of the loss and the logged terms, is the trainer's, after
+    device's queue (see HostToDeviceCopies). The one read, of the loss and the logged terms, is the trainer's, after
     backward (`fewstep.trainer.read_numbers`)."""
     ctx = tiny_step_context(family, device="meta", **TWINFLOW)
     step = make_twinflow_step(ctx)
     step(0)[0].backward()  # warm-up: diffusers' Qwen-Image copies its RoPE tables to the device once, at the first call
-    with BlockingHostCopies() as copies:
+    with HostToDeviceCopies() as copies:
         loss, terms = step(1)
         loss.backward()
     assert loss.device.type == "meta" and not copies.blocking, copies.blocking

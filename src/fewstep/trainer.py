@@ -248,20 +248,21 @@ def require_finite_weights(params, what: str) -> None:
 def run_micro_steps(engine, step_fn, accumulation: int, step: int, rank: int) -> tuple[dict, bool]:
     """Forward and backward of every micro-batch of one optimizer step, stopping short of the optimizer step itself
     (the caller decides, with every rank, whether to take it). Returns the micro-averaged logged terms and whether
-    every loss was finite. The loss and the terms the method computed on the device are read in one copy after
-    backward is queued (a read waits for the GPU: one per micro-step, not one per term)."""
-    logs, finite = {}, True
+    every loss was finite. The loss and the terms a method computes on the device are summed there and read in one
+    copy at the end: a read waits for the GPU, and one per micro-step would keep the host from preparing the next
+    micro-batch while the GPU runs this one's backward."""
+    sums = {}
     for micro in range(accumulation):
         loss, terms = step_fn(micro)
         loss = faults.nan_loss_if(loss, step, rank)
         engine.backward(loss)
         if micro < accumulation - 1:
             engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
-        values = read_numbers({"loss": loss, **terms})
-        finite = finite and math.isfinite(values["loss"])
-        for k, v in values.items():
-            logs[k] = logs.get(k, 0.0) + v / accumulation
-    return logs, finite
+        for k, v in {"loss": loss, **terms}.items():
+            v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+            sums[k] = sums.get(k, 0.0) + v
+    logs = {k: v / accumulation for k, v in read_numbers(sums).items()}
+    return logs, math.isfinite(logs["loss"])  # a sum of fp32 losses is finite exactly when every one is
 
 
 def read_numbers(terms: dict) -> dict[str, float]:

@@ -9,7 +9,7 @@ from fewstep.kernels.reference import barron_loss_reference, rcgm_target_referen
 from fewstep.methods.rng import capture_rng_state
 from fewstep.methods.twinflow import cfg_enhanced_target, rcgm_rollout, select_rows, twinflow_loss
 from fewstep.methods.twinflow_times import ADV, E2E, assign_groups, sample_times, time_weight
-from fewstep_testing import BlockingHostCopies
+from fewstep_testing import HostToDeviceCopies
 
 SHAPE = (3, 4, 4)
 KW = dict(order=2, delta_t=0.01, clamp=1.0, enhanced_ratio=0.5, enhanced_range=(0.0, 1.0), adversarial=True,
@@ -351,7 +351,7 @@ def test_a_step_never_waits_for_the_device(order, used_rows_only, adversarial):
     x0 = torch.randn(B, *SHAPE, device="meta")
     cond, uncond = {"c": torch.randn(B, device="meta")}, {"c": torch.zeros(B, device="meta")}
     groups = assign_groups(B, 0, adversarial=adversarial)
-    copies = BlockingHostCopies()
+    copies = HostToDeviceCopies()
     with copies:
         loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=groups,
                                    **{**KW, "order": order, "adversarial": adversarial,

@@ -6,6 +6,7 @@ import torch
 from conftest import FAMILY_NAMES
 
 from fewstep.models import FAMILIES, get_adapter
+from fewstep_testing import HostToDeviceCopies
 
 PROMPTS = ["a red cat sitting on a wooden table", "two blue dogs"]
 
@@ -296,23 +297,6 @@ def test_missing_local_dir_fails_clearly(tmp_path):
         adapter.load(str(tmp_path))
 
 
-class _HostToDeviceCopies(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every copy of a CPU tensor onto another device (on a GPU: a blocking copy from pageable memory, which
-    waits for the GPU's queue to drain)."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
-            if src.device.type == "cpu" and dst.device.type != "cpu":
-                self.copies.append(tuple(src.shape))
-        return out
-
-
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_forward_on_a_device_copies_nothing_from_the_host(tiny_dirs, family):
     """Model and inputs on a device (`meta` stands in for a GPU): after the first call (diffusers and the SDXL bridge
@@ -329,8 +313,8 @@ def test_forward_on_a_device_copies_nothing_from_the_host(tiny_dirs, family):
     x, cond = x.to(meta), {k: v.to(meta) for k, v in cond.items()}
     sigma, tt, sign = (torch.tensor(v).to(meta) for v in ([0.25, 0.8], [0.1, 0.5], [1.0, -1.0]))
     for call in range(2):
-        mode = _HostToDeviceCopies()
+        mode = HostToDeviceCopies()
         with mode:
             v = adapter.forward(model, x, sigma, cond, tt=tt, sign=sign)
         assert v.shape == x.shape and v.device == meta
-    assert mode.copies == [], f"{family}: host-to-device copies of shapes {mode.copies} in every forward"
+    assert mode.copies == [], f"{family}: host-to-device copies (where, shape, blocking) {mode.copies} in every forward"

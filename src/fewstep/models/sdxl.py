@@ -49,6 +49,7 @@ class SDXLAdapter(FlowModelAdapter):
         self.prediction_override = None  # set_prediction_type's choice: wins over every folder resolved
         # SDXL base 1.0's schedule until a folder is resolved: scaled-linear betas 0.00085..0.012, epsilon
         self._set_schedule({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+        self._default_time_ids = {}  # (H, W, device, dtype) -> the pipeline's default add_time_ids [1, 6] there
         self.pixel_factor = SDXL_VAE_FACTOR
 
     # ------------------------------------------------------------------ the base's schedule
@@ -121,8 +122,10 @@ class SDXLAdapter(FlowModelAdapter):
         """SDXL micro-conditioning (original size, crop top-left, target size) for an uncropped h x w latent, as
         `StableDiffusionXLPipeline` builds it by default."""
         H, W = h * self.pixel_factor, w * self.pixel_factor
-        ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=dtype)  # made on the host, copied without waiting
-        return ids.to(device, non_blocking=True).expand(batch, 6)
+        key = (H, W, torch.device(device), dtype)
+        if key not in self._default_time_ids:  # once per size and device: a host copy in every call would wait
+            self._default_time_ids[key] = torch.tensor([[H, W, 0, 0, H, W]], dtype=dtype).to(device)
+        return self._default_time_ids[key].expand(batch, 6)
 
     def micro_cond(self, plans: list) -> dict[str, torch.Tensor]:
         """Each training image's add_time_ids, as SDXL was trained with them (and diffusers' SDXL fine-tuning builds
