@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from fewstep.engine import distributed
+from fewstep.engine.launch import LaunchError
 from fewstep.engine.sharing import sharing_group
 
 TIMEOUT = 2.0  # seconds: a plain collective times out when one rank is 4 s late (and not for scheduling hiccups
@@ -81,7 +82,7 @@ t0 = time.monotonic()
 try:
     sharing_group(os.path.join(tmp, "disagree"), patience_seconds=0.0 if rank == 0 else 30.0)
     raise AssertionError("ranks that disagree were accepted")
-except distributed.LaunchError as e:
+except LaunchError as e:
     assert "ranks disagree about which of them share" in str(e) and time.monotonic() - t0 < 10, e
 os.listdir = real_listdir
 print("sharing_group disagreement ok", flush=True)

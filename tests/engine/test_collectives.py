@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.engine import distributed
+from fewstep.engine import distributed, launch
 from fewstep_testing import PY, cpu_env, free_port, free_ports, run, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,11 +128,11 @@ def test_a_rank_that_joins_later_than_the_collective_timeout_is_waited_for(tmp_p
 
 # ---- launch environment -------------------------------------------------------------------------------------------
 def test_torchrun_and_deepspeed_launcher_env_is_used_as_is():
-    assert distributed.launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "a",
+    assert launch.launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "a",
                                    "MASTER_PORT": "1"}) == {}
-    assert distributed.launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == {"LOCAL_RANK": "0"}
-    with pytest.raises(distributed.LaunchError, match="WORLD_SIZE"):
-        distributed.launch_env({"RANK": "0"})
+    assert launch.launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == {"LOCAL_RANK": "0"}
+    with pytest.raises(launch.LaunchError, match="WORLD_SIZE"):
+        launch.launch_env({"RANK": "0"})
 
 
 def test_bare_srun_task_env():
@@ -141,18 +141,18 @@ def test_bare_srun_task_env():
     task = {"SLURM_JOB_ID": "4321", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
             "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-10]",
             "SLURM_JOB_NODELIST": "gpu[07-10]"}
-    assert distributed.launch_env(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+    assert launch.launch_env(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                             "MASTER_ADDR": "gpu07", "MASTER_PORT": str(10000 + 4321 % 20000)}
     # the batch shell itself (no job step) is a single process, however many tasks the job has
     batch = {k: v for k, v in task.items() if not k.startswith("SLURM_STEP")}
-    assert distributed.launch_env(batch)["WORLD_SIZE"] == "1"
+    assert launch.launch_env(batch)["WORLD_SIZE"] == "1"
     broken = {k: v for k, v in task.items() if k != "SLURM_LOCALID"}
-    with pytest.raises(distributed.LaunchError, match="SLURM_LOCALID"):
-        distributed.launch_env(broken)
+    with pytest.raises(launch.LaunchError, match="SLURM_LOCALID"):
+        launch.launch_env(broken)
 
 
 def test_plain_python_is_a_world_of_one():
-    env = distributed.launch_env({})
+    env = launch.launch_env({})
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
     assert env["MASTER_PORT"] == "0"  # its store binds a free port itself: runs started together cannot collide
 
@@ -161,18 +161,18 @@ def test_plain_python_is_a_world_of_one():
                                         ("gpu[08-10,12],login1", ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]),
                                         ("r[1-2]-ib[0-1]", ["r1-ib0", "r1-ib1", "r2-ib0", "r2-ib1"])])
 def test_expand_hostlist(spec, hosts):
-    assert distributed.expand_hostlist(spec) == hosts
+    assert launch.expand_hostlist(spec) == hosts
 
 
 def test_device_is_local_rank_modulo_visible_gpus(monkeypatch):
     """Sites that bind one GPU per task show each task a single device: LOCAL_RANK 3 must then use cuda:0."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert distributed.local_device(3) == torch.device("cuda", 0)
+    assert launch.local_device(3) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert distributed.local_device(3) == torch.device("cuda", 3)
+    assert launch.local_device(3) == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.local_device(3) == torch.device("cpu")
+    assert launch.local_device(3) == torch.device("cpu")
 
 
 def test_deepspeed_is_handed_the_gpu_index_a_bound_task_sees(monkeypatch):

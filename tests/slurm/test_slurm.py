@@ -296,7 +296,7 @@ def test_sample_after_training(slurm_cluster, trainer_jobs):
 BARE_SRUN_ENV = """#!/bin/bash
 srun "$FEWSTEP_PYTHON" -c 'import json, os, sys
 sys.path.insert(0, os.path.join(os.environ["FEWSTEP_ROOT"], "src"))
-from fewstep.engine.distributed import launch_env
+from fewstep.engine.launch import launch_env
 print("LAUNCH", json.dumps(launch_env(dict(os.environ))), flush=True)'
 """
 

@@ -12,8 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from fewstep.engine.distributed import (LaunchError, all_gather_object, broadcast_object, rank, wait_for_all,
-                                        world_size)
+from fewstep.engine.distributed import all_gather_object, broadcast_object, rank, wait_for_all, world_size
+from fewstep.engine.launch import LaunchError
 
 
 @dataclass
