@@ -61,13 +61,16 @@ def cpu_env(**extra):
     return env
 
 
+_PORTS = random.SystemRandom()  # the global `random` is reseeded by in-process training: test processes would agree
+
+
 def free_ports(n: int = 1) -> list[int]:
     """n distinct TCP ports, free now, for processes a test starts by hand (a rendezvous store binds one seconds
     later). Drawn below Linux's ephemeral range (32768+): a port the kernel hands out (bind to port 0, or any
     outgoing connection, gloo's included) could be taken by another test's connection before the store binds it."""
     ports = []
     while len(ports) < n:
-        port = random.randrange(20000, 32000)
+        port = _PORTS.randrange(20000, 32000)
         with socket.socket() as s:
             try:
                 s.bind(("", port))

@@ -228,6 +228,9 @@ def test_logged_terms_are_read_from_the_device_in_one_copy(monkeypatch):
     reads = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    for name in ("item", "__float__", "__bool__"):  # any other read of a value counts too
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.append(name) or real(self))
     out = read_numbers({"loss": torch.tensor(2.5), "n_e2e": 2.0, "l_adv": torch.tensor(0.25, dtype=torch.bfloat16),
                         "clamp_fraction": torch.tensor(0.125, dtype=torch.float64)})
     assert out == {"loss": 2.5, "n_e2e": 2.0, "l_adv": 0.25, "clamp_fraction": 0.125}
@@ -253,6 +256,9 @@ def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     reads = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    for name in ("item", "__float__", "__bool__"):  # any other read of a value counts too
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.append(name) or real(self))
     logs, finite = run_micro_steps(Engine(), step_fn, 2, step=1, rank=0)
     assert logs == {"loss": 3.0, "l_adv": 0.5, "n_e2e": 2.0} and finite and reads == [(2,)]
     assert not run_micro_steps(Engine(), step_fn, 3, step=1, rank=0)[1]

@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from fewstep.methods.transfer import copy_to
+
 
 @dataclass
 class StepContext:
@@ -29,9 +31,8 @@ class StepContext:
 
 def to_device(cond: dict, device, dtype) -> dict:
     """Move a batch of embeddings to the device; floating tensors also take the training dtype (masks keep theirs).
-    The copies do not wait for the device's queue (host memory is staged at once; see `fewstep.methods.twinflow`)."""
-    return {k: v.to(device=device, dtype=dtype if torch.is_floating_point(v) else v.dtype, non_blocking=True)
-            for k, v in cond.items()}
+    Copies from the host do not wait for the device's queue (`fewstep.methods.transfer`)."""
+    return {k: copy_to(v, device, dtype if torch.is_floating_point(v) else None) for k, v in cond.items()}
 
 
 def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tensor, dict, Optional[dict]]:
@@ -46,7 +47,7 @@ def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tenso
     else:  # one bucket per micro-batch; a sample with several captions uses the one the order drew
         picks = ctx.order.next_items(layout)
         indices, items = [i for i, _ in picks], [ds.item(i, variant) for i, variant in picks]
-    x0 = torch.stack([lat for lat, _ in items]).to(ctx.device, ctx.dtype, non_blocking=True)
+    x0 = copy_to(torch.stack([lat for lat, _ in items]), ctx.device, ctx.dtype)
     drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
     texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]
     samples = getattr(ds, "samples", None)  # with their plans (CachedDataset); synthetic data have none

@@ -266,10 +266,14 @@ def run_micro_steps(engine, step_fn, accumulation: int, step: int, rank: int) ->
 
 
 def read_numbers(terms: dict) -> dict[str, float]:
-    """Numbers and 0-d tensors as floats, the tensors read from the device in one copy."""
-    on_device = [k for k, v in terms.items() if isinstance(v, torch.Tensor)]
-    read = torch.stack([terms[k].detach().double() for k in on_device]).tolist() if on_device else []
-    numbers = dict(zip(on_device, read))
+    """Numbers and 0-d tensors as floats, the tensors read in one copy per device they are on."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in terms.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(k)
+    numbers = {}
+    for keys in by_device.values():
+        numbers.update(zip(keys, torch.stack([terms[k].detach().double().reshape(()) for k in keys]).tolist()))
     return {k: numbers[k] if k in numbers else float(v) for k, v in terms.items()}
 
 

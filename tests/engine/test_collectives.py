@@ -135,14 +135,15 @@ def test_torchrun_and_deepspeed_launcher_env_is_used_as_is():
         launch.launch_env({"RANK": "0"})
 
 
-def test_bare_srun_task_env():
+def test_bare_srun_task_env(monkeypatch):
     """`srun python launcher/train.py` (no slurm/common.sh): rank, world and local rank from SLURM_*, master = the
-    step's first node, port from the job id (as slurm/common.sh derives it). Values as Slurm 22.05 sets them."""
+    step's first node's address, port from the job id (as slurm/common.sh derives it). Values as Slurm 22.05 sets them."""
     task = {"SLURM_JOB_ID": "4321", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
             "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-10]",
             "SLURM_JOB_NODELIST": "gpu[07-10]"}
+    monkeypatch.setattr(launch, "node_address", lambda node: f"addr-of-{node}")  # Slurm's real answer: tests/slurm
     assert launch.launch_env(task) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": str(10000 + 4321 % 20000)}
+                                       "MASTER_ADDR": "addr-of-gpu07", "MASTER_PORT": str(10000 + 4321 % 20000)}
     # the batch shell itself (no job step) is a single process, however many tasks the job has
     batch = {k: v for k, v in task.items() if not k.startswith("SLURM_STEP")}
     assert launch.launch_env(batch)["WORLD_SIZE"] == "1"

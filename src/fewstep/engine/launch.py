@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import torch
 
@@ -43,16 +44,29 @@ def expand_hostlist(spec: str) -> list[str]:
     return hosts
 
 
-def node_address(node: str) -> str:
+def node_address(node: str, attempts: int = 3) -> str:
     """A Slurm node's NodeAddr, the address Slurm itself reaches it at (as slurm/common.sh): a node name need not
-    resolve, or may resolve to another interface. The name itself where scontrol does not answer."""
-    try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return node
-    m = re.search(r"\bNodeAddr=(\S+)", out)
-    return m.group(1) if m else node
+    resolve, or may resolve to another interface. Every task asks (a bare srun has no step before them); a busy
+    controller is asked again, since tasks that fell back to the name while others got the address would not meet.
+    Without scontrol, or where it does not know the node, the name itself, said once per task."""
+    why = "no answer"
+    for attempt in range(attempts):
+        try:
+            r = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
+                               errors="replace", timeout=30)
+        except FileNotFoundError:
+            return node  # not a Slurm client: the name is all there is
+        except (OSError, subprocess.SubprocessError) as e:
+            why = str(e)
+        else:
+            m = re.search(r"\bNodeAddr=(\S+)", r.stdout)
+            if m:
+                return m.group(1)
+            why = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[0]
+        time.sleep(1 + attempt)
+    print(f"fewstep: rendezvous at node name '{node}' (scontrol gave no NodeAddr: {why[:200]}); set MASTER_ADDR or "
+          "launch through slurm/common.sh if it does not resolve to that node", flush=True)
+    return node
 
 
 def launch_env(env: dict[str, str]) -> dict[str, str]:

@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .transfer import copy_to
+
 
 def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     """Static timestep shift s * sigma / (1 + (s - 1) * sigma); s > 1 spends more time near noise."""
@@ -52,8 +54,8 @@ def flow_matching_loss(model: Callable, x0: torch.Tensor, sigma: torch.Tensor, c
     Returns (loss, prediction). The loss is computed in fp32 whatever the model's dtype.
     """
     if noise is None:  # drawn on the host (the same noise on any device), copied without waiting for the device
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0, non_blocking=True)
-    sigma = sigma.to(x0.device, non_blocking=True)
+        noise = copy_to(torch.randn(x0.shape, generator=generator, dtype=torch.float32), x0.device, x0.dtype)
+    sigma = copy_to(sigma, x0.device)
     pred = model(noisy_latents(x0, noise, sigma), sigma, cond)
     target = (noise - x0).float()
     return torch.mean((pred.float() - target) ** 2), pred

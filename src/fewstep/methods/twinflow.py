@@ -20,6 +20,7 @@ from fewstep.kernels.reference import barron_loss_reference, enhance_target_refe
 from fewstep.kernels.reference import rcgm_target_reference
 
 from .rng import capture_rng_state, restore_rng_state
+from .transfer import copy_to
 from .twinflow_times import ADV, E2E, GROUP_NAMES, MUL, T_MIN, sample_times, time_weight, uniform
 
 RECTIFY_BASE_WEIGHT = 0.5  # the reference's dist_match_cof; L_rectify enters as 0.5 * rectify_weight
@@ -39,15 +40,9 @@ def _randn(shape, like: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=gdev, dtype=like.dtype).to(like.device)
 
 
-def _on(a: torch.Tensor, device) -> torch.Tensor:
-    """`a` on `device`; a host tensor is copied without waiting for the device's queue (pageable memory is staged
-    at once, so the source may go right after)."""
-    return a.to(device, non_blocking=True)
-
-
 def _indices(mask: torch.Tensor, device) -> torch.Tensor:
     """The rows of a [B] bool mask as indices on `device`; the mask is read on the host (a device mask: one sync)."""
-    return _on(mask.cpu().nonzero().squeeze(1), device)
+    return copy_to(mask.cpu().nonzero().squeeze(1), device)
 
 
 def select_rows(cond, mask: torch.Tensor, batch_size: int | None = None):
@@ -61,7 +56,7 @@ def select_rows(cond, mask: torch.Tensor, batch_size: int | None = None):
         if cond.dim() == 0 or cond.shape[0] != B:
             raise ValueError(f"cond tensor of shape {list(cond.shape)} is not batch-aligned (batch size {B}); every "
                              "tensor in cond must have the batch as dim 0 (keep shared tensors in the model callable)")
-        return cond[_on(mask, cond.device)]
+        return cond[copy_to(mask, cond.device)]
     if isinstance(cond, dict):
         out = {}
         for k, v in cond.items():
@@ -140,7 +135,7 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     if uncond is None:
         raise ValueError(f"cfg_enhanced_target: enhanced_ratio={ratio} needs unconditional inputs (uncond is None)")
     rng_state = capture_rng_state(x_t.device) if rng_state is None else rng_state
-    x_s, t_s = _rows(x_t, sub), _rows(_on(t, x_t.device), sub)
+    x_s, t_s = _rows(x_t, sub), _rows(copy_to(t, x_t.device), sub)
     restore_rng_state(rng_state)
     f_cond = teacher(x_s, t_s, t_s, _rows(cond, sub))
     restore_rng_state(rng_state)
@@ -148,7 +143,7 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     if n == 0:  # the passes ran for the other ranks' sake (see _subset)
         return enhance_target_reference(target), mask
     f_cond, f_uncond = _scatter_rows(f_cond, sub), _scatter_rows(f_uncond, sub)
-    return enhance_target_reference(target, f_cond, f_uncond, ratio, _on(mask, target.device)), mask
+    return enhance_target_reference(target, f_cond, f_uncond, ratio, copy_to(mask, target.device)), mask
 
 
 @torch.no_grad()
@@ -185,7 +180,7 @@ def rcgm_rollout(teacher, x_t, t, tt, target, *, order: int, delta_t: float, con
     if used_rows_only:
         live = t_m > tt64 if rows is None else (t_m > tt64) & rows.to(t_m.device)
         n, sub = _subset(live, True, x_t.device)
-    t64, tt64, t_m = (_rows(_on(a, x_t.device), sub) for a in (t64, tt64, t_m))
+    t64, tt64, t_m = (_rows(copy_to(a, x_t.device), sub) for a in (t64, tt64, t_m))
     x_s = _rows(x_t, sub)
     cond, acc_s = _rows(cond, sub), _rows(acc, sub)
     x = x_s.to(cd) - _bcast((t64 - t_m).to(cd), x_s) * _rows(target, sub).to(cd)
@@ -212,8 +207,8 @@ def rcgm_target(teacher, x_t, t, tt, target, F_student, *, order: int, delta_t: 
     if order == 0:
         rcgm_mask = torch.zeros(t.shape, dtype=torch.bool)
     dev = F_student.device
-    return rcgm_target_reference(F_student, acc, target, _on(t, dev), _on(tt, dev), delta_t=delta_t, clamp=clamp,
-                                 rcgm_mask=None if rcgm_mask is None else _on(rcgm_mask, dev))
+    return rcgm_target_reference(F_student, acc, target, copy_to(t, dev), copy_to(tt, dev), delta_t=delta_t,
+                                 clamp=clamp, rcgm_mask=None if rcgm_mask is None else copy_to(rcgm_mask, dev))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -290,8 +285,8 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     wd = torch.promote_types(x0.dtype, torch.float32)  # work dtype for noise, targets and times
     t_host, tt_host = sample_times(groups, generator, dtype=wd)
     host_masks = {name: groups == g for g, name in enumerate(GROUP_NAMES)}
-    t, tt = _on(t_host, dev), _on(tt_host, dev)
-    adv, mul = _on(host_masks["adv"], dev), _on(host_masks["mul"], dev)
+    t, tt = copy_to(t_host, dev), copy_to(tt_host, dev)
+    adv, mul = copy_to(host_masks["adv"], dev), copy_to(host_masks["mul"], dev)
 
     x = x0.detach().to(wd)
     if counts[ADV] > 0:
