@@ -3,6 +3,8 @@ fewstep's atomically."""
 import json
 import os
 
+from fewstep.paths import temporary_beside
+
 
 def load_json(path: str, error: type[Exception], what: str):
     """Parse `path`; a missing file or invalid JSON raises `error` naming `what` and the file."""
@@ -16,9 +18,10 @@ def load_json(path: str, error: type[Exception], what: str):
 
 
 def save_json(path: str, obj, **dump_options) -> None:
-    """Write `obj` as JSON to `path` atomically: into `<path>.tmp.<pid>` (one per writing process), flushed to disk,
-    then renamed over `path`, so a reader sees the whole new file or the previous one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Write `obj` as JSON to `path` atomically: into a temporary file of this process beside it
+    (`paths.temporary_beside`), flushed to disk, then renamed over `path`, so a reader sees the whole new file or the
+    previous one."""
+    tmp = temporary_beside(path)
     with open(tmp, "w") as fh:
         json.dump(obj, fh, **dump_options)
         fh.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 _LEFTOVER = re.compile(r"\$\{[^}]*\}?|\$[A-Za-z_][A-Za-z0-9_]*")
 
@@ -23,3 +24,9 @@ def unexpanded(expanded: str) -> str | None:
     if all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
         return f"environment variable {', '.join(names)} is not set"
     return f"{', '.join(left)} is not expanded (only $VAR and ${{VAR}} are, for variables that are set)"
+
+
+def temporary_beside(path: str) -> str:
+    """A temporary name beside `path` for an atomic write (write it, then rename it over `path`): this process's on
+    this host, so writers on other nodes sharing the folder (a cache filled by two jobs) never write the same one."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
