@@ -220,17 +220,23 @@ def test_nan_trace_names_where_the_first_non_finite_value_appeared(data):
             "(FluxTransformer2DModel): update skipped") in text[0]
 
 
+def _count_reads(monkeypatch) -> list:
+    """Every read of a tensor's values into Python from now on: the shape of each `tolist`, the name of any other."""
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    for name in ("item", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.append(name) or real(self))
+    return reads
+
+
 def test_logged_terms_are_read_from_the_device_in_one_copy(monkeypatch):
     """The loss and a method's device-side terms come back as floats, host numbers as they are, in their order, and
     with a single device->host read (one `tolist` of one stacked tensor, whatever the number of terms)."""
     from fewstep.trainer import read_numbers
 
-    reads = []
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
-    for name in ("item", "__float__", "__bool__"):  # any other read of a value counts too
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.append(name) or real(self))
+    reads = _count_reads(monkeypatch)
     out = read_numbers({"loss": torch.tensor(2.5), "n_e2e": 2.0, "l_adv": torch.tensor(0.25, dtype=torch.bfloat16),
                         "clamp_fraction": torch.tensor(0.125, dtype=torch.float64)})
     assert out == {"loss": 2.5, "n_e2e": 2.0, "l_adv": 0.25, "clamp_fraction": 0.125}
@@ -253,12 +259,7 @@ def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     w = torch.nn.Parameter(torch.tensor(2.0))
     losses = [1.0, 2.0, float("nan")]
     step_fn = lambda micro: (w * losses[micro], {"l_adv": w.detach() * 0 + micro, "n_e2e": 2.0})  # noqa: E731
-    reads = []
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
-    for name in ("item", "__float__", "__bool__"):  # any other read of a value counts too
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.append(name) or real(self))
+    reads = _count_reads(monkeypatch)
     logs, finite = run_micro_steps(Engine(), step_fn, 2, step=1, rank=0)
     assert logs == {"loss": 3.0, "l_adv": 0.5, "n_e2e": 2.0} and finite and reads == [(2,)]
     assert not run_micro_steps(Engine(), step_fn, 3, step=1, rank=0)[1]
