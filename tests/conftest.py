@@ -1,5 +1,6 @@
 """Shared test fixtures: a tiny dataset and config builder that exercise the same paths users hit."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -29,3 +30,20 @@ def pytest_xdist_auto_num_workers(config):
 @pytest.fixture
 def repo():
     return REPO
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped otherwise): a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -119,23 +119,8 @@ def test_resolve_infers_rank_files_of_checkpoints_without_a_file_list(saved, tmp
 # A full disk loses nothing (issue #18 §5): a small tmpfs as output_dir, through launcher/train.py
 # ---------------------------------------------------------------------------------------------------------------
 
-TMPFS_SIZE = "256k"  # one checkpoint of the run below (~170 KiB in tmpfs pages) fits, a second one does not
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+# `small_disk` (tests/conftest.py): a 256 KiB tmpfs; one checkpoint of the run below (~170 KiB in tmpfs pages)
+# fits, a second one does not
 
 
 def train_on_small_disk(tmp_path, out, **env):

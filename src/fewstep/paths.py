@@ -3,6 +3,7 @@ a folder literally called `$SLURM_TMPDIR` under the working directory (`os.path.
 variable, and forms such as `${VAR:-default}`, as they are)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -30,3 +31,15 @@ def temporary_beside(path: str) -> str:
     """A temporary name beside `path` for an atomic write (write it, then rename it over `path`): this process's on
     this host, so writers on other nodes sharing the folder (a cache filled by two jobs) never write the same one."""
     return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: str):
+    """Remove the temporary file `tmp` if the block fails (a full disk, an interrupt): its partial contents would
+    hold on to the space, or be found later."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

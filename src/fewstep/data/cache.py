@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from fewstep.data.buckets import load_planned
 from fewstep.data.dataset import Sample, build_layout
 from fewstep.models.source import folder_components
-from fewstep.paths import temporary_beside
+from fewstep.paths import removed_on_failure, temporary_beside
 
 
 def model_key(family: str, name_or_path: str) -> str:
@@ -79,11 +79,13 @@ def _digest(*parts) -> str:
 
 
 def atomic_save(tensors: dict, path: str) -> None:
-    """safetensors written under a temporary name, then renamed: a reader sees the whole file or none."""
+    """safetensors written under a temporary name, then renamed: a reader sees the whole file or none, and a failed
+    write (a full disk) leaves nothing behind."""
     tmp = temporary_beside(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with removed_on_failure(tmp):
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
 
 
 def _has_flat_files(folder: str) -> bool:
