@@ -35,14 +35,11 @@ def repo():
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs (root only; skipped otherwise): a disk that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    from fewstep_testing import mount_small_disk
+
     mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    if not mount_small_disk(mnt, "256k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount)")
     try:
         yield mnt
     finally:

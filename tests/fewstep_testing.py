@@ -85,6 +85,14 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def mount_small_disk(path, size: str) -> bool:
+    """Mount a tmpfs of `size` (e.g. "256k") at `path`, created here (root only): a disk that fills up. False where
+    that is not possible; the caller unmounts (`umount -l`)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
 def run(cmd, timeout=600, **env):
     """Run a command from the repo root; on failure raise with the first traceback (under torchrun that is the rank
     that failed first; the other ranks' tracebacks that follow are mostly the broken connection) and the output tail."""

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch, plan
-from fewstep_testing import REPO, read_metrics, run, write_config, write_dataset
+from fewstep_testing import REPO, mount_small_disk, read_metrics, run, write_config, write_dataset
 
 FULL = {"model_type": "full", "learning_rate": 1e-4}
 FULL_Z3 = {**FULL, "zero_stage": 3}
@@ -51,13 +51,6 @@ def legacy_copy(src, dst):
         json.dump(meta, fh)
 
 
-def small_disk(path, size) -> bool:
-    """Mount a tmpfs of `size` at `path` (root only); False where that is not possible."""
-    path.mkdir(parents=True)
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                                capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     root = tmp_path_factory.mktemp("layout")
@@ -71,7 +64,7 @@ def out(tmp_path_factory):
         return str(o / name / "checkpoints" / f"step-{step}")
 
     # full disks (§5), tmpfs: one checkpoint fits (~200 KiB in tmpfs pages on 2 ranks), a second one does not
-    disk, check = small_disk(o / "disk-full", "320k"), small_disk(o / "disk-check", "256k")
+    disk, check = mount_small_disk(o / "disk-full", "320k"), mount_small_disk(o / "disk-check", "256k")
     try:
         launch(cfg, 1, [["lora-w1", {}], ["full-w1", FULL],  # uninterrupted 1-rank runs, saving at steps 2 and 4
                         ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16]])

@@ -63,7 +63,8 @@ def node_address(node: str, attempts: int = 3) -> str:
             if m:
                 return m.group(1)
             why = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[0]
-        time.sleep(1 + attempt)
+        if attempt + 1 < attempts:
+            time.sleep(1 + attempt)
     print(f"fewstep: rendezvous at node name '{node}' (scontrol gave no NodeAddr: {why[:200]}); set MASTER_ADDR or "
           "launch through slurm/common.sh if it does not resolve to that node", flush=True)
     return node
