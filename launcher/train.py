@@ -5,11 +5,12 @@ Also runs under `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK, or SLURM
 `python` (one process). Command-line `--key value` pairs override the JSON file; `--help` lists every option.
 
 A mistake the user can fix (config, data, paths, model source, a busy output_dir, a resume that does not fit, a
-diverged run) ends in one `fewstep: ...` line on rank 0 and exit status 2 (1 for a diverged run); FEWSTEP_DEBUG=1
-shows the traceback instead.
+diverged run) ends in one `fewstep: ...` line on rank 0 (and on the rank where it started, see `report`) and exit
+status 2 (1 for a diverged run); FEWSTEP_DEBUG=1 shows the traceback instead.
 """
 import os
 import sys
+import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notices (torchvision) are not for our users
 
@@ -42,10 +43,30 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def report(error: BaseException) -> None:
-    """One line on stderr, from rank 0 only (every rank of a launch usually hits the same mistake)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"fewstep: {error}", file=sys.stderr, flush=True)
+PAUSE_BEFORE_EXIT_S = 2.0
+
+
+def report(error: BaseException, first: bool) -> None:
+    """The error as one `fewstep: ...` line on stderr.
+
+    Rank 0 prints every failure: its own, or the one another rank announced (`RankFailed`). The rank where a failure
+    started (`first`) prints it too, as `fewstep: rank N: ...`: `srun --kill-on-bad-exit` may stop rank 0 before it
+    learns of it. Before the ranks have met (the config, the launch) every rank usually has the same error, so
+    the others pause to let rank 0 print first, and then only the first rank of each node prints its own (a file
+    missing from one node's disk); the rest pause longer, so that their exit does not end a printing rank early.
+    """
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
+    if rank == 0 or first:
+        print(f"fewstep: {'' if rank == 0 else f'rank {rank}: '}{error}", file=sys.stderr, flush=True)
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        time.sleep(PAUSE_BEFORE_EXIT_S * (1 if local == 0 else 2))
+        if local == 0:
+            print(f"fewstep: rank {rank}: {error}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -55,6 +76,7 @@ def main(argv: list[str]) -> int:
         return 0
     from fewstep.engine.distributed import RankFailed, announce_failure, teardown
 
+    first = False  # this rank's failure is the first of the job
     try:
         config, rest = parse_argv(argv)
         cfg = load_config(config, rest)
@@ -63,12 +85,12 @@ def main(argv: list[str]) -> int:
         try:
             train(cfg)
         except BaseException as e:  # ranks waiting for this one stop with its message instead of waiting for ever
-            announce_failure(e)
+            first = announce_failure(e)
             raise
     except (UserError, RankFailed) as e:
         if os.environ.get("FEWSTEP_DEBUG") == "1":
             raise
-        report(e)
+        report(e, first)
         return exit_status(e)
     teardown()
     return 0

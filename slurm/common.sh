@@ -5,7 +5,7 @@
 #
 # starts one task per GPU with srun (RANK/LOCAL_RANK from SLURM_PROCID/SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
 # MASTER_ADDR = first node of the job, MASTER_PORT derived from the job id), forwards USR1/TERM from the batch shell
-# to the tasks, waits for them, and then requeues the job (`scontrol requeue`) unless Slurm itself is ending it
+# to the tasks (as USR1: srun answers a TERM of its own by SIGKILLing every task), waits for them, and then requeues the job (`scontrol requeue`) unless Slurm itself is ending it
 # (scancel, time limit: no requeue). The requeued job restarts with the same job id, environment and arguments, so
 # the same output directory and `--resume_from_checkpoint latest` continue the run.
 #
@@ -13,6 +13,8 @@
 # environment, also across requeues):
 #   FEWSTEP_ROOT    the fewstep checkout; default: the directory sbatch was run from ($SLURM_SUBMIT_DIR)
 #   FEWSTEP_PYTHON  the Python interpreter; default: python
+#   FEWSTEP_GPUS_PER_NODE  GPUs per node, where Slurm does not count them (nodes without a GPU GRES in slurm.conf,
+#                   whole-node allocations): default $SLURM_GPUS_ON_NODE, set from '#SBATCH --gpus-per-node'
 #   FEWSTEP_CPU=1   CPU test mode: gloo instead of NCCL (DS_ACCELERATOR=cpu), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK,
 #                   and the job step gets no GPU GRES (srun --gpus-per-node=0 if the job has GPUs; submit with
 #                   `sbatch --gpus-per-node=0` on a CPU-only cluster). The same sbatch scripts run unchanged.
@@ -23,11 +25,9 @@
 # ==== END EDIT ====================================================================================================
 
 # ---- NCCL (GPU runs; ignored by gloo in CPU mode) ----------------------------------------------------------------
-# A failed or timed-out collective aborts the process instead of hanging the whole job until its time limit; with
-# srun --kill-on-bad-exit=1 the other ranks are then stopped too. (TORCH_NCCL_* since torch 2.2; older torch reads
-# NCCL_ASYNC_ERROR_HANDLING, which newer torch reports as deprecated, so only set it for torch < 2.2.)
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-# export NCCL_ASYNC_ERROR_HANDLING=1                    # torch < 2.2 only
+# A failed or timed-out collective ends the process instead of hanging the whole job until its time limit (torch's
+# default since 2.2, TORCH_NCCL_ASYNC_ERROR_HANDLING=3: no communicator abort first, which can itself hang); with
+# srun --kill-on-bad-exit=1 the other ranks are then stopped too. Leave it unset.
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"                 # INFO prints the chosen transports/rings: use it to debug
 # If NCCL picks the wrong network interface (hangs at the first collective, or "no socket interface found"),
 # name the right one (`ip addr` on a compute node), e.g. InfiniBand IPoIB or the cluster Ethernet:
@@ -45,13 +45,27 @@ _fewstep_die() {
 }
 
 _fewstep_on_signal() {
-    # Runs in the batch shell. Remember the signal and pass it on to srun, which forwards it to every task: the
-    # trainer finishes its optimizer step, all ranks save a checkpoint together, and the tasks exit 0.
+    # Runs in the batch shell. Remember the signal and pass USR1 on to srun, which forwards it to every task: the
+    # trainer finishes its optimizer step, all ranks save a checkpoint together, and the tasks exit 0. Never TERM:
+    # srun itself takes a TERM as "forcing job termination" and SIGKILLs the tasks, with no checkpoint.
     FEWSTEP_SIGNAL=$1
-    echo "fewstep-slurm: batch shell got SIG$1 at $(date '+%F %T'); forwarding to the job step" >&2
+    echo "fewstep-slurm: batch shell got SIG$1 at $(date '+%F %T'); forwarding USR1 to the job step" >&2
     if [ -n "$FEWSTEP_STEP_PID" ]; then
-        kill -s "$1" "$FEWSTEP_STEP_PID" 2>/dev/null || true
+        kill -s USR1 "$FEWSTEP_STEP_PID" 2>/dev/null || true
     fi
+}
+
+# _fewstep_resume_hint ARGS...: how to resume the run in a new job, for a job ending without finishing or a requeue
+# (a new job gets a new id, and the default output directory follows the id).
+_fewstep_resume_hint() {
+    local prev="" a
+    for a in "$@"; do
+        if [ "$prev" = --output_dir ]; then
+            echo "fewstep-slurm: to resume this run in a new job: FEWSTEP_OUTPUT_DIR='$(realpath -m -- "$a")' sbatch" \
+                 "<the same script and arguments>" >&2
+        fi
+        prev=$a
+    done
 }
 
 # fewstep_setup: validate the allocation and export the rendezvous variables; cd to the checkout.
@@ -77,9 +91,10 @@ fewstep_setup() {
     else
         FEWSTEP_GRES_OPT=()
         # One task per GPU; each task sees all GPUs of its node and the trainer picks cuda:$LOCAL_RANK.
-        local gpus="${SLURM_GPUS_ON_NODE:-0}" tpn="${SLURM_NTASKS_PER_NODE:-}"
+        local gpus="${FEWSTEP_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}" tpn="${SLURM_NTASKS_PER_NODE:-}"
+        [[ $gpus =~ ^[0-9]+$ ]] || _fewstep_die "FEWSTEP_GPUS_PER_NODE='$gpus': expected a number of GPUs"
         [ "$gpus" -gt 0 ] ||
-            _fewstep_die "no GPUs in this job (SLURM_GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-unset}): set '#SBATCH --gpus-per-node', or FEWSTEP_CPU=1 for CPU test mode"
+            _fewstep_die "no GPUs in this job (SLURM_GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-unset}): set '#SBATCH --gpus-per-node' (or FEWSTEP_GPUS_PER_NODE where the nodes' GPUs are not Slurm resources), or FEWSTEP_CPU=1 for CPU test mode"
         [ -z "$tpn" ] || [ "${tpn%%(*}" = "$gpus" ] ||
             _fewstep_die "--ntasks-per-node=$tpn but --gpus-per-node=$gpus: expected one task per GPU (make them equal)"
     fi
@@ -124,7 +139,7 @@ fewstep_launch() {
         "${FEWSTEP_PYTHON:-python}" "$@" &
     FEWSTEP_STEP_PID=$!
     if [ -n "$FEWSTEP_SIGNAL" ]; then     # signalled while srun was being started
-        kill -s "$FEWSTEP_SIGNAL" "$FEWSTEP_STEP_PID" 2>/dev/null || true
+        kill -s USR1 "$FEWSTEP_STEP_PID" 2>/dev/null || true
     fi
 
     # `wait` returns early (status > 128) when a trapped signal arrives; wait again until srun itself has exited.
@@ -141,6 +156,7 @@ fewstep_launch() {
 
     if [ -z "$FEWSTEP_SIGNAL" ]; then
         echo "fewstep-slurm: job step finished with exit code $rc" >&2
+        [ "$rc" = 0 ] || _fewstep_resume_hint "$@"
         return "$rc"
     fi
     # A signal while the job is still RUNNING (USR1 from --signal=B:USR1@..., or `scancel --signal=...`): the tasks
@@ -158,12 +174,14 @@ fewstep_launch() {
     done
     if [ -z "$state" ]; then
         echo "fewstep-slurm: cannot read job $SLURM_JOB_ID's state after SIG$FEWSTEP_SIGNAL (scontrol gave none in" \
-             "30 s): not requeueing; resubmit to resume from the latest checkpoint" >&2
+             "30 s): not requeueing" >&2
+        _fewstep_resume_hint "$@"
         return "$(( rc == 0 ? 1 : rc ))"
     fi
     if [ "$state" != RUNNING ]; then
         echo "fewstep-slurm: SIG$FEWSTEP_SIGNAL while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
              "timed out or preempted); not requeueing; job step exit code $rc" >&2
+        _fewstep_resume_hint "$@"
         return "$rc"
     fi
     echo "fewstep-slurm: job step exited with code $rc after SIG$FEWSTEP_SIGNAL; requeueing job $SLURM_JOB_ID" >&2
@@ -171,5 +189,6 @@ fewstep_launch() {
         exit 0    # slurmctld ends this run now; the job goes back to PENDING with the same id
     fi
     echo "fewstep-slurm: 'scontrol requeue $SLURM_JOB_ID' failed (job cancelled, or not requeueable?)" >&2
+    _fewstep_resume_hint "$@"
     return "$(( rc == 0 ? 1 : rc ))"
 }

@@ -65,6 +65,24 @@ time.sleep(float(sys.argv[2]))  # then the lock goes, as a dead node's does when
 """
 
 
+def test_a_filesystem_without_flock_runs_unguarded_and_blocks_no_later_run(tmp_path, monkeypatch, capsys):
+    """Where flock is missing (Lustre mounted noflock), a marker-file lock would outlive a SIGKILLed run and refuse
+    every later one, its requeue included: the run goes on without the guard, says so, and leaves nothing behind."""
+    import errno
+    import fcntl
+
+    from fewstep import run_dir
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock, problem = run_dir._acquire(str(tmp_path / "out"))
+    assert (lock, problem) == (None, None)
+    assert "running without the one-run-per-directory guard" in capsys.readouterr().out
+    assert run_dir._acquire(str(tmp_path / "out")) == (None, None)  # nothing left behind refuses the next run
+
+
 def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
     """A Slurm job requeued after a node failure restarts with its job id (and a higher restart count) while the dead
     node's lock may linger on the shared filesystem: rank 0 waits for it (naming it), and then trains, instead of

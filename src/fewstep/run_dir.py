@@ -80,7 +80,11 @@ def _acquire(output_dir: str):
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
         return None, f"cannot create output_dir '{output_dir}': {e.strerror or e}"
-    lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
+    try:  # filelock >= 4 would fall back to a marker file where flock is missing: a SIGKILLed run's marker stays, and
+        # every later run (a requeue included) would be refused until someone deletes it; run unguarded instead
+        lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0, fallback_to_soft=False)
+    except TypeError:  # an older filelock: flock or an error, no marker
+        lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
     try:
         lock.acquire()
     except Timeout:

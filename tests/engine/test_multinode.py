@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -40,10 +41,11 @@ def _unshare_available() -> str | None:
     return None if r.returncode == 0 else f"unshare -m does not work here: {r.stderr.strip()}"
 
 
-def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None, node_files=None):
+def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None, node_files=None, kill_on_bad_exit=False):
     """Start ranks 0 and 1 as two 'nodes' (LOCAL_RANK 0 each), each with a private tmpfs mounted at `local_path`;
     `rank0_files`: a folder whose contents are copied into rank 0's tmpfs only (rank 1's gets an empty images/);
-    `node_files`: one folder per rank, copied into that rank's tmpfs."""
+    `node_files`: one folder per rank, copied into that rank's tmpfs; `kill_on_bad_exit`: as srun's, the first
+    rank to exit non-zero has the other SIGKILLed."""
     procs = []
     for rank in (0, 1):
         env = cpu_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -54,6 +56,14 @@ def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None, node_
         procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "node",
                                        local_path, PY, cfg], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+    if kill_on_bad_exit:
+        deadline = time.monotonic() + 600
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if any(p.returncode for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()  # SIGKILL: unshare and sh exec the trainer, so this is its PID
     return [(p.wait(timeout=600), *p.communicate()) for p in procs]
 
 
@@ -115,6 +125,29 @@ def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
         assert rc == 2 and results[1][0] == 2, f"{out[-2000:]}\n{err[-3000:]}\n{results[1][2][-3000:]}"
         assert f"fewstep: rank 1 {expected}" in err and "does not exist" in err, err[-3000:]
         assert "Traceback" not in err
+        # rank 1 says it itself too: srun --kill-on-bad-exit may stop rank 0 before it reads rank 1's message
+        own = [line for line in results[1][2].splitlines() if line.startswith("fewstep: rank 1: ")]
+        assert len(own) == 1 and "does not exist" in own[0], results[1][2][-3000:]
+
+
+def test_a_config_missing_on_one_node_is_reported_by_that_node(tmp_path):
+    """The config file on a node-local disk that only rank 0's node has: rank 1 fails before the ranks meet, while
+    rank 0 goes on to wait for it, and srun --kill-on-bad-exit then SIGKILLs rank 0. The only line the user gets is
+    rank 1's, so rank 1 (its node's first rank) must print it."""
+    reason = _unshare_available()
+    if reason:
+        pytest.skip(reason)
+    backend = write_dataset(str(tmp_path), n=2)
+    node_local = tmp_path / "scratch"
+    node_local.mkdir()
+    (tmp_path / "rank0").mkdir()
+    shutil.copy(write_config(str(tmp_path), backend), tmp_path / "rank0" / "config.json")
+    results = _launch_nodes(str(node_local / "config.json"), str(node_local), free_port(),
+                            rank0_files=str(tmp_path / "rank0"), kill_on_bad_exit=True)
+    rc, out, err = results[1]
+    assert rc == 2 and results[0][0] == -9, f"{out[-2000:]}\n{err[-3000:]}"
+    assert f"fewstep: rank 1: config file not found: {node_local / 'config.json'}" in err, err[-3000:]
+    assert "Traceback" not in err
 
 
 def test_model_copies_that_differ_between_nodes_are_refused(tmp_path):

@@ -78,15 +78,16 @@ PROBE = """#!/bin/bash
 out=""
 while [ $# -gt 0 ]; do [ "$1" = --output_dir ] && out=$2; shift; done
 mkdir -p "$out"
-# Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then; on TERM it
-# takes PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> behind. The traps are set before the
-# env file, which tells the tests that the task is up.
+# Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then; on either
+# signal it takes PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> or usr1-<rank> behind. The
+# traps are set before the env file, which tells the tests that the task is up.
 trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit 0' TERM
-trap 'exit 0' USR1
+trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/usr1-$RANK"; exit 0' USR1
 env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
 mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
 sleep "${PROBE_SLEEP:-0}" &
 wait
+exit "${PROBE_EXIT:-0}"
 """
 
 
@@ -154,6 +155,21 @@ def test_gpu_mode_rejects_bad_allocation(slurm_cluster, tmp_path, probe, options
     assert not (tmp_path / "out").exists()  # nothing was launched
 
 
+def test_gpus_that_slurm_does_not_count_are_given_by_hand(slurm_cluster, tmp_path, probe):
+    """Nodes whose GPUs are not Slurm resources: FEWSTEP_GPUS_PER_NODE stands in for --gpus-per-node, and is checked
+    against the tasks per node as the GRES count is."""
+    out = tmp_path / "out"
+    for gpus, state in (("2", "COMPLETED"), ("1", "FAILED"), ("two", "FAILED")):
+        env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_GPUS_PER_NODE=gpus)
+        jobid = slurm_cluster.sbatch(SLURM / "glance.sbatch", options=["--cpus-per-task=1", "--gpus-per-node=0",
+                                                                       "--nodes=1", "--ntasks-per-node=2"],
+                                     env=env, cwd=tmp_path)
+        job = slurm_cluster.wait_finished(jobid, 60)
+        assert job["JobState"] == state, f"{gpus}: {job}\n{_log(tmp_path, job)}"
+    assert sorted(_task_envs(out)) == [0, 1]
+    assert "FEWSTEP_GPUS_PER_NODE='two': expected a number" in _log(tmp_path, job)
+
+
 def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
     """`scancel JOB` sends TERM too; the job script forwards it but must not turn the cancel into a requeue."""
     out = tmp_path / "out"
@@ -173,8 +189,45 @@ def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
     # Usually the batch shell logs "...; not requeueing"; if srun exits before the shell's own TERM arrives, the
     # shell just ends. Either way it must never have asked for a requeue.
     assert "requeueing job" not in log, log
-    # every task had its TERM and the time to checkpoint (KillWait), not an immediate kill from srun
-    assert (out / "term-0").exists() and (out / "term-1").exists(), log
+    # every task had a signal and the time to checkpoint (KillWait), not an immediate kill from srun
+    assert _stopped_cleanly(out) == [0, 1], log
+
+
+def test_a_failed_step_says_how_to_resume_in_a_new_job(slurm_cluster, tmp_path, probe):
+    """A job that ends without finishing and without a requeue: a resubmitted job gets a new id, and with it a new
+    default output directory, so the log names the run's directory to resume from."""
+    out = tmp_path / "out"
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_EXIT="3")
+    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
+    job = slurm_cluster.wait_finished(jobid, 60)
+    log = _log(tmp_path, job)
+    assert job["JobState"] == "FAILED" and "job step finished with exit code 3" in log, f"{job}\n{log}"
+    assert f"to resume this run in a new job: FEWSTEP_OUTPUT_DIR='{out}' sbatch" in log, log
+
+
+def _stopped_cleanly(out):
+    """The ranks whose probe caught a signal and finished its stand-in checkpoint."""
+    return sorted({int(f.name.split("-")[1]) for f in out.glob("*-*") if f.name.startswith(("term-", "usr1-"))})
+
+
+def test_term_to_the_batch_shell_alone_reaches_the_tasks_as_a_checkpoint_request(slurm_cluster, tmp_path, probe):
+    """TERM to the batch shell alone (`scancel --batch --signal=TERM`; sites' preemption set-ups): the tasks get
+    USR1 and checkpoint. srun answers a TERM of its own with SIGKILL to every task ("forcing job termination"), so
+    the batch shell must not pass TERM on as TERM."""
+    out = tmp_path / "out"
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120",
+               PROBE_TERM_DELAY="2")
+    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while len(_task_envs(out)) < 2:  # both tasks are up
+        assert time.monotonic() < deadline, slurm_cluster.job(jobid)
+        time.sleep(0.1)
+    slurm_cluster.cmd("scancel", "--batch", "--signal=TERM", str(jobid))
+    job = slurm_cluster.wait(jobid, lambda j: j["Restarts"] != "0" or j["JobState"] != "RUNNING", 60)
+    slurm_cluster.cmd("scancel", str(jobid), check=False)  # the requeued run would sleep on
+    log = _log(tmp_path, job)
+    assert (out / "usr1-0").exists() and (out / "usr1-1").exists(), log
+    assert "requeueing job" in log and job["Restarts"] == "1", f"{job}\n{log}"  # still RUNNING: requeued as for USR1
 
 
 # ---- the real trainer ----------------------------------------------------------------------------------------------

@@ -322,14 +322,17 @@ def deepspeed_barriers_wait(tag: str):
         ds_comm.barrier = collective
 
 
-def announce_failure(error: BaseException, tag: str | None = None) -> None:
+def announce_failure(error: BaseException, tag: str | None = None) -> bool:
     """Tell the ranks waiting in `wait_for_all` that this rank failed, so that they stop with its message
     (`RankFailed`) instead of waiting for ever: launcher/train.py calls it for any failure, wherever it happened (a
-    bare `srun` without --kill-on-bad-exit leaves the other tasks running). The first failure's message is kept;
-    no-op without a process group; never raises."""
+    bare `srun` without --kill-on-bad-exit leaves the other tasks running). The first failure's message is kept.
+    Returns whether that is this rank's (False without a process group); never raises."""
     if isinstance(error, RankFailed) or not dist.is_initialized() or world_size() == 1:
-        return
+        return False
     where = f" during {tag}" if tag else ""
-    with contextlib.suppress(Exception):  # set only if unset, atomically (ranks that fail together: the first wins)
-        _store().compare_set(_ABORT_KEY, "", f"{exit_status(error)}|rank {rank()} failed{where}: "
-                                             f"{type(error).__name__}: {error}")
+    try:  # set only if unset, atomically (ranks that fail together: the first wins); returns what is set
+        kept = _store().compare_set(_ABORT_KEY, "", f"{exit_status(error)}|rank {rank()} failed{where}: "
+                                                    f"{type(error).__name__}: {error}")
+        return kept.decode(errors="replace").partition("|")[2].startswith(f"rank {rank()} failed")
+    except Exception:
+        return False
