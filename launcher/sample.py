@@ -17,7 +17,6 @@ dtype, a GPU asked for that is not there, a directory that is no fewstep export,
 `fewstep: ...` line and exit status 2.
 """
 import argparse
-import functools
 import inspect
 import json
 import math
@@ -148,11 +147,20 @@ def twinflow_scheduler(steps: int, args, base_config=None, prediction_type: str 
             preset[key] = tuple(args.kumaraswamy) if key == "kumaraswamy" else getattr(args, key)
     try:
         if base_config is not None:
-            return TwinFlowScheduler.from_config(base_config, prediction_type=prediction_type, shift=1.0, **preset)
-        return TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", shift=1.0, **preset)
+            return TwinFlowScheduler.from_config(base_config, prediction_type=prediction_type, **preset)
+        return TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", **preset)
     except ValueError as e:
         from fewstep.sampling import SamplingError
         raise SamplingError(str(e)) from None
+
+
+def step_drawing_from(scheduler, gen: torch.Generator):
+    """`scheduler.step` whose stochastic steps draw from `gen` unless the pipeline passes a generator of its own.
+    SDXL's pipeline passes `generator=None` to every scheduler whose `step` takes one: a `functools.partial` default
+    would be overridden by it, and the noise would come from the global RNG, not `--seed`."""
+    def step(*args, generator=None, **kwargs):
+        return type(scheduler).step(scheduler, *args, generator=gen if generator is None else generator, **kwargs)
+    return step
 
 
 def _sync(device: torch.device) -> None:
@@ -202,8 +210,8 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from fewstep.models import anystep, get_adapter
+    from fewstep.methods.flow_matching import schedule_shift
     from fewstep.sampling import flow_sigmas, glance_pipeline_sample, load_glance_loras, place_pipeline
-    from fewstep.schedulers import TwinFlowScheduler
 
     cfg = info["config"]
     adapter = get_adapter(cfg["model_family"])
@@ -246,16 +254,19 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
 
     def generate(n):
         gen = torch.Generator().manual_seed(args.seed)  # CPU noise, fp32: the same on every device and dtype
-        start = adapter.pipeline_latent_kwargs(comps, adapter.start_noise(comps, 1, res, res, gen).to(dtype))
+        noise = adapter.start_noise(comps, 1, res, res, gen)
+        start = adapter.pipeline_latent_kwargs(comps, noise.to(dtype))
         if args.method == "glance":
             return glance_pipeline_sample(pipe, prompt_kwargs, None, None, slow, fast, **start).images[0]
         if args.method == "twinflow":  # its stochastic steps draw from gen too (the pipeline passes no generator)
             pipe.scheduler = twinflow_scheduler(n, args, **base)
-            pipe.scheduler.step = functools.partial(TwinFlowScheduler.step, pipe.scheduler, generator=gen)
+            pipe.scheduler.step = step_drawing_from(pipe.scheduler, gen)
             # each forward takes t and tt from the scheduler's current step (its target_time mode)
             with anystep.anystep_state(denoiser, sign=1.0, scheduler=pipe.scheduler):
                 return pipe(**prompt_kwargs, num_inference_steps=n, **start).images[0]
-        return pipe(**prompt_kwargs, sigmas=flow_sigmas(n), num_inference_steps=n, **start).images[0]
+        shift = schedule_shift(*noise.shape[-2:], cfg.get("flow_schedule_shift", 1.0),
+                               cfg.get("flow_schedule_auto_shift", False))  # as the run trained and validated
+        return pipe(**prompt_kwargs, sigmas=flow_sigmas(n, shift), num_inference_steps=n, **start).images[0]
 
     for _ in range(args.warmup):
         generate(steps_list[0])

@@ -60,6 +60,10 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--use_ema", "--max-train-steps=3"], FIELDS) == {"use_ema": "true", "max_train_steps": "3"}
 
 
+GLANCE = {"method": "glance", "flow_custom_timesteps": None, "glance_slow_timesteps": "1000, 900",
+          "glance_fast_timesteps": "500, 200"}
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"lora_rnk": 4}, "unknown config key 'lora_rnk'.*did you mean 'lora_rank'"),
     ({"--twinflow_estimate_ordr": 2}, "did you mean 'twinflow_estimate_order'"),
@@ -82,6 +86,12 @@ def test_parse_overrides_forms():
     ({"flow_custom_timesteps": "1200, 20"}, "out of range"),
     ({"flow_custom_timesteps": "-0.5, 0.3"}, "negative"),
     ({"twinflow_enhanced_range": [0.5, 0.2]}, "twinflow_enhanced_range"),
+    ({"twinflow_enhanced_range": "0.2,high"}, "twinflow_enhanced_range"),
+    ({"twinflow_enhanced_range": [0.1, 0.2, 0.3]}, "twinflow_enhanced_range"),
+    # a Glance schedule that cannot be sampled fails here, not after the Slow phase has trained
+    ({**GLANCE, "glance_slow_timesteps": "943.1188, 1000"}, "strictly decrease"),
+    ({**GLANCE, "glance_slow_timesteps": "1000, 900", "glance_fast_timesteps": "950, 500"}, "got 0.9 then 0.95"),
+    ({**GLANCE, "glance_fast_timesteps": "500, 0"}, "last Fast sigma must be > 0"),
 ])
 def test_errors_name_the_key(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -132,6 +142,34 @@ def test_missing_required_and_missing_file(tmp_path):
         load_config(write(tmp_path, {"model_family": "flux"}))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "nope.json"))
+
+
+@pytest.mark.parametrize("key, default, other, message", [
+    ("flow_use_beta_schedule", False, True, "the beta schedule is not implemented"),
+    ("flow_sigmoid_scale", 1.0, 2.0, "flow_logit_std"),
+    ("base_model_precision", "no_change", "int8-quanto", "quantised bases .* are not supported"),
+])
+def test_simpletuner_options_fewstep_lacks_are_accepted_only_at_their_default(tmp_path, key, default, other, message):
+    """A SimpleTuner config may carry them at their defaults (the feature off): accepted, no effect. Another value
+    names what fewstep does instead, not a near-miss option of another meaning (flow_use_beta_schedule was once
+    answered with 'did you mean flow_use_uniform_schedule')."""
+    load_config(write(tmp_path, merged(SEED_GLANCE, {f"--{key}": default})))
+    load_config(write(tmp_path, SEED_GLANCE), [f"--{key}", str(default).lower()])
+    with pytest.raises(ConfigError, match=f"'{key}' in .* is {other!r}: fewstep has only SimpleTuner's default .*"
+                                          f"{message}"):
+        load_config(write(tmp_path, merged(SEED_GLANCE, {f"--{key}": other})))
+
+
+def test_enhanced_ratio_of_one_or_more_needs_a_frozen_teacher(tmp_path):
+    with pytest.raises(ConfigError, match="'twinflow_enhanced_ratio' 1.0 >= 1 with a teacher that follows"):
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"twinflow_enhanced_ratio": 1.0})))
+    cfg = load_config(write(tmp_path, merged(SEED_TWINFLOW, {"twinflow_enhanced_ratio": 1.5, "ema_decay": 1.0})))
+    assert cfg.twinflow_enhanced_ratio == 1.5  # a frozen teacher: the scale stays 1 + r
+
+
+def test_list_options_from_the_command_line(tmp_path):
+    cfg = load_config(write(tmp_path, SEED_TWINFLOW), ["--twinflow_enhanced_range", "0,0.8"])
+    assert cfg.twinflow_enhanced_range == [0.0, 0.8]
 
 
 def test_glance_method_needs_both_lists(tmp_path):

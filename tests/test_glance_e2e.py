@@ -107,7 +107,8 @@ def test_schedule_errors(glance_run):
         glance_pipeline_sample(pipe, kw, s, f, SLOW, [0.99, 0.5])
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    for shifting in ({"shift": 3.0}, {"use_dynamic_shifting": True}):  # a stock FLUX / Qwen-Image scheduler shifts
+    for shifting in ({"shift": 3.0}, {"use_dynamic_shifting": True}, {"shift_terminal": 0.02},
+                     {"use_karras_sigmas": True}, {"invert_sigmas": True}):  # e.g. a stock FLUX / Qwen-Image scheduler
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(**shifting)  # custom sigmas: the lists would not be used
         with pytest.raises(ValueError, match="shifts the sigmas it is given"):
             glance_pipeline_sample(pipe, kw, s, f, SLOW, FAST)
@@ -200,8 +201,9 @@ def test_the_trainer_warns_when_flux_gets_qwen_image_lists(tmp_path, capsys):
     qwen_slow = "1000.0,979.1915,957.5157,934.9171,911.3354"
     backend = write_dataset(str(tmp_path), n=1)
     main, other = DistInfo(0, 2, 0, torch.device("cpu")), DistInfo(1, 2, 1, torch.device("cpu"))
+    own_fast = [880.0, 600.0, 300.0, 50.0]  # no paper list (and below Qwen-Image's Slow list, as Glance needs)
     cfg = load_config(write_config(str(tmp_path), backend, method="glance", glance_slow_timesteps=qwen_slow,
-                                   glance_fast_timesteps=[t * 1000 for t in FAST]))
+                                   glance_fast_timesteps=own_fast))
     phases = build_phases(cfg, main)
     out = capsys.readouterr().out
     assert "warning: 'glance_slow_timesteps': this is Qwen-Image's Slow list" in out and "986.9786" in out

@@ -157,6 +157,43 @@ def test_offload_on_cpu_is_a_noop_with_a_message(runs, tmp_path, capsys):
     assert "fewstep: --offload sequential does nothing on --device cpu" in capsys.readouterr().err
 
 
+def test_stochastic_steps_draw_from_the_seed_where_the_pipeline_passes_generator_none():
+    """SDXL's pipeline passes `generator=None` to every scheduler step that takes a generator (a partial's default
+    generator was overridden by it, and the noise came from the global RNG); one the pipeline passes is used."""
+    from fewstep.schedulers import TwinFlowScheduler
+
+    def first_step(step_of, generator):
+        sched = TwinFlowScheduler(num_train_timesteps=1000, stochastic_ratio=1.0, target_time="few")
+        sched.set_timesteps(2)
+        x, out = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+        return step_of(sched)(out, sched.timesteps[0], x, generator=generator).prev_sample
+
+    def seeded(s):
+        return torch.Generator().manual_seed(s)
+
+    reference = first_step(lambda s: s.step, seeded(7))
+    torch.manual_seed(123)  # the global RNG differs from --seed's generator
+    assert torch.equal(first_step(lambda s: CLI.step_drawing_from(s, seeded(7)), None), reference)
+    assert not torch.equal(first_step(lambda s: CLI.step_drawing_from(s, seeded(7)), seeded(8)), reference)
+
+
+def test_flow_sampling_uses_the_runs_shift(runs, tmp_path):
+    """`--method flow` samples on the schedule the run trained and validated with (its flow_schedule_shift), not
+    on the unshifted one."""
+    import shutil
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(runs("flow"), shifted)
+    info = json.loads((shifted / "fewstep_run.json").read_text())
+    assert info["config"]["flow_schedule_shift"] == 1.0
+    info["config"]["flow_schedule_shift"] = 3.0
+    (shifted / "fewstep_run.json").write_text(json.dumps(info))
+    base = ["--method", "flow", "--steps", "3", "--device", "cpu"]
+    _, plain = _sample([*base, "--lora", runs("flow"), "--output", str(tmp_path / "a.png")])
+    _, three = _sample([*base, "--lora", str(shifted), "--output", str(tmp_path / "b.png")])
+    assert np.abs(plain[0] - three[0]).mean() > 1e-3
+
+
 def test_full_finetune_twinflow_finds_its_anystep_embeddings(runs, tmp_path):
     out = runs("twinflow_full")
     assert os.path.exists(os.path.join(out, "transformer", "anystep_embeddings.safetensors"))

@@ -59,7 +59,7 @@ def twinflow(pipeline_dir: str, run_dir: str, cond: dict, noise: torch.Tensor, s
     from fewstep.schedulers.twinflow import twinflow_preset
 
     tdir = os.path.join(run_dir, "transformer") if full else None
-    sched = TwinFlowScheduler(num_train_timesteps=1000, shift=1.0, **{**twinflow_preset(steps), **sampler})
+    sched = TwinFlowScheduler(num_train_timesteps=1000, **{**twinflow_preset(steps), **sampler})
     comps, pipe = load(pipeline_dir, tdir, sched)
     if not full:
         pipe.load_lora_weights(run_dir)

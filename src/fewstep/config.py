@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
 from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
-from fewstep.config_values import closest_keys, coerce, normalize_key, parse_overrides
+from fewstep.config_values import (SIMPLETUNER_ONLY, closest_keys, coerce, normalize_key, parse_overrides,
+                                   simpletuner_only)
 from fewstep.errors import ConfigError
 from fewstep.jsonfile import load_json
 
@@ -234,10 +235,14 @@ class Config:
             raise ConfigError(f"'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got {where})")
         if self.offload_param and stage != 3:
             raise ConfigError(f"'offload_param' needs zero_stage 3 (got {where})")
-        lo, hi = (list(self.twinflow_enhanced_range) + [None, None])[:2]
-        if lo is None or hi is None or not (0.0 <= lo < hi <= 1.0):
+        try:  # "0,0.8" on the command line arrives as strings
+            bounds = [float(x) for x in self.twinflow_enhanced_range]
+        except (TypeError, ValueError):
+            bounds = []
+        if len(bounds) != 2 or not (0.0 <= bounds[0] < bounds[1] <= 1.0):
             raise ConfigError(f"'twinflow_enhanced_range' must be [lo, hi] with 0 <= lo < hi <= 1, got "
                               f"{self.twinflow_enhanced_range}")
+        self.twinflow_enhanced_range = bounds
         w = [int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in self.twinflow_group_weights]
         self.twinflow_group_weights = w  # "2,1,1,1" on the command line arrives as strings
         if len(w) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w):
@@ -268,13 +273,15 @@ class Config:
             if problem:
                 raise ConfigError(problem)
         # Parse custom timesteps now, so a typo fails before compute (import here: methods import nothing of config).
-        from fewstep.methods.glance import TimestepListError, parse_custom_timesteps
-        for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps"):
-            if getattr(self, key) is not None:
-                try:
-                    parse_custom_timesteps(getattr(self, key), key=key)
-                except TimestepListError as e:
-                    raise ConfigError(str(e)) from None
+        from fewstep.methods.glance import TimestepListError, glance_schedule, parse_custom_timesteps
+        try:
+            lists = {key: parse_custom_timesteps(getattr(self, key), key=key)
+                     for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps")
+                     if getattr(self, key) is not None}
+            if method == "glance":  # the sampling schedule Slow + Fast, built after the Slow phase's training
+                glance_schedule(lists["glance_slow_timesteps"], lists["glance_fast_timesteps"])
+        except TimestepListError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def _validate_prediction_type(self, method: str) -> None:
@@ -303,6 +310,11 @@ class Config:
                               "with 'twinflow_allow_no_ema_teacher': true (or 'twinflow_require_ema': false)")
         if self.flow_custom_timesteps is not None:
             raise ConfigError("'flow_custom_timesteps' cannot be combined with TwinFlow (it samples its own times)")
+        frozen_teacher = self.use_ema and self.ema_decay >= 1.0
+        if self.twinflow_enhanced_ratio >= 1.0 and not frozen_teacher:
+            raise ConfigError(f"'twinflow_enhanced_ratio' {self.twinflow_enhanced_ratio} >= 1 with a teacher that "
+                              "follows the student: the learnt guidance scale grows towards 1/(1 - r), without bound "
+                              "for r >= 1; use r < 1, or a frozen teacher (ema_decay 1)")
 
 
 def stage_set_by(user_ds: dict) -> bool:
@@ -338,6 +350,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
         overrides = parse_overrides(overrides, FIELDS)
     for k, v in (overrides or {}).items():
         raw[normalize_key(k)], source[normalize_key(k)] = v, " on the command line"
+    for key in [k for k in raw if k in SIMPLETUNER_ONLY]:
+        simpletuner_only(key, raw.pop(key), source[key])
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:  # all of them at once: a config brought from elsewhere may have several
         raise ConfigError(closest_keys(unknown, source, FIELDS))

@@ -92,6 +92,21 @@ def load_glance_loras(pipe, slow_dir: str, fast_dir: str) -> None:
     pipe.set_adapters("slow")
 
 
+def schedule_run_for(scheduler, sigmas: Sequence[float]) -> str | None:
+    """None if `scheduler.set_timesteps(sigmas=...)` runs exactly `sigmas`; else what it runs instead. Diffusers'
+    flow schedulers rewrite given sigmas per their config: `shift`, dynamic shifting, `shift_terminal`, Karras /
+    exponential / beta spacing, `invert_sigmas`."""
+    config = scheduler.config
+    if config.get("use_dynamic_shifting"):  # by the image size (mu) at each call
+        return "use_dynamic_shifting=True: shifted by the image size"
+    probe = type(scheduler).from_config(config)
+    probe.set_timesteps(sigmas=list(sigmas))
+    ran = probe.sigmas[:len(sigmas)].double().cpu().tolist()
+    if len(probe.sigmas) > len(sigmas) and all(abs(a - b) <= 1e-6 for a, b in zip(ran, sigmas)):
+        return None
+    return "it would run sigmas " + ", ".join(f"{x:.4g}" for x in ran)
+
+
 def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast_dir: str | None,
                            slow: Sequence[float], fast: Sequence[float], *, num_inference_steps: int | None = None,
                            **call_kwargs):
@@ -106,11 +121,10 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
 
     sigmas, boundary = glance_schedule(slow, fast)
     steps = len(sigmas) - 1
-    config = pipe.scheduler.config
-    if config.get("use_dynamic_shifting") or config.get("shift", 1.0) != 1.0:  # diffusers would shift the lists
+    ran = schedule_run_for(pipe.scheduler, sigmas[:-1])
+    if ran is not None:  # diffusers shifts, stretches or re-spaces given sigmas as its config says
         raise ValueError(f"glance_pipeline_sample: the pipeline's {type(pipe.scheduler).__name__} shifts the sigmas it "
-                         f"is given (use_dynamic_shifting={config.get('use_dynamic_shifting')}, "
-                         f"shift={config.get('shift')}), but the Slow/Fast lists are the schedule itself: set "
+                         f"is given ({ran}), but the Slow/Fast lists are the schedule itself: set "
                          "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)")
     if num_inference_steps is not None and num_inference_steps != steps:
         raise ValueError(f"num_inference_steps={num_inference_steps} must equal the Slow+Fast list length ({steps})")

@@ -18,7 +18,7 @@ from fewstep.data.cache import atomic_save
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
 from fewstep.metrics import log_main
-from fewstep.methods.flow_matching import flow_matching_loss, resolution_shift, sample_sigmas
+from fewstep.methods.flow_matching import flow_matching_loss, sample_sigmas, schedule_shift
 from fewstep.methods.glance import (CustomTimestepSampler, foreign_reference_list, glance_schedule,
                                     parse_custom_timesteps)
 from fewstep.models.base import unwrap
@@ -93,8 +93,7 @@ def make_step(method: str, phase: Phase, ctx: StepContext) -> Callable[[int], tu
         if phase.sampler is not None:  # Glance / custom list: no shift, ever
             sigma = phase.sampler.sample()
         else:
-            shift = (resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if cfg.flow_schedule_auto_shift
-                     else cfg.flow_schedule_shift)
+            shift = schedule_shift(*x0.shape[-2:], cfg.flow_schedule_shift, cfg.flow_schedule_auto_shift)
             sigma = sample_sigmas(x0.shape[0], uniform=cfg.flow_use_uniform_schedule, logit_mean=cfg.flow_logit_mean,
                                   logit_std=cfg.flow_logit_std, shift=shift)
         loss, _ = flow_matching_loss(model, x0, sigma, cond)
@@ -151,8 +150,9 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
         return v_u + scale * (v - v_u)
 
     if phase.glance is None:
-        return euler_loop(guided, x, phase.sigmas or flow_sigmas(cfg.validation_num_inference_steps,
-                                                                 cfg.flow_schedule_shift)), None
+        sigmas = phase.sigmas or flow_sigmas(cfg.validation_num_inference_steps, schedule_shift(
+            *x.shape[-2:], cfg.flow_schedule_shift, cfg.flow_schedule_auto_shift))
+        return euler_loop(guided, x, sigmas), None
     # Glance: the image inference makes, Slow's list then Fast's. In the Slow phase the base model (LoRA off) stands
     # in for the untrained Fast; the Fast phase starts from the hand-off of the Slow phase's last validation.
     sigmas, boundary = glance_schedule(*phase.glance)

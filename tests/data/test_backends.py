@@ -71,6 +71,9 @@ def test_explicit_crop_takes_simpletuner_defaults(tmp_path, images):
     ({"prepend_instance_prompt": True}, "prepend_instance_prompt needs a non-empty 'instance_prompt'"),
     ({"probability": 0}, "'probability' must be > 0 .*'disabled': true"),
     ({"repeats": -1}, "'repeats' must be >= 0"),
+    ({"caption_extension": None}, "'caption_extension' must be a file extension such as \".txt\", got None"),
+    ({"caption_extension": 5}, "'caption_extension' must be a file extension"),
+    ({"disabled": "false"}, "'disabled' must be true or false, got 'false'"),  # not a truthy string turning it off
     ({"maximum_image_size": 64}, "'maximum_image_size' needs 'target_downsample_size'"),
     ({"resolution_type": "megapixel"}, "'resolution_type' must be one of pixel, area, pixel_area"),
     ({"resolution_type": "area", "resolution": 1024}, "'resolution' is in megapixels"),

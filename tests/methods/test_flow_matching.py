@@ -3,7 +3,7 @@ import math
 import torch
 
 from fewstep.methods.flow_matching import (flow_matching_loss, noisy_latents, resolution_shift, sample_sigmas,
-                                           shift_sigmas)
+                                           schedule_shift, shift_sigmas)
 
 
 def test_shift_matches_flux_time_shift():
@@ -12,6 +12,13 @@ def test_shift_matches_flux_time_shift():
     flux = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))  # diffusers' time_shift(mu, 1.0, sigma)
     assert torch.allclose(shift_sigmas(sigma, math.exp(mu)), flux)
     assert resolution_shift(256) == math.exp(0.5) and abs(resolution_shift(4096) - math.exp(1.15)) < 1e-12
+
+
+
+def test_schedule_shift_is_the_static_one_or_flux_rule_on_the_latent_size():
+    assert schedule_shift(64, 64, 3.0, auto=False) == 3.0
+    assert schedule_shift(64, 64, 3.0, auto=True) == resolution_shift(1024)  # 1024 tokens of 2x2 latent patches
+    assert schedule_shift(128, 128, 1.0, auto=True) == resolution_shift(4096) != resolution_shift(1024)
 
 
 def test_sampled_sigmas_in_range_and_distribution():

@@ -101,6 +101,28 @@ def test_stock_pipeline_matches_euler_loop(tiny, family):
     torch.testing.assert_close(images, (adapter.decode_latents(comps.vae, x) + 1) / 2, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "sdxl"])
+def test_a_bf16_transformer_call_is_the_stock_pipelines(tiny_dirs, family):
+    """In bf16, training's transformer call at a sigma is the one the stock pipeline makes there, bit for bit, the
+    timestep's dtype included: FLUX's and Qwen-Image's pipelines cast it to the latents' dtype, SD3's passes the
+    scheduler's fp32 timesteps (training once rounded SD3's to bf16: 0.999 became 1000, not 999)."""
+    adapter = get_adapter(family)
+    comps = adapter.load(str(tiny_dirs(family)), dtype=torch.bfloat16)
+    cond = adapter.encode_prompts(comps, PROMPTS[:1])
+    x0 = adapter.start_noise(comps, 1, 32, 32, torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    h, w = x0.shape[-2:]
+    seen = []
+    hook = comps.denoiser.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        for sigma in (0.999, 0.3337):
+            adapter.build_pipeline(comps)(**adapter.pipeline_prompt_kwargs(cond),
+                                          **adapter.pipeline_latent_kwargs(comps, x0), sigmas=[sigma],
+                                          num_inference_steps=1, output_type="latent")
+            ours = adapter.forward(comps.denoiser, x0, torch.tensor([sigma]), cond)
+            assert torch.equal(adapter.unpack(seen[-2], h, w), ours), sigma
+    hook.remove()
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_start_noise_is_what_the_stock_pipeline_draws(tiny, family):
     """`start_noise` + `pipeline_latent_kwargs` give the stock pipeline the very start latents it draws itself in
@@ -266,7 +288,8 @@ def test_tiny_name_resolves_and_is_cached(tiny_dirs, tmp_path, monkeypatch):
     # second resolution reuses the cache without rebuilding
     monkeypatch.setattr(tiny_mod, "save_tiny_pipeline", lambda *a, **k: pytest.fail("rebuilt a cached pipeline"))
     assert adapter.resolve("tiny:flux") == str(where)
-    with pytest.raises(ValueError, match="'tiny:sd3' names family 'sd3'"):
+    with pytest.raises(ValueError, match="'tiny:sd3' is a 'sd3' model, but model_family is 'flux': use "
+                                         "'tiny:flux', or set model_family 'sd3'"):
         adapter.resolve("tiny:sd3")
 
 

@@ -119,6 +119,34 @@ def test_sigmas_mu_timesteps_and_shift():
         TwinFlowScheduler(sigmas_policy="always").set_timesteps(sigmas=[0.5, 0.7])
 
 
+# The released bases' scheduler configs (their scheduler/scheduler_config.json, the keys that move the grid)
+STOCK_FLOW_SCHEDULERS = {
+    "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096),
+    "sd3": dict(shift=3.0),
+    "qwen_image": dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                       max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(STOCK_FLOW_SCHEDULERS))
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_from_a_stock_config_the_preset_samples_the_training_grid(family, n):
+    """`from_config(pipe.scheduler.config, **twinflow_preset(n))` (the README's idiom) samples the unshifted grid
+    TwinFlow trains on and validates with, whatever shift the base's config carries: Qwen-Image's shift_terminal
+    once moved a 1-step sample's only sigma to 0.02 (pure noise in, noise out), FLUX's and SD3's shifts moved the
+    others."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.schedulers.twinflow import twinflow_preset
+
+    stock = FlowMatchEulerDiscreteScheduler(**STOCK_FLOW_SCHEDULERS[family])
+    s = TwinFlowScheduler.from_config(stock.config, **twinflow_preset(n))
+    # as the Flux / Qwen-Image pipelines call it: their default sigmas, and mu for the image size
+    s.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n), mu=0.93)
+    np.testing.assert_allclose(s.sigmas.numpy(), NOTES_SIGMAS[n], atol=1e-4)
+
+
 def test_target_times():
     for mode, expected in (("few", [0.0, 0.0]), ("any", [0.6, 0.0]), ("mul", [0.999, 0.6])):
         s = TwinFlowScheduler(target_time=mode)

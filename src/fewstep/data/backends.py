@@ -228,7 +228,7 @@ def load_data_config(path: str, resolution_override: Optional[int] = None,
     live, ids = [], set()
     for i, entry in enumerate(entries):
         where = f"{path} entry {i}" + (f" ('{entry['id']}')" if "id" in entry else "")
-        if entry.get("disabled", entry.get("disable", False)):
+        if any(_flag(entry, k, where, False) for k in ("disabled", "disable")):
             continue  # SimpleTuner skips a disabled entry entirely
         key = str(entry.get("id", f"entry{i}"))
         if key in ids:
@@ -321,6 +321,8 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
     if prepend and isinstance(instance, list):
         raise DataError(f"{where}: prepend_instance_prompt needs a single 'instance_prompt' string")
     ext = entry.get("caption_extension", ".txt")
+    if not isinstance(ext, str) or not ext.strip("."):
+        raise DataError(f"{where}: 'caption_extension' must be a file extension such as \".txt\", got {ext!r}")
     probability = _number(entry, "probability", where, default=1.0)
     if not probability:
         raise DataError(f"{where}: 'probability' must be > 0 (SimpleTuner would read 0 as 1.0); to leave an entry "

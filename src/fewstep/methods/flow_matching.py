@@ -31,6 +31,12 @@ def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: i
     return math.exp(mu)
 
 
+def schedule_shift(latent_height: int, latent_width: int, static: float, auto: bool) -> float:
+    """The shift a flow-matching run trains and samples with: Flux's resolution rule when `auto` (the image tokens of
+    2x2 latent patches), else the static shift."""
+    return resolution_shift(latent_height * latent_width // 4) if auto else static
+
+
 def sample_sigmas(batch: int, *, uniform: bool = False, logit_mean: float = 0.0, logit_std: float = 1.0,
                   shift: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Training sigmas in (0, 1): logit-normal (SD3 paper) or uniform, then the shift."""

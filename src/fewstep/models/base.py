@@ -81,6 +81,9 @@ class FlowModelAdapter:
     sample_cfg_scale: float = 1.0  # CFG its multi-step samples take by default (1: none)
     default_text_len: int = 512  # the pipeline __call__ default max_sequence_length (long text encoder)
     diffusion_base: bool = False  # an epsilon/v-prediction model that `forward` bridges to flow (diff2flow)
+    # The timestep's dtype in the stock pipeline's call: the latents' (FLUX, Qwen-Image cast it, so a bf16 model sees
+    # bf16-rounded times), or float32 (SD3 passes the scheduler's fp32 timesteps). Training feeds it the same way.
+    timestep_in_model_dtype: bool = True
 
     # ------------------------------------------------------------------ loading
     def load(self, name_or_path: str, *, dtype: torch.dtype = torch.float32, with_text: bool = True,
@@ -123,8 +126,8 @@ class FlowModelAdapter:
         if name.startswith("tiny:"):
             fam = name[len("tiny:"):]
             if _canonical(fam) != self.family:
-                raise ModelFamilyError(f"{name!r} names family {fam!r}, but this is the {self.family!r} adapter; "
-                                 f"use 'tiny:{self.family}' or get_adapter({fam!r})")
+                raise ModelFamilyError(f"{name!r} is a {fam!r} model, but model_family is {self.family!r}: use "
+                                       f"'tiny:{self.family}', or set model_family {fam!r}")
             from fewstep.models.tiny import ensure_tiny_pipeline
             return str(ensure_tiny_pipeline(self.family))
         return resolve_folder_or_hub(name, self.denoiser_subfolder)
@@ -258,7 +261,8 @@ class FlowModelAdapter:
         state = (anystep.anystep_state(module, tt, sign, t=sigma.float()) if tt is not None or sign is not None
                  else contextlib.nullcontext())
         with state:
-            sig = sigma.float() if self.diffusion_base else sigma.to(x.dtype)  # the bridge needs the exact sigma
+            exact = self.diffusion_base or not self.timestep_in_model_dtype  # the bridge needs the exact sigma too
+            sig = sigma.float() if exact else sigma.to(x.dtype)
             out = self._call_transformer(transformer, module, self.pack(x), sig, cond, h, w, guidance)
         return self.unpack(out, h, w)
 

@@ -20,6 +20,7 @@ class SD3Adapter(FlowModelAdapter):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     hook_time_scale = 1000.0  # SD3 passes the 0-1000 timestep straight to time_text_embed
+    timestep_in_model_dtype = False  # its pipeline passes the scheduler's fp32 timesteps
     default_text_len = 256
     packed = False
 

@@ -72,11 +72,19 @@ def default_gap_end(num_steps: int) -> float:
 PRESETS = {1: dict(target_time="any", stochastic_ratio=0.0, gap_end=None, kumaraswamy=(1.0, 1.0, 1.0))}
 
 
+# The grid TwinFlow trains on: t uniform in [0, 1], no shift. A stock pipeline's scheduler config carries its base's
+# shift (FLUX: dynamic; SD3: 3.0; Qwen-Image: dynamic and shift_terminal 0.02), which `from_config` would keep:
+# Qwen-Image's shift_terminal alone moves a 1-step sample's only sigma from 0.999 to 0.02.
+TRAINING_GRID = dict(shift=1.0, use_dynamic_shifting=False, shift_terminal=None)
+
+
 def twinflow_preset(num_steps: int) -> dict:
-    """TwinFlowScheduler settings for `num_steps` steps: the preset of the largest listed count <= num_steps."""
+    """TwinFlowScheduler settings for `num_steps` steps: the training grid (no shift) and the sampler preset of the
+    largest listed count <= num_steps. `TwinFlowScheduler.from_config(pipe.scheduler.config, **twinflow_preset(n))`
+    keeps only the base's own keys (its betas, for a diffusion base)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return dict(PRESETS[max(n for n in PRESETS if n <= num_steps)])
+    return {**TRAINING_GRID, **PRESETS[max(n for n in PRESETS if n <= num_steps)]}
 
 
 def ucgm_sigmas(num_steps: int, gap_start: float = 0.001, gap_end: float | None = None,
