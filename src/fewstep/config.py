@@ -64,6 +64,10 @@ class Config:
 
     # ---- data ----
     data_backend_config: Optional[str] = opt(None, "Path to a multidatabackend.json (SimpleTuner format).")
+    data_backend_sampling: str = opt("auto-weighting", "How each batch picks its entry of the data config: "
+                                     "'auto-weighting' (SimpleTuner's default) by probability x the entry's number "
+                                     "of images (repeats included), 'uniform' by probability alone.",
+                                     choices=("auto-weighting", "uniform"))
     resolution: Optional[int] = opt(None, "Training resolution in pixels (overrides the backend's).", lo=8)
     caption_dropout_probability: float = opt(0.0, "Probability of training on the empty-prompt embedding.",
                                              lo=0.0, hi=1.0)

@@ -30,6 +30,16 @@ def test_textfile_lines_are_captions(folder):
     assert captions(folder, multiline=False)[1] == ("red_circle.png", ["a red circle\n\n a round red thing"])
 
 
+def test_caption_files_with_a_byte_order_mark_or_not_utf8(folder):
+    with open(os.path.join(folder, "blue_sky.txt"), "wb") as fh:
+        fh.write("a blue sky".encode("utf-8-sig"))  # as Windows editors save it
+    assert captions(folder)[0] == ("blue_sky.png", ["a blue sky"])
+    with open(os.path.join(folder, "red_circle.txt"), "wb") as fh:
+        fh.write("un cercle rouge, été".encode("latin-1"))
+    with pytest.raises(DataError, match=r"caption file .*red_circle.txt is not UTF-8 text \(byte 17"):
+        captions(folder)
+
+
 def test_filename_and_instanceprompt(folder):
     assert captions(folder, caption_strategy="filename") == [("blue_sky.png", ["blue sky"]),
                                                             ("red_circle.png", ["red circle"])]

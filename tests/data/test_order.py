@@ -45,10 +45,20 @@ def test_every_step_is_one_bucket_and_ranks_take_disjoint_samples():
 def test_buckets_are_used_in_proportion_to_their_size():
     layout = layout_of([10, 3, 1])
     order = DataOrder(14, 2, 0, 1, seed=1)
-    per_round = [stream_of(layout, order.next_items(layout)[0][0]) for _ in range(5 * 8)]
-    for r in range(5):  # rounds of ceil(10/2) + ceil(3/2) + ceil(1/2) = 8 steps
-        assert Counter(per_round[8 * r:8 * (r + 1)]) == {0: 5, 1: 2, 2: 1}
-    assert per_round[:8] != per_round[8:16]  # each round shuffled anew
+    steps = [stream_of(layout, order.next_items(layout)[0][0]) for _ in range(5 * 14)]
+    for r in range(5):  # two rounds (6 + 8 batches of 2) hold every sample once: 10/2, 3/2 and 1/2 batches a round
+        assert Counter(steps[14 * r:14 * (r + 1)]) == {0: 10, 1: 3, 2: 1}
+    assert steps[:14] != steps[14:28]  # each round shuffled anew
+
+
+def test_a_bucket_smaller_than_the_global_batch_is_not_oversampled():
+    """One odd-sized image beside a thousand: each image is drawn about equally often. Each bucket once had a
+    whole global batch every round, so the one image made 64 draws for every draw of the others."""
+    layout = layout_of([1000, 3, 1])
+    order = DataOrder(1004, 64, 0, 1, seed=2)  # a global batch of 64: 8 ranks x 8, as one rank
+    draws = Counter(i for _ in range(8000) for i, _ in order.next_items(layout))  # 510 passes over the data
+    per_image = [sum(draws[i] for i in range(a, b)) / (b - a) for a, b in ((0, 1000), (1000, 1003), (1003, 1004))]
+    assert max(per_image) / min(per_image) < 1.3, per_image  # the one image comes 64 at a time, every 64th pass
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -73,6 +83,16 @@ def test_entry_probabilities_are_seeded_weights():
     assert ["often" if b.next_items(layout)[0][0] < 4 else "rare" for _ in range(200)] == picks[:200]
     other = DataOrder(8, 1, 0, 1, seed=4)
     assert ["often" if other.next_items(layout)[0][0] < 4 else "rare" for _ in range(200)] != picks[:200]
+
+
+@pytest.mark.parametrize("sampling, big_share", [("auto-weighting", 0.75), ("uniform", 0.5)])
+def test_entries_are_weighted_by_size_as_simpletuner_does(sampling, big_share):
+    """SimpleTuner's default (data_backend_sampling auto-weighting) weights an entry by probability x its size, so
+    that its multidatabackend.json gives the same mix here; "uniform" by probability alone."""
+    layout = layout_of([30, 10], entries=[("big", 1.0, [0]), ("small", 1.0, [1])])
+    order = DataOrder(40, 1, 0, 1, seed=3, sampling=sampling)
+    picks = [order.next_items(layout)[0][0] < 30 for _ in range(4000)]
+    assert abs(sum(picks) / 4000 - big_share) < 0.03
 
 
 def test_caption_variants_are_drawn_per_use_and_reproducible():

@@ -43,8 +43,12 @@ def in_threads(fn, items: list) -> list:
 
 
 def _textfile(path: str, multiline: bool) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
+        with open(path, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption file {path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") \
+            from None
     if not multiline:
         return [text.strip()]
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -4,9 +4,14 @@ The data are split into streams, one per (entry, bucket), each an endless sequen
 stream of n items is item perm_e[p % n] of epoch e = p // n (a seeded permutation per epoch, or file order without
 `shuffle`). One call of `next_items` is one micro-step of every rank together, a "slot":
 
-1. the slot's entry is drawn with weights `probability` (seeded by the slot number; one entry: always it);
-2. the entry's next batch comes from one of its buckets, following rounds in which bucket j appears
-   ceil(n_j / global batch) times, shuffled (seeded by the round number), so buckets are used in proportion to size;
+1. the slot's entry is drawn (seeded by the slot number; one entry: always it) with weights `probability` times the
+   entry's size (SimpleTuner's `data_backend_sampling` "auto-weighting", its default), or `probability` alone
+   ("uniform");
+2. the entry's next batch comes from one of its buckets, following rounds: round r gives bucket j
+   floor((r+1) n_j / G) - floor(r n_j / G) batches (G: the global batch), shuffled (seeded by the round number). A
+   round is one pass over the entry's data, and every bucket gets its share, n_j / G batches per round, exactly in
+   the long run: a bucket smaller than G appears in some rounds only (it once had a whole batch in every round, so
+   one odd-sized image could make a 64th of the batches);
 3. rank r takes positions c + r*B .. c + r*B + B - 1 of that stream (c: the stream's positions used so far), so
    every rank's micro-batch of a step has the same shape and the ranks' samples are disjoint (a bucket smaller than
    the global batch wraps into its next epoch).
@@ -17,7 +22,6 @@ entry with one bucket gives exactly the order of fewstep before buckets (its sta
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,6 +51,9 @@ class Layout:
         return Layout([Stream("all", list(range(n)), shuffle)], [("all", 1.0, [0])], [1] * n)
 
 
+SAMPLING = ("auto-weighting", "uniform")  # how entries are weighted (SimpleTuner's data_backend_sampling)
+
+
 def _hash_int(*parts) -> int:
     """A stable 63-bit integer of `parts` (identical on every rank, run and Python)."""
     digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
@@ -57,9 +64,12 @@ class DataOrder:
     """This rank's view of the order (see the module doc). `n` and `shuffle` describe the data when `next_items` is
     given no layout (a plain dataset of n items)."""
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
+                 sampling: str = "auto-weighting"):
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.sampling = seed, shuffle, sampling
         self.slot, self.entry_slots, self.positions = 0, {}, {}
         self._legacy: Optional[int] = None  # `consumed` of a pre-bucket checkpoint, applied at the first draw
         self._perms: dict = {}
@@ -85,7 +95,8 @@ class DataOrder:
     def _entry(self, layout: Layout) -> int:
         if len(layout.entries) == 1:
             return 0
-        weights = [w for _, w, _ in layout.entries]
+        weights = [w * (sum(len(layout.streams[j].items) for j in ids) if self.sampling == "auto-weighting" else 1)
+                   for _, w, ids in layout.entries]
         u = _hash_int("entry", self.seed, self.slot) / 2 ** 63 * sum(weights)
         for e, w in enumerate(weights):
             u -= w
@@ -94,14 +105,23 @@ class DataOrder:
         return len(weights) - 1
 
     def _stream(self, layout: Layout, e: int, k: int) -> int:
-        """The stream of entry e's k-th batch: rounds listing bucket j ceil(n_j / global batch) times."""
+        """The stream of entry e's k-th batch (see the module doc, step 2)."""
         name, _, ids = layout.entries[e]
         if len(ids) == 1:
             return ids[0]
-        counts = [math.ceil(len(layout.streams[j].items) / self.global_batch) for j in ids]
-        rnd, pos = divmod(k, sum(counts))
-        key = (name, rnd, tuple(counts))
+        sizes, g = [len(layout.streams[j].items) for j in ids], self.global_batch
+
+        def batches_before(r):  # in rounds 0 .. r-1
+            return sum(n * r // g for n in sizes)
+
+        lo, hi = 0, (k + len(sizes)) * g // sum(sizes) + 1  # batches_before(hi) > k: the round is in [lo, hi)
+        while hi - lo > 1:  # the round r with batches_before(r) <= k < batches_before(r + 1)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if batches_before(mid) <= k else (lo, mid)
+        rnd, pos = lo, k - batches_before(lo)
+        key = (name, rnd, tuple(sizes), g)
         if key not in self._rounds:
+            counts = [n * (rnd + 1) // g - n * rnd // g for n in sizes]
             sched = [j for j, c in zip(ids, counts) for _ in range(c)]
             if all(layout.streams[j].shuffle for j in ids):
                 g = torch.Generator().manual_seed(_hash_int("round", self.seed, name, rnd))
