@@ -192,3 +192,68 @@ def test_pruning_keeps_the_newest_of_this_runs_past_and_leaves_a_later_runs_step
     assert checkpoint.later_than(root, 1600) == ["step-2000", "step-2500", "step-3000"]  # named at the resume
     os.remove(os.path.join(root, "step-1600", "trainer.json"))  # this run's newest lost: its own earlier step next
     assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1500")
+
+
+def _resave(root, step, marker):
+    """A finished .tmp-step-N holding `marker`, as a re-save of step N leaves it before its commit."""
+    tmp = os.path.join(root, f".tmp-step-{step}")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "trainer.json"), "w") as fh:
+        json.dump({"step": step, "files": [], "marker": marker}, fh)
+    return tmp
+
+
+def _marker(path):
+    with open(os.path.join(path, "trainer.json")) as fh:
+        return json.load(fh).get("marker")
+
+
+def test_a_resave_never_leaves_the_step_missing(tmp_path, monkeypatch):
+    """Re-saving step N (preempted at a skipped step right after a save of N) once deleted the live step-N before
+    the new copy replaced it: a kill in that window (minutes, for a 20B checkpoint) left no step-N, and `latest`
+    fell back to an older step or to a later run's. The old copy is now renamed aside until the new one is in place,
+    and put back if the commit stopped in between."""
+    root = str(tmp_path / "ckpt")
+    _complete(root, 100)
+    final = _complete(root, 200)
+    assert checkpoint._commit(root, final, _resave(root, 200, "first"), keep=5) is None
+    assert checkpoint._commit(root, final, _resave(root, 200, "again"), keep=5) is None  # the normal re-save
+    assert _marker(final) == "again" and sorted(os.listdir(root)) == ["latest", "step-100", "step-200"]
+
+    real = os.replace
+
+    def killed_before_the_new_copy_lands(src, dst):
+        if os.path.basename(src).startswith(".tmp-"):
+            raise KeyboardInterrupt  # the process ends here
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_copy_lands)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._commit(root, final, _resave(root, 200, "third"), keep=5)
+    monkeypatch.setattr(os, "replace", real)
+    assert not os.path.exists(final)  # only the aside copy holds step 200 now
+    assert checkpoint.resolve(root, "latest") == final and _marker(final) == "again"
+    assert not [n for n in os.listdir(root) if n.startswith(".replaced-")]
+
+
+def test_deepspeed_checkpoint_reads_are_memory_mapped(tmp_path):
+    """Every rank reads DeepSpeed's whole module-states file at a resume (a ZeRO-1/2 full model): mapped, the ranks
+    of a node share the page cache instead of each holding its own copy in RAM."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from fewstep.checkpoint_space import mapped_loads
+
+    path = str(tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"module": {"w": torch.arange(1 << 16, dtype=torch.float32)}}, path)
+    engine = type("Engine", (), {})()
+    engine.checkpoint_engine = TorchCheckpointEngine()
+
+    def mapped(state) -> bool:
+        with open("/proc/self/maps") as fh:
+            return path in fh.read() and state["module"]["w"].sum() > 0
+
+    with mapped_loads(engine):
+        assert mapped(engine.checkpoint_engine.load(path, map_location="cpu"))
+    assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again
+    assert not mapped(engine.checkpoint_engine.load(path, map_location="cpu"))

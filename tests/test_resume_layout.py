@@ -170,6 +170,7 @@ def test_full_finetune_two_ranks_to_one_within_a_stage(out):
     assert_restored(out, "full-w2", "full-back", "universal")
     assert_continues(out, "full-w1", "full-back", FULL_FILES)
     assert (out / "full-w2" / "checkpoints" / "step-2" / "universal" / "zero").is_dir()  # DeepSpeed's conversion
+    assert (out / "full-w2" / "checkpoints" / "step-2" / "universal" / "conversion-complete").is_file()  # ours, last
 
 
 @pytest.mark.parametrize("name", ["full-z3", "full-z3-bf16"])

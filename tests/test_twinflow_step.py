@@ -55,6 +55,27 @@ def test_teacher_rows_option_reaches_the_loss():
     assert _rows_per_pass("used", 0.1) == every
 
 
+def test_the_group_cycle_follows_the_checkpointed_data_order(monkeypatch):
+    """At batch sizes below 4 the e2e/mul/any/adv groups cycle over micro-steps. The cycle's position is the data
+    order's slot, which counts every micro-step (a skipped step's too) and is checkpointed: a resume continues the
+    cycle where an unbroken run is. It was once rebuilt from the applied steps alone, so a run that had skipped a
+    step resumed with other groups than the unbroken run."""
+    import fewstep.twinflow_step as twinflow_step
+
+    cycle = []
+    real = twinflow_step.assign_groups
+    monkeypatch.setattr(twinflow_step, "assign_groups", lambda b, micro, **kw: cycle.append(micro) or real(b, micro,
+                                                                                                           **kw))
+    ctx = tiny_step_context("flux", batch_size=1, **TWINFLOW)
+    step = make_twinflow_step(ctx)
+    step(0)
+    step(0)
+    resumed = tiny_step_context("flux", batch_size=1, **TWINFLOW)
+    resumed.order.load_state_dict({**ctx.order.state_dict(), "slot": 7})  # 7 micro-steps taken, skipped ones too
+    make_twinflow_step(resumed)(0)
+    assert cycle == [0, 1, 7]
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "sdxl"])
 def test_a_micro_step_never_waits_for_the_gpu(family):
     """A TwinFlow micro-step (batch, every pass through the family's real diffusers model, backward) only queues device

@@ -6,7 +6,9 @@ cursors) and `trainer.json`; `<output_dir>/checkpoints/latest` names the newest 
 
 Atomicity: everything is written into `.tmp-step-<N>/`; only after every rank has finished does rank 0 rename it to
 `step-<N>` and then replace `latest` (itself written to a temporary file first). A kill at any moment leaves the last
-completed checkpoint and `latest` intact; stale `.tmp-*` folders are removed at the next save.
+completed checkpoint and `latest` intact; stale `.tmp-*` folders are removed at the next save. Re-saving a step
+renames its old copy aside (`.replaced-step-<N>`) until the new one is in place, and `resolve` puts it back if the
+commit stopped in between. Which files a checkpoint holds, and who writes each: `fewstep.checkpoint_files`.
 
 Durability: on a shared filesystem a rename can reach the server before another client's file data does, so each rank
 fsyncs the files it wrote and the checkpoint's directories before the barrier that precedes the rename, and rank 0
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 
 import torch
@@ -36,6 +37,8 @@ import torch
 from fewstep import checkpoint_space as space
 from fewstep import faults, reshard, rng_streams
 from fewstep.checkpoint_layout import TRAINABLE_FILE, Resume, ResumeMismatch, plan, run_layout  # noqa: F401
+from fewstep.checkpoint_files import (fsync, fsync_own_files, inferred_files, listing, manifest, missing_files,
+                                      write_atomic)
 from fewstep.checkpoint_space import CheckpointWriteError  # noqa: F401
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import replay_adam_bias_correction
@@ -48,64 +51,6 @@ def _barrier():
     # Ranks write shards of very different sizes (under ZeRO-1/2 rank 0 writes the whole module state): a store-based
     # wait, not a collective bound by the process-group timeout.
     distributed.wait_for_all("checkpoint")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-# DeepSpeed's per-rank files ([bf16_]zero_pp_rank_<r>_mp_rank_00_{optim,model}_states.pt) and our rank<r>.pt
-_PER_RANK = re.compile(r"(?<=zero_pp_rank_)(\d+)(?=_)|(?<=^rank)(\d+)(?=\.pt$)")
-
-
-def _owner(name: str) -> int:
-    """The rank that writes a checkpoint file: per-rank files are rank r's, all others (DeepSpeed's module states under
-    ZeRO-0/1/2, its recovery scripts, trainer.json) rank 0's."""
-    m = _PER_RANK.search(name)
-    return int(m.group()) if m else 0
-
-
-def _for_rank(name: str, r: int) -> str:
-    """A per-rank file's name as rank r writes it."""
-    return _PER_RANK.sub(str(r), name, count=1)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)  # directories too: fsync on a directory persists its entries
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_own_files(directory: str, rank: int) -> None:
-    """fsync the files under `directory` that this rank wrote, then every directory of the tree, deepest first (each
-    rank added entries to them; a rank's fsync covers at least its own)."""
-    for here, _, files in os.walk(directory, topdown=False):
-        for name in files:
-            if _owner(name) == rank:
-                _fsync(os.path.join(here, name))
-        _fsync(here)
-
-
-def _manifest(directory: str, world_size: int) -> list[str]:
-    """Relative paths of every file a complete checkpoint holds, from rank 0's files in `directory` (written, its
-    others' possibly not yet): each per-rank file repeated for every rank, plus trainer.json."""
-    files = ["trainer.json"]
-    for here, _, names in os.walk(directory):
-        rel = os.path.relpath(here, directory)
-        for name in names:
-            if _owner(name) != 0:
-                continue
-            per_rank = _PER_RANK.search(name) is not None
-            for r in range(world_size) if per_rank else [0]:
-                files.append(os.path.normpath(os.path.join(rel, _for_rank(name, r) if per_rank else name)))
-    return sorted(set(files))
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -164,10 +109,10 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
                 world = distributed.world_size()
                 meta = {**trainer_state, "step": step, "world_size": world,
                         "zero_stage": engine.zero_optimization_stage(), "ema": rank_state.get("ema") is not None,
-                        "ema_maps": ema_map is not None, "files": _manifest(tmp, world)}
-                _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(meta, indent=1))
+                        "ema_maps": ema_map is not None, "files": manifest(tmp, world)}
+                write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(meta, indent=1))
             writing = tmp
-            _fsync_own_files(tmp, rank)
+            fsync_own_files(tmp, rank)
         except Exception as e:  # noqa: BLE001 - reported below on every rank; the others must not hang
             errors.append((getattr(e, "filename", None) or writing, e))
     faults.work_at("checkpoint")
@@ -198,20 +143,28 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
     return final
 
 
+REPLACED = ".replaced-"  # a step's previous copy while a re-save of that step is made current
+
+
 def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
     """Rank 0: rename the finished checkpoint into place, point `latest` at it, prune. Returns an error or None."""
-    if os.path.exists(final):  # re-saving the same step (e.g. preempted right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)  # the rename is durable before `latest` can name it
+    replaced = None
+    if os.path.exists(final):  # re-saving a step (preempted at a skipped step right after a save): the old copy is
+        replaced = os.path.join(root, REPLACED + os.path.basename(final))  # renamed aside, not deleted, until the
+        shutil.rmtree(replaced, ignore_errors=True)                       # new one is in place (a 20B copy takes
+        os.replace(final, replaced)                                       # minutes to delete: a kill meanwhile
+    os.replace(tmp, final)                                                # left no step-N at all)
+    fsync(root)  # the rename is durable before `latest` can name it
     try:
-        _write_atomic(os.path.join(root, "latest"), os.path.basename(final))
+        write_atomic(os.path.join(root, "latest"), os.path.basename(final))
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(root, "latest.tmp"))
         return (f"{os.path.basename(final)} is complete, but `latest` could not be updated ({e}; "
                 f"{space.free(root)} free on {root}); resume_from_checkpoint {final} resumes it")
-    _fsync(root)
+    fsync(root)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     # Prune this run's own past: steps below the one just written, the newest keep - 1 of them kept. Higher steps are
     # a later run's, left behind by a resume from an earlier step: pruning by step number would delete the
     # checkpoint just written, and `latest` would then fall back to the abandoned run.
@@ -230,37 +183,6 @@ class CheckpointNotFound(UserError, FileNotFoundError):
     """resume_from_checkpoint names a directory that does not exist."""
 
 
-def missing_files(path: str) -> list[str]:
-    """The files (relative paths) a complete checkpoint at `path` holds but this one lacks; [] if complete."""
-    try:
-        with open(os.path.join(path, "trainer.json")) as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        return ["trainer.json"]
-    except (OSError, ValueError):
-        return ["trainer.json (unreadable)"]
-    expected = meta["files"] if "files" in meta else _inferred_files(path)
-    return [f for f in expected if not os.path.isfile(os.path.join(path, f))]
-
-
-def _inferred_files(path: str) -> list[str]:
-    """For checkpoints written before trainer.json listed its files: every per-rank file present, repeated for every
-    rank up to the highest one seen (a missing last rank goes unnoticed)."""
-    per_rank = ["rank0.pt"]
-    for here, _, names in os.walk(path):
-        rel = os.path.relpath(here, path)
-        per_rank += [os.path.normpath(os.path.join(rel, n)) for n in names if _PER_RANK.search(n)]
-    world = 1 + max(_owner(os.path.basename(f)) for f in per_rank)
-    return sorted({os.path.join(os.path.dirname(f), _for_rank(os.path.basename(f), r))
-                   for f in per_rank for r in range(world)})
-
-
-def _listing(names: list[str], shown: int) -> str:
-    """'a, b, c and 5 more': a bounded line even when a save of hundreds of ranks died half way."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
 def resolve(root: str, spec: str | None) -> str | None:
     """'latest' -> the newest complete checkpoint under root (None if there is none); a path -> itself if complete.
 
@@ -276,11 +198,26 @@ def resolve(root: str, spec: str | None) -> str | None:
     missing = missing_files(spec)
     if missing:
         raise IncompleteCheckpointError(f"resume_from_checkpoint: checkpoint '{spec}' is incomplete, missing "
-                                        f"{_listing(missing, 10)} (an interrupted save or a lost shard)")
+                                        f"{listing(missing, 10)} (an interrupted save or a lost shard)")
     return spec
 
 
+def _restore_replaced(root: str) -> None:
+    """A re-save interrupted between its two renames leaves the step only as `.replaced-step-N`: put it back (and
+    drop copies whose step is back in place)."""
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(REPLACED):
+            aside, final = os.path.join(root, name), os.path.join(root, name[len(REPLACED):])
+            if os.path.exists(final):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, final)
+                print(f"fewstep: {os.path.basename(final)} restored from {name} (its re-save was interrupted)",
+                      flush=True)
+
+
 def _resolve_latest(root: str) -> str | None:
+    _restore_replaced(root)
     found = list_checkpoints(root)
     named = None
     if os.path.exists(os.path.join(root, "latest")):
@@ -297,7 +234,7 @@ def _resolve_latest(root: str) -> str | None:
         missing = missing_files(path)
         if not missing:
             break
-        skipped.append(f"{os.path.basename(path)} (missing {_listing(missing, 3)})")
+        skipped.append(f"{os.path.basename(path)} (missing {listing(missing, 3)})")
     else:
         path = None
     if skipped and distributed.rank() == 0:
@@ -307,8 +244,9 @@ def _resolve_latest(root: str) -> str | None:
 
 
 def _load_engine(path: str, engine) -> None:
-    engine.load_checkpoint(path, tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
-                           load_lr_scheduler_states=True)
+    with space.mapped_loads(engine):
+        engine.load_checkpoint(path, tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
 
 
 def load(path: str, engine, rank: int) -> tuple[dict, dict]:
@@ -348,7 +286,7 @@ def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Res
 def _plan(path: str, layout: dict, use_ema: bool) -> Resume:
     with open(os.path.join(path, "trainer.json")) as fh:
         meta = json.load(fh)
-    files = meta["files"] if "files" in meta else _inferred_files(path)
+    files = meta["files"] if "files" in meta else inferred_files(path)
     saved_ema = meta.get("ema")
     if saved_ema is None:  # written before trainer.json said so
         saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False,

@@ -31,11 +31,13 @@ import shutil
 import numpy as np
 import torch
 
-from fewstep import rng_streams
+from fewstep import checkpoint_space as space, rng_streams
+from fewstep.checkpoint_files import fsync, fsync_own_files
 from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch
 from fewstep.engine.deepspeed_engine import load_master, master_partitions
 
 UNIVERSAL_DIR = "universal"
+UNIVERSAL_DONE = "conversion-complete"  # written last, after every converted file
 
 
 def trainable_named(engine) -> list[tuple[str, torch.nn.Parameter]]:
@@ -219,9 +221,10 @@ def apply_trainable(engine, saved: dict) -> None:
 
 def convert_universal(path: str, engine_tag: str) -> str:
     """Rank 0: `ds_to_universal --inject_missing_state` of `path/<engine_tag>` into `path/universal` (once; written
-    to a temporary folder and renamed, so an interrupted conversion is redone)."""
+    to a temporary folder, fsynced, marked complete and renamed, so an interrupted conversion is redone and a rename
+    never reaches a shared filesystem before the files do)."""
     out = os.path.join(path, UNIVERSAL_DIR)
-    if os.path.isfile(os.path.join(out, "zero", "optimizer_state.pt")):
+    if os.path.isfile(os.path.join(out, UNIVERSAL_DONE)):
         return out
     from deepspeed.checkpoint import ds_to_universal
 
@@ -234,8 +237,12 @@ def convert_universal(path: str, engine_tag: str) -> str:
         ds_to_universal.main(args)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(path, "latest_universal"))  # the converter's pointer; fewstep names the tag itself
+    with open(os.path.join(tmp, UNIVERSAL_DONE), "w"):
+        pass
+    fsync_own_files(tmp, 0)  # every file (rank 0 wrote them all) and directory, the marker included
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    fsync(path)
     return out
 
 
@@ -244,8 +251,9 @@ def load_universal(engine, path: str) -> None:
     config = engine._config
     config.load_universal_checkpoint = True
     try:
-        engine.load_checkpoint(path, tag=UNIVERSAL_DIR, load_module_strict=False, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+        with space.mapped_loads(engine):
+            engine.load_checkpoint(path, tag=UNIVERSAL_DIR, load_module_strict=False, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
     finally:
         config.load_universal_checkpoint = False
 

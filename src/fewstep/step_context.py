@@ -25,7 +25,6 @@ class StepContext:
     dtype: torch.dtype          # the training compute dtype (bf16 or fp32)
     backend: str = "torch"      # kernel backend (fewstep.kernels.resolve_backend)
     ema: Optional[Any] = None   # fewstep.ema.EMA over the fp32 master partitions, or None
-    start_micro: int = 0        # micro-steps taken before this phase started (resume keeps group cycles exact)
     twinflow_times: list = field(default_factory=list)  # recent (t, tt) rows for the TensorBoard scatter
 
 

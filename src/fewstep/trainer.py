@@ -88,7 +88,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     phases: list[Phase] = build_phases(cfg, info)
     total = sum(p.steps for p in phases)
-    order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle)
+    order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle,
+                      sampling=cfg.data_backend_sampling)
     initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
@@ -130,6 +131,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         faults.work_at("logger")
         logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
     rng_streams.set_state(rank_state["rng"] if rank_state is not None else stream)  # last: nothing above draws on
+    rank_state = None  # a reshard's tensors map the checkpoint's files: held, NFS could not prune that checkpoint
 
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
                       dtype=dtype, backend=backend, ema=ema)
@@ -158,7 +160,6 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 reset_trainable(engine, initial_weights, scheduler, initial_sched)
                 if ema is not None:
                     ema.reset()
-            ctx.start_micro = step * cfg.gradient_accumulation_steps
             step_fn = make_step(method, phase, ctx)
             while step < phase_end:
                 outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard,

@@ -51,7 +51,6 @@ def make_twinflow_step(ctx: StepContext):
     model = any_step_model(velocity_fn(ctx))
     use_ema_teacher = ema is not None and 0.0 < cfg.ema_decay
     weights = TeacherWeights(engine, ema) if use_ema_teacher else None
-    counter = {"micro": ctx.start_micro}  # resumes the group cycle exactly
     needed = steps_for_every_group(cfg.train_batch_size, adversarial=cfg.twinflow_adversarial_enabled,
                                    weights=cfg.twinflow_group_weights)
     if cfg.gradient_accumulation_steps < needed:
@@ -80,10 +79,10 @@ def make_twinflow_step(ctx: StepContext):
 
     def step(micro: int):
         x0, cond, uncond = next_batch(ctx, with_uncond=True)
-        # Groups cycle over *all* micro-steps so batch sizes < 4 still see e2e/mul/any/adv rows in turn.
-        groups = assign_groups(x0.shape[0], counter["micro"], adversarial=cfg.twinflow_adversarial_enabled,
+        # Groups cycle over *all* micro-steps, so batch sizes < 4 still see e2e/mul/any/adv rows in turn. The data
+        # order's slot counts them (those of skipped steps too) and is checkpointed: a resume continues the cycle.
+        groups = assign_groups(x0.shape[0], ctx.order.slot - 1, adversarial=cfg.twinflow_adversarial_enabled,
                                weights=cfg.twinflow_group_weights)
-        counter["micro"] += 1
         update = ema.update if (ema is not None and micro == 0) else None  # once per optimizer step
         try:
             loss, logs = twinflow_loss(
