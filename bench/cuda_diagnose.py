@@ -18,9 +18,9 @@ and the module furthest away.
 
 Part B (training): 3 steps of the GPU check's training config, then one variant per suspect: the same run on this
 machine's CPU (the GPU box's torch without CUDA: a torch-version cause, not a CUDA one), the teacher passes on the
-whole batch (as the failing run had them), cuDNN attention off (torch
->= 2.11 prefers it for bf16 on Hopper), attention in SDPA's math kernel only, fused kernels off, overlap_comm off,
-fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0. Each row: exit status, the
+whole batch (as the failing run had them), cuDNN attention off (torch >= 2.11 prefers it for bf16 on Hopper),
+attention in SDPA's math kernel only, fused kernels off, overlap_comm off (then contiguous_gradients too; on the CPU
+neither ran: its accelerator is synchronised, so ZeRO-2 makes no reduction stream), fp32, no adversarial branch, no EMA, plain flow matching, ZeRO stage 0. Each row: exit status, the
 steps that were applied, and the trainer's own line naming what was non-finite (loss, gradients, this rank's
 non-finite terms and, with `nan_trace`, the first module whose output or output gradient went non-finite, e.g.
 `forward: single_transformer_blocks.0.attn (Attention) output in forward pass 2, inputs finite`). The first variant
@@ -54,6 +54,8 @@ VARIANTS = [("as the GPU check", {}),
                                           "enable_mem_efficient_sdp": False}}),
             ("fused_kernels off", {"fused_kernels": "off"}),
             ("overlap_comm off", {"deepspeed_config": {"zero_optimization": {"overlap_comm": False}}}),
+            ("overlap_comm and contiguous_gradients off",
+             {"deepspeed_config": {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}}}),
             ("fp32", {"mixed_precision": "no"}), ("no adversarial branch", {"twinflow_adversarial_enabled": False}),
             ("no EMA", {"use_ema": False}), ("flow matching (no TwinFlow)", {"twinflow_enabled": False}),
             ("ZeRO stage 0", {"zero_stage": 0})]

@@ -17,6 +17,7 @@ peak memory, and the split between time inside transformer calls and everything 
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -206,10 +207,13 @@ def main(argv):
                       ema=EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None)
     step_fn = make_step(cfg.resolved_method, Phase(cfg.resolved_method, 1), ctx)
 
+    losses = []  # read after the timing: a step whose loss is NaN times nothing worth reporting
+
     def one_step():
         loss, _ = step_fn(0)
         engine.backward(loss)
         engine.step()
+        losses.append(loss.detach().float())
 
     for _ in range(args.warmup):
         one_step()
@@ -252,6 +256,9 @@ def main(argv):
     instrumented = time.perf_counter() - t0
     h1.remove(), h2.remove()
     model_time = fwd_part + bwd
+    finite = bool(torch.isfinite(torch.stack(losses)).all())
+    grad_norm = engine.get_global_grad_norm()
+    finite = finite and (grad_norm is None or math.isfinite(float(grad_norm)))
     peak = measured_peak_tflops()
     achieved = flops / step_s / 1e12
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
@@ -265,7 +272,7 @@ def main(argv):
            "samples_per_s": args.batch / step_s, "tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
            "peak_bf16_tflops_measured": peak, "mfu": achieved / peak if peak == peak else float("nan"),
            "peak_mem_gib": mem, "model_pass_share": model_time / instrumented,
-           "non_model_share": 1 - model_time / instrumented}
+           "non_model_share": 1 - model_time / instrumented, "finite_losses_and_grad_norm": finite}
     if info.is_main:
         print("| metric | value |\n|---|---|")
         for k, v in res.items():
@@ -274,6 +281,10 @@ def main(argv):
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
     teardown()  # as launcher/train.py ends: gloo's threads can otherwise abort the exit of a multi-rank run
+    if not finite:
+        print("bench/train_step.py: a loss or the gradient norm was not finite: these timings are not figures",
+              file=sys.stderr)
+        sys.exit(3)
     return res
 
 

@@ -101,7 +101,10 @@ def _target_fwd_kernel(f_ptr, acc_ptr, tgt_ptr, cond_ptr, uncond_ptr, t_ptr, par
     if HAS_ACC:  # acc_len is n, or 0 on rows that never read acc: cof_r == 0 (t - tt < delta_t) or adversarial
         a = tl.load(acc_ptr + idx, mask=offs < tl.load(acc_len_ptr + row), other=0.0).to(CD)
         r = r - tl.load(cofr_ptr + row) * a
-    r = tl.minimum(tl.maximum(r, -clamp), clamp)
+    # NaN stays NaN, as in torch's clamp (Triton's default min/max return the other operand): a NaN teacher rollout
+    # must make the loss non-finite and the step skipped, not become the target F -/+ clamp
+    r = tl.minimum(tl.maximum(r, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
+                   propagate_nan=tl.PropagateNan.ALL)
     t = tl.where(keep, f - r, e)
     tl.store(t_ptr + idx, t, mask=mask)
     d = tl.where(mask, f - t, 0.0)

@@ -101,6 +101,20 @@ def test_cases_exercise_both_branches_and_the_clamp():
     assert (R[keep].abs() <= CLAMP).any()  # the rollout branch also has unclamped elements
 
 
+def test_a_nan_rollout_makes_its_rows_loss_nan_in_both_backends(poison):
+    """A NaN in a row's teacher rollout (a diverged teacher) must make that row's loss NaN, so the step is skipped.
+    The kernel's clamp once returned the other operand for NaN (Triton's default min/max), giving that row the
+    finite target F -/+ clamp, while torch's clamp kept the NaN."""
+    F, acc, target, t, tt, kw = make_case(5, (3, 17, 19), torch.float32, seed=11)
+    row = 3  # kind 3: any tt, reads the rollout
+    assert kw["rcgm_mask"][row] and (t - tt)[row] >= DELTA
+    acc[row].view(-1)[100] = float("nan")
+    (l_ref, _, _), (l_k, _, _) = run_both(F, acc, target, t, tt, kw, 256)
+    others = torch.arange(5, device=l_k.device) != row
+    assert torch.isnan(l_ref[row]) and torch.isnan(l_k[row])
+    assert torch.isfinite(l_k[others]).all() and rel_err(l_k[others], l_ref[others]) <= 1e-5
+
+
 def test_target_loss_without_acc(poison):
     """acc=None (no teacher rollout) equals an explicit all-zero rollout in the reference."""
     F, _, target, t, tt, kw = make_case(5, (7, 9), torch.float32, seed=3, with_acc=False)
