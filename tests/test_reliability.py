@@ -152,6 +152,25 @@ def _phase_files(out, phase):
     return weights, {k: info[k] for k in ("phase", "step", "sigmas", "resolution")}
 
 
+def test_a_failed_final_export_loses_no_training(tmp_path):
+    """The last step's checkpoint is written before the export: an export that fails (a full disk, an out-of-memory
+    gather, a kill) is redone on resume without retraining. It was written after, so with checkpointing_steps 0
+    the whole run was lost."""
+    backend = write_dataset(str(tmp_path), n=2)
+    cfg = write_config(str(tmp_path), backend, max_train_steps=3, checkpointing_steps=0, validation_steps=0,
+                       resume_from_checkpoint="latest", cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    (out / "pytorch_lora_weights.safetensors").mkdir(parents=True)  # the export cannot write its file
+    first = launch(cfg)
+    assert first.returncode != 0 and (out / "checkpoints" / "step-3" / "trainer.json").exists(), first.stderr[-2000:]
+    (out / "pytorch_lora_weights.safetensors").rmdir()
+    resumed = launch(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "finished at step 3 but not exported (interrupted); exporting" in resumed.stdout
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]  # nothing trained again
+    assert load_file(out / "pytorch_lora_weights.safetensors")
+
+
 @pytest.mark.parametrize("interruption", ["crash", "preempt"])
 def test_interruption_at_the_glance_phase_boundary_keeps_the_slow_export(tmp_path, interruption):
     """Interrupted right after the Slow phase's last step (checkpoint at step 6 written, Slow not yet exported), then

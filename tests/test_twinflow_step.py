@@ -27,6 +27,24 @@ def test_only_a_dropout_that_drops_keeps_the_teacher_on_the_whole_batch(family):
         assert has_dropout(model) is want
 
 
+def test_lora_never_wraps_the_anystep_layers():
+    """The any-step embeddings train in full; a LoRA target naming one of their layers is refused (wrapped, it gave
+    anystep_embeddings.safetensors peft's key names, which load_anystep could not read)."""
+    from fewstep.config import ConfigError
+
+    adapter = get_adapter("flux")
+    model = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
+    cfg = SimpleNamespace(model_type="lora", gradient_checkpointing=False, lora_rank=4, lora_alpha=4.0,
+                          lora_dropout=0.0, lora_targets=["to_q", "tt_linear_1"], lora_export_formats=["diffusers"])
+    with pytest.raises(ConfigError, match="no module of FluxTransformer2DModel is named 'tt_linear_1'"):
+        prepare_trainable(cfg, adapter, model, anystep_embeddings=True)
+    cfg.lora_targets = ["to_q"]
+    model = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
+    prepare_trainable(cfg, adapter, model, anystep_embeddings=True)
+    assert not [n for n, _ in model.anystep_embed.named_modules() if "lora" in n]
+    assert all(p.requires_grad for p in model.anystep_embed.parameters())
+
+
 def test_every_kind_of_dropout_layer_counts():
     for layer, want in ((torch.nn.Dropout2d(0.1), True), (torch.nn.AlphaDropout(0.2), True),
                         (torch.nn.Dropout(0.0), False), (torch.nn.Identity(), False)):

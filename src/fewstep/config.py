@@ -173,7 +173,8 @@ class Config:
         lo=0, hi=MAX_MMAP_THRESHOLD)
 
     # ---- checkpoints ----
-    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps, and at the end of each phase, before its "
+                                   "export (0: only there).",
                                    lo=0)
     checkpoints_total_limit: int = opt(3, "Keep this run's newest K checkpoints (a later run's steps, left by a "
                                           "resume from an earlier step, are kept and not counted).", lo=1)

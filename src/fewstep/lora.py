@@ -19,7 +19,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     TwinFlow's target-time and sign embeddings are trainable in both modes (frozen, as in SimpleTuner's port, they
     would make F(x, -t) == F(x, t) and L_rectify identically zero).
     """
-    if anystep_embeddings:
+    if anystep_embeddings and cfg.model_type == "full":
         adapter.add_anystep(transformer)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -33,7 +33,8 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     check_targets(transformer, targets)
     transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                        target_modules=targets, init_lora_weights=True))
-    if anystep_embeddings:
+    if anystep_embeddings:  # after the adapter, so that no LoRA target wraps its layers: they train in full, and a
+        adapter.add_anystep(transformer)  # wrapped one broke anystep_embeddings.safetensors (peft's key names)
         transformer.anystep_embed.requires_grad_(True)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if not trainable:

@@ -187,6 +187,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     log_main(is_main, f"preempted at step {step}, checkpoint saved")
                     preemption.clear()
                     return {"step": step, "preempted": True}
+            if last_saved["step"] != step:  # before the export: a failed or killed export loses no training
+                require_finite_weights(trainable, f"checkpoint step-{step}")
+                save(step)
             finish(phase, step)
             phase_start = phase_end
         if step == total and last_saved["step"] != step:  # a step-N of another run (before a rollback) is replaced
