@@ -5,8 +5,8 @@
 #
 # starts one task per GPU with srun (RANK/LOCAL_RANK from SLURM_PROCID/SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
 # MASTER_ADDR = first node of the job, MASTER_PORT derived from the job id), forwards USR1/TERM from the batch shell
-# to the tasks (as USR1: srun answers a TERM of its own by SIGKILLing every task), waits for them, and then requeues the job (`scontrol requeue`) unless Slurm itself is ending it
-# (scancel, time limit: no requeue). The requeued job restarts with the same job id, environment and arguments, so
+# to the tasks (as USR1: srun answers a TERM of its own by SIGKILLing every task), waits for them, and then requeues
+# the job (`scontrol requeue`) unless Slurm itself is ending it (scancel, time limit: no requeue). The requeued job restarts with the same job id, environment and arguments, so
 # the same output directory and `--resume_from_checkpoint latest` continue the run.
 #
 # Knobs (environment variables, set before `sbatch` or in the EDIT block below; jobs inherit the submitter's
@@ -58,14 +58,16 @@ _fewstep_on_signal() {
 # _fewstep_resume_hint ARGS...: how to resume the run in a new job, for a job ending without finishing or a requeue
 # (a new job gets a new id, and the default output directory follows the id).
 _fewstep_resume_hint() {
-    local prev="" a
-    for a in "$@"; do
-        if [ "$prev" = --output_dir ]; then
-            echo "fewstep-slurm: to resume this run in a new job: FEWSTEP_OUTPUT_DIR='$(realpath -m -- "$a")' sbatch" \
-                 "<the same script and arguments>" >&2
-        fi
+    local prev="" a dir=""
+    for a in "$@"; do  # the last one given is the one the trainer uses
+        if [ "$prev" = --output_dir ]; then dir=$a; fi
+        case $a in --output_dir=*) dir=${a#--output_dir=} ;; esac
         prev=$a
     done
+    if [ -n "$dir" ]; then
+        echo "fewstep-slurm: to resume this run in a new job: FEWSTEP_OUTPUT_DIR='$(realpath -m -- "$dir")' sbatch" \
+             "<the same script and arguments>" >&2
+    fi
 }
 
 # fewstep_setup: validate the allocation and export the rendezvous variables; cd to the checkout.
@@ -156,7 +158,7 @@ fewstep_launch() {
 
     if [ -z "$FEWSTEP_SIGNAL" ]; then
         echo "fewstep-slurm: job step finished with exit code $rc" >&2
-        [ "$rc" = 0 ] || _fewstep_resume_hint "$@"
+        [ "$rc" = 0 ] || [ "$rc" = 2 ] || _fewstep_resume_hint "$@"  # 2: a mistake refused before training
         return "$rc"
     fi
     # A signal while the job is still RUNNING (USR1 from --signal=B:USR1@..., or `scancel --signal=...`): the tasks

@@ -193,6 +193,7 @@ def resolve(root: str, spec: str | None) -> str | None:
         return None
     if spec == "latest":
         return _resolve_latest(root)
+    _restore_replaced(os.path.dirname(os.path.abspath(spec)))
     if not os.path.isdir(spec):
         raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'")
     missing = missing_files(spec)

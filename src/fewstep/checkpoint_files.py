@@ -41,12 +41,17 @@ def fsync(path: str) -> None:
         os.close(fd)
 
 
-def fsync_own_files(directory: str, rank: int) -> None:
+def fsync_tree(directory: str) -> None:
+    """fsync every file under `directory`, then every directory of the tree, deepest first."""
+    fsync_own_files(directory, None)
+
+
+def fsync_own_files(directory: str, rank: int | None) -> None:
     """fsync the files under `directory` that this rank wrote, then every directory of the tree, deepest first (each
     rank added entries to them; a rank's fsync covers at least its own)."""
     for here, _, files in os.walk(directory, topdown=False):
         for name in files:
-            if owner(name) == rank:
+            if rank is None or owner(name) == rank:
                 fsync(os.path.join(here, name))
         fsync(here)
 
@@ -64,7 +69,6 @@ def manifest(directory: str, world_size: int) -> list[str]:
             for r in range(world_size) if per_rank else [0]:
                 files.append(os.path.normpath(os.path.join(rel, for_rank(name, r) if per_rank else name)))
     return sorted(set(files))
-
 
 
 def missing_files(path: str) -> list[str]:

@@ -72,20 +72,23 @@ def deferred_errors(engine, errors: list):
 
 @contextlib.contextmanager
 def mapped_loads(engine):
-    """DeepSpeed's checkpoint reads (its `checkpoint_engine.load`: a plain `torch.load`) memory-mapped for the
-    block: every rank reads the whole module-states file, a ZeRO-1/2 full model (40 GB in bf16 at 20B), so 8 ranks of
-    a node held 8 copies in RAM at once; mapped, they share the page cache and keep only what they copy. A file
-    written in torch's legacy format cannot be mapped: read as before."""
+    """DeepSpeed's module-states reads (its `checkpoint_engine.load`: a plain `torch.load`) memory-mapped for the
+    block: every rank reads the whole file, a ZeRO-1/2 full model (40 GB in bf16 at 20B), so 8 ranks of a node held 8
+    copies in RAM at once; mapped, they share the page cache and keep only what they copy into the model. Optimizer
+    partitions are read as before (a CPU optimizer would keep mapped moments), and so is a file in torch's legacy
+    format, which cannot be mapped."""
     ce = engine.checkpoint_engine
     if type(ce).__name__ != "TorchCheckpointEngine":
         yield
         return
 
     def load(path, map_location=None):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
-        except RuntimeError:  # not a zipfile checkpoint
-            return torch.load(path, map_location=map_location, weights_only=False)
+        if "model_states" in os.path.basename(path):  # not the optimizer partitions: a CPU optimizer would keep
+            try:                                         # its moments mapped, holding the old file all run long
+                return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+            except RuntimeError:  # not a zipfile checkpoint
+                pass
+        return torch.load(path, map_location=map_location, weights_only=False)
 
     own = vars(ce).get("load")
     ce.load = load

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fewstep import checkpoint_space as space, rng_streams
-from fewstep.checkpoint_files import fsync, fsync_own_files
+from fewstep.checkpoint_files import fsync, fsync_tree
 from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch
 from fewstep.engine.deepspeed_engine import load_master, master_partitions
 
@@ -239,7 +239,7 @@ def convert_universal(path: str, engine_tag: str) -> str:
         os.remove(os.path.join(path, "latest_universal"))  # the converter's pointer; fewstep names the tag itself
     with open(os.path.join(tmp, UNIVERSAL_DONE), "w"):
         pass
-    fsync_own_files(tmp, 0)  # every file (rank 0 wrote them all) and directory, the marker included
+    fsync_tree(tmp)  # every file and directory, the marker included (rank 0 wrote them all)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     fsync(path)

@@ -104,8 +104,9 @@ def test_stock_pipeline_matches_euler_loop(tiny, family):
 @pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "sdxl"])
 def test_a_bf16_transformer_call_is_the_stock_pipelines(tiny_dirs, family):
     """In bf16, training's transformer call at a sigma is the one the stock pipeline makes there, bit for bit, the
-    timestep's dtype included: FLUX's and Qwen-Image's pipelines cast it to the latents' dtype, SD3's passes the
-    scheduler's fp32 timesteps (training once rounded SD3's to bf16: 0.999 became 1000, not 999)."""
+    timestep's rounding included: FLUX's and Qwen-Image's pipelines round t = 1000 sigma to bf16 and divide by 1000
+    there (training once rounded sigma itself: at 0.998 the pipeline's 1.0, training's 0.996), SD3's passes the
+    scheduler's fp32 t (training once rounded it to bf16: 0.999 became 1000, not 999)."""
     adapter = get_adapter(family)
     comps = adapter.load(str(tiny_dirs(family)), dtype=torch.bfloat16)
     cond = adapter.encode_prompts(comps, PROMPTS[:1])
@@ -114,7 +115,7 @@ def test_a_bf16_transformer_call_is_the_stock_pipelines(tiny_dirs, family):
     seen = []
     hook = comps.denoiser.register_forward_hook(lambda module, args, out: seen.append(out[0]))
     with torch.no_grad():
-        for sigma in (0.999, 0.3337):
+        for sigma in (0.999, 0.998, 0.77, 0.3337):
             adapter.build_pipeline(comps)(**adapter.pipeline_prompt_kwargs(cond),
                                           **adapter.pipeline_latent_kwargs(comps, x0), sigmas=[sigma],
                                           num_inference_steps=1, output_type="latent")

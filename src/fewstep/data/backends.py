@@ -321,6 +321,8 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
     if prepend and isinstance(instance, list):
         raise DataError(f"{where}: prepend_instance_prompt needs a single 'instance_prompt' string")
     ext = entry.get("caption_extension", ".txt")
+    if strategy != "textfile" and not isinstance(ext, str):
+        ext = ".txt"  # not used
     if not isinstance(ext, str) or not ext.strip("."):
         raise DataError(f"{where}: 'caption_extension' must be a file extension such as \".txt\", got {ext!r}")
     probability = _number(entry, "probability", where, default=1.0)

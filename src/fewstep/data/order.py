@@ -109,19 +109,19 @@ class DataOrder:
         name, _, ids = layout.entries[e]
         if len(ids) == 1:
             return ids[0]
-        sizes, g = [len(layout.streams[j].items) for j in ids], self.global_batch
+        sizes, gb = [len(layout.streams[j].items) for j in ids], self.global_batch
 
         def batches_before(r):  # in rounds 0 .. r-1
-            return sum(n * r // g for n in sizes)
+            return sum(n * r // gb for n in sizes)
 
-        lo, hi = 0, (k + len(sizes)) * g // sum(sizes) + 1  # batches_before(hi) > k: the round is in [lo, hi)
+        lo, hi = 0, (k + len(sizes)) * gb // sum(sizes) + 1  # batches_before(hi) > k: the round is in [lo, hi)
         while hi - lo > 1:  # the round r with batches_before(r) <= k < batches_before(r + 1)
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if batches_before(mid) <= k else (lo, mid)
         rnd, pos = lo, k - batches_before(lo)
-        key = (name, rnd, tuple(sizes), g)
+        key = (name, rnd, tuple(sizes), gb)
         if key not in self._rounds:
-            counts = [n * (rnd + 1) // g - n * rnd // g for n in sizes]
+            counts = [n * (rnd + 1) // gb - n * rnd // gb for n in sizes]
             sched = [j for j, c in zip(ids, counts) for _ in range(c)]
             if all(layout.streams[j].shuffle for j in ids):
                 g = torch.Generator().manual_seed(_hash_int("round", self.seed, name, rnd))

@@ -81,8 +81,9 @@ class FlowModelAdapter:
     sample_cfg_scale: float = 1.0  # CFG its multi-step samples take by default (1: none)
     default_text_len: int = 512  # the pipeline __call__ default max_sequence_length (long text encoder)
     diffusion_base: bool = False  # an epsilon/v-prediction model that `forward` bridges to flow (diff2flow)
-    # The timestep's dtype in the stock pipeline's call: the latents' (FLUX, Qwen-Image cast it, so a bf16 model sees
-    # bf16-rounded times), or float32 (SD3 passes the scheduler's fp32 timesteps). Training feeds it the same way.
+    # The timestep as the stock pipeline makes it: FLUX's and Qwen-Image's cast the scheduler's t = 1000 sigma to the
+    # latents' dtype and divide by 1000 there (bf16: 1000 sigma on a grid of 4 near 1000); SD3's passes t in fp32.
+    # Training feeds the model the same value (`pipeline_timestep`).
     timestep_in_model_dtype: bool = True
 
     # ------------------------------------------------------------------ loading
@@ -261,10 +262,16 @@ class FlowModelAdapter:
         state = (anystep.anystep_state(module, tt, sign, t=sigma.float()) if tt is not None or sign is not None
                  else contextlib.nullcontext())
         with state:
-            exact = self.diffusion_base or not self.timestep_in_model_dtype  # the bridge needs the exact sigma too
-            sig = sigma.float() if exact else sigma.to(x.dtype)
+            sig = self.pipeline_timestep(sigma, x.dtype)
             out = self._call_transformer(transformer, module, self.pack(x), sig, cond, h, w, guidance)
         return self.unpack(out, h, w)
+
+    def pipeline_timestep(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sigma in [0, 1] as the stock pipeline hands it to the denoiser (see `timestep_in_model_dtype`); exact
+        for a diffusion base (the diff2flow bridge needs it)."""
+        if self.diffusion_base or not self.timestep_in_model_dtype:
+            return sigma.float()
+        return (sigma.float() * 1000).to(dtype) / 1000
 
     def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance) -> torch.Tensor:
         raise NotImplementedError
