@@ -121,7 +121,8 @@ def build(work, mode, command):
     md += ["### Training step (`bench/train_step.py`)", ""]
     keys = ("device", "family", "blocks", "resolution", "batch", "method", "teacher_rows", "lora_rank", "params_base",
             "params_trainable", "s_per_step", "s_per_step_per_block", "samples_per_s", "tflop_per_step",
-            "achieved_tflops", "peak_bf16_tflops_measured", "mfu", "peak_mem_gib", "non_model_share")
+            "achieved_tflops", "peak_bf16_tflops_measured", "mfu", "peak_mem_gib", "non_model_share",
+            "finite_losses_and_grad_norm")
     have = [k for k in runs if ts[k]]
     if have:
         names = [f"{ts[k]['method']} {ts[k]['resolution']}px b{ts[k]['batch']}" +

@@ -10,7 +10,7 @@ with a 3584-wide one-layer text encoder and a small VAE (16 latent channels). Tr
 `launcher/train.py` under `torchrun --nproc_per_node 2` (gloo), so the trainer's own load, step and export paths
 are measured. A monitor thread resets each rank's peak RSS (`/proc/PID/clear_refs`, needs root) at every stage
 boundary the trainer logs and reads the peak (VmHWM) at the next: set-up + cache fill, load (model + engine),
-train (steps), export (validation + exports), checkpoint. The planner (`fewstep.planning`, CPU knobs) predicts
+train (steps), checkpoint (the last step's, written before the exports), export (validation + exports). The planner (`fewstep.planning`, CPU knobs) predicts
 the same stages; the table shows both.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 GiB = 2 ** 30
 TEXT_TOKENS = 20  # the data's captions, encoded (the planner's text length for this run)
-STAGES = [("setup", "fewstep: loading "), ("load", "trainable params | world"), ("train", ": validating and exporting"),
-          ("export", ": exported to"), ("checkpoint", "checkpoint saved:")]
+# (stage, the trainer's log line that ends it): the trainer saves its last checkpoint before it exports
+STAGES = [("setup", "fewstep: loading "), ("load", "trainable params | world"), ("train", "saving checkpoint step-"),
+          ("checkpoint", "checkpoint saved:"), ("export", ": exported to")]
 
 
 def qwen_config(blocks: int, heads: int = 24) -> dict:

@@ -245,6 +245,7 @@ def main(argv):
     sync()
     t0 = time.perf_counter()
     loss, _ = step_fn(0)
+    losses.append(loss.detach().float())
     sync()
     fwd_part = inside["t"]
     tb = time.perf_counter()
@@ -281,10 +282,9 @@ def main(argv):
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
     teardown()  # as launcher/train.py ends: gloo's threads can otherwise abort the exit of a multi-rank run
-    if not finite:
-        print("bench/train_step.py: a loss or the gradient norm was not finite: these timings are not figures",
-              file=sys.stderr)
-        sys.exit(3)
+    if not finite:  # the table says so too (finite_losses_and_grad_norm); the next runs of a GPU check still go on
+        print("bench/train_step.py: WARNING: a loss or the gradient norm was not finite: these timings are not "
+              "figures", file=sys.stderr)
     return res
 
 

@@ -158,7 +158,7 @@ fewstep_launch() {
 
     if [ -z "$FEWSTEP_SIGNAL" ]; then
         echo "fewstep-slurm: job step finished with exit code $rc" >&2
-        [ "$rc" = 0 ] || [ "$rc" = 2 ] || _fewstep_resume_hint "$@"  # 2: a mistake refused before training
+        [ "$rc" = 0 ] || _fewstep_resume_hint "$@"
         return "$rc"
     fi
     # A signal while the job is still RUNNING (USR1 from --signal=B:USR1@..., or `scancel --signal=...`): the tasks

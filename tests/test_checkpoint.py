@@ -238,7 +238,8 @@ def test_a_resave_never_leaves_the_step_missing(tmp_path, monkeypatch):
 
 def test_deepspeed_checkpoint_reads_are_memory_mapped(tmp_path):
     """Every rank reads DeepSpeed's whole module-states file at a resume (a ZeRO-1/2 full model): mapped, the ranks
-    of a node share the page cache instead of each holding its own copy in RAM."""
+    of a node share the page cache instead of each holding its own copy in RAM. Not under ZeRO-0, whose file holds
+    the optimizer state (a CPU optimizer would keep its moments mapped to the old file)."""
     import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
@@ -246,8 +247,8 @@ def test_deepspeed_checkpoint_reads_are_memory_mapped(tmp_path):
 
     path = str(tmp_path / "mp_rank_00_model_states.pt")
     torch.save({"module": {"w": torch.arange(1 << 16, dtype=torch.float32)}}, path)
-    engine = type("Engine", (), {})()
-    engine.checkpoint_engine = TorchCheckpointEngine()
+    engine = type("Engine", (), {"zero_optimization_stage": lambda self: self.stage})()
+    engine.checkpoint_engine, engine.stage = TorchCheckpointEngine(), 2
 
     def mapped(state) -> bool:
         with open("/proc/self/maps") as fh:
@@ -257,3 +258,6 @@ def test_deepspeed_checkpoint_reads_are_memory_mapped(tmp_path):
         assert mapped(engine.checkpoint_engine.load(path, map_location="cpu"))
     assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again
     assert not mapped(engine.checkpoint_engine.load(path, map_location="cpu"))
+    engine.stage = 0
+    with mapped_loads(engine):
+        assert not mapped(engine.checkpoint_engine.load(path, map_location="cpu"))

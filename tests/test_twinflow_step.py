@@ -43,6 +43,13 @@ def test_lora_never_wraps_the_anystep_layers():
     prepare_trainable(cfg, adapter, model, anystep_embeddings=True)
     assert not [n for n, _ in model.anystep_embed.named_modules() if "lora" in n]
     assert all(p.requires_grad for p in model.anystep_embed.parameters())
+    # a LoRA on the time embedding the any-step embedding takes its width from (SDXL's time_embedding.linear_2)
+    sdxl = get_adapter("sdxl")
+    unet = sdxl.load("tiny:sdxl", with_text=False, with_vae=False).denoiser
+    width = unet.time_embedding.linear_2.out_features
+    cfg.lora_targets = ["to_q", "time_embedding.linear_2"]
+    prepare_trainable(cfg, sdxl, unet, anystep_embeddings=True)
+    assert unet.anystep_embed.tt_linear_2.out_features == width
 
 
 def test_every_kind_of_dropout_layer_counts():

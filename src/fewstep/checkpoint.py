@@ -193,7 +193,8 @@ def resolve(root: str, spec: str | None) -> str | None:
         return None
     if spec == "latest":
         return _resolve_latest(root)
-    _restore_replaced(os.path.dirname(os.path.abspath(spec)))
+    if not os.path.isdir(spec):  # a re-save of exactly this step interrupted between its renames: put it back
+        _restore_replaced(os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.normpath(spec)))
     if not os.path.isdir(spec):
         raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'")
     missing = missing_files(spec)
@@ -203,11 +204,11 @@ def resolve(root: str, spec: str | None) -> str | None:
     return spec
 
 
-def _restore_replaced(root: str) -> None:
+def _restore_replaced(root: str, step_name: str | None = None) -> None:
     """A re-save interrupted between its two renames leaves the step only as `.replaced-step-N`: put it back (and
-    drop copies whose step is back in place)."""
+    drop copies whose step is back in place); `step_name`: only that step's."""
     for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name.startswith(REPLACED):
+        if name.startswith(REPLACED) and step_name in (None, name[len(REPLACED):]):
             aside, final = os.path.join(root, name), os.path.join(root, name[len(REPLACED):])
             if os.path.exists(final):
                 shutil.rmtree(aside, ignore_errors=True)

@@ -78,8 +78,8 @@ def mapped_loads(engine):
     partitions are read as before (a CPU optimizer would keep mapped moments), and so is a file in torch's legacy
     format, which cannot be mapped."""
     ce = engine.checkpoint_engine
-    if type(ce).__name__ != "TorchCheckpointEngine":
-        yield
+    if type(ce).__name__ != "TorchCheckpointEngine" or engine.zero_optimization_stage() not in (1, 2):
+        yield  # ZeRO-0 keeps the optimizer state in the module-states file; ZeRO-3's holds no weights
         return
 
     def load(path, map_location=None):

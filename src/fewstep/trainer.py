@@ -116,6 +116,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     @rng_streams.isolated()
     def save(at: int) -> None:
+        log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
         path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
@@ -192,7 +193,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 save(step)
             finish(phase, step)
             phase_start = phase_end
-        if step == total and last_saved["step"] != step:  # a step-N of another run (before a rollback) is replaced
+        if step == total and last_saved["step"] != step:  # resumed at the end from another run's folder: its own
             require_finite_weights(trainable, f"checkpoint step-{step}")
             save(step)
     finally:

@@ -41,6 +41,17 @@ def _unshare_available() -> str | None:
     return None if r.returncode == 0 else f"unshare -m does not work here: {r.stderr.strip()}"
 
 
+@pytest.fixture
+def node_local(tmp_path):
+    """The folder each 'node' of `_launch_nodes` sees as its own private tmpfs (skipped where `unshare -m` fails)."""
+    reason = _unshare_available()
+    if reason:
+        pytest.skip(reason)
+    path = tmp_path / "scratch"
+    path.mkdir()
+    return path
+
+
 def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None, node_files=None, kill_on_bad_exit=False):
     """Start ranks 0 and 1 as two 'nodes' (LOCAL_RANK 0 each), each with a private tmpfs mounted at `local_path`;
     `rank0_files`: a folder whose contents are copied into rank 0's tmpfs only (rank 1's gets an empty images/);
@@ -67,13 +78,8 @@ def _launch_nodes(cfg, local_path, port, extra_env=None, rank0_files=None, node_
     return [(p.wait(timeout=600), *p.communicate()) for p in procs]
 
 
-def test_two_nodes_each_fill_their_node_local_cache(tmp_path):
-    reason = _unshare_available()
-    if reason:
-        pytest.skip(reason)
+def test_two_nodes_each_fill_their_node_local_cache(tmp_path, node_local):
     backend = write_dataset(str(tmp_path), n=3)
-    node_local = tmp_path / "scratch"
-    node_local.mkdir()
     cfg = write_config(str(tmp_path), backend, cache_dir=str(node_local / "cache"), max_train_steps=2,
                        validation_steps=0, train_batch_size=1)
     results = _launch_nodes(cfg, str(node_local), free_port())
@@ -84,13 +90,8 @@ def test_two_nodes_each_fill_their_node_local_cache(tmp_path):
     assert len(read_metrics(tmp_path / "out")) == 2
 
 
-def test_node_local_output_dir_is_refused_by_name(tmp_path):
-    reason = _unshare_available()
-    if reason:
-        pytest.skip(reason)
+def test_node_local_output_dir_is_refused_by_name(tmp_path, node_local):
     backend = write_dataset(str(tmp_path), n=2)
-    node_local = tmp_path / "scratch"
-    node_local.mkdir()
     cfg = write_config(str(tmp_path), backend, output_dir=str(node_local / "run"), cache_dir=str(tmp_path / "c"))
     results = _launch_nodes(cfg, str(node_local), free_port())
     rc, out, err = results[0]
@@ -100,17 +101,12 @@ def test_node_local_output_dir_is_refused_by_name(tmp_path):
     assert "Traceback" not in err
 
 
-def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
+def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path, node_local):
     """Node-local data that only rank 0's node holds: every rank reads images (the first scan is spread over ranks),
     so the run stops with one line naming the rank and the image, on every rank, instead of a hang. Twice: the image
     folder exists on rank 1's node but is empty (the image is missing in rank 1's share of the scan); and no folder
     at all on rank 1's node (rank 1 fails reading the data config, outside any wait, while rank 0 waits for it)."""
-    reason = _unshare_available()
-    if reason:
-        pytest.skip(reason)
     write_dataset(str(tmp_path / "src"), n=4)
-    node_local = tmp_path / "scratch"
-    node_local.mkdir()
     backend = tmp_path / "multidatabackend.json"
     for image_dir, expected in ((node_local / "images", "failed during data probe: DataError: image '"),
                                 (node_local / "nowhere", "failed: DataError: ")):
@@ -130,16 +126,11 @@ def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path):
         assert len(own) == 1 and "does not exist" in own[0], results[1][2][-3000:]
 
 
-def test_a_config_missing_on_one_node_is_reported_by_that_node(tmp_path):
+def test_a_config_missing_on_one_node_is_reported_by_that_node(tmp_path, node_local):
     """The config file on a node-local disk that only rank 0's node has: rank 1 fails before the ranks meet, while
     rank 0 goes on to wait for it, and srun --kill-on-bad-exit then SIGKILLs rank 0. The only line the user gets is
     rank 1's, so rank 1 (its node's first rank) must print it."""
-    reason = _unshare_available()
-    if reason:
-        pytest.skip(reason)
     backend = write_dataset(str(tmp_path), n=2)
-    node_local = tmp_path / "scratch"
-    node_local.mkdir()
     (tmp_path / "rank0").mkdir()
     shutil.copy(write_config(str(tmp_path), backend), tmp_path / "rank0" / "config.json")
     results = _launch_nodes(str(node_local / "config.json"), str(node_local), free_port(),
@@ -150,13 +141,10 @@ def test_a_config_missing_on_one_node_is_reported_by_that_node(tmp_path):
     assert "Traceback" not in err
 
 
-def test_model_copies_that_differ_between_nodes_are_refused(tmp_path):
+def test_model_copies_that_differ_between_nodes_are_refused(tmp_path, node_local):
     """Each node has its own copy of the model at the same path (a node-local scratch disk); one node's text encoder
     differs (a partial or other copy). The ranks would fill different cache folders while splitting the work as
     one: every rank stops with one line instead."""
-    reason = _unshare_available()
-    if reason:
-        pytest.skip(reason)
     from fewstep.models.tiny import ensure_tiny_pipeline
 
     backend = write_dataset(str(tmp_path), n=2)
@@ -166,8 +154,6 @@ def test_model_copies_that_differ_between_nodes_are_refused(tmp_path):
     with open(copies[1] / "model" / "text_encoder" / "model.safetensors", "r+b") as fh:
         fh.seek(-4, os.SEEK_END)
         fh.write(b"\x01\x02\x03\x04")
-    node_local = tmp_path / "scratch"
-    node_local.mkdir()
     cfg = write_config(str(tmp_path), backend, pretrained_model_name_or_path=str(node_local / "model"),
                        cache_dir=str(tmp_path / "cache"))
     results = _launch_nodes(cfg, str(node_local), free_port(), node_files=[str(c) for c in copies])

@@ -170,16 +170,22 @@ def test_gpus_that_slurm_does_not_count_are_given_by_hand(slurm_cluster, tmp_pat
     assert "FEWSTEP_GPUS_PER_NODE='two': expected a number" in _log(tmp_path, job)
 
 
-def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
-    """`scancel JOB` sends TERM too; the job script forwards it but must not turn the cancel into a requeue."""
+def _running_probe_job(cluster, tmp_path, probe, term_delay):
+    """A 2-node CPU-mode job of probe tasks that sleep until signalled, once both tasks are up: (job id, out)."""
     out = tmp_path / "out"
     env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120",
-               PROBE_TERM_DELAY="3")
-    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
+               PROBE_TERM_DELAY=str(term_delay))
+    jobid = cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 60
-    while len(_task_envs(out)) < 2:  # both tasks are up
-        assert time.monotonic() < deadline, slurm_cluster.job(jobid)
+    while len(_task_envs(out)) < 2:
+        assert time.monotonic() < deadline, cluster.job(jobid)
         time.sleep(0.1)
+    return jobid, out
+
+
+def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
+    """`scancel JOB` sends TERM too; the job script forwards it but must not turn the cancel into a requeue."""
+    jobid, out = _running_probe_job(slurm_cluster, tmp_path, probe, term_delay=3)
     slurm_cluster.cmd("scancel", str(jobid))
     job = slurm_cluster.wait_finished(jobid, 60)
     time.sleep(1)  # a (wrong) requeue from the batch shell would land just after the cancel
@@ -214,14 +220,7 @@ def test_term_to_the_batch_shell_alone_reaches_the_tasks_as_a_checkpoint_request
     """TERM to the batch shell alone (`scancel --batch --signal=TERM`; sites' preemption set-ups): the tasks get
     USR1 and checkpoint. srun answers a TERM of its own with SIGKILL to every task ("forcing job termination"), so
     the batch shell must not pass TERM on as TERM."""
-    out = tmp_path / "out"
-    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120",
-               PROBE_TERM_DELAY="2")
-    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while len(_task_envs(out)) < 2:  # both tasks are up
-        assert time.monotonic() < deadline, slurm_cluster.job(jobid)
-        time.sleep(0.1)
+    jobid, out = _running_probe_job(slurm_cluster, tmp_path, probe, term_delay=2)
     slurm_cluster.cmd("scancel", "--batch", "--signal=TERM", str(jobid))
     job = slurm_cluster.wait(jobid, lambda j: j["Restarts"] != "0" or j["JobState"] != "RUNNING", 60)
     slurm_cluster.cmd("scancel", str(jobid), check=False)  # the requeued run would sleep on

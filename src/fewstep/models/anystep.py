@@ -133,6 +133,7 @@ def embedding_width(model: nn.Module, module: str | None = None) -> int:
     module's name; None looks at `time_embedding` and `time_text_embed`."""
     for name in ((module,) if module else ("time_embedding", "time_text_embed")):
         lin = getattr(getattr(model, name, None), "linear_2", None)
+        lin = getattr(lin, "base_layer", lin)  # a LoRA target: peft's wrapper holds the Linear
         if isinstance(lin, nn.Linear):
             return lin.out_features
     return model.config.num_attention_heads * model.config.attention_head_dim
