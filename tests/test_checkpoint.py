@@ -67,7 +67,9 @@ def test_every_file_and_directory_is_fsynced_before_the_rename(saved, stage):
     assert ("fsync", root) in kinds
     i_root = kinds.index(("fsync", root))
     i_latest = kinds.index(("replace", latest))
-    assert i_root < i_latest and ("fsync", latest + ".tmp") in kinds[:i_latest]
+    latest_tmp = after[i_latest][2]  # the temporary file renamed over `latest`
+    assert latest_tmp.startswith(latest + ".tmp")
+    assert i_root < i_latest and ("fsync", latest_tmp) in kinds[:i_latest]
     assert ("fsync", root) in kinds[i_latest:]
 
 

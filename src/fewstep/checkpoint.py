@@ -27,7 +27,6 @@ the previous checkpoint and `latest` are untouched, and every rank raises `Check
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,8 +36,8 @@ import torch
 from fewstep import checkpoint_space as space
 from fewstep import faults, reshard, rng_streams
 from fewstep.checkpoint_layout import TRAINABLE_FILE, Resume, ResumeMismatch, plan, run_layout  # noqa: F401
-from fewstep.checkpoint_files import (fsync, fsync_own_files, inferred_files, listing, manifest, missing_files,
-                                      write_atomic)
+from fewstep.checkpoint_files import fsync, fsync_own_files, inferred_files, listing, manifest, missing_files
+from fewstep.paths import write_atomic
 from fewstep.checkpoint_space import CheckpointWriteError  # noqa: F401
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import replay_adam_bias_correction
@@ -157,9 +156,7 @@ def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
     fsync(root)  # the rename is durable before `latest` can name it
     try:
         write_atomic(os.path.join(root, "latest"), os.path.basename(final))
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(root, "latest.tmp"))
+    except OSError as e:  # its partial file is removed by write_atomic
         return (f"{os.path.basename(final)} is complete, but `latest` could not be updated ({e}; "
                 f"{space.free(root)} free on {root}); resume_from_checkpoint {final} resumes it")
     fsync(root)

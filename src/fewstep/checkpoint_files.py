@@ -1,20 +1,11 @@
 """The files of a checkpoint: who writes each (per-rank files are rank r's, all others rank 0's), the manifest a
-complete one lists in `trainer.json`, what an incomplete one lacks, and the fsyncs and atomic small writes that make
-a commit durable on a shared filesystem (see `fewstep.checkpoint`)."""
+complete one lists in `trainer.json`, what an incomplete one lacks, and the fsyncs that make a commit durable on a
+shared filesystem (see `fewstep.checkpoint`)."""
 from __future__ import annotations
 
 import json
 import os
 import re
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # DeepSpeed's per-rank files ([bf16_]zero_pp_rank_<r>_mp_rank_00_{optim,model}_states.pt) and our rank<r>.pt

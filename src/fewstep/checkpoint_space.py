@@ -20,6 +20,7 @@ import torch
 
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import master_partitions
+from fewstep.engine.nonfinite import overridden
 from fewstep.errors import UserError
 
 SPACE_CHECK_ENV = "FEWSTEP_CHECKPOINT_SPACE_CHECK"
@@ -90,15 +91,8 @@ def mapped_loads(engine):
                 pass
         return torch.load(path, map_location=map_location, weights_only=False)
 
-    own = vars(ce).get("load")
-    ce.load = load
-    try:
+    with overridden(ce, {"load": load}):
         yield
-    finally:
-        if own is None:
-            del ce.load
-        else:
-            ce.load = own
 
 
 def save_torch(obj, path: str, **kwargs) -> None:

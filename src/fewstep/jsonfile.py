@@ -3,7 +3,7 @@ fewstep's atomically."""
 import json
 import os
 
-from fewstep.paths import removed_on_failure, temporary_beside
+from fewstep.paths import write_atomic
 
 
 def load_json(path: str, error: type[Exception], what: str):
@@ -18,13 +18,5 @@ def load_json(path: str, error: type[Exception], what: str):
 
 
 def save_json(path: str, obj, **dump_options) -> None:
-    """Write `obj` as JSON to `path` atomically: into a temporary file of this process beside it
-    (`paths.temporary_beside`), flushed to disk, then renamed over `path`, so a reader sees the whole new file or the
-    previous one; a failed write (a full disk) leaves nothing behind."""
-    tmp = temporary_beside(path)
-    with removed_on_failure(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, **dump_options)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    """Write `obj` as JSON to `path` atomically (`paths.write_atomic`)."""
+    write_atomic(path, json.dumps(obj, **dump_options))

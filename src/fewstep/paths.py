@@ -33,6 +33,19 @@ def temporary_beside(path: str) -> str:
     return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` atomically: into a temporary file of this process beside it, flushed to disk, then
+    renamed over `path`, so a reader sees the whole new file or the previous one; a failed write (a full disk) leaves
+    nothing behind."""
+    tmp = temporary_beside(path)
+    with removed_on_failure(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def removed_on_failure(tmp: str):
     """Remove the temporary file `tmp` if the block fails (a full disk, an interrupt): its partial contents would

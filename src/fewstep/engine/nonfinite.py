@@ -174,7 +174,7 @@ def local_grads_finite(engine) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _overridden(obj, attrs: dict):
+def overridden(obj, attrs: dict):
     """Set instance attributes for the duration of the block, then restore exactly what was there (an instance
     attribute, e.g. the LR scheduler's wrapper around a torch optimizer's `step`, or none: the class's)."""
     missing = object()
@@ -216,15 +216,15 @@ def _forced_overflow(opt, kind: str):
         def check(update_scale=True):
             opt.overflow = True
             return opt._loss_scale_update_and_overflow_cleanup() if update_scale else True
-        return _overridden(opt, {"_overflow_check_and_loss_scale_update": check})
+        return overridden(opt, {"_overflow_check_and_loss_scale_update": check})
     if kind == "zero12":
-        return _overridden(opt, {"check_grad_overflow": True,
+        return overridden(opt, {"check_grad_overflow": True,
                                  "check_overflow": lambda partition_gradients=True: setattr(opt, "overflow", True)})
     if kind == "bf16":
-        return _overridden(opt, {"step": lambda closure=None: _bf16_skip(opt)})
+        return overridden(opt, {"step": lambda closure=None: _bf16_skip(opt)})
     if kind == "fp16":
-        return _overridden(opt, {"step": lambda closure=None: opt._skip_invalid_grad_norm()})
-    return _overridden(opt, {"step": lambda closure=None: None, "overflow": True})
+        return overridden(opt, {"step": lambda closure=None: opt._skip_invalid_grad_norm()})
+    return overridden(opt, {"step": lambda closure=None: None, "overflow": True})
 
 
 def _persistent_grad_buffers(opt, kind: str) -> list[torch.Tensor]:
