@@ -101,7 +101,14 @@ def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, 
 
     config = adapter.denoiser_cls.load_config(folder)
     # from_config runs every parameter's initialiser (overwritten below; the trainer restores its RNG stream after)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):  # a broadcast per parameter
+    # The dtype comes from the config's bf16 / fp16 sections: zero.Init's own `dtype` argument is dropped where the
+    # accelerator lacks fp16 (DeepSpeed 0.19 reads `dtype or fp16 if fp16_supported else bf16`: an fp32 run on a CPU
+    # without AVX512-FP16 was built in bf16).
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    if init.dtype != dtype:
+        raise ValueError(f"the DeepSpeed config builds ZeRO-3 parameters in {init.dtype}, the run trains in {dtype}: "
+                         "its bf16 / fp16 sections must match mixed_precision")
+    with init:  # a broadcast per parameter
         model = adapter.denoiser_cls.from_config(config)
     with distributed.uneven_work("partitioned load"):
         load_partitioned(model, weight_files(folder))
