@@ -33,6 +33,15 @@ def write_dataset(root, n=2, size=40, seed=0, captions=None):
     return backend
 
 
+def sample_table(root, samples):
+    """`samples` (a list, as `collect_samples` gives) as the memory-mapped table the trainer's dataset reads, in a new
+    folder under `root`."""
+    import tempfile
+
+    from fewstep.data.table import SampleTable
+    return SampleTable.written(os.path.join(tempfile.mkdtemp(dir=str(root)), "samples"), samples)
+
+
 def write_config(root, backend, **overrides):
     cfg = {"--model_type": "lora", "--model_family": "flux", "--pretrained_model_name_or_path": "tiny:flux",
            "--data_backend_config": backend, "--output_dir": os.path.join(root, "out"), "--train_batch_size": 2,

@@ -10,11 +10,12 @@ from fewstep.data import dataset as dataset_mod
 from fewstep.data.backends import load_data_config
 from fewstep.data.cache import CachedDataset, CacheSet
 from fewstep.data.dataset import ProbeMemo, collect_samples
-from fewstep_testing import write_dataset
+from fewstep_testing import sample_table, write_dataset
 
 
 def _fill(tmp_path, samples, config, dtype, enc_img, enc_txt):
-    caches = CacheSet(samples, config.images, ["", "a validation prompt"], str(tmp_path / "cache"), "m", dtype=dtype)
+    caches = CacheSet(sample_table(tmp_path, samples), config.images, ["", "a validation prompt"],
+                      str(tmp_path / "cache"), "m", dtype=dtype)
     for root in caches.roots():
         caches.cache_at(root).fill(*caches.share(root, 0, 1), enc_img, enc_txt)
     return caches
@@ -39,7 +40,7 @@ def test_cache_is_stored_in_the_training_dtype(tmp_path):
     (lat16, txt16), (lat32, _) = ds16.item(0), ds32.item(0)
     assert lat16.dtype == txt16["prompt_embeds"].dtype == torch.bfloat16 and lat32.dtype == torch.float32
     assert torch.equal(lat16, lat32.to(torch.bfloat16)) and not torch.equal(lat16.float(), lat32)
-    assert ds16.latent_paths[0] != ds32.latent_paths[0]  # one cache per storage dtype: never mixed up
+    assert ds16.latent_path(0) != ds32.latent_path(0)  # one cache per storage dtype: never mixed up
     assert ds16.uncond["prompt_embeds"].dtype == torch.bfloat16
 
 
@@ -102,7 +103,8 @@ def test_memory_does_not_grow_with_the_data_set(tmp_path):
     assert len({s.caption for s in samples}) == n
     enc_img, enc_txt = _encoders(text_shape=(512, 1024))
     caches = _fill(tmp_path, samples, config, torch.float32, enc_img, enc_txt)
-    total = sum(os.path.getsize(c.text_path(q)) for q, c in caches.text_cache.items())
+    total = sum(map(os.path.getsize, glob.glob(os.path.join(tmp_path, "cache", "**", "text", "**", "*.safetensors"),
+                                               recursive=True)))
     assert total > 100 * 2 ** 20
     base = _reset_peak()
     ds = CachedDataset(caches, config.images, 1, ["a validation prompt"])

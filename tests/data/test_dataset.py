@@ -6,7 +6,7 @@ from PIL import Image
 
 from fewstep.data.cache import CachedDataset
 from fewstep.data.dataset import DataError, DataOrder, find_samples, load_backends, load_image
-from fewstep_testing import write_dataset
+from fewstep_testing import sample_table, write_dataset
 
 
 def test_pairs_by_stem_and_single_sample_is_valid(tmp_path):
@@ -89,6 +89,7 @@ def test_cache_computes_once_and_reloads(tmp_path):
 
     config = load_data_config(write_dataset(str(tmp_path), n=2))
     samples, _ = collect_samples(config, 1)
+    table = sample_table(tmp_path, samples)
     calls = {"img": 0, "txt": 0}
 
     def enc_img(px):
@@ -100,7 +101,7 @@ def test_cache_computes_once_and_reloads(tmp_path):
         return [{"prompt_embeds": torch.full((3, 4), float(len(p)) + 0.5)} for p in prompts]
 
     def fill(model):
-        caches = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), model)
+        caches = CacheSet(table, config.images, [""], str(tmp_path / "cache"), model)
         for root in caches.roots():
             caches.cache_at(root).fill(*caches.share(root, 0, 1), enc_img, enc_txt)
         return caches
@@ -113,7 +114,7 @@ def test_cache_computes_once_and_reloads(tmp_path):
     assert torch.equal(lat, load_image(samples[0].image_path, 32, 1)[:1] * 2.0)
     assert text["prompt_embeds"][0, 0].item() == len(samples[0].caption) + 0.5
     assert ds.uncond["prompt_embeds"][0, 0].item() == 0.5
-    other = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), "model-b")  # another model: its own
+    other = CacheSet(table, config.images, [""], str(tmp_path / "cache"), "model-b")  # another model: its own
     assert len(other.share(other.roots()[0], 0, 1)[0]) == 2
 
 

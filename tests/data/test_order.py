@@ -1,14 +1,18 @@
 """The bucketed data order: one bucket per step on every rank, disjoint rank shares, exact resume, entry
-probabilities, repeats and caption variants."""
+probabilities, repeats and caption variants, and the memory an order holds."""
+import tracemalloc
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 
 from fewstep.data.backends import ImageEntry
 from fewstep.data.buckets import Plan
 from fewstep.data.dataset import Sample, build_layout
 from fewstep.data.errors import DataError
 from fewstep.data.order import DataOrder, Layout, Stream
+from fewstep_testing import sample_table
 
 
 def layout_of(sizes, entries=None, variants=None):
@@ -126,13 +130,54 @@ def test_checkpoint_from_before_buckets_resumes_exactly():
         multi.next_items(layout_of([4, 3]))
 
 
-def test_build_layout_groups_by_entry_and_bucket_with_repeats():
+def test_build_layout_groups_by_entry_and_bucket_with_repeats(tmp_path):
     entries = [ImageEntry(id="a", image_dir=".", resolution=32.0, repeats=1),
                ImageEntry(id="b", image_dir=".", resolution=64.0, probability=0.5, shuffle=False)]
     plan = lambda w, h: Plan((w, h), (w, h))  # noqa: E731
     samples = [Sample("1.png", "x", entry=0, plan=plan(32, 32)), Sample("2.png", "y", ["y", "z"], 0, plan(40, 28)),
                Sample("3.png", "x", entry=0, plan=plan(32, 32)), Sample("4.png", "w", entry=1, plan=plan(64, 64))]
-    layout = build_layout(samples, entries)
-    assert [(s.key, s.items, s.shuffle) for s in layout.streams] == [
+    layout = build_layout(sample_table(tmp_path, samples), entries)
+    assert [(s.key, s.items.tolist(), s.shuffle) for s in layout.streams] == [
         ("a|32x32", [0, 2, 0, 2], True), ("a|40x28", [1, 1], True), ("b|64x64", [3], False)]
-    assert layout.entries == [("a", 1.0, [0, 1]), ("b", 0.5, [2])] and layout.variants == [1, 2, 1, 1]
+    assert layout.entries == [("a", 1.0, [0, 1]), ("b", 0.5, [2])] and layout.variants.tolist() == [1, 2, 1, 1]
+
+
+def test_streams_and_caption_counts_are_numpy_arrays():
+    """A list of Python ints costs about 36 bytes an item: at 10 million images, 8 ranks a node, gigabytes."""
+    layout = Layout([Stream("s", [3, 1, 2])], [("s", 1.0, [0])], [1, 2, 1, 300])
+    assert layout.streams[0].items.dtype == np.int64 and layout.variants.itemsize <= 2
+    assert Layout.single(4).streams[0].items.tolist() == [0, 1, 2, 3]
+    picks = DataOrder(4, 3, 0, 1, seed=0).next_items(layout)
+    assert all(type(i) is int and type(v) is int for i, v in picks)
+
+
+def test_an_order_holds_two_permutations_of_a_stream_whatever_the_epochs():
+    """Each rank keeps a stream's permutations of its two latest epochs (a micro-batch can span two), 8 bytes an
+    item: not lists of Python ints, nor one more permutation per epoch."""
+    n = 1_000_000
+    layout, order = Layout.single(n), DataOrder(n, 4, 0, 1, seed=0)
+
+    def held_after(epochs):  # micro-batches spanning epochs e - 1 and e
+        for e in epochs:
+            order.load_state_dict({"slot": e, "entries": {"all": e}, "positions": {"all": e * n - 2}})
+            order.next_items(layout)
+        return tracemalloc.get_traced_memory()[0] - base
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        first, later = held_after(range(1, 3)), held_after(range(3, 9))
+    finally:
+        tracemalloc.stop()
+    assert 8 * n <= first <= 2 * 8 * n + 2 ** 20, first  # at least one: tracemalloc sees the permutations
+    assert later <= first + 2 ** 20, (first, later)
+
+
+def test_small_buckets_cycling_through_epochs_keep_a_big_streams_permutation(monkeypatch):
+    """A one-image bucket goes through an epoch per sample; the big stream's permutation is still made once."""
+    layout = layout_of([5000, 1], entries=[("big", 1.0, [0]), ("tiny", 1.0, [1])])
+    order, made, randperm = DataOrder(5001, 4, 0, 1, seed=0, sampling="uniform"), [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: made.append(n) or randperm(n, **kw))
+    for _ in range(200):  # about 400 epochs of the tiny bucket, within the big one's first
+        order.next_items(layout)
+    assert made.count(5000) == 1

@@ -75,4 +75,4 @@ def test_the_encoders_come_from_the_resolved_source_not_the_hub_name(tmp_path, m
     assert len(dataset) == 2 and dataset.text[SHORT]["prompt_embeds"].shape[0] > 0
     key = model_key("flux", str(snapshot))
     assert key == model_key("flux", str(get_adapter("flux").resolve("tiny:flux")))  # by content, not by name
-    assert all(key in p for p in dataset.latent_paths)
+    assert all(key in dataset.latent_path(i) for i in range(len(dataset)))

@@ -4,6 +4,7 @@ Usage: torchrun --nproc_per_node 2 collectives_worker.py TMPDIR
 Prints "<check> ok" lines; any failed check raises.
 """
 import os
+import pickle
 import sys
 import time
 from datetime import timedelta
@@ -54,14 +55,23 @@ config, memo = load_data_config(os.path.join(tmp, "scan", "multidatabackend.json
 probed, real_probe = [], data_mod.probe_image
 data_mod.probe_image = lambda p: probed.append(p) or real_probe(p)
 os.environ["FEWSTEP_TEST_DELAY"] = f"scan:{2 * TIMEOUT}"
+originals, payloads = {}, []  # what the scan sends through object collectives (over NCCL: through the GPU)
+for name in ("broadcast_object", "gather_object", "all_gather_object"):
+    originals[name] = real = getattr(distributed, name)
+    setattr(distributed, name, lambda obj, *a, _real=real: payloads.append(pickle.dumps(obj)) or _real(obj, *a))
 samples, skipped, n = scan_images(config, 1, memo)
+for name, real in originals.items():
+    setattr(distributed, name, real)
 del os.environ["FEWSTEP_TEST_DELAY"]
+images = sorted(s.image_path for s in samples)
+assert payloads and not [p for p in payloads for path in images if os.path.basename(path).encode() in p], \
+    "an image path went through an object collective"
 shares = distributed.all_gather_object(sorted(probed))
 assert n == 5 and all(shares) and not set(shares[0]) & set(shares[1]) and sum(map(len, shares)) == 5, shares
 probed.clear()
 again = scan_images(config, 1, memo)
-assert again == (samples, skipped, 0) and not probed, (again[2], probed)
-assert (samples, skipped) == data_mod.collect_samples(config, 1)
+assert (list(again[0]), again[1:]) == (list(samples), (skipped, 0)) and not probed, (again[2], probed)
+assert (list(samples), skipped) == data_mod.collect_samples(config, 1)
 print("spread scan ok", flush=True)
 
 # The tiny pipeline a rank builds (the first rank to finish wins the cache) is complete on every rank: transformers

@@ -139,12 +139,13 @@ def test_training_batches_carry_each_images_size_and_crop(tiny_dirs, tmp_path):
     from fewstep.data.dataset import collect_samples
     from fewstep.data.order import DataOrder
     from fewstep.step_context import StepContext, next_batch
+    from fewstep_testing import sample_table
 
     sizes = {"im0.png": (48, 40), "im1.png": (40, 64), "im2.png": (56, 44)}  # (w, h), none square
     backend, img_dir = _images(str(tmp_path), list(sizes.values()))
     config = load_data_config(backend)
     samples, _ = collect_samples(config, 8)
-    caches = CacheSet(samples, config.images, [""], str(tmp_path / "cache"), "m")
+    caches = CacheSet(sample_table(tmp_path, samples), config.images, [""], str(tmp_path / "cache"), "m")
     for root in caches.roots():
         caches.cache_at(root).fill(*caches.share(root, 0, 1), lambda px: px[:, :1].clone(),
                                    lambda ps: [{"prompt_embeds": torch.randn(3, 4) + 1.0,

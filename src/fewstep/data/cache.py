@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
-from collections import Counter
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from fewstep.data.buckets import load_planned
 from fewstep.data.dataset import Sample, build_layout
+from fewstep.data.table import SampleTable
 from fewstep.models.source import folder_components
 from fewstep.paths import removed_on_failure, temporary_beside
 
@@ -168,12 +168,13 @@ class EmbeddingCache:
 
 
 class CacheSet:
-    """Which cache directory holds what: each sample's latents, each prompt's embeddings (see the module doc).
+    """Which cache directory holds what (see the module doc): an entry's latents and its captions' embeddings each
+    live in one directory; the empty and validation prompts in the default text directory.
 
     `work(root)` lists a directory's entries in one order on every rank, so that the ranks sharing the directory
     can split its filling (`share`)."""
 
-    def __init__(self, samples: list[Sample], entries: list, extra_prompts: list[str], base_dir: str, model: str,
+    def __init__(self, samples: SampleTable, entries: list, extra_prompts: list[str], base_dir: str, model: str,
                  default_text_dir: Optional[str] = None, text_batch_sizes: Optional[dict] = None,
                  dtype: torch.dtype = torch.float32):
         sizes = text_batch_sizes or {}
@@ -185,80 +186,95 @@ class CacheSet:
                 self.caches[directory] = EmbeddingCache(directory, model, size, dtype)
             return self.caches[directory]
 
-        self.samples = samples
-        self.latent_cache = [cache(entries[s.entry].vae_cache_dir) for s in samples]
-        self.text_cache: dict[str, EmbeddingCache] = {}
-        self._prompts: dict[str, set] = {}
-        for s in samples:
-            for p in s.captions:
-                self._add(p, cache(entries[s.entry].text_cache_dir))
-        for p in extra_prompts:
-            self._add(p, cache(default_text_dir))
-
-    def _add(self, prompt: str, cache: EmbeddingCache) -> None:
-        self.text_cache.setdefault(prompt, cache)
-        self._prompts.setdefault(cache.root, set()).add(prompt)
+        self.samples, self.extra_prompts = samples, list(dict.fromkeys(extra_prompts))
+        self.latent_cache = [cache(e.vae_cache_dir) for e in entries]  # per entry
+        self.text_cache = [cache(e.text_cache_dir) for e in entries]
+        self.extra_cache = cache(default_text_dir)
 
     def roots(self) -> list[str]:
         return sorted(c.root for c in self.caches.values())
 
-    def work(self, root: str) -> tuple[list[Sample], list[str]]:
-        """The unique latents and prompts stored under `root`, in the same order on every rank."""
-        seen, lat = set(), []
-        for s, c in zip(self.samples, self.latent_cache):
-            if c.root == root and (s.digest, s.plan) not in seen:
-                seen.add((s.digest, s.plan))
-                lat.append(s)
-        return lat, sorted(self._prompts.get(root, ()))
+    def _entries_at(self, per_entry: list[EmbeddingCache], root: str) -> np.ndarray:
+        """Indices of the samples whose entry keeps this kind of file under `root`."""
+        entries = [e for e, c in enumerate(per_entry) if c.root == root]
+        return np.flatnonzero(np.isin(self.samples.entries, entries))
+
+    def work(self, root: str) -> tuple[np.ndarray, list[str]]:
+        """The unique latents (sample indices, first of each image and plan) and prompts stored under `root`, in the
+        same order on every rank."""
+        table, mine = self.samples, self._entries_at(self.latent_cache, root)
+        if not len(mine):
+            return mine, self._prompts_at(root)
+        rows = np.concatenate([table.digests[mine].view(np.uint8).reshape(len(mine), -1),
+                               np.ascontiguousarray(table.plans[mine, :6]).view(np.uint8)], axis=1)
+        _, first = np.unique(rows, axis=0, return_index=True)  # an image repeated in entries is encoded once
+        return mine[np.sort(first)], self._prompts_at(root)
+
+    def _prompts_at(self, root: str) -> list[str]:
+        table = self.samples
+        prompts = {table.all_captions[k] for i in self._entries_at(self.text_cache, root)
+                   for k in range(table.caption_start[i], table.caption_start[i + 1])}
+        if self.extra_cache.root == root:
+            prompts.update(self.extra_prompts)
+        return sorted(prompts)
 
     def share(self, root: str, index: int, size: int) -> tuple[list[Sample], list[str]]:
         """What this rank (`index` of `size` ranks that see `root`) still has to compute for `root`."""
         lat, txt = self.work(root)
-        return self.cache_at(root).missing(lat[index::size], txt[index::size])
+        return self.cache_at(root).missing([self.samples[int(i)] for i in lat[index::size]], txt[index::size])
 
     def cache_at(self, root: str) -> EmbeddingCache:
         return next(c for c in self.caches.values() if c.root == root)
 
 
-class PromptEmbeddings(Mapping):
+class PromptEmbeddings:
     """prompt -> its cached embeddings, read from disk on each access; the `resident` prompts (the empty one, the
-    validation prompts) are read once and kept."""
+    validation prompts) are read once and kept. A caption is found in its entry's text cache (`CachedDataset.item`
+    knows which); looked up by text, the first cache that holds it answers."""
 
-    def __init__(self, paths: dict[str, str], resident: set[str]):
-        self.paths = paths
-        self.resident = {p: load_file(paths[p]) for p in sorted(resident) if p in paths}
+    def __init__(self, caches: list[EmbeddingCache], resident: list[str], resident_cache: EmbeddingCache):
+        self.caches = list(dict.fromkeys([resident_cache, *caches]))
+        self.resident = {p: load_file(resident_cache.text_path(p)) for p in resident}
 
     def __getitem__(self, prompt: str) -> dict:
         hit = self.resident.get(prompt)
-        return hit if hit is not None else load_file(self.paths[prompt])
-
-    def __iter__(self):
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        if hit is not None:
+            return hit
+        for cache in self.caches:
+            path = cache.text_path(prompt)
+            if os.path.exists(path):
+                return load_file(path)
+        raise KeyError(f"no cached embedding of prompt {prompt!r}")
 
 
 class CachedDataset:
     """The training set as cached tensors on disk: each sample's latents and caption embeddings are read when drawn
-    (module doc), and the `layout` the data order draws batches from (one bucket per batch)."""
+    (module doc), and the `layout` the data order draws batches from (one bucket per batch). Per sample, it holds
+    nothing in memory beyond the data order's indices: the samples are the memory-mapped `SampleTable`."""
 
     def __init__(self, caches: CacheSet, entries: list, multiple: int, extra_prompts: Optional[list[str]] = None):
         self.samples, self.entries, self.multiple = caches.samples, entries, multiple
-        self.latent_paths = [c.latent_path(s) for s, c in zip(self.samples, caches.latent_cache)]
-        resident = {""} | set(extra_prompts or [])
-        prompts = {p for s in self.samples for p in s.captions} | resident
-        self.text = PromptEmbeddings({p: caches.text_cache[p].text_path(p) for p in prompts}, resident)
+        self.latent_cache, self.text_cache = caches.latent_cache, caches.text_cache
+        resident = list(dict.fromkeys(["", *(extra_prompts or [])]))
+        self.text = PromptEmbeddings(self.text_cache, resident, caches.extra_cache)
         self.layout = build_layout(self.samples, entries)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def latent_path(self, i: int) -> str:
+        sample = self.samples[i]
+        return self.latent_cache[sample.entry].latent_path(sample)
+
     def latents(self, i: int) -> torch.Tensor:
-        return load_file(self.latent_paths[i])["latents"]
+        return load_file(self.latent_path(i))["latents"]
 
     def item(self, i: int, variant: int = 0) -> tuple[torch.Tensor, dict]:
-        return self.latents(i), self.text[self.samples[i].captions[variant]]
+        prompt = self.samples.caption(i, variant)
+        hit = self.text.resident.get(prompt)
+        if hit is None:
+            hit = load_file(self.text_cache[int(self.samples.entries[i])].text_path(prompt))
+        return self.latents(i), hit
 
     @property
     def uncond(self) -> dict:
@@ -274,12 +290,3 @@ class CachedDataset:
         factor = first.plan.target[0] // w  # the VAE's downsampling
         side = Geometry(self.entries[first.entry], self.multiple).square[0] // factor
         return c, side, side
-
-    def buckets(self) -> Counter:
-        """Images per (entry id, bucket "WxH")."""
-        return Counter((self.entries[s.entry].id, f"{s.plan.target[0]}x{s.plan.target[1]}") for s in self.samples)
-
-
-def describe(dataset: CachedDataset) -> str:
-    return json.dumps({"samples": len(dataset), "buckets": {f"{e} {b}": n for (e, b), n in dataset.buckets().items()},
-                       "captions": sorted({s.caption for s in dataset.samples})[:3]})

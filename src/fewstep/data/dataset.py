@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fewstep.data.backends import DataConfig, ImageEntry, load_data_config
@@ -180,18 +181,18 @@ class ProbeMemo:
         save_json(self.path, self.known)
 
 
-def build_layout(samples: list[Sample], entries: list[ImageEntry]) -> Layout:
-    """The order's view of the samples: one stream per (entry, bucket), with each entry's repeats."""
+def build_layout(samples, entries: list[ImageEntry]) -> Layout:
+    """The order's view of the samples (a `fewstep.data.table.SampleTable`): one stream per (entry, bucket), each
+    listing its sample indices in order, `repeats` + 1 times."""
     streams, groups = [], []
     for e, entry in enumerate(entries):
-        by_size: dict[tuple, list[int]] = {}
-        for i, s in enumerate(samples):
-            if s.entry == e:
-                by_size.setdefault(s.plan.target, []).append(i)
+        mine = np.flatnonzero(samples.entries == e)
+        targets = samples.targets[mine]
         ids = []
-        for (w, h), items in sorted(by_size.items()):
+        for w, h in np.unique(targets, axis=0):  # sorted by (w, h)
             ids.append(len(streams))
-            streams.append(Stream(f"{entry.id}|{w}x{h}", items * (entry.repeats + 1), entry.shuffle))
+            items = mine[(targets[:, 0] == w) & (targets[:, 1] == h)]
+            streams.append(Stream(f"{entry.id}|{w}x{h}", np.tile(items, entry.repeats + 1), entry.shuffle))
         if ids:
             groups.append((entry.id, entry.probability, ids))
-    return Layout(streams, groups, [len(s.captions) for s in samples])
+    return Layout(streams, groups, samples.variants())

@@ -18,13 +18,17 @@ stream of n items is item perm_e[p % n] of epoch e = p // n (a seeded permutatio
 
 The state is counters only (slots, per-entry slots, per-stream positions, keyed by name), so resume is exact. One
 entry with one bucket gives exactly the order of fewstep before buckets (its state's `consumed` too).
+
+Memory (every rank holds an order, of up to millions of images): numpy arrays, no Python ints per item; the order
+keeps the two latest permutations of each stream (8 bytes an item) and the two latest round schedules of each entry.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from fewstep.data.errors import DataError
@@ -32,9 +36,12 @@ from fewstep.data.errors import DataError
 
 @dataclass
 class Stream:
-    key: str           # "<entry id>|<W>x<H>": the state is keyed by it
-    items: list[int]   # dataset indices (an image repeated `repeats` extra times appears that often)
+    key: str              # "<entry id>|<W>x<H>": the state is keyed by it
+    items: Sequence[int]  # dataset indices (an image repeated `repeats` extra times appears that often)
     shuffle: bool = True
+
+    def __post_init__(self):
+        self.items = np.asarray(self.items, dtype=np.int64)  # no copy of an int64 array
 
 
 @dataclass
@@ -43,12 +50,16 @@ class Layout:
     how many caption variants each dataset index has."""
     streams: list[Stream]
     entries: list[tuple[str, float, list[int]]]  # (entry id, probability, its stream indices)
-    variants: list[int] = field(default_factory=list)
+    variants: Sequence[int] = field(default_factory=list)  # per dataset index; empty: one each
+
+    def __post_init__(self):
+        v = np.asarray(self.variants if self.variants is not None else (), dtype=np.int64)
+        self.variants = v.astype(np.min_scalar_type(v.max()) if len(v) else np.uint8)  # mostly 1 byte an image
 
     @staticmethod
     def single(n: int, shuffle: bool = True) -> "Layout":
         """n items in one stream (a dataset without buckets)."""
-        return Layout([Stream("all", list(range(n)), shuffle)], [("all", 1.0, [0])], [1] * n)
+        return Layout([Stream("all", np.arange(n), shuffle)], [("all", 1.0, [0])])
 
 
 SAMPLING = ("auto-weighting", "uniform")  # how entries are weighted (SimpleTuner's data_backend_sampling)
@@ -58,6 +69,16 @@ def _hash_int(*parts) -> int:
     """A stable 63-bit integer of `parts` (identical on every rank, run and Python)."""
     digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _latest(cache: dict, key, sub, make, keep: int = 2):
+    """cache[key][sub], made if absent; each key keeps its `keep` latest subs (the oldest made goes first)."""
+    recent = cache.setdefault(key, {})
+    if sub not in recent:
+        if len(recent) >= keep:
+            del recent[next(iter(recent))]
+        recent[sub] = make()
+    return recent[sub]
 
 
 class DataOrder:
@@ -72,25 +93,26 @@ class DataOrder:
         self.seed, self.shuffle, self.sampling = seed, shuffle, sampling
         self.slot, self.entry_slots, self.positions = 0, {}, {}
         self._legacy: Optional[int] = None  # `consumed` of a pre-bucket checkpoint, applied at the first draw
-        self._perms: dict = {}
-        self._rounds: dict = {}
+        self._perms: dict = {}   # stream key -> {epoch: permutation}, the two latest (a batch can span two epochs)
+        self._rounds: dict = {}  # entry name -> {(round, sizes, global batch): schedule}, the two latest
+        self._single: Optional[Layout] = None  # the layout of `n` items, made once
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
 
     # ---------------------------------------------------------------- drawing
-    def _perm(self, j: int, stream: Stream, epoch: int) -> Optional[list[int]]:
+    def _perm(self, j: int, stream: Stream, epoch: int) -> Optional[np.ndarray]:
         if not stream.shuffle:
             return None
-        key = (stream.key, epoch)
-        if key not in self._perms:
+
+        def make():
             seed = self.seed * 1_000_003 + epoch if j == 0 else _hash_int("perm", self.seed, stream.key, epoch)
-            g = torch.Generator().manual_seed(seed)
-            if len(self._perms) > 64:
-                self._perms.clear()
-            self._perms[key] = torch.randperm(len(stream.items), generator=g).tolist()
-        return self._perms[key]
+            # torch.randperm's values, written into numpy's memory (which tracemalloc sees; torch's it does not)
+            perm = np.empty(len(stream.items), dtype=np.int64)
+            torch.randperm(len(perm), generator=torch.Generator().manual_seed(seed), out=torch.from_numpy(perm))
+            return perm
+        return _latest(self._perms, stream.key, epoch, make)
 
     def _entry(self, layout: Layout) -> int:
         if len(layout.entries) == 1:
@@ -119,17 +141,15 @@ class DataOrder:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if batches_before(mid) <= k else (lo, mid)
         rnd, pos = lo, k - batches_before(lo)
-        key = (name, rnd, tuple(sizes), gb)
-        if key not in self._rounds:
+
+        def make():
             counts = [n * (rnd + 1) // gb - n * rnd // gb for n in sizes]
-            sched = [j for j, c in zip(ids, counts) for _ in range(c)]
+            sched = np.repeat(np.asarray(ids, dtype=np.int32), counts)
             if all(layout.streams[j].shuffle for j in ids):
                 g = torch.Generator().manual_seed(_hash_int("round", self.seed, name, rnd))
-                sched = [sched[i] for i in torch.randperm(len(sched), generator=g).tolist()]
-            if len(self._rounds) > 64:
-                self._rounds.clear()
-            self._rounds[key] = sched
-        return self._rounds[key][pos]
+                sched = sched[torch.randperm(len(sched), generator=g).numpy()]
+            return sched
+        return int(_latest(self._rounds, name, (rnd, tuple(sizes), gb), make)[pos])
 
     def _apply_legacy(self, layout: Layout) -> None:
         consumed, self._legacy = self._legacy, None
@@ -142,7 +162,9 @@ class DataOrder:
 
     def next_items(self, layout: Optional[Layout] = None) -> list[tuple[int, int]]:
         """This rank's next micro-batch: (dataset index, caption variant) pairs, all from one bucket."""
-        layout = layout or Layout.single(self.n, self.shuffle)
+        if layout is None:
+            self._single = self._single or Layout.single(self.n, self.shuffle)
+            layout = self._single
         if self._legacy is not None:
             self._apply_legacy(layout)
         e = self._entry(layout)
@@ -154,8 +176,8 @@ class DataOrder:
         out = []
         for p in range(c + self.rank * self.batch_size, c + (self.rank + 1) * self.batch_size):
             perm = self._perm(j, stream, p // n)
-            i = stream.items[perm[p % n] if perm is not None else p % n]
-            k_var = layout.variants[i] if layout.variants else 1
+            i = int(stream.items[perm[p % n] if perm is not None else p % n])
+            k_var = int(layout.variants[i]) if len(layout.variants) else 1
             out.append((i, _hash_int("caption", self.seed, stream.key, p) % k_var if k_var > 1 else 0))
         self.positions[stream.key] = c + self.global_batch
         self.entry_slots[name] = k + 1

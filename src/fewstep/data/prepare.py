@@ -14,8 +14,11 @@ no deadline): never inside a collective bound by `distributed_timeout_seconds`.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from collections import Counter
 
+import numpy as np
 import torch
 
 from fewstep import faults
@@ -23,13 +26,16 @@ from fewstep.data.backends import DataConfig, load_data_config
 from fewstep.data.buckets import Geometry
 from fewstep.data.cache import CachedDataset, CacheSet, model_key
 from fewstep.data.captions import in_threads
-from fewstep.data.dataset import ProbeMemo, Sample, list_images, plan_samples
+from fewstep.data.dataset import ProbeMemo, list_images, plan_samples
 from fewstep.data.errors import DataError
+from fewstep.data.table import SampleTable, StringColumn, write_table
 from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
+from fewstep.jsonfile import load_json, save_json
 from fewstep.metrics import log_main
 
 MEMO_NAME = "data_digests.json"  # in output_dir
+INDEX_NAME = "data_index"  # in output_dir: the last scan's files (`scan_images`)
 
 
 def resolution_multiple(adapter, name_or_path: str) -> int:
@@ -42,12 +48,14 @@ def resolution_multiple(adapter, name_or_path: str) -> int:
     return adapter.vae_scale_factor(vae) * adapter.patch_factor(None)
 
 
-def summary(config: DataConfig, samples: list[Sample], skipped: dict[str, Counter]) -> list[str]:
+def summary(config: DataConfig, samples: SampleTable, skipped: dict[str, Counter]) -> list[str]:
     """One line per image entry: images used, their buckets, the crop rule, and what was skipped and why."""
     lines = []
     for e, entry in enumerate(config.images):
-        sizes = Counter(f"{s.plan.target[0]}x{s.plan.target[1]}" for s in samples if s.entry == e)
-        buckets = ", ".join(f"{b} x{n}" for b, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
+        targets, first, counts = np.unique(samples.targets[samples.entries == e], axis=0, return_index=True,
+                                           return_counts=True)
+        sizes = {f"{w}x{h}": int(n) for _, _, (w, h), n in sorted(zip(-counts, first, targets, counts))}
+        buckets = ", ".join(f"{b} x{n}" for b, n in sizes.items())  # the largest first, ties in the data's order
         line = (f"data '{entry.id}': {sum(sizes.values())} images in {len(sizes)} bucket(s) [{buckets}], "
                 f"{entry.shown_crop}, repeats {entry.repeats}, probability {entry.probability:g}")
         if skipped.get(entry.id):
@@ -56,35 +64,57 @@ def summary(config: DataConfig, samples: list[Sample], skipped: dict[str, Counte
     return lines
 
 
-def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[list[Sample], dict[str, Counter], int]:
+def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[SampleTable, dict[str, Counter], int]:
     """Every usable image with its plan, the skip counts per entry, and how many images were probed (read) in this
     scan over all ranks (collective; the same result on every rank).
 
-    Only rank 0 holds the memo and the listing; the other ranks receive the paths of the unseen images (not the memo,
-    not the captions), probe their slice and send its records (`ProbeMemo.record`) to rank 0 alone
-    (`distributed.gather_object`). Every rank then holds the samples, as training needs them.
+    Only rank 0 holds the memo and the listing. The scan's files sit in a folder of `data_index/` beside the memo
+    (the run directory, which every rank shares): rank 0 writes the paths of the unseen images there, each rank
+    probes its slice and writes its records (`ProbeMemo.record`) there, and rank 0 merges them, plans every image
+    and writes the samples as a `SampleTable`, which every rank memory-maps. No image's data goes through a
+    collective (a pickled list of millions of samples would pass through the GPU under NCCL, and be held whole by
+    every rank); the collectives carry the folder's name and the skip counts.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    scan = None
     with distributed.uneven_work("data listing"):  # rank 0 alone walks the folders and stats each image
         if rank == 0:
             memo, listed = ProbeMemo(memo_path), list_images(config)
             probes = in_threads(memo.lookup, [path for _, path, _ in listed])  # None: not seen before, or changed
-            unseen = [path for (_, path, _), probe in zip(listed, probes) if probe is None]
+            scan = _new_scan_folder(os.path.join(os.path.dirname(os.path.abspath(memo_path)), INDEX_NAME))
+            StringColumn.save(scan, "unseen", (path for (_, path, _), probe in zip(listed, probes) if probe is None))
             faults.work_at("scan")
-    unseen = distributed.broadcast_object(unseen if rank == 0 else None)
+    scan = distributed.broadcast_object(scan)
     with distributed.uneven_work("data probe"):  # each rank hashes its share of the unseen images
-        mine = _probe_share(unseen[rank::world], rank)
-    records = distributed.gather_object(mine)
+        unseen = StringColumn.open(scan, "unseen")
+        save_json(os.path.join(scan, f"probes-rank{rank}.json"),
+                  _probe_share([unseen[k] for k in range(rank, len(unseen), world)], rank))
+    found = None
     with distributed.uneven_work("data plan"):  # a DataError here reaches every rank
         if rank == 0:
-            fresh = {key: entry for part in records for key, entry in part.items()}
+            fresh = {}
+            for r in range(world):
+                fresh.update(load_json(os.path.join(scan, f"probes-rank{r}.json"), DataError, "probe records"))
             memo.update(fresh)
             probes = [probe or ProbeMemo.probe_of(fresh[os.path.abspath(path)])
                       for (_, path, _), probe in zip(listed, probes)]
-            found = plan_samples(config, multiple, listed, probes)
+            samples, skipped = plan_samples(config, multiple, listed, probes)
+            write_table(os.path.join(scan, "samples"), samples)
             memo.save()
-    samples, skipped = distributed.broadcast_object(found if rank == 0 else None)
-    return samples, skipped, len(unseen)
+            found = (skipped, len(unseen))
+    skipped, probed = distributed.broadcast_object(found)
+    return SampleTable(os.path.join(scan, "samples")), skipped, probed
+
+
+def _new_scan_folder(index: str) -> str:
+    """A new folder for this scan under `index`; earlier scans' folders are removed (the run directory is this run's
+    alone, so no other process reads them)."""
+    os.makedirs(index, exist_ok=True)
+    for name in os.listdir(index):
+        shutil.rmtree(os.path.join(index, name), ignore_errors=True)
+    folder = os.path.join(index, f"scan-{uuid.uuid4().hex[:12]}")
+    os.makedirs(folder)
+    return folder
 
 
 def _probe_share(paths: list[str], rank: int) -> dict[str, list]:
