@@ -50,6 +50,15 @@ def use_triton(backend: str, *tensors: torch.Tensor | None, op: str) -> bool:
     return True
 
 
+def placed_backend(backend: str, tensors) -> str:
+    """The backend for an op on `tensors` that stay where they are: "triton" (`fused_kernels: on`) gives way to the
+    torch reference for CPU tensors outside Triton's interpreter, where `use_triton` would refuse (the EMA of fp32
+    masters kept in host memory by offload_optimizer, on a GPU run)."""
+    if backend == "triton" and not interpreting() and not all(t.is_cuda for t in tensors):
+        return "torch"
+    return backend
+
+
 def _library_interpreted() -> bool:
     """Whether Triton's own @jit library functions run in the interpreter. Each @jit function is compiled-mode or
     interpreted from the moment it is decorated: Triton's library when triton is first imported, fewstep's kernels

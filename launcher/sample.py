@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance with --negative-prompt (1: none; 2x the model calls). Default: none "
                         "for twinflow (its target distils guidance); for glance and flow the family's: Qwen-Image 5 "
                         "(as Glance's reference), others none")
-    p.add_argument("--negative-prompt", default=" ", help="the prompt CFG steers away from (default ' ')")
+    p.add_argument("--negative-prompt", default=None,
+                   help="the prompt CFG steers away from (default ' '; SDXL: '', which it encodes as zeros)")
     p.add_argument("--warmup", type=int, default=0, help="untimed pipeline calls before the timed ones")
     p.add_argument("--json", default=None, help="also write device, dtype, load and per-image times to this file")
     return p
@@ -215,6 +216,9 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
 
     cfg = info["config"]
     adapter = get_adapter(cfg["model_family"])
+    if adapter.diffusion_base and args.method != "twinflow":  # the stock pipeline's scheduler is a diffusion one
+        raise SamplingError(f"--method {args.method}: a {adapter.family} run samples with --method twinflow (a "
+                            "diffusion base trains TwinFlow only, through diff2flow)")
     model = args.model or cfg["pretrained_model_name_or_path"]
     res = model_resolution(args.resolution or info.get("resolution") or 32, adapter, model)
     t_load = time.perf_counter()
@@ -244,6 +248,8 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
     # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
     cfg_scale = args.cfg_scale or (1.0 if args.method == "twinflow" else adapter.sample_cfg_scale)
+    if args.negative_prompt is None:  # SDXL's unconditional input is the zeros of "", as training's (stock default)
+        args.negative_prompt = "" if adapter.diffusion_base else " "
     negative = adapter.encode_prompts(comps, [args.negative_prompt]) if cfg_scale > 1 else None
     prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]), negative,
                                                    guidance=cfg.get("flux_guidance_value"))

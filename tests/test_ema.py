@@ -50,3 +50,20 @@ def test_reset_and_state_dict_round_trip():
         p.copy_(n)
     ema.reset()
     assert ema.decay == 0.0 and all(torch.equal(s, p) for s, p in zip(ema.shadow, src))
+
+
+def test_fused_kernels_on_with_masters_in_host_memory_uses_the_reference(monkeypatch):
+    """On a GPU node (no Triton interpreter), offload_optimizer keeps the fp32 masters, and so the EMA, in host memory:
+    `fused_kernels: on` updates it with the torch reference instead of stopping at the first update."""
+    from fewstep.kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    src = _params(0)
+    on, ref = EMA(src, 0.9, backend="triton"), EMA([p.clone() for p in src], 0.9, backend="torch")
+    for step in range(3):
+        for p, n in zip(src, _params(step + 1)):
+            p.copy_(n)
+        on.update()
+        ref.sources = [p.clone() for p in src]
+        ref.update()
+    assert all(torch.equal(a, b) for a, b in zip(on.shadow, ref.shadow))

@@ -101,8 +101,12 @@ def test_two_ranks_lora_and_full_resume_exactly(runs):
     # ZeRO-3 shards the same maths: same losses and LoRA as ZeRO-2
     z2, z3 = read_metrics(out / "eps-z2-lora"), read_metrics(out / "eps-z3-lora")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(z2, z3)) < 1e-5
-    w3 = lora(out / "eps-z3-lora")  # fp32 reduction order differs: equal to a relative norm of 1e-5
-    assert sum((w[k] - w3[k]).norm() ** 2 for k in w) ** 0.5 <= 1e-5 * sum(w[k].norm() ** 2 for k in w) ** 0.5
+    # fp32 reduction order differs, and a TwinFlow target element at the clamp (twinflow_target_clamp) can then fall
+    # on either side (an AMD EPYC box: clamp_fraction differs by one element at step 1); Adam turns that element's
+    # gradient difference into a full-size update of the weights it reaches (3.7e-4 relative there; below 1e-5 on the
+    # Intel boxes before). A gradient lost or doubled on a ZeRO-3 partition differs by the order of the whole update.
+    w3 = lora(out / "eps-z3-lora")
+    assert sum((w[k] - w3[k]).norm() ** 2 for k in w) ** 0.5 <= 2e-3 * sum(w[k].norm() ** 2 for k in w) ** 0.5
 
     a, b = read_metrics(out / "v-z3-full"), read_metrics(out / "v-z3-full-resumed")
     assert [m["step"] for m in b] == [1, 2, 3, 4] and [m["loss"] for m in a] == [m["loss"] for m in b]
@@ -167,3 +171,29 @@ def test_stock_pipeline_samples_what_training_validates(runs, steps):
         want = twinflow_loop(lambda x, s, tt: adapter.forward(pipe.unet, x, s, cond, tt=tt, sign=torch.ones(1)),
                              x0.clone(), sched, steps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_cli_refuses_flow_and_guides_away_from_the_zeros_it_trained_with(runs, tmp_path, monkeypatch):
+    """An SDXL run samples with TwinFlow only (the stock pipeline's scheduler is a diffusion one: --method flow
+    stopped with an AttributeError); with CFG, its default negative is "" (zeros, training's unconditional input and
+    the stock pipeline's), not CLIP's embedding of " "."""
+    import importlib.util
+
+    run_dir = str(runs / "out" / "eps-z2-lora")
+    proc = subprocess.run([PY, "launcher/sample.py", "--method", "flow", "--lora", run_dir, "--prompt", "a red circle",
+                           "--output", str(tmp_path / "f.png")], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "fewstep: --method flow: a sdxl run samples with --method twinflow (a diffusion base trains TwinFlow only, "
+        "through diff2flow)"), proc.stderr[-2000:]
+    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO, "launcher", "sample.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    encoded, adapter_cls = [], type(get_adapter("sdxl"))
+    real = adapter_cls.encode_prompts
+    monkeypatch.setattr(adapter_cls, "encode_prompts", lambda self, comps, prompts, **k: encoded.append(list(prompts))
+                        or real(self, comps, prompts, **k))
+    cli.sample(cli.build_parser().parse_args(["--method", "twinflow", "--lora", run_dir, "--prompt", "a red circle",
+                                              "--steps", "1", "--cfg-scale", "2", "--device", "cpu",
+                                              "--output", str(tmp_path / "g.png")]))
+    assert encoded == [[""], ["a red circle"]], encoded

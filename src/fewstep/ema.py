@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.kernels import ema_update_
+from fewstep.kernels._dispatch import placed_backend
 
 
 class EMA:
@@ -17,7 +18,7 @@ class EMA:
         self.shadow = [s.detach().float().clone() for s in sources]
         self.target_decay = float(target_decay)
         self.decay = 0.0
-        self.backend = backend
+        self.backend = placed_backend(backend, self.shadow)  # Triton where the shadow is on the GPU
 
     @property
     def frozen(self) -> bool:

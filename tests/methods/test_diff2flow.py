@@ -110,6 +110,27 @@ def test_bridged_gaussian_model_gives_exact_flow_velocity(prediction_type):
     torch.testing.assert_close(z - F1, x0_ddim, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_below_the_base_range_the_velocity_reads_the_output_at_the_true_sigma(prediction_type):
+    """Below lo (sigma(0) ~ 0.028) the base runs at its first timestep on the input scaled for the true sigma, and its
+    output is converted with that sigma's coefficients: the noise the velocity implies, x + (1 - sigma) F, is the
+    base's own estimate (eps_hat, or a v_hat + b x_k), as inside the range; with lo's coefficients it was off by ~5%."""
+    abar = scaled_linear_alphas()
+    lo = float(flow_sigmas(abar)[0])
+    sigma = torch.tensor([0.0, 0.01, 0.02, lo], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, *MU_SHAPE, generator=g, dtype=torch.float64)
+    out = torch.randn(4, *MU_SHAPE, generator=g, dtype=torch.float64)  # any base output
+    F = diff2flow_model(lambda xk, ts, c: out, abar, prediction_type)(x, sigma, sigma, None)
+    s = sigma.reshape(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        eps = out
+    else:  # v = a eps - b x0 with x_k = a x0 + b eps  =>  eps = a v + b x_k
+        a, b = (1 - s) / ((1 - s) ** 2 + s**2).sqrt(), s / ((1 - s) ** 2 + s**2).sqrt()
+        eps = a * out + b * flow_to_diffusion_input(x, sigma)
+    torch.testing.assert_close(x + (1 - s) * F, eps, rtol=1e-12, atol=1e-12)
+
+
 def test_bridge_dtype_and_errors():
     abar = scaled_linear_alphas()
     eps_model, _ = gaussian_models(torch.zeros(1, *MU_SHAPE, dtype=torch.float64), abar)

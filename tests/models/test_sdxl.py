@@ -106,6 +106,41 @@ def test_empty_prompt_is_zeros_as_sdxl_pipelines_use_it(tiny):
     torch.testing.assert_close(cond["pooled_prompt_embeds"][:1], pooled)
 
 
+def _folder_with(tiny_dirs, tmp_path, file, **changes):
+    """A copy of the tiny SDXL folder with `changes` merged into one of its JSON files."""
+    dst = tmp_path / "sdxl-changed"
+    shutil.copytree(tiny_dirs("sdxl"), dst)
+    path = dst / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return str(dst)
+
+
+def test_a_folder_that_keeps_the_empty_prompts_clip_embedding_is_followed(tiny_dirs, tmp_path):
+    """model_index.json's force_zeros_for_empty_prompt: false (some SDXL-layout fine-tunes) means "" is encoded as
+    CLIP's embedding of "", for caption dropout, the CFG target and validation alike, as the folder's own pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    src = _folder_with(tiny_dirs, tmp_path, "model_index.json", force_zeros_for_empty_prompt=False)
+    adapter = get_adapter("sdxl")
+    comps = adapter.load(src, with_denoiser=False, with_vae=False)
+    cond = adapter.encode_prompts(comps, [""])
+    assert cond["prompt_embeds"].abs().sum() > 0 and cond["pooled_prompt_embeds"].abs().sum() > 0
+    assert not StableDiffusionXLPipeline.from_pretrained(src).config.force_zeros_for_empty_prompt
+
+
+def test_epsilon_on_a_zero_terminal_snr_schedule_is_refused(tiny_dirs, tmp_path):
+    """x0 = (x - b eps) / a with a = sqrt(alphas_cumprod) ~ 0 at the last step of a zero-terminal-SNR schedule:
+    the bridge would multiply eps by thousands near sigma = 1. Such bases predict v, which works."""
+    from fewstep.errors import ConfigError
+
+    src = _folder_with(tiny_dirs, tmp_path, "scheduler/scheduler_config.json", rescale_betas_zero_snr=True)
+    adapter = get_adapter("sdxl")
+    src = adapter.resolve(src)
+    with pytest.raises(ConfigError, match="zero-terminal-SNR.*v_prediction"):
+        adapter.use_prediction_type("epsilon", src)
+    assert "using 'v_prediction'" in adapter.use_prediction_type("v_prediction", src)
+
+
 def _images(root, sizes):
     """Random RGB images of the given (w, h) sizes with one caption each; returns the multidatabackend.json path."""
     from PIL import Image

@@ -13,10 +13,11 @@ Time outside the base's range. The base model only knows sigma in [lo, hi] = [si
 [0.028, 0.936] for SDXL's scaled-linear betas; an epsilon model cannot run at sigma = 1, where a = 0). fewstep's rule
 (`bridge_velocity`), for the teacher and the student alike:
   * the input is scaled by the exact s(sigma) (at sigma = 1: x_k = z, unit variance, as diffusion samplers start);
-  * the timestep and the output conversion use sigma clamped to [lo, hi]: x0_hat is the base's data estimate there
-    (at sigma = 1 exactly DDIM's first-step x0 prediction from pure noise);
+  * the timestep uses sigma clamped to [lo, hi]; the output conversion sigma clamped to at most hi: x0_hat is the
+    base's data estimate there (at sigma = 1 exactly DDIM's first-step x0 prediction from pure noise);
   * above hi the velocity is F = (x - x0_hat) / sigma, the flow identity at the true sigma (x = sigma z + (1-sigma) x0),
-    so that x - sigma F = x0_hat: a one-step sample from pure noise is the base's x0 estimate; below lo F = eps - x0.
+    so that x - sigma F = x0_hat: a one-step sample from pure noise is the base's x0 estimate; below lo F = eps - x0
+    with the true sigma's coefficients, those x_k was scaled with (so x + (1 - sigma) F is the base's eps_hat).
 Inside [lo, hi] all of this is the exact bridge. The student also gets the true t through its any-step embedding.
 """
 from __future__ import annotations
@@ -120,7 +121,7 @@ def bridge_velocity(output: torch.Tensor, x_flow: torch.Tensor, sigma: torch.Ten
     sig = sigma.detach().abs().to(device=x_flow.device, dtype=torch.float64)
     view = (-1, *([1] * (x_flow.dim() - 1)))
     x_diff = flow_to_diffusion_input(x_flow.to(cd), sig)
-    a, b = (c.to(cd).reshape(view) for c in diffusion_coefficients(sig.clamp(lo, hi)))
+    a, b = (c.to(cd).reshape(view) for c in diffusion_coefficients(sig.clamp(max=hi)))  # below lo: x_diff's own
     out = output.to(cd)
     if kind == "epsilon":
         eps, x0 = out, (x_diff - b * out) / a

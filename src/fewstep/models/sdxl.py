@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from fewstep.errors import ConfigError
 from fewstep.methods import diff2flow
 from fewstep.models.base import FlowModelAdapter, register_adapter
 from fewstep.schedulers.diffusion_base import alphas_cumprod_from_config
@@ -51,6 +52,7 @@ class SDXLAdapter(FlowModelAdapter):
         self._set_schedule({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
         self._default_time_ids = {}  # (H, W, device, dtype) -> the pipeline's default add_time_ids [1, 6] there
         self.pixel_factor = SDXL_VAE_FACTOR
+        self.force_zeros_for_empty_prompt = True  # the pipeline's default; a folder's model_index.json may say false
 
     # ------------------------------------------------------------------ the base's schedule
     def _set_schedule(self, scheduler_config) -> None:
@@ -65,6 +67,12 @@ class SDXLAdapter(FlowModelAdapter):
         a disagreement is returned as a warning naming both."""
         folder = self.folder_prediction_type
         self.set_prediction_type(prediction_type)
+        if prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) < 1e-4:
+            # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): at zero terminal SNR the top steps divide by ~0
+            raise ConfigError(f"prediction_type 'epsilon' with {source}'s zero-terminal-SNR schedule (last "
+                                   f"alphas_cumprod {float(self.alphas_cumprod[-1]):.1e}): x0 from epsilon divides by "
+                                   "sqrt(alphas_cumprod) there; such bases predict v: set prediction_type "
+                                   "'v_prediction'")
         if prediction_type == folder:
             return None
         return (f"prediction_type '{prediction_type}' (config) differs from '{folder}' in {source}'s scheduler config; "
@@ -80,6 +88,10 @@ class SDXLAdapter(FlowModelAdapter):
         """As the base class, then read the folder's scheduler config (schedule, prediction type) and VAE factor."""
         src = super().resolve(name_or_path)
         self._set_schedule(self.scheduler_cls.load_config(src, subfolder="scheduler"))
+        index = os.path.join(src, "model_index.json")
+        if os.path.isfile(index):
+            with open(index) as fh:
+                self.force_zeros_for_empty_prompt = bool(json.load(fh).get("force_zeros_for_empty_prompt", True))
         vae_cfg = os.path.join(src, "vae", "config.json")
         if os.path.isfile(vae_cfg):
             with open(vae_cfg) as fh:
@@ -94,7 +106,8 @@ class SDXLAdapter(FlowModelAdapter):
     def _encode_prompt_batch(self, pipe, prompts, max_sequence_length=None):
         # CLIP's length is its tokenizer's (77 for SDXL): max_sequence_length is for T5-style encoders
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False)
-        if pipe.config.force_zeros_for_empty_prompt:  # SDXL's unconditional input is zeros, not the CLIP of ""
+        if self.force_zeros_for_empty_prompt:  # SDXL's unconditional input is zeros, not the CLIP of "" (the folder's
+            # model_index.json says otherwise for some fine-tunes; the pipeline built here has the constructor's True)
             empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
             embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
