@@ -73,6 +73,9 @@ def runs(tmp_path_factory):
                  [f"nan-{tag}", common, FAULT],   # skip at step 3 + preempted: saves the state after the skip
                  [f"nan-{tag}", common, {}]]      # resume, finish
     plan.append(["stop-z2", {"zero_stage": 2, "nan_policy": "stop"}, {"FEWSTEP_FAULT_NAN_LOSS": "3:1"}])
+    streak = {"zero_stage": 2, "nan_policy": "skip-then-stop", "nan_max_bad_steps": 2}
+    plan += [["streak-z2", streak, FAULT],                                # one bad step, then preempted
+             ["streak-z2", streak, {"FEWSTEP_FAULT_NAN_LOSS": "3:1"}]]  # the requeue: a second one in a row
     proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/nan_training_worker.py", cfg,
                 json.dumps(plan)], timeout=900)
     return root / "out", proc.stdout
@@ -109,7 +112,7 @@ def test_both_ranks_skip_and_say_so(runs):
     # the loss is NaN on one rank, so both flags are set; rank 0 (which logs) names its own non-finite terms, if any
     said = re.findall(r"step 3: non-finite loss and gradients \(on some rank(?:; here: [\w, ]+)?\): update skipped",
                       stdout)
-    assert len(said) == len(COMBOS) + 1, stdout[-3000:]
+    assert len(said) == len(COMBOS) + 3, stdout[-3000:]  # and stop-z2, streak-z2 twice
 
 
 def test_nan_policy_stop_keeps_the_last_checkpoint_and_exports_nothing(runs):
@@ -119,3 +122,16 @@ def test_nan_policy_stop_keeps_the_last_checkpoint_and_exports_nothing(runs):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
     assert not (run_dir / "pytorch_lora_weights.safetensors").exists()
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+
+
+def test_a_streak_of_bad_steps_survives_a_requeue(runs):
+    """nan_max_bad_steps counts bad steps in a row across a preemption: the requeued run's first bad step is the
+    streak's second (it counted afresh, so a diverged run got nan_max_bad_steps more tries at every requeue)."""
+    out, stdout = runs
+    results = [json.loads(line.split(" ", 2)[2]) for line in stdout.splitlines()
+               if line.startswith("RESULT streak-z2 ")]
+    assert results[0] == {"step": 2, "preempted": True}, results
+    assert "2 steps in a row (nan_max_bad_steps 2)" in results[1].get("stopped", ""), results
+    run_dir = out / "streak-z2"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not (run_dir / "pytorch_lora_weights.safetensors").exists()

@@ -12,8 +12,8 @@ from fewstep.errors import NonFiniteStop
 class NonFiniteGuard:
     def __init__(self, policy: str, max_bad_in_a_row: int):
         self.policy, self.limit = policy, max_bad_in_a_row
-        self.in_a_row = 0
-        self.skipped = 0  # bad steps skipped in this run (not saved: a resumed run counts afresh)
+        self.in_a_row = 0  # saved with the checkpoint: a run requeued amid a streak does not count it afresh
+        self.skipped = 0   # bad steps skipped since the run began, resumes included
 
     def good(self) -> None:
         self.in_a_row = 0
@@ -30,3 +30,9 @@ class NonFiniteGuard:
             raise NonFiniteStop(f"{where}, {self.in_a_row} steps in a row (nan_max_bad_steps {self.limit}): the "
                                 "training has diverged; none of these updates was applied and the last checkpoint is "
                                 "intact. Lower learning_rate, or check the data and mixed_precision")
+
+    def state_dict(self) -> dict:
+        return {"in_a_row": self.in_a_row, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_a_row, self.skipped = int(state.get("in_a_row", 0)), int(state.get("skipped", 0))

@@ -93,11 +93,12 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
-    rank_state = None
+    rank_state, guard = None, NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
         rank_state, trainer_state = checkpoint.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
         step = int(trainer_state["step"])
         order.load_state_dict(rank_state["order"])
+        guard.load_state_dict(rank_state.get("nan_guard") or {})  # absent from checkpoints before 2026-12-06
         for p, s in zip(phases, rank_state["samplers"]):
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
@@ -117,7 +118,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     @rng_streams.isolated()
     def save(at: int) -> None:
         log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
-        state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None,
+        state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
         path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
                                cfg.checkpoints_total_limit)
@@ -136,7 +137,6 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
                       dtype=dtype, backend=backend, ema=ema)
-    guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
     trace = NonFiniteTrace(transformer) if cfg.nan_trace else None
 
     @rng_streams.isolated()

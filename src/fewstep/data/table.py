@@ -47,7 +47,8 @@ class StringColumn(Sequence):
 
     @classmethod
     def open(cls, folder: str, name: str) -> "StringColumn":
-        return cls(*(np.load(os.path.join(folder, f"{name}.{part}.npy"), mmap_mode="r") for part in ("blob", "offsets")))
+        return cls(*(np.load(os.path.join(folder, f"{name}.{part}.npy"), mmap_mode="r")
+                     for part in ("blob", "offsets")))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
