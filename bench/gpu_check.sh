@@ -29,7 +29,8 @@
 #   sample        50  launcher/sample.py on that LoRA at 1 and 2 NFE (cuda, bf16, one untimed warm-up), then
 #                     1 NFE with --offload model and --offload sequential
 #   sample_tests  90  pytest tests/test_sample_cli.py's CUDA test (cuda bf16 vs cpu fp32, both offloads; it trains
-#                     its own two tiny runs), and a TwinFlow micro-step under torch's CUDA sync debug mode "error"
+#                     its own two tiny runs), a TwinFlow micro-step under torch's CUDA sync debug mode "error", and
+#                     the teacher swap from pinned host memory into bf16 shards in pieces (offload_optimizer's path)
 #
 # Outputs under $OUT (the device tool's output folder; default output/gpu_check, output/gpu_check-dry for --dry):
 # summary.md (RESULTS.md form: device, date, command, every figure; rewritten after each step, so a run cut short
@@ -277,7 +278,8 @@ step_sample_tests() {
     if [[ $MODE == dry ]]; then collect=(--collect-only); fi
     tmo "$PY" -m pytest -q -p no:cacheprovider -rfEs "${collect[@]}" \
         tests/test_sample_cli.py::test_cuda_bf16_sampling_with_and_without_offload \
-        tests/test_twinflow_step.py::test_a_micro_step_never_synchronises_on_cuda
+        tests/test_twinflow_step.py::test_a_micro_step_never_synchronises_on_cuda \
+        tests/engine/test_engine_config.py::test_swap_from_pinned_host_memory_into_device_shards_on_cuda
 }
 
 run_step setup 45 step_setup

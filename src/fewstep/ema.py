@@ -15,7 +15,9 @@ from fewstep.kernels._dispatch import placed_backend
 class EMA:
     def __init__(self, sources: list[torch.Tensor], target_decay: float, backend: str = "auto"):
         self.sources = sources
-        self.shadow = [s.detach().float().clone() for s in sources]
+        # in host memory (offload_optimizer) pinned as the masters are: the teacher swap sends it to the GPU in pieces
+        self.shadow = [torch.empty(s.shape, dtype=torch.float32, pin_memory=True).copy_(s) if s.is_pinned()
+                       else s.detach().float().clone() for s in sources]
         self.target_decay = float(target_decay)
         self.decay = 0.0
         self.backend = placed_backend(backend, self.shadow)  # Triton where the shadow is on the GPU

@@ -129,3 +129,36 @@ def test_swap_with_separate_storage_writes_and_restores():
                             [torch.full((8,), -1.0), empty]):
         assert torch.equal(shard, torch.full((8,), -1.0).bfloat16())
     assert torch.equal(shard, master.bfloat16()) and torch.equal(master, torch.arange(8, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("n,piece", [(1000, 64), (1000, 1000), (7, 3), (1, 4)])
+def test_a_copy_in_pieces_equals_a_whole_copy(n, piece):
+    """The swap's host -> device path under offload_optimizer (fp32 masters or EMA into the bf16 shards), piece by
+    piece: pieces that do not divide the size included. On CPU both sides are host tensors; the CUDA test below
+    crosses devices."""
+    from fewstep.engine.deepspeed_engine import copy_in_pieces
+
+    src = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 0.1
+    got, want = torch.full((n,), float("nan"), dtype=torch.bfloat16), src.to(torch.bfloat16)
+    copy_in_pieces(got, src, piece)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="elements"):
+        copy_in_pieces(got, src[:-1] if n > 1 else torch.zeros(2), piece)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swap_from_pinned_host_memory_into_device_shards_on_cuda(monkeypatch):
+    """offload_optimizer's layout: fp32 masters and replacement pinned in host memory, bf16 shards on the GPU; a piece
+    smaller than the shard crosses the device boundary several times; values equal torch's whole-tensor cast."""
+    from fewstep.engine import deepspeed_engine
+
+    n = 3 * 1000 + 17
+    master = torch.randn(n, generator=torch.Generator().manual_seed(0)).pin_memory()
+    new = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 2).pin_memory()
+    shard = master.to("cuda", torch.bfloat16)
+    monkeypatch.setattr(deepspeed_engine, "STAGING_ELEMENTS", 1000)
+    with weights_swapped_in(zero3([master], [shard]), [new]):
+        assert torch.equal(shard.cpu(), new.to(torch.bfloat16))
+    assert torch.equal(shard.cpu(), master.to(torch.bfloat16))
+    from fewstep.ema import EMA  # an EMA of pinned masters is pinned too: its pieces go over asynchronously
+    assert EMA([master], 0.9).shadow[0].is_pinned()

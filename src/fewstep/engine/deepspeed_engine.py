@@ -220,6 +220,31 @@ def _device_ordered():
     get_accelerator().synchronize()
 
 
+STAGING_ELEMENTS = 1 << 26  # a piece of a host -> device copy with a dtype change: 256 MiB of fp32 on the device
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)`; from another device with another dtype (fp32 masters or EMA in host memory under
+    offload_optimizer -> the bf16 shards on the GPU), piece by piece, each converted on `dst`'s device.
+
+    torch converts such a copy on the host when it is blocking (a whole-size bf16 temporary in host memory, 5 GiB per
+    rank for Qwen-Image over 8 GPUs, converted there, then sent from pageable memory) and on the device when it is
+    not (a whole-size fp32 temporary there, 10 GiB). A piece goes over as it is (asynchronously from pinned memory)
+    and is cast into `dst` on its device, in stream order: at most `STAGING_ELEMENTS` elements staged."""
+    if dst.device == src.device or dst.dtype == src.dtype or dst.numel() <= STAGING_ELEMENTS:
+        dst.copy_(src)
+    else:
+        copy_in_pieces(dst, src, STAGING_ELEMENTS)
+
+
+def copy_in_pieces(dst: torch.Tensor, src: torch.Tensor, piece: int) -> None:
+    d, s = dst.view(-1), src.reshape(-1)
+    if d.numel() != s.numel():
+        raise ValueError(f"copy_in_pieces: {d.numel()} elements from {s.numel()}")
+    for start in range(0, d.numel(), piece):
+        d[start:start + piece].copy_(s[start:start + piece].to(d.device, non_blocking=s.is_pinned()))
+
+
 def _storages(tensors) -> set:
     return {(t.device, t.untyped_storage().data_ptr()) for t in tensors if t.untyped_storage().nbytes() > 0}
 
@@ -242,7 +267,8 @@ def _check_no_alias(targets: list[torch.Tensor], masters: list[torch.Tensor], re
 def weights_swapped_in(engine, replacement: list[torch.Tensor]):
     """Run the model with `replacement` (same layout as `master_partitions`) as its trained weights, then restore.
 
-    No full-model copy is made and nothing moves to the CPU: where the model computes with low-precision copies (ZeRO-3
+    No full-model copy is made and nothing moves to the CPU (with offload_optimizer, the replacement and the masters
+    come from host memory in pieces: `copy_into`): where the model computes with low-precision copies (ZeRO-3
     shards, stage-0 bf16), the replacement is written into them and the masters written back afterwards (bit-exact:
     DeepSpeed derives those copies from the masters the same way after every step); ZeRO-1/2 swap the fp32
     partition's storage and re-gather the model weights with DeepSpeed's own `update_lp_params`; plain fp32 swaps
@@ -254,13 +280,13 @@ def weights_swapped_in(engine, replacement: list[torch.Tensor]):
         _check_no_alias(lowp, masters, replacement)
         with torch.no_grad(), _device_ordered():
             for lp, new in zip(lowp, replacement):
-                lp.data.copy_(new)  # casts in place: no temporary bf16 copy of the partition on the device
+                copy_into(lp.data, new)  # casts in place, or piecewise from host memory
         try:
             yield
         finally:
             with torch.no_grad(), _device_ordered():
                 for lp, master in zip(lowp, masters):
-                    lp.data.copy_(master)
+                    copy_into(lp.data, master)
         return
     _check_no_alias(_regathered(engine.optimizer), masters, replacement)
     saved = [m.data for m in masters]
