@@ -81,3 +81,22 @@ def test_the_scan_keeps_its_latest_table_in_the_run_directory(tmp_path):
     assert (probed, probed_again) == (3, 0) and list(again) == list(first)
     scans = os.listdir(tmp_path / "out" / INDEX_NAME)
     assert len(scans) == 1 and os.path.dirname(again.folder) == str(tmp_path / "out" / INDEX_NAME / scans[0])
+
+
+def test_a_file_name_that_is_not_utf8_is_scanned_and_read(tmp_path):
+    """os.walk gives such a name with surrogate escapes (b"caf\xe9.png" -> "caf\udce9.png"); the table stores and
+    gives back exactly that, so the image is found again (the first table version failed to encode it)."""
+    backend = write_dataset(str(tmp_path), n=2)
+    image_dir = os.path.dirname(load_data_config(backend).images[0].image_dir + "/")
+    first = sorted(f for f in os.listdir(image_dir) if f.endswith(".png"))[0]
+    stem = os.path.splitext(first)[0]
+    for ext in (".png", ".txt"):
+        os.rename(os.path.join(image_dir, stem + ext), os.fsdecode(os.fsencode(image_dir) + b"/caf\xe9" +
+                                                                   ext.encode()))
+    table, _, probed = scan_images(load_data_config(backend), 1, str(tmp_path / "out" / "memo.json"))
+    odd = [s for s in table if "caf" in s.image_path]
+    assert probed == 2 and len(odd) == 1 and os.path.exists(odd[0].image_path)
+    assert os.fsencode(odd[0].image_path).endswith(b"caf\xe9.png")
+    assert table.paths[-1] == table[len(table) - 1].image_path  # negative indices count from the end
+    with pytest.raises(IndexError, match="not a variant 1"):
+        table.caption(0, 1)

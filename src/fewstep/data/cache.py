@@ -22,7 +22,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ class EmbeddingCache:
     def text_path(self, prompt: str) -> str:
         return self._path("text", _digest(prompt))
 
-    def missing(self, samples: list[Sample], prompts: list[str]) -> tuple[list, list]:
+    def missing(self, samples: Iterable[Sample], prompts: Iterable[str]) -> tuple[list, list]:
         lat = [s for s in samples if not os.path.exists(self.latent_path(s))]
         txt = sorted({p for p in prompts if not os.path.exists(self.text_path(p))})
         return lat, txt
@@ -194,34 +194,34 @@ class CacheSet:
     def roots(self) -> list[str]:
         return sorted(c.root for c in self.caches.values())
 
-    def _entries_at(self, per_entry: list[EmbeddingCache], root: str) -> np.ndarray:
-        """Indices of the samples whose entry keeps this kind of file under `root`."""
-        entries = [e for e, c in enumerate(per_entry) if c.root == root]
-        return np.flatnonzero(np.isin(self.samples.entries, entries))
+    def _entries_at(self, per_entry: list[EmbeddingCache], root: str) -> list[int]:
+        """The entries whose files of this kind are kept under `root`."""
+        return [e for e, c in enumerate(per_entry) if c.root == root]
 
-    def work(self, root: str) -> tuple[np.ndarray, list[str]]:
-        """The unique latents (sample indices, first of each image and plan) and prompts stored under `root`, in the
-        same order on every rank."""
-        table, mine = self.samples, self._entries_at(self.latent_cache, root)
-        if not len(mine):
-            return mine, self._prompts_at(root)
-        rows = np.concatenate([table.digests[mine].view(np.uint8).reshape(len(mine), -1),
-                               np.ascontiguousarray(table.plans[mine, :6]).view(np.uint8)], axis=1)
-        _, first = np.unique(rows, axis=0, return_index=True)  # an image repeated in entries is encoded once
-        return mine[np.sort(first)], self._prompts_at(root)
-
-    def _prompts_at(self, root: str) -> list[str]:
+    def work(self, root: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """What is stored under `root`, in the same order on every rank, without decoding the table: the unique
+        latents (sample indices, the first of each image and plan), the prompts of the captions (`SampleTable`
+        prompt ids), and the run's extra prompts (empty, validation) if this is the default text directory."""
         table = self.samples
-        prompts = {table.all_captions[k] for i in self._entries_at(self.text_cache, root)
-                   for k in range(table.caption_start[i], table.caption_start[i + 1])}
-        if self.extra_cache.root == root:
-            prompts.update(self.extra_prompts)
-        return sorted(prompts)
+        lat = np.flatnonzero(np.isin(table.entries, self._entries_at(self.latent_cache, root)))
+        if len(lat):
+            rows = np.concatenate([table.digests[lat].view(np.uint8).reshape(len(lat), -1),
+                                   np.ascontiguousarray(table.plans[lat, :6]).view(np.uint8).reshape(len(lat), -1)],
+                                  axis=1)
+            keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()  # a row: one key
+            _, first = np.unique(keys, return_index=True)  # an image repeated in entries is encoded once
+            lat = lat[np.sort(first)]
+        extra = self.extra_prompts if self.extra_cache.root == root else []
+        return lat, table.prompt_ids_of(self._entries_at(self.text_cache, root)), extra
 
     def share(self, root: str, index: int, size: int) -> tuple[list[Sample], list[str]]:
-        """What this rank (`index` of `size` ranks that see `root`) still has to compute for `root`."""
-        lat, txt = self.work(root)
-        return self.cache_at(root).missing([self.samples[int(i)] for i in lat[index::size]], txt[index::size])
+        """What this rank (`index` of `size` ranks that see `root`) still has to compute for `root`: only its share
+        of the work is decoded and looked up (a restart with a full cache holds no per-sample objects)."""
+        lat, ids, extra = self.work(root)
+        table = self.samples
+        prompts = [table.prompts[ids[p]] if p < len(ids) else extra[p - len(ids)]
+                   for p in range(index, len(ids) + len(extra), size)]
+        return self.cache_at(root).missing((table[int(i)] for i in lat[index::size]), prompts)
 
     def cache_at(self, root: str) -> EmbeddingCache:
         return next(c for c in self.caches.values() if c.root == root)

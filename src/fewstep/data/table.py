@@ -10,8 +10,11 @@ Columns (numpy `.npy`, opened with `mmap_mode="r"`):
 - `entry` int32 [n]: index of the sample's image entry;
 - `plan` int32 [n, 8]: target (w, h), resize (w, h), crop offset (x, y), source size (w, h) or (-1, -1);
 - `digest` bytes [n]: the image's content hash;
-- `path`, `caption`: strings as one UTF-8 blob and int64 offsets; `caption_start` int64 [n + 1]: sample i's captions
-  are captions caption_start[i] .. caption_start[i + 1] - 1 (the first one is its `caption`).
+- `path`, `prompt`: strings as one UTF-8 blob and int64 offsets (a file name that is not UTF-8 kept as Python's
+  os functions give it: surrogate escapes); `prompt` holds each distinct caption once, in order of first use;
+- `caption_id` int32 [captions]: the prompt of each caption; `caption_start` int64 [n + 1]: sample i's captions are
+  caption_start[i] .. caption_start[i + 1] - 1 (the first one is its `caption`). A cache fill asks which prompts an
+  entry has (`np.unique` of its ids) and decodes only its own share of them.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from fewstep.data.buckets import Plan
 from fewstep.data.dataset import Sample
 from fewstep.checkpoint_files import fsync, fsync_tree
 
-COLUMNS = ("entry", "plan", "digest", "caption_start")  # and the string columns `path`, `caption`
+COLUMNS = ("entry", "plan", "digest", "caption_start", "caption_id")  # and the string columns `path`, `prompt`
 
 
 class StringColumn(Sequence):
@@ -39,7 +42,7 @@ class StringColumn(Sequence):
     @staticmethod
     def save(folder: str, name: str, strings: Iterable[str]) -> None:
         """Write `<name>.blob.npy` and `<name>.offsets.npy` into `folder`."""
-        encoded = [s.encode() for s in strings]
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         np.save(os.path.join(folder, name + ".blob.npy"), np.frombuffer(b"".join(encoded), dtype=np.uint8))
@@ -54,7 +57,8 @@ class StringColumn(Sequence):
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+        i = int(i) + len(self) if i < 0 else int(i)
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
 def _plan_row(plan: Plan) -> list[int]:
@@ -76,13 +80,15 @@ def write_table(folder: str, samples: list[Sample]) -> None:
         starts = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum(caption_counts, out=starts[1:])
         StringColumn.save(tmp, "path", (s.image_path for s in samples))
-        StringColumn.save(tmp, "caption", (c for s in samples for c in s.captions))
+        prompt_ids: dict[str, int] = {}
+        caption_ids = [prompt_ids.setdefault(c, len(prompt_ids)) for s in samples for c in s.captions]
+        StringColumn.save(tmp, "prompt", prompt_ids)
         digests = [s.digest.encode() for s in samples]
         columns = {
             "entry": np.array([s.entry for s in samples], dtype=np.int32),
             "plan": np.array([_plan_row(s.plan) for s in samples], dtype=np.int32).reshape(len(samples), 8),
             "digest": np.array(digests, dtype=f"S{max(map(len, digests), default=1) or 1}"),
-            "caption_start": starts,
+            "caption_start": starts, "caption_id": np.array(caption_ids, dtype=np.int32),
         }
         for name, array in columns.items():
             np.save(os.path.join(tmp, name + ".npy"), array)
@@ -102,8 +108,8 @@ class SampleTable(Sequence):
         self.folder = folder
         col = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in COLUMNS}
         self.entries, self.plans, self.digests = col["entry"], col["plan"], col["digest"]
-        self.paths, self.all_captions = StringColumn.open(folder, "path"), StringColumn.open(folder, "caption")
-        self.caption_start = col["caption_start"]
+        self.paths, self.prompts = StringColumn.open(folder, "path"), StringColumn.open(folder, "prompt")
+        self.caption_start, self.caption_ids = col["caption_start"], col["caption_id"]
 
     @classmethod
     def written(cls, folder: str, samples: list[Sample]) -> "SampleTable":
@@ -123,10 +129,18 @@ class SampleTable(Sequence):
                       self.digests[i].decode())
 
     def captions(self, i: int) -> list[str]:
-        return [self.all_captions[k] for k in range(self.caption_start[i], self.caption_start[i + 1])]
+        return [self.prompts[k] for k in self.caption_ids[self.caption_start[i]:self.caption_start[i + 1]]]
 
     def caption(self, i: int, variant: int = 0) -> str:
-        return self.all_captions[int(self.caption_start[i]) + variant]
+        first, end = int(self.caption_start[i]), int(self.caption_start[i + 1])
+        if not 0 <= variant < end - first:
+            raise IndexError(f"sample {i} has {end - first} caption(s), not a variant {variant}")
+        return self.prompts[self.caption_ids[first + variant]]
+
+    def prompt_ids_of(self, entries: list[int]) -> np.ndarray:
+        """The distinct prompts (ids, ascending: order of first use) of the captions of these entries' samples."""
+        slot_entries = np.repeat(np.asarray(self.entries), np.diff(self.caption_start))
+        return np.unique(self.caption_ids[np.isin(slot_entries, entries)])
 
     def variants(self) -> np.ndarray:
         """How many captions each sample has."""
