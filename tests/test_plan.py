@@ -294,6 +294,27 @@ def test_layouts_behave():
         layout_memory(c, 0.0, stage=0, offload_optimizer=True)
 
 
+def test_the_configured_layout_is_the_one_deepspeed_runs(tmp_path):
+    """A deepspeed_config file's stage and offload sections win over zero_stage / offload_* in the trainer, so they
+    mark the configured (*) row too; and the ZeRO-3 rows keep ZeRO-3's defaults whatever stage the file names (an
+    EMA teacher: no persistent parameters)."""
+    from fewstep.planning import knobs_for
+
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    mc = dict(TINY)
+    plan = plan_memory(cfg(zero_stage=3, deepspeed_config=str(zero2)), model_config=mc)
+    assert (plan.configured.stage, plan.configured.offload_optimizer, plan.configured.offload_param) == (2, False, False)
+    offload = plan_memory(cfg(zero_stage=2, deepspeed_config="configs/deepspeed/zero3_offload.json"), model_config=mc)
+    assert (offload.configured.stage, offload.configured.offload_optimizer, offload.configured.offload_param) == \
+        (3, True, True)
+    assert plan_memory(cfg(zero_stage=2, offload_optimizer=True), model_config=mc).configured.name == \
+        offload.layouts[LAYOUTS.index((2, True, False))].name
+    from fewstep.config import load_config
+    ema2 = load_config(None, cfg(zero_stage=2, deepspeed_config=str(zero2), use_ema=True))
+    assert knobs_for(ema2).param_persistence_threshold == 0
+
+
 def test_bad_inputs_are_named(tmp_path):
     mc = dict(TINY)
     with pytest.raises(ValueError, match="resolution must be a multiple of 16"):

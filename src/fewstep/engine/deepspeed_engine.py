@@ -15,14 +15,18 @@ from fewstep.config import ConfigError, zero_stage_in_use
 PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
 
 
-def build_ds_config(cfg) -> dict:
+def build_ds_config(cfg, stage: int | None = None) -> dict:
     """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it.
 
     The ZeRO stage is the user file's `zero_optimization.stage` if it sets one (e.g. configs/deepspeed/zero3.json),
-    else `zero_stage`; the stage-3 defaults below follow it. The merged result is checked before anything is built.
+    else `zero_stage`; the stage-3 defaults below follow it. `stage` overrides both (the planner's view of the same
+    options at another stage). The merged result is checked before anything is built.
     """
     user = _read_user_config(cfg.deepspeed_config)
-    stage = zero_stage_in_use(cfg.zero_stage, user)
+    if stage is not None:
+        user.get("zero_optimization", {}).pop("stage", None)
+    else:
+        stage = zero_stage_in_use(cfg.zero_stage, user)
     zero = {"stage": stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if stage == 3:

@@ -194,7 +194,7 @@ def knobs_for(cfg, device: str = "cuda") -> ZeroKnobs:
     overlap_comm is on exactly on CUDA, as the engine sets it."""
     from fewstep.engine.deepspeed_engine import build_ds_config
 
-    z = build_ds_config(dataclasses.replace(cfg, zero_stage=3, offload_optimizer=False, offload_param=False))
+    z = build_ds_config(dataclasses.replace(cfg, offload_optimizer=False, offload_param=False), stage=3)
     z, d = z["zero_optimization"], ZeroKnobs()
     return ZeroKnobs(float(z.get("reduce_bucket_size", d.reduce_bucket_size)),
                      float(z.get("allreduce_bucket_size", d.allreduce_bucket_size)), device == "cuda",
@@ -202,6 +202,16 @@ def knobs_for(cfg, device: str = "cuda") -> ZeroKnobs:
                      float(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
                      float(z.get("stage3_param_persistence_threshold", d.param_persistence_threshold)),
                      cfg.optimizer == "deepspeed", device)
+
+
+def configured_layout(cfg) -> tuple[int, bool, bool]:
+    """(stage, optimizer offloaded, parameters offloaded) as the trainer runs `cfg`: from the DeepSpeed config it
+    builds, where a `deepspeed_config` file's stage and offload sections win over fewstep's options."""
+    from fewstep.engine.deepspeed_engine import build_ds_config
+
+    z = build_ds_config(cfg)["zero_optimization"]
+    offloaded = lambda key: (z.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
+    return int(z["stage"]), offloaded("offload_optimizer"), offloaded("offload_param")
 
 
 def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float = 80.0,
@@ -257,7 +267,7 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
         layouts.append(lay)
     fitting = [lay for lay in layouts if lay.fits and lay.host_fits is not False]
     configured = next((lay for lay in layouts if (lay.stage, lay.offload_optimizer, lay.offload_param) ==
-                       (cfg.zero_stage, cfg.offload_optimizer, cfg.offload_param)), None)
+                       configured_layout(cfg)), None)
     settings = dict(model_type=cfg.model_type, lora_rank=cfg.lora_rank if lora else None, method=cfg.resolved_method,
                     resolution=res, resolution_source=resolution.source, model_source=model_source,
                     image_tokens=(res // 16) ** 2, text_tokens=txt, batch=cfg.train_batch_size,
