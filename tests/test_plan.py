@@ -383,8 +383,21 @@ def test_resolution_is_the_trainers(tmp_path):
     s = plan(data_backend_config=two, resolution=256).settings  # the config's resolution wins, as in training
     assert s["resolution"] == 256 and "resolution 256 applied to every entry" in s["resolution_source"]
     area = _backend(tmp_path, "area.json", {"resolution": 0.25, "resolution_type": "area", "crop": False})
-    s = plan(data_backend_config=area).settings  # 0.25 MP trains at 512 x 512 (SimpleTuner's map)
-    assert s["resolution"] == 512 and "aspect buckets vary per image" in s["resolution_source"]
+    s = plan(data_backend_config=area).settings  # 0.25 MP trains at 512 x 512 (SimpleTuner's map), other aspects
+    assert s["resolution"] == 528 and "planned at its widest aspect bucket (2, the planner's assumption" in \
+        s["resolution_source"] and "720x368 (as a 528x528 square" in s["resolution_source"]  # about that area
+    # pixel mode keeps the short side: a 2:1 image has twice a square's tokens (the plan at the square was short)
+    wide = _backend(tmp_path, "wide.json", {"resolution": 512, "crop": False})
+    s = plan(data_backend_config=wide).settings
+    assert s["resolution"] == 736 and "1024x512" in s["resolution_source"]
+    capped = _backend(tmp_path, "capped.json", {"resolution": 512, "crop": False, "maximum_aspect_ratio": 1.5,
+                                                "minimum_aspect_ratio": 0.75})
+    s = plan(data_backend_config=capped).settings
+    assert s["resolution"] == 640 and "(1.5, its aspect limit), 768x512" in s["resolution_source"]
+    buckets = _backend(tmp_path, "buckets.json", {"resolution": 512, "crop": True, "crop_aspect": "closest",
+                                                  "crop_aspect_buckets": [1.0, 1.5]})
+    s = plan(data_backend_config=buckets).settings
+    assert s["resolution"] == 640 and "its largest crop_aspect_bucket, 768x512" in s["resolution_source"]
     # no data backend: the config's resolution, else the planner's stated default
     assert plan_memory(cfg(resolution=64), model_config=TINY, text_tokens=8).settings["resolution_source"] == \
         "the config's resolution (no data_backend_config)"

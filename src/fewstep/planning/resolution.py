@@ -3,8 +3,11 @@
 The trainer reads it from the data backend (`fewstep.data.prepare.build_dataset`): `load_data_config` parses the
 multidatabackend.json, the config's `resolution` (if set) replacing every image entry's, and each entry trains at its
 `Geometry` (pixel edge, or a megapixel area snapped as SimpleTuner does, rounded to the model's multiple). The planner
-runs that same code: it plans at the largest entry's square size. Without a data_backend_config it plans at the
-config's `resolution`, else at 1024 px; the plan prints which.
+runs that same code: it plans at each entry's largest bucket (`largest_bucket`: the square, the largest of its
+`crop_aspect_buckets`, or, keeping each image's aspect, the bucket of the widest aspect it admits: with
+`resolution_type: pixel` the short side is `resolution`, so a 2:1 image has twice a square's tokens) as the square of
+the same area (activation memory follows the token count), and takes the largest entry. Without a
+data_backend_config it plans at the config's `resolution`, else at 1024 px; the plan prints which.
 
 Two differences, both about files rather than sizes: the image folders need not exist (the planner reads no image,
 and plans are often made where the data is not), and the model's multiple is the real architecture's (VAE /8 times
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 DEFAULT_RESOLUTION = 1024
 VAE_FACTOR = 8  # the shipped architectures' VAEs downsample 8x (as `activations` assumes)
+PLANNED_ASPECT = 2.0  # aspect-keeping entries without maximum/minimum_aspect_ratio: a 2:1 (or 1:2) image at most
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,31 @@ def training_resolution(cfg, adapter) -> Resolution:
 
     multiple = VAE_FACTOR * adapter.patch_factor(None)
     images = load_data_config(cfg.data_backend_config, cfg.resolution, images_must_exist=False).images
-    side, where, entry = max(((Geometry(e, multiple).square[0], e.where, e) for e in images), key=lambda s: s[0])
+    (w, h), which, where = max((largest_bucket(Geometry(e, multiple)) + (e.where,) for e in images),
+                               key=lambda b: b[0][0] * b[0][1])
+    side = 16 * math.ceil(math.sqrt(w * h) / 16)  # the square of (at least) the same area
     source = f"data_backend_config {where}"
     if len(images) > 1:
         source += f" (the largest of {len(images)} image entries)"
     if cfg.resolution:
         source += f", with the config's resolution {cfg.resolution} applied to every entry"
-    if not (entry.crop and entry.crop_aspect == "square"):
-        source += "; planned at its square size (its aspect buckets vary per image)"
+    if which != "square":
+        source += f"; planned at {which}, {w}x{h} (as a {side}x{side} square: the same tokens)"
     return Resolution(side, source)
+
+
+def largest_bucket(geometry) -> tuple[tuple[int, int], str]:
+    """The largest training size (w, h) an image entry gives any image, and what it is."""
+    e, g = geometry.entry, geometry
+    if e.crop_aspect == "square":
+        return g.square, "square"
+    if e.crop_aspect in ("closest", "random"):
+        aspects = [b["aspect"] if isinstance(b, dict) else b for b in e.crop_aspect_buckets]
+        return max((g.bucket(float(a)) for a in aspects), key=lambda s: s[0] * s[1]), "its largest crop_aspect_bucket"
+    lo = e.minimum_aspect_ratio if e.minimum_aspect_ratio is not None else 1 / PLANNED_ASPECT
+    hi = e.maximum_aspect_ratio if e.maximum_aspect_ratio is not None else PLANNED_ASPECT
+    size, aspect = max(((g.bucket(a), a) for a in (hi, 1.0, lo)), key=lambda s: s[0][0] * s[0][1])
+    limit = "its aspect limit" if e.maximum_aspect_ratio is not None or e.minimum_aspect_ratio is not None else \
+        "the planner's assumption without maximum_aspect_ratio / minimum_aspect_ratio; wider images need more"
+    return size, f"its widest aspect bucket ({aspect:g}, {limit})"
 
