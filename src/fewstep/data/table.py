@@ -1,8 +1,8 @@
 """The scanned samples as columns in files that every rank memory-maps: the data index.
 
-A list of `Sample` objects costs about 0.7 KiB of private memory per image in every rank (its strings, its plan, the
-objects around them), and sending it to the other ranks pickled it through the collective's device: at 10 million
-images, 7 GiB per rank and 56 GiB per 8-GPU node before the model is loaded. The table keeps the same facts as flat
+A list of `Sample` objects, with the per-sample paths and prompt maps built from it, cost 1.4 KiB of private memory
+per image in every rank (bench/RESULTS.md, "Data index per rank"), and sending it to the other ranks pickled it
+through the collective's device: at 10 million images, 13 GiB per rank and 100 GiB per 8-GPU node. The table keeps the same facts as flat
 arrays in one folder (`write_table` on one rank, `SampleTable(folder)` on all): the kernel's page cache holds them
 once per node, shared by its ranks, and a rank's private memory no longer grows with the data set.
 
@@ -26,9 +26,9 @@ from typing import Iterable
 
 import numpy as np
 
+from fewstep.checkpoint_files import fsync, fsync_tree
 from fewstep.data.buckets import Plan
 from fewstep.data.dataset import Sample
-from fewstep.checkpoint_files import fsync, fsync_tree
 
 COLUMNS = ("entry", "plan", "digest", "caption_start", "caption_id")  # and the string columns `path`, `prompt`
 
