@@ -117,6 +117,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     @rng_streams.isolated()
     def save(at: int) -> None:
+        require_finite_weights(trainable, f"checkpoint step-{at}")  # a non-finite weight never reaches a checkpoint
         log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
@@ -180,7 +181,6 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                             validate(ctx, phase, step, logger, vae, is_main)
                     due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < total
                 if due or outcome.preempt:
-                    require_finite_weights(trainable, f"checkpoint step-{step}")
                     save(step)
                 if outcome.applied:
                     faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
@@ -189,12 +189,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     preemption.clear()
                     return {"step": step, "preempted": True}
             if last_saved["step"] != step:  # before the export: a failed or killed export loses no training
-                require_finite_weights(trainable, f"checkpoint step-{step}")
                 save(step)
             finish(phase, step)
             phase_start = phase_end
         if step == total and last_saved["step"] != step:  # resumed at the end from another run's folder: its own
-            require_finite_weights(trainable, f"checkpoint step-{step}")
             save(step)
     finally:
         logger.close()

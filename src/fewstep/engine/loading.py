@@ -21,7 +21,7 @@ from torch import nn
 
 from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
-from fewstep.errors import ModelSourceError
+from fewstep.errors import ConfigError, ModelSourceError
 from fewstep.models.source import INDEX_FILE, pipeline_components
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -106,8 +106,8 @@ def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, 
     # without AVX512-FP16 was built in bf16).
     init = deepspeed.zero.Init(config_dict_or_path=ds_config)
     if init.dtype != dtype:
-        raise ValueError(f"the DeepSpeed config builds ZeRO-3 parameters in {init.dtype}, the run trains in {dtype}: "
-                         "its bf16 / fp16 sections must match mixed_precision")
+        raise ConfigError(f"the DeepSpeed config builds ZeRO-3 parameters in {init.dtype}, the run trains in {dtype}: "
+                          "its bf16 / fp16 sections must match mixed_precision")
     with init:  # a broadcast per parameter
         model = adapter.denoiser_cls.from_config(config)
     with distributed.uneven_work("partitioned load"):

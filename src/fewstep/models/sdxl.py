@@ -70,9 +70,8 @@ class SDXLAdapter(FlowModelAdapter):
         if prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) < 1e-4:
             # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): at zero terminal SNR the top steps divide by ~0
             raise ConfigError(f"prediction_type 'epsilon' with {source}'s zero-terminal-SNR schedule (last "
-                                   f"alphas_cumprod {float(self.alphas_cumprod[-1]):.1e}): x0 from epsilon divides by "
-                                   "sqrt(alphas_cumprod) there; such bases predict v: set prediction_type "
-                                   "'v_prediction'")
+                              f"alphas_cumprod {float(self.alphas_cumprod[-1]):.1e}): x0 from epsilon divides by "
+                              "sqrt(alphas_cumprod) there; such bases predict v: set prediction_type 'v_prediction'")
         if prediction_type == folder:
             return None
         return (f"prediction_type '{prediction_type}' (config) differs from '{folder}' in {source}'s scheduler config; "

@@ -15,9 +15,8 @@ the adapter's patch factor), not read from a VAE config, since a hub model is no
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 DEFAULT_RESOLUTION = 1024
 VAE_FACTOR = 8  # the shipped architectures' VAEs downsample 8x (as `activations` assumes)
@@ -70,4 +69,3 @@ def largest_bucket(geometry) -> tuple[tuple[int, int], str]:
     limit = "its aspect limit" if e.maximum_aspect_ratio is not None or e.minimum_aspect_ratio is not None else \
         "the planner's assumption without maximum_aspect_ratio / minimum_aspect_ratio; wider images need more"
     return size, f"its widest aspect bucket ({aspect:g}, {limit})"
-
