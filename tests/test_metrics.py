@@ -137,3 +137,46 @@ def test_trainer_reports_to_wandb_offline_beside_tensorboard(tmp_path):
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name) == ("fewstep-ci", "tiny-flux")
     assert glob.glob(os.path.join(out, "logs", "events.out.tfevents.*"))
+
+
+def _without_wandb_credentials(tmp_path, **extra):
+    """The environment of a machine where nobody ran `wandb login`: no key, no netrc, no W&B settings files."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in cpu_env().items() if not k.startswith("WANDB_") and k not in ("NETRC",)}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), WANDB_CONFIG_DIR=str(home / "wandb-config"),
+               WANDB_SILENT="true", **extra)
+    return env
+
+
+def test_online_wandb_without_credentials_stops_before_any_compute(tmp_path):
+    """Online W&B on a machine without credentials: one `fewstep:` line and exit 2 before the data scan and the
+    model load (wandb.init comes after both, minutes into a large run)."""
+    backend = write_dataset(str(tmp_path), n=2)
+    out = str(tmp_path / "out")
+    cfg = write_config(str(tmp_path), backend, output_dir=out, report_to="wandb", cache_dir=str(tmp_path / "cache"))
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, capture_output=True, text=True,
+                          env=_without_wandb_credentials(tmp_path), timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("fewstep:")]
+    assert len(errors) == 1 and "no W&B credentials" in errors[0] and "WANDB_MODE=offline" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(os.path.join(out, "data_index"))
+
+
+@pytest.mark.parametrize("extra, refused", [({"WANDB_MODE": "offline"}, None), ({"WANDB_MODE": "disabled"}, None),
+                                            ({}, "no W&B credentials"),
+                                            ({"WANDB_API_KEY": "tooshort"}, "WANDB_API_KEY invalid")])
+def test_wandb_credentials_check_follows_the_mode(tmp_path, extra, refused):
+    """Offline and disabled W&B need no credentials; online needs a well-formed key (a fresh process each: wandb
+    reads its mode once per process)."""
+    code = ("from fewstep.errors import UserError\nfrom fewstep.metrics import require_wandb_credentials\n"
+            "try:\n    require_wandb_credentials('tensorboard,wandb')\n    print('ACCEPTED')\n"
+            "except UserError as e:\n    print('REFUSED', e)\n")
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=_without_wandb_credentials(tmp_path, **extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if refused is None:
+        assert "ACCEPTED" in proc.stdout, proc.stdout
+    else:
+        assert "REFUSED" in proc.stdout and refused in proc.stdout, proc.stdout

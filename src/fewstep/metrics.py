@@ -46,6 +46,27 @@ def report_to_problem(report_to: str | None) -> str | None:
     return None
 
 
+def require_wandb_credentials(report_to: str | None) -> None:
+    """Before any compute: online W&B needs credentials (WANDB_API_KEY, `wandb login`'s netrc entry), and without
+    them `wandb.init` fails only after the data scan, the cache fill and the model load. Offline and disabled modes
+    (WANDB_MODE, `wandb offline`) need none. Reads the local credentials only: no request reaches the server."""
+    if "wandb" not in trackers(report_to):
+        return
+    import wandb
+
+    from fewstep.errors import UserError
+
+    if wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):
+        return
+    try:
+        found = wandb.login(verify=False, prompt=False)
+    except Exception as e:  # a malformed WANDB_API_KEY
+        raise UserError(f"report_to wandb: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not found:
+        raise UserError("report_to wandb: no W&B credentials on this machine; log in (`wandb login` or "
+                        "WANDB_API_KEY) or log offline with WANDB_MODE=offline (then `wandb sync`)")
+
+
 def peak_memory_gb() -> float:
     """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in GiB."""
     import torch

@@ -31,7 +31,7 @@ from fewstep.kernels import resolve_backend
 from fewstep.full_export import export_full
 from fewstep.lora import (count_params, export_lora, prepare_trainable, remove_run_info,
                           run_info_matches, write_run_info)
-from fewstep.metrics import MetricsLogger, log_main
+from fewstep.metrics import MetricsLogger, log_main, require_wandb_credentials
 from fewstep.models import get_adapter
 from fewstep.nan_guard import NonFiniteGuard
 from fewstep.step_context import StepContext
@@ -55,6 +55,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
         log_main(is_main, f"warning: {note}")
+    with distributed.uneven_work("W&B credentials check"):  # rank 0 logs; its wandb.init comes after the cache fill
+        if is_main:
+            require_wandb_credentials(cfg.report_to)
     ds_config = build_ds_config(cfg)
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
     stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
