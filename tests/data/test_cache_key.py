@@ -42,3 +42,19 @@ def test_folders_the_pipeline_does_not_load_do_not_change_the_key(tmp_path):
     with open(full / "vae" / "config.json", "a") as fh:
         fh.write(" ")
     assert model_key("flux", str(full)) != model_key("flux", src)  # a component's files still count
+
+
+def test_an_encoded_empty_prompt_is_another_cache(tmp_path):
+    """`force_zeros_for_empty_prompt: false` in model_index.json makes SDXL encode "" instead of zeros: the cached
+    "" embedding made with the default is not that one, so the key differs; saying the default keeps the key."""
+    import json
+
+    src = str(ensure_tiny_pipeline("sdxl"))
+    folder = _copy(src, tmp_path / "sdxl")
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as fh:
+        meta = json.load(fh)
+    for value, same in ((True, True), (False, False)):
+        with open(index, "w") as fh:
+            json.dump({**meta, "force_zeros_for_empty_prompt": value}, fh)
+        assert (model_key("sdxl", folder) == model_key("sdxl", src)) is same, value

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 from typing import Callable, Iterable, Optional
 
@@ -40,11 +41,18 @@ def model_key(family: str, name_or_path: str) -> str:
     text-encoder / tokenizer file's name, size and a hash of its first and last MiB (a safetensors file starts with
     its tensor index), of the folders its model_index.json names (SDXL's `vae_1_0/` is not loaded); otherwise the
     name. A copy of the model on each node's disk, made anew at every requeue, keeps
-    its key (its paths and modification times would not, and each node would encode the data set again)."""
+    its key (its paths and modification times would not, and each node would encode the data set again).
+    `force_zeros_for_empty_prompt: false` in model_index.json (SDXL: "" is encoded, not zeros) counts too; the
+    default adds nothing, so caches made before it counted keep their key."""
     h = hashlib.sha256(family.encode())
     if not os.path.isdir(name_or_path):
         h.update(f"|{name_or_path}".encode())
         return h.hexdigest()[:16]
+    index = os.path.join(name_or_path, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            if not json.load(fh).get("force_zeros_for_empty_prompt", True):
+                h.update(b"|force_zeros_for_empty_prompt=false")
     components = folder_components(name_or_path)  # a folder model_index.json does not name is not loaded
     for sub in sorted(glob.glob(os.path.join(name_or_path, "*"))):
         name = os.path.basename(sub)
