@@ -76,6 +76,7 @@ def runs(tmp_path_factory):
     streak = {"zero_stage": 2, "nan_policy": "skip-then-stop", "nan_max_bad_steps": 2}
     plan += [["streak-z2", streak, FAULT],                                # one bad step, then preempted
              ["streak-z2", streak, {"FEWSTEP_FAULT_NAN_LOSS": "3:1"}]]  # the requeue: a second one in a row
+    plan.append(["poison-z3", {"zero_stage": 3}, {"FEWSTEP_FAULT_POISON_WEIGHTS": "3:1"}])  # rank 1's shard
     proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/nan_training_worker.py", cfg,
                 json.dumps(plan)], timeout=900)
     return root / "out", proc.stdout
@@ -134,4 +135,17 @@ def test_a_streak_of_bad_steps_survives_a_requeue(runs):
     assert "2 steps in a row (nan_max_bad_steps 2)" in results[1].get("stopped", ""), results
     run_dir = out / "streak-z2"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not (run_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(runs):
+    """Weights that turn non-finite after an applied step (here one NaN in rank 1's ZeRO-3 shard, past the
+    step-level guard): every rank refuses checkpoint step-3 together, the earlier ones stay and nothing is exported."""
+    out, stdout = runs
+    results = [json.loads(line.split(" ", 2)[2]) for line in stdout.splitlines()
+               if line.startswith("RESULT poison-z3 ")]
+    assert len(results) == 1 and "checkpoint step-3 not written" in results[0].get("stopped", ""), results
+    run_dir = out / "poison-z3"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step-1", "step-2"]
     assert not (run_dir / "pytorch_lora_weights.safetensors").exists()

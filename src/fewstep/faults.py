@@ -4,6 +4,8 @@
 - FEWSTEP_FAULT_IN_SAVE=N      hard crash while checkpoint N is being written (after the shards, before the rename)
 - FEWSTEP_FAULT_SIGNAL_AT_STEP=N   the process sends itself SIGUSR1 right after optimizer step N (a preemption)
 - FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
+- FEWSTEP_FAULT_POISON_WEIGHTS=N:R   right after optimizer step N, rank R's trained weights hold a NaN (a corruption
+  the step-level guard cannot see: what the finite-weights check before every checkpoint and export stops)
 - FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, cache, load, logger,
   validation, export, deepspeed-save, checkpoint): slow work on one rank, as a large cache fill or export is on real
   hardware
@@ -40,6 +42,23 @@ def nan_loss_if(loss, step: int, rank: int):
         return loss
     _nan_attempts["n"] += 1
     return loss * float("nan")
+
+
+def poison_weights_if(params, step: int, rank: int) -> None:
+    """One NaN in the first of `params` this rank holds an element of (its ZeRO-3 shard, or the whole tensor) when
+    FEWSTEP_FAULT_POISON_WEIGHTS names this step and rank."""
+    spec = os.environ.get("FEWSTEP_FAULT_POISON_WEIGHTS")
+    if not spec or tuple(int(x) for x in spec.split(":")) != (step, rank):
+        return
+    for p in params:
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard; the last rank's may be all padding
+            owned = p.ds_numel - rank * p.ds_tensor.numel()
+            values = p.ds_tensor.view(-1) if owned > 0 else None
+        else:
+            values = p.data.view(-1)
+        if values is not None and values.numel():
+            values[0] = float("nan")
+            return
 
 
 def work_at(where: str) -> None:

@@ -174,6 +174,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher
                         ema.update()
                     step += 1
+                    faults.poison_weights_if(trainable, step, info.rank)
                     gn = engine.get_global_grad_norm()
                     logger.log(step, {**outcome.logs, "lr": scheduler.get_last_lr()[0],
                                       "grad_norm": float(gn) if gn is not None else 0.0,
