@@ -180,3 +180,27 @@ def test_wandb_credentials_check_follows_the_mode(tmp_path, extra, refused):
         assert "ACCEPTED" in proc.stdout, proc.stdout
     else:
         assert "REFUSED" in proc.stdout and refused in proc.stdout, proc.stdout
+
+
+def test_resume_logs_every_step_once_in_tensorboard_and_jsonl(tmp_path):
+    """A run logs steps 1-5 and dies (its last JSONL line cut short); the resume from step 3 logs 4-6 again. TensorBoard
+    and metrics.jsonl then hold steps 1-6 once each, 4 and 5 with the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = str(tmp_path / "run")
+    first = MetricsLogger(out, None, True, True, total_steps=6, start_step=0)
+    for step in range(1, 6):
+        first.log(step, {"loss": float(step)}, samples=1)
+    first.close()
+    with open(os.path.join(out, "logs", "metrics.jsonl"), "a") as fh:
+        fh.write('{"step": 6, "lo')  # the line a full disk or a kill cut short
+    resumed = MetricsLogger(out, None, True, True, total_steps=6, start_step=3)
+    for step in range(4, 7):
+        resumed.log(step, {"loss": 10.0 + step}, samples=1)
+    resumed.close()
+    acc = EventAccumulator(os.path.join(out, "logs"))
+    acc.Reload()
+    scalars = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    assert scalars == expected
+    assert [(m["step"], m["loss"]) for m in read_metrics(out)] == expected

@@ -15,6 +15,8 @@ import sys
 import time
 import uuid
 
+from fewstep.paths import write_atomic
+
 TRACKERS = ("tensorboard", "wandb")
 # W&B captions for image tags (prefix match); the seed document asks for the trajectory scatter to be marked so
 _CAPTIONS = {"twinflow/trajectories": "experimental/theory unverified: TwinFlow's sampled (|t|, tt, sign)"}
@@ -106,7 +108,9 @@ class MetricsLogger:
         log_dir = logging_dir or os.path.join(output_dir, "logs")
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir)
+
+            # on resume, TensorBoard drops the earlier run's events after the checkpoint (logged again from here)
+            self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step > 0 else None)
         if wandb_init is not None:
             self.wandb_run = _start_wandb(os.path.join(output_dir, "logs", "wandb-run-id"), log_dir, start_step,
                                           wandb_init)
@@ -125,13 +129,20 @@ class MetricsLogger:
                    desc=desc, wandb_init=wandb_init)
 
     def _truncate(self, start_step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so every step appears exactly once."""
+        """On resume, drop lines logged after the checkpoint so every step appears exactly once, and a last line cut
+        short (a full disk, a killed process); rewritten atomically, so an interruption keeps the old file."""
         if not os.path.exists(self.jsonl):
             return
-        with open(self.jsonl) as fh:
-            keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-        with open(self.jsonl, "w") as fh:
-            fh.writelines(keep)
+        keep = []
+        with open(self.jsonl, errors="replace") as fh:
+            for ln in fh:
+                try:
+                    row = json.loads(ln)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= start_step:
+                    keep.append(ln if ln.endswith("\n") else ln + "\n")
+        write_atomic(self.jsonl, "".join(keep))
 
     def log(self, step: int, scalars: dict, samples: int) -> None:
         now = time.perf_counter()
