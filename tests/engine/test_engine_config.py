@@ -68,6 +68,18 @@ def test_nvme_offload_refused_with_an_ema(tmp_path, key):
     ds_config(tmp_path, user, zero_stage=3)
 
 
+@pytest.mark.parametrize("user, key", [
+    ({"checkpoint": {"writer": {"type": "fast", "decoupled": True}}}, "checkpoint.writer"),
+    ({"checkpoint": {"use_node_local_storage": True}}, "checkpoint.use_node_local_storage"),
+    ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal"),
+    ({"datastates_ckpt": {"host_cache_size": 16}}, "datastates_ckpt")])
+def test_deepspeed_checkpoint_writers_are_refused(tmp_path, user, key):
+    """An asynchronous or parallel writer would let fewstep commit a checkpoint whose files are not all written."""
+    with pytest.raises(ConfigError, match=f"{key} is not supported"):
+        ds_config(tmp_path, user)
+    ds_config(tmp_path, {"checkpoint": {"tag_validation": "FAIL", "use_node_local_storage": False}})
+
+
 def test_offload_optimizer_needs_a_zero_stage(tmp_path):
     """At stage 0 DeepSpeed ignores the offload for torch AdamW, and with optimizer deepspeed steps DeepSpeedCPUAdam
     on the parameters wherever they are (a CUDA parameter fails at the first step)."""

@@ -57,6 +57,7 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
     _deep_update(ds, user)
     source = f"deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "fewstep's options"
     _check_offload(ds["zero_optimization"], source)
+    _check_checkpointing(ds, source)
     if cfg.use_ema:
         _check_ema_swap(ds["zero_optimization"], source)
     return ds
@@ -89,6 +90,20 @@ def _check_offload(zero: dict, source: str) -> None:
     deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
     if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
         raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
+
+
+def _check_checkpointing(ds: dict, source: str) -> None:
+    """fewstep.checkpoint commits a checkpoint once every rank's files are written and fsynced, and reshards it
+    itself. Refuse DeepSpeed options that change who writes what, or when: an asynchronous writer (`decoupled`,
+    DataStates) returns before the files exist, a parallel `writer` leaves some ranks' files to others, node-local
+    storage keeps shards off the shared checkpoint folder, and `load_universal` would read it as another layout."""
+    ckpt = ds.get("checkpoint") or {}
+    refused = [f"checkpoint.{k}" for k in ("writer", "use_node_local_storage", "load_universal") if ckpt.get(k)]
+    if ds.get("datastates_ckpt") not in (None, False):
+        refused.append("datastates_ckpt")
+    if refused:
+        raise ConfigError(f"{source}: {', '.join(refused)} is not supported: fewstep writes, commits (atomically, "
+                          "after every rank's files are on disk) and reshards checkpoints itself; remove it")
 
 
 def _check_ema_swap(zero: dict, source: str) -> None:
