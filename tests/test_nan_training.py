@@ -76,6 +76,8 @@ def runs(tmp_path_factory):
     streak = {"zero_stage": 2, "nan_policy": "skip-then-stop", "nan_max_bad_steps": 2}
     plan += [["streak-z2", streak, FAULT],                                # one bad step, then preempted
              ["streak-z2", streak, {"FEWSTEP_FAULT_NAN_LOSS": "3:1"}]]  # the requeue: a second one in a row
+    twin = {"zero_stage": 2, "twinflow_enabled": True, "use_ema": True, "ema_decay": 0.9}  # an EMA teacher
+    plan += [["ref-twin", {**twin, "max_train_steps": 2}, {}], ["nan-twin", twin, FAULT]]
     plan.append(["poison-z3", {"zero_stage": 3}, {"FEWSTEP_FAULT_POISON_WEIGHTS": "3:1"}])  # rank 1's shard
     proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/nan_training_worker.py", cfg,
                 json.dumps(plan)], timeout=900)
@@ -113,7 +115,7 @@ def test_both_ranks_skip_and_say_so(runs):
     # the loss is NaN on one rank, so both flags are set; rank 0 (which logs) names its own non-finite terms, if any
     said = re.findall(r"step 3: non-finite loss and gradients \(on some rank(?:; here: [\w, ]+)?\): update skipped",
                       stdout)
-    assert len(said) == len(COMBOS) + 3, stdout[-3000:]  # and stop-z2, streak-z2 twice
+    assert len(said) == len(COMBOS) + 4, stdout[-3000:]  # and stop-z2, streak-z2 twice, nan-twin
 
 
 def test_nan_policy_stop_keeps_the_last_checkpoint_and_exports_nothing(runs):
@@ -149,3 +151,20 @@ def test_non_finite_weights_never_reach_a_checkpoint(runs):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step-1", "step-2"]
     assert not (run_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_skipped_twinflow_step_leaves_the_ema_teacher_as_it_was(runs):
+    """TwinFlow's EMA teacher is updated once before the first step and after every applied one (the reference's
+    update before each step's teacher passes, on the same weights): a skipped step moves neither the shadow nor its
+    decay warm-up. Checked on both ranks' saved EMA, against the clean run stopped after step 2."""
+    out, stdout = runs
+    assert 'RESULT nan-twin {"step": 2, "preempted": true}' in stdout
+    ref, bad = (out / name / "checkpoints" / "step-2" for name in ("ref-twin", "nan-twin"))
+    decay = 0.0
+    for _ in range(3):  # the warm-up d <- d + (1 - d)(D - d)/2 from 0: the initial update and steps 1, 2
+        decay = decay + (1 - decay) * (0.9 - decay) / 2
+    for rank in (0, 1):
+        a, b = (torch.load(c / f"rank{rank}.pt", weights_only=False)["ema"] for c in (ref, bad))
+        assert a["decay"] == b["decay"] == pytest.approx(decay, rel=1e-12)
+        assert len(a["shadow"]) == len(b["shadow"]) > 0
+        assert all(_same(x, y) for x, y in zip(a["shadow"], b["shadow"])), rank

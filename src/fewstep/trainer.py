@@ -112,6 +112,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                               "run replaces each when it saves that step")
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
+    if ema is not None and method == "twinflow" and resume is None:
+        # The reference updates TwinFlow's EMA right before each step's teacher passes, on the weights that step
+        # trains from: the same as one update now (the first copies) and one after every applied step.
+        ema.update()
 
     # the newest checkpoint of this run's own line: the one it resumed from, if that is in its own checkpoints folder
     own = resume is not None and os.path.isdir(ckpt_root) and \
@@ -171,7 +175,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                                          trace)
                 due = False
                 if outcome.applied:
-                    if ema is not None and method != "twinflow":  # TwinFlow updates its EMA before the teacher
+                    if ema is not None:  # after an applied step only: a skipped one leaves it as it was
                         ema.update()
                     step += 1
                     faults.poison_weights_if(trainable, step, info.rank)

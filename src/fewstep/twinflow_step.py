@@ -83,7 +83,6 @@ def make_twinflow_step(ctx: StepContext):
         # order's slot counts them (those of skipped steps too) and is checkpointed: a resume continues the cycle.
         groups = assign_groups(x0.shape[0], ctx.order.slot - 1, adversarial=cfg.twinflow_adversarial_enabled,
                                weights=cfg.twinflow_group_weights)
-        update = ema.update if (ema is not None and micro == 0) else None  # once per optimizer step
         try:
             loss, logs = twinflow_loss(
                 student, teacher if weights is not None else student, x0, cond, uncond,
@@ -91,7 +90,7 @@ def make_twinflow_step(ctx: StepContext):
                 clamp=cfg.twinflow_target_clamp, enhanced_ratio=cfg.twinflow_enhanced_ratio,
                 enhanced_range=tuple(cfg.twinflow_enhanced_range), adversarial=cfg.twinflow_adversarial_enabled,
                 adversarial_weight=cfg.twinflow_adversarial_weight, rectify_weight=cfg.twinflow_rectify_weight,
-                frozen_teacher=(ema is not None and ema.frozen), ema_update=update,
+                frozen_teacher=(ema is not None and ema.frozen),
                 backend=ctx.backend, used_rows_only=used_rows_only)
         finally:
             if weights is not None:

@@ -246,15 +246,16 @@ def rectify_loss(model, x_hat, F_e2e, cond, generator=None) -> torch.Tensor:
 def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2, delta_t: float = 0.01,
                   clamp: float = 1.0, enhanced_ratio: float = 0.5, enhanced_range=(0.0, 1.0), adversarial: bool = True,
                   adversarial_weight: float = 1.0, rectify_weight: float = 1.0, frozen_teacher: bool = False,
-                  ema_update=None, generator=None, backend: str = "auto", used_rows_only: bool = False):
+                  generator=None, backend: str = "auto", used_rows_only: bool = False):
     """One TwinFlow step's loss in the reference order. Returns `(loss, logs)`; loss is a scalar with one graph, logs
     the logged terms: 0-d tensors on the device where computed there (read them after backward: reading one waits for
     the GPU), floats where known on the host (group sizes), and "times", the rows' signed (t, tt) on the host.
 
     1. times from `groups`; adv rows' data := fake samples of the student (no grad, fresh noise); fresh z; x_t with |t|.
     2. capture the RNG, student pass F = student(x_t, t, tt, cond) with grad (the only graph); capture the RNG again.
-    3. `ema_update()` (if given), then the teacher passes, each with the RNG restored to the pre-student state (same
-       dropout masks as the student pass): CFG-enhanced target E, RCGM rollout. With `frozen_teacher` (EMA decay 1)
+    3. the teacher passes, each with the RNG restored to the pre-student state (same dropout masks as the student
+       pass): CFG-enhanced target E, RCGM rollout. (The reference updates an EMA teacher between the student pass and
+       these; fewstep's trainer updates it after every applied optimizer step instead: the same weights.) With `frozen_teacher` (EMA decay 1)
        the rollout uses the student under no grad, as the reference. The RNG is then put back to its post-student
        state, so the global stream advances as if the teacher passes drew nothing. `used_rows_only` runs each
        teacher pass on the rows whose output is used (see `cfg_enhanced_target`, `rcgm_rollout`); for a model
@@ -301,8 +302,6 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     rng_state = capture_rng_state(x0.device)
     F = student(x_t, t, tt, cond)
     after_student = capture_rng_state(x0.device)
-    if ema_update is not None:
-        ema_update()
     E, enh_mask = cfg_enhanced_target(teacher, x_t, t_host, v, cond, uncond, ratio=enhanced_ratio,
                                       enhanced_range=enhanced_range, adv_mask=host_masks["adv"], rng_state=rng_state,
                                       used_rows_only=used_rows_only)
