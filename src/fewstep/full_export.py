@@ -17,6 +17,7 @@ import shutil
 from torch import nn
 
 from fewstep import faults
+from fewstep.checkpoint_files import fsync, fsync_tree
 from fewstep.engine import distributed
 from fewstep.models import anystep
 
@@ -108,8 +109,14 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
             _write_index(tmp, shards)
             if embed is not None:
                 anystep.save_anystep(transformer, tmp)
-            shutil.rmtree(out_dir, ignore_errors=True)
+            fsync_tree(tmp)  # durable before the rename: the run's marker, written after, must not name lost pages
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(out_dir):  # moved aside, not deleted first (minutes on Lustre for a 20B model)
+                os.replace(out_dir, old)
             os.replace(tmp, out_dir)
+            fsync(os.path.dirname(os.path.abspath(out_dir)))
+            shutil.rmtree(old, ignore_errors=True)
             faults.work_at("export")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from torch import nn
 
@@ -11,6 +12,7 @@ from fewstep.config import ConfigError
 from fewstep.engine import distributed
 from fewstep.jsonfile import save_json
 from fewstep.models import anystep
+from fewstep.paths import publish
 
 
 def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embeddings: bool) -> list[nn.Parameter]:
@@ -102,19 +104,22 @@ def export_lora(adapter, transformer: nn.Module, out_dir: str, is_main: bool,
     lora_params = [p for n, p in transformer.named_parameters() if "lora_" in n or "anystep_embed" in n]
     with _gathered(lora_params), distributed.uneven_work("export"):
         if is_main:
-            os.makedirs(out_dir, exist_ok=True)
+            staging = os.path.join(out_dir, ".export.tmp")  # written whole, then each file swapped in (`publish`)
+            shutil.rmtree(staging, ignore_errors=True)  # an interrupted export's
+            os.makedirs(staging)
             sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
             sd = lora_formats.fold_scaling(sd, _lora_scales(transformer))
-            adapter.save_lora(out_dir, sd)
-            comfy = os.path.join(out_dir, lora_formats.COMFYUI_WEIGHTS_NAME)
+            adapter.save_lora(staging, sd)
             if "comfyui" in formats:
-                lora_formats.save_kohya(adapter.family, sd, comfy, _out_features(transformer),
-                                        _layers_per_block(transformer))
-            elif os.path.exists(comfy):  # from an earlier export with other options: it would not match
-                os.remove(comfy)
+                lora_formats.save_kohya(adapter.family, sd, os.path.join(staging, lora_formats.COMFYUI_WEIGHTS_NAME),
+                                        _out_features(transformer), _layers_per_block(transformer))
             if hasattr(transformer, "anystep_embed"):
-                anystep.save_anystep(transformer, out_dir)
+                anystep.save_anystep(transformer, staging)
             faults.work_at("export")
+            publish(staging, out_dir)
+            comfy = os.path.join(out_dir, lora_formats.COMFYUI_WEIGHTS_NAME)
+            if "comfyui" not in formats and os.path.exists(comfy):  # an earlier export's, with other options
+                os.remove(comfy)
 
 
 RUN_INFO = "fewstep_run.json"

@@ -56,3 +56,21 @@ def removed_on_failure(tmp: str):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def publish(staging: str, dest: str) -> list[str]:
+    """Move every file of the folder `staging` into `dest` (same filesystem), each made durable first and swapped in
+    atomically (a reader sees the old file or the new one, never a partial one), then `dest`'s entries made durable
+    and `staging` removed. Returns the published paths. An export is written this way: a kill in the middle leaves
+    whole files, and the marker written after them (`fewstep_run.json`) never names weights still in a page cache."""
+    from fewstep.checkpoint_files import fsync
+
+    published = []
+    for name in sorted(os.listdir(staging)):
+        src = os.path.join(staging, name)
+        fsync(src)
+        os.replace(src, os.path.join(dest, name))
+        published.append(os.path.join(dest, name))
+    fsync(dest)
+    os.rmdir(staging)
+    return published
