@@ -222,3 +222,22 @@ def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):
                                           r"deepspeed_config"):
         load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(ds), "offload_param": True,
                                                             "zero_stage": 3})))
+
+
+def test_twinflow_options_without_twinflow_are_refused(tmp_path):
+    """The seed's TwinFlow block without `twinflow_enabled: true` would train plain flow matching without a word."""
+    off = {k: v for k, v in SEED_TWINFLOW.items() if k != "twinflow_enabled"}
+    off["twinflow_estimate_order"] = 3
+    with pytest.raises(ConfigError, match=r"'twinflow_target_step_count', 'twinflow_estimate_order'.*TwinFlow is "
+                                          r"off \(method 'flow'\): set twinflow_enabled true, or remove them"):
+        load_config(write(tmp_path, off))
+    with pytest.raises(ConfigError, match=r"^'twinflow_estimate_order' set, .*remove it$"):
+        load_config(write(tmp_path, merged(SEED_GLANCE, {"twinflow_estimate_order": 4})))
+    at_defaults = {k: v for k, v in off.items() if k not in ("twinflow_target_step_count", "twinflow_estimate_order")}
+    assert load_config(write(tmp_path, at_defaults)).resolved_method == "flow"  # keys left at their defaults: fine
+
+
+@pytest.mark.parametrize("value", ["to_q, to_k", " to_q,to_k ,", ["to_q", " to_k"]])
+def test_lora_targets_spaces_and_empty_items_are_dropped(tmp_path, value):
+    cfg = load_config(write(tmp_path, merged(SEED_GLANCE, {"lora_targets": value})))
+    assert cfg.lora_targets == ["to_q", "to_k"]

@@ -109,7 +109,8 @@ def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
 
 # ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
-                                  "missing-model-dir", "unset-variable"])
+                                  "missing-model-dir", "unset-variable", "cache-dir-under-a-file",
+                                  "logging-dir-under-a-file", "empty-output-dir"])
 def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     backend = write_dataset(str(tmp_path), n=2)
     overrides, env, expect = {}, {}, ""
@@ -127,10 +128,17 @@ def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     elif case == "unset-variable":  # e.g. $SLURM_TMPDIR off the site that sets it: not a folder named '$SLURM_TMPDIR'
         overrides = {"cache_dir": "$FEWSTEP_UNSET_DIR/cache"}
         expect = "cache_dir '$FEWSTEP_UNSET_DIR/cache': environment variable FEWSTEP_UNSET_DIR is not set"
+    elif case in ("cache-dir-under-a-file", "logging-dir-under-a-file"):  # found before the data scan and model load
+        (tmp_path / "afile").write_text("x")
+        key = case.split("-under")[0].replace("-", "_")
+        overrides, expect = {key: str(tmp_path / "afile" / "sub")}, f"cannot create {key} "
+    elif case == "empty-output-dir":
+        overrides, expect = {"output_dir": ""}, "'output_dir' is empty: give a path"
     else:
         overrides, expect = {"pretrained_model_name_or_path": str(tmp_path / "nowhere")}, "does not exist"
     proc = launch(write_config(str(tmp_path), backend, **overrides), **env)
     assert proc.returncode == 2 and expect in one_clean_line(proc)
+    assert "fewstep: loading" not in proc.stdout  # before the model load
     assert not os.path.exists(os.path.join(REPO, "$FEWSTEP_UNSET_DIR"))  # nothing written under the literal name
 
 

@@ -223,10 +223,17 @@ class Config:
         for key in ("model_family", "pretrained_model_name_or_path"):
             if getattr(self, key) is None:
                 raise ConfigError(f"'{key}' is required")
+        for key in ("pretrained_model_name_or_path", "output_dir", "data_backend_config", "cache_dir", "logging_dir",
+                    "deepspeed_config"):
+            if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
+                raise ConfigError(f"'{key}' is empty: give a path" + ("" if key in ("pretrained_model_name_or_path",
+                                                                                     "output_dir") else " or leave it out"))
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, str):
-            self.lora_targets = [s.strip() for s in self.lora_targets.split(",") if s.strip()]
+            self.lora_targets = self.lora_targets.split(",")
+        if self.lora_targets is not None:  # "to_q, to_k" (a list from the command line keeps the spaces)
+            self.lora_targets = [x.strip() for x in map(str, self.lora_targets) if x.strip()]
         user_ds = {}
         if self.deepspeed_config is not None:
             user_ds = load_json(self.deepspeed_config, ConfigError, "deepspeed_config")
@@ -271,6 +278,11 @@ class Config:
             raise ConfigError(f"'{key}' is not used by method '{method}', which trains on {lists}: remove it, or "
                               "set the method that uses it")
         self._validate_prediction_type(method)
+        changed = [f.name for f in dataclasses.fields(self) if f.name.startswith("twinflow_")
+                   and getattr(self, f.name) != _default(f)]
+        if method != "twinflow" and changed:  # a seed's TwinFlow block without twinflow_enabled: plain training
+            raise ConfigError(f"{', '.join(repr(k) for k in changed)} set, but TwinFlow is off (method '{method}'): "
+                              f"set twinflow_enabled true, or remove {'them' if changed[1:] else 'it'}")
         from fewstep import lora_formats, metrics  # noqa: E402 (import here: they import nothing of config)
         self.lora_export_formats = lora_formats.normalize_formats(self.lora_export_formats)
         for problem in (lora_formats.formats_problem(self.lora_export_formats, self.model_type, self.model_family),
@@ -336,6 +348,10 @@ def zero_stage_in_use(zero_stage: int, user_ds: dict) -> int:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = None) -> Config:
     """Read a JSON config (SimpleTuner key spelling accepted), apply overrides, check everything."""
     raw: dict[str, Any] = {}
@@ -367,6 +383,6 @@ def describe_options() -> str:
     """A Markdown table of every option (used for the README and `train.py --help`)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -70,16 +70,28 @@ def _describe_owner(owner: dict | None) -> str:
     return f"PID {owner.get('pid')} on {owner.get('host')}{job}, started {owner.get('started')}"
 
 
-def _acquire(output_dir: str):
-    """Rank 0: create output_dir and take its lock. Returns (lock or None, error message or None)."""
+def _make_dir(key: str, path: str) -> str | None:
+    """Create the folder `path` (option `key`); why it cannot be, or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{key} '{path}' exists and is not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {key} '{path}': {e.strerror or e}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{key} '{path}' is not writable"
+    return None
+
+
+def _acquire(output_dir: str, other_dirs: dict[str, str | None] | None = None):
+    """Rank 0: create output_dir (and `other_dirs`: {option: path}) and take output_dir's lock. Returns (lock or
+    None, error message or None)."""
     from filelock import FileLock, Timeout
 
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        return None, f"output_dir '{output_dir}' exists and is not a directory"
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        return None, f"cannot create output_dir '{output_dir}': {e.strerror or e}"
+    for key, path in {"output_dir": output_dir, **(other_dirs or {})}.items():
+        problem = _make_dir(key, path) if path else None
+        if problem:
+            return None, problem
     try:  # filelock >= 4 would fall back to a marker file where flock is missing: a SIGKILLed run's marker stays, and
         # every later run (a requeue included) would be refused until someone deletes it; run unguarded instead
         lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0, fallback_to_soft=False)
@@ -130,11 +142,12 @@ def _requeue_wait(owner: dict | None) -> float | None:
 
 
 @contextlib.contextmanager
-def locked(output_dir: str, info: DistInfo):
+def locked(output_dir: str, info: DistInfo, other_dirs: dict[str, str | None] | None = None):
     """Hold the run directory for the block (collective: every rank enters; rank 0 holds the lock, which it may wait
-    for after a requeue: the others wait without a collective timeout)."""
+    for after a requeue: the others wait without a collective timeout). `other_dirs` ({option: path}: cache_dir,
+    logging_dir) are created by rank 0 first, so a path under a file fails now, not after the model load."""
     with distributed.uneven_work("run directory lock"):
-        lock, problem = _acquire(output_dir) if info.is_main else (None, None)
+        lock, problem = _acquire(output_dir, other_dirs) if info.is_main else (None, None)
     problem = distributed.broadcast_object(problem)
     if problem:
         raise RunDirBusy(problem) if "in use" in problem else UserError(problem)

@@ -43,7 +43,7 @@ def train(cfg: Config) -> dict:
     allocator = host_memory.fix_mmap_threshold(cfg.malloc_mmap_threshold)  # before anything large is allocated
     info = setup_distributed(cfg.distributed_timeout_seconds)
     run_dir.resolve_paths(cfg, info)
-    with run_dir.locked(cfg.output_dir, info):
+    with run_dir.locked(cfg.output_dir, info, {"cache_dir": cfg.cache_dir, "logging_dir": cfg.logging_dir}):
         return _train(cfg, info, allocator)
 
 
