@@ -110,7 +110,7 @@ def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
 # ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
                                   "missing-model-dir", "unset-variable", "cache-dir-under-a-file",
-                                  "logging-dir-under-a-file", "empty-output-dir"])
+                                  "logging-dir-under-a-file", "empty-output-dir", "data-typo-before-model"])
 def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     backend = write_dataset(str(tmp_path), n=2)
     overrides, env, expect = {}, {}, ""
@@ -132,6 +132,14 @@ def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
         (tmp_path / "afile").write_text("x")
         key = case.split("-under")[0].replace("-", "_")
         overrides, expect = {key: str(tmp_path / "afile" / "sub")}, f"cannot create {key} "
+    elif case == "data-typo-before-model":  # reported before the hub id is resolved (a download, if not cached)
+        with open(backend) as fh:
+            entries = json.load(fh)
+        entries[0]["caption_extention"] = ".txt"
+        with open(backend, "w") as fh:
+            json.dump(entries, fh)
+        overrides, env = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}, {"HF_HUB_OFFLINE": "1"}
+        expect = "'caption_extention'"
     elif case == "empty-output-dir":
         overrides, expect = {"output_dir": ""}, "'output_dir' is empty: give a path"
     else:

@@ -19,7 +19,7 @@ import torch
 from fewstep import checkpoint, faults, preemption, rng_streams, run_dir
 from fewstep.config import Config, ConfigError
 from fewstep.data.dataset import DataOrder
-from fewstep.data.prepare import build_dataset
+from fewstep.data.prepare import build_dataset, read_data_config
 from fewstep.ema import EMA
 from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
@@ -51,6 +51,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
     seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
+    data = read_data_config(cfg)  # its mistakes before the model is resolved (a hub id may download first)
     source = local_model(adapter, cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
@@ -65,7 +66,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
     # raises the same ResumeMismatch)
     resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
-    dataset, resolution, shuffle = build_dataset(cfg, adapter, info, source)
+    dataset, resolution, shuffle = build_dataset(cfg, adapter, info, source, data)
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32

@@ -126,18 +126,25 @@ def _probe_share(paths: list[str], rank: int) -> dict[str, list]:
                         "node") from None
 
 
-def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None
+def read_data_config(cfg):
+    """The data config (`data_backend_config`) read and checked: its mistakes are reported before the model is
+    resolved (for a hub id not yet cached, that is a download)."""
+    if cfg.data_backend_config is None:
+        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
+    return load_data_config(cfg.data_backend_config, cfg.resolution)
+
+
+def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None, data=None
                   ) -> tuple[CachedDataset, int, bool]:
-    """Read the data config, scan and plan the images, and fill the latent/embedding caches (collective).
+    """Scan and plan the images of the data config (`data`: `read_data_config`'s, read here if not given), and fill
+    the latent/embedding caches (collective).
 
     `source`: the model folder to read the VAE and text encoders from (`engine.loading.local_model`'s answer: for a
     hub id, the snapshot of the commit every rank trains; the cache is keyed by its files' content); default
     `pretrained_model_name_or_path`. Rank 0 prints what the data config produced before the fill starts. Returns
     the dataset, the first entry's square size (logs, run info) and whether every entry shuffles."""
     source = source or cfg.pretrained_model_name_or_path
-    if cfg.data_backend_config is None:
-        raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
-    data = load_data_config(cfg.data_backend_config, cfg.resolution)
+    data = data if data is not None else read_data_config(cfg)
     multiple = resolution_multiple(adapter, source)
     samples, skipped, probed = scan_images(data, multiple, os.path.join(cfg.output_dir, MEMO_NAME))
     log = summary(data, samples, skipped)
