@@ -294,6 +294,21 @@ def test_tiny_name_resolves_and_is_cached(tiny_dirs, tmp_path, monkeypatch):
         adapter.resolve("tiny:sd3")
 
 
+def test_a_folder_of_another_family_is_named_before_loading(tiny_dirs):
+    """A FLUX folder given with model_family sd3 fails at resolve (before the data scan and cache fill), naming the
+    class it holds and the family that trains it."""
+    from fewstep.errors import ModelFamilyError, ModelSourceError
+
+    flux = str(tiny_dirs("flux"))
+    with pytest.raises(ModelFamilyError, match=r"holds a FluxTransformer2DModel in transformer/, but model_family "
+                                               r"'sd3' trains a SD3Transformer2DModel: set model_family 'flux'"):
+        get_adapter("sd3").resolve(flux)
+    with pytest.raises(ModelSourceError, match=r"has no unet/config.json: model_family 'sdxl' loads a "
+                                               r"UNet2DConditionModel"):
+        get_adapter("sdxl").resolve(flux)
+    assert get_adapter("flux").resolve(flux) == flux
+
+
 def test_hub_id_without_network_fails_fast(monkeypatch, tmp_path):
     import huggingface_hub.constants as hf_constants
 

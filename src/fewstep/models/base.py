@@ -21,7 +21,7 @@ from torch import nn
 
 from fewstep.errors import ModelFamilyError
 from fewstep.models import anystep
-from fewstep.models.source import resolve_folder_or_hub
+from fewstep.models.source import check_denoiser_class, resolve_folder_or_hub
 
 _REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
 
@@ -131,7 +131,10 @@ class FlowModelAdapter:
                                        f"'tiny:{self.family}', or set model_family {fam!r}")
             from fewstep.models.tiny import ensure_tiny_pipeline
             return str(ensure_tiny_pipeline(self.family))
-        return resolve_folder_or_hub(name, self.denoiser_subfolder)
+        src = resolve_folder_or_hub(name, self.denoiser_subfolder)
+        families = {cls.denoiser_cls.__name__: cls.family for cls in _REGISTRY.values()}
+        check_denoiser_class(name, src, self.denoiser_subfolder, self.denoiser_cls.__name__, self.family, families)
+        return src
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fewstep.errors import ModelSourceError
+from fewstep.errors import ModelFamilyError, ModelSourceError
 
 # a hub id "org/name" (no revision suffix)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -47,6 +47,25 @@ def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:
         raise ModelSourceError(f"model directory {name!r} does not exist (expected a local diffusers pipeline "
                                "folder, a hub id like 'org/name', or 'tiny:<family>')")
     return resolve_hub_id(name)
+
+
+def check_denoiser_class(name: str, src: str, subfolder: str, expected: str, family: str,
+                         families: dict[str, str]) -> None:
+    """A pipeline folder of another family fails here, naming both, not in `from_pretrained` after the data work.
+    `families`: {denoiser class name: family} of every adapter."""
+    config = os.path.join(src, subfolder, "config.json")
+    if not os.path.isfile(config):
+        raise ModelSourceError(f"{name!r} has no {subfolder}/config.json: model_family {family!r} loads a {expected} "
+                               f"from {subfolder}/")
+    try:
+        with open(config) as fh:
+            found = json.load(fh).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelSourceError(f"{config}: not a readable model config ({type(e).__name__}: {e})") from None
+    if found is not None and found != expected:
+        hint = f"set model_family {families[found]!r}" if found in families else "fewstep has no family for it"
+        raise ModelFamilyError(f"{name!r} holds a {found} in {subfolder}/, but model_family {family!r} trains a "
+                               f"{expected}: {hint}, or give a {family} model")
 
 
 def resolve_hub_id(repo_id: str) -> str:
