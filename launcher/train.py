@@ -6,7 +6,8 @@ Also runs under `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK, or SLURM
 
 A mistake the user can fix (config, data, paths, model source, a busy output_dir, a resume that does not fit, a
 diverged run) ends in one `fewstep: ...` line on rank 0 (and on the rank where it started, see `report`) and exit
-status 2 (1 for a diverged run); FEWSTEP_DEBUG=1 shows the traceback instead.
+status 2 (1 for a diverged run); FEWSTEP_DEBUG=1 shows the traceback instead. A run stopped by a preemption signal
+(SIGUSR1/SIGTERM: checkpoint written) exits 0, or FEWSTEP_PREEMPTED_EXIT where that is set (slurm/common.sh: 75).
 """
 import os
 import sys
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
         from fewstep.trainer import train
 
         try:
-            train(cfg)
+            result = train(cfg)
         except BaseException as e:  # ranks waiting for this one stop with its message instead of waiting for ever
             first = announce_failure(e)
             raise
@@ -93,7 +94,9 @@ def main(argv: list[str]) -> int:
         report(e, first)
         return exit_status(e)
     teardown()
-    return 0
+    # stopped by a preemption signal, checkpoint written: slurm/common.sh asks for a status of its own (75), to
+    # requeue only such a run (not one that finished, nor one that failed)
+    return int(os.environ.get("FEWSTEP_PREEMPTED_EXIT") or 0) if result.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 # starts one task per GPU with srun (RANK/LOCAL_RANK from SLURM_PROCID/SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS,
 # MASTER_ADDR = first node of the job, MASTER_PORT derived from the job id), forwards USR1/TERM from the batch shell
 # to the tasks (as USR1: srun answers a TERM of its own by SIGKILLing every task), waits for them, and then requeues
-# the job (`scontrol requeue`) unless Slurm itself is ending it (scancel, time limit: no requeue). The requeued job restarts with the same job id, environment and arguments, so
-# the same output directory and `--resume_from_checkpoint latest` continue the run.
+# the job (`scontrol requeue`) if they stopped for it with a checkpoint written (exit status 75), unless Slurm itself
+# is ending it (scancel, time limit: no requeue). The requeued job restarts with the same job id, environment and
+# arguments, so the same output directory and `--resume_from_checkpoint latest` continue the run.
 #
 # Knobs (environment variables, set before `sbatch` or in the EDIT block below; jobs inherit the submitter's
 # environment, also across requeues):
@@ -15,6 +16,8 @@
 #   FEWSTEP_PYTHON  the Python interpreter; default: python
 #   FEWSTEP_GPUS_PER_NODE  GPUs per node, where Slurm does not count them (nodes without a GPU GRES in slurm.conf,
 #                   whole-node allocations): default $SLURM_GPUS_ON_NODE, set from '#SBATCH --gpus-per-node'
+#   FEWSTEP_MAX_REQUEUES  requeues after which a preempted job ends instead (default 50: a run that cannot make
+#                   progress in a slot, such as one whose load outlasts it, does not cycle for ever)
 #   FEWSTEP_CPU=1   CPU test mode: gloo instead of NCCL (DS_ACCELERATOR=cpu), OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK,
 #                   and the job step gets no GPU GRES (srun --gpus-per-node=0 if the job has GPUs; submit with
 #                   `sbatch --gpus-per-node=0` on a CPU-only cluster). The same sbatch scripts run unchanged.
@@ -37,6 +40,9 @@ export PYTHONUNBUFFERED=1                               # log lines reach %x-%j.
 
 # ---- internals ---------------------------------------------------------------------------------------------------
 FEWSTEP_SIGNAL=""      # the signal the batch shell received (USR1 or TERM), empty if none
+# The exit status of a trainer that stopped for a preemption signal with its checkpoint written (launcher/train.py
+# reads it): the one status that requeues the job. EX_TEMPFAIL, not 0: a run that finished is not requeued.
+export FEWSTEP_PREEMPTED_EXIT=75
 FEWSTEP_STEP_PID=""    # PID of the srun that runs the tasks
 
 _fewstep_die() {
@@ -156,13 +162,34 @@ fewstep_launch() {
     done
     trap '' USR1 TERM    # the step is over: a late signal must not kill this shell and fail a finished job
 
-    if [ -z "$FEWSTEP_SIGNAL" ]; then
+    if [ -z "$FEWSTEP_SIGNAL" ] && [ "$rc" != "$FEWSTEP_PREEMPTED_EXIT" ]; then
         echo "fewstep-slurm: job step finished with exit code $rc" >&2
         [ "$rc" = 0 ] || _fewstep_resume_hint "$@"
         return "$rc"
     fi
-    # A signal while the job is still RUNNING (USR1 from --signal=B:USR1@..., or `scancel --signal=...`): the tasks
-    # have checkpointed (rc 0) or died; either way the requeued run resumes from the newest complete checkpoint.
+    # A signal while the job is still RUNNING (USR1 from --signal=B:USR1@..., or `scancel --signal=...`; or one sent
+    # to the tasks alone): the trainer checkpoints and exits $FEWSTEP_PREEMPTED_EXIT, and only then is the job
+    # requeued. Exit 0 is a run that finished anyway; any other status a failure a requeue would repeat (a
+    # checkpoint that cannot be written: the next slot trains from the same checkpoint to the same failure).
+    local why=${FEWSTEP_SIGNAL:+SIG$FEWSTEP_SIGNAL}
+    why=${why:-a signal to the tasks}
+    if [ "$rc" = 0 ]; then
+        echo "fewstep-slurm: job step finished (exit code 0) after $why: nothing to requeue" >&2
+        return 0
+    fi
+    if [ "$rc" != "$FEWSTEP_PREEMPTED_EXIT" ]; then
+        echo "fewstep-slurm: job step failed with exit code $rc after $why; not requeueing (the requeued run would" \
+             "fail the same way: see the error above)" >&2
+        _fewstep_resume_hint "$@"
+        return "$rc"
+    fi
+    local restarts=${SLURM_RESTART_COUNT:-0} most=${FEWSTEP_MAX_REQUEUES:-50}
+    if [ "$restarts" -ge "$most" ]; then
+        echo "fewstep-slurm: job $SLURM_JOB_ID was requeued $restarts times already (FEWSTEP_MAX_REQUEUES=$most);" \
+             "not requeueing" >&2
+        _fewstep_resume_hint "$@"
+        return 1
+    fi
     # If Slurm itself is ending the job (scancel, time limit, preemption: TERM, then KILL after KillWait) its state
     # is already COMPLETING and `scontrol requeue` would still succeed, turning every scancel into a restart: leave
     # it ended (a preempted --requeue job is requeued by Slurm itself under PreemptMode=REQUEUE).
@@ -175,22 +202,22 @@ fewstep_launch() {
         [ "$try" = 5 ] || sleep $((1 << try))
     done
     if [ -z "$state" ]; then
-        echo "fewstep-slurm: cannot read job $SLURM_JOB_ID's state after SIG$FEWSTEP_SIGNAL (scontrol gave none in" \
+        echo "fewstep-slurm: cannot read job $SLURM_JOB_ID's state after $why (scontrol gave none in" \
              "30 s): not requeueing" >&2
         _fewstep_resume_hint "$@"
-        return "$(( rc == 0 ? 1 : rc ))"
+        return "$rc"
     fi
     if [ "$state" != RUNNING ]; then
-        echo "fewstep-slurm: SIG$FEWSTEP_SIGNAL while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
+        echo "fewstep-slurm: $why while Slurm ends job $SLURM_JOB_ID (JobState=${state:-unknown}: cancelled," \
              "timed out or preempted); not requeueing; job step exit code $rc" >&2
         _fewstep_resume_hint "$@"
         return "$rc"
     fi
-    echo "fewstep-slurm: job step exited with code $rc after SIG$FEWSTEP_SIGNAL; requeueing job $SLURM_JOB_ID" >&2
+    echo "fewstep-slurm: job step checkpointed and stopped after $why; requeueing job $SLURM_JOB_ID" >&2
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0    # slurmctld ends this run now; the job goes back to PENDING with the same id
     fi
     echo "fewstep-slurm: 'scontrol requeue $SLURM_JOB_ID' failed (job cancelled, or not requeueable?)" >&2
     _fewstep_resume_hint "$@"
-    return "$(( rc == 0 ? 1 : rc ))"
+    return "$rc"
 }

@@ -78,11 +78,13 @@ PROBE = """#!/bin/bash
 out=""
 while [ $# -gt 0 ]; do [ "$1" = --output_dir ] && out=$2; shift; done
 mkdir -p "$out"
-# Like the trainer: TERM/USR1 end the task cleanly (exit 0). PROBE_SLEEP keeps it running until then; on either
-# signal it takes PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> or usr1-<rank> behind. The
-# traps are set before the env file, which tells the tests that the task is up.
-trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit 0' TERM
-trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/usr1-$RANK"; exit 0' USR1
+# Like the trainer: TERM/USR1 end the task as a checkpointed preemption (exit $FEWSTEP_PREEMPTED_EXIT; PROBE_TRAP_EXIT
+# instead: a run that failed or finished then). PROBE_SLEEP keeps it running until then; on either signal it takes
+# PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> or usr1-<rank> behind. The traps are set
+# before the env file, which tells the tests that the task is up.
+stop=${PROBE_TRAP_EXIT:-${FEWSTEP_PREEMPTED_EXIT:-0}}
+trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit "$stop"' TERM
+trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/usr1-$RANK"; exit "$stop"' USR1
 env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
 mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
 sleep "${PROBE_SLEEP:-0}" &
@@ -170,11 +172,11 @@ def test_gpus_that_slurm_does_not_count_are_given_by_hand(slurm_cluster, tmp_pat
     assert "FEWSTEP_GPUS_PER_NODE='two': expected a number" in _log(tmp_path, job)
 
 
-def _running_probe_job(cluster, tmp_path, probe, term_delay):
+def _running_probe_job(cluster, tmp_path, probe, term_delay=0, **extra_env):
     """A 2-node CPU-mode job of probe tasks that sleep until signalled, once both tasks are up: (job id, out)."""
     out = tmp_path / "out"
     env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_SLEEP="120",
-               PROBE_TERM_DELAY=str(term_delay))
+               PROBE_TERM_DELAY=str(term_delay), **extra_env)
     jobid = cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while len(_task_envs(out)) < 2:
@@ -227,6 +229,25 @@ def test_term_to_the_batch_shell_alone_reaches_the_tasks_as_a_checkpoint_request
     log = _log(tmp_path, job)
     assert (out / "usr1-0").exists() and (out / "usr1-1").exists(), log
     assert "requeueing job" in log and job["Restarts"] == "1", f"{job}\n{log}"  # still RUNNING: requeued as for USR1
+
+
+@pytest.mark.parametrize("trap_exit, max_requeues, state, said", [
+    ("2", None, "FAILED", "job step failed with exit code 2 after SIGUSR1; not requeueing"),
+    ("0", None, "COMPLETED", "job step finished (exit code 0) after SIGUSR1: nothing to requeue"),
+    (None, "0", "FAILED", "was requeued 0 times already (FEWSTEP_MAX_REQUEUES=0); not requeueing")])
+def test_only_a_checkpointed_preemption_is_requeued(slurm_cluster, tmp_path, probe, trap_exit, max_requeues, state,
+                                                    said):
+    """A step that fails after the signal (its checkpoint could not be written) would fail the same way in every
+    requeued slot; one that finished has nothing left to do; and a job requeued FEWSTEP_MAX_REQUEUES times stops."""
+    extra = {k: v for k, v in (("PROBE_TRAP_EXIT", trap_exit), ("FEWSTEP_MAX_REQUEUES", max_requeues)) if v}
+    jobid, out = _running_probe_job(slurm_cluster, tmp_path, probe, **extra)
+    slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(jobid))
+    job = slurm_cluster.wait_finished(jobid, 60)
+    time.sleep(1)  # a (wrong) requeue would land just after the step ends
+    job = slurm_cluster.job(jobid)
+    log = _log(tmp_path, job)
+    assert (job["JobState"], job["Restarts"]) == (state, "0") and said in log, f"{job}\n{log}"
+    assert "requeueing job" not in log, log
 
 
 # ---- the real trainer ----------------------------------------------------------------------------------------------
