@@ -7,7 +7,9 @@
   python launcher/sample.py ... --device cuda:1 --dtype fp32 --offload model --json timings.json
   python launcher/sample.py --method glance ... --cfg-scale 5 --negative-prompt " "     # Qwen-Image's default
 
-The base model is read from the run's fewstep_run.json unless --model is given. Images are written as PNG.
+The base model is read from the run's fewstep_run.json unless --model is given; the method must be the one the run
+trained (a Glance Slow or Fast LoRA alone also samples as --method flow). Images are written in the format of
+--output's extension (PNG without one), checked before anything loads, as is the folder they go in.
 Device and precision: --device defaults to cuda when torch sees a GPU, else cpu; --dtype to bf16 on such a GPU, else
 fp32. --offload model|sequential keeps the weights in CPU memory and lets diffusers move them to the GPU as needed
 (for pipelines that do not fit; needs accelerate; nothing to do on --device cpu). All noise (the start noise and
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("glance", "twinflow", "flow"))
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="sample.png", help="PNG path (a suffix -<steps> is added for several steps)")
+    p.add_argument("--output", default="sample.png",
+                   help="image path, PNG without an extension (a suffix -<steps> is added for several steps)")
     p.add_argument("--model", default=None, help="base model (default: from the run's fewstep_run.json)")
     p.add_argument("--slow", help="Glance Slow LoRA directory")
     p.add_argument("--fast", help="Glance Fast LoRA directory")
@@ -134,6 +137,52 @@ def model_resolution(res: int, adapter, model: str) -> int:
     return res // m * m
 
 
+def export_adapter(run_dir: str, cfg: dict):
+    """The model adapter for the family the run's config names."""
+    from fewstep.models import get_adapter
+    from fewstep.sampling import RUN_INFO, SamplingError
+
+    try:
+        return get_adapter(cfg.get("model_family"))
+    except ValueError as e:
+        raise SamplingError(f"{os.path.join(run_dir, RUN_INFO)}: {e}") from None
+
+
+def output_paths(output: str, steps_list: list[int]) -> list[str]:
+    """Where each image goes: `output`, with a suffix -<steps> for several step counts (no extension: PNG). Checked
+    before anything loads: PIL must write the extension, and its folder must be one that can be made and written."""
+    from PIL import Image
+
+    from fewstep.sampling import SamplingError
+
+    stem, ext = os.path.splitext(output)
+    Image.init()
+    if ext and Image.registered_extensions().get(ext.lower()) not in Image.SAVE:
+        writable = sorted(e for e, f in Image.registered_extensions().items() if f in Image.SAVE)
+        raise SamplingError(f"--output {output}: PIL writes no {ext!r} images (it writes {', '.join(writable[:12])}, "
+                            "...)")
+    paths = [f"{stem}-{n}{ext or '.png'}" for n in steps_list] if len(steps_list) > 1 else [stem + (ext or ".png")]
+    for path in paths:
+        check_writable("--output", output, path)
+    return paths
+
+
+def check_writable(option: str, given: str, path: str) -> None:
+    """`path` (where `option`'s value `given` writes) can be written: not a folder, and its nearest existing ancestor
+    a folder this process may write in."""
+    from fewstep.sampling import SamplingError
+
+    if os.path.isdir(path):
+        raise SamplingError(f"{option} {given}: {path} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise SamplingError(f"{option} {given}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SamplingError(f"{option} {given}: no permission to write in {folder}")
+
+
 def twinflow_scheduler(steps: int, args, base_config=None, prediction_type: str = "flow_matching"):
     """The TwinFlow sampler for `steps` NFE: the measured preset (`twinflow_preset`), with the CLI's overrides.
 
@@ -170,12 +219,13 @@ def _sync(device: torch.device) -> None:
 
 
 def sample(args, cpu_offload_hooks: bool = False) -> dict:
-    """Load, place and run the pipeline for parsed `args`; writes the PNGs and returns the timing record.
+    """Load, place and run the pipeline for parsed `args`; writes the images and returns the timing record.
 
     cpu_offload_hooks: with --device cpu, apply --offload anyway (accelerate's hooks with the CPU as execution device:
     the offload code path without a GPU, for tests) instead of dropping it.
     """
-    from fewstep.sampling import (SamplingError, anystep_dir, dtype_name, resolve_device, resolve_dtype,
+    from fewstep.methods.glance import glance_schedule
+    from fewstep.sampling import (SamplingError, anystep_dir, check_export, dtype_name, resolve_device, resolve_dtype,
                                   run_info)
 
     check_numbers(args)
@@ -191,14 +241,24 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         raise SamplingError("--slow and --fast are required for --method glance" if args.method == "glance"
                             else f"--lora is required for --method {args.method}")
     info = run_info(run_dir)
+    cfg = info["config"]
+    adapter = export_adapter(run_dir, cfg)
+    if adapter.diffusion_base and args.method != "twinflow":  # the stock pipeline's scheduler is a diffusion one
+        raise SamplingError(f"--method {args.method}: a {adapter.family} run samples with --method twinflow (a "
+                            "diffusion base trains TwinFlow only, through diff2flow)")
+    exports = {"--slow": (args.slow, info), "--fast": (args.fast, run_info(args.fast))} if args.method == "glance" \
+        else {"--lora": (run_dir, info)}
+    for option, (directory, export_info) in exports.items():
+        check_export(option, directory, export_info, args.method, adapter.denoiser_subfolder)
     if args.method == "glance":
-        from fewstep.methods.glance import glance_schedule
-
-        slow, fast = info["sigmas"], run_info(args.fast)["sigmas"]
+        slow, fast = info.get("sigmas"), exports["--fast"][1].get("sigmas")
         if slow is None or fast is None:
             raise SamplingError("the Glance directories carry no timestep lists (were they trained with Glance "
                                 "lists?)")
-        n_glance = len(glance_schedule(slow, fast)[0]) - 1
+        try:
+            n_glance = len(glance_schedule(slow, fast)[0]) - 1
+        except ValueError as e:  # a Slow and a Fast export of runs with lists that do not chain
+            raise SamplingError(f"--slow {args.slow} and --fast {args.fast}: {e}") from None
         if args.steps and (len(args.steps) != 1 or args.steps[0] != n_glance):
             raise SamplingError(f"--steps for Glance must be the Slow+Fast list length, {n_glance}")
         steps_list = [n_glance]
@@ -207,25 +267,24 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     if args.method == "twinflow":  # sampler settings checked before anything loads
         for n in steps_list:
             check_twinflow_grid(n, args)
+    outputs = output_paths(args.output, steps_list)
+    if args.json:
+        check_writable("--json", args.json, args.json)
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fewstep.models import anystep, get_adapter
+    from fewstep.models import anystep
     from fewstep.methods.flow_matching import schedule_shift
     from fewstep.sampling import flow_sigmas, glance_pipeline_sample, load_glance_loras, place_pipeline
 
-    cfg = info["config"]
-    adapter = get_adapter(cfg["model_family"])
-    if adapter.diffusion_base and args.method != "twinflow":  # the stock pipeline's scheduler is a diffusion one
-        raise SamplingError(f"--method {args.method}: a {adapter.family} run samples with --method twinflow (a "
-                            "diffusion base trains TwinFlow only, through diff2flow)")
     model = args.model or cfg["pretrained_model_name_or_path"]
     res = model_resolution(args.resolution or info.get("resolution") or 32, adapter, model)
     t_load = time.perf_counter()
     comps = adapter.load(model, dtype=dtype)
-    full_dir = os.path.join(run_dir, adapter.denoiser_subfolder)
-    if os.path.isdir(full_dir):  # a full fine-tune
-        comps.denoiser = adapter.denoiser_cls.from_pretrained(full_dir, dtype=dtype)
+    full = cfg.get("model_type", "lora") == "full"
+    if full:
+        comps.denoiser = adapter.denoiser_cls.from_pretrained(os.path.join(run_dir, adapter.denoiser_subfolder),
+                                                              dtype=dtype)
     base = {}  # a diffusion base: the TwinFlow scheduler bridges its UNet (input scale, timestep, output conversion)
     if adapter.diffusion_base:
         note = adapter.use_prediction_type(cfg.get("prediction_type") or adapter.prediction_type, comps.source)
@@ -238,7 +297,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     # transformer's dtype and moved with it), Glance's two adapters.
     if args.method == "glance":
         load_glance_loras(pipe, args.slow, args.fast)
-    elif os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
+    elif not full:
         pipe.load_lora_weights(run_dir)
     if args.method == "twinflow":
         adapter.add_anystep(denoiser)
@@ -279,14 +338,12 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
-    for n in steps_list:
+    for n, path in zip(steps_list, outputs):
         _sync(device)
         t0 = time.perf_counter()
         img = generate(n)
         _sync(device)
         seconds = time.perf_counter() - t0
-        stem, ext = os.path.splitext(args.output)
-        path = f"{stem}-{n}{ext or '.png'}" if len(steps_list) > 1 else args.output
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path)
         print(f"fewstep: wrote {path} ({n} steps, {seconds:.3f} s)")

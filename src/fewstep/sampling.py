@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 from fewstep.errors import UserError
+from fewstep.lora import RUN_INFO
 from fewstep.methods.flow_matching import shift_sigmas
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 OFFLOAD_MODES = ("none", "model", "sequential")
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what `load_lora_weights` reads from a folder
 
 
 class SamplingError(UserError, ValueError):
@@ -76,13 +78,55 @@ def grid(images: list[Image.Image]) -> np.ndarray:
 
 def run_info(directory: str) -> dict:
     """The `fewstep_run.json` the trainer writes beside each export (config, trained sigmas, phase)."""
-    import json
+    from fewstep.jsonfile import load_json
 
-    path = os.path.join(directory, "fewstep_run.json")
+    if not os.path.isdir(directory):
+        raise NotARunDir(f"{directory} does not exist" if not os.path.exists(directory) else
+                         f"{directory} is a file: expected a fewstep output directory")
+    path = os.path.join(directory, RUN_INFO)
     if not os.path.exists(path):
-        raise NotARunDir(f"{directory} has no fewstep_run.json: is it a fewstep output directory?")
-    with open(path) as fh:
-        return json.load(fh)
+        glance = os.path.isdir(os.path.join(directory, "glance-slow"))
+        raise NotARunDir(f"{directory} has no {RUN_INFO}: " + ("a Glance run exports to its glance-slow/ and "
+                         "glance-fast/ folders" if glance else "is it a fewstep output directory?"))
+    info = load_json(path, SamplingError, "run info")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise SamplingError(f"{path}: not a fewstep run info (a JSON object with the run's 'config')")
+    return info
+
+
+def run_method(info: dict) -> str:
+    """The method the run trained (its config's `resolved_method`)."""
+    cfg = info["config"]
+    return cfg.get("method") or ("twinflow" if cfg.get("twinflow_enabled") else "flow")
+
+
+# the exports `--method` samples: a Glance Slow or Fast LoRA alone is a flow-matching LoRA
+SAMPLES = {"flow": ("flow", "glance"), "twinflow": ("twinflow",), "glance": ("glance",)}
+
+
+def check_export(option: str, directory: str, info: dict, method: str, denoiser_subfolder: str) -> None:
+    """Before anything loads: the export `option` names is one `--method` samples, and holds the weights its run info
+    records (the LoRA file or the full fine-tune's folder, and a TwinFlow export's any-step embeddings)."""
+    trained = run_method(info)
+    if trained not in SAMPLES[method]:
+        raise SamplingError(f"--method {method}: {option} {directory} is a {trained} export (method {trained!r} in its "
+                            f"{RUN_INFO}); sample it with --method {trained}")
+    phase = info.get("phase")
+    want = {"--slow": "glance-slow", "--fast": "glance-fast"}.get(option)
+    if want and phase is not None and phase != want:
+        raise SamplingError(f"{option} {directory} is the run's {phase} export; {option} takes its {want} export")
+    if info["config"].get("model_type", "lora") == "full":
+        full = os.path.join(directory, denoiser_subfolder)
+        files = os.listdir(full) if os.path.isdir(full) else []
+        if "config.json" not in files or not any(f.startswith("diffusion_pytorch_model") for f in files):
+            raise SamplingError(f"{option} {directory}: its {RUN_INFO} records a full fine-tune, but "
+                                f"{denoiser_subfolder}/ holds no config.json and diffusion_pytorch_model weights (a "
+                                "partial copy?)")
+    elif not os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)):
+        raise SamplingError(f"{option} {directory}: its {RUN_INFO} records a LoRA export, but {LORA_WEIGHTS_NAME} is "
+                            "missing (a partial copy?)")
+    if method == "twinflow":
+        anystep_dir(directory, denoiser_subfolder)
 
 
 def load_glance_loras(pipe, slow_dir: str, fast_dir: str) -> None:
@@ -220,5 +264,5 @@ def anystep_dir(run_dir: str, denoiser_subfolder: str = "transformer") -> str:
     for d in (run_dir, os.path.join(run_dir, denoiser_subfolder)):
         if os.path.exists(os.path.join(d, ANYSTEP_WEIGHTS_NAME)):
             return d
-    raise SamplingError(f"{run_dir} holds no {ANYSTEP_WEIGHTS_NAME} (nor its {denoiser_subfolder}/): is it a TwinFlow "
-                        "export?")
+    raise SamplingError(f"{run_dir} holds no {ANYSTEP_WEIGHTS_NAME} (nor its {denoiser_subfolder}/), where a TwinFlow "
+                        "export keeps its any-step embeddings (a partial copy?)")

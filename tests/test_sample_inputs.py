@@ -1,0 +1,213 @@
+"""launcher/sample.py refuses what cannot sample before any model loads: an export that misses the weights its
+fewstep_run.json records, a --method other than the run's, a run info that is no JSON, an --output it could not write,
+a folder that does not exist. Each ends in one `fewstep: ...` line and exit status 2.
+
+The exports are folders as the trainer leaves them: its fewstep_run.json (`write_run_info` of a validated config) and
+the files it writes beside it, as placeholders: nothing here gets as far as reading weights (the adapter's `load`
+fails the test if called), so no training is needed.
+"""
+import importlib.util
+import os
+import subprocess
+
+import pytest
+
+from fewstep_testing import PY, REPO, cpu_env
+
+SLOW, FAST = [1000, 980, 960], [900, 600, 300]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("fewstep_sample_cli", os.path.join(REPO, "launcher", "sample.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CLI = _load_cli()
+
+
+class Loaded(Exception):
+    """The adapter's load was reached: every check before it passed."""
+
+
+@pytest.fixture(autouse=True)
+def no_model_loads(monkeypatch):
+    from fewstep.models import FlowModelAdapter
+
+    def load(*a, **kw):
+        raise Loaded()
+    monkeypatch.setattr(FlowModelAdapter, "load", load)
+
+
+def _export(root, method="flow", model_type="lora"):
+    """A finished export as `trainer.export_phase` leaves it: {name: folder} (Glance: glance-slow, glance-fast)."""
+    from fewstep.config import load_config
+    from fewstep.lora import write_run_info
+    from fewstep.models.anystep import ANYSTEP_WEIGHTS_NAME
+
+    options = dict(model_family="flux", pretrained_model_name_or_path="tiny:flux", output_dir=str(root),
+                   model_type=model_type, method=method, use_ema=method == "twinflow")
+    if method == "glance":
+        options.update(glance_slow_timesteps=SLOW, glance_fast_timesteps=FAST)
+    cfg = load_config(overrides=options)
+    phases = {"glance-slow": SLOW, "glance-fast": FAST} if method == "glance" else {method: None}
+    folders = {}
+    for phase, timesteps in phases.items():
+        out = os.path.join(str(root), phase) if method == "glance" else str(root)
+        weights = os.path.join(out, "transformer") if model_type == "full" else out
+        os.makedirs(weights, exist_ok=True)
+        names = ["config.json", "diffusion_pytorch_model.safetensors"] if model_type == "full" else \
+            ["pytorch_lora_weights.safetensors"]
+        for name in names + ([ANYSTEP_WEIGHTS_NAME] if method == "twinflow" else []):
+            open(os.path.join(weights, name), "wb").close()
+        sigmas = [t / 1000 for t in timesteps] if timesteps else None
+        write_run_info(out, cfg, {"sigmas": sigmas, "phase": phase, "step": 1, "resolution": 32})
+        folders[phase] = out
+    return folders
+
+
+@pytest.fixture
+def exports(tmp_path):
+    made = {}
+
+    def get(name):  # flow, twinflow, twinflow_full, glance
+        if name not in made:
+            method, _, full = name.partition("_")
+            made[name] = _export(tmp_path / name, method, "full" if full else "lora")
+        return dict(made[name])
+    return get
+
+
+def _main(capsys, *argv):
+    """Run the CLI in-process; its one stderr line (exit status 2), or None if it got as far as loading the model."""
+    try:
+        rc = CLI.main(["--prompt", "x", "--device", "cpu", *map(str, argv)])
+    except Loaded:
+        return None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("fewstep: "), (rc, err)
+    return err[0]
+
+
+def _glance(exports, slow="glance-slow", fast="glance-fast"):
+    g = exports("glance")
+    return ["--method", "glance", "--slow", g[slow], "--fast", g[fast]]
+
+
+def test_valid_exports_reach_the_model_load(exports, capsys, tmp_path):
+    """The checks let every kind of export through (a Glance Slow LoRA alone is a flow-matching LoRA), and outputs
+    in folders still to make, or beside a folder of the same stem (several step counts)."""
+    (tmp_path / "a").mkdir()
+    assert _main(capsys, "--method", "flow", "--lora", exports("flow")["flow"], "--steps", "1", "2", "--output",
+                 tmp_path / "a") is None
+    assert _main(capsys, "--method", "flow", "--lora", exports("flow")["flow"]) is None
+    assert _main(capsys, "--method", "flow", "--lora", exports("glance")["glance-slow"]) is None
+    assert _main(capsys, "--method", "twinflow", "--lora", exports("twinflow")["twinflow"]) is None
+    assert _main(capsys, "--method", "twinflow", "--lora", exports("twinflow_full")["twinflow"]) is None
+    assert _main(capsys, *_glance(exports), "--output", tmp_path / "new" / "folder" / "a.jpg") is None
+
+
+@pytest.mark.parametrize("name, remove, message", [
+    ("flow", "pytorch_lora_weights.safetensors", "records a LoRA export, but pytorch_lora_weights.safetensors is "
+                                                 "missing"),
+    ("twinflow", "pytorch_lora_weights.safetensors", "records a LoRA export, but pytorch_lora_weights.safetensors"),
+    ("twinflow", "anystep_embeddings.safetensors", "holds no anystep_embeddings.safetensors"),
+    ("twinflow_full", "transformer", "records a full fine-tune, but transformer/ holds no config.json"),
+    ("twinflow_full", "transformer/diffusion_pytorch_model.safetensors", "records a full fine-tune"),
+    ("twinflow_full", "transformer/anystep_embeddings.safetensors", "holds no anystep_embeddings.safetensors"),
+    ("glance-slow", "pytorch_lora_weights.safetensors", "--slow "),
+    ("glance-fast", "pytorch_lora_weights.safetensors", "--fast "),
+])
+def test_an_export_without_its_weights_is_refused(exports, capsys, name, remove, message):
+    """It sampled the base model instead (the LoRA was loaded only if its file was there)."""
+    import shutil
+
+    if name.startswith("glance"):
+        argv, folder = _glance(exports), exports("glance")[name]
+    else:
+        folder = next(iter(exports(name).values()))
+        argv = ["--method", name.partition("_")[0], "--lora", folder]
+    path = os.path.join(folder, remove)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    line = _main(capsys, *argv)
+    assert line is not None and message in line and folder in line, line
+
+
+@pytest.mark.parametrize("argv, option, message", [
+    (lambda e: ["--method", "twinflow", "--lora", e("flow")["flow"]], "--lora",
+     "--method twinflow: --lora {} is a flow export (method 'flow' in its fewstep_run.json); sample it with --method "
+     "flow"),
+    (lambda e: ["--method", "flow", "--lora", e("twinflow")["twinflow"]], "--lora", "{} is a twinflow export"),
+    (lambda e: ["--method", "flow", "--lora", e("twinflow_full")["twinflow"]], "--lora", "{} is a twinflow export"),
+    (lambda e: ["--method", "twinflow", "--lora", e("glance")["glance-fast"]], "--lora", "{} is a glance export"),
+    (lambda e: ["--method", "glance", "--slow", e("flow")["flow"], "--fast", e("glance")["glance-fast"]], "--slow",
+     "--method glance: --slow {} is a flow export"),
+    (lambda e: _glance(e, slow="glance-fast", fast="glance-slow"), "--slow",
+     "--slow {} is the run's glance-fast export; --slow takes its glance-slow export"),
+    (lambda e: _glance(e, fast="glance-slow"), "--fast", "--fast {} is the run's glance-slow export"),
+])
+def test_the_method_must_be_the_runs(exports, capsys, argv, option, message):
+    """Found before the load: a flow LoRA as TwinFlow failed after it, a TwinFlow export as flow skipped its any-step
+    embeddings."""
+    argv = argv(exports)
+    line = _main(capsys, *argv)
+    assert line is not None and message.format(argv[argv.index(option) + 1]) in line, line
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"config": {', "fewstep_run.json: not valid JSON"),
+    ("[]", "fewstep_run.json: not a fewstep run info"),
+    ('{"config": {"model_family": "fluxx"}}', "fewstep_run.json: unknown model family 'fluxx'"),
+])
+def test_a_corrupt_run_info_is_one_line(exports, text, message):
+    """On the real command line: no traceback."""
+    folder = exports("flow")["flow"]
+    with open(os.path.join(folder, "fewstep_run.json"), "w") as fh:
+        fh.write(text)
+    proc = subprocess.run([PY, "launcher/sample.py", "--method", "flow", "--lora", folder, "--prompt", "x"], cwd=REPO,
+                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"fewstep: {folder}") and message in err[0], \
+        err
+
+
+def test_missing_folders_say_so(exports, capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert _main(capsys, "--method", "flow", "--lora", missing) == f"fewstep: {missing} does not exist"
+    g = exports("glance")
+    line = _main(capsys, "--method", "glance", "--slow", g["glance-slow"], "--fast", missing)
+    assert line == f"fewstep: {missing} does not exist"
+    root = os.path.dirname(g["glance-slow"])  # the Glance run's output_dir: its exports are in the two subfolders
+    line = _main(capsys, "--method", "flow", "--lora", root)
+    assert "has no fewstep_run.json: a Glance run exports to its glance-slow/ and glance-fast/ folders" in line
+
+
+@pytest.mark.parametrize("output, steps, message", [
+    ("file.txt/a.png", [], "--output {tmp}/file.txt/a.png: {tmp}/file.txt is a file, not a folder"),
+    ("file.txt/sub/a.png", ["1", "2"], "--output {tmp}/file.txt/sub/a.png: {tmp}/file.txt is a file, not a folder"),
+    ("a.jpgg", [], "--output {tmp}/a.jpgg: PIL writes no '.jpgg' images (it writes "),
+    ("a.jpgg", ["1", "2"], "--output {tmp}/a.jpgg: PIL writes no '.jpgg' images"),
+    ("folder.png", [], "--output {tmp}/folder.png: {tmp}/folder.png is a folder, not a file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_load(exports, capsys, tmp_path, output, steps,
+                                                                    message):
+    """It failed after the load and the generation, when the image was saved."""
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    argv = ["--method", "flow", "--lora", exports("flow")["flow"], "--steps", *steps] if steps else _glance(exports)
+    line = _main(capsys, *argv, "--output", tmp_path / output)
+    assert line is not None and message.format(tmp=tmp_path) in line, line
+
+
+def test_a_json_that_cannot_be_written_is_refused_before_the_load(exports, capsys, tmp_path):
+    (tmp_path / "file.txt").write_text("")
+    line = _main(capsys, *_glance(exports), "--output", tmp_path / "a.png", "--json", tmp_path / "file.txt" / "t.json")
+    assert line == f"fewstep: --json {tmp_path}/file.txt/t.json: {tmp_path}/file.txt is a file, not a folder"
+
+
+def test_output_paths():
+    assert CLI.output_paths("a", [1]) == ["a.png"]  # saving to "a" failed: PIL had no format for it
+    assert CLI.output_paths("a.jpg", [1]) == ["a.jpg"]
+    assert CLI.output_paths("o/a.WEBP", [1, 2]) == ["o/a-1.WEBP", "o/a-2.WEBP"]
+    assert CLI.output_paths("o/a", [1, 4]) == ["o/a-1.png", "o/a-4.png"]
