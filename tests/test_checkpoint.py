@@ -106,6 +106,22 @@ def test_resolve_skips_a_checkpoint_missing_one_rank_shard(saved, stage, lost, t
     assert "starting fresh" in capsys.readouterr().out
 
 
+def test_resolve_reads_a_bare_step_name_under_the_run_and_refuses_an_output_dir(saved, tmp_path, monkeypatch):
+    """`step-2` (or SimpleTuner's `checkpoint-2`) names the run's own checkpoint whatever the working directory; a
+    run's output directory is not a checkpoint, and the error lists the ones it holds."""
+    out = tmp_path / "run"
+    shutil.copytree(os.path.join(saved, "z2", "checkpoints"), out / "checkpoints")
+    root = str(out / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    for spec in ("step-2", "checkpoint-2"):
+        assert checkpoint.resolve(root, spec) == os.path.join(root, "step-2")
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"is a run's output directory, not a checkpoint: give "
+                                                            r"one of its checkpoints under .*\(step-1, step-2\)"):
+        checkpoint.resolve(root, str(out))
+    with pytest.raises(checkpoint.CheckpointNotFound, match="no checkpoint directory at"):
+        checkpoint.resolve(root, "step-7")
+
+
 def test_resolve_infers_rank_files_of_checkpoints_without_a_file_list(saved, tmp_path):
     """trainer.json from before it listed files: the per-rank families present must be there for every rank."""
     path = str(tmp_path / "step-2")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -190,6 +191,15 @@ def resolve(root: str, spec: str | None) -> str | None:
         return None
     if spec == "latest":
         return _resolve_latest(root)
+    bare = re.fullmatch(r"(?:step|checkpoint)-(\d+)", spec)  # SimpleTuner's checkpoint-N too: one under root
+    if bare and not os.path.exists(spec):
+        spec = os.path.join(root, f"step-{bare.group(1)}")
+    if os.path.isdir(os.path.join(spec, "checkpoints")) and not os.path.exists(os.path.join(spec, "trainer.json")):
+        own = [os.path.basename(p) for p in list_checkpoints(os.path.join(spec, "checkpoints"))]
+        raise CheckpointNotFound(f"resume_from_checkpoint: '{spec}' is a run's output directory, not a checkpoint: "
+                                 f"give one of its checkpoints under {os.path.join(spec, 'checkpoints')} "
+                                 f"({listing(own, 5) if own else 'it has none yet'}), or 'latest' to resume this "
+                                 "run's own")
     if not os.path.isdir(spec):  # a re-save of exactly this step interrupted between its renames: put it back
         _restore_replaced(os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.normpath(spec)))
     if not os.path.isdir(spec):

@@ -178,7 +178,8 @@ class Config:
                                    lo=0)
     checkpoints_total_limit: int = opt(3, "Keep this run's newest K checkpoints (a later run's steps, left by a "
                                           "resume from an earlier step, are kept and not counted).", lo=1)
-    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest', a checkpoint directory, or a bare 'step-N' "
+                                                "('checkpoint-N') of this run's checkpoints, to resume from.")
 
     # ---- validation and logging ----
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
