@@ -16,7 +16,8 @@ def test_parse_forms_and_scale():
 
 @pytest.mark.parametrize("value, message", [("", "empty"), ("[]", "empty"), ("1,inf", "non-finite"),
                                             ("1001, 3", "out of range"), ("-1", "negative"), ("a,b", "not a number"),
-                                            ("[1,", "not a valid JSON list")])
+                                            ("[1,", "not a valid JSON list"),
+                                            ("0.5,800", "0.5 reads as a sigma but 800.0 as a timestep")])
 def test_parse_errors(value, message):
     with pytest.raises(TimestepListError, match=message):
         parse_custom_timesteps(value)

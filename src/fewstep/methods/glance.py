@@ -49,6 +49,10 @@ def parse_custom_timesteps(value: Any, key: str = "flow_custom_timesteps") -> li
         raise TimestepListError(f"'{key}' is empty: give at least one sigma or timestep")
     if all(v <= 1.0 for v in values):
         return values
+    small = [v for v in values if 0.0 < v < 1.0]
+    if small:  # 0.5 among timesteps would be sigma 0.0005: almost surely a sigma in a timestep list
+        raise TimestepListError(f"'{key}': {small[0]} reads as a sigma but {max(values)} as a timestep; give all "
+                                "values as sigmas (<= 1) or all as timesteps (0-1000)")
     if any(v > 1000.0 for v in values):
         raise TimestepListError(f"'{key}': {max(values)} is out of range; timesteps must lie in [0, 1000] "
                                 f"(or give sigmas, all <= 1)")
