@@ -241,3 +241,9 @@ def test_twinflow_options_without_twinflow_are_refused(tmp_path):
 def test_lora_targets_spaces_and_empty_items_are_dropped(tmp_path, value):
     cfg = load_config(write(tmp_path, merged(SEED_GLANCE, {"lora_targets": value})))
     assert cfg.lora_targets == ["to_q", "to_k"]
+
+
+def test_a_flag_takes_yes_or_no_only(tmp_path):
+    assert load_config(write(tmp_path, merged(SEED_GLANCE, {"use_ema": 1}))).use_ema is True
+    with pytest.raises(ConfigError, match=r"'use_ema' expects bool, got 2"):
+        load_config(write(tmp_path, merged(SEED_GLANCE, {"use_ema": 2})))

@@ -119,7 +119,7 @@ def _as_type(typ: str, value: Any) -> Any:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, (bool, int)):
+        if not isinstance(value, (bool, int)) or value not in (0, 1):  # 2 is no answer to a yes/no question
             raise ValueError
         return bool(value)
     if typ == "int":
@@ -140,5 +140,7 @@ def _as_type(typ: str, value: Any) -> Any:
     if typ == "list":
         if isinstance(value, str):
             value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
         return list(value)
     return value
