@@ -80,6 +80,9 @@ def main(argv: list[str]) -> int:
     first = False  # this rank's failure is the first of the job
     try:
         config, rest = parse_argv(argv)
+        if config is None and not rest:
+            raise UserError("--config PATH is required (a JSON config such as configs/demo/flow.json); --help lists "
+                            "every option")
         cfg = load_config(config, rest)
         from fewstep.trainer import train
 

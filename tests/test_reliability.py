@@ -150,6 +150,12 @@ def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     assert not os.path.exists(os.path.join(REPO, "$FEWSTEP_UNSET_DIR"))  # nothing written under the literal name
 
 
+def test_no_config_at_all_says_so():
+    proc = subprocess.run([PY, "launcher/train.py"], cwd=REPO, capture_output=True, text=True, env=cpu_env(),
+                          timeout=120)
+    assert proc.returncode == 2 and "--config PATH is required" in one_clean_line(proc)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     backend = write_dataset(str(tmp_path), n=2)
     proc = launch(write_config(str(tmp_path), backend, lora_rnk=4), FEWSTEP_DEBUG="1")

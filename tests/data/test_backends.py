@@ -73,6 +73,8 @@ def test_explicit_crop_takes_simpletuner_defaults(tmp_path, images):
     ({"repeats": -1}, "'repeats' must be >= 0"),
     ({"caption_extension": None}, "'caption_extension' must be a file extension such as \".txt\", got None"),
     ({"caption_extension": 5}, "'caption_extension' must be a file extension"),
+    ({"resolution": "32"}, "'resolution' must be an integer >= 8 pixels, got the string '32'"),
+    ({"repeats": "2"}, "'repeats' must be an integer, got the string '2'"),
     ({"disabled": "false"}, "'disabled' must be true or false, got 'false'"),  # not a truthy string turning it off
     ({"maximum_image_size": 64}, "'maximum_image_size' needs 'target_downsample_size'"),
     ({"resolution_type": "megapixel"}, "'resolution_type' must be one of pixel, area, pixel_area"),

@@ -138,6 +138,7 @@ def test_images_that_do_not_decode_are_skipped_at_the_scan_and_counted(tmp_path,
     assert skipped[config.images[0].id] == Counter({"unreadable": 2})
     out = capsys.readouterr().out
     assert "skipping unreadable image" in out and "img1.png" in out and "noise.png" in out
+    assert "not an image format Pillow reads" in out and "BytesIO" not in out  # not PIL's in-memory file's name
 
 
 def test_an_unreadable_image_is_probed_again_at_the_next_start(tmp_path):

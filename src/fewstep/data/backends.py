@@ -161,7 +161,8 @@ def _number(entry: dict, key: str, where: str, lo: float = 0.0, integer: bool = 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise DataError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+        got = f"the string {value!r}" if isinstance(value, str) else repr(value)
+        raise DataError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {got}")
     if value < lo:
         raise DataError(f"{where}: '{key}' must be >= {lo}, got {value!r}")
     return value
@@ -285,7 +286,8 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
                             f"got {resolution!r}")
     elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or resolution < 8 or (
             res_type == "pixel" and resolution != int(resolution)):
-        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {resolution!r}")
+        got = f"the string {resolution!r}" if isinstance(resolution, str) else repr(resolution)
+        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {got}")
     crop_explicit = "crop" in entry
     crop = _flag(entry, "crop", where, True)
     crop_aspect = _choice(entry, "crop_aspect", where, _CROP_ASPECTS, "square")

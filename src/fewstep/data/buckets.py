@@ -210,7 +210,8 @@ def decoded_size(path: str, data: bytes) -> tuple[int, int]:
             im.load()
             return _used_size(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        print(f"fewstep: skipping unreadable image {path}: {e}", flush=True)
+        why = "not an image format Pillow reads" if isinstance(e, UnidentifiedImageError) else e  # (its message
+        print(f"fewstep: skipping unreadable image {path}: {why}", flush=True)  # names an in-memory BytesIO)
         return UNREADABLE
 
 
