@@ -212,6 +212,23 @@ def test_pruning_keeps_the_newest_of_this_runs_past_and_leaves_a_later_runs_step
     assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1500")
 
 
+def test_pruning_after_a_resume_with_another_interval_keeps_this_runs_own(tmp_path):
+    """An earlier run kept step-1500 and step-2000 (limit 2); this run resumed from 1500 with checkpointing_steps 700,
+    so it never re-saves 2000. Its save at 2200 keeps its own 1500 (counting 2000 as its past deleted 1500 and kept
+    the abandoned run's 2000); its save at 2900, after a requeue (the names come from 2200's trainer.json), prunes
+    1500; 2000 stays, never counted."""
+    root = str(tmp_path / "checkpoints")
+    for step in (1500, 2000):
+        _complete(root, step)
+    abandoned = checkpoint.later_than(root, 1500)  # what the trainer names at the resume
+    for step, kept in ((2200, ["step-1500", "step-2000", "step-2200"]), (2900, ["step-2000", "step-2200", "step-2900"])):
+        tmp = _complete(root, step).replace(f"step-{step}", f".tmp-step-{step}")
+        os.rename(os.path.join(root, f"step-{step}"), tmp)
+        assert checkpoint._commit(root, os.path.join(root, f"step-{step}"), tmp, keep=2, abandoned=abandoned) is None
+        assert sorted(d for d in os.listdir(root) if d != "latest") == kept
+        assert checkpoint.resolve(root, "latest") == os.path.join(root, f"step-{step}")
+
+
 def _resave(root, step, marker):
     """A finished .tmp-step-N holding `marker`, as a re-save of step N leaves it before its commit."""
     tmp = os.path.join(root, f".tmp-step-{step}")

@@ -263,3 +263,24 @@ def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     logs, finite = run_micro_steps(Engine(), step_fn, 2, step=1, rank=0)
     assert logs == {"loss": 3.0, "l_adv": 0.5, "n_e2e": 2.0} and finite and reads == [(2,)]
     assert not run_micro_steps(Engine(), step_fn, 3, step=1, rank=0)[1]
+
+
+def test_a_resume_from_an_earlier_step_never_prunes_its_own_past_for_the_abandoned_runs(data):
+    """Run A keeps step-2 and step-4 (limit 2). Run B resumes from step-2 with checkpointing_steps 3, is stopped at
+    step 3 and requeued (resume latest): it never re-saves step-4. Its final save at 6 keeps its own step-3 and
+    leaves A's step-4 (from B's first start, recorded in step-3's trainer.json); counting step-4 as its past deleted
+    step-3 and kept step-4."""
+    root, backend = data
+    common = dict(checkpoints_total_limit=2, validation_steps=0)
+    out = train(root, backend, "abandoned", max_train_steps=4, checkpointing_steps=2, **common)
+    ckpts = os.path.join(out, "checkpoints")
+    assert sorted(d for d in os.listdir(ckpts) if d.startswith("step-")) == ["step-2", "step-4"]
+    log = []
+    train(root, backend, "abandoned", max_train_steps=3, checkpointing_steps=3,
+          resume_from_checkpoint=os.path.join(ckpts, "step-2"), output=log, **common)
+    assert "step-4 (later steps of an earlier run) are kept" in log[0]
+    train(root, backend, "abandoned", max_train_steps=6, checkpointing_steps=3, resume_from_checkpoint="latest",
+          **common)
+    assert sorted(d for d in os.listdir(ckpts) if d.startswith("step-")) == ["step-3", "step-4", "step-6"]
+    with open(os.path.join(ckpts, "latest")) as fh:
+        assert fh.read().strip() == "step-6"

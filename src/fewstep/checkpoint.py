@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+from typing import Iterable
 
 import torch
 
@@ -69,12 +70,16 @@ def later_than(root: str, step: int) -> list[str]:
     return [os.path.basename(p) for p in list_checkpoints(root) if step_of(p) > step]
 
 
-def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_state: dict, keep: int) -> str:
+def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_state: dict, keep: int,
+         abandoned: Iterable[str] = ()) -> str:
     """Write checkpoint `step` collectively (every rank calls this). Returns the final directory.
 
     `trainer_state["layout"]` (from `run_layout`) is recorded; with model_type lora the stage-independent
-    trainable.pt is written too. Raises CheckpointWriteError on every rank if the save cannot start or fails.
+    trainable.pt is written too. `abandoned` (rank 0's): names of checkpoints an earlier run wrote after the step
+    this run resumed from; recorded, and never counted or pruned as this run's past. Raises CheckpointWriteError on
+    every rank if the save cannot start or fails.
     """
+    abandoned = sorted(set(abandoned) - {f"step-{step}"})
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")
     if rank == 0:
@@ -107,7 +112,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
                     space.save_torch(trainable, writing)
                 writing = os.path.join(tmp, "trainer.json")
                 world = distributed.world_size()
-                meta = {**trainer_state, "step": step, "world_size": world,
+                meta = {**trainer_state, "step": step, "world_size": world, "abandoned": abandoned,
                         "zero_stage": engine.zero_optimization_stage(), "ema": rank_state.get("ema") is not None,
                         "ema_maps": ema_map is not None, "files": manifest(tmp, world)}
                 write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(meta, indent=1))
@@ -131,7 +136,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
     failed = None
     if rank == 0:
         try:
-            failed = _commit(root, final, tmp, keep)
+            failed = _commit(root, final, tmp, keep, abandoned)
         except OSError as e:
             failed = f"{e} ({space.free(root)} free on {root})"
         if failed:
@@ -146,7 +151,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
 REPLACED = ".replaced-"  # a step's previous copy while a re-save of that step is made current
 
 
-def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
+def _commit(root: str, final: str, tmp: str, keep: int, abandoned: Iterable[str] = ()) -> str | None:
     """Rank 0: rename the finished checkpoint into place, point `latest` at it, prune. Returns an error or None."""
     replaced = None
     if os.path.exists(final):  # re-saving a step (preempted at a skipped step right after a save): the old copy is
@@ -163,11 +168,12 @@ def _commit(root: str, final: str, tmp: str, keep: int) -> str | None:
     fsync(root)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
-    # Prune this run's own past: steps below the one just written, the newest keep - 1 of them kept. Higher steps are
-    # a later run's, left behind by a resume from an earlier step: pruning by step number would delete the
-    # checkpoint just written, and `latest` would then fall back to the abandoned run.
+    # Prune this run's own past: steps below the one just written, the newest keep - 1 of them kept. Steps an earlier
+    # run wrote after the one this run resumed from (`abandoned`, and any higher step) are not its past: pruning by
+    # step number would delete the checkpoint just written, or this run's own older ones while keeping the
+    # abandoned run's (with another checkpointing_steps, this run never re-saves those steps).
     step = step_of(final)
-    older = [p for p in list_checkpoints(root) if step_of(p) < step]
+    older = [p for p in list_checkpoints(root) if step_of(p) < step and os.path.basename(p) not in set(abandoned)]
     for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return None

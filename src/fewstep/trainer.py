@@ -98,6 +98,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
     rank_state, guard = None, NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
+    abandoned: set[str] = set()  # checkpoints an earlier run wrote after the step this one resumed from
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
         rank_state, trainer_state = checkpoint.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
         step = int(trainer_state["step"])
@@ -108,9 +109,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
         later = checkpoint.later_than(ckpt_root, step) if is_main else []
-        if later:  # a resume from an earlier step: the abandoned run's checkpoints stay until this run reaches them
-            log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, not pruned; this "
-                              "run replaces each when it saves that step")
+        if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
+            log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
+                              "counted in checkpoints_total_limit; this run replaces one only by saving that step")
+        abandoned.update(later, trainer_state.get("abandoned", []))
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
     if ema is not None and method == "twinflow" and resume is None:
@@ -129,8 +131,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
+        abandoned.discard(f"step-{at}")  # re-saved: this run's now
         path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
-                               cfg.checkpoints_total_limit)
+                               cfg.checkpoints_total_limit, abandoned)
         last_saved["step"] = at
         log_main(is_main, f"checkpoint saved: {path}")
 
