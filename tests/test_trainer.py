@@ -53,6 +53,8 @@ def test_resume_after_crash_is_bit_exact(data, sampling):
     ema = lora(os.path.join(straight, "ema"))  # the EMA export: same keys, lagging the final weights
     assert ema.keys() == wa.keys() and any(not torch.equal(ema[k], wa[k]) for k in wa)
     assert any(ema[k].abs().sum() > 0 for k in ema if "lora_B" in k)
+    resumed_ema = lora(os.path.join(crashed, "ema"))  # the EMA (shadow and decay warm-up) is restored exactly too
+    assert resumed_ema.keys() == ema.keys() and all(torch.equal(ema[k], resumed_ema[k]) for k in ema)
 
 
 def test_kill_during_save_keeps_last_checkpoint(data):
