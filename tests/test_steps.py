@@ -58,11 +58,12 @@ def test_validation_guidance_is_the_pipelines_true_cfg():
 
     def ours(scale):
         cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=scale,
-                              flux_guidance_value=None)
+                              flux_guidance_value=None, validation_num_inference_steps=len(sigmas),
+                              flow_schedule_shift=1.0, flow_schedule_auto_shift=False)  # the base schedule: sigmas
         ds = SimpleNamespace(validation_shape=tuple(noise_shape[1:]))
         ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(comps.denoiser), dataset=ds, order=None,
                           device=torch.device("cpu"), dtype=torch.float32)
-        x, handoff = sample_latents(ctx, Phase("flow", 1, sigmas), cond, torch.Generator().manual_seed(7), uncond)
+        x, handoff = sample_latents(ctx, Phase("flow", 1, None), cond, torch.Generator().manual_seed(7), uncond)
         assert handoff is None
         return x
 
@@ -75,6 +76,31 @@ def test_validation_guidance_is_the_pipelines_true_cfg():
     got = ours(3.0)
     assert (got - ref).norm() / ref.norm() < 1e-5
     assert (ours(1.0) - ref).norm() / ref.norm() > 1e-3
+
+
+def test_a_list_trained_alone_validates_with_its_lora_only_at_its_sigmas():
+    """A run on flow_custom_timesteps alone (one Glance half): the LoRA at the listed sigmas, the base model (LoRA
+    off) on the base schedule above and below them."""
+    from peft import LoraConfig
+
+    adapter = get_adapter("flux")
+    comps = adapter.load("tiny:flux")
+    denoiser = comps.denoiser
+    denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    cond = adapter.encode_prompts(comps, ["a red circle"])
+    noise_shape = adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape
+    seen = []  # (timestep, LoRA on) of every denoiser call
+    lora_layer = next(m for n, m in denoiser.named_modules() if n.endswith("to_q") and hasattr(m, "disable_adapters"))
+    denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append((round(float(kw["timestep"][0]), 4),
+                                                                     not lora_layer.disable_adapters)), with_kwargs=True)
+    cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=None,
+                          flux_guidance_value=None, validation_num_inference_steps=4, flow_schedule_shift=1.0,
+                          flow_schedule_auto_shift=False)
+    ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(denoiser), dataset=SimpleNamespace(
+        validation_shape=tuple(noise_shape[1:])), order=None, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        sample_latents(ctx, Phase("flow", 1, [0.6, 0.55]), cond, torch.Generator().manual_seed(0))
+    assert seen == [(1.0, False), (0.75, False), (0.6, True), (0.55, True), (0.5, False), (0.25, False)], seen
 
 
 def test_twinflow_says_it_does_not_use_validation_guidance(capsys):

@@ -20,7 +20,7 @@ from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
 from fewstep.metrics import log_main
 from fewstep.methods.flow_matching import flow_matching_loss, sample_sigmas, schedule_shift
 from fewstep.methods.glance import (CustomTimestepSampler, foreign_reference_list, glance_schedule,
-                                    parse_custom_timesteps)
+                                    listed_schedule, parse_custom_timesteps)
 from fewstep.models.base import unwrap
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, next_batch, to_device, velocity_fn
@@ -150,9 +150,18 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
         return v_u + scale * (v - v_u)
 
     if phase.glance is None:
-        sigmas = phase.sigmas or flow_sigmas(cfg.validation_num_inference_steps, schedule_shift(
+        base = flow_sigmas(cfg.validation_num_inference_steps, schedule_shift(
             *x.shape[-2:], cfg.flow_schedule_shift, cfg.flow_schedule_auto_shift))
-        return euler_loop(guided, x, sigmas), None
+        if not phase.sigmas:
+            return euler_loop(guided, x, base), None
+        sigmas, on_list = listed_schedule(phase.sigmas, base)  # the trained model at its sigmas, the base elsewhere
+        i = 0
+        while i < len(on_list):
+            j = next((k for k in range(i, len(on_list)) if on_list[k] != on_list[i]), len(on_list))
+            with contextlib.nullcontext() if on_list[i] else lora_disabled(ctx.engine):
+                x = euler_loop(guided, x, sigmas[i:j + 1], to_zero=False)
+            i = j
+        return x, None
     # Glance: the image inference makes, Slow's list then Fast's. In the Slow phase the base model (LoRA off) stands
     # in for the untrained Fast; the Fast phase starts from the hand-off of the Slow phase's last validation.
     sigmas, boundary = glance_schedule(*phase.glance)

@@ -85,3 +85,20 @@ def test_flux_reference_lists_are_its_50_step_schedule_and_a_qwen_list_on_flux_i
     assert foreign_reference_list("qwen_image", parse_custom_timesteps(qwen_slow)) is None
     assert foreign_reference_list("flux", parse_custom_timesteps(slow)) is None
     assert foreign_reference_list("flux", parse_custom_timesteps(qwen_slow[:4])) is None  # an edited list: the user's
+
+
+def test_a_list_trained_alone_samples_at_its_sigmas_and_the_base_schedule_elsewhere():
+    from fewstep.methods.glance import listed_schedule
+    from fewstep.sampling import flow_sigmas
+
+    base = flow_sigmas(8)  # 1, 0.875, ..., 0.125
+    slow = [1.0, 0.9791915, 0.9575157]  # a Slow list alone: the base continues below it, not a jump to 0
+    sigmas, on_list = listed_schedule(slow, base)
+    assert sigmas == [1.0, 0.9791915, 0.9575157] + [s for s in base if s < 0.9575157] + [0.0]
+    assert on_list == [True, True, True] + [False] * (len(sigmas) - 4)
+    fast = [0.5, 0.3, 0.06]  # a Fast list alone: the base brings pure noise down to its first sigma
+    sigmas, on_list = listed_schedule(fast, base)
+    above = [s for s in base if s > 0.5]
+    assert sigmas == above + [0.5, 0.3, 0.06, 0.0] and on_list == [False] * len(above) + [True] * 3
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))  # strictly decreasing, base sigmas inside the list dropped
+    assert listed_schedule([0.3, 0.5, 0.5], base) == listed_schedule([0.5, 0.3], base)  # a round-robin list's order

@@ -136,3 +136,15 @@ def glance_schedule(slow: Sequence[float], fast: Sequence[float]) -> tuple[list[
     if sigmas[-1] <= 0:
         raise TimestepListError("the last Fast sigma must be > 0 (0 is appended as the end of sampling)")
     return sigmas + [0.0], len(slow)
+
+
+def listed_schedule(listed: Sequence[float], base: Sequence[float]) -> tuple[list[float], list[bool]]:
+    """The sampling schedule of a model trained on the `listed` sigmas alone (one Glance half trained on its own, as
+    SimpleTuner's flow_custom_timesteps runs are): the list between its ends, the `base` schedule above and below it,
+    then 0. Returns (sigmas, on_list): on_list[i] says whether step i starts at a listed sigma, the one step the
+    trained model is made for; the base model takes the others (a Slow list alone would otherwise jump from its last
+    sigma to 0, and a Fast list start from pure noise as if it were at its first sigma)."""
+    steps = sorted(set(float(s) for s in listed), reverse=True)
+    hi, lo = steps[0], steps[-1]
+    sigmas = sorted(set(steps) | {float(s) for s in base if s > hi or s < lo} | {0.0}, reverse=True)
+    return sigmas, [s in set(steps) for s in sigmas[:-1]]
