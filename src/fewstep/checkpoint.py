@@ -80,6 +80,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
     every rank if the save cannot start or fails.
     """
     abandoned = sorted(set(abandoned) - {f"step-{step}"})
+    rng = rng_streams.state()  # the loop's, before anything below (DeepSpeed's save, the gathers) could draw
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")
     if rank == 0:
@@ -105,7 +106,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
         try:
             extra = {"ema_map": ema_map} if ema_map is not None else {}
             writing = os.path.join(tmp, f"rank{rank}.pt")
-            space.save_torch({**rank_state, **extra, "rng": rng_streams.state()}, writing)
+            space.save_torch({**rank_state, **extra, "rng": rng}, writing)
             if rank == 0:
                 if trainable is not None:
                     writing = os.path.join(tmp, TRAINABLE_FILE)
