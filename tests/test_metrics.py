@@ -111,6 +111,28 @@ def test_logger_writes_scalars_images_and_resumes_the_same_run(tmp_path, offline
     assert not os.path.exists(os.path.join(out, "logs", "events.out.tfevents"))  # no TensorBoard asked for
 
 
+def test_a_rollback_logs_to_a_new_wandb_run(tmp_path, offline):
+    """Resumed from an earlier step than an earlier run reached, the steps logged again would be dropped by the
+    resumed W&B run (it keeps the first value at each step): they go to a new run, '<name>-from-<step>'."""
+    from fewstep.config import load_config as load
+
+    out = str(tmp_path / "run")
+    cfg = load(None, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "output_dir": out,
+                      "report_to": "wandb", "tracker_project_name": "fewstep-test", "tracker_run_name": "unit"})
+    first = MetricsLogger.from_config(cfg, True, 6, 0)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"loss": 1.0}, samples=1)
+    first.close()
+    again = MetricsLogger.from_config(cfg, True, 6, 2, rollback=True)
+    again.log(3, {"loss": 0.5}, samples=1)
+    again.close()
+    runs = offline_runs(offline)
+    assert len({os.path.basename(r).rsplit("-", 1)[1] for r in runs}) == 2  # two W&B runs
+    names = {[r.run for r in wandb_records(d) if r.WhichOneof("record_type") == "run"][0].display_name: d for d in runs}
+    assert set(names) == {"unit", "unit-from-2"}
+    assert history(wandb_records(names["unit-from-2"]))[3]["train/loss"] == 0.5
+
+
 def test_trainer_reports_to_wandb_offline_beside_tensorboard(tmp_path):
     """`report_to: all` through launcher/train.py: the offline W&B run holds every logged scalar of every step
     (the values of metrics.jsonl) and the validation image; TensorBoard is written as before."""

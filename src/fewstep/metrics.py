@@ -94,7 +94,8 @@ class MetricsLogger:
     (project, name, config); None: no W&B. `from_config` builds both from a Config."""
 
     def __init__(self, output_dir: str, logging_dir: str | None, enabled: bool, use_tensorboard: bool,
-                 total_steps: int, start_step: int, desc: str = "train", wandb_init: dict | None = None):
+                 total_steps: int, start_step: int, desc: str = "train", wandb_init: dict | None = None,
+                 new_wandb_run: bool = False):
         self.enabled = enabled
         self.jsonl = os.path.join(output_dir, "logs", "metrics.jsonl")
         self.writer = None
@@ -113,20 +114,24 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step > 0 else None)
         if wandb_init is not None:
             self.wandb_run = _start_wandb(os.path.join(output_dir, "logs", "wandb-run-id"), log_dir, start_step,
-                                          wandb_init)
+                                          wandb_init, new_wandb_run)
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     @classmethod
-    def from_config(cls, cfg, enabled: bool, total_steps: int, start_step: int, desc: str = "train"):
-        """The logger `cfg.report_to` asks for (W&B project/run name from tracker_project_name/tracker_run_name)."""
+    def from_config(cls, cfg, enabled: bool, total_steps: int, start_step: int, desc: str = "train",
+                    rollback: bool = False):
+        """The logger `cfg.report_to` asks for (W&B project/run name from tracker_project_name/tracker_run_name).
+        `rollback`: the run resumed from an earlier step than an earlier run reached. W&B keeps the first value
+        logged at a step (a resumed W&B run drops the new ones), so it then gets a new run, '<name>-from-<step>'."""
         chosen = trackers(cfg.report_to)
         wandb_init = None
         if "wandb" in chosen:
             name = cfg.tracker_run_name or os.path.basename(os.path.normpath(cfg.output_dir))
-            wandb_init = {"project": cfg.tracker_project_name, "name": name, "config": cfg.to_dict()}
+            wandb_init = {"project": cfg.tracker_project_name, "name": f"{name}-from-{start_step}" if rollback else
+                          name, "config": cfg.to_dict()}
         return cls(cfg.output_dir, cfg.logging_dir, enabled, "tensorboard" in chosen, total_steps, start_step,
-                   desc=desc, wandb_init=wandb_init)
+                   desc=desc, wandb_init=wandb_init, new_wandb_run=rollback)
 
     def _truncate(self, start_step: int) -> None:
         """On resume, drop lines logged after the checkpoint so every step appears exactly once, and a last line cut
@@ -187,14 +192,15 @@ class MetricsLogger:
             self.wandb_run = None
 
 
-def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict):
-    """wandb.init for this run: a fresh id at step 0, the recorded one on resume (resume='allow')."""
+def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_run: bool = False):
+    """wandb.init for this run: a fresh id at step 0 (or with `new_run`), the recorded one on resume
+    (resume='allow')."""
     import wandb
 
     from fewstep.errors import UserError
 
     run_id = None
-    if start_step > 0 and os.path.exists(id_file):
+    if start_step > 0 and os.path.exists(id_file) and not new_run:
         with open(id_file) as fh:
             run_id = fh.read().strip() or None
     run_id = run_id or uuid.uuid4().hex[:8]

@@ -99,6 +99,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     rank_state, guard = None, NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
     abandoned: set[str] = set()  # checkpoints an earlier run wrote after the step this one resumed from
+    later: list[str] = []  # those of them that are there at this start (rank 0)
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
         rank_state, trainer_state = checkpoint.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
         step = int(trainer_state["step"])
@@ -143,7 +144,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         return {"step": step, "preempted": True}
     with distributed.uneven_work("metrics logger"):  # rank 0's alone (TensorBoard's import, wandb.init: seconds)
         faults.work_at("logger")
-        logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
+        logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method, rollback=bool(later))
     rng_streams.set_state(rank_state["rng"] if rank_state is not None else stream)  # last: nothing above draws on
     rank_state = None  # a reshard's tensors map the checkpoint's files: held, NFS could not prune that checkpoint
 
