@@ -189,8 +189,8 @@ def main(argv):
                  "model_type": "lora" if args.lora_rank else "full", "lora_rank": max(args.lora_rank, 1),
                  "train_batch_size": args.batch, "gradient_checkpointing": True, "zero_stage": 2,
                  "mixed_precision": "bf16", "use_ema": args.method == "twinflow", "ema_decay": 0.99,
-                 "twinflow_enabled": args.method == "twinflow", "twinflow_adversarial_enabled": True,
-                 "twinflow_teacher_rows": args.teacher_rows,
+                 **({"twinflow_enabled": True, "twinflow_adversarial_enabled": True,
+                     "twinflow_teacher_rows": args.teacher_rows} if args.method == "twinflow" else {}),
                  **FAMILY_OVERRIDES.get(args.family, {})}
     cfg = load_config(None, overrides)
     adapter = get_adapter(args.family)

@@ -69,12 +69,12 @@ trainer_module.EMA = RememberedEMA
 _save, _restore = checkpoint.save, checkpoint.restore
 
 
-def save(root, step, engine, rank, rank_state, trainer_state, keep):
+def save(root, step, engine, rank, rank_state, trainer_state, keep, *rest):
     ema = RememberedEMA.last if rank_state.get("ema") is not None else None
     if not os.path.basename(current["out"]).startswith("disk-"):  # runs on a small disk: no dumps there
         dump(engine, ema, {"order": rank_state["order"], "samplers": rank_state["samplers"]},
              os.path.join(current["out"], f"saved-step{step}.pt"))
-    return _save(root, step, engine, rank, rank_state, trainer_state, keep)
+    return _save(root, step, engine, rank, rank_state, trainer_state, keep, *rest)
 
 
 def restore(resume, engine, rank, ema=None, seed=0):

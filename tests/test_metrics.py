@@ -183,7 +183,8 @@ def test_online_wandb_without_credentials_stops_before_any_compute(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("fewstep:")]
     assert len(errors) == 1 and "no W&B credentials" in errors[0] and "WANDB_MODE=offline" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(os.path.join(out, "data_index"))
+    assert "fewstep: loading" not in proc.stdout and not os.path.exists(os.path.join(out, "data_index"))
+    assert not os.listdir(tmp_path / "cache")  # created with the output directory, and nothing in it
 
 
 @pytest.mark.parametrize("extra, refused", [({"WANDB_MODE": "offline"}, None), ({"WANDB_MODE": "disabled"}, None),
