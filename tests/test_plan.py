@@ -22,6 +22,7 @@ import torch
 from fewstep.planning import (GiB, LAYOUTS, AnyStep, ParamCounts, ZeroKnobs, build_meta_transformer, count_params,
                               format_table, layout_memory, load_model_config, lora_param_count, plan_memory,
                               resolve_model_config)
+from fewstep.planning.host import host_buffers, host_bytes, pinned_limits
 from fewstep.planning.model import MODEL_CONFIG_DIR
 from fewstep_testing import run
 
@@ -227,6 +228,13 @@ def test_model_states_agree_with_deepspeed_estimators(gpn, nodes):
         assert ours == pytest.approx(ds_bytes, rel=1e-9, abs=2)  # exact up to DeepSpeed's int()
         assert abs(ours / GiB - ds_printed_gib) <= 0.006  # the printed table rounds to 0.01 GiB
 
+    def states_on_host(stage, opt=False, par=False):
+        """Host bytes per node of what DeepSpeed's estimators count (masters, fp32 grads, Adam, the bf16 weight
+        partition) at their exact sizes: ours adds pinned rounding, EMA, staging buffers and step temporaries."""
+        bufs = host_buffers(c, stage=stage, offload_optimizer=opt, offload_param=par, n=n, w=2, ema=False, knobs=knobs)
+        kept = [b for b in bufs if b[0] in ("fp32 master", "fp32 grads", "Adam m, v", "trainable params")]
+        return host_bytes(kept, knobs, exact=True) * gpn
+
     z2 = _ds_printed(estimate_zero2_model_states_mem_needs_all_cold, P, gpn, nodes)
     # ZeRO-2, no offload. DeepSpeed: 2P + 18P/N, 18 = 2 bf16 grads + 4 fp32 grads + 4 master + 8 Adam. Ours at the
     # optimizer step: params 2P + optim 12P/N + step (bf16 grad partition 2P/N + its fp32 copy 4P/N). Exact.
@@ -241,9 +249,9 @@ def test_model_states_agree_with_deepspeed_estimators(gpn, nodes):
     cpu_ds, gpu_ds = estimate_zero2_model_states_mem_needs(P, gpn, nodes, cpu_offload=True)
     close(off.params + off.optim + off.step, gpu_ds, z2[(("offload_optimizer", True),)][1])
     if 4 * n <= 16 and nodes == 1:
-        close(off.host_per_node * 1.5, cpu_ds, z2[(("offload_optimizer", True),)][0])
+        close(states_on_host(2, opt=True) * 1.5, cpu_ds, z2[(("offload_optimizer", True),)][0])
     else:
-        assert cpu_ds == pytest.approx(4 * n * P * 1.5, rel=1e-9) and cpu_ds > off.host_per_node * 1.5
+        assert cpu_ds == pytest.approx(4 * n * P * 1.5, rel=1e-9) and cpu_ds > states_on_host(2, opt=True) * 1.5
 
     z3 = _ds_printed(estimate_zero3_model_states_mem_needs_all_cold, P, LL, gpn, nodes)
     key = lambda par, opt: (("offload_param", par), ("offload_optimizer", opt), ("zero_init", True))  # noqa: E731
@@ -255,18 +263,18 @@ def test_model_states_agree_with_deepspeed_estimators(gpn, nodes):
     cpu_ds, gpu_ds, _ = estimate_zero3_model_states_mem_needs(P, LL, gpn, nodes, cpu_offload=False,
                                                               cpu_offload_params=False)
     close(ours, gpu_ds, z3[key(False, False)][1])
-    # ZeRO-3 + optimizer offload: GPU 4*LL + 2P/N; host 16 B/param per node (x 1.5). Exact.
+    # ZeRO-3 + optimizer offload: GPU 4*LL + 2P/N; host 16 B/param per node (x 1.5). Exact, for what it counts.
     z = lay(3, opt=True)
     cpu_ds, gpu_ds, _ = estimate_zero3_model_states_mem_needs(P, LL, gpn, nodes, cpu_offload=True,
                                                               cpu_offload_params=False)
     close(z.params + z.optim + z.step, gpu_ds, z3[key(False, True)][1])
-    close(z.host_per_node * 1.5, cpu_ds, z3[key(False, True)][0])
-    # ZeRO-3 + optimizer and parameter offload: GPU 4*LL; host 18 B/param per node (bf16 weights too) x 1.5. Exact.
+    close(states_on_host(3, opt=True) * 1.5, cpu_ds, z3[key(False, True)][0])
+    # ZeRO-3 + optimizer and parameter offload: GPU 4*LL; host 18 B/param per node (bf16 weights too) x 1.5.
     z = lay(3, opt=True, par=True)
     cpu_ds, gpu_ds, _ = estimate_zero3_model_states_mem_needs(P, LL, gpn, nodes, cpu_offload=True,
                                                               cpu_offload_params=True)
     close(z.params + z.optim + z.step, gpu_ds, z3[key(True, True)][1])
-    close(z.host_per_node * 1.5, cpu_ds, z3[key(True, True)][0])
+    close(states_on_host(3, opt=True, par=True) * 1.5, cpu_ds, z3[key(True, True)][0])
 
 
 # ------------------------------------------------------------------------------------------ layout properties
@@ -292,6 +300,95 @@ def test_layouts_behave():
         layout_memory(c, 0.0, stage=2, offload_param=True)
     with pytest.raises(ValueError, match="stage 0 cannot offload the optimizer"):
         layout_memory(c, 0.0, stage=0, offload_optimizer=True)
+
+
+# ------------------------------------------------------------------------------------------------ host memory
+def _pow2(nbytes: int) -> int:
+    return 1 << (nbytes - 1).bit_length()  # torch's CachingHostAllocator: PowerOf2Ceil of each pinned block
+
+
+def test_offload_host_is_deepspeeds_host_buffers_with_pinned_rounding(monkeypatch):
+    """Qwen-Image full fine-tune + EMA on 8 GPUs (the shipped TwinFlow config): host per node is the sum of the
+    host allocations DeepSpeed 0.19.8 and fewstep's EMA make per rank (fewstep.planning.host lists them with source
+    lines), each pinned one rounded up to a power of two as torch's pinned allocator does on a GPU run, computed
+    here from the architecture's tensor sizes."""
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    plan = plan_memory(ROOT / "configs" / "twinflow" / "qwen_image_full.json", gpus=8, host_mem_gb=1000)
+    meta = build_meta_transformer(load_model_config(MODEL_CONFIG_DIR / "qwen_image.json"))
+    with torch.device("meta"):
+        AnyStep("qwen_image")(meta)  # TwinFlow trains its any-step embedding too
+    sizes = [p.numel() for p in meta.parameters()]
+    n, Pt = 8, sum(sizes)
+    assert plan.counts.trainable == Pt
+    lay = {(x.stage, x.offload_optimizer, x.offload_param): x for x in plan.layouts}
+
+    s = -(-Pt // n)  # ZeRO-1/2: one flat partition; pinned: master, bf16 copy-back, fp32 grads, staging, EMA
+    zero2 = sum(map(_pow2, [4 * s, 2 * s, 4 * s, 2 * max(sizes), 4 * s])) + 8 * s + 2 * 4 * s  # m, v; AdamW temps
+    parts = [-(-t // n) for t in sizes]  # ZeRO-3: per-tensor partitions, sub-groups of >= 1e9 elements
+    groups, acc = [], 0
+    for i, p in enumerate(parts):
+        acc += p
+        if acc >= 1e9 or i == len(parts) - 1:
+            groups, acc = groups + [acc], 0
+    assert len(groups) == 3
+    # pinned: the bf16 reduced-gradient buffer and each sub-group's fp32 grads; master, m, v, EMA pageable
+    zero3 = _pow2(2 * sum(parts)) + sum(_pow2(4 * g) for g in groups) + 16 * sum(parts) + 2 * 4 * max(groups)
+    # parameter offload (EMA: nothing persistent): each tensor's pinned partition (torch's pinned cache keeps it when
+    # it moves into the flat pinned buffer of the trainable partitions) and that buffer
+    params = sum(_pow2(2 * p) for p in parts) + _pow2(2 * sum(parts))
+    for key, per_rank in {(1, True, False): zero2, (2, True, False): zero2, (3, True, False): zero3,
+                          (3, False, True): params, (3, True, True): zero3 + params}.items():
+        assert lay[key].host_per_node == n * per_rank, key
+        assert lay[key].host_per_node > 1.05 * lay[key].host_exact, key  # the note names it
+    # before: 16 B/param (+ 4 EMA) at exact sizes, 381 GiB per node for ZeRO-2 offload; allocated, it is 754
+    assert lay[(2, True, False)].host_per_node / GiB == pytest.approx(753.6, abs=0.1)
+    assert lay[(2, True, False)].host_exact == n * (4 + 2 + 4 + 8 + 8 + 4) * s + n * 2 * max(sizes)
+    table = format_table(plan)
+    assert "host GiB per node as allocated / exact: ZeRO-1 offload opt 753.6 / 571.9, " in table
+    assert "PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:64,pinned_max_cached_size_mb:64" in table
+
+
+def test_pinned_rounding_changes_nothing_at_powers_of_two_or_without_pinning(monkeypatch):
+    MB = 2 ** 20
+    # every host allocation a power of two: 2^29 + 2^29 elements on 1 GPU, ZeRO-3 sub-groups of 2^29
+    c = ParamCounts(2 ** 30, 2 ** 30, 0, 0, 2 ** 29, trainable_sizes=(2 ** 29, 2 ** 29))
+    knobs = ZeroKnobs(sub_group_size=2 ** 29)
+    for stage, opt, par in LAYOUTS:
+        lay = layout_memory(c, 0.0, stage=stage, offload_optimizer=opt, offload_param=par, ema=True, knobs=knobs)
+        assert lay.host_per_node == lay.host_exact
+        assert (lay.host_per_node > 0) == (opt or par)  # no offload: no host buffers
+    # odd sizes: rounded when pinned (a GPU run), exact when not (CPU) or when PYTORCH_ALLOC_CONF lifts the rounding
+    odd = ParamCounts(3_000_000_000, 3_000_000_000, 0, 0, 40_000_000, trainable_sizes=(40_000_000,) * 75)
+    at = lambda k: layout_memory(odd, 0.0, stage=2, offload_optimizer=True, gpus=8, ema=True, knobs=k)  # noqa: E731
+    assert at(ZeroKnobs()).host_per_node > 1.2 * at(ZeroKnobs()).host_exact
+    assert at(ZeroKnobs(device="cpu")).host_per_node == at(ZeroKnobs()).host_exact
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True,pinned_max_round_threshold_mb:64, "
+                                             "pinned_max_cached_size_mb:64")
+    assert pinned_limits() == (64 * MB, 64 * MB)
+    lifted = at(ZeroKnobs(pinned_round_max=64 * MB, pinned_cache_max=64 * MB))
+    assert lifted.host_per_node == lifted.host_exact == at(ZeroKnobs()).host_exact
+    note = [ln for ln in format_table(plan_memory(ROOT / "configs" / "twinflow" / "qwen_image_full.json", gpus=8))
+            .splitlines() if "as allocated / exact" in ln]  # only parameter offload's per-tensor blocks (< 64 MiB)
+    assert len(note) == 1 and "ZeRO-2" not in note[0] and "ZeRO-3 offload param " in note[0]
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "pinned_max_round_threshold_mb:1024")
+    assert pinned_limits() == (1024 * MB, float("inf"))
+
+
+def test_accumulated_grads_follow_deepspeeds_partitions():
+    """ZeRO-1/2 offload with gradient accumulation: a pinned w*numel buffer per tensor overlapping each rank's
+    partition (DeepSpeed's own get_partition_info decides which)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    sizes, n = (5_000, 700, 12_000, 3, 9_999, 40_000), 4
+    c = ParamCounts(sum(sizes), sum(sizes), 0, 0, max(sizes), trainable_sizes=sizes)
+    one, two = (layout_memory(c, 0.0, stage=2, offload_optimizer=True, gpus=n, knobs=ZeroKnobs(accumulation=a))
+                for a in (1, 2))
+    tensors = [torch.empty(t, device="meta") for t in sizes]
+    part = -(-sum(sizes) // n)
+    per_rank = [DeepSpeedZeroOptimizer.get_partition_info(None, tensors, part, r)[0] for r in range(n)]
+    assert sum(len(p) for p in per_rank) > len(sizes)  # tensors across a boundary: on two ranks
+    assert two.host_per_node - one.host_per_node == sum(_pow2(2 * t.numel()) for p in per_rank for t in p)
 
 
 def test_the_configured_layout_is_the_one_deepspeed_runs(tmp_path):

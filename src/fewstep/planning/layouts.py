@@ -17,8 +17,10 @@ Per GPU, with N = GPUs in the run, P = all parameters, Pt = trainable ones, w = 
 
     total = params + optim + ema + max(grads + acts, step) + overhead   (stage 3: the window goes with grads + acts)
 
-Optimizer offload moves master, m, v, EMA and the fp32 gradients to the host, 16*Pt/N (+ 4*Pt/N EMA) per rank, and
-runs the step there; parameter offload (stage 3) moves the w*P/N partition. Host memory is reported per node.
+Optimizer offload moves master, m, v, EMA and the fp32 gradients to the host and runs the step there; parameter
+offload (stage 3) moves the w*P/N partition. Host memory is reported per node, allocation by allocation
+(fewstep.planning.host): on a GPU run the pinned ones are rounded up to a power of two, as torch's pinned allocator
+does.
 On CPU (gloo, CI) two more terms were measured: gloo's all-gather copies its output through a staging buffer (the flat
 weights, w*P, at stages 1-2; a coalesced fetch at stage 3) and torch AdamW's CPU for-loop holds two temporaries.
 """
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.planning.activations import Activations, cached_activations, default_text_tokens
+from fewstep.planning.host import NOTE_REMEDY_MB, host_buffers, host_bytes, pinned_limits
 from fewstep.planning.model import AnyStep, ParamCounts, build_meta_transformer, count_params, model_config_source
 from fewstep.planning.resolution import training_resolution
 
@@ -49,7 +52,11 @@ class ZeroKnobs:
     prefetch_bucket_size: float = 5e7
     param_persistence_threshold: float = 1e5
     fused_adam: bool = False  # DeepSpeed's fused Adam (optimizer: deepspeed) updates in place
-    device: str = "cuda"  # "cpu": gloo collectives and torch AdamW's for-loop (measured in CI)
+    device: str = "cuda"  # "cpu": gloo collectives and torch AdamW's for-loop (measured in CI); "cuda" pins offload
+    sub_group_size: float = 1e9  # ZeRO-3's optimizer sub-groups (one host allocation each)
+    accumulation: int = 1  # gradient_accumulation_steps: > 1 adds ZeRO-1/2 offload's per-tensor host accumulators
+    pinned_round_max: float = float("inf")  # torch rounds pinned blocks up to a power of two up to this size (bytes)
+    pinned_cache_max: float = float("inf")  # and caches freed ones up to this size (`host.pinned_limits`)
 
     @property
     def adam_temporaries(self) -> int:
@@ -70,7 +77,8 @@ class Layout:
     acts: float
     step: float
     overhead: float
-    host_per_node: float
+    host_per_node: float  # as allocated: pinned buffers rounded up to a power of two (fewstep.planning.host)
+    host_exact: float = 0.0  # the same buffers at their exact sizes, per node
     window: float = 0.0  # ZeRO-3 gathered weights (inside params), freed before the optimizer step
     gpus: int = 1
     total: float = 0.0
@@ -122,9 +130,11 @@ def layout_memory(c: ParamCounts, acts: float, *, stage: int, offload_optimizer:
         step += buckets
     if knobs.device == "cpu" and 0 < stage < 3:  # gloo's all-gather of the updated weights copies the flat buffer
         step = max(step, w * P)
-    host = (16 * Pt / n + (4 * Pt / n if ema else 0) if offload_optimizer else 0) + (w * P / n if offload_param else 0)
+    bufs = host_buffers(c, stage=stage, offload_optimizer=offload_optimizer, offload_param=offload_param, n=n, w=w,
+                        ema=ema, knobs=knobs)
     lay = Layout(stage, offload_optimizer, offload_param, params, grads, optim, 0 if offload_optimizer else shadow,
-                 acts, step, overhead, host * (gpus // nodes), window, gpus)
+                 acts, step, overhead, host_bytes(bufs, knobs) * (gpus // nodes),
+                 host_bytes(bufs, knobs, exact=True) * (gpus // nodes), window, gpus)
     lay.total = params - window + optim + lay.ema + max(grads + acts + window, step) + overhead
     lay.load, lay.export, lay.export_host = stage_peaks(c, lay, w, knobs)
     return lay
@@ -201,7 +211,8 @@ def knobs_for(cfg, device: str = "cuda") -> ZeroKnobs:
                      float(z.get("stage3_max_live_parameters", d.max_live_parameters)),
                      float(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
                      float(z.get("stage3_param_persistence_threshold", d.param_persistence_threshold)),
-                     cfg.optimizer == "deepspeed", device)
+                     cfg.optimizer == "deepspeed", device, float(z.get("sub_group_size", d.sub_group_size)),
+                     cfg.gradient_accumulation_steps, *pinned_limits())
 
 
 def configured_layout(cfg) -> tuple[int, bool, bool]:
@@ -247,10 +258,10 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
     dtype = torch.bfloat16 if bf16 else torch.float32
     targets = tuple(cfg.lora_targets or adapter.default_lora_targets) if lora else ()
     meta = build_meta_transformer(mc, dtype)
-    extra, anystep = 0, AnyStep(adapter.family) if twinflow else None
+    extra, anystep = (), AnyStep(adapter.family) if twinflow else None
     if twinflow:  # TwinFlow trains its any-step (target time, sign) embeddings in both modes (width: anystep_dim)
         with torch.device("meta"):
-            extra = sum(p.numel() for p in anystep(meta).parameters())
+            extra = tuple(p.numel() for p in anystep(meta).parameters())
     counts = count_params(meta, lora=lora, targets=targets, rank=cfg.lora_rank, extra_trainable=extra,
                           persistence_threshold=int(knobs.param_persistence_threshold))
     txt = text_tokens or default_text_tokens(mc["_class_name"], adapter.default_text_len)
@@ -273,8 +284,25 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
                     image_tokens=(res // 16) ** 2, text_tokens=txt, batch=cfg.train_batch_size,
                     checkpointing=cfg.gradient_checkpointing, precision="bf16" if bf16 else "fp32", ema=cfg.use_ema,
                     gpus=gpus, nodes=nodes, gpu_mem_gb=gpu_mem_gb, host_mem_gb=host_mem_gb, overhead_gb=overhead_gb,
-                    margin=margin, optimizer="fused Adam" if knobs.fused_adam else "torch AdamW")
+                    margin=margin, optimizer="fused Adam" if knobs.fused_adam else "torch AdamW",
+                    pinned_round_max=knobs.pinned_round_max)
     return Plan(mc["_class_name"], counts, acts, settings, layouts, fitting[0] if fitting else None, configured)
+
+
+def pinned_note(layouts: list, round_max: float, worth: float = 0.05) -> list[str]:
+    """Lines naming the layouts whose host memory torch's power-of-two pinned blocks inflate (by more than `worth` and
+    1 GiB), and the remedy."""
+    hit = [lay for lay in layouts if lay.host_per_node - lay.host_exact > max(worth * lay.host_exact, GiB)]
+    if not hit:
+        return []
+    m = NOTE_REMEDY_MB
+    remedy = (f"PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:{m},pinned_max_cached_size_mb:{m} pins blocks above "
+              f"{m} MiB at their exact size (torch 2.13's source; untested on a GPU here); the plan reads it when set"
+              if round_max == float("inf") else
+              f"PYTORCH_ALLOC_CONF in effect: blocks above {round_max / 2 ** 20:g} MiB are exact; these are smaller")
+    gib = lambda lay: f"{lay.name} {lay.host_per_node / GiB:.1f} / {lay.host_exact / GiB:.1f}"  # noqa: E731
+    return ["pinned host buffers are rounded up to a power of two each (torch's pinned allocator); host GiB per node "
+            "as allocated / exact: " + ", ".join(map(gib, hit)), "  " + remedy]
 
 
 def format_table(plan: Plan) -> str:
@@ -312,6 +340,7 @@ def format_table(plan: Plan) -> str:
               f"block {g(a.block)} GiB" + ("; TwinFlow teacher passes run without grad, a block at a time"
                                             if s["method"] == "twinflow" else ""),
               "* configured layout   > recommended (least communication that fits)"]
+    lines += pinned_note(plan.layouts, s["pinned_round_max"])
     rec = plan.recommended
     lines.append(f"recommended: {rec.name}, {g(rec.total)} GiB per GPU" if rec else
                  "recommended: nothing fits - add GPUs, turn on gradient_checkpointing, lower the batch, or use LoRA")

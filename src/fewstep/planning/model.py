@@ -141,19 +141,24 @@ class AnyStep:
 def lora_param_count(model: nn.Module, targets, rank: int) -> int:
     """Parameters peft's LoRA adds: rank * (in + out) per targeted Linear. A module is targeted when its qualified
     name equals a target or ends with '.' + target (peft's rule for a list of names)."""
-    total, hit = 0, set()
+    return sum(lora_param_sizes(model, targets, rank))
+
+
+def lora_param_sizes(model: nn.Module, targets, rank: int) -> list[int]:
+    """Numel of each LoRA tensor peft adds, in module order: lora_A (rank * in), lora_B (out * rank) per target."""
+    sizes, hit = [], set()
     for name, mod in model.named_modules():
         match = [t for t in targets if name == t or name.endswith("." + t)]
         if not match:
             continue
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"LoRA target {match[0]!r} matches {name} ({type(mod).__name__}), not a Linear")
-        total += rank * (mod.in_features + mod.out_features)
+        sizes += [rank * mod.in_features, mod.out_features * rank]
         hit.update(match)
     missing = set(targets) - hit
     if missing:
         raise ValueError(f"LoRA targets {sorted(missing)} match no module of {type(model).__name__}")
-    return total
+    return sizes
 
 
 @dataclass
@@ -165,25 +170,34 @@ class ParamCounts:
     largest_module: int  # DeepSpeed's "largest layer": the most parameters one module holds directly
     largest_block: int = 0  # the largest group the full export gathers at once (fewstep.full_export.param_groups:
     #                         a transformer block; in a UNet a resnet or a transformer block)
+    # numel of each trainable / frozen tensor, in the model's order (DeepSpeed's host buffers are per tensor, per
+    # sub-group); empty: one tensor of `trainable` / `frozen` elements
+    trainable_sizes: tuple[int, ...] = ()
+    frozen_sizes: tuple[int, ...] = ()
 
     @property
     def frozen(self) -> int:
         return self.total - self.trainable
 
 
-def count_params(model: nn.Module, *, lora: bool, targets=(), rank: int = 0, extra_trainable: int = 0,
+def count_params(model: nn.Module, *, lora: bool, targets=(), rank: int = 0, extra_trainable: tuple[int, ...] = (),
                  persistence_threshold: int = 0) -> ParamCounts:
     """Exact counts for full fine-tuning, or for LoRA (counted analytically: no peft needed) on a meta model.
 
-    extra_trainable: parameters already in `model` that train under LoRA too (TwinFlow's any-step embeddings).
+    extra_trainable: numel of each parameter already in `model` that trains under LoRA too (TwinFlow's any-step
+    embeddings).
     """
-    base = sum(p.numel() for p in model.parameters())
-    n_lora = lora_param_count(model, targets, rank) if lora else 0
-    persistent = sum(p.numel() for p in model.parameters() if p.numel() <= persistence_threshold)
+    sizes = [p.numel() for p in model.parameters()]
+    trainable, frozen = tuple(sizes), []
+    if lora:
+        trainable, frozen = tuple(lora_param_sizes(model, targets, rank)) + tuple(extra_trainable), list(sizes)
+        for s in extra_trainable:
+            frozen.remove(s)
+    persistent = sum(s for s in sizes if s <= persistence_threshold)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     from fewstep.full_export import param_groups
 
     block = max(sum(p.numel() for _, p in group) for group in param_groups(model))
-    return ParamCounts(base + n_lora, (n_lora + extra_trainable) if lora else base, buffers, persistent, largest,
-                       block)
+    return ParamCounts(sum(frozen) + sum(trainable), sum(trainable), buffers, persistent, largest, block, trainable,
+                       tuple(frozen))
