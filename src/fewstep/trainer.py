@@ -52,13 +52,13 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
     data = read_data_config(cfg)  # its mistakes before the model is resolved (a hub id may download first)
+    with distributed.uneven_work("W&B credentials check"):  # rank 0 logs; its wandb.init comes after the cache fill
+        if is_main:
+            require_wandb_credentials(cfg.report_to)
     source = local_model(adapter, cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
         log_main(is_main, f"warning: {note}")
-    with distributed.uneven_work("W&B credentials check"):  # rank 0 logs; its wandb.init comes after the cache fill
-        if is_main:
-            require_wandb_credentials(cfg.report_to)
     ds_config = build_ds_config(cfg)
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
     stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
