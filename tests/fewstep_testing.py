@@ -215,3 +215,13 @@ def tiny_step_context(family: str, device="cpu", batch_size=8, **cfg):
     return StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(model.to(device)), dataset=ds,
                        order=DataOrder(len(ds), batch_size, 0, 1, seed=3), device=torch.device(device),
                        dtype=torch.float32)
+
+
+def load_sample_cli():
+    """launcher/sample.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fewstep_sample_cli", os.path.join(REPO, "launcher", "sample.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

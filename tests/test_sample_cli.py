@@ -7,7 +7,6 @@ real command line. bf16 vs fp32 tolerance: the images (pixels scaled to [-1, 1])
 ||bf16 - fp32|| / ||fp32|| of about 0.022 on these tiny models (measured for all three methods); the tests allow 0.05
 and require a difference (a bf16 run that silently stayed in fp32 would match exactly).
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,20 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep_testing import PY, REPO, cpu_env, run, side_by_side, write_config, write_dataset
+from fewstep_testing import PY, REPO, cpu_env, load_sample_cli, run, side_by_side, write_config, write_dataset
 
 BF16_REL_TOL = 0.05
 PROMPT = "a red circle"
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("fewstep_sample_cli", os.path.join(REPO, "launcher", "sample.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = _load_cli()
+CLI = load_sample_cli()
 
 
 def _train(root, **overrides):

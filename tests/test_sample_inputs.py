@@ -6,25 +6,17 @@ The exports are folders as the trainer leaves them: its fewstep_run.json (`write
 the files it writes beside it, as placeholders: nothing here gets as far as reading weights (the adapter's `load`
 fails the test if called), so no training is needed.
 """
-import importlib.util
 import os
 import subprocess
 
 import pytest
 
-from fewstep_testing import PY, REPO, cpu_env
+from fewstep_testing import PY, REPO, cpu_env, load_sample_cli
 
 SLOW, FAST = [1000, 980, 960], [900, 600, 300]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("fewstep_sample_cli", os.path.join(REPO, "launcher", "sample.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = _load_cli()
+CLI = load_sample_cli()
 
 
 class Loaded(Exception):
