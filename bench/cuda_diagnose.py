@@ -26,7 +26,8 @@ non-finite terms and, with `nan_trace`, the first module whose output or output 
 `forward: single_transformer_blocks.0.attn (Attention) output in forward pass 2, inputs finite`). The first variant
 that trains names the culprit.
 
-    python bench/cuda_diagnose.py [--out DIR] [--parts a,b]     # about 2 minutes on one GPU
+    python bench/cuda_diagnose.py [--out DIR] [--parts a,b] [--deadline-s S]
+(about 20 s per training row; the table is rewritten after each row, so a run stopped early keeps its rows)
 """
 import argparse
 import json
@@ -57,7 +58,7 @@ VARIANTS = [("as the GPU check", {}),
             ("overlap_comm and contiguous_gradients off",
              {"deepspeed_config": {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}}}),
             ("fp32", {"mixed_precision": "no"}), ("no adversarial branch", {"twinflow_adversarial_enabled": False}),
-            ("no EMA", {"use_ema": False}), ("flow matching (no TwinFlow)", {"twinflow_enabled": False}),
+            ("no EMA", {"use_ema": False, "twinflow_allow_no_ema_teacher": True}), ("flow matching (no TwinFlow)", {"twinflow_enabled": False}),
             ("ZeRO stage 0", {"zero_stage": 0})]
 
 
@@ -174,10 +175,19 @@ class _null:
         return False
 
 
+def variant_config(cfg: dict, change: dict) -> dict:
+    """`cfg` with a variant's config keys (not its deepspeed_config, _env or _sdpa); turning TwinFlow off drops
+    TwinFlow's other options, which a run without TwinFlow refuses."""
+    cfg = {**cfg, **{k: v for k, v in change.items() if k not in ("deepspeed_config", "_env", "_sdpa")}}
+    if cfg.get("twinflow_enabled") is False:
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("twinflow_") or k == "twinflow_enabled"}
+    return cfg
+
+
 def run_trainer(cfg: dict, change: dict, tmp: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """launcher/train.py on `cfg` with one suspect `change` applied: config keys, a `deepspeed_config` dict,
     `_env` (environment) or `_sdpa` (torch.backends.cuda switches set before the trainer starts)."""
-    cfg = {**cfg, **{k: v for k, v in change.items() if k not in ("deepspeed_config", "_env", "_sdpa")}}
+    cfg = variant_config(cfg, change)
     if change.get("deepspeed_config") is not None:
         cfg["deepspeed_config"] = os.path.join(tmp, "ds.json")
         with open(cfg["deepspeed_config"], "w") as fh:
@@ -194,13 +204,19 @@ def run_trainer(cfg: dict, change: dict, tmp: str, timeout: int = 120) -> subpro
                           env={**os.environ, **change.get("_env", {})})
 
 
-def part_b(out: str, variants: int) -> list[str]:
+def part_b(out: str, variants: int, deadline: float, report) -> list[str]:
     """Writes out/fix.json: the first GPU variant that trained all 3 steps, when the GPU check's own config did not
-    (the GPU check's train step then trains with it, so that sampling still gets a LoRA to measure)."""
+    (the GPU check's train step then trains with it, so that sampling still gets a LoRA to measure). When the GPU
+    check's own config trains there is nothing to bisect: it stops after that row. A variant that could not finish
+    by `deadline` (time.time()) is not started. `report(rows)` is called after every row (the table so far)."""
     rows = ["| variant | exit | steps logged | first non-finite report | cached latents / embeddings finite | s |",
             "|---|---:|---:|---|---|---:|"]
-    base_trained = None
+    base_trained, longest = None, 0.0
     for name, change in VARIANTS[:variants]:
+        if base_trained or time.time() + max(longest, 20.0) > deadline:
+            why = "not needed: the GPU check's config trains" if base_trained else "not run: no time left"
+            rows.append(f"| {name} | - | - | {why} | - | - |")
+            continue
         cfg = {**BASE_CONFIG, "output_dir": os.path.join(out, re.sub(r"\W+", "_", name))}
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
@@ -209,9 +225,11 @@ def part_b(out: str, variants: int) -> list[str]:
         bad = re.findall(r"fewstep: step \d+: (non-finite[^\n]*|gradient norm[^\n]*)", text)
         applied = _applied_steps(cfg["output_dir"])
         first = bad[0] if bad else ("" if proc.returncode == 0 else text.strip().splitlines()[-1][:160])
+        longest = max(longest, time.time() - t0)
         rows.append(f"| {name} | {proc.returncode} | {applied} | {first} | {_cache_finite(cfg['output_dir'])} | "
                     f"{time.time() - t0:.0f} |")
         print(rows[-1], flush=True)
+        report(rows)
         trained = proc.returncode == 0 and applied == str(BASE_CONFIG["max_train_steps"])
         if base_trained is None:
             base_trained = trained
@@ -252,6 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", type=int, default=len(VARIANTS), help="run the first N training variants")
     ap.add_argument("--train", metavar="CONFIG", help="instead: train CONFIG with --fix's change (GPU check)")
     ap.add_argument("--fix", metavar="FIX_JSON", help="a fix.json written by part B")
+    ap.add_argument("--deadline-s", type=float, default=float("inf"),
+                    help="seconds from now by which part B must end: variants that could not finish are not started")
     args = ap.parse_args(argv)
     if args.train:
         with open(args.train) as fh:
@@ -263,15 +283,21 @@ def main(argv=None) -> int:
             proc = run_trainer(cfg, fix["change"], tmp, timeout=600)
         print(proc.stdout + proc.stderr)
         return proc.returncode
+    deadline = time.time() + args.deadline_s
     os.makedirs(args.out, exist_ok=True)
     md = ["### CUDA diagnosis (`bench/cuda_diagnose.py`)", ""]
+
+    def report(more: list[str]) -> None:  # rewritten as rows arrive: a run cut short keeps what it found
+        with open(os.path.join(args.out, "diagnose.md"), "w") as fh:
+            fh.write("\n".join(md + more))
+
     if "a" in args.parts:
         md += ["Part A: one 32 px image from the same CPU noise", "", randn_streams(), ""] + part_a() + [""]
+        report([])
     if "b" in args.parts:
         md += ["Part B: 3 TwinFlow LoRA steps on tiny:flux (the GPU check's config), one change per row", ""]
-        md += part_b(args.out, args.variants) + [""]
-    with open(os.path.join(args.out, "diagnose.md"), "w") as fh:
-        fh.write("\n".join(md))
+        md += part_b(args.out, args.variants, deadline, report) + [""]
+    report([])
     print("\n".join(md))
     return 0
 

@@ -6,29 +6,30 @@
 #   bench/gpu_check.sh                   GPU: the steps below, each with its own time budget, 540 s in all
 #   bench/gpu_check.sh --dry             CPU: every step at tiny sizes (smoke flags, collect-only tests), to prove
 #                                        that the script starts and every command line is valid (GPU_CHECK_DRY=1 too)
-#   bench/gpu_check.sh --only kernels,sample     rerun some steps (setup always runs)
+#   bench/gpu_check.sh --only kernels,train,sample   rerun some steps (setup always runs; sample needs train)
 #   bench/gpu_check.sh --prepare-wheels  here, with network: fill .whl/ with what the device image lacks
 #
 # Steps (GPU budget in seconds; a step that overruns is stopped and the next one starts). They run in the order
 # setup, diagnose, kernel_tests, train, sample, sample_tests, kernels, train_step (open questions first):
-#   setup         45  install .whl/ into $WORK/site (never touching the image's CUDA torch), put this checkout's
+#   setup         35  install .whl/ into $WORK/site (never touching the image's CUDA torch), put this checkout's
 #                     fewstep first on PYTHONPATH, record device, driver and versions
-#   diagnose     190  bench/cuda_diagnose.py: bisects the first GPU check's CUDA-only failures (TwinFlow training
+#   diagnose     110  bench/cuda_diagnose.py: bisects the first GPU check's CUDA-only failures (TwinFlow training
 #                     non-finite at step 1; CUDA bf16 sampling far from CPU fp32): torch's bf16 vs fp32 CPU normals,
 #                     pipeline parity cpu/cuda fp32/bf16, then 3 training steps per suspect (the same run on the CPU,
-#                     cuDNN / math-only attention, fused kernels, overlap_comm, fp32, adversarial, EMA, ...)
-#   kernel_tests 110  pytest tests/kernels on CUDA (Triton kernels against their torch references)
-#   kernels       90  bench/kernels.py at 256M elements: GB/s vs copy bandwidth, against eager and
+#                     cuDNN / math-only attention, fused kernels, overlap_comm, fp32, adversarial, EMA, ...; none
+#                     if the stock config trains; its table is rewritten per row, and variants stop in time)
+#   kernel_tests  70  pytest tests/kernels on CUDA (Triton kernels against their torch references)
+#   kernels       70  bench/kernels.py at 256M elements: GB/s vs copy bandwidth, against eager and
 #                     torch.compile (rows print as they finish: a cut-short step keeps them)
-#   train_step   160  bench/train_step.py: Qwen-Image, 8 blocks at real width, 1024², TwinFlow LoRA r64, then
-#                     the flow-matching peer anchor (s/step, MFU, peak memory, share outside transformer calls);
-#                     then TwinFlow at 512², batch 4, teacher passes on the used rows vs the whole batch (paired)
-#   train         60  launcher/train.py: 20-step TwinFlow LoRA (bf16, EMA, adversarial branch, fused kernels) on
+#   train_step    90  bench/train_step.py: Qwen-Image, 8 blocks at real width, 1024², TwinFlow LoRA r64 (s/step,
+#                     MFU, peak memory, share outside transformer calls); TwinFlow at 512², batch 4, teacher passes
+#                     on the used rows vs the whole batch (paired); then the flow-matching peer anchor
+#   train         45  launcher/train.py: 20-step TwinFlow LoRA (bf16, EMA, adversarial branch, fused kernels) on
 #                     tiny:flux, or GPU_CHECK_TRAIN_MODEL (a diffusers folder of family GPU_CHECK_TRAIN_FAMILY);
 #                     if the diagnosis found this config non-finite and one change that trains, with that change
-#   sample        50  launcher/sample.py on that LoRA at 1 and 2 NFE (cuda, bf16, one untimed warm-up), then
+#   sample        40  launcher/sample.py on that LoRA at 1 and 2 NFE (cuda, bf16, one untimed warm-up), then
 #                     1 NFE with --offload model and --offload sequential
-#   sample_tests  90  pytest tests/test_sample_cli.py's CUDA test (cuda bf16 vs cpu fp32, both offloads; it trains
+#   sample_tests  80  pytest tests/test_sample_cli.py's CUDA test (cuda bf16 vs cpu fp32, both offloads; it trains
 #                     its own two tiny runs), a TwinFlow micro-step under torch's CUDA sync debug mode "error", and
 #                     the teacher swap from pinned host memory into bf16 shards in pieces (offload_optimizer's path)
 #
@@ -46,7 +47,8 @@
 # wheel and builds deepspeed (an sdist on PyPI) as a pure-Python wheel with DS_BUILD_OPS=0.
 #
 # The device call (one call; the machine start is not in timeout_s; 540 s budget + summary leaves ~50 s spare):
-#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#     run(command="GPU_CHECK_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_check.sh", carry=[".whl"],
+#         timeout_s=600)
 # then copy files_at/summary.md into bench/RESULTS.md. To rerun a step that failed, e.g. after a fix:
 #     run(command="bash bench/gpu_check.sh --only kernels", carry=[".whl"], timeout_s=300)
 #
@@ -164,8 +166,10 @@ step_setup() {
     rm -rf "$SITE/fewstep" && cp -r src/fewstep "$SITE/fewstep" && cp -r kernels "$SITE/fewstep/kernels"
     find "$SITE/fewstep" -name __pycache__ -prune -exec rm -rf {} +
     local commit
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ -n $(git status --porcelain 2>/dev/null | head -1) ]]; then commit="$commit (with uncommitted changes)"; fi
+    commit=${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device's copy may
+    if [[ -z ${GPU_CHECK_COMMIT:-} && -n $(git status --porcelain 2>/dev/null | head -1) ]]; then  # lack .git
+        commit="$commit (with uncommitted changes)"
+    fi
     GPU_CHECK_COMMIT=$commit GPU_CHECK_MODE=$MODE tmo "$PY" - "$WORK/env.json" "$SITE" <<'EOF'
 import datetime, importlib, json, os, subprocess, sys
 
@@ -197,10 +201,11 @@ EOF
 }
 
 step_diagnose() {  # the CUDA-only training NaN and sampling mismatch of the first GPU check (2026-12-04)
-    local args=()
-    if [[ $MODE == dry ]]; then args=(--variants 1); fi
-    tmo "$PY" bench/cuda_diagnose.py --out "$WORK/diagnose" "${args[@]}"
-    cp "$WORK/diagnose/diagnose.md" "$WORK/diagnose.md"
+    local args=(--deadline-s $((STEP_DEADLINE - SECONDS - 10))) rc=0
+    if [[ $MODE == dry ]]; then args+=(--variants 1); fi
+    tmo "$PY" bench/cuda_diagnose.py --out "$WORK/diagnose" "${args[@]}" || rc=$?
+    cp "$WORK/diagnose/diagnose.md" "$WORK/diagnose.md" || true  # rewritten per row: a step cut short keeps its rows
+    return "$rc"
 }
 
 step_kernel_tests() {
@@ -228,7 +233,7 @@ step_train_step() {
     # TwinFlow and the flow-matching peer anchor at 1024², batch 1; then TwinFlow at 512², batch 4 with its teacher
     # passes on the used rows (the default) and on the whole batch (the reference's way), a paired comparison (same
     # groups and times; at batch 1 a rank with no used row still runs one, so the comparison needs batch >= 2)
-    for run in twinflow flow used_b4 all_b4; do
+    for run in twinflow used_b4 all_b4 flow; do
         case $run in
             twinflow) json=$WORK/train_step.json args=(--method twinflow --resolution 1024 --batch 1) ;;
             flow) json=$WORK/train_step_flow.json args=(--method flow --resolution 1024 --batch 1) ;;
@@ -282,16 +287,18 @@ step_sample_tests() {
         tests/engine/test_engine_config.py::test_swap_from_pinned_host_memory_into_device_shards_on_cuda
 }
 
-run_step setup 45 step_setup
+# Budgets add up to BUDGET (540 s; tests/bench/test_gpu_check_dry.py checks): measured on the H200 on 2026-12-04
+# (setup 26 s, kernel tests 56 s, train 29 s, kernels at 256M about 60 s, a train_step run about 37 s)
+run_step setup 35 step_setup
 if [[ $STATUS != ok ]]; then echo "gpu_check: setup failed, nothing else can run" >&2; exit 1; fi
 # what the last GPU run left open first; kernels and train_step have recorded figures (bench/RESULTS.md)
-run_step diagnose 190 step_diagnose
-run_step kernel_tests 110 step_kernel_tests
-run_step train 60 step_train
-run_step sample 50 step_sample
-run_step sample_tests 90 step_sample_tests
-run_step kernels 90 step_kernels
-run_step train_step 160 step_train_step
+run_step diagnose 110 step_diagnose
+run_step kernel_tests 70 step_kernel_tests
+run_step train 45 step_train
+run_step sample 40 step_sample
+run_step sample_tests 80 step_sample_tests
+run_step kernels 70 step_kernels
+run_step train_step 90 step_train_step
 echo "gpu_check: $MODE run done in ${SECONDS}s; summary in $OUT/summary.md"
 cat "$OUT/summary.md"
 exit "$FAILED"

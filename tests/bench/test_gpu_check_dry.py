@@ -51,7 +51,36 @@ def test_only_and_bad_arguments(tmp_path):
     assert [s["step"] for s in json.loads((out / "gpu_check.json").read_text())["steps"]] == ["setup", "sample_tests"]
 
 
+def test_step_budgets_fit_the_run_budget():
+    """The steps' budgets add up to at most the run's (540 s, in the 600 s device call): a step given more time than
+    is left is cut to what is left, so an over-subscribed plan starves the last steps on the GPU (the dry run, at
+    3x budgets and tiny sizes, would not show it)."""
+    import re
+
+    text = open(f"{REPO}/{SCRIPT}").read()
+    budgets = {name: int(s) for name, s in re.findall(r"^run_step (\w+) (\d+) ", text, flags=re.M)}
+    assert list(budgets) == STEPS
+    total = int(re.search(r"BUDGET=\$\{GPU_CHECK_BUDGET_S:-(\d+)\} SCALE=1", text).group(1))
+    assert sum(budgets.values()) <= total == 540, budgets
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
     p = subprocess.run(["shellcheck", "-S", "warning", SCRIPT], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
+
+
+def test_every_diagnosis_variant_is_a_valid_config(tmp_path):
+    """bench/cuda_diagnose.py's training variants each pass fewstep's config checks (a variant refused at start-up
+    would read as a failure of the change it tests, and burn device time)."""
+    import importlib.util
+    import os
+
+    from fewstep.config import load_config
+
+    spec = importlib.util.spec_from_file_location("cuda_diagnose", os.path.join(REPO, "bench", "cuda_diagnose.py"))
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    for name, change in diagnose.VARIANTS:
+        cfg = diagnose.variant_config({**diagnose.BASE_CONFIG, "output_dir": str(tmp_path / "out")}, change)
+        load_config(None, cfg)  # raises ConfigError naming the key
