@@ -229,6 +229,27 @@ def test_pruning_after_a_resume_with_another_interval_keeps_this_runs_own(tmp_pa
         assert checkpoint.resolve(root, "latest") == os.path.join(root, f"step-{step}")
 
 
+def test_latest_not_updated_after_a_complete_save_resumes_the_newer_step(tmp_path, capsys):
+    """A save renamed step-2000 into place and was killed before `latest` moved on from step-1500: step-2000 is this
+    run's (step-1500's record names no abandoned step), so the resume takes it, saying so; a rollback's abandoned
+    step (recorded) is not taken, nor one above a checkpoint of before the record (no `abandoned` key)."""
+    root = str(tmp_path / "checkpoints")
+    for step, abandoned in ((1500, []), (2000, [])):
+        path = _complete(root, step)
+        with open(os.path.join(path, "trainer.json"), "w") as fh:
+            json.dump({"step": step, "files": [], "abandoned": abandoned}, fh)
+    with open(os.path.join(root, "latest"), "w") as fh:
+        fh.write("step-1500")
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-2000")
+    assert "step-2000 is complete but `latest` names step-1500" in capsys.readouterr().out
+    with open(os.path.join(root, "step-1500", "trainer.json"), "w") as fh:  # step-2000: an abandoned run's
+        json.dump({"step": 1500, "files": [], "abandoned": ["step-2000"]}, fh)
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1500")
+    with open(os.path.join(root, "step-1500", "trainer.json"), "w") as fh:  # written before the record
+        json.dump({"step": 1500, "files": []}, fh)
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1500")
+
+
 def _resave(root, step, marker):
     """A finished .tmp-step-N holding `marker`, as a re-save of step N leaves it before its commit."""
     tmp = os.path.join(root, f".tmp-step-{step}")

@@ -245,6 +245,17 @@ def _resolve_latest(root: str) -> str | None:
     rest = [p for p in reversed(found) if p != named]
     candidates = ([named] if named in found else []) + [p for p in rest if step_of(p) <= ceiling] + \
         [p for p in rest if step_of(p) > ceiling]
+    # Above it, a step that the checkpoint `latest` names does not record as an abandoned run's (`save`'s record;
+    # older checkpoints have none) is this run's own: a save stopped between its rename and `latest`'s update
+    abandoned = _recorded(named, "abandoned") if named in found else None
+    own_newer = [p for p in rest if step_of(p) > ceiling and abandoned is not None
+                 and os.path.basename(p) not in abandoned and not missing_files(p)]
+    if own_newer:
+        if distributed.rank() == 0:
+            print(f"fewstep: warning: {os.path.basename(own_newer[0])} is complete but `latest` names "
+                  f"{os.path.basename(named)} (a save stopped before `latest` was updated); resuming from "
+                  f"{os.path.basename(own_newer[0])}", flush=True)
+        candidates = [own_newer[0]] + [p for p in candidates if p != own_newer[0]]
     skipped = []
     for path in candidates:
         missing = missing_files(path)
@@ -257,6 +268,15 @@ def _resolve_latest(root: str) -> str | None:
         then = f"resuming from {os.path.basename(path)}" if path else "no complete checkpoint left, starting fresh"
         print(f"fewstep: warning: skipping incomplete checkpoint {'; '.join(skipped)}; {then}", flush=True)
     return path
+
+
+def _recorded(path: str, key: str):
+    """`key` of the checkpoint's trainer.json (None if absent or unreadable)."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as fh:
+            return json.load(fh).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_engine(path: str, engine) -> None:
