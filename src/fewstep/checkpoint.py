@@ -79,7 +79,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
     this run resumed from; recorded, and never counted or pruned as this run's past. Raises CheckpointWriteError on
     every rank if the save cannot start or fails.
     """
-    abandoned = sorted(set(abandoned) - {f"step-{step}"})
+    abandoned = sorted(abandoned)
     rng = rng_streams.state()  # the loop's, before anything below (DeepSpeed's save, the gathers) could draw
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")
@@ -174,7 +174,8 @@ def _commit(root: str, final: str, tmp: str, keep: int, abandoned: Iterable[str]
     # step number would delete the checkpoint just written, or this run's own older ones while keeping the
     # abandoned run's (with another checkpointing_steps, this run never re-saves those steps).
     step = step_of(final)
-    older = [p for p in list_checkpoints(root) if step_of(p) < step and os.path.basename(p) not in set(abandoned)]
+    abandoned = set(abandoned)
+    older = [p for p in list_checkpoints(root) if step_of(p) < step and os.path.basename(p) not in abandoned]
     for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return None
@@ -246,16 +247,11 @@ def _resolve_latest(root: str) -> str | None:
     candidates = ([named] if named in found else []) + [p for p in rest if step_of(p) <= ceiling] + \
         [p for p in rest if step_of(p) > ceiling]
     # Above it, a step that the checkpoint `latest` names does not record as an abandoned run's (`save`'s record;
-    # older checkpoints have none) is this run's own: a save stopped between its rename and `latest`'s update
+    # older checkpoints have none) is this run's own, first: a save stopped between its rename and `latest`'s update
     abandoned = _recorded(named, "abandoned") if named in found else None
-    own_newer = [p for p in rest if step_of(p) > ceiling and abandoned is not None
-                 and os.path.basename(p) not in abandoned and not missing_files(p)]
-    if own_newer:
-        if distributed.rank() == 0:
-            print(f"fewstep: warning: {os.path.basename(own_newer[0])} is complete but `latest` names "
-                  f"{os.path.basename(named)} (a save stopped before `latest` was updated); resuming from "
-                  f"{os.path.basename(own_newer[0])}", flush=True)
-        candidates = [own_newer[0]] + [p for p in candidates if p != own_newer[0]]
+    if abandoned is not None:
+        newer = [p for p in rest if step_of(p) > ceiling and os.path.basename(p) not in abandoned]
+        candidates = newer + [p for p in candidates if p not in newer]
     skipped = []
     for path in candidates:
         missing = missing_files(path)
@@ -267,6 +263,9 @@ def _resolve_latest(root: str) -> str | None:
     if skipped and distributed.rank() == 0:
         then = f"resuming from {os.path.basename(path)}" if path else "no complete checkpoint left, starting fresh"
         print(f"fewstep: warning: skipping incomplete checkpoint {'; '.join(skipped)}; {then}", flush=True)
+    if path is not None and step_of(path) > ceiling and abandoned is not None and distributed.rank() == 0:
+        print(f"fewstep: warning: {os.path.basename(path)} is complete but `latest` names {os.path.basename(named)} "
+              f"(a save stopped before `latest` was updated); resuming from {os.path.basename(path)}", flush=True)
     return path
 
 

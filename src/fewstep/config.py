@@ -210,7 +210,7 @@ class Config:
     # ------------------------------------------------------------------
     @property
     def resolved_method(self) -> str:
-        return self.method or ("twinflow" if self.twinflow_enabled else "flow")
+        return resolved_method(self.method, self.twinflow_enabled)
 
     @property
     def bf16(self) -> bool:
@@ -347,6 +347,12 @@ def zero_stage_in_use(zero_stage: int, user_ds: dict) -> int:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def resolved_method(method: Optional[str], twinflow_enabled: bool) -> str:
+    """The method a config trains: `method`, else TwinFlow where `twinflow_enabled`, else plain flow matching (also
+    for a run's recorded config: `fewstep.sampling.run_method`)."""
+    return method or ("twinflow" if twinflow_enabled else "flow")
 
 
 def _default(f: dataclasses.Field):

@@ -50,13 +50,11 @@ def poison_weights_if(params, step: int, rank: int) -> None:
     spec = os.environ.get("FEWSTEP_FAULT_POISON_WEIGHTS")
     if not spec or tuple(int(x) for x in spec.split(":")) != (step, rank):
         return
+    from fewstep.engine.nonfinite import owned_values
+
     for p in params:
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard; the last rank's may be all padding
-            owned = p.ds_numel - rank * p.ds_tensor.numel()
-            values = p.ds_tensor.view(-1) if owned > 0 else None
-        else:
-            values = p.data.view(-1)
-        if values is not None and values.numel():
+        values = owned_values(p, rank)  # what the finite-weights check reads (a ZeRO-3 shard may be all padding)
+        if values.numel():
             values[0] = float("nan")
             return
 

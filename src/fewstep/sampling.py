@@ -107,6 +107,8 @@ SAMPLES = {"flow": ("flow", "glance"), "twinflow": ("twinflow",), "glance": ("gl
 def check_export(option: str, directory: str, info: dict, method: str, denoiser_subfolder: str) -> None:
     """Before anything loads: the export `option` names is one `--method` samples, and holds the weights its run info
     records (the LoRA file or the full fine-tune's folder, and a TwinFlow export's any-step embeddings)."""
+    from fewstep.full_export import WEIGHTS  # the full export's weight files
+
     trained = run_method(info)
     if trained not in SAMPLES[method]:
         raise SamplingError(f"--method {method}: {option} {directory} is a {trained} export (method {trained!r} in its "
@@ -118,7 +120,7 @@ def check_export(option: str, directory: str, info: dict, method: str, denoiser_
     if info["config"].get("model_type", "lora") == "full":
         full = os.path.join(directory, denoiser_subfolder)
         files = os.listdir(full) if os.path.isdir(full) else []
-        if "config.json" not in files or not any(f.startswith("diffusion_pytorch_model") for f in files):
+        if "config.json" not in files or not any(f.startswith(WEIGHTS) for f in files):
             raise SamplingError(f"{option} {directory}: its {RUN_INFO} records a full fine-tune, but "
                                 f"{denoiser_subfolder}/ holds no config.json and diffusion_pytorch_model weights (a "
                                 "partial copy?)")

@@ -6,6 +6,7 @@ from the model adapter and the DeepSpeed engine and feeds them cached batches.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -155,12 +156,12 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
         if not phase.sigmas:
             return euler_loop(guided, x, base), None
         sigmas, on_list = listed_schedule(phase.sigmas, base)  # the trained model at its sigmas, the base elsewhere
-        i = 0
-        while i < len(on_list):
-            j = next((k for k in range(i, len(on_list)) if on_list[k] != on_list[i]), len(on_list))
-            with contextlib.nullcontext() if on_list[i] else lora_disabled(ctx.engine):
-                x = euler_loop(guided, x, sigmas[i:j + 1], to_zero=False)
-            i = j
+        at = 0
+        for on, run in itertools.groupby(on_list):  # runs of steps taken by the same model
+            n = len(list(run))
+            with contextlib.nullcontext() if on else lora_disabled(ctx.engine):
+                x = euler_loop(guided, x, sigmas[at:at + n + 1], to_zero=False)
+            at += n
         return x, None
     # Glance: the image inference makes, Slow's list then Fast's. In the Slow phase the base model (LoRA off) stands
     # in for the untrained Fast; the Fast phase starts from the hand-off of the Slow phase's last validation.

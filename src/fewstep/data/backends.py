@@ -156,13 +156,17 @@ def _check_keys(entry: dict, allowed: set, where: str) -> None:
         raise DataError(f"{where}: unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
 
 
+def _got(value) -> str:
+    """A refused value as an error names it: a number written as a string says so ('32' reads like a number)."""
+    return f"the string {value!r}" if isinstance(value, str) else repr(value)
+
+
 def _number(entry: dict, key: str, where: str, lo: float = 0.0, integer: bool = False, default=None):
     value = entry.get(key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        got = f"the string {value!r}" if isinstance(value, str) else repr(value)
-        raise DataError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {got}")
+        raise DataError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {_got(value)}")
     if value < lo:
         raise DataError(f"{where}: '{key}' must be >= {lo}, got {value!r}")
     return value
@@ -283,11 +287,10 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
     if res_type == "area":
         if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution <= 64:
             raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "
-                            f"got {resolution!r}")
+                            f"got {_got(resolution)}")
     elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or resolution < 8 or (
             res_type == "pixel" and resolution != int(resolution)):
-        got = f"the string {resolution!r}" if isinstance(resolution, str) else repr(resolution)
-        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {got}")
+        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {_got(resolution)}")
     crop_explicit = "crop" in entry
     crop = _flag(entry, "crop", where, True)
     crop_aspect = _choice(entry, "crop_aspect", where, _CROP_ASPECTS, "square")

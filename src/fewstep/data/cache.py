@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 from typing import Callable, Iterable, Optional
 
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from fewstep.data.buckets import load_planned
 from fewstep.data.dataset import Sample, build_layout
 from fewstep.data.table import SampleTable
-from fewstep.models.source import folder_components
+from fewstep.models.source import folder_components, forces_zeros_for_empty_prompt
 from fewstep.paths import removed_on_failure, temporary_beside
 
 
@@ -48,11 +47,8 @@ def model_key(family: str, name_or_path: str) -> str:
     if not os.path.isdir(name_or_path):
         h.update(f"|{name_or_path}".encode())
         return h.hexdigest()[:16]
-    index = os.path.join(name_or_path, "model_index.json")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            if not json.load(fh).get("force_zeros_for_empty_prompt", True):
-                h.update(b"|force_zeros_for_empty_prompt=false")
+    if not forces_zeros_for_empty_prompt(name_or_path):
+        h.update(b"|force_zeros_for_empty_prompt=false")
     components = folder_components(name_or_path)  # a folder model_index.json does not name is not loaded
     for sub in sorted(glob.glob(os.path.join(name_or_path, "*"))):
         name = os.path.basename(sub)

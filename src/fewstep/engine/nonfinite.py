@@ -282,12 +282,18 @@ def local_weights_finite(params) -> bool:
     shard, which may hold any bit pattern).
     """
     for p in params:
-        if hasattr(p, "ds_tensor"):
-            part = p.ds_tensor.view(-1)
-            owned = max(0, min(part.numel(), p.ds_numel - rank() * part.numel()))
-            values = part[:owned]
-        else:
-            values = p.data
+        values = owned_values(p)
         if values.numel() and not all_finite(values):
             return False
     return True
+
+
+def owned_values(p, at_rank: int | None = None):
+    """The values of parameter `p` that rank `at_rank` (default: this one) holds, flat: the full parameter where
+    every rank holds it (stages 0-2), its ZeRO-3 shard without the partition's padding otherwise (uninitialised
+    memory at the end of the last rank's shard)."""
+    if not hasattr(p, "ds_tensor"):
+        return p.data.view(-1)
+    part = p.ds_tensor.view(-1)
+    owned = max(0, min(part.numel(), p.ds_numel - (rank() if at_rank is None else at_rank) * part.numel()))
+    return part[:owned]

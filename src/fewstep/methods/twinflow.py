@@ -255,11 +255,11 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     2. capture the RNG, student pass F = student(x_t, t, tt, cond) with grad (the only graph); capture the RNG again.
     3. the teacher passes, each with the RNG restored to the pre-student state (same dropout masks as the student
        pass): CFG-enhanced target E, RCGM rollout. (The reference updates an EMA teacher between the student pass and
-       these; fewstep's trainer updates it after every applied optimizer step instead: the same weights.) With `frozen_teacher` (EMA decay 1)
-       the rollout uses the student under no grad, as the reference. The RNG is then put back to its post-student
-       state, so the global stream advances as if the teacher passes drew nothing. `used_rows_only` runs each
-       teacher pass on the rows whose output is used (see `cfg_enhanced_target`, `rcgm_rollout`); for a model
-       without dropout the loss is the same up to rounding.
+       these; fewstep's trainer updates it after every applied optimizer step instead: the same weights.) With
+       `frozen_teacher` (EMA decay 1) the rollout uses the student under no grad, as the reference. The RNG is
+       then put back to its post-student state, so the global stream advances as if the teacher passes drew nothing.
+       `used_rows_only` runs each teacher pass on the rows whose output is used (see `cfg_enhanced_target`,
+       `rcgm_rollout`); for a model without dropout the loss is the same up to rounding.
     4. per-row loss = Barron(F, T) * time_weight (the fused `rcgm_target_loss`); L_base = non-adv rows, L_adv = adv
        rows, both summed over the counted rows / their number (all rows; order 0: mul and adv rows only).
     5. L_rectify on e2e rows (adversarial only). loss = L_base + adversarial_weight*L_adv + 0.5*rectify_weight*L_rect.

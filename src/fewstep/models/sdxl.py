@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from fewstep.errors import ConfigError
 from fewstep.methods import diff2flow
 from fewstep.models.base import FlowModelAdapter, register_adapter
+from fewstep.models.source import forces_zeros_for_empty_prompt
 from fewstep.schedulers.diffusion_base import alphas_cumprod_from_config
 
 SDXL_VAE_FACTOR = 8  # every SDXL VAE downsamples 8x; a resolved folder's own VAE config takes precedence
@@ -87,10 +88,7 @@ class SDXLAdapter(FlowModelAdapter):
         """As the base class, then read the folder's scheduler config (schedule, prediction type) and VAE factor."""
         src = super().resolve(name_or_path)
         self._set_schedule(self.scheduler_cls.load_config(src, subfolder="scheduler"))
-        index = os.path.join(src, "model_index.json")
-        if os.path.isfile(index):
-            with open(index) as fh:
-                self.force_zeros_for_empty_prompt = bool(json.load(fh).get("force_zeros_for_empty_prompt", True))
+        self.force_zeros_for_empty_prompt = forces_zeros_for_empty_prompt(src)
         vae_cfg = os.path.join(src, "vae", "config.json")
         if os.path.isfile(vae_cfg):
             with open(vae_cfg) as fh:

@@ -35,6 +35,16 @@ def folder_components(folder: str) -> set[str] | None:
     return pipeline_components(index) if os.path.isfile(index) else None
 
 
+def forces_zeros_for_empty_prompt(folder: str) -> bool:
+    """The pipeline folder's `force_zeros_for_empty_prompt` (model_index.json; SDXL's default True: the empty prompt's
+    embedding is zeros, not the encoders' output)."""
+    index = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index):
+        return True
+    with open(index) as fh:
+        return bool(json.load(fh).get("force_zeros_for_empty_prompt", True))
+
+
 def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:
     """A diffusers pipeline folder (one with model_index.json or a `denoiser_subfolder`/) or a reachable hub id."""
     path = Path(name).expanduser()

@@ -277,8 +277,8 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
         lay.host_fits = None if host_mem_gb is None else lay.host_per_node <= host_mem_gb * GiB * (1 - margin)
         layouts.append(lay)
     fitting = [lay for lay in layouts if lay.fits and lay.host_fits is not False]
-    configured = next((lay for lay in layouts if (lay.stage, lay.offload_optimizer, lay.offload_param) ==
-                       configured_layout(cfg)), None)
+    want = configured_layout(cfg)  # (reads the deepspeed_config file: once)
+    configured = next((lay for lay in layouts if (lay.stage, lay.offload_optimizer, lay.offload_param) == want), None)
     settings = dict(model_type=cfg.model_type, lora_rank=cfg.lora_rank if lora else None, method=cfg.resolved_method,
                     resolution=res, resolution_source=resolution.source, model_source=model_source,
                     image_tokens=(res // 16) ** 2, text_tokens=txt, batch=cfg.train_batch_size,
