@@ -81,6 +81,8 @@ fewstep_setup() {
     [ -n "${SLURM_JOB_ID:-}" ] || _fewstep_die "not inside a Slurm job: submit with sbatch (SLURM_JOB_ID is unset)"
     [ -n "${SLURM_NTASKS:-}" ] || _fewstep_die "SLURM_NTASKS is unset: set '#SBATCH --ntasks-per-node' (one task per GPU)"
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] || _fewstep_die "SLURM_CPUS_PER_TASK is unset: set '#SBATCH --cpus-per-task'"
+    [[ ${FEWSTEP_MAX_REQUEUES:-50} =~ ^[0-9]+$ ]] ||
+        _fewstep_die "FEWSTEP_MAX_REQUEUES='$FEWSTEP_MAX_REQUEUES': expected a number of requeues"
     FEWSTEP_ROOT="${FEWSTEP_ROOT:-$SLURM_SUBMIT_DIR}"
     [ -f "$FEWSTEP_ROOT/slurm/common.sh" ] ||
         _fewstep_die "FEWSTEP_ROOT='$FEWSTEP_ROOT' is not a fewstep checkout: submit from the repository root or set FEWSTEP_ROOT"

@@ -157,6 +157,18 @@ def test_gpu_mode_rejects_bad_allocation(slurm_cluster, tmp_path, probe, options
     assert not (tmp_path / "out").exists()  # nothing was launched
 
 
+def test_a_requeue_cap_that_is_not_a_number_is_refused_before_launch(slurm_cluster, tmp_path, probe):
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(tmp_path / "out"), FEWSTEP_CPU="1",
+               FEWSTEP_MAX_REQUEUES="many")
+    jobid = slurm_cluster.sbatch(SLURM / "glance.sbatch", options=["--cpus-per-task=1", "--gpus-per-node=0",
+                                                                   "--nodes=1", "--ntasks-per-node=1"],
+                                 env=env, cwd=tmp_path)
+    job = slurm_cluster.wait_finished(jobid, 60)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", job
+    assert "FEWSTEP_MAX_REQUEUES='many': expected a number of requeues" in _log(tmp_path, job)
+    assert not (tmp_path / "out").exists()  # nothing was launched
+
+
 def test_gpus_that_slurm_does_not_count_are_given_by_hand(slurm_cluster, tmp_path, probe):
     """Nodes whose GPUs are not Slurm resources: FEWSTEP_GPUS_PER_NODE stands in for --gpus-per-node, and is checked
     against the tasks per node as the GRES count is."""
