@@ -208,6 +208,10 @@ def test_deepspeed_config_must_be_a_json_object(tmp_path):
     bad.write_text("[3]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
+    for section in ('"zero_optimization": null', '"bf16": true'):  # a section fewstep generates and merges into
+        bad.write_text("{" + section + "}")
+        with pytest.raises(ConfigError, match=f"ds.json: '{section.split(chr(34))[1]}' must be a JSON object"):
+            load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
 
 
 def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):

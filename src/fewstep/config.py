@@ -241,6 +241,10 @@ class Config:
             if not isinstance(user_ds, dict):
                 raise ConfigError(f"deepspeed_config {self.deepspeed_config}: expected a JSON object (DeepSpeed's "
                                   "config keys)")
+            for key in DS_SECTIONS:  # `"zero_optimization": null` would replace fewstep's whole section
+                if key in user_ds and not isinstance(user_ds[key], dict):
+                    raise ConfigError(f"deepspeed_config {self.deepspeed_config}: '{key}' must be a JSON object "
+                                      f"(leave it out for fewstep's), got {json.dumps(user_ds[key])}")
         stage = zero_stage_in_use(self.zero_stage, user_ds)
         where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if stage_set_by(user_ds) \
             else f"zero_stage {stage}"
@@ -333,6 +337,10 @@ class Config:
             raise ConfigError(f"'twinflow_enhanced_ratio' {self.twinflow_enhanced_ratio} >= 1 with a teacher that "
                               "follows the student: the learnt guidance scale grows towards 1/(1 - r), without bound "
                               "for r >= 1; use r < 1, or a frozen teacher (ema_decay 1)")
+
+
+# DeepSpeed config sections that fewstep generates and merges a user's file into, key by key.
+DS_SECTIONS = ("zero_optimization", "bf16", "optimizer")
 
 
 def stage_set_by(user_ds: dict) -> bool:
