@@ -2,7 +2,8 @@
 
 Usage: resume_layout_worker.py CONFIG RUNS_JSON; RUNS_JSON: [[name, {overrides}], ...], each run writing
 <output_dir>/<name>. Per run and rank it writes `outcome-rank<r>.json`: {"ok": result} or, for a refused resume or a
-failed save, {"error": class name, "message": ...}.
+failed save or universal conversion, {"error": class name, "message": ...}. A run's overrides may hold "_env": {variable:
+value} for that run alone.
 
 With every save and every restore it also dumps (rank 0) the live trainable state as DeepSpeed's own API sees it,
 independently of fewstep's checkpoint files: `saved-step<N>.pt` just before the save, `restored-step<N>.pt` right
@@ -89,13 +90,19 @@ checkpoint.save, checkpoint.restore = save, restore
 config, runs = sys.argv[1], json.loads(sys.argv[2])
 base_out = load_config(config).output_dir
 for name, overrides in runs:
+    env = overrides.pop("_env", {})  # environment variables set for this run only
     cfg = load_config(config, {**overrides, "output_dir": os.path.join(base_out, name)})
     current["out"], RememberedEMA.last = cfg.output_dir, None
     os.makedirs(cfg.output_dir, exist_ok=True)
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         outcome = {"ok": train(cfg)}
-    except (checkpoint.ResumeMismatch, checkpoint.CheckpointWriteError) as e:
+    except (checkpoint.ResumeMismatch, checkpoint.CheckpointWriteError, reshard.UniversalConversionError) as e:
         outcome = {"error": type(e).__name__, "message": str(e)}
+    finally:
+        for k, v in saved_env.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     with open(os.path.join(cfg.output_dir, f"outcome-rank{distributed.rank()}.json"), "w") as fh:
         json.dump(outcome, fh)
 print("RESUME LAYOUT WORKER OK", flush=True)

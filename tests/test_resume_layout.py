@@ -65,6 +65,7 @@ def out(tmp_path_factory):
 
     # full disks (§5), tmpfs: one checkpoint fits (~200 KiB in tmpfs pages on 2 ranks), a second one does not
     disk, check = mount_small_disk(o / "disk-full", "320k"), mount_small_disk(o / "disk-check", "256k")
+    universal = False
     try:
         launch(cfg, 1, [["lora-w1", {}], ["full-w1", FULL],  # uninterrupted 1-rank runs, saving at steps 2 and 4
                         ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16]])
@@ -87,6 +88,13 @@ def out(tmp_path_factory):
             *([["disk-full", {"max_train_steps": 6}]] if disk else [])], FEWSTEP_CHECKPOINT_SPACE_CHECK="0")
         legacy_copy(from_("lora-w1"), str(o / "legacy-w1"))
         legacy_copy(from_("lora-w2"), str(o / "legacy-w2"))
+        # full-w2's step-2 on a tmpfs it fills but for 128 KiB: its universal conversion (2 -> 1 rank) cannot fit
+        blocks = sum(-(-f.stat().st_size // 4096) * 4096 for f in (o / "full-w2" / "checkpoints" / "step-2").rglob("*")
+                     if f.is_file())
+        universal = mount_small_disk(o / "disk-universal", f"{blocks // 1024 + 128}k")
+        if universal:
+            shutil.copytree(from_("full-w2"), o / "disk-universal" / "step-2")
+        no_room = {**FULL, "resume_from_checkpoint": str(o / "disk-universal" / "step-2")}
         launch(cfg, 1, [  # 2 -> 1 rank: steps 3-4
             ["lora-back", {"resume_from_checkpoint": from_("lora-w2")}],
             ["full-back", {**FULL, "resume_from_checkpoint": from_("full-w2")}],
@@ -101,10 +109,14 @@ def out(tmp_path_factory):
                            "resume_from_checkpoint": from_("lora-w1")}],
             ["full-z3", {**FULL, "zero_stage": 3, "resume_from_checkpoint": from_("full-w1")}],
             # the free-space check refuses to start the second save
-            *([["disk-check", {"max_train_steps": 6}]] if check else [])])
+            *([["disk-check", {"max_train_steps": 6}]] if check else []),
+            # the universal conversion that cannot fit: refused before it starts, and (check off) failing half way
+            *([["disk-universal-check", no_room],
+               ["disk-universal-write", {**no_room, "_env": {"FEWSTEP_CHECKPOINT_SPACE_CHECK": "0"}}]]
+              if universal else [])])
         yield o
     finally:
-        for name, mounted in (("disk-full", disk), ("disk-check", check)):
+        for name, mounted in (("disk-full", disk), ("disk-check", check), ("disk-universal", universal)):
             if mounted:
                 subprocess.run(["umount", "-l", str(o / name)], check=False)
 
@@ -244,6 +256,27 @@ def test_save_that_cannot_fit_is_not_started(out):
     root = str(out / "disk-check" / "checkpoints")
     assert sorted(os.listdir(root)) == ["latest", "step-2"]  # nothing of step 4 was written
     assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-2")
+
+
+def test_universal_conversion_that_cannot_fit_says_so_and_leaves_the_checkpoint_as_it_was(out):
+    """Resuming a 2-rank full fine-tune on 1 rank converts it to DeepSpeed's universal checkpoint beside it. With
+    too little space there the conversion is not started (the free-space check) or, with the check off, fails half
+    way: one error naming the space needed and the way out, and no converted or partial files are left."""
+    if not (out / "disk-universal-check" / "outcome-rank0.json").exists():
+        pytest.skip("no tmpfs could be mounted (needs root)")
+    source = out / "full-w2" / "checkpoints" / "step-2"
+    copy = out / "disk-universal" / "step-2"
+    for name, reason in (("disk-universal-check", "it was not started: only "),
+                         ("disk-universal-write", "[Errno 28] No space left on device (")):
+        got = outcome(out, name)
+        assert got["error"] == "UniversalConversionError", got
+        message = got["message"]
+        assert message.startswith(f"resuming {copy} (a full fine-tune saved on 2 ranks) on another world size needs "
+                                  "DeepSpeed's universal checkpoint, about "), message
+        assert reason in message and "Nothing was lost" in message and "resume on 2 ranks" in message, message
+        assert not (out / name / "checkpoints").exists()  # nothing trained
+    files = sorted(str(f.relative_to(copy)) for f in copy.rglob("*"))
+    assert files == sorted(str(f.relative_to(source)) for f in source.rglob("*") if "universal" not in str(f))
 
 
 # ---------------------------------------------------------------------------------------------------------------

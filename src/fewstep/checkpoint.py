@@ -355,7 +355,7 @@ def restore(resume: Resume, engine, rank: int, ema=None, seed: int = 0) -> tuple
         else:
             with distributed.uneven_work("universal checkpoint conversion"):
                 if rank == 0:
-                    reshard.convert_universal(path, ENGINE_TAG)
+                    reshard.convert_universal(path, ENGINE_TAG, resume.saved_world)
             reshard.load_universal(engine, path)
         rank_state = reshard.composed_rank_state(path, rank, resume.saved_world, seed, int(trainer_state["step"]))
         saved_ema = True if resume.reshard_ema else None

@@ -95,6 +95,43 @@ def mapped_loads(engine):
         yield
 
 
+def check_enabled() -> bool:
+    return os.environ.get(SPACE_CHECK_ENV, "1").lower() not in ("0", "off", "false", "no")
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The first OSError with an errno in `error`'s chain (torch wraps a failed write in a RuntimeError)."""
+    cause, seen = error, 0
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno) and seen < 8:
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return cause if isinstance(cause, OSError) and cause.errno else None
+
+
+def os_reason(error: BaseException) -> str:
+    """'[Errno 28] No space left on device' for `error`'s OSError, else the error itself."""
+    cause = os_error(error)
+    if cause is not None:
+        return f"[Errno {cause.errno}] {cause.strerror or os.strerror(cause.errno)}"
+    return f"{type(error).__name__}: {error}"
+
+
+@contextlib.contextmanager
+def torch_saves_keeping_errno():
+    """Within the block, `torch.save(obj, path)` writes through a Python file object, so that a failed write raises
+    its OSError (ENOSPC) instead of torch's bare RuntimeError ("iostream error"): for library code that saves by path
+    (DeepSpeed's universal-checkpoint converter). Process-wide: use it where nothing else saves meanwhile."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as fh:
+                return original(obj, fh, *args, **kwargs)
+        return original(obj, f, *args, **kwargs)
+
+    with overridden(torch, {"save": save}):
+        yield
+
+
 def save_torch(obj, path: str, **kwargs) -> None:
     """`torch.save` through a Python file object: a failed write raises with the OSError (e.g. ENOSPC) attached."""
     with open(path, "wb") as fh:
@@ -106,14 +143,7 @@ def describe(errors: list, rank: int, tmp: str) -> str:
     path, e = errors[0]
     where = os.path.relpath(path, tmp) if path and str(path).startswith(tmp) else path
     where = "its files (fsync)" if where in (".", None) else where
-    cause, seen = e, 0
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno) and seen < 8:
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
-    if isinstance(cause, OSError) and cause.errno:
-        reason = f"[Errno {cause.errno}] {cause.strerror or os.strerror(cause.errno)}"
-    else:
-        reason = f"{type(e).__name__}: {e}"
-    return f"rank {rank} could not write {where}: {reason}"
+    return f"rank {rank} could not write {where}: {os_reason(e)}"
 
 
 def free(root: str) -> str:
@@ -170,7 +200,7 @@ def check(root: str, step: int, previous: str | None, estimate) -> None:
     """Refuse, on every rank, to start a save that cannot fit (collective; rank 0 decides): the free space on `root`
     against the newest complete checkpoint `previous` (rank 0's argument), or `estimate()` for the first save."""
     verdict = None
-    if distributed.rank() == 0 and os.environ.get(SPACE_CHECK_ENV, "1").lower() not in ("0", "off", "false", "no"):
+    if distributed.rank() == 0 and check_enabled():
         if previous is not None:
             need, basis = checkpoint_bytes(previous), f"the size of {os.path.basename(previous)}"
         else:

@@ -35,6 +35,7 @@ from fewstep import checkpoint_space as space, rng_streams
 from fewstep.checkpoint_files import fsync, fsync_tree
 from fewstep.checkpoint_layout import TRAINABLE_FILE, ResumeMismatch
 from fewstep.engine.deepspeed_engine import load_master, master_partitions
+from fewstep.errors import UserError
 
 UNIVERSAL_DIR = "universal"
 UNIVERSAL_DONE = "conversion-complete"  # written last, after every converted file
@@ -219,10 +220,15 @@ def apply_trainable(engine, saved: dict) -> None:
 # DeepSpeed's universal checkpoint (full fine-tunes, another world size within one stage)
 # ---------------------------------------------------------------------------------------------------------------
 
-def convert_universal(path: str, engine_tag: str) -> str:
+class UniversalConversionError(UserError):
+    """The universal checkpoint could not be written (a full disk, ...); the checkpoint itself is untouched."""
+
+
+def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
     """Rank 0: `ds_to_universal --inject_missing_state` of `path/<engine_tag>` into `path/universal` (once; written
     to a temporary folder, fsynced, marked complete and renamed, so an interrupted conversion is redone and a rename
-    never reaches a shared filesystem before the files do)."""
+    never reaches a shared filesystem before the files do). A conversion that cannot fit is not started, and one
+    that fails (ENOSPC) leaves nothing behind; both raise UniversalConversionError naming the space it needs."""
     out = os.path.join(path, UNIVERSAL_DIR)
     if os.path.isfile(os.path.join(out, UNIVERSAL_DONE)):
         return out
@@ -230,20 +236,43 @@ def convert_universal(path: str, engine_tag: str) -> str:
 
     tmp = os.path.join(path, f".{UNIVERSAL_DIR}-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=os.path.join(path, engine_tag), output_folder=tmp, num_extract_workers=1,
+    # The converter writes each parameter's fp32 weights and Adam moments once (what the optimizer files hold), after
+    # extracting every rank's fragments to a temporary folder it deletes at the end: about twice their size at peak.
+    source = os.path.join(path, engine_tag)
+    need = 2 * sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source) if "optim_states" in f)
+    if space.check_enabled() and shutil.disk_usage(path).free < need:
+        raise UniversalConversionError(_conversion_failed(
+            path, saved_world, need, f"it was not started: only {space.free(path)} is free there "
+            f"({space.SPACE_CHECK_ENV}=0 skips this check)"))
+    args = argparse.Namespace(input_folder=source, output_folder=tmp, num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     chatter = io.StringIO()  # the converter prints its progress; keep the training log readable
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        ds_to_universal.main(args)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(path, "latest_universal"))  # the converter's pointer; fewstep names the tag itself
-    with open(os.path.join(tmp, UNIVERSAL_DONE), "w"):
-        pass
-    fsync_tree(tmp)  # every file and directory, the marker included (rank 0 wrote them all)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
+                space.torch_saves_keeping_errno():
+            ds_to_universal.main(args)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, "latest_universal"))  # the converter's pointer; fewstep names the tag
+        with open(os.path.join(tmp, UNIVERSAL_DONE), "w"):
+            pass
+        fsync_tree(tmp)  # every file and directory, the marker included (rank 0 wrote them all)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if space.os_error(e) is None:  # not a write that failed: a defect, shown with its traceback
+            raise
+        raise UniversalConversionError(_conversion_failed(
+            path, saved_world, need, f"{space.os_reason(e)} ({space.free(path)} free there now)")) from e
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     fsync(path)
     return out
+
+
+def _conversion_failed(path: str, saved_world: int, need: int, what: str) -> str:
+    return (f"resuming {path} (a full fine-tune saved on {saved_world} ranks) on another world size needs DeepSpeed's "
+            f"universal checkpoint, about {space.human(need)} beside it while it is written, and its conversion "
+            f"failed: {what}. Nothing was lost: the checkpoint is unchanged. Free some space and resume again, or "
+            f"resume on {saved_world} ranks, which needs no conversion")
 
 
 def load_universal(engine, path: str) -> None:
