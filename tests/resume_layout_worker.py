@@ -8,7 +8,7 @@ value} for that run alone.
 With every save and every restore it also dumps (rank 0) the live trainable state as DeepSpeed's own API sees it,
 independently of fewstep's checkpoint files: `saved-step<N>.pt` just before the save, `restored-step<N>.pt` right
 after the restore. Each holds, per trainable parameter, the full fp32 master and Adam moments
-(`safe_get_full_*`), the weights the model computes with (gathered under ZeRO-3) and the EMA (put into the masters
+(`safe_get_full_*`), the engine's step counters, the weights the model computes with (gathered under ZeRO-3) and the EMA (put into the masters
 for the gather, then the masters back), plus the Adam step, the learning rate and the cursors. Runs named disk-*
 (on a small tmpfs) dump nothing.
 """
@@ -50,8 +50,9 @@ def dump(engine, ema, extra: dict, path: str) -> None:
             ema_full = {n: reshard._full(p, None, inner).detach().cpu().clone() for n, p in named}
             for m, b in zip(masters, backup):
                 m.copy_(b)
+    counters = {k: int(getattr(engine, k)) for k in ("global_steps", "skipped_steps", "global_samples")}
     if distributed.rank() == 0:
-        torch.save({"state": {n: {("fp32" if k is None else k): v for k, v in d.items()} for n, d in state.items()},
+        torch.save({"counters": counters, "state": {n: {("fp32" if k is None else k): v for k, v in d.items()} for n, d in state.items()},
                     "weights": weights, "ema": ema_full, "ema_decay": ema.decay if ema is not None else None,
                     "adam_step": step, "lr": inner.param_groups[0]["lr"], **extra}, path)
 

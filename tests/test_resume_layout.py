@@ -67,7 +67,9 @@ def out(tmp_path_factory):
     disk, check = mount_small_disk(o / "disk-full", "320k"), mount_small_disk(o / "disk-check", "256k")
     universal = False
     try:
-        launch(cfg, 1, [["lora-w1", {}], ["full-w1", FULL],  # uninterrupted 1-rank runs, saving at steps 2 and 4
+        # uninterrupted 1-rank runs, saving at steps 2 and 4; lora-w1's first attempt at step 1 is skipped (a NaN
+        # loss), so DeepSpeed's step counters (global 3, skipped 1 at step 2) must survive the reshards too
+        launch(cfg, 1, [["lora-w1", {"_env": {"FEWSTEP_FAULT_NAN_LOSS": "1:0"}}], ["full-w1", FULL],
                         ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16]])
         launch(cfg, 2, [  # 1 -> 2 ranks, no training: saved again in the 2-rank layout
             ["lora-w2", {"resume_from_checkpoint": from_("lora-w1"), "max_train_steps": 2}],
@@ -153,13 +155,16 @@ def assert_restored(o, source, resumed, mode):
         assert torch.equal(got["weights"][name], master), (resumed, name, "model weights")
         if got["ema"] is not None:
             assert torch.equal(saved["ema"][name], got["ema"][name]), (resumed, name, "ema")
-    for key in ("adam_step", "lr", "order", "samplers") + (("ema_decay",) if got["ema"] is not None else ()):
+    for key in ("adam_step", "lr", "order", "samplers", "counters") + (("ema_decay",) if got["ema"] is not None
+                                                                       else ()):
         assert saved[key] == got[key], (key, saved[key], got[key])
     assert saved["adam_step"] == 2 and saved["samplers"] == got["samplers"] != [None]
+    assert saved["counters"]["global_steps"] - saved["counters"]["skipped_steps"] == 2, saved["counters"]
 
 
 def test_lora_two_ranks_to_one_continues_bit_exactly(out):
     assert_restored(out, "lora-w1", "lora-w2", "trainable")  # 1 -> 2 ranks
+    assert torch.load(out / "lora-w1" / "saved-step2.pt", weights_only=False)["counters"]["skipped_steps"] == 1
     assert_restored(out, "lora-w2", "lora-back", "trainable")  # 2 -> 1 rank
     assert_continues(out, "lora-w1", "lora-back", LORA_FILES)
     meta = json.loads((out / "lora-w2" / "checkpoints" / "step-2" / "trainer.json").read_text())

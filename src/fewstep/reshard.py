@@ -158,7 +158,8 @@ def gather_trainable(engine, rank: int) -> dict | None:
     sched = engine.lr_scheduler
     return {"format": 1, "params": params, "optim_keys": keys, "adam_step": step, "optimizer": type(inner).__name__,
             "scheduler": sched.state_dict() if sched is not None else None,
-            "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
+            "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
+            "skipped_steps": int(engine.skipped_steps)}  # global - skipped = applied steps (engine/nonfinite.py)
 
 
 def _typed_step(inner, group: dict, step: int, device):
@@ -214,6 +215,7 @@ def apply_trainable(engine, saved: dict) -> None:
             group["lr"] = lr
     engine.global_steps = saved.get("global_steps", engine.global_steps)
     engine.global_samples = saved.get("global_samples", engine.global_samples)
+    engine.skipped_steps = saved.get("skipped_steps", engine.skipped_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
