@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fewstep.engine import distributed
+from fewstep.engine.nonfinite import owned_values
 from fewstep.engine.sharing import sharing_group
 from fewstep.errors import ConfigError, ModelSourceError
 from fewstep.models.source import INDEX_FILE, pipeline_components
@@ -155,11 +156,9 @@ def load_partitioned(model: nn.Module, files: dict[str, str]) -> None:
             if not hasattr(p, "ds_tensor"):  # not partitioned (created outside zero.Init): copy it whole
                 p.data.copy_(source(name).read(name).view(p.shape))
                 continue
-            part = p.ds_tensor.view(-1)
-            start = distributed.rank() * part.numel()
-            count = max(0, min(part.numel(), p.ds_numel - start))
-            if count:
-                part[:count].copy_(source(name).read(name, start, count))
+            owned = owned_values(p)  # this rank's slice, from element rank * (partition size) on
+            if owned.numel():
+                owned.copy_(source(name).read(name, distributed.rank() * p.ds_tensor.numel(), owned.numel()))
         for name, b in buffers.items():
             b.copy_(source(name).read(name).view(b.shape))
     finally:
