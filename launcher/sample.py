@@ -8,7 +8,10 @@
   python launcher/sample.py --method glance ... --cfg-scale 5 --negative-prompt " "     # Qwen-Image's default
 
 The base model is read from the run's fewstep_run.json unless --model is given; the method must be the one the run
-trained (a Glance Slow or Fast LoRA alone also samples as --method flow). Images are written in the format of
+trained (a Glance Slow or Fast LoRA alone also samples as --method flow; two flow runs trained on a Slow and a Fast
+`flow_custom_timesteps` list, SimpleTuner's two-run Glance, chain as --method glance; such a run alone samples as
+--method flow as its validation did: its LoRA at its listed sigmas, the base model elsewhere; an EMA export, OUT/ema,
+samples like OUT). Images are written in the format of
 --output's extension (PNG without one), checked before anything loads, as is the folder they go in.
 Device and precision: --device defaults to cuda when torch sees a GPU, else cpu; --dtype to bf16 on such a GPU, else
 fp32. --offload model|sequential keeps the weights in CPU memory and lets diffusers move them to the GPU as needed
@@ -275,7 +278,8 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
 
     from fewstep.models import anystep
     from fewstep.methods.flow_matching import schedule_shift
-    from fewstep.sampling import flow_sigmas, glance_pipeline_sample, load_glance_loras, place_pipeline
+    from fewstep.sampling import (flow_sigmas, glance_pipeline_sample, listed_pipeline_sample, load_glance_loras,
+                                  place_pipeline)
 
     model = args.model or cfg["pretrained_model_name_or_path"]
     res = model_resolution(args.resolution or info.get("resolution") or 32, adapter, model)
@@ -305,7 +309,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         pipe.scheduler = twinflow_scheduler(steps_list[0], args, **base)
     place_pipeline(pipe, device, offload)
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
-    # forced 0 there). Elsewhere guidance 0.0 means no CFG, as TwinFlow samples.
+    # forced 0 there); the pipeline's CFG argument is set for every family (1: off, as TwinFlow samples).
     cfg_scale = args.cfg_scale or (1.0 if args.method == "twinflow" else adapter.sample_cfg_scale)
     if args.negative_prompt is None:  # SDXL's unconditional input is the zeros of "", as training's (stock default)
         args.negative_prompt = "" if adapter.diffusion_base else " "
@@ -313,7 +317,6 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]), negative,
                                                    guidance=cfg.get("flux_guidance_value"))
     prompt_kwargs.update(adapter.pipeline_cfg_kwargs(cfg_scale))  # 1: off (Qwen-Image's pipeline default is 4)
-    prompt_kwargs.setdefault("guidance_scale", 0.0)
     _sync(device)
     load_s = time.perf_counter() - t_load
 
@@ -331,6 +334,9 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
                 return pipe(**prompt_kwargs, num_inference_steps=n, **start).images[0]
         shift = schedule_shift(*noise.shape[-2:], cfg.get("flow_schedule_shift", 1.0),
                                cfg.get("flow_schedule_auto_shift", False))  # as the run trained and validated
+        if info.get("sigmas"):  # trained on a timestep list alone: the LoRA there, the base model elsewhere
+            return listed_pipeline_sample(pipe, prompt_kwargs, info["sigmas"], flow_sigmas(n, shift),
+                                          **start).images[0]
         return pipe(**prompt_kwargs, sigmas=flow_sigmas(n, shift), num_inference_steps=n, **start).images[0]
 
     for _ in range(args.warmup):

@@ -72,6 +72,21 @@ def test_one_pipeline_equals_hand_written_euler_with_switch(glance_run):
 
     ref = euler_loop(model, noise, SLOW + FAST, on_step=switch)
     assert (got - ref).abs().max() < 1e-4
+    # a second call with the folders loads them again (their names were taken), and gives the same image; the
+    # adapters active before a call are active after it
+    pipe.set_adapters("fast")
+    again = glance_pipeline_sample(pipe, adapter.pipeline_prompt_kwargs(cond), os.path.join(glance_run, "glance-slow"),
+                                   os.path.join(glance_run, "glance-fast"), SLOW, FAST, output_type="latent",
+                                   **adapter.pipeline_latent_kwargs(comps, noise))
+    assert torch.equal(adapter.latents_from_pipeline(again.images, *shape[-2:]), got)
+    assert pipe.get_active_adapters() == ["slow"]  # load_glance_loras leaves Slow active
+    glance_pipeline_sample(pipe, adapter.pipeline_prompt_kwargs(cond), None, None, SLOW, FAST, output_type="latent",
+                           **adapter.pipeline_latent_kwargs(comps, noise))
+    assert pipe.get_active_adapters() == ["slow"]
+    pipe.set_adapters("fast")
+    glance_pipeline_sample(pipe, adapter.pipeline_prompt_kwargs(cond), None, None, SLOW, FAST, output_type="latent",
+                           **adapter.pipeline_latent_kwargs(comps, noise))
+    assert pipe.get_active_adapters() == ["fast"]
 
     # each adapter acts only in its own phase: disabling one changes nothing before/after the boundary
     def run_with(active):

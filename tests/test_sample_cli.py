@@ -20,6 +20,7 @@ from fewstep_testing import PY, REPO, cpu_env, load_sample_cli, run, side_by_sid
 
 BF16_REL_TOL = 0.05
 PROMPT = "a red circle"
+TWO_RUN = {"slow": [1000, 950, 900], "fast": [700, 400]}
 
 
 CLI = load_sample_cli()
@@ -36,7 +37,7 @@ def _train(root, **overrides):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Trained outputs by name (all trained at the first request): flow (a flux LoRA), twinflow (LoRA), twinflow_full,
-    glance (Slow + Fast)."""
+    glance (Slow + Fast), two_slow and two_fast (Qwen-Image flow LoRAs on a Slow and a Fast list)."""
     recipes = {
         "twinflow": dict(twinflow_enabled=True, use_ema=True, ema_decay=0.99, twinflow_adversarial_enabled=True,
                          train_batch_size=1, max_train_steps=2, learning_rate=5e-3),
@@ -44,13 +45,18 @@ def runs(tmp_path_factory):
                               train_batch_size=1, max_train_steps=1, learning_rate=1e-4),
         "glance": dict(method="glance", glance_slow_timesteps=[1000, 980, 960], glance_fast_timesteps=[900, 600, 300],
                        max_train_steps=2, train_batch_size=1),
+        # SimpleTuner's two-run Glance on Qwen-Image: one flow LoRA per list (flow_custom_timesteps)
+        **{f"two_{half}": dict(model_family="qwen_image", pretrained_model_name_or_path="tiny:qwenimage",
+                               flow_custom_timesteps=TWO_RUN[half], max_train_steps=2, train_batch_size=1,
+                               learning_rate=5e-2)
+           for half in TWO_RUN},
     }
     done = {}
 
     def get(name):
         if name == "flow":
             return os.path.join(get("glance"), "glance-slow")
-        if not done:  # all three at once
+        if not done:  # all at once
             roots = {k: tmp_path_factory.mktemp(k) for k in recipes}
             done.update(zip(recipes, side_by_side(*(lambda k=k: _train(roots[k], **recipes[k]) for k in recipes))))
         return done[name]
@@ -349,3 +355,56 @@ def test_classifier_free_guidance(runs, tmp_path):
     rec, _ = _sample(["--method", "twinflow", "--lora", runs("twinflow"), "--steps", "1", "--device", "cpu",
                       "--output", str(tmp_path / "t.png")])
     assert rec["cfg_scale"] == 1.0
+
+
+def test_the_ema_export_samples_like_the_main_one(runs, tmp_path):
+    """<out>/ema holds the EMA's LoRA and any-step embeddings, with its own run info: sampled as <out> is."""
+    out = runs("twinflow")
+    info = json.loads(open(os.path.join(out, "ema", "fewstep_run.json")).read())
+    assert info["ema"] is True and info["step"] == json.loads(open(os.path.join(out, "fewstep_run.json")).read())["step"]
+    args = ["--method", "twinflow", "--steps", "1", "--device", "cpu"]
+    _, main = _sample([*args, "--lora", out, "--output", str(tmp_path / "main.png")])
+    _, ema = _sample([*args, "--lora", os.path.join(out, "ema"), "--output", str(tmp_path / "ema.png")])
+    assert _rel(ema[0], main[0]) > 1e-3  # other weights (decay 0.99 over two steps), same seed and prompt
+
+
+def test_two_run_glance_chains_and_one_half_samples_as_its_validation(runs, tmp_path, capfd, monkeypatch):
+    """SimpleTuner's two-run Glance (a flow LoRA per list) chains with --method glance; one half alone (--method flow)
+    takes its LoRA at its listed sigmas only and the base model at the other steps, as its run's validation did.
+    Qwen-Image's pipeline is given no guidance_scale it would warn about (it is not guidance-distilled)."""
+    import fewstep.sampling as sampling
+    from fewstep.methods.glance import glance_schedule, listed_schedule
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    slow, fast = runs("two_slow"), runs("two_fast")
+    rec, _ = _sample(["--method", "glance", "--slow", slow, "--fast", fast, "--device", "cpu",
+                      "--output", str(tmp_path / "g.png")])
+    sigmas, _ = glance_schedule([t / 1000 for t in TWO_RUN["slow"]], [t / 1000 for t in TWO_RUN["fast"]])
+    assert rec["runs"][0]["steps"] == len(sigmas) - 1 == 5
+    assert "guidance_scale is passed" not in capfd.readouterr().err
+    with pytest.raises(sampling.SamplingError, match=f"--slow {fast} and --fast {slow}"):  # the halves swapped
+        _sample(["--method", "glance", "--slow", fast, "--fast", slow, "--device", "cpu"])
+
+    # one half alone: which steps ran with the LoRA, seen from inside the transformer
+    seen, bases, original = [], [], sampling.listed_pipeline_sample
+
+    def spy(pipe, prompt_kwargs, listed, base, **kw):
+        bases.append(list(base))
+        layer = next(m for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer))
+        hook = pipe.transformer.register_forward_pre_hook(
+            lambda mod, a, k: seen.append((float(k["timestep"].flatten()[0]), not layer.disable_adapters)),
+            with_kwargs=True)
+        try:
+            return original(pipe, prompt_kwargs, listed, base, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(sampling, "listed_pipeline_sample", spy)
+    _sample(["--method", "flow", "--lora", slow, "--steps", "4", "--cfg-scale", "1", "--device", "cpu",  # a call a step
+             "--output", str(tmp_path / "s.png")])
+    listed = [t / 1000 for t in TWO_RUN["slow"]]
+    assert len(bases) == 1 and len(bases[0]) == 4  # the --steps grid (with the run's shift)
+    expected, _ = listed_schedule(listed, bases[0])
+    assert [round(t, 4) for t, _ in seen] == [round(s, 4) for s in expected[:-1]], seen  # Qwen's timestep: sigma
+    assert [lora for _, lora in seen] == [round(s, 4) in listed for s in expected[:-1]], seen
+    assert 0 < sum(lora for _, lora in seen) < len(seen)

@@ -100,8 +100,10 @@ def run_method(info: dict) -> str:
     return cfg.get("method") or ("twinflow" if cfg.get("twinflow_enabled") else "flow")
 
 
-# the exports `--method` samples: a Glance Slow or Fast LoRA alone is a flow-matching LoRA
-SAMPLES = {"flow": ("flow", "glance"), "twinflow": ("twinflow",), "glance": ("glance",)}
+# the exports `--method` samples: a Glance Slow or Fast LoRA alone is a flow-matching LoRA, and a flow LoRA trained on
+# a timestep list alone (SimpleTuner's two-run Glance, `flow_custom_timesteps`) is one half of a Glance pair
+SAMPLES = {"flow": ("flow", "glance"), "twinflow": ("twinflow",), "glance": ("glance", "flow")}
+GLANCE_PHASES = ("glance-slow", "glance-fast")
 
 
 def check_export(option: str, directory: str, info: dict, method: str, denoiser_subfolder: str) -> None:
@@ -113,9 +115,12 @@ def check_export(option: str, directory: str, info: dict, method: str, denoiser_
     if trained not in SAMPLES[method]:
         raise SamplingError(f"--method {method}: {option} {directory} is a {trained} export (method {trained!r} in its "
                             f"{RUN_INFO}); sample it with --method {trained}")
+    if method == "glance" and trained == "flow" and not info.get("sigmas"):
+        raise SamplingError(f"--method glance: {option} {directory} is a flow export trained on the whole schedule; "
+                            "a Glance half is trained on its timestep list alone (flow_custom_timesteps)")
     phase = info.get("phase")
     want = {"--slow": "glance-slow", "--fast": "glance-fast"}.get(option)
-    if want and phase is not None and phase != want:
+    if want and phase in GLANCE_PHASES and phase != want:
         raise SamplingError(f"{option} {directory} is the run's {phase} export; {option} takes its {want} export")
     if info["config"].get("model_type", "lora") == "full":
         full = os.path.join(directory, denoiser_subfolder)
@@ -132,7 +137,11 @@ def check_export(option: str, directory: str, info: dict, method: str, denoiser_
 
 
 def load_glance_loras(pipe, slow_dir: str, fast_dir: str) -> None:
-    """Load the Slow and Fast LoRAs into `pipe` as adapters "slow" and "fast" (Slow active)."""
+    """Load the Slow and Fast LoRAs into `pipe` as adapters "slow" and "fast" (Slow active), replacing adapters of
+    those names loaded before."""
+    loaded = [a for a in ("slow", "fast") if a in pipe.get_list_adapters().get(_denoiser_name(pipe), [])]
+    if loaded:
+        pipe.delete_adapters(loaded)
     pipe.load_lora_weights(slow_dir, adapter_name="slow")
     pipe.load_lora_weights(fast_dir, adapter_name="fast")
     pipe.set_adapters("slow")
@@ -161,7 +170,8 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
     The schedule is exactly slow + fast (+ the terminal 0 the pipeline appends); the Slow phase ends at the first Fast
     sigma instead of denoising to 0, and the scheduler must not shift custom sigmas (the caller's pipeline uses a
     FlowMatchEulerDiscreteScheduler without dynamic shifting). The active adapter switches after the last Slow step.
-    slow_dir/fast_dir None: the adapters are loaded already (`load_glance_loras`, e.g. before `place_pipeline`).
+    slow_dir/fast_dir None: the adapters are loaded already (`load_glance_loras`, e.g. before `place_pipeline`); given,
+    they are loaded (again) for this call. The adapters active before the call are active again after it.
     """
     from fewstep.methods.glance import glance_schedule
 
@@ -176,6 +186,7 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
         raise ValueError(f"num_inference_steps={num_inference_steps} must equal the Slow+Fast list length ({steps})")
     if slow_dir is not None or fast_dir is not None:
         load_glance_loras(pipe, slow_dir, fast_dir)
+    active = pipe.get_active_adapters()
     pipe.set_adapters("slow")
 
     def switch(p, i, t, kwargs):
@@ -183,8 +194,45 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
             p.set_adapters("fast")
         return kwargs
 
-    return pipe(**prompt_kwargs, sigmas=sigmas[:-1], num_inference_steps=steps, callback_on_step_end=switch,
-                **call_kwargs)
+    try:
+        return pipe(**prompt_kwargs, sigmas=sigmas[:-1], num_inference_steps=steps, callback_on_step_end=switch,
+                    **call_kwargs)
+    finally:  # the adapters active before the call (Slow after `load_glance_loras`), also after an error
+        pipe.set_adapters(active or "slow")
+
+
+def listed_pipeline_sample(pipe, prompt_kwargs: dict, listed: Sequence[float], base: Sequence[float],
+                           **call_kwargs):
+    """A LoRA trained on the `listed` sigmas alone (`flow_custom_timesteps`), sampled as its run's validation samples
+    it: the LoRA at its listed sigmas, the base model (LoRA off) at the other steps of the `base` schedule
+    (`glance.listed_schedule`). The scheduler must take the sigmas as given (FlowMatchEulerDiscreteScheduler with
+    shift 1 and no dynamic shifting)."""
+    from fewstep.methods.glance import listed_schedule
+
+    sigmas, on_list = listed_schedule(listed, base)
+    ran = schedule_run_for(pipe.scheduler, sigmas[:-1])
+    if ran is not None:
+        raise ValueError(f"listed_pipeline_sample: the pipeline's {type(pipe.scheduler).__name__} rewrites the "
+                         f"sigmas it is given ({ran})")
+
+    def lora_on(p, on: bool):
+        p.enable_lora() if on else p.disable_lora()
+
+    def toggle(p, i, t, kwargs):  # after step i: the model of step i + 1
+        if i + 1 < len(on_list):
+            lora_on(p, on_list[i + 1])
+        return kwargs
+
+    lora_on(pipe, on_list[0])
+    try:
+        return pipe(**prompt_kwargs, sigmas=sigmas[:-1], num_inference_steps=len(on_list), callback_on_step_end=toggle,
+                    **call_kwargs)
+    finally:
+        pipe.enable_lora()
+
+
+def _denoiser_name(pipe) -> str:
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 # ---------------------------------------------------------------------------------------------- device and dtype

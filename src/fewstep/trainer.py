@@ -310,10 +310,13 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
     """Write the phase's weights (LoRA or full) and, with an EMA, the EMA weights under `<out>/ema` (collective).
 
     The run info (`fewstep_run.json`) is removed first and written last, so it marks a complete export: a run
-    interrupted anywhere in between exports again when it resumes (see `phase_exported`)."""
+    interrupted anywhere in between exports again when it resumes (see `phase_exported`). The EMA export gets its own
+    (`"ema": true`), so that `launcher/sample.py` samples `<out>/ema` as it samples `<out>`."""
     out = _export_dir(cfg, phase)
+    info = {"sigmas": phase.sigmas, "phase": phase.name, "step": step, "resolution": resolution}
     if is_main:
         remove_run_info(out)
+        remove_run_info(os.path.join(out, "ema"))
     formats = cfg.lora_export_formats
     export = (lambda d: export_lora(adapter, transformer, d, is_main, formats)) if cfg.model_type == "lora" else \
         (lambda d: export_full(transformer, os.path.join(d, adapter.denoiser_subfolder), is_main))
@@ -324,7 +327,8 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
         with weights_swapped_in(engine, ema.shadow):
             require_finite_weights(trained, f"EMA export {out}/ema")
             export(os.path.join(out, "ema"))
+        if is_main:
+            write_run_info(os.path.join(out, "ema"), cfg, {**info, "ema": True})
     if is_main:
-        write_run_info(out, cfg, {"sigmas": phase.sigmas, "phase": phase.name, "step": step,
-                                  "resolution": resolution})
+        write_run_info(out, cfg, info)
     log_main(is_main, f"{phase.name}: exported to {out}")

@@ -92,6 +92,8 @@ def test_sigmas_mu_timesteps_and_shift():
     assert s.sigmas.tolist() == [1.0, 0.25, 0.0] and s.timesteps.tolist() == [1000.0, 250.0]
     s.set_timesteps(2, sigmas=np.linspace(1.0, 0.5, 2), mu=0.7)  # the Flux/Qwen pipeline default -> UCGM grid
     np.testing.assert_allclose(s.sigmas.numpy(), NOTES_SIGMAS[2])
+    s.set_timesteps(sigmas=[1.0, 0.5])  # the same grid without mu (SD3 / SDXL pipelines): the caller's own, verbatim
+    assert s.sigmas.tolist() == [1.0, 0.5, 0.0]
     a = TwinFlowScheduler(sigmas_policy="always")
     a.set_timesteps(sigmas=[1.0, 0.5])
     assert a.sigmas.tolist() == [1.0, 0.5, 0.0]

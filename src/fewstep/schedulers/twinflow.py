@@ -109,9 +109,10 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     """UCGM sampler for TwinFlow any-step models, usable as `pipe.scheduler` in Flux / SD3 / Qwen-Image pipelines.
 
     `sigmas_policy` decides what happens to `sigmas=` passed to `set_timesteps`. Flux and Qwen-Image pipelines always
-    pass `linspace(1, 1/N, N)` when their caller gave none; "auto" (default) replaces exactly that default grid with
-    the UCGM grid and uses any other sigmas verbatim (shifted like diffusers does); "always" uses given sigmas
-    verbatim; "ignore" always uses the UCGM grid.
+    pass `linspace(1, 1/N, N)`, with `mu`, when their caller gave none; "auto" (default) replaces exactly that default
+    grid passed with `mu` by the UCGM grid and uses any other sigmas verbatim (shifted like diffusers does; SD3 and
+    SDXL pipelines pass no `mu` and no default grid, so a caller's grid there is always theirs); "always" uses given
+    sigmas verbatim; "ignore" always uses the UCGM grid.
 
     `prediction_type` "epsilon" / "v_prediction" samples a diffusion model whose noise table is given by the diffusers
     DDPM keys `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`, `rescale_betas_zero_snr` (module docstring);
@@ -259,7 +260,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             sig = timestep_to_sigma(torch.from_numpy(given), self.alphas_cumprod).numpy() if self.is_diffusion \
                 else given / T
-        elif sigmas is not None and self._use_given_sigmas(given):
+        elif sigmas is not None and self._use_given_sigmas(given, mu):
             sig = self._apply_shift(given, mu)
         else:
             cfg = self.config
@@ -273,13 +274,13 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
-    def _use_given_sigmas(self, sigmas: np.ndarray) -> bool:
+    def _use_given_sigmas(self, sigmas: np.ndarray, mu) -> bool:
         policy = self.config.sigmas_policy
         if policy != "auto":
             return policy == "always"
-        # The default grid Flux / Qwen-Image pipelines pass when their caller gave no sigmas.
+        # The default grid Flux / Qwen-Image pipelines pass (always with mu) when their caller gave no sigmas.
         pipeline_default = np.linspace(1.0, 1.0 / len(sigmas), len(sigmas))
-        return not np.allclose(sigmas, pipeline_default, rtol=0, atol=1e-6)
+        return mu is None or not np.allclose(sigmas, pipeline_default, rtol=0, atol=1e-6)
 
     def target_times(self) -> torch.Tensor:
         """Target time tt (in sigma units, float64) for each step of the current schedule, for any-step models.
