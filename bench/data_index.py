@@ -61,7 +61,9 @@ def measure(folder: str, steps: int) -> dict:
     setup = time.perf_counter() - t0
     biggest = max(dataset.layout.streams, key=lambda s: len(s.items))
     state = order.state_dict()
-    state["positions"] = {s.key: len(s.items) - 16 for s in dataset.layout.streams}  # just before an epoch ends
+    gb = order.global_batch  # an epoch is whole global batches (fewstep.data.order): start at its last one, so that
+    state["positions"] = {s.key: -(-len(s.items) // gb) * gb - gb  # the draws hold two epochs' permutations
+                          for s in dataset.layout.streams}
     order.load_state_dict(state)
     t1 = time.perf_counter()
     for _ in range(steps):

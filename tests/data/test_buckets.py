@@ -134,3 +134,57 @@ def test_exif_orientation_is_applied(tmp_path):
     plan = geometry(resolution=32.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve").plan(
         40, 60, "k")
     assert load_planned(str(tmp_path / "r.jpg"), plan).shape == (3, 40, 28)
+
+
+def _pixels(path, w, h):
+    """The training pixels of a w x h image, unresized and uncropped, as [H, W, 3] in [-1, 1]."""
+    return load_planned(str(path), Plan((w, h), (w, h))).permute(1, 2, 0).numpy()
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit greyscale PNG (Pillow mode I;16) trains at its grey level, as SimpleTuner's OpenCV decode gives it;
+    Pillow's convert("RGB") clipped every value above 255 of 65535 to white."""
+    levels = np.array([[0, 1000, 20000, 32768, 50000, 65535]], np.uint16).repeat(2, axis=0)
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    x = _pixels(tmp_path / "g16.png", 6, 2)
+    expected = levels.astype(np.float64) / 65535 * 2 - 1  # the grey level, on the training scale
+    assert np.abs(x - expected[..., None]).max() <= 2 / 255  # 8 bits: within one step of 1/255
+
+
+def test_transparent_pixels_are_composited_onto_white(tmp_path):
+    """SimpleTuner puts transparent images on white; Pillow's convert("RGB") dropped the alpha channel (a fully
+    transparent pixel trained as the colour it stores, mostly black). RGBA, LA and palette + tRNS images."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255  # one fully transparent pixel, one opaque
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    alpha = rgba[..., 3:] / 255.0
+    expected = (rgba[..., :3] * alpha + 255 * (1 - alpha)) / 127.5 - 1  # "over" a white background
+    x = _pixels(tmp_path / "rgba.png", 8, 8)
+    assert np.abs(x - expected).max() <= 1.01 / 127.5  # 8-bit rounding
+    assert (x[0, 0] == 1).all() and np.allclose(x[0, 1], rgba[0, 1, :3] / 127.5 - 1)
+
+    grey_alpha = np.stack([np.full((4, 4), 40, np.uint8), np.tile(np.array([0, 255], np.uint8), (4, 2))], axis=-1)
+    Image.fromarray(grey_alpha, "LA").save(tmp_path / "la.png")
+    x = _pixels(tmp_path / "la.png", 4, 4)
+    assert (x[:, 0::2] == 1).all() and np.allclose(x[:, 1::2], 40 / 127.5 - 1)
+
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.putpixel((3, 3), 1)
+    palette.save(tmp_path / "pal.png", transparency=0)  # palette entry 0 (black) is transparent
+    x = _pixels(tmp_path / "pal.png", 4, 4)
+    assert (x[0, 0] == 1).all() and np.allclose(x[3, 3], np.array([10, 200, 30]) / 127.5 - 1)
+
+
+def test_opaque_images_decode_as_before(tmp_path):
+    """RGB, greyscale and opaque RGBA images keep their exact pixels."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "l.png")
+    Image.fromarray(np.concatenate([rgb, np.full((6, 6, 1), 255, np.uint8)], axis=-1), "RGBA").save(
+        tmp_path / "opaque.png")
+    for name, want in (("rgb", rgb), ("l", rgb[..., :1].repeat(3, axis=-1)), ("opaque", rgb)):
+        assert np.array_equal(_pixels(tmp_path / f"{name}.png", 6, 6), want.astype(np.float32) / 127.5 - 1), name

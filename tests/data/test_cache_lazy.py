@@ -139,3 +139,70 @@ def test_probe_memo_reads_each_image_once_across_runs(tmp_path, monkeypatch):
     old = ProbeMemo(memo_path)
     old.known = {k: v[:3] for k, v in old.known.items()}
     assert old.lookup(first[1].image_path) is None and old(first[1].image_path)[0] == first[1].digest
+
+
+def test_latents_of_an_older_decode_are_not_reused(tmp_path, monkeypatch):
+    """The pixels of 16-bit greyscale and transparent images changed on 2026-12-06 (`buckets.to_rgb`): a latent
+    encoded from the older pixels must not be found. The decode's version is part of every latent's key."""
+    from fewstep.data import cache as cache_mod
+
+    config = load_data_config(write_dataset(str(tmp_path), n=1))
+    (sample,), _ = collect_samples(config, 1)
+    cache = cache_mod.EmbeddingCache(str(tmp_path / "cache"), "m")
+    before = cache._path("latents", cache_mod._digest(sample.digest, sample.plan.tag()))  # the key until then
+    now = cache.latent_path(sample)
+    assert now != before
+    monkeypatch.setattr(cache_mod, "DECODE_VERSION", cache_mod.DECODE_VERSION + 1)
+    assert cache.latent_path(sample) not in (now, before)
+
+
+def test_an_image_replaced_with_the_same_size_and_mtime_is_read_again(tmp_path):
+    """`cp -p` / `rsync -t` give a replacement image the old one's modification time; at the same byte size (BMP
+    files of one shape always are) the memo handed back the old image's hash, and training used its latents."""
+    import hashlib
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    config = load_data_config(write_dataset(str(tmp_path), n=1))
+    image = tmp_path / "images" / "img0.bmp"
+    os.rename(tmp_path / "images" / "img0.png", image)
+
+    def write(seed, path):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+
+    write(1, image)
+    memo_path = str(tmp_path / "memo.json")
+    memo = ProbeMemo(memo_path)
+    first, _ = collect_samples(config, 1, memo)
+    memo.save()
+    old = os.stat(image)
+    for how in ("in place", "renamed over"):
+        time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms)
+        target = image if how == "in place" else tmp_path / "new.bmp"
+        write(2 if how == "in place" else 3, target)
+        if how == "renamed over":
+            os.replace(target, image)
+        os.utime(image, ns=(old.st_atime_ns, old.st_mtime_ns))  # as cp -p / rsync -t leave it
+        assert os.stat(image).st_size == old.st_size and os.stat(image).st_mtime_ns == old.st_mtime_ns
+        memo = ProbeMemo(memo_path)
+        again, _ = collect_samples(config, 1, memo)
+        memo.save()
+        assert again[0].digest == hashlib.sha256(image.read_bytes()).hexdigest()[:32] != first[0].digest, how
+
+
+def test_a_corrupt_probe_memo_is_ignored_and_rewritten(tmp_path, capsys):
+    """data_digests.json cut short (a full disk, a killed copy) only costs reading the images again: one line says
+    so, and the next save writes a whole memo."""
+    import json
+
+    config = load_data_config(write_dataset(str(tmp_path), n=2))
+    memo_path = tmp_path / "data_digests.json"
+    for content in ('{"/x": [1, 2', "[1, 2]", b"\xff\xfe\x00"):
+        memo_path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        memo = ProbeMemo(str(memo_path))
+        assert f"fewstep: ignoring {memo_path}" in capsys.readouterr().out
+        samples, _ = collect_samples(config, 1, memo)
+        memo.save()
+        assert sorted(json.loads(memo_path.read_text())) == sorted(os.path.abspath(s.image_path) for s in samples)

@@ -106,3 +106,33 @@ def test_caption_files_are_read_many_at_a_time_each_with_its_image(tmp_path, mon
     assert state["most"] > 1
     assert len(found) == 200 and [p for p, _ in found] == sorted(p for p, _ in found)
     assert all(caps == [f"caption {int(os.path.basename(p)[3:-4])}"] for p, caps in found)  # img<i>.png
+
+
+def test_lines_end_at_newline_only_as_in_simpletuner(tmp_path):
+    """A caption line ends at "\\n" (SimpleTuner's split); str.splitlines also cut at U+2028, NEL and form feed, which
+    can sit inside a caption. Windows (CRLF) and old Mac (CR) line ends still end lines, leaving no "\\r"."""
+    texts = {"crlf": b"a cat\r\n\r\na dog\r\n", "cr": b"a cat\ra dog\r", "ls": "a man\u2028wearing a hat".encode(),
+             "nel": "caf\u00e9 sign\u0085 in paris".encode(), "ff": b"one caption\x0cwith a form feed"}
+    d = write_images(str(tmp_path / "imgs"), [(stem, 8, 8) for stem in texts], captions=False)
+    for stem, data in texts.items():
+        with open(os.path.join(d, stem + ".txt"), "wb") as fh:
+            fh.write(data)
+    got = dict(captions(d))
+    assert got["crlf.png"] == got["cr.png"] == ["a cat", "a dog"]
+    for stem in ("ls", "nel", "ff"):
+        assert got[f"{stem}.png"] == [texts[stem].decode()], stem
+
+
+def test_a_caption_extension_with_two_dots(tmp_path):
+    """`caption_extension: ".caption.txt"`: photo.png's caption is photo.caption.txt (the orphan check took
+    "photo.caption" for its image's name and refused every such file)."""
+    d = write_images(str(tmp_path / "imgs"), [("photo", 8, 8), ("shot.v2", 8, 8)], captions=False)
+    for stem in ("photo", "shot.v2"):
+        with open(os.path.join(d, stem + ".caption.txt"), "w") as fh:
+            fh.write(f"caption of {stem}")
+    assert captions(d, caption_extension=".caption.txt") == [("photo.png", ["caption of photo"]),
+                                                             ("shot.v2.png", ["caption of shot.v2"])]
+    with open(os.path.join(d, "lost.caption.txt"), "w") as fh:
+        fh.write("x")
+    with pytest.raises(DataError, match=r"caption without an image: .*lost.caption.txt \(expected lost\{.png"):
+        captions(d, caption_extension=".caption.txt")

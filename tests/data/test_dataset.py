@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -68,11 +69,13 @@ def test_resize_and_center_crop(tmp_path):
 def test_data_order_shards_ranks_and_resumes_exactly():
     orders = [DataOrder(7, 2, r, 2, seed=3) for r in range(2)]
     seen = []
-    for _ in range(7):  # 7 micro-steps x global batch 4 = 4 epochs over 7 samples
+    for _ in range(8):  # 8 micro-steps x global batch 4 = 4 epochs of two global batches over 7 samples
         for o in orders:
             seen += o.next_indices()
-    for epoch in range(4):
-        assert sorted(seen[epoch * 7:(epoch + 1) * 7]) == list(range(7))  # each epoch a permutation
+    for epoch in range(4):  # each epoch a permutation, its last batch completed with the epoch's first sample
+        drawn = seen[epoch * 8:(epoch + 1) * 8]
+        assert sorted(drawn[:7]) == list(range(7)) and drawn[7] == drawn[0]
+        assert len(set(drawn[:4])) == len(set(drawn[4:])) == 4  # no global batch holds a sample twice
     a = DataOrder(7, 2, 1, 2, seed=3)
     ref = [a.next_indices() for _ in range(6)]
     b = DataOrder(7, 2, 1, 2, seed=3)
@@ -176,3 +179,29 @@ def test_the_scan_reads_each_image_file_once(tmp_path, monkeypatch):
     digest, size = probe_image(str(path))
     assert opened == [str(path)]
     assert size == (60, 40) and digest == hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("broken", ["image", "caption file"])
+def test_a_broken_symbolic_link_is_named(tmp_path, broken):
+    """A folder listing shows a symbolic link whose target is gone; opening it failed with a traceback. Both the
+    trainer's scan and a one-process `collect_samples` name the link and its target."""
+    import re
+
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.dataset import collect_samples
+    from fewstep.data.prepare import scan_images
+
+    backend = write_dataset(str(tmp_path), n=1)
+    images = tmp_path / "images"
+    link = images / ("b.png" if broken == "image" else "b.txt")
+    if broken == "image":
+        (images / "b.txt").write_text("b")
+    else:
+        Image.new("RGB", (8, 8)).save(images / "b.png")
+    os.symlink(images / "gone", link)
+    config = load_data_config(backend)
+    message = re.escape(f"{broken} {link} is a broken symbolic link (its target {images / 'gone'} does not exist)")
+    with pytest.raises(DataError, match=message):
+        collect_samples(config, 1)
+    with pytest.raises(DataError, match=message):
+        scan_images(config, 1, str(tmp_path / "out" / "data_digests.json"))

@@ -137,8 +137,8 @@ def test_build_layout_groups_by_entry_and_bucket_with_repeats(tmp_path):
     samples = [Sample("1.png", "x", entry=0, plan=plan(32, 32)), Sample("2.png", "y", ["y", "z"], 0, plan(40, 28)),
                Sample("3.png", "x", entry=0, plan=plan(32, 32)), Sample("4.png", "w", entry=1, plan=plan(64, 64))]
     layout = build_layout(sample_table(tmp_path, samples), entries)
-    assert [(s.key, s.items.tolist(), s.shuffle) for s in layout.streams] == [
-        ("a|32x32", [0, 2, 0, 2], True), ("a|40x28", [1, 1], True), ("b|64x64", [3], False)]
+    assert [(s.key, s.items.tolist(), s.shuffle, s.size) for s in layout.streams] == [
+        ("a|32x32", [0, 2], True, 4), ("a|40x28", [1], True, 2), ("b|64x64", [3], False, 1)]  # size: with repeats
     assert layout.entries == [("a", 1.0, [0, 1]), ("b", 0.5, [2])] and layout.variants.tolist() == [1, 2, 1, 1]
 
 
@@ -152,12 +152,13 @@ def test_streams_and_caption_counts_are_numpy_arrays():
 
 
 def test_an_order_holds_two_permutations_of_a_stream_whatever_the_epochs():
-    """Each rank keeps a stream's permutations of its two latest epochs (a micro-batch can span two), 8 bytes an
-    item: not lists of Python ints, nor one more permutation per epoch."""
+    """Each rank keeps a stream's permutations of its two latest epochs (a micro-batch of a stream smaller than the
+    global batch spans epochs), 4 bytes an item (int32): not lists of Python ints, nor one more permutation per
+    epoch."""
     n = 1_000_000
     layout, order = Layout.single(n), DataOrder(n, 4, 0, 1, seed=0)
 
-    def held_after(epochs):  # micro-batches spanning epochs e - 1 and e
+    def held_after(epochs):  # micro-batches at the end of epoch e - 1 (which start epoch e: module doc)
         for e in epochs:
             order.load_state_dict({"slot": e, "entries": {"all": e}, "positions": {"all": e * n - 2}})
             order.next_items(layout)
@@ -169,7 +170,7 @@ def test_an_order_holds_two_permutations_of_a_stream_whatever_the_epochs():
         first, later = held_after(range(1, 3)), held_after(range(3, 9))
     finally:
         tracemalloc.stop()
-    assert 8 * n <= first <= 2 * 8 * n + 2 ** 20, first  # at least one: tracemalloc sees the permutations
+    assert 2 * 4 * n <= first <= 2 * 4 * n + 2 ** 20, first  # two int32 permutations, seen by tracemalloc
     assert later <= first + 2 ** 20, (first, later)
 
 
@@ -181,3 +182,52 @@ def test_small_buckets_cycling_through_epochs_keep_a_big_streams_permutation(mon
     for _ in range(200):  # about 400 epochs of the tiny bucket, within the big one's first
         order.next_items(layout)
     assert made.count(5000) == 1
+
+
+@pytest.mark.parametrize("n, batch, world", [(10, 2, 4), (9, 1, 8), (13, 3, 2), (1000, 8, 8)])
+def test_a_global_batch_never_holds_an_item_twice(n, batch, world):
+    """A bucket of at least a global batch whose size is not a multiple of it: the global batch across an epoch's
+    end gave two ranks one image. Each epoch (whole global batches, module doc) still shows every item."""
+    gb = batch * world
+    per_epoch = -(-n // gb)  # global batches per epoch
+    orders = [DataOrder(n, batch, r, world, seed=0) for r in range(world)]
+    steps = [[i for rank in step for i in rank] for step in
+             ([o.next_indices(layout_of([n])) for o in orders] for _ in range(6 * per_epoch))]
+    assert all(len(set(step)) == gb for step in steps)
+    for e in range(6):
+        assert {i for step in steps[e * per_epoch:(e + 1) * per_epoch] for i in step} == set(range(n))
+
+
+def test_resumed_with_another_world_size_a_batch_still_holds_each_item_once():
+    """Positions advance by the global batch, so a batch fits in its epoch; resumed with another global batch, one
+    that would not starts the next epoch. Resume on one world size stays exact."""
+    layout, n = layout_of([11]), 11
+    first = [DataOrder(n, 2, r, 3, seed=4) for r in range(3)]  # global batch 6
+    draw(first, layout, 5)
+    state = first[0].state_dict()
+    resumed = [DataOrder(n, 2, r, 4, seed=4) for r in range(4)]  # global batch 8
+    again = [DataOrder(n, 2, r, 4, seed=4) for r in range(4)]
+    for o, p in zip(resumed + again, [state] * 8):
+        o.load_state_dict(p)
+    steps = draw(resumed, layout, 40)
+    assert all(len({i for rank in step for i, _ in rank}) == 8 for step in steps)
+    assert draw(again, layout, 40) == steps
+
+
+def test_repeats_weigh_the_entry_and_bring_each_image_r_plus_1_times_a_round(tmp_path):
+    """`repeats: 2`: the entry weighs 3 times its images, and a round of its data (3 passes) shows each image 3
+    times, from a stream that lists each image once."""
+    entries = [ImageEntry(id="a", image_dir=".", resolution=32.0, repeats=2),
+               ImageEntry(id="b", image_dir=".", resolution=32.0)]
+    plan = lambda w, h: Plan((w, h), (w, h))  # noqa: E731
+    samples = [Sample(f"{i}.png", "x", entry=0, plan=plan(32, 32) if i < 4 else plan(48, 32)) for i in range(6)]
+    samples += [Sample(f"b{i}.png", "y", entry=1, plan=plan(32, 32)) for i in range(18)]
+    layout = build_layout(sample_table(tmp_path, samples), entries)
+    assert [len(s.items) for s in layout.streams] == [4, 2, 18]
+    order = DataOrder(len(samples), 2, 0, 1, seed=0)
+    picks = [order.next_items(layout) for _ in range(4000)]
+    assert abs(sum(p[0][0] < 6 for p in picks) / 4000 - 0.5) < 0.03  # 6 x 3 against 18 x 1
+    a_only = Layout(layout.streams[:2], [("a", 1.0, [0, 1])], layout.variants)
+    order = DataOrder(len(samples), 2, 0, 1, seed=0)
+    for _ in range(3):  # rounds of (4 + 2) x 3 / 2 = 9 batches
+        assert Counter(i for _ in range(9) for i, _ in order.next_items(a_only)) == {i: 3 for i in range(6)}

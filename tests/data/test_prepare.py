@@ -76,3 +76,46 @@ def test_the_encoders_come_from_the_resolved_source_not_the_hub_name(tmp_path, m
     key = model_key("flux", str(snapshot))
     assert key == model_key("flux", str(get_adapter("flux").resolve("tiny:flux")))  # by content, not by name
     assert all(key in dataset.latent_path(i) for i in range(len(dataset)))
+
+
+def test_a_folder_in_several_entries_is_read_once(tmp_path, monkeypatch):
+    """SimpleTuner's multi-resolution setup lists one folder in several entries: the first scan read (hashed and
+    decoded) each image once per entry."""
+    import json
+    import os
+
+    import fewstep.data.dataset as dataset_mod
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.prepare import scan_images
+
+    backend = write_dataset(str(tmp_path), n=3)
+    images = load_data_config(backend).images[0].image_dir
+    with open(backend, "w") as fh:
+        json.dump([{"id": f"r{r}", "instance_data_dir": images, "resolution": r, "crop": False} for r in (16, 24, 32)],
+                  fh)
+    reads, probe = [], dataset_mod.probe_image
+    monkeypatch.setattr(dataset_mod, "probe_image", lambda path: reads.append(path) or probe(path))
+    table, _, probed = scan_images(load_data_config(backend), 8, str(tmp_path / "out" / "data_digests.json"))
+    assert len(table) == 9 and probed == 3
+    assert sorted(reads) == sorted(os.path.join(images, f"img{i}.png") for i in range(3))
+
+
+def test_images_probed_on_another_node_are_not_read_again_at_the_next_start(tmp_path, monkeypatch):
+    """With the data copied to each node's disk (same path), a record probed on another node carries that copy's
+    ctime and inode; rank 0 stamps it with its own stat, so a restart does not read those images again."""
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.dataset import ProbeMemo
+    from fewstep.data.prepare import scan_images
+
+    backend = write_dataset(str(tmp_path), n=3)
+    memo = str(tmp_path / "out" / "data_digests.json")
+    record = ProbeMemo.record
+
+    def on_another_node(path):  # the same bytes and mtime, another file: its own ctime and inode
+        key, entry = record(path)
+        return key, [entry[0], entry[1], entry[2] + 1, entry[3] + 1, *entry[4:]]
+
+    monkeypatch.setattr(ProbeMemo, "record", staticmethod(on_another_node))
+    assert scan_images(load_data_config(backend), 8, memo)[2] == 3
+    monkeypatch.setattr(ProbeMemo, "record", staticmethod(record))
+    assert scan_images(load_data_config(backend), 8, memo)[2] == 0

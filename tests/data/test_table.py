@@ -66,7 +66,7 @@ def test_a_rank_holds_a_few_bytes_per_sample_not_the_samples(tmp_path):
         order.next_items(dataset.layout)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    # the streams' indices (8 B) and caption counts (1 B), two epochs of permutation (2 x 8 B), some slack
+    # the streams' indices (8 B) and caption counts (1 B), two epochs of permutation (2 x 4 B), some slack
     assert held / n < 40, held / n
     assert dataset.samples[n - 1] == _samples(n, entries=2)[n - 1]
 
@@ -100,3 +100,23 @@ def test_a_file_name_that_is_not_utf8_is_scanned_and_read(tmp_path):
     assert table.paths[-1] == table[len(table) - 1].image_path  # negative indices count from the end
     with pytest.raises(IndexError, match="not a variant 1"):
         table.caption(0, 1)
+
+
+def test_a_ranks_memory_does_not_grow_with_repeats(tmp_path):
+    """`repeats: 9` listed each image 10 times in its stream and shuffled 10 n positions (~160 bytes per image per
+    rank); the stream lists each image once and its permutations are of the n images, in int32: what the README
+    says a rank holds per image (about 24 bytes) whatever `repeats`."""
+    n = 50_000
+    entries = [ImageEntry(id="a", image_dir=".", resolution=32.0, repeats=9)]
+    table = SampleTable.written(str(tmp_path / "t"), _samples(n))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    caches = CacheSet(table, entries, [""], str(tmp_path / "cache"), "m")
+    atomic_save({"prompt_embeds": torch.ones(3, 4)}, caches.extra_cache.text_path(""))
+    dataset = CachedDataset(caches, entries, 8)
+    order = DataOrder(len(dataset), 4, 1, 2, seed=0)
+    drawn = [i for _ in range(3) for i, _ in order.next_items(dataset.layout)]
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert held / n < 24, held / n
+    assert all(0 <= i < n for i in drawn) and sum(s.size for s in dataset.layout.streams) == 10 * n

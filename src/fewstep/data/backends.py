@@ -274,7 +274,7 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
                  default_text, must_exist: bool = True) -> ImageEntry:
     _check_keys(entry, IMAGE_KEYS, where)
     image_dir = entry.get("instance_data_dir", entry.get("image_dir"))
-    if image_dir is None:
+    if image_dir in (None, ""):
         raise DataError(f"{where}: needs 'instance_data_dir' (or 'image_dir'): the folder of images")
     image_dir = _local_dir(image_dir, "instance_data_dir" if "instance_data_dir" in entry else "image_dir", where,
                            path, must_exist)
@@ -360,6 +360,9 @@ def _check_aspect_buckets(buckets, crop_aspect: str, where: str) -> None:
                             f"{{\"aspect\": a, \"weight\": w}} objects, got {b!r}")
     if any(dicts) and not all(dicts):
         raise DataError(f"{where}: crop_aspect_buckets mixes numbers and objects")
+    negative = [b for b in buckets if isinstance(b, dict) and not b["weight"] >= 0]  # (NaN is not >= 0 either)
+    if negative:
+        raise DataError(f"{where}: the weights of crop_aspect_buckets must be >= 0, got {negative[0]!r}")
     if all(dicts) and abs(sum(b["weight"] for b in buckets) - 1.0) > 1e-6:
         raise DataError(f"{where}: the weights of crop_aspect_buckets must add up to 1")
 

@@ -219,11 +219,34 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+# The version of the pixels `load_planned` makes of a file, part of every latent's cache key: raised when they change,
+# so that no latent encoded from the old pixels is reused. 2 (2026-12-06): 16-bit greyscale and transparent images.
+DECODE_VERSION = 2
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opened a 16-bit greyscale PNG
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as SimpleTuner's OpenCV decode gives it. 16-bit greyscale is scaled to 8 bits (its top byte;
+    Pillow's convert clips the values instead, so all but the darkest grey became white), and transparent pixels
+    are composited onto white (convert drops the alpha channel: they became black, or whatever colour they hold)."""
+    if im.mode in _SIXTEEN_BIT:
+        grey = np.asarray(im).astype(np.int64)
+        grey8 = Image.fromarray((grey >> 8).clip(0, 255).astype(np.uint8), "L")
+        if "transparency" not in im.info:  # a PNG's tRNS names one 16-bit grey value as transparent
+            return grey8.convert("RGB")
+        alpha = Image.fromarray(np.where(grey == im.info["transparency"], 0, 255).astype(np.uint8), "L")
+        im = Image.merge("LA", (grey8, alpha))
+    if im.has_transparency_data:  # an alpha channel, or a palette / colour key with transparent entries (tRNS)
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_planned(path: str, plan: Plan) -> torch.Tensor:
     """The image's training pixels per `plan`: [3, H, W] in [-1, 1]."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = to_rgb(ImageOps.exif_transpose(im))
             if im.size != plan.resize:
                 im = im.resize(plan.resize, Image.Resampling.BICUBIC)
             x, y = plan.offset

@@ -8,10 +8,10 @@ Where: the run's `cache_dir` by default; an image entry's `cache_dir_vae` (or th
 entry it names) for its latents; a text_embeds entry's `cache_dir` for the captions of the entries it serves (the
 default one also holds the empty and validation prompts). Each directory gets a subfolder per model and storage
 dtype (the training dtype: bf16 latents and embeddings take half of fp32's disk and I/O); a latent file is keyed by
-the image's content and its plan (bucket, resize, crop), a text file by the prompt. Files sit in 256 subfolders by
-the first two hex digits of their key: a million images make ~4k entries per folder, not a million in one (which
-parallel filesystems serve slowly). A cache written in the older flat layout keeps it: read in place, not encoded
-again, nothing moved.
+the image's content, its plan (bucket, resize, crop) and the version of its decode (`buckets.DECODE_VERSION`), a
+text file by the prompt. Files sit in 256 subfolders by the first two hex digits of their key: a million images make
+~4k entries per folder, not a million in one (which parallel filesystems serve slowly). A cache written in the older
+flat layout keeps it: read in place, not encoded again, nothing moved.
 
 Reads are lazy: `CachedDataset` keeps file paths, and reads a sample's latents and caption embeddings (safetensors,
 memory-mapped) when the data order draws it. Only the empty prompt's and the validation prompts' embeddings stay in
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fewstep.data.buckets import load_planned
+from fewstep.data.buckets import DECODE_VERSION, load_planned
 from fewstep.data.dataset import Sample, build_layout
 from fewstep.data.table import SampleTable
 from fewstep.models.source import folder_components, forces_zeros_for_empty_prompt
@@ -128,7 +128,7 @@ class EmbeddingCache:
         return os.path.join(self.root, kind, key[:2], key + ".safetensors")
 
     def latent_path(self, sample: Sample) -> str:
-        return self._path("latents", _digest(sample.digest, sample.plan.tag()))
+        return self._path("latents", _digest(sample.digest, sample.plan.tag(), f"decode{DECODE_VERSION}"))
 
     def text_path(self, prompt: str) -> str:
         return self._path("text", _digest(prompt))

@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from fewstep.data.backends import ImageEntry
-from fewstep.data.errors import DataError
+from fewstep.data.errors import DataError, missing_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -44,14 +44,17 @@ def in_threads(fn, items: list) -> list:
 
 def _textfile(path: str, multiline: bool) -> list[str]:
     try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
-        with open(path, encoding="utf-8-sig") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # universal newlines: \r\n and \r read as \n
             text = fh.read()
     except UnicodeDecodeError as e:
         raise DataError(f"caption file {path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") \
             from None
+    except FileNotFoundError:  # listed, yet not there: a broken symbolic link
+        raise missing_file("caption file", path) from None
     if not multiline:
         return [text.strip()]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # lines end at \n only, as in SimpleTuner: str.splitlines would also cut at U+2028, NEL (U+0085) or a form feed
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
     return lines or [""]
 
 
@@ -68,10 +71,10 @@ def find_captioned_images(entry: ImageEntry) -> list[tuple[str, list[str]]]:
     if entry.caption_strategy == "textfile" and not entry.only_instance_prompt:
         ext = entry.caption_extension
         stems = {os.path.splitext(f)[0] for f in images}
-        for f in files:
-            if f.endswith(ext) and os.path.splitext(f)[0] not in stems:
+        for f in files:  # f[:-len(ext)]: without the whole extension (".caption.txt"), not only its last part
+            if f.endswith(ext) and f[:-len(ext)] not in stems:
                 raise DataError(f"caption without an image: {os.path.join(entry.image_dir, f)} "
-                                f"(expected {os.path.splitext(f)[0]}{{{','.join(IMAGE_EXTENSIONS)}}})")
+                                f"(expected {f[:-len(ext)]}{{{','.join(IMAGE_EXTENSIONS)}}})")
         present = set(files)
         for f in images:
             cap = os.path.splitext(f)[0] + ext

@@ -23,7 +23,7 @@ import torch
 from fewstep.data.backends import DataConfig, ImageEntry, load_data_config
 from fewstep.data.buckets import UNREADABLE, Geometry, Plan, content_digest, decoded_size, image_size, load_planned
 from fewstep.data.captions import IMAGE_EXTENSIONS, find_captioned_images
-from fewstep.data.errors import DataError
+from fewstep.data.errors import DataError, missing_file
 from fewstep.data.order import DataOrder, Layout, Stream
 from fewstep.jsonfile import save_json
 
@@ -114,53 +114,80 @@ def collect_samples(config: DataConfig, multiple: int,
                     probe=probe_image) -> tuple[list[Sample], dict[str, Counter]]:
     """Every usable image of every entry with its plan; and, per entry id, why images were skipped (counts).
 
-    `probe(path)` gives an image's (digest, size) (`ProbeMemo` skips files read before). One process does all of it;
-    the trainer spreads the probes over ranks (`fewstep.data.prepare.scan_images`)."""
+    `probe(path)` gives an image's (digest, size) (`ProbeMemo` skips files read before); an image listed by several
+    entries (one folder at several resolutions) is probed once. One process does all of it; the trainer spreads the
+    probes over ranks (`fewstep.data.prepare.scan_images`)."""
     listed = list_images(config)
-    return plan_samples(config, multiple, listed, [probe(path) for _, path, _ in listed])
+    probes = {}
+    for path in dict.fromkeys(path for _, path, _ in listed):
+        try:
+            probes[path] = probe(path)
+        except FileNotFoundError:
+            raise missing_file("image", path) from None
+    return plan_samples(config, multiple, listed, [probes[path] for _, path, _ in listed])
 
 
 class ProbeMemo:
-    """Probes remembered across runs in a JSON file: a file whose size and mtime are unchanged is not read again
-    (hashing reads every byte of every image: at a million images, a restart would re-read the data set).
+    """Probes remembered across runs in a JSON file: a file whose stat stamp is unchanged is not read again (hashing
+    reads every byte of every image: at a million images, a restart would re-read the data set).
 
-    Entries are `path: [size, mtime_ns, digest, width, height, "decoded"]` (0 x 0: the file did not decode, and is
-    probed again at the next start);
-    `record` is what a probe on any rank returns, so
-    ranks can probe their share and one rank merges the records (`update`) and saves."""
+    Entries are `path: [size, mtime_ns, ctime_ns, inode, digest, width, height]` (0 x 0: the file did not decode, and
+    is probed again at the next start). Size and mtime alone missed an image replaced by another of the same size
+    with its time kept (`cp -p`, `rsync -t`): the replacement has a new ctime (no tool sets it) or inode. Entries of
+    other lengths (memos from before 2026-12-06) are probed again. A memo that is not valid JSON (a write cut short)
+    is ignored with a line saying so, and rewritten. `record` is what a probe on any rank returns, so ranks can probe
+    their share and one rank merges the records (`update`) and saves."""
 
     def __init__(self, path: str):
         self.path, self.known, self.changed = path, {}, False
         if os.path.exists(path):
-            with open(path) as fh:
-                self.known = json.load(fh)
+            try:
+                with open(path) as fh:
+                    known = json.load(fh)
+                problem = None if isinstance(known, dict) else "not a JSON object"
+            except ValueError as e:  # not JSON (JSONDecodeError) or not text (UnicodeDecodeError)
+                problem = e
+            if problem is None:
+                self.known = known
+            else:  # only a cache: the images are read again
+                print(f"fewstep: ignoring {path} ({problem}): it only remembers image hashes; the images are read "
+                      "again and it is rewritten", flush=True)
+                self.changed = True
 
     @staticmethod
     def _stamp(image_path: str) -> tuple[str, list[int]]:
         st = os.stat(image_path)
-        return os.path.abspath(image_path), [st.st_size, st.st_mtime_ns]
+        return os.path.abspath(image_path), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def lookup(self, image_path: str) -> Probe | None:
         """The remembered probe if the file is unchanged (a stat, no read), else None."""
-        key, stamp = self._stamp(image_path)
+        try:
+            key, stamp = self._stamp(image_path)
+        except FileNotFoundError:  # listed, yet not there: a broken symbolic link
+            raise missing_file("image", image_path) from None
         hit = self.known.get(key)
-        if hit is None or len(hit) != 6 or hit[:2] != stamp:  # shorter: a memo from before full decodes (or sizes)
+        if not isinstance(hit, list) or len(hit) != 7 or hit[:4] != stamp:
             return None
-        if tuple(hit[3:5]) == UNREADABLE:  # probed again at each start: the failure may have been the filesystem's
+        if tuple(hit[5:7]) == UNREADABLE:  # probed again at each start: the failure may have been the filesystem's
             return None
         return self.probe_of(hit)
 
     @staticmethod
     def probe_of(entry: list) -> Probe:
         """The probe a memo entry (or a `record`) holds."""
-        return entry[2], (entry[3], entry[4])
+        return entry[4], (entry[5], entry[6])
 
     @classmethod
     def record(cls, image_path: str) -> tuple[str, list]:
         """Probe the file: (memo key, memo entry)."""
         key, stamp = cls._stamp(image_path)
         digest, (w, h) = probe_image(image_path)
-        return key, [*stamp, digest, w, h, "decoded"]
+        return key, [*stamp, digest, w, h]
+
+    def restamped(self, records: dict[str, list]) -> dict[str, list]:
+        """`records` probed on other ranks, with this process's stat stamps: on another node's copy of the data (the
+        same path on node-local disks) ctime and inode differ, and the next start would read those images again."""
+        return {key: [*self._stamp(key)[1], *entry[4:]] for key, entry in records.items()}
 
     def update(self, records: dict[str, list]) -> None:
         self.known.update(records)
@@ -183,7 +210,7 @@ class ProbeMemo:
 
 def build_layout(samples, entries: list[ImageEntry]) -> Layout:
     """The order's view of the samples (a `fewstep.data.table.SampleTable`): one stream per (entry, bucket), each
-    listing its sample indices in order, `repeats` + 1 times."""
+    listing its sample indices in order once, with the entry's `repeats`."""
     streams, groups = [], []
     for e, entry in enumerate(entries):
         mine = np.flatnonzero(samples.entries == e)
@@ -192,7 +219,7 @@ def build_layout(samples, entries: list[ImageEntry]) -> Layout:
         for w, h in np.unique(targets, axis=0):  # sorted by (w, h)
             ids.append(len(streams))
             items = mine[(targets[:, 0] == w) & (targets[:, 1] == h)]
-            streams.append(Stream(f"{entry.id}|{w}x{h}", np.tile(items, entry.repeats + 1), entry.shuffle))
+            streams.append(Stream(f"{entry.id}|{w}x{h}", items, entry.shuffle, entry.repeats))
         if ids:
             groups.append((entry.id, entry.probability, ids))
     return Layout(streams, groups, samples.variants())

@@ -1,26 +1,38 @@
 """A deterministic, resumable, rank-sharded order over bucketed data from one or more entries.
 
-The data are split into streams, one per (entry, bucket), each an endless sequence of positions: position p of a
-stream of n items is item perm_e[p % n] of epoch e = p // n (a seeded permutation per epoch, or file order without
-`shuffle`). One call of `next_items` is one micro-step of every rank together, a "slot":
+The data are split into streams, one per (entry, bucket), each an endless sequence of positions, cut into epochs
+(step 3). One call of `next_items` is one micro-step of every rank together, a "slot":
 
 1. the slot's entry is drawn (seeded by the slot number; one entry: always it) with weights `probability` times the
    entry's size (SimpleTuner's `data_backend_sampling` "auto-weighting", its default), or `probability` alone
    ("uniform");
 2. the entry's next batch comes from one of its buckets, following rounds: round r gives bucket j
-   floor((r+1) n_j / G) - floor(r n_j / G) batches (G: the global batch), shuffled (seeded by the round number). A
-   round is one pass over the entry's data, and every bucket gets its share, n_j / G batches per round, exactly in
-   the long run: a bucket smaller than G appears in some rounds only (it once had a whole batch in every round, so
-   one odd-sized image could make a 64th of the batches);
+   floor((r+1) n_j / G) - floor(r n_j / G) batches (n_j: its images, times R + 1 with `repeats` R; G: the global
+   batch), shuffled (seeded by the round number). A round is one pass over the entry's data, and every bucket gets
+   its share, n_j / G batches per round, exactly in the long run: a bucket smaller than G appears in some rounds
+   only (it once had a whole batch in every round, so one odd-sized image could make a 64th of the batches);
 3. rank r takes positions c + r*B .. c + r*B + B - 1 of that stream (c: the stream's positions used so far), so
-   every rank's micro-batch of a step has the same shape and the ranks' samples are disjoint (a bucket smaller than
-   the global batch wraps into its next epoch).
+   every rank's micro-batch of a step has the same shape. Position p of a stream of n items is item perm_e[q % n],
+   q = p % L, of epoch e = p // L (a seeded permutation per epoch, or file order without `shuffle`), where an epoch
+   is L = ceil(n / G) * G positions if n >= G: whole global batches, the last one completed with the epoch's first
+   items (as torch's DistributedSampler pads), so that a global batch never holds an item twice and the ranks'
+   samples are disjoint. A stream smaller than G has epochs of L = n positions: its batches wrap into the next
+   epochs. Positions advance by G, so a batch fits in its epoch; one that would not (only after resuming with
+   another global batch: world size or batch size) starts the next epoch instead.
+
+`repeats` R thus counts each image R + 1 times in the entry weights and the rounds (so it comes R + 1 times per
+round), while a stream's items and permutations are held once, whatever R.
 
 The state is counters only (slots, per-entry slots, per-stream positions, keyed by name), so resume is exact. One
-entry with one bucket gives exactly the order of fewstep before buckets (its state's `consumed` too).
+entry with one bucket gives exactly the order of fewstep before buckets (its state's `consumed` too). Before
+2026-12-06 an epoch was n positions whatever G (a batch across an epoch's end could give two ranks one image) and a
+stream listed its items R + 1 times. A checkpoint of that version resumes (its counters keep their meaning: the
+positions used), and exactly so within this version; a stream whose size is not a multiple of G, or with repeats,
+then draws other samples than the older version would have after its first epoch.
 
 Memory (every rank holds an order, of up to millions of images): numpy arrays, no Python ints per item; the order
-keeps the two latest permutations of each stream (8 bytes an item) and the two latest round schedules of each entry.
+keeps the two latest permutations of each stream (int32: 4 bytes an item) and the two latest round schedules of
+each entry.
 """
 from __future__ import annotations
 
@@ -37,11 +49,17 @@ from fewstep.data.errors import DataError
 @dataclass
 class Stream:
     key: str              # "<entry id>|<W>x<H>": the state is keyed by it
-    items: Sequence[int]  # dataset indices (an image repeated `repeats` extra times appears that often)
+    items: Sequence[int]  # dataset indices, each once
     shuffle: bool = True
+    repeats: int = 0      # its entry's `repeats`: the stream weighs R + 1 times its items (module doc)
 
     def __post_init__(self):
         self.items = np.asarray(self.items, dtype=np.int64)  # no copy of an int64 array
+
+    @property
+    def size(self) -> int:
+        """Its samples per round of its entry: each item R + 1 times."""
+        return len(self.items) * (self.repeats + 1)
 
 
 @dataclass
@@ -93,7 +111,7 @@ class DataOrder:
         self.seed, self.shuffle, self.sampling = seed, shuffle, sampling
         self.slot, self.entry_slots, self.positions = 0, {}, {}
         self._legacy: Optional[int] = None  # `consumed` of a pre-bucket checkpoint, applied at the first draw
-        self._perms: dict = {}   # stream key -> {epoch: permutation}, the two latest (a batch can span two epochs)
+        self._perms: dict = {}   # stream key -> {epoch: permutation}, the two latest (for a batch across epochs)
         self._rounds: dict = {}  # entry name -> {(round, sizes, global batch): schedule}, the two latest
         self._single: Optional[Layout] = None  # the layout of `n` items, made once
 
@@ -108,8 +126,10 @@ class DataOrder:
 
         def make():
             seed = self.seed * 1_000_003 + epoch if j == 0 else _hash_int("perm", self.seed, stream.key, epoch)
-            # torch.randperm's values, written into numpy's memory (which tracemalloc sees; torch's it does not)
-            perm = np.empty(len(stream.items), dtype=np.int64)
+            # torch.randperm's values (the same in any integer dtype), written into numpy's memory (which tracemalloc
+            # sees; torch's it does not)
+            n = len(stream.items)
+            perm = np.empty(n, dtype=np.int32 if n <= np.iinfo(np.int32).max else np.int64)
             torch.randperm(len(perm), generator=torch.Generator().manual_seed(seed), out=torch.from_numpy(perm))
             return perm
         return _latest(self._perms, stream.key, epoch, make)
@@ -117,7 +137,7 @@ class DataOrder:
     def _entry(self, layout: Layout) -> int:
         if len(layout.entries) == 1:
             return 0
-        weights = [w * (sum(len(layout.streams[j].items) for j in ids) if self.sampling == "auto-weighting" else 1)
+        weights = [w * (sum(layout.streams[j].size for j in ids) if self.sampling == "auto-weighting" else 1)
                    for _, w, ids in layout.entries]
         u = _hash_int("entry", self.seed, self.slot) / 2 ** 63 * sum(weights)
         for e, w in enumerate(weights):
@@ -131,7 +151,7 @@ class DataOrder:
         name, _, ids = layout.entries[e]
         if len(ids) == 1:
             return ids[0]
-        sizes, gb = [len(layout.streams[j].items) for j in ids], self.global_batch
+        sizes, gb = [layout.streams[j].size for j in ids], self.global_batch
 
         def batches_before(r):  # in rounds 0 .. r-1
             return sum(n * r // gb for n in sizes)
@@ -171,15 +191,19 @@ class DataOrder:
         name = layout.entries[e][0]
         k = self.entry_slots.get(name, 0)
         j = self._stream(layout, e, k)
-        stream = layout.streams[j]
+        stream, gb = layout.streams[j], self.global_batch
         n, c = len(stream.items), self.positions.get(stream.key, 0)
+        length = n if n < gb else -(-n // gb) * gb  # positions per epoch (module doc, step 3)
+        if n >= gb and c % length + gb > length:  # the batch would span two epochs: it starts the next one
+            c += length - c % length
         out = []
         for p in range(c + self.rank * self.batch_size, c + (self.rank + 1) * self.batch_size):
-            perm = self._perm(j, stream, p // n)
-            i = int(stream.items[perm[p % n] if perm is not None else p % n])
+            epoch, q = divmod(p, length)
+            perm = self._perm(j, stream, epoch)
+            i = int(stream.items[perm[q % n] if perm is not None else q % n])
             k_var = int(layout.variants[i]) if len(layout.variants) else 1
             out.append((i, _hash_int("caption", self.seed, stream.key, p) % k_var if k_var > 1 else 0))
-        self.positions[stream.key] = c + self.global_batch
+        self.positions[stream.key] = c + gb
         self.entry_slots[name] = k + 1
         self.slot += 1
         return out

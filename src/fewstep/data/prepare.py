@@ -80,9 +80,10 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[Samp
     with distributed.uneven_work("data listing"):  # rank 0 alone walks the folders and stats each image
         if rank == 0:
             memo, listed = ProbeMemo(memo_path), list_images(config)
-            probes = in_threads(memo.lookup, [path for _, path, _ in listed])  # None: not seen before, or changed
+            paths = list(dict.fromkeys(path for _, path, _ in listed))  # a folder in several entries: its files once
+            known = dict(zip(paths, in_threads(memo.lookup, paths)))  # None: not seen before, or changed
             scan = _new_scan_folder(os.path.join(os.path.dirname(os.path.abspath(memo_path)), INDEX_NAME))
-            StringColumn.save(scan, "unseen", (path for (_, path, _), probe in zip(listed, probes) if probe is None))
+            StringColumn.save(scan, "unseen", (path for path in paths if known[path] is None))
             faults.work_at("scan")
     scan = distributed.broadcast_object(scan)
     with distributed.uneven_work("data probe"):  # each rank hashes its share of the unseen images
@@ -95,9 +96,8 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[Samp
             fresh = {}
             for r in range(world):
                 fresh.update(load_json(os.path.join(scan, f"probes-rank{r}.json"), DataError, "probe records"))
-            memo.update(fresh)
-            probes = [probe or ProbeMemo.probe_of(fresh[os.path.abspath(path)])
-                      for (_, path, _), probe in zip(listed, probes)]
+            memo.update(memo.restamped(fresh))
+            probes = [known[path] or ProbeMemo.probe_of(fresh[os.path.abspath(path)]) for _, path, _ in listed]
             samples, skipped = plan_samples(config, multiple, listed, probes)
             write_table(os.path.join(scan, "samples"), samples)
             memo.save()
