@@ -84,6 +84,8 @@ def test_explicit_crop_takes_simpletuner_defaults(tmp_path, images):
     ({"resolution_type": "megapixel"}, "'resolution_type' must be one of pixel, area, pixel_area"),
     ({"resolution_type": "area", "resolution": 1024}, "'resolution' is in megapixels"),
     ({"resolution": 31.5}, "'resolution' must be an integer >= 8 pixels"),
+    ({"resolution": float("nan")}, "'resolution' must be an integer >= 8 pixels, got nan"),
+    ({"probability": float("inf")}, "'probability' must be a finite number, got inf"),
     ({"max_num_samples": 10}, "'max_num_samples': not supported"),
     ({"start_step": 300}, "'start_step': dataset scheduling is not supported"),
     ({"conditioning_data": "x"}, "conditioning data .* is not supported"),

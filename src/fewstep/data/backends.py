@@ -11,6 +11,7 @@ centre square of the image resized to cover `resolution`); SimpleTuner's default
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -167,6 +168,8 @@ def _number(entry: dict, key: str, where: str, lo: float = 0.0, integer: bool = 
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise DataError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {_got(value)}")
+    if not math.isfinite(value):  # JSON's NaN and Infinity parse too
+        raise DataError(f"{where}: '{key}' must be a finite number, got {value!r}")
     if value < lo:
         raise DataError(f"{where}: '{key}' must be >= {lo}, got {value!r}")
     return value
@@ -288,8 +291,8 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
         if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution <= 64:
             raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "
                             f"got {_got(resolution)}")
-    elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or resolution < 8 or (
-            res_type == "pixel" and resolution != int(resolution)):
+    elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not math.isfinite(resolution) \
+            or resolution < 8 or (res_type == "pixel" and resolution != int(resolution)):
         raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {_got(resolution)}")
     crop_explicit = "crop" in entry
     crop = _flag(entry, "crop", where, True)
