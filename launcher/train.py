@@ -7,7 +7,8 @@ Also runs under `torchrun`, Slurm's `srun` (RANK/WORLD_SIZE/LOCAL_RANK, or SLURM
 A mistake the user can fix (config, data, paths, model source, a busy output_dir, a resume that does not fit, a
 diverged run) ends in one `fewstep: ...` line on rank 0 (and on the rank where it started, see `report`) and exit
 status 2 (1 for a diverged run); FEWSTEP_DEBUG=1 shows the traceback instead. A run stopped by a preemption signal
-(SIGUSR1/SIGTERM: checkpoint written) exits 0, or FEWSTEP_PREEMPTED_EXIT where that is set (slurm/common.sh: 75).
+(SIGUSR1/SIGTERM: checkpoint written) exits 0, or FEWSTEP_PREEMPTED_EXIT where that is set (slurm/common.sh: 75);
+one stopped by Ctrl-C exits 130, after the checkpoint (a second Ctrl-C: at once, without one).
 """
 import os
 import sys
@@ -96,10 +97,20 @@ def main(argv: list[str]) -> int:
             raise
         report(e, first)
         return exit_status(e)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        if os.environ.get("FEWSTEP_DEBUG") == "1":
+            raise
+        report(UserError("interrupted (Ctrl-C twice): stopped at once, without a checkpoint; resume_from_checkpoint "
+                         "latest continues from the last one"), first=False)
+        return preemption.INTERRUPTED_EXIT
     teardown()
+    if not result.get("preempted"):
+        return 0
+    if result.get("signal") == "SIGINT":  # Ctrl-C, checkpoint written: a user's stop, never requeued
+        return preemption.INTERRUPTED_EXIT
     # stopped by a preemption signal, checkpoint written: slurm/common.sh asks for a status of its own (75), to
     # requeue only such a run (not one that finished, nor one that failed)
-    return int(os.environ.get("FEWSTEP_PREEMPTED_EXIT") or 0) if result.get("preempted") else 0
+    return int(os.environ.get("FEWSTEP_PREEMPTED_EXIT") or 0)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """A preemption signal (SIGUSR1 from Slurm, SIGTERM) during model loading or engine set-up must not kill the task:
-the handlers are installed at process start, the run exits 0 with a message, and a resume works."""
+the handlers are installed at process start, the run exits 0 with a message, and a resume works. Ctrl-C (SIGINT)
+stops with a checkpoint too, and twice at once."""
+import os
 import signal
 import subprocess
 import threading
@@ -42,3 +44,34 @@ def test_signal_during_model_load_exits_cleanly(tmp_path):
     assert [p.wait(timeout=300) for p in again] == [0, 0]
     for root, _, _ in runs.values():
         assert [m["step"] for m in read_metrics(root / "out")] == [1, 2]
+
+
+def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(tmp_path):
+    """A first Ctrl-C (SIGINT) stops after the step with a checkpoint (one line, exit 130, never a traceback) and the
+    run resumes from it; a second one stops at once, without a checkpoint, also in one line."""
+    runs = {}
+    for name, count in (("once", 1), ("twice", 2)):
+        root = tmp_path / name
+        root.mkdir()
+        cfg = write_config(str(root), write_dataset(str(root), n=2), max_train_steps=4, checkpointing_steps=0,
+                           resume_from_checkpoint="latest")
+        runs[name] = root, cfg, subprocess.Popen(
+            [PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=cpu_env(FEWSTEP_FAULT_SIGNAL_AT_STEP=f"2:SIGINT:{count}"))
+    results = {name: (root, cfg, *proc.communicate(timeout=300)) for name, (root, cfg, proc) in runs.items()}
+    root, cfg, out, err = results["once"]
+    assert runs["once"][2].returncode == 130, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("fewstep:")] == [  # (the rest: progress bars)
+        "fewstep: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once, without one)"], err
+    assert "Traceback" not in err
+    assert "preempted at step 2, checkpoint saved" in out and os.path.isdir(root / "out" / "checkpoints" / "step-2")
+    resumed = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(), text=True,
+                             capture_output=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(root / "out")] == [1, 2, 3, 4]
+    root, cfg, out, err = results["twice"]
+    assert runs["twice"][2].returncode == 130, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("fewstep:")]
+    assert lines[-1].startswith("fewstep: interrupted (Ctrl-C twice): stopped at once, without a checkpoint") and \
+        "Traceback" not in err, err
+    assert not os.path.exists(root / "out" / "checkpoints")

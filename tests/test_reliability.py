@@ -49,6 +49,19 @@ def test_second_run_on_a_busy_output_dir_stops_naming_the_first_and_kill9_does_n
     third = launch(cfg)
     assert third.returncode == 0, third.stderr[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+    # resumed at its end: says there is nothing left to train
+    fourth = launch(cfg)
+    assert fourth.returncode == 0 and "step 2 is the end of this run (2 steps): nothing left to train" in fourth.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+    # a fresh run (no resume_from_checkpoint) into it is refused: its checkpoints would mix with the earlier run's
+    os.makedirs(tmp_path / "fresh")
+    fresh = write_config(str(tmp_path / "fresh"), backend, max_train_steps=2, checkpointing_steps=1,
+                         output_dir=str(tmp_path / "out"))
+    before = sorted(os.listdir(tmp_path / "out" / "checkpoints"))
+    line = one_clean_line(launch(fresh))
+    assert f"{tmp_path / 'out' / 'checkpoints'} holds an earlier run's checkpoints (step-1, step-2): continue that " \
+           "run with resume_from_checkpoint latest" in line, line
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoints")) == before
 
 
 HOLDER = """

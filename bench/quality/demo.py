@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +202,12 @@ def main(argv=None) -> int:
     log(f"writing sklearn's digits under {os.path.join(args.out, 'data')}; teacher: {shown(teacher)}", t0)
     train, held = write_data(S, out)
     configs = run_configs(S, out, teacher)
+    earlier = [name for name in configs if os.path.exists(os.path.join(out, name))]
+    if earlier:  # the demo's own runs: trained afresh (a fresh run into a folder with checkpoints is refused)
+        log(f"removing the previous demo's {', '.join(earlier)} run{'s' if len(earlier) > 1 else ''} under {args.out}",
+            t0)
+        for name in earlier:
+            shutil.rmtree(os.path.join(out, name))
     tw = S["twinflow"]
     log(f"training in parallel: TwinFlow (full, {tw['max_train_steps']} steps x batch {tw['train_batch_size']}) and "
         f"Glance (Slow + Fast LoRA, {S['glance']['max_train_steps']} steps each, on one image)", t0)

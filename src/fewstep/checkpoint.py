@@ -189,6 +189,10 @@ class CheckpointNotFound(UserError, FileNotFoundError):
     """resume_from_checkpoint names a directory that does not exist."""
 
 
+class EarlierRunCheckpoints(UserError):
+    """A fresh run (no resume_from_checkpoint) into a checkpoints folder that holds an earlier run's checkpoints."""
+
+
 def resolve(root: str, spec: str | None) -> str | None:
     """'latest' -> the newest complete checkpoint under root (None if there is none); a path -> itself if complete.
 
@@ -301,13 +305,20 @@ def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Res
     """Resolve `resume_from_checkpoint` and compare the checkpoint's layout record with this run's (collective).
 
     Rank 0 decides and every rank gets the same answer: the plan (None: start fresh), or the same error raised on
-    every rank (ResumeMismatch naming every differing key, IncompleteCheckpointError, CheckpointNotFound), which
-    launcher/train.py prints as one line.
+    every rank (ResumeMismatch naming every differing key, IncompleteCheckpointError, CheckpointNotFound,
+    EarlierRunCheckpoints), which launcher/train.py prints as one line. A fresh run is refused where an earlier run
+    left checkpoints: its own would mix with them (`latest`, pruning, a later resume), or replace them.
     """
     outcome = None
     with distributed.uneven_work("resolve checkpoint"):  # rank 0 decides, so every rank loads the same one
         if distributed.rank() == 0:
             try:
+                earlier = [os.path.basename(p) for p in list_checkpoints(root)] if spec is None else []
+                if earlier:
+                    raise EarlierRunCheckpoints(
+                        f"{root} holds an earlier run's checkpoints ({listing(earlier, 5)}): continue that run with "
+                        "resume_from_checkpoint latest, or start a new one in another output_dir (or move those "
+                        "checkpoints away first)")
                 path = resolve(root, spec)
                 outcome = ("ok", _plan(path, layout, use_ema) if path else None)
             except UserError as e:

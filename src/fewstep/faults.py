@@ -2,7 +2,8 @@
 
 - FEWSTEP_FAULT_AFTER_STEP=N   hard crash (exit 17) right after optimizer step N
 - FEWSTEP_FAULT_IN_SAVE=N      hard crash while checkpoint N is being written (after the shards, before the rename)
-- FEWSTEP_FAULT_SIGNAL_AT_STEP=N   the process sends itself SIGUSR1 right after optimizer step N (a preemption)
+- FEWSTEP_FAULT_SIGNAL_AT_STEP=N[:SIGNAME[:COUNT]]   the process sends itself SIGUSR1 (or SIGNAME, COUNT times) right
+  after optimizer step N's micro-batches (a preemption; SIGINT: a Ctrl-C)
 - FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
 - FEWSTEP_FAULT_POISON_WEIGHTS=N:R   right after optimizer step N, rank R's trained weights hold a NaN (a corruption
   the step-level guard cannot see: what the finite-weights check before every checkpoint and export stops)
@@ -25,8 +26,12 @@ def crash_if(variable: str, step: int) -> None:
 
 
 def signal_if(variable: str, step: int) -> None:
-    if os.environ.get(variable) == str(step):
-        os.kill(os.getpid(), signal.SIGUSR1)
+    """`variable` = "N" sends SIGUSR1 at step N; "N:SIGINT:2" sends that signal twice (a double Ctrl-C)."""
+    spec = os.environ.get(variable, "").split(":")
+    at, name, count = spec[0], spec[1] if len(spec) > 1 else "SIGUSR1", int(spec[2]) if len(spec) > 2 else 1
+    if at == str(step):
+        for _ in range(count):
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 _nan_attempts = {"n": 0}

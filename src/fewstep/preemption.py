@@ -1,20 +1,32 @@
-"""Preemption: SIGUSR1 (Slurm's warning before the end of a time slot) and SIGTERM only set a flag.
+"""Preemption: SIGUSR1 (Slurm's warning before the end of a time slot), SIGTERM and a first Ctrl-C (SIGINT) only set
+a flag.
 
 The handlers are installed when the process starts (`launcher/train.py` does it before importing anything heavy), so
 a signal during model loading or engine set-up is not fatal: the loop agrees on the flag across ranks once per step,
-saves a checkpoint and exits 0, and a requeued job resumes from it. A signal before the first step exits at once,
-since there is nothing new to save.
+saves a checkpoint and exits (0 for SIGUSR1/SIGTERM, 75 under Slurm's scripts; 130 after Ctrl-C), and a requeued
+job resumes from it. A signal before the first step exits at once, since there is nothing new to save. A second
+Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+INTERRUPTED_EXIT = 130  # a shell's status for a process stopped by Ctrl-C
 _state = {"requested": False, "signal": None}
 
 
 def _handler(signum, frame) -> None:
+    if signum == signal.SIGINT:
+        if _state["signal"] == "SIGINT":  # the second Ctrl-C
+            raise KeyboardInterrupt
+        if os.environ.get("RANK", "0") == "0":  # a terminal's Ctrl-C reaches every rank: one line
+            # a line of its own: the progress bar's line on stderr has no newline yet
+            print("\nfewstep: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once, without "
+                  "one)", file=sys.stderr, flush=True)
     _state["requested"], _state["signal"] = True, signal.Signals(signum).name
 
 

@@ -109,6 +109,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)
+            log_main(is_main, f"note: step {step} is {'the end' if step == total else 'past the end'} of this run "
+                              f"({total} steps{' over both Glance phases' if len(phases) > 1 else ''}): nothing left "
+                              "to train; raise max_train_steps to train further")
         later = checkpoint.later_than(ckpt_root, step) if is_main else []
         if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
             log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
@@ -140,8 +144,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     if distributed.any_rank(preemption.requested()):  # signalled while loading: nothing new to save
         log_main(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
-        preemption.clear()
-        return {"step": step, "preempted": True}
+        return stopped(step)
     with distributed.uneven_work("metrics logger"):  # rank 0's alone (TensorBoard's import, wandb.init: seconds)
         faults.work_at("logger")
         logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method, rollback=bool(later))
@@ -199,8 +202,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
                 if outcome.preempt:
                     log_main(is_main, f"preempted at step {step}, checkpoint saved")
-                    preemption.clear()
-                    return {"step": step, "preempted": True}
+                    return stopped(step)
             if last_saved["step"] != step:  # before the export: a failed or killed export loses no training
                 save(step)
             finish(phase, step)
@@ -218,6 +220,13 @@ class StepOutcome:
     applied: bool   # the optimizer update was taken (False: skipped, nothing of the step reached the model)
     logs: dict      # rank means of the logged terms
     preempt: bool   # some rank was signalled
+
+
+def stopped(step: int) -> dict:
+    """The result of a run stopped by a signal (the flag forgotten: a second training in this process starts clean)."""
+    received = preemption.received()
+    preemption.clear()
+    return {"step": step, "preempted": True, "signal": received}
 
 
 def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo, guard: NonFiniteGuard,

@@ -80,6 +80,22 @@ def test_deepspeed_checkpoint_writers_are_refused(tmp_path, user, key):
     ds_config(tmp_path, {"checkpoint": {"tag_validation": "FAIL", "use_node_local_storage": False}})
 
 
+@pytest.mark.parametrize("user, overrides, message", [
+    ({"zero_optimisation": {"stage": 3}}, {}, "unknown key 'zero_optimisation'; did you mean 'zero_optimization'"),
+    ({"zero_optimization": {"stage": 5}}, {}, "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
+    ({"zero_optimization": {"overlap_comm": "maybe"}}, {}, "zero_optimization.overlap_comm: Input should be a valid "
+                                                            "boolean"),
+    ({"bf16": {"enabled": True}}, {"mixed_precision": "fp32"}, "bf16.enabled is True, but mixed_precision is fp32"),
+    ({"bf16": {"enabled": False}}, {}, "bf16.enabled is False, but mixed_precision is bf16"),
+    ({"fp16": {"enabled": True}}, {}, "fp16.enabled is not supported: fewstep trains in bf16 or fp32")])
+def test_mistakes_deepspeed_would_meet_after_the_model_load_are_refused_first(tmp_path, user, overrides, message):
+    """A misspelt section (DeepSpeed ignores it), a ZeRO value DeepSpeed rejects only in `initialize`, and a precision
+    section against mixed_precision (it failed at the first step, or trained in another precision)."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ds_config(tmp_path, user, **overrides)
+    ds_config(tmp_path, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "overlap_comm": False}})
+
+
 def test_offload_optimizer_needs_a_zero_stage(tmp_path):
     """At stage 0 DeepSpeed ignores the offload for torch AdamW, and with optimizer deepspeed steps DeepSpeedCPUAdam
     on the parameters wherever they are (a CUDA parameter fails at the first step)."""

@@ -10,10 +10,8 @@ import math
 
 import torch
 
-from fewstep.config import ConfigError, zero_stage_in_use
-
-PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
-
+from fewstep.config import zero_stage_in_use
+from fewstep.engine.ds_config_checks import check_merged
 
 def build_ds_config(cfg, stage: int | None = None) -> dict:
     """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it.
@@ -56,10 +54,7 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
             "weight_decay": cfg.adam_weight_decay}}
     _deep_update(ds, user)
     source = f"deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "fewstep's options"
-    _check_offload(ds["zero_optimization"], source)
-    _check_checkpointing(ds, source)
-    if cfg.use_ema:
-        _check_ema_swap(ds["zero_optimization"], source)
+    check_merged(ds, user, source, bf16=cfg.bf16, use_ema=cfg.use_ema)
     return ds
 
 
@@ -79,70 +74,6 @@ def _deep_update(base: dict, new: dict) -> None:
             _deep_update(base[k], v)
         else:
             base[k] = v
-
-
-def _device(zero: dict, key: str):
-    return (zero.get(key) or {}).get("device", "none")
-
-
-def _check_offload(zero: dict, source: str) -> None:
-    """ZeRO-Offload is a ZeRO feature: at stage 0 DeepSpeed ignores it for a torch AdamW, and with `optimizer:
-    deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
-    if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
-        raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
-
-
-def _check_checkpointing(ds: dict, source: str) -> None:
-    """fewstep.checkpoint commits a checkpoint once every rank's files are written and fsynced, and reshards it
-    itself. Refuse DeepSpeed options that change who writes what, or when: an asynchronous writer (`decoupled`,
-    DataStates) returns before the files exist, a parallel `writer` leaves some ranks' files to others, node-local
-    storage keeps shards off the shared checkpoint folder, and `load_universal` would read it as another layout."""
-    ckpt = ds.get("checkpoint") or {}
-    refused = [f"checkpoint.{k}" for k in ("writer", "use_node_local_storage", "load_universal") if ckpt.get(k)]
-    if ds.get("datastates_ckpt") not in (None, False):
-        refused.append("datastates_ckpt")
-    if refused:
-        raise ConfigError(f"{source}: {', '.join(refused)} is not supported: fewstep writes, commits (atomically, "
-                          "after every rank's files are on disk) and reshards checkpoints itself; remove it")
-
-
-def _check_ema_swap(zero: dict, source: str) -> None:
-    """The EMA (export, TwinFlow's teacher) is swapped into the weights by `weights_swapped_in`, which writes this
-    rank's ZeRO-3 shards and must read its fp32 masters. Refuse what keeps weights out of its reach (DeepSpeed 0.19):
-
-    - persistent parameters (numel <= stage3_param_persistence_threshold, while the running total stays within
-      stage3_model_persistence_threshold) stay gathered in full and are never re-gathered from their shard;
-    - hpZ (zero_hpz_partition_size > 1): after a parameter's first gather in a step, later gathers (backward, a
-      teacher pass after the student's) read its secondary copy `ds_secondary_tensor`, refreshed only after the
-      optimizer step;
-    - NVMe offload: the shards (offload_param) or the fp32 masters (offload_optimizer) are not in memory.
-
-    zero_quantized_weights is fine: it quantizes the shard at every gather (frozen weights, which
-    zero_quantized_nontrainable_weights keeps quantized, are never swapped).
-    """
-    why = "with use_ema the EMA weights are swapped into this rank's ZeRO-3 shards, and "
-    if zero.get("stage") == 3:
-        value = zero.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT)
-        if not _is_zero(value) and not _is_zero(zero.get("stage3_model_persistence_threshold")):
-            raise ConfigError(f"{source}: zero_optimization.stage3_param_persistence_threshold is {value} (0 "
-                              f"needed): {why}parameters below the threshold would persist gathered in full, so the "
-                              "EMA teacher and the EMA export would silently run them with the live weights")
-        hpz = zero.get("zero_hpz_partition_size", 1)
-        if hpz not in (0, 1):
-            raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size is {hpz} (1 needed): {why}hpZ "
-                              "gathers from a secondary copy of each parameter that the swap does not reach")
-    for key in ("offload_param", "offload_optimizer"):
-        if _device(zero, key) == "nvme":
-            raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme: with use_ema the EMA tracks this "
-                              "rank's fp32 masters and is swapped into its shards, which must both stay in memory "
-                              "(use device cpu, or use_ema false)")
-
-
-def _is_zero(value) -> bool:
-    try:
-        return float(value) == 0
-    except (TypeError, ValueError):
-        return False
 
 
 def lr_lambda(cfg):

@@ -1,0 +1,138 @@
+"""Checks of the DeepSpeed config fewstep generated and merged a user's `deepspeed_config` into, before anything is
+built: a mistake there (a typo in a section name, a ZeRO option DeepSpeed would reject after the model load, a
+precision section against `mixed_precision`) or an option fewstep cannot honour ends in one ConfigError line.
+"""
+from __future__ import annotations
+
+import difflib
+
+from fewstep.config import ConfigError
+
+PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
+
+# DeepSpeed's top-level config keys (0.19), to catch a misspelt one, which DeepSpeed ignores without a word
+KNOWN_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "communication_data_type", "seq_parallel_communication_data_type", "sparse_gradients", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "memory_breakdown", "timers", "flops_profiler", "activation_checkpointing", "aio",
+    "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "elasticity", "autotuning", "checkpoint",
+    "data_types", "data_efficiency", "curriculum_learning", "compression_training", "pipeline", "sparse_attention",
+    "weight_quantization", "hybrid_engine", "eigenvalue", "progressive_layer_drop", "compile", "tensor_parallel",
+    "dataloader_drop_last", "disable_allgather", "nebula", "datastates_ckpt", "use_data_before_expert_parallel_",
+    "graph_harvesting", "mics_shard_size", "mics_hierarchical_params_gather", "load_universal_checkpoint",
+    "use_node_local_storage", "zero_quantized_weights", "quantize_training", "gradient_accumulation_dtype",
+)
+
+
+def check_merged(ds: dict, user: dict, source: str, *, bf16: bool, use_ema: bool) -> None:
+    """All checks of the merged config `ds` (`user`: the user's file alone)."""
+    _check_keys(user, source)
+    _check_precision(ds, source, bf16)
+    _check_zero_section(ds["zero_optimization"], source)
+    _check_offload(ds["zero_optimization"], source)
+    _check_checkpointing(ds, source)
+    if use_ema:
+        _check_ema_swap(ds["zero_optimization"], source)
+
+
+def _check_keys(user: dict, source: str) -> None:
+    for key in user:
+        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.85) if key not in KNOWN_KEYS else []
+        if close:
+            raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{close[0]}'? (DeepSpeed would ignore it)")
+
+
+def _check_precision(ds: dict, source: str, bf16: bool) -> None:
+    """The precision is fewstep's `mixed_precision` (bf16 or fp32): the model is loaded in it before DeepSpeed sees
+    the config, so a precision section of the file's own fails at the first step or trains another precision."""
+    if bool((ds.get("bf16") or {}).get("enabled")) != bf16:
+        raise ConfigError(f"{source}: bf16.enabled is {ds['bf16'].get('enabled')}, but mixed_precision is "
+                          f"{'bf16' if bf16 else 'fp32'}: set the precision with mixed_precision (fewstep writes "
+                          "DeepSpeed's bf16 section from it), and remove bf16 from the file")
+    for key in ("fp16", "amp", "torch_autocast", "bfloat16"):  # bfloat16: DeepSpeed's old name of bf16
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f"{source}: {key}.enabled is not supported: fewstep trains in bf16 or fp32, set by "
+                              "mixed_precision; remove it")
+
+
+def _check_zero_section(zero: dict, source: str) -> None:
+    """DeepSpeed's own validation of the ZeRO section (it would run in `deepspeed.initialize`, after the model load)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    if zero.get("stage") not in (0, 1, 2, 3) or isinstance(zero.get("stage"), bool):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{source}: zero_optimization.{where}: {first['msg']}, got {first.get('input')!r}"
+                          f"{more}") from None
+
+
+def _device(zero: dict, key: str):
+    return (zero.get(key) or {}).get("device", "none")
+
+
+def _check_offload(zero: dict, source: str) -> None:
+    """ZeRO-Offload is a ZeRO feature: at stage 0 DeepSpeed ignores it for a torch AdamW, and with `optimizer:
+    deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
+    if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
+        raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
+
+
+def _check_checkpointing(ds: dict, source: str) -> None:
+    """fewstep.checkpoint commits a checkpoint once every rank's files are written and fsynced, and reshards it
+    itself. Refuse DeepSpeed options that change who writes what, or when: an asynchronous writer (`decoupled`,
+    DataStates) returns before the files exist, a parallel `writer` leaves some ranks' files to others, node-local
+    storage keeps shards off the shared checkpoint folder, and `load_universal` would read it as another layout."""
+    ckpt = ds.get("checkpoint") or {}
+    refused = [f"checkpoint.{k}" for k in ("writer", "use_node_local_storage", "load_universal") if ckpt.get(k)]
+    if ds.get("datastates_ckpt") not in (None, False):
+        refused.append("datastates_ckpt")
+    if refused:
+        raise ConfigError(f"{source}: {', '.join(refused)} is not supported: fewstep writes, commits (atomically, "
+                          "after every rank's files are on disk) and reshards checkpoints itself; remove it")
+
+
+def _check_ema_swap(zero: dict, source: str) -> None:
+    """The EMA (export, TwinFlow's teacher) is swapped into the weights by `weights_swapped_in`, which writes this
+    rank's ZeRO-3 shards and must read its fp32 masters. Refuse what keeps weights out of its reach (DeepSpeed 0.19):
+
+    - persistent parameters (numel <= stage3_param_persistence_threshold, while the running total stays within
+      stage3_model_persistence_threshold) stay gathered in full and are never re-gathered from their shard;
+    - hpZ (zero_hpz_partition_size > 1): after a parameter's first gather in a step, later gathers (backward, a
+      teacher pass after the student's) read its secondary copy `ds_secondary_tensor`, refreshed only after the
+      optimizer step;
+    - NVMe offload: the shards (offload_param) or the fp32 masters (offload_optimizer) are not in memory.
+
+    zero_quantized_weights is fine: it quantizes the shard at every gather (frozen weights, which
+    zero_quantized_nontrainable_weights keeps quantized, are never swapped).
+    """
+    why = "with use_ema the EMA weights are swapped into this rank's ZeRO-3 shards, and "
+    if zero.get("stage") == 3:
+        value = zero.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT)
+        if not _is_zero(value) and not _is_zero(zero.get("stage3_model_persistence_threshold")):
+            raise ConfigError(f"{source}: zero_optimization.stage3_param_persistence_threshold is {value} (0 "
+                              f"needed): {why}parameters below the threshold would persist gathered in full, so the "
+                              "EMA teacher and the EMA export would silently run them with the live weights")
+        hpz = zero.get("zero_hpz_partition_size", 1)
+        if hpz not in (0, 1):
+            raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size is {hpz} (1 needed): {why}hpZ "
+                              "gathers from a secondary copy of each parameter that the swap does not reach")
+    for key in ("offload_param", "offload_optimizer"):
+        if _device(zero, key) == "nvme":
+            raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme: with use_ema the EMA tracks this "
+                              "rank's fp32 masters and is swapped into its shards, which must both stay in memory "
+                              "(use device cpu, or use_ema false)")
+
+
+def _is_zero(value) -> bool:
+    try:
+        return float(value) == 0
+    except (TypeError, ValueError):
+        return False
