@@ -32,13 +32,14 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
         if a.startswith("--local_rank") or a.startswith("--local-rank"):  # passed by the deepspeed launcher
             i += 1 if "=" in a else 2
             continue
-        if a == "--config":
-            if i + 1 >= len(argv):
+        if a == "--config" or a.startswith("--config="):
+            if a == "--config" and i + 1 >= len(argv):
                 raise UserError("--config needs a path")
-            config, i = argv[i + 1], i + 2
-            continue
-        if a.startswith("--config="):
-            config, i = a.split("=", 1)[1], i + 1
+            given, i = (argv[i + 1], i + 2) if a == "--config" else (a.split("=", 1)[1], i + 1)
+            if config is not None:  # which one was meant is not guessed (the last one used to win)
+                raise UserError(f"--config is given twice ({config} and {given}): give one config file, and "
+                                "override its options with --key value")
+            config = given
             continue
         rest.append(a)
         i += 1

@@ -167,6 +167,9 @@ def test_no_config_at_all_says_so():
     proc = subprocess.run([PY, "launcher/train.py"], cwd=REPO, capture_output=True, text=True, env=cpu_env(),
                           timeout=120)
     assert proc.returncode == 2 and "--config PATH is required" in one_clean_line(proc)
+    proc = subprocess.run([PY, "launcher/train.py", "--config", "a.json", "--config=b.json"], cwd=REPO,
+                          capture_output=True, text=True, env=cpu_env(), timeout=120)
+    assert proc.returncode == 2 and "--config is given twice (a.json and b.json)" in one_clean_line(proc)
 
 
 def test_debug_shows_the_traceback(tmp_path):
