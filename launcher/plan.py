@@ -17,9 +17,12 @@ or for a hub id or a tiny:<family> test model the family's real one in configs/m
 sources. A config or data backend the trainer would reject exits 2 with one `fewstep plan: ...` line.
 """
 import argparse
+import os
 import sys
 
-from fewstep.config import ConfigError, load_config
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notices (torchvision) are not for our users
+
+from fewstep.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

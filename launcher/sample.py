@@ -146,18 +146,24 @@ def export_adapter(run_dir: str, cfg: dict):
     from fewstep.sampling import RUN_INFO, SamplingError
 
     try:
-        return get_adapter(cfg.get("model_family"))
+        adapter = get_adapter(cfg.get("model_family"))
     except ValueError as e:
         raise SamplingError(f"{os.path.join(run_dir, RUN_INFO)}: {e}") from None
+    adapter.model_option = "--model"  # the run fixed the family: a base model of another one is fixed with --model
+    return adapter
 
 
 def output_paths(output: str, steps_list: list[int]) -> list[str]:
     """Where each image goes: `output`, with a suffix -<steps> for several step counts (no extension: PNG). Checked
-    before anything loads: PIL must write the extension, and its folder must be one that can be made and written."""
+    before anything loads: it must name a file, not a folder (one that exists, or a name ending in a separator), PIL
+    must write the extension, and its folder must be one that can be made and written."""
     from PIL import Image
 
     from fewstep.sampling import SamplingError
 
+    if os.path.isdir(output) or output.endswith((os.sep, os.altsep or os.sep)):
+        raise SamplingError(f"--output {output} is a directory: give a file name such as "
+                            f"{os.path.join(output, 'sample.png')}")
     stem, ext = os.path.splitext(output)
     Image.init()
     if ext and Image.registered_extensions().get(ext.lower()) not in Image.SAVE:

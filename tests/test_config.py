@@ -251,3 +251,17 @@ def test_a_flag_takes_yes_or_no_only(tmp_path):
     assert load_config(write(tmp_path, merged(SEED_GLANCE, {"use_ema": 1}))).use_ema is True
     with pytest.raises(ConfigError, match=r"'use_ema' expects bool, got 2"):
         load_config(write(tmp_path, merged(SEED_GLANCE, {"use_ema": 2})))
+
+
+@pytest.mark.parametrize("null", ["null", "none", "None"])
+def test_null_clears_a_timestep_list_from_the_command_line(tmp_path, null):
+    """The timestep lists (typed Any) took 'null' for a list ("'null' is not a number"), unlike every other optional
+    option: the seed's Slow config could not become a Glance run from the command line."""
+    path = write(tmp_path, SEED_GLANCE)
+    assert load_config(path, ["--flow_custom_timesteps", null]).flow_custom_timesteps is None
+    cfg = load_config(path, ["--method", "glance", "--flow_custom_timesteps", null,
+                             "--glance_slow_timesteps", "1000,980,960", "--glance_fast_timesteps", "900,600,300"])
+    assert cfg.resolved_method == "glance" and cfg.flow_custom_timesteps is None
+    with pytest.raises(ConfigError, match="method 'glance' needs 'glance_slow_timesteps'"):
+        load_config(path, ["--method", "glance", "--flow_custom_timesteps", null, "--glance_slow_timesteps", null,
+                           "--glance_fast_timesteps", "900,600,300"])

@@ -92,7 +92,7 @@ def test_valid_exports_reach_the_model_load(exports, capsys, tmp_path):
     in folders still to make, or beside a folder of the same stem (several step counts)."""
     (tmp_path / "a").mkdir()
     assert _main(capsys, "--method", "flow", "--lora", exports("flow")["flow"], "--steps", "1", "2", "--output",
-                 tmp_path / "a") is None
+                 tmp_path / "a.png") is None
     assert _main(capsys, "--method", "flow", "--lora", exports("flow")["flow"]) is None
     assert _main(capsys, "--method", "flow", "--lora", exports("glance")["glance-slow"]) is None
     assert _main(capsys, "--method", "twinflow", "--lora", exports("twinflow")["twinflow"]) is None
@@ -175,21 +175,52 @@ def test_missing_folders_say_so(exports, capsys, tmp_path):
     assert "has no fewstep_run.json: a Glance run exports to its glance-slow/ and glance-fast/ folders" in line
 
 
+def test_a_base_model_of_another_family_names_the_option_that_fixes_it(exports, capsys, tmp_path):
+    """sample.py has no model_family: it said "model_family is 'flux' ... or set model_family 'sd3'"."""
+    flow = ["--method", "flow", "--lora", exports("flow")["flow"]]
+    assert _main(capsys, *flow, "--model", "tiny:sd3") == \
+        "fewstep: 'tiny:sd3' is a 'sd3' model, but the run trained a 'flux' model: use --model tiny:flux"
+    line = _main(capsys, *flow, "--model", "tiny:fluxx")
+    assert line.endswith("names no model family (fewstep has flux, qwenimage, sd3, sdxl), but the run trained a "
+                         "'flux' model: use --model tiny:flux"), line
+    sd3 = tmp_path / "sd3"  # a pipeline folder of another family: its transformer config names the class
+    (sd3 / "transformer").mkdir(parents=True)
+    (sd3 / "model_index.json").write_text("{}")
+    (sd3 / "transformer" / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
+    assert _main(capsys, *flow, "--model", sd3) == (
+        f"fewstep: '{sd3}' holds a SD3Transformer2DModel in transformer/, but the run's model family 'flux' samples "
+        "with a FluxTransformer2DModel: give a flux model with --model")
+
+
 @pytest.mark.parametrize("output, steps, message", [
     ("file.txt/a.png", [], "--output {tmp}/file.txt/a.png: {tmp}/file.txt is a file, not a folder"),
     ("file.txt/sub/a.png", ["1", "2"], "--output {tmp}/file.txt/sub/a.png: {tmp}/file.txt is a file, not a folder"),
     ("a.jpgg", [], "--output {tmp}/a.jpgg: PIL writes no '.jpgg' images (it writes "),
     ("a.jpgg", ["1", "2"], "--output {tmp}/a.jpgg: PIL writes no '.jpgg' images"),
-    ("folder.png", [], "--output {tmp}/folder.png: {tmp}/folder.png is a folder, not a file"),
+    ("folder.png", ["1", "2"], "--output {tmp}/folder.png: {tmp}/folder-1.png is a folder, not a file"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_the_load(exports, capsys, tmp_path, output, steps,
                                                                     message):
     """It failed after the load and the generation, when the image was saved."""
     (tmp_path / "file.txt").write_text("")
-    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "folder-1.png").mkdir()
     argv = ["--method", "flow", "--lora", exports("flow")["flow"], "--steps", *steps] if steps else _glance(exports)
     line = _main(capsys, *argv, "--output", tmp_path / output)
     assert line is not None and message.format(tmp=tmp_path) in line, line
+
+
+@pytest.mark.parametrize("steps", [[], ["1", "2"]])
+@pytest.mark.parametrize("output", ["folder", "folder/", "new/"])
+def test_an_output_that_names_a_directory_is_refused_before_the_load(exports, capsys, tmp_path, output, steps):
+    """An existing folder was saved as folder.png beside it; a name ending in a separator failed when the image was
+    saved (PIL: unknown file extension)."""
+    (tmp_path / "folder").mkdir()
+    given = os.path.join(tmp_path, output)
+    argv = ["--method", "flow", "--lora", exports("flow")["flow"], "--steps", *steps] if steps else _glance(exports)
+    line = _main(capsys, *argv, "--output", given)
+    name = os.path.join(given, "sample.png")
+    assert line == f"fewstep: --output {given} is a directory: give a file name such as {name}", line
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_a_json_that_cannot_be_written_is_refused_before_the_load(exports, capsys, tmp_path):

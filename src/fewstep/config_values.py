@@ -90,8 +90,9 @@ def coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
     typ = f.type.replace("Optional[", "").rstrip("]")
     is_choice = meta["choices"] is not None and value in meta["choices"]  # e.g. report_to: "none"
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and typ != "Any"
-                         and not is_choice):
+    # "null" / "none" (the command line's only way to write null) is None for every option, the timestep lists
+    # (typed Any) included, unless it is one of the option's choices
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and not is_choice):
         if f.default is None or meta["choices"] and None in meta["choices"]:
             return None
         raise ConfigError(f"'{key}' may not be null")

@@ -7,7 +7,9 @@ from fewstep.paths import write_atomic
 
 
 def load_json(path: str, error: type[Exception], what: str):
-    """Parse `path`; a missing file or invalid JSON raises `error` naming `what` and the file."""
+    """Parse `path`; a missing file, a directory or invalid JSON raises `error` naming `what` and the file."""
+    if os.path.isdir(path):
+        raise error(f"{what} is a directory, expected a JSON file: {path}")
     if not os.path.isfile(path):
         raise error(f"{what} not found: {path}")
     with open(path) as fh:

@@ -116,7 +116,10 @@ class MetricsLogger:
             self.wandb_run = _start_wandb(os.path.join(output_dir, "logs", "wandb-run-id"), log_dir, start_step,
                                           wandb_init, new_wandb_run)
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        # In a file (stderr redirected, a Slurm .out) the bar's `\r` redraws do not erase: there it prints a line at
+        # most every 30 s instead, so the lines printed between (`log_main`'s) start lines of their own.
+        lines = {} if sys.stderr.isatty() else dict(file=_LineStream(sys.stderr), mininterval=30, miniters=1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, **lines)
 
     @classmethod
     def from_config(cls, cfg, enabled: bool, total_steps: int, start_step: int, desc: str = "train",
@@ -165,8 +168,10 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{k}", float(v), step)
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": float(v) for k, v in scalars.items()}, step=step)
+        # the postfix first, drawn by the update (at the bar's interval; a refresh here would draw every step)
+        self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{scalars.get('lr', 0):.2e}",
+                             refresh=False)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{scalars.get('lr', 0):.2e}")
 
     def image(self, tag: str, image_hwc_uint8, step: int) -> None:
         if not self.enabled:
@@ -190,6 +195,27 @@ class MetricsLogger:
             self.wandb_run.finish()
             wandb.teardown()  # waits for wandb-core to write everything (finish alone can return before)
             self.wandb_run = None
+
+
+class _LineStream:
+    r"""The progress bar's stream where it is no terminal: each redraw (`\r` + bar) a line of its own, the erasures
+    (`\r` + spaces) nothing. Anything else (encoding, fileno, ...) is the stream's."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            sys.stdout.flush()  # the lines printed before the bar's stay before it where both go to one file
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_run: bool = False):

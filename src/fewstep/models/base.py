@@ -85,6 +85,9 @@ class FlowModelAdapter:
     # latents' dtype and divide by 1000 there (bf16: 1000 sigma on a grid of 4 near 1000); SD3's passes t in fp32.
     # Training feeds the model the same value (`pipeline_timestep`).
     timestep_in_model_dtype: bool = True
+    # Where the family is fixed and the base model is chosen with a command-line option (sample.py: '--model', the
+    # run's family), that option: a base model of another family is then fixed with it, not with model_family.
+    model_option: str | None = None
 
     # ------------------------------------------------------------------ loading
     def load(self, name_or_path: str, *, dtype: torch.dtype = torch.float32, with_text: bool = True,
@@ -127,14 +130,27 @@ class FlowModelAdapter:
         if name.startswith("tiny:"):
             fam = name[len("tiny:"):]
             if _canonical(fam) != self.family:
-                raise ModelFamilyError(f"{name!r} is a {fam!r} model, but model_family is {self.family!r}: use "
-                                       f"'tiny:{self.family}', or set model_family {fam!r}")
+                raise ModelFamilyError(self._tiny_mismatch(name, fam))
             from fewstep.models.tiny import ensure_tiny_pipeline
             return str(ensure_tiny_pipeline(self.family))
         src = resolve_folder_or_hub(name, self.denoiser_subfolder)
         families = {cls.denoiser_cls.__name__: cls.family for cls in _REGISTRY.values()}
-        check_denoiser_class(name, src, self.denoiser_subfolder, self.denoiser_cls.__name__, self.family, families)
+        check_denoiser_class(name, src, self.denoiser_subfolder, self.denoiser_cls.__name__, self.family, families,
+                             model_option=self.model_option)
         return src
+
+    def _tiny_mismatch(self, name: str, fam: str) -> str:
+        """Why `tiny:<fam>` (`name`) is no model for this family, and the fix: the matching tiny model, or (in a
+        training config) model_family `fam` where fewstep has that family."""
+        families = sorted({cls.family for cls in _REGISTRY.values()})
+        known = _canonical(fam) in families
+        what = f"{name!r} is a {fam!r} model" if known else \
+            f"{name!r} names no model family (fewstep has {', '.join(families)})"
+        if self.model_option is not None:
+            return f"{what}, but the run trained a {self.family!r} model: use {self.model_option} tiny:{self.family}"
+        if known:
+            return f"{what}, but model_family is {self.family!r}: use 'tiny:{self.family}', or set model_family {fam!r}"
+        return f"{what}: for model_family {self.family!r} use 'tiny:{self.family}'"
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()

@@ -48,6 +48,9 @@ def forces_zeros_for_empty_prompt(folder: str) -> bool:
 def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:
     """A diffusers pipeline folder (one with model_index.json or a `denoiser_subfolder`/) or a reachable hub id."""
     path = Path(name).expanduser()
+    if path.is_file():  # a single-file checkpoint (.safetensors), a config.json, ...
+        raise ModelSourceError(f"{name!r} is a file: expected a diffusers pipeline folder (one with model_index.json), "
+                               "a hub id like 'org/name', or 'tiny:<family>'")
     if path.is_dir():
         if not (path / denoiser_subfolder).is_dir() and not (path / "model_index.json").exists():
             raise ModelSourceError(f"{name!r} is a directory but not a diffusers pipeline folder: expected "
@@ -60,24 +63,29 @@ def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:
 
 
 def check_denoiser_class(name: str, src: str, subfolder: str, expected: str, family: str,
-                         families: dict[str, str]) -> None:
+                         families: dict[str, str], model_option: str | None = None) -> None:
     """A pipeline folder of another family fails here, naming both, not in `from_pretrained` after the data work.
-    `families`: {denoiser class name: family} of every adapter."""
+    `families`: {denoiser class name: family} of every adapter. `model_option`: where the family is a run's, fixed
+    (sample.py), the option that names the base model ('--model'), which the fix then names instead of model_family."""
     config = os.path.join(src, subfolder, "config.json")
     if not os.path.isfile(config) and not os.path.isdir(name):
         return  # a hub id's cached snapshot may be partial: its download (engine.loading.local_model) completes it
+    owner = f"model_family {family!r}" if model_option is None else f"the run's model family {family!r}"
     if not os.path.isfile(config):
-        raise ModelSourceError(f"{name!r} has no {subfolder}/config.json: model_family {family!r} loads a {expected} "
-                               f"from {subfolder}/")
+        raise ModelSourceError(f"{name!r} has no {subfolder}/config.json: {owner} loads a {expected} from "
+                               f"{subfolder}/")
     try:
         with open(config) as fh:
             found = json.load(fh).get("_class_name")
     except (OSError, ValueError, AttributeError) as e:
         raise ModelSourceError(f"{config}: not a readable model config ({type(e).__name__}: {e})") from None
     if found is not None and found != expected:
+        if model_option is not None:
+            raise ModelFamilyError(f"{name!r} holds a {found} in {subfolder}/, but {owner} samples with a {expected}: "
+                                   f"give a {family} model with {model_option}")
         hint = f"set model_family {families[found]!r}" if found in families else "fewstep has no family for it"
-        raise ModelFamilyError(f"{name!r} holds a {found} in {subfolder}/, but model_family {family!r} trains a "
-                               f"{expected}: {hint}, or give a {family} model")
+        raise ModelFamilyError(f"{name!r} holds a {found} in {subfolder}/, but {owner} trains a {expected}: {hint}, "
+                               f"or give a {family} model")
 
 
 def resolve_hub_id(repo_id: str) -> str:
