@@ -75,3 +75,25 @@ def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(tmp_path):
     assert lines[-1].startswith("fewstep: interrupted (Ctrl-C twice): stopped at once, without a checkpoint") and \
         "Traceback" not in err, err
     assert not os.path.exists(root / "out" / "checkpoints")
+
+
+def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_raises():
+    """torchrun's agent answers a terminal's Ctrl-C with SIGTERM to workers that got the SIGINT themselves: the stop
+    stays a Ctrl-C (exit 130), and a second Ctrl-C after the SIGTERM still stops at once."""
+    import pytest
+
+    from fewstep import preemption
+
+    preemption.clear()
+    try:
+        preemption._handler(signal.SIGINT, None)
+        preemption._handler(signal.SIGTERM, None)
+        assert preemption.requested() and preemption.received() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            preemption._handler(signal.SIGINT, None)
+        preemption.clear()
+        preemption._handler(signal.SIGUSR1, None)
+        preemption._handler(signal.SIGTERM, None)
+        assert preemption.received() == "SIGUSR1"
+    finally:
+        preemption.clear()

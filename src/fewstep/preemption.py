@@ -16,18 +16,21 @@ import threading
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 INTERRUPTED_EXIT = 130  # a shell's status for a process stopped by Ctrl-C
-_state = {"requested": False, "signal": None}
+_state = {"requested": False, "signal": None, "interrupts": 0}
 
 
 def _handler(signum, frame) -> None:
     if signum == signal.SIGINT:
-        if _state["signal"] == "SIGINT":  # the second Ctrl-C
+        _state["interrupts"] += 1
+        if _state["interrupts"] > 1:  # the second Ctrl-C
             raise KeyboardInterrupt
         if os.environ.get("RANK", "0") == "0":  # a terminal's Ctrl-C reaches every rank: one line
             # a line of its own: the progress bar's line on stderr has no newline yet
             print("\nfewstep: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once, without "
                   "one)", file=sys.stderr, flush=True)
-    _state["requested"], _state["signal"] = True, signal.Signals(signum).name
+    # the first signal names the stop: torchrun's agent answers a Ctrl-C with SIGTERM to every worker (and SIGKILL
+    # 30 s later), which the workers' own SIGINT from the terminal precedes
+    _state["requested"], _state["signal"] = True, _state["signal"] or signal.Signals(signum).name
 
 
 def install() -> None:
@@ -48,4 +51,4 @@ def received() -> str | None:
 
 def clear() -> None:
     """Forget a handled request (a second training in the same process starts clean)."""
-    _state["requested"], _state["signal"] = False, None
+    _state["requested"], _state["signal"], _state["interrupts"] = False, None, 0
