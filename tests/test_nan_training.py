@@ -111,7 +111,7 @@ def test_skipped_step_leaves_the_state_bit_identical(runs, stage, prec):
 def test_both_ranks_skip_and_say_so(runs):
     _, stdout = runs
     for stage, prec in COMBOS:
-        assert f'RESULT nan-z{stage}-{prec} {{"step": 2, "preempted": true}}' in stdout
+        assert f'RESULT nan-z{stage}-{prec} {{"step": 2, "preempted": true, "signal": "SIGUSR1"}}' in stdout
     # the loss is NaN on one rank, so both flags are set; rank 0 (which logs) names its own non-finite terms, if any
     said = re.findall(r"step 3: non-finite loss and gradients \(on some rank(?:; here: [\w, ]+)?\): update skipped",
                       stdout)
@@ -133,7 +133,7 @@ def test_a_streak_of_bad_steps_survives_a_requeue(runs):
     out, stdout = runs
     results = [json.loads(line.split(" ", 2)[2]) for line in stdout.splitlines()
                if line.startswith("RESULT streak-z2 ")]
-    assert results[0] == {"step": 2, "preempted": True}, results
+    assert results[0] == {"step": 2, "preempted": True, "signal": "SIGUSR1"}, results
     assert "2 steps in a row (nan_max_bad_steps 2)" in results[1].get("stopped", ""), results
     run_dir = out / "streak-z2"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
@@ -158,7 +158,7 @@ def test_a_skipped_twinflow_step_leaves_the_ema_teacher_as_it_was(runs):
     update before each step's teacher passes, on the same weights): a skipped step moves neither the shadow nor its
     decay warm-up. Checked on both ranks' saved EMA, against the clean run stopped after step 2."""
     out, stdout = runs
-    assert 'RESULT nan-twin {"step": 2, "preempted": true}' in stdout
+    assert 'RESULT nan-twin {"step": 2, "preempted": true, "signal": "SIGUSR1"}' in stdout
     ref, bad = (out / name / "checkpoints" / "step-2" for name in ("ref-twin", "nan-twin"))
     decay = 0.0
     for _ in range(3):  # the warm-up d <- d + (1 - d)(D - d)/2 from 0: the initial update and steps 1, 2
