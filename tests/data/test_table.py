@@ -49,6 +49,20 @@ def test_an_interrupted_write_leaves_no_table(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def _held_after_three_draws(tmp_path, table, entries):
+    """The private memory (tracemalloc) a rank's dataset and data order hold after three draws; the indices drawn."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    caches = CacheSet(table, entries, [""], str(tmp_path / "cache"), "m")
+    atomic_save({"prompt_embeds": torch.ones(3, 4)}, caches.extra_cache.text_path(""))
+    dataset = CachedDataset(caches, entries, 8)
+    order = DataOrder(len(dataset), 4, 1, 2, seed=0)
+    drawn = [i for _ in range(3) for i, _ in order.next_items(dataset.layout)]
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return held, drawn, dataset
+
+
 def test_a_rank_holds_a_few_bytes_per_sample_not_the_samples(tmp_path):
     """What a rank keeps in private memory for a data set of n images: the dataset (paths, captions, plans are the
     table's, memory-mapped and shared by the node's ranks) and the data order's indices. A list of `Sample`s held
@@ -56,16 +70,7 @@ def test_a_rank_holds_a_few_bytes_per_sample_not_the_samples(tmp_path):
     n = 100_000
     entries = [ImageEntry(id="a", image_dir=".", resolution=32.0), ImageEntry(id="b", image_dir=".", resolution=32.0)]
     table = SampleTable.written(str(tmp_path / "t"), _samples(n, entries=2))
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    caches = CacheSet(table, entries, [""], str(tmp_path / "cache"), "m")
-    atomic_save({"prompt_embeds": torch.ones(3, 4)}, caches.extra_cache.text_path(""))
-    dataset = CachedDataset(caches, entries, 8)
-    order = DataOrder(len(dataset), 4, 1, 2, seed=0)
-    for _ in range(3):
-        order.next_items(dataset.layout)
-    held = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+    held, _, dataset = _held_after_three_draws(tmp_path, table, entries)
     # the streams' indices (8 B) and caption counts (1 B), two epochs of permutation (2 x 4 B), some slack
     assert held / n < 40, held / n
     assert dataset.samples[n - 1] == _samples(n, entries=2)[n - 1]
@@ -109,14 +114,6 @@ def test_a_ranks_memory_does_not_grow_with_repeats(tmp_path):
     n = 50_000
     entries = [ImageEntry(id="a", image_dir=".", resolution=32.0, repeats=9)]
     table = SampleTable.written(str(tmp_path / "t"), _samples(n))
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    caches = CacheSet(table, entries, [""], str(tmp_path / "cache"), "m")
-    atomic_save({"prompt_embeds": torch.ones(3, 4)}, caches.extra_cache.text_path(""))
-    dataset = CachedDataset(caches, entries, 8)
-    order = DataOrder(len(dataset), 4, 1, 2, seed=0)
-    drawn = [i for _ in range(3) for i, _ in order.next_items(dataset.layout)]
-    held = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+    held, drawn, dataset = _held_after_three_draws(tmp_path, table, entries)
     assert held / n < 24, held / n
     assert all(0 <= i < n for i in drawn) and sum(s.size for s in dataset.layout.streams) == 10 * n
