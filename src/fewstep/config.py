@@ -179,7 +179,8 @@ class Config:
     checkpoints_total_limit: int = opt(3, "Keep this run's newest K checkpoints (a later run's steps, left by a "
                                           "resume from an earlier step, are kept and not counted).", lo=1)
     resume_from_checkpoint: Optional[str] = opt(None, "'latest', a checkpoint directory, or a bare 'step-N' "
-                                                "('checkpoint-N') of this run's checkpoints, to resume from.")
+                                                "('checkpoint-N') of this run's checkpoints, to resume from. Unset, "
+                                                "an output_dir that holds checkpoints is refused.")
 
     # ---- validation and logging ----
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
