@@ -64,15 +64,17 @@ _fewstep_on_signal() {
 # _fewstep_resume_hint ARGS...: how to resume the run in a new job, for a job ending without finishing or a requeue
 # (a new job gets a new id, and the default output directory follows the id).
 _fewstep_resume_hint() {
-    local prev="" a dir=""
+    local prev="" a dir="" config=""
     for a in "$@"; do  # the last one given is the one the trainer uses
         if [ "$prev" = --output_dir ]; then dir=$a; fi
-        case $a in --output_dir=*) dir=${a#--output_dir=} ;; esac
+        if [ "$prev" = --config ]; then config=$a; fi
+        case $a in --output_dir=*) dir=${a#--output_dir=} ;; --config=*) config=${a#--config=} ;; esac
         prev=$a
     done
-    if [ -n "$dir" ]; then
-        echo "fewstep-slurm: to resume this run in a new job: FEWSTEP_OUTPUT_DIR='$(realpath -m -- "$dir")' sbatch" \
-             "<the same script and arguments>" >&2
+    # only where the run saved a checkpoint (a job that failed before, e.g. on a config mistake, has nothing to resume)
+    if [ -n "$dir" ] && [ -e "$dir/checkpoints/latest" ]; then
+        echo "fewstep-slurm: to resume this run in a new job: FEWSTEP_OUTPUT_DIR='$(realpath -m -- "$dir")'" \
+             "${config:+FEWSTEP_CONFIG='$(realpath -m -- "$config")' }sbatch <the same script and arguments>" >&2
     fi
 }
 

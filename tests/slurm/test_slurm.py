@@ -215,14 +215,31 @@ def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path, probe):
 
 def test_a_failed_step_says_how_to_resume_in_a_new_job(slurm_cluster, tmp_path, probe):
     """A job that ends without finishing and without a requeue: a resubmitted job gets a new id, and with it a new
-    default output directory, so the log names the run's directory to resume from."""
+    default output directory, so the log names the run's directory (and config) to resume from; a job that failed
+    before any checkpoint (e.g. on a config mistake) has nothing to resume, and says nothing of it. Submitted from
+    outside a checkout, a job says so in one line."""
     out = tmp_path / "out"
     env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_EXIT="3")
-    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
+    logs = []
+    for saved in (False, True):
+        if saved:  # the probe saves nothing: a checkpoint of the run, as the trainer leaves one
+            (out / "checkpoints").mkdir(parents=True)
+            (out / "checkpoints" / "latest").write_text("step-2")
+        jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env=env, cwd=tmp_path)
+        job = slurm_cluster.wait_finished(jobid, 60)
+        logs.append(_log(tmp_path, job))
+        assert job["JobState"] == "FAILED" and "job step finished with exit code 3" in logs[-1], f"{job}\n{logs[-1]}"
+    assert "to resume this run" not in logs[0], logs[0]
+    config = REPO / "configs" / "twinflow" / "qwen_image_lora.json"  # the script's default
+    assert f"to resume this run in a new job: FEWSTEP_OUTPUT_DIR='{out}' FEWSTEP_CONFIG='{config}' sbatch" in logs[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    jobid = slurm_cluster.sbatch(SLURM / "twinflow.sbatch", options=BOTH_NODES, env={**env, "FEWSTEP_ROOT": None},
+                                 cwd=elsewhere)
     job = slurm_cluster.wait_finished(jobid, 60)
-    log = _log(tmp_path, job)
-    assert job["JobState"] == "FAILED" and "job step finished with exit code 3" in log, f"{job}\n{log}"
-    assert f"to resume this run in a new job: FEWSTEP_OUTPUT_DIR='{out}' sbatch" in log, log
+    log = _log(elsewhere, job)
+    assert f"fewstep-slurm: error: FEWSTEP_ROOT='{elsewhere}' is not a fewstep checkout" in log and \
+        "No such file" not in log, log
 
 
 def _stopped_cleanly(out):
