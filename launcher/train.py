@@ -57,10 +57,18 @@ def report(error: BaseException, first: bool) -> None:
     learns of it. Before the ranks have met (the config, the launch) every rank usually has the same error, so
     the others pause to let rank 0 print first, and then only the first rank of each node prints its own (a file
     missing from one node's disk); the rest pause longer, so that their exit does not end a printing rank early.
+    After they have met, rank 0 does not repeat its own error when another rank met the same one first and printed
+    it (a data or resume mistake every rank finds at once).
     """
+    from fewstep.engine.distributed import RankFailed, first_failure
+
     env = os.environ
     rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
     local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
+    if rank == 0 and not first and not isinstance(error, RankFailed):
+        kept = first_failure() or ""  # every rank met the same mistake and another was first: it printed this line
+        if not kept.startswith("rank 0 ") and kept.endswith(f"{type(error).__name__}: {error}"):
+            return
     if rank == 0 or first:
         print(f"fewstep: {'' if rank == 0 else f'rank {rank}: '}{error}", file=sys.stderr, flush=True)
         return
@@ -119,5 +127,11 @@ if __name__ == "__main__":
     if code:  # after a failure the process group is still up (tearing it down could wait on ranks that are gone),
         sys.stdout.flush()  # and gloo's threads can abort the interpreter's exit ("terminate called without an
         sys.stderr.flush()  # active exception", status -6): leave at once with the status the error gave
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() == 0 and dist.get_world_size() > 1:
+            # rank 0's process may host the rendezvous store: let the other ranks finish their last store calls
+            # (announcing or reading the failure), which would otherwise end in c10d's "connection reset" dumps
+            time.sleep(PAUSE_BEFORE_EXIT_S)
         os._exit(code)
     sys.exit(code)

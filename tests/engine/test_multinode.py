@@ -101,6 +101,21 @@ def test_node_local_output_dir_is_refused_by_name(tmp_path, node_local):
     assert "Traceback" not in err
 
 
+def test_a_mistake_every_rank_meets_at_once_is_said_once(tmp_path, node_local):
+    """A data config missing on every node: both ranks fail at once with the same error. Whichever announces it
+    first prints it, and no other line repeats it; rank 0, which hosts the store, does not leave while rank 1 still
+    talks to it (c10d's 'connection reset' dump with C++ frames)."""
+    cfg = write_config(str(tmp_path), str(tmp_path / "nowhere.json"), cache_dir=str(tmp_path / "c"))
+    for _ in range(2):  # the race goes either way
+        results = _launch_nodes(cfg, str(node_local), free_port())
+        assert [r[0] for r in results] == [2, 2], results
+        both = results[0][2] + results[1][2]
+        assert "Traceback" not in both and "Exception raised from" not in both, both[-3000:]
+        lines = [line for line in both.splitlines() if line.startswith("fewstep: ")]
+        assert len(lines) == 1 and lines[0].endswith(f"data_backend_config not found: {tmp_path / 'nowhere.json'}"), \
+            lines
+
+
 def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path, node_local):
     """Node-local data that only rank 0's node holds: every rank reads images (the first scan is spread over ranks),
     so the run stops with one line naming the rank and the image, on every rank, instead of a hang. Twice: the image
@@ -159,5 +174,5 @@ def test_model_copies_that_differ_between_nodes_are_refused(tmp_path, node_local
     results = _launch_nodes(cfg, str(node_local), free_port(), node_files=[str(c) for c in copies])
     for rank, (rc, out, err) in enumerate(results):
         assert rc == 2 and "Traceback" not in err, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-3000:]}"
-    assert "text-encoder files of" in results[0][2] and "differ between ranks (ranks [1] differ from rank 0)" in \
-        results[0][2]
+    said = results[0][2] + results[1][2]  # by whichever rank announced it first (one .out under srun)
+    assert "text-encoder files of" in said and "differ between ranks (ranks [1] differ from rank 0)" in said

@@ -322,6 +322,18 @@ def deepspeed_barriers_wait(tag: str):
         ds_comm.barrier = collective
 
 
+def first_failure() -> str | None:
+    """The first failure a rank announced ('rank N failed[ during X]: Type: message'); None without one (or without
+    a process group, or its store)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return None
+    try:
+        failure = _announced_failure(_store())
+    except Exception:  # the store's host has gone
+        return None
+    return None if failure is None else str(failure)
+
+
 def announce_failure(error: BaseException, tag: str | None = None) -> bool:
     """Tell the ranks waiting in `wait_for_all` that this rank failed, so that they stop with its message
     (`RankFailed`) instead of waiting for ever: launcher/train.py calls it for any failure, wherever it happened (a
