@@ -87,6 +87,11 @@ trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit "$stop"' TER
 trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/usr1-$RANK"; exit "$stop"' USR1
 env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
 mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
+# PROBE_WAIT_ALL: wait until every task is up (as the trainer's rendezvous does), so that no task is still starting,
+# and dies of srun's TERM instead of trapping it, when another exits
+if [ -n "${PROBE_WAIT_ALL:-}" ]; then
+    until [ "$(find "$out" -name 'rank-*.env' | wc -l)" -ge "$WORLD_SIZE" ]; do sleep 0.1; done
+fi
 sleep "${PROBE_SLEEP:-0}" &
 wait
 exit "${PROBE_EXIT:-0}"
@@ -219,9 +224,14 @@ def test_a_failed_step_says_how_to_resume_in_a_new_job(slurm_cluster, tmp_path, 
     before any checkpoint (e.g. on a config mistake) has nothing to resume, and says nothing of it. Submitted from
     outside a checkout, a job says so in one line."""
     out = tmp_path / "out"
-    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_EXIT="3")
+    # every task fails with 3, also one that srun's --kill-on-bad-exit TERMs first (a trainer whose peer is gone
+    # cannot checkpoint), and none exits before all are up: srun's status is the highest of its tasks'
+    env = _env(FEWSTEP_PYTHON=str(probe), FEWSTEP_OUTPUT_DIR=str(out), FEWSTEP_CPU="1", PROBE_EXIT="3",
+               PROBE_TRAP_EXIT="3", PROBE_WAIT_ALL="1")
     logs = []
     for saved in (False, True):
+        for up in out.glob("rank-*.env"):  # the first job's tasks: the second waits for its own
+            up.unlink()
         if saved:  # the probe saves nothing: a checkpoint of the run, as the trainer leaves one
             (out / "checkpoints").mkdir(parents=True)
             (out / "checkpoints" / "latest").write_text("step-2")
