@@ -207,16 +207,20 @@ class CacheSet:
         latents (sample indices, the first of each image and plan), the prompts of the captions (`SampleTable`
         prompt ids), and the run's extra prompts (empty, validation) if this is the default text directory."""
         table = self.samples
-        lat = np.flatnonzero(np.isin(table.entries, self._entries_at(self.latent_cache, root)))
-        if len(lat):
-            rows = np.concatenate([table.digests[lat].view(np.uint8).reshape(len(lat), -1),
-                                   np.ascontiguousarray(table.plans[lat, :6]).view(np.uint8).reshape(len(lat), -1)],
-                                  axis=1)
-            keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()  # a row: one key
-            _, first = np.unique(keys, return_index=True)  # an image repeated in entries is encoded once
-            lat = lat[np.sort(first)]
+        prompts = table.prompt_ids_of(self._entries_at(self.text_cache, root))  # first: its transients are larger
+        here = np.isin(table.entries, self._entries_at(self.latent_cache, root))  # bool [n]
+        lat = np.flatnonzero(here)
+        image = table.images[lat]
+        # an image repeated in entries is encoded once: its first sample, if that is stored here (the usual case),
+        # else the first of its samples that are (its first sample is in an entry of another folder)
+        keep = image == lat
+        stray = ~here[image]
+        if stray.any():
+            _, first = np.unique(image[stray], return_index=True)
+            keep[np.flatnonzero(stray)[first]] = True
+        lat = lat[keep]
         extra = self.extra_prompts if self.extra_cache.root == root else []
-        return lat, table.prompt_ids_of(self._entries_at(self.text_cache, root)), extra
+        return lat, prompts, extra
 
     def share(self, root: str, index: int, size: int) -> tuple[list[Sample], list[str]]:
         """What this rank (`index` of `size` ranks that see `root`) still has to compute for `root`: only its share

@@ -12,6 +12,8 @@ Columns (numpy `.npy`, opened with `mmap_mode="r"`):
 - `digest` bytes [n]: the image's content hash;
 - `path`, `prompt`: strings as one UTF-8 blob and int64 offsets (a file name that is not UTF-8 kept as Python's
   os functions give it: surrogate escapes); `prompt` holds each distinct caption once, in order of first use;
+- `image` int32 [n]: the first sample with the same digest and the same target, resize and crop (`plan[:, :6]`):
+  samples that share it encode to the same latents (an image in several entries), which are cached once;
 - `caption_id` int32 [captions]: the prompt of each caption; `caption_start` int64 [n + 1]: sample i's captions are
   caption_start[i] .. caption_start[i + 1] - 1 (the first one is its `caption`). A cache fill asks which prompts an
   entry has (`np.unique` of its ids) and decodes only its own share of them.
@@ -30,7 +32,8 @@ from fewstep.checkpoint_files import fsync, fsync_tree
 from fewstep.data.buckets import Plan
 from fewstep.data.dataset import Sample
 
-COLUMNS = ("entry", "plan", "digest", "caption_start", "caption_id")  # and the string columns `path`, `prompt`
+BLOCK = 1 << 16  # samples read at a time by whole-table questions (`prompt_ids_of`)
+COLUMNS = ("entry", "plan", "digest", "image", "caption_start", "caption_id")  # and the string columns `path`, `prompt`
 
 
 class StringColumn(Sequence):
@@ -84,11 +87,12 @@ def write_table(folder: str, samples: list[Sample]) -> None:
         caption_ids = [prompt_ids.setdefault(c, len(prompt_ids)) for s in samples for c in s.captions]
         StringColumn.save(tmp, "prompt", prompt_ids)
         digests = [s.digest.encode() for s in samples]
+        plans = np.array([_plan_row(s.plan) for s in samples], dtype=np.int32).reshape(len(samples), 8)
+        digests = np.array(digests, dtype=f"S{max(map(len, digests), default=1) or 1}")
         columns = {
-            "entry": np.array([s.entry for s in samples], dtype=np.int32),
-            "plan": np.array([_plan_row(s.plan) for s in samples], dtype=np.int32).reshape(len(samples), 8),
-            "digest": np.array(digests, dtype=f"S{max(map(len, digests), default=1) or 1}"),
-            "caption_start": starts, "caption_id": np.array(caption_ids, dtype=np.int32),
+            "entry": np.array([s.entry for s in samples], dtype=np.int32), "plan": plans, "digest": digests,
+            "image": _first_of_same_image(digests, plans), "caption_start": starts,
+            "caption_id": np.array(caption_ids, dtype=np.int32),
         }
         for name, array in columns.items():
             np.save(os.path.join(tmp, name + ".npy"), array)
@@ -100,6 +104,17 @@ def write_table(folder: str, samples: list[Sample]) -> None:
         raise
 
 
+def _first_of_same_image(digests: np.ndarray, plans: np.ndarray) -> np.ndarray:
+    """The `image` column: for each sample, the first sample with its digest and plan[:6]. Computed once, by the
+    rank that writes the table (about 250 B/sample of numpy transients), not by every rank at each start."""
+    n = len(digests)
+    rows = np.concatenate([digests.view(np.uint8).reshape(n, -1),
+                           np.ascontiguousarray(plans[:, :6]).view(np.uint8).reshape(n, -1)], axis=1)
+    keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()  # a row: one key
+    _, first, group = np.unique(keys, return_index=True, return_inverse=True)
+    return first[group.ravel()].astype(np.int32)
+
+
 class SampleTable(Sequence):
     """The samples of a data index folder (`write_table`), read in place: `table[i]` builds sample i's `Sample`;
     the columns serve whole-table questions without building any (`entries`, `targets`)."""
@@ -107,7 +122,7 @@ class SampleTable(Sequence):
     def __init__(self, folder: str):
         self.folder = folder
         col = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in COLUMNS}
-        self.entries, self.plans, self.digests = col["entry"], col["plan"], col["digest"]
+        self.entries, self.plans, self.digests, self.images = col["entry"], col["plan"], col["digest"], col["image"]
         self.paths, self.prompts = StringColumn.open(folder, "path"), StringColumn.open(folder, "prompt")
         self.caption_start, self.caption_ids = col["caption_start"], col["caption_id"]
 
@@ -138,9 +153,18 @@ class SampleTable(Sequence):
         return self.prompts[self.caption_ids[first + variant]]
 
     def prompt_ids_of(self, entries: list[int]) -> np.ndarray:
-        """The distinct prompts (ids, ascending: order of first use) of the captions of these entries' samples."""
-        slot_entries = np.repeat(np.asarray(self.entries), np.diff(self.caption_start))
-        return np.unique(self.caption_ids[np.isin(slot_entries, entries)])
+        """The distinct prompts (ids, ascending: order of first use) of the captions of these entries' samples.
+        Read in blocks of samples, so that its transients are bounded: about 12 B a sample where every caption is
+        distinct (the ids of each block, then all of them sorted)."""
+        found = [np.zeros(0, dtype=np.int32)]
+        for start in range(0, len(self), BLOCK):
+            end = min(start + BLOCK, len(self))
+            here = np.isin(self.entries[start:end], entries)
+            if here.any():
+                slots = np.repeat(here, np.diff(self.caption_start[start:end + 1]))
+                first = int(self.caption_start[start])
+                found.append(np.unique(self.caption_ids[first:first + len(slots)][slots]))
+        return np.unique(np.concatenate(found))
 
     def variants(self) -> np.ndarray:
         """How many captions each sample has."""

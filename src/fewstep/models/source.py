@@ -25,24 +25,32 @@ def pipeline_components(index_path: str) -> set[str]:
     """The component folders a pipeline's model_index.json names (`"vae": ["diffusers", "AutoencoderKL"]`); an
     absent optional component (`[null, null]`) and the `_class_name`-style entries are not folders."""
     with open(index_path) as fh:
-        index = json.load(fh)
+        return _components(json.load(fh))
+
+
+def _components(index: dict) -> set[str]:
     return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+
+
+def _folder_index(folder: str) -> dict | None:
+    """A pipeline folder's model_index.json, or None where it has none."""
+    index = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index):
+        return None
+    with open(index) as fh:
+        return json.load(fh)
 
 
 def folder_components(folder: str) -> set[str] | None:
     """`pipeline_components` of a pipeline folder, or None where it has no model_index.json."""
-    index = os.path.join(folder, INDEX_FILE)
-    return pipeline_components(index) if os.path.isfile(index) else None
+    index = _folder_index(folder)
+    return None if index is None else _components(index)
 
 
 def forces_zeros_for_empty_prompt(folder: str) -> bool:
     """The pipeline folder's `force_zeros_for_empty_prompt` (model_index.json; SDXL's default True: the empty prompt's
     embedding is zeros, not the encoders' output)."""
-    index = os.path.join(folder, INDEX_FILE)
-    if not os.path.isfile(index):
-        return True
-    with open(index) as fh:
-        return bool(json.load(fh).get("force_zeros_for_empty_prompt", True))
+    return bool((_folder_index(folder) or {}).get("force_zeros_for_empty_prompt", True))
 
 
 def resolve_folder_or_hub(name: str, denoiser_subfolder: str) -> str:
