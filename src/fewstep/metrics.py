@@ -30,6 +30,17 @@ def log_main(is_main: bool, msg: str) -> None:
         sys.stdout.flush()
 
 
+def quiet_library_bars() -> None:
+    """Turn off diffusers' and transformers' own progress bars ("Loading weights", "Loading pipeline components")
+    in this process: called on every rank but rank 0, whose bars stand for the job's (eight ranks' bars in one
+    Slurm log, as lines of their own, say nothing more)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def trackers(report_to: str | None) -> set[str]:
     """'tensorboard' | 'wandb' | 'all' | 'none' | a comma list of trackers -> the set of trackers."""
     names = {s.strip().lower() for s in str(report_to or "none").split(",") if s.strip()}

@@ -31,7 +31,7 @@ from fewstep.kernels import resolve_backend
 from fewstep.full_export import export_full
 from fewstep.lora import (count_params, export_lora, prepare_trainable, remove_run_info,
                           run_info_matches, write_run_info)
-from fewstep.metrics import MetricsLogger, log_main, require_wandb_credentials
+from fewstep.metrics import MetricsLogger, log_main, quiet_library_bars, require_wandb_credentials
 from fewstep.models import get_adapter
 from fewstep.nan_guard import NonFiniteGuard
 from fewstep.step_context import StepContext
@@ -49,6 +49,8 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
+    if not is_main:
+        quiet_library_bars()
     seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
     data = read_data_config(cfg)  # its mistakes before the model is resolved (a hub id may download first)

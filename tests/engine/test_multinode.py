@@ -86,6 +86,8 @@ def test_two_nodes_each_fill_their_node_local_cache(tmp_path, node_local):
     for rank, (rc, out, err) in enumerate(results):
         assert rc == 0, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-4000:]}"
     assert "1 rank(s) per cache directory" in results[0][1]  # each node filled its own copy
+    # each loaded the encoders: only rank 0 shows the libraries' loading bars (one set per job log)
+    assert "Loading weights" in results[0][2] and "Loading weights" not in results[1][2], results[1][2][-2000:]
     assert not os.listdir(node_local)  # nothing leaked to the real directory under the mounts
     assert len(read_metrics(tmp_path / "out")) == 2
 
