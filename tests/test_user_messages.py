@@ -93,3 +93,15 @@ def test_log_lines_start_a_line_beside_the_progress_bar(monkeypatch, tmp_path, s
     assert "\r" not in text and lines[0].startswith("flow:   0%|") and lines[-3].startswith("flow: 100%|"), text
     logged = [ln for ln in lines if "fewstep:" in ln]
     assert len(logged) == 7 and all(ln.startswith("fewstep: ") for ln in logged), text
+
+
+def test_a_run_resumed_at_its_end_prints_its_bar_once(monkeypatch, tmp_path):
+    """In a file, a bar that starts full (resumed at its last step: nothing to train) is one line, not two (its
+    close redraws the same bar)."""
+    from fewstep.metrics import MetricsLogger
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    MetricsLogger(str(tmp_path), None, True, False, total_steps=2, start_step=2, desc="flow").close()
+    lines = [ln for ln in out.getvalue().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("flow: 100%|") and "2/2" in lines[0], lines

@@ -210,14 +210,16 @@ class MetricsLogger:
 
 class _LineStream:
     r"""The progress bar's stream where it is no terminal: each redraw (`\r` + bar) a line of its own, the erasures
-    (`\r` + spaces) nothing. Anything else (encoding, fileno, ...) is the stream's."""
+    (`\r` + spaces) nothing, and a redraw of the line just printed nothing either (the bar's close redraws it: a
+    run resumed at its end printed its bar twice). Anything else (encoding, fileno, ...) is the stream's."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, None
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line:
+        if line and line != self.last:
+            self.last = line
             sys.stdout.flush()  # the lines printed before the bar's stay before it where both go to one file
             self.stream.write(line + "\n")
             self.stream.flush()
