@@ -194,7 +194,7 @@ def test_modules_without_a_kohya_key_are_refused_before_training():
 
     adapter, t = _bare("flux")
     cfg = SimpleNamespace(model_type="lora", gradient_checkpointing=False, lora_rank=4, lora_alpha=4.0,
-                          lora_dropout=0.0, lora_targets=["to_q", "tt_linear_1"],
+                          lora_dropout=0.0, lora_init_type="default", lora_targets=["to_q", "tt_linear_1"],
                           lora_export_formats=["diffusers", "comfyui"])
     with pytest.raises(ConfigError, match="is named 'tt_linear_1'"):  # the any-step layers are never LoRA targets
         prepare_trainable(cfg, adapter, t, anystep_embeddings=True)
@@ -219,13 +219,34 @@ def test_a_lora_target_that_names_no_module_is_refused():
 
     adapter, t = _bare("flux")
     cfg = SimpleNamespace(model_type="lora", gradient_checkpointing=False, lora_rank=4, lora_alpha=4.0,
-                          lora_dropout=0.0, lora_targets=["to_q", "to_qq", "attn.to_kk"], lora_export_formats=[])
+                          lora_dropout=0.0, lora_init_type="default",
+                          lora_targets=["to_q", "to_qq", "attn.to_kk"], lora_export_formats=[])
     with pytest.raises(ConfigError, match=r"named 'to_qq' \(did you mean 'to_q'\?\), 'attn.to_kk' \(did you mean "
                                           r"'attn.to_k'\?\)"):
         prepare_trainable(cfg, adapter, t, anystep_embeddings=False)
     assert not any("lora" in name for name, _ in t.named_modules())  # refused before anything was adapted
     cfg.lora_targets = ["to_q", "single_transformer_blocks.0.proj_out"]  # a tail and a full name
     assert prepare_trainable(cfg, adapter, t, anystep_embeddings=False)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_lora_init_type(init):
+    """`lora_init_type: gaussian` (the Glance paper's code: peft's "gaussian", std 1/rank) against peft's default
+    Kaiming-uniform (std 1/sqrt(3 fan_in)); B starts at zero either way, so the model is unchanged at step 0."""
+    from fewstep.config import load_config
+    from fewstep.lora import prepare_trainable
+
+    adapter, t = _bare("flux")
+    cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "lora_rank": 4,
+                             "lora_targets": "to_q", "lora_init_type": init})
+    torch.manual_seed(0)
+    prepare_trainable(cfg, adapter, t, anystep_embeddings=False)
+    a = torch.cat([m.weight.flatten() for n, m in t.named_modules() if n.endswith("lora_A.default")])
+    b = torch.cat([m.weight.flatten() for n, m in t.named_modules() if n.endswith("lora_B.default")])
+    fan_in = next(m for n, m in t.named_modules() if n.endswith("to_q.base_layer")).in_features
+    want = 1 / cfg.lora_rank if init == "gaussian" else (3 * fan_in) ** -0.5
+    assert a.numel() >= 256 and abs(a.std().item() / want - 1) < 0.15, (a.std().item(), want)  # 0.10 vs 0.25
+    assert not b.any()
 
 
 def test_export_formats_option(tmp_path):

@@ -22,7 +22,8 @@ def test_only_a_dropout_that_drops_keeps_the_teacher_on_the_whole_batch(family):
         adapter = get_adapter(family)
         model = adapter.load(f"tiny:{family}", with_text=False, with_vae=False).denoiser
         cfg = SimpleNamespace(model_type="lora", gradient_checkpointing=False, lora_rank=4, lora_alpha=4.0,
-                              lora_dropout=dropout, lora_targets=None, lora_export_formats=["diffusers"])
+                              lora_dropout=dropout, lora_init_type="default",
+                              lora_targets=None, lora_export_formats=["diffusers"])
         prepare_trainable(cfg, adapter, model, anystep_embeddings=family == "flux")
         assert has_dropout(model) is want
 
@@ -35,7 +36,8 @@ def test_lora_never_wraps_the_anystep_layers():
     adapter = get_adapter("flux")
     model = adapter.load("tiny:flux", with_text=False, with_vae=False).denoiser
     cfg = SimpleNamespace(model_type="lora", gradient_checkpointing=False, lora_rank=4, lora_alpha=4.0,
-                          lora_dropout=0.0, lora_targets=["to_q", "tt_linear_1"], lora_export_formats=["diffusers"])
+                          lora_dropout=0.0, lora_init_type="default",
+                          lora_targets=["to_q", "tt_linear_1"], lora_export_formats=["diffusers"])
     with pytest.raises(ConfigError, match="no module of FluxTransformer2DModel is named 'tt_linear_1'"):
         prepare_trainable(cfg, adapter, model, anystep_embeddings=True)
     cfg.lora_targets = ["to_q"]

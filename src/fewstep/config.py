@@ -57,6 +57,10 @@ class Config:
     lora_alpha: Optional[float] = opt(None, "LoRA alpha (default: equal to lora_rank).", lo=0.0, lo_open=True)
     lora_targets: Optional[list] = opt(None, "Module names to adapt (list or comma string); default per family.")
     lora_dropout: float = opt(0.0, "LoRA dropout probability.", lo=0.0, hi=1.0)
+    lora_init_type: str = opt("default", "LoRA A-matrix initialisation (B starts at zero either way): default = "
+                              "peft's Kaiming-uniform; gaussian = normal with std 1/rank (the Glance paper's code). "
+                              "SimpleTuner's loftq, olora and pissa rewrite the base weights and are not offered.",
+                              choices=("default", "gaussian"))
     lora_export_formats: list = opt(["diffusers"], "LoRA files each export writes (list or comma string): diffusers "
                                     "(pytorch_lora_weights.safetensors, always written) and comfyui (also "
                                     "pytorch_lora_weights_comfyui.safetensors: the ComfyUI/kohya lora_unet_ layout "

@@ -34,7 +34,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     targets = cfg.lora_targets or list(adapter.default_lora_targets)
     check_targets(transformer, targets)
     transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                       target_modules=targets, init_lora_weights=True))
+                                       target_modules=targets, init_lora_weights=_PEFT_INIT[cfg.lora_init_type]))
     if anystep_embeddings:  # after the adapter, so that no LoRA target wraps its layers: they train in full, and a
         adapter.add_anystep(transformer)  # wrapped one broke anystep_embeddings.safetensors (peft's key names)
         transformer.anystep_embed.requires_grad_(True)
@@ -44,6 +44,9 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     if "comfyui" in getattr(cfg, "lora_export_formats", ()):  # refuse now what the export could not write later
         lora_formats.check_modules(adapter.family, _lora_scales(transformer), _layers_per_block(transformer))
     return trainable
+
+
+_PEFT_INIT = {"default": True, "gaussian": "gaussian"}  # lora_init_type -> peft's init_lora_weights
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
