@@ -317,8 +317,8 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     # Flux's guidance_scale is its distilled-guidance embedding: keep the value trained with (SimpleTuner's port
     # forced 0 there); the pipeline's CFG argument is set for every family (1: off, as TwinFlow samples).
     cfg_scale = args.cfg_scale or (1.0 if args.method == "twinflow" else adapter.sample_cfg_scale)
-    if args.negative_prompt is None:  # SDXL's unconditional input is the zeros of "", as training's (stock default)
-        args.negative_prompt = "" if adapter.diffusion_base else " "
+    if args.negative_prompt is None:  # validation's default too
+        args.negative_prompt = adapter.default_negative_prompt
     negative = adapter.encode_prompts(comps, [args.negative_prompt]) if cfg_scale > 1 else None
     prompt_kwargs = adapter.pipeline_prompt_kwargs(adapter.encode_prompts(comps, [args.prompt]), negative,
                                                    guidance=cfg.get("flux_guidance_value"))

@@ -47,17 +47,20 @@ def test_validation_guidance_rule():
     assert validation_distilled_guidance(cfg, flux) is None
 
 
-def test_validation_guidance_is_the_pipelines_true_cfg():
-    """A flow run's validation with `validation_guidance_real` 3 makes the latents FluxPipeline makes with
-    true_cfg_scale 3 and the empty prompt as negative (same noise, same sigmas); guidance 1 makes other ones."""
-    adapter = get_adapter("flux")
-    comps = adapter.load("tiny:flux")
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_validation_guidance_is_the_pipelines_true_cfg(family):
+    """A flow run's validation with a CFG scale of 3 makes the latents the family's pipeline makes with
+    true_cfg_scale 3 and the same negative prompt (same noise, same sigmas): QwenImagePipeline's also rescales the
+    guided velocity to the conditional one's norm, token by token. Guidance 1 makes other latents."""
+    adapter = get_adapter(family)
+    comps = adapter.load(f"tiny:{family}")
     cond, uncond = (adapter.encode_prompts(comps, [p]) for p in ("a red circle", ""))
     noise_shape = adapter.encode_images(comps.vae, torch.zeros(1, 3, 32, 32)).shape
     sigmas = [1.0, 0.75, 0.5, 0.25]
 
     def ours(scale):
-        cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=scale,
+        cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None if family == "flux" else scale,
+                              validation_guidance_real=scale if family == "flux" else None,
                               flux_guidance_value=None, validation_num_inference_steps=len(sigmas),
                               flow_schedule_shift=1.0, flow_schedule_auto_shift=False)  # the base schedule: sigmas
         ds = SimpleNamespace(validation_shape=tuple(noise_shape[1:]))

@@ -143,12 +143,11 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
                              cfg.twinflow_target_step_count, generator=generator), None
     scale = validation_cfg_scale(cfg, ctx.adapter)
 
-    def guided(x_, s):  # v_uncond + scale * (v_cond - v_uncond)
+    def guided(x_, s):  # v_uncond + scale * (v_cond - v_uncond), as the family's pipeline combines them
         v = model(x_, s, cond)
         if uncond is None or scale == 1.0:
             return v
-        v_u = model(x_, s, uncond)
-        return v_u + scale * (v - v_u)
+        return ctx.adapter.guide(v, model(x_, s, uncond), scale)
 
     if phase.glance is None:
         base = flow_sigmas(cfg.validation_num_inference_steps, schedule_shift(
@@ -218,7 +217,7 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
     decodes, writes a PNG and logs it to TensorBoard while the others wait without a collective timeout."""
     cfg, ds, engine = ctx.cfg, ctx.dataset, ctx.engine
     cond, uncond = (to_device(ctx.adapter.collate_cond([ds.text[p]]), ctx.device, ctx.dtype)
-                    for p in validation_prompts(cfg, ds))
+                    for p in validation_prompts(cfg, ds, ctx.adapter))
     engine.eval()
     latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed), uncond)
     engine.train()
@@ -229,11 +228,12 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
             _write_validation(ctx, phase, step, logger, vae, latents)
 
 
-def validation_prompts(cfg, ds) -> tuple[str, str]:
+def validation_prompts(cfg, ds, adapter) -> tuple[str, str]:
     """The validation prompt (default: the first training caption) and the negative one of its classifier-free
-    guidance (default: the empty prompt); both were cached with the data set (`fewstep.data.prepare`)."""
+    guidance (default: the family's, as launcher/sample.py's); both were cached with the data set
+    (`fewstep.data.prepare`)."""
     prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
-    return prompt, cfg.validation_negative_prompt or ""
+    return prompt, cfg.validation_negative_prompt or adapter.default_negative_prompt
 
 
 def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_validation_negative_prompt_is_cached_and_chosen_as_the_negative(tmp_pat
     cfg = load_config(None, {**base, "--validation_negative_prompt": "blurry, cropped, ugly"})
     adapter = get_adapter("flux")
     dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
-    assert validation_prompts(cfg, dataset) == (dataset.samples[0].caption, "blurry, cropped, ugly")
+    assert validation_prompts(cfg, dataset, adapter) == (dataset.samples[0].caption, "blurry, cropped, ugly")
     assert "blurry, cropped, ugly" in dataset.text.resident
     comps = adapter.load("tiny:flux", with_denoiser=False, with_vae=False)
     alone = adapter.split_cond(adapter.encode_prompts(comps, ["blurry, cropped, ugly"]))[0]
@@ -51,7 +51,11 @@ def test_validation_negative_prompt_is_cached_and_chosen_as_the_negative(tmp_pat
     for k in stored:
         torch.testing.assert_close(stored[k], alone[k], rtol=1e-4, atol=1e-5)
     assert not torch.equal(stored["prompt_embeds"], dataset.uncond["prompt_embeds"])
-    assert validation_prompts(load_config(None, base), dataset)[1] == ""
+    # without one, the family's default, as launcher/sample.py's: " " for a flow model, "" (zeros) for SDXL
+    cfg = load_config(None, base)
+    dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert validation_prompts(cfg, dataset, adapter)[1] == " " and " " in dataset.text.resident
+    assert get_adapter("sdxl").default_negative_prompt == ""
 
 
 def test_the_encoders_come_from_the_resolved_source_not_the_hub_name(tmp_path, monkeypatch):

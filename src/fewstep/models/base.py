@@ -382,6 +382,17 @@ class FlowModelAdapter:
         """The pipeline kwarg for classifier-free guidance at `scale` (with negative embeddings in the call)."""
         return {self.cfg_scale_kwarg: float(scale)}
 
+    @property
+    def default_negative_prompt(self) -> str:
+        """What classifier-free guidance steers away from when no negative prompt is given, in validation and in
+        launcher/sample.py alike: " " for the flow families (the Glance reference's for Qwen-Image), and for a
+        diffusion base (SDXL) the empty prompt, whose zeros are training's unconditional input."""
+        return "" if self.diffusion_base else " "
+
+    def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance as the family's pipeline combines the two velocities (validation sampling)."""
+        return v_uncond + scale * (v_cond - v_uncond)
+
     def start_noise(self, comps: ModelComponents, batch: int, height: int, width: int,
                     generator: torch.Generator) -> torch.Tensor:
         """A pipeline's start latents [B,C,h,w] for an image of about height x width, drawn in fp32 on the CPU from

@@ -1,5 +1,6 @@
 """Qwen-Image: Qwen2.5-VL text (variable length + mask), 5-D Wan-style VAE, 2x2-packed latents, timestep in [0,1]."""
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -24,6 +25,12 @@ class QwenImageAdapter(FlowModelAdapter):
     packed = True
     cfg_scale_kwarg = "true_cfg_scale"
     sample_cfg_scale = 5.0  # Glance's reference samples Qwen-Image with true CFG 5, negative prompt " "
+
+    def guide(self, v_cond, v_uncond, scale):
+        """QwenImagePipeline's true CFG: the guided velocity rescaled to the conditional one's norm per token (a
+        token: one 2x2 patch of the latents, all its channels), which keeps guidance from inflating the velocity."""
+        guided = super().guide(v_cond, v_uncond, scale)
+        return guided * (_token_norms(v_cond) / _token_norms(guided))
 
     def vae_scale_factor(self, vae):
         return 2 ** len(vae.temperal_downsample)
@@ -54,3 +61,10 @@ class QwenImageAdapter(FlowModelAdapter):
         return transformer(hidden_states=hidden, timestep=sigma, encoder_hidden_states=cond["prompt_embeds"],
                            encoder_hidden_states_mask=cond["prompt_embeds_mask"], img_shapes=img_shapes,
                            return_dict=False)[0]
+
+
+def _token_norms(v: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> the L2 norm of each packed token (a 2x2 patch over all C channels), spread back over its
+    patch: [B, 1, H, W]."""
+    squares = F.avg_pool2d(v.float().pow(2).sum(1, keepdim=True), 2) * 4
+    return squares.sqrt().repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1).to(v.dtype)
