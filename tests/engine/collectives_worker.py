@@ -18,7 +18,9 @@ from fewstep.engine.sharing import sharing_group
 TIMEOUT = 2.0  # seconds: a plain collective times out when one rank is 4 s late (and not for scheduling hiccups
 #                of a loaded 2-core box running test files in parallel)
 tmp = sys.argv[1]
-dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT))
+# the rendezvous waits as setup_distributed's does (a rank may start late on a loaded box); then the short timeout
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+dist.distributed_c10d._set_pg_timeout(timedelta(seconds=TIMEOUT))
 rank = dist.get_rank()
 
 # One reduction: means over ranks, flags true on any rank, in the order given.

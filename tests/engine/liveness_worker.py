@@ -18,8 +18,10 @@ distributed.wait_for_all("start")  # both ranks are up (and beating) before one 
 t0 = time.monotonic()
 try:
     with distributed.uneven_work("cache fill"):
-        if info.rank == victim:  # dies once the survivor has left the start wait and waits here
-            time.sleep(1.5)
+        if info.rank == victim:  # dies once the survivor has left the start wait and counted itself in here
+            while distributed._store().add("fewstep/wait/2", 0) < 1:
+                time.sleep(0.05)
+            time.sleep(0.5)
             os.kill(os.getpid(), signal.SIGKILL)
     print("passed a wait that the killed rank never reached", flush=True)
     os._exit(3)

@@ -6,7 +6,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import read_metrics, run, write_config, write_dataset
+from fewstep_testing import free_port, read_metrics, run, write_config, write_dataset
 
 
 def straight_and_resumed(name, overrides):
@@ -122,8 +122,8 @@ def test_deepspeed_launcher_zero3_twinflow_seed_config(tmp_path):
                   "validation_num_inference_steps": 2, "max_train_steps": 2}
     cfg = tmp_path / "twinflow.json"
     cfg.write_text(json.dumps(seed_style))
-    run(["deepspeed", "--num_gpus", "2", "--master_port", "29612", "launcher/train.py", "--config", str(cfg),
-         "--zero_stage", "3"], timeout=600)
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launcher/train.py", "--config",
+         str(cfg), "--zero_stage", "3"], timeout=600)
     out = tmp_path / "out"
     assert len(read_metrics(out)) == 2
     from fewstep.models import get_adapter

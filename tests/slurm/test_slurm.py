@@ -83,8 +83,10 @@ mkdir -p "$out"
 # PROBE_TERM_DELAY seconds (a checkpoint) and then leaves term-<rank> or usr1-<rank> behind. The traps are set
 # before the env file, which tells the tests that the task is up.
 stop=${PROBE_TRAP_EXIT:-${FEWSTEP_PREEMPTED_EXIT:-0}}
-trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit "$stop"' TERM
-trap 'sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/usr1-$RANK"; exit "$stop"' USR1
+# A trap ignores further signals first, as the trainer's handler only sets a flag: srun's TERM to the other task
+# when one leaves with 75 must not cut a checkpoint short.
+trap 'trap "" TERM USR1; sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/term-$RANK"; exit "$stop"' TERM
+trap 'trap "" TERM USR1; sleep "${PROBE_TERM_DELAY:-0}"; touch "$out/usr1-$RANK"; exit "$stop"' USR1
 env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES|SLURMD_NODENAME|DS_ACCELERATOR|OMP_NUM_THREADS)=' > "$out/rank-$RANK.env.tmp"
 mv "$out/rank-$RANK.env.tmp" "$out/rank-$RANK.env"
 # PROBE_WAIT_ALL: wait until every task is up (as the trainer's rendezvous does), so that no task is still starting,
