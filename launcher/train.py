@@ -127,11 +127,8 @@ if __name__ == "__main__":
     if code:  # after a failure the process group is still up (tearing it down could wait on ranks that are gone),
         sys.stdout.flush()  # and gloo's threads can abort the interpreter's exit ("terminate called without an
         sys.stderr.flush()  # active exception", status -6): leave at once with the status the error gave
-        import torch.distributed as dist
+        from fewstep.engine.distributed import leave_after_failure
 
-        if dist.is_initialized() and dist.get_rank() == 0 and dist.get_world_size() > 1:
-            # rank 0's process may host the rendezvous store: let the other ranks finish their last store calls
-            # (announcing or reading the failure), which would otherwise end in c10d's "connection reset" dumps
-            time.sleep(PAUSE_BEFORE_EXIT_S)
+        leave_after_failure()  # rank 0 may host the rendezvous store: it leaves last
         os._exit(code)
     sys.exit(code)

@@ -112,6 +112,22 @@ def test_a_good_run_ends_with_status_0_on_every_rank_when_rank_0_hosts_the_store
         assert p.returncode == 0 and f"rank {r} finished" in out, (r, p.returncode, err[-2000:])
 
 
+def test_after_a_failure_rank_0_leaves_last():
+    """After a failure every rank leaves through launcher/train.py's os._exit; rank 0's process may host the store,
+    so it waits until every rank has counted itself out: a rank that meets the failure 3 s later still reads it,
+    without c10d's "connection reset" dump (a fixed 2 s pause lost it)."""
+    port = str(free_port())
+    procs = [subprocess.Popen([PY, "tests/engine/failure_exit_worker.py"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=cpu_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port)) for r in (0, 1)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], (err0[-2000:], err1[-2000:])
+    assert "rank 1 read: rank 0 failed: UserError: a mistake on rank 0" in out1, (out1, err1[-2000:])
+    assert "Exception raised from" not in err0 + err1 and "rank 1 left" in out1, err1[-3000:]
+    assert float(out0.split("rank 0 left after ")[1].split()[0]) >= 3.0, out0
+
+
 def test_a_rank_that_joins_later_than_the_collective_timeout_is_waited_for(tmp_path):
     """The rendezvous waits for a late rank (a node that starts late, slow imports on a shared filesystem) however
     short `distributed_timeout_seconds` is; that timeout still bounds every collective."""

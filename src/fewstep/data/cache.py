@@ -82,14 +82,30 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_save(tensors: dict, path: str) -> None:
+def atomic_save(tensors: dict, path: str, keep_existing: bool = False) -> None:
     """safetensors written under a temporary name, then renamed: a reader sees the whole file or none, and a failed
-    write (a full disk) leaves nothing behind."""
+    write (a full disk) leaves nothing behind. `keep_existing`: a file already at `path` stays (a cache entry that
+    another run sharing the cache wrote meanwhile: its encoder batch may have rounded differently, and a run that
+    read it must not find other bits there later)."""
     tmp = temporary_beside(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with removed_on_failure(tmp):
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        if not (keep_existing and _published_unless_present(tmp, path)):
+            os.replace(tmp, path)
+
+
+def _published_unless_present(tmp: str, path: str) -> bool:
+    """`tmp` hard-linked at `path` unless a file is there already (the first writer wins), and removed; False where
+    the filesystem has no hard links (the caller renames: the last writer wins)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    os.remove(tmp)
+    return True
 
 
 def _has_flat_files(folder: str) -> bool:
@@ -156,13 +172,13 @@ class EmbeddingCache:
                 with torch.no_grad():
                     latents = encode_images(pixels)
                 for s, z in zip(chunk, latents):
-                    atomic_save({"latents": z.to(self.dtype)}, self.latent_path(s))
+                    atomic_save({"latents": z.to(self.dtype)}, self.latent_path(s), keep_existing=True)
         for i in range(0, len(txt), self.text_batch_size):
             chunk = txt[i:i + self.text_batch_size]
             with torch.no_grad():
                 items = encode_prompts(chunk)
             for p, item in zip(chunk, items, strict=True):
-                atomic_save({k: v.to(self.dtype) for k, v in item.items()}, self.text_path(p))
+                atomic_save({k: v.to(self.dtype) for k, v in item.items()}, self.text_path(p), keep_existing=True)
 
     def load_latents(self, sample: Sample) -> torch.Tensor:
         return load_file(self.latent_path(sample))["latents"]

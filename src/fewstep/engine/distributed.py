@@ -115,7 +115,7 @@ def teardown() -> None:
     dist.destroy_process_group()
 
 
-def _leave_together(patience_seconds: float = 60.0) -> None:
+def _leave_together(patience_seconds: float = 60.0, key: str = "fewstep/left") -> None:
     """Each rank counts itself out through the store; rank 0 returns once all have (or after `patience_seconds`).
 
     Under srun (slurm/common.sh) and the deepspeed launcher the rendezvous store lives in rank 0's process. The last
@@ -123,13 +123,26 @@ def _leave_together(patience_seconds: float = 60.0) -> None:
     polls of that wait finds the store gone and fails a run that finished well (exit 1, a FAILED Slurm job)."""
     try:
         store = _store()
-        left = store.add("fewstep/left", 1)
+        left = store.add(key, 1)
         deadline = time.monotonic() + patience_seconds
         while rank() == 0 and left < world_size() and time.monotonic() < deadline:
             time.sleep(0.05)
-            left = store.add("fewstep/left", 0)
+            left = store.add(key, 0)
     except dist.DistError:  # the store's host is gone already: nothing to keep alive
         pass
+
+
+FAILURE_PATIENCE_S = 15.0
+
+
+def leave_after_failure() -> None:
+    """Before a failed rank leaves (launcher/train.py's os._exit): every rank counts itself out, and rank 0, whose
+    process may host the rendezvous store, waits until all have, so that no rank's last store call (announcing or
+    reading the failure, a heartbeat) finds the store gone: c10d prints its "connection reset" dump, C++ frames and
+    all, even for an error that is caught. A rank stuck in a collective or already killed (srun --kill-on-bad-exit)
+    is waited for at most FAILURE_PATIENCE_S. (A fixed 2 s pause lost a rank that met the failure later.)"""
+    if dist.is_initialized() and world_size() > 1:
+        _leave_together(FAILURE_PATIENCE_S, key="fewstep/failed-left")
 
 
 # ---------------------------------------------------------------------------------------------------------------
