@@ -133,3 +133,13 @@ def test_a_micro_step_never_synchronises_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_a_run_without_the_adversarial_branch_says_so(adversarial, capsys):
+    """SimpleTuner's default leaves TwinFlow's self-adversarial branch off: such a run says at start-up that it trains
+    RCGM with the CFG-enhanced target only."""
+    ctx = tiny_step_context("flux", **{**TWINFLOW, "twinflow_adversarial_enabled": adversarial})
+    make_twinflow_step(ctx)
+    said = "twinflow_adversarial_enabled is false" in capsys.readouterr().out
+    assert said is not adversarial

@@ -58,6 +58,11 @@ def make_twinflow_step(ctx: StepContext):
                                           "mul, any, adv) cycle over micro-steps, the same on every rank, so each "
                                           "optimizer step trains only some of them; gradient_accumulation_steps "
                                           f"{needed} gives every step all of them")
+    if not cfg.twinflow_adversarial_enabled:
+        log_main(distributed.rank() == 0, "note: twinflow_adversarial_enabled is false (SimpleTuner's default): this "
+                                          "trains RCGM with the CFG-enhanced target, without TwinFlow's "
+                                          "self-adversarial branch (L_adv, L_rectify), which the shipped configs "
+                                          "turn on")
     # Teacher passes run on the rows whose output is used, unless a dropout layer would then draw other masks than
     # the student pass did (the passes replay its RNG state; LoRA dropout > 0 is the usual case).
     used_rows_only = cfg.twinflow_teacher_rows == "used"
