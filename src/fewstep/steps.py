@@ -230,10 +230,17 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
 
 def validation_prompts(cfg, ds, adapter) -> tuple[str, str]:
     """The validation prompt (default: the first training caption) and the negative one of its classifier-free
-    guidance (default: the family's, as launcher/sample.py's); both were cached with the data set
-    (`fewstep.data.prepare`)."""
+    guidance (`validation_negative`); both were cached with the data set (`fewstep.data.prepare`)."""
     prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
-    return prompt, cfg.validation_negative_prompt or adapter.default_negative_prompt
+    return prompt, validation_negative(cfg, adapter)
+
+
+def validation_negative(cfg, adapter) -> str:
+    """Validation's negative prompt: `validation_negative_prompt`, or where validation guides the family's default
+    (launcher/sample.py's); without guidance, the empty prompt (cached anyway: nothing more to encode)."""
+    if cfg.validation_negative_prompt:
+        return cfg.validation_negative_prompt
+    return adapter.default_negative_prompt if validation_cfg_scale(cfg, adapter) > 1 else ""
 
 
 def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:

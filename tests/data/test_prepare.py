@@ -51,8 +51,12 @@ def test_validation_negative_prompt_is_cached_and_chosen_as_the_negative(tmp_pat
     for k in stored:
         torch.testing.assert_close(stored[k], alone[k], rtol=1e-4, atol=1e-5)
     assert not torch.equal(stored["prompt_embeds"], dataset.uncond["prompt_embeds"])
-    # without one, the family's default, as launcher/sample.py's: " " for a flow model, "" (zeros) for SDXL
+    # without one: where validation guides, the family's default, as launcher/sample.py's (" " for a flow model,
+    # "" for SDXL); without guidance (FLUX's default) the empty prompt, which is cached anyway
     cfg = load_config(None, base)
+    dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert validation_prompts(cfg, dataset, adapter)[1] == "" and " " not in dataset.text.resident
+    cfg = load_config(None, {**base, "validation_guidance_real": 3.0})
     dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
     assert validation_prompts(cfg, dataset, adapter)[1] == " " and " " in dataset.text.resident
     assert get_adapter("sdxl").default_negative_prompt == ""

@@ -151,8 +151,9 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
     if probed:
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
-    negative = cfg.validation_negative_prompt or adapter.default_negative_prompt
-    extra = [""] + [p for p in (cfg.validation_prompt, negative) if p]
+    from fewstep.steps import validation_negative  # the validation loop's rule
+
+    extra = [""] + [p for p in (cfg.validation_prompt, validation_negative(cfg, adapter)) if p]
     with distributed.uneven_work("model key"):  # reads the encoders' files
         key = model_key(cfg.model_family, source)
     keys = distributed.all_gather_object(key)
