@@ -190,8 +190,8 @@ class Config:
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
     validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
     validation_negative_prompt: Optional[str] = opt(None, "The prompt validation's classifier-free guidance steers "
-                                                          "away from (SimpleTuner's key; default: launcher/sample.py's, "
-                                                          "' ' for the flow families as the Glance reference samples "
+                                                          "away from (SimpleTuner's key; default: launcher/sample.py's,"
+                                                          " ' ' for the flow families as the Glance reference samples "
                                                           "Qwen-Image, the empty prompt for SDXL; SimpleTuner's is "
                                                           "'blurry, cropped, ugly').")
     validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
