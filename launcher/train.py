@@ -123,7 +123,15 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit:
+        raise
+    except BaseException as unexpected:  # a bug, CUDA out of memory, an NCCL error: its traceback, then leave as a
+        import traceback  # mistake does (rank 0 last: it may host the store the other ranks still talk to)
+
+        traceback.print_exc()
+        code = preemption.INTERRUPTED_EXIT if isinstance(unexpected, KeyboardInterrupt) else 1
     if code:  # after a failure the process group is still up (tearing it down could wait on ranks that are gone),
         sys.stdout.flush()  # and gloo's threads can abort the interpreter's exit ("terminate called without an
         sys.stderr.flush()  # active exception", status -6): leave at once with the status the error gave

@@ -172,6 +172,22 @@ def test_no_config_at_all_says_so():
     assert proc.returncode == 2 and "--config is given twice (a.json and b.json)" in one_clean_line(proc)
 
 
+def test_an_unexpected_error_shows_its_traceback_and_leaves_through_the_failure_exit():
+    """An error that is no user's mistake (a bug, CUDA out of memory) prints its traceback and exits 1 through the
+    same exit as a mistake (where rank 0 leaves last: `distributed.leave_after_failure`), not through the
+    interpreter's."""
+    script = ("import runpy, sys, fewstep.trainer as t, fewstep.engine.distributed as d\n"
+              "def boom(cfg): raise RuntimeError('boom')\n"
+              "t.train = boom\n"
+              "d.leave_after_failure = lambda: print('left after failure', flush=True)\n"
+              "sys.argv = ['launcher/train.py', '--config', sys.argv[1]]\n"
+              "runpy.run_path('launcher/train.py', run_name='__main__')\n")
+    proc = subprocess.run([PY, "-c", script, "configs/demo/flow.json"], cwd=REPO, capture_output=True, text=True,
+                          env=cpu_env(), timeout=120)
+    assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr and "Traceback" in proc.stderr, proc.stderr
+    assert "left after failure" in proc.stdout
+
+
 def test_debug_shows_the_traceback(tmp_path):
     backend = write_dataset(str(tmp_path), n=2)
     proc = launch(write_config(str(tmp_path), backend, lora_rnk=4), FEWSTEP_DEBUG="1")

@@ -238,7 +238,7 @@ def validation_prompts(cfg, ds, adapter) -> tuple[str, str]:
 def validation_negative(cfg, adapter) -> str:
     """Validation's negative prompt: `validation_negative_prompt`, or where validation guides the family's default
     (launcher/sample.py's); without guidance, the empty prompt (cached anyway: nothing more to encode)."""
-    if cfg.validation_negative_prompt:
+    if cfg.validation_negative_prompt is not None:  # "" included, as sample.py's --negative-prompt ""
         return cfg.validation_negative_prompt
     return adapter.default_negative_prompt if validation_cfg_scale(cfg, adapter) > 1 else ""
 

@@ -59,6 +59,8 @@ def test_validation_negative_prompt_is_cached_and_chosen_as_the_negative(tmp_pat
     cfg = load_config(None, {**base, "validation_guidance_real": 3.0})
     dataset, _, _ = build_dataset(cfg, adapter, DistInfo(0, 1, 0, torch.device("cpu")))
     assert validation_prompts(cfg, dataset, adapter)[1] == " " and " " in dataset.text.resident
+    cfg = load_config(None, {**base, "validation_guidance_real": 3.0, "validation_negative_prompt": ""})
+    assert validation_prompts(cfg, dataset, adapter)[1] == ""  # given empty: the empty prompt, as sample.py's
     assert get_adapter("sdxl").default_negative_prompt == ""
 
 

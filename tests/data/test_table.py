@@ -71,6 +71,8 @@ def test_each_cache_folder_encodes_an_image_once_per_plan(tmp_path):
     default, own = caches.latent_cache[0].root, caches.latent_cache[2].root
     assert caches.work(default)[0].tolist() == [0, 4, 5, 6, 9]
     assert caches.work(own)[0].tolist() == [2, 3, 7]
+    empty = CacheSet(SampleTable.written(str(tmp_path / "e"), []), entries, [""], str(tmp_path / "cache"), "m")
+    assert len(empty.samples) == 0 and all(len(empty.work(r)[0]) == 0 for r in empty.roots())
 
 
 def test_listing_a_cache_folders_images_needs_a_few_bytes_per_sample(tmp_path):

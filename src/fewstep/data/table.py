@@ -108,6 +108,8 @@ def _first_of_same_image(digests: np.ndarray, plans: np.ndarray) -> np.ndarray:
     """The `image` column: for each sample, the first sample with its digest and plan[:6]. Computed once, by the
     rank that writes the table (about 250 B/sample of numpy transients), not by every rank at each start."""
     n = len(digests)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
     rows = np.concatenate([digests.view(np.uint8).reshape(n, -1),
                            np.ascontiguousarray(plans[:, :6]).view(np.uint8).reshape(n, -1)], axis=1)
     keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()  # a row: one key

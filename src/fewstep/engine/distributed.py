@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -140,9 +141,21 @@ def leave_after_failure() -> None:
     process may host the rendezvous store, waits until all have, so that no rank's last store call (announcing or
     reading the failure, a heartbeat) finds the store gone: c10d prints its "connection reset" dump, C++ frames and
     all, even for an error that is caught. A rank stuck in a collective or already killed (srun --kill-on-bad-exit)
-    is waited for at most FAILURE_PATIENCE_S. (A fixed 2 s pause lost a rank that met the failure later.)"""
-    if dist.is_initialized() and world_size() > 1:
-        _leave_together(FAILURE_PATIENCE_S, key="fewstep/failed-left")
+    is waited for at most FAILURE_PATIENCE_S. (A fixed 2 s pause lost a rank that met the failure later.)
+
+    Bounded on every rank, whatever the store does (a host that is gone without a reset would block a store call
+    for the store's own timeout), and a Ctrl-C meanwhile just leaves."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return
+    liveness.stop()  # no heartbeat to a store that is going away
+
+    def count_out() -> None:
+        with contextlib.suppress(Exception):
+            _leave_together(FAILURE_PATIENCE_S, key="fewstep/failed-left")
+    counting = threading.Thread(target=count_out, name="fewstep-leave", daemon=True)
+    counting.start()
+    with contextlib.suppress(BaseException):
+        counting.join(FAILURE_PATIENCE_S + 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
