@@ -41,7 +41,7 @@ def test_hub_download_takes_only_the_files_diffusers_loads():
 
 
 def test_pipeline_components_are_model_index_folders(tmp_path):
-    from fewstep.models.source import pipeline_components
+    from fewstep.models.source import folder_components
 
     index = tmp_path / "model_index.json"
     index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0",
@@ -49,4 +49,4 @@ def test_pipeline_components_are_model_index_folders(tmp_path):
                                  "image_encoder": [None, None], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
                                  "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet"],
                                  "vae": ["diffusers", "AutoencoderKL"]}))
-    assert pipeline_components(str(index)) == {"scheduler", "text_encoder", "unet", "vae"}
+    assert folder_components(str(tmp_path)) == {"scheduler", "text_encoder", "unet", "vae"}

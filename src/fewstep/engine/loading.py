@@ -23,7 +23,7 @@ from fewstep.engine import distributed
 from fewstep.engine.nonfinite import owned_values
 from fewstep.engine.sharing import sharing_group
 from fewstep.errors import ConfigError, ModelSourceError
-from fewstep.models.source import INDEX_FILE, pipeline_components
+from fewstep.models.source import INDEX_FILE, folder_components
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -51,7 +51,7 @@ def local_model(adapter, name: str) -> str:
             components = None
             if INDEX_FILE in files:  # the pipeline's components: its other folders are not loaded
                 folder = snapshot_download(name, revision=info.sha, allow_patterns=[INDEX_FILE])
-                components = pipeline_components(os.path.join(folder, INDEX_FILE))
+                components = folder_components(folder)
             listing = (info.sha, pipeline_files(files, components))
     revision, wanted = distributed.broadcast_object(listing if distributed.rank() == 0 else None)
     group = sharing_group(constants.HF_HUB_CACHE)

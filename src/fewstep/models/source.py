@@ -21,13 +21,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 INDEX_FILE = "model_index.json"  # a diffusers pipeline's list of components
 
 
-def pipeline_components(index_path: str) -> set[str]:
-    """The component folders a pipeline's model_index.json names (`"vae": ["diffusers", "AutoencoderKL"]`); an
-    absent optional component (`[null, null]`) and the `_class_name`-style entries are not folders."""
-    with open(index_path) as fh:
-        return _components(json.load(fh))
-
-
 def _components(index: dict) -> set[str]:
     return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
 
@@ -42,7 +35,9 @@ def _folder_index(folder: str) -> dict | None:
 
 
 def folder_components(folder: str) -> set[str] | None:
-    """`pipeline_components` of a pipeline folder, or None where it has no model_index.json."""
+    """The component folders a pipeline folder's model_index.json names (`"vae": ["diffusers", "AutoencoderKL"]`;
+    an absent optional component, `[null, null]`, and the `_class_name`-style entries are not folders), or None
+    where it has no model_index.json."""
     index = _folder_index(folder)
     return None if index is None else _components(index)
 
