@@ -1,8 +1,8 @@
 """What a micro-step needs, as one typed object, and the two things every method does with it: draw this rank's next
 batch of cached tensors, and call the model through the engine.
 
-`fewstep.steps` (flow matching, Glance, validation) and `fewstep.twinflow_step` both build on this module; neither
-imports the other's internals.
+`fewstep.steps` (flow matching, Glance), `fewstep.twinflow_step` and `fewstep.validation` build on this module; none
+imports another's internals.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The training loop, top to bottom: set up, (resume), step, log, validate, checkpoint, export.
 
 One loop serves every method: plain flow matching, Glance (two LoRA phases, Slow then Fast, on one loaded base) and
-TwinFlow. What differs per method is the loss of one micro-batch, built in `fewstep.steps`.
+TwinFlow. What differs per method is the loss of one micro-batch, built in `fewstep.steps`, and what validation
+samples (`fewstep.validation`).
 
 Multi-GPU rules this file keeps (see `fewstep.engine.distributed`): one reduction per optimizer step carries the
 logged values and the preemption flag; work that takes different times on different ranks (data scan, cache fill,
@@ -35,7 +36,8 @@ from fewstep.metrics import MetricsLogger, log_main, quiet_library_bars, require
 from fewstep.models import get_adapter
 from fewstep.nan_guard import NonFiniteGuard
 from fewstep.step_context import StepContext
-from fewstep.steps import Phase, build_phases, make_step, reset_trainable, validate
+from fewstep.steps import Phase, build_phases, make_step, reset_trainable
+from fewstep.validation import validate
 
 
 def train(cfg: Config) -> dict:

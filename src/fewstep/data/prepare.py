@@ -151,7 +151,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
     if probed:
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
-    from fewstep.steps import validation_negative  # the validation loop's rule
+    from fewstep.validation import validation_negative  # the validation loop's rule (imports the data layer)
 
     extra = [""] + [p for p in (cfg.validation_prompt, validation_negative(cfg, adapter)) if p]
     with distributed.uneven_work("model key"):  # reads the encoders' files
