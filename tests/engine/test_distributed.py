@@ -135,8 +135,9 @@ def test_deepspeed_launcher_zero3_twinflow_seed_config(tmp_path):
 
 
 def test_ema_weights_swap_into_every_zero_stage():
-    """swap_worker: the EMA swap (with accelerator syncs around its writes), Glance's optimizer reset and the LR
-    schedule, for every ZeRO stage and for torch AdamW, FusedAdam and DeepSpeedCPUAdam."""
+    """swap_worker: the EMA swap (with accelerator syncs around its writes), Glance's optimizer reset, the LR
+    schedule and training steps without an accelerator sync, for every ZeRO stage and for torch AdamW, FusedAdam and
+    DeepSpeedCPUAdam."""
     proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/engine/swap_worker.py"],
                timeout=600)
     assert proc.stdout.count("ALL SWAPS OK") == 2

@@ -47,6 +47,9 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
         "zero_force_ds_cpu_optimizer": False,  # optimizer adamw + offload_optimizer: torch AdamW on the CPU partitions
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's samples/s timer synchronises the GPU at every forward and step (its default): the host then
+        # cannot queue ahead. fewstep logs its own step times.
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.optimizer == "deepspeed":
         ds["optimizer"] = {"type": "AdamW", "params": {
