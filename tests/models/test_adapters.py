@@ -181,6 +181,35 @@ def test_collate_pads_variable_length_text(tiny):
         adapter.collate_cond([a, {"prompt_embeds": a["prompt_embeds"]}])
 
 
+def test_an_all_valid_text_mask_is_left_out_so_attention_runs_unmasked(tiny, monkeypatch):
+    """Captions of one length (a batch of one, the empty prompt of CFG): collate_cond leaves the mask out, as
+    QwenImagePipeline does, so attention gets no mask (one rules out the flash kernels), and the prediction is the
+    one with the all-ones mask. A padded batch keeps its mask, and its attention is masked."""
+    adapter, comps = tiny("qwenimage")
+    a = adapter.split_cond(adapter.encode_prompts(comps, ["a cat"]))[0]
+    b = adapter.split_cond(adapter.encode_prompts(comps, ["a big black cat sitting on a red sofa in the sun"]))[0]
+    same, padded = adapter.collate_cond([a, a]), adapter.collate_cond([a, b])
+    assert "prompt_embeds_mask" not in same and not padded["prompt_embeds_mask"].all()
+    masks, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    sig = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        unmasked = adapter.forward(comps.denoiser, x, sig, same)
+        assert masks and all(m is None for m in masks), "attention got a mask"
+        masks.clear()
+        ones = {**same, "prompt_embeds_mask": torch.ones(same["prompt_embeds"].shape[:2], dtype=torch.long)}
+        torch.testing.assert_close(unmasked, adapter.forward(comps.denoiser, x, sig, ones), rtol=1e-5, atol=1e-6)
+        masks.clear()
+        adapter.forward(comps.denoiser, x, sig, padded)
+        assert masks and all(m is not None for m in masks)
+
+
 def test_forward_input_errors(tiny):
     adapter, comps = tiny("flux")
     cond = adapter.encode_prompts(comps, PROMPTS)

@@ -274,7 +274,7 @@ class FlowModelAdapter:
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.shape != (b,):
             raise ValueError(f"sigma must have shape [B]=({b},), got {tuple(sigma.shape)}")
-        missing = [k for k in self.cond_keys if k not in cond]
+        missing = [k for k in self.cond_keys if k not in cond and not k.endswith("_mask")]  # no mask: all valid
         if missing:
             raise KeyError(f"cond lacks {missing} for family {self.family!r}; expected keys {list(self.cond_keys)}")
         module = unwrap(transformer)
@@ -307,7 +307,8 @@ class FlowModelAdapter:
         """Stack per-sample conditioning (no batch dim) into a batch.
 
         A key `k` with a companion mask `k + "_mask"` is variable-length text: it is zero-padded along its first axis
-        to the longest item, and the mask is padded with zeros.
+        to the longest item, and the mask is padded with zeros. A mask without a zero is left out (as the stock
+        pipelines do): every token is valid, and attention without a mask can take the fused (flash) kernels.
         """
         if not items:
             raise ValueError("collate_cond got an empty list")
@@ -323,7 +324,9 @@ class FlowModelAdapter:
             if mk in keys:
                 n = max(it[k].shape[0] for it in items)
                 out[k] = torch.stack([_pad0(it[k], n) for it in items])
-                out[mk] = torch.stack([_pad0(it[mk], n) for it in items])
+                mask = torch.stack([_pad0(it[mk], n) for it in items])
+                if mask.device.type != "cpu" or not bool(mask.all()):  # host tensors (the cache): no device sync
+                    out[mk] = mask
             else:
                 shapes = {tuple(it[k].shape) for it in items}
                 if len(shapes) != 1:

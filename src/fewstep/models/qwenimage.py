@@ -37,7 +37,7 @@ class QwenImageAdapter(FlowModelAdapter):
 
     def _encode_prompt_batch(self, pipe, prompts, **kwargs):
         prompt_embeds, mask = pipe.encode_prompt(prompt=prompts, **kwargs)
-        if mask is None:  # the pipeline drops an all-ones mask; fewstep always carries it
+        if mask is None:  # the pipeline drops an all-ones mask; the cache keeps it (collate_cond drops it again)
             mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
         return {"prompt_embeds": prompt_embeds, "prompt_embeds_mask": mask}
 
@@ -59,7 +59,7 @@ class QwenImageAdapter(FlowModelAdapter):
     def _call_transformer(self, transformer, module, hidden, sigma, cond, h, w, guidance):
         img_shapes = [[(1, h // 2, w // 2)]] * hidden.shape[0]
         return transformer(hidden_states=hidden, timestep=sigma, encoder_hidden_states=cond["prompt_embeds"],
-                           encoder_hidden_states_mask=cond["prompt_embeds_mask"], img_shapes=img_shapes,
+                           encoder_hidden_states_mask=cond.get("prompt_embeds_mask"), img_shapes=img_shapes,
                            return_dict=False)[0]
 
 
