@@ -114,23 +114,30 @@ def _norm_dtype() -> torch.dtype:
 
 
 def _sq_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """Squared 2-norm of each tensor, in chunks (a flat partition can hold billions of values, and the norm dtype
-    copies what it reads), read back with one transfer per device."""
+    """Squared 2-norm of each tensor, read back with one transfer per device. Tensors up to a chunk go through one
+    multi-tensor norm (a LoRA's per-parameter gradients are thousands of small tensors: one launch, not thousands);
+    larger ones (a flat partition can hold billions of values, and the norm dtype copies what it reads) in chunks."""
     dtype = _norm_dtype()
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
     out = [0.0] * len(tensors)
     for idx in by_device.values():
-        sq = [torch.stack([torch.linalg.vector_norm(c, dtype=dtype).square() for c in _chunks(tensors[i])]).sum()
-              for i in idx]
-        for i, v in zip(idx, torch.stack(sq).tolist()):
+        small = [i for i in idx if tensors[i].numel() <= CHUNK]
+        large = [i for i in idx if tensors[i].numel() > CHUNK]
+        sq = [n.square() for n in torch._foreach_norm([tensors[i] for i in small], 2, dtype=dtype)] if small else []
+        sq += [torch.stack([torch.linalg.vector_norm(c, dtype=dtype).square() for c in _chunks(tensors[i])]).sum()
+               for i in large]
+        for i, v in zip(small + large, torch.stack(sq).tolist()):
             out[i] = v
     return out
 
 
+CHUNK = 1 << 24  # values per norm call on a large tensor (its fp64 copy: 128 MiB)
+
+
 def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return t.reshape(-1).split(1 << 24)
+    return t.reshape(-1).split(CHUNK)
 
 
 def all_finite(t: torch.Tensor) -> bool:
