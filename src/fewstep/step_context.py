@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from fewstep.data.reader import BatchReader
 from fewstep.methods.transfer import copy_to
 
 
@@ -26,6 +27,7 @@ class StepContext:
     backend: str = "torch"      # kernel backend (fewstep.kernels.resolve_backend)
     ema: Optional[Any] = None   # fewstep.ema.EMA over the fp32 master partitions, or None
     twinflow_times: list = field(default_factory=list)  # recent (t, tt) rows for the TensorBoard scatter
+    reader: Optional[BatchReader] = None  # reads the dataset's next micro-batch ahead (made at the first draw)
 
 
 def to_device(cond: dict, device, dtype) -> dict:
@@ -40,12 +42,11 @@ def next_batch(ctx: StepContext, with_uncond: bool = False) -> tuple[torch.Tenso
     conditioning where the family has some (`adapter.micro_cond`: SDXL's sizes and crop)."""
     cfg, ds, adapter = ctx.cfg, ctx.dataset, ctx.adapter
     layout = getattr(ds, "layout", None)  # buckets and entries; a plain dataset of same-shape items has none
-    if layout is None:
-        indices = ctx.order.next_indices()
-        items = [ds.item(i) for i in indices]
-    else:  # one bucket per micro-batch; a sample with several captions uses the one the order drew
-        picks = ctx.order.next_items(layout)
-        indices, items = [i for i, _ in picks], [ds.item(i, variant) for i, variant in picks]
+    picks = ctx.order.next_items(layout)  # one bucket per micro-batch, and the caption variant drawn per sample
+    if ctx.reader is None:
+        ctx.reader = BatchReader(ds)
+    items = ctx.reader.read(picks, upcoming=ctx.order.peek_items(layout))  # and starts reading the next draw
+    indices = [i for i, _ in picks]
     x0 = copy_to(torch.stack([lat for lat, _ in items]), ctx.device, ctx.dtype)
     drop = torch.rand(len(items)) < cfg.caption_dropout_probability if cfg.caption_dropout_probability else None
     texts = [ds.uncond if drop is not None and drop[i] else t for i, (_, t) in enumerate(items)]

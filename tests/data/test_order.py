@@ -99,6 +99,25 @@ def test_entries_are_weighted_by_size_as_simpletuner_does(sampling, big_share):
     assert abs(sum(picks) / 4000 - big_share) < 0.03
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_peek_is_the_next_draw_and_moves_nothing(legacy):
+    """`peek_items` (the reader's look-ahead) returns what `next_items` draws next, across entries, buckets, epochs
+    and caption variants, and leaves the state alone: the draws and every checkpointed state match an order never
+    peeked at (also one resumed from a pre-bucket checkpoint, whose position applies at the first draw)."""
+    layout = layout_of([5, 3, 6], entries=[("a", 2.0, [0, 1]), ("b", 1.0, [2])], variants=[1, 2, 3] * 4 + [2, 1])
+    if legacy:
+        layout = Layout([Stream("e|32x32", list(range(7)))], [("e", 1.0, [0])], [1] * 7)
+    plain, peeked = DataOrder(14, 2, 1, 2, seed=4), DataOrder(14, 2, 1, 2, seed=4)
+    if legacy:
+        plain.load_state_dict({"consumed": 12})
+        peeked.load_state_dict({"consumed": 12})
+    for _ in range(25):
+        ahead = peeked.peek_items(layout)
+        assert peeked.peek_items(layout) == ahead and peeked.state_dict() == plain.state_dict()
+        assert peeked.next_items(layout) == ahead == plain.next_items(layout)
+    assert peeked.peek_items() == plain.next_items()  # no layout: the plain order of n items
+
+
 def test_caption_variants_are_drawn_per_use_and_reproducible():
     layout = layout_of([1], variants=[3])
     draws = [DataOrder(1, 1, 0, 1, seed=0).next_items(layout)]

@@ -208,6 +208,15 @@ class DataOrder:
         self.slot += 1
         return out
 
+    def peek_items(self, layout: Optional[Layout] = None) -> list[tuple[int, int]]:
+        """The micro-batch `next_items` draws next, without drawing it: the counters stay where they are (a
+        checkpoint taken after a peek resumes where one taken before it does)."""
+        saved = self.slot, dict(self.entry_slots), dict(self.positions), self._legacy
+        try:
+            return self.next_items(layout)
+        finally:
+            self.slot, self.entry_slots, self.positions, self._legacy = saved
+
     def next_indices(self, layout: Optional[Layout] = None) -> list[int]:
         return [i for i, _ in self.next_items(layout)]
 
