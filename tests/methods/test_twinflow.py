@@ -217,6 +217,26 @@ def test_fake_samples_is_one_step_generator_without_grad():
     torch.testing.assert_close(x, (z - lin(z)).detach())
 
 
+@pytest.mark.parametrize("max_rows, passes", [(None, [(8, [-1] * 4 + [1] * 4)]), (8, [(8, [-1] * 4 + [1] * 4)]),
+                                              (7, [(4, [-1] * 4), (4, [1] * 4)])])
+def test_rectify_takes_both_fields_in_one_pass_where_the_rows_fit(max_rows, passes):
+    """The fake (-t) and real (+t) fields in one pass over the rows twice, each row with its own conditioning, where
+    2n rows are at most `max_rows` (the micro-batch the memory plan counts), else in two passes: the same loss."""
+    calls = []
+
+    def model(x, t, tt, cond):
+        calls.append((x.shape[0], torch.sign(t).int().tolist()))
+        return torch.tanh(x * (1.0 + t.view(-1, 1, 1)) + cond["c"].view(-1, 1, 1))
+
+    gen = torch.Generator().manual_seed(3)
+    x_hat, F_e2e, cond = torch.randn(4, 5, 3, generator=gen), torch.randn(4, 5, 3), {"c": torch.randn(4)}
+    loss = rectify_loss(model, x_hat, F_e2e, cond, torch.Generator().manual_seed(0), max_rows=max_rows)
+    assert calls == passes
+    calls.clear()
+    ref = rectify_loss(model, x_hat, F_e2e, cond, torch.Generator().manual_seed(0), max_rows=1)  # two passes
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+
+
 def test_rectify_loss_gradient_follows_fake_minus_real_gap():
     g = torch.tensor([0.3, -0.2, 0.1])  # F(x, -t) - F(x, t) = g everywhere (|g| < 1: not clamped)
     model = lambda x, t, tt, cond: x * 0 + torch.where(bc(t < 0, x).bool(), g, torch.zeros_like(g))  # noqa: E731

@@ -126,9 +126,10 @@ def test_frozen_teacher_uses_student_for_rollout_and_teacher_for_cfg():
     x0, cond, uncond = batch(8)
     twinflow_loss(student, teacher, x0, cond, uncond, groups=assign_groups(8, 0), **{**KW, "frozen_teacher": True})
     assert len(teacher.calls) == 2
-    # student: 1 grad pass + 2 rollout + 1 fake-sample pass (adv rows) + 2 rectify passes (e2e rows);
+    # student: 1 grad pass + 2 rollout + 1 fake-sample pass (adv rows) + 1 rectify pass (e2e rows twice: -t, +t);
     # all but the first are no-grad
-    assert len(student.calls) == 6 and [c[0] for c in student.calls].count(True) == 1
+    assert len(student.calls) == 5 and [c[0] for c in student.calls].count(True) == 1
+    assert student.calls[-1][1] == 2 * int((assign_groups(8, 0) == 0).sum())  # 2n rows <= the batch of 8
 
 
 def test_teacher_passes_replay_student_dropout_and_rng_advances():

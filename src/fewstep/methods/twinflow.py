@@ -222,11 +222,14 @@ def fake_samples(model, z, cond) -> torch.Tensor:
     return (z - model(z, one, torch.zeros_like(one), cond).to(z.dtype)).detach()
 
 
-def rectify_loss(model, x_hat, F_e2e, cond, generator=None) -> torch.Tensor:
+def rectify_loss(model, x_hat, F_e2e, cond, generator=None, max_rows: int | None = None) -> torch.Tensor:
     """L_rectify (DMD-style, no discriminator): scalar mean over rows of Barron(F_e2e, sg(F_e2e - F_grad)).
 
     Fresh z', t' ~ U(0,1); x~ = t' z' + (1 - t') sg(x_hat); F_grad = clamp(F(x~, -t', -t') - F(x~, t', t'), +-1) in
     fp32, no grad. Its gradient moves the one-step output along the gap between the fake (-t) and real (+t) fields.
+    Both fields come from one pass over the rows twice (fake then real; under ZeRO-3 one gather of the weights) where
+    that is at most `max_rows` rows (the micro-batch, whose no-grad pass the memory plan counts; None: no limit), else
+    from two passes.
     """
     n, x_hat = x_hat.shape[0], x_hat.detach()
     t = uniform(n, x_hat.device, torch.promote_types(x_hat.dtype, torch.float32), generator).clamp_(T_MIN, 1.0)
@@ -235,7 +238,13 @@ def rectify_loss(model, x_hat, F_e2e, cond, generator=None) -> torch.Tensor:
     x_tilde = tb * z + (1 - tb) * x_hat
     cd = torch.promote_types(F_e2e.dtype, torch.float32)  # fp32 for bf16/fp32 models (fp64 stays fp64)
     with torch.no_grad():
-        F_grad = (model(x_tilde, -t, -t, cond).to(cd) - model(x_tilde, t, t, cond).to(cd)).clamp(-1.0, 1.0)
+        if max_rows is None or 2 * n <= max_rows:
+            twice = torch.arange(n).repeat(2)  # on the host: the rows' index, twice
+            signed = torch.cat([-t, t])
+            fake, real = model(torch.cat([x_tilde, x_tilde]), signed, signed, select_rows(cond, twice, n)).split(n)
+        else:
+            fake, real = model(x_tilde, -t, -t, cond), model(x_tilde, t, t, cond)
+        F_grad = (fake.to(cd) - real.to(cd)).clamp(-1.0, 1.0)
     return barron_loss_reference(F_e2e, F_e2e.detach().to(cd) - F_grad).mean()
 
 
@@ -330,7 +339,7 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
         e2e_rows = _indices(host_masks["e2e"], dev)
         x_hat = (x_t.to(wd) - ta * F.detach().to(wd)).index_select(0, e2e_rows)  # x_t - |t| F: the one-step output
         l_rect = rectify_loss(student, x_hat.to(x0.dtype), F.index_select(0, e2e_rows),
-                              select_rows(cond, e2e_rows, B), generator)
+                              select_rows(cond, e2e_rows, B), generator, max_rows=B)
         loss = loss + RECTIFY_BASE_WEIGHT * rectify_weight * l_rect
 
     with torch.no_grad():  # device scalars: the caller reads them with the loss, in one copy, after backward
