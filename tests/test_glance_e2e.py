@@ -45,6 +45,27 @@ def _pipe(adapter):
     return comps, adapter.build_pipeline(comps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
 
 
+def test_a_resume_with_another_phase_length_is_refused_and_the_exports_stay(glance_run):
+    """Raising max_train_steps on a finished Glance run would place its step-8 checkpoint (the trained Fast LoRA) in
+    the Slow phase, train it on Slow's list and export it over Slow's: refused in one line before any training,
+    and both exports stay as they were."""
+    import subprocess
+
+    from fewstep_testing import REPO, cpu_env
+
+    exports = {d: open(os.path.join(glance_run, d, "pytorch_lora_weights.safetensors"), "rb").read()
+               for d in ("glance-slow", "glance-fast")}
+    cfg = os.path.join(os.path.dirname(glance_run), "config.json")
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg, "--resume_from_checkpoint", "latest",
+                           "--max_train_steps", "20"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("fewstep: ")]
+    assert len(line) == 1 and "max_train_steps (Glance: per phase) 4 -> 20" in line[0], proc.stderr[-2000:]
+    for d, data in exports.items():
+        assert open(os.path.join(glance_run, d, "pytorch_lora_weights.safetensors"), "rb").read() == data, d
+
+
 def test_one_pipeline_equals_hand_written_euler_with_switch(glance_run):
     from fewstep.models import get_adapter
     from fewstep.sampling import euler_loop, glance_pipeline_sample

@@ -342,3 +342,22 @@ def test_plan_refusals_name_every_key_and_the_way_on():
         plan("/c/step-4", old, new(world_size=1), FILES[:2], True, False, True)
     # the same checkpoint without an EMA in it: nothing to reshard, the EMA starts from the restored weights
     assert plan("/c/step-4", old, new(world_size=1), FILES[:2], False, False, True).mode == "universal"
+
+
+def test_a_glance_checkpoint_keeps_its_phase_length():
+    """Glance's step places a checkpoint's LoRA in Slow or Fast by the max_train_steps it was written with: another
+    length (which would train the finished Fast LoRA as Slow and export it over Slow's), or another method, is
+    refused; a one-phase run may raise max_train_steps (no record), and an older record without the key resumes."""
+    glance = dict(glance_phase_steps=6)
+    assert plan("/c/step-4", meta(**glance), new(**glance), FILES, True, True, True).mode == "native"
+    with pytest.raises(ResumeMismatch) as err:
+        plan("/c/step-4", meta(**glance), new(glance_phase_steps=20), FILES, True, True, True)
+    msg = str(err.value)
+    assert "max_train_steps (Glance: per phase) 6 -> 20. Glance trains Slow for max_train_steps steps" in msg, msg
+    assert "resume with max_train_steps (Glance: per phase) 6" in msg and "start a new run" in msg
+    assert "another model" not in msg
+    with pytest.raises(ResumeMismatch, match=r"per phase\) none -> 6"):  # a flow checkpoint continued as Glance
+        plan("/c/step-4", meta(glance_phase_steps=None), new(**glance), FILES, True, True, True)
+    one_phase = dict(glance_phase_steps=None)
+    assert plan("/c/step-4", meta(**one_phase), new(**one_phase), FILES, True, True, True).mode == "native"
+    assert plan("/c/step-4", meta(), new(**glance), FILES, True, True, True).mode == "native"  # older record

@@ -4,11 +4,12 @@ Every checkpoint's `trainer.json` records, under `layout`:
 
     {"family": "flux", "model": "/models/flux-dev", "model_type": "lora",
      "lora": {"rank": 16, "alpha": 64.0, "targets": ["to_k", "to_q", ...]},      (null for model_type full)
-     "anystep_embeddings": false, "zero_stage": 2, "world_size": 8, "dtype": "bf16"}
+     "anystep_embeddings": false, "zero_stage": 2, "world_size": 8, "dtype": "bf16",
+     "glance_phase_steps": null}                                                   (max_train_steps for Glance)
 
 On resume, `plan` compares it with the new run's. Keys that change what the saved state *is* (family, model,
-model_type, LoRA rank / alpha / targets, the any-step embeddings, dtype) are refused, all in one message that names
-every differing key and says how to proceed. A changed world size or ZeRO stage is resharded where the state allows:
+model_type, LoRA rank / alpha / targets, the any-step embeddings, dtype, Glance's phase length) are refused, all in
+one message that names every differing key and says how to proceed. A changed world size or ZeRO stage is resharded where the state allows:
 
 - LoRA runs save their trainable state in a stage-independent form (`trainable.pt`: every trainable parameter's full
   fp32 master and Adam moments by name), so they resume on any stage and any world size;
@@ -45,7 +46,8 @@ def run_layout(cfg, adapter, zero_stage: int, world_size: int) -> dict:
     return {"family": cfg.model_family, "model": _model_id(cfg.pretrained_model_name_or_path),
             "model_type": cfg.model_type, "lora": lora, "anystep_embeddings": cfg.resolved_method == "twinflow",
             "zero_stage": int(zero_stage), "world_size": int(world_size),
-            "dtype": "bf16" if cfg.bf16 else "fp32"}
+            "dtype": "bf16" if cfg.bf16 else "fp32",
+            "glance_phase_steps": int(cfg.max_train_steps) if cfg.resolved_method == "glance" else None}
 
 
 def _model_id(name: str) -> str:
@@ -75,10 +77,11 @@ class Resume:
 
 
 # keys that fix what the saved state is: (record path, config key shown to the user)
+GLANCE_STEPS = "max_train_steps (Glance: per phase)"
 _FIXED = [(("family",), "model_family"), (("model",), "pretrained_model_name_or_path"),
           (("model_type",), "model_type"), (("lora", "rank"), "lora_rank"), (("lora", "alpha"), "lora_alpha"),
           (("lora", "targets"), "lora_targets"), (("anystep_embeddings",), "any-step embeddings (method twinflow)"),
-          (("dtype",), "mixed_precision")]
+          (("dtype",), "mixed_precision"), (("glance_phase_steps",), GLANCE_STEPS)]
 
 
 def _get(record, path):
@@ -135,8 +138,13 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
         if lora_keys:
             reasons.append("a LoRA of another rank, alpha or target set cannot take over this one's weights and "
                            "optimizer state")
-        if keys - lora_keys:
+        if keys - lora_keys - {GLANCE_STEPS}:
             reasons.append("the checkpoint holds the state of another model, training mode or precision")
+        if GLANCE_STEPS in keys:
+            reasons.append("Glance trains Slow for max_train_steps steps, then Fast: which phase a checkpoint's LoRA "
+                           "belongs to follows from its step and the max_train_steps it was written with (a "
+                           "one-phase run has none)")
+            advice.append("to train Glance's LoRAs for more steps, start a new run (another output_dir)")
         advice.append("to train with the new settings instead, start a new run (another output_dir, or no "
                       "resume_from_checkpoint)" + ("; this run's LoRA stays in its export "
                                                    "(pytorch_lora_weights.safetensors) and in this checkpoint, but "

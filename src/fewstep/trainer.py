@@ -116,7 +116,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)
             log_main(is_main, f"note: step {step} is {'the end' if step == total else 'past the end'} of this run "
                               f"({total} steps{' over both Glance phases' if len(phases) > 1 else ''}): nothing left "
-                              "to train; raise max_train_steps to train further")
+                              "to train; " + ("to train Glance's LoRAs longer, start a new run (another output_dir)"
+                                              if len(phases) > 1 else "raise max_train_steps to train further"))
         later = checkpoint.later_than(ckpt_root, step) if is_main else []
         if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
             log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
