@@ -78,6 +78,31 @@ time.sleep(float(sys.argv[2]))  # then the lock goes, as a dead node's does when
 """
 
 
+def test_a_damaged_checkpoint_file_is_named_and_latest_falls_back(tmp_path):
+    """A checkpoint file damaged after its save: an unreadable one ends a resume from it in one line naming the
+    checkpoint and the earlier one to resume from; an emptied one counts as missing, so `latest` falls back to the
+    previous checkpoint (one warning line) and the run continues from there."""
+    backend = write_dataset(str(tmp_path), n=2)
+    cfg = write_config(str(tmp_path), backend, max_train_steps=2, checkpointing_steps=1)
+    assert launch(cfg).returncode == 0
+    rank0 = tmp_path / "out" / "checkpoints" / "step-2" / "rank0.pt"
+
+    def resume(spec):
+        return subprocess.run([PY, "launcher/train.py", "--config", cfg, "--resume_from_checkpoint", spec], cwd=REPO,
+                              env=cpu_env(), capture_output=True, text=True, timeout=600)
+
+    rank0.write_bytes(b"not a checkpoint" * 64)
+    proc = resume("step-2")
+    line = one_clean_line(proc)
+    assert proc.returncode == 2 and "checkpoint" in line and "step-2" in line and "cannot be read" in line, line
+    assert "resume_from_checkpoint step-1" in line, line
+    rank0.write_bytes(b"")
+    proc = resume("latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank0.pt (empty)" in proc.stdout + proc.stderr and "resumed from" in proc.stdout, proc.stdout[-2000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+
+
 def test_a_filesystem_without_flock_runs_unguarded_and_blocks_no_later_run(tmp_path, monkeypatch, capsys):
     """Where flock is missing (Lustre mounted noflock), a marker-file lock would outlive a SIGKILLed run and refuse
     every later one, its requeue included: the run goes on without the guard, says so, and leaves nothing behind."""

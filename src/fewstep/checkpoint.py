@@ -27,8 +27,10 @@ the previous checkpoint and `latest` are untouched, and every rank raises `Check
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 from typing import Iterable
@@ -340,10 +342,41 @@ def _plan(path: str, layout: dict, use_ema: bool) -> Resume:
     return plan(path, meta, layout, files, saved_ema, bool(meta.get("ema_maps")), use_ema)
 
 
+class DamagedCheckpointError(UserError):
+    """A checkpoint file is there but cannot be read (truncated or overwritten after its save)."""
+
+
+# what torch.load raises on a file that is not a whole checkpoint (an empty one: EOFError)
+_UNREADABLE = ("PytorchStreamReader failed", "failed finding central directory", "invalid header or archive")
+
+
+@contextlib.contextmanager
+def _damage_named(path: str):
+    """Reading a checkpoint's files: one that is not a whole torch file ends in one line naming the checkpoint and
+    the way on, rather than a traceback from deep in torch or DeepSpeed."""
+    try:
+        yield
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in _UNREADABLE):
+            raise
+        earlier = [os.path.basename(c) for c in list_checkpoints(os.path.dirname(os.path.abspath(path)))
+                   if step_of(c) < step_of(path)][-3:]
+        raise DamagedCheckpointError(
+            f"resume_from_checkpoint: checkpoint '{path}' has a file that cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else 'empty or cut short'}); it was damaged after its save. "
+            + (f"Resume from an earlier one (resume_from_checkpoint {earlier[-1]}; this run's: {', '.join(earlier)})"
+               if earlier else "No earlier checkpoint of this run is there to resume from") + ".") from e
+
+
 def restore(resume: Resume, engine, rank: int, ema=None, seed: int = 0) -> tuple[dict, dict]:
     """Restore the engine (module, optimizer, LR schedule) and `ema` from the planned checkpoint, resharding as
     planned (collective). Returns (this rank's state: order, samplers, rng; trainer state). RNG is applied last by the
-    caller."""
+    caller. A file that cannot be read ends in a DamagedCheckpointError."""
+    with _damage_named(resume.path):
+        return _restore(resume, engine, rank, ema, seed)
+
+
+def _restore(resume: Resume, engine, rank: int, ema, seed: int) -> tuple[dict, dict]:
     path = resume.path
     if resume.mode == "native" and resume.saved_world == distributed.world_size():
         rank_state, trainer_state = load(path, engine, rank)

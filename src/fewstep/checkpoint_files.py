@@ -63,7 +63,8 @@ def manifest(directory: str, world_size: int) -> list[str]:
 
 
 def missing_files(path: str) -> list[str]:
-    """The files (relative paths) a complete checkpoint at `path` holds but this one lacks; [] if complete."""
+    """The files (relative paths) a complete checkpoint at `path` holds but this one lacks, or holds empty (a file
+    truncated after the save: no checkpoint file is empty); [] if complete."""
     try:
         with open(os.path.join(path, "trainer.json")) as fh:
             meta = json.load(fh)
@@ -72,7 +73,8 @@ def missing_files(path: str) -> list[str]:
     except (OSError, ValueError):
         return ["trainer.json (unreadable)"]
     expected = meta["files"] if "files" in meta else inferred_files(path)
-    return [f for f in expected if not os.path.isfile(os.path.join(path, f))]
+    return [f if not os.path.isfile(os.path.join(path, f)) else f"{f} (empty)" for f in expected
+            if not os.path.isfile(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) == 0]
 
 
 def inferred_files(path: str) -> list[str]:
