@@ -137,6 +137,34 @@ def test_embed_entries_name_cache_locations(tmp_path, images):
     assert config.text_batch_sizes == {str(tmp_path / "t"): 4}
 
 
+def test_cache_folders_that_cannot_be_made_are_named_before_anything_runs(tmp_path, images):
+    """A cache folder with a file in its place or above it, or a missing one under a folder that cannot be written,
+    is refused with the entry and key when the file is read; an existing read-only folder (a finished cache, read
+    in place) is accepted. A folder that still cannot be made (here under a file) ends in a DataError too."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for key, value in (("cache_dir_vae", str(afile / "x")), ("cache_dir_vae", str(afile))):
+        with pytest.raises(DataError, match=f"photos.*{key} '{value}': .*is a file, not a folder"):
+            load(tmp_path, entry(images, **{key: value}))
+    with pytest.raises(DataError, match=r"entry 1 \('t'\): cache_dir .*is a file, not a folder"):
+        load(tmp_path, entry(images, text_embeds="t"),
+             {"id": "t", "dataset_type": "text_embeds", "cache_dir": str(afile / "t")})
+    frozen = tmp_path / "frozen"
+    (frozen / "done").mkdir(parents=True)
+    os.chmod(frozen, 0o555)
+    try:
+        assert load(tmp_path, entry(images, cache_dir_vae=str(frozen / "done"))).images[0].vae_cache_dir
+        if not os.access(frozen, os.W_OK):  # root may write anywhere
+            with pytest.raises(DataError, match="not writable to create it in"):
+                load(tmp_path, entry(images, cache_dir_vae=str(frozen / "new")))
+    finally:
+        os.chmod(frozen, 0o755)
+    from fewstep.data.cache import EmbeddingCache
+
+    with pytest.raises(DataError, match="cache folder .*cannot create"):
+        EmbeddingCache(str(afile / "y"), "m")
+
+
 def test_text_embeds_defaults(tmp_path, images):
     one = {"id": "t1", "dataset_type": "text_embeds", "cache_dir": str(tmp_path / "t1")}
     assert load(tmp_path, entry(images), one).default_text_cache_dir == str(tmp_path / "t1")  # the only one

@@ -205,7 +205,25 @@ def _local_dir(value, key: str, where: str, config_path: str, must_exist: bool) 
         path = alt if os.path.isdir(alt) else path
     if must_exist and not os.path.isdir(path):
         raise DataError(f"{where}: {key} '{path}' does not exist")
-    return os.path.abspath(path)
+    path = os.path.abspath(path)
+    problem = None if must_exist else _folder_problem(path)
+    if problem:
+        raise DataError(f"{where}: {key} '{path}': {problem}")
+    return path
+
+
+def _folder_problem(path: str) -> Optional[str]:
+    """Why the (cache) folder `path` cannot be made, checked without making it: a file in its place or above it, or
+    a missing folder under one this process cannot write. An existing folder is fine, writable or not (a finished
+    cache is read in place)."""
+    there = path
+    while not os.path.exists(there) and os.path.dirname(there) != there:
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        return f"'{there}' is a file, not a folder" if there != path else "it is a file, not a folder"
+    if there != path and not os.access(there, os.W_OK | os.X_OK):
+        return f"it does not exist, and '{there}' is not writable to create it in"
+    return None
 
 
 def _kind(entry: dict, where: str) -> str:

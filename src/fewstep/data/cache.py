@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.data.buckets import DECODE_VERSION, load_planned
 from fewstep.data.dataset import Sample, build_layout
+from fewstep.data.errors import DataError
 from fewstep.data.table import SampleTable
 from fewstep.models.source import folder_components, forces_zeros_for_empty_prompt
 from fewstep.paths import removed_on_failure, temporary_beside
@@ -132,8 +133,12 @@ class EmbeddingCache:
             raise ValueError(f"cache dtype must be one of {list(DTYPE_NAMES)}, got {dtype}")
         self.root = os.path.join(root, model, DTYPE_NAMES[dtype])
         self.text_batch_size, self.dtype = text_batch_size, dtype
-        os.makedirs(os.path.join(self.root, "latents"), exist_ok=True)
-        os.makedirs(os.path.join(self.root, "text"), exist_ok=True)
+        try:
+            os.makedirs(os.path.join(self.root, "latents"), exist_ok=True)
+            os.makedirs(os.path.join(self.root, "text"), exist_ok=True)
+        except OSError as e:  # e.g. a path under /proc, or a read-only filesystem
+            raise DataError(f"cache folder '{root}': cannot create {e.filename or self.root}: "
+                            f"{e.strerror or e}") from None
         # a cache written in the flat layout keeps it (read in place, new entries beside the old): nothing is moved,
         # so a read-only cache, a run of an older version on it, and going back to that version all keep working
         self.flat = {kind: _has_flat_files(os.path.join(self.root, kind)) for kind in ("latents", "text")}
