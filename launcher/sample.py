@@ -80,20 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+RESOLUTION_MAX = 8192  # pixels a side: above this the latents alone outgrow a GPU (and the model's training range)
 
 
 def check_numbers(args) -> None:
     """Each numeric option on its own, before anything loads (argparse checked the types): a value out of range is a
     SamplingError naming the option, the value and what it takes. `check_twinflow_grid` checks the sigma grid the
     sampler options make together, `model_resolution` the resolution against the model."""
+    from fewstep.config import SEED_MAX
     from fewstep.sampling import SamplingError
     from fewstep.schedulers import TwinFlowScheduler
 
     gap_start = inspect.signature(TwinFlowScheduler).parameters["gap_start"].default  # the grid's start, u = 0.001
     rules = [
         ("--steps", args.steps, lambda n: n >= 1, "integers >= 1"),
-        ("--resolution", args.resolution, lambda r: r >= 1, "a positive number of pixels"),
+        ("--resolution", args.resolution, lambda r: 1 <= r <= RESOLUTION_MAX,
+         f"a number of pixels from 1 to {RESOLUTION_MAX}"),
         ("--seed", args.seed, lambda s: 0 <= s <= SEED_MAX, f"an integer from 0 to 2**64 - 1 ({SEED_MAX})"),
         ("--warmup", args.warmup, lambda n: n >= 0, "an integer >= 0"),
         ("--cfg-scale", args.cfg_scale, lambda s: 1 <= s < math.inf, "a number >= 1 (1: no CFG)"),

@@ -50,3 +50,23 @@ def test_a_checkpoint_with_every_gpus_state_still_restores(monkeypatch):
     old = {**rng_streams.state(), "cuda": every_gpu}  # the format before 2026-12-05
     rng_streams.set_state(old)
     assert gpus.states[1].tolist() == [8, 8, 8, 8] and gpus.states[0].tolist() == [0] * 4
+
+
+def test_any_seed_the_config_takes_seeds_every_rank():
+    """Seeds up to 2**64 - 1 are taken (as sample.py's --seed); each rank's derived seed (seed * 7919 + rank) wraps
+    into torch's unsigned 64-bit range instead of overflowing, and 2**64 is refused in one line."""
+    import pytest
+
+    from fewstep import rng_streams
+    from fewstep.config import ConfigError, load_config
+
+    base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux"}
+    top = load_config(None, {**base, "seed": 2 ** 64 - 1}).seed
+    with rng_streams.isolated():
+        rng_streams.seed(top * 7919 + 3)
+        a = torch.rand(4)
+        rng_streams.seed((top * 7919 + 3) % 2 ** 64)
+        assert torch.equal(a, torch.rand(4))
+    for key in ("seed", "validation_seed"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, {**base, key: 2 ** 64})

@@ -231,8 +231,9 @@ def test_cuda_without_a_gpu(runs, capsys):
     ("twinflow", ["--kumaraswamy", "1", "inf", "1"], "--kumaraswamy: got inf, expected three positive finite"),
     ("twinflow", ["--kumaraswamy", "1000", "1", "1"], "the TwinFlow sigma grid for 2 steps (gap end 0.6, "
                                                       "Kumaraswamy 1000 1 1) collapses"),
-    ("flow", ["--resolution", "0"], "--resolution: got 0, expected a positive number of pixels"),
-    ("twinflow", ["--resolution", "-32"], "--resolution: got -32, expected a positive number of pixels"),
+    ("flow", ["--resolution", "0"], "--resolution: got 0, expected a number of pixels from 1 to 8192"),
+    ("twinflow", ["--resolution", "-32"], "--resolution: got -32, expected a number of pixels from 1 to 8192"),
+    ("flow", ["--resolution", "100000"], "--resolution: got 100000, expected a number of pixels from 1 to 8192"),
     ("flow", ["--resolution", "3"], "--resolution: got 3, expected at least 4 (sides are a multiple of 4 for flux)"),
     ("flow", ["--seed", "-1"], "--seed: got -1, expected an integer from 0 to 2**64 - 1"),
     ("twinflow", ["--seed", str(2 ** 64)], f"--seed: got {2 ** 64}, expected an integer from 0 to 2**64 - 1"),

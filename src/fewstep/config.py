@@ -21,6 +21,9 @@ from fewstep.jsonfile import load_json
 __all__ = ["Config", "ConfigError", "FIELDS", "load_config", "describe_options", "stage_set_by", "zero_stage_in_use"]
 
 
+SEED_MAX = 2 ** 64 - 1  # torch's generators take unsigned 64-bit seeds (launcher/sample.py's --seed too)
+
+
 def opt(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
     """Declare an option: default, help text, and optional allowed values / numeric range."""
     meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
@@ -82,7 +85,7 @@ class Config:
 
     # ---- optimisation ----
     output_dir: str = opt("output", "Run directory: checkpoints, logs, LoRA weights, samples.")
-    seed: int = opt(0, "Global seed (each rank derives its own stream from it).", lo=0)
+    seed: int = opt(0, "Global seed (each rank derives its own stream from it).", lo=0, hi=SEED_MAX)
     train_batch_size: int = opt(1, "Micro-batch size per GPU.", lo=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", lo=1)
     max_train_steps: int = opt(100, "Optimizer steps to train (per phase for Glance).", lo=1)
@@ -204,7 +207,8 @@ class Config:
     validation_guidance_real: Optional[float] = opt(None, "FLUX: classifier-free guidance scale of validation images, "
                                                           "against validation_negative_prompt (<= 1 or null: none), "
                                                           "as in SimpleTuner.", lo=0.0)
-    validation_seed: int = opt(0, "Seed for validation noise (fixed, so images are comparable across steps).", lo=0)
+    validation_seed: int = opt(0, "Seed for validation noise (fixed, so images are comparable across steps).", lo=0,
+                               hi=SEED_MAX)
     report_to: str = opt("tensorboard", "Where rank 0 logs scalars and validation images: tensorboard, wandb, all "
                                         "(both; also 'tensorboard,wandb') or none. W&B offline: WANDB_MODE=offline.",
                          choices=("tensorboard", "wandb", "all", "none", "tensorboard,wandb", "wandb,tensorboard"))

@@ -42,7 +42,7 @@ def set_state(snapshot: dict) -> None:
 
 def seed(value: int) -> dict:
     """Seed every global generator from `value`; returns the seeded state."""
-    torch.manual_seed(value)  # the CPU generator and every CUDA device's
+    torch.manual_seed(value % 2 ** 64)  # the CPU generator and every CUDA device's (unsigned 64-bit seeds)
     random.seed(value)
     np.random.seed(value % 2 ** 32)
     return state()
