@@ -148,6 +148,10 @@ def test_missing_required_and_missing_file(tmp_path):
     ("flow_use_beta_schedule", False, True, "the beta schedule is not implemented"),
     ("flow_sigmoid_scale", 1.0, 2.0, "flow_logit_std"),
     ("base_model_precision", "no_change", "int8-quanto", "quantised bases .* are not supported"),
+    ("scheduled_sampling_max_step_offset", 0, 2, "scheduled sampling is not implemented"),  # TwinFlow's guide: off
+    ("lora_type", "standard", "lycoris", "LyCORIS is not supported"),  # was 'did you mean lora_init_type'
+    ("model_flavour", None, "dev", "give the flavour's model there"),  # was 'did you mean model_family'
+    ("validation_guidance_rescale", 0.0, 0.7, "not rescaled"),  # was 'did you mean validation_guidance_real'
 ])
 def test_simpletuner_options_fewstep_lacks_are_accepted_only_at_their_default(tmp_path, key, default, other, message):
     """A SimpleTuner config may carry them at their defaults (the feature off): accepted, no effect. Another value
@@ -158,6 +162,12 @@ def test_simpletuner_options_fewstep_lacks_are_accepted_only_at_their_default(tm
     with pytest.raises(ConfigError, match=f"'{key}' in .* is {other!r}: fewstep has only SimpleTuner's default .*"
                                           f"{message}"):
         load_config(write(tmp_path, merged(SEED_GLANCE, {f"--{key}": other})))
+
+
+def test_a_choice_is_matched_without_case(tmp_path):
+    """`--report_to None` is the choice "none" (it was read as null: "'report_to' may not be null")."""
+    cfg = load_config(write(tmp_path, SEED_GLANCE), ["--report_to", "None", "--mixed_precision", "BF16"])
+    assert cfg.report_to == "none" and cfg.mixed_precision == "bf16"
 
 
 def test_enhanced_ratio_of_one_or_more_needs_a_frozen_teacher(tmp_path):

@@ -68,12 +68,24 @@ SIMPLETUNER_ONLY = {
     "flux_attention_masked_training": (False, "masked text attention is not implemented"),
     "base_model_precision": ("no_change", "the frozen base is loaded in the training dtype (mixed_precision); "
                                           "quantised bases (int8, fp8, nf4) are not supported"),
+    # SimpleTuner's TwinFlow guide: "disable scheduled sampling"
+    "scheduled_sampling_max_step_offset": (0, "scheduled sampling is not implemented (training inputs are noised "
+                                              "data, as TwinFlow's guide asks)"),
+    "scheduled_sampling_probability": (0.0, "scheduled sampling is not implemented"),
+    "lora_type": ("standard", "fewstep trains PEFT LoRA (lora_rank, lora_alpha, lora_targets, lora_init_type); "
+                              "LyCORIS is not supported"),
+    "model_flavour": (None, "fewstep loads the model pretrained_model_name_or_path names: give the flavour's model "
+                            "there (e.g. black-forest-labs/FLUX.1-dev)"),
+    "validation_guidance_rescale": (0.0, "validation's guidance is not rescaled (Qwen-Image's keeps its pipeline's "
+                                         "per-token norm rescale)"),
 }
 
 
 def simpletuner_only(key: str, value: Any, where: str) -> None:
     """Accept a `SIMPLETUNER_ONLY` option at its SimpleTuner default (no effect); raise for any other value."""
     default, instead = SIMPLETUNER_ONLY[key]
+    if default is None and isinstance(value, str) and value.lower() in ("null", "none"):
+        value = None  # the command line's null
     try:
         same = _as_type(type(default).__name__, value) == default
     except (ValueError, TypeError):
@@ -89,6 +101,8 @@ def coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     and range."""
     meta = f.metadata
     typ = f.type.replace("Optional[", "").rstrip("]")
+    if meta["choices"] is not None and isinstance(value, str):  # "None" for report_to's "none", "FP32" for "fp32"
+        value = next((c for c in meta["choices"] if isinstance(c, str) and c.lower() == value.lower()), value)
     is_choice = meta["choices"] is not None and value in meta["choices"]  # e.g. report_to: "none"
     # "null" / "none" (the command line's only way to write null) is None for every option, the timestep lists
     # (typed Any) included, unless it is one of the option's choices
