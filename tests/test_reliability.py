@@ -148,7 +148,8 @@ def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
 # ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
                                   "missing-model-dir", "unset-variable", "cache-dir-under-a-file",
-                                  "logging-dir-under-a-file", "empty-output-dir", "data-typo-before-model"])
+                                  "logging-dir-under-a-file", "empty-output-dir", "data-typo-before-model",
+                                  "lora-target-typo"])
 def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     backend = write_dataset(str(tmp_path), n=2)
     overrides, env, expect = {}, {}, ""
@@ -178,6 +179,9 @@ def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
             json.dump(entries, fh)
         overrides, env = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}, {"HF_HUB_OFFLINE": "1"}
         expect = "'caption_extention'"
+    elif case == "lora-target-typo":  # checked on the meta-device architecture: before the cache fill and the load
+        overrides = {"lora_targets": ["to_qq", "to_k"]}
+        expect = "lora_targets: no module of FluxTransformer2DModel is named 'to_qq' (did you mean 'to_q'?)"
     elif case == "empty-output-dir":
         overrides, expect = {"output_dir": ""}, "'output_dir' is empty: give a path"
     else:
@@ -185,6 +189,7 @@ def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
     proc = launch(write_config(str(tmp_path), backend, **overrides), **env)
     assert proc.returncode == 2 and expect in one_clean_line(proc)
     assert "fewstep: loading" not in proc.stdout  # before the model load
+    assert "caching" not in proc.stdout  # and before the cache fill (VAE and text encoders over the data)
     assert not os.path.exists(os.path.join(REPO, "$FEWSTEP_UNSET_DIR"))  # nothing written under the literal name
 
 

@@ -63,6 +63,21 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
         raise ConfigError(f"lora_targets: no module of {type(model).__name__} is named {', '.join(hints)}")
 
 
+def check_targets_before_load(cfg, source: str) -> None:
+    """Given `lora_targets`, check them against the denoiser built on the meta device from the model source's own
+    config (no weights, seconds): a typo ends the run before the data scan, the cache fill and the load, not after."""
+    if cfg.model_type != "lora" or not cfg.lora_targets:
+        return
+    from fewstep.planning.model import build_meta_transformer, model_config_source
+
+    try:
+        config, _ = model_config_source(cfg.model_family, source)
+        model = build_meta_transformer(config)
+    except Exception:  # noqa: BLE001 - an architecture the planner cannot build: the check after the load stands
+        return
+    check_targets(model, cfg.lora_targets)
+
+
 def _gathered(params):
     """Context that materialises ZeRO-3 partitioned parameters (no-op otherwise)."""
     import contextlib

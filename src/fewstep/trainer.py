@@ -30,7 +30,7 @@ from fewstep.engine.nonfinite_trace import NonFiniteTrace
 from fewstep.errors import NonFiniteStop
 from fewstep.kernels import resolve_backend
 from fewstep.full_export import export_full
-from fewstep.lora import (count_params, export_lora, prepare_trainable, remove_run_info,
+from fewstep.lora import (check_targets_before_load, count_params, export_lora, prepare_trainable, remove_run_info,
                           run_info_matches, write_run_info)
 from fewstep.metrics import MetricsLogger, log_main, quiet_library_bars, require_wandb_credentials
 from fewstep.models import get_adapter
@@ -60,6 +60,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         if is_main:
             require_wandb_credentials(cfg.report_to)
     source = local_model(adapter, cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
+    check_targets_before_load(cfg, source)
     note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
     if note:
         log_main(is_main, f"warning: {note}")
