@@ -49,9 +49,10 @@ def test_second_run_on_a_busy_output_dir_stops_naming_the_first_and_kill9_does_n
     third = launch(cfg)
     assert third.returncode == 0, third.stderr[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
-    # resumed at its end: says there is nothing left to train
+    # resumed at its end: says there is nothing left to train, before the data scan and the model load
     fourth = launch(cfg)
     assert fourth.returncode == 0 and "step 2 is the end of this run (2 steps): nothing left to train" in fourth.stdout
+    assert "fewstep: loading" not in fourth.stdout and "caching" not in fourth.stdout  # nothing to do: nothing loaded
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
     # a fresh run (no resume_from_checkpoint) into it is refused: its checkpoints would mix with the earlier run's
     os.makedirs(tmp_path / "fresh")
@@ -88,8 +89,9 @@ def test_a_damaged_checkpoint_file_is_named_and_latest_falls_back(tmp_path):
     rank0 = tmp_path / "out" / "checkpoints" / "step-2" / "rank0.pt"
 
     def resume(spec):
-        return subprocess.run([PY, "launcher/train.py", "--config", cfg, "--resume_from_checkpoint", spec], cwd=REPO,
-                              env=cpu_env(), capture_output=True, text=True, timeout=600)
+        return subprocess.run([PY, "launcher/train.py", "--config", cfg, "--resume_from_checkpoint", spec,
+                               "--max_train_steps", "3"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                              timeout=600)  # one step more: a resume at the end would load nothing
 
     rank0.write_bytes(b"not a checkpoint" * 64)
     proc = resume("step-2")
@@ -100,7 +102,7 @@ def test_a_damaged_checkpoint_file_is_named_and_latest_falls_back(tmp_path):
     proc = resume("latest")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank0.pt (empty)" in proc.stdout + proc.stderr and "resumed from" in proc.stdout, proc.stdout[-2000:]
-    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
 
 
 def test_a_filesystem_without_flock_runs_unguarded_and_blocks_no_later_run(tmp_path, monkeypatch, capsys):

@@ -170,7 +170,8 @@ def test_lora_two_ranks_to_one_continues_bit_exactly(out):
     meta = json.loads((out / "lora-w2" / "checkpoints" / "step-2" / "trainer.json").read_text())
     assert meta["layout"] == {"family": "flux", "model": "tiny:flux", "model_type": "lora",
                               "lora": {"rank": 4, "alpha": 4.0, "targets": ["to_k", "to_out.0", "to_q", "to_v"]},
-                              "anystep_embeddings": False, "zero_stage": 2, "world_size": 2, "dtype": "fp32"}
+                              "anystep_embeddings": False, "zero_stage": 2, "world_size": 2, "dtype": "fp32",
+                              "glance_phase_steps": None}
     assert TRAINABLE_FILE in meta["files"] and meta["ema_maps"] is True
 
 

@@ -66,6 +66,7 @@ class Resume:
     saved_stage: int | None = None
     changes: list[str] = field(default_factory=list)  # e.g. ["world size 2 -> 1"]
     reshard_ema: bool = False
+    step: int = 0  # the optimizer step it was saved at
 
     @property
     def note(self) -> str:
@@ -194,7 +195,7 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
         why = "; ".join(_dedupe(reasons))
         raise ResumeMismatch(f"{where} does not fit this run: {diff}{more}. {why[0].upper()}{why[1:]}. "
                              f"{cont[0].upper()}{cont[1:]}" + "".join(f"; {a}" for a in _dedupe(advice)) + ".")
-    return Resume(path, mode, saved_world, saved_stage, changes, reshard_ema)
+    return Resume(path, mode, saved_world, saved_stage, changes, reshard_ema, int(meta.get("step", 0)))
 
 
 def _unique(items):

@@ -71,6 +71,13 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
     # raises the same ResumeMismatch)
     resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
+    phases: list[Phase] = build_phases(cfg, info)
+    total = sum(p.steps for p in phases)
+    if resume is not None and nothing_left(cfg, phases, resume, ckpt_root):  # no load (a 20B model: minutes)
+        log_main(is_main, f"resumed from {resume.path} at step {resume.step}")
+        log_main(is_main, end_note(resume.step, total, len(phases)))
+        distributed.wait_for_all("end")
+        return {"step": resume.step, "preempted": False}
     dataset, resolution, shuffle = build_dataset(cfg, adapter, info, source, data)
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
@@ -95,8 +102,6 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                       f"world {info.world_size} | ZeRO-{stage} | {dtype} | {len(dataset)} samples @ "
                       f"{resolution}px")
 
-    phases: list[Phase] = build_phases(cfg, info)
-    total = sum(p.steps for p in phases)
     order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle,
                       sampling=cfg.data_backend_sampling)
     initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
@@ -115,10 +120,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
         if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)
-            log_main(is_main, f"note: step {step} is {'the end' if step == total else 'past the end'} of this run "
-                              f"({total} steps{' over both Glance phases' if len(phases) > 1 else ''}): nothing left "
-                              "to train; " + ("to train Glance's LoRAs longer, start a new run (another output_dir)"
-                                              if len(phases) > 1 else "raise max_train_steps to train further"))
+            log_main(is_main, end_note(step, total, len(phases)))
         later = checkpoint.later_than(ckpt_root, step) if is_main else []
         if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
             log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
@@ -219,6 +221,30 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         logger.close()
     distributed.wait_for_all("end")
     return {"step": step, "preempted": False}
+
+
+def nothing_left(cfg: Config, phases: list[Phase], resume: checkpoint.Resume, ckpt_root: str) -> bool:
+    """Resumed at or past the end, from this run's own checkpoint, with every phase that ended there exported: there
+    is nothing to train, export or save, so nothing need be loaded. Rank 0 decides (collective)."""
+    verdict = None
+    if distributed.rank() == 0:
+        own = os.path.isdir(ckpt_root) and os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), ckpt_root)
+        verdict = own and resume.step >= sum(p.steps for p in phases)
+    if not distributed.broadcast_object(verdict):
+        return False
+    end = 0
+    for phase in phases:  # a phase whose end the checkpoint is at may have been interrupted before its export
+        end += phase.steps
+        if resume.step == end and not phase_exported(cfg, phase, end):
+            return False
+    return True
+
+
+def end_note(step: int, total: int, phases: int) -> str:
+    return (f"note: step {step} is {'the end' if step == total else 'past the end'} of this run ({total} steps"
+            f"{' over both Glance phases' if phases > 1 else ''}): nothing left to train; "
+            + ("to train Glance's LoRAs longer, start a new run (another output_dir)" if phases > 1
+               else "raise max_train_steps to train further"))
 
 
 @dataclass
