@@ -266,6 +266,10 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         if slow is None or fast is None:
             raise SamplingError("the Glance directories carry no timestep lists (were they trained with Glance "
                                 "lists?)")
+        if len(fast) > 1 and fast[-1] == 0:  # flow_custom_timesteps takes a 0 (a Fast run's list given down to it)
+            print(f"fewstep: note: --fast {args.fast} was trained down to sigma 0, the end of sampling, where no step "
+                  "is taken: its steps are the list's others", file=sys.stderr)
+            fast = fast[:-1]
         try:
             n_glance = len(glance_schedule(slow, fast)[0]) - 1
         except ValueError as e:  # a Slow and a Fast export of runs with lists that do not chain

@@ -89,8 +89,10 @@ GLANCE = {"method": "glance", "flow_custom_timesteps": None, "glance_slow_timest
     ({"twinflow_enhanced_range": "0.2,high"}, "twinflow_enhanced_range"),
     ({"twinflow_enhanced_range": [0.1, 0.2, 0.3]}, "twinflow_enhanced_range"),
     # a Glance schedule that cannot be sampled fails here, not after the Slow phase has trained
-    ({**GLANCE, "glance_slow_timesteps": "943.1188, 1000"}, "strictly decrease"),
-    ({**GLANCE, "glance_slow_timesteps": "1000, 900", "glance_fast_timesteps": "950, 500"}, "got 0.9 then 0.95"),
+    ({**GLANCE, "glance_slow_timesteps": "943.1188, 1000"},
+     "glance_slow_timesteps, glance_fast_timesteps: .*strictly decrease .*: the Slow list has 0.943119 then 1$"),
+    ({**GLANCE, "glance_slow_timesteps": "1000, 900", "glance_fast_timesteps": "950, 500"},
+     "Slow ends at 0.9, Fast starts at 0.95"),
     ({**GLANCE, "glance_fast_timesteps": "500, 0"}, "last Fast sigma must be > 0"),
 ])
 def test_errors_name_the_key(tmp_path, bad, message):

@@ -378,11 +378,25 @@ def test_two_run_glance_chains_and_one_half_samples_as_its_validation(runs, tmp_
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     slow, fast = runs("two_slow"), runs("two_fast")
-    rec, _ = _sample(["--method", "glance", "--slow", slow, "--fast", fast, "--device", "cpu",
-                      "--output", str(tmp_path / "g.png")])
+    rec, chained = _sample(["--method", "glance", "--slow", slow, "--fast", fast, "--device", "cpu",
+                            "--output", str(tmp_path / "g.png")])
     sigmas, _ = glance_schedule([t / 1000 for t in TWO_RUN["slow"]], [t / 1000 for t in TWO_RUN["fast"]])
     assert rec["runs"][0]["steps"] == len(sigmas) - 1 == 5
     assert "guidance_scale is passed" not in capfd.readouterr().err
+    # a Fast run whose flow_custom_timesteps went down to 0 (SimpleTuner's key takes it): 0 is the end of sampling,
+    # where no step is taken, so the chain is the same (it was refused: "the last Fast sigma must be > 0")
+    import shutil
+
+    to_zero = str(tmp_path / "fast-to-zero")
+    shutil.copytree(fast, to_zero)
+    info_path = os.path.join(to_zero, "fewstep_run.json")
+    info = json.loads(open(info_path).read())
+    info["sigmas"] = [*info["sigmas"], 0.0]
+    open(info_path, "w").write(json.dumps(info))
+    rec, same = _sample(["--method", "glance", "--slow", slow, "--fast", to_zero, "--device", "cpu",
+                         "--output", str(tmp_path / "z.png")])
+    assert rec["runs"][0]["steps"] == 5 and _rel(same[0], chained[0]) == 0
+    assert "trained down to sigma 0, the end of sampling" in capfd.readouterr().err
     with pytest.raises(sampling.SamplingError, match=f"--slow {fast} and --fast {slow}"):  # the halves swapped
         _sample(["--method", "glance", "--slow", fast, "--fast", slow, "--device", "cpu"])
 

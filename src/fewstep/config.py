@@ -310,10 +310,13 @@ class Config:
             lists = {key: parse_custom_timesteps(getattr(self, key), key=key)
                      for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps")
                      if getattr(self, key) is not None}
-            if method == "glance":  # the sampling schedule Slow + Fast, built after the Slow phase's training
-                glance_schedule(lists["glance_slow_timesteps"], lists["glance_fast_timesteps"])
         except TimestepListError as e:
             raise ConfigError(str(e)) from None
+        if method == "glance":  # the sampling schedule Slow + Fast, built after the Slow phase's training
+            try:
+                glance_schedule(lists["glance_slow_timesteps"], lists["glance_fast_timesteps"])
+            except TimestepListError as e:
+                raise ConfigError(f"glance_slow_timesteps, glance_fast_timesteps: {e}") from None
         return self
 
     def _validate_prediction_type(self, method: str) -> None:

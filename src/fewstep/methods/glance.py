@@ -130,9 +130,11 @@ def glance_schedule(slow: Sequence[float], fast: Sequence[float]) -> tuple[list[
     sigmas = list(slow) + list(fast)
     if not slow or not fast:
         raise TimestepListError("Glance needs a non-empty Slow and Fast list")
-    for a, b in zip(sigmas, sigmas[1:]):
+    for i, (a, b) in enumerate(zip(sigmas, sigmas[1:])):
         if not a > b:
-            raise TimestepListError(f"Glance sigmas must strictly decrease (Slow then Fast), got {a} then {b}")
+            where = (f"Slow ends at {a:.6g}, Fast starts at {b:.6g}" if i == len(slow) - 1 else
+                     f"the {'Slow' if i < len(slow) else 'Fast'} list has {a:.6g} then {b:.6g}")
+            raise TimestepListError(f"Glance sigmas must strictly decrease (Slow then Fast): {where}")
     if sigmas[-1] <= 0:
         raise TimestepListError("the last Fast sigma must be > 0 (0 is appended as the end of sampling)")
     return sigmas + [0.0], len(slow)
