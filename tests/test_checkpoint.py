@@ -118,8 +118,11 @@ def test_resolve_reads_a_bare_step_name_under_the_run_and_refuses_an_output_dir(
     with pytest.raises(checkpoint.CheckpointNotFound, match=r"is a run's output directory, not a checkpoint: give "
                                                             r"one of its checkpoints under .*\(step-1, step-2\)"):
         checkpoint.resolve(root, str(out))
-    with pytest.raises(checkpoint.CheckpointNotFound, match="no checkpoint directory at"):
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"no checkpoint directory at .*step-7' \(this run's: "
+                                                            r"step-1, step-2\)"):
         checkpoint.resolve(root, "step-7")
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"at 'lates' \(did you mean 'latest'\?\)"):
+        checkpoint.resolve(root, "lates")
 
 
 def test_resolve_infers_rank_files_of_checkpoints_without_a_file_list(saved, tmp_path):

@@ -259,7 +259,8 @@ def test_export_formats_option(tmp_path):
     sdxl = load_config(os.path.join(REPO, "configs", "twinflow", "sdxl_lora.json"),
                        {"lora_export_formats": "diffusers,comfyui"})
     assert sdxl.lora_export_formats == ["diffusers", "comfyui"]
-    for bad, msg in [({"lora_export_formats": "comfyui"}, "must include 'diffusers'"),
+    for bad, msg in [({"lora_export_formats": "comfyui"}, "must include 'diffusers' .*got comfyui: use "
+                                                          "'diffusers,comfyui'"),
                      ({"lora_export_formats": "diffusers,kohya"}, "got kohya"),
                      ({"lora_export_formats": "diffusers,comfyui", "model_type": "full"}, "applies to LoRA runs"),
                      ({"lora_export_formats": "diffusers,comfyui", "model_family": "sd3"}, "not sd3")]:

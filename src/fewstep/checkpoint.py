@@ -217,7 +217,12 @@ def resolve(root: str, spec: str | None) -> str | None:
     if not os.path.isdir(spec):  # a re-save of exactly this step interrupted between its renames: put it back
         _restore_replaced(os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.normpath(spec)))
     if not os.path.isdir(spec):
-        raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'")
+        import difflib
+
+        own = [os.path.basename(p) for p in list_checkpoints(root)]
+        hint = (" (did you mean 'latest'?)" if difflib.get_close_matches(spec, ["latest"], cutoff=0.7)
+                else f" (this run's: {listing(own, 5)})" if own else "")
+        raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'{hint}")
     missing = missing_files(spec)
     if missing:
         raise IncompleteCheckpointError(f"resume_from_checkpoint: checkpoint '{spec}' is incomplete, missing "

@@ -106,8 +106,10 @@ def formats_problem(formats: list[str], model_type: str, model_family: str | Non
     if unknown:
         return f"'lora_export_formats' must list formats from {', '.join(FORMATS)}; got {', '.join(unknown)}"
     if "diffusers" not in formats:
-        return ("'lora_export_formats' must include 'diffusers' (fewstep's sampler and load_lora_weights(dir) read "
-                "it); add 'comfyui' to write the ComfyUI/kohya file beside it")
+        return (f"'lora_export_formats' must include 'diffusers' (fewstep's sampler and load_lora_weights(dir) read "
+                f"it); got {', '.join(formats) or 'none'}: use "
+                + ("'diffusers,comfyui' to write the ComfyUI/kohya file beside it" if "comfyui" in formats else
+                   "'diffusers', with 'comfyui' to write the ComfyUI/kohya file beside it"))
     if "comfyui" in formats:
         if model_type != "lora":
             return ("'lora_export_formats' comfyui applies to LoRA runs; a full fine-tune (model_type full) exports "
