@@ -173,6 +173,12 @@ def test_missing_folders_say_so(exports, capsys, tmp_path):
     root = os.path.dirname(g["glance-slow"])  # the Glance run's output_dir: its exports are in the two subfolders
     line = _main(capsys, "--method", "flow", "--lora", root)
     assert "has no fewstep_run.json: a Glance run exports to its glance-slow/ and glance-fast/ folders" in line
+    step = tmp_path / "run" / "checkpoints" / "step-3"  # a training checkpoint, not an export
+    step.mkdir(parents=True)
+    (step / "trainer.json").write_text("{}")
+    line = _main(capsys, "--method", "flow", "--lora", step)
+    assert f"has no fewstep_run.json: it is a training checkpoint; sample the run's export ({tmp_path / 'run'})" \
+        in line, line
 
 
 def test_a_base_model_of_another_family_names_the_option_that_fixes_it(exports, capsys, tmp_path):

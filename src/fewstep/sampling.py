@@ -86,8 +86,13 @@ def run_info(directory: str) -> dict:
     path = os.path.join(directory, RUN_INFO)
     if not os.path.exists(path):
         glance = os.path.isdir(os.path.join(directory, "glance-slow"))
-        raise NotARunDir(f"{directory} has no {RUN_INFO}: " + ("a Glance run exports to its glance-slow/ and "
-                         "glance-fast/ folders" if glance else "is it a fewstep output directory?"))
+        run = os.path.dirname(os.path.dirname(os.path.abspath(directory)))  # <output_dir>/checkpoints/step-N
+        checkpoint = os.path.exists(os.path.join(directory, "trainer.json"))
+        raise NotARunDir(f"{directory} has no {RUN_INFO}: " + (
+            "a Glance run exports to its glance-slow/ and glance-fast/ folders" if glance else
+            f"it is a training checkpoint; sample the run's export ({run}), written when the run (or a phase) "
+            "ends: resume the run to its end to export" if checkpoint else
+            "is it a fewstep output directory? (a run exports when it, or its phase, ends)"))
     info = load_json(path, SamplingError, "run info")
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
         raise SamplingError(f"{path}: not a fewstep run info (a JSON object with the run's 'config')")
