@@ -19,6 +19,7 @@ import torch
 
 from fewstep import checkpoint, faults, preemption, rng_streams, run_dir
 from fewstep.config import Config, ConfigError
+from fewstep.config_warnings import config_warnings
 from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset, read_data_config
 from fewstep.ema import EMA
@@ -55,6 +56,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         quiet_library_bars()
     seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
     adapter = get_adapter(cfg.model_family)
+    for warning in config_warnings(cfg):
+        log_main(is_main, f"warning: {warning}")
     data = read_data_config(cfg)  # its mistakes before the model is resolved (a hub id may download first)
     with distributed.uneven_work("W&B credentials check"):  # rank 0 logs; its wandb.init comes after the cache fill
         if is_main:

@@ -1,0 +1,32 @@
+"""Settings a run accepts but that cannot act as written: each gets one warning line at start-up (rank 0), where an
+error would refuse a config that trains correctly (a SimpleTuner config carries some of them by habit)."""
+from __future__ import annotations
+
+import dataclasses
+
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_init_type")
+
+
+def config_warnings(cfg) -> list[str]:
+    """The warnings for `cfg` (a validated fewstep.config.Config), in the order of its options."""
+    from fewstep.config import DIFFUSION_FAMILIES, FIELDS
+
+    out = []
+    if cfg.model_type == "full":
+        defaults = {k: _default(FIELDS[k]) for k in LORA_KEYS}
+        defaults["lora_alpha"] = float(cfg.lora_rank)  # its default: equal to lora_rank (set by validation)
+        changed = [k for k in LORA_KEYS if getattr(cfg, k) != defaults[k]]
+        if changed:
+            out.append(f"{', '.join(changed)} not used: model_type full trains every weight of the denoiser")
+    if cfg.diff2flow_enabled and cfg.model_family not in DIFFUSION_FAMILIES:
+        out.append(f"diff2flow_enabled has no effect on model_family {cfg.model_family}: it is a flow-matching model "
+                   f"already (diff2flow bridges {', '.join(DIFFUSION_FAMILIES)})")
+    if 0 < cfg.max_train_steps <= cfg.lr_warmup_steps:
+        per = " per Glance phase" if cfg.resolved_method == "glance" else ""
+        out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= max_train_steps {cfg.max_train_steps}{per}: the "
+                   f"learning rate never reaches learning_rate {cfg.learning_rate:g}")
+    return out
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
