@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
 RESOLUTION_MAX = 8192  # pixels a side: above this the latents alone outgrow a GPU (and the model's training range)
 
 
+def check_method_options(args) -> None:
+    """Options another method reads, given with this one, are refused by name rather than silently unused; so is a
+    step count given twice (it would write the same image twice)."""
+    from fewstep.sampling import SamplingError
+
+    given = {"--target-time": args.target_time, "--stochastic-ratio": args.stochastic_ratio,
+             "--gap-end": args.gap_end, "--kumaraswamy": args.kumaraswamy}
+    unused = [o for o, v in given.items() if v is not None] if args.method != "twinflow" else []
+    unused += [o for o, v in (("--slow", args.slow), ("--fast", args.fast)) if v is not None and args.method != "glance"]
+    unused += ["--lora"] if args.lora is not None and args.method == "glance" else []
+    if unused:
+        reads = {"--lora": "twinflow and flow", "--slow": "glance", "--fast": "glance"}
+        raise SamplingError(f"{', '.join(unused)} not used by --method {args.method} ("
+                            + "; ".join(f"{o}: {reads.get(o, 'twinflow')}" for o in unused) + ")")
+    if args.steps and len(set(args.steps)) != len(args.steps):
+        raise SamplingError(f"--steps {' '.join(map(str, args.steps))}: a step count is given twice")
+
+
 def check_numbers(args) -> None:
     """Each numeric option on its own, before anything loads (argparse checked the types): a value out of range is a
     SamplingError naming the option, the value and what it takes. `check_twinflow_grid` checks the sigma grid the
@@ -239,6 +257,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     from fewstep.sampling import (SamplingError, anystep_dir, check_export, dtype_name, resolve_device, resolve_dtype,
                                   run_info)
 
+    check_method_options(args)
     check_numbers(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

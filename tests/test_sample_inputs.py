@@ -240,3 +240,18 @@ def test_output_paths():
     assert CLI.output_paths("a.jpg", [1]) == ["a.jpg"]
     assert CLI.output_paths("o/a.WEBP", [1, 2]) == ["o/a-1.WEBP", "o/a-2.WEBP"]
     assert CLI.output_paths("o/a", [1, 4]) == ["o/a-1.png", "o/a-4.png"]
+
+
+def test_options_of_another_method_are_refused_by_name(exports, capsys):
+    """A TwinFlow sampler option with --method flow or glance, --slow/--fast outside Glance, --lora with Glance, or a
+    repeated step count: one line before any load (they were silently unused, or wrote one image twice)."""
+    g, flow = exports("glance"), exports("flow")["flow"]
+    line = _main(capsys, "--method", "flow", "--lora", flow, "--target-time", "few", "--gap-end", "0.1")
+    assert line == "fewstep: --target-time, --gap-end not used by --method flow (--target-time: twinflow; " \
+                   "--gap-end: twinflow)", line
+    line = _main(capsys, "--method", "glance", "--slow", g["glance-slow"], "--fast", g["glance-fast"], "--lora", flow)
+    assert "--lora not used by --method glance (--lora: twinflow and flow)" in line, line
+    line = _main(capsys, "--method", "flow", "--lora", flow, "--slow", g["glance-slow"])
+    assert "--slow not used by --method flow (--slow: glance)" in line, line
+    line = _main(capsys, "--method", "flow", "--lora", flow, "--steps", "2", "2")
+    assert line == "fewstep: --steps 2 2: a step count is given twice", line
