@@ -166,6 +166,18 @@ def test_simpletuner_options_fewstep_lacks_are_accepted_only_at_their_default(tm
         load_config(write(tmp_path, merged(SEED_GLANCE, {f"--{key}": other})))
 
 
+def test_an_integer_reads_the_same_from_the_command_line_and_json(tmp_path):
+    """10.0 is 10 in a JSON file and on the command line alike ("10.0" was refused there); 10.5 is refused in both,
+    and a seed of 20 digits stays exact."""
+    for given in (10.0, "10.0", "1e1", "10"):
+        assert load_config(write(tmp_path, merged(SEED_GLANCE, {"--max_train_steps": given}))).max_train_steps == 10
+        assert load_config(write(tmp_path, SEED_GLANCE), ["--max_train_steps", str(given)]).max_train_steps == 10
+    for bad in (10.5, "10.5", "inf"):
+        with pytest.raises(ConfigError, match="'max_train_steps' expects int"):
+            load_config(write(tmp_path, SEED_GLANCE), ["--max_train_steps", str(bad)])
+    assert load_config(write(tmp_path, SEED_GLANCE), ["--seed", str(2 ** 64 - 1)]).seed == 2 ** 64 - 1
+
+
 def test_a_choice_is_matched_without_case(tmp_path):
     """`--report_to None` is the choice "none" (it was read as null: "'report_to' may not be null")."""
     cfg = load_config(write(tmp_path, SEED_GLANCE), ["--report_to", "None", "--mixed_precision", "BF16"])

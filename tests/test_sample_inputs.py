@@ -187,7 +187,7 @@ def test_a_base_model_of_another_family_names_the_option_that_fixes_it(exports, 
     assert _main(capsys, *flow, "--model", "tiny:sd3") == \
         "fewstep: 'tiny:sd3' is a 'sd3' model, but the run trained a 'flux' model: use --model tiny:flux"
     line = _main(capsys, *flow, "--model", "tiny:fluxx")
-    assert line.endswith("names no model family (fewstep has flux, qwenimage, sd3, sdxl), but the run trained a "
+    assert line.endswith("names no model family (fewstep has flux, qwen_image, sd3, sdxl), but the run trained a "
                          "'flux' model: use --model tiny:flux"), line
     sd3 = tmp_path / "sd3"  # a pipeline folder of another family: its transformer config names the class
     (sd3 / "transformer").mkdir(parents=True)

@@ -17,7 +17,7 @@ def test_a_tiny_model_of_no_family_is_not_suggested_as_model_family():
 
     with pytest.raises(ModelFamilyError) as e:
         get_adapter("flux").resolve("tiny:fluxx")
-    assert str(e.value) == ("'tiny:fluxx' names no model family (fewstep has flux, qwenimage, sd3, sdxl): for "
+    assert str(e.value) == ("'tiny:fluxx' names no model family (fewstep has flux, qwen_image, sd3, sdxl): for "
                             "model_family 'flux' use 'tiny:flux'")
     with pytest.raises(ModelFamilyError, match="but model_family is 'flux': use 'tiny:flux', or set model_family "
                                                "'sd3'$"):

@@ -138,6 +138,8 @@ def _as_type(typ: str, value: Any) -> Any:
             raise ValueError
         return bool(value)
     if typ == "int":
+        if isinstance(value, str):  # "10.0" on the command line as 10.0 in a JSON file; "1e3" too
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError
         return int(value)

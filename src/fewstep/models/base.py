@@ -60,6 +60,7 @@ class FlowModelAdapter:
     """Shared adapter logic; subclasses set the class attributes below and override the `_`-prefixed hooks."""
 
     family: str = ""
+    config_name: str = ""  # model_family as configs spell it, where that is not `family` ("qwen_image")
     aliases: tuple[str, ...] = ()
     pipeline_cls: type = None
     denoiser_cls: type = None  # the diffusers model class training tunes (a transformer or a UNet)
@@ -142,15 +143,16 @@ class FlowModelAdapter:
     def _tiny_mismatch(self, name: str, fam: str) -> str:
         """Why `tiny:<fam>` (`name`) is no model for this family, and the fix: the matching tiny model, or (in a
         training config) model_family `fam` where fewstep has that family."""
-        families = sorted({cls.family for cls in _REGISTRY.values()})
-        known = _canonical(fam) in families
+        known = _canonical(fam) in {cls.family for cls in _REGISTRY.values()}
+        shown = sorted({cls.config_name or cls.family for cls in _REGISTRY.values()})
         what = f"{name!r} is a {fam!r} model" if known else \
-            f"{name!r} names no model family (fewstep has {', '.join(families)})"
+            f"{name!r} names no model family (fewstep has {', '.join(shown)})"
+        me = self.config_name or self.family
         if self.model_option is not None:
-            return f"{what}, but the run trained a {self.family!r} model: use {self.model_option} tiny:{self.family}"
+            return f"{what}, but the run trained a {me!r} model: use {self.model_option} tiny:{me}"
         if known:
-            return f"{what}, but model_family is {self.family!r}: use 'tiny:{self.family}', or set model_family {fam!r}"
-        return f"{what}: for model_family {self.family!r} use 'tiny:{self.family}'"
+            return f"{what}, but model_family is {me!r}: use 'tiny:{me}', or set model_family {fam!r}"
+        return f"{what}: for model_family {me!r} use 'tiny:{me}'"
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()

@@ -10,6 +10,7 @@ from fewstep.models.base import FlowModelAdapter, register_adapter
 @register_adapter
 class QwenImageAdapter(FlowModelAdapter):
     family = "qwenimage"
+    config_name = "qwen_image"
     aliases = ("qwen",)
     pipeline_cls = QwenImagePipeline
     denoiser_cls = QwenImageTransformer2DModel
