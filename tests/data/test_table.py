@@ -38,6 +38,36 @@ def test_a_table_gives_back_the_samples_it_was_written_with(tmp_path):
     assert isinstance(table.plans, np.memmap) and isinstance(table.paths.blob, np.memmap)  # read in place
 
 
+def test_samples_with_only_an_empty_caption_are_counted_per_entry(tmp_path, monkeypatch):
+    """A caption file of blank lines gives the caption "": such samples train on the empty prompt, and the data
+    summary says how many each entry has (a sample with one real caption among empty ones is not counted). Counted
+    in blocks: the block size does not change the counts."""
+    import fewstep.data.table as table_module
+
+    samples = _samples(40, entries=3)
+    for i, caps in ((1, [""]), (2, ["", ""]), (4, ["", "a real one"]), (5, [""]), (39, [""])):
+        samples[i].captions, samples[i].caption = caps, caps[0]
+    table = SampleTable.written(str(tmp_path / "t"), samples)
+    expect = [0, 0, 0]
+    for i in (1, 2, 5, 39):
+        expect[samples[i].entry] += 1
+    assert table.empty_caption_counts().tolist() == expect and sum(expect) == 4
+    monkeypatch.setattr(table_module, "BLOCK", 3)
+    assert table.empty_caption_counts().tolist() == expect
+    plain = SampleTable.written(str(tmp_path / "u"), _samples(10, entries=2))
+    assert plain.empty_caption_counts().tolist() == [0, 0]
+    from types import SimpleNamespace
+
+    from fewstep.data.prepare import summary
+
+    entries = [SimpleNamespace(id=f"e{k}", shown_crop="center crop", repeats=0, probability=1.0) for k in range(3)]
+    lines = summary(SimpleNamespace(images=entries), table, {})
+    warned = [k for k, line in enumerate(lines) if "with an empty caption (a caption file of blank lines?)" in line]
+    assert warned == [k for k in range(3) if expect[k]] and f"warning: {expect[warned[0]]} with an empty" in \
+        lines[warned[0]]
+    assert not any("empty caption" in line for line in summary(SimpleNamespace(images=entries[:2]), plain, {}))
+
+
 def test_an_interrupted_write_leaves_no_table(tmp_path, monkeypatch):
     """The table is written in a temporary folder and renamed: a reader never opens half a table."""
     def full_disk(*args, **kwargs):

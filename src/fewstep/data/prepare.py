@@ -49,8 +49,9 @@ def resolution_multiple(adapter, name_or_path: str) -> int:
 
 
 def summary(config: DataConfig, samples: SampleTable, skipped: dict[str, Counter]) -> list[str]:
-    """One line per image entry: images used, their buckets, the crop rule, and what was skipped and why."""
-    lines = []
+    """One line per image entry: images used, their buckets, the crop rule, what was skipped and why, and how many
+    have only an empty caption."""
+    lines, empty = [], samples.empty_caption_counts()
     for e, entry in enumerate(config.images):
         targets, first, counts = np.unique(samples.targets[samples.entries == e], axis=0, return_index=True,
                                            return_counts=True)
@@ -60,6 +61,9 @@ def summary(config: DataConfig, samples: SampleTable, skipped: dict[str, Counter
                 f"{entry.shown_crop}, repeats {entry.repeats}, probability {entry.probability:g}")
         if skipped.get(entry.id):
             line += "; skipped " + ", ".join(f"{n} {why}" for why, n in skipped[entry.id].items())
+        if e < len(empty) and empty[e]:
+            line += (f"; warning: {empty[e]} with an empty caption (a caption file of blank lines?): they train on "
+                     "the empty prompt")
         lines.append(line)
     return lines
 

@@ -168,6 +168,22 @@ class SampleTable(Sequence):
                 found.append(np.unique(self.caption_ids[first:first + len(slots)][slots]))
         return np.unique(np.concatenate(found))
 
+    def empty_caption_counts(self) -> np.ndarray:
+        """Per entry index, how many samples have no caption but the empty one (they train on the empty prompt: a
+        caption file of blank lines, an empty instance_prompt). Read in blocks of samples, as `prompt_ids_of`."""
+        counts = np.zeros(int(self.entries.max()) + 1 if len(self) else 0, dtype=np.int64)
+        empty = np.flatnonzero(np.diff(self.prompts.offsets) == 0)  # the empty prompt's id (prompts are distinct)
+        if not len(empty):
+            return counts
+        for start in range(0, len(self), BLOCK):
+            end = min(start + BLOCK, len(self))
+            bounds = np.asarray(self.caption_start[start:end + 1]) - int(self.caption_start[start])
+            ids = self.caption_ids[int(self.caption_start[start]):int(self.caption_start[end])]
+            running = np.concatenate([[0], np.cumsum(ids == empty[0])])  # empty captions before each slot
+            hits, n = running[bounds[1:]] - running[bounds[:-1]], np.diff(bounds)
+            counts += np.bincount(self.entries[start:end][(n > 0) & (hits == n)], minlength=len(counts))
+        return counts
+
     def variants(self) -> np.ndarray:
         """How many captions each sample has."""
         return np.diff(self.caption_start)
