@@ -176,6 +176,10 @@ def test_an_integer_reads_the_same_from_the_command_line_and_json(tmp_path):
         with pytest.raises(ConfigError, match="'max_train_steps' expects int"):
             load_config(write(tmp_path, SEED_GLANCE), ["--max_train_steps", str(bad)])
     assert load_config(write(tmp_path, SEED_GLANCE), ["--seed", str(2 ** 64 - 1)]).seed == 2 ** 64 - 1
+    assert load_config(write(tmp_path, SEED_GLANCE), ["--seed", "12345678901234567891.0"]).seed == \
+        12345678901234567891  # read exactly, not through a float
+    with pytest.raises(ConfigError, match="'seed' expects int"):
+        load_config(write(tmp_path, SEED_GLANCE), ["--seed", "1e100000000"])
 
 
 def test_a_choice_is_matched_without_case(tmp_path):

@@ -179,6 +179,10 @@ def test_missing_folders_say_so(exports, capsys, tmp_path):
     line = _main(capsys, "--method", "flow", "--lora", step)
     assert f"has no fewstep_run.json: it is a training checkpoint; sample the run's export ({tmp_path / 'run'})" \
         in line, line
+    (tmp_path / "run" / "glance-slow").mkdir()  # a Glance run's: its two exports
+    line = _main(capsys, "--method", "flow", "--lora", step)
+    assert f"sample the run's export ({tmp_path / 'run' / 'glance-slow'} and {tmp_path / 'run' / 'glance-fast'})" \
+        in line, line
 
 
 def test_a_base_model_of_another_family_names_the_option_that_fixes_it(exports, capsys, tmp_path):

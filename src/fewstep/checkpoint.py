@@ -364,13 +364,13 @@ def _damage_named(path: str):
     except (EOFError, pickle.UnpicklingError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not any(m in str(e) for m in _UNREADABLE):
             raise
-        earlier = [os.path.basename(c) for c in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-                   if step_of(c) < step_of(path)][-3:]
+        earlier = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(path))) if step_of(c) < step_of(path)]
         raise DamagedCheckpointError(
             f"resume_from_checkpoint: checkpoint '{path}' has a file that cannot be read ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120] if str(e) else 'empty or cut short'}); it was damaged after its save. "
-            + (f"Resume from an earlier one (resume_from_checkpoint {earlier[-1]}; this run's: {', '.join(earlier)})"
-               if earlier else "No earlier checkpoint of this run is there to resume from") + ".") from e
+            + (f"Resume from an earlier one beside it (resume_from_checkpoint {earlier[-1]}; also "
+               f"{listing([os.path.basename(c) for c in earlier[:-1][::-1]], 3) or 'none'})" if earlier
+               else "No earlier checkpoint is beside it to resume from") + ".") from e
 
 
 def restore(resume: Resume, engine, rank: int, ema=None, seed: int = 0) -> tuple[dict, dict]:

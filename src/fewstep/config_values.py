@@ -4,6 +4,7 @@ whose dataclass fields these functions are given."""
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import json
 import math
@@ -138,8 +139,14 @@ def _as_type(typ: str, value: Any) -> Any:
             raise ValueError
         return bool(value)
     if typ == "int":
-        if isinstance(value, str):  # "10.0" on the command line as 10.0 in a JSON file; "1e3" too
-            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        if isinstance(value, str):  # "10.0" on the command line as 10.0 in a JSON file; "1e3" too; exactly
+            try:
+                exact = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                raise ValueError from None
+            if not exact.is_finite() or exact.adjusted() > 40 or exact != exact.to_integral_value():
+                raise ValueError  # (no option takes 41 digits; "1e100000000" would build that integer)
+            return int(exact)
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError
         return int(value)

@@ -88,9 +88,11 @@ def run_info(directory: str) -> dict:
         glance = os.path.isdir(os.path.join(directory, "glance-slow"))
         run = os.path.dirname(os.path.dirname(os.path.abspath(directory)))  # <output_dir>/checkpoints/step-N
         checkpoint = os.path.exists(os.path.join(directory, "trainer.json"))
+        export = (f"{os.path.join(run, 'glance-slow')} and {os.path.join(run, 'glance-fast')}"
+                  if os.path.isdir(os.path.join(run, "glance-slow")) else run)
         raise NotARunDir(f"{directory} has no {RUN_INFO}: " + (
             "a Glance run exports to its glance-slow/ and glance-fast/ folders" if glance else
-            f"it is a training checkpoint; sample the run's export ({run}), written when the run (or a phase) "
+            f"it is a training checkpoint; sample the run's export ({export}), written when the run (or a phase) "
             "ends: resume the run to its end to export" if checkpoint else
             "is it a fewstep output directory? (a run exports when it, or its phase, ends)"))
     info = load_json(path, SamplingError, "run info")

@@ -58,7 +58,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     adapter = get_adapter(cfg.model_family)
     for warning in config_warnings(cfg):
         log_main(is_main, f"warning: {warning}")
-    data = read_data_config(cfg)  # its mistakes before the model is resolved (a hub id may download first)
+    with distributed.uneven_work("data config"):  # its folder checks may fail on one node only: the others stop too
+        data = read_data_config(cfg)  # its mistakes before the model is resolved (a hub id may download first)
     with distributed.uneven_work("W&B credentials check"):  # rank 0 logs; its wandb.init comes after the cache fill
         if is_main:
             require_wandb_credentials(cfg.report_to)

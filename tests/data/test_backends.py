@@ -163,6 +163,10 @@ def test_cache_folders_that_cannot_be_made_are_named_before_anything_runs(tmp_pa
 
     with pytest.raises(DataError, match="cache folder .*cannot create"):
         EmbeddingCache(str(afile / "y"), "m")
+    # the memory planner reads the file where the training nodes' folders need not be (a login node): not checked
+    plan_file = write_backend(str(tmp_path / "plan.json"), [entry(images, cache_dir_vae=str(afile / "x"))])
+    planned = load_data_config(plan_file, images_must_exist=False)
+    assert planned.images[0].vae_cache_dir == str(afile / "x")
 
 
 def test_text_embeds_defaults(tmp_path, images):

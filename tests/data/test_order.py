@@ -118,6 +118,16 @@ def test_a_peek_is_the_next_draw_and_moves_nothing(legacy):
     assert peeked.peek_items() == plain.next_items()  # no layout: the plain order of n items
 
 
+def test_every_seed_the_config_takes_draws():
+    """Seeds up to 2**64 - 1 (the config's range): the first stream's permutation seed wraps into torch's unsigned
+    64-bit range (it overflowed at the first draw, after the whole load), and different seeds still shuffle apart."""
+    from fewstep.config import SEED_MAX
+
+    orders = {seed: DataOrder(50, 5, 0, 1, seed=seed) for seed in (SEED_MAX, 7)}
+    draws = {seed: [order.next_indices() for _ in range(3)] for seed, order in orders.items()}
+    assert draws[SEED_MAX] != draws[7] and all(len(set(d)) == 5 for d in draws[SEED_MAX])
+
+
 def test_caption_variants_are_drawn_per_use_and_reproducible():
     layout = layout_of([1], variants=[3])
     draws = [DataOrder(1, 1, 0, 1, seed=0).next_items(layout)]

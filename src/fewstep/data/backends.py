@@ -205,11 +205,7 @@ def _local_dir(value, key: str, where: str, config_path: str, must_exist: bool) 
         path = alt if os.path.isdir(alt) else path
     if must_exist and not os.path.isdir(path):
         raise DataError(f"{where}: {key} '{path}' does not exist")
-    path = os.path.abspath(path)
-    problem = None if must_exist else _folder_problem(path)
-    if problem:
-        raise DataError(f"{where}: {key} '{path}': {problem}")
-    return path
+    return os.path.abspath(path)
 
 
 def _folder_problem(path: str) -> Optional[str]:
@@ -288,6 +284,13 @@ def load_data_config(path: str, resolution_override: Optional[int] = None,
                                               default, images_must_exist))
     if not config.images:
         raise DataError(f"{path}: no enabled image entries")
+    if images_must_exist:  # not for the planner, which may read the file where the training nodes' folders are not
+        for _, _, where, entry, kind in live:
+            key = "cache_dir_vae" if kind == "image" else "cache_dir"
+            folder = _local_dir(entry.get(key), key, where, path, False)
+            problem = _folder_problem(folder) if folder else None
+            if problem:
+                raise DataError(f"{where}: {key} '{folder}': {problem}")
     return config
 
 

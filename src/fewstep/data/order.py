@@ -125,7 +125,8 @@ class DataOrder:
             return None
 
         def make():
-            seed = self.seed * 1_000_003 + epoch if j == 0 else _hash_int("perm", self.seed, stream.key, epoch)
+            seed = ((self.seed * 1_000_003 + epoch) % 2 ** 64 if j == 0  # torch seeds are unsigned 64-bit
+                    else _hash_int("perm", self.seed, stream.key, epoch))
             # torch.randperm's values (the same in any integer dtype), written into numpy's memory (which tracemalloc
             # sees; torch's it does not)
             n = len(stream.items)
