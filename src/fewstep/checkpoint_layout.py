@@ -9,7 +9,8 @@ Every checkpoint's `trainer.json` records, under `layout`:
 
 On resume, `plan` compares it with the new run's. Keys that change what the saved state *is* (family, model,
 model_type, LoRA rank / alpha / targets, the any-step embeddings, dtype, Glance's phase length) are refused, all in
-one message that names every differing key and says how to proceed. A changed world size or ZeRO stage is resharded where the state allows:
+one message that names every differing key and says how to proceed. A changed world size or ZeRO stage is resharded
+where the state allows:
 
 - LoRA runs save their trainable state in a stage-independent form (`trainable.pt`: every trainable parameter's full
   fp32 master and Adam moments by name), so they resume on any stage and any world size;
