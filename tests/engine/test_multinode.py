@@ -122,11 +122,11 @@ def test_images_on_one_node_only_stop_every_rank_with_one_line(tmp_path, node_lo
     """Node-local data that only rank 0's node holds: every rank reads images (the first scan is spread over ranks),
     so the run stops with one line naming the rank and the image, on every rank, instead of a hang. Twice: the image
     folder exists on rank 1's node but is empty (the image is missing in rank 1's share of the scan); and no folder
-    at all on rank 1's node (rank 1 fails reading the data config, outside any wait, while rank 0 waits for it)."""
+    at all on rank 1's node (rank 1 fails reading the data config, inside that read's wait: rank 0 names where)."""
     write_dataset(str(tmp_path / "src"), n=4)
     backend = tmp_path / "multidatabackend.json"
     for image_dir, expected in ((node_local / "images", "failed during data probe: DataError: image '"),
-                                (node_local / "nowhere", "failed: DataError: ")):
+                                (node_local / "nowhere", "failed during data config: DataError: ")):
         backend.write_text(json.dumps([{"backend": "simple", "resolution": 32, "image_dir": str(image_dir),
                                         "caption_extension": ".txt"}]))
         if image_dir.name == "nowhere":
