@@ -2,14 +2,12 @@
 error would refuse a config that trains correctly (a SimpleTuner config carries some of them by habit)."""
 from __future__ import annotations
 
-import dataclasses
-
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_init_type")
 
 
 def config_warnings(cfg) -> list[str]:
     """The warnings for `cfg` (a validated fewstep.config.Config), in the order of its options."""
-    from fewstep.config import DIFFUSION_FAMILIES, FIELDS
+    from fewstep.config import DIFFUSION_FAMILIES, FIELDS, _default
 
     out = []
     if cfg.model_type == "full":
@@ -26,7 +24,3 @@ def config_warnings(cfg) -> list[str]:
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= max_train_steps {cfg.max_train_steps}{per}: the "
                    f"learning rate never reaches learning_rate {cfg.learning_rate:g}")
     return out
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
