@@ -30,8 +30,9 @@
 #   sample        40  launcher/sample.py on that LoRA at 1 and 2 NFE (cuda, bf16, one untimed warm-up), then
 #                     1 NFE with --offload model and --offload sequential
 #   sample_tests  80  pytest tests/test_sample_cli.py's CUDA test (cuda bf16 vs cpu fp32, both offloads; it trains
-#                     its own two tiny runs), a TwinFlow micro-step under torch's CUDA sync debug mode "error", and
-#                     the teacher swap from pinned host memory into bf16 shards in pieces (offload_optimizer's path)
+#                     its own two tiny runs), a TwinFlow micro-step under torch's CUDA sync debug mode "error",
+#                     the teacher swap from pinned host memory into bf16 shards in pieces (offload_optimizer's path),
+#                     and masked attention's backward on pytorch#196678's inputs (models/attention.py)
 #
 # Outputs under $OUT (the device tool's output folder; default output/gpu_check, output/gpu_check-dry for --dry):
 # summary.md (RESULTS.md form: device, date, command, every figure; rewritten after each step, so a run cut short
@@ -284,7 +285,8 @@ step_sample_tests() {
     tmo "$PY" -m pytest -q -p no:cacheprovider -rfEs "${collect[@]}" \
         tests/test_sample_cli.py::test_cuda_bf16_sampling_with_and_without_offload \
         tests/test_twinflow_step.py::test_a_micro_step_never_synchronises_on_cuda \
-        tests/engine/test_engine_config.py::test_swap_from_pinned_host_memory_into_device_shards_on_cuda
+        tests/engine/test_engine_config.py::test_swap_from_pinned_host_memory_into_device_shards_on_cuda \
+        tests/models/test_attention.py::test_the_masked_attention_bug_is_avoided_on_cuda
 }
 
 # Budgets add up to BUDGET (540 s; tests/bench/test_gpu_check_dry.py checks): measured on the H200 on 2026-12-04

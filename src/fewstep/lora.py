@@ -12,6 +12,7 @@ from fewstep.config import ConfigError
 from fewstep.engine import distributed
 from fewstep.jsonfile import save_json
 from fewstep.models import anystep
+from fewstep.models.attention import checkpoint_with_forward_kernels
 from fewstep.paths import publish
 
 
@@ -24,7 +25,7 @@ def prepare_trainable(cfg, adapter, transformer: nn.Module, *, anystep_embedding
     if anystep_embeddings and cfg.model_type == "full":
         adapter.add_anystep(transformer)
     if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        transformer.enable_gradient_checkpointing(checkpoint_with_forward_kernels)
     if cfg.model_type == "full":
         transformer.requires_grad_(True)
         return [p for p in transformer.parameters()]

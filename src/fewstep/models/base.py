@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fewstep.errors import ModelFamilyError
-from fewstep.models import anystep
+from fewstep.models import anystep, attention
 from fewstep.models.source import check_denoiser_class, resolve_folder_or_hub
 
 _REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
@@ -282,7 +282,8 @@ class FlowModelAdapter:
         module = unwrap(transformer)
         state = (anystep.anystep_state(module, tt, sign, t=sigma.float()) if tt is not None or sign is not None
                  else contextlib.nullcontext())
-        with state:
+        masked = any(k.endswith("_mask") for k in cond)  # collate_cond leaves out masks without a zero
+        with state, attention.masked_attention(masked):
             sig = self.pipeline_timestep(sigma, x.dtype)
             out = self._call_transformer(transformer, module, self.pack(x), sig, cond, h, w, guidance)
         return self.unpack(out, h, w)
