@@ -81,6 +81,7 @@ GLANCE = {"method": "glance", "flow_custom_timesteps": None, "glance_slow_timest
     ({"glance_fast_timesteps": "0.3"}, "'glance_fast_timesteps' is not used by method 'flow'"),
     ({"deepspeed_config": "/nonexistent/ds.json"}, "deepspeed_config not found: /nonexistent/ds.json"),
     ({"offload_param": True, "zero_stage": 2}, "'offload_param' needs zero_stage 3"),
+    ({"model_type": "full"}, "'flow_custom_timesteps' with model_type 'full': .* set model_type 'lora'"),
     ({"flow_custom_timesteps": "[]"}, "empty"),
     ({"flow_custom_timesteps": "1000, nan"}, "non-finite"),
     ({"flow_custom_timesteps": "1200, 20"}, "out of range"),

@@ -285,6 +285,10 @@ class Config:
                 raise ConfigError("method 'glance' needs 'glance_slow_timesteps' and 'glance_fast_timesteps'")
             if self.model_type != "lora":
                 raise ConfigError("method 'glance' trains LoRAs: set model_type 'lora'")
+        if method == "flow" and self.flow_custom_timesteps is not None and self.model_type != "lora":
+            raise ConfigError("'flow_custom_timesteps' with model_type 'full': a listed-timestep run is sampled with "
+                              "the base model at the steps off its list (its LoRA switched off), which a full "
+                              "fine-tune does not keep; set model_type 'lora'")
         unused = {"glance": ("flow_custom_timesteps",), "flow": ("glance_slow_timesteps", "glance_fast_timesteps"),
                   "twinflow": ("glance_slow_timesteps", "glance_fast_timesteps")}[method]
         for key in (k for k in unused if getattr(self, k) is not None):

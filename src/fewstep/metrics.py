@@ -18,7 +18,7 @@ import uuid
 from fewstep.paths import write_atomic
 
 TRACKERS = ("tensorboard", "wandb")
-# W&B captions for image tags (prefix match); the seed document asks for the trajectory scatter to be marked so
+# W&B captions for image tags (prefix match); SimpleTuner's TwinFlow guide marks the trajectory scatter so (debug only)
 _CAPTIONS = {"twinflow/trajectories": "experimental/theory unverified: TwinFlow's sampled (|t|, tt, sign)"}
 
 

@@ -85,8 +85,7 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
     the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts)."""
     cfg = ctx.cfg
     model = velocity_fn(ctx, validation_distilled_guidance(cfg, ctx.adapter))
-    ds = ctx.dataset  # a square at the training resolution (datasets without buckets: the first latent's shape)
-    shape = (1, *(ds.validation_shape if hasattr(ds, "validation_shape") else ds.latents[0].shape))
+    shape = (1, *ctx.dataset.validation_shape)  # a square at the training resolution
     x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)
     if cfg.resolved_method == "twinflow":
         from fewstep.schedulers import TwinFlowScheduler

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.methods.diff2flow import (diff2flow_model, diffusion_output_to_flow, flow_sigmas, flow_to_diffusion_input,
-                                       sigma_to_timestep, timestep_to_sigma)
+from fewstep.methods.diff2flow import (diff2flow_model, diffusion_output_to_flow, flow_to_diffusion_input,
+                                       sigma_table, sigma_to_timestep, timestep_to_sigma)
 
 MU_SHAPE = (2, 3, 3)
 S = 0.5  # data std
@@ -51,7 +51,7 @@ def exact_flow_velocity(x, sigma, mu):
 
 def test_sigma_table_and_lookup():
     abar = scaled_linear_alphas()
-    table = flow_sigmas(abar)
+    table = sigma_table(abar)
     assert table.dtype == torch.float64 and bool((table[1:] > table[:-1]).all())
     k = torch.tensor([0, 17, 500, 999])
     a, b = abar[k].sqrt(), (1 - abar[k]).sqrt()
@@ -61,14 +61,14 @@ def test_sigma_table_and_lookup():
     torch.testing.assert_close(sigma_to_timestep(timestep_to_sigma(tau, abar), abar), tau)
     assert sigma_to_timestep(torch.tensor([0.0, 1.0]), abar).tolist() == [0.0, 999.0]  # clamped to the table
     with pytest.raises(ValueError, match="decreasing"):
-        flow_sigmas(torch.linspace(0.1, 0.9, 10))
+        sigma_table(torch.linspace(0.1, 0.9, 10))
 
 
 def test_input_scaling_maps_flow_state_to_diffusion_state():
     x, z = torch.randn(4, *MU_SHAPE, dtype=torch.float64), torch.randn(4, *MU_SHAPE, dtype=torch.float64)
     abar = scaled_linear_alphas()
     k = torch.tensor([5, 200, 600, 990])
-    sigma = flow_sigmas(abar)[k].reshape(-1, 1, 1, 1)
+    sigma = sigma_table(abar)[k].reshape(-1, 1, 1, 1)
     x_flow = sigma * z + (1 - sigma) * x
     a, b = abar[k].sqrt().reshape(-1, 1, 1, 1), (1 - abar[k]).sqrt().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(flow_to_diffusion_input(x_flow, sigma.flatten()), a * x + b * z)
@@ -88,7 +88,7 @@ def test_bridged_gaussian_model_gives_exact_flow_velocity(prediction_type):
     base = eps_model if prediction_type == "epsilon" else v_model
     seen = []
     flow = diff2flow_model(lambda x, ts, c: (seen.append(ts), base(x, ts, c))[1], abar, prediction_type)
-    table = flow_sigmas(abar)
+    table = sigma_table(abar)
     # table nodes and points in between, inside the base model's range
     sigma = torch.cat([table[torch.tensor([0, 10, 400, 999])], torch.tensor([0.05, 0.33, 0.5, 0.77, 0.93])])
     B = sigma.numel()
@@ -116,7 +116,7 @@ def test_below_the_base_range_the_velocity_reads_the_output_at_the_true_sigma(pr
     output is converted with that sigma's coefficients: the noise the velocity implies, x + (1 - sigma) F, is the
     base's own estimate (eps_hat, or a v_hat + b x_k), as inside the range; with lo's coefficients it was off by ~5%."""
     abar = scaled_linear_alphas()
-    lo = float(flow_sigmas(abar)[0])
+    lo = float(sigma_table(abar)[0])
     sigma = torch.tensor([0.0, 0.01, 0.02, lo], dtype=torch.float64)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, *MU_SHAPE, generator=g, dtype=torch.float64)

@@ -37,7 +37,7 @@ def test_encode_forward_loss_backprop(tiny, family):
     assert not torch.allclose(cond["prompt_embeds"][0], cond["prompt_embeds"][1])
 
     x = _latents(adapter, comps)
-    mult = adapter.resolution_multiple(comps)
+    mult = adapter.vae_scale_factor(comps.vae) * adapter.patch_factor(comps.denoiser)
     assert 32 % mult == 0 and x.shape[-1] == 32 // adapter.vae_scale_factor(comps.vae)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([0.25, 0.8])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.methods.diff2flow import diff2flow_model, flow_sigmas
+from fewstep.methods.diff2flow import diff2flow_model, sigma_table
 from fewstep.models import anystep, get_adapter
 
 
@@ -52,7 +52,7 @@ def test_forward_is_the_diff2flow_bridge_over_the_unet(tiny_dirs, tmp_path, kind
         want = diff2flow_model(unet_call, comps.scheduler.alphas_cumprod, kind)(x, sigma, sigma, cond)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     lo, hi = adapter.sigma_range()
-    assert lo == pytest.approx(float(flow_sigmas(comps.scheduler.alphas_cumprod)[0])) and 0.9 < hi < 0.95
+    assert lo == pytest.approx(float(sigma_table(comps.scheduler.alphas_cumprod)[0])) and 0.9 < hi < 0.95
     adapter.set_prediction_type("epsilon" if kind == "v_prediction" else "v_prediction")  # the config's choice wins
     with torch.no_grad():
         assert not torch.allclose(adapter.forward(unet, x, sigma, cond), got)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from fewstep.methods.diff2flow import (bridge_timestep, bridge_velocity, flow_sigmas, flow_to_diffusion_input,
-                                       sigma_range)
+from fewstep.methods.diff2flow import (bridge_timestep, bridge_velocity, flow_to_diffusion_input, sigma_range,
+                                       sigma_table)
 from fewstep.schedulers import TwinFlowScheduler
 from fewstep.schedulers.twinflow import twinflow_preset
 
@@ -26,7 +26,7 @@ def sdxl_euler(**kw):
 def gaussian_models(mu, abar):
     """Exact epsilon- and v-predictions at diffusion input x_k and a continuous timestep (sigma interpolated over the
     index table, the inverse of the bridge's timestep lookup)."""
-    table = flow_sigmas(abar).numpy()
+    table = sigma_table(abar).numpy()
 
     def coeffs(x, timestep):
         sig = torch.from_numpy(np.interp(np.asarray(timestep, dtype=np.float64).reshape(-1), np.arange(len(table)),
@@ -113,7 +113,7 @@ def test_schedule_keeps_flow_sigmas_and_bridges_timesteps(tmp_path):
     assert s.timesteps[0] == 999.0 and s.timesteps[-1] < 999.0
     # explicit timesteps are the base's: sigma = their flow sigma
     s.set_timesteps(timesteps=[999, 500, 100])
-    torch.testing.assert_close(s.sigmas[:-1], flow_sigmas(abar)[[999, 500, 100]])
+    torch.testing.assert_close(s.sigmas[:-1], sigma_table(abar)[[999, 500, 100]])
     torch.testing.assert_close(s.timesteps, torch.tensor([999.0, 500.0, 100.0]))
     # img2img: add_noise gives the flow state at the step's flow sigma
     x, n = torch.randn(2, 3), torch.randn(2, 3)

@@ -36,7 +36,7 @@ def _check_alphas(alphas_cumprod) -> torch.Tensor:
     return a
 
 
-def flow_sigmas(alphas_cumprod) -> torch.Tensor:
+def sigma_table(alphas_cumprod) -> torch.Tensor:
     """Flow sigma of every diffusion timestep, sigma_k = sqrt(1 - abar_k) / (sqrt(abar_k) + sqrt(1 - abar_k)), fp64."""
     a = _check_alphas(alphas_cumprod)
     sa, sb = a.sqrt(), (1 - a).sqrt()
@@ -53,15 +53,15 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 
 def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod, table: torch.Tensor | None = None) -> torch.Tensor:
     """Continuous diffusion timestep (index units, in [0, T-1]) whose flow sigma is `sigma`, by table lookup.
-    `table`: `flow_sigmas(alphas_cumprod)` already on sigma's device (a caller in a training loop keeps one there)."""
-    table = flow_sigmas(alphas_cumprod).to(sigma.device) if table is None else table
+    `table`: `sigma_table(alphas_cumprod)` already on sigma's device (a caller in a training loop keeps one there)."""
+    table = sigma_table(alphas_cumprod).to(sigma.device) if table is None else table
     steps = torch.arange(table.numel(), dtype=torch.float64, device=sigma.device)
     return _interp(sigma.to(torch.float64), table, steps)
 
 
 def timestep_to_sigma(timestep: torch.Tensor, alphas_cumprod) -> torch.Tensor:
     """Flow sigma at a (continuous) diffusion timestep: the sigma table interpolated linearly, fp64."""
-    table = flow_sigmas(alphas_cumprod).to(timestep.device)
+    table = sigma_table(alphas_cumprod).to(timestep.device)
     steps = torch.arange(table.numel(), dtype=torch.float64, device=timestep.device)
     return _interp(timestep.to(torch.float64), steps, table)
 
@@ -78,27 +78,36 @@ def flow_to_diffusion_input(x_flow: torch.Tensor, sigma: torch.Tensor) -> torch.
     return x_flow * (a + b).reshape(-1, *([1] * (x_flow.dim() - 1))).to(x_flow.dtype)
 
 
-def diffusion_output_to_flow(output: torch.Tensor, x_diff: torch.Tensor, sigma: torch.Tensor,
-                             prediction_type: str) -> torch.Tensor:
-    """Flow velocity F = eps_hat - x0_hat from an epsilon / v prediction at diffusion input x_diff.
-
-    Computed in fp32 (fp64 for fp64 inputs); `sigma` [B] is the flow sigma of each row."""
+def _prediction_kind(prediction_type: str) -> str:
     kind = PREDICTION_TYPES.get(prediction_type)
     if kind is None:
         raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
+    return kind
+
+
+def _eps_x0(out: torch.Tensor, x_diff: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str):
+    """(eps_hat, x0_hat) from the base's output at diffusion input x_diff = a x0 + b eps (module docstring)."""
+    if kind == "epsilon":
+        return out, (x_diff - b * out) / a
+    return a * out + b * x_diff, a * x_diff - b * out
+
+
+def diffusion_output_to_flow(output: torch.Tensor, x_diff: torch.Tensor, sigma: torch.Tensor,
+                             prediction_type: str) -> torch.Tensor:
+    """Flow velocity F = eps_hat - x0_hat from an epsilon / v prediction at diffusion input x_diff: the exact
+    bridge inside the base's range, the reference the tests hold `bridge_velocity` to.
+
+    Computed in fp32 (fp64 for fp64 inputs); `sigma` [B] is the flow sigma of each row."""
+    kind = _prediction_kind(prediction_type)
     cd = torch.promote_types(torch.promote_types(output.dtype, x_diff.dtype), torch.float32)
     a, b = (c.to(cd).reshape(-1, *([1] * (x_diff.dim() - 1))) for c in diffusion_coefficients(sigma.to(torch.float64)))
-    out, x = output.to(cd), x_diff.to(cd)
-    if kind == "epsilon":
-        eps, x0 = out, (x - b * out) / a
-    else:
-        eps, x0 = a * out + b * x, a * x - b * out
+    eps, x0 = _eps_x0(output.to(cd), x_diff.to(cd), a, b, kind)
     return eps - x0
 
 
 def sigma_range(alphas_cumprod) -> tuple[float, float]:
     """(lo, hi): the flow sigmas of the base schedule's first and last timestep."""
-    table = flow_sigmas(alphas_cumprod)
+    table = sigma_table(alphas_cumprod)
     return float(table[0]), float(table[-1])
 
 
@@ -113,34 +122,28 @@ def bridge_velocity(output: torch.Tensor, x_flow: torch.Tensor, sigma: torch.Ten
 
     The base was called on `flow_to_diffusion_input(x_flow, sigma)` at `bridge_timestep(sigma)`. Computed in fp32
     (fp64 for fp64 inputs); returned in x_flow's dtype."""
-    kind = PREDICTION_TYPES.get(prediction_type)
-    if kind is None:
-        raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
+    kind = _prediction_kind(prediction_type)
     lo, hi = sigma_range(alphas_cumprod)
     cd = torch.promote_types(torch.promote_types(output.dtype, x_flow.dtype), torch.float32)
     sig = sigma.detach().abs().to(device=x_flow.device, dtype=torch.float64)
     view = (-1, *([1] * (x_flow.dim() - 1)))
     x_diff = flow_to_diffusion_input(x_flow.to(cd), sig)
     a, b = (c.to(cd).reshape(view) for c in diffusion_coefficients(sig.clamp(max=hi)))  # below lo: x_diff's own
-    out = output.to(cd)
-    if kind == "epsilon":
-        eps, x0 = out, (x_diff - b * out) / a
-    else:
-        eps, x0 = a * out + b * x_diff, a * x_diff - b * out
+    eps, x0 = _eps_x0(output.to(cd), x_diff, a, b, kind)
     above = (sig > hi).reshape(view)
     F = torch.where(above, (x_flow.to(cd) - x0) / sig.to(cd).reshape(view).clamp_min(hi), eps - x0)
     return F.to(x_flow.dtype)
 
 
 def diff2flow_model(diffusion_model, alphas_cumprod, prediction_type: str):
-    """Wrap `diffusion_model(x_k, timestep [B] float, cond) -> eps or v` as a flow model `model(x, t, tt, cond) -> F`.
+    """(A reference form: training and sampling call `bridge_velocity` through the SDXL adapter and the scheduler.)
+    Wrap `diffusion_model(x_k, timestep [B] float, cond) -> eps or v` as a flow model `model(x, t, tt, cond) -> F`.
 
     sigma = |t|; input, timestep and output per `bridge_velocity` (exact inside the base's range). `tt` and the sign of
     t are ignored: a diffusion base is an instantaneous (tt = t) model with no fake trajectory, so as a teacher it acts
     as flow matching (an RCGM rollout with it is an Euler integration).
     """
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"diff2flow: prediction_type={prediction_type!r}, expected one of {sorted(PREDICTION_TYPES)}")
+    _prediction_kind(prediction_type)  # checked before any call
     abar = _check_alphas(alphas_cumprod)
 
     def model(x, t, tt, cond):

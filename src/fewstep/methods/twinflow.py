@@ -5,7 +5,7 @@ the fake/twin trajectory), `cond` an opaque dict of batch-aligned tensors. F is 
 x_tt = x_t - (t - tt) F, with x_t = t z + (1 - t) x and v = z - x (z noise, x data).
 
 Batch groups (the reference's four, `fewstep.methods.twinflow_times`): e2e (t=1, tt=0), mul (tt just below t), any
-(tt ~ U[0,t]), adv (t = tt = -t on the model's own one-step samples). Loss = L_base + adversarial_weight*L_adv
+(tt ~ U[0,t]), adv (t = tt < 0 on the model's own one-step samples). Loss = L_base + adversarial_weight*L_adv
 + 0.5*rectify_weight*L_rectify; the elementwise maths (RCGM target, Barron loss) is `fewstep.kernels`.
 
 The row plan (groups, times, which rows each pass runs on) is made on the host and copied to the device without
@@ -201,6 +201,8 @@ def rcgm_target(teacher, x_t, t, tt, target, F_student, *, order: int, delta_t: 
     cof = ((t-tt)/delta_t, 1/delta_t) where t - tt >= delta_t, else (1, 0); rows with `rcgm_mask` False get T = target.
     For a straight flow (F = teacher = v) T = v for every order. Order 0 has no rollout (I = 0) and, as the
     reference's estimate_order 0, no consistency target: T = target on every row (plain flow matching).
+    The unfused form of the target, for tests and reading: training computes T with the loss in one fused pass
+    (`rcgm_target_loss`, in `twinflow_loss`).
     """
     acc = rcgm_rollout(teacher, x_t, t, tt, target, order=order, delta_t=delta_t, cond=cond, rng_state=rng_state,
                        substep=substep, rows=rcgm_mask, used_rows_only=used_rows_only)

@@ -1,7 +1,7 @@
 """TwinFlow's batch groups and their times, as pure functions (see `fewstep.methods.twinflow` for the loss).
 
 Each row of a batch belongs to one of four groups (the reference's): e2e (t = 1, tt = 0: the one-step map), mul
-(tt just below t), any (tt ~ U[0, t]) and adv (t = tt = -t: the model's own samples on the twin trajectory).
+(tt just below t), any (tt ~ U[0, t]) and adv (t = tt < 0: the model's own samples on the twin trajectory).
 `assign_groups` splits a batch (or cycles the groups over micro-steps for batches smaller than the cycle),
 `sample_times` draws their signed (t, tt), `time_weight` weighs their loss.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,21 +20,8 @@ from torch import nn
 
 from fewstep.errors import ModelFamilyError
 from fewstep.models import anystep, attention
+from fewstep.models.registry import adapter_classes, canonical_family
 from fewstep.models.source import check_denoiser_class, resolve_folder_or_hub
-
-_REGISTRY: dict[str, type["FlowModelAdapter"]] = {}
-
-
-def register_adapter(cls: type["FlowModelAdapter"]) -> type["FlowModelAdapter"]:
-    """Class decorator: register an adapter under its `family` name (and its `aliases`)."""
-    if not getattr(cls, "family", None):
-        raise TypeError(f"{cls.__name__} must set a non-empty `family` class attribute")
-    for name in (cls.family, *cls.aliases):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"model family {name!r} is already registered by {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-    return cls
-
 
 @dataclass
 class ModelComponents:
@@ -74,7 +60,9 @@ class FlowModelAdapter:
     tokenizer_subfolders: tuple[str, ...] = ()
     default_lora_targets: tuple[str, ...] = ()
     cond_keys: tuple[str, ...] = ()  # keys encode_prompts returns and forward needs
-    hook_time_scale: float = 1000.0  # time_text_embed's first argument = hook_time_scale * sigma
+    # anystep_module's first argument = hook_time_scale * sigma; None: that argument is not the timestep (SDXL's
+    # time_embedding gets its sinusoid), so t comes from the any-step state
+    hook_time_scale: float | None = 1000.0
     packed: bool = False  # True: latents enter the transformer as 2x2-patch tokens [B, h*w/4, 4C]
     default_guidance: float = 1.0  # distilled-guidance value when the transformer has guidance_embeds
     distilled_guidance: bool = False  # "guidance" means that embedding's value (FLUX.1-dev), not a CFG scale
@@ -130,12 +118,12 @@ class FlowModelAdapter:
         name = str(name_or_path)
         if name.startswith("tiny:"):
             fam = name[len("tiny:"):]
-            if _canonical(fam) != self.family:
+            if canonical_family(fam) != self.family:
                 raise ModelFamilyError(self._tiny_mismatch(name, fam))
             from fewstep.models.tiny import ensure_tiny_pipeline
             return str(ensure_tiny_pipeline(self.family))
         src = resolve_folder_or_hub(name, self.denoiser_subfolder)
-        families = {cls.denoiser_cls.__name__: cls.family for cls in _REGISTRY.values()}
+        families = {cls.denoiser_cls.__name__: cls.family for cls in adapter_classes()}
         check_denoiser_class(name, src, self.denoiser_subfolder, self.denoiser_cls.__name__, self.family, families,
                              model_option=self.model_option)
         return src
@@ -143,8 +131,8 @@ class FlowModelAdapter:
     def _tiny_mismatch(self, name: str, fam: str) -> str:
         """Why `tiny:<fam>` (`name`) is no model for this family, and the fix: the matching tiny model, or (in a
         training config) model_family `fam` where fewstep has that family."""
-        known = _canonical(fam) in {cls.family for cls in _REGISTRY.values()}
-        shown = sorted({cls.config_name or cls.family for cls in _REGISTRY.values()})
+        known = canonical_family(fam) in {cls.family for cls in adapter_classes()}
+        shown = sorted({cls.config_name or cls.family for cls in adapter_classes()})
         what = f"{name!r} is a {fam!r} model" if known else \
             f"{name!r} names no model family (fewstep has {', '.join(shown)})"
         me = self.config_name or self.family
@@ -194,12 +182,6 @@ class FlowModelAdapter:
     def patch_factor(self, transformer: nn.Module | None) -> int:
         """Spatial factor the transformer consumes on top of the VAE's (2 for 2x2 packing)."""
         return 2
-
-    def resolution_multiple(self, comps: ModelComponents) -> int:
-        """Image height/width must be a multiple of this (VAE factor x patch factor)."""
-        if comps.vae is None:
-            raise ValueError("resolution_multiple needs the VAE: load with with_vae=True")
-        return self.vae_scale_factor(comps.vae) * self.patch_factor(comps.denoiser)
 
     @torch.no_grad()
     def encode_images(self, vae: nn.Module, pixels: torch.Tensor, *, sample: bool = False,
@@ -438,10 +420,3 @@ def _pad0(t: torch.Tensor, n: int) -> torch.Tensor:
     if t.shape[0] == n:
         return t
     return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
-
-
-def _canonical(name: str) -> str:
-    """Registry key for a user-written family name ('Qwen-Image' -> 'qwenimage')."""
-    key = re.sub(r"[-_ .]", "", str(name).lower())
-    cls = _REGISTRY.get(key)
-    return cls.family if cls is not None else key

@@ -5,7 +5,8 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
-from fewstep.models.base import FlowModelAdapter, register_adapter
+from fewstep.models.base import FlowModelAdapter
+from fewstep.models.registry import register_adapter
 
 
 @register_adapter

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from fewstep.models.base import FlowModelAdapter, register_adapter
+from fewstep.models.base import FlowModelAdapter
+from fewstep.models.registry import register_adapter
 
 
 @register_adapter

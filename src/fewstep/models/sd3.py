@@ -2,7 +2,8 @@
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from fewstep.models.base import FlowModelAdapter, register_adapter
+from fewstep.models.base import FlowModelAdapter
+from fewstep.models.registry import register_adapter
 
 
 @register_adapter

@@ -20,7 +20,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from fewstep.errors import ConfigError
 from fewstep.methods import diff2flow
-from fewstep.models.base import FlowModelAdapter, register_adapter
+from fewstep.models.base import FlowModelAdapter
+from fewstep.models.registry import register_adapter
 from fewstep.models.source import forces_zeros_for_empty_prompt
 from fewstep.schedulers.diffusion_base import alphas_cumprod_from_config
 
@@ -59,7 +60,7 @@ class SDXLAdapter(FlowModelAdapter):
     def _set_schedule(self, scheduler_config) -> None:
         # the same table the TwinFlowScheduler builds from this config when it samples the UNet
         self.alphas_cumprod = alphas_cumprod_from_config(scheduler_config).double()
-        self._sigma_tables = {}  # device -> diff2flow.flow_sigmas(alphas_cumprod) there
+        self._sigma_tables = {}  # device -> diff2flow.sigma_table(alphas_cumprod) there
         self.folder_prediction_type = scheduler_config.get("prediction_type", "epsilon")
         self.prediction_type = self.prediction_override or self.folder_prediction_type
 
@@ -154,7 +155,7 @@ class SDXLAdapter(FlowModelAdapter):
         x_diff = diff2flow.flow_to_diffusion_input(hidden, sigma)
         table = self._sigma_tables.get(sigma.device)
         if table is None:  # made once per device: a copy from the CPU in every call would wait for the GPU's queue
-            table = self._sigma_tables[sigma.device] = diff2flow.flow_sigmas(self.alphas_cumprod).to(sigma.device)
+            table = self._sigma_tables[sigma.device] = diff2flow.sigma_table(self.alphas_cumprod).to(sigma.device)
         timestep = diff2flow.bridge_timestep(sigma, self.alphas_cumprod, table).float()
         time_ids = cond.get("time_ids")  # the training images' own (micro_cond); else the pipeline's default
         if time_ids is None:
