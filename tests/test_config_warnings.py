@@ -24,6 +24,11 @@ def test_each_setting_without_effect_is_named():
         "bridges sdxl)"]
     assert warnings_of(lr_warmup_steps=10, max_train_steps=2, learning_rate=3e-4) == [
         "lr_warmup_steps 10 >= max_train_steps 2: the learning rate never reaches learning_rate 0.0003"]
+    twinflow = dict(twinflow_enabled=True, use_ema=True)
+    assert warnings_of(**twinflow, validation_guidance=3.5) == [
+        "validation_guidance 3.5 not used: TwinFlow samples without classifier-free guidance (its target distils "
+        "it), at the training guidance value"]
+    assert warnings_of(**twinflow, validation_guidance=0.0) == []  # SimpleTuner's TwinFlow recipe gives 0
     glance = warnings_of(method="glance", glance_slow_timesteps="1000,900", glance_fast_timesteps="500,100",
                          lr_warmup_steps=5, max_train_steps=5)
     assert glance and "max_train_steps 5 per Glance phase" in glance[0]

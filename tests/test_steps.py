@@ -20,12 +20,3 @@ def test_a_micro_step_never_waits_for_the_gpu(family, method):
         loss, _ = step(1)
         loss.backward()
     assert loss.device.type == "meta" and not copies.blocking, copies.blocking
-
-
-def test_twinflow_says_it_does_not_use_validation_guidance(capsys):
-    info = SimpleNamespace(is_main=True, rank=0, world_size=1)
-    for guidance, warned in ((3.5, True), (0.0, False), (None, False)):  # SimpleTuner's TwinFlow recipe gives 0
-        cfg = SimpleNamespace(resolved_method="twinflow", validation_guidance=guidance, flow_custom_timesteps=None,
-                              validation_guidance_real=None, max_train_steps=3)
-        assert [p.name for p in build_phases(cfg, info)] == ["twinflow"]
-        assert ("'validation_guidance' 3.5 not used" in capsys.readouterr().out) is warned

@@ -19,6 +19,11 @@ def config_warnings(cfg) -> list[str]:
     if cfg.diff2flow_enabled and cfg.model_family not in DIFFUSION_FAMILIES:
         out.append(f"diff2flow_enabled has no effect on model_family {cfg.model_family}: it is a flow-matching model "
                    f"already (diff2flow bridges {', '.join(DIFFUSION_FAMILIES)})")
+    ignored = {k: getattr(cfg, k) for k in ("validation_guidance", "validation_guidance_real")
+               if (getattr(cfg, k) or 0.0) > 1.0}
+    if cfg.resolved_method == "twinflow" and ignored:
+        out.append(f"{', '.join(f'{k} {v:g}' for k, v in ignored.items())} not used: TwinFlow samples without "
+                   "classifier-free guidance (its target distils it), at the training guidance value")
     if 0 < cfg.max_train_steps <= cfg.lr_warmup_steps:
         per = " per Glance phase" if cfg.resolved_method == "glance" else ""
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= max_train_steps {cfg.max_train_steps}{per}: the "

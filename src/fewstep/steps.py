@@ -31,14 +31,7 @@ class Phase:
 
 def build_phases(cfg, info) -> list[Phase]:
     """The training phases: one per Glance LoRA (Slow then Fast), else one. Warns on rank 0 when a timestep list is
-    another model family's Glance list (SimpleTuner's doc gives FLUX users Qwen-Image's), and when TwinFlow is given
-    a validation guidance it does not use."""
-    ignored = {k: getattr(cfg, k) for k in ("validation_guidance", "validation_guidance_real")
-               if (getattr(cfg, k, None) or 0.0) > 1.0}
-    if cfg.resolved_method == "twinflow" and ignored:
-        log_main(info.is_main, f"warning: {', '.join(f'{k!r} {v}' for k, v in ignored.items())} not used: TwinFlow "
-                               "samples without classifier-free guidance (its target distils it), at the training "
-                               "guidance value")
+    another model family's Glance list (SimpleTuner's doc gives FLUX users Qwen-Image's)."""
     def sampler(sigmas):
         return CustomTimestepSampler(sigmas, cfg.flow_timesteps_mode, batch_size=cfg.train_batch_size,
                                      rank=info.rank, world_size=info.world_size)
