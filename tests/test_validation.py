@@ -9,14 +9,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from fewstep.models import get_adapter
 from fewstep.step_context import StepContext
 from fewstep.steps import Phase
-from fewstep.validation import sample_latents, validation_cfg_scale
+from fewstep.validation import sample_latents
+from fewstep.validation_settings import validation_cfg_scale
 from fewstep_testing import EngineWrapper
 
 
 def test_validation_guidance_rule():
     """SimpleTuner's meanings: for FLUX validation_guidance is the distilled-guidance value and validation_guidance_real
     the CFG scale; for the others validation_guidance is the CFG scale. TwinFlow: no CFG, the training value."""
-    from fewstep.validation import validation_distilled_guidance
+    from fewstep.validation_settings import validation_distilled_guidance
 
     flux, qwen = get_adapter("flux"), get_adapter("qwen_image")
     cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=None)

@@ -1,9 +1,7 @@
 """Validation: render the validation prompt with the weights being trained, at a fixed seed, as launcher/sample.py
 would (the family's classifier-free guidance, Glance's chained Slow/Fast lists, TwinFlow's few-step scheduler), and
 write it as a PNG and to TensorBoard.
-
-The first functions are the settings rules (guidance, prompts), which `fewstep.data.prepare` also reads to cache the
-prompts validation will encode.
+What to render (guidance, prompts) is `fewstep.validation_settings`.
 """
 from __future__ import annotations
 
@@ -25,41 +23,9 @@ from fewstep.models.base import unwrap
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, to_device, velocity_fn
 from fewstep.steps import Phase
+from fewstep.validation_settings import validation_cfg_scale, validation_distilled_guidance, validation_prompts
 
 HANDOFF = "glance-slow-handoff.safetensors"  # under <output_dir>/validation: where Slow's validation stopped
-
-
-def validation_cfg_scale(cfg, adapter) -> float:
-    """Classifier-free guidance of validation images (1: none): `validation_guidance`, or for a guidance-distilled
-    family (FLUX) `validation_guidance_real` (SimpleTuner's meanings); by default the family's (as
-    launcher/sample.py: Qwen-Image 5); TwinFlow never (its target distils guidance)."""
-    if cfg.resolved_method == "twinflow":
-        return 1.0
-    given = cfg.validation_guidance_real if adapter.distilled_guidance else cfg.validation_guidance
-    return max(float(adapter.sample_cfg_scale if given is None else given), 1.0)
-
-
-def validation_distilled_guidance(cfg, adapter) -> Optional[float]:
-    """The distilled-guidance value of validation images (FLUX: `validation_guidance`; None: the training value).
-    TwinFlow samples at the training value."""
-    if cfg.resolved_method == "twinflow" or not adapter.distilled_guidance:
-        return None
-    return cfg.validation_guidance
-
-
-def validation_prompts(cfg, ds, adapter) -> tuple[str, str]:
-    """The validation prompt (default: the first training caption) and the negative one of its classifier-free
-    guidance (`validation_negative`); both were cached with the data set (`fewstep.data.prepare`)."""
-    prompt = cfg.validation_prompt if cfg.validation_prompt is not None else ds.samples[0].caption
-    return prompt, validation_negative(cfg, adapter)
-
-
-def validation_negative(cfg, adapter) -> str:
-    """Validation's negative prompt: `validation_negative_prompt`, or where validation guides the family's default
-    (launcher/sample.py's); without guidance, the empty prompt (cached anyway: nothing more to encode)."""
-    if cfg.validation_negative_prompt is not None:  # "" included, as sample.py's --negative-prompt ""
-        return cfg.validation_negative_prompt
-    return adapter.default_negative_prompt if validation_cfg_scale(cfg, adapter) > 1 else ""
 
 
 def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bool) -> None:

@@ -34,7 +34,7 @@ def test_each_caption_is_stored_at_its_own_length_whatever_it_was_encoded_with(t
 def test_validation_negative_prompt_is_cached_and_chosen_as_the_negative(tmp_path):
     """SimpleTuner's `validation_negative_prompt`: encoded with the data set, kept in memory like the validation
     prompt, and what validation's classifier-free guidance steers away from; without it, the empty prompt."""
-    from fewstep.validation import validation_prompts
+    from fewstep.validation_settings import validation_prompts
 
     backend = write_dataset(str(tmp_path), n=2, captions=[SHORT, LONG])
     base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "data_backend_config": backend,

@@ -33,6 +33,7 @@ from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
 from fewstep.jsonfile import load_json, save_json
 from fewstep.metrics import log_main
+from fewstep.validation_settings import validation_negative
 
 MEMO_NAME = "data_digests.json"  # in output_dir
 INDEX_NAME = "data_index"  # in output_dir: the last scan's files (`scan_images`)
@@ -155,8 +156,6 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
     if probed:
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
-    from fewstep.validation import validation_negative  # the validation loop's rule (imports the data layer)
-
     extra = [""] + [p for p in (cfg.validation_prompt, validation_negative(cfg, adapter)) if p]
     with distributed.uneven_work("model key"):  # reads the encoders' files
         key = model_key(cfg.model_family, source)
