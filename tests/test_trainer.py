@@ -184,10 +184,17 @@ def test_other_families_train_and_export_loadable_lora(data, family):
     assert os.path.exists(os.path.join(out, "validation", "flow-step000002.png"))
 
 
-def test_gradient_checkpointing_gives_the_same_losses(data):
+@pytest.mark.parametrize("method", ["flow", "twinflow"])
+def test_gradient_checkpointing_gives_the_same_losses(data, method):
+    """Step 2's loss follows step 1's gradients. TwinFlow: the recomputed blocks see the any-step embeddings' output
+    of the pass they belong to (student, teacher, rectify), though that state is set only around each forward."""
     root, backend = data
-    a, b = side_by_side(lambda: train(root, backend, "gc-off", max_train_steps=2),
-                        lambda: train(root, backend, "gc-on", max_train_steps=2, gradient_checkpointing=True))
+    opts = dict(max_train_steps=2)
+    if method == "twinflow":
+        opts.update(twinflow_enabled=True, use_ema=True, ema_decay=0.9, twinflow_adversarial_enabled=True,
+                    train_batch_size=4)
+    a, b = side_by_side(lambda: train(root, backend, f"gc-off-{method}", **opts),
+                        lambda: train(root, backend, f"gc-on-{method}", gradient_checkpointing=True, **opts))
     la, lb = [m["loss"] for m in read_metrics(a)], [m["loss"] for m in read_metrics(b)]
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
 
