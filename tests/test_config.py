@@ -243,6 +243,18 @@ def test_deepspeed_config_must_be_a_json_object(tmp_path):
             load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
 
 
+def test_deepspeed_config_sections_fewstep_reads_must_be_objects(tmp_path):
+    """`"checkpoint": [1]` crashed fewstep's own check of the merged config, and `"timers": null` (a section fewstep
+    generates) or `"fp16": true` crashed inside deepspeed.initialize after the model load, each with a traceback."""
+    bad = tmp_path / "ds.json"
+    for section, value in (("checkpoint", [1]), ("timers", None), ("fp16", True), ("torch_autocast", "bf16")):
+        bad.write_text(json.dumps({section: value}))
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
+        assert str(e.value).startswith(f"deepspeed_config {bad}: '{section}' must be a JSON object"), str(e.value)
+        assert str(e.value).endswith(f"got {json.dumps(value)}")
+
+
 def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):
     """configs/deepspeed/zero3.json sets stage 3 while zero_stage stays at its default 2: offload_param is valid
     there, and a file that sets stage 2 refuses it, naming the file."""

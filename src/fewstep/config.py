@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
 from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
+from fewstep.engine.ds_config_checks import read_user_config
 from fewstep.config_values import (SIMPLETUNER_ONLY, closest_keys, coerce, normalize_key, parse_overrides,
                                    simpletuner_only)
 from fewstep.errors import ConfigError
@@ -246,16 +247,7 @@ class Config:
             self.lora_targets = self.lora_targets.split(",")
         if self.lora_targets is not None:  # "to_q, to_k" (a list from the command line keeps the spaces)
             self.lora_targets = [x.strip() for x in map(str, self.lora_targets) if x.strip()]
-        user_ds = {}
-        if self.deepspeed_config is not None:
-            user_ds = load_json(self.deepspeed_config, ConfigError, "deepspeed_config")
-            if not isinstance(user_ds, dict):
-                raise ConfigError(f"deepspeed_config {self.deepspeed_config}: expected a JSON object (DeepSpeed's "
-                                  "config keys)")
-            for key in DS_SECTIONS:  # `"zero_optimization": null` would replace fewstep's whole section
-                if key in user_ds and not isinstance(user_ds[key], dict):
-                    raise ConfigError(f"deepspeed_config {self.deepspeed_config}: '{key}' must be a JSON object "
-                                      f"(leave it out for fewstep's), got {json.dumps(user_ds[key])}")
+        user_ds = read_user_config(self.deepspeed_config)
         stage = zero_stage_in_use(self.zero_stage, user_ds)
         where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if stage_set_by(user_ds) \
             else f"zero_stage {stage}"
@@ -355,10 +347,6 @@ class Config:
             raise ConfigError(f"'twinflow_enhanced_ratio' {self.twinflow_enhanced_ratio} >= 1 with a teacher that "
                               "follows the student: the learnt guidance scale grows towards 1/(1 - r), without bound "
                               "for r >= 1; use r < 1, or a frozen teacher (ema_decay 1)")
-
-
-# DeepSpeed config sections that fewstep generates and merges a user's file into, key by key.
-DS_SECTIONS = ("zero_optimization", "bf16", "optimizer")
 
 
 def stage_set_by(user_ds: dict) -> bool:

@@ -5,13 +5,12 @@ partition (what the EMA tracks and what the EMA teacher is swapped into). The pr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 
 import torch
 
 from fewstep.config import zero_stage_in_use
-from fewstep.engine.ds_config_checks import check_merged
+from fewstep.engine.ds_config_checks import check_merged, read_user_config
 
 def build_ds_config(cfg, stage: int | None = None) -> dict:
     """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it.
@@ -62,10 +61,7 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
 
 
 def _read_user_config(path) -> dict:
-    if not path:
-        return {}
-    with open(path) as fh:
-        user = json.load(fh)
+    user = read_user_config(path)  # read and checked as Config.validate did
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         user.pop(key, None)  # fewstep's batch options are the single source of truth
     return user

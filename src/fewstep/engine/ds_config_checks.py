@@ -1,12 +1,15 @@
-"""Checks of the DeepSpeed config fewstep generated and merged a user's `deepspeed_config` into, before anything is
-built: a mistake there (a typo in a section name, a ZeRO option DeepSpeed would reject after the model load, a
-precision section against `mixed_precision`) or an option fewstep cannot honour ends in one ConfigError line.
+"""A user's `deepspeed_config` file read and checked (`Config.validate`), and checks of the DeepSpeed config fewstep
+generated and merged it into, before anything is built: a mistake there (a section that is not an object, a typo in
+a section name, a ZeRO option DeepSpeed would reject after the model load, a precision section against
+`mixed_precision`) or an option fewstep cannot honour ends in one ConfigError line.
 """
 from __future__ import annotations
 
 import difflib
+import json
 
-from fewstep.config import ConfigError
+from fewstep.errors import ConfigError
+from fewstep.jsonfile import load_json
 
 PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
 
@@ -24,6 +27,26 @@ KNOWN_KEYS = (
     "graph_harvesting", "mics_shard_size", "mics_hierarchical_params_gather", "load_universal_checkpoint",
     "use_node_local_storage", "zero_quantized_weights", "quantize_training", "gradient_accumulation_dtype",
 )
+
+# Sections fewstep generates and merges a user's file into key by key, and those it reads (the checks below).
+# DeepSpeed reads each as an object too: given as anything else (`"checkpoint": null`, `"fp16": true`) one replaced
+# fewstep's section or failed here or inside `deepspeed.initialize`, after the model load, with a traceback.
+GENERATED_SECTIONS = ("zero_optimization", "bf16", "optimizer", "timers")
+READ_SECTIONS = ("checkpoint", "fp16", "amp", "torch_autocast", "bfloat16")
+
+
+def read_user_config(path) -> dict:
+    """The `deepspeed_config` file's contents ({} without one): a JSON object whose sections above are objects."""
+    if not path:
+        return {}
+    user = load_json(path, ConfigError, "deepspeed_config")
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed_config {path}: expected a JSON object (DeepSpeed's config keys)")
+    for key in (k for k in GENERATED_SECTIONS + READ_SECTIONS if k in user and not isinstance(user[k], dict)):
+        instead = "fewstep's" if key in GENERATED_SECTIONS else "DeepSpeed's default"
+        raise ConfigError(f"deepspeed_config {path}: '{key}' must be a JSON object (leave it out for {instead}), "
+                          f"got {json.dumps(user[key])}")
+    return user
 
 
 def check_merged(ds: dict, user: dict, source: str, *, bf16: bool, use_ema: bool) -> None:
