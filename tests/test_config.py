@@ -255,6 +255,18 @@ def test_deepspeed_config_sections_fewstep_reads_must_be_objects(tmp_path):
         assert str(e.value).endswith(f"got {json.dumps(value)}")
 
 
+def test_a_json_file_that_is_not_utf8_is_not_valid_json(tmp_path):
+    """A Latin-1 byte in a JSON file ended in a UnicodeDecodeError traceback (every JSON file fewstep reads)."""
+    bad = tmp_path / "ds.json"
+    bad.write_bytes(b'{"zero_optimization": {"stage": 2}, "note": "caf\xe9"}')
+    with pytest.raises(ConfigError, match="ds.json: not valid JSON .*utf-8"):
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(bad)})))
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{"model_family": "flux\xe9"}')
+    with pytest.raises(ConfigError, match="config.json: not valid JSON .*utf-8"):
+        load_config(str(config))
+
+
 def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):
     """configs/deepspeed/zero3.json sets stage 3 while zero_stage stays at its default 2: offload_param is valid
     there, and a file that sets stage 2 refuses it, naming the file."""

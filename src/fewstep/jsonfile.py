@@ -7,7 +7,8 @@ from fewstep.paths import write_atomic
 
 
 def load_json(path: str, error: type[Exception], what: str):
-    """Parse `path`; a missing file, a directory or invalid JSON raises `error` naming `what` and the file."""
+    """Parse `path`; a missing file, a directory or invalid JSON (text that is not UTF-8 included) raises `error`
+    naming `what` and the file."""
     if os.path.isdir(path):
         raise error(f"{what} is a directory, expected a JSON file: {path}")
     if not os.path.isfile(path):
@@ -15,7 +16,7 @@ def load_json(path: str, error: type[Exception], what: str):
     with open(path) as fh:
         try:
             return json.load(fh)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise error(f"{path}: not valid JSON ({e})") from None
 
 
