@@ -4,19 +4,21 @@ Rank 1 alone gets a NaN loss at step 3 (FEWSTEP_FAULT_NAN_LOSS). Both ranks must
 right after the skipped step (saved by a preemption signalled in the same step) must equal, bit for bit, the state
 of a clean run stopped after step 2: fp32 masters (read back with DeepSpeed's zero_to_fp32), Adam moments and step
 counts, and the LR schedule. The run then resumes and finishes with finite exports; `nan_policy: stop` ends the run
-with the last checkpoint intact and nothing exported.
+with the last checkpoint intact and nothing exported. Weights that turn non-finite past that guard
+(FEWSTEP_FAULT_POISON_WEIGHTS) never reach a checkpoint or an export, on 2 ranks and through launcher/train.py on 1.
 """
 import glob
 import json
 import math
 import os
 import re
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import read_metrics, run, write_config, write_dataset
+from fewstep_testing import PY, REPO, cpu_env, read_metrics, run, write_config, write_dataset
 
 # stage 0 fp32 is the layout where DeepSpeed itself would apply a non-finite update
 COMBOS = [(1, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16"), (1, "bf16"), (2, "fp32"), (0, "fp32")]
@@ -151,6 +153,35 @@ def test_non_finite_weights_never_reach_a_checkpoint(runs):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step-1", "step-2"]
     assert not (run_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_non_finite_weights_end_the_launched_run_in_one_line_before_their_checkpoint(tmp_path):
+    """The same through launcher/train.py on 1 rank, with fp32 masters apart from the bf16 weights the model computes
+    with (ZeRO-2): one `fewstep:` line and exit status 1 at checkpoint step-3, which is not written; step-1 and step-2
+    stay intact (the requeued run resumes from step-2 and finishes) and no export exists until then."""
+    backend = write_dataset(str(tmp_path), n=4)
+    cfg = write_config(str(tmp_path), backend, train_batch_size=1, checkpointing_steps=1, max_train_steps=4,
+                       zero_stage=2, mixed_precision="bf16", resume_from_checkpoint="latest",
+                       cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+
+    def launch(**env):
+        return subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(**env),
+                              capture_output=True, text=True, timeout=600)
+
+    proc = launch(FEWSTEP_FAULT_POISON_WEIGHTS="3:0")
+    said = [line for line in proc.stderr.splitlines() if line.startswith("fewstep:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(said) == 1, proc.stderr[-3000:]
+    assert said[0].startswith("fewstep: the trained weights are non-finite: checkpoint step-3 not written"), said
+    assert "ZeRO-2 | torch.bfloat16" in proc.stdout  # the layout with separate fp32 masters
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-1", "step-2"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    resumed = launch()
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(torch.isfinite(v).all() for v in lora.values())
 
 
 def test_a_skipped_twinflow_step_leaves_the_ema_teacher_as_it_was(runs):
