@@ -13,6 +13,7 @@ bit for bit, in every layout (including the weights the model computes with).
 
 Three launches (1 rank, 2 ranks, 1 rank) run every training; the tests then read their outputs.
 """
+import errno
 import json
 import os
 import shutil
@@ -283,6 +284,43 @@ def test_universal_conversion_that_cannot_fit_says_so_and_leaves_the_checkpoint_
         assert not (out / name / "checkpoints").exists()  # nothing trained
     files = sorted(str(f.relative_to(copy)) for f in copy.rglob("*"))
     assert files == sorted(str(f.relative_to(source)) for f in source.rglob("*") if "universal" not in str(f))
+
+
+def _converter_failing_with(monkeypatch, code: int, pointer: bool):
+    """DeepSpeed's converter, replaced by one that writes part of its output and then fails with OSError `code`;
+    `pointer`: while writing `latest_universal` beside the checkpoint's files, its last write."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    def main(args):
+        os.makedirs(os.path.join(args.output_folder, "zero", "x.weight"))
+        torch.save({"param": torch.zeros(4)}, os.path.join(args.output_folder, "zero", "x.weight", "fp32.pt"))
+        if pointer:
+            open(os.path.join(os.path.dirname(args.output_folder), "latest_universal"), "w").close()
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ds_to_universal, "main", main)
+
+
+def _saved_on_two_ranks(tmp_path):
+    path = tmp_path / "step-2"
+    (path / "state").mkdir(parents=True)
+    for r in (0, 1):
+        (path / "state" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 4096)
+    (path / "trainer.json").write_text("{}")
+    return path, sorted(str(f.relative_to(path)) for f in path.rglob("*"))
+
+
+def test_a_conversion_failing_at_its_last_write_leaves_the_checkpoint_as_it_was(tmp_path, monkeypatch):
+    """The converter writes its `latest_universal` pointer last, into the checkpoint's own folder: a full disk there
+    left that (empty) file in the checkpoint the message calls unchanged."""
+    from fewstep import reshard
+
+    path, files = _saved_on_two_ranks(tmp_path)
+    _converter_failing_with(monkeypatch, errno.ENOSPC, pointer=True)
+    with pytest.raises(reshard.UniversalConversionError) as e:
+        reshard.convert_universal(str(path), "state", 2)
+    assert "[Errno 28] No space left on device" in str(e.value) and "Free some space and resume again" in str(e.value)
+    assert sorted(str(f.relative_to(path)) for f in path.rglob("*")) == files
 
 
 # ---------------------------------------------------------------------------------------------------------------

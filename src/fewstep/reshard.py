@@ -253,8 +253,6 @@ def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
                 space.torch_saves_keeping_errno():
             ds_to_universal.main(args)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(path, "latest_universal"))  # the converter's pointer; fewstep names the tag
         with open(os.path.join(tmp, UNIVERSAL_DONE), "w"):
             pass
         fsync_tree(tmp)  # every file and directory, the marker included (rank 0 wrote them all)
@@ -264,6 +262,9 @@ def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
             raise
         raise UniversalConversionError(_conversion_failed(
             path, saved_world, need, f"{space.os_reason(e)} ({space.free(path)} free there now)")) from e
+    finally:  # the converter's pointer, written last beside the checkpoint's own files (fewstep names the tag)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(path, "latest_universal"))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     fsync(path)
