@@ -323,6 +323,21 @@ def test_a_conversion_failing_at_its_last_write_leaves_the_checkpoint_as_it_was(
     assert sorted(str(f.relative_to(path)) for f in path.rglob("*")) == files
 
 
+def test_a_read_only_checkpoint_folder_is_not_called_full(tmp_path, monkeypatch):
+    """A conversion beside a checkpoint in a read-only folder (a shared or snapshot copy) said "Free some space"."""
+    from fewstep import reshard
+
+    path, files = _saved_on_two_ranks(tmp_path)
+    _converter_failing_with(monkeypatch, errno.EROFS, pointer=False)
+    with pytest.raises(reshard.UniversalConversionError) as e:
+        reshard.convert_universal(str(path), "state", 2)
+    message = str(e.value)
+    assert "[Errno 30] Read-only file system" in message and "Free some space" not in message, message
+    assert message.endswith("Make its folder writable and resume again, or resume from a copy of it in a writable "
+                            "folder, or resume on 2 ranks, which needs no conversion"), message
+    assert sorted(str(f.relative_to(path)) for f in path.rglob("*")) == files
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The plan alone (no DeepSpeed): which changes reshard, which are refused, and with what words
 # ---------------------------------------------------------------------------------------------------------------

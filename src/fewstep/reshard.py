@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -258,10 +259,13 @@ def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
         fsync_tree(tmp)  # every file and directory, the marker included (rank 0 wrote them all)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if space.os_error(e) is None:  # not a write that failed: a defect, shown with its traceback
+        cause = space.os_error(e)
+        if cause is None:  # not a write that failed: a defect, shown with its traceback
             raise
+        way = None if cause.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "Make its folder writable and resume again, or resume from a copy of it in a writable folder"
         raise UniversalConversionError(_conversion_failed(
-            path, saved_world, need, f"{space.os_reason(e)} ({space.free(path)} free there now)")) from e
+            path, saved_world, need, f"{space.os_reason(e)} ({space.free(path)} free there now)", way)) from e
     finally:  # the converter's pointer, written last beside the checkpoint's own files (fewstep names the tag)
         with contextlib.suppress(OSError):
             os.remove(os.path.join(path, "latest_universal"))
@@ -271,11 +275,13 @@ def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
     return out
 
 
-def _conversion_failed(path: str, saved_world: int, need: int, what: str) -> str:
+def _conversion_failed(path: str, saved_world: int, need: int, what: str, way: str | None = None) -> str:
+    """The one line for a conversion that did not fit or failed; `way` out, if not freeing space (a read-only
+    checkpoint folder)."""
     return (f"resuming {path} (a full fine-tune saved on {saved_world} ranks) on another world size needs DeepSpeed's "
             f"universal checkpoint, about {space.human(need)} beside it while it is written, and its conversion "
-            f"failed: {what}. Nothing was lost: the checkpoint is unchanged. Free some space and resume again, or "
-            f"resume on {saved_world} ranks, which needs no conversion")
+            f"failed: {what}. Nothing was lost: the checkpoint is unchanged. "
+            f"{way or 'Free some space and resume again'}, or resume on {saved_world} ranks, which needs no conversion")
 
 
 def load_universal(engine, path: str) -> None:
