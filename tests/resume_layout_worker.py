@@ -36,7 +36,7 @@ def dump(engine, ema, extra: dict, path: str) -> None:
     if keys:
         reshard._relink(engine.optimizer)
     named = reshard.trainable_named(engine)
-    state = {n: {k: reshard._full(p, k, inner).detach().cpu().clone() for k in [None, *keys]} for n, p in named}
+    state = {n: {k: reshard._full(p, k, engine).detach().cpu().clone() for k in [None, *keys]} for n, p in named}
     z3 = [p for _, p in named if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(z3) if z3 else torch.no_grad():
         weights = {n: p.detach().cpu().float().clone() for n, p in named}
@@ -47,7 +47,7 @@ def dump(engine, ema, extra: dict, path: str) -> None:
         with torch.no_grad():
             for m, s in zip(masters, ema.shadow):
                 m.copy_(s)
-            ema_full = {n: reshard._full(p, None, inner).detach().cpu().clone() for n, p in named}
+            ema_full = {n: reshard._full(p, None, engine).detach().cpu().clone() for n, p in named}
             for m, b in zip(masters, backup):
                 m.copy_(b)
     counters = {k: int(getattr(engine, k)) for k in ("global_steps", "skipped_steps", "global_samples")}

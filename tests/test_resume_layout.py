@@ -31,6 +31,8 @@ FULL = {"model_type": "full", "learning_rate": 1e-4, "flow_custom_timesteps": No
 FULL_Z3 = {**FULL, "zero_stage": 3}
 FULL_Z3_BF16 = {**FULL_Z3, "mixed_precision": "bf16"}
 LORA_FILES = ["pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors"]
+Z0_BF16 = {"zero_stage": 0, "mixed_precision": "bf16"}  # DeepSpeed's FP16 wrappers: unfused (torch AdamW) ...
+Z0_BF16_FUSED = {**Z0_BF16, "optimizer": "deepspeed"}  # ... and fused (FusedAdam: one flat fp32 copy per group)
 FULL_FILES = ["transformer/diffusion_pytorch_model.safetensors", "ema/transformer/diffusion_pytorch_model.safetensors"]
 
 
@@ -71,7 +73,8 @@ def out(tmp_path_factory):
         # uninterrupted 1-rank runs, saving at steps 2 and 4; lora-w1's first attempt at step 1 is skipped (a NaN
         # loss), so DeepSpeed's step counters (global 3, skipped 1 at step 2) must survive the reshards too
         launch(cfg, 1, [["lora-w1", {"_env": {"FEWSTEP_FAULT_NAN_LOSS": "1:0"}}], ["full-w1", FULL],
-                        ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16]])
+                        ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16],
+                        ["lora-z0-bf16", Z0_BF16], ["lora-z0-bf16-fused", Z0_BF16_FUSED]])
         launch(cfg, 2, [  # 1 -> 2 ranks, no training: saved again in the 2-rank layout
             ["lora-w2", {"resume_from_checkpoint": from_("lora-w1"), "max_train_steps": 2}],
             ["full-w2", {**FULL, "resume_from_checkpoint": from_("full-w1"), "max_train_steps": 2}],
@@ -85,6 +88,10 @@ def out(tmp_path_factory):
             # the same without an EMA: ZeRO-3 then keeps the small LoRA weights gathered ("persistent")
             ["lora-z2-z3-noema", {"zero_stage": 3, "use_ema": False,
                                   "resume_from_checkpoint": from_("lora-z3-z2")}],
+            # stage 0 bf16 (1 rank) to ZeRO-2 bf16 (2 ranks), no training; back to stage 0 below for steps 3-4
+            *[[f"lora-z0-bf16{v}-z2", {"zero_stage": 2, "mixed_precision": "bf16", "optimizer": opt,
+                                       "resume_from_checkpoint": from_(f"lora-z0-bf16{v}"), "max_train_steps": 2}]
+              for v, opt in (("", "adamw"), ("-fused", "deepspeed"))],
             # refused on both ranks alike: a full fine-tune changing stage (and world size)
             ["full-w2-z3", {**FULL, "zero_stage": 3, "resume_from_checkpoint": from_("full-w1")}],
             # ENOSPC in a 2-rank save (the free-space check off, so that the write itself fails)
@@ -106,6 +113,8 @@ def out(tmp_path_factory):
             # checkpoints from before the layout record: same layout (DeepSpeed's own load), and 2 -> 1 (universal)
             ["legacy-same", {"resume_from_checkpoint": str(o / "legacy-w1")}],
             ["legacy-back", {"resume_from_checkpoint": str(o / "legacy-w2")}],
+            ["lora-z2-z0-bf16", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16-z2")}],
+            ["lora-z2-z0-bf16-fused", {**Z0_BF16_FUSED, "resume_from_checkpoint": from_("lora-z0-bf16-fused-z2")}],
             # refused
             ["lora-rank", {"lora_rank": 8, "resume_from_checkpoint": from_("lora-w2")}],
             ["lora-many", {"lora_rank": 8, "lora_alpha": 16, "lora_targets": "to_q,to_k", "mixed_precision": "bf16",
@@ -159,7 +168,8 @@ def assert_restored(o, source, resumed, mode):
     for key in ("adam_step", "lr", "order", "samplers", "counters") + (("ema_decay",) if got["ema"] is not None
                                                                        else ()):
         assert saved[key] == got[key], (key, saved[key], got[key])
-    assert saved["adam_step"] == 2 and saved["samplers"] == got["samplers"] != [None]
+    assert saved["adam_step"] == 2 and saved["samplers"] == got["samplers"]
+    assert (got["samplers"] == [None]) is source.startswith("full")  # full fine-tunes train without a list
     assert saved["counters"]["global_steps"] - saved["counters"]["skipped_steps"] == 2, saved["counters"]
 
 
@@ -174,6 +184,15 @@ def test_lora_two_ranks_to_one_continues_bit_exactly(out):
                               "anystep_embeddings": False, "zero_stage": 2, "world_size": 2, "dtype": "fp32",
                               "glance_phase_steps": None}
     assert TRAINABLE_FILE in meta["files"] and meta["ema_maps"] is True
+
+
+@pytest.mark.parametrize("variant", ["", "-fused"])
+def test_lora_at_stage0_bf16_saves_and_reshards_bit_exactly(out, variant):
+    """Stage 0 with bf16 weights keeps fp32 copies in DeepSpeed's FP16 wrappers (per parameter, or one flat copy per
+    group): a LoRA checkpoint gathers them (its save crashed on them), and they reshard to ZeRO-2 and back."""
+    assert_restored(out, f"lora-z0-bf16{variant}", f"lora-z0-bf16{variant}-z2", "trainable")
+    assert_restored(out, f"lora-z0-bf16{variant}-z2", f"lora-z2-z0-bf16{variant}", "trainable")
+    assert_continues(out, f"lora-z0-bf16{variant}", f"lora-z2-z0-bf16{variant}", LORA_FILES)
 
 
 def test_lora_zero2_to_zero3_continues_bit_exactly(out):

@@ -64,11 +64,31 @@ def _shape(p) -> tuple:
 # Which piece of which parameter each rank's master partition holds
 # ---------------------------------------------------------------------------------------------------------------
 
+def _stage0_fp32_copies(opt) -> dict[int, tuple[int, int]]:
+    """Stage 0 with bf16/fp16 weights (DeepSpeed's FP16 wrappers): id(model parameter) -> (index into
+    `master_partitions`, start there) of its fp32 copy. The fused wrapper (FusedAdam) keeps one flat fp32 copy per
+    param group, its parameters in order; the unfused one (torch AdamW) one fp32 copy per parameter."""
+    if not hasattr(opt, "fp16_groups") or hasattr(opt, "fp32_partitioned_groups_flat"):  # (ZeRO-3 has fp16_groups)
+        return {}
+    if hasattr(opt, "fp32_groups_flat"):
+        out = {}
+        for g, group in enumerate(opt.fp16_groups):
+            start = 0
+            for p in group:
+                out[id(p)] = (g, start)
+                start += p.numel()
+        return out
+    if hasattr(opt, "fp32_groups"):
+        return {id(p): (i, 0) for i, p in enumerate(p for group in opt.fp16_groups for p in group)}
+    return {}
+
+
 def fragment_map(engine) -> dict[str, tuple[int, int, int, int]] | None:
     """name -> (index into `master_partitions`, start there, start in the flattened parameter, count) for this rank's
     piece of every trainable parameter (absent where this rank holds none); None for an unknown optimizer layout."""
     opt = engine.optimizer
     index = {id(m): i for i, m in enumerate(master_partitions(engine))}
+    copies = _stage0_fp32_copies(opt)
     out = {}
     for name, p in trainable_named(engine):
         if hasattr(p, "ds_id"):  # ZeRO-3: every parameter split evenly (padded) over the ranks
@@ -85,6 +105,8 @@ def fragment_map(engine) -> dict[str, tuple[int, int, int, int]] | None:
             if m is not None and m.lp_fragment_address.numel:
                 out[name] = (int(m.param_group_index), int(m.hp_fragment_address.start),
                              int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel))
+        elif id(p) in copies:  # stage 0 bf16/fp16: a whole fp32 copy of the parameter
+            out[name] = (*copies[id(p)], 0, p.numel())
         elif id(p) in index:  # stage 0 fp32: the parameter is its own master
             out[name] = (index[id(p)], 0, 0, p.numel())
         else:
@@ -133,13 +155,20 @@ def _relink(opt) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def _full(p, key, inner) -> torch.Tensor:
+def _full(p, key, engine) -> torch.Tensor:
     """The full fp32 master (key None) or optimizer state of one parameter (collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    return p.detach() if key is None else inner.state[p][key]
+    copy = _stage0_fp32_copies(engine.optimizer).get(id(p))
+    if copy is None:  # stage 0 fp32: the parameter is its own master
+        master, start = p, 0
+    else:
+        i, start = copy
+        master = master_partitions(engine)[i]
+    t = master.detach() if key is None else _inner(engine).state[master][key]
+    return t.reshape(-1)[start:start + p.numel()].view(p.shape)
 
 
 def gather_trainable(engine, rank: int) -> dict | None:
@@ -150,7 +179,7 @@ def gather_trainable(engine, rank: int) -> dict | None:
         _relink(engine.optimizer)  # e.g. right after a resume, before DeepSpeed links them at its next step
     params = {}
     for name, p in trainable_named(engine):
-        values = {"fp32": _full(p, None, inner), **{k: _full(p, k, inner) for k in keys}}
+        values = {"fp32": _full(p, None, engine), **{k: _full(p, k, engine) for k in keys}}
         if rank == 0:
             params[name] = {k: v.detach().to("cpu", torch.float32).reshape(_shape(p)).clone()
                             for k, v in values.items()}

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from fewstep import reshard
 from fewstep.config import load_config
 from fewstep.engine.deepspeed_engine import (_layout, build_engine, lr_lambda, master_partitions,
                                              weights_swapped_in)
@@ -26,6 +27,7 @@ RUNS = [  # stage, precision, model_type, optimizer, offload_optimizer
     (2, "fp32", "full", "adamw", False), (2, "bf16", "lora", "adamw", False), (3, "fp32", "lora", "adamw", False),
     (3, "bf16", "full", "adamw", False),
     (2, "fp32", "lora", "deepspeed", False),  # FusedAdam
+    (0, "bf16", "lora", "deepspeed", False),  # FusedAdam under DeepSpeed's fused FP16 wrapper (one flat fp32 copy)
     (3, "bf16", "full", "deepspeed", True),  # DeepSpeedCPUAdam
     (2, "bf16", "lora", "adamw", True),  # torch AdamW on the CPU partitions
 ]
@@ -84,8 +86,16 @@ for stage, precision, model_type, opt_name, offload in RUNS:
         for p in trainable:
             p.add_(torch.randn_like(p) * 0.1)
     names = [n for n, p in t.named_parameters() if p.requires_grad]
+    initial_weights = {n: p.detach().float().clone() for n, p in t.named_parameters() if p.requires_grad}
     engine, optimizer, scheduler = build_engine(cfg, t, trainable)
     params = dict(engine.module.named_parameters())
+
+    # --- after build_engine Adam has taken no step (DeepSpeed's stage-0 FP16 wrappers take one with zero gradients
+    # at construction, which build_engine undoes), and the masters are the initial weights in the run's dtype
+    assert reshard._adam_state(engine) == ([], None), (label, reshard._adam_state(engine))
+    for n in names:
+        want = initial_weights[n].bfloat16().float() if precision == "bf16" else initial_weights[n]
+        assert torch.equal(reshard._full(params[n], None, engine).float().cpu().reshape(want.shape), want), (label, n)
 
     def snapshot():
         with deepspeed.zero.GatheredParameters([params[n] for n in names], enabled=stage == 3):
@@ -128,8 +138,7 @@ for stage, precision, model_type, opt_name, offload in RUNS:
     initial = [m.detach().clone() for m in master_partitions(engine)]
     initial_sched = scheduler.state_dict()
     assert abs(engine.get_lr()[0] - cfg.learning_rate * schedule(0)) < 1e-12, (label, engine.get_lr())
-    # Start from a reset too: at stage 0 with bf16, DeepSpeed's FP16 wrappers take a zero-gradient Adam step while
-    # initialising (so Adam's first real step is its second); elsewhere the state after `initialize` is already fresh.
+    # Start from a reset too (the state after build_engine is fresh already: checked above).
     reset_trainable(engine, initial, scheduler, initial_sched)
     train_step(0)
     first = [m.detach().clone() for m in master_partitions(engine)]

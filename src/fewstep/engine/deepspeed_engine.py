@@ -111,7 +111,26 @@ def build_engine(cfg, model: torch.nn.Module, trainable: list[torch.nn.Parameter
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda basic: torch.optim.lr_scheduler.LambdaLR(basic, schedule))
+    _undo_construction_step(engine)
     return engine, optimizer, scheduler
+
+
+def _undo_construction_step(engine) -> None:
+    """Stage 0 with bf16/fp16 weights: DeepSpeed's FP16 wrappers (0.19.8) build Adam's state by taking one optimizer
+    step with zero gradients at construction. Adam's first real step was then its second (bias correction of step 2:
+    about 0.74 of the first update), and the step's weight decay had already shrunk the fp32 masters but not the
+    weights the model computes with. Put the masters back to those weights (they were copied from them) and let Adam
+    start afresh, as every other layout does."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return
+    masters, lowp, _ = _layout(engine.optimizer)
+    with torch.no_grad():
+        for m, lp in zip(masters, lowp):
+            m.copy_(lp.detach().float())
+    reset_optimizer_state(engine)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,28 +306,48 @@ def _inner_optimizers(engine) -> list:
 
 
 def replay_adam_bias_correction(engine) -> None:
-    """After a resume, give DeepSpeedCPUAdam's C++ op the beta**step a straight run has, so the next step is bit-exact.
+    """After a resume, give DeepSpeed's CPU Adam op the beta**step a straight run has, so the next step is bit-exact.
 
-    The op caches beta1**step and beta2**step in fp32 and multiplies them by beta at each consecutive step; given any
-    other step (the first one after a resume, in a fresh process) it recomputes them with std::pow, which differs from
-    the running product in the last bits (and more after many steps). Calling the op for steps 1..k on a one-element
-    dummy, group by group as `step()` does, leaves exactly the running product; the dummy's update is discarded
-    (about 2 us per step on CPU: 2 s after a million steps).
-    torch AdamW and FusedAdam compute the correction from the step count alone: nothing to do.
+    The op (DeepSpeedCPUAdam's, and FusedAdam's on the CPU accelerator, built on the same code) caches beta1**step
+    and beta2**step in fp32 and multiplies them by beta at each consecutive step; given any other step (the first
+    one after a resume, in a fresh process) it recomputes them with std::pow, which differs from the running product
+    in the last bits (and more after many steps). Calling the op for steps 1..k on a one-element dummy, group by
+    group as `step()` does, leaves exactly the running product; the dummy's update is discarded (about 2 us per step
+    on CPU: 2 s after a million steps).
+    torch AdamW and FusedAdam's CUDA op compute the correction from the step count alone: nothing to do.
     """
     for opt in _inner_optimizers(engine):
-        op = getattr(opt, "ds_opt_adam", None)
-        if op is None or not hasattr(op, "adam_update") or not hasattr(opt, "opt_id"):
-            continue
+        update = _cpu_adam_op(opt)
         steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
-        if not steps:
+        if update is None or not steps:
             continue
         p, g, m, v = (torch.zeros(1) for _ in range(4))
         for step in range(1, max(steps) + 1):
             for group in opt.param_groups:
-                beta1, beta2 = group["betas"]
-                op.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                               group["bias_correction"], p, g, m, v)
+                update(step, group, p, g, m, v)
+
+
+def _cpu_adam_op(opt):
+    """update(step, group, p, g, m, v): one call of the optimizer's CPU Adam op, for the optimizers that step with
+    it (DeepSpeedCPUAdam; FusedAdam on the CPU accelerator); None for the others."""
+    op = getattr(opt, "ds_opt_adam", None)
+    if op is not None and hasattr(op, "adam_update") and hasattr(opt, "opt_id"):
+        def update(step, group, p, g, m, v):
+            op.adam_update(opt.opt_id, step, group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                           group["bias_correction"], p, g, m, v)
+        return update
+    from deepspeed.accelerator import get_accelerator
+
+    fused = getattr(opt, "multi_tensor_adam", None)
+    if fused is None or not hasattr(opt, "adam_w_mode") or get_accelerator().device_name() != "cpu":
+        return None
+    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+
+    def update(step, group, p, g, m, v):  # as FusedAdam.step() calls it
+        multi_tensor_applier(fused, opt._dummy_overflow_buf, [[g], [p], [m], [v]], group["lr"], *group["betas"],
+                             group["eps"], step, opt.adam_w_mode, int(bool(group["bias_correction"])),
+                             group["weight_decay"])
+    return update
 
 
 def reset_optimizer_state(engine) -> None:
