@@ -63,7 +63,7 @@ def test_any_seed_the_config_takes_seeds_every_rank():
     base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux"}
     top = load_config(None, {**base, "seed": 2 ** 64 - 1}).seed
     with rng_streams.isolated():
-        rng_streams.seed(top * 7919 + 3)
+        rng_streams.seed(rng_streams.rank_seed(top, 3))
         a = torch.rand(4)
         rng_streams.seed((top * 7919 + 3) % 2 ** 64)
         assert torch.equal(a, torch.rand(4))

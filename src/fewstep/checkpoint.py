@@ -15,7 +15,7 @@ fsyncs the files it wrote and the checkpoint's directories before the barrier th
 fsyncs the checkpoints root after the rename and again after replacing `latest`. `trainer.json` records the world size,
 ZeRO stage and every file a complete checkpoint holds; `resolve` trusts a checkpoint only if all of them are there.
 
-Layout: `trainer.json` also records what fixes the checkpoint's layout (model, LoRA shape, ZeRO stage, world size,
+Resume compatibility: `trainer.json` also records what fixes the checkpoint's layout (model, LoRA shape, ZeRO stage, world size,
 dtype; `fewstep.checkpoint_layout`). LoRA runs add `trainable.pt`, their trainable state in a stage-independent form,
 and every rank file with an EMA holds the map of its pieces. `find_resume` compares the record with the new run and
 refuses or plans a reshard (`fewstep.reshard`); `restore` carries it out.
@@ -283,10 +283,20 @@ def _resolve_latest(root: str) -> str | None:
 def _recorded(path: str, key: str):
     """`key` of the checkpoint's trainer.json (None if absent or unreadable)."""
     try:
-        with open(os.path.join(path, "trainer.json")) as fh:
-            return json.load(fh).get(key)
+        return read_meta(path).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def read_meta(path: str) -> dict:
+    """The checkpoint's trainer.json."""
+    with open(os.path.join(path, "trainer.json")) as fh:
+        return json.load(fh)
+
+
+def _rank0_ema(path: str):
+    """Rank 0's EMA state in the checkpoint (None: it kept none), memory-mapped: nothing else of the file is read."""
+    return torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False, mmap=True).get("ema")
 
 
 def _load_engine(path: str, engine) -> None:
@@ -302,10 +312,13 @@ def load(path: str, engine, rank: int) -> tuple[dict, dict]:
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         raise RuntimeError(f"{path} has no state for rank {rank}: was it written with a different world size?")
-    rank_state = torch.load(rank_file, weights_only=False)
-    with open(os.path.join(path, "trainer.json")) as fh:
-        trainer_state = json.load(fh)
-    return rank_state, trainer_state
+    return torch.load(rank_file, weights_only=False), read_meta(path)
+
+
+def in_own_folder(resume: Resume, root: str) -> bool:
+    """Whether the checkpoint resumed from is one of this run's own (in its checkpoints folder `root`), not another
+    run's named by resume_from_checkpoint."""
+    return os.path.isdir(root) and os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), root)
 
 
 def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Resume | None:
@@ -337,13 +350,11 @@ def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Res
 
 
 def _plan(path: str, layout: dict, use_ema: bool) -> Resume:
-    with open(os.path.join(path, "trainer.json")) as fh:
-        meta = json.load(fh)
+    meta = read_meta(path)
     files = meta["files"] if "files" in meta else inferred_files(path)
     saved_ema = meta.get("ema")
     if saved_ema is None:  # written before trainer.json said so
-        saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False,
-                               mmap=True).get("ema") is not None
+        saved_ema = _rank0_ema(path) is not None
     return plan(path, meta, layout, files, saved_ema, bool(meta.get("ema_maps")), use_ema)
 
 
@@ -388,14 +399,11 @@ def _restore(resume: Resume, engine, rank: int, ema, seed: int) -> tuple[dict, d
         saved_ema = rank_state.get("ema")
     elif resume.mode == "native":  # stage-0 fp32 on another world size: nothing is partitioned, the EMA neither
         _load_engine(path, engine)
-        with open(os.path.join(path, "trainer.json")) as fh:
-            trainer_state = json.load(fh)
+        trainer_state = read_meta(path)
         rank_state = reshard.composed_rank_state(path, rank, resume.saved_world, seed, int(trainer_state["step"]))
-        saved_ema = torch.load(os.path.join(path, "rank0.pt"), map_location="cpu", weights_only=False,
-                               mmap=True).get("ema")
+        saved_ema = _rank0_ema(path)
     else:
-        with open(os.path.join(path, "trainer.json")) as fh:
-            trainer_state = json.load(fh)
+        trainer_state = read_meta(path)
         if resume.mode == "trainable":
             # memory-mapped: each rank copies out its own slices; the file (GBs for a rank-64 Qwen-Image LoRA) is
             # read once per node through the page cache, not held whole by every rank

@@ -40,6 +40,12 @@ def set_state(snapshot: dict) -> None:
             torch.cuda.set_rng_state(cuda)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s stream: distinct per rank for one `seed`, and per `seed` for one rank (7919, a prime
+    above any world size, keeps seed * 7919 + rank from colliding across ranks for nearby seeds)."""
+    return int(seed) * 7919 + int(rank)
+
+
 def seed(value: int) -> dict:
     """Seed every global generator from `value`; returns the seeded state."""
     torch.manual_seed(value % 2 ** 64)  # the CPU generator and every CUDA device's (unsigned 64-bit seeds)

@@ -54,7 +54,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     is_main, method = info.is_main, cfg.resolved_method
     if not is_main:
         quiet_library_bars()
-    seeded = rng_streams.seed(cfg.seed * 7919 + info.rank)  # this rank's training stream (see fewstep.rng_streams)
+    seeded = rng_streams.seed(rng_streams.rank_seed(cfg.seed, info.rank))  # this rank's training stream
     adapter = get_adapter(cfg.model_family)
     for warning in config_warnings(cfg):
         log_main(is_main, f"warning: {warning}")
@@ -98,7 +98,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     trainable = prepare_trainable(cfg, adapter, transformer, anystep_embeddings=(method == "twinflow"))
     stream = rng_streams.state()  # the loop continues from here on a fresh run
     n_trainable = count_params(trainable)
-    engine, optimizer, scheduler = build_engine(cfg, transformer, trainable, ds_config)
+    engine, _, scheduler = build_engine(cfg, transformer, trainable, ds_config)
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
     log_main(is_main, f"host memory: {allocator}")
@@ -138,12 +138,11 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         ema.update()
 
     # the newest checkpoint of this run's own line: the one it resumed from, if that is in its own checkpoints folder
-    own = resume is not None and os.path.isdir(ckpt_root) and \
-        os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), ckpt_root)
-    last_saved = {"step": step if own else None}
+    last_saved = step if resume is not None and checkpoint.in_own_folder(resume, ckpt_root) else None
 
     @rng_streams.isolated()
     def save(at: int) -> None:
+        nonlocal last_saved
         require_finite_weights(trainable, f"checkpoint step-{at}")  # a non-finite weight never reaches a checkpoint
         log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
@@ -151,7 +150,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         abandoned.discard(f"step-{at}")  # re-saved: this run's now
         path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
                                cfg.checkpoints_total_limit, abandoned)
-        last_saved["step"] = at
+        last_saved = at
         log_main(is_main, f"checkpoint saved: {path}")
 
     if distributed.any_rank(preemption.requested()):  # signalled while loading: nothing new to save
@@ -215,11 +214,11 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 if outcome.preempt:
                     log_main(is_main, f"preempted at step {step}, checkpoint saved")
                     return stopped(step)
-            if last_saved["step"] != step:  # before the export: a failed or killed export loses no training
+            if last_saved != step:  # before the export: a failed or killed export loses no training
                 save(step)
             finish(phase, step)
             phase_start = phase_end
-        if step == total and last_saved["step"] != step:  # resumed at the end from another run's folder: its own
+        if step == total and last_saved != step:  # resumed at the end from another run's folder: its own
             save(step)
     finally:
         logger.close()
@@ -232,8 +231,7 @@ def nothing_left(cfg: Config, phases: list[Phase], resume: checkpoint.Resume, ck
     is nothing to train, export or save, so nothing need be loaded. Rank 0 decides (collective)."""
     verdict = None
     if distributed.rank() == 0:
-        own = os.path.isdir(ckpt_root) and os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), ckpt_root)
-        verdict = own and resume.step >= sum(p.steps for p in phases)
+        verdict = checkpoint.in_own_folder(resume, ckpt_root) and resume.step >= sum(p.steps for p in phases)
     if not distributed.broadcast_object(verdict):
         return False
     end = 0
