@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
-from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
-from fewstep.engine.ds_config_checks import read_user_config
 from fewstep.config_values import (SIMPLETUNER_ONLY, closest_keys, coerce, normalize_key, parse_overrides,
                                    simpletuner_only)
+from fewstep.engine.ds_config_checks import read_user_config
+from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
+from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
 from fewstep.errors import ConfigError
 from fewstep.jsonfile import load_json
 

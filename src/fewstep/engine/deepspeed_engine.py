@@ -12,6 +12,7 @@ import torch
 from fewstep.config import zero_stage_in_use
 from fewstep.engine.ds_config_checks import check_merged, read_user_config
 
+
 def build_ds_config(cfg, stage: int | None = None) -> dict:
     """The DeepSpeed config generated from fewstep's options; `deepspeed_config` entries override it.
 
