@@ -267,6 +267,24 @@ def test_a_json_file_that_is_not_utf8_is_not_valid_json(tmp_path):
         load_config(str(config))
 
 
+def test_a_json_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """A file that is there but cannot be opened (no read permission, an I/O error) names itself; as root, a
+    permission error cannot be made with chmod, so open() raises it."""
+    import builtins
+
+    path = write(tmp_path, SEED_TWINFLOW)
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == path:
+            raise PermissionError(13, "Permission denied", file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(ConfigError, match=f"config file cannot be read: {path} \\(Permission denied\\)"):
+        load_config(path)
+
+
 def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):
     """configs/deepspeed/zero3.json sets stage 3 while zero_stage stays at its default 2: offload_param is valid
     there, and a file that sets stage 2 refuses it, naming the file."""

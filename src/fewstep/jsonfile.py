@@ -7,17 +7,19 @@ from fewstep.paths import write_atomic
 
 
 def load_json(path: str, error: type[Exception], what: str):
-    """Parse `path`; a missing file, a directory or invalid JSON (text that is not UTF-8 included) raises `error`
-    naming `what` and the file."""
+    """Parse `path`; a missing, unreadable (permissions, I/O) or directory path or invalid JSON (text that is not
+    UTF-8 included) raises `error` naming `what` and the file."""
     if os.path.isdir(path):
         raise error(f"{what} is a directory, expected a JSON file: {path}")
     if not os.path.isfile(path):
         raise error(f"{what} not found: {path}")
-    with open(path) as fh:
-        try:
+    try:
+        with open(path) as fh:
             return json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise error(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{what} cannot be read: {path} ({e.strerror or e})") from None
 
 
 def save_json(path: str, obj, **dump_options) -> None:
