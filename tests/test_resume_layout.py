@@ -88,7 +88,9 @@ def out(tmp_path_factory):
             # the same without an EMA: ZeRO-3 then keeps the small LoRA weights gathered ("persistent")
             ["lora-z2-z3-noema", {"zero_stage": 3, "use_ema": False,
                                   "resume_from_checkpoint": from_("lora-z3-z2")}],
-            # stage 0 bf16 (1 rank) to ZeRO-2 bf16 (2 ranks), no training; back to stage 0 below for steps 3-4
+            # stage 0 bf16 (1 rank) to 2 ranks at stage 0 (every rank holds the whole EMA) and to ZeRO-2, no
+            # training; back to 1 rank at stage 0 below for steps 3-4
+            ["lora-z0-bf16-w2", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16"), "max_train_steps": 2}],
             *[[f"lora-z0-bf16{v}-z2", {"zero_stage": 2, "mixed_precision": "bf16", "optimizer": opt,
                                        "resume_from_checkpoint": from_(f"lora-z0-bf16{v}"), "max_train_steps": 2}]
               for v, opt in (("", "adamw"), ("-fused", "deepspeed"))],
@@ -114,6 +116,7 @@ def out(tmp_path_factory):
             ["legacy-same", {"resume_from_checkpoint": str(o / "legacy-w1")}],
             ["legacy-back", {"resume_from_checkpoint": str(o / "legacy-w2")}],
             ["lora-z2-z0-bf16", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16-z2")}],
+            ["lora-z0-bf16-back", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16-w2")}],
             ["lora-z2-z0-bf16-fused", {**Z0_BF16_FUSED, "resume_from_checkpoint": from_("lora-z0-bf16-fused-z2")}],
             # refused
             ["lora-rank", {"lora_rank": 8, "resume_from_checkpoint": from_("lora-w2")}],
@@ -193,6 +196,14 @@ def test_lora_at_stage0_bf16_saves_and_reshards_bit_exactly(out, variant):
     assert_restored(out, f"lora-z0-bf16{variant}", f"lora-z0-bf16{variant}-z2", "trainable")
     assert_restored(out, f"lora-z0-bf16{variant}-z2", f"lora-z2-z0-bf16{variant}", "trainable")
     assert_continues(out, f"lora-z0-bf16{variant}", f"lora-z2-z0-bf16{variant}", LORA_FILES)
+
+
+def test_lora_at_stage0_two_ranks_to_one_takes_one_replica_of_the_ema(out):
+    """At stage 0 every rank saves the whole EMA: resharding 2 -> 1 takes one rank's copy (it counted both and
+    refused: 'the saved pieces cover 256 of the 128 elements')."""
+    assert_restored(out, "lora-z0-bf16", "lora-z0-bf16-w2", "trainable")
+    assert_restored(out, "lora-z0-bf16-w2", "lora-z0-bf16-back", "trainable")
+    assert_continues(out, "lora-z0-bf16", "lora-z0-bf16-back", LORA_FILES)
 
 
 def test_lora_zero2_to_zero3_continues_bit_exactly(out):

@@ -115,9 +115,10 @@ def fragment_map(engine) -> dict[str, tuple[int, int, int, int]] | None:
 
 
 def _piece(sources, name: str, start: int, count: int) -> torch.Tensor:
-    """Elements [start, start + count) of parameter `name` (flattened), from (fragment map, partitions) pairs."""
+    """Elements [start, start + count) of parameter `name` (flattened), from (fragment map, partitions) pairs. Where
+    the saved ranks held replicas (stage 0: every rank all of it), the first rank's are taken."""
     out = torch.empty(count, dtype=torch.float32)
-    covered = 0
+    filled = torch.zeros(count, dtype=torch.bool)
     for fmap, parts in sources:
         frag = fmap.get(name)
         if frag is None:
@@ -126,7 +127,10 @@ def _piece(sources, name: str, start: int, count: int) -> torch.Tensor:
         lo, hi = max(start, lp), min(start + count, lp + n)
         if lo < hi:
             out[lo - start:hi - start] = parts[i].reshape(-1)[hp + lo - lp:hp + hi - lp]
-            covered += hi - lo
+            filled[lo - start:hi - start] = True
+            if filled.all():
+                break
+    covered = int(filled.sum())
     if covered != count:
         raise RuntimeError(f"resharding: the saved pieces of '{name}' cover {covered} of the {count} elements "
                            f"[{start}, {start + count}) this rank needs")
