@@ -74,7 +74,8 @@ def out(tmp_path_factory):
         # loss), so DeepSpeed's step counters (global 3, skipped 1 at step 2) must survive the reshards too
         launch(cfg, 1, [["lora-w1", {"_env": {"FEWSTEP_FAULT_NAN_LOSS": "1:0"}}], ["full-w1", FULL],
                         ["full-z3-w1", FULL_Z3], ["full-z3-bf16-w1", FULL_Z3_BF16],
-                        ["lora-z0-bf16", Z0_BF16], ["lora-z0-bf16-fused", Z0_BF16_FUSED]])
+                        ["lora-z0-bf16", Z0_BF16], ["lora-z0-bf16-fused", Z0_BF16_FUSED],
+                        ["full-z0-bf16-w1", {**FULL, **Z0_BF16}]])
         launch(cfg, 2, [  # 1 -> 2 ranks, no training: saved again in the 2-rank layout
             ["lora-w2", {"resume_from_checkpoint": from_("lora-w1"), "max_train_steps": 2}],
             ["full-w2", {**FULL, "resume_from_checkpoint": from_("full-w1"), "max_train_steps": 2}],
@@ -91,6 +92,8 @@ def out(tmp_path_factory):
             # stage 0 bf16 (1 rank) to 2 ranks at stage 0 (every rank holds the whole EMA) and to ZeRO-2, no
             # training; back to 1 rank at stage 0 below for steps 3-4
             ["lora-z0-bf16-w2", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16"), "max_train_steps": 2}],
+            ["full-z0-bf16-w2", {**FULL, **Z0_BF16, "resume_from_checkpoint": from_("full-z0-bf16-w1"),
+                                 "max_train_steps": 2}],
             *[[f"lora-z0-bf16{v}-z2", {"zero_stage": 2, "mixed_precision": "bf16", "optimizer": opt,
                                        "resume_from_checkpoint": from_(f"lora-z0-bf16{v}"), "max_train_steps": 2}]
               for v, opt in (("", "adamw"), ("-fused", "deepspeed"))],
@@ -117,6 +120,10 @@ def out(tmp_path_factory):
             ["legacy-back", {"resume_from_checkpoint": str(o / "legacy-w2")}],
             ["lora-z2-z0-bf16", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16-z2")}],
             ["lora-z0-bf16-back", {**Z0_BF16, "resume_from_checkpoint": from_("lora-z0-bf16-w2")}],
+            ["full-z0-bf16-back", {**FULL, **Z0_BF16, "resume_from_checkpoint": from_("full-z0-bf16-w2")}],
+            # another optimizer: a LoRA's trainable.pt carries over to it; a full fine-tune's state cannot
+            ["lora-opt", {"optimizer": "deepspeed", "resume_from_checkpoint": from_("lora-w1")}],
+            ["full-opt", {**FULL, "optimizer": "deepspeed", "resume_from_checkpoint": from_("full-w1")}],
             ["lora-z2-z0-bf16-fused", {**Z0_BF16_FUSED, "resume_from_checkpoint": from_("lora-z0-bf16-fused-z2")}],
             # refused
             ["lora-rank", {"lora_rank": 8, "resume_from_checkpoint": from_("lora-w2")}],
@@ -185,7 +192,7 @@ def test_lora_two_ranks_to_one_continues_bit_exactly(out):
     assert meta["layout"] == {"family": "flux", "model": "tiny:flux", "model_type": "lora",
                               "lora": {"rank": 4, "alpha": 4.0, "targets": ["to_k", "to_out.0", "to_q", "to_v"]},
                               "anystep_embeddings": False, "zero_stage": 2, "world_size": 2, "dtype": "fp32",
-                              "glance_phase_steps": None}
+                              "glance_phase_steps": None, "optimizer": "adamw"}
     assert TRAINABLE_FILE in meta["files"] and meta["ema_maps"] is True
 
 
@@ -196,6 +203,24 @@ def test_lora_at_stage0_bf16_saves_and_reshards_bit_exactly(out, variant):
     assert_restored(out, f"lora-z0-bf16{variant}", f"lora-z0-bf16{variant}-z2", "trainable")
     assert_restored(out, f"lora-z0-bf16{variant}-z2", f"lora-z2-z0-bf16{variant}", "trainable")
     assert_continues(out, f"lora-z0-bf16{variant}", f"lora-z2-z0-bf16{variant}", LORA_FILES)
+
+
+def test_full_finetune_at_stage0_bf16_changes_world_size_natively(out):
+    """Stage 0 keeps every rank's state whole (no partitioned optimizer files) in bf16 too: DeepSpeed's own load
+    takes it on another world size (it was sent to the universal conversion, which found no ZeRO files)."""
+    assert_restored(out, "full-z0-bf16-w1", "full-z0-bf16-w2", "native")
+    assert_restored(out, "full-z0-bf16-w2", "full-z0-bf16-back", "native")
+    assert_continues(out, "full-z0-bf16-w1", "full-z0-bf16-back", FULL_FILES)
+
+
+def test_another_optimizer_carries_a_lora_over_and_refuses_a_full_finetune(out):
+    """optimizer adamw -> deepspeed: DeepSpeed's own load crashed on the other optimizer's state (KeyError
+    'bias_correction'; 'dynamic_loss_scale' at stage 0)."""
+    assert_restored(out, "lora-w1", "lora-opt", "trainable")
+    assert outcome(out, "lora-opt") == {"ok": {"step": 4, "preempted": False}}
+    got = outcome(out, "full-opt")
+    assert got["error"] == "ResumeMismatch" and "optimizer adamw -> deepspeed" in got["message"]
+    assert "To continue it, resume with optimizer adamw" in got["message"] and "\n" not in got["message"]
 
 
 def test_lora_at_stage0_two_ranks_to_one_takes_one_replica_of_the_ema(out):
@@ -374,7 +399,7 @@ def test_a_read_only_checkpoint_folder_is_not_called_full(tmp_path, monkeypatch)
 
 LAYOUT = {"family": "flux", "model": "tiny:flux", "model_type": "lora",
           "lora": {"rank": 4, "alpha": 4.0, "targets": ["to_k", "to_q"]}, "anystep_embeddings": False,
-          "zero_stage": 2, "world_size": 2, "dtype": "bf16"}
+          "zero_stage": 2, "world_size": 2, "dtype": "bf16", "optimizer": "adamw"}
 FILES = ["rank0.pt", "rank1.pt", TRAINABLE_FILE, "state/mp_rank_00_model_states.pt", "trainer.json"]
 
 
@@ -398,6 +423,18 @@ def test_plan_reshards_what_the_state_allows():
     p = plan("/c/step-4", meta(**full, zero_stage=0, dtype="fp32"),
              new(**full, zero_stage=0, dtype="fp32", world_size=4), FILES[:2], True, True, False)
     assert p.mode == "native"  # stage-0 fp32 state is not partitioned
+    p = plan("/c/step-4", meta(**full, zero_stage=0), new(**full, zero_stage=0, world_size=4), FILES[:2], True, True,
+             False)
+    assert p.mode == "native" and p.note == " (world size 2 -> 4: stage-0 state is not partitioned)"  # bf16 too
+    partitioned = FILES[:2] + ["state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # DeepSpeed's BF16 optimizer
+    assert plan("/c/step-4", meta(**full, zero_stage=0), new(**full, zero_stage=0, world_size=4), partitioned, True,
+                True, False).mode == "universal"
+    # another optimizer: a LoRA through trainable.pt (also from a record that does not name its optimizer)
+    p = plan("/c/step-4", meta(), new(optimizer="deepspeed"), FILES, True, True, True)
+    assert (p.mode, p.changes) == ("trainable", ["optimizer adamw -> deepspeed"])
+    unnamed = meta()
+    del unnamed["layout"]["optimizer"]
+    assert plan("/c/step-4", unnamed, new(optimizer="deepspeed"), FILES, True, True, True).mode == "native"
     # a checkpoint from before the record: only world size and stage are known
     old = {"world_size": 2, "zero_stage": 2, "step": 4}
     assert plan("/c/step-4", old, new(lora={"rank": 64, "alpha": 1.0, "targets": ["x"]}), FILES[:2], True, False,
@@ -416,6 +453,9 @@ def test_plan_refusals_name_every_key_and_the_way_on():
     full = dict(model_type="full", lora=None)
     with pytest.raises(ResumeMismatch, match=r"zero_stage 2 -> 1\. A full fine-tune's optimizer state"):
         plan("/c/step-4", meta(**full), new(**full, zero_stage=1), FILES[:2], True, True, True)
+    with pytest.raises(ResumeMismatch, match=r"optimizer adamw -> deepspeed\. A full fine-tune's optimizer state is "
+                                             r"saved in its optimizer's own format.* resume with optimizer adamw"):
+        plan("/c/step-4", meta(**full), new(**full, optimizer="deepspeed"), FILES[:2], True, True, True)
     with pytest.raises(ResumeMismatch, match="model_type lora -> full"):
         plan("/c/step-4", meta(), new(**full), FILES, True, True, True)
     old = {"world_size": 2, "zero_stage": 2, "step": 4}

@@ -5,18 +5,21 @@ Every checkpoint's `trainer.json` records, under `layout`:
     {"family": "flux", "model": "/models/flux-dev", "model_type": "lora",
      "lora": {"rank": 16, "alpha": 64.0, "targets": ["to_k", "to_q", ...]},      (null for model_type full)
      "anystep_embeddings": false, "zero_stage": 2, "world_size": 8, "dtype": "bf16",
-     "glance_phase_steps": null}                                                   (max_train_steps for Glance)
+     "glance_phase_steps": null,                                                   (max_train_steps for Glance)
+     "optimizer": "adamw"}
 
 On resume, `plan` compares it with the new run's. Keys that change what the saved state *is* (family, model,
 model_type, LoRA rank / alpha / targets, the any-step embeddings, dtype, Glance's phase length) are refused, all in
-one message that names every differing key and says how to proceed. A changed world size or ZeRO stage is resharded
-where the state allows:
+one message that names every differing key and says how to proceed. A changed world size, ZeRO stage or optimizer
+is resharded where the state allows:
 
 - LoRA runs save their trainable state in a stage-independent form (`trainable.pt`: every trainable parameter's full
-  fp32 master and Adam moments by name), so they resume on any stage and any world size;
+  fp32 master and Adam moments by name), so they resume on any stage and any world size, with either optimizer;
+- stage 0 keeps its state whole on every rank (no partitioned optimizer files): DeepSpeed's own load takes it on
+  any world size;
 - full fine-tunes reshard to another world size within one ZeRO stage through DeepSpeed's universal checkpoint;
-  a changed stage is refused (its optimizer state is far too large to gather, and the universal checkpoint keeps
-  the stage);
+  a changed stage or optimizer is refused (its optimizer state is far too large to gather, the universal checkpoint
+  keeps the stage, and each optimizer's state is DeepSpeed's own format of it);
 - the EMA (sharded like the fp32 masters) is resharded from the per-rank parameter maps saved with it.
 
 Checkpoints written before the record existed carry only `world_size` and `zero_stage` in trainer.json: they resume
@@ -48,7 +51,8 @@ def run_layout(cfg, adapter, zero_stage: int, world_size: int) -> dict:
             "model_type": cfg.model_type, "lora": lora, "anystep_embeddings": cfg.resolved_method == "twinflow",
             "zero_stage": int(zero_stage), "world_size": int(world_size),
             "dtype": "bf16" if cfg.bf16 else "fp32",
-            "glance_phase_steps": int(cfg.max_train_steps) if cfg.resolved_method == "glance" else None}
+            "glance_phase_steps": int(cfg.max_train_steps) if cfg.resolved_method == "glance" else None,
+            "optimizer": cfg.optimizer}
 
 
 def _model_id(name: str) -> str:
@@ -72,7 +76,7 @@ class Resume:
     @property
     def note(self) -> str:
         if self.mode == "native":
-            return f" ({', '.join(self.changes)}: stage-0 fp32 state is not partitioned)" if self.changes else ""
+            return f" ({', '.join(self.changes)}: stage-0 state is not partitioned)" if self.changes else ""
         how = {"trainable": f"the LoRA state from {TRAINABLE_FILE}",
                "universal": "DeepSpeed's universal checkpoint"}[self.mode]
         return f" (resharded: {', '.join(self.changes)}; {how})"
@@ -128,8 +132,11 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
 
     world_changed = saved_world != new["world_size"]
     stage_changed = saved_stage is not None and saved_stage != new["zero_stage"]
+    saved_optimizer = old.get("optimizer", new["optimizer"])  # older records: unknown, taken as unchanged
+    optimizer_changed = saved_optimizer != new["optimizer"]
     changes = ([f"world size {saved_world} -> {new['world_size']}"] if world_changed else []) + \
-        ([f"zero_stage {saved_stage} -> {new['zero_stage']}"] if stage_changed else [])
+        ([f"zero_stage {saved_stage} -> {new['zero_stage']}"] if stage_changed else []) + \
+        ([f"optimizer {saved_optimizer} -> {new['optimizer']}"] if optimizer_changed else [])
     lora = new["model_type"] == "lora"
     has_trainable = TRAINABLE_FILE in files
     blockers, reasons, advice = list(fixed), [], []
@@ -154,7 +161,12 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
                                                    if lora_keys else ""))
 
     mode = "native"
-    if world_changed or stage_changed:
+    partitioned = any("optim_states" in f for f in files)  # ZeRO's per-rank optimizer files (none at stage 0)
+    if optimizer_changed and not (lora and has_trainable):
+        blockers.append(("optimizer", saved_optimizer, new["optimizer"]))
+        reasons.append("a full fine-tune's optimizer state is saved in its optimizer's own format, which the other "
+                       "optimizer cannot load")
+    elif world_changed or stage_changed or optimizer_changed:
         if lora and has_trainable:
             mode = "trainable"
         elif stage_changed:
@@ -171,8 +183,8 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
                               f"(python {os.path.join(path, 'zero_to_fp32.py')} {path} OUT -t state "
                               "--safe_serialization), make them the transformer of a copy of the base pipeline and "
                               "start a new run from it with pretrained_model_name_or_path (fresh optimizer state)")
-        elif saved_stage == 0 and new["zero_stage"] == 0 and new["dtype"] == "fp32":
-            mode = "native"  # stage-0 fp32 state is replicated, not partitioned: any world size loads it
+        elif saved_stage == 0 and new["zero_stage"] == 0 and not partitioned:
+            mode = "native"  # stage-0 state is replicated, not partitioned: any world size loads it
         else:
             mode = "universal"
     reshard_ema = use_ema and saved_ema and mode != "native"
