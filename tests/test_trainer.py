@@ -184,6 +184,16 @@ def test_other_families_train_and_export_loadable_lora(data, family):
     assert os.path.exists(os.path.join(out, "validation", "flow-step000002.png"))
 
 
+def test_grad_norm_is_logged_in_every_layout(data):
+    """The logged grad_norm is fewstep's own (pre-clipping, from the non-finite check): DeepSpeed keeps none at stage 0
+    fp32, where 0.0 was logged, and it is the same gradient at stage 0 and 1."""
+    root, backend = data
+    z0, z1 = side_by_side(lambda: train(root, backend, "gn-z0", max_train_steps=2, zero_stage=0),
+                          lambda: train(root, backend, "gn-z1", max_train_steps=2, zero_stage=1))
+    n0, n1 = [m["grad_norm"] for m in read_metrics(z0)], [m["grad_norm"] for m in read_metrics(z1)]
+    assert all(n > 0 for n in n0) and n0 == pytest.approx(n1, rel=1e-5), (n0, n1)
+
+
 @pytest.mark.parametrize("method", ["flow", "twinflow"])
 def test_gradient_checkpointing_gives_the_same_losses(data, method):
     """Step 2's loss follows step 1's gradients. TwinFlow: the recomputed blocks see the any-step embeddings' output

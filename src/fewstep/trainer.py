@@ -198,10 +198,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                         ema.update()
                     step += 1
                     faults.poison_weights_if(trainable, step, info.rank)
-                    gn = engine.get_global_grad_norm()
                     logger.log(step, {**outcome.logs, "lr": scheduler.get_last_lr()[0],
-                                      "grad_norm": float(gn) if gn is not None else 0.0,
-                                      "skipped_steps": guard.skipped},
+                                      "grad_norm": outcome.grad_norm, "skipped_steps": guard.skipped},
                                cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
                     if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
                         with rng_streams.isolated():
@@ -251,9 +249,11 @@ def end_note(step: int, total: int, phases: int) -> str:
 
 @dataclass
 class StepOutcome:
-    applied: bool   # the optimizer update was taken (False: skipped, nothing of the step reached the model)
-    logs: dict      # rank means of the logged terms
-    preempt: bool   # some rank was signalled
+    applied: bool      # the optimizer update was taken (False: skipped, nothing of the step reached the model)
+    logs: dict         # rank means of the logged terms
+    preempt: bool      # some rank was signalled
+    grad_norm: float   # the global gradient norm before clipping, the same way in every layout (DeepSpeed keeps
+                       # none at stage 0 fp32)
 
 
 def stopped(step: int) -> dict:
@@ -273,8 +273,10 @@ def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo
     grads = nonfinite.local_grad_check(engine)  # at the boundary, before the optimizer step; no collective
     faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
     bad_terms = [k for k, v in logs.items() if not math.isfinite(v)]  # this rank's, to say where it went wrong
-    logs, flags = distributed.reduce_step(logs, {"preempt": preemption.requested(), "loss": not loss_finite,
-                                                  "grads": not grads.finite})
+    logs, flags = distributed.reduce_step({**logs, "grad_sq_norm": grads.sq_norm},
+                                          {"preempt": preemption.requested(), "loss": not loss_finite,
+                                           "grads": not grads.finite})
+    grad_norm = math.sqrt(logs.pop("grad_sq_norm") * info.world_size)  # the ranks' shares summed (GradCheck)
     if flags["loss"] or flags["grads"]:  # parameters, optimizer state, LR schedule and step count stay as they were
         nonfinite.skip_step(engine)
         what = " and ".join(name for name, bad in (("loss", flags["loss"]), ("gradients", flags["grads"])) if bad)
@@ -285,10 +287,10 @@ def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo
         reason = "gradient norm not finite"
     else:
         guard.good()
-        return StepOutcome(True, logs, flags["preempt"])
+        return StepOutcome(True, logs, flags["preempt"], grad_norm)
     log_main(info.is_main, f"step {step}: {reason}: update skipped")
     guard.bad(step)  # raises NonFiniteStop when nan_policy says so
-    return StepOutcome(False, logs, flags["preempt"])
+    return StepOutcome(False, logs, flags["preempt"], grad_norm)
 
 
 def take_optimizer_step(engine) -> bool:
