@@ -118,8 +118,9 @@ def test_default_on_cpu_is_fp32_and_json_record(runs, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("checks the defaults without a GPU")
     out, rec = tmp_path / "tw.png", tmp_path / "tw.json"
-    run([PY, "launcher/sample.py", "--method", "twinflow", "--lora", runs("twinflow"), "--steps", "1", "2",
-         "--prompt", PROMPT, "--warmup", "1", "--output", str(out), "--json", str(rec)])
+    proc = run([PY, "launcher/sample.py", "--method", "twinflow", "--lora", runs("twinflow"), "--steps", "1", "2",
+                "--prompt", PROMPT, "--warmup", "1", "--output", str(out), "--json", str(rec)])
+    assert "No LoRA keys associated" not in proc.stderr + proc.stdout  # diffusers' text-encoder note: always true
     r = json.loads(rec.read_text())
     assert (r["device"], r["dtype"], r["offload"], r["warmup"]) == ("cpu", "fp32", "none", 1)
     assert [x["steps"] for x in r["runs"]] == [1, 2] and all(x["seconds"] > 0 for x in r["runs"])

@@ -5,6 +5,7 @@ x <- x + (sigma_next - sigma) v; TwinFlow uses its scheduler's UCGM step with th
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -20,6 +21,17 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 OFFLOAD_MODES = ("none", "model", "sequential")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what `load_lora_weights` reads from a folder
+
+
+class _TextEncoderHasNoLora(logging.Filter):
+    """fewstep's LoRAs train the denoiser alone: diffusers' warning, at every `load_lora_weights`, that a text encoder
+    found no LoRA keys is always true of them, so it is left out (its note for the denoiser is another logger's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+logging.getLogger("diffusers.loaders.lora_base").addFilter(_TextEncoderHasNoLora())
 
 
 class SamplingError(UserError, ValueError):
