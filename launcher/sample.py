@@ -310,7 +310,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     from fewstep.models import anystep
     from fewstep.methods.flow_matching import schedule_shift
     from fewstep.sampling import (flow_sigmas, glance_pipeline_sample, listed_pipeline_sample, load_glance_loras,
-                                  place_pipeline)
+                                  load_lora, place_pipeline)
 
     model = args.model or cfg["pretrained_model_name_or_path"]
     res = model_resolution(args.resolution or info.get("resolution") or 32, adapter, model)
@@ -333,7 +333,7 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
     if args.method == "glance":
         load_glance_loras(pipe, args.slow, args.fast)
     elif not full:
-        pipe.load_lora_weights(run_dir)
+        load_lora(pipe, run_dir)
     if args.method == "twinflow":
         adapter.add_anystep(denoiser)
         anystep.load_anystep(denoiser, anystep_dir(run_dir, adapter.denoiser_subfolder))

@@ -456,6 +456,16 @@ def test_plan_refusals_name_every_key_and_the_way_on():
     with pytest.raises(ResumeMismatch, match=r"optimizer adamw -> deepspeed\. A full fine-tune's optimizer state is "
                                              r"saved in its optimizer's own format.* resume with optimizer adamw"):
         plan("/c/step-4", meta(**full), new(**full, optimizer="deepspeed"), FILES[:2], True, True, True)
+    with pytest.raises(ResumeMismatch) as err:  # both refusals at once, neither called "would be resharded"
+        plan("/c/step-4", meta(**full), new(**full, optimizer="deepspeed", zero_stage=3), FILES[:2], True, True, True)
+    msg = str(err.value)
+    assert "optimizer adamw -> deepspeed, zero_stage 2 -> 3. " in msg and "would be resharded" not in msg, msg
+    assert "resume with optimizer adamw, zero_stage 2" in msg and "to continue with optimizer deepspeed, export" in msg
+    with pytest.raises(ResumeMismatch, match=r"optimizer adamw -> deepspeed\. This LoRA checkpoint was written before "
+                                             r"fewstep saved an optimizer-independent copy"):
+        plan("/c/step-4", meta(), new(optimizer="deepspeed"), FILES[:2], True, True, True)  # no trainable.pt
+    with pytest.raises(ResumeMismatch, match=r"optimizer adamw -> deepspeed\. Its EMA partitions"):
+        plan("/c/step-4", meta(), new(optimizer="deepspeed"), FILES, True, False, True)  # EMA without its maps
     with pytest.raises(ResumeMismatch, match="model_type lora -> full"):
         plan("/c/step-4", meta(), new(**full), FILES, True, True, True)
     old = {"world_size": 2, "zero_stage": 2, "step": 4}

@@ -397,7 +397,7 @@ def _restore(resume: Resume, engine, rank: int, ema, seed: int) -> tuple[dict, d
     if resume.mode == "native" and resume.saved_world == distributed.world_size():
         rank_state, trainer_state = load(path, engine, rank)
         saved_ema = rank_state.get("ema")
-    elif resume.mode == "native":  # stage-0 fp32 on another world size: nothing is partitioned, the EMA neither
+    elif resume.mode == "native":  # stage 0 on another world size: nothing is partitioned, the EMA neither
         _load_engine(path, engine)
         trainer_state = read_meta(path)
         rank_state = reshard.composed_rank_state(path, rank, resume.saved_world, seed, int(trainer_state["step"]))

@@ -162,11 +162,17 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
 
     mode = "native"
     partitioned = any("optim_states" in f for f in files)  # ZeRO's per-rank optimizer files (none at stage 0)
+    export_advice = (f"export the weights (python {os.path.join(path, 'zero_to_fp32.py')} {path} OUT -t state "
+                     "--safe_serialization), make them the transformer of a copy of the base pipeline and start a "
+                     "new run from it with pretrained_model_name_or_path (fresh optimizer state)")
     if optimizer_changed and not (lora and has_trainable):
         blockers.append(("optimizer", saved_optimizer, new["optimizer"]))
-        reasons.append("a full fine-tune's optimizer state is saved in its optimizer's own format, which the other "
-                       "optimizer cannot load")
-    elif world_changed or stage_changed or optimizer_changed:
+        reasons.append(("this LoRA checkpoint was written before fewstep saved an optimizer-independent copy of the "
+                        f"trainable state ({TRAINABLE_FILE}), and" if lora else "a full fine-tune's") +
+                       " optimizer state is saved in its optimizer's own format, which the other one cannot load")
+        if not lora:
+            advice.append(f"to continue with optimizer {new['optimizer']}, {export_advice}")
+    if world_changed or stage_changed or optimizer_changed:
         if lora and has_trainable:
             mode = "trainable"
         elif stage_changed:
@@ -179,13 +185,10 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
                 reasons.append("a full fine-tune's optimizer state is resharded only by DeepSpeed's universal "
                                "checkpoint, which keeps the ZeRO stage (gathering it to change stage would need the "
                                "whole model's fp32 weights and Adam moments in one process)")
-                advice.append(f"to continue at zero_stage {new['zero_stage']}, export the weights "
-                              f"(python {os.path.join(path, 'zero_to_fp32.py')} {path} OUT -t state "
-                              "--safe_serialization), make them the transformer of a copy of the base pipeline and "
-                              "start a new run from it with pretrained_model_name_or_path (fresh optimizer state)")
+                advice.append(f"to continue at zero_stage {new['zero_stage']}, {export_advice}")
         elif saved_stage == 0 and new["zero_stage"] == 0 and not partitioned:
             mode = "native"  # stage-0 state is replicated, not partitioned: any world size loads it
-        else:
+        elif not optimizer_changed:  # (refused above)
             mode = "universal"
     reshard_ema = use_ema and saved_ema and mode != "native"
     if reshard_ema and not has_ema_maps:
@@ -193,6 +196,8 @@ def plan(path: str, meta: dict, new: dict, files: list[str], saved_ema: bool, ha
             blockers.append(("world size", saved_world, new["world_size"]))
         if stage_changed:
             blockers.append(("zero_stage", saved_stage, new["zero_stage"]))
+        if optimizer_changed:
+            blockers.append(("optimizer", saved_optimizer, new["optimizer"]))
         reasons.append("its EMA partitions were saved without the parameter maps fewstep needs to reshard them "
                        "(a checkpoint from before fewstep could)")
 

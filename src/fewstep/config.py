@@ -121,9 +121,10 @@ class Config:
     flow_schedule_shift: float = opt(1.0, "Static shift s: sigma' = s*sigma / (1 + (s-1)*sigma). 1 = none.",
                                      lo=0.0, lo_open=True)
     flow_schedule_auto_shift: bool = opt(False, "Resolution-dependent shift (Flux rule: mu from image tokens).")
-    flow_custom_timesteps: Optional[Any] = opt(None, "Glance: list of sigmas (all <= 1) or 0-1000 timesteps a LoRA "
-                                                     "trains on exclusively (JSON list, comma string or list). No "
-                                                     "shift.")
+    flow_custom_timesteps: Optional[Any] = opt(None, "Sigmas (all <= 1) or 0-1000 timesteps a LoRA trains on "
+                                                     "exclusively: one Glance half per run, as SimpleTuner's guide "
+                                                     "(method glance takes both lists instead). JSON list, comma "
+                                                     "string or list. No shift.")
     flow_timesteps_mode: str = opt("fixed-list", "How custom timesteps are drawn: fixed-list (uniform with "
                                                  "replacement) or round-robin (cursor over the global batch).",
                                    choices=("fixed-list", "round-robin"))

@@ -159,18 +159,20 @@ def _relink(opt) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def _full(p, key, engine) -> torch.Tensor:
-    """The full fp32 master (key None) or optimizer state of one parameter (collective under ZeRO)."""
+def _full(p, key, engine, stage0=None) -> torch.Tensor:
+    """The full fp32 master (key None) or optimizer state of one parameter (collective under ZeRO). `stage0`:
+    (`_stage0_fp32_copies`, `master_partitions`) of the engine, when the caller has them (one per parameter is slow)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    copy = _stage0_fp32_copies(engine.optimizer).get(id(p))
+    copies, masters = stage0 or (_stage0_fp32_copies(engine.optimizer), master_partitions(engine))
+    copy = copies.get(id(p))
     if copy is None:  # stage 0 fp32: the parameter is its own master
         master, start = p, 0
     else:
         i, start = copy
-        master = master_partitions(engine)[i]
+        master = masters[i]
     t = master.detach() if key is None else _inner(engine).state[master][key]
     return t.reshape(-1)[start:start + p.numel()].view(p.shape)
 
@@ -181,9 +183,9 @@ def gather_trainable(engine, rank: int) -> dict | None:
     keys, step = _adam_state(engine)
     if keys:
         _relink(engine.optimizer)  # e.g. right after a resume, before DeepSpeed links them at its next step
-    params = {}
+    params, stage0 = {}, (_stage0_fp32_copies(engine.optimizer), master_partitions(engine))
     for name, p in trainable_named(engine):
-        values = {"fp32": _full(p, None, engine), **{k: _full(p, k, engine) for k in keys}}
+        values = {"fp32": _full(p, None, engine, stage0), **{k: _full(p, k, engine, stage0) for k in keys}}
         if rank == 0:
             params[name] = {k: v.detach().to("cpu", torch.float32).reshape(_shape(p)).clone()
                             for k, v in values.items()}
@@ -295,8 +297,9 @@ def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
         cause = space.os_error(e)
         if cause is None:  # not a write that failed: a defect, shown with its traceback
             raise
-        way = None if cause.errno in (errno.ENOSPC, errno.EDQUOT) else \
-            "Make its folder writable and resume again, or resume from a copy of it in a writable folder"
+        way = {errno.ENOSPC: None, errno.EDQUOT: None}.get(cause.errno, "Resolve that and resume again")
+        if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            way = "Make its folder writable and resume again, or resume from a copy of it in a writable folder"
         raise UniversalConversionError(_conversion_failed(
             path, saved_world, need, f"{space.os_reason(e)} ({space.free(path)} free there now)", way)) from e
     finally:  # the converter's pointer, written last beside the checkpoint's own files (fewstep names the tag)

@@ -41,8 +41,8 @@ def set_state(snapshot: dict) -> None:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s stream: distinct per rank for one `seed`, and per `seed` for one rank (7919, a prime
-    above any world size, keeps seed * 7919 + rank from colliding across ranks for nearby seeds)."""
+    """The seed of rank `rank`'s stream: distinct per rank for one `seed`, and per `seed` for one rank; seed * 7919 +
+    rank cannot collide between two (seed, rank) pairs while the world size stays below 7919."""
     return int(seed) * 7919 + int(rank)
 
 

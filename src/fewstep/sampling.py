@@ -24,14 +24,20 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what `load_lora_weight
 
 
 class _TextEncoderHasNoLora(logging.Filter):
-    """fewstep's LoRAs train the denoiser alone: diffusers' warning, at every `load_lora_weights`, that a text encoder
-    found no LoRA keys is always true of them, so it is left out (its note for the denoiser is another logger's)."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No LoRA keys associated to")
 
 
-logging.getLogger("diffusers.loaders.lora_base").addFilter(_TextEncoderHasNoLora())
+def load_lora(pipe, directory: str, **kwargs) -> None:
+    """`pipe.load_lora_weights(directory)` without diffusers' warning that a text encoder found no LoRA keys:
+    fewstep's LoRAs train the denoiser alone, so it is always true of them (its note for the denoiser is another
+    logger's and stays)."""
+    logger, quiet = logging.getLogger("diffusers.loaders.lora_base"), _TextEncoderHasNoLora()
+    logger.addFilter(quiet)
+    try:
+        pipe.load_lora_weights(directory, **kwargs)
+    finally:
+        logger.removeFilter(quiet)
 
 
 class SamplingError(UserError, ValueError):
@@ -161,8 +167,8 @@ def load_glance_loras(pipe, slow_dir: str, fast_dir: str) -> None:
     loaded = [a for a in ("slow", "fast") if a in pipe.get_list_adapters().get(_denoiser_name(pipe), [])]
     if loaded:
         pipe.delete_adapters(loaded)
-    pipe.load_lora_weights(slow_dir, adapter_name="slow")
-    pipe.load_lora_weights(fast_dir, adapter_name="fast")
+    load_lora(pipe, slow_dir, adapter_name="slow")
+    load_lora(pipe, fast_dir, adapter_name="fast")
     pipe.set_adapters("slow")
 
 

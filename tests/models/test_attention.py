@@ -88,6 +88,11 @@ def test_sdpa_switches_restores_every_switch_after_an_error():
             assert not torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
             raise RuntimeError("boom")
     assert {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in before} == before
+    once = sdpa_switches(cudnn=False)  # one recompute context, entered at each backward of a retained graph
+    for _ in range(2):
+        with once:
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -37,7 +37,7 @@ READ_SECTIONS = ("checkpoint", "fp16", "amp", "torch_autocast", "bfloat16")
 
 def read_user_config(path) -> dict:
     """The `deepspeed_config` file's contents ({} without one): a JSON object whose sections above are objects."""
-    if not path:
+    if path is None:
         return {}
     user = load_json(path, ConfigError, "deepspeed_config")
     if not isinstance(user, dict):

@@ -26,16 +26,20 @@ def _sdpa_switches() -> dict[str, bool]:
     return {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in _SWITCHES}
 
 
-@contextlib.contextmanager
-def sdpa_switches(**switches: bool):
-    """Set the given SDPA kernel switches (process-wide, as torch keeps them) and restore all of them after."""
-    before = _sdpa_switches()
-    try:
-        for name, on in switches.items():
+class sdpa_switches:  # noqa: N801 (used as a context manager, like torch's)
+    """Set the given SDPA kernel switches (process-wide, as torch keeps them) and restore all of them after.
+    Re-enterable: a graph backpropagated twice (retain_graph) recomputes a checkpointed block twice."""
+
+    def __init__(self, **switches: bool):
+        self.switches, self.before = switches, []
+
+    def __enter__(self):
+        self.before.append(_sdpa_switches())
+        for name, on in self.switches.items():
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
-        yield
-    finally:
-        for name, on in before.items():
+
+    def __exit__(self, *exc):
+        for name, on in self.before.pop().items():
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
 
 
