@@ -15,10 +15,10 @@ fsyncs the files it wrote and the checkpoint's directories before the barrier th
 fsyncs the checkpoints root after the rename and again after replacing `latest`. `trainer.json` records the world size,
 ZeRO stage and every file a complete checkpoint holds; `resolve` trusts a checkpoint only if all of them are there.
 
-Resume compatibility: `trainer.json` also records what fixes the checkpoint's layout (model, LoRA shape, ZeRO stage, world size,
-dtype; `fewstep.checkpoint_layout`). LoRA runs add `trainable.pt`, their trainable state in a stage-independent form,
-and every rank file with an EMA holds the map of its pieces. `find_resume` compares the record with the new run and
-refuses or plans a reshard (`fewstep.reshard`); `restore` carries it out.
+Resume compatibility: `trainer.json` also records what fixes the checkpoint's layout (model, LoRA shape, ZeRO
+stage, world size, dtype, optimizer; `fewstep.checkpoint_layout`). LoRA runs add `trainable.pt`, their trainable
+state in a stage-independent form, and every rank file with an EMA holds the map of its pieces. `find_resume`
+compares the record with the new run and refuses or plans a reshard (`fewstep.reshard`); `restore` carries it out.
 
 A full disk: a save first checks the free space against the last checkpoint's size (or an estimate; set
 FEWSTEP_CHECKPOINT_SPACE_CHECK=0 to skip), and a write that fails anyway (ENOSPC, a lost mount) on any rank is
