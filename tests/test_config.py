@@ -104,12 +104,12 @@ def test_errors_name_the_key(tmp_path, bad, message):
 def test_every_unknown_key_is_named_at_once(tmp_path):
     """A config brought from elsewhere may hold several keys fewstep does not have: one error names them all, each
     with where it was given and its closest option, before the first bad value is even looked at."""
-    path = write(tmp_path, merged(SEED_GLANCE, {"--lora_rnk": 4, "push_to_hub": True, "zero_stage": 9}))
+    path = write(tmp_path, merged(SEED_GLANCE, {"--lora_rnk": 4, "push_to_hubb": True, "zero_stage": 9}))
     with pytest.raises(ConfigError) as err:
         load_config(path, ["--max_train_stepz", "3"])
     msg = str(err.value)
     assert msg.startswith("3 unknown config keys: ")
-    assert f"'lora_rnk' in {path} (did you mean 'lora_rank'?)" in msg and f"'push_to_hub' in {path}" in msg
+    assert f"'lora_rnk' in {path} (did you mean 'lora_rank'?)" in msg and f"'push_to_hubb' in {path}" in msg
     assert "'max_train_stepz' on the command line (did you mean 'max_train_steps'?)" in msg
     assert "zero_stage" not in msg  # values are checked once the keys are all known
 
@@ -153,18 +153,108 @@ def test_missing_required_and_missing_file(tmp_path):
     ("base_model_precision", "no_change", "int8-quanto", "quantised bases .* are not supported"),
     ("scheduled_sampling_max_step_offset", 0, 2, "scheduled sampling is not implemented"),  # TwinFlow's guide: off
     ("lora_type", "standard", "lycoris", "LyCORIS is not supported"),  # was 'did you mean lora_init_type'
-    ("model_flavour", None, "dev", "give the flavour's model there"),  # was 'did you mean model_family'
     ("validation_guidance_rescale", 0.0, 0.7, "not rescaled"),  # was 'did you mean validation_guidance_real'
+    ("grad_clip_method", "norm", "value", "clips the gradient's global norm"),  # SimpleTuner's default is 'value'
+    ("num_train_epochs", 0, 3, "set max_train_steps"),
+    ("push_to_hub", False, True, "fewstep does not upload"),
+    ("gradient_checkpointing_interval", 1, 2, "recomputes every block"),
 ])
-def test_simpletuner_options_fewstep_lacks_are_accepted_only_at_their_default(tmp_path, key, default, other, message):
-    """A SimpleTuner config may carry them at their defaults (the feature off): accepted, no effect. Another value
-    names what fewstep does instead, not a near-miss option of another meaning (flow_use_beta_schedule was once
-    answered with 'did you mean flow_use_uniform_schedule')."""
+def test_simpletuner_options_fewstep_lacks_are_accepted_only_at_what_fewstep_does(tmp_path, key, default, other,
+                                                                                message):
+    """A SimpleTuner config may carry them at the value that asks for what fewstep does anyway (mostly the feature
+    off): accepted, no effect. Another value names what fewstep does instead, not a near-miss option of another
+    meaning (flow_use_beta_schedule was once answered with 'did you mean flow_use_uniform_schedule')."""
     load_config(write(tmp_path, merged(SEED_GLANCE, {f"--{key}": default})))
     load_config(write(tmp_path, SEED_GLANCE), [f"--{key}", str(default).lower()])
-    with pytest.raises(ConfigError, match=f"'{key}' in .* is {other!r}: fewstep has only SimpleTuner's default .*"
-                                          f"{message}"):
+    with pytest.raises(ConfigError, match=f"'{key}' in .* is {other!r}: fewstep takes only .* here .*{message}"):
         load_config(write(tmp_path, merged(SEED_GLANCE, {f"--{key}": other})))
+
+
+# SimpleTuner's config/config.json.example, as its keys and kinds of values go (LyCORIS left out), with the keys its
+# examples folder adds most: before fewstep read SimpleTuner's spelling, 14 of them were 'unknown config key'.
+SIMPLETUNER_EXAMPLE = {
+    "--resume_from_checkpoint": "latest", "--data_backend_config": "config/multidatabackend.json",
+    "--aspect_bucket_rounding": 2, "--seed": 42, "--minimum_image_size": 0, "--output_dir": "output/models",
+    "--max_train_steps": 10000, "--num_train_epochs": 0, "--checkpoint_step_interval": 500,
+    "--checkpoints_total_limit": 5, "--hub_model_id": "my-lora", "--push_to_hub": "false",
+    "--push_checkpoints_to_hub": "false", "--tracker_project_name": "lora-training", "--tracker_run_name": "my-lora",
+    "--report_to": "none", "--model_type": "lora", "--model_family": "flux", "--model_flavour": "dev",
+    "--train_batch_size": 1, "--gradient_checkpointing": "true", "--caption_dropout_probability": 0.1,
+    "--resolution_type": "pixel_area", "--resolution": 1024, "--validation_seed": 42,
+    "--validation_step_interval": 500, "--validation_guidance": 3.0, "--validation_guidance_rescale": "0.0",
+    "--validation_num_inference_steps": "20", "--validation_prompt": "A photo-realistic image of a cat",
+    "--mixed_precision": "bf16", "--optimizer": "adamw_bf16", "--learning_rate": "1e-4", "--lr_scheduler": "polynomial",
+    "--lr_warmup_steps": 100, "--validation_torch_compile": "false", "--disable_benchmark": "false",
+    "vae_batch_size": 1, "disable_bucket_pruning": True, "quantize_via": "cpu", "compress_disk_cache": True,
+    "validation_disable_unconditional": True, "grad_clip_method": "norm", "base_model_precision": "no_change",
+    "lora_type": "standard", "validation_prompt_library": False}
+
+
+def test_a_simpletuner_config_loads_as_simpletuner_reads_it(tmp_path):
+    from fewstep.config_warnings import config_warnings
+    cfg = load_config(write(tmp_path, SIMPLETUNER_EXAMPLE))
+    assert cfg.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"  # model_flavour dev
+    assert (cfg.checkpointing_steps, cfg.validation_steps) == (500, 500)  # SimpleTuner's newer names
+    assert (cfg.optimizer, cfg.lr_scheduler, cfg.lr_end, cfg.lr_power) == ("adamw", "polynomial", 4e-7, 0.8)
+    assert (cfg.resolution, cfg.resolution_type, cfg.minimum_image_size) == (1024, "pixel_area", 0.0)
+    notes = config_warnings(cfg)
+    assert notes[0] == "model_flavour dev: loading black-forest-labs/FLUX.1-dev"
+    assert notes[1].startswith("optimizer adamw_bf16 trains as adamw (")
+    ignored = notes[2]
+    assert ignored.startswith("SimpleTuner options with no effect in fewstep: hub_model_id (fewstep makes no hub")
+    for key in ("validation_torch_compile", "disable_benchmark", "vae_batch_size", "disable_bucket_pruning",
+                "quantize_via", "compress_disk_cache", "validation_disable_unconditional"):
+        assert f"; {key} (" in ignored
+    for key in ("push_to_hub", "num_train_epochs", "aspect_bucket_rounding", "grad_clip_method", "lora_type"):
+        assert key not in " ".join(notes)  # at the value fewstep trains anyway: nothing to say
+
+
+def test_simpletuner_renamed_options_are_one_option(tmp_path):
+    both = merged(SEED_GLANCE, {"checkpoint_step_interval": 20, "--checkpointing_steps": 30})
+    with pytest.raises(ConfigError, match=r"'checkpoint_step_interval' in .* \(20\) and 'checkpointing_steps' in .* "
+                                          r"\(30\) are one option .*keep one"):
+        load_config(write(tmp_path, both))
+    assert load_config(write(tmp_path, {**both, "--checkpointing_steps": 20})).checkpointing_steps == 20
+    cfg = load_config(write(tmp_path, SEED_GLANCE), ["--save_total_limit", "2", "--validation_step_interval", "7"])
+    assert (cfg.checkpoints_total_limit, cfg.validation_steps) == (2, 7)
+
+
+def test_model_flavour_names_the_familys_model(tmp_path):
+    from fewstep.config_warnings import config_warnings
+    bare = {k: v for k, v in SEED_TWINFLOW.items() if k != "pretrained_model_name_or_path"}
+    assert load_config(write(tmp_path, {**bare, "model_flavour": "large"})).pretrained_model_name_or_path == \
+        "stabilityai/stable-diffusion-3.5-large"
+    cfg = load_config(write(tmp_path, {**SEED_TWINFLOW, "model_flavour": "medium"}))  # the path wins, and says so
+    assert cfg.pretrained_model_name_or_path == "tiny:sd3"
+    assert "model_flavour medium not used: pretrained_model_name_or_path names the model (tiny:sd3)" in \
+        config_warnings(cfg)
+    with pytest.raises(ConfigError, match="'model_flavour' in .* is 'turbo': model_family sd3 has the flavours "
+                                          "medium, large"):
+        load_config(write(tmp_path, {**bare, "model_flavour": "turbo"}))
+    with pytest.raises(ConfigError, match="'model_flavour' in .* is 'kontext': FLUX.1 Kontext is an image-editing"):
+        load_config(write(tmp_path, {**bare, "model_family": "flux", "model_flavour": "kontext"}))
+    with pytest.raises(ConfigError, match="'pretrained_model_name_or_path' is required"):
+        load_config(write(tmp_path, {**bare, "model_flavour": None}))
+
+
+def test_polynomial_schedule_is_simpletuners(tmp_path):
+    """lr_scheduler polynomial decays from learning_rate to lr_end with power lr_power after the warmup, as
+    transformers' get_polynomial_decay_schedule_with_warmup (which SimpleTuner's copies) does."""
+    import torch
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    from fewstep.engine.deepspeed_engine import lr_lambda
+    cfg = load_config(write(tmp_path, SEED_TWINFLOW), ["--lr_scheduler", "polynomial", "--max_train_steps", "50",
+                                                      "--lr_warmup_steps", "10", "--lr_end", "1e-6",
+                                                      "--lr_power", "0.5"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=cfg.learning_rate)
+    ref = get_polynomial_decay_schedule_with_warmup(opt, 10, 50, lr_end=1e-6, power=0.5).lr_lambdas[0]
+    ours = lr_lambda(cfg)
+    for step in range(10, 60):
+        assert ours(step) == pytest.approx(ref(step), rel=1e-12), step
+    assert ours(50) * cfg.learning_rate == pytest.approx(1e-6) and ours(10) == 1.0
+    with pytest.raises(ConfigError, match="'lr_end' 0.001 must be below learning_rate 0.0001"):
+        load_config(write(tmp_path, SEED_TWINFLOW), ["--lr_scheduler", "polynomial", "--lr_end", "1e-3"])
 
 
 def test_an_integer_reads_the_same_from_the_command_line_and_json(tmp_path):
@@ -336,3 +426,15 @@ def test_null_clears_a_timestep_list_from_the_command_line(tmp_path, null):
     with pytest.raises(ConfigError, match="method 'glance' needs 'glance_slow_timesteps'"):
         load_config(path, ["--method", "glance", "--flow_custom_timesteps", null, "--glance_slow_timesteps", null,
                            "--glance_fast_timesteps", "900,600,300"])
+
+
+def test_validation_resolution_is_a_size(tmp_path):
+    assert load_config(write(tmp_path, SEED_GLANCE), ["--validation_resolution", "1024x768"]).validation_resolution \
+        == "1024x768"
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "validation_resolution": 512})).validation_resolution == \
+        "512x512"
+    assert load_config(write(tmp_path, SEED_GLANCE)).validation_resolution is None  # the training resolution's square
+    for bad, why in (("1024x768,512x512", "one size: SimpleTuner's comma-separated list"), ("big", "WIDTHxHEIGHT"),
+                     ("4x4", "each side must be 8 to 8192"), (True, "WIDTHxHEIGHT")):
+        with pytest.raises(ConfigError, match=f"'validation_resolution' .*{why}"):
+            load_config(write(tmp_path, {**SEED_GLANCE, "validation_resolution": bad}))

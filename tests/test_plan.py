@@ -461,7 +461,7 @@ def _backend(tmp_path, name, *entries):
 
 def test_resolution_is_the_trainers(tmp_path):
     """The planner trains at the data backend's resolution, read by the trainer's own code (load_data_config and
-    Geometry): the largest image entry, the config's resolution replacing each entry's, SimpleTuner's area map."""
+    Geometry): the largest image entry, the config's resolution for entries that set none, SimpleTuner's area map."""
     flux = json.loads((ROOT / "configs" / "glance" / "flux.json").read_text())
     mc = load_model_config(MODEL_CONFIG_DIR / "flux_dev.json")
     plan = lambda **kw: plan_memory({**flux, **kw}, model_config=mc)  # noqa: E731
@@ -477,8 +477,10 @@ def test_resolution_is_the_trainers(tmp_path):
     two = _backend(tmp_path, "two.json", {"id": "small", "resolution": 512}, {"id": "big", "resolution": 768})
     s = plan(data_backend_config=two).settings
     assert s["resolution"] == 768 and "entry 1 ('big') (the largest of 2 image entries)" in s["resolution_source"]
-    s = plan(data_backend_config=two, resolution=256).settings  # the config's resolution wins, as in training
-    assert s["resolution"] == 256 and "resolution 256 applied to every entry" in s["resolution_source"]
+    s = plan(data_backend_config=two, resolution=256).settings  # the entries' own win, as in training (SimpleTuner)
+    assert s["resolution"] == 768 and "resolution 256 for entries that set none" in s["resolution_source"]
+    half = _backend(tmp_path, "half.json", {"id": "small", "resolution": 512}, {"id": "unset"})
+    assert plan(data_backend_config=half, resolution=1024).settings["resolution"] == 1024  # 'unset' takes it
     area = _backend(tmp_path, "area.json", {"resolution": 0.25, "resolution_type": "area", "crop": False})
     s = plan(data_backend_config=area).settings  # 0.25 MP trains at 512 x 512 (SimpleTuner's map), other aspects
     assert s["resolution"] == 528 and "planned at its widest aspect bucket (2, the planner's assumption" in \

@@ -303,3 +303,42 @@ def test_a_resume_from_an_earlier_step_never_prunes_its_own_past_for_the_abandon
     assert sorted(d for d in os.listdir(ckpts) if d.startswith("step-")) == ["step-3", "step-4", "step-6"]
     with open(os.path.join(ckpts, "latest")) as fh:
         assert fh.read().strip() == "step-6"
+
+
+def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_path):
+    """A config as SimpleTuner writes one: its newer option names, model_flavour, options that change nothing here,
+    adamw_bf16, the polynomial schedule, a global resolution for the data entry that sets none, and a
+    WIDTHxHEIGHT validation size. The run trains, says what it did not use, checkpoints and validates at the renamed
+    intervals, follows the polynomial learning rate and renders the asked size."""
+    import json
+
+    from PIL import Image
+    backend = write_dataset(str(tmp_path), n=2)
+    own = {**json.load(open(backend))[0], "id": "own"}  # 32 px
+    bare = {k: v for k, v in own.items() if k != "resolution"}  # the config's resolution stands for it
+    json.dump([own, {**bare, "id": "bare"}], open(backend, "w"))
+    out = str(tmp_path / "out")
+    cfg = {"--model_type": "lora", "--model_family": "flux", "--model_flavour": "dev",
+           "--pretrained_model_name_or_path": "tiny:flux", "--data_backend_config": backend, "--output_dir": out,
+           "--cache_dir": str(tmp_path / "cache"), "--resolution": 48, "--resolution_type": "pixel",
+           "--minimum_image_size": 0, "--train_batch_size": 1, "--max_train_steps": 4, "--num_train_epochs": 0,
+           "--checkpoint_step_interval": 2, "--validation_step_interval": 2, "--validation_resolution": "64x32",
+           "--validation_num_inference_steps": 2, "--learning_rate": 1e-3, "--lr_scheduler": "polynomial",
+           "--lr_end": 1e-5, "--lr_power": 0.5, "--optimizer": "adamw_bf16", "--mixed_precision": "fp32",
+           "--lora_rank": 4, "--hub_model_id": "my-lora", "--push_to_hub": "false", "--disable_benchmark": "true",
+           "--vae_batch_size": 4, "--grad_clip_method": "norm", "--report_to": "none"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run([PY, "launcher/train.py", "--config", str(path)], cwd=os.path.dirname(
+        os.path.dirname(__file__)), env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "model_flavour dev not used: pretrained_model_name_or_path names the model (tiny:flux)" in log
+    assert "optimizer adamw_bf16 trains as adamw" in log
+    assert "SimpleTuner options with no effect in fewstep: hub_model_id (" in log and "vae_batch_size (" in log
+    assert "data 'own': 2 images in 1 bucket(s) [32x32 x2]" in log  # an entry's own resolution wins
+    assert "data 'bare': 2 images in 1 bucket(s) [48x48 x2]" in log
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-2", "step-4"]
+    assert Image.open(os.path.join(out, "validation", "flow-step000002.png")).size == (64, 32)
+    lrs = [m["lr"] for m in read_metrics(out)]
+    assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 - k / 4) ** 0.5 for k in (1, 2, 3, 4)], rel=1e-9)

@@ -49,8 +49,9 @@ def test_validation_guidance_is_the_pipelines_true_cfg(family):
         cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None if family == "flux" else scale,
                               validation_guidance_real=scale if family == "flux" else None,
                               flux_guidance_value=None, validation_num_inference_steps=len(sigmas),
-                              flow_schedule_shift=1.0, flow_schedule_auto_shift=False)  # the base schedule: sigmas
-        ds = SimpleNamespace(validation_shape=tuple(noise_shape[1:]))
+                              flow_schedule_shift=1.0, flow_schedule_auto_shift=False,  # the base schedule: sigmas
+                              validation_resolution=None)
+        ds = SimpleNamespace(validation_shape=lambda size: tuple(noise_shape[1:]))
         ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(comps.denoiser), dataset=ds, order=None,
                           device=torch.device("cpu"), dtype=torch.float32)
         x, handoff = sample_latents(ctx, Phase("flow", 1, None), cond, torch.Generator().manual_seed(7), uncond)
@@ -85,9 +86,10 @@ def test_a_list_trained_alone_validates_with_its_lora_only_at_its_sigmas():
                                                                      not lora_layer.disable_adapters)), with_kwargs=True)
     cfg = SimpleNamespace(resolved_method="flow", validation_guidance=None, validation_guidance_real=None,
                           flux_guidance_value=None, validation_num_inference_steps=4, flow_schedule_shift=1.0,
-                          flow_schedule_auto_shift=False)
-    ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(denoiser), dataset=SimpleNamespace(
-        validation_shape=tuple(noise_shape[1:])), order=None, device=torch.device("cpu"), dtype=torch.float32)
+                          flow_schedule_auto_shift=False, validation_resolution=None)
+    ds = SimpleNamespace(validation_shape=lambda size: tuple(noise_shape[1:]))
+    ctx = StepContext(cfg=cfg, adapter=adapter, engine=EngineWrapper(denoiser), dataset=ds, order=None,
+                      device=torch.device("cpu"), dtype=torch.float32)
     with torch.no_grad():
         sample_latents(ctx, Phase("flow", 1, [0.6, 0.55]), cond, torch.Generator().manual_seed(0))
     assert seen == [(1.0, False), (0.75, False), (0.6, True), (0.55, True), (0.5, False), (0.25, False)], seen

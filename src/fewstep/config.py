@@ -11,13 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fewstep.config_values import (SIMPLETUNER_ONLY, closest_keys, coerce, normalize_key, parse_overrides,
-                                   simpletuner_only)
+from fewstep.config_simpletuner import translate as from_simpletuner
+from fewstep.config_values import closest_keys, coerce, normalize_key, parse_overrides
 from fewstep.engine.ds_config_checks import read_user_config
 from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
 from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
 from fewstep.errors import ConfigError
 from fewstep.jsonfile import load_json
+from fewstep.validation_settings import validation_size
 
 __all__ = ["Config", "ConfigError", "FIELDS", "load_config", "describe_options", "stage_set_by", "zero_stage_in_use"]
 
@@ -76,7 +77,15 @@ class Config:
                                      "'auto-weighting' (SimpleTuner's default) by probability x the entry's number "
                                      "of images (repeats included), 'uniform' by probability alone.",
                                      choices=("auto-weighting", "uniform"))
-    resolution: Optional[int] = opt(None, "Training resolution in pixels (overrides the backend's).", lo=8)
+    resolution: Optional[int] = opt(None, "Training resolution of the data entries that set none (SimpleTuner's "
+                                          "global default; an entry's own 'resolution' wins).", lo=8)
+    resolution_type: Optional[str] = opt(None, "resolution_type of the data entries that set none: pixel (the short "
+                                               "side; fewstep's default), pixel_area (the area of a resolution-sized "
+                                               "square) or area (megapixels).",
+                                         choices=(None, "pixel", "pixel_area", "area"))
+    minimum_image_size: Optional[float] = opt(None, "minimum_image_size of the data entries that set none (images "
+                                                    "smaller are skipped; in the entry's resolution_type units).",
+                                              lo=0.0)
     caption_dropout_probability: float = opt(0.0, "Probability of training on the empty-prompt embedding.",
                                              lo=0.0, hi=1.0)
     cache_dir: Optional[str] = opt(None, "Where VAE latents and text embeddings are cached (default output_dir/cache). "
@@ -91,8 +100,13 @@ class Config:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", lo=1)
     max_train_steps: int = opt(100, "Optimizer steps to train (per phase for Glance).", lo=1)
     learning_rate: float = opt(1e-4, "Peak learning rate.", lo=0.0, lo_open=True)
-    lr_scheduler: str = opt("constant", "LR schedule after warmup.",
-                            choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_scheduler: str = opt("constant", "LR schedule after warmup: constant, linear or cosine decay to 0, or "
+                                        "polynomial decay to lr_end with power lr_power (SimpleTuner's "
+                                        "recommendation).",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine", "polynomial"))
+    lr_end: float = opt(4e-7, "The polynomial schedule's final learning rate (SimpleTuner's default).", lo=0.0)
+    lr_power: float = opt(0.8, "The polynomial schedule's power: 1 decays linearly, less than 1 keeps the rate "
+                               "higher for longer (SimpleTuner's default 0.8).", lo=0.0, lo_open=True)
     lr_warmup_steps: int = opt(0, "Linear warmup steps.", lo=0)
     optimizer: str = opt("adamw", "adamw: torch.optim.AdamW (no JIT build); deepspeed: DeepSpeed's own AdamW "
                                   "(FusedAdam, or DeepSpeedCPUAdam with offload_optimizer: JIT-compiled ops, ~40 s "
@@ -200,6 +214,9 @@ class Config:
                                                           " ' ' for the flow families as the Glance reference samples "
                                                           "Qwen-Image, the empty prompt for SDXL; SimpleTuner's is "
                                                           "'blurry, cropped, ugly').")
+    validation_resolution: Any = opt(None, "Size of validation images in pixels: 'WIDTHxHEIGHT', or one side for a "
+                                           "square (snapped down to the model's multiple; default: a square at the "
+                                           "first data entry's resolution).")
     validation_num_inference_steps: int = opt(20, "Sampling steps for validation (flow method).", lo=1)
     validation_guidance: Optional[float] = opt(None, "Guidance of validation images, as in SimpleTuner: for FLUX the "
                                                      "distilled-guidance value (default flux_guidance_value), for the "
@@ -248,6 +265,14 @@ class Config:
             self.lora_targets = self.lora_targets.split(",")
         if self.lora_targets is not None:  # "to_q, to_k" (a list from the command line keeps the spaces)
             self.lora_targets = [x.strip() for x in map(str, self.lora_targets) if x.strip()]
+        try:
+            size = validation_size(self.validation_resolution)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.validation_resolution = None if size is None else "{}x{}".format(*size)
+        if self.lr_scheduler == "polynomial" and not self.lr_end < self.learning_rate:
+            raise ConfigError(f"'lr_end' {self.lr_end:g} must be below learning_rate {self.learning_rate:g}: the "
+                              "polynomial schedule decays from learning_rate to lr_end")
         user_ds = read_user_config(self.deepspeed_config)
         stage = zero_stage_in_use(self.zero_stage, user_ds)
         where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if stage_set_by(user_ds) \
@@ -393,12 +418,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
         overrides = parse_overrides(overrides, FIELDS)
     for k, v in (overrides or {}).items():
         raw[normalize_key(k)], source[normalize_key(k)] = v, " on the command line"
-    for key in [k for k in raw if k in SIMPLETUNER_ONLY]:
-        simpletuner_only(key, raw.pop(key), source[key])
+    notes = from_simpletuner(raw, source)
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:  # all of them at once: a config brought from elsewhere may have several
         raise ConfigError(closest_keys(unknown, source, FIELDS))
-    return Config(**{key: coerce(key, FIELDS[key], value) for key, value in raw.items()}).validate()
+    cfg = Config(**{key: coerce(key, FIELDS[key], value) for key, value in raw.items()}).validate()
+    cfg.simpletuner_notes = notes  # logged at start-up with the config's warnings (not an option: not a field)
+    return cfg
 
 
 def describe_options() -> str:

@@ -55,48 +55,6 @@ def parse_overrides(argv: list[str], fields: dict[str, dataclasses.Field]) -> di
     return out
 
 
-# SimpleTuner options fewstep has no counterpart for, whose closest fewstep name would mislead. At SimpleTuner's
-# default (the feature off) they are accepted and have no effect, as there; any other value is refused with what
-# fewstep does instead.
-SIMPLETUNER_ONLY = {
-    "flow_use_beta_schedule": (False, "training times are logit-normal (flow_logit_mean, flow_logit_std) or "
-                                      "uniform (flow_use_uniform_schedule); the beta schedule is not implemented"),
-    "flow_beta_schedule_alpha": (2.0, "the beta schedule is not implemented"),
-    "flow_beta_schedule_beta": (2.0, "the beta schedule is not implemented"),
-    "flow_sigmoid_scale": (1.0, "the logit-normal schedule's spread is flow_logit_std"),
-    "flux_fast_schedule": (False, "FLUX.1-schnell's fast schedule is not implemented"),
-    "flux_guidance_mode": ("constant", "FLUX's guidance input is flux_guidance_value, the same at every step"),
-    "flux_attention_masked_training": (False, "masked text attention is not implemented"),
-    "base_model_precision": ("no_change", "the frozen base is loaded in the training dtype (mixed_precision); "
-                                          "quantised bases (int8, fp8, nf4) are not supported"),
-    # SimpleTuner's TwinFlow guide: "disable scheduled sampling"
-    "scheduled_sampling_max_step_offset": (0, "scheduled sampling is not implemented (training inputs are noised "
-                                              "data, as TwinFlow's guide asks)"),
-    "scheduled_sampling_probability": (0.0, "scheduled sampling is not implemented"),
-    "lora_type": ("standard", "fewstep trains PEFT LoRA (lora_rank, lora_alpha, lora_targets, lora_init_type); "
-                              "LyCORIS is not supported"),
-    "model_flavour": (None, "fewstep loads the model pretrained_model_name_or_path names: give the flavour's model "
-                            "there (e.g. black-forest-labs/FLUX.1-dev)"),
-    "validation_guidance_rescale": (0.0, "validation's guidance is not rescaled (Qwen-Image's keeps its pipeline's "
-                                         "per-token norm rescale)"),
-}
-
-
-def simpletuner_only(key: str, value: Any, where: str) -> None:
-    """Accept a `SIMPLETUNER_ONLY` option at its SimpleTuner default (no effect); raise for any other value."""
-    default, instead = SIMPLETUNER_ONLY[key]
-    if default is None and isinstance(value, str) and value.lower() in ("null", "none"):
-        value = None  # the command line's null
-    try:
-        same = _as_type(type(default).__name__, value) == default
-    except (ValueError, TypeError):
-        same = False
-    if not same:
-        shown = json.dumps(default)
-        raise ConfigError(f"'{key}'{where} is {value!r}: fewstep has only SimpleTuner's default ({shown}, no effect) "
-                          f"of this option; {instead}")
-
-
 def coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert a JSON or command-line value to the declared type of option `key` (field `f`), and check its choices
     and range."""
@@ -112,7 +70,7 @@ def coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             return None
         raise ConfigError(f"'{key}' may not be null")
     try:
-        value = _as_type(typ, value)
+        value = as_type(typ, value)
     except (ValueError, TypeError, json.JSONDecodeError):
         raise ConfigError(f"'{key}' expects {typ}, got {value!r}") from None
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -128,7 +86,7 @@ def coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _as_type(typ: str, value: Any) -> Any:
+def as_type(typ: str, value: Any) -> Any:
     """`value` as a `typ` ("bool", "int", "float", "str", "list"; anything else as given); raises ValueError."""
     if typ == "bool":
         if isinstance(value, str):

@@ -6,10 +6,11 @@ LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_in
 
 
 def config_warnings(cfg) -> list[str]:
-    """The warnings for `cfg` (a validated fewstep.config.Config), in the order of its options."""
+    """The warnings for `cfg` (a validated fewstep.config.Config): how its SimpleTuner options were read
+    (`fewstep.config_simpletuner`), then the rest in the order of its options."""
     from fewstep.config import DIFFUSION_FAMILIES, FIELDS, _default
 
-    out = []
+    out = list(getattr(cfg, "simpletuner_notes", []))
     if cfg.model_type == "full":
         defaults = {k: _default(FIELDS[k]) for k in LORA_KEYS}
         defaults["lora_alpha"] = float(cfg.lora_rank)  # its default: equal to lora_rank (set by validation)

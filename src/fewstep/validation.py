@@ -23,7 +23,8 @@ from fewstep.models.base import unwrap
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, to_device, velocity_fn
 from fewstep.steps import Phase
-from fewstep.validation_settings import validation_cfg_scale, validation_distilled_guidance, validation_prompts
+from fewstep.validation_settings import (validation_cfg_scale, validation_distilled_guidance, validation_prompts,
+                                         validation_size)
 
 HANDOFF = "glance-slow-handoff.safetensors"  # under <output_dir>/validation: where Slow's validation stopped
 
@@ -51,7 +52,7 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
     the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts)."""
     cfg = ctx.cfg
     model = velocity_fn(ctx, validation_distilled_guidance(cfg, ctx.adapter))
-    shape = (1, *ctx.dataset.validation_shape)  # a square at the training resolution
+    shape = (1, *ctx.dataset.validation_shape(validation_size(cfg.validation_resolution)))
     x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)
     if cfg.resolved_method == "twinflow":
         from fewstep.schedulers import TwinFlowScheduler

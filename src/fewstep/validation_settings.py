@@ -1,9 +1,29 @@
-"""What validation renders, as rules over the config and the family's adapter: its guidance, its prompt and its
-negative prompt. `fewstep.validation` samples with them; `fewstep.data.prepare` reads them to cache the prompts
+"""What validation renders, as rules over the config and the family's adapter: its size, its guidance, its prompt and
+its negative prompt. `fewstep.validation` samples with them; `fewstep.data.prepare` reads them to cache the prompts
 validation will encode."""
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Any, Optional
+
+SIDE_MAX = 8192  # pixels: a validation image side beyond this is a typo
+
+
+def validation_size(value: Any) -> Optional[tuple[int, int]]:
+    """`validation_resolution` as (width, height) in pixels: 'WIDTHxHEIGHT' (SimpleTuner's spelling), or one side (a
+    number or its text) for a square; None where it is not set. Raises ValueError saying what was expected."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or not re.fullmatch(r"\d+(x\d+)?", text):
+        several = " (one size: SimpleTuner's comma-separated list of sizes is not supported)" if "," in text else ""
+        raise ValueError(f"'validation_resolution' must be WIDTHxHEIGHT or one side in pixels, e.g. '1024x768' or "
+                         f"1024; got {value!r}{several}")
+    w, _, h = text.partition("x")
+    size = (int(w), int(h or w))
+    if not all(8 <= side <= SIDE_MAX for side in size):
+        raise ValueError(f"'validation_resolution' {value!r}: each side must be 8 to {SIDE_MAX} pixels")
+    return size
 
 
 def validation_cfg_scale(cfg, adapter) -> float:

@@ -190,12 +190,20 @@ def test_multiple_entries_with_their_own_resolutions_and_probabilities(tmp_path,
         load(tmp_path, entry(images, id="small"), entry(images, id="small"))
 
 
-def test_resolution_override_applies_to_every_entry(tmp_path, images):
-    path = write_backend(str(tmp_path / "mdb.json"), [entry(images, id="a"), entry(
-        images, id="b", resolution=1.0, resolution_type="area")])
-    a, b = load_data_config(path, resolution_override=48).images
-    assert (a.resolution, a.resolution_type) == (48, "pixel")
-    assert (b.resolution, b.resolution_type) == (48, "pixel_area")  # the override is in pixels
+def test_the_configs_resolution_options_are_defaults_for_entries_that_set_none(tmp_path, images):
+    """SimpleTuner's global resolution, resolution_type and minimum_image_size stand for an entry's own only where
+    the entry sets none (its data_backend factory: backend.get("resolution", args.resolution)); fewstep once let the
+    config's resolution replace every entry's, training a 512 px entry of a multi-resolution config at 1024."""
+    own = entry(images, id="own", resolution=64, resolution_type="pixel_area", minimum_image_size=8)
+    bare = entry(images, id="bare")
+    for k in ("resolution", "resolution_type", "minimum_image_size"):
+        bare.pop(k, None)
+    path = write_backend(str(tmp_path / "mdb.json"), [own, bare])
+    a, b = load_data_config(path, {"resolution": 48, "resolution_type": "pixel", "minimum_image_size": 16}).images
+    assert (a.resolution, a.resolution_type, a.minimum_image_size) == (64, "pixel_area", 8)
+    assert (b.resolution, b.resolution_type, b.minimum_image_size) == (48, "pixel", 16)
+    with pytest.raises(DataError, match="entry 1 .*needs 'resolution'"):
+        load_data_config(path)
 
 
 def test_single_object_and_errors_name_the_file(tmp_path, images):

@@ -237,11 +237,20 @@ def _kind(entry: dict, where: str) -> str:
     return dataset_type
 
 
-def load_data_config(path: str, resolution_override: Optional[int] = None,
-                     images_must_exist: bool = True) -> DataConfig:
-    """Parse a multidatabackend.json (a list of entries, or one entry). `resolution_override` (the config's
-    `resolution`, in pixels) replaces every image entry's resolution; an `area` entry then reads it as pixel_area.
-    `images_must_exist` False: image folders are not looked for (the memory planner reads sizes, not images)."""
+ENTRY_DEFAULTS = ("resolution", "resolution_type", "minimum_image_size")  # config options, as in SimpleTuner
+
+
+def entry_defaults(cfg) -> dict:
+    """The config's values (a fewstep Config) of `ENTRY_DEFAULTS` that it sets: SimpleTuner's global defaults of
+    image entries that do not set their own."""
+    return {k: getattr(cfg, k) for k in ENTRY_DEFAULTS if getattr(cfg, k) is not None}
+
+
+def load_data_config(path: str, config_defaults: Optional[dict] = None, images_must_exist: bool = True) -> DataConfig:
+    """Parse a multidatabackend.json (a list of entries, or one entry). `config_defaults` (`entry_defaults`: the
+    config's `resolution`, `resolution_type`, `minimum_image_size`) apply to the image entries that do not set them,
+    as SimpleTuner's global options do. `images_must_exist` False: image folders are not looked for (the memory planner
+    reads sizes, not images)."""
     entries = load_json(path, DataError, "data_backend_config")
     if isinstance(entries, dict):
         entries = [entries]
@@ -280,8 +289,9 @@ def load_data_config(path: str, resolution_override: Optional[int] = None,
         config.default_text_cache_dir = _local_dir(entry.get("cache_dir"), "cache_dir", where, path, False)
     for i, key, where, entry, kind in live:
         if kind == "image":
-            config.images.append(_image_entry(entry, key, where, path, resolution_override, text, image_embeds,
-                                              default, images_must_exist))
+            entry = {**(config_defaults or {}), **entry}
+            config.images.append(_image_entry(entry, key, where, path, text, image_embeds, default,
+                                              images_must_exist))
     if not config.images:
         raise DataError(f"{path}: no enabled image entries")
     if images_must_exist:  # not for the planner, which may read the file where the training nodes' folders are not
@@ -294,7 +304,7 @@ def load_data_config(path: str, resolution_override: Optional[int] = None,
     return config
 
 
-def _image_entry(entry: dict, key: str, where: str, path: str, override, text: dict, image_embeds: dict,
+def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image_embeds: dict,
                  default_text, must_exist: bool = True) -> ImageEntry:
     _check_keys(entry, IMAGE_KEYS, where)
     image_dir = entry.get("instance_data_dir", entry.get("image_dir"))
@@ -304,10 +314,9 @@ def _image_entry(entry: dict, key: str, where: str, path: str, override, text: d
                            path, must_exist)
     res_type = _choice(entry, "resolution_type", where, RESOLUTION_TYPES, "pixel")
     resolution = entry.get("resolution")
-    if override is not None:
-        resolution, res_type = override, ("pixel_area" if res_type == "area" else res_type)
     if resolution is None:
-        raise DataError(f"{where}: needs 'resolution' (or set 'resolution' in the config for every entry)")
+        raise DataError(f"{where}: needs 'resolution' (or set 'resolution' in the config, for every entry that sets "
+                        "none)")
     if res_type == "area":
         if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution <= 64:
             raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "

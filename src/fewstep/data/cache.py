@@ -309,13 +309,15 @@ class CachedDataset:
     def uncond(self) -> dict:
         return self.text[""]
 
-    @property
-    def validation_shape(self) -> tuple[int, ...]:
-        """Validation samples a square at the first entry's resolution, in this model's latent layout."""
+    def validation_shape(self, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+        """The latent shape of a validation image of `size` (width, height) pixels, each side snapped down to the
+        model's multiple; None: a square at the first entry's resolution."""
         from fewstep.data.buckets import Geometry
 
         first = self.samples[0]
         c, _, w = self.latents(0).shape
         factor = first.plan.target[0] // w  # the VAE's downsampling
-        side = Geometry(self.entries[first.entry], self.multiple).square[0] // factor
-        return c, side, side
+        if size is None:
+            size = Geometry(self.entries[first.entry], self.multiple).square
+        width, height = (max(self.multiple, side // self.multiple * self.multiple) for side in size)
+        return c, height // factor, width // factor

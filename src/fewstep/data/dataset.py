@@ -47,9 +47,9 @@ class Sample:
         self.captions = self.captions or [self.caption]
 
 
-def load_backends(path: str, resolution_override: Optional[int] = None) -> list[ImageEntry]:
+def load_backends(path: str, config_defaults: Optional[dict] = None) -> list[ImageEntry]:
     """The enabled image entries of a multidatabackend.json (see `fewstep.data.backends.load_data_config`)."""
-    return load_data_config(path, resolution_override).images
+    return load_data_config(path, config_defaults).images
 
 
 def find_samples(entry: ImageEntry) -> list[Sample]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fewstep import faults
-from fewstep.data.backends import DataConfig, load_data_config
+from fewstep.data.backends import DataConfig, entry_defaults, load_data_config
 from fewstep.data.buckets import Geometry
 from fewstep.data.cache import CachedDataset, CacheSet, model_key
 from fewstep.data.captions import in_threads
@@ -136,7 +136,7 @@ def read_data_config(cfg):
     resolved (for a hub id not yet cached, that is a download)."""
     if cfg.data_backend_config is None:
         raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
-    return load_data_config(cfg.data_backend_config, cfg.resolution)
+    return load_data_config(cfg.data_backend_config, entry_defaults(cfg))
 
 
 def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None, data=None

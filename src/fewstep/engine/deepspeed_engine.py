@@ -77,7 +77,8 @@ def _deep_update(base: dict, new: dict) -> None:
 
 
 def lr_lambda(cfg):
-    """Warmup then constant / linear decay / cosine decay, as a multiplier of the peak LR."""
+    """Warmup then constant / linear decay / cosine decay / polynomial decay to lr_end (SimpleTuner's, as
+    transformers' get_polynomial_decay_schedule_with_warmup), as a multiplier of the peak LR."""
     warm, total = cfg.lr_warmup_steps, max(cfg.max_train_steps, 1)
 
     def f(step: int) -> float:
@@ -88,6 +89,9 @@ def lr_lambda(cfg):
         progress = min(1.0, (step - warm) / max(1, total - warm))
         if cfg.lr_scheduler == "linear":
             return 1.0 - progress
+        if cfg.lr_scheduler == "polynomial":
+            end = cfg.lr_end / cfg.learning_rate
+            return end + (1.0 - end) * (1.0 - progress) ** cfg.lr_power
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f

@@ -1,7 +1,8 @@
 """The resolution the trainer would train a config at, and where it comes from.
 
 The trainer reads it from the data backend (`fewstep.data.prepare.build_dataset`): `load_data_config` parses the
-multidatabackend.json, the config's `resolution` (if set) replacing every image entry's, and each entry trains at its
+multidatabackend.json, the config's `resolution`, `resolution_type` and `minimum_image_size` (where set) standing for
+an image entry's where it sets none (SimpleTuner's global defaults), and each entry trains at its
 `Geometry` (pixel edge, or a megapixel area snapped as SimpleTuner does, rounded to the model's multiple). The planner
 runs that same code: it plans at each entry's largest bucket (`largest_bucket`: the square, the largest of its
 `crop_aspect_buckets`, or, keeping each image's aspect, the bucket of the widest aspect it admits: with
@@ -37,19 +38,20 @@ def training_resolution(cfg, adapter) -> Resolution:
             return Resolution(cfg.resolution, "the config's resolution (no data_backend_config)")
         return Resolution(DEFAULT_RESOLUTION, "the planner's default: the config sets neither resolution nor "
                                               "data_backend_config")
-    from fewstep.data.backends import load_data_config
+    from fewstep.data.backends import entry_defaults, load_data_config
     from fewstep.data.buckets import Geometry
 
     multiple = VAE_FACTOR * adapter.patch_factor(None)
-    images = load_data_config(cfg.data_backend_config, cfg.resolution, images_must_exist=False).images
+    images = load_data_config(cfg.data_backend_config, entry_defaults(cfg), images_must_exist=False).images
     (w, h), which, where = max((largest_bucket(Geometry(e, multiple)) + (e.where,) for e in images),
                                key=lambda b: b[0][0] * b[0][1])
     side = 16 * math.ceil(math.sqrt(w * h) / 16)  # the square of (at least) the same area
     source = f"data_backend_config {where}"
     if len(images) > 1:
         source += f" (the largest of {len(images)} image entries)"
-    if cfg.resolution:
-        source += f", with the config's resolution {cfg.resolution} applied to every entry"
+    given = [f"{k} {v}" for k, v in entry_defaults(cfg).items()]
+    if given:
+        source += f", with the config's {', '.join(given)} for entries that set none"
     if which != "square":
         source += f"; planned at {which}, {w}x{h} (as a {side}x{side} square: the same tokens)"
     return Resolution(side, source)

@@ -1,0 +1,201 @@
+"""SimpleTuner's spelling of a config, read by fewstep.
+
+A SimpleTuner config carries many keys besides the ones fewstep has (its own examples, 114 of them at the time of
+writing, carry 50 that fewstep has no option for). Each such key is one of:
+
+- `RENAMED`: SimpleTuner's newer name of a fewstep option (its loader still reads the old one, fewstep's name);
+- `VALUE_ALIASES`: a SimpleTuner value of a fewstep option that fewstep trains as another of its values;
+- `ONE_VALUE`: a feature fewstep does not have, accepted at the value(s) where the config asks for what fewstep does
+  anyway (mostly SimpleTuner's default, the feature off); any other value is refused, naming what fewstep does;
+- `FLAVOURS`: `model_flavour`, SimpleTuner's short name of a family's base model, gives the hub id to load when
+  `pretrained_model_name_or_path` is not set;
+- `NO_EFFECT`: a setting that cannot change what fewstep trains (uploads, speed and memory knobs of SimpleTuner's own
+  loaders, scores fewstep does not compute): accepted at any value, and listed in one start-up line.
+
+A key in none of them is unknown, and fails with the closest fewstep option (`fewstep.config_values.closest_keys`).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fewstep.config_values import as_type
+from fewstep.errors import ConfigError
+
+RENAMED = {
+    "checkpoint_step_interval": "checkpointing_steps",
+    "validation_step_interval": "validation_steps",
+    "save_total_limit": "checkpoints_total_limit",
+}
+
+# option -> {SimpleTuner's value: fewstep's value, why}
+VALUE_ALIASES = {
+    "optimizer": {"adamw_bf16": ("adamw", "adamw_bf16 trains bf16 weights with stochastic rounding; fewstep's adamw "
+                                          "keeps fp32 master weights under bf16 mixed precision, which needs no "
+                                          "rounding trick")},
+}
+
+# model_family -> model_flavour -> hub id (SimpleTuner's names; "medium" and "large" are SD 3.5's)
+FLAVOURS = {
+    "flux": {"dev": "black-forest-labs/FLUX.1-dev", "krea": "black-forest-labs/FLUX.1-Krea-dev",
+             "schnell": "black-forest-labs/FLUX.1-schnell"},
+    "sd3": {"medium": "stabilityai/stable-diffusion-3.5-medium", "large": "stabilityai/stable-diffusion-3.5-large"},
+    "qwen_image": {"v1.0": "Qwen/Qwen-Image"},
+    "sdxl": {"base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+             "base-0.9": "stabilityai/stable-diffusion-xl-base-0.9"},
+}
+UNSUPPORTED_FLAVOURS = {  # SimpleTuner flavours of these families that fewstep cannot train
+    "kontext": "FLUX.1 Kontext is an image-editing model: image conditioning is not implemented",
+    "edit-v1": "Qwen-Image-Edit is an image-editing model: image conditioning is not implemented",
+    "edit-v2": "Qwen-Image-Edit-2509 is an image-editing model: image conditioning is not implemented",
+    "refiner-1.0": "the SDXL refiner is a second-stage model with one text encoder, which fewstep does not load",
+    "refiner-0.9": "the SDXL refiner is a second-stage model with one text encoder, which fewstep does not load",
+}
+
+_NO_TREAD = "TREAD token routing is not implemented"
+ONE_VALUE: dict[str, tuple[tuple, str]] = {  # key -> (values accepted, what fewstep does instead)
+    "flow_use_beta_schedule": ((False,), "training times are logit-normal (flow_logit_mean, flow_logit_std) or "
+                                         "uniform (flow_use_uniform_schedule); the beta schedule is not implemented"),
+    "flow_beta_schedule_alpha": ((2.0,), "the beta schedule is not implemented"),
+    "flow_beta_schedule_beta": ((2.0,), "the beta schedule is not implemented"),
+    "flow_sigmoid_scale": ((1.0,), "the logit-normal schedule's spread is flow_logit_std"),
+    "flux_fast_schedule": ((False,), "FLUX.1-schnell's fast schedule is not implemented"),
+    "flux_guidance_mode": (("constant",), "FLUX's guidance input is flux_guidance_value, the same at every step"),
+    "flux_attention_masked_training": ((False,), "masked text attention is not implemented"),
+    "base_model_precision": (("no_change",), "the frozen base is loaded in the training dtype (mixed_precision); "
+                                             "quantised bases (int8, fp8, nf4) are not supported"),
+    **{f"text_encoder_{i}_precision": (("no_change",), "text encoders are loaded in the training dtype; quantised "
+                                                       "encoders are not supported") for i in (1, 2, 3, 4)},
+    "quantize_activations": ((False,), "nothing is quantised"),
+    # SimpleTuner's TwinFlow guide: "disable scheduled sampling"
+    "scheduled_sampling_max_step_offset": ((0,), "scheduled sampling is not implemented (training inputs are noised "
+                                                 "data, as TwinFlow's guide asks)"),
+    "scheduled_sampling_probability": ((0.0,), "scheduled sampling is not implemented"),
+    "lora_type": (("standard",), "fewstep trains PEFT LoRA (lora_rank, lora_alpha, lora_targets, lora_init_type); "
+                                 "LyCORIS is not supported"),
+    "lycoris_config": ((None,), "LyCORIS is not supported"),
+    "validation_lycoris_strength": ((1.0,), "LyCORIS is not supported"),
+    "controlnet": ((False,), "ControlNet training is not implemented"),
+    "tread_config": ((None,), _NO_TREAD),
+    "validation_guidance_rescale": ((0.0,), "validation's guidance is not rescaled (Qwen-Image's keeps its "
+                                            "pipeline's per-token norm rescale)"),
+    "validation_guidance_skip_layers": ((None,), "skip-layer guidance is not implemented"),
+    "validation_prompt_library": ((False,), "validation renders validation_prompt; SimpleTuner's built-in prompt "
+                                            "library is not shipped"),
+    "user_prompt_library": ((None,), "validation renders one prompt, validation_prompt"),
+    "num_train_epochs": ((0, None), "fewstep counts training in optimizer steps: set max_train_steps (SimpleTuner's "
+                                    "0 here means the same)"),
+    "strict_epoch_limit": ((False,), "fewstep counts training in optimizer steps (max_train_steps)"),
+    "ignore_final_epochs": ((False,), "fewstep counts training in optimizer steps (max_train_steps)"),
+    "grad_clip_method": (("norm",), "fewstep clips the gradient's global norm to max_grad_norm (DeepSpeed's "
+                                    "gradient_clipping); clipping each element ('value', SimpleTuner's default) is "
+                                    "not implemented"),
+    "gradient_checkpointing_interval": ((None, 1), "gradient_checkpointing recomputes every block"),
+    "ema_update_interval": ((None, 1), "the EMA is updated at every optimizer step"),
+    "loss_type": (("l2",), "the flow-matching loss is the mean squared error"),
+    "attention_mechanism": (("diffusers",), "attention is torch's scaled_dot_product_attention, through diffusers"),
+    "fuse_qkv_projections": ((False,), "QKV projections are not fused"),
+    "musubi_blocks_to_swap": ((0, None), "block swapping is not implemented; ZeRO-3 with offload_param keeps the "
+                                         "weights in CPU memory instead"),
+    "dynamo_backend": (("no", None), "the model is not compiled with torch.compile"),
+    "aspect_bucket_rounding": ((2,), "aspect buckets are keyed by the aspect ratio rounded to 2 decimals"),
+    "push_to_hub": ((False,), "fewstep does not upload: it exports the LoRA or model under output_dir (the "
+                              "log names the folder), for `hf upload` or your own tool"),
+    "push_checkpoints_to_hub": ((False,), "fewstep does not upload checkpoints"),
+}
+
+NO_EFFECT = {  # key -> why it changes nothing here
+    "hub_model_id": "fewstep makes no hub upload",
+    "disable_benchmark": "fewstep renders no step-0 benchmark of the base model",
+    "validation_torch_compile": "validation is not compiled",
+    "quantize_via": "nothing is quantised",
+    "vae_batch_size": "the cache fill encodes images in its own batches",
+    "vae_enable_tiling": "the cache fill encodes whole images",
+    "vae_enable_slicing": "the cache fill encodes whole images",
+    "vae_cache_ondemand": "the cache is filled before training starts",
+    "compress_disk_cache": "the cache's file format is fewstep's own",
+    "disable_bucket_pruning": "fewstep prunes no bucket: one smaller than the global batch is drawn in fewer rounds",
+    "skip_file_discovery": "fewstep lists the image folders at every start",
+    "offload_during_startup": "the cache fill loads only the text encoders and the VAE",
+    "validation_disable_unconditional": "fewstep renders no unconditional validation image",
+    "num_eval_images": "fewstep computes no evaluation scores",
+    "eval_steps_interval": "fewstep computes no evaluation scores",
+    "num_processes": "the launcher (deepspeed, torchrun or srun) sets the number of processes",
+    "dataloader_prefetch": "batches come from the latent cache",
+    "dataloader_prefetch_qlen": "batches come from the latent cache",
+}
+
+
+def _accepted(value: Any, accepted: tuple) -> bool:
+    for a in accepted:
+        if a is None:
+            if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+                return True
+            continue
+        try:
+            if as_type(type(a).__name__, value) == a:
+                return True
+        except (ValueError, TypeError):
+            pass
+    return False
+
+
+def translate(raw: dict[str, Any], source: dict[str, str]) -> list[str]:
+    """Rewrite `raw` (normalised key -> value; `source[key]`: where it was given) in place from SimpleTuner's spelling
+    to fewstep's, raising ConfigError for a value fewstep cannot train as asked. Returns the start-up notes: the
+    options that have no effect here, and the values read as another."""
+    for old, new in RENAMED.items():
+        if old not in raw:
+            continue
+        value, where = raw.pop(old), source.pop(old)
+        if new in raw and str(raw[new]) != str(value):
+            raise ConfigError(f"'{old}'{where} ({value!r}) and '{new}'{source[new]} ({raw[new]!r}) are one option "
+                              f"(SimpleTuner renamed {new} to {old}); keep one")
+        raw.setdefault(new, value)
+        source.setdefault(new, where)
+    notes = []
+    if "model_flavour" in raw:
+        notes += _flavour(raw, source)
+    for key, aliases in VALUE_ALIASES.items():
+        value = raw.get(key)
+        if isinstance(value, str) and value.lower() in aliases:
+            raw[key], why = aliases[value.lower()]
+            notes.append(f"{key} {value} trains as {raw[key]} ({why})")
+    for key in [k for k in raw if k in ONE_VALUE]:
+        accepted, instead = ONE_VALUE[key]
+        value = raw.pop(key)
+        if not _accepted(value, accepted):
+            shown = " or ".join(json.dumps(a) for a in accepted)
+            raise ConfigError(f"'{key}'{source[key]} is {value!r}: fewstep takes only {shown} here (what it does "
+                              f"anyway); {instead}")
+    ignored = [k for k in raw if k in NO_EFFECT]
+    if ignored:
+        notes.append("SimpleTuner options with no effect in fewstep: " +
+                     "; ".join(f"{k} ({NO_EFFECT[k]})" for k in ignored))
+    for key in ignored:
+        raw.pop(key)
+    return notes
+
+
+def _flavour(raw: dict[str, Any], source: dict[str, str]) -> list[str]:
+    """Read `model_flavour` (removed from `raw`): the model to load where the config names none."""
+    flavour, where = raw.pop("model_flavour"), source.pop("model_flavour")
+    if flavour is None or (isinstance(flavour, str) and flavour.lower() in ("null", "none", "")):
+        return []
+    family = str(raw.get("model_family", "")).lower()
+    known = FLAVOURS.get(family)
+    if known is None:  # no or an unknown family: its own error comes later
+        return []
+    if flavour in UNSUPPORTED_FLAVOURS:
+        raise ConfigError(f"'model_flavour'{where} is {flavour!r}: {UNSUPPORTED_FLAVOURS[flavour]}")
+    if flavour not in known:
+        raise ConfigError(f"'model_flavour'{where} is {flavour!r}: model_family {family} has the flavours "
+                          f"{', '.join(known)}; or name any model with pretrained_model_name_or_path")
+    model = raw.get("pretrained_model_name_or_path")
+    if model is None:
+        raw["pretrained_model_name_or_path"] = known[flavour]
+        source["pretrained_model_name_or_path"] = f" (model_flavour {flavour}{where})"
+        return [f"model_flavour {flavour}: loading {known[flavour]}"]
+    if str(model).rstrip("/").lower() != known[flavour].lower():
+        return [f"model_flavour {flavour} not used: pretrained_model_name_or_path names the model ({model})"]
+    return []
