@@ -217,6 +217,11 @@ def test_simpletuner_renamed_options_are_one_option(tmp_path):
     assert load_config(write(tmp_path, {**both, "--checkpointing_steps": 20})).checkpointing_steps == 20
     cfg = load_config(write(tmp_path, SEED_GLANCE), ["--save_total_limit", "2", "--validation_step_interval", "7"])
     assert (cfg.checkpoints_total_limit, cfg.validation_steps) == (2, 7)
+    # SimpleTuner's one LoRA format: fewstep writes diffusers' file too (its sampler reads it)
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui"})).lora_export_formats == \
+        ["diffusers", "comfyui"]
+    with pytest.raises(ConfigError, match="'lora_format' in .* and 'lora_export_formats' in .* both name"):
+        load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui", "lora_export_formats": "diffusers"}))
 
 
 def test_model_flavour_names_the_familys_model(tmp_path):

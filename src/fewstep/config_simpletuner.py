@@ -4,6 +4,7 @@ A SimpleTuner config carries many keys besides the ones fewstep has (its own exa
 writing, carry 50 that fewstep has no option for). Each such key is one of:
 
 - `RENAMED`: SimpleTuner's newer name of a fewstep option (its loader still reads the old one, fewstep's name);
+  `lora_format` (one format) is read as `lora_export_formats` (diffusers' file, and that one);
 - `VALUE_ALIASES`: a SimpleTuner value of a fewstep option that fewstep trains as another of its values;
 - `ONE_VALUE`: a feature fewstep does not have, accepted at the value(s) where the config asks for what fewstep does
   anyway (mostly SimpleTuner's default, the feature off); any other value is refused, naming what fewstep does;
@@ -102,6 +103,14 @@ ONE_VALUE: dict[str, tuple[tuple, str]] = {  # key -> (values accepted, what few
     "push_to_hub": ((False,), "fewstep does not upload: it exports the LoRA or model under output_dir (the "
                               "log names the folder), for `hf upload` or your own tool"),
     "push_checkpoints_to_hub": ((False,), "fewstep does not upload checkpoints"),
+    "pretrained_vae_model_name_or_path": ((None,), "the VAE is the one in the vae/ folder of "
+                                                   "pretrained_model_name_or_path: put the VAE you want there"),
+    "gradient_checkpointing_backend": (("torch",), "gradient checkpointing is torch's (through diffusers)"),
+    "delete_problematic_images": ((False,), "an image that does not decode is skipped with a line naming it; "
+                                           "fewstep deletes nothing"),
+    "context_parallel_size": ((1, None), "context parallelism is not implemented (ZeRO shards the model instead)"),
+    "enable_group_offload": ((False,), "group offload is not implemented; ZeRO-3 with offload_param keeps the "
+                                       "weights in CPU memory instead"),
 }
 
 NO_EFFECT = {  # key -> why it changes nothing here
@@ -123,6 +132,15 @@ NO_EFFECT = {  # key -> why it changes nothing here
     "num_processes": "the launcher (deepspeed, torchrun or srun) sets the number of processes",
     "dataloader_prefetch": "batches come from the latent cache",
     "dataloader_prefetch_qlen": "batches come from the latent cache",
+    "text_encoder_batch_size": "fewstep reads it from the text_embeds entry of the data config",
+    "allow_dataset_oversubscription": "fewstep trains a data set of any size: a bucket smaller than the global "
+                                      "batch wraps into its next epoch",
+    **{k: "only with validation_guidance_skip_layers (skip-layer guidance), which is not implemented"
+       for k in ("validation_guidance_skip_scale", "validation_guidance_skip_layers_start",
+                 "validation_guidance_skip_layers_stop")},
+    **{k: "only with enable_group_offload, which is not implemented"
+       for k in ("group_offload_type", "group_offload_use_stream", "group_offload_blocks_per_group",
+                 "group_offload_to_disk_path")},
 }
 
 
@@ -153,6 +171,13 @@ def translate(raw: dict[str, Any], source: dict[str, str]) -> list[str]:
                               f"(SimpleTuner renamed {new} to {old}); keep one")
         raw.setdefault(new, value)
         source.setdefault(new, where)
+    if "lora_format" in raw:  # SimpleTuner writes one format; fewstep always writes diffusers', which it samples
+        value, where = raw.pop("lora_format"), source.pop("lora_format")
+        if "lora_export_formats" in raw:
+            raise ConfigError(f"'lora_format'{where} and 'lora_export_formats'{source['lora_export_formats']} both "
+                              "name the LoRA's file formats; keep lora_export_formats")
+        raw["lora_export_formats"] = "diffusers" if str(value).lower() == "diffusers" else f"diffusers,{value}"
+        source["lora_export_formats"] = f" (lora_format{where})"
     notes = []
     if "model_flavour" in raw:
         notes += _flavour(raw, source)
