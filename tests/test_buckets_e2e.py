@@ -120,8 +120,8 @@ def test_simpletuner_documentation_example_trains_as_written(runs):
     root, logs = runs
     example = os.path.join(root, "example")
     log = logs["example"]
-    assert ("data 'something-special-to-remember-by': 5 images in 1 bucket(s) [32x32 x5], center crop, square"
-            in log)
+    assert ("data 'something-special-to-remember-by': 5 images in 1 bucket(s) [32x32 x5], resolution 32 px "
+            "(pixel_area), center crop, square" in log)
     assert "skipped 1 aspect ratio above maximum_aspect_ratio, 1 smaller than minimum_image_size" in log
     assert [m["step"] for m in read_metrics(out(root, "example"))] == [1, 2, 3]
     assert os.path.exists(os.path.join(out(root, "example"), "pytorch_lora_weights.safetensors"))

@@ -214,14 +214,26 @@ def test_simpletuner_renamed_options_are_one_option(tmp_path):
     with pytest.raises(ConfigError, match=r"'checkpoint_step_interval' in .* \(20\) and 'checkpointing_steps' in .* "
                                           r"\(30\) are one option .*keep one"):
         load_config(write(tmp_path, both))
-    assert load_config(write(tmp_path, {**both, "--checkpointing_steps": 20})).checkpointing_steps == 20
+    assert load_config(write(tmp_path, {**both, "--checkpointing_steps": "20.0"})).checkpointing_steps == 20
+    # a command-line value wins over the file's, whichever spelling either uses (as for any option)
+    renamed = write(tmp_path, merged(SEED_GLANCE, {"checkpoint_step_interval": 250}))
+    assert load_config(renamed, ["--checkpointing_steps", "100"]).checkpointing_steps == 100
+    plain = write(tmp_path, merged(SEED_GLANCE, {"checkpointing_steps": 250}))
+    assert load_config(plain, ["--checkpoint_step_interval", "100"]).checkpointing_steps == 100
+    with pytest.raises(ConfigError, match="are one option"):
+        load_config(plain, ["--checkpoint_step_interval", "100", "--checkpointing_steps", "7"])
+    # null: SimpleTuner's default (it skips a null option)
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "checkpoint_step_interval": None})).checkpointing_steps == \
+        load_config(write(tmp_path, SEED_GLANCE)).checkpointing_steps
     cfg = load_config(write(tmp_path, SEED_GLANCE), ["--save_total_limit", "2", "--validation_step_interval", "7"])
     assert (cfg.checkpoints_total_limit, cfg.validation_steps) == (2, 7)
     # SimpleTuner's one LoRA format: fewstep writes diffusers' file too (its sampler reads it)
     assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui"})).lora_export_formats == \
         ["diffusers", "comfyui"]
-    with pytest.raises(ConfigError, match="'lora_format' in .* and 'lora_export_formats' in .* both name"):
+    with pytest.raises(ConfigError, match=r"'lora_format' in .* \('comfyui'\) and 'lora_export_formats' in .* are "):
         load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui", "lora_export_formats": "diffusers"}))
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui"}), [
+        "--lora_export_formats", "diffusers"]).lora_export_formats == ["diffusers"]
 
 
 def test_model_flavour_names_the_familys_model(tmp_path):
@@ -229,10 +241,13 @@ def test_model_flavour_names_the_familys_model(tmp_path):
     bare = {k: v for k, v in SEED_TWINFLOW.items() if k != "pretrained_model_name_or_path"}
     assert load_config(write(tmp_path, {**bare, "model_flavour": "large"})).pretrained_model_name_or_path == \
         "stabilityai/stable-diffusion-3.5-large"
-    cfg = load_config(write(tmp_path, {**SEED_TWINFLOW, "model_flavour": "medium"}))  # the path wins, and says so
-    assert cfg.pretrained_model_name_or_path == "tiny:sd3"
-    assert "model_flavour medium not used: pretrained_model_name_or_path names the model (tiny:sd3)" in \
-        config_warnings(cfg)
+    for flavour in ("medium", "some-finetune"):  # the path wins, and says so; any flavour then
+        cfg = load_config(write(tmp_path, {**SEED_TWINFLOW, "model_flavour": flavour}))
+        assert cfg.pretrained_model_name_or_path == "tiny:sd3"
+        assert f"model_flavour {flavour} not used: pretrained_model_name_or_path names the model (tiny:sd3)" in \
+            config_warnings(cfg)
+    with pytest.raises(ConfigError, match=r"'model_flavour' in .* must be a name such as 'medium', got \['large'\]"):
+        load_config(write(tmp_path, {**bare, "model_flavour": ["large"]}))
     with pytest.raises(ConfigError, match="'model_flavour' in .* is 'turbo': model_family sd3 has the flavours "
                                           "medium, large"):
         load_config(write(tmp_path, {**bare, "model_flavour": "turbo"}))
@@ -439,7 +454,30 @@ def test_validation_resolution_is_a_size(tmp_path):
     assert load_config(write(tmp_path, {**SEED_GLANCE, "validation_resolution": 512})).validation_resolution == \
         "512x512"
     assert load_config(write(tmp_path, SEED_GLANCE)).validation_resolution is None  # the training resolution's square
-    for bad, why in (("1024x768,512x512", "one size: SimpleTuner's comma-separated list"), ("big", "WIDTHxHEIGHT"),
-                     ("4x4", "each side must be 8 to 8192"), (True, "WIDTHxHEIGHT")):
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "validation_resolution": "1"})).validation_resolution == \
+        "1024x1024"  # SimpleTuner's 1 megapixel
+    for bad, why in (("1024x768,512x512", "one size: SimpleTuner's list"), ("big", "WIDTHxHEIGHT"),
+                     ("4x4", "each side must be 8 to 8192"), (True, "WIDTHxHEIGHT"), ("0.5", "megapixels"),
+                     (64, "megapixels")):
         with pytest.raises(ConfigError, match=f"'validation_resolution' .*{why}"):
             load_config(write(tmp_path, {**SEED_GLANCE, "validation_resolution": bad}))
+
+
+def test_every_refusal_and_unknown_key_of_a_config_is_in_one_error(tmp_path):
+    """A SimpleTuner config may carry several features fewstep lacks: the user fixes them all in one go."""
+    path = write(tmp_path, merged(SEED_GLANCE, {"base_model_precision": "int8-quanto", "grad_clip_method": "value",
+                                                "lora_rnk": 4}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    for part in ("'base_model_precision' in", "'grad_clip_method' in", "unknown config key 'lora_rnk'"):
+        assert part in msg, msg
+
+
+def test_lr_end_and_lr_power_outside_the_polynomial_schedule_are_named(tmp_path):
+    from fewstep.config_warnings import config_warnings
+    cfg = load_config(write(tmp_path, SEED_GLANCE), ["--lr_scheduler", "cosine", "--lr_end", "1e-6"])
+    assert "lr_end not used: lr_scheduler cosine decays to 0 (only polynomial decays to lr_end, with power " \
+           "lr_power)" in config_warnings(cfg)
+    assert not any("lr_end" in w for w in config_warnings(load_config(write(tmp_path, SEED_GLANCE), [
+        "--lr_scheduler", "polynomial", "--lr_end", "1e-6"])))

@@ -478,9 +478,11 @@ def test_resolution_is_the_trainers(tmp_path):
     s = plan(data_backend_config=two).settings
     assert s["resolution"] == 768 and "entry 1 ('big') (the largest of 2 image entries)" in s["resolution_source"]
     s = plan(data_backend_config=two, resolution=256).settings  # the entries' own win, as in training (SimpleTuner)
-    assert s["resolution"] == 768 and "resolution 256 for entries that set none" in s["resolution_source"]
+    assert s["resolution"] == 768 and "the config's" not in s["resolution_source"]  # no entry took it
     half = _backend(tmp_path, "half.json", {"id": "small", "resolution": 512}, {"id": "unset"})
-    assert plan(data_backend_config=half, resolution=1024).settings["resolution"] == 1024  # 'unset' takes it
+    s = plan(data_backend_config=half, resolution=1024).settings  # 'unset' takes it
+    assert s["resolution"] == 1024
+    assert "the config's resolution 1024 for entries that set none" in s["resolution_source"]
     area = _backend(tmp_path, "area.json", {"resolution": 0.25, "resolution_type": "area", "crop": False})
     s = plan(data_backend_config=area).settings  # 0.25 MP trains at 512 x 512 (SimpleTuner's map), other aspects
     assert s["resolution"] == 528 and "planned at its widest aspect bucket (2, the planner's assumption" in \

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fewstep.config_simpletuner import COMMAND_LINE
 from fewstep.config_simpletuner import translate as from_simpletuner
 from fewstep.config_values import closest_keys, coerce, normalize_key, parse_overrides
 from fewstep.engine.ds_config_checks import read_user_config
@@ -417,11 +418,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides, FIELDS)
     for k, v in (overrides or {}).items():
-        raw[normalize_key(k)], source[normalize_key(k)] = v, " on the command line"
-    notes = from_simpletuner(raw, source)
+        raw[normalize_key(k)], source[normalize_key(k)] = v, COMMAND_LINE
+    notes, problems = from_simpletuner(raw, source)
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:  # all of them at once: a config brought from elsewhere may have several
-        raise ConfigError(closest_keys(unknown, source, FIELDS))
+        problems.append(closest_keys(unknown, source, FIELDS))
+    if problems:
+        raise ConfigError("; ".join(problems))
     cfg = Config(**{key: coerce(key, FIELDS[key], value) for key, value in raw.items()}).validate()
     cfg.simpletuner_notes = notes  # logged at start-up with the config's warnings (not an option: not a field)
     return cfg

@@ -3,7 +3,8 @@
 A SimpleTuner config carries many keys besides the ones fewstep has (its own examples, 114 of them at the time of
 writing, carry 50 that fewstep has no option for). Each such key is one of:
 
-- `RENAMED`: SimpleTuner's newer name of a fewstep option (its loader still reads the old one, fewstep's name);
+- `RENAMED`: SimpleTuner's other name of a fewstep option (`checkpoint_step_interval` and `validation_step_interval`,
+  its newer names; `save_total_limit`, an older one it still reads);
   `lora_format` (one format) is read as `lora_export_formats` (diffusers' file, and that one);
 - `VALUE_ALIASES`: a SimpleTuner value of a fewstep option that fewstep trains as another of its values;
 - `ONE_VALUE`: a feature fewstep does not have, accepted at the value(s) where the config asks for what fewstep does
@@ -21,7 +22,6 @@ import json
 from typing import Any
 
 from fewstep.config_values import as_type
-from fewstep.errors import ConfigError
 
 RENAMED = {
     "checkpoint_step_interval": "checkpointing_steps",
@@ -41,14 +41,15 @@ FLAVOURS = {
     "flux": {"dev": "black-forest-labs/FLUX.1-dev", "krea": "black-forest-labs/FLUX.1-Krea-dev",
              "schnell": "black-forest-labs/FLUX.1-schnell"},
     "sd3": {"medium": "stabilityai/stable-diffusion-3.5-medium", "large": "stabilityai/stable-diffusion-3.5-large"},
-    "qwen_image": {"v1.0": "Qwen/Qwen-Image"},
+    "qwen_image": {"v1.0": "Qwen/Qwen-Image", "v2.0": "Qwen/Qwen-Image-2512"},
     "sdxl": {"base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
              "base-0.9": "stabilityai/stable-diffusion-xl-base-0.9"},
 }
 UNSUPPORTED_FLAVOURS = {  # SimpleTuner flavours of these families that fewstep cannot train
     "kontext": "FLUX.1 Kontext is an image-editing model: image conditioning is not implemented",
     "edit-v1": "Qwen-Image-Edit is an image-editing model: image conditioning is not implemented",
-    "edit-v2": "Qwen-Image-Edit-2509 is an image-editing model: image conditioning is not implemented",
+    **{f: "Qwen-Image-Edit is an image-editing model: image conditioning is not implemented"
+       for f in ("edit-v2", "edit-v2+", "edit-v3")},
     "refiner-1.0": "the SDXL refiner is a second-stage model with one text encoder, which fewstep does not load",
     "refiner-0.9": "the SDXL refiner is a second-stage model with one text encoder, which fewstep does not load",
 }
@@ -74,7 +75,6 @@ ONE_VALUE: dict[str, tuple[tuple, str]] = {  # key -> (values accepted, what few
     "scheduled_sampling_probability": ((0.0,), "scheduled sampling is not implemented"),
     "lora_type": (("standard",), "fewstep trains PEFT LoRA (lora_rank, lora_alpha, lora_targets, lora_init_type); "
                                  "LyCORIS is not supported"),
-    "lycoris_config": ((None,), "LyCORIS is not supported"),
     "validation_lycoris_strength": ((1.0,), "LyCORIS is not supported"),
     "controlnet": ((False,), "ControlNet training is not implemented"),
     "tread_config": ((None,), _NO_TREAD),
@@ -103,8 +103,11 @@ ONE_VALUE: dict[str, tuple[tuple, str]] = {  # key -> (values accepted, what few
     "push_to_hub": ((False,), "fewstep does not upload: it exports the LoRA or model under output_dir (the "
                               "log names the folder), for `hf upload` or your own tool"),
     "push_checkpoints_to_hub": ((False,), "fewstep does not upload checkpoints"),
-    "pretrained_vae_model_name_or_path": ((None,), "the VAE is the one in the vae/ folder of "
-                                                   "pretrained_model_name_or_path: put the VAE you want there"),
+    "pretrained_vae_model_name_or_path": ((None, "madebyollin/sdxl-vae-fp16-fix"),
+                                          "the VAE is the one in the vae/ folder of pretrained_model_name_or_path: "
+                                          "put the VAE you want there (SDXL's fp16 fix, SimpleTuner's SDXL default, "
+                                          "is accepted: fewstep runs the VAE in bf16 or fp32, where SDXL's own does "
+                                          "not overflow)"),
     "gradient_checkpointing_backend": (("torch",), "gradient checkpointing is torch's (through diffusers)"),
     "delete_problematic_images": ((False,), "an image that does not decode is skipped with a line naming it; "
                                            "fewstep deletes nothing"),
@@ -130,9 +133,11 @@ NO_EFFECT = {  # key -> why it changes nothing here
     "num_eval_images": "fewstep computes no evaluation scores",
     "eval_steps_interval": "fewstep computes no evaluation scores",
     "num_processes": "the launcher (deepspeed, torchrun or srun) sets the number of processes",
+    "lycoris_config": "it configures lora_type lycoris, which is refused",
     "dataloader_prefetch": "batches come from the latent cache",
     "dataloader_prefetch_qlen": "batches come from the latent cache",
-    "text_encoder_batch_size": "fewstep reads it from the text_embeds entry of the data config",
+    "text_encoder_batch_size": "a speed setting: fewstep's is the text_embeds entry's text_encoder_batch_size in the "
+                               "data config",
     "allow_dataset_oversubscription": "fewstep trains a data set of any size: a bucket smaller than the global "
                                       "batch wraps into its next epoch",
     **{k: "only with validation_guidance_skip_layers (skip-layer guidance), which is not implemented"
@@ -158,29 +163,57 @@ def _accepted(value: Any, accepted: tuple) -> bool:
     return False
 
 
-def translate(raw: dict[str, Any], source: dict[str, str]) -> list[str]:
+COMMAND_LINE = " on the command line"  # `source` of a command-line value (fewstep.config.load_config)
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", ""))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two spellings of one option's value agree (500 and "500.0" do)."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip().lower() == str(b).strip().lower()
+
+
+def _merge(raw: dict, source: dict, old: str, new: str, value: Any, problems: list[str], given: Any = None) -> None:
+    """Give option `new` the value SimpleTuner's key `old` had (already removed from `raw`; `given`: as written, where
+    `value` is its translation). Where both are given, a command-line value wins over the file's (as for any
+    option); in one place they must agree."""
+    where = source.pop(old)
+    if new not in raw:
+        raw[new], source[new] = value, where
+    elif where == COMMAND_LINE and source[new] != COMMAND_LINE:
+        raw[new], source[new] = value, where
+    elif (where == COMMAND_LINE) == (source[new] == COMMAND_LINE) and not _same(raw[new], value):
+        problems.append(f"'{old}'{where} ({value if given is None else given!r}) and '{new}'{source[new]} "
+                        f"({raw[new]!r}) are one option "
+                        "(SimpleTuner's name and fewstep's); keep one")
+
+
+def translate(raw: dict[str, Any], source: dict[str, str]) -> tuple[list[str], list[str]]:
     """Rewrite `raw` (normalised key -> value; `source[key]`: where it was given) in place from SimpleTuner's spelling
-    to fewstep's, raising ConfigError for a value fewstep cannot train as asked. Returns the start-up notes: the
-    options that have no effect here, and the values read as another."""
+    to fewstep's. Returns (notes, problems): the start-up notes (the options that have no effect here, the values
+    read as another) and every value fewstep cannot train as asked, for one error with the unknown keys."""
+    problems, notes = [], []
     for old, new in RENAMED.items():
-        if old not in raw:
-            continue
-        value, where = raw.pop(old), source.pop(old)
-        if new in raw and str(raw[new]) != str(value):
-            raise ConfigError(f"'{old}'{where} ({value!r}) and '{new}'{source[new]} ({raw[new]!r}) are one option "
-                              f"(SimpleTuner renamed {new} to {old}); keep one")
-        raw.setdefault(new, value)
-        source.setdefault(new, where)
+        if old in raw:
+            value = raw.pop(old)
+            if _is_null(value):  # SimpleTuner skips a null option: its default
+                source.pop(old)
+            else:
+                _merge(raw, source, old, new, value, problems)
     if "lora_format" in raw:  # SimpleTuner writes one format; fewstep always writes diffusers', which it samples
-        value, where = raw.pop("lora_format"), source.pop("lora_format")
-        if "lora_export_formats" in raw:
-            raise ConfigError(f"'lora_format'{where} and 'lora_export_formats'{source['lora_export_formats']} both "
-                              "name the LoRA's file formats; keep lora_export_formats")
-        raw["lora_export_formats"] = "diffusers" if str(value).lower() == "diffusers" else f"diffusers,{value}"
-        source["lora_export_formats"] = f" (lora_format{where})"
-    notes = []
+        value = raw.pop("lora_format")
+        if _is_null(value):
+            source.pop("lora_format")
+        else:
+            formats = "diffusers" if str(value).lower() == "diffusers" else f"diffusers,{value}"
+            _merge(raw, source, "lora_format", "lora_export_formats", formats, problems, value)
     if "model_flavour" in raw:
-        notes += _flavour(raw, source)
+        _flavour(raw, source, notes, problems)
     for key, aliases in VALUE_ALIASES.items():
         value = raw.get(key)
         if isinstance(value, str) and value.lower() in aliases:
@@ -191,36 +224,38 @@ def translate(raw: dict[str, Any], source: dict[str, str]) -> list[str]:
         value = raw.pop(key)
         if not _accepted(value, accepted):
             shown = " or ".join(json.dumps(a) for a in accepted)
-            raise ConfigError(f"'{key}'{source[key]} is {value!r}: fewstep takes only {shown} here (what it does "
-                              f"anyway); {instead}")
+            problems.append(f"'{key}'{source[key]} is {value!r}: fewstep takes only {shown} here (what it does "
+                            f"anyway); {instead}")
     ignored = [k for k in raw if k in NO_EFFECT]
     if ignored:
         notes.append("SimpleTuner options with no effect in fewstep: " +
                      "; ".join(f"{k} ({NO_EFFECT[k]})" for k in ignored))
     for key in ignored:
         raw.pop(key)
-    return notes
+    return notes, problems
 
 
-def _flavour(raw: dict[str, Any], source: dict[str, str]) -> list[str]:
+def _flavour(raw: dict[str, Any], source: dict[str, str], notes: list[str], problems: list[str]) -> None:
     """Read `model_flavour` (removed from `raw`): the model to load where the config names none."""
     flavour, where = raw.pop("model_flavour"), source.pop("model_flavour")
-    if flavour is None or (isinstance(flavour, str) and flavour.lower() in ("null", "none", "")):
-        return []
+    if _is_null(flavour):
+        return
     family = str(raw.get("model_family", "")).lower()
     known = FLAVOURS.get(family)
     if known is None:  # no or an unknown family: its own error comes later
-        return []
-    if flavour in UNSUPPORTED_FLAVOURS:
-        raise ConfigError(f"'model_flavour'{where} is {flavour!r}: {UNSUPPORTED_FLAVOURS[flavour]}")
-    if flavour not in known:
-        raise ConfigError(f"'model_flavour'{where} is {flavour!r}: model_family {family} has the flavours "
-                          f"{', '.join(known)}; or name any model with pretrained_model_name_or_path")
+        return
     model = raw.get("pretrained_model_name_or_path")
-    if model is None:
+    if not isinstance(flavour, str):
+        problems.append(f"'model_flavour'{where} must be a name such as {next(iter(known))!r}, got {flavour!r}")
+    elif model is not None:  # the model is named: the flavour says nothing more
+        if flavour not in known or str(model).rstrip("/").lower() != known[flavour].lower():
+            notes.append(f"model_flavour {flavour} not used: pretrained_model_name_or_path names the model ({model})")
+    elif flavour in UNSUPPORTED_FLAVOURS:
+        problems.append(f"'model_flavour'{where} is {flavour!r}: {UNSUPPORTED_FLAVOURS[flavour]}")
+    elif flavour not in known:
+        problems.append(f"'model_flavour'{where} is {flavour!r}: model_family {family} has the flavours "
+                        f"{', '.join(known)}; or name any model with pretrained_model_name_or_path")
+    else:
         raw["pretrained_model_name_or_path"] = known[flavour]
         source["pretrained_model_name_or_path"] = f" (model_flavour {flavour}{where})"
-        return [f"model_flavour {flavour}: loading {known[flavour]}"]
-    if str(model).rstrip("/").lower() != known[flavour].lower():
-        return [f"model_flavour {flavour} not used: pretrained_model_name_or_path names the model ({model})"]
-    return []
+        notes.append(f"model_flavour {flavour}: loading {known[flavour]}")

@@ -25,6 +25,11 @@ def config_warnings(cfg) -> list[str]:
     if cfg.resolved_method == "twinflow" and ignored:
         out.append(f"{', '.join(f'{k} {v:g}' for k, v in ignored.items())} not used: TwinFlow samples without "
                    "classifier-free guidance (its target distils it), at the training guidance value")
+    unused = [k for k in ("lr_end", "lr_power") if getattr(cfg, k) != _default(FIELDS[k])]
+    if unused and cfg.lr_scheduler != "polynomial":
+        out.append(f"{', '.join(unused)} not used: lr_scheduler {cfg.lr_scheduler} "
+                   f"{'decays to 0' if cfg.lr_scheduler in ('linear', 'cosine') else 'keeps learning_rate'} "
+                   "(only polynomial decays to lr_end, with power lr_power)")
     if 0 < cfg.max_train_steps <= cfg.lr_warmup_steps:
         per = " per Glance phase" if cfg.resolved_method == "glance" else ""
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= max_train_steps {cfg.max_train_steps}{per}: the "

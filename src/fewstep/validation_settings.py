@@ -15,8 +15,14 @@ def validation_size(value: Any) -> Optional[tuple[int, int]]:
     if value is None:
         return None
     text = str(value).strip().lower()
+    if re.fullmatch(r"1(\.0*)?", text):  # SimpleTuner reads 1 (megapixel) as 1024 x 1024
+        return 1024, 1024
+    megapixels = re.fullmatch(r"\d*\.\d+", text) or (re.fullmatch(r"\d+", text) and int(text) < 128)
+    if not isinstance(value, bool) and megapixels:
+        raise ValueError(f"'validation_resolution' {value!r} reads as megapixels in SimpleTuner; give the side in "
+                         "pixels (e.g. 1024)")
     if isinstance(value, bool) or not re.fullmatch(r"\d+(x\d+)?", text):
-        several = " (one size: SimpleTuner's comma-separated list of sizes is not supported)" if "," in text else ""
+        several = " (one size: SimpleTuner's list of several sizes is not supported)" if "," in text else ""
         raise ValueError(f"'validation_resolution' must be WIDTHxHEIGHT or one side in pixels, e.g. '1024x768' or "
                          f"1024; got {value!r}{several}")
     w, _, h = text.partition("x")

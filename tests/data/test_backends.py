@@ -204,6 +204,16 @@ def test_the_configs_resolution_options_are_defaults_for_entries_that_set_none(t
     assert (b.resolution, b.resolution_type, b.minimum_image_size) == (48, "pixel", 16)
     with pytest.raises(DataError, match="entry 1 .*needs 'resolution'"):
         load_data_config(path)
+    # the start-up line says where each entry's resolution comes from
+    assert a.shown_resolution == "resolution 64 px (pixel_area, its own: the config's 48 is for entries that set none)"
+    assert b.shown_resolution == "resolution 48 px (pixel, the config's)"
+    with pytest.raises(DataError, match="megapixels .*got 1024 \\(the config's resolution: this entry sets none\\)"):
+        load_data_config(path, {"resolution": 1024, "resolution_type": "area"})
+    # fewstep's default resolution_type differs from SimpleTuner's where it matters (not for a square crop)
+    unset = load(tmp_path, entry(images, id="keep", crop=False), entry(images, id="square", crop=True)).images
+    assert unset[0].shown_resolution == "resolution 32 px (pixel; fewstep's default resolution_type, SimpleTuner's " \
+                                        "is pixel_area)"
+    assert unset[1].shown_resolution == "resolution 32 px (pixel)"
 
 
 def test_single_object_and_errors_name_the_file(tmp_path, images):

@@ -206,3 +206,17 @@ def test_a_corrupt_probe_memo_is_ignored_and_rewritten(tmp_path, capsys):
         samples, _ = collect_samples(config, 1, memo)
         memo.save()
         assert sorted(json.loads(memo_path.read_text())) == sorted(os.path.abspath(s.image_path) for s in samples)
+
+
+def test_validation_shape_is_the_asked_size_snapped_to_the_models_multiple(tmp_path):
+    """validation_resolution (width, height) -> latent [C, H/8, W/8], each side snapped down to the model's multiple
+    (16 here: a VAE's 8 times a 2x2 patch), at least one multiple; by default the first entry's square."""
+    config = load_data_config(write_dataset(str(tmp_path), n=1))  # resolution 32
+    samples, _ = collect_samples(config, 16)
+    enc_txt = _encoders()[1]
+    caches = _fill(tmp_path, samples, config, torch.float32, lambda px: torch.nn.functional.avg_pool2d(px, 8), enc_txt)
+    ds = CachedDataset(caches, config.images, 16)
+    assert ds.latents(0).shape == (3, 4, 4)
+    assert ds.validation_shape() == (3, 4, 4)
+    assert ds.validation_shape((70, 40)) == (3, 4, 8)  # 64 x 32 pixels: [C, height, width]
+    assert ds.validation_shape((10, 100)) == (3, 12, 2)  # 16 x 96

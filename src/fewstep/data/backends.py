@@ -93,6 +93,7 @@ class ImageEntry:
     resolution_type: str = "pixel"
     crop: bool = True
     crop_explicit: bool = False          # the entry set `crop` (SimpleTuner's crop rules); else fewstep's default
+    type_explicit: bool = False          # the entry (or the config) set `resolution_type`; else fewstep's default
     crop_style: str = "center"
     crop_aspect: str = "square"
     crop_aspect_buckets: list = field(default_factory=list)  # floats, or {"aspect": a, "weight": w}
@@ -114,6 +115,21 @@ class ImageEntry:
     vae_cache_dir: Optional[str] = None  # where this entry's latents go (cache_dir_vae / its image_embeds entry)
     text_cache_dir: Optional[str] = None  # where its caption embeddings go (its text_embeds entry)
     where: str = ""                      # "<file> entry <i> ('<id>')" for messages
+    inherited: tuple = ()                # the keys of `ENTRY_DEFAULTS` it took from the config
+    config_resolution: Optional[float] = None  # the config's `resolution`, where it has one
+
+    @property
+    def shown_resolution(self) -> str:
+        """Its resolution and where it comes from, in words (logged at start)."""
+        unit = "MP" if self.resolution_type == "area" else "px"
+        text = f"resolution {self.resolution:g} {unit} ({self.resolution_type}"
+        if "resolution" in self.inherited:
+            text += ", the config's"
+        elif self.config_resolution is not None and self.config_resolution != self.resolution:
+            text += f", its own: the config's {self.config_resolution:g} is for entries that set none"
+        if not self.type_explicit and not (self.crop and self.crop_aspect == "square"):  # square: the same either way
+            text += "; fewstep's default resolution_type, SimpleTuner's is pixel_area"
+        return text + ")"
 
     @property
     def shown_crop(self) -> str:
@@ -289,9 +305,12 @@ def load_data_config(path: str, config_defaults: Optional[dict] = None, images_m
         config.default_text_cache_dir = _local_dir(entry.get("cache_dir"), "cache_dir", where, path, False)
     for i, key, where, entry, kind in live:
         if kind == "image":
-            entry = {**(config_defaults or {}), **entry}
-            config.images.append(_image_entry(entry, key, where, path, text, image_embeds, default,
-                                              images_must_exist))
+            given = config_defaults or {}
+            inherited = tuple(k for k in given if k not in entry)
+            image = _image_entry({**given, **entry}, key, where, path, text, image_embeds, default, images_must_exist,
+                                 inherited)
+            image.config_resolution = given.get("resolution")
+            config.images.append(image)
     if not config.images:
         raise DataError(f"{path}: no enabled image entries")
     if images_must_exist:  # not for the planner, which may read the file where the training nodes' folders are not
@@ -305,7 +324,7 @@ def load_data_config(path: str, config_defaults: Optional[dict] = None, images_m
 
 
 def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image_embeds: dict,
-                 default_text, must_exist: bool = True) -> ImageEntry:
+                 default_text, must_exist: bool = True, inherited: tuple = ()) -> ImageEntry:
     _check_keys(entry, IMAGE_KEYS, where)
     image_dir = entry.get("instance_data_dir", entry.get("image_dir"))
     if image_dir in (None, ""):
@@ -314,16 +333,17 @@ def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image
                            path, must_exist)
     res_type = _choice(entry, "resolution_type", where, RESOLUTION_TYPES, "pixel")
     resolution = entry.get("resolution")
+    from_config = " (the config's resolution: this entry sets none)" if "resolution" in inherited else ""
     if resolution is None:
         raise DataError(f"{where}: needs 'resolution' (or set 'resolution' in the config, for every entry that sets "
                         "none)")
     if res_type == "area":
         if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution <= 64:
             raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "
-                            f"got {_got(resolution)}")
+                            f"got {_got(resolution)}{from_config}")
     elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not math.isfinite(resolution) \
             or resolution < 8 or (res_type == "pixel" and resolution != int(resolution)):
-        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {_got(resolution)}")
+        raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {_got(resolution)}{from_config}")
     crop_explicit = "crop" in entry
     crop = _flag(entry, "crop", where, True)
     crop_aspect = _choice(entry, "crop_aspect", where, _CROP_ASPECTS, "square")
@@ -369,8 +389,9 @@ def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image
                         "out, set 'disabled': true")
     return ImageEntry(
         id=key, image_dir=image_dir, resolution=float(resolution), resolution_type=res_type, crop=crop,
-        crop_explicit=crop_explicit, crop_style=style if crop else "center", crop_aspect=crop_aspect if crop else
-        "preserve", crop_aspect_buckets=list(buckets), **nums, **aspects, caption_strategy=strategy,
+        crop_explicit=crop_explicit, type_explicit="resolution_type" in entry, inherited=inherited,
+        crop_style=style if crop else "center", crop_aspect=crop_aspect if crop else "preserve",
+        crop_aspect_buckets=list(buckets), **nums, **aspects, caption_strategy=strategy,
         caption_extension=ext if ext.startswith(".") else "." + ext, instance_prompt=instance,
         prepend_instance_prompt=prepend, only_instance_prompt=only,
         multiline=not _flag(entry, "disable_multiline_split", where, False),

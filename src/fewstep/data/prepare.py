@@ -59,7 +59,8 @@ def summary(config: DataConfig, samples: SampleTable, skipped: dict[str, Counter
         sizes = {f"{w}x{h}": int(n) for _, _, (w, h), n in sorted(zip(-counts, first, targets, counts))}
         buckets = ", ".join(f"{b} x{n}" for b, n in sizes.items())  # the largest first, ties in the data's order
         line = (f"data '{entry.id}': {sum(sizes.values())} images in {len(sizes)} bucket(s) [{buckets}], "
-                f"{entry.shown_crop}, repeats {entry.repeats}, probability {entry.probability:g}")
+                f"{entry.shown_resolution}, {entry.shown_crop}, repeats {entry.repeats}, probability "
+                f"{entry.probability:g}")
         if skipped.get(entry.id):
             line += "; skipped " + ", ".join(f"{n} {why}" for why, n in skipped[entry.id].items())
         if e < len(empty) and empty[e]:

@@ -49,7 +49,7 @@ def training_resolution(cfg, adapter) -> Resolution:
     source = f"data_backend_config {where}"
     if len(images) > 1:
         source += f" (the largest of {len(images)} image entries)"
-    given = [f"{k} {v}" for k, v in entry_defaults(cfg).items()]
+    given = [f"{k} {v}" for k, v in entry_defaults(cfg).items() if any(k in e.inherited for e in images)]
     if given:
         source += f", with the config's {', '.join(given)} for entries that set none"
     if which != "square":
