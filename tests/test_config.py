@@ -154,7 +154,7 @@ def test_missing_required_and_missing_file(tmp_path):
     ("scheduled_sampling_max_step_offset", 0, 2, "scheduled sampling is not implemented"),  # TwinFlow's guide: off
     ("lora_type", "standard", "lycoris", "LyCORIS is not supported"),  # was 'did you mean lora_init_type'
     ("validation_guidance_rescale", 0.0, 0.7, "not rescaled"),  # was 'did you mean validation_guidance_real'
-    ("grad_clip_method", "norm", "value", "clips the gradient's global norm"),  # SimpleTuner's default is 'value'
+    ("musubi_blocks_to_swap", 0, 18, "block swapping is not implemented"),
     ("num_train_epochs", 0, 3, "set max_train_steps"),
     ("push_to_hub", False, True, "fewstep does not upload"),
     ("gradient_checkpointing_interval", 1, 2, "recomputes every block"),
@@ -465,12 +465,12 @@ def test_validation_resolution_is_a_size(tmp_path):
 
 def test_every_refusal_and_unknown_key_of_a_config_is_in_one_error(tmp_path):
     """A SimpleTuner config may carry several features fewstep lacks: the user fixes them all in one go."""
-    path = write(tmp_path, merged(SEED_GLANCE, {"base_model_precision": "int8-quanto", "grad_clip_method": "value",
+    path = write(tmp_path, merged(SEED_GLANCE, {"base_model_precision": "int8-quanto", "loss_type": "huber",
                                                 "lora_rnk": 4}))
     with pytest.raises(ConfigError) as err:
         load_config(path)
     msg = str(err.value)
-    for part in ("'base_model_precision' in", "'grad_clip_method' in", "unknown config key 'lora_rnk'"):
+    for part in ("'base_model_precision' in", "'loss_type' in", "unknown config key 'lora_rnk'"):
         assert part in msg, msg
 
 
@@ -481,3 +481,14 @@ def test_lr_end_and_lr_power_outside_the_polynomial_schedule_are_named(tmp_path)
            "lr_power)" in config_warnings(cfg)
     assert not any("lr_end" in w for w in config_warnings(load_config(write(tmp_path, SEED_GLANCE), [
         "--lr_scheduler", "polynomial", "--lr_end", "1e-6"])))
+
+
+def test_grad_clip_method_value_turns_deepspeeds_norm_clip_off(tmp_path):
+    from fewstep.engine.deepspeed_engine import build_ds_config
+    value = load_config(write(tmp_path, SEED_GLANCE), ["--grad_clip_method", "value", "--max_grad_norm", "0.5"])
+    assert build_ds_config(value)["gradient_clipping"] == 0.0  # the values are clipped by fewstep instead
+    assert build_ds_config(load_config(write(tmp_path, SEED_GLANCE)))["gradient_clipping"] == 1.0
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_clipping": 2.0}))
+    with pytest.raises(ConfigError, match="sets gradient_clipping .* while grad_clip_method is 'value'"):
+        load_config(write(tmp_path, SEED_GLANCE), ["--grad_clip_method", "value", "--deepspeed_config", str(ds)])

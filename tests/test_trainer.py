@@ -342,3 +342,21 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
     assert Image.open(os.path.join(out, "validation", "flow-step000002.png")).size == (64, 32)
     lrs = [m["lr"] for m in read_metrics(out)]
     assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 - k / 4) ** 0.5 for k in (1, 2, 3, 4)], rel=1e-9)
+
+
+def test_grad_clip_method_value_clips_each_gradient_value(data):
+    """grad_clip_method value (SimpleTuner's default) clips every gradient value to max_grad_norm before the step.
+    With a limit of 1e-8 = adam_epsilon, Adam's first step moves each LoRA B weight (zero at the start) by exactly
+    lr * 1e-8 / (1e-8 + 1e-8) = lr / 2 where its gradient is not zero; clipped by the norm instead (to 1e-8 in all,
+    so each value's share of it), by less, each weight its own amount."""
+    root, backend = data
+    lr = 1e-3
+    b = {}
+    for method in ("value", "norm"):
+        out = train(root, backend, f"clip-{method}", max_train_steps=1, learning_rate=lr, grad_clip_method=method,
+                    max_grad_norm=1e-8, adam_epsilon=1e-8)
+        b[method] = torch.cat([v.flatten() for k, v in lora(out).items() if "lora_B" in k]).double()
+    moved = b["value"][b["value"] != 0].abs()
+    assert len(moved) > 0.9 * len(b["value"]) and torch.allclose(moved, torch.full_like(moved, lr / 2), rtol=1e-4)
+    by_norm = b["norm"][b["norm"] != 0].abs()
+    assert by_norm.max() < lr / 2 and by_norm.min() < lr / 20

@@ -117,7 +117,11 @@ class Config:
     adam_beta2: float = opt(0.999, "AdamW beta2.", lo=0.0, hi=1.0)
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay.", lo=0.0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", lo=0.0, lo_open=True)
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", lo=0.0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping limit (0 disables): of the global norm, or of each value "
+                                    "(grad_clip_method).", lo=0.0)
+    grad_clip_method: str = opt("norm", "How max_grad_norm clips: norm (the global gradient norm, DeepSpeed's "
+                                        "gradient_clipping) or value (each gradient value to +-max_grad_norm, "
+                                        "SimpleTuner's default).", choices=("norm", "value"))
     nan_policy: str = opt("skip-then-stop", "A step whose loss or gradients are non-finite on any rank never updates "
                                             "the model (parameters, optimizer state, LR schedule and step count stay "
                                             "as they were). skip-then-stop: skip it, and stop (exit 1) after "
@@ -275,6 +279,9 @@ class Config:
             raise ConfigError(f"'lr_end' {self.lr_end:g} must be below learning_rate {self.learning_rate:g}: the "
                               "polynomial schedule decays from learning_rate to lr_end")
         user_ds = read_user_config(self.deepspeed_config)
+        if self.grad_clip_method == "value" and user_ds.get("gradient_clipping"):
+            raise ConfigError(f"deepspeed_config {self.deepspeed_config} sets gradient_clipping (a global-norm clip) "
+                              "while grad_clip_method is 'value' (each value clipped to max_grad_norm): remove one")
         stage = zero_stage_in_use(self.zero_stage, user_ds)
         where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if stage_set_by(user_ds) \
             else f"zero_stage {stage}"

@@ -88,9 +88,6 @@ ONE_VALUE: dict[str, tuple[tuple, str]] = {  # key -> (values accepted, what few
                                     "0 here means the same)"),
     "strict_epoch_limit": ((False,), "fewstep counts training in optimizer steps (max_train_steps)"),
     "ignore_final_epochs": ((False,), "fewstep counts training in optimizer steps (max_train_steps)"),
-    "grad_clip_method": (("norm",), "fewstep clips the gradient's global norm to max_grad_norm (DeepSpeed's "
-                                    "gradient_clipping); clipping each element ('value', SimpleTuner's default) is "
-                                    "not implemented"),
     "gradient_checkpointing_interval": ((None, 1), "gradient_checkpointing recomputes every block"),
     "ema_update_interval": ((None, 1), "the EMA is updated at every optimizer step"),
     "loss_type": (("l2",), "the flow-matching loss is the mean squared error"),

@@ -191,7 +191,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             step_fn = make_step(method, phase, ctx)
             while step < phase_end:
                 outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard,
-                                         trace)
+                                         trace, cfg.max_grad_norm if cfg.grad_clip_method == "value" else 0.0)
                 due = False
                 if outcome.applied:
                     if ema is not None:  # after an applied step only: a skipped one leaves it as it was
@@ -264,9 +264,11 @@ def stopped(step: int) -> dict:
 
 
 def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo, guard: NonFiniteGuard,
-                   trace: NonFiniteTrace | None = None):
+                   trace: NonFiniteTrace | None = None, clip_value: float = 0.0):
     """One optimizer step on every rank: micro-batches, the step's single reduction (logged means, preemption and
-    non-finite flags), then the update, or, if any rank saw a non-finite loss or gradient, no update at all."""
+    non-finite flags), then the update, or, if any rank saw a non-finite loss or gradient, no update at all.
+    `clip_value` > 0: each gradient value is clipped to it first (grad_clip_method value; the logged norm is the
+    unclipped one)."""
     if trace is not None:
         trace.reset()
     logs, loss_finite = run_micro_steps(engine, step_fn, accumulation, step, info.rank)
@@ -283,11 +285,13 @@ def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo
         reason = f"non-finite {what} (on some rank{'; here: ' + ', '.join(bad_terms) if bad_terms else ''})"
         if trace is not None:
             reason += f"; {trace.report()}"
-    elif not take_optimizer_step(engine):  # DeepSpeed itself found the gradient norm invalid (e.g. overflowing)
-        reason = "gradient norm not finite"
     else:
-        guard.good()
-        return StepOutcome(True, logs, flags["preempt"], grad_norm)
+        if clip_value > 0:
+            nonfinite.clip_grad_values(engine, clip_value)
+        if take_optimizer_step(engine):
+            guard.good()
+            return StepOutcome(True, logs, flags["preempt"], grad_norm)
+        reason = "gradient norm not finite"  # DeepSpeed itself found it invalid (e.g. overflowing)
     log_main(info.is_main, f"step {step}: {reason}: update skipped")
     guard.bad(step)  # raises NonFiniteStop when nan_policy says so
     return StepOutcome(False, logs, flags["preempt"], grad_norm)

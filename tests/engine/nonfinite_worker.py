@@ -18,6 +18,8 @@ does (verdict from `local_grad_check`, folded into `reduce_step`, then `engine.s
 - step 3: A's verdict is finite and A equals B bit for bit (masters, weights, optimizer and scheduler state): the
   skips left nothing behind (no stale or NaN gradients, no advanced Adam step or LR).
 
+Then `value_clip`: grad_clip_method value's `clip_grad_values` clamps the gradients the step reads.
+
 `skip` is `nonfinite.skip_step`, which must pass everything. The naive skips (`naive-step`: call `engine.step()`
 anyway; `naive-zero`: zero the gradients, no step) must fail the same checks wherever they are wrong (`must_catch`).
 """
@@ -38,7 +40,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from fewstep.config import load_config
 from fewstep.engine.deepspeed_engine import _inner_optimizers, build_engine, master_partitions
 from fewstep.engine.distributed import all_gather_object, reduce_step, setup_distributed, teardown, world_size
-from fewstep.engine.nonfinite import local_grad_check, skip_step
+from fewstep.engine import nonfinite
+from fewstep.engine.nonfinite import clip_grad_values, local_grad_check, skip_step
 
 RUNS = [  # stage, precision, optimizer, offload_optimizer, gradient_accumulation_steps, fp32 gradient accumulation
     (0, "fp32", "adamw", False, 2, False), (0, "bf16", "adamw", False, 1, False), (1, "fp32", "adamw", False, 1, False),
@@ -254,6 +257,52 @@ def scenario(cfg, stage, gas, skip, reference, problems):
     return after
 
 
+CLIP = 0.02  # grad_clip_method value's limit: the Tiny model's gradients lie on both sides of it
+
+
+def value_clip(cfg, stage, gas, problems):
+    """grad_clip_method value: after a normal step, one step whose gradients `clip_grad_values` clamps. The tensors
+    the step reads (those `local_grad_check` reads) hold the clamped values, bit for bit, with values on both sides
+    of the limit over the ranks; the step is applied, and Adam read them: the gradients its second moments took in
+    are within the limit. The norm DeepSpeed reports (its own clip is off) is that of the clamped gradients, except
+    with offload_optimizer, where DeepSpeed takes it in backward, as the gradients go to the CPU."""
+    cfg = load_config(None, {**{k: getattr(cfg, k) for k in ("model_family", "pretrained_model_name_or_path",
+                                                            "deepspeed_config", "zero_stage", "mixed_precision",
+                                                            "optimizer", "offload_optimizer", "use_ema",
+                                                            "gradient_accumulation_steps", "learning_rate")},
+                             "grad_clip_method": "value", "max_grad_norm": CLIP})
+    run = Run(cfg, stage, gas, skip_step, problems)
+    run.check(run.engine.gradient_clipping() == 0.0, f"DeepSpeed's norm clip is {run.engine.gradient_clipping()}")
+    run.step(0)
+    for micro in range(gas):
+        run.engine.backward(run.engine(*batch(1, micro, run.rank)))
+        if micro < gas - 1:
+            run.engine.step()
+    local_grad_check(run.engine)
+    opt = run.engine.optimizer
+    before = [t.detach().clone() for t in nonfinite._local_grads(opt, nonfinite._kind(opt))[0]]
+    clip_grad_values(run.engine, CLIP)
+    after = nonfinite._local_grads(opt, nonfinite._kind(opt))[0]
+    run.check(all(identical(a, b.clamp(-CLIP, CLIP)) for a, b in zip(after, before)), "gradients not clamped")
+    sides = [int(sum((b.abs() > CLIP).sum() for b in before)), int(sum(((b.abs() < CLIP) & (b != 0)).sum()
+                                                                      for b in before))]
+    means, _ = reduce_step({"above": sides[0], "below": sides[1], "sq": local_grad_check(run.engine).sq_norm}, {})
+    run.check(means["above"] > 0 and means["below"] > 0, f"values above / below the limit: {means}")
+    adam = [(opt.param_groups[0]["betas"][1], state) for opt in _inner_optimizers(run.engine)
+            for state in opt.state.values() if "exp_avg_sq" in state]  # (ZeRO-3 offload: params swapped in to step)
+    run.check(len(adam) > 0, "no Adam state after a step")
+    v_before = [state["exp_avg_sq"].detach().double().clone() for _, state in adam]
+    run.engine.step()
+    run.check(run.engine.was_step_applied(), "the clipped step was not applied")
+    # what Adam read, from its second moment v' = b2 v + (1 - b2) g^2: no value beyond the limit
+    read = max([float(((state["exp_avg_sq"].double() - b2 * v) / (1 - b2)).max()) for (b2, state), v in
+                zip(adam, v_before)], default=math.inf)
+    run.check(read <= CLIP ** 2 * 1.02 + 1e-6, f"Adam read a gradient of {math.sqrt(max(read, 0)):.4g} > {CLIP}")
+    norm, sq = run.engine.get_global_grad_norm(), means["sq"] * world_size()
+    if norm is not None and not cfg.offload_optimizer:  # stage-0 fp32 reports none
+        run.check(abs(math.sqrt(sq) - float(norm)) <= 1e-4 * float(norm), f"clipped norm {math.sqrt(sq)} vs {norm}")
+
+
 def must_catch(mode, stage, precision, offload) -> bool:
     """Where a naive skip must fail the checks. Zeroing without stepping: everywhere (DeepSpeed's counters, and its
     micro-step count with accumulation, fall behind; ZeRO-3 keeps the NaN gradients). Stepping anyway: where
@@ -296,6 +345,11 @@ def main():
             if mode != "skip" and info.rank == 0:
                 print(f"{mode} {'caught' if found else 'not caught'}: {label}: {found[0] if found else ''}",
                       flush=True)
+        problems = []
+        value_clip(cfg, stage, gas, problems)
+        found = [f"rank {r}: {p}" for r, ps in enumerate(all_gather_object(problems)) for p in ps]
+        if found:
+            raise AssertionError(f"{label}: grad_clip_method value: " + "; ".join(found))
         if info.rank == 0:
             print(f"nonfinite ok: {label} ({reference['layout']}, {time.time() - start:.1f} s)", flush=True)
     shutil.rmtree(os.path.dirname(accum))

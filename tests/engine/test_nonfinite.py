@@ -11,7 +11,8 @@ from fewstep_testing import run
 
 def test_skipped_steps_leave_nothing_behind_in_every_zero_stage():
     """nonfinite_worker: 15 configurations (ZeRO 0-3 x fp32/bf16, BF16_Optimizer, FusedAdam, DeepSpeedCPUAdam, torch
-    AdamW offloaded, gradient accumulation), each with a twin engine; the same checks catch the naive skips."""
+    AdamW offloaded, gradient accumulation), each with a twin engine; the same checks catch the naive skips. Each
+    configuration also clips by value (grad_clip_method value): the gradients Adam reads are the clamped ones."""
     proc = run(["torchrun", "--nproc_per_node", "2", "--standalone", "tests/engine/nonfinite_worker.py"], timeout=600)
     assert proc.stdout.count("ALL NONFINITE OK") == 1
     assert proc.stdout.count("nonfinite ok:") == 15

@@ -40,7 +40,8 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_clipping": cfg.max_grad_norm,
+        # the global-norm clip; grad_clip_method value clamps each element instead (`nonfinite.clip_grad_values`)
+        "gradient_clipping": cfg.max_grad_norm if cfg.grad_clip_method == "norm" else 0.0,
         "bf16": {"enabled": cfg.bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,

@@ -171,6 +171,22 @@ def local_grad_check(engine) -> GradCheck:
     return GradCheck(finite, sq_norm)
 
 
+@torch.no_grad()
+def clip_grad_values(engine, limit: float) -> None:
+    """Clamp every gradient value the coming optimizer step reads to [-limit, limit] (SimpleTuner's
+    `grad_clip_method: value`, torch's clip_grad_value_), in place, on this rank's share; no collective (clamping is
+    element by element, so each partition is clamped alone). Call after `local_grad_check` (its synchronisation
+    covers offloaded gradients) and before `engine.step()`. A loss scale, where the wrapper keeps one, scales the
+    limit: the stored gradients are scaled, and the step unscales them. BF16_Optimizer's partition is a view of the
+    flat buffer of every gradient its norm reads: the whole buffer is clamped, so that the norm is the clamped one."""
+    opt = engine.optimizer
+    kind = _kind(opt)
+    scale = float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None) or 1.0)
+    tensors = list(opt.fp32_groups_gradients_flat) if kind == "bf16" else _local_grads(opt, kind)[0]
+    for t in tensors:
+        t.clamp_(-limit * scale, limit * scale)
+
+
 def local_grads_finite(engine) -> bool:
     """`local_grad_check(engine).finite`."""
     return local_grad_check(engine).finite
