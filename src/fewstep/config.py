@@ -1,8 +1,9 @@
 """The typed config: every option declared once, with type, default, allowed values and help.
 
 Users bring SimpleTuner-style JSON (`{"--model_family": "flux", ...}` or without the dashes); command-line overrides
-(`--key value`) are applied on top. Unknown keys fail with the closest valid key; bad types and ranges fail naming the
-key, before any compute starts.
+(`--key value`) are applied on top. SimpleTuner's own names and values are read by `fewstep.config_simpletuner`;
+unknown keys fail with the closest valid key; bad types and ranges fail naming the key (`fewstep.config_values`), and
+options that contradict each other in `fewstep.config_checks`: all before any compute starts.
 """
 from __future__ import annotations
 
@@ -14,12 +15,10 @@ from typing import Any, Optional
 from fewstep.config_simpletuner import COMMAND_LINE
 from fewstep.config_simpletuner import translate as from_simpletuner
 from fewstep.config_values import closest_keys, coerce, normalize_key, parse_overrides
-from fewstep.engine.ds_config_checks import read_user_config
 from fewstep.engine.host_memory import DEFAULT_THRESHOLD as DEFAULT_MMAP_THRESHOLD
 from fewstep.engine.host_memory import MAX_THRESHOLD as MAX_MMAP_THRESHOLD
 from fewstep.errors import ConfigError
 from fewstep.jsonfile import load_json
-from fewstep.validation_settings import validation_size
 
 __all__ = ["Config", "ConfigError", "FIELDS", "load_config", "describe_options", "stage_set_by", "zero_stage_in_use"]
 
@@ -255,132 +254,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
-        """Cross-field checks (single fields were checked when set)."""
-        for key in ("model_family", "pretrained_model_name_or_path"):
-            if getattr(self, key) is None:
-                raise ConfigError(f"'{key}' is required")
-        for key in ("pretrained_model_name_or_path", "output_dir", "data_backend_config", "cache_dir", "logging_dir",
-                    "deepspeed_config"):
-            if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
-                raise ConfigError(f"'{key}' is empty: give a path" + ("" if key in ("pretrained_model_name_or_path",
-                                                                                     "output_dir") else " or leave it out"))
-        if self.lora_alpha is None:
-            self.lora_alpha = float(self.lora_rank)
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = self.lora_targets.split(",")
-        if self.lora_targets is not None:  # "to_q, to_k" (a list from the command line keeps the spaces)
-            self.lora_targets = [x.strip() for x in map(str, self.lora_targets) if x.strip()]
-        try:
-            size = validation_size(self.validation_resolution)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.validation_resolution = None if size is None else "{}x{}".format(*size)
-        if self.lr_scheduler == "polynomial" and not self.lr_end < self.learning_rate:
-            raise ConfigError(f"'lr_end' {self.lr_end:g} must be below learning_rate {self.learning_rate:g}: the "
-                              "polynomial schedule decays from learning_rate to lr_end")
-        user_ds = read_user_config(self.deepspeed_config)
-        if self.grad_clip_method == "value" and user_ds.get("gradient_clipping"):
-            raise ConfigError(f"deepspeed_config {self.deepspeed_config} sets gradient_clipping (a global-norm clip) "
-                              "while grad_clip_method is 'value' (each value clipped to max_grad_norm): remove one")
-        stage = zero_stage_in_use(self.zero_stage, user_ds)
-        where = f"ZeRO stage {stage} from deepspeed_config {self.deepspeed_config}" if stage_set_by(user_ds) \
-            else f"zero_stage {stage}"
-        if self.offload_optimizer and stage == 0:
-            raise ConfigError(f"'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got {where})")
-        if self.offload_param and stage != 3:
-            raise ConfigError(f"'offload_param' needs zero_stage 3 (got {where})")
-        try:  # "0,0.8" on the command line arrives as strings
-            bounds = [float(x) for x in self.twinflow_enhanced_range]
-        except (TypeError, ValueError):
-            bounds = []
-        if len(bounds) != 2 or not (0.0 <= bounds[0] < bounds[1] <= 1.0):
-            raise ConfigError(f"'twinflow_enhanced_range' must be [lo, hi] with 0 <= lo < hi <= 1, got "
-                              f"{self.twinflow_enhanced_range}")
-        self.twinflow_enhanced_range = bounds
-        w = [int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in self.twinflow_group_weights]
-        self.twinflow_group_weights = w  # "2,1,1,1" on the command line arrives as strings
-        if len(w) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w):
-            raise ConfigError(f"'twinflow_group_weights' must be 4 positive integers (e2e, mul, any, adv), got {w}")
-        method = self.resolved_method
-        if method == "twinflow":
-            self.twinflow_enabled = True
-            self._validate_twinflow()
-        elif self.twinflow_enabled:
-            raise ConfigError(f"'twinflow_enabled' is true but method is '{method}'")
-        if method == "glance":
-            if self.glance_slow_timesteps is None or self.glance_fast_timesteps is None:
-                raise ConfigError("method 'glance' needs 'glance_slow_timesteps' and 'glance_fast_timesteps'")
-            if self.model_type != "lora":
-                raise ConfigError("method 'glance' trains LoRAs: set model_type 'lora'")
-        if method == "flow" and self.flow_custom_timesteps is not None and self.model_type != "lora":
-            raise ConfigError("'flow_custom_timesteps' with model_type 'full': a listed-timestep run is sampled with "
-                              "the base model at the steps off its list (its LoRA switched off), which a full "
-                              "fine-tune does not keep; set model_type 'lora'")
-        unused = {"glance": ("flow_custom_timesteps",), "flow": ("glance_slow_timesteps", "glance_fast_timesteps"),
-                  "twinflow": ("glance_slow_timesteps", "glance_fast_timesteps")}[method]
-        for key in (k for k in unused if getattr(self, k) is not None):
-            lists = ("'glance_slow_timesteps' and 'glance_fast_timesteps'" if method == "glance" else
-                     "'flow_custom_timesteps' (or nothing)")
-            raise ConfigError(f"'{key}' is not used by method '{method}', which trains on {lists}: remove it, or "
-                              "set the method that uses it")
-        self._validate_prediction_type(method)
-        changed = [f.name for f in dataclasses.fields(self) if f.name.startswith("twinflow_")
-                   and getattr(self, f.name) != _default(f)]
-        if method != "twinflow" and changed:  # a seed's TwinFlow block without twinflow_enabled: plain training
-            raise ConfigError(f"{', '.join(repr(k) for k in changed)} set, but TwinFlow is off (method '{method}'): "
-                              f"set twinflow_enabled true, or remove {'them' if changed[1:] else 'it'}")
-        from fewstep import lora_formats, metrics  # noqa: E402 (import here: they import nothing of config)
-        self.lora_export_formats = lora_formats.normalize_formats(self.lora_export_formats)
-        for problem in (lora_formats.formats_problem(self.lora_export_formats, self.model_type, self.model_family),
-                        metrics.report_to_problem(self.report_to)):
-            if problem:
-                raise ConfigError(problem)
-        # Parse custom timesteps now, so a typo fails before compute (import here: methods import nothing of config).
-        from fewstep.methods.glance import TimestepListError, glance_schedule, parse_custom_timesteps
-        try:
-            lists = {key: parse_custom_timesteps(getattr(self, key), key=key)
-                     for key in ("flow_custom_timesteps", "glance_slow_timesteps", "glance_fast_timesteps")
-                     if getattr(self, key) is not None}
-        except TimestepListError as e:
-            raise ConfigError(str(e)) from None
-        if method == "glance":  # the sampling schedule Slow + Fast, built after the Slow phase's training
-            try:
-                glance_schedule(lists["glance_slow_timesteps"], lists["glance_fast_timesteps"])
-            except TimestepListError as e:
-                raise ConfigError(f"glance_slow_timesteps, glance_fast_timesteps: {e}") from None
-        return self
-
-    def _validate_prediction_type(self, method: str) -> None:
-        diffusion_base = self.model_family in DIFFUSION_FAMILIES
-        diff2flow = {"prediction_type": "epsilon", "diff2flow_enabled": True, "twinflow_allow_diff2flow": True}
-        if diffusion_base and self.prediction_type == "flow_matching":
-            raise ConfigError(f"model_family '{self.model_family}' is a diffusion model (epsilon or v prediction): "
-                              f"fewstep trains it with TwinFlow through diff2flow; add {json.dumps(diff2flow)} "
-                              "('v_prediction' for a v model)")
-        if diffusion_base and method != "twinflow":
-            raise ConfigError(f"model_family '{self.model_family}' trains with method 'twinflow' (through "
-                              f"diff2flow), not '{method}'")
-        if not diffusion_base and self.prediction_type != "flow_matching":
-            raise ConfigError(f"prediction_type '{self.prediction_type}' (diff2flow) is for diffusion bases "
-                              f"(model_family {', '.join(DIFFUSION_FAMILIES)}); model_family '{self.model_family}' "
-                              "is a flow-matching model: remove prediction_type or set it to 'flow_matching'")
-
-    def _validate_twinflow(self):
-        if self.distillation_method is not None:
-            raise ConfigError("TwinFlow requires 'distillation_method' to be null")
-        if self.prediction_type != "flow_matching" and not (self.diff2flow_enabled and self.twinflow_allow_diff2flow):
-            raise ConfigError(f"TwinFlow needs prediction_type 'flow_matching' (got '{self.prediction_type}'), unless "
-                              "'diff2flow_enabled' and 'twinflow_allow_diff2flow' are both true")
-        if not self.use_ema and self.twinflow_require_ema and not self.twinflow_allow_no_ema_teacher:
-            raise ConfigError("TwinFlow needs an EMA teacher: set 'use_ema': true, or accept the student as teacher "
-                              "with 'twinflow_allow_no_ema_teacher': true (or 'twinflow_require_ema': false)")
-        if self.flow_custom_timesteps is not None:
-            raise ConfigError("'flow_custom_timesteps' cannot be combined with TwinFlow (it samples its own times)")
-        frozen_teacher = self.use_ema and self.ema_decay >= 1.0
-        if self.twinflow_enhanced_ratio >= 1.0 and not frozen_teacher:
-            raise ConfigError(f"'twinflow_enhanced_ratio' {self.twinflow_enhanced_ratio} >= 1 with a teacher that "
-                              "follows the student: the learnt guidance scale grows towards 1/(1 - r), without bound "
-                              "for r >= 1; use r < 1, or a frozen teacher (ema_decay 1)")
+        """Cross-field checks (single fields were checked when set): `fewstep.config_checks`."""
+        from fewstep.config_checks import validate
+        return validate(self)
 
 
 def stage_set_by(user_ds: dict) -> bool:
