@@ -492,3 +492,19 @@ def test_grad_clip_method_value_turns_deepspeeds_norm_clip_off(tmp_path):
     ds.write_text(json.dumps({"gradient_clipping": 2.0}))
     with pytest.raises(ConfigError, match="sets gradient_clipping .* while grad_clip_method is 'value'"):
         load_config(write(tmp_path, SEED_GLANCE), ["--grad_clip_method", "value", "--deepspeed_config", str(ds)])
+
+
+def test_user_prompt_library_is_checked_before_training_and_named_for_files(tmp_path):
+    from fewstep.validation_settings import library_prompts
+    lib = tmp_path / "library.json"
+    lib.write_text(json.dumps({"anime_<token>": "an anime <token>", "anime <token>": "another", "": "a third"}))
+    cfg = load_config(write(tmp_path, {**SEED_GLANCE, "user_prompt_library": str(lib)}))
+    assert library_prompts(cfg) == [("anime__token", "an anime <token>"), ("anime_token", "another"),
+                                    ("prompt", "a third")]
+    for content, why in (("[1]", "expected a JSON object of nickname -> prompt"),
+                         ('{"a": ""}', "expected a JSON object"), ("{", "not valid JSON")):
+        lib.write_text(content)
+        with pytest.raises(ConfigError, match=why):
+            load_config(write(tmp_path, {**SEED_GLANCE, "user_prompt_library": str(lib)}))
+    with pytest.raises(ConfigError, match="user_prompt_library not found: .*nope.json"):
+        load_config(write(tmp_path, {**SEED_GLANCE, "user_prompt_library": str(tmp_path / "nope.json")}))

@@ -17,9 +17,11 @@ FAST = [0.9266473, 0.8257017, 0.6779868, 0.4411997, 0.0605503]
 def glance_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("glance")
     backend = write_dataset(str(root), n=1)
+    library = root / "user_prompt_library.json"  # SimpleTuner's format; a nickname that is no file name
+    library.write_text(json.dumps({"blue <sq>": "a blue square"}))
     cfg = write_config(str(root), backend, method="glance", glance_slow_timesteps=[t * 1000 for t in SLOW],
                        glance_fast_timesteps=",".join(str(s) for s in FAST), max_train_steps=4, train_batch_size=1,
-                       flow_timesteps_mode="round-robin", validation_steps=0)
+                       flow_timesteps_mode="round-robin", validation_steps=0, user_prompt_library=str(library))
     run([PY, "launcher/train.py", "--config", cfg])
     return os.path.join(str(root), "out")
 
@@ -161,22 +163,23 @@ def test_sample_cli_writes_png(glance_run, tmp_path):
 
 def test_fast_phase_validation_is_the_chained_image(glance_run, tmp_path):
     """The Fast phase's validation image is what inference makes from the two exports (Slow's list, then Fast's from
-    where Slow stopped: launcher/sample.py, same seed and prompt), not Fast run from pure noise."""
+    where Slow stopped: launcher/sample.py, same seed and prompt), not Fast run from pure noise; so is that of the
+    user_prompt_library's prompt, from its own hand-off."""
     import numpy as np
     from PIL import Image
-
-    out = tmp_path / "chained.png"
-    run([PY, "launcher/sample.py", "--method", "glance", "--slow", os.path.join(glance_run, "glance-slow"),
-         "--fast", os.path.join(glance_run, "glance-fast"), "--prompt", "a red circle", "--seed", "0",
-         "--output", str(out)])
 
     def pixels(path):
         return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
     val = os.path.join(glance_run, "validation")
-    fast = pixels(os.path.join(val, "glance-fast-step000008.png"))
-    assert np.abs(fast - pixels(out)).max() <= 1  # 8-bit rounding of two code paths
-    assert os.path.exists(os.path.join(val, "glance-slow-handoff.safetensors"))
+    for prompt, suffix in (("a blue square", "-blue_sq"), ("a red circle", "")):
+        out = tmp_path / f"chained{suffix}.png"
+        run([PY, "launcher/sample.py", "--method", "glance", "--slow", os.path.join(glance_run, "glance-slow"),
+             "--fast", os.path.join(glance_run, "glance-fast"), "--prompt", prompt, "--seed", "0",
+             "--output", str(out)])
+        fast = pixels(os.path.join(val, f"glance-fast-step000008{suffix}.png"))
+        assert np.abs(fast - pixels(out)).max() <= 1  # 8-bit rounding of two code paths
+        assert os.path.exists(os.path.join(val, f"glance-slow-handoff{suffix}.safetensors"))
 
     from fewstep.models import get_adapter
     from fewstep.sampling import load_glance_loras

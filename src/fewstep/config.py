@@ -213,6 +213,8 @@ class Config:
     # ---- validation and logging ----
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
     validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
+    user_prompt_library: Optional[str] = opt(None, "A JSON file of {nickname: prompt} (SimpleTuner's): validation "
+                                                   "also renders each prompt, as <phase>-step<N>-<nickname>.png.")
     validation_negative_prompt: Optional[str] = opt(None, "The prompt validation's classifier-free guidance steers "
                                                           "away from (SimpleTuner's key; default: launcher/sample.py's,"
                                                           " ' ' for the flow families as the Glance reference samples "

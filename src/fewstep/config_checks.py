@@ -11,7 +11,7 @@ from fewstep.config import DIFFUSION_FAMILIES, _default, stage_set_by, zero_stag
 from fewstep.engine.ds_config_checks import read_user_config
 from fewstep.errors import ConfigError
 from fewstep.methods.glance import TimestepListError, glance_schedule, parse_custom_timesteps
-from fewstep.validation_settings import validation_size
+from fewstep.validation_settings import library_prompts, validation_size
 
 
 def validate(cfg):
@@ -36,6 +36,10 @@ def validate(cfg):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cfg.validation_resolution = None if size is None else "{}x{}".format(*size)
+    try:
+        library_prompts(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.lr_scheduler == "polynomial" and not cfg.lr_end < cfg.learning_rate:
         raise ConfigError(f"'lr_end' {cfg.lr_end:g} must be below learning_rate {cfg.learning_rate:g}: the "
                           "polynomial schedule decays from learning_rate to lr_end")

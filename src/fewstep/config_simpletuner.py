@@ -83,7 +83,6 @@ ONE_VALUE: dict[str, tuple[tuple, str]] = {  # key -> (values accepted, what few
     "validation_guidance_skip_layers": ((None,), "skip-layer guidance is not implemented"),
     "validation_prompt_library": ((False,), "validation renders validation_prompt; SimpleTuner's built-in prompt "
                                             "library is not shipped"),
-    "user_prompt_library": ((None,), "validation renders one prompt, validation_prompt"),
     "num_train_epochs": ((0, None), "fewstep counts training in optimizer steps: set max_train_steps (SimpleTuner's "
                                     "0 here means the same)"),
     "strict_epoch_limit": ((False,), "fewstep counts training in optimizer steps (max_train_steps)"),

@@ -30,26 +30,31 @@ HANDOFF = "glance-slow-handoff.safetensors"  # under <output_dir>/validation: wh
 
 
 def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bool) -> None:
-    """Render the validation prompt with a fixed seed (every rank samples: ZeRO-3 forwards are collective); rank 0
-    decodes, writes a PNG and logs it to TensorBoard while the others wait without a collective timeout."""
+    """Render the validation prompt, then those of `user_prompt_library`, each from the same seed (every rank
+    samples: ZeRO-3 forwards are collective); rank 0 decodes, writes a PNG and logs it to TensorBoard while the others
+    wait without a collective timeout."""
     cfg, ds, engine = ctx.cfg, ctx.dataset, ctx.engine
-    cond, uncond = (to_device(ctx.adapter.collate_cond([ds.text[p]]), ctx.device, ctx.dtype)
-                    for p in validation_prompts(cfg, ds, ctx.adapter))
-    engine.eval()
-    latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed), uncond)
-    engine.train()
-    with distributed.uneven_work("validation"):
-        if is_main:
-            if handoff is not None:
-                _write_handoff(cfg, handoff)
-            _write_validation(ctx, phase, step, logger, vae, latents)
+    prompt, negative = validation_prompts(cfg, ds, ctx.adapter)
+    uncond = to_device(ctx.adapter.collate_cond([ds.text[negative]]), ctx.device, ctx.dtype)
+    for name, text in [("", prompt), *getattr(ds, "validation_library", [])]:
+        cond = to_device(ctx.adapter.collate_cond([ds.text[text]]), ctx.device, ctx.dtype)
+        engine.eval()
+        latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed),
+                                          uncond, name)
+        engine.train()
+        with distributed.uneven_work("validation"):
+            if is_main:
+                if handoff is not None:
+                    _write_handoff(cfg, handoff, name)
+                _write_validation(ctx, phase, step, logger, vae, latents, name)
 
 
 @torch.no_grad()
 def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.Generator,
-                   uncond: Optional[dict] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   uncond: Optional[dict] = None, name: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective). Returns
-    the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts)."""
+    the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts; `name`: of a
+    user_prompt_library prompt, whose hand-off is its own)."""
     cfg = ctx.cfg
     model = velocity_fn(ctx, validation_distilled_guidance(cfg, ctx.adapter))
     shape = (1, *ctx.dataset.validation_shape(validation_size(cfg.validation_resolution)))
@@ -91,7 +96,7 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
         handoff = euler_loop(guided, x, slow_part, to_zero=False)
         with lora_disabled(ctx.engine):
             return euler_loop(guided, handoff, fast_part), handoff
-    handoff = _read_handoff(cfg, x.shape)
+    handoff = _read_handoff(cfg, x.shape, name)
     if handoff is None:
         log_main(distributed.rank() == 0, f"note: no {HANDOFF} of this shape from the Slow phase's validation; the "
                                           "Fast phase's validation starts from the base model's Slow steps")
@@ -115,22 +120,28 @@ def lora_disabled(engine):
             module.enable_adapters()
 
 
-def _read_handoff(cfg, shape) -> Optional[torch.Tensor]:
+def _handoff_path(cfg, name: str = "") -> str:
+    """The Slow phase's hand-off latents of the validation prompt, or of the library prompt `name`."""
+    file = HANDOFF if not name else HANDOFF.replace(".safetensors", f"-{name}.safetensors")
+    return os.path.join(cfg.output_dir, "validation", file)
+
+
+def _read_handoff(cfg, shape, name: str = "") -> Optional[torch.Tensor]:
     """Rank 0 reads the Slow phase's hand-off latents and every rank gets them; None if there is none of this shape
     (an output dir reused at another resolution) or it cannot be read (rank 0 must reach the broadcast)."""
     x = None
     if distributed.rank() == 0:
-        path = os.path.join(cfg.output_dir, "validation", HANDOFF)
+        path = _handoff_path(cfg, name)
         with contextlib.suppress(OSError, SafetensorError, KeyError):
             x = load_file(path)["latents"]
         x = x if x is not None and tuple(x.shape) == tuple(shape) else None
     return distributed.broadcast_object(x)
 
 
-def _write_handoff(cfg, latents: torch.Tensor) -> None:
-    out = os.path.join(cfg.output_dir, "validation")
-    os.makedirs(out, exist_ok=True)
-    atomic_save({"latents": latents.float()}, os.path.join(out, HANDOFF))
+def _write_handoff(cfg, latents: torch.Tensor, name: str = "") -> None:
+    path = _handoff_path(cfg, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"latents": latents.float()}, path)
 
 
 def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -152,16 +163,19 @@ def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) 
         torch.cuda.empty_cache()
 
 
-def _write_validation(ctx: StepContext, phase: Phase, step: int, logger, vae, latents: torch.Tensor) -> None:
+def _write_validation(ctx: StepContext, phase: Phase, step: int, logger, vae, latents: torch.Tensor,
+                      name: str = "") -> None:
+    """`name`: a user_prompt_library prompt's (its own file and TensorBoard tag); "" for the validation prompt."""
     from fewstep import faults
 
     pixels = decode_on_device(ctx.adapter, vae, latents, ctx.device)
     images = to_pil(pixels.float().cpu())
     out = os.path.join(ctx.cfg.output_dir, "validation")
     os.makedirs(out, exist_ok=True)
-    images[0].save(os.path.join(out, f"{phase.name}-step{step:06d}.png"))
-    logger.image(f"validation/{phase.name}", grid(images), step)
-    if ctx.twinflow_times:
+    suffix = f"-{name}" if name else ""
+    images[0].save(os.path.join(out, f"{phase.name}-step{step:06d}{suffix}.png"))
+    logger.image(f"validation/{phase.name}{'/' + name if name else ''}", grid(images), step)
+    if ctx.twinflow_times and not name:
         from fewstep.metrics import trajectory_scatter
         logger.image("twinflow/trajectories (|t| vs tt, red = negative time)",
                      trajectory_scatter(ctx.twinflow_times), step)

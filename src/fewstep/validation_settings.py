@@ -50,6 +50,29 @@ def validation_distilled_guidance(cfg, adapter) -> Optional[float]:
     return cfg.validation_guidance
 
 
+def library_prompts(cfg) -> list[tuple[str, str]]:
+    """`user_prompt_library`'s (name, prompt) pairs in the file's order, each name made safe for a file name
+    (SimpleTuner's nicknames may hold '<token>'); [] without a library. Raises ValueError naming the file."""
+    if cfg.user_prompt_library is None:
+        return []
+    from fewstep.jsonfile import load_json
+    library = load_json(cfg.user_prompt_library, ValueError, "user_prompt_library")
+    if not isinstance(library, dict) or not library or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in library.items()):
+        raise ValueError(f"user_prompt_library {cfg.user_prompt_library}: expected a JSON object of nickname -> "
+                         "prompt (non-empty text), as SimpleTuner's")
+    out, seen = [], set()
+    for nickname, prompt in library.items():
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nickname).strip("_.") or "prompt"
+        base, n = name, 1
+        while name in seen:
+            n += 1
+            name = f"{base}_{n}"
+        seen.add(name)
+        out.append((name, prompt))
+    return out
+
+
 def validation_prompts(cfg, ds, adapter) -> tuple[str, str]:
     """The validation prompt (default: the first training caption) and the negative one of its classifier-free
     guidance (`validation_negative`); both were cached with the data set (`fewstep.data.prepare`)."""

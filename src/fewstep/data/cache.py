@@ -281,8 +281,10 @@ class CachedDataset:
     (module doc), and the `layout` the data order draws batches from (one bucket per batch). Per sample, it holds
     nothing in memory beyond the data order's indices: the samples are the memory-mapped `SampleTable`."""
 
-    def __init__(self, caches: CacheSet, entries: list, multiple: int, extra_prompts: Optional[list[str]] = None):
+    def __init__(self, caches: CacheSet, entries: list, multiple: int, extra_prompts: Optional[list[str]] = None,
+                 validation_library: Optional[list[tuple[str, str]]] = None):
         self.samples, self.entries, self.multiple = caches.samples, entries, multiple
+        self.validation_library = list(validation_library or [])  # (name, prompt): validation renders them too
         self.latent_cache, self.text_cache = caches.latent_cache, caches.text_cache
         resident = list(dict.fromkeys(["", *(extra_prompts or [])]))
         self.text = PromptEmbeddings(self.text_cache, resident, caches.extra_cache)

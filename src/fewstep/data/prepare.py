@@ -33,7 +33,7 @@ from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
 from fewstep.jsonfile import load_json, save_json
 from fewstep.metrics import log_main
-from fewstep.validation_settings import validation_negative
+from fewstep.validation_settings import library_prompts, validation_negative
 
 MEMO_NAME = "data_digests.json"  # in output_dir
 INDEX_NAME = "data_index"  # in output_dir: the last scan's files (`scan_images`)
@@ -158,6 +158,8 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
     extra = [""] + [p for p in (cfg.validation_prompt, validation_negative(cfg, adapter)) if p]
+    library = library_prompts(cfg)  # read once: validation renders what was cached
+    extra += [p for _, p in library if p not in extra]
     with distributed.uneven_work("model key"):  # reads the encoders' files
         key = model_key(cfg.model_family, source)
     keys = distributed.all_gather_object(key)
@@ -193,7 +195,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
         faults.work_at("cache")
-    dataset = CachedDataset(caches, data.images, multiple, extra)
+    dataset = CachedDataset(caches, data.images, multiple, extra, library)
     first = data.images[samples[0].entry]
     return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)
 
