@@ -497,12 +497,14 @@ def test_grad_clip_method_value_turns_deepspeeds_norm_clip_off(tmp_path):
 def test_user_prompt_library_is_checked_before_training_and_named_for_files(tmp_path):
     from fewstep.validation_settings import library_prompts
     lib = tmp_path / "library.json"
-    lib.write_text(json.dumps({"anime_<token>": "an anime <token>", "anime <token>": "another", "": "a third"}))
+    lib.write_text(json.dumps({"anime_<token>": "an anime <token>", "anime <token>": "another", "": "a third",
+                               "Cat": {"prompt": "a cat"}, "cat": "a cat too", "x" * 300: "long"}))
     cfg = load_config(write(tmp_path, {**SEED_GLANCE, "user_prompt_library": str(lib)}))
     assert library_prompts(cfg) == [("anime__token", "an anime <token>"), ("anime_token", "another"),
-                                    ("prompt", "a third")]
+                                    ("prompt", "a third"), ("Cat", "a cat"), ("cat_2", "a cat too"), ("x" * 100, "long")]
     for content, why in (("[1]", "expected a JSON object of nickname -> prompt"),
-                         ('{"a": ""}', "expected a JSON object"), ("{", "not valid JSON")):
+                         ('{"a": ""}', "entry 'a' must be a prompt"), ("{", "not valid JSON"),
+                         ('{"a": {"prompt": "p", "adapter_strength": 0.5}}', "sets adapter_strength: fewstep reads")):
         lib.write_text(content)
         with pytest.raises(ConfigError, match=why):
             load_config(write(tmp_path, {**SEED_GLANCE, "user_prompt_library": str(lib)}))

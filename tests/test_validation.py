@@ -175,6 +175,13 @@ def test_a_handoff_of_another_shape_or_unreadable_is_not_used(tmp_path):
     save_file({"latents": x}, path)
     torch.testing.assert_close(_read_handoff(cfg, (1, 4, 8, 8)), x)
     assert _read_handoff(cfg, (1, 4, 16, 16)) is None
+    # a prompt edited between the phases (a user_prompt_library entry under the same nickname): not its hand-off
+    from fewstep.validation import _handoff_path, _write_handoff
+    _write_handoff(cfg, x, "cat", "a cat")
+    assert _handoff_path(cfg, "cat").endswith("glance-slow-handoff-cat.safetensors")
+    torch.testing.assert_close(_read_handoff(cfg, (1, 4, 8, 8), "cat", "a cat"), x)
+    assert _read_handoff(cfg, (1, 4, 8, 8), "cat", "a dog") is None
+    assert _read_handoff(cfg, (1, 4, 8, 8), "dog", "a cat") is None
     with open(path, "wb") as fh:
         fh.write(b"not safetensors")
     assert _read_handoff(cfg, (1, 4, 8, 8)) is None

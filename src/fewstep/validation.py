@@ -40,21 +40,22 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
         cond = to_device(ctx.adapter.collate_cond([ds.text[text]]), ctx.device, ctx.dtype)
         engine.eval()
         latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed),
-                                          uncond, name)
+                                          uncond, name, text)
         engine.train()
         with distributed.uneven_work("validation"):
             if is_main:
                 if handoff is not None:
-                    _write_handoff(cfg, handoff, name)
+                    _write_handoff(cfg, handoff, name, text)
                 _write_validation(ctx, phase, step, logger, vae, latents, name)
 
 
 @torch.no_grad()
 def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.Generator,
-                   uncond: Optional[dict] = None, name: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   uncond: Optional[dict] = None, name: str = "", prompt: Optional[str] = None
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Validation sampling with the current weights (all ranks take part: ZeRO-3 forwards are collective). Returns
-    the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts; `name`: of a
-    user_prompt_library prompt, whose hand-off is its own)."""
+    the latents and, in Glance's Slow phase, the hand-off latents (where Slow stops and Fast starts): `name` (a
+    user_prompt_library prompt's: its hand-off is its own) and `prompt` (its text) pick the Fast phase's."""
     cfg = ctx.cfg
     model = velocity_fn(ctx, validation_distilled_guidance(cfg, ctx.adapter))
     shape = (1, *ctx.dataset.validation_shape(validation_size(cfg.validation_resolution)))
@@ -96,10 +97,11 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
         handoff = euler_loop(guided, x, slow_part, to_zero=False)
         with lora_disabled(ctx.engine):
             return euler_loop(guided, handoff, fast_part), handoff
-    handoff = _read_handoff(cfg, x.shape, name)
+    handoff = _read_handoff(cfg, x.shape, name, prompt)
     if handoff is None:
-        log_main(distributed.rank() == 0, f"note: no {HANDOFF} of this shape from the Slow phase's validation; the "
-                                          "Fast phase's validation starts from the base model's Slow steps")
+        log_main(distributed.rank() == 0, f"note: no {os.path.basename(_handoff_path(cfg, name))} of this shape and "
+                                          "prompt from the Slow phase's validation; the Fast phase's validation starts "
+                                          "from the base model's Slow steps")
         with lora_disabled(ctx.engine):
             handoff = euler_loop(guided, x, slow_part, to_zero=False)
     return euler_loop(guided, handoff.to(ctx.device, ctx.dtype), fast_part), None
@@ -126,22 +128,24 @@ def _handoff_path(cfg, name: str = "") -> str:
     return os.path.join(cfg.output_dir, "validation", file)
 
 
-def _read_handoff(cfg, shape, name: str = "") -> Optional[torch.Tensor]:
+def _read_handoff(cfg, shape, name: str = "", prompt: Optional[str] = None) -> Optional[torch.Tensor]:
     """Rank 0 reads the Slow phase's hand-off latents and every rank gets them; None if there is none of this shape
-    (an output dir reused at another resolution) or it cannot be read (rank 0 must reach the broadcast)."""
+    (an output dir reused at another resolution) or, where `prompt` is given, of another prompt (a prompt edited
+    between the phases), or it cannot be read (rank 0 must reach the broadcast)."""
     x = None
     if distributed.rank() == 0:
-        path = _handoff_path(cfg, name)
         with contextlib.suppress(OSError, SafetensorError, KeyError):
-            x = load_file(path)["latents"]
+            saved = load_file(_handoff_path(cfg, name))
+            if prompt is None or bytes(saved["prompt"].tolist()) == prompt.encode():
+                x = saved["latents"]
         x = x if x is not None and tuple(x.shape) == tuple(shape) else None
     return distributed.broadcast_object(x)
 
 
-def _write_handoff(cfg, latents: torch.Tensor, name: str = "") -> None:
+def _write_handoff(cfg, latents: torch.Tensor, name: str = "", prompt: str = "") -> None:
     path = _handoff_path(cfg, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_save({"latents": latents.float()}, path)
+    atomic_save({"latents": latents.float(), "prompt": torch.tensor(list(prompt.encode()), dtype=torch.uint8)}, path)
 
 
 def decode_on_device(adapter, vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:

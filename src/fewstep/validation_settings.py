@@ -50,26 +50,38 @@ def validation_distilled_guidance(cfg, adapter) -> Optional[float]:
     return cfg.validation_guidance
 
 
+NAME_MAX = 100  # characters of a prompt's nickname in file names (file systems allow 255 bytes a name)
+
+
 def library_prompts(cfg) -> list[tuple[str, str]]:
     """`user_prompt_library`'s (name, prompt) pairs in the file's order, each name made safe for a file name
-    (SimpleTuner's nicknames may hold '<token>'); [] without a library. Raises ValueError naming the file."""
+    (SimpleTuner's nicknames may hold '<token>'), short, and unique whatever the file system's case rules; [] without
+    a library. An entry is a prompt, or SimpleTuner's object form with its "prompt" alone. Raises ValueError naming
+    the file."""
     if cfg.user_prompt_library is None:
         return []
     from fewstep.jsonfile import load_json
+    where = f"user_prompt_library {cfg.user_prompt_library}"
     library = load_json(cfg.user_prompt_library, ValueError, "user_prompt_library")
-    if not isinstance(library, dict) or not library or not all(
-            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in library.items()):
-        raise ValueError(f"user_prompt_library {cfg.user_prompt_library}: expected a JSON object of nickname -> "
-                         "prompt (non-empty text), as SimpleTuner's")
+    if not isinstance(library, dict) or not library:
+        raise ValueError(f"{where}: expected a JSON object of nickname -> prompt, as SimpleTuner's")
     out, seen = [], set()
-    for nickname, prompt in library.items():
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nickname).strip("_.") or "prompt"
+    for nickname, entry in library.items():
+        if isinstance(entry, dict):
+            others = sorted(set(entry) - {"prompt"})
+            if others:
+                raise ValueError(f"{where}: entry {nickname!r} sets {', '.join(others)}: fewstep reads an entry's "
+                                 "prompt alone (each renders with the trained weights as they are)")
+            entry = entry.get("prompt")
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"{where}: entry {nickname!r} must be a prompt (non-empty text), got {entry!r}")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nickname).strip("_.")[:NAME_MAX] or "prompt"
         base, n = name, 1
-        while name in seen:
+        while name.lower() in seen:
             n += 1
             name = f"{base}_{n}"
-        seen.add(name)
-        out.append((name, prompt))
+        seen.add(name.lower())
+        out.append((name, entry))
     return out
 
 

@@ -158,8 +158,12 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
                    f"({len(samples)} usable; an image read in an earlier run is remembered, not read again)")
     extra = [""] + [p for p in (cfg.validation_prompt, validation_negative(cfg, adapter)) if p]
-    library = library_prompts(cfg)  # read once: validation renders what was cached
-    extra += [p for _, p in library if p not in extra]
+    with distributed.uneven_work("user_prompt_library"):  # read once, by rank 0: every rank renders what it cached
+        try:
+            library = library_prompts(cfg) if info.is_main else None
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    library = distributed.broadcast_object(library)
     with distributed.uneven_work("model key"):  # reads the encoders' files
         key = model_key(cfg.model_family, source)
     keys = distributed.all_gather_object(key)
@@ -167,7 +171,8 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
         raise DataError(f"the VAE / text-encoder files of {cfg.pretrained_model_name_or_path} differ between ranks "
                         f"(ranks {[r for r, k in enumerate(keys) if k != keys[0]]} differ from rank 0): every node "
                         "needs the same copy of the model")
-    caches = CacheSet(samples, data.images, extra, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
+    cached = extra + [p for _, p in library if p not in extra]  # the library's: cached, read from disk when rendered
+    caches = CacheSet(samples, data.images, cached, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
                       key, data.default_text_cache_dir,
                       data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
     shares, sizes = {}, set()

@@ -183,8 +183,12 @@ def clip_grad_values(engine, limit: float) -> None:
     kind = _kind(opt)
     scale = float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None) or 1.0)
     tensors = list(opt.fp32_groups_gradients_flat) if kind == "bf16" else _local_grads(opt, kind)[0]
+    groups: dict[tuple, list[torch.Tensor]] = {}  # a LoRA's thousands of small gradients: one launch per group
     for t in tensors:
-        t.clamp_(-limit * scale, limit * scale)
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        torch._foreach_clamp_min_(group, -limit * scale)
+        torch._foreach_clamp_max_(group, limit * scale)
 
 
 def local_grads_finite(engine) -> bool:
