@@ -253,6 +253,22 @@ def test_latest_not_updated_after_a_complete_save_resumes_the_newer_step(tmp_pat
     assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-1500")
 
 
+def test_latest_naming_a_checkpoint_that_is_gone_says_so(tmp_path, capsys):
+    """A checkpoint deleted by hand after `latest` named it: the newest one left is resumed, with a line saying so
+    (it was resumed silently)."""
+    root = str(tmp_path / "checkpoints")
+    for step in (2, 4):
+        _complete(root, step)
+    with open(os.path.join(root, "latest"), "w") as fh:
+        fh.write("step-4")
+    shutil.rmtree(os.path.join(root, "step-4"))
+    assert checkpoint.resolve(root, "latest") == os.path.join(root, "step-2")
+    assert "`latest` names step-4, which is not there; resuming from step-2" in capsys.readouterr().out
+    shutil.rmtree(os.path.join(root, "step-2"))
+    assert checkpoint.resolve(root, "latest") is None
+    assert "no checkpoint left, starting fresh" in capsys.readouterr().out
+
+
 def _resave(root, step, marker):
     """A finished .tmp-step-N holding `marker`, as a re-save of step N leaves it before its commit."""
     tmp = os.path.join(root, f".tmp-step-{step}")

@@ -274,6 +274,9 @@ def _resolve_latest(root: str) -> str | None:
     if skipped and distributed.rank() == 0:
         then = f"resuming from {os.path.basename(path)}" if path else "no complete checkpoint left, starting fresh"
         print(f"fewstep: warning: skipping incomplete checkpoint {'; '.join(skipped)}; {then}", flush=True)
+    if named is not None and named not in found and distributed.rank() == 0:  # deleted by hand, or never finished
+        then = f"resuming from {os.path.basename(path)}" if path else "no checkpoint left, starting fresh"
+        print(f"fewstep: warning: `latest` names {os.path.basename(named)}, which is not there; {then}", flush=True)
     if path is not None and step_of(path) > ceiling and abandoned is not None and distributed.rank() == 0:
         print(f"fewstep: warning: {os.path.basename(path)} is complete but `latest` names {os.path.basename(named)} "
               f"(a save stopped before `latest` was updated); resuming from {os.path.basename(path)}", flush=True)
