@@ -165,6 +165,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
                       dtype=dtype, backend=backend, ema=ema)
     trace = NonFiniteTrace(transformer) if cfg.nan_trace else None
+    clip_value = cfg.max_grad_norm if cfg.grad_clip_method == "value" else 0.0  # per value; else DeepSpeed's norm clip
 
     @rng_streams.isolated()
     def finish(phase: Phase, at: int) -> None:
@@ -191,7 +192,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             step_fn = make_step(method, phase, ctx)
             while step < phase_end:
                 outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard,
-                                         trace, cfg.max_grad_norm if cfg.grad_clip_method == "value" else 0.0)
+                                         trace, clip_value)
                 due = False
                 if outcome.applied:
                     if ema is not None:  # after an applied step only: a skipped one leaves it as it was

@@ -36,7 +36,7 @@ def validate(ctx: StepContext, phase: Phase, step: int, logger, vae, is_main: bo
     cfg, ds, engine = ctx.cfg, ctx.dataset, ctx.engine
     prompt, negative = validation_prompts(cfg, ds, ctx.adapter)
     uncond = to_device(ctx.adapter.collate_cond([ds.text[negative]]), ctx.device, ctx.dtype)
-    for name, text in [("", prompt), *getattr(ds, "validation_library", [])]:
+    for name, text in [("", prompt), *ds.validation_library]:
         cond = to_device(ctx.adapter.collate_cond([ds.text[text]]), ctx.device, ctx.dtype)
         engine.eval()
         latents, handoff = sample_latents(ctx, phase, cond, torch.Generator().manual_seed(cfg.validation_seed),
