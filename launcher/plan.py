@@ -12,9 +12,9 @@ the model is built on meta.
 
 Resolution: the one the trainer would train at, read by the trainer's own data-backend code: the largest image entry
 of data_backend_config (the config's resolution standing for an entry's where it sets none, as in training);
-without a data backend the config's resolution, else 1024. Architecture: --model_config, a local diffusers folder's denoiser config,
-or for a hub id or a tiny:<family> test model the family's real one in configs/models/. The output names both
-sources. A config or data backend the trainer would reject exits 2 with one `fewstep plan: ...` line.
+without a data backend the config's resolution, else 1024. Architecture: --model_config, a local diffusers folder's
+denoiser config, or for a hub id or a tiny:<family> test model the family's real one in configs/models/. The output
+names both sources. A config or data backend the trainer would reject exits 2 with one `fewstep plan: ...` line.
 """
 import argparse
 import os

@@ -47,9 +47,8 @@ FLAVOURS = {
 }
 UNSUPPORTED_FLAVOURS = {  # SimpleTuner flavours of these families that fewstep cannot train
     "kontext": "FLUX.1 Kontext is an image-editing model: image conditioning is not implemented",
-    "edit-v1": "Qwen-Image-Edit is an image-editing model: image conditioning is not implemented",
     **{f: "Qwen-Image-Edit is an image-editing model: image conditioning is not implemented"
-       for f in ("edit-v2", "edit-v2+", "edit-v3")},
+       for f in ("edit-v1", "edit-v2", "edit-v2+", "edit-v3")},
     "refiner-1.0": "the SDXL refiner is a second-stage model with one text encoder, which fewstep does not load",
     "refiner-0.9": "the SDXL refiner is a second-stage model with one text encoder, which fewstep does not load",
 }

@@ -297,9 +297,12 @@ def convert_universal(path: str, engine_tag: str, saved_world: int) -> str:
         cause = space.os_error(e)
         if cause is None:  # not a write that failed: a defect, shown with its traceback
             raise
-        way = {errno.ENOSPC: None, errno.EDQUOT: None}.get(cause.errno, "Resolve that and resume again")
-        if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            way = None  # _conversion_failed's own: free some space
+        elif cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             way = "Make its folder writable and resume again, or resume from a copy of it in a writable folder"
+        else:
+            way = "Resolve that and resume again"
         raise UniversalConversionError(_conversion_failed(
             path, saved_world, need, f"{space.os_reason(e)} ({space.free(path)} free there now)", way)) from e
     finally:  # the converter's pointer, written last beside the checkpoint's own files (fewstep names the tag)
