@@ -19,7 +19,7 @@ import sys
 import torch
 
 import fewstep.trainer as trainer_module
-from fewstep import checkpoint, reshard
+from fewstep import checkpoint, checkpoint_resume, reshard
 from fewstep.config import load_config
 from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import master_partitions
@@ -68,7 +68,7 @@ class RememberedEMA(trainer_module.EMA):
 
 
 trainer_module.EMA = RememberedEMA
-_save, _restore = checkpoint.save, checkpoint.restore
+_save, _restore = checkpoint.save, checkpoint_resume.restore
 
 
 def save(root, step, engine, rank, rank_state, trainer_state, keep, *rest):
@@ -86,7 +86,7 @@ def restore(resume, engine, rank, ema=None, seed=0):
     return rank_state, trainer_state
 
 
-checkpoint.save, checkpoint.restore = save, restore
+checkpoint.save, checkpoint_resume.restore = save, restore
 
 config, runs = sys.argv[1], json.loads(sys.argv[2])
 base_out = load_config(config).output_dir

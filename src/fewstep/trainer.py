@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep import checkpoint, faults, preemption, rng_streams, run_dir
+from fewstep import checkpoint, checkpoint_resume, faults, preemption, rng_streams, run_dir
 from fewstep.config import Config, ConfigError
 from fewstep.config_warnings import config_warnings
 from fewstep.data.dataset import DataOrder
@@ -74,7 +74,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     layout = checkpoint.run_layout(cfg, adapter, stage, info.world_size)
     # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
     # raises the same ResumeMismatch)
-    resume = checkpoint.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
+    resume = checkpoint_resume.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
     phases: list[Phase] = build_phases(cfg, info)
     total = sum(p.steps for p in phases)
     if resume is not None and nothing_left(cfg, phases, resume, ckpt_root):  # no load (a 20B model: minutes)
@@ -115,7 +115,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     abandoned: set[str] = set()  # checkpoints an earlier run wrote after the step this one resumed from
     later: list[str] = []  # those of them that are there at this start (rank 0)
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
-        rank_state, trainer_state = checkpoint.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
+        rank_state, trainer_state = checkpoint_resume.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
         step = int(trainer_state["step"])
         order.load_state_dict(rank_state["order"])
         guard.load_state_dict(rank_state.get("nan_guard") or {})  # absent from checkpoints before 2026-12-06
@@ -138,7 +138,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         ema.update()
 
     # the newest checkpoint of this run's own line: the one it resumed from, if that is in its own checkpoints folder
-    last_saved = step if resume is not None and checkpoint.in_own_folder(resume, ckpt_root) else None
+    last_saved = step if resume is not None and checkpoint_resume.in_own_folder(resume, ckpt_root) else None
 
     @rng_streams.isolated()
     def save(at: int) -> None:
@@ -225,12 +225,12 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     return {"step": step, "preempted": False}
 
 
-def nothing_left(cfg: Config, phases: list[Phase], resume: checkpoint.Resume, ckpt_root: str) -> bool:
+def nothing_left(cfg: Config, phases: list[Phase], resume: checkpoint_resume.Resume, ckpt_root: str) -> bool:
     """Resumed at or past the end, from this run's own checkpoint, with every phase that ended there exported: there
     is nothing to train, export or save, so nothing need be loaded. Rank 0 decides (collective)."""
     verdict = None
     if distributed.rank() == 0:
-        verdict = checkpoint.in_own_folder(resume, ckpt_root) and resume.step >= sum(p.steps for p in phases)
+        verdict = checkpoint_resume.in_own_folder(resume, ckpt_root) and resume.step >= sum(p.steps for p in phases)
     if not distributed.broadcast_object(verdict):
         return False
     end = 0

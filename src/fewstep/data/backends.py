@@ -1,8 +1,8 @@
 """SimpleTuner's multidatabackend.json, read as users write it: image entries, text_embeds and image_embeds entries.
 
 Every key either does what SimpleTuner's DATALOADER.md documents, or stops the run with a `DataError` naming the
-file, the entry and the key and saying what fewstep does instead. Keys that cannot change the training data in
-SimpleTuner either (write batch sizes, `hash_filenames`) are accepted.
+file, the entry and the key and saying what fewstep does instead (the key lists: `fewstep.data.backend_keys`). Keys
+that cannot change the training data in SimpleTuner either (write batch sizes, `hash_filenames`) are accepted.
 
 fewstep's own spelling still works: `{"backend": "simple", "resolution": 1024, "image_dir": "data",
 "caption_extension": ".txt", "shuffle": true}`. An entry without a `crop` key is cropped as fewstep always did (a
@@ -10,72 +10,16 @@ centre square of the image resized to cover `resolution`); SimpleTuner's default
 """
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from fewstep import paths
+from fewstep.data.backend_keys import IMAGE_EMBED_KEYS, IMAGE_KEYS, TEXT_KEYS, check_keys
 from fewstep.data.errors import DataError
 from fewstep.jsonfile import load_json
 
-_COMMON = {"id", "dataset_type", "type", "backend", "disabled", "disable"}
-IMAGE_KEYS = _COMMON | {
-    "instance_data_dir", "image_dir", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
-    "crop_aspect_buckets", "max_upscale_threshold", "minimum_image_size", "maximum_image_size",
-    "target_downsample_size", "minimum_aspect_ratio", "maximum_aspect_ratio", "caption_strategy",
-    "caption_extension", "instance_prompt", "prepend_instance_prompt", "only_instance_prompt",
-    "disable_multiline_split", "repeats", "probability", "shuffle", "cache_dir_vae", "text_embeds", "image_embeds",
-    "hash_filenames"}
-TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
-IMAGE_EMBED_KEYS = _COMMON | {"cache_dir"}
-
-_NO_PRECACHE = ("fewstep encodes every image and caption before training, so that training loads only the "
-                "transformer; remove the key")
-_NO_FILE_LIST = "fewstep keeps no file lists between runs and scans the image folder at every start; remove the key"
-_CONDITIONING = "conditioning data (ControlNet, masks, edit references) is not supported: fewstep distils " \
-                "text-to-image models from image/caption pairs"
-_SCHEDULE = "dataset scheduling is not supported: every enabled entry is sampled from the first step to the " \
-            "last; weight entries with 'probability' or disable one with 'disabled: true'"
-_falsy = lambda v: not v  # noqa: E731
-_never = lambda v: False  # noqa: E731
-_at_most_one = lambda v: v is None or (isinstance(v, (int, float)) and v <= 1)  # noqa: E731
-# SimpleTuner keys fewstep refuses, unless set to the value that leaves the data as it is: key -> (accepted?, why)
-REFUSED: dict[str, tuple[Any, str]] = {
-    "vae_cache_clear_each_epoch": (_falsy, "fewstep encodes each image once, before training (training loads only "
-                                   "the transformer), so crops are not re-drawn every epoch; set it to false"),
-    "vae_cache_ondemand": (_falsy, _NO_PRECACHE), "vae_cache_disable": (_falsy, _NO_PRECACHE),
-    "text_cache_ondemand": (_falsy, _NO_PRECACHE), "text_cache_disable": (_falsy, _NO_PRECACHE),
-    "skip_file_discovery": (_falsy, _NO_FILE_LIST), "preserve_data_backend_cache": (_falsy, _NO_FILE_LIST),
-    "metadata_backend": (lambda v: v in (None, "discovery"),
-                         "fewstep reads each image's size from the file itself ('discovery'); remove the key"),
-    "delete_unwanted_images": (_falsy, "fewstep never deletes your files: images outside the size or aspect limits "
-                               "are skipped and counted in the log"),
-    "delete_problematic_images": (_falsy, "fewstep never deletes your files: an unreadable image stops the run "
-                                  "naming it"),
-    "max_num_samples": (lambda v: v is None, "not supported: put the subset you want in its own folder"),
-    "start_epoch": (_at_most_one, _SCHEDULE), "start_step": (_at_most_one, _SCHEDULE),
-    "end_epoch": (lambda v: v is None, _SCHEDULE), "end_step": (lambda v: v is None, _SCHEDULE),
-    "timestep_sampling_offset": (_falsy, "per-entry timestep offsets are not supported; timestep sampling is "
-                                 "set for the whole run in the config (flow_logit_mean, flow_schedule_shift, ...)"),
-    "is_regularisation_data": (_falsy, "regularisation (parent-teacher) data is not supported"),
-    "is_regularization_data": (_falsy, "regularisation (parent-teacher) data is not supported"),
-    "caption_shuffle": (lambda v: not v or (isinstance(v, dict) and not v.get("enable")),
-                        "not supported: write the variants as separate "
-                        "lines of the caption file (each line is a caption; one is drawn per sample)"),
-    "caption_filter_list": (_falsy, "not supported: edit the captions (fewstep trains on them as written)"),
-    "conditioning": (_never, _CONDITIONING), "conditioning_data": (_never, _CONDITIONING),
-    "conditioning_type": (_never, _CONDITIONING), "source_dataset_id": (_never, _CONDITIONING),
-    "conditioning_image_embeds": (_never, _CONDITIONING),
-    "cache_dir_conditioning_image_embeds": (_never, _CONDITIONING),
-    "parquet": (_never, "parquet metadata is not supported: use caption_strategy textfile, filename or "
-                "instanceprompt"),
-    "video": (_never, "fewstep trains image models; video datasets are not supported"),
-    "audio": (_never, "fewstep trains image models; audio datasets are not supported"),
-    "slider_strength": (_never, "slider LoRA training is not supported"),
-    "grounding": (_never, "grounding (spatial annotations) is not supported"),
-}
 _STORAGE_TYPES = {"aws": "S3", "csv": "a CSV URL list", "huggingface": "the Hugging Face hub",
                   "webshart": "Webshart shards", "memory": "a RAM copy of the cache"}
 _CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
@@ -150,27 +94,6 @@ class DataConfig:
     images: list[ImageEntry]
     default_text_cache_dir: Optional[str] = None
     text_batch_sizes: dict = field(default_factory=dict)  # text cache dir -> text_encoder_batch_size
-
-
-def _check_keys(entry: dict, allowed: set, where: str) -> None:
-    kinds = {"image": IMAGE_KEYS, "text_embeds": TEXT_KEYS, "image_embeds": IMAGE_EMBED_KEYS}
-    for key in entry:
-        if key in allowed:
-            continue
-        elsewhere = [k for k, keys in kinds.items() if key in keys]
-        if elsewhere:
-            raise DataError(f"{where}: '{key}' applies to dataset_type {' / '.join(elsewhere)} entries, not to "
-                            f"this {entry.get('dataset_type', 'image')} entry")
-        if key in REFUSED:
-            ok, why = REFUSED[key]
-            if ok(entry[key]):
-                continue
-            raise DataError(f"{where}: '{key}': {why}")
-        if key.startswith(("aws_", "csv_", "huggingface", "memory_filesystem")):
-            raise DataError(f"{where}: '{key}' belongs to a storage type fewstep does not support; it reads local "
-                            "(or shared) folders: use type 'local' with instance_data_dir / cache_dir")
-        hint = difflib.get_close_matches(key, sorted(allowed | set(REFUSED)), n=1)
-        raise DataError(f"{where}: unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
 
 
 def _got(value) -> str:
@@ -286,13 +209,13 @@ def load_data_config(path: str, config_defaults: Optional[dict] = None, images_m
     image_embeds = {k: (e, w) for _, k, w, e, kind in live if kind == "image_embeds"}
     config = DataConfig(path, [])
     for key, (entry, where) in text.items():
-        _check_keys(entry, TEXT_KEYS, where)
+        check_keys(entry, TEXT_KEYS, where)
         _number(entry, "write_batch_size", where, lo=1, integer=True)  # accepted: each file is written as encoded
         size = _number(entry, "text_encoder_batch_size", where, lo=1, integer=True)
         if size:
             config.text_batch_sizes[_local_dir(entry.get("cache_dir"), "cache_dir", where, path, False)] = size
     for key, (entry, where) in image_embeds.items():
-        _check_keys(entry, IMAGE_EMBED_KEYS, where)
+        check_keys(entry, IMAGE_EMBED_KEYS, where)
     defaults = [k for k, (e, w) in text.items() if _flag(e, "default", w, False)]
     if len(defaults) > 1:
         raise DataError(f"{path}: more than one text_embeds entry has default: true ({', '.join(defaults)})")
@@ -325,7 +248,7 @@ def load_data_config(path: str, config_defaults: Optional[dict] = None, images_m
 
 def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image_embeds: dict,
                  default_text, must_exist: bool = True, inherited: tuple = ()) -> ImageEntry:
-    _check_keys(entry, IMAGE_KEYS, where)
+    check_keys(entry, IMAGE_KEYS, where)
     image_dir = entry.get("instance_data_dir", entry.get("image_dir"))
     if image_dir in (None, ""):
         raise DataError(f"{where}: needs 'instance_data_dir' (or 'image_dir'): the folder of images")

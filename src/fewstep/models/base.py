@@ -2,8 +2,8 @@
 
 A `FlowModelAdapter` subclass declares a family's classes and conventions as data (component classes, LoRA targets,
 time scale, latent packing) and overrides a handful of small hooks (`_encode_prompt_batch`, `_call_transformer`,
-VAE normalisation). Everything shared - loading, prompt/image encoding, packing, the forward call, collation, stock
-pipelines - is written once here.
+VAE normalisation). Everything shared - loading, prompt/image encoding, packing, the forward call, stock pipelines -
+is written once here; batching cached conditioning (`collate_cond`, `split_cond`): `fewstep.models.cond_batches`.
 
 Flow-matching convention (diffusers): x_sigma = (1 - sigma) * x + sigma * noise, and the transformer predicts the
 velocity v = noise - x, so an Euler step is x <- x + (sigma_next - sigma) * v.
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fewstep.errors import ModelFamilyError
-from fewstep.models import anystep, attention
+from fewstep.models import anystep, attention, cond_batches
 from fewstep.models.registry import adapter_classes, canonical_family
 from fewstep.models.source import check_denoiser_class, resolve_folder_or_hub
 
@@ -288,54 +288,13 @@ class FlowModelAdapter:
         return torch.full((batch,), g, device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ batches of cached conditioning
-    def collate_cond(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Stack per-sample conditioning (no batch dim) into a batch.
-
-        A key `k` with a companion mask `k + "_mask"` is variable-length text: it is zero-padded along its first axis
-        to the longest item, and the mask is padded with zeros. A mask without a zero is left out (as the stock
-        pipelines do): every token is valid, and attention without a mask can take the fused (flash) kernels.
-        """
-        if not items:
-            raise ValueError("collate_cond got an empty list")
-        keys = set(items[0])
-        for i, it in enumerate(items):
-            if set(it) != keys:
-                raise KeyError(f"collate_cond item {i} has keys {sorted(it)}, expected {sorted(keys)}")
-        out = {}
-        for k in sorted(keys):
-            if k.endswith("_mask") and k[: -len("_mask")] in keys:
-                continue  # padded together with its embeddings below
-            mk = k + "_mask"
-            if mk in keys:
-                n = max(it[k].shape[0] for it in items)
-                out[k] = torch.stack([_pad0(it[k], n) for it in items])
-                mask = torch.stack([_pad0(it[mk], n) for it in items])
-                if mask.device.type != "cpu" or not bool(mask.all()):  # host tensors (the cache): no device sync
-                    out[mk] = mask
-            else:
-                shapes = {tuple(it[k].shape) for it in items}
-                if len(shapes) != 1:
-                    raise ValueError(f"collate_cond: {k!r} has differing shapes {sorted(shapes)} and no {mk!r}")
-                out[k] = torch.stack([it[k] for it in items])
-        return out
+    collate_cond = staticmethod(cond_batches.collate_cond)  # per-sample dicts -> a batch, text padded
+    split_cond = staticmethod(cond_batches.split_cond)  # the inverse: per-sample dicts, text trimmed
 
     def micro_cond(self, plans: list) -> dict[str, torch.Tensor]:
         """Conditioning a batch takes from its images rather than their captions, built from each sample's
         `fewstep.data.buckets.Plan` and merged into `cond` (SDXL: add_time_ids); none for most families."""
         return {}
-
-    def split_cond(self, cond: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Inverse of `collate_cond`: per-sample dicts, masked text trimmed after its last valid token."""
-        b = next(iter(cond.values())).shape[0]
-        items = [{k: v[i] for k, v in cond.items()} for i in range(b)]
-        for it in items:
-            for k in list(it):
-                mk = k + "_mask"
-                if mk in it:
-                    valid = it[mk].nonzero()
-                    n = int(valid.max()) + 1 if valid.numel() else 0
-                    it[k], it[mk] = it[k][:n], it[mk][:n]
-        return items
 
     # ------------------------------------------------------------------ stock pipelines and LoRA export
     def build_pipeline(self, comps: ModelComponents, *, denoiser: nn.Module | None = None, scheduler=None):
@@ -413,10 +372,3 @@ class FlowModelAdapter:
     def add_anystep(self, transformer: nn.Module) -> nn.Module:
         """Attach zero-initialised target-time and sign embeddings to `transformer` (see `fewstep.models.anystep`)."""
         return anystep.add_anystep_embeddings(unwrap(transformer), self.hook_time_scale, self.anystep_module)
-
-
-def _pad0(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Zero-pad t along dim 0 to length n."""
-    if t.shape[0] == n:
-        return t
-    return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
