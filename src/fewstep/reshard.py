@@ -83,12 +83,24 @@ def _stage0_fp32_copies(opt) -> dict[int, tuple[int, int]]:
     return {}
 
 
+def _stage0_master(p, copies: dict, index: dict) -> tuple[int, int] | None:
+    """Stage 0: (index into `master_partitions`, start there) of parameter p's fp32 master, which is its fp32 copy
+    (`copies`, bf16/fp16 weights) or p itself (fp32 weights: `index`, the masters' positions by id); None if neither."""
+    if id(p) in copies:
+        return copies[id(p)]
+    return (index[id(p)], 0) if id(p) in index else None
+
+
+def _stage0_maps(engine) -> tuple[dict, dict, list]:
+    """What `_stage0_master` looks a parameter up in, and the masters it indexes."""
+    masters = master_partitions(engine)
+    return _stage0_fp32_copies(engine.optimizer), {id(m): i for i, m in enumerate(masters)}, masters
+
+
 def fragment_map(engine) -> dict[str, tuple[int, int, int, int]] | None:
     """name -> (index into `master_partitions`, start there, start in the flattened parameter, count) for this rank's
     piece of every trainable parameter (absent where this rank holds none); None for an unknown optimizer layout."""
-    opt = engine.optimizer
-    index = {id(m): i for i, m in enumerate(master_partitions(engine))}
-    copies = _stage0_fp32_copies(opt)
+    opt, (copies, index, _) = engine.optimizer, _stage0_maps(engine)
     out = {}
     for name, p in trainable_named(engine):
         if hasattr(p, "ds_id"):  # ZeRO-3: every parameter split evenly (padded) over the ranks
@@ -105,10 +117,8 @@ def fragment_map(engine) -> dict[str, tuple[int, int, int, int]] | None:
             if m is not None and m.lp_fragment_address.numel:
                 out[name] = (int(m.param_group_index), int(m.hp_fragment_address.start),
                              int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel))
-        elif id(p) in copies:  # stage 0 bf16/fp16: a whole fp32 copy of the parameter
-            out[name] = (*copies[id(p)], 0, p.numel())
-        elif id(p) in index:  # stage 0 fp32: the parameter is its own master
-            out[name] = (index[id(p)], 0, 0, p.numel())
+        elif (master := _stage0_master(p, copies, index)) is not None:  # stage 0: the whole parameter, replicated
+            out[name] = (*master, 0, p.numel())
         else:
             return None
     return out
@@ -160,19 +170,15 @@ def _relink(opt) -> None:
 
 
 def _full(p, key, engine, stage0=None) -> torch.Tensor:
-    """The full fp32 master (key None) or optimizer state of one parameter (collective under ZeRO). `stage0`:
-    (`_stage0_fp32_copies`, `master_partitions`) of the engine, when the caller has them (one per parameter is slow)."""
+    """The full fp32 master (key None) or optimizer state of one parameter (collective under ZeRO). `stage0`: the
+    engine's `_stage0_maps`, when the caller has them (one per parameter is slow)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    copies, masters = stage0 or (_stage0_fp32_copies(engine.optimizer), master_partitions(engine))
-    copy = copies.get(id(p))
-    if copy is None:  # stage 0 fp32: the parameter is its own master
-        master, start = p, 0
-    else:
-        i, start = copy
-        master = masters[i]
+    copies, index, masters = stage0 or _stage0_maps(engine)
+    i, start = _stage0_master(p, copies, index)
+    master = masters[i]
     t = master.detach() if key is None else _inner(engine).state[master][key]
     return t.reshape(-1)[start:start + p.numel()].view(p.shape)
 
@@ -183,7 +189,7 @@ def gather_trainable(engine, rank: int) -> dict | None:
     keys, step = _adam_state(engine)
     if keys:
         _relink(engine.optimizer)  # e.g. right after a resume, before DeepSpeed links them at its next step
-    params, stage0 = {}, (_stage0_fp32_copies(engine.optimizer), master_partitions(engine))
+    params, stage0 = {}, _stage0_maps(engine)
     for name, p in trainable_named(engine):
         values = {"fp32": _full(p, None, engine, stage0), **{k: _full(p, k, engine, stage0) for k in keys}}
         if rank == 0:
