@@ -197,15 +197,17 @@ def test_a_simpletuner_config_loads_as_simpletuner_reads_it(tmp_path):
     assert (cfg.checkpointing_steps, cfg.validation_steps) == (500, 500)  # SimpleTuner's newer names
     assert (cfg.optimizer, cfg.lr_scheduler, cfg.lr_end, cfg.lr_power) == ("adamw", "polynomial", 4e-7, 0.8)
     assert (cfg.resolution, cfg.resolution_type, cfg.minimum_image_size) == (1024, "pixel_area", 0.0)
+    assert cfg.vae_batch_size == 1  # the cache fill's, as SimpleTuner's
     notes = config_warnings(cfg)
     assert notes[0] == "model_flavour dev: loading black-forest-labs/FLUX.1-dev"
     assert notes[1].startswith("optimizer adamw_bf16 trains as adamw (")
     ignored = notes[2]
     assert ignored.startswith("SimpleTuner options with no effect in fewstep: hub_model_id (fewstep makes no hub")
-    for key in ("validation_torch_compile", "disable_benchmark", "vae_batch_size", "disable_bucket_pruning",
+    for key in ("validation_torch_compile", "disable_benchmark", "disable_bucket_pruning",
                 "quantize_via", "compress_disk_cache", "validation_disable_unconditional"):
         assert f"; {key} (" in ignored
-    for key in ("push_to_hub", "num_train_epochs", "aspect_bucket_rounding", "grad_clip_method", "lora_type"):
+    for key in ("push_to_hub", "num_train_epochs", "aspect_bucket_rounding", "grad_clip_method", "lora_type",
+                "vae_batch_size"):
         assert key not in " ".join(notes)  # at the value fewstep trains anyway: nothing to say
 
 

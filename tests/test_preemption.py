@@ -9,8 +9,13 @@ import threading
 from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write_dataset
 
 
+WHERE = {signal.SIGUSR1: ("load", "before the first step"),  # the model load
+         signal.SIGTERM: ("cache", "before the model loaded")}  # the cache fill: the model is not loaded at all
+
+
 def test_signal_during_model_load_exits_cleanly(tmp_path):
-    """SIGUSR1 and SIGTERM, each to its own run (side by side: single-process runs use one core each)."""
+    """SIGUSR1 during the model load and SIGTERM during the cache fill, each to its own run (side by side:
+    single-process runs use one core each)."""
     runs = {}
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         root = tmp_path / sig.name
@@ -19,14 +24,15 @@ def test_signal_during_model_load_exits_cleanly(tmp_path):
         cfg = write_config(str(root), backend, max_train_steps=2, resume_from_checkpoint="latest")
         proc = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=cpu_env(FEWSTEP_TEST_DELAY="load:6"))
+                                env=cpu_env(FEWSTEP_TEST_DELAY=f"{WHERE[sig][0]}:6"))
         runs[sig] = root, cfg, proc
 
-    def signal_while_loading(sig, proc):  # each run is signalled as soon as it says it is loading the model
+    def signal_while_loading(sig, proc):  # each run is signalled as soon as it reaches its place
+        proc.captured = ""
         for line in proc.stdout:
-            if "delayed 6 s at load" in line:
+            proc.captured += line
+            if f"delayed 6 s at {WHERE[sig][0]}" in line:
                 proc.send_signal(sig)
-                return
 
     watchers = [threading.Thread(target=signal_while_loading, args=(sig, proc)) for sig, (_, _, proc) in runs.items()]
     for w in watchers:
@@ -34,9 +40,11 @@ def test_signal_during_model_load_exits_cleanly(tmp_path):
     for w in watchers:
         w.join(timeout=300)
     for sig, (_, _, proc) in runs.items():
-        out, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=300)
+        out = proc.captured
         assert proc.returncode == 0, (sig.name, err[-3000:])
-        assert f"preempted ({sig.name}) before the first step" in out, out
+        assert f"preempted ({sig.name}) {WHERE[sig][1]}; exiting" in out, out
+        assert ("loading tiny:flux" in out) == (WHERE[sig][0] == "load"), out
         assert "Traceback" not in err
     # nothing was trained, and the next (requeued) start trains normally
     again = [subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(),

@@ -1,5 +1,6 @@
 """End-to-end single-process training through `python launcher/train.py` (the plain-python entry point)."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -66,9 +67,28 @@ def test_kill_during_save_keeps_last_checkpoint(data):
     ckpts = os.path.join(out, "checkpoints")
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step-2"
     assert not os.path.exists(os.path.join(ckpts, "step-4"))
-    train(root, backend, "killsave", resume_from_checkpoint="latest", **common)
+    log = []
+    train(root, backend, "killsave", resume_from_checkpoint="latest", output=log, **common)
     assert [m["loss"] for m in read_metrics(out)] == [m["loss"] for m in read_metrics(straight)]
+    assert "the data differ" not in log[0]  # the same data: no warning (the next test changes them)
     assert sorted(os.listdir(ckpts)) == ["latest", "step-2", "step-4", "step-6"]
+
+
+def test_a_resume_says_when_the_data_changed_since_its_checkpoint(tmp_path):
+    """An image added to the folder between two runs: the resume trains on, and says which entry changed and how
+    (the order continues from its saved positions, so it cannot draw what an uninterrupted run would have)."""
+    backend = write_dataset(str(tmp_path), n=3)
+    common = dict(checkpointing_steps=2, seed=5)
+    train(tmp_path, backend, "grown", max_train_steps=2, **common)
+    write_dataset(str(tmp_path), n=4)  # the same three images, and a fourth
+    log = []
+    train(tmp_path, backend, "grown", max_train_steps=3, resume_from_checkpoint="latest", output=log, **common)
+    assert re.search(r"warning: the data differ from step-2's \(entry '[^']+': 3 -> 4 images\): the data order "
+                     r"continues from its saved positions", log[0]), log[0][-3000:]
+    log.clear()
+    train(tmp_path, backend, "grown", max_train_steps=4, resume_from_checkpoint="latest", seed=6, output=log,
+          checkpointing_steps=2)
+    assert "warning: the data differ from step-3's (seed 5 -> 6)" in log[0]  # step-3 recorded the grown data
 
 
 def test_a_resume_from_an_earlier_step_saves_its_own_final_checkpoint(data):
@@ -335,7 +355,7 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
     log = proc.stdout + proc.stderr
     assert "model_flavour dev not used: pretrained_model_name_or_path names the model (tiny:flux)" in log
     assert "optimizer adamw_bf16 trains as adamw" in log
-    assert "SimpleTuner options with no effect in fewstep: hub_model_id (" in log and "vae_batch_size (" in log
+    assert "SimpleTuner options with no effect in fewstep: hub_model_id (" in log and "disable_benchmark (" in log
     assert "data 'own': 2 images in 1 bucket(s) [32x32 x2]" in log  # an entry's own resolution wins
     assert "data 'bare': 2 images in 1 bucket(s) [48x48 x2]" in log
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-2", "step-4"]

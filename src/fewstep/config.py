@@ -92,6 +92,11 @@ class Config:
                                          "Shared or node-local: the ranks that see one directory fill it together, "
                                          "so a node-local path (e.g. $SLURM_TMPDIR/cache) is filled once per node. "
                                          "$VARS and ~ are expanded (on rank 0; every rank uses its path).")
+    vae_batch_size: int = opt(8, "Images the cache fill encodes per VAE call: lower it if the fill runs out of GPU "
+                                 "memory (SimpleTuner's default is 4). Cached latents are not encoded again.", lo=1)
+    text_encoder_batch_size: int = opt(8, "Prompts the cache fill encodes per text-encoder call, where the prompts' "
+                                          "text_embeds entry sets none: lower it if the fill runs out of GPU memory.",
+                                       lo=1)
 
     # ---- optimisation ----
     output_dir: str = opt("output", "Run directory: checkpoints, logs, LoRA weights, samples.")
@@ -153,7 +158,8 @@ class Config:
 
     # ---- TwinFlow (SimpleTuner key names and defaults) ----
     twinflow_enabled: bool = opt(False, "Enable TwinFlow (RCGM any-step training). Requires distillation_method null.")
-    twinflow_target_step_count: int = opt(1, "Sampling steps used for validation/inference.", lo=1, hi=8)
+    twinflow_target_step_count: int = opt(1, "Sampling steps of TwinFlow's validation images (launcher/sample.py: "
+                                                "--steps, default 2).", lo=1, hi=8)
     twinflow_estimate_order: int = opt(2, "RCGM order N: teacher sub-steps per target.", lo=0, hi=16)
     twinflow_enhanced_ratio: float = opt(
         0.5, "CFG-enhanced target ratio r (0 disables): the student learns a guided field, CFG scale 1 + r, drifting "
@@ -214,7 +220,8 @@ class Config:
     validation_steps: int = opt(0, "Render validation images every N steps (0: only at the end).", lo=0)
     validation_prompt: Optional[str] = opt(None, "Validation prompt (default: the first training caption).")
     user_prompt_library: Optional[str] = opt(None, "A JSON file of {nickname: prompt} (SimpleTuner's): validation "
-                                                   "also renders each prompt, as <phase>-step<N>-<nickname>.png.")
+                                                   "also renders each prompt, as validation/<phase>-step<NNNNNN>-"
+                                                   "<nickname>.png.")
     validation_negative_prompt: Optional[str] = opt(None, "The prompt validation's classifier-free guidance steers "
                                                           "away from (SimpleTuner's key; default: launcher/sample.py's,"
                                                           " ' ' for the flow families as the Glance reference samples "

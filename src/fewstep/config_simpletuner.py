@@ -116,7 +116,6 @@ NO_EFFECT = {  # key -> why it changes nothing here
     "disable_benchmark": "fewstep renders no step-0 benchmark of the base model",
     "validation_torch_compile": "validation is not compiled",
     "quantize_via": "nothing is quantised",
-    "vae_batch_size": "the cache fill encodes images in its own batches",
     "vae_enable_tiling": "the cache fill encodes whole images",
     "vae_enable_slicing": "the cache fill encodes whole images",
     "vae_cache_ondemand": "the cache is filled before training starts",
@@ -131,8 +130,6 @@ NO_EFFECT = {  # key -> why it changes nothing here
     "lycoris_config": "it configures lora_type lycoris, which is refused",
     "dataloader_prefetch": "batches come from the latent cache",
     "dataloader_prefetch_qlen": "batches come from the latent cache",
-    "text_encoder_batch_size": "a speed setting: fewstep's is the text_embeds entry's text_encoder_batch_size in the "
-                               "data config",
     "allow_dataset_oversubscription": "fewstep trains a data set of any size: a bucket smaller than the global "
                                       "batch wraps into its next epoch",
     **{k: "only with validation_guidance_skip_layers (skip-layer guidance), which is not implemented"

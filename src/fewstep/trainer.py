@@ -22,6 +22,7 @@ from fewstep.config import Config, ConfigError
 from fewstep.config_warnings import config_warnings
 from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset, read_data_config
+from fewstep.data.record import changes_warning, data_changes, data_record
 from fewstep.ema import EMA
 from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
@@ -83,6 +84,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         distributed.wait_for_all("end")
         return {"step": resume.step, "preempted": False}
     dataset, resolution, shuffle = build_dataset(cfg, adapter, info, source, data)
+    if signalled(is_main, "before the model loaded"):  # during the scan or cache fill: no load (minutes at 20B)
+        return stopped(resume.step if resume is not None else step)
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -108,6 +111,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle,
                       sampling=cfg.data_backend_sampling)
+    with distributed.uneven_work("data record"):  # rank 0 writes it into each checkpoint (seconds at 10 M images)
+        data_now = data_record(dataset, cfg.seed, cfg.data_backend_sampling, order.global_batch) if is_main else None
     initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
@@ -123,6 +128,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        changed = data_changes(trainer_state.get("data"), data_now) if is_main else []  # rank 0 made the record
+        if changed:
+            log_main(is_main, f"warning: {changes_warning(os.path.basename(resume.path), changed)}")
         if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)
             log_main(is_main, end_note(step, total, len(phases)))
         later = checkpoint.later_than(ckpt_root, step) if is_main else []
@@ -148,13 +156,13 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
                  "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
         abandoned.discard(f"step-{at}")  # re-saved: this run's now
-        path = checkpoint.save(ckpt_root, at, engine, info.rank, state, {"method": method, "layout": layout},
-                               cfg.checkpoints_total_limit, abandoned)
+        path = checkpoint.save(ckpt_root, at, engine, info.rank, state,
+                               {"method": method, "layout": layout, "data": data_now}, cfg.checkpoints_total_limit,
+                               abandoned)
         last_saved = at
         log_main(is_main, f"checkpoint saved: {path}")
 
-    if distributed.any_rank(preemption.requested()):  # signalled while loading: nothing new to save
-        log_main(is_main, f"preempted ({preemption.received() or 'another rank'}) before the first step; exiting")
+    if signalled(is_main, "before the first step"):  # while loading: nothing new to save
         return stopped(step)
     with distributed.uneven_work("metrics logger"):  # rank 0's alone (TensorBoard's import, wandb.init: seconds)
         faults.work_at("logger")
@@ -255,6 +263,14 @@ class StepOutcome:
     preempt: bool      # some rank was signalled
     grad_norm: float   # the global gradient norm before clipping, the same way in every layout (DeepSpeed keeps
                        # none at stage 0 fp32)
+
+
+def signalled(is_main: bool, when: str) -> bool:
+    """Whether any rank has a preemption signal (collective); if so, says so."""
+    if not distributed.any_rank(preemption.requested()):
+        return False
+    log_main(is_main, f"preempted ({preemption.received() or 'another rank'}) {when}; exiting")
+    return True
 
 
 def stopped(step: int) -> dict:

@@ -129,3 +129,36 @@ def test_images_probed_on_another_node_are_not_read_again_at_the_next_start(tmp_
     assert scan_images(load_data_config(backend), 8, memo)[2] == 3
     monkeypatch.setattr(ProbeMemo, "record", staticmethod(record))
     assert scan_images(load_data_config(backend), 8, memo)[2] == 0
+
+
+def test_the_cache_fill_encodes_in_the_configured_batches(tmp_path, monkeypatch):
+    """`vae_batch_size` images and `text_encoder_batch_size` prompts per encoder call (the knobs for a fill that
+    runs out of GPU memory); a text_embeds entry's own text_encoder_batch_size wins over the config's."""
+    import json
+
+    adapter = get_adapter("flux")
+    calls = {"images": [], "prompts": []}
+    encode_images, encode_prompts = adapter.encode_images, adapter.encode_prompts
+    monkeypatch.setattr(adapter, "encode_images", lambda vae, px: calls["images"].append(len(px)) or
+                        encode_images(vae, px))
+    monkeypatch.setattr(adapter, "encode_prompts", lambda comps, p: calls["prompts"].append(len(p)) or
+                        encode_prompts(comps, p))
+    backend = write_dataset(str(tmp_path), n=5, captions=["a", "b", "c", "d", "e"])
+    base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "data_backend_config": backend,
+            "mixed_precision": "fp32", "resolution": 32}
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    cfg = load_config(None, {**base, "output_dir": str(tmp_path / "small"), "vae_batch_size": 2,
+                             "text_encoder_batch_size": 3})
+    build_dataset(cfg, adapter, info)
+    assert calls == {"images": [2, 2, 1], "prompts": [3, 3]}  # five captions and the empty prompt
+    calls["images"].clear(), calls["prompts"].clear()
+    build_dataset(load_config(None, {**base, "output_dir": str(tmp_path / "default")}), adapter, info)
+    assert calls == {"images": [5], "prompts": [6]}  # the defaults, 8 and 8
+    entries = json.load(open(backend)) + [{"id": "text", "dataset_type": "text_embeds", "default": True,
+                                           "cache_dir": str(tmp_path / "text"), "text_encoder_batch_size": 4}]
+    with open(backend, "w") as fh:
+        json.dump(entries, fh)
+    calls["images"].clear(), calls["prompts"].clear()
+    cfg = load_config(None, {**base, "output_dir": str(tmp_path / "entry"), "text_encoder_batch_size": 1})
+    build_dataset(cfg, adapter, info)
+    assert calls["prompts"] == [4, 2]  # the entry's 4, not the config's 1

@@ -201,12 +201,12 @@ class CacheSet:
 
     def __init__(self, samples: SampleTable, entries: list, extra_prompts: list[str], base_dir: str, model: str,
                  default_text_dir: Optional[str] = None, text_batch_sizes: Optional[dict] = None,
-                 dtype: torch.dtype = torch.float32):
-        sizes = text_batch_sizes or {}
+                 dtype: torch.dtype = torch.float32, text_batch_size: int = 8):
+        sizes = text_batch_sizes or {}  # per text cache directory (its text_embeds entry's); else text_batch_size
         self.caches: dict[str, EmbeddingCache] = {}
 
         def cache(directory: Optional[str]) -> EmbeddingCache:
-            size, directory = sizes.get(directory, 8), directory or base_dir
+            size, directory = sizes.get(directory, text_batch_size), directory or base_dir
             if directory not in self.caches:
                 self.caches[directory] = EmbeddingCache(directory, model, size, dtype)
             return self.caches[directory]

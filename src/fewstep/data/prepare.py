@@ -173,8 +173,8 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
                         "needs the same copy of the model")
     cached = extra + [p for _, p in library if p not in extra]  # the library's: cached, read from disk when rendered
     caches = CacheSet(samples, data.images, cached, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
-                      key, data.default_text_cache_dir,
-                      data.text_batch_sizes, torch.bfloat16 if cfg.bf16 else torch.float32)
+                      key, data.default_text_cache_dir, data.text_batch_sizes,
+                      torch.bfloat16 if cfg.bf16 else torch.float32, cfg.text_encoder_batch_size)
     shares, sizes = {}, set()
     for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
         group = sharing_group(root)
@@ -195,7 +195,8 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
                 m.to(info.device)
             for root, (mine_lat, mine_txt) in shares.items():
                 caches.cache_at(root).fill(mine_lat, mine_txt, lambda px: adapter.encode_images(comps.vae, px),
-                                           lambda p: adapter.split_cond(adapter.encode_prompts(comps, p)))
+                                           lambda p: adapter.split_cond(adapter.encode_prompts(comps, p)),
+                                           batch_size=cfg.vae_batch_size)
             del comps
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,0 +1,98 @@
+"""What a checkpoint records of the data it was trained on, and what a resume says changed since.
+
+The data order's state is counters keyed by name (`fewstep.data.order`): a resume continues from the saved positions
+whatever the data are now. With the same data, seed, entry sampling and global batch it draws exactly the samples an
+uninterrupted run would have drawn; with anything else it cannot, and the resume says so in one warning naming what
+differs (an entry's image count, its buckets, its images or crops, its repeats, ...). Adding images to a run on
+purpose is allowed: the warning is there so that an unintended change (a folder that grew, a resolution edited in
+the data config) is not silent.
+
+What is compared is what decides which samples are drawn: per bucket (stream), its images' content digests, crops
+and caption counts, in order. A caption's text is not: an edit changes what a sample says, not which samples come.
+The record is a few lines per bucket whatever the data set's size, and is made on one rank in blocks of samples
+(a bounded transient).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+BLOCK = 1 << 16  # samples hashed at a time
+SHOWN = 6        # changes named in the warning; the rest are counted
+
+
+def data_record(dataset, seed: int, sampling: str, global_batch: int) -> dict:
+    """The record of `dataset` (a `CachedDataset`: its `layout` and `samples`) saved in each checkpoint."""
+    record = {"samples": len(dataset), "seed": int(seed), "sampling": sampling, "global_batch": int(global_batch)}
+    layout, samples = getattr(dataset, "layout", None), getattr(dataset, "samples", None)
+    if layout is None or samples is None:  # a plain dataset (tests): its size is all there is
+        return record
+    record["entries"] = {name: float(probability) for name, probability, _ in layout.entries}
+    record["buckets"] = {s.key: {"images": len(s.items), "repeats": int(s.repeats), "shuffle": bool(s.shuffle),
+                                 "digest": _stream_digest(samples, s.items)} for s in layout.streams}
+    return record
+
+
+def _stream_digest(samples, items) -> str:
+    """A digest of what the stream's positions map to: each item's image content, its plan (bucket, resize, crop)
+    and its caption count, in the stream's order. Not its dataset index: an image added to another entry shifts
+    the indices and changes nothing here."""
+    h = hashlib.sha256()
+    for start in range(0, len(items), BLOCK):
+        ids = np.asarray(items[start:start + BLOCK])
+        counts = np.asarray(samples.caption_start)[ids + 1] - np.asarray(samples.caption_start)[ids]
+        for part in (samples.digests[ids], samples.plans[ids], counts.astype(np.int64)):
+            h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()[:24]
+
+
+def data_changes(saved: dict | None, now: dict) -> list[str]:
+    """What differs between a checkpoint's record and this run's, in words; [] if nothing (or the checkpoint has
+    no record: those before 2026-12-07)."""
+    if not saved:
+        return []
+    found = [f"{what} {saved.get(key)} -> {now.get(key)}"
+             for key, what in (("seed", "seed"), ("sampling", "data_backend_sampling"),
+                               ("global_batch", "global batch (train_batch_size x ranks)"))
+             if saved.get(key) != now.get(key)]
+    if "buckets" not in saved or "buckets" not in now:
+        if saved.get("samples") != now.get("samples"):
+            found.append(f"{saved.get('samples')} -> {now.get('samples')} samples")
+        return found
+    was, new = saved.get("entries", {}), now.get("entries", {})
+    found += [f"entry {name!r} is new" for name in new if name not in was]
+    found += [f"entry {name!r} is gone" for name in was if name not in new]
+    for name in (n for n in new if n in was):
+        found += _entry_changes(name, was[name], new[name], _of(saved["buckets"], name), _of(now["buckets"], name))
+    return found
+
+
+def _of(buckets: dict, entry: str) -> dict:
+    """The entry's buckets, by their size "WxH" (a stream's key is "<entry id>|<W>x<H>")."""
+    return {key.rsplit("|", 1)[1]: b for key, b in buckets.items() if key.rsplit("|", 1)[0] == entry}
+
+
+def _entry_changes(name: str, was_p: float, new_p: float, was: dict, new: dict) -> list[str]:
+    found = [] if was_p == new_p else [f"entry {name!r}: probability {was_p:g} -> {new_p:g}"]
+    images = [sum(b["images"] for b in side.values()) for side in (was, new)]
+    if images[0] != images[1]:
+        found.append(f"entry {name!r}: {images[0]} -> {images[1]} images")
+    elif sorted(was) != sorted(new):
+        found.append(f"entry {name!r}: buckets {', '.join(sorted(was))} -> {', '.join(sorted(new))} (resolution or "
+                     "crop settings)")
+    elif any(was[k]["digest"] != new[k]["digest"] for k in new):
+        found.append(f"entry {name!r}: other images, crops or caption counts (as many images)")
+    for key, what in (("repeats", "repeats"), ("shuffle", "shuffle")):
+        before, after = ({b[key] for b in side.values()} for side in (was, new))
+        if before != after and before and after:
+            found.append(f"entry {name!r}: {what} {'/'.join(map(str, sorted(before)))} -> "
+                         f"{'/'.join(map(str, sorted(after)))}")
+    return found
+
+
+def changes_warning(step_name: str, changes: list[str]) -> str:
+    """The resume's one warning line about `changes` (not empty)."""
+    shown = "; ".join(changes[:SHOWN]) + (f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else "")
+    return (f"the data differ from {step_name}'s ({shown}): the data order continues from its saved positions, so "
+            "this run does not draw the samples an uninterrupted run would have")
