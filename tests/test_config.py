@@ -198,6 +198,8 @@ def test_a_simpletuner_config_loads_as_simpletuner_reads_it(tmp_path):
     assert (cfg.optimizer, cfg.lr_scheduler, cfg.lr_end, cfg.lr_power) == ("adamw", "polynomial", 4e-7, 0.8)
     assert (cfg.resolution, cfg.resolution_type, cfg.minimum_image_size) == (1024, "pixel_area", 0.0)
     assert cfg.vae_batch_size == 1  # the cache fill's, as SimpleTuner's
+    area = load_config(write(tmp_path, {**SIMPLETUNER_EXAMPLE, "--resolution_type": "area", "--resolution": 1.0}))
+    assert (area.resolution, area.resolution_type) == (1.0, "area")  # megapixels: a config's resolution too
     notes = config_warnings(cfg)
     assert notes[0] == "model_flavour dev: loading black-forest-labs/FLUX.1-dev"
     assert notes[1].startswith("optimizer adamw_bf16 trains as adamw (")
@@ -236,6 +238,41 @@ def test_simpletuner_renamed_options_are_one_option(tmp_path):
         load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui", "lora_export_formats": "diffusers"}))
     assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui"}), [
         "--lora_export_formats", "diffusers"]).lora_export_formats == ["diffusers"]
+    # the same formats written both ways agree; a format SimpleTuner has not is refused under its own name; a full
+    # fine-tune writes no LoRA file (SimpleTuner ignores lora_format there)
+    assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui", "lora_export_formats": [
+        "diffusers", "comfyui"]})).lora_export_formats == ["diffusers", "comfyui"]
+    with pytest.raises(ConfigError, match=r"^'lora_format' in .* is 'kohya': SimpleTuner's choices are diffusers, "):
+        load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "kohya"}))
+    full = merged(SEED_TWINFLOW, {"model_type": "full", "lora_format": "comfyui"})
+    assert load_config(write(tmp_path, full)).lora_export_formats == ["diffusers"]
+    # a renamed option's bad value names the key as the user wrote it
+    for key, value, message in (("checkpoint_step_interval", "abc", "'checkpointing_steps' expects int"),
+                                ("save_total_limit", 0, "'checkpoints_total_limit' must be >= 1")):
+        with pytest.raises(ConfigError, match=rf"{message}.* \(given as SimpleTuner's '{key}' in .*c\.json\)"):
+            load_config(write(tmp_path, {**SEED_GLANCE, key: value}))
+
+
+def test_a_config_in_simpletuners_spelling_clips_gradients_as_simpletuner_does(tmp_path):
+    """SimpleTuner clips each gradient value (to 2.0 by default), fewstep the global norm (to 1.0): a config in
+    SimpleTuner's spelling (a key only SimpleTuner has) gets SimpleTuner's clipping where it sets none, and says so;
+    one in fewstep's gets fewstep's."""
+    from fewstep.config_warnings import config_warnings
+    spelled = {**SEED_GLANCE, "checkpoint_step_interval": 20}
+    for extra, clipping in (({}, ("value", 2.0)), ({"max_grad_norm": 0.01}, ("value", 0.01)),
+                            ({"grad_clip_method": "norm"}, ("norm", 2.0)),
+                            ({"grad_clip_method": "norm", "max_grad_norm": 1.0}, ("norm", 1.0))):
+        cfg = load_config(write(tmp_path, {**spelled, **extra}))
+        assert (cfg.grad_clip_method, cfg.max_grad_norm) == clipping, extra
+        said = [n for n in config_warnings(cfg) if "SimpleTuner's default for a config in its spelling" in n]
+        assert len(said) == (len(extra) < 2), extra
+    assert "training clips each gradient value to +-0.01" in config_warnings(
+        load_config(write(tmp_path, {**spelled, "max_grad_norm": 0.01})))[0]
+    cfg = load_config(write(tmp_path, SEED_GLANCE))  # fewstep's spelling: fewstep's defaults, nothing said
+    assert (cfg.grad_clip_method, cfg.max_grad_norm) == ("norm", 1.0) and not config_warnings(cfg)
+    # SimpleTuner's cosine restarts every lr_warmup_steps steps; fewstep's decays once: said, not reproduced
+    cfg = load_config(write(tmp_path, {**spelled, "lr_scheduler": "cosine"}))
+    assert any(n.startswith("lr_scheduler cosine decays once") for n in config_warnings(cfg))
 
 
 def test_model_flavour_names_the_familys_model(tmp_path):

@@ -592,7 +592,7 @@ def main(spec):
         engine, _, _ = build_engine(cfg, model, list(model.parameters()))
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         inputs = MODEL_INPUTS[run["model"]["_class_name"]][0](model.config, cfg.train_batch_size,
-                                                               cfg.resolution // 16, run["text_tokens"], dtype)
+                                                               int(cfg.resolution) // 16, run["text_tokens"], dtype)
         for i in range(2):  # step 1 creates Adam's state; forward/backward 2 runs with it
             engine.backward(engine(**inputs, return_dict=False)[0].float().pow(2).mean())
             if i == 0:

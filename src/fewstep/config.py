@@ -77,8 +77,10 @@ class Config:
                                      "'auto-weighting' (SimpleTuner's default) by probability x the entry's number "
                                      "of images (repeats included), 'uniform' by probability alone.",
                                      choices=("auto-weighting", "uniform"))
-    resolution: Optional[int] = opt(None, "Training resolution of the data entries that set none (SimpleTuner's "
-                                          "global default; an entry's own 'resolution' wins).", lo=8)
+    resolution: Optional[float] = opt(None, "Training resolution of the data entries that set none (SimpleTuner's "
+                                            "global default; an entry's own 'resolution' wins), in the units of "
+                                            "their resolution_type: pixels, or megapixels for area.", lo=0.0,
+                                      lo_open=True)
     resolution_type: Optional[str] = opt(None, "resolution_type of the data entries that set none: pixel (the short "
                                                "side; fewstep's default), pixel_area (the area of a resolution-sized "
                                                "square) or area (megapixels).",
@@ -311,13 +313,21 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict | list] = N
         overrides = parse_overrides(overrides, FIELDS)
     for k, v in (overrides or {}).items():
         raw[normalize_key(k)], source[normalize_key(k)] = v, COMMAND_LINE
-    notes, problems = from_simpletuner(raw, source)
+    notes, problems, given_as = from_simpletuner(raw, source)
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:  # all of them at once: a config brought from elsewhere may have several
         problems.append(closest_keys(unknown, source, FIELDS))
     if problems:
         raise ConfigError("; ".join(problems))
-    cfg = Config(**{key: coerce(key, FIELDS[key], value) for key, value in raw.items()}).validate()
+    values = {}
+    for key, value in raw.items():
+        try:
+            values[key] = coerce(key, FIELDS[key], value)
+        except ConfigError as e:
+            if key not in given_as:
+                raise
+            raise ConfigError(f"{e} (given as SimpleTuner's '{given_as[key]}'{source[key]})") from None
+    cfg = Config(**values).validate()
     cfg.simpletuner_notes = notes  # logged at start-up with the config's warnings (not an option: not a field)
     return cfg
 

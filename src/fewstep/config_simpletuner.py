@@ -14,6 +14,9 @@ writing, carry 50 that fewstep has no option for). Each such key is one of:
 - `NO_EFFECT`: a setting that cannot change what fewstep trains (uploads, speed and memory knobs of SimpleTuner's own
   loaders, scores fewstep does not compute): accepted at any value, and listed in one start-up line.
 
+A config with any of these keys is in SimpleTuner's spelling, and where it leaves gradient clipping unset it gets
+SimpleTuner's defaults (`SIMPLETUNER_CLIPPING`: each value clipped to 2.0), not fewstep's (the global norm to 1.0).
+
 A key in none of them is unknown, and fails with the closest fewstep option (`fewstep.config_values.closest_keys`).
 """
 from __future__ import annotations
@@ -163,47 +166,58 @@ def _is_null(value: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two spellings of one option's value agree (500 and "500.0" do)."""
+    """Whether two spellings of one option's value agree (500 and "500.0" do; so do ["a", "b"] and "a, b")."""
     try:
         return float(a) == float(b)
     except (TypeError, ValueError):
-        return str(a).strip().lower() == str(b).strip().lower()
+        def items(v):
+            return [str(x).strip().lower() for x in (v if isinstance(v, (list, tuple)) else str(v).split(","))]
+        return items(a) == items(b)
 
 
-def _merge(raw: dict, source: dict, old: str, new: str, value: Any, problems: list[str], given: Any = None) -> None:
+def _merge(raw: dict, source: dict, old: str, new: str, value: Any, problems: list[str], given_as: dict,
+           given: Any = None) -> None:
     """Give option `new` the value SimpleTuner's key `old` had (already removed from `raw`; `given`: as written, where
-    `value` is its translation). Where both are given, a command-line value wins over the file's (as for any
-    option); in one place they must agree."""
+    `value` is its translation; `given_as[new]` is then `old`, for messages). Where both are given, a command-line
+    value wins over the file's (as for any option); in one place they must agree."""
     where = source.pop(old)
-    if new not in raw:
-        raw[new], source[new] = value, where
-    elif where == COMMAND_LINE and source[new] != COMMAND_LINE:
-        raw[new], source[new] = value, where
+    if new not in raw or (where == COMMAND_LINE and source[new] != COMMAND_LINE):
+        raw[new], source[new], given_as[new] = value, where, old
     elif (where == COMMAND_LINE) == (source[new] == COMMAND_LINE) and not _same(raw[new], value):
         problems.append(f"'{old}'{where} ({value if given is None else given!r}) and '{new}'{source[new]} "
                         f"({raw[new]!r}) are one option "
                         "(SimpleTuner's name and fewstep's); keep one")
 
 
-def translate(raw: dict[str, Any], source: dict[str, str]) -> tuple[list[str], list[str]]:
+SIMPLETUNER_CLIPPING = {"grad_clip_method": "value", "max_grad_norm": 2.0}  # its defaults, where fewstep's differ
+LORA_FORMATS = ("diffusers", "comfyui")  # SimpleTuner's choices of lora_format
+
+
+def translate(raw: dict[str, Any], source: dict[str, str]) -> tuple[list[str], list[str], dict[str, str]]:
     """Rewrite `raw` (normalised key -> value; `source[key]`: where it was given) in place from SimpleTuner's spelling
-    to fewstep's. Returns (notes, problems): the start-up notes (the options that have no effect here, the values
-    read as another) and every value fewstep cannot train as asked, for one error with the unknown keys."""
-    problems, notes = [], []
+    to fewstep's. Returns (notes, problems, given_as): the start-up notes (the options that have no effect here, the
+    values read as another, SimpleTuner's defaults applied), every value fewstep cannot train as asked (for one error
+    with the unknown keys), and the SimpleTuner name each renamed option was given under (for its value's errors)."""
+    problems, notes, given_as = [], [], {}
+    spelled = any(k in RENAMED or k in ONE_VALUE or k in NO_EFFECT or k in ("lora_format", "model_flavour")
+                  for k in raw)
     for old, new in RENAMED.items():
         if old in raw:
             value = raw.pop(old)
             if _is_null(value):  # SimpleTuner skips a null option: its default
                 source.pop(old)
             else:
-                _merge(raw, source, old, new, value, problems)
+                _merge(raw, source, old, new, value, problems, given_as)
     if "lora_format" in raw:  # SimpleTuner writes one format; fewstep always writes diffusers', which it samples
         value = raw.pop("lora_format")
-        if _is_null(value):
+        if _is_null(value) or str(raw.get("model_type", "")).lower() == "full":  # SimpleTuner's full: no LoRA file
             source.pop("lora_format")
+        elif str(value).lower() not in LORA_FORMATS:
+            problems.append(f"'lora_format'{source.pop('lora_format')} is {value!r}: SimpleTuner's choices are "
+                            f"{', '.join(LORA_FORMATS)}")
         else:
-            formats = "diffusers" if str(value).lower() == "diffusers" else f"diffusers,{value}"
-            _merge(raw, source, "lora_format", "lora_export_formats", formats, problems, value)
+            formats = "diffusers" if str(value).lower() == "diffusers" else f"diffusers,{str(value).lower()}"
+            _merge(raw, source, "lora_format", "lora_export_formats", formats, problems, given_as, value)
     if "model_flavour" in raw:
         _flavour(raw, source, notes, problems)
     for key, aliases in VALUE_ALIASES.items():
@@ -224,7 +238,26 @@ def translate(raw: dict[str, Any], source: dict[str, str]) -> tuple[list[str], l
                      "; ".join(f"{k} ({NO_EFFECT[k]})" for k in ignored))
     for key in ignored:
         raw.pop(key)
-    return notes, problems
+    if spelled:
+        _simpletuner_defaults(raw, source, notes)
+    return notes, problems, given_as
+
+
+def _simpletuner_defaults(raw: dict[str, Any], source: dict[str, str], notes: list[str]) -> None:
+    """A config in SimpleTuner's spelling relies on SimpleTuner's defaults where they differ from fewstep's: its
+    gradient clipping; and its `cosine` is not fewstep's, which it can only say."""
+    unset = {k: v for k, v in SIMPLETUNER_CLIPPING.items() if k not in raw}
+    if unset:
+        raw.update(unset)
+        source.update({k: " (SimpleTuner's default, for a config in its spelling)" for k in unset})
+        how = "each gradient value to +-" if str(raw["grad_clip_method"]).lower() == "value" else "the global norm to "
+        notes.append(f"{', '.join(f'{k} {v}' for k, v in unset.items())}: SimpleTuner's default for a config in its "
+                     f"spelling, so training clips {how}{raw['max_grad_norm']} (fewstep's own default clips the "
+                     "global norm to 1.0)")
+    if str(raw.get("lr_scheduler", "")).lower() == "cosine":
+        notes.append("lr_scheduler cosine decays once, from learning_rate after the warmup to 0 at the last step "
+                     "(the cosine of diffusers and transformers); SimpleTuner's own cosine restarts every "
+                     "lr_warmup_steps steps, down to lr_end")
 
 
 def _flavour(raw: dict[str, Any], source: dict[str, str], notes: list[str], problems: list[str]) -> None:

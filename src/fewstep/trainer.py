@@ -22,7 +22,7 @@ from fewstep.config import Config, ConfigError
 from fewstep.config_warnings import config_warnings
 from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset, read_data_config
-from fewstep.data.record import changes_warning, data_changes, data_record
+from fewstep.data.record import changes_warning, data_changes, data_record, unrecorded_changes
 from fewstep.ema import EMA
 from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
@@ -128,7 +128,9 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
-        changed = data_changes(trainer_state.get("data"), data_now) if is_main else []  # rank 0 made the record
+        saved = trainer_state.get("data")  # None: saved before 2026-12-07
+        changed = ((data_changes(saved, data_now) if saved else unrecorded_changes(data.images)) if is_main
+                   else [])  # rank 0 made the record
         if changed:
             log_main(is_main, f"warning: {changes_warning(os.path.basename(resume.path), changed)}")
         if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)

@@ -7,6 +7,7 @@ import pytest
 from bucket_testing import simpletuner_example, write_backend, write_images
 from fewstep.data.backends import load_data_config
 from fewstep.data.errors import DataError
+from fewstep.data.buckets import Geometry
 from fewstep.errors import UserError
 
 
@@ -207,8 +208,17 @@ def test_the_configs_resolution_options_are_defaults_for_entries_that_set_none(t
     # the start-up line says where each entry's resolution comes from
     assert a.shown_resolution == "resolution 64 px (pixel_area, its own: the config's 48 is for entries that set none)"
     assert b.shown_resolution == "resolution 48 px (pixel, the config's)"
-    with pytest.raises(DataError, match="megapixels .*got 1024 \\(the config's resolution: this entry sets none\\)"):
+    # a value refused names the config's options it came from
+    with pytest.raises(DataError, match="megapixels .*got 1024 \\(the config's resolution and resolution_type: this "
+                                        "entry sets none\\)"):
         load_data_config(path, {"resolution": 1024, "resolution_type": "area"})
+    sized = write_backend(str(tmp_path / "sized.json"), [{**bare, "resolution": 1024}])
+    with pytest.raises(DataError, match="megapixels .*got 1024 \\(the config's resolution_type: this entry sets "):
+        load_data_config(sized, {"resolution_type": "area"})
+    area = load_data_config(path, {"resolution": 1.0, "resolution_type": "area", "minimum_image_size": 512}).images[1]
+    with pytest.raises(DataError, match="most likely too large .*\\(the config's minimum_image_size and "
+                                        "resolution_type: this entry sets none\\)"):
+        Geometry(area, 16)
     # fewstep's default resolution_type differs from SimpleTuner's where it matters (not for a square crop)
     unset = load(tmp_path, entry(images, id="keep", crop=False), entry(images, id="square", crop=True)).images
     assert unset[0].shown_resolution == "resolution 32 px (pixel; fewstep's default resolution_type, SimpleTuner's " \

@@ -75,3 +75,17 @@ def test_the_warning_names_a_few_changes_and_counts_the_rest():
 
 def test_a_checkpoint_without_a_record_says_nothing():
     assert data_changes(None, {"seed": 1}) == [] and data_changes({}, {"seed": 1}) == []
+
+
+def test_a_checkpoint_without_a_record_names_the_resolution_fewstep_stopped_overriding(tmp_path):
+    """Before 2026-12-07 a config's resolution replaced every entry's own; it is now their default."""
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.record import unrecorded_changes
+    from fewstep_testing import write_dataset
+
+    backend = write_dataset(str(tmp_path), n=1)  # its entry sets resolution 32
+    entries = load_data_config(backend, {"resolution": 48}).images
+    assert [c.split(":")[1] for c in unrecorded_changes(entries)] == [
+        " its own resolution 32, where the config's 48 replaced it before 2026-12-07"]
+    assert unrecorded_changes(load_data_config(backend, {"resolution": 32}).images) == []
+    assert unrecorded_changes(load_data_config(backend).images) == []

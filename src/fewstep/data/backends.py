@@ -96,6 +96,12 @@ class DataConfig:
     text_batch_sizes: dict = field(default_factory=dict)  # text cache dir -> text_encoder_batch_size
 
 
+def config_given(inherited: tuple, keys: tuple) -> str:
+    """A message's note of which of `keys` an entry took from the config (`ENTRY_DEFAULTS`), or ""."""
+    told = [k for k in keys if k in inherited]
+    return f" (the config's {' and '.join(told)}: this entry sets none)" if told else ""
+
+
 def _got(value) -> str:
     """A refused value as an error names it: a number written as a string says so ('32' reads like a number)."""
     return f"the string {value!r}" if isinstance(value, str) else repr(value)
@@ -256,7 +262,7 @@ def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image
                            path, must_exist)
     res_type = _choice(entry, "resolution_type", where, RESOLUTION_TYPES, "pixel")
     resolution = entry.get("resolution")
-    from_config = " (the config's resolution: this entry sets none)" if "resolution" in inherited else ""
+    from_config = config_given(inherited, ("resolution", "resolution_type"))
     if resolution is None:
         raise DataError(f"{where}: needs 'resolution' (or set 'resolution' in the config, for every entry that sets "
                         "none)")

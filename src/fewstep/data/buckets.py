@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fewstep.data.backends import ImageEntry
+from fewstep.data.backends import ImageEntry, config_given
 from fewstep.data.errors import DataError
 
 # SimpleTuner's area mapping: a resolution within 0.05 MP of a key trains at the key's square area
@@ -84,8 +84,9 @@ class Geometry:
             self.area = next((a for k, a in AREA_MAP.items() if abs(mp - k) < 0.05), mp * 1e6)
             self.edge = round_to_multiple(int(math.sqrt(self.area)), multiple)
             if self.min_size is not None and self.min_size > 5:
+                given = config_given(entry.inherited, ("minimum_image_size", "resolution_type"))
                 raise DataError(f"{entry.where}: minimum_image_size {entry.minimum_image_size} is in megapixels "
-                                "with this resolution_type and is most likely too large (use a value below 5)")
+                                f"with this resolution_type and is most likely too large (use a value below 5){given}")
         else:
             self.edge = int(entry.resolution)
             if entry.crop and entry.crop_aspect == "square" and self.edge % multiple:

@@ -91,6 +91,15 @@ def _entry_changes(name: str, was_p: float, new_p: float, was: dict, new: dict) 
     return found
 
 
+def unrecorded_changes(entries) -> list[str]:
+    """For a checkpoint without a record (saved before 2026-12-07), the one change fewstep itself made to what the
+    same configs train: a config's `resolution` used to replace every entry's own, and is now the default of the
+    entries that set none (SimpleTuner's rule)."""
+    return [f"entry {e.id!r}: its own resolution {e.resolution:g}, where the config's {e.config_resolution:g} replaced "
+            "it before 2026-12-07" for e in entries
+            if e.config_resolution is not None and e.config_resolution != e.resolution]
+
+
 def changes_warning(step_name: str, changes: list[str]) -> str:
     """The resume's one warning line about `changes` (not empty)."""
     shown = "; ".join(changes[:SHOWN]) + (f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else "")

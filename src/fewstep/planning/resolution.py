@@ -35,7 +35,13 @@ def training_resolution(cfg, adapter) -> Resolution:
     trainer would reject raises its DataError (a ValueError naming the file and entry)."""
     if cfg.data_backend_config is None:
         if cfg.resolution:
-            return Resolution(cfg.resolution, "the config's resolution (no data_backend_config)")
+            side = int(cfg.resolution)
+            if cfg.resolution_type == "area":  # megapixels, snapped as a data entry's (SimpleTuner's area map)
+                from fewstep.data.backends import ImageEntry
+                from fewstep.data.buckets import Geometry
+                entry = ImageEntry("config", "", cfg.resolution, "area")
+                side = Geometry(entry, VAE_FACTOR * adapter.patch_factor(None)).edge
+            return Resolution(side, "the config's resolution (no data_backend_config)")
         return Resolution(DEFAULT_RESOLUTION, "the planner's default: the config sets neither resolution nor "
                                               "data_backend_config")
     from fewstep.data.backends import entry_defaults, load_data_config
@@ -49,7 +55,8 @@ def training_resolution(cfg, adapter) -> Resolution:
     source = f"data_backend_config {where}"
     if len(images) > 1:
         source += f" (the largest of {len(images)} image entries)"
-    given = [f"{k} {v}" for k, v in entry_defaults(cfg).items() if any(k in e.inherited for e in images)]
+    given = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry_defaults(cfg).items()
+             if any(k in e.inherited for e in images)]
     if given:
         source += f", with the config's {', '.join(given)} for entries that set none"
     if which != "square":
