@@ -200,6 +200,12 @@ def test_a_simpletuner_config_loads_as_simpletuner_reads_it(tmp_path):
     assert cfg.vae_batch_size == 1  # the cache fill's, as SimpleTuner's
     area = load_config(write(tmp_path, {**SIMPLETUNER_EXAMPLE, "--resolution_type": "area", "--resolution": 1.0}))
     assert (area.resolution, area.resolution_type) == (1.0, "area")  # megapixels: a config's resolution too
+    for changes, message in (({"--resolution_type": "area", "--resolution": 1000}, "in megapixels with resolution_"
+                               "type 'area' \\(e.g. 1.0\\), got 1000"),
+                             ({"--resolution_type": "pixel", "--resolution": 2.5}, "an integer >= 8, got 2.5"),
+                             ({"--resolution_type": "pixel_area", "--resolution": 4}, "a number >= 8, got 4")):
+        with pytest.raises(ConfigError, match=f"^'resolution' is .*{message}$"):
+            load_config(write(tmp_path, {**SIMPLETUNER_EXAMPLE, **changes}))
     notes = config_warnings(cfg)
     assert notes[0] == "model_flavour dev: loading black-forest-labs/FLUX.1-dev"
     assert notes[1].startswith("optimizer adamw_bf16 trains as adamw (")
@@ -240,8 +246,9 @@ def test_simpletuner_renamed_options_are_one_option(tmp_path):
         "--lora_export_formats", "diffusers"]).lora_export_formats == ["diffusers"]
     # the same formats written both ways agree; a format SimpleTuner has not is refused under its own name; a full
     # fine-tune writes no LoRA file (SimpleTuner ignores lora_format there)
-    assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui", "lora_export_formats": [
-        "diffusers", "comfyui"]})).lora_export_formats == ["diffusers", "comfyui"]
+    for listed in (["diffusers", "comfyui"], ["comfyui", "diffusers"], "comfyui, diffusers"):
+        assert load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "comfyui", "lora_export_formats": listed})
+                           ).lora_export_formats in (["diffusers", "comfyui"], ["comfyui", "diffusers"])
     with pytest.raises(ConfigError, match=r"^'lora_format' in .* is 'kohya': SimpleTuner's choices are diffusers, "):
         load_config(write(tmp_path, {**SEED_GLANCE, "lora_format": "kohya"}))
     full = merged(SEED_TWINFLOW, {"model_type": "full", "lora_format": "comfyui"})
@@ -270,6 +277,8 @@ def test_a_config_in_simpletuners_spelling_clips_gradients_as_simpletuner_does(t
         load_config(write(tmp_path, {**spelled, "max_grad_norm": 0.01})))[0]
     cfg = load_config(write(tmp_path, SEED_GLANCE))  # fewstep's spelling: fewstep's defaults, nothing said
     assert (cfg.grad_clip_method, cfg.max_grad_norm) == ("norm", 1.0) and not config_warnings(cfg)
+    cfg = load_config(write(tmp_path, SEED_GLANCE), ["--save_total_limit", "2"])  # the file's spelling decides,
+    assert (cfg.grad_clip_method, cfg.max_grad_norm) == ("norm", 1.0)  # not a command-line override's
     # SimpleTuner's cosine restarts every lr_warmup_steps steps; fewstep's decays once: said, not reproduced
     cfg = load_config(write(tmp_path, {**spelled, "lr_scheduler": "cosine"}))
     assert any(n.startswith("lr_scheduler cosine decays once") for n in config_warnings(cfg))

@@ -466,6 +466,8 @@ def test_resolution_is_the_trainers(tmp_path):
     mc = load_model_config(MODEL_CONFIG_DIR / "flux_dev.json")
     plan = lambda **kw: plan_memory({**flux, **kw}, model_config=mc)  # noqa: E731
     at1024 = plan()  # configs/glance/multidatabackend.json: 1024 (its image folder need not exist)
+    s = plan(data_backend_config=None, resolution=0.5, resolution_type="area").settings  # no data: the config's, in
+    assert (s["resolution"], s["resolution_source"]) == (768, "the config's resolution (no data_backend_config)")  # MP
     mdb512 = _backend(tmp_path, "mdb512.json", {"resolution": 512})
     at512 = plan(data_backend_config=mdb512)
     assert at1024.settings["resolution"] == 1024

@@ -1,6 +1,7 @@
 """A preemption signal (SIGUSR1 from Slurm, SIGTERM) during model loading or engine set-up must not kill the task:
 the handlers are installed at process start, the run exits 0 with a message, and a resume works. Ctrl-C (SIGINT)
 stops with a checkpoint too, and twice at once."""
+import glob
 import os
 import signal
 import subprocess
@@ -10,18 +11,19 @@ from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write
 
 
 WHERE = {signal.SIGUSR1: ("load", "before the first step"),  # the model load
-         signal.SIGTERM: ("cache", "before the model loaded")}  # the cache fill: the model is not loaded at all
+         signal.SIGTERM: ("encode", "before the model loaded")}  # the cache fill's first batch: it ends after it
 
 
 def test_signal_during_model_load_exits_cleanly(tmp_path):
-    """SIGUSR1 during the model load and SIGTERM during the cache fill, each to its own run (side by side:
-    single-process runs use one core each)."""
+    """SIGUSR1 during the model load and SIGTERM during the cache fill's first batch (of one image), each to its own
+    run (side by side: single-process runs use one core each). The fill stops after that batch: the model is never
+    loaded, and the next start caches the other image."""
     runs = {}
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         root = tmp_path / sig.name
         root.mkdir()
         backend = write_dataset(str(root), n=2)
-        cfg = write_config(str(root), backend, max_train_steps=2, resume_from_checkpoint="latest")
+        cfg = write_config(str(root), backend, max_train_steps=2, resume_from_checkpoint="latest", vae_batch_size=1)
         proc = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=cpu_env(FEWSTEP_TEST_DELAY=f"{WHERE[sig][0]}:6"))
@@ -45,6 +47,9 @@ def test_signal_during_model_load_exits_cleanly(tmp_path):
         assert proc.returncode == 0, (sig.name, err[-3000:])
         assert f"preempted ({sig.name}) {WHERE[sig][1]}; exiting" in out, out
         assert ("loading tiny:flux" in out) == (WHERE[sig][0] == "load"), out
+        latents = glob.glob(str(runs[sig][0] / "out" / "cache" / "**" / "latents" / "**" / "*.safetensors"),
+                            recursive=True)
+        assert len(latents) == (1 if WHERE[sig][0] == "encode" else 2), latents
         assert "Traceback" not in err
     # nothing was trained, and the next (requeued) start trains normally
     again = [subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(),

@@ -14,6 +14,21 @@ from fewstep.methods.glance import TimestepListError, glance_schedule, parse_cus
 from fewstep.validation_settings import library_prompts, validation_size
 
 
+def _check_resolution(cfg) -> None:
+    """The config's resolution, in the units of its resolution_type (the data entries check theirs likewise; without
+    a data config, plan.py plans at it as pixels unless its type says otherwise)."""
+    kind = cfg.resolution_type or (None if cfg.data_backend_config else "pixel")
+    r = cfg.resolution
+    if r is None or kind is None:  # no type: each entry that takes it checks it in its own type
+        return
+    if kind == "area" and r > 64:
+        raise ConfigError(f"'resolution' is in megapixels with resolution_type 'area' (e.g. 1.0), got {r:g}")
+    if kind != "area" and (r < 8 or (kind == "pixel" and r != int(r))):
+        default = "" if cfg.resolution_type else " (the default)"
+        raise ConfigError(f"'resolution' is in pixels with resolution_type '{kind}'{default}: "
+                          f"{'an integer' if kind == 'pixel' else 'a number'} >= 8, got {r:g}")
+
+
 def validate(cfg):
     """Check `cfg` (a fewstep.config.Config) as a whole, completing it in place (lora_alpha's default, lists from
     comma strings, the validation size as WIDTHxHEIGHT); returns it."""
@@ -27,6 +42,7 @@ def validate(cfg):
             raise ConfigError(f"'{key}' is empty: give a path" + ("" if needed else " or leave it out"))
     if cfg.lora_alpha is None:
         cfg.lora_alpha = float(cfg.lora_rank)
+    _check_resolution(cfg)
     if isinstance(cfg.lora_targets, str):
         cfg.lora_targets = cfg.lora_targets.split(",")
     if cfg.lora_targets is not None:  # "to_q, to_k" (a list from the command line keeps the spaces)

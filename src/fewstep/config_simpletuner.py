@@ -166,12 +166,13 @@ def _is_null(value: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two spellings of one option's value agree (500 and "500.0" do; so do ["a", "b"] and "a, b")."""
+    """Whether two spellings of one option's value agree (500 and "500.0" do; so do the format lists ["a", "b"] and
+    "b, a": lora_format's, whose order means nothing)."""
     try:
         return float(a) == float(b)
     except (TypeError, ValueError):
         def items(v):
-            return [str(x).strip().lower() for x in (v if isinstance(v, (list, tuple)) else str(v).split(","))]
+            return sorted(str(x).strip().lower() for x in (v if isinstance(v, (list, tuple)) else str(v).split(",")))
         return items(a) == items(b)
 
 
@@ -200,7 +201,7 @@ def translate(raw: dict[str, Any], source: dict[str, str]) -> tuple[list[str], l
     with the unknown keys), and the SimpleTuner name each renamed option was given under (for its value's errors)."""
     problems, notes, given_as = [], [], {}
     spelled = any(k in RENAMED or k in ONE_VALUE or k in NO_EFFECT or k in ("lora_format", "model_flavour")
-                  for k in raw)
+                  for k in raw if source.get(k) != COMMAND_LINE)  # the config file's spelling, not an override's
     for old, new in RENAMED.items():
         if old in raw:
             value = raw.pop(old)

@@ -177,7 +177,11 @@ def _full(p, key, engine, stage0=None) -> torch.Tensor:
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     copies, index, masters = stage0 or _stage0_maps(engine)
-    i, start = _stage0_master(p, copies, index)
+    place = _stage0_master(p, copies, index)
+    if place is None:
+        raise RuntimeError(f"resharding: no fp32 master of a trainable parameter of shape {tuple(p.shape)} in "
+                           f"{type(engine.optimizer).__name__}'s state")
+    i, start = place
     master = masters[i]
     t = master.detach() if key is None else _inner(engine).state[master][key]
     return t.reshape(-1)[start:start + p.numel()].view(p.shape)

@@ -22,7 +22,7 @@ from fewstep.config import Config, ConfigError
 from fewstep.config_warnings import config_warnings
 from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset, read_data_config
-from fewstep.data.record import changes_warning, data_changes, data_record, unrecorded_changes
+from fewstep.data.record import data_record, resume_warning
 from fewstep.ema import EMA
 from fewstep.engine import distributed, host_memory, nonfinite
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions, weights_swapped_in
@@ -83,9 +83,11 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         log_main(is_main, end_note(resume.step, total, len(phases)))
         distributed.wait_for_all("end")
         return {"step": resume.step, "preempted": False}
-    dataset, resolution, shuffle = build_dataset(cfg, adapter, info, source, data)
-    if signalled(is_main, "before the model loaded"):  # during the scan or cache fill: no load (minutes at 20B)
+    built = build_dataset(cfg, adapter, info, source, data, stop=preemption.requested)  # None: a signal stopped it
+    if built is None:  # during the scan or the cache fill (which ends after its batch): no model load (minutes)
+        log_main(is_main, preempted_line("before the model loaded"))
         return stopped(resume.step if resume is not None else step)
+    dataset, resolution, shuffle = built
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -128,11 +130,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
-        saved = trainer_state.get("data")  # None: saved before 2026-12-07
-        changed = ((data_changes(saved, data_now) if saved else unrecorded_changes(data.images)) if is_main
-                   else [])  # rank 0 made the record
-        if changed:
-            log_main(is_main, f"warning: {changes_warning(os.path.basename(resume.path), changed)}")
+        with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
+            changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
+            if changed:
+                log_main(is_main, f"warning: {changed}")
         if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)
             log_main(is_main, end_note(step, total, len(phases)))
         later = checkpoint.later_than(ckpt_root, step) if is_main else []
@@ -271,8 +272,12 @@ def signalled(is_main: bool, when: str) -> bool:
     """Whether any rank has a preemption signal (collective); if so, says so."""
     if not distributed.any_rank(preemption.requested()):
         return False
-    log_main(is_main, f"preempted ({preemption.received() or 'another rank'}) {when}; exiting")
+    log_main(is_main, preempted_line(when))
     return True
+
+
+def preempted_line(when: str) -> str:
+    return f"preempted ({preemption.received() or 'another rank'}) {when}; exiting"
 
 
 def stopped(step: int) -> dict:

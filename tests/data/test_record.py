@@ -4,7 +4,7 @@ import hashlib
 from fewstep.data.backends import ImageEntry
 from fewstep.data.buckets import Plan
 from fewstep.data.dataset import Sample, build_layout
-from fewstep.data.record import SHOWN, changes_warning, data_changes, data_record
+from fewstep.data.record import SHOWN, changes_warning, data_changes, data_record, resume_warning
 from fewstep.data.table import SampleTable
 
 
@@ -66,6 +66,16 @@ def test_buckets_entries_and_settings_are_named(tmp_path):
                        "entry 'art' is gone", "entry 'photos': probability 1 -> 0.5", "entry 'photos': repeats 0 -> 2"]
 
 
+def test_reordered_entries_are_named(tmp_path):
+    """A slot's entry is drawn by cumulative weight in the entries' order: another order draws other samples."""
+    before = _record(tmp_path, "a", BASE)
+    swapped = [ImageEntry("art", "/d/1", 32), ImageEntry("photos", "/d/0", 32)]
+    samples = [_sample(s.image_path.rsplit("/", 1)[1][:-4], 1 - s.entry, size=s.plan.target) for s in BASE]
+    after = _record(tmp_path, "b", samples, entries=swapped)
+    assert after["buckets"] == before["buckets"]
+    assert data_changes(before, after) == ["entries reordered: photos, art -> art, photos"]
+
+
 def test_the_warning_names_a_few_changes_and_counts_the_rest():
     changes = [f"entry 'e{i}' is new" for i in range(SHOWN + 3)]
     line = changes_warning("step-4", changes)
@@ -75,6 +85,9 @@ def test_the_warning_names_a_few_changes_and_counts_the_rest():
 
 def test_a_checkpoint_without_a_record_says_nothing():
     assert data_changes(None, {"seed": 1}) == [] and data_changes({}, {"seed": 1}) == []
+    assert resume_warning({"seed": 1}, {"seed": 1}, [], "/runs/a/checkpoints/step-8/") is None
+    assert resume_warning({"seed": 1}, {"seed": 2}, [], "/runs/a/checkpoints/step-8/").startswith(
+        "the data differ from step-8's (seed 1 -> 2)")
 
 
 def test_a_checkpoint_without_a_record_names_the_resolution_fewstep_stopped_overriding(tmp_path):

@@ -160,8 +160,9 @@ class EmbeddingCache:
         return lat, txt
 
     def fill(self, samples: list[Sample], prompts: list[str], encode_images: Callable, encode_prompts: Callable,
-             batch_size: int = 8) -> None:
-        """Compute and store whatever is missing; images are encoded in batches of one size.
+             batch_size: int = 8, stop: Optional[Callable[[], bool]] = None) -> None:
+        """Compute and store whatever is missing; images are encoded in batches of one size. `stop()` true between
+        two batches ends the fill there (each file is written whole: a later fill adds the rest).
 
         encode_images(pixels [B,3,H,W]) -> latents [B,...]; encode_prompts(prompts) -> one dict of tensors per prompt,
         each trimmed to its own length (`FlowModelAdapter.split_cond`): an entry must not depend on the prompts it
@@ -172,6 +173,8 @@ class EmbeddingCache:
             by_size.setdefault(s.plan.target, []).append(s)
         for group in by_size.values():
             for i in range(0, len(group), batch_size):
+                if stop is not None and stop():
+                    return
                 chunk = group[i:i + batch_size]
                 pixels = torch.stack([load_planned(s.image_path, s.plan) for s in chunk])
                 with torch.no_grad():
@@ -179,6 +182,8 @@ class EmbeddingCache:
                 for s, z in zip(chunk, latents):
                     atomic_save({"latents": z.to(self.dtype)}, self.latent_path(s), keep_existing=True)
         for i in range(0, len(txt), self.text_batch_size):
+            if stop is not None and stop():
+                return
             chunk = txt[i:i + self.text_batch_size]
             with torch.no_grad():
                 items = encode_prompts(chunk)

@@ -17,6 +17,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -140,10 +141,12 @@ def read_data_config(cfg):
     return load_data_config(cfg.data_backend_config, entry_defaults(cfg))
 
 
-def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None, data=None
-                  ) -> tuple[CachedDataset, int, bool]:
+def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None, data=None,
+                  stop: Optional[Callable[[], bool]] = None) -> Optional[tuple[CachedDataset, int, bool]]:
     """Scan and plan the images of the data config (`data`: `read_data_config`'s, read here if not given), and fill
-    the latent/embedding caches (collective).
+    the latent/embedding caches (collective). `stop` (the trainer's preemption flag): checked between the fill's
+    batches; if it is set on any rank, the fill ends early on every rank and None is returned (what was cached is
+    kept: the next start fills the rest).
 
     `source`: the model folder to read the VAE and text encoders from (`engine.loading.local_model`'s answer: for a
     hub id, the snapshot of the commit every rank trains; the cache is keyed by its files' content); default
@@ -193,14 +196,20 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
             comps = adapter.load(source, dtype=dtype, with_denoiser=False)
             for m in [comps.vae, *comps.text_encoders]:
                 m.to(info.device)
+            def encode_images(px):
+                faults.work_at("encode")  # the tests' delay in the middle of a fill
+                return adapter.encode_images(comps.vae, px)
+
             for root, (mine_lat, mine_txt) in shares.items():
-                caches.cache_at(root).fill(mine_lat, mine_txt, lambda px: adapter.encode_images(comps.vae, px),
+                caches.cache_at(root).fill(mine_lat, mine_txt, encode_images,
                                            lambda p: adapter.split_cond(adapter.encode_prompts(comps, p)),
-                                           batch_size=cfg.vae_batch_size)
+                                           batch_size=cfg.vae_batch_size, stop=stop)
             del comps
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
         faults.work_at("cache")
+    if stop is not None and distributed.any_rank(stop()):
+        return None
     dataset = CachedDataset(caches, data.images, multiple, extra, library)
     first = data.images[samples[0].entry]
     return dataset, Geometry(first, multiple).square[0], all(e.shuffle for e in data.images)

@@ -15,6 +15,7 @@ The record is a few lines per bucket whatever the data set's size, and is made o
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -63,6 +64,9 @@ def data_changes(saved: dict | None, now: dict) -> list[str]:
     was, new = saved.get("entries", {}), now.get("entries", {})
     found += [f"entry {name!r} is new" for name in new if name not in was]
     found += [f"entry {name!r} is gone" for name in was if name not in new]
+    kept = [name for name in was if name in new]
+    if kept != [name for name in new if name in was]:  # a slot's entry is drawn by the entries' order
+        found.append(f"entries reordered: {', '.join(kept)} -> {', '.join(n for n in new if n in was)}")
     for name in (n for n in new if n in was):
         found += _entry_changes(name, was[name], new[name], _of(saved["buckets"], name), _of(now["buckets"], name))
     return found
@@ -98,6 +102,13 @@ def unrecorded_changes(entries) -> list[str]:
     return [f"entry {e.id!r}: its own resolution {e.resolution:g}, where the config's {e.config_resolution:g} replaced "
             "it before 2026-12-07" for e in entries
             if e.config_resolution is not None and e.config_resolution != e.resolution]
+
+
+def resume_warning(saved: dict | None, now: dict, entries, checkpoint: str) -> str | None:
+    """The warning of a resume from `checkpoint` (its path) whose record is `saved` (None: it has none) onto data
+    recorded as `now`, from `entries` (the data config's image entries); None if nothing changed."""
+    changed = data_changes(saved, now) if saved else unrecorded_changes(entries)
+    return changes_warning(os.path.basename(os.path.normpath(checkpoint)), changed) if changed else None
 
 
 def changes_warning(step_name: str, changes: list[str]) -> str:
