@@ -6,8 +6,7 @@ a signal during model loading or engine set-up is not fatal: the loop agrees on 
 saves a checkpoint and exits (0 for SIGUSR1/SIGTERM, 75 under Slurm's scripts; 130 after Ctrl-C), and a requeued
 job resumes from it. A signal before the first step exits without a checkpoint, since there is nothing new to save:
 after the data preparation (whose cache fill ends after its current batch), before the model loads, or after the
-engine is built. A second Ctrl-C stops at once
-(KeyboardInterrupt), without a checkpoint.
+engine is built. A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint.
 """
 from __future__ import annotations
 
