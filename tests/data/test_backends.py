@@ -236,3 +236,27 @@ def test_single_object_and_errors_name_the_file(tmp_path, images):
     p.write_text(json.dumps([{"id": "t", "dataset_type": "text_embeds"}]))
     with pytest.raises(DataError, match="one.json: no enabled image entries"):
         load_data_config(str(p))
+
+
+def test_simpletuners_placeholders_are_filled_as_simpletuner_fills_them(tmp_path, images, monkeypatch):
+    """18 of SimpleTuner's 27 example data configs write cache folders as "cache/vae/{model_family}/{id}": fewstep
+    kept the braces, making a folder literally named {model_family}."""
+    from fewstep.data.placeholders import placeholders
+    from fewstep.config import load_config
+
+    monkeypatch.setenv("FEWSTEP_TEST_DATA_ROOT", str(tmp_path))
+    text = {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "{output_dir}/text/{id}"}
+    image = entry(images, cache_dir_vae="{env:FEWSTEP_TEST_DATA_ROOT}/vae/{model_family}/{id}",
+                  instance_prompt="a photo {of} {id}", ignore_epochs=True)  # unknown tokens stay as written
+    path = write_backend(str(tmp_path / "mdb.json"), [image, text])
+    cfg = load_config(None, {"model_family": "sd3", "pretrained_model_name_or_path": "tiny:sd3",
+                             "output_dir": str(tmp_path / "run"), "data_backend_config": path})
+    config = load_data_config(path, variables=placeholders(cfg))
+    (photos,) = config.images
+    assert photos.vae_cache_dir == str(tmp_path / "vae" / "sd3" / "photos")
+    assert config.default_text_cache_dir == str(tmp_path / "run" / "text" / "text")
+    assert photos.instance_prompt == "a photo {of} photos"
+    monkeypatch.delenv("FEWSTEP_TEST_DATA_ROOT")
+    with pytest.raises(DataError, match=r"entry 0 \('photos'\): \{env:FEWSTEP_TEST_DATA_ROOT\} names an environment "
+                                        "variable that is not set"):
+        load_data_config(path, variables=placeholders(cfg))

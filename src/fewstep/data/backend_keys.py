@@ -18,7 +18,7 @@ IMAGE_KEYS = _COMMON | {
     "target_downsample_size", "minimum_aspect_ratio", "maximum_aspect_ratio", "caption_strategy",
     "caption_extension", "instance_prompt", "prepend_instance_prompt", "only_instance_prompt",
     "disable_multiline_split", "repeats", "probability", "shuffle", "cache_dir_vae", "text_embeds", "image_embeds",
-    "hash_filenames"}
+    "hash_filenames", "ignore_epochs"}  # the last two change nothing in SimpleTuner either (ignore_epochs: deprecated)
 TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
 IMAGE_EMBED_KEYS = _COMMON | {"cache_dir"}
 

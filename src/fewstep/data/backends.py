@@ -2,7 +2,8 @@
 
 Every key either does what SimpleTuner's DATALOADER.md documents, or stops the run with a `DataError` naming the
 file, the entry and the key and saying what fewstep does instead (the key lists: `fewstep.data.backend_keys`). Keys
-that cannot change the training data in SimpleTuner either (write batch sizes, `hash_filenames`) are accepted.
+that cannot change the training data in SimpleTuner either (write batch sizes, `hash_filenames`, `ignore_epochs`) are
+accepted; SimpleTuner's placeholders (`{model_family}`, ...) are filled (`fewstep.data.placeholders`).
 
 fewstep's own spelling still works: `{"backend": "simple", "resolution": 1024, "image_dir": "data",
 "caption_extension": ".txt", "shuffle": true}`. An entry without a `crop` key is cropped as fewstep always did (a
@@ -18,6 +19,7 @@ from typing import Optional
 from fewstep import paths
 from fewstep.data.backend_keys import IMAGE_EMBED_KEYS, IMAGE_KEYS, TEXT_KEYS, check_keys
 from fewstep.data.errors import DataError
+from fewstep.data.placeholders import fill_placeholders
 from fewstep.jsonfile import load_json
 
 _STORAGE_TYPES = {"aws": "S3", "csv": "a CSV URL list", "huggingface": "the Hugging Face hub",
@@ -191,11 +193,13 @@ def entry_defaults(cfg) -> dict:
     return {k: getattr(cfg, k) for k in ENTRY_DEFAULTS if getattr(cfg, k) is not None}
 
 
-def load_data_config(path: str, config_defaults: Optional[dict] = None, images_must_exist: bool = True) -> DataConfig:
+def load_data_config(path: str, config_defaults: Optional[dict] = None, images_must_exist: bool = True,
+                     variables: Optional[dict] = None) -> DataConfig:
     """Parse a multidatabackend.json (a list of entries, or one entry). `config_defaults` (`entry_defaults`: the
     config's `resolution`, `resolution_type`, `minimum_image_size`) apply to the image entries that do not set them,
-    as SimpleTuner's global options do. `images_must_exist` False: image folders are not looked for (the memory planner
-    reads sizes, not images)."""
+    as SimpleTuner's global options do; `variables` (`placeholders`) fill SimpleTuner's `{model_family}` and
+    `{output_dir}` (`fill_placeholders`). `images_must_exist` False: image folders are not looked for (the memory
+    planner reads sizes, not images)."""
     entries = load_json(path, DataError, "data_backend_config")
     if isinstance(entries, dict):
         entries = [entries]
@@ -204,6 +208,7 @@ def load_data_config(path: str, config_defaults: Optional[dict] = None, images_m
     live, ids = [], set()
     for i, entry in enumerate(entries):
         where = f"{path} entry {i}" + (f" ('{entry['id']}')" if "id" in entry else "")
+        entry = fill_placeholders(entry, {**(variables or {}), "id": entry.get("id", "")}, where)
         if any(_flag(entry, k, where, False) for k in ("disabled", "disable")):
             continue  # SimpleTuner skips a disabled entry entirely
         key = str(entry.get("id", f"entry{i}"))

@@ -24,6 +24,7 @@ import torch
 
 from fewstep import faults
 from fewstep.data.backends import DataConfig, entry_defaults, load_data_config
+from fewstep.data.placeholders import placeholders
 from fewstep.data.buckets import Geometry
 from fewstep.data.cache import CachedDataset, CacheSet, model_key
 from fewstep.data.captions import in_threads
@@ -138,7 +139,7 @@ def read_data_config(cfg):
     resolved (for a hub id not yet cached, that is a download)."""
     if cfg.data_backend_config is None:
         raise DataError("'data_backend_config' is required (a multidatabackend.json listing image entries)")
-    return load_data_config(cfg.data_backend_config, entry_defaults(cfg))
+    return load_data_config(cfg.data_backend_config, entry_defaults(cfg), variables=placeholders(cfg))
 
 
 def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None, data=None,

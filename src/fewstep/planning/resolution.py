@@ -45,10 +45,12 @@ def training_resolution(cfg, adapter) -> Resolution:
         return Resolution(DEFAULT_RESOLUTION, "the planner's default: the config sets neither resolution nor "
                                               "data_backend_config")
     from fewstep.data.backends import entry_defaults, load_data_config
+    from fewstep.data.placeholders import placeholders
     from fewstep.data.buckets import Geometry
 
     multiple = VAE_FACTOR * adapter.patch_factor(None)
-    images = load_data_config(cfg.data_backend_config, entry_defaults(cfg), images_must_exist=False).images
+    images = load_data_config(cfg.data_backend_config, entry_defaults(cfg), images_must_exist=False,
+                              variables=placeholders(cfg)).images
     (w, h), which, where = max((largest_bucket(Geometry(e, multiple)) + (e.where,) for e in images),
                                key=lambda b: b[0][0] * b[0][1])
     side = 16 * math.ceil(math.sqrt(w * h) / 16)  # the square of (at least) the same area
