@@ -260,3 +260,13 @@ def test_simpletuners_placeholders_are_filled_as_simpletuner_fills_them(tmp_path
     with pytest.raises(DataError, match=r"entry 0 \('photos'\): \{env:FEWSTEP_TEST_DATA_ROOT\} names an environment "
                                         "variable that is not set"):
         load_data_config(path, variables=placeholders(cfg))
+
+
+def test_a_feature_fewstep_lacks_is_named_before_the_storage_type(tmp_path, images):
+    """SimpleTuner's ControlNet examples keep their data on the hub: fewstep said "type 'huggingface' is not
+    supported", and only once the data were moved to local folders that conditioning is not supported at all."""
+    hub = entry(images, type="huggingface", dataset_name="org/controlnet-pairs", conditioning=[{"type": "canny"}])
+    with pytest.raises(DataError, match=r"entry 0 \('photos'\): 'conditioning': conditioning data \(ControlNet"):
+        load(tmp_path, hub)
+    with pytest.raises(DataError, match=r"type 'huggingface' \(.*\) is not supported"):  # alone: the storage
+        load(tmp_path, {k: v for k, v in hub.items() if k != "conditioning"})

@@ -67,6 +67,15 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "slider_strength": (_never, "slider LoRA training is not supported"),
     "grounding": (_never, "grounding (spatial annotations) is not supported"),
 }
+FEATURES = {k for k, (ok, _) in REFUSED.items() if ok is _never}  # refused at any value: said before anything else
+
+
+def refuse_features(entry: dict, where: str) -> None:
+    """A DataError for a key of a feature fewstep does not have (`FEATURES`: conditioning, video, ...): the first
+    thing said of an entry, before its storage type (moving a ControlNet data set to local folders would not help)."""
+    for key in entry:
+        if key in FEATURES:
+            raise DataError(f"{where}: '{key}': {REFUSED[key][1]}")
 
 
 def check_keys(entry: dict, allowed: set, where: str) -> None:

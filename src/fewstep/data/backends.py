@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fewstep import paths
-from fewstep.data.backend_keys import IMAGE_EMBED_KEYS, IMAGE_KEYS, TEXT_KEYS, check_keys
+from fewstep.data.backend_keys import IMAGE_EMBED_KEYS, IMAGE_KEYS, TEXT_KEYS, check_keys, refuse_features
 from fewstep.data.errors import DataError
 from fewstep.data.placeholders import fill_placeholders
 from fewstep.jsonfile import load_json
@@ -174,6 +174,7 @@ def _kind(entry: dict, where: str) -> str:
     if dataset_type not in ("image", "text_embeds", "image_embeds"):
         raise DataError(f"{where}: dataset_type '{dataset_type}' is not supported: fewstep trains text-to-image "
                         "models on 'image' entries, with 'text_embeds' / 'image_embeds' entries naming cache folders")
+    refuse_features(entry, where)
     storage = entry.get("type", entry.get("backend", "local"))
     if storage in _STORAGE_TYPES:
         raise DataError(f"{where}: type '{storage}' ({_STORAGE_TYPES[storage]}) is not supported: fewstep reads "
