@@ -3,6 +3,7 @@ import concurrent.futures
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,3 +226,31 @@ def load_sample_cli():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def system_packages_missing(packages: list[str], binaries: list[str]) -> str | None:
+    """None once every one of `binaries` exists, installing the Debian `packages` first if needed (root and apt-get;
+    one install at a time across the test workers: dpkg takes one); else why not. A failing apt-get raises: that is a
+    broken machine, not a skip."""
+    import fcntl
+    from pathlib import Path
+
+    if all(Path(b).exists() for b in binaries):
+        return None
+    if os.geteuid() != 0:
+        return f"{', '.join(packages)} not installed, and installing them needs root"
+    if shutil.which("apt-get") is None:
+        return f"{', '.join(packages)} not installed, and apt-get is unavailable to install them"
+    with open("/tmp/fewstep-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be installing them right now
+        if all(Path(b).exists() for b in binaries):
+            return None
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[-1000:]}")
+    missing = [b for b in binaries if not Path(b).exists()]
+    if missing:
+        raise RuntimeError(f"installed {packages} but {missing} are still missing")
+    return None

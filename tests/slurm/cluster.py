@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from fewstep_testing import free_ports
+from fewstep_testing import free_ports, system_packages_missing
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "shellcheck"]
 BINARIES = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/sbin/munged", "/usr/bin/shellcheck"]
@@ -32,19 +32,7 @@ def why_unavailable():
     root, or Slurm missing and no apt-get). A failing apt-get raises: that is a broken machine, not a skip."""
     if os.geteuid() != 0:
         return "local Slurm cluster tests need root (they start munged, slurmctld and slurmd)"
-    if all(Path(b).exists() for b in BINARIES):
-        return None
-    if shutil.which("apt-get") is None:
-        return "Slurm is not installed and apt-get is unavailable to install " + " ".join(PACKAGES)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[-1000:]}")
-    missing = [b for b in BINARIES if not Path(b).exists()]
-    if missing:
-        raise RuntimeError(f"installed {PACKAGES} but {missing} are still missing")
-    return None
+    return system_packages_missing(PACKAGES, BINARIES)
 
 
 def _resolves(name):
