@@ -540,6 +540,12 @@ def test_grad_clip_method_value_turns_deepspeeds_norm_clip_off(tmp_path):
     ds.write_text(json.dumps({"gradient_clipping": 2.0}))
     with pytest.raises(ConfigError, match="sets gradient_clipping .* while grad_clip_method is 'value'"):
         load_config(write(tmp_path, SEED_GLANCE), ["--grad_clip_method", "value", "--deepspeed_config", str(ds)])
+    # a config in SimpleTuner's spelling gets 'value' by default: the message says how to keep DeepSpeed's clip
+    spelled = write(tmp_path, {**SEED_GLANCE, "checkpoint_step_interval": 20, "deepspeed_config": str(ds)})
+    with pytest.raises(ConfigError, match="SimpleTuner's default, which a config in its spelling gets\\): set "
+                                          "grad_clip_method norm, or remove gradient_clipping"):
+        load_config(spelled)
+    assert build_ds_config(load_config(spelled, ["--grad_clip_method", "norm"]))["gradient_clipping"] == 2.0
 
 
 def test_user_prompt_library_is_checked_before_training_and_named_for_files(tmp_path):

@@ -62,7 +62,9 @@ def validate(cfg):
     user_ds = read_user_config(cfg.deepspeed_config)
     if cfg.grad_clip_method == "value" and user_ds.get("gradient_clipping"):
         raise ConfigError(f"deepspeed_config {cfg.deepspeed_config} sets gradient_clipping (a global-norm clip) "
-                          "while grad_clip_method is 'value' (each value clipped to max_grad_norm): remove one")
+                          "while grad_clip_method is 'value' (each value clipped to max_grad_norm; SimpleTuner's "
+                          "default, which a config in its spelling gets): set grad_clip_method norm, or remove "
+                          "gradient_clipping")
     stage = zero_stage_in_use(cfg.zero_stage, user_ds)
     where = f"ZeRO stage {stage} from deepspeed_config {cfg.deepspeed_config}" if stage_set_by(user_ds) \
         else f"zero_stage {stage}"
