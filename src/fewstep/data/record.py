@@ -31,19 +31,19 @@ def data_record(dataset, seed: int, sampling: str, global_batch: int) -> dict:
         return record
     record["entries"] = {name: float(probability) for name, probability, _ in layout.entries}
     record["buckets"] = {s.key: {"images": len(s.items), "repeats": int(s.repeats), "shuffle": bool(s.shuffle),
-                                 "digest": _stream_digest(samples, s.items)} for s in layout.streams}
+                                 "digest": _stream_digest(samples, layout.variants, s.items)} for s in layout.streams}
     return record
 
 
-def _stream_digest(samples, items) -> str:
+def _stream_digest(samples, variants, items) -> str:
     """A digest of what the stream's positions map to: each item's image content, its plan (bucket, resize, crop)
-    and its caption count, in the stream's order. Not its dataset index: an image added to another entry shifts
-    the indices and changes nothing here."""
+    and its caption count (`variants`: the layout's, per dataset index; empty: one each), in the stream's order. Not
+    its dataset index: an image added to another entry shifts the indices and changes nothing here."""
     h = hashlib.sha256()
     for start in range(0, len(items), BLOCK):
         ids = np.asarray(items[start:start + BLOCK])
-        counts = np.asarray(samples.caption_start)[ids + 1] - np.asarray(samples.caption_start)[ids]
-        for part in (samples.digests[ids], samples.plans[ids], counts.astype(np.int64)):
+        counts = variants[ids] if len(variants) else np.ones(len(ids))  # in the layout's smallest dtype:
+        for part in (samples.digests[ids], samples.plans[ids], counts.astype(np.int64)):  # hashed as int64 always
             h.update(np.ascontiguousarray(part).tobytes())
     return h.hexdigest()[:24]
 
