@@ -17,16 +17,17 @@ from fewstep.validation_settings import library_prompts, validation_size
 def _check_resolution(cfg) -> None:
     """The config's resolution, in the units of its resolution_type (the data entries check theirs likewise; without
     a data config, plan.py plans at it as pixels unless its type says otherwise)."""
+    from fewstep.data.backends import resolution_fits
+
     kind = cfg.resolution_type or (None if cfg.data_backend_config else "pixel")
     r = cfg.resolution
-    if r is None or kind is None:  # no type: each entry that takes it checks it in its own type
+    if r is None or kind is None or resolution_fits(r, kind):  # no type: each entry that takes it checks it
         return
-    if kind == "area" and r > 64:
+    if kind == "area":
         raise ConfigError(f"'resolution' is in megapixels with resolution_type 'area' (e.g. 1.0), got {r:g}")
-    if kind != "area" and (r < 8 or (kind == "pixel" and r != int(r))):
-        default = "" if cfg.resolution_type else " (the default)"
-        raise ConfigError(f"'resolution' is in pixels with resolution_type '{kind}'{default}: "
-                          f"{'an integer' if kind == 'pixel' else 'a number'} >= 8, got {r:g}")
+    default = "" if cfg.resolution_type else " (the default)"
+    raise ConfigError(f"'resolution' is in pixels with resolution_type '{kind}'{default}: "
+                      f"{'an integer' if kind == 'pixel' else 'a number'} >= 8, got {r:g}")
 
 
 def validate(cfg):

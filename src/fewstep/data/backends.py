@@ -98,6 +98,16 @@ class DataConfig:
     text_batch_sizes: dict = field(default_factory=dict)  # text cache dir -> text_encoder_batch_size
 
 
+def resolution_fits(resolution, res_type: str) -> bool:
+    """Whether `resolution` is one in the units of `res_type`: megapixels in (0, 64] for area, else pixels >= 8 (a
+    whole number for pixel). An entry's and the config's alike."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not math.isfinite(resolution):
+        return False
+    if res_type == "area":
+        return 0 < resolution <= 64
+    return resolution >= 8 and (res_type != "pixel" or resolution == int(resolution))
+
+
 def config_given(inherited: tuple, keys: tuple) -> str:
     """A message's note of which of `keys` an entry took from the config (`ENTRY_DEFAULTS`), or ""."""
     told = [k for k in keys if k in inherited]
@@ -272,12 +282,10 @@ def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image
     if resolution is None:
         raise DataError(f"{where}: needs 'resolution' (or set 'resolution' in the config, for every entry that sets "
                         "none)")
-    if res_type == "area":
-        if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution <= 64:
-            raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "
-                            f"got {_got(resolution)}{from_config}")
-    elif isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not math.isfinite(resolution) \
-            or resolution < 8 or (res_type == "pixel" and resolution != int(resolution)):
+    if res_type == "area" and not resolution_fits(resolution, res_type):
+        raise DataError(f"{where}: with resolution_type 'area', 'resolution' is in megapixels (e.g. 1.0), "
+                        f"got {_got(resolution)}{from_config}")
+    if not resolution_fits(resolution, res_type):
         raise DataError(f"{where}: 'resolution' must be an integer >= 8 pixels, got {_got(resolution)}{from_config}")
     crop_explicit = "crop" in entry
     crop = _flag(entry, "crop", where, True)
