@@ -24,12 +24,12 @@ import torch
 
 from fewstep import faults
 from fewstep.data.backends import DataConfig, entry_defaults, load_data_config
-from fewstep.data.placeholders import placeholders
 from fewstep.data.buckets import Geometry
 from fewstep.data.cache import CachedDataset, CacheSet, model_key
 from fewstep.data.captions import in_threads
 from fewstep.data.dataset import ProbeMemo, list_images, plan_samples
 from fewstep.data.errors import DataError
+from fewstep.data.placeholders import placeholders
 from fewstep.data.table import SampleTable, StringColumn, write_table
 from fewstep.engine import distributed
 from fewstep.engine.sharing import sharing_group
@@ -197,6 +197,7 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
             comps = adapter.load(source, dtype=dtype, with_denoiser=False)
             for m in [comps.vae, *comps.text_encoders]:
                 m.to(info.device)
+
             def encode_images(px):
                 faults.work_at("encode")  # the tests' delay in the middle of a fill
                 return adapter.encode_images(comps.vae, px)

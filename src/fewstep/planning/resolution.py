@@ -33,22 +33,19 @@ class Resolution:
 def training_resolution(cfg, adapter) -> Resolution:
     """The training resolution of `cfg` (a validated fewstep Config) for the family `adapter`; a data backend the
     trainer would reject raises its DataError (a ValueError naming the file and entry)."""
+    from fewstep.data.backends import ImageEntry, entry_defaults, load_data_config
+    from fewstep.data.buckets import Geometry
+    from fewstep.data.placeholders import placeholders
+
+    multiple = VAE_FACTOR * adapter.patch_factor(None)
     if cfg.data_backend_config is None:
         if cfg.resolution:
             side = int(cfg.resolution)
             if cfg.resolution_type == "area":  # megapixels, snapped as a data entry's (SimpleTuner's area map)
-                from fewstep.data.backends import ImageEntry
-                from fewstep.data.buckets import Geometry
-                entry = ImageEntry("config", "", cfg.resolution, "area")
-                side = Geometry(entry, VAE_FACTOR * adapter.patch_factor(None)).edge
+                side = Geometry(ImageEntry("config", "", cfg.resolution, "area"), multiple).edge
             return Resolution(side, "the config's resolution (no data_backend_config)")
         return Resolution(DEFAULT_RESOLUTION, "the planner's default: the config sets neither resolution nor "
                                               "data_backend_config")
-    from fewstep.data.backends import entry_defaults, load_data_config
-    from fewstep.data.placeholders import placeholders
-    from fewstep.data.buckets import Geometry
-
-    multiple = VAE_FACTOR * adapter.patch_factor(None)
     images = load_data_config(cfg.data_backend_config, entry_defaults(cfg), images_must_exist=False,
                               variables=placeholders(cfg)).images
     (w, h), which, where = max((largest_bucket(Geometry(e, multiple)) + (e.where,) for e in images),
