@@ -10,51 +10,61 @@ import threading
 from fewstep_testing import PY, REPO, cpu_env, read_metrics, write_config, write_dataset
 
 
-WHERE = {signal.SIGUSR1: ("load", "before the first step"),  # the model load
-         signal.SIGTERM: ("encode", "before the model loaded")}  # the cache fill's first batch: it ends after it
+# (signal, where rank 0 is signalled, what the exit line says, image latents cached when it stops)
+RUNS = [(signal.SIGUSR1, "load", "before the first step", 2),  # the model load
+        (signal.SIGTERM, "encode", "before the model loaded", 1),  # the cache fill's first batch: it ends after it
+        (signal.SIGTERM, "probe", "before the model loaded", 0)]  # the scan's first image: it ends after it
 
 
 def test_signal_during_model_load_exits_cleanly(tmp_path):
-    """SIGUSR1 during the model load and SIGTERM during the cache fill's first batch (of one image), each to its own
-    run (side by side: single-process runs use one core each). The fill stops after that batch: the model is never
-    loaded, and the next start caches the other image."""
+    """SIGUSR1 during the model load, SIGTERM during the cache fill's first batch (of one image) and SIGTERM during
+    the data scan's first image read, each to its own run (side by side: single-process runs use one core each).
+    The fill and the scan stop after that image: the model is never loaded, and the next start caches (or reads)
+    only the other image."""
     runs = {}
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        root = tmp_path / sig.name
+    for sig, where, _, _ in RUNS:
+        root = tmp_path / where
         root.mkdir()
         backend = write_dataset(str(root), n=2)
         cfg = write_config(str(root), backend, max_train_steps=2, resume_from_checkpoint="latest", vae_batch_size=1)
         proc = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=cpu_env(FEWSTEP_TEST_DELAY=f"{WHERE[sig][0]}:6"))
-        runs[sig] = root, cfg, proc
+                                env=cpu_env(FEWSTEP_TEST_DELAY=f"{where}:6"))
+        runs[where] = root, cfg, proc
 
-    def signal_while_loading(sig, proc):  # each run is signalled as soon as it reaches its place
+    def signal_while_loading(sig, where, proc):  # each run is signalled as soon as it reaches its place
         proc.captured = ""
         for line in proc.stdout:
             proc.captured += line
-            if f"delayed 6 s at {WHERE[sig][0]}" in line:
+            if f"delayed 6 s at {where}" in line and "signalled" not in vars(proc):
+                proc.signalled = True
                 proc.send_signal(sig)
 
-    watchers = [threading.Thread(target=signal_while_loading, args=(sig, proc)) for sig, (_, _, proc) in runs.items()]
+    watchers = [threading.Thread(target=signal_while_loading, args=(sig, where, runs[where][2]))
+                for sig, where, _, _ in RUNS]
     for w in watchers:
         w.start()
     for w in watchers:
         w.join(timeout=300)
-    for sig, (_, _, proc) in runs.items():
+    for sig, where, line, cached in RUNS:
+        root, _, proc = runs[where]
         _, err = proc.communicate(timeout=300)
         out = proc.captured
-        assert proc.returncode == 0, (sig.name, err[-3000:])
-        assert f"preempted ({sig.name}) {WHERE[sig][1]}; exiting" in out, out
-        assert ("loading tiny:flux" in out) == (WHERE[sig][0] == "load"), out
-        latents = glob.glob(str(runs[sig][0] / "out" / "cache" / "**" / "latents" / "**" / "*.safetensors"),
-                            recursive=True)
-        assert len(latents) == (1 if WHERE[sig][0] == "encode" else 2), latents
+        assert proc.returncode == 0, (where, err[-3000:])
+        assert f"preempted ({sig.name}) {line}; exiting" in out, out
+        assert ("loading tiny:flux" in out) == (where == "load"), out
+        assert ("data scan: read 2 new image(s)" in out) == (where != "probe"), out
+        latents = glob.glob(str(root / "out" / "cache" / "**" / "latents" / "**" / "*.safetensors"), recursive=True)
+        assert len(latents) == cached, (where, latents)
         assert "Traceback" not in err
-    # nothing was trained, and the next (requeued) start trains normally
-    again = [subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _, cfg, _ in runs.values()]
-    assert [p.wait(timeout=300) for p in again] == [0, 0]
+    # nothing was trained, and the next (requeued) start trains normally; after the stopped scan it reads one image
+    again = {where: subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(), text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+             for where, (_, cfg, _) in runs.items()}
+    outs = {where: p.communicate(timeout=300)[0] for where, p in again.items()}
+    assert [p.returncode for p in again.values()] == [0, 0, 0]
+    assert "data scan: read 1 new image(s)" in outs["probe"], outs["probe"]
+    assert "data scan: read" not in outs["encode"], outs["encode"]
     for root, _, _ in runs.values():
         assert [m["step"] for m in read_metrics(root / "out")] == [1, 2]
 

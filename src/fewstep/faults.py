@@ -7,9 +7,9 @@
 - FEWSTEP_FAULT_NAN_LOSS=N:R[:COUNT]   rank R's loss is NaN in the first COUNT (default 1) attempts at step N
 - FEWSTEP_FAULT_POISON_WEIGHTS=N:R   right after optimizer step N, rank R's trained weights hold a NaN (a corruption
   the step-level guard cannot see: what the finite-weights check before every checkpoint and export stops)
-- FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, cache, load, logger,
-  validation, export, deepspeed-save, checkpoint): slow work on one rank, as a large cache fill or export is on real
-  hardware
+- FEWSTEP_TEST_DELAY=where:seconds[,where:seconds...]   rank 0 sleeps at `where` (scan, probe, encode, cache, load,
+  logger, validation, export, deepspeed-save, checkpoint): slow work on one rank, as a large cache fill or export is
+  on real hardware
 - FEWSTEP_TEST_RNG_DRAW=where[,where...]   a rank reaching `where` draws from the global generators (torch's CPU and
   CUDA ones, random, NumPy), as library code run there may (initialisers while loading, a sampler in a validation)
 """

@@ -72,9 +72,12 @@ def summary(config: DataConfig, samples: SampleTable, skipped: dict[str, Counter
     return lines
 
 
-def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[SampleTable, dict[str, Counter], int]:
+def scan_images(config: DataConfig, multiple: int, memo_path: str, stop: Optional[Callable[[], bool]] = None
+                ) -> Optional[tuple[SampleTable, dict[str, Counter], int]]:
     """Every usable image with its plan, the skip counts per entry, and how many images were probed (read) in this
-    scan over all ranks (collective; the same result on every rank).
+    scan over all ranks (collective; the same result on every rank). `stop` (the trainer's preemption flag): checked
+    between the probes; if it is set on any rank, the probes end early on every rank, what was read is remembered
+    in the memo (the next start reads only the rest), and None is returned.
 
     Only rank 0 holds the memo and the listing. The scan's files sit in a folder of `data_index/` beside the memo
     (the run directory, which every rank shares): rank 0 writes the paths of the unseen images there, each rank
@@ -97,7 +100,8 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[Samp
     with distributed.uneven_work("data probe"):  # each rank hashes its share of the unseen images
         unseen = StringColumn.open(scan, "unseen")
         save_json(os.path.join(scan, f"probes-rank{rank}.json"),
-                  _probe_share([unseen[k] for k in range(rank, len(unseen), world)], rank))
+                  _probe_share([unseen[k] for k in range(rank, len(unseen), world)], rank, stop))
+    stopped = stop is not None and distributed.any_rank(stop())
     found = None
     with distributed.uneven_work("data plan"):  # a DataError here reaches every rank
         if rank == 0:
@@ -105,11 +109,14 @@ def scan_images(config: DataConfig, multiple: int, memo_path: str) -> tuple[Samp
             for r in range(world):
                 fresh.update(load_json(os.path.join(scan, f"probes-rank{r}.json"), DataError, "probe records"))
             memo.update(memo.restamped(fresh))
-            probes = [known[path] or ProbeMemo.probe_of(fresh[os.path.abspath(path)]) for _, path, _ in listed]
-            samples, skipped = plan_samples(config, multiple, listed, probes)
-            write_table(os.path.join(scan, "samples"), samples)
-            memo.save()
-            found = (skipped, len(unseen))
+            if not stopped:
+                probes = [known[path] or ProbeMemo.probe_of(fresh[os.path.abspath(path)]) for _, path, _ in listed]
+                samples, skipped = plan_samples(config, multiple, listed, probes)
+                write_table(os.path.join(scan, "samples"), samples)
+                found = (skipped, len(unseen))
+            memo.save()  # a stopped scan's probes too: the next start reads only the rest
+    if stopped:
+        return None
     skipped, probed = distributed.broadcast_object(found)
     return SampleTable(os.path.join(scan, "samples")), skipped, probed
 
@@ -125,9 +132,17 @@ def _new_scan_folder(index: str) -> str:
     return folder
 
 
-def _probe_share(paths: list[str], rank: int) -> dict[str, list]:
+def _probe_share(paths: list[str], rank: int, stop: Optional[Callable[[], bool]]) -> dict[str, list]:
+    """This rank's probe records, up to the image where `stop` said to stop."""
+    records = {}
     try:
-        return dict(ProbeMemo.record(path) for path in paths)
+        for path in paths:
+            if stop is not None and stop():
+                break
+            faults.work_at("probe")  # the tests' delay in the middle of a scan
+            key, record = ProbeMemo.record(path)
+            records[key] = record
+        return records
     except FileNotFoundError as e:  # listed on rank 0's node, absent here: node-local data
         raise DataError(f"image '{e.filename}' (listed by rank 0) does not exist on rank {rank}: every rank reads the "
                         "images, so image_dir must be on a shared filesystem or copied to the same path on every "
@@ -156,7 +171,10 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
     source = source or cfg.pretrained_model_name_or_path
     data = data if data is not None else read_data_config(cfg)
     multiple = resolution_multiple(adapter, source)
-    samples, skipped, probed = scan_images(data, multiple, os.path.join(cfg.output_dir, MEMO_NAME))
+    scanned = scan_images(data, multiple, os.path.join(cfg.output_dir, MEMO_NAME), stop)
+    if scanned is None:
+        return None
+    samples, skipped, probed = scanned
     log = summary(data, samples, skipped)
     if probed:
         log.append(f"data scan: read {probed} new image(s) on {info.world_size} rank(s) "
