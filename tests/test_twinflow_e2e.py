@@ -45,6 +45,7 @@ def test_sign_embedding_trains_under_lora_and_separates_twin_time(tw_run):
     sd = anystep.anystep_state_dict(t)
     sign_w = [v for k, v in sd.items() if "sign" in k][0]
     assert sign_w.abs().sum() > 0  # trained away from its zero init (frozen, as in SimpleTuner, it would stay 0)
+    assert sign_w[1].abs().sum() > 0  # the fake trajectory's row (sign -1) too: L_adv trains it
     g = torch.Generator().manual_seed(0)
     shape = adapter.encode_images(adapter.load("tiny:flux", with_text=False).vae, torch.zeros(1, 3, 32, 32)).shape
     x = torch.randn(shape, generator=g)

@@ -143,3 +143,40 @@ def test_a_run_without_the_adversarial_branch_says_so(adversarial, capsys):
     make_twinflow_step(ctx)
     said = "twinflow_adversarial_enabled is false" in capsys.readouterr().out
     assert said is not adversarial
+
+
+@pytest.mark.parametrize("batch_size, ema_decay", [(1, 1.0), (4, 0.99)])
+def test_the_step_hands_the_loss_its_rectify_rows_and_a_frozen_teacher(batch_size, ema_decay, monkeypatch, capsys):
+    """The trainer's step gives `twinflow_loss` L_rectify's divisor for its batch size (below the groups' cycle, the
+    e2e rows a micro-step has on average; else None, the mean) and whether the EMA teacher is frozen (EMA decay 1:
+    the CFG target's base is then the teacher's unconditional field), and says so at start-up."""
+    import fewstep.twinflow_step as twinflow_step
+    from fewstep.ema import EMA
+
+    seen = {}
+
+    def spy(student, teacher, x0, cond, uncond, **kw):
+        seen.update(kw)
+        return torch.zeros(()), {"times": (torch.zeros(1), torch.zeros(1))}
+
+    monkeypatch.setattr(twinflow_step, "twinflow_loss", spy)
+    ctx = tiny_step_context("flux", batch_size=batch_size, **{**TWINFLOW, "use_ema": True, "ema_decay": ema_decay})
+    ctx.ema = EMA([p.detach() for p in ctx.engine.module.parameters() if p.requires_grad], ema_decay)
+    make_twinflow_step(ctx)(0)
+    assert seen["rectify_rows"] == (0.25 if batch_size == 1 else None)
+    assert seen["frozen_teacher"] is (ema_decay == 1.0)
+    assert ("CFG scale twinflow_enhanced_ratio (0.5)" in capsys.readouterr().out) is (ema_decay == 1.0)
+
+
+def test_signed_times_reach_the_model_as_sigma_target_time_and_sign():
+    """The method's signed (t, tt) become the model's inputs: sigma = |t|, tt = |tt| and sign(t), so a fake-trajectory
+    row (-t, -tt) runs at the same sigma as a real one with the other sign embedding."""
+    from fewstep.twinflow_step import any_step_model
+
+    calls = []
+    model = any_step_model(lambda x, t, cond, tt, sign: calls.append((t, tt, sign)) or x)
+    model(torch.zeros(3, 2), torch.tensor([-0.3, 0.4, 1.0], dtype=torch.float64),
+          torch.tensor([-0.3, 0.1, 0.0], dtype=torch.float64), None)
+    (t, tt, sign), = calls
+    assert t.tolist() == pytest.approx([0.3, 0.4, 1.0]) and tt.tolist() == pytest.approx([0.3, 0.1, 0.0])
+    assert sign.tolist() == [-1.0, 1.0, 1.0]

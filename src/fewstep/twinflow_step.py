@@ -13,7 +13,7 @@ from fewstep.engine import distributed
 from fewstep.engine.deepspeed_engine import weights_swapped_in
 from fewstep.metrics import log_main
 from fewstep.methods.twinflow import twinflow_loss
-from fewstep.methods.twinflow_times import assign_groups, steps_for_every_group
+from fewstep.methods.twinflow_times import assign_groups, rectify_rows, steps_for_every_group
 from fewstep.step_context import StepContext, next_batch, velocity_fn
 
 
@@ -58,6 +58,11 @@ def make_twinflow_step(ctx: StepContext):
                                           "mul, any, adv) cycle over micro-steps, the same on every rank, so each "
                                           "optimizer step trains only some of them; gradient_accumulation_steps "
                                           f"{needed} gives every step all of them")
+    if ema is not None and ema.frozen and 0.0 < cfg.twinflow_enhanced_ratio < 1.0:
+        log_main(distributed.rank() == 0, f"note: with a frozen teacher (ema_decay 1) the CFG-enhanced target is the "
+                                          "teacher's guided field at CFG scale twinflow_enhanced_ratio "
+                                          f"({cfg.twinflow_enhanced_ratio:g}), as the reference: below 1 it lies "
+                                          "between the teacher's unconditional and conditional predictions")
     if not cfg.twinflow_adversarial_enabled:
         log_main(distributed.rank() == 0, "note: twinflow_adversarial_enabled is false (SimpleTuner's default): this "
                                           "trains RCGM with the CFG-enhanced target, without TwinFlow's "
@@ -96,6 +101,7 @@ def make_twinflow_step(ctx: StepContext):
                 enhanced_range=tuple(cfg.twinflow_enhanced_range), adversarial=cfg.twinflow_adversarial_enabled,
                 adversarial_weight=cfg.twinflow_adversarial_weight, rectify_weight=cfg.twinflow_rectify_weight,
                 frozen_teacher=(ema is not None and ema.frozen),
+                rectify_rows=rectify_rows(x0.shape[0], weights=cfg.twinflow_group_weights),
                 backend=ctx.backend, used_rows_only=used_rows_only)
         finally:
             if weights is not None:

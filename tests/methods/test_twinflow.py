@@ -202,6 +202,13 @@ def test_cfg_enhanced_target():
     fc, fu = cond_model(x_t, t, t, cond), cond_model(x_t, t, t, uncond)
     expected = torch.where(bc(mask, v).bool(), v + 0.5 * (fc - fu), v)
     torch.testing.assert_close(E, expected, rtol=1e-12, atol=1e-12)
+    # a frozen teacher (EMA decay 1): the base of the enhanced rows is the teacher's unconditional field, as the
+    # reference (`if self.emd == 1.0: target = F_T(uncond) + r (F_T(cond) - F_T(uncond))`); other rows keep v
+    for used_rows_only in (False, True):
+        E1, _ = cfg_enhanced_target(cond_model, x_t, t, v, cond, uncond, ratio=0.5, adv_mask=adv,
+                                    frozen_teacher=True, used_rows_only=used_rows_only)
+        torch.testing.assert_close(E1, torch.where(bc(mask, v).bool(), fu + 0.5 * (fc - fu), v), rtol=1e-12,
+                                   atol=1e-12)
     E0, _ = cfg_enhanced_target(cond_model, x_t, t, v, cond, None, ratio=0.0)
     assert torch.equal(E0, v)
     with pytest.raises(ValueError, match="uncond"):

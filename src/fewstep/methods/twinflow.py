@@ -104,14 +104,15 @@ def _scatter_rows(rows: torch.Tensor, sub) -> torch.Tensor:
 
 @torch.no_grad()
 def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, enhanced_range=(0.0, 1.0),
-                        adv_mask=None, rng_state=None, used_rows_only: bool = False):
+                        adv_mask=None, rng_state=None, used_rows_only: bool = False, frozen_teacher: bool = False):
     """CFG-enhanced flow-matching target. Returns `(E, enhance_mask)`, E detached in fp32 (fp64 for fp64 input).
 
     Two teacher passes at (x_t, t, t), cond then uncond, RNG restored before each. On rows with t strictly inside
-    `enhanced_range` and not adversarial: E = target + ratio*(F_T(cond) - F_T(uncond)), whatever the EMA decay. (The
-    reference replaces the base by F_T(uncond) only in its image-free mode, where x is the model's own sample and
-    z - x no data velocity; on data that would learn guidance scale `ratio` instead of 1 + ratio, and jump from the
-    conditional to the unconditional field as ratio leaves 0.) ratio 0: E = target, no passes.
+    `enhanced_range` and not adversarial: E = target + ratio*(F_T(cond) - F_T(uncond)); with a `frozen_teacher`
+    (EMA decay 1) the base is the teacher's own unconditional field, E = F_T(uncond) + ratio*(F_T(cond) -
+    F_T(uncond)), as the reference (inclusionAI/TwinFlow `training_step`: `if self.emd == 1.0`): the student learns
+    the frozen teacher's guided field at CFG scale `ratio` (1: its conditional field), not the data velocity plus a
+    guidance term (scale 1 + ratio). ratio 0: E = target, no passes.
 
     `used_rows_only`: the passes run on the enhanced rows alone (the reference runs the whole batch and masks; with the
     default range, e2e rows (t = 1) and adv rows are never enhanced: a third to a half of the batch). The same result
@@ -143,7 +144,10 @@ def cfg_enhanced_target(teacher, x_t, t, target, cond, uncond, *, ratio: float, 
     if n == 0:  # the passes ran for the other ranks' sake (see _subset)
         return enhance_target_reference(target), mask
     f_cond, f_uncond = _scatter_rows(f_cond, sub), _scatter_rows(f_uncond, sub)
-    return enhance_target_reference(target, f_cond, f_uncond, ratio, copy_to(mask, target.device)), mask
+    on = copy_to(mask, target.device)
+    if frozen_teacher:  # the base on the enhanced rows: the teacher's unconditional prediction
+        target = torch.where(_bcast(on, target), f_uncond.to(target.dtype), target)
+    return enhance_target_reference(target, f_cond, f_uncond, ratio, on), mask
 
 
 @torch.no_grad()
@@ -224,8 +228,10 @@ def fake_samples(model, z, cond) -> torch.Tensor:
     return (z - model(z, one, torch.zeros_like(one), cond).to(z.dtype)).detach()
 
 
-def rectify_loss(model, x_hat, F_e2e, cond, generator=None, max_rows: int | None = None) -> torch.Tensor:
-    """L_rectify (DMD-style, no discriminator): scalar mean over rows of Barron(F_e2e, sg(F_e2e - F_grad)).
+def rectify_loss(model, x_hat, F_e2e, cond, generator=None, max_rows: int | None = None,
+                 rows: float | None = None) -> torch.Tensor:
+    """L_rectify (DMD-style, no discriminator): scalar mean over rows of Barron(F_e2e, sg(F_e2e - F_grad)), or their
+    sum / `rows` where given (`twinflow_times.rectify_rows`).
 
     Fresh z', t' ~ U(0,1); x~ = t' z' + (1 - t') sg(x_hat); F_grad = clamp(F(x~, -t', -t') - F(x~, t', t'), +-1) in
     fp32, no grad. Its gradient moves the one-step output along the gap between the fake (-t) and real (+t) fields.
@@ -247,7 +253,8 @@ def rectify_loss(model, x_hat, F_e2e, cond, generator=None, max_rows: int | None
         else:
             fake, real = model(x_tilde, -t, -t, cond), model(x_tilde, t, t, cond)
         F_grad = (fake.to(cd) - real.to(cd)).clamp(-1.0, 1.0)
-    return barron_loss_reference(F_e2e, F_e2e.detach().to(cd) - F_grad).mean()
+    per_row = barron_loss_reference(F_e2e, F_e2e.detach().to(cd) - F_grad)
+    return per_row.mean() if rows is None else per_row.sum() / rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,7 +264,8 @@ def rectify_loss(model, x_hat, F_e2e, cond, generator=None, max_rows: int | None
 def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2, delta_t: float = 0.01,
                   clamp: float = 1.0, enhanced_ratio: float = 0.5, enhanced_range=(0.0, 1.0), adversarial: bool = True,
                   adversarial_weight: float = 1.0, rectify_weight: float = 1.0, frozen_teacher: bool = False,
-                  generator=None, backend: str = "auto", used_rows_only: bool = False):
+                  rectify_rows: float | None = None, generator=None, backend: str = "auto",
+                  used_rows_only: bool = False):
     """One TwinFlow step's loss in the reference order. Returns `(loss, logs)`; loss is a scalar with one graph, logs
     the logged terms: 0-d tensors on the device where computed there (read them after backward: reading one waits for
     the GPU), floats where known on the host (group sizes), and "times", the rows' signed (t, tt) on the host.
@@ -267,13 +275,16 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     3. the teacher passes, each with the RNG restored to the pre-student state (same dropout masks as the student
        pass): CFG-enhanced target E, RCGM rollout. (The reference updates an EMA teacher between the student pass and
        these; fewstep's trainer updates it after every applied optimizer step instead: the same weights.) With
-       `frozen_teacher` (EMA decay 1) the rollout uses the student under no grad, as the reference. The RNG is
+       `frozen_teacher` (EMA decay 1) E's base is the teacher's unconditional field and the rollout uses the student
+       under no grad, as the reference. The RNG is
        then put back to its post-student state, so the global stream advances as if the teacher passes drew nothing.
        `used_rows_only` runs each teacher pass on the rows whose output is used (see `cfg_enhanced_target`,
        `rcgm_rollout`); for a model without dropout the loss is the same up to rounding.
     4. per-row loss = Barron(F, T) * time_weight (the fused `rcgm_target_loss`); L_base = non-adv rows, L_adv = adv
        rows, both summed over the counted rows / their number (all rows; order 0: mul and adv rows only).
-    5. L_rectify on e2e rows (adversarial only). loss = L_base + adversarial_weight*L_adv + 0.5*rectify_weight*L_rect.
+    5. L_rectify on e2e rows (adversarial only): their mean, or their sum / `rectify_rows` (a batch smaller than the
+       groups' cycle: `twinflow_times.rectify_rows`). loss = L_base + adversarial_weight*L_adv +
+       0.5*rectify_weight*L_rect.
     """
     B = x0.shape[0]
     if not isinstance(order, int) or order < 0:
@@ -315,7 +326,7 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
     after_student = capture_rng_state(x0.device)
     E, enh_mask = cfg_enhanced_target(teacher, x_t, t_host, v, cond, uncond, ratio=enhanced_ratio,
                                       enhanced_range=enhanced_range, adv_mask=host_masks["adv"], rng_state=rng_state,
-                                      used_rows_only=used_rows_only)
+                                      used_rows_only=used_rows_only, frozen_teacher=frozen_teacher)
     if order >= 1:
         rcgm_model = student if frozen_teacher else teacher
         substep = lambda *a: rcgm_substep_(*a, backend=backend)  # noqa: E731
@@ -341,7 +352,7 @@ def twinflow_loss(student, teacher, x0, cond, uncond, *, groups, order: int = 2,
         e2e_rows = _indices(host_masks["e2e"], dev)
         x_hat = (x_t.to(wd) - ta * F.detach().to(wd)).index_select(0, e2e_rows)  # x_t - |t| F: the one-step output
         l_rect = rectify_loss(student, x_hat.to(x0.dtype), F.index_select(0, e2e_rows),
-                              select_rows(cond, e2e_rows, B), generator, max_rows=B)
+                              select_rows(cond, e2e_rows, B), generator, max_rows=B, rows=rectify_rows)
         loss = loss + RECTIFY_BASE_WEIGHT * rectify_weight * l_rect
 
     with torch.no_grad():  # device scalars: the caller reads them with the loss, in one copy, after backward

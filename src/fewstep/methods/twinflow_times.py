@@ -76,6 +76,17 @@ def steps_for_every_group(batch_size: int, *, adversarial: bool = True, weights=
     return 1 if batch_size >= length else -(-length // batch_size)
 
 
+def rectify_rows(batch_size: int, *, weights=None) -> float | None:
+    """What L_rectify's sum over a micro-step's e2e rows is divided by: None (their number: the reference's mean) for
+    a batch that holds the whole cycle of groups; for a smaller one, whose groups cycle over micro-steps, the e2e rows
+    a micro-step has on average (batch x e2e share). Then gradient accumulation over the cycle weighs L_rectify
+    against L_base and L_adv (sums over rows / batch) as one batch of all those rows does, which a mean over the one
+    e2e row of a micro-step would not (at batch 1: a quarter of it)."""
+    k, w = _group_weights(True, weights)
+    length = k if len(set(w)) == 1 else sum(w)
+    return None if batch_size >= length else batch_size * w[E2E] / sum(w)
+
+
 def _weighted_groups(batch_size: int, micro_step: int, w: list[int], device) -> torch.Tensor:
     pattern = torch.repeat_interleave(torch.arange(len(w)), torch.tensor(w))
     p = len(pattern)
