@@ -64,17 +64,12 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     with distributed.uneven_work("W&B credentials check"):  # rank 0 logs; its wandb.init comes after the cache fill
         if is_main:
             require_wandb_credentials(cfg.report_to)
-    source = local_model(adapter, cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
-    check_targets_before_load(cfg, source)
-    note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
-    if note:
-        log_main(is_main, f"warning: {note}")
     ds_config = build_ds_config(cfg)
     step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
     stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
     layout = checkpoint.run_layout(cfg, adapter, stage, info.world_size)
-    # before any data or model is read: rank 0 resolves and compares layouts; every rank gets the same plan (or
-    # raises the same ResumeMismatch)
+    # before any data or model is read (a hub id not yet cached would download first): rank 0 resolves and compares
+    # layouts; every rank gets the same plan (or raises the same ResumeMismatch)
     resume = checkpoint_resume.find_resume(ckpt_root, cfg.resume_from_checkpoint, layout, use_ema=cfg.use_ema)
     phases: list[Phase] = build_phases(cfg, info)
     total = sum(p.steps for p in phases)
@@ -83,6 +78,11 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         log_main(is_main, end_note(resume.step, total, len(phases)))
         distributed.wait_for_all("end")
         return {"step": resume.step, "preempted": False}
+    source = local_model(adapter, cfg.pretrained_model_name_or_path)  # a wrong path or an offline hub id fails here
+    check_targets_before_load(cfg, source)
+    note = adapter.use_prediction_type(cfg.prediction_type, source)  # a diffusion base: epsilon or v (diff2flow)
+    if note:
+        log_main(is_main, f"warning: {note}")
     built = build_dataset(cfg, adapter, info, source, data, stop=preemption.requested)  # None: a signal stopped it
     if built is None:  # during the scan or the cache fill (which ends after its batch): no model load (minutes)
         log_main(is_main, preempted_line("before the model loaded"))
