@@ -457,6 +457,71 @@ def test_offload_checks_use_the_stage_a_deepspeed_config_sets(tmp_path):
                                                             "zero_stage": 3})))
 
 
+SIMPLETUNER_DEEPSPEED = {  # SimpleTuner's documented inline deepspeed_config (documentation/DEEPSPEED.md)
+    "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu", "pin_memory": True},
+                          "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4, "warmup_num_steps": 500}},
+    "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2}
+
+
+@pytest.mark.parametrize("given", ["object", "json text", "file"])
+def test_simpletuners_inline_deepspeed_config_is_read_as_simpletuner_reads_it(tmp_path, given):
+    """SimpleTuner's deepspeed_config may be the object itself (in a config file; JSON text on the command line) or a
+    file. Its optimizer section is the optimizer DeepSpeed builds (its params set fewstep's AdamW options); what
+    fewstep does not use (DeepSpeed's scheduler, the batch sizes, a parameter offload below stage 3) is said in
+    one warning each; accelerate's "auto" values keep fewstep's."""
+    from fewstep.config_warnings import config_warnings
+    from fewstep.engine.deepspeed_engine import build_ds_config
+    from fewstep.planning.layouts import configured_layout
+
+    ds = {**SIMPLETUNER_DEEPSPEED, "zero_optimization": {**SIMPLETUNER_DEEPSPEED["zero_optimization"],
+                                                         "reduce_bucket_size": "auto"}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    value = {"object": ds, "json text": json.dumps(ds), "file": str(tmp_path / "ds.json")}[given]
+    base = merged(SEED_TWINFLOW, {"--learning_rate": 1e-3, "--gradient_accumulation_steps": 2})
+    if given == "json text":
+        cfg = load_config(write(tmp_path, base), ["--deepspeed_config", value])
+    else:
+        cfg = load_config(write(tmp_path, merged(base, {"--deepspeed_config": value})))
+    assert cfg.deepspeed_config == (str(tmp_path / "ds.json") if given == "file" else ds)
+    assert (cfg.optimizer, cfg.learning_rate, cfg.adam_beta2, cfg.adam_weight_decay) == ("deepspeed", 1e-4, 0.95, 0.01)
+    built = build_ds_config(cfg)
+    assert built["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                              "weight_decay": 0.01}}
+    assert built["zero_optimization"]["reduce_bucket_size"] == 5e8  # "auto": fewstep's
+    assert built["gradient_accumulation_steps"] == cfg.gradient_accumulation_steps == 2
+    warned = " | ".join(config_warnings(cfg))
+    for said in ("its optimizer section is the optimizer", "its scheduler section (WarmupLR) is not used",
+                 "gradient_accumulation_steps 4 is not used", "train_micro_batch_size_per_gpu 2 is not used",
+                 "train_batch_size 8 is not used", "offload_param is not used at ZeRO stage 2"):
+        assert said in warned, warned
+    assert configured_layout(cfg) == (2, True, False)  # the planner: no parameter offload below stage 3
+
+
+def test_deepspeed_config_optimizer_and_nvme_mistakes_are_one_line(tmp_path):
+    def refused(ds, match, **options):
+        with pytest.raises(ConfigError, match=match):
+            from fewstep.engine.deepspeed_engine import build_ds_config
+            build_ds_config(load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": ds,
+                                                                                **options}))))
+
+    refused({"optimizer": {"type": "Lamb"}}, r"optimizer type 'Lamb' is not supported")
+    refused({"optimizer": {"type": "AdamW", "params": {"lr": -1}}},
+            r"'learning_rate' must be > 0.0, got -1.0 \(from the optimizer section of deepspeed_config \(the object")
+    refused({"optimizer": {"params": {"betas": 0.9}}}, r"optimizer.params.betas must be a list of two numbers")
+    refused(["zero"], r"'deepspeed_config' expects a DeepSpeed JSON file's path or a JSON object")
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}
+    refused(nvme, r"offload_param.device is nvme without a nvme_path", use_ema=False, twinflow_require_ema=False,
+            twinflow_allow_no_ema_teacher=True)
+    from fewstep.engine.deepspeed_engine import build_ds_config
+    cfg = load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": nvme, "use_ema": False,
+                                                             "twinflow_allow_no_ema_teacher": True,
+                                                             "offload_param_path": "/nvme/swap"})))
+    assert build_ds_config(cfg)["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme/swap"
+
+
 def test_twinflow_options_without_twinflow_are_refused(tmp_path):
     """The seed's TwinFlow block without `twinflow_enabled: true` would train plain flow matching without a word."""
     off = {k: v for k, v in SEED_TWINFLOW.items() if k != "twinflow_enabled"}

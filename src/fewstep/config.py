@@ -192,7 +192,13 @@ class Config:
 
     # ---- distributed / engine ----
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage 0-3.", lo=0, hi=3)
-    deepspeed_config: Optional[str] = opt(None, "A DeepSpeed JSON whose entries override fewstep's generated one.")
+    deepspeed_config: Optional[Any] = opt(None, "A DeepSpeed config whose entries override fewstep's generated one: "
+                                                "a JSON file's path, or the object itself (SimpleTuner's inline "
+                                                "form; JSON text on the command line). Values \"auto\" keep "
+                                                "fewstep's; an optimizer section sets the AdamW options (optimizer "
+                                                "deepspeed).")
+    offload_param_path: Optional[str] = opt(None, "The NVMe folder for a deepspeed_config offload with device nvme "
+                                                  "and no nvme_path (SimpleTuner's option).")
     offload_optimizer: bool = opt(False, "ZeRO-Offload (stages 1-3): fp32 masters and Adam states on CPU, stepped "
                                          "there (fast with optimizer deepspeed: DeepSpeedCPUAdam; torch AdamW "
                                          "with adamw).")

@@ -7,8 +7,9 @@ import dataclasses
 import json
 
 from fewstep import lora_formats, metrics
-from fewstep.config import DIFFUSION_FAMILIES, _default, stage_set_by, zero_stage_in_use
-from fewstep.engine.ds_config_checks import read_user_config
+from fewstep.config import DIFFUSION_FAMILIES, FIELDS, _default, stage_set_by, zero_stage_in_use
+from fewstep.config_values import coerce
+from fewstep.engine.ds_config_checks import describe, optimizer_settings, read_user_config
 from fewstep.errors import ConfigError
 from fewstep.methods.glance import TimestepListError, glance_schedule, parse_custom_timesteps
 from fewstep.validation_settings import library_prompts, validation_size
@@ -30,6 +31,24 @@ def _check_resolution(cfg) -> None:
                       f"{'an integer' if kind == 'pixel' else 'a number'} >= 8, got {r:g}")
 
 
+def _read_deepspeed_config(cfg) -> dict:
+    """The user's DeepSpeed config (`deepspeed_config`; JSON text becomes the object). Its optimizer section, as in
+    SimpleTuner, is the optimizer DeepSpeed builds: its params set learning_rate, adam_beta1/2, adam_epsilon and
+    adam_weight_decay, and `optimizer` becomes deepspeed (`config_warnings` says so)."""
+    user_ds = read_user_config(cfg.deepspeed_config)
+    if isinstance(cfg.deepspeed_config, str) and cfg.deepspeed_config.lstrip().startswith("{"):
+        cfg.deepspeed_config = json.loads(cfg.deepspeed_config)
+    name = describe(cfg.deepspeed_config)
+    for option, value in optimizer_settings(user_ds, name).items():
+        try:
+            setattr(cfg, option, coerce(option, FIELDS[option], value))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (from the optimizer section of {name})") from None
+    if "optimizer" in user_ds:
+        cfg.optimizer = "deepspeed"
+    return user_ds
+
+
 def validate(cfg):
     """Check `cfg` (a fewstep.config.Config) as a whole, completing it in place (lora_alpha's default, lists from
     comma strings, the validation size as WIDTHxHEIGHT); returns it."""
@@ -41,6 +60,7 @@ def validate(cfg):
         if isinstance(getattr(cfg, key), str) and not getattr(cfg, key).strip():
             needed = key in ("pretrained_model_name_or_path", "output_dir")
             raise ConfigError(f"'{key}' is empty: give a path" + ("" if needed else " or leave it out"))
+    user_ds = _read_deepspeed_config(cfg)
     if cfg.lora_alpha is None:
         cfg.lora_alpha = float(cfg.lora_rank)
     _check_resolution(cfg)
@@ -60,14 +80,13 @@ def validate(cfg):
     if cfg.lr_scheduler == "polynomial" and not cfg.lr_end < cfg.learning_rate:
         raise ConfigError(f"'lr_end' {cfg.lr_end:g} must be below learning_rate {cfg.learning_rate:g}: the "
                           "polynomial schedule decays from learning_rate to lr_end")
-    user_ds = read_user_config(cfg.deepspeed_config)
     if cfg.grad_clip_method == "value" and user_ds.get("gradient_clipping"):
-        raise ConfigError(f"deepspeed_config {cfg.deepspeed_config} sets gradient_clipping (a global-norm clip) "
+        raise ConfigError(f"{describe(cfg.deepspeed_config)} sets gradient_clipping (a global-norm clip) "
                           "while grad_clip_method is 'value' (each value clipped to max_grad_norm; SimpleTuner's "
                           "default, which a config in its spelling gets): set grad_clip_method norm, or remove "
                           "gradient_clipping")
     stage = zero_stage_in_use(cfg.zero_stage, user_ds)
-    where = f"ZeRO stage {stage} from deepspeed_config {cfg.deepspeed_config}" if stage_set_by(user_ds) \
+    where = f"ZeRO stage {stage} from {describe(cfg.deepspeed_config)}" if stage_set_by(user_ds) \
         else f"zero_stage {stage}"
     if cfg.offload_optimizer and stage == 0:
         raise ConfigError(f"'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3 (got {where})")

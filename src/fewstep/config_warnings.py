@@ -30,8 +30,42 @@ def config_warnings(cfg) -> list[str]:
         out.append(f"{', '.join(unused)} not used: lr_scheduler {cfg.lr_scheduler} "
                    f"{'decays to 0' if cfg.lr_scheduler in ('linear', 'cosine') else 'keeps learning_rate'} "
                    "(only polynomial decays to lr_end, with power lr_power)")
+    out += deepspeed_config_warnings(cfg)
     if 0 < cfg.max_train_steps <= cfg.lr_warmup_steps:
         per = " per Glance phase" if cfg.resolved_method == "glance" else ""
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= max_train_steps {cfg.max_train_steps}{per}: the "
                    f"learning rate never reaches learning_rate {cfg.learning_rate:g}")
+    return out
+
+
+def deepspeed_config_warnings(cfg) -> list[str]:
+    """How a `deepspeed_config` written for SimpleTuner (or accelerate) is read: its optimizer section is used; its
+    scheduler section (fewstep passes DeepSpeed its own LR schedule) and batch sizes (fewstep's options are the only
+    ones) are not, and below ZeRO-3 DeepSpeed ignores a parameter offload."""
+    from fewstep.config import zero_stage_in_use
+    from fewstep.engine.ds_config_checks import describe, read_user_config
+
+    user, name, out = read_user_config(cfg.deepspeed_config), describe(cfg.deepspeed_config), []
+    if "optimizer" in user:
+        out.append(f"{name}: its optimizer section is the optimizer, as in SimpleTuner: DeepSpeed's AdamW "
+                   f"(optimizer deepspeed) with learning_rate {cfg.learning_rate:g}, betas ({cfg.adam_beta1:g}, "
+                   f"{cfg.adam_beta2:g}), eps {cfg.adam_epsilon:g}, weight_decay {cfg.adam_weight_decay:g}")
+    if "scheduler" in user:
+        kind = user["scheduler"].get("type", "?") if isinstance(user["scheduler"], dict) else user["scheduler"]
+        out.append(f"{name}: its scheduler section ({kind}) is not used: the learning rate follows lr_scheduler "
+                   f"{cfg.lr_scheduler} with lr_warmup_steps {cfg.lr_warmup_steps} (fewstep passes DeepSpeed its "
+                   "own schedule, and DeepSpeed then ignores the section)")
+    for key, option in (("train_micro_batch_size_per_gpu", "train_batch_size"),
+                        ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+        if key in user and user[key] != getattr(cfg, option):
+            out.append(f"{name}: {key} {user[key]} is not used: the run's is {option} {getattr(cfg, option)} "
+                       "(fewstep's batch options are the only ones; set it there)")
+    if "train_batch_size" in user:
+        out.append(f"{name}: train_batch_size {user['train_batch_size']} is not used: the global batch is "
+                   "train_batch_size (per GPU) x gradient_accumulation_steps x GPUs of the fewstep config")
+    offload = (user.get("zero_optimization") or {}).get("offload_param") or {}
+    stage = zero_stage_in_use(cfg.zero_stage, user)
+    if offload.get("device", "none") != "none" and stage != 3:
+        out.append(f"{name}: zero_optimization.offload_param is not used at ZeRO stage {stage}: DeepSpeed offloads "
+                   "parameters at stage 3 only")
     return out

@@ -10,7 +10,7 @@ import math
 import torch
 
 from fewstep.config import zero_stage_in_use
-from fewstep.engine.ds_config_checks import check_merged, read_user_config
+from fewstep.engine.ds_config_checks import check_merged, describe, read_user_config
 
 
 def build_ds_config(cfg, stage: int | None = None) -> dict:
@@ -57,13 +57,17 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
             "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_epsilon,
             "weight_decay": cfg.adam_weight_decay}}
     _deep_update(ds, user)
-    source = f"deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "fewstep's options"
+    for key in ("offload_param", "offload_optimizer"):  # SimpleTuner's option gives the NVMe folder
+        offload = ds["zero_optimization"].get(key) or {}
+        if offload.get("device") == "nvme" and not offload.get("nvme_path") and cfg.offload_param_path:
+            offload["nvme_path"] = cfg.offload_param_path
+    source = describe(cfg.deepspeed_config) if cfg.deepspeed_config else "fewstep's options"
     check_merged(ds, user, source, bf16=cfg.bf16, use_ema=cfg.use_ema)
     return ds
 
 
-def _read_user_config(path) -> dict:
-    user = read_user_config(path)  # read and checked as Config.validate did
+def _read_user_config(value) -> dict:
+    user = read_user_config(value)  # read and checked as Config.validate did
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         user.pop(key, None)  # fewstep's batch options are the single source of truth
     return user

@@ -5,6 +5,7 @@ a section name, a ZeRO option DeepSpeed would reject after the model load, a pre
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 
@@ -35,18 +36,66 @@ GENERATED_SECTIONS = ("zero_optimization", "bf16", "optimizer", "timers")
 READ_SECTIONS = ("checkpoint", "fp16", "amp", "torch_autocast", "bfloat16")
 
 
-def read_user_config(path) -> dict:
-    """The `deepspeed_config` file's contents ({} without one): a JSON object whose sections above are objects."""
-    if path is None:
+def describe(value) -> str:
+    """How messages name the `deepspeed_config` option's value: its file, or the object given inline."""
+    return f"deepspeed_config {value}" if isinstance(value, str) else "deepspeed_config (the object in the config)"
+
+
+def read_user_config(value) -> dict:
+    """The user's DeepSpeed config ({} without one), with its sections above checked to be objects.
+
+    `value` (the `deepspeed_config` option) is a JSON file's path, or the object itself: SimpleTuner's inline form
+    in a config file, JSON text on the command line. A value "auto" (accelerate's "fill this in", in configs written
+    for it) is dropped, key and all: fewstep's value stands where it generates one, else DeepSpeed's default."""
+    if value is None:
         return {}
-    user = load_json(path, ConfigError, "deepspeed_config")
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed_config: the JSON text given is not valid JSON ({e})") from None
+    if isinstance(value, str):
+        user = load_json(value, ConfigError, "deepspeed_config")
+    elif isinstance(value, dict):
+        user = copy.deepcopy(value)
+    else:
+        raise ConfigError(f"'deepspeed_config' expects a DeepSpeed JSON file's path or a JSON object, got "
+                          f"{json.dumps(value)}")
     if not isinstance(user, dict):
-        raise ConfigError(f"deepspeed_config {path}: expected a JSON object (DeepSpeed's config keys)")
+        raise ConfigError(f"{describe(value)}: expected a JSON object (DeepSpeed's config keys)")
     for key in (k for k in GENERATED_SECTIONS + READ_SECTIONS if k in user and not isinstance(user[k], dict)):
         instead = "fewstep's" if key in GENERATED_SECTIONS else "DeepSpeed's default"
-        raise ConfigError(f"deepspeed_config {path}: '{key}' must be a JSON object (leave it out for {instead}), "
+        raise ConfigError(f"{describe(value)}: '{key}' must be a JSON object (leave it out for {instead}), "
                           f"got {json.dumps(user[key])}")
-    return user
+    return _without_auto(user)
+
+
+def _without_auto(section: dict) -> dict:
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in section.items() if v != "auto"}
+
+
+def optimizer_settings(user: dict, source: str) -> dict:
+    """fewstep's options set by the user's `optimizer` section (DeepSpeed builds the optimizer from it, as in
+    SimpleTuner): {option: value} from its params lr, betas, eps and weight_decay. Only Adam(W) is trained."""
+    section = user.get("optimizer")
+    if section is None:
+        return {}
+    kind = section.get("type", "AdamW")
+    if str(kind).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{source}: optimizer type {kind!r} is not supported: fewstep trains with AdamW (set type "
+                          "AdamW, or remove the optimizer section for fewstep's)")
+    params = section.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: optimizer.params must be a JSON object, got {json.dumps(params)}")
+    out = {option: params[key] for key, option in (("lr", "learning_rate"), ("eps", "adam_epsilon"),
+                                                    ("weight_decay", "adam_weight_decay")) if key in params}
+    if "betas" in params:
+        betas = params["betas"]
+        if not (isinstance(betas, list) and len(betas) == 2):
+            raise ConfigError(f"{source}: optimizer.params.betas must be a list of two numbers, got "
+                              f"{json.dumps(betas)}")
+        out.update(adam_beta1=betas[0], adam_beta2=betas[1])
+    return out
 
 
 def check_merged(ds: dict, user: dict, source: str, *, bf16: bool, use_ema: bool) -> None:
@@ -106,6 +155,10 @@ def _check_offload(zero: dict, source: str) -> None:
     deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
     if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
         raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
+    for key in ("offload_param", "offload_optimizer"):
+        if _device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
+            raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme without a nvme_path: give the "
+                              f"folder on the NVMe drive as {key}.nvme_path (or the offload_param_path option)")
 
 
 def _check_checkpointing(ds: dict, source: str) -> None:

@@ -217,12 +217,13 @@ def knobs_for(cfg, device: str = "cuda") -> ZeroKnobs:
 
 def configured_layout(cfg) -> tuple[int, bool, bool]:
     """(stage, optimizer offloaded, parameters offloaded) as the trainer runs `cfg`: from the DeepSpeed config it
-    builds, where a `deepspeed_config` file's stage and offload sections win over fewstep's options."""
+    builds, where a `deepspeed_config` file's stage and offload sections win over fewstep's options (DeepSpeed
+    offloads parameters at stage 3 only)."""
     from fewstep.engine.deepspeed_engine import build_ds_config
 
     z = build_ds_config(cfg)["zero_optimization"]
     offloaded = lambda key: (z.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
-    return int(z["stage"]), offloaded("offload_optimizer"), offloaded("offload_param")
+    return int(z["stage"]), offloaded("offload_optimizer"), offloaded("offload_param") and z["stage"] == 3
 
 
 def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float = 80.0,
