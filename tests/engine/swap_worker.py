@@ -8,6 +8,7 @@ AdamW and DeepSpeed's own optimizers (FusedAdam; DeepSpeedCPUAdam under offload_
   first step bit for bit, after Adam has taken several steps (stale moments or step counters would change it).
 - The LR schedule reaches the param groups the optimizer steps with.
 - A training step (forward, backward, optimizer step) never synchronises the accelerator: the host queues ahead.
+- ZeRO's process groups keep `distributed_timeout_seconds`.
 """
 import deepspeed
 import torch
@@ -71,7 +72,14 @@ def same(a, b):
     return bool((a.eq(b) | (a.isnan() & b.isnan())).all())
 
 
-info = setup_distributed()
+TIMEOUT_SECONDS = 1234  # distributed_timeout_seconds: neither gloo's default (30 min) nor NCCL's (10 min)
+
+
+def group_timeout(group) -> float:
+    return group._get_backend(info.device).options._timeout.total_seconds()
+
+
+info = setup_distributed(TIMEOUT_SECONDS)
 adapter = get_adapter("flux")
 for stage, precision, model_type, opt_name, offload in RUNS:
     label = f"stage {stage} {precision} {model_type} {opt_name}{' offload' if offload else ''}"
@@ -89,6 +97,12 @@ for stage, precision, model_type, opt_name, offload in RUNS:
     initial_weights = {n: p.detach().float().clone() for n, p in t.named_parameters() if p.requires_grad}
     engine, optimizer, scheduler = build_engine(cfg, t, trainable)
     params = dict(engine.module.named_parameters())
+    # ZeRO's collectives (gradient reductions, weight gathers) keep the run's timeout: DeepSpeed runs them on its
+    # clone of the world group, which it once made with torch's default (NCCL: 10 minutes) whatever the option said
+    groups = [engine.data_parallel_group, getattr(engine.optimizer, "dp_process_group", None),
+              *(getattr(p, "ds_process_group", None) for p in trainable[:1])]
+    assert [group_timeout(g) for g in groups if g is not None] == [TIMEOUT_SECONDS] * sum(
+        g is not None for g in groups), (label, [group_timeout(g) for g in groups if g is not None])
 
     # --- after build_engine Adam has taken no step (DeepSpeed's stage-0 FP16 wrappers take one with zero gradients
     # at construction, which build_engine undoes), and the masters are the initial weights in the run's dtype

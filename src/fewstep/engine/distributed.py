@@ -83,6 +83,13 @@ def setup_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
                                    timeout=timedelta(seconds=max(timeout_seconds, RENDEZVOUS_SECONDS)))
         if timeout_seconds < RENDEZVOUS_SECONDS:
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_seconds))
+    from deepspeed.utils import groups
+
+    if groups._WORLD_GROUP is None:
+        # ZeRO's gradient reductions and weight all-gathers run on DeepSpeed's clone of the world group, which it
+        # would make without a timeout (torch's default then: 10 minutes under NCCL): make it here, with the run's.
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(world_size())),
+                                             timeout=timedelta(seconds=timeout_seconds))
     if world_size() > 1:  # a rank that dies silently is noticed by the others' waits
         liveness.start(_store(), rank(), max(timeout_seconds, liveness.MIN_SECONDS))
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
