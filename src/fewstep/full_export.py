@@ -77,10 +77,11 @@ def export_full(transformer: nn.Module, out_dir: str, is_main: bool) -> None:
     from safetensors.torch import save_file
 
     tmp = out_dir + ".tmp"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        transformer.save_config(tmp)
+    with distributed.uneven_work("export folder"):  # rank 0's (a 20B partial export to remove): a failure reaches all
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            transformer.save_config(tmp)
     shards, pending, size = [], {}, 0
 
     def flush():

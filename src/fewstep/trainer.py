@@ -387,9 +387,10 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
     (`"ema": true`), so that `launcher/sample.py` samples `<out>/ema` as it samples `<out>`."""
     out = _export_dir(cfg, phase)
     info = {"sigmas": phase.sigmas, "phase": phase.name, "step": step, "resolution": resolution}
-    if is_main:
-        remove_run_info(out)
-        remove_run_info(os.path.join(out, "ema"))
+    with distributed.uneven_work("export run info"):  # rank 0's files: a failure reaches every rank
+        if is_main:
+            remove_run_info(out)
+            remove_run_info(os.path.join(out, "ema"))
     formats = cfg.lora_export_formats
     export = (lambda d: export_lora(adapter, transformer, d, is_main, formats)) if cfg.model_type == "lora" else \
         (lambda d: export_full(transformer, os.path.join(d, adapter.denoiser_subfolder), is_main))
@@ -400,8 +401,9 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
         with weights_swapped_in(engine, ema.shadow):
             require_finite_weights(trained, f"EMA export {out}/ema")
             export(os.path.join(out, "ema"))
-        if is_main:
+    with distributed.uneven_work("export run info"):
+        if is_main and ema is not None and not ema.frozen:
             write_run_info(os.path.join(out, "ema"), cfg, {**info, "ema": True})
-    if is_main:
-        write_run_info(out, cfg, info)
+        if is_main:
+            write_run_info(out, cfg, info)
     log_main(is_main, f"{phase.name}: exported to {out}")

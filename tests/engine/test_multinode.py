@@ -178,3 +178,20 @@ def test_model_copies_that_differ_between_nodes_are_refused(tmp_path, node_local
         assert rc == 2 and "Traceback" not in err, f"rank {rank} exited {rc}\n{out[-2000:]}\n{err[-3000:]}"
     said = results[0][2] + results[1][2]  # by whichever rank announced it first (one .out under srun)
     assert "text-encoder files of" in said and "differ between ranks (ranks [1] differ from rank 0)" in said
+
+
+def test_a_cache_folder_one_node_cannot_create_stops_every_rank_with_its_message(tmp_path, node_local):
+    """A node-local cache_dir that one node cannot create (here a file in its place on rank 1's node): every rank
+    creates its cache folders, and rank 1's failure must reach rank 0 as that message (exit 2), not as a broken
+    collective (gloo's "connection closed"; under NCCL a wait for the whole timeout)."""
+    backend = write_dataset(str(tmp_path), n=2)
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for n in nodes:
+        n.mkdir()
+    (nodes[1] / "cache").write_text("not a folder")
+    cfg = write_config(str(tmp_path), backend, cache_dir=str(node_local / "cache"))
+    results = _launch_nodes(cfg, str(node_local), free_port(), node_files=[str(n) for n in nodes])
+    (rc, out, err), (rc1, _, err1) = results
+    assert (rc, rc1) == (2, 2), f"{out[-2000:]}\n{err[-3000:]}\n{err1[-3000:]}"
+    assert "fewstep: rank 1 failed during cache folders: DataError: cache folder" in err, err[-3000:]
+    assert "Traceback" not in err + err1

@@ -194,9 +194,10 @@ def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None =
                         f"(ranks {[r for r, k in enumerate(keys) if k != keys[0]]} differ from rank 0): every node "
                         "needs the same copy of the model")
     cached = extra + [p for _, p in library if p not in extra]  # the library's: cached, read from disk when rendered
-    caches = CacheSet(samples, data.images, cached, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
-                      key, data.default_text_cache_dir, data.text_batch_sizes,
-                      torch.bfloat16 if cfg.bf16 else torch.float32, cfg.text_encoder_batch_size)
+    with distributed.uneven_work("cache folders"):  # created on every rank: a node-local one may fail on one node
+        caches = CacheSet(samples, data.images, cached, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
+                          key, data.default_text_cache_dir, data.text_batch_sizes,
+                          torch.bfloat16 if cfg.bf16 else torch.float32, cfg.text_encoder_batch_size)
     shares, sizes = {}, set()
     for root in caches.roots():  # the same roots in the same order on every rank: sharing_group is collective
         group = sharing_group(root)

@@ -100,7 +100,8 @@ def load_transformer(adapter, source: str, dtype: torch.dtype, ds_config: dict, 
                                                      **onto)
     import deepspeed
 
-    config = adapter.denoiser_cls.load_config(folder)
+    with distributed.uneven_work("model config"):  # each node reads its copy: a failure on one reaches every rank
+        config = adapter.denoiser_cls.load_config(folder)
     # from_config runs every parameter's initialiser (overwritten below; the trainer restores its RNG stream after)
     # The dtype comes from the config's bf16 / fp16 sections: zero.Init's own `dtype` argument is dropped where the
     # accelerator lacks fp16 (DeepSpeed 0.19 reads `dtype or fp16 if fp16_supported else bf16`: an fp32 run on a CPU
