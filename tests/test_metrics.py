@@ -227,3 +227,22 @@ def test_resume_logs_every_step_once_in_tensorboard_and_jsonl(tmp_path):
     expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
     assert scalars == expected
     assert [(m["step"], m["loss"]) for m in read_metrics(out)] == expected
+
+
+def test_the_logged_lr_is_the_rate_the_step_trained_at(tmp_path):
+    """Each step logs the learning rate its optimizer step used (it logged the next step's). Adam's first update of
+    a weight is lr x sign(gradient) (m / sqrt(v) = +-1), so the trained LoRA B (zero before the step; its scale
+    alpha / rank is 1 here) holds values of size exactly the rate step 1 used: in warm-up, below the one step 2
+    uses."""
+    from safetensors.torch import load_file
+
+    backend = write_dataset(str(tmp_path), n=2)
+    cfg = write_config(str(tmp_path), backend, max_train_steps=1, lr_scheduler="constant", lr_warmup_steps=2,
+                       adam_weight_decay=0.0, lora_alpha=4)
+    proc = subprocess.run([PY, "launcher/train.py", "--config", cfg], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = read_metrics(tmp_path / "out")[0]["lr"]
+    lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    trained = max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k)
+    assert 0 < logged < 1e-3 and trained == pytest.approx(logged, rel=1e-3), (logged, trained)

@@ -387,8 +387,8 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
     assert "data 'bare': 2 images in 1 bucket(s) [48x48 x2]" in log
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-2", "step-4"]
     assert Image.open(os.path.join(out, "validation", "flow-step000002.png")).size == (64, 32)
-    lrs = [m["lr"] for m in read_metrics(out)]
-    assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 - k / 4) ** 0.5 for k in (1, 2, 3, 4)], rel=1e-9)
+    lrs = [m["lr"] for m in read_metrics(out)]  # step k trains at the rate after k - 1 steps: 1e-3 first
+    assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 - k / 4) ** 0.5 for k in (0, 1, 2, 3)], rel=1e-9)
 
 
 def test_grad_clip_method_value_clips_each_gradient_value(data):

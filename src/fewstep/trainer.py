@@ -202,6 +202,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     ema.reset()
             step_fn = make_step(method, phase, ctx)
             while step < phase_end:
+                lr = scheduler.get_last_lr()[0]  # the rate this step trains at (its optimizer step moves it on)
                 outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard,
                                          trace, clip_value)
                 due = False
@@ -210,7 +211,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                         ema.update()
                     step += 1
                     faults.poison_weights_if(trainable, step, info.rank)
-                    logger.log(step, {**outcome.logs, "lr": scheduler.get_last_lr()[0],
+                    logger.log(step, {**outcome.logs, "lr": lr,
                                       "grad_norm": outcome.grad_norm, "skipped_steps": guard.skipped},
                                cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
                     if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
