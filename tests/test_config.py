@@ -387,6 +387,27 @@ def test_a_key_given_twice_in_one_file_is_an_error(tmp_path):
         load_config(write(tmp_path, {**SEED_TWINFLOW, "--model_family": "flux"}))
 
 
+def test_a_key_given_twice_in_a_json_file_is_refused(tmp_path):
+    """json.load keeps the last of two equal keys without a word: a config with "lora_rank": 8 and later
+    "lora_rank": 4 trained rank 4. The same in a data config and a DeepSpeed config."""
+    from fewstep.data.backends import load_data_config
+    from fewstep.data.errors import DataError
+
+    path = tmp_path / "c.json"
+    path.write_text('{"model_family": "flux", "--lora_rank": 8, "pretrained_model_name_or_path": "tiny:flux", '
+                    '"--lora_rank": 4}')
+    with pytest.raises(ConfigError, match=f"^{path}: '--lora_rank' is given twice in one JSON object; keep one$"):
+        load_config(str(path))
+    data = tmp_path / "multidatabackend.json"
+    data.write_text('[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution": 512, "resolution": 1024}]')
+    with pytest.raises(DataError, match="'resolution' is given twice"):
+        load_data_config(str(data))
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2, "stage": 3}}')
+    with pytest.raises(ConfigError, match="'stage' is given twice"):
+        load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": str(ds)})))
+
+
 def test_deepspeed_config_must_be_a_json_object(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text("{zero_optimization: 3}")
