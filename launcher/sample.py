@@ -280,8 +280,10 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         img = generate(n)
         _sync(device)
         seconds = time.perf_counter() - t0
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        img.save(path)
+        try:
+            img.save(path)
+        except OSError as e:  # checked before the load; a disk that filled up since, say
+            raise SamplingError(f"--output {path}: cannot write it ({e.strerror or e})") from None
         print(f"fewstep: wrote {path} ({n} steps, {seconds:.3f} s)")
         runs.append({"steps": n, "seconds": seconds, "output": path})
     return {"method": args.method, "family": adapter.family, "device": str(device),
@@ -300,16 +302,24 @@ def main(argv) -> int:
 
     try:
         record = sample(args)
+        if args.json:
+            write_json(args.json, record)
     except UserError as e:
         if os.environ.get("FEWSTEP_DEBUG") == "1":
             raise
         print(f"fewstep: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(record, fh, indent=1)
     return 0
+
+
+def write_json(path: str, record: dict) -> None:
+    from fewstep.sampling import SamplingError
+
+    try:
+        with open(path, "w") as fh:
+            json.dump(record, fh, indent=1)
+    except OSError as e:
+        raise SamplingError(f"--json {path}: cannot write it ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

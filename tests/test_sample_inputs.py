@@ -233,6 +233,15 @@ def test_an_output_that_names_a_directory_is_refused_before_the_load(exports, ca
     assert not os.path.exists(tmp_path / "new")
 
 
+def test_an_output_folder_that_cannot_be_created_is_refused_before_the_load(exports, capsys, tmp_path):
+    """A folder on the way that is a link to nothing: the check climbed to an existing ancestor and passed, and
+    creating the folder failed after the load and the generation (FileExistsError, a traceback)."""
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    line = _main(capsys, *_glance(exports), "--output", tmp_path / "dangling" / "a.png")
+    assert line == f"fewstep: --output {tmp_path}/dangling/a.png: cannot create the folder {tmp_path}/dangling (a " \
+                   "link to nothing)", line
+
+
 def test_a_json_that_cannot_be_written_is_refused_before_the_load(exports, capsys, tmp_path):
     (tmp_path / "file.txt").write_text("")
     line = _main(capsys, *_glance(exports), "--output", tmp_path / "a.png", "--json", tmp_path / "file.txt" / "t.json")

@@ -94,16 +94,21 @@ def output_paths(output: str, steps_list: list[int]) -> list[str]:
 
 
 def check_writable(option: str, given: str, path: str) -> None:
-    """`path` (where `option`'s value `given` writes) can be written: not a folder, and its nearest existing ancestor
-    a folder this process may write in."""
+    """`path` (where `option`'s value `given` writes) can be written: not a folder, and its folder created now (before
+    the model loads) and writable."""
     from fewstep.sampling import SamplingError
 
     if os.path.isdir(path):
         raise SamplingError(f"{option} {given}: {path} is a folder, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise SamplingError(f"{option} {given}: {folder} is a file, not a folder")
+    folder = existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SamplingError(f"{option} {given}: {existing} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        why = "a link to nothing" if os.path.islink(e.filename or "") else e.strerror or str(e)
+        raise SamplingError(f"{option} {given}: cannot create the folder {e.filename or folder} ({why})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise SamplingError(f"{option} {given}: no permission to write in {folder}")
