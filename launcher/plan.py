@@ -14,7 +14,8 @@ Resolution: the one the trainer would train at, read by the trainer's own data-b
 of data_backend_config (the config's resolution standing for an entry's where it sets none, as in training);
 without a data backend the config's resolution, else 1024. Architecture: --model_config, a local diffusers folder's
 denoiser config, or for a hub id or a tiny:<family> test model the family's real one in configs/models/. The output
-names both sources. A config or data backend the trainer would reject exits 2 with one `fewstep plan: ...` line.
+names both sources; the model need not be on this machine. A config or data config the trainer would reject, or a
+mistake on the command line, exits 2 with one `fewstep: ...` line.
 """
 import argparse
 import os
@@ -22,26 +23,36 @@ import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notices (torchvision) are not for our users
 
+from fewstep.cli import OneLineParser, positive  # noqa: E402
 from fewstep.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__)
     ap.add_argument("--config", required=True, nargs="+", help="fewstep JSON config(s)")
     ap.add_argument("--gpus", default="1", help="GPUs in all; a comma list plans each (default 1)")
-    ap.add_argument("--nodes", type=int, default=None, help="nodes (default ceil(gpus / 8))")
-    ap.add_argument("--gpu_mem_gb", type=float, default=80.0, help="GiB per GPU (default 80)")
-    ap.add_argument("--host_mem_gb", type=float, default=None, help="host GiB per node (checks offload layouts)")
+    ap.add_argument("--nodes", type=positive(int), default=None, help="nodes (default ceil(gpus / 8))")
+    ap.add_argument("--gpu_mem_gb", type=positive(float), default=80.0, help="GiB per GPU (default 80)")
+    ap.add_argument("--host_mem_gb", type=positive(float), default=None,
+                    help="host GiB per node (checks offload layouts)")
     ap.add_argument("--model_config", default=None,
                     help="diffusers denoiser (transformer or UNet) config.json to plan for")
-    ap.add_argument("--text_tokens", type=int, default=None, help="text tokens (default: the pipeline's)")
+    ap.add_argument("--text_tokens", type=positive(int), default=None, help="text tokens (default: the pipeline's)")
     ap.add_argument("--overhead_gb", type=float, default=2.0, help="per-GPU runtime overhead: CUDA context, NCCL")
     args, overrides = ap.parse_known_args(argv)
     try:
-        gpus = [int(g) for g in args.gpus.split(",")]
+        gpus = [positive(int)(g) for g in args.gpus.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        print(f"fewstep: --gpus: expected GPU counts above 0, one or a comma list (1,8,32), got {args.gpus!r}",
+              file=sys.stderr)
+        return 2
+    if args.overhead_gb < 0:
+        print(f"fewstep: --overhead_gb must be >= 0, got {args.overhead_gb:g}", file=sys.stderr)
+        return 2
+    try:
         cfgs = [load_config(path, overrides) for path in args.config]
-    except ValueError as e:  # ConfigError is a ValueError; so is a bad --gpus list
-        print(f"fewstep plan: {'config error: ' if isinstance(e, ConfigError) else '--gpus: '}{e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"fewstep: {e}", file=sys.stderr)
         return 2
     from fewstep.planning import format_table, plan_memory
 
@@ -50,7 +61,7 @@ def main(argv: list[str]) -> int:
             plan = plan_memory(cfg, n, args.nodes, args.gpu_mem_gb, args.host_mem_gb, model_config=args.model_config,
                                text_tokens=args.text_tokens, overhead_gb=args.overhead_gb)
         except ValueError as e:
-            print(f"fewstep plan: {e}", file=sys.stderr)
+            print(f"fewstep: {e}", file=sys.stderr)
             return 2
         print(("\n" if i else "") + format_table(plan))
     return 0

@@ -31,19 +31,13 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notices (torchvision) are not for our users
 
+from fewstep.cli import OneLineParser  # noqa: E402
 from fewstep.sample_checks import (check_method_options, check_numbers, check_writable,  # noqa: E402
                                    model_resolution, output_paths)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Argument mistakes end like every other user mistake: one `fewstep:` line, exit status 2."""
-        print(f"fewstep: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--method", required=True, choices=("glance", "twinflow", "flow"))
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)

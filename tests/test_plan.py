@@ -528,7 +528,7 @@ def test_tiny_model_plans_the_real_architecture_and_says_so():
 
 def test_cli_prints_resolution_and_architecture(tmp_path):
     """`--data_backend_config mdb512.json` plans at 512 px and says so; a tiny test model says that the real
-    architecture is planned instead; a data backend the trainer would reject is one `fewstep plan:` line, exit 2."""
+    architecture is planned instead; a data backend the trainer would reject is one `fewstep:` line, exit 2."""
     mdb512 = _backend(tmp_path, "mdb512.json", {"resolution": 512})
     configs = [str(ROOT / "configs" / "glance" / "flux.json"), str(ROOT / "configs" / "demo" / "glance.json")]
     proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config", *configs,
@@ -551,7 +551,7 @@ def test_cli_prints_resolution_and_architecture(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("fewstep")]
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
-    assert len(ours) == 1 and ours[0].startswith(f"fewstep plan: {bad}: not valid JSON"), proc.stderr
+    assert len(ours) == 1 and ours[0].startswith(f"fewstep: {bad}: not valid JSON"), proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------- measured on CPU

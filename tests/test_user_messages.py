@@ -105,3 +105,19 @@ def test_a_run_resumed_at_its_end_prints_its_bar_once(monkeypatch, tmp_path):
     MetricsLogger(str(tmp_path), None, True, False, total_steps=2, start_step=2, desc="flow").close()
     lines = [ln for ln in out.getvalue().splitlines() if ln]
     assert len(lines) == 1 and lines[0].startswith("flow: 100%|") and "2/2" in lines[0], lines
+
+
+@pytest.mark.parametrize("script, argv, said", [
+    ("plan.py", ["--config", "configs/demo/flow.json", "--nodes", "x"], "argument --nodes: invalid int value: 'x'"),
+    ("plan.py", ["--config", "configs/demo/flow.json", "--gpu_mem_gb", "-5"], "argument --gpu_mem_gb: must be > 0, got -5"),
+    ("plan.py", ["--config", "configs/demo/flow.json", "--gpus", "8,0"], "--gpus: expected GPU counts above 0"),
+    ("plan.py", [], "the following arguments are required: --config"),
+    ("demo.py", ["--smok"], "unrecognized arguments: --smok"),  # once taken for --smoke, into output/demo
+    ("sample.py", ["--method", "flow", "--prompt", "x", "--lor", "run"], "unrecognized arguments: --lor run"),
+])
+def test_launcher_argument_mistakes_are_one_line(script, argv, said):
+    """argparse printed its usage and a second line, and took an abbreviation for the option it starts."""
+    proc = subprocess.run([sys.executable, f"launcher/{script}", *argv], cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"fewstep: {said}"), proc.stderr

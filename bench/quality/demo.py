@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -53,7 +52,9 @@ SMOKE = dict(
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fewstep.cli import OneLineParser
+
+    ap = OneLineParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join("output", "demo"), help="output folder (default: output/demo)")
     ap.add_argument("--teacher", default=TEACHER, help="the teacher FluxPipeline folder (default: data/digits-teacher)")
     ap.add_argument("--smoke", action="store_true", help="a few steps and samples (for tests; no quality claims)")
