@@ -123,6 +123,14 @@ def test_resolve_reads_a_bare_step_name_under_the_run_and_refuses_an_output_dir(
         checkpoint.resolve(root, "step-7")
     with pytest.raises(checkpoint.CheckpointNotFound, match=r"at 'lates' \(did you mean 'latest'\?\)"):
         checkpoint.resolve(root, "lates")
+    # the checkpoints folder itself, and a folder of the run that holds no checkpoint (both said "incomplete, missing
+    # trainer.json (an interrupted save or a lost shard)")
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"checkpoints' is a folder of checkpoints: give one of "
+                                                            r"them \(step-1, step-2\), or 'latest'$"):
+        checkpoint.resolve(root, root)
+    (out / "logs").mkdir()
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"logs' is not a checkpoint \(a checkpoint is a step-N "):
+        checkpoint.resolve(root, str(out / "logs"))
 
 
 def test_resolve_infers_rank_files_of_checkpoints_without_a_file_list(saved, tmp_path):

@@ -189,7 +189,7 @@ def test_lora_two_ranks_to_one_continues_bit_exactly(out):
     assert_restored(out, "lora-w2", "lora-back", "trainable")  # 2 -> 1 rank
     assert_continues(out, "lora-w1", "lora-back", LORA_FILES)
     meta = json.loads((out / "lora-w2" / "checkpoints" / "step-2" / "trainer.json").read_text())
-    assert meta["layout"] == {"family": "flux", "model": "tiny:flux", "model_type": "lora",
+    assert meta["layout"] == {"method": "flow", "family": "flux", "model": "tiny:flux", "model_type": "lora",
                               "lora": {"rank": 4, "alpha": 4.0, "targets": ["to_k", "to_out.0", "to_q", "to_v"]},
                               "anystep_embeddings": False, "zero_stage": 2, "world_size": 2, "dtype": "fp32",
                               "glance_phase_steps": None, "optimizer": "adamw"}
@@ -468,6 +468,10 @@ def test_plan_refusals_name_every_key_and_the_way_on():
         plan("/c/step-4", meta(), new(optimizer="deepspeed"), FILES, True, False, True)  # EMA without its maps
     with pytest.raises(ResumeMismatch, match="model_type lora -> full"):
         plan("/c/step-4", meta(), new(**full), FILES, True, True, True)
+    # another method: said as such (a flow run resumed as Glance named only the phase length and alpha)
+    with pytest.raises(ResumeMismatch, match=r"method flow -> glance, max_train_steps \(Glance: per phase\) none -> 3"):
+        plan("/c/step-4", meta(method="flow", glance_phase_steps=None), new(method="glance", glance_phase_steps=3),
+             FILES, True, True, True)
     old = {"world_size": 2, "zero_stage": 2, "step": 4}
     with pytest.raises(ResumeMismatch, match=r"zero_stage 2 -> 3\. .*before fewstep saved a stage-independent.*"
                                              r"predates the layout record"):

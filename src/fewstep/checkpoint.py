@@ -28,6 +28,7 @@ the previous checkpoint and `latest` are untouched, and every rank raises `Check
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -219,6 +220,11 @@ def resolve(root: str, spec: str | None) -> str | None:
         hint = (" (did you mean 'latest'?)" if difflib.get_close_matches(spec, ["latest"], cutoff=0.7)
                 else f" (this run's: {listing(own, 5)})" if own else "")
         raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'{hint}")
+    if not os.path.exists(os.path.join(spec, "trainer.json")) and not glob.glob(os.path.join(spec, "rank*.pt")):
+        steps = [os.path.basename(p) for p in list_checkpoints(spec)]
+        what = (f"a folder of checkpoints: give one of them ({listing(steps, 5)}), or 'latest'" if steps else
+                "not a checkpoint (a checkpoint is a step-N folder under a run's checkpoints/; or give 'latest')")
+        raise CheckpointNotFound(f"resume_from_checkpoint: '{spec}' is {what}")
     missing = missing_files(spec)
     if missing:
         raise IncompleteCheckpointError(f"resume_from_checkpoint: checkpoint '{spec}' is incomplete, missing "

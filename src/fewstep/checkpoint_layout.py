@@ -2,16 +2,16 @@
 
 Every checkpoint's `trainer.json` records, under `layout`:
 
-    {"family": "flux", "model": "/models/flux-dev", "model_type": "lora",
+    {"method": "twinflow", "family": "flux", "model": "/models/flux-dev", "model_type": "lora",
      "lora": {"rank": 16, "alpha": 64.0, "targets": ["to_k", "to_q", ...]},      (null for model_type full)
      "anystep_embeddings": false, "zero_stage": 2, "world_size": 8, "dtype": "bf16",
      "glance_phase_steps": null,                                                   (max_train_steps for Glance)
      "optimizer": "adamw"}
 
-On resume, `plan` compares it with the new run's. Keys that change what the saved state *is* (family, model,
-model_type, LoRA rank / alpha / targets, the any-step embeddings, dtype, Glance's phase length) are refused, all in
-one message that names every differing key and says how to proceed. A changed world size, ZeRO stage or optimizer
-is resharded where the state allows:
+On resume, `plan` compares it with the new run's. Keys that change what the saved state *is* (family, model, model_type,
+LoRA rank / alpha / targets, the method and its any-step embeddings, dtype, Glance's phase length) are refused, all in
+one message that names every differing key and says how to proceed. A changed world size, ZeRO stage or optimizer is
+resharded where the state allows:
 
 - LoRA runs save their trainable state in a stage-independent form (`trainable.pt`: every trainable parameter's full
   fp32 master and Adam moments by name), so they resume on any stage and any world size, with either optimizer;
@@ -47,7 +47,8 @@ def run_layout(cfg, adapter, zero_stage: int, world_size: int) -> dict:
         lora = {"rank": int(cfg.lora_rank), "alpha": float(cfg.lora_alpha if cfg.lora_alpha is not None
                                                             else cfg.lora_rank),
                 "targets": sorted(cfg.lora_targets or adapter.default_lora_targets)}
-    return {"family": cfg.model_family, "model": _model_id(cfg.pretrained_model_name_or_path),
+    return {"method": cfg.resolved_method, "family": cfg.model_family,
+            "model": _model_id(cfg.pretrained_model_name_or_path),
             "model_type": cfg.model_type, "lora": lora, "anystep_embeddings": cfg.resolved_method == "twinflow",
             "zero_stage": int(zero_stage), "world_size": int(world_size),
             "dtype": "bf16" if cfg.bf16 else "fp32",
@@ -84,7 +85,7 @@ class Resume:
 
 # keys that fix what the saved state is: (record path, config key shown to the user)
 GLANCE_STEPS = "max_train_steps (Glance: per phase)"
-_FIXED = [(("family",), "model_family"), (("model",), "pretrained_model_name_or_path"),
+_FIXED = [(("method",), "method"), (("family",), "model_family"), (("model",), "pretrained_model_name_or_path"),
           (("model_type",), "model_type"), (("lora", "rank"), "lora_rank"), (("lora", "alpha"), "lora_alpha"),
           (("lora", "targets"), "lora_targets"), (("anystep_embeddings",), "any-step embeddings (method twinflow)"),
           (("dtype",), "mixed_precision"), (("glance_phase_steps",), GLANCE_STEPS)]
