@@ -519,6 +519,8 @@ def test_simpletuners_inline_deepspeed_config_is_read_as_simpletuner_reads_it(tm
                  "train_batch_size 8 is not used", "offload_param is not used at ZeRO stage 2"):
         assert said in warned, warned
     assert configured_layout(cfg) == (2, True, False)  # the planner: no parameter offload below stage 3
+    assert "'foo_bar' not used: not a DeepSpeed option" in " | ".join(
+        config_warnings(load_config(write(tmp_path, merged(base, {"--deepspeed_config": {"foo_bar": 1}})))))
 
 
 def test_deepspeed_config_optimizer_and_nvme_mistakes_are_one_line(tmp_path):

@@ -43,9 +43,13 @@ def deepspeed_config_warnings(cfg) -> list[str]:
     scheduler section (fewstep passes DeepSpeed its own LR schedule) and batch sizes (fewstep's options are the only
     ones) are not, and below ZeRO-3 DeepSpeed ignores a parameter offload."""
     from fewstep.config import zero_stage_in_use
-    from fewstep.engine.ds_config_checks import describe, read_user_config
+    from fewstep.engine.ds_config_checks import KNOWN_KEYS, describe, read_user_config
 
     user, name, out = read_user_config(cfg.deepspeed_config), describe(cfg.deepspeed_config), []
+    unknown = [k for k in user if k not in KNOWN_KEYS]  # (a near-miss of a known key is refused as a typo)
+    if unknown:
+        out.append(f"{name}: {', '.join(repr(k) for k in unknown)} not used: not a DeepSpeed option (DeepSpeed "
+                   "ignores keys it does not know)")
     if "optimizer" in user:
         out.append(f"{name}: its optimizer section is the optimizer, as in SimpleTuner: DeepSpeed's AdamW "
                    f"(optimizer deepspeed) with learning_rate {cfg.learning_rate:g}, betas ({cfg.adam_beta1:g}, "
