@@ -33,7 +33,7 @@ def no_model_loads(monkeypatch):
 
 
 def _export(root, method="flow", model_type="lora"):
-    """A finished export as `trainer.export_phase` leaves it: {name: folder} (Glance: glance-slow, glance-fast)."""
+    """A finished export as `phase_export.export_phase` leaves it: {name: folder} (Glance: glance-slow, glance-fast)."""
     from fewstep.config import load_config
     from fewstep.lora import write_run_info
     from fewstep.models.anystep import ANYSTEP_WEIGHTS_NAME
