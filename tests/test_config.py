@@ -508,6 +508,7 @@ def test_simpletuners_inline_deepspeed_config_is_read_as_simpletuner_reads_it(tm
         cfg = load_config(write(tmp_path, merged(base, {"--deepspeed_config": value})))
     assert cfg.deepspeed_config == (str(tmp_path / "ds.json") if given == "file" else ds)
     assert (cfg.optimizer, cfg.learning_rate, cfg.adam_beta2, cfg.adam_weight_decay) == ("deepspeed", 1e-4, 0.95, 0.01)
+    assert "its values replace the config's (learning_rate 0.001 -> 0.0001)" in " | ".join(config_warnings(cfg))
     built = build_ds_config(cfg)
     assert built["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8,
                                                               "weight_decay": 0.01}}
@@ -535,6 +536,11 @@ def test_deepspeed_config_optimizer_and_nvme_mistakes_are_one_line(tmp_path):
             r"'learning_rate' must be > 0.0, got -1.0 \(from the optimizer section of deepspeed_config \(the object")
     refused({"optimizer": {"params": {"betas": 0.9}}}, r"optimizer.params.betas must be a list of two numbers")
     refused(["zero"], r"'deepspeed_config' expects a DeepSpeed JSON file's path or a JSON object")
+    refused({"zero_optimization": {"stage": 3, "offload_param": "cpu"}},
+            r"zero_optimization.offload_param must be a JSON object such as \{\"device\": \"cpu\"\}, got \"cpu\"")
+    with pytest.raises(ConfigError, match=r"^deepspeed_config: 'stage' is given twice in one JSON object"):
+        load_config(write(tmp_path, SEED_TWINFLOW), ["--deepspeed_config", '{"zero_optimization": {"stage": 2, '
+                                                                           '"stage": 3}}'])
     nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}
     refused(nvme, r"offload_param.device is nvme without a nvme_path", use_ema=False, twinflow_require_ema=False,
             twinflow_allow_no_ema_teacher=True)
@@ -543,6 +549,30 @@ def test_deepspeed_config_optimizer_and_nvme_mistakes_are_one_line(tmp_path):
                                                              "twinflow_allow_no_ema_teacher": True,
                                                              "offload_param_path": "/nvme/swap"})))
     assert build_ds_config(cfg)["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme/swap"
+    # below stage 3 DeepSpeed ignores a parameter offload, NVMe or not: a warning, not a refusal; an unused
+    # offload_param_path is said too
+    from fewstep.config_warnings import config_warnings
+    low = {"zero_optimization": {"stage": 2, "offload_param": {"device": "nvme"}}}
+    build_ds_config(load_config(write(tmp_path, merged(SEED_TWINFLOW, {"deepspeed_config": low}))))
+    said = config_warnings(load_config(write(tmp_path, merged(SEED_TWINFLOW, {"offload_param_path": "/nvme/x"}))))
+    assert "offload_param_path /nvme/x not used: no DeepSpeed offload to nvme is set" in said
+
+
+def test_deepspeed_config_knows_every_key_deepspeed_reads():
+    """The keys DeepSpeed's config reads at its top level (from its source) are known: an unknown one is said to be
+    unused, and a near-miss of a known one refused as a typo, so a real key missing here would be refused."""
+    import inspect
+    import re
+
+    import deepspeed.runtime.config as ds_config
+    import deepspeed.runtime.constants as constants
+    from fewstep.engine.ds_config_checks import KNOWN_KEYS
+
+    source = inspect.getsource(ds_config)
+    names = set(re.findall(r"get_scalar_param\(\s*param_dict,\s*([A-Z][A-Z0-9_]*)", source))
+    names |= set(re.findall(r"([A-Z][A-Z0-9_]*)\s+in\s+param_dict(?:\.keys\(\))?\b(?!\[)", source))
+    read = {getattr(constants, n, getattr(ds_config, n, None)) for n in names} - {None}
+    assert len(read) > 20 and read <= set(KNOWN_KEYS), sorted(read - set(KNOWN_KEYS))
 
 
 def test_twinflow_options_without_twinflow_are_refused(tmp_path):

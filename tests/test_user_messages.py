@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fewstep_testing import PY, REPO, cpu_env
+from fewstep_testing import PY, REPO, cpu_env, write_config, write_dataset
 
 
 def test_a_tiny_model_of_no_family_is_not_suggested_as_model_family():
@@ -109,7 +109,8 @@ def test_a_run_resumed_at_its_end_prints_its_bar_once(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("script, argv, said", [
     ("plan.py", ["--config", "configs/demo/flow.json", "--nodes", "x"], "argument --nodes: invalid int value: 'x'"),
-    ("plan.py", ["--config", "configs/demo/flow.json", "--gpu_mem_gb", "-5"], "argument --gpu_mem_gb: must be > 0, got -5"),
+    ("plan.py", ["--config", "configs/demo/flow.json", "--gpu_mem_gb", "-5"],
+     "argument --gpu_mem_gb: must be > 0, got -5"),
     ("plan.py", ["--config", "configs/demo/flow.json", "--gpus", "8,0"], "--gpus: expected GPU counts above 0"),
     ("plan.py", [], "the following arguments are required: --config"),
     ("demo.py", ["--smok"], "unrecognized arguments: --smok"),  # once taken for --smoke, into output/demo
@@ -121,3 +122,17 @@ def test_launcher_argument_mistakes_are_one_line(script, argv, said):
                           capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"fewstep: {said}"), proc.stderr
+
+
+def test_resume_and_deepspeed_mistakes_are_refused_before_the_model_is_resolved(tmp_path):
+    """A bad resume value or deepspeed_config is refused before the model is resolved: for a hub id not yet cached
+    that is a download of tens of GB (here, offline, it would be the hub's error instead of the user's mistake)."""
+    backend = write_dataset(str(tmp_path), n=1)
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 7}}')
+    cfg = write_config(str(tmp_path), backend, pretrained_model_name_or_path="no-such-org/no-such-model")
+    runs = {"no checkpoint directory at": ["--resume_from_checkpoint", str(tmp_path / "nothing")],
+            "zero_optimization.stage must be 0, 1, 2 or 3": ["--deepspeed_config", str(tmp_path / "ds.json")]}
+    for said, args in runs.items():
+        proc = subprocess.run([PY, "launcher/train.py", "--config", cfg, *args], cwd=REPO, env=cpu_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and said in proc.stderr and "no-such-model" not in proc.stderr, proc.stderr

@@ -220,7 +220,8 @@ def resolve(root: str, spec: str | None) -> str | None:
         hint = (" (did you mean 'latest'?)" if difflib.get_close_matches(spec, ["latest"], cutoff=0.7)
                 else f" (this run's: {listing(own, 5)})" if own else "")
         raise CheckpointNotFound(f"resume_from_checkpoint: no checkpoint directory at '{spec}'{hint}")
-    if not os.path.exists(os.path.join(spec, "trainer.json")) and not glob.glob(os.path.join(spec, "rank*.pt")):
+    rank_files = glob.glob(os.path.join(glob.escape(spec), "rank*.pt"))
+    if not os.path.exists(os.path.join(spec, "trainer.json")) and not rank_files:
         steps = [os.path.basename(p) for p in list_checkpoints(spec)]
         what = (f"a folder of checkpoints: give one of them ({listing(steps, 5)}), or 'latest'" if steps else
                 "not a checkpoint (a checkpoint is a step-N folder under a run's checkpoints/; or give 'latest')")

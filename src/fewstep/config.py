@@ -167,7 +167,7 @@ class Config:
         0.5, "CFG-enhanced target ratio r (0 disables): the student learns a guided field, CFG scale 1 + r, drifting "
         "towards 1/(1 - r) with an EMA teacher; 0 keeps the unguided distribution. With ema_decay 1 (a frozen "
         "teacher) the target is the teacher's own guided field at CFG scale r, as the reference (r = 1: its "
-        "conditional field).", lo=0.0)
+        "conditional field; r = 0 keeps the data velocity).", lo=0.0)
     twinflow_enhanced_range: list = opt([0.0, 1.0], "Open time interval (lo, hi) in which the CFG enhancement applies.")
     twinflow_delta_t: float = opt(0.01, "RCGM pre-step Delta.", lo=0.0, hi=1.0, lo_open=True)
     twinflow_target_clamp: float = opt(1.0, "Clamp c on the RCGM residual.", lo=0.0, lo_open=True)

@@ -9,7 +9,7 @@ import json
 from fewstep import lora_formats, metrics
 from fewstep.config import DIFFUSION_FAMILIES, FIELDS, _default, stage_set_by, zero_stage_in_use
 from fewstep.config_values import coerce
-from fewstep.engine.ds_config_checks import describe, optimizer_settings, read_user_config
+from fewstep.engine.ds_config_checks import describe, inline_object, optimizer_settings, read_user_config
 from fewstep.errors import ConfigError
 from fewstep.methods.glance import TimestepListError, glance_schedule, parse_custom_timesteps
 from fewstep.validation_settings import library_prompts, validation_size
@@ -35,15 +35,18 @@ def _read_deepspeed_config(cfg) -> dict:
     """The user's DeepSpeed config (`deepspeed_config`; JSON text becomes the object). Its optimizer section, as in
     SimpleTuner, is the optimizer DeepSpeed builds: its params set learning_rate, adam_beta1/2, adam_epsilon and
     adam_weight_decay, and `optimizer` becomes deepspeed (`config_warnings` says so)."""
+    cfg.deepspeed_config = inline_object(cfg.deepspeed_config)
     user_ds = read_user_config(cfg.deepspeed_config)
-    if isinstance(cfg.deepspeed_config, str) and cfg.deepspeed_config.lstrip().startswith("{"):
-        cfg.deepspeed_config = json.loads(cfg.deepspeed_config)
-    name = describe(cfg.deepspeed_config)
+    name, replaced = describe(cfg.deepspeed_config), []
     for option, value in optimizer_settings(user_ds, name).items():
         try:
-            setattr(cfg, option, coerce(option, FIELDS[option], value))
+            value = coerce(option, FIELDS[option], value)
         except ConfigError as e:
             raise ConfigError(f"{e} (from the optimizer section of {name})") from None
+        if getattr(cfg, option) not in (value, _default(FIELDS[option])):
+            replaced.append(f"{option} {getattr(cfg, option):g} -> {value:g}")
+        setattr(cfg, option, value)
+    cfg.deepspeed_optimizer_replaced = replaced  # said by config_warnings (not an option: not a field)
     if "optimizer" in user_ds:
         cfg.optimizer = "deepspeed"
     return user_ds

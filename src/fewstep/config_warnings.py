@@ -51,9 +51,15 @@ def deepspeed_config_warnings(cfg) -> list[str]:
         out.append(f"{name}: {', '.join(repr(k) for k in unknown)} not used: not a DeepSpeed option (DeepSpeed "
                    "ignores keys it does not know)")
     if "optimizer" in user:
+        replaced = getattr(cfg, "deepspeed_optimizer_replaced", [])
         out.append(f"{name}: its optimizer section is the optimizer, as in SimpleTuner: DeepSpeed's AdamW "
                    f"(optimizer deepspeed) with learning_rate {cfg.learning_rate:g}, betas ({cfg.adam_beta1:g}, "
-                   f"{cfg.adam_beta2:g}), eps {cfg.adam_epsilon:g}, weight_decay {cfg.adam_weight_decay:g}")
+                   f"{cfg.adam_beta2:g}), eps {cfg.adam_epsilon:g}, weight_decay {cfg.adam_weight_decay:g}"
+                   + (f"; its values replace the config's ({', '.join(replaced)})" if replaced else ""))
+    nvme = [k for k in ("offload_param", "offload_optimizer")
+            if ((user.get("zero_optimization") or {}).get(k) or {}).get("device") == "nvme"]
+    if cfg.offload_param_path and not nvme:
+        out.append(f"offload_param_path {cfg.offload_param_path} not used: no DeepSpeed offload to nvme is set")
     if "scheduler" in user:
         kind = user["scheduler"].get("type", "?") if isinstance(user["scheduler"], dict) else user["scheduler"]
         out.append(f"{name}: its scheduler section ({kind}) is not used: the learning rate follows lr_scheduler "

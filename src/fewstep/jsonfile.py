@@ -38,6 +38,16 @@ def load_json(path: str, error: type[Exception], what: str):
         raise error(f"{what} cannot be read: {path} ({e.strerror or e})") from None
 
 
+def parse_json_text(text: str, error: type[Exception], what: str):
+    """JSON given as text (an option's inline value), checked as `load_json` checks a file."""
+    try:
+        return json.loads(text, object_pairs_hook=_object)
+    except _DuplicateKey as e:
+        raise error(f"{what}: '{e.args[0]}' is given twice in one JSON object; keep one") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{what}: the JSON text given is not valid JSON ({e})") from None
+
+
 def save_json(path: str, obj, **dump_options) -> None:
     """Write `obj` as JSON to `path` atomically (`paths.write_atomic`)."""
     write_atomic(path, json.dumps(obj, **dump_options))

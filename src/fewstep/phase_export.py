@@ -22,7 +22,6 @@ def require_finite_weights(params, what: str) -> None:
                             "exports are intact)")
 
 
-
 def _export_dir(cfg: Config, phase: Phase) -> str:
     return os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
 

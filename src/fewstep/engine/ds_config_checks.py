@@ -10,7 +10,7 @@ import difflib
 import json
 
 from fewstep.errors import ConfigError
-from fewstep.jsonfile import load_json
+from fewstep.jsonfile import load_json, parse_json_text
 
 PERSISTENCE_DEFAULT = 100000  # DeepSpeed's stage3_param_persistence_threshold when the key is absent
 
@@ -24,9 +24,11 @@ KNOWN_KEYS = (
     "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "elasticity", "autotuning", "checkpoint",
     "data_types", "data_efficiency", "curriculum_learning", "compression_training", "pipeline", "sparse_attention",
     "weight_quantization", "hybrid_engine", "eigenvalue", "progressive_layer_drop", "compile", "tensor_parallel",
-    "dataloader_drop_last", "disable_allgather", "nebula", "datastates_ckpt", "use_data_before_expert_parallel_",
+    "dataloader_drop_last", "disable_allgather", "nebula", "datastates_ckpt", "use_data_before_expert_parallelism",
     "graph_harvesting", "mics_shard_size", "mics_hierarchical_params_gather", "load_universal_checkpoint",
     "use_node_local_storage", "zero_quantized_weights", "quantize_training", "gradient_accumulation_dtype",
+    "log_level", "disable_python_gc", "gradient_allreduce_op", "managed_gradient_accumulation", "expert_parallel",
+    "sequence_parallel_size", "vocabulary_size",
 )
 
 # Sections fewstep generates and merges a user's file into key by key, and those it reads (the checks below).
@@ -49,11 +51,7 @@ def read_user_config(value) -> dict:
     for it) is dropped, key and all: fewstep's value stands where it generates one, else DeepSpeed's default."""
     if value is None:
         return {}
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"deepspeed_config: the JSON text given is not valid JSON ({e})") from None
+    value = inline_object(value)
     if isinstance(value, str):
         user = load_json(value, ConfigError, "deepspeed_config")
     elif isinstance(value, dict):
@@ -67,7 +65,20 @@ def read_user_config(value) -> dict:
         instead = "fewstep's" if key in GENERATED_SECTIONS else "DeepSpeed's default"
         raise ConfigError(f"{describe(value)}: '{key}' must be a JSON object (leave it out for {instead}), "
                           f"got {json.dumps(user[key])}")
+    zero = user.get("zero_optimization") or {}
+    for key in ("offload_param", "offload_optimizer"):  # read before DeepSpeed's own check of the section
+        if key in zero and zero[key] is not None and not isinstance(zero[key], dict):
+            raise ConfigError(f"{describe(value)}: zero_optimization.{key} must be a JSON object such as "
+                              f"{{\"device\": \"cpu\"}}, got {json.dumps(zero[key])}")
     return _without_auto(user)
+
+
+def inline_object(value):
+    """The `deepspeed_config` option's value with JSON text (the command line's inline object) parsed; a path or an
+    object as given."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        return parse_json_text(value, ConfigError, "deepspeed_config")
+    return value
 
 
 def _without_auto(section: dict) -> dict:
@@ -147,7 +158,15 @@ def _check_zero_section(zero: dict, source: str) -> None:
 
 
 def _device(zero: dict, key: str):
+    """The device a ZeRO section offloads `key` to ("none" when it does not)."""
     return (zero.get(key) or {}).get("device", "none")
+
+
+def _used_device(zero: dict, key: str):
+    """`_device`, where DeepSpeed uses the offload at the section's stage (parameters at stage 3, the optimizer at
+    1-3); "none" where it ignores it."""
+    stage = zero.get("stage", 0)
+    return _device(zero, key) if (stage == 3 if key == "offload_param" else stage >= 1) else "none"
 
 
 def _check_offload(zero: dict, source: str) -> None:
@@ -156,7 +175,7 @@ def _check_offload(zero: dict, source: str) -> None:
     if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
         raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
     for key in ("offload_param", "offload_optimizer"):
-        if _device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
+        if _used_device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
             raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme without a nvme_path: give the "
                               f"folder on the NVMe drive as {key}.nvme_path (or the offload_param_path option)")
 
@@ -201,7 +220,7 @@ def _check_ema_swap(zero: dict, source: str) -> None:
             raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size is {hpz} (1 needed): {why}hpZ "
                               "gathers from a secondary copy of each parameter that the swap does not reach")
     for key in ("offload_param", "offload_optimizer"):
-        if _device(zero, key) == "nvme":
+        if _used_device(zero, key) == "nvme":
             raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme: with use_ema the EMA tracks this "
                               "rank's fp32 masters and is swapped into its shards, which must both stay in memory "
                               "(use device cpu, or use_ema false)")

@@ -71,9 +71,13 @@ def steps_for_every_group(batch_size: int, *, adversarial: bool = True, weights=
     (rows of each rank): 1 for a batch of the cycle's length or more, else ceil(length / batch). The cycle runs over
     micro-steps, the same on every rank (every rank makes the same passes: ZeRO-3 forwards are collective, and a
     rank with more passes, e.g. L_rectify's, would hold the others back at each step)."""
-    k, w = _group_weights(adversarial, weights)
-    length = k if len(set(w)) == 1 else sum(w)  # equal shares cycle the K groups; others their pattern of sum(w)
+    length = _cycle_length(_group_weights(adversarial, weights)[1])
     return 1 if batch_size >= length else -(-length // batch_size)
+
+
+def _cycle_length(w: list[int]) -> int:
+    """Rows in one cycle of the groups: equal shares cycle the K groups, others their pattern of sum(w) rows."""
+    return len(w) if len(set(w)) == 1 else sum(w)
 
 
 def rectify_rows(batch_size: int, *, weights=None) -> float | None:
@@ -82,9 +86,8 @@ def rectify_rows(batch_size: int, *, weights=None) -> float | None:
     a micro-step has on average (batch x e2e share). Then gradient accumulation over the cycle weighs L_rectify
     against L_base and L_adv (sums over rows / batch) as one batch of all those rows does, which a mean over the one
     e2e row of a micro-step would not (at batch 1: a quarter of it)."""
-    k, w = _group_weights(True, weights)
-    length = k if len(set(w)) == 1 else sum(w)
-    return None if batch_size >= length else batch_size * w[E2E] / sum(w)
+    w = _group_weights(True, weights)[1]
+    return None if batch_size >= _cycle_length(w) else batch_size * w[E2E] / sum(w)
 
 
 def _weighted_groups(batch_size: int, micro_step: int, w: list[int], device) -> torch.Tensor:
