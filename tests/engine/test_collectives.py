@@ -208,6 +208,8 @@ def test_deepspeed_is_handed_the_gpu_index_a_bound_task_sees(monkeypatch):
     seen = {}
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(local_rank=os.environ["LOCAL_RANK"]))
     monkeypatch.setattr(torch.distributed.distributed_c10d, "_set_pg_timeout", lambda *a, **k: None)  # no group
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kw: "world group")  # nor DeepSpeed's clone of it
+    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)  # (restored after the test)
     info = distributed.setup_distributed(60)
     assert seen == {"local_rank": "0"} and info.device == torch.device("cuda", 0)
     assert (info.rank, info.local_rank) == (3, 3)  # the launcher's, for per-node work
