@@ -68,9 +68,12 @@ def test_fewstep_default_resizes_to_cover_then_centre_crops():
     assert plan.source == (40, 48)  # the image's own size (SDXL's micro-conditioning), not part of equality
 
 
-def test_explicit_square_crop_follows_simpletuners_documented_rule():
+def test_explicit_square_crop_resizes_to_cover_first_as_simpletuners_loader():
+    """SimpleTuner's loader resizes to cover, then crops (`_downsample_before_crop` since 2025-11); its DATALOADER.md
+    (and fewstep before) cut the square from the unresized image: a 4096x4096 image gave the middle 1024 tile."""
     g = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True, crop_style="center")
-    assert g.plan(64, 48, "k") == Plan((32, 32), (64, 48), (16, 8))  # no resize: a tile of the image
+    assert g.plan(64, 48, "k") == Plan((32, 32), (43, 32), (5, 0))  # the whole image's short side, not a tile
+    assert g.plan(128, 128, "k") == Plan((32, 32), (32, 32), (0, 0))
     assert g.plan(20, 30, "k") == Plan((32, 32), (32, 48), (0, 8))  # smaller than the crop: upscaled to cover
     big = geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True, crop_style="center",
                    maximum_image_size=64, target_downsample_size=32)

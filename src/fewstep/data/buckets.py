@@ -8,11 +8,11 @@ Sizes follow SimpleTuner's DATALOADER.md, with sides rounded to the model's mult
 - `crop: false` or `crop_aspect: preserve`: each image keeps its aspect ratio (rounded to 2 decimals, as
   SimpleTuner's buckets); `square`: one square; `closest` / `random`: a size from `crop_aspect_buckets`.
 
-An image is resized (aspect kept) just enough to cover its bucket, then cropped (`crop_style`). With an explicit
-`crop: true` and a square crop, SimpleTuner's documented rule holds instead: no resize before the crop (a large
-image gives a tile) unless it exceeds `maximum_image_size`, in which case it is first resized to
-`target_downsample_size`; an image smaller than the crop is upscaled. `minimum_image_size` and the aspect-ratio
-limits skip images. Random choices (crop position, `crop_aspect: random`) are drawn once per image from its content
+An image is resized (aspect kept) just enough to cover its bucket, then cropped (`crop_style`), as SimpleTuner's
+loader does (`TrainingSample._downsample_before_crop`, since its 2025-11 change; its DATALOADER.md still describes
+a square crop cut from the unresized image, a tile of a large one). With `crop: true`, an image above
+`maximum_image_size` is first resized to `target_downsample_size`, then to cover. `minimum_image_size` and the
+aspect-ratio limits skip images. Random choices (crop position, `crop_aspect: random`) are drawn once per image from its content
 hash, so every rank and every run agrees and the cached latents stay valid.
 """
 from __future__ import annotations
@@ -168,8 +168,6 @@ class Geometry:
         if e.crop and self.max_size and self.downsample and self._too_large(w, h):
             size = self._downsampled(w, h)
             size = size if covers(size) else _cover(*size, tw, th)
-        elif e.crop and e.crop_explicit and e.crop_aspect == "square":
-            size = (w, h) if covers((w, h)) else _cover(w, h, tw, th)
         else:
             size = _cover(w, h, tw, th)
         free = (size[0] - tw, size[1] - th)
