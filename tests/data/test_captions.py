@@ -136,3 +136,17 @@ def test_a_caption_extension_with_two_dots(tmp_path):
         fh.write("x")
     with pytest.raises(DataError, match=r"caption without an image: .*lost.caption.txt \(expected lost\{.png"):
         captions(d, caption_extension=".caption.txt")
+
+
+def test_every_format_pil_opens_is_an_image(tmp_path):
+    """As SimpleTuner lists images: any extension of a format PIL opens (TIFF and GIF were skipped without a word
+    under `filename`, and their caption files refused as captions without an image under `textfile`)."""
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("a_red.png", "b_blue.tiff", "c_green.gif"):
+        Image.new("RGB", (8, 8), name.split("_")[1].split(".")[0]).save(d / name)
+    (d / "notes.md").write_text("not an image")
+    assert captions(str(d), caption_strategy="filename") == [("a_red.png", ["a red"]), ("b_blue.tiff", ["b blue"]),
+                                                             ("c_green.gif", ["c green"])]

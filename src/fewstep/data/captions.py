@@ -17,7 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from fewstep.data.backends import ImageEntry
 from fewstep.data.errors import DataError, missing_file
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+def _image_extensions() -> tuple[str, ...]:
+    """Every extension of a format PIL opens, as SimpleTuner lists its images (TIFF, GIF, ... besides PNG and JPEG)."""
+    from PIL import Image
+
+    return tuple(sorted({ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}))
+
+
+IMAGE_EXTENSIONS = _image_extensions()
+COMMON_EXTENSIONS = ".png,.jpg,.jpeg,.webp"  # named in messages
 
 
 def walk_files(root: str) -> list[str]:
@@ -74,7 +82,7 @@ def find_captioned_images(entry: ImageEntry) -> list[tuple[str, list[str]]]:
         for f in files:  # f[:-len(ext)]: without the whole extension (".caption.txt"), not only its last part
             if f.endswith(ext) and f[:-len(ext)] not in stems:
                 raise DataError(f"caption without an image: {os.path.join(entry.image_dir, f)} "
-                                f"(expected {f[:-len(ext)]}{{{','.join(IMAGE_EXTENSIONS)}}})")
+                                f"(expected {f[:-len(ext)]}{{{COMMON_EXTENSIONS},...}}: an image PIL opens)")
         present = set(files)
         for f in images:
             cap = os.path.splitext(f)[0] + ext
