@@ -347,8 +347,8 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
 
     from PIL import Image
     backend = write_dataset(str(tmp_path), n=2)
-    own = {**json.load(open(backend))[0], "id": "own"}  # 32 px
-    bare = {k: v for k, v in own.items() if k != "resolution"}  # the config's resolution stands for it
+    own = {**json.load(open(backend))[0], "id": "own", "caption_strategy": "textfile"}  # 32 px
+    bare = {k: v for k, v in own.items() if k not in ("resolution", "caption_strategy")}  # the config's stand in
     json.dump([own, {**bare, "id": "bare"}], open(backend, "w"))
     out = str(tmp_path / "out")
     cfg = {"--model_type": "lora", "--model_family": "flux", "--model_flavour": "dev",
@@ -371,6 +371,9 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
     assert "SimpleTuner options with no effect in fewstep: hub_model_id (" in log and "disable_benchmark (" in log
     assert "data 'own': 2 images in 1 bucket(s) [32x32 x2]" in log  # an entry's own resolution wins
     assert "data 'bare': 2 images in 1 bucket(s) [48x48 x2]" in log
+    said = {line.split("'")[1]: line for line in log.splitlines() if line.startswith("fewstep: data '")}
+    assert "captions from .txt files (fewstep's default; SimpleTuner's is filename)" in said["bare"]
+    assert "SimpleTuner's is filename" not in said["own"]
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-2", "step-4"]
     assert Image.open(os.path.join(out, "validation", "flow-step000002.png")).size == (64, 32)
     lrs = [m["lr"] for m in read_metrics(out)]  # step k trains at the rate after k - 1 steps: 1e-3 first

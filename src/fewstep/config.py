@@ -88,6 +88,14 @@ class Config:
     minimum_image_size: Optional[float] = opt(None, "minimum_image_size of the data entries that set none (images "
                                                     "smaller are skipped; in the entry's resolution_type units).",
                                               lo=0.0)
+    maximum_image_size: Optional[float] = opt(None, "maximum_image_size of the data entries that set none (with "
+                                                    "crop: true, larger images are first resized to "
+                                                    "target_downsample_size).", lo=0.0, lo_open=True)
+    target_downsample_size: Optional[float] = opt(None, "target_downsample_size of the data entries that set none.",
+                                                  lo=0.0, lo_open=True)
+    caption_strategy: Optional[str] = opt(None, "caption_strategy of the data entries that set none: textfile "
+                                                "(fewstep's default), filename (SimpleTuner's) or instanceprompt.",
+                                          choices=(None, "textfile", "filename", "instanceprompt"))
     caption_dropout_probability: float = opt(0.0, "Probability of training on the empty-prompt embedding.",
                                              lo=0.0, hi=1.0)
     cache_dir: Optional[str] = opt(None, "Where VAE latents and text embeddings are cached (default output_dir/cache). "

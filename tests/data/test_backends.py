@@ -191,6 +191,27 @@ def test_multiple_entries_with_their_own_resolutions_and_probabilities(tmp_path,
         load(tmp_path, entry(images, id="small"), entry(images, id="small"))
 
 
+def test_the_configs_caption_and_downsample_options_are_defaults_for_entries_that_set_none(tmp_path, images):
+    """SimpleTuner's global caption_strategy, maximum_image_size and target_downsample_size apply to the entries that
+    set none (its data-backend config's `_apply_common_defaults`); fewstep refused them as unknown config keys. An
+    entry that takes fewstep's default caption strategy (textfile; SimpleTuner's is filename) says so at start-up."""
+    from fewstep.config import load_config
+    from fewstep.data.backends import entry_defaults
+
+    own = entry(images, id="own", caption_strategy="textfile", maximum_image_size=96, target_downsample_size=64)
+    bare = entry(images, id="bare")
+    path = write_backend(str(tmp_path / "mdb.json"), [own, bare])
+    cfg = load_config(None, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux",
+                             "--caption_strategy": "filename", "--maximum_image_size": 128,
+                             "--target_downsample_size": 48})
+    a, b = load_data_config(path, entry_defaults(cfg)).images
+    assert (a.caption_strategy, a.maximum_image_size, a.target_downsample_size) == ("textfile", 96, 64)
+    assert (b.caption_strategy, b.maximum_image_size, b.target_downsample_size) == ("filename", 128, 48)
+    assert a.strategy_explicit and b.strategy_explicit
+    plain = load_data_config(path).images[1]
+    assert plain.caption_strategy == "textfile" and not plain.strategy_explicit  # (said at start-up: test_trainer)
+
+
 def test_the_configs_resolution_options_are_defaults_for_entries_that_set_none(tmp_path, images):
     """SimpleTuner's global resolution, resolution_type and minimum_image_size stand for an entry's own only where
     the entry sets none (its data_backend factory: backend.get("resolution", args.resolution)); fewstep once let the

@@ -61,7 +61,7 @@ def test_samples_with_only_an_empty_caption_are_counted_per_entry(tmp_path, monk
     from fewstep.data.prepare import summary
 
     entries = [SimpleNamespace(id=f"e{k}", shown_crop="center crop", shown_resolution="resolution 32 px",
-                               repeats=0, probability=1.0) for k in range(3)]
+                               repeats=0, probability=1.0, strategy_explicit=True) for k in range(3)]
     lines = summary(SimpleNamespace(images=entries), table, {})
     warned = [k for k, line in enumerate(lines) if "with an empty caption (a caption file of blank lines?)" in line]
     assert warned == [k for k in range(3) if expect[k]] and f"warning: {expect[warned[0]]} with an empty" in \

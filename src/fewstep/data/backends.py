@@ -50,6 +50,7 @@ class ImageEntry:
     minimum_aspect_ratio: Optional[float] = None
     maximum_aspect_ratio: Optional[float] = None
     caption_strategy: str = "textfile"
+    strategy_explicit: bool = False      # the entry (or the config) set `caption_strategy`; else fewstep's default
     caption_extension: str = ".txt"
     instance_prompt: Optional[str | list] = None
     prepend_instance_prompt: bool = False
@@ -195,7 +196,8 @@ def _kind(entry: dict, where: str) -> str:
     return dataset_type
 
 
-ENTRY_DEFAULTS = ("resolution", "resolution_type", "minimum_image_size")  # config options, as in SimpleTuner
+ENTRY_DEFAULTS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size", "target_downsample_size",
+                  "caption_strategy")  # config options, as SimpleTuner's global ones
 
 
 def entry_defaults(cfg) -> dict:
@@ -207,8 +209,8 @@ def entry_defaults(cfg) -> dict:
 def load_data_config(path: str, config_defaults: Optional[dict] = None, images_must_exist: bool = True,
                      variables: Optional[dict] = None) -> DataConfig:
     """Parse a multidatabackend.json (a list of entries, or one entry). `config_defaults` (`entry_defaults`: the
-    config's `resolution`, `resolution_type`, `minimum_image_size`) apply to the image entries that do not set them,
-    as SimpleTuner's global options do; `variables` (`placeholders`) fill SimpleTuner's `{model_family}` and
+    config's `resolution`, `resolution_type`, `minimum_image_size`, ...) apply to the image entries that do not set
+    them, as SimpleTuner's global options do; `variables` (`placeholders`) fill SimpleTuner's `{model_family}` and
     `{output_dir}` (`fill_placeholders`). `images_must_exist` False: image folders are not looked for (the memory
     planner reads sizes, not images)."""
     entries = load_json(path, DataError, "data_backend_config")
@@ -335,6 +337,7 @@ def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image
         crop_explicit=crop_explicit, type_explicit="resolution_type" in entry, inherited=inherited,
         crop_style=style if crop else "center", crop_aspect=crop_aspect if crop else "preserve",
         crop_aspect_buckets=list(buckets), **nums, **aspects, caption_strategy=strategy,
+        strategy_explicit="caption_strategy" in entry,
         caption_extension=ext if ext.startswith(".") else "." + ext, instance_prompt=instance,
         prepend_instance_prompt=prepend, only_instance_prompt=only,
         multiline=not _flag(entry, "disable_multiline_split", where, False),

@@ -63,6 +63,8 @@ def summary(config: DataConfig, samples: SampleTable, skipped: dict[str, Counter
         line = (f"data '{entry.id}': {sum(sizes.values())} images in {len(sizes)} bucket(s) [{buckets}], "
                 f"{entry.shown_resolution}, {entry.shown_crop}, repeats {entry.repeats}, probability "
                 f"{entry.probability:g}")
+        if not entry.strategy_explicit:
+            line += f", captions from {entry.caption_extension} files (fewstep's default; SimpleTuner's is filename)"
         if skipped.get(entry.id):
             line += "; skipped " + ", ".join(f"{n} {why}" for why, n in skipped[entry.id].items())
         if e < len(empty) and empty[e]:
