@@ -91,7 +91,9 @@ def test_explicit_crop_takes_simpletuner_defaults(tmp_path, images):
     ({"start_step": 300}, "'start_step': dataset scheduling is not supported"),
     ({"conditioning_data": "x"}, "conditioning data .* is not supported"),
     ({"caption_filter_list": ["arafed "]}, "'caption_filter_list': not supported"),
-    ({"skip_file_discovery": "vae aspect metadata"}, "scans the image folder at every start"),
+    ({"train_batch_size": 4}, "a per-entry batch size is not supported"),
+    ({"delete_nsfw_images": True}, "never deletes your files, and runs no NSFW classifier"),
+    ({"dataset_name": "org/pics"}, "'dataset_name' belongs to a storage type fewstep does not support"),
     ({"metadata_backend": "parquet"}, "reads each image's size from the file"),
     ({"delete_unwanted_images": True}, "never deletes your files"),
     ({"timestep_sampling_offset": 0.5}, "per-entry timestep offsets are not supported"),
@@ -112,6 +114,10 @@ def test_refusals_name_file_entry_and_key(tmp_path, images, keys, message):
 
 @pytest.mark.parametrize("keys", [
     {"vae_cache_clear_each_epoch": False}, {"skip_file_discovery": ""}, {"preserve_data_backend_cache": False},
+    # SimpleTuner's start-up speed-ups, its web UI's validation switch: the same data at any value
+    {"skip_file_discovery": "vae aspect metadata"}, {"preserve_data_backend_cache": True},
+    {"vae_cache_ondemand": True, "text_cache_ondemand": True}, {"disable_validation": True},
+    {"metadata_update_interval": 60}, {"delete_nsfw_images": False},
     {"metadata_backend": "discovery"}, {"hash_filenames": True}, {"delete_unwanted_images": False},
     {"start_epoch": 1, "start_step": 0}, {"caption_shuffle": {"enable": False}}, {"disabled": False},
     {"crop": False, "maximum_image_size": 64, "target_downsample_size": 32},  # no effect with crop false, as there
@@ -174,8 +180,8 @@ def test_text_embeds_defaults(tmp_path, images):
     one = {"id": "t1", "dataset_type": "text_embeds", "cache_dir": str(tmp_path / "t1")}
     assert load(tmp_path, entry(images), one).default_text_cache_dir == str(tmp_path / "t1")  # the only one
     two = {"id": "t2", "dataset_type": "text_embeds", "cache_dir": ""}
-    with pytest.raises(DataError, match="several text_embeds entries and none has default: true"):
-        load(tmp_path, entry(images), one, two)
+    # none marked default: the first enabled one, as SimpleTuner's factory picks it (it was refused)
+    assert load(tmp_path, entry(images), one, two).default_text_cache_dir == str(tmp_path / "t1")
     with pytest.raises(DataError, match=r"more than one text_embeds entry has default: true \(t1, t2\)"):
         load(tmp_path, entry(images), {**one, "default": True}, {**two, "default": True})
     config = load(tmp_path, entry(images), one, {**two, "default": True})

@@ -60,6 +60,11 @@ def test_size_and_aspect_filters():
     assert square.plan(40, 16, "k") == "smaller than minimum_image_size"  # a square crop needs a 24-px short side
     with pytest.raises(DataError, match="minimum_image_size 6 is in megapixels"):
         geometry(resolution=1.0, resolution_type="area", minimum_image_size=6)
+    # pixel_area: a small value is an edge too, as SimpleTuner squares every one (1 px: nothing is too small; it was
+    # read as 1 MP, which skipped every image here)
+    tiny = geometry(resolution=32.0, resolution_type="pixel_area", minimum_image_size=1, crop=False,
+                    crop_aspect="preserve")
+    assert isinstance(tiny.plan(20, 20, "k"), Plan)
 
 
 def test_fewstep_default_resizes_to_cover_then_centre_crops():

@@ -19,12 +19,17 @@ IMAGE_KEYS = _COMMON | {
     "caption_extension", "instance_prompt", "prepend_instance_prompt", "only_instance_prompt",
     "disable_multiline_split", "repeats", "probability", "shuffle", "cache_dir_vae", "text_embeds", "image_embeds",
     "hash_filenames", "ignore_epochs"}  # the last two change nothing in SimpleTuner either (ignore_epochs: deprecated)
+# SimpleTuner keys that change nothing fewstep trains on, accepted at any value: start-up speed-ups of its own file
+# lists and caches (fewstep scans the folder and encodes everything before training at every start), the web UI's
+# per-entry validation switch (fewstep's validation draws no images from the data), metadata refresh intervals
+NO_EFFECT_IMAGE_KEYS = {"skip_file_discovery", "preserve_data_backend_cache", "vae_cache_ondemand",
+                        "text_cache_ondemand", "disable_validation", "metadata_update_interval"}
+IMAGE_KEYS |= NO_EFFECT_IMAGE_KEYS
 TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
 IMAGE_EMBED_KEYS = _COMMON | {"cache_dir"}
 
 _NO_PRECACHE = ("fewstep encodes every image and caption before training, so that training loads only the "
                 "transformer; remove the key")
-_NO_FILE_LIST = "fewstep keeps no file lists between runs and scans the image folder at every start; remove the key"
 _CONDITIONING = "conditioning data (ControlNet, masks, edit references) is not supported: fewstep distils " \
                 "text-to-image models from image/caption pairs"
 _SCHEDULE = "dataset scheduling is not supported: every enabled entry is sampled from the first step to the " \
@@ -36,15 +41,16 @@ _at_most_one = lambda v: v is None or (isinstance(v, (int, float)) and v <= 1)  
 REFUSED: dict[str, tuple[Any, str]] = {
     "vae_cache_clear_each_epoch": (_falsy, "fewstep encodes each image once, before training (training loads only "
                                    "the transformer), so crops are not re-drawn every epoch; set it to false"),
-    "vae_cache_ondemand": (_falsy, _NO_PRECACHE), "vae_cache_disable": (_falsy, _NO_PRECACHE),
-    "text_cache_ondemand": (_falsy, _NO_PRECACHE), "text_cache_disable": (_falsy, _NO_PRECACHE),
-    "skip_file_discovery": (_falsy, _NO_FILE_LIST), "preserve_data_backend_cache": (_falsy, _NO_FILE_LIST),
+    "vae_cache_disable": (_falsy, _NO_PRECACHE), "text_cache_disable": (_falsy, _NO_PRECACHE),
     "metadata_backend": (lambda v: v in (None, "discovery"),
                          "fewstep reads each image's size from the file itself ('discovery'); remove the key"),
     "delete_unwanted_images": (_falsy, "fewstep never deletes your files: images outside the size or aspect limits "
                                "are skipped and counted in the log"),
     "delete_problematic_images": (_falsy, "fewstep never deletes your files: an image that does not decode is "
                                   "skipped and counted in the start-up line"),
+    "delete_nsfw_images": (_falsy, "fewstep never deletes your files, and runs no NSFW classifier"),
+    "train_batch_size": (lambda v: False, "a per-entry batch size is not supported: every batch holds train_batch_size "
+                         "images of the config; remove the key"),
     "max_num_samples": (lambda v: v is None, "not supported: put the subset you want in its own folder"),
     "start_epoch": (_at_most_one, _SCHEDULE), "start_step": (_at_most_one, _SCHEDULE),
     "end_epoch": (lambda v: v is None, _SCHEDULE), "end_step": (lambda v: v is None, _SCHEDULE),
@@ -67,7 +73,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "slider_strength": (_never, "slider LoRA training is not supported"),
     "grounding": (_never, "grounding (spatial annotations) is not supported"),
 }
-FEATURES = {k for k, (ok, _) in REFUSED.items() if ok is _never}  # refused at any value: said before anything else
+FEATURES = {k for k, (ok, _) in REFUSED.items() if ok is _never}
+HUB_DATASET_KEYS = {"dataset_name", "split", "revision", "image_column", "caption_column"}  # type huggingface  # refused at any value: said before anything else
 
 
 def refuse_features(entry: dict, where: str) -> None:
@@ -93,7 +100,7 @@ def check_keys(entry: dict, allowed: set, where: str) -> None:
             if ok(entry[key]):
                 continue
             raise DataError(f"{where}: '{key}': {why}")
-        if key.startswith(("aws_", "csv_", "huggingface", "memory_filesystem")):
+        if key.startswith(("aws_", "csv_", "huggingface", "memory_filesystem")) or key in HUB_DATASET_KEYS:
             raise DataError(f"{where}: '{key}' belongs to a storage type fewstep does not support; it reads local "
                             "(or shared) folders: use type 'local' with instance_data_dir / cache_dir")
         hint = difflib.get_close_matches(key, sorted(allowed | set(REFUSED)), n=1)

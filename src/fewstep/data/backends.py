@@ -243,9 +243,8 @@ def load_data_config(path: str, config_defaults: Optional[dict] = None, images_m
     defaults = [k for k, (e, w) in text.items() if _flag(e, "default", w, False)]
     if len(defaults) > 1:
         raise DataError(f"{path}: more than one text_embeds entry has default: true ({', '.join(defaults)})")
-    if not defaults and len(text) > 1:
-        raise DataError(f"{path}: several text_embeds entries and none has default: true (the default one holds "
-                        "the empty-prompt and validation-prompt embeddings)")
+    # none marked: the first enabled one, as SimpleTuner's factory picks it (it holds the empty-prompt and validation
+    # prompt embeddings)
     default = defaults[0] if defaults else (next(iter(text)) if text else None)
     if default is not None:
         entry, where = text[default]
@@ -330,8 +329,8 @@ def _image_entry(entry: dict, key: str, where: str, path: str, text: dict, image
         raise DataError(f"{where}: 'caption_extension' must be a file extension such as \".txt\", got {ext!r}")
     probability = _number(entry, "probability", where, default=1.0)
     if not probability:
-        raise DataError(f"{where}: 'probability' must be > 0 (SimpleTuner would read 0 as 1.0); to leave an entry "
-                        "out, set 'disabled': true")
+        raise DataError(f"{where}: 'probability' must be > 0 (with 0 SimpleTuner never draws the entry, but still "
+                        "scans and caches it); to leave an entry out, set 'disabled': true")
     return ImageEntry(
         id=key, image_dir=image_dir, resolution=float(resolution), resolution_type=res_type, crop=crop,
         crop_explicit=crop_explicit, type_explicit="resolution_type" in entry, inherited=inherited,

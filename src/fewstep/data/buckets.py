@@ -59,8 +59,10 @@ class Plan:
 
 
 def _megapixels(value: float, resolution_type: str) -> float:
-    """A size in an area entry, as megapixels (SimpleTuner reads pixel_area values above 10 as edges)."""
-    return value * value / 1e6 if resolution_type == "pixel_area" and value > 10 else value
+    """A size in an area entry, as megapixels: a pixel_area value is the edge of a square, whatever its size, as
+    SimpleTuner's factory squares it (`_handle_resolution_conversion`; fewstep once kept values up to 10 as megapixels,
+    so `minimum_image_size: 1` skipped every image under 1 MP where SimpleTuner skips none)."""
+    return value * value / 1e6 if resolution_type == "pixel_area" else value
 
 
 def _cover(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
