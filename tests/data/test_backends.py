@@ -247,9 +247,11 @@ def test_the_configs_resolution_options_are_defaults_for_entries_that_set_none(t
                                         "resolution_type: this entry sets none\\)"):
         Geometry(area, 16)
     # fewstep's default resolution_type differs from SimpleTuner's where it matters (not for a square crop)
-    unset = load(tmp_path, entry(images, id="keep", crop=False), entry(images, id="square", crop=True)).images
+    unset = load(tmp_path, entry(images, id="keep", crop=False), entry(images, id="square", crop=True),
+                 entry(images, id="sized", crop=True, maximum_image_size=64, target_downsample_size=48)).images
     assert unset[0].shown_resolution == "resolution 32 px (pixel; fewstep's default resolution_type, SimpleTuner's " \
                                         "is pixel_area)"
+    assert "fewstep's default resolution_type" in unset[2].shown_resolution  # the sizes' units differ then
     assert unset[1].shown_resolution == "resolution 32 px (pixel)"
 
 

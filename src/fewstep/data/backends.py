@@ -74,8 +74,9 @@ class ImageEntry:
             text += ", the config's"
         elif self.config_resolution is not None and self.config_resolution != self.resolution:
             text += f", its own: the config's {self.config_resolution:g} is for entries that set none"
-        if not self.type_explicit and not (self.crop and self.crop_aspect == "square"):  # square: the same either way
-            text += "; fewstep's default resolution_type, SimpleTuner's is pixel_area"
+        downsampled = self.crop and self.maximum_image_size and self.target_downsample_size  # sizes in its units
+        if not self.type_explicit and not (self.crop and self.crop_aspect == "square" and not downsampled):
+            text += "; fewstep's default resolution_type, SimpleTuner's is pixel_area"  # (a plain square: the same)
         return text + ")"
 
     @property
