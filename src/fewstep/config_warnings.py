@@ -43,7 +43,8 @@ def deepspeed_config_warnings(cfg) -> list[str]:
     scheduler section (fewstep passes DeepSpeed its own LR schedule) and batch sizes (fewstep's options are the only
     ones) are not, and below ZeRO-3 DeepSpeed ignores a parameter offload."""
     from fewstep.config import zero_stage_in_use
-    from fewstep.engine.ds_config_checks import KNOWN_KEYS, describe, read_user_config
+    from fewstep.engine.ds_config_checks import (KNOWN_KEYS, describe, offload_device, read_user_config,
+                                                 used_offload_device)
 
     user, name, out = read_user_config(cfg.deepspeed_config), describe(cfg.deepspeed_config), []
     unknown = [k for k in user if k not in KNOWN_KEYS]  # (a near-miss of a known key is refused as a typo)
@@ -56,9 +57,9 @@ def deepspeed_config_warnings(cfg) -> list[str]:
                    f"(optimizer deepspeed) with learning_rate {cfg.learning_rate:g}, betas ({cfg.adam_beta1:g}, "
                    f"{cfg.adam_beta2:g}), eps {cfg.adam_epsilon:g}, weight_decay {cfg.adam_weight_decay:g}"
                    + (f"; its values replace the config's ({', '.join(replaced)})" if replaced else ""))
-    nvme = [k for k in ("offload_param", "offload_optimizer")
-            if ((user.get("zero_optimization") or {}).get(k) or {}).get("device") == "nvme"]
-    if cfg.offload_param_path and not nvme:
+    zero = {**(user.get("zero_optimization") or {}), "stage": zero_stage_in_use(cfg.zero_stage, user)}
+    devices = [offload_device(zero, k) for k in ("offload_param", "offload_optimizer")]
+    if cfg.offload_param_path and "nvme" not in devices:
         out.append(f"offload_param_path {cfg.offload_param_path} not used: no DeepSpeed offload to nvme is set")
     if "scheduler" in user:
         kind = user["scheduler"].get("type", "?") if isinstance(user["scheduler"], dict) else user["scheduler"]
@@ -73,9 +74,7 @@ def deepspeed_config_warnings(cfg) -> list[str]:
     if "train_batch_size" in user:
         out.append(f"{name}: train_batch_size {user['train_batch_size']} is not used: the global batch is "
                    "train_batch_size (per GPU) x gradient_accumulation_steps x GPUs of the fewstep config")
-    offload = (user.get("zero_optimization") or {}).get("offload_param") or {}
-    stage = zero_stage_in_use(cfg.zero_stage, user)
-    if offload.get("device", "none") != "none" and stage != 3:
-        out.append(f"{name}: zero_optimization.offload_param is not used at ZeRO stage {stage}: DeepSpeed offloads "
-                   "parameters at stage 3 only")
+    if offload_device(zero, "offload_param") != "none" and used_offload_device(zero, "offload_param") == "none":
+        out.append(f"{name}: zero_optimization.offload_param is not used at ZeRO stage {zero['stage']}: DeepSpeed "
+                   "offloads parameters at stage 3 only")
     return out

@@ -162,9 +162,9 @@ def read_data_config(cfg):
 def build_dataset(cfg, adapter, info: distributed.DistInfo, source: str | None = None, data=None,
                   stop: Optional[Callable[[], bool]] = None) -> Optional[tuple[CachedDataset, int, bool]]:
     """Scan and plan the images of the data config (`data`: `read_data_config`'s, read here if not given), and fill
-    the latent/embedding caches (collective). `stop` (the trainer's preemption flag): checked between the fill's
-    batches; if it is set on any rank, the fill ends early on every rank and None is returned (what was cached is
-    kept: the next start fills the rest).
+    the latent/embedding caches (collective). `stop` (the trainer's preemption flag): checked between the scan's
+    image reads and the fill's batches; if it is set on any rank, both end early on every rank and None is returned
+    (what was read or cached is kept: the next start does the rest).
 
     `source`: the model folder to read the VAE and text encoders from (`engine.loading.local_model`'s answer: for a
     hub id, the snapshot of the commit every rank trains; the cache is keyed by its files' content); default

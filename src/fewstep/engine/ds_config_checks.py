@@ -157,25 +157,25 @@ def _check_zero_section(zero: dict, source: str) -> None:
                           f"{more}") from None
 
 
-def _device(zero: dict, key: str):
+def offload_device(zero: dict, key: str):
     """The device a ZeRO section offloads `key` to ("none" when it does not)."""
     return (zero.get(key) or {}).get("device", "none")
 
 
-def _used_device(zero: dict, key: str):
-    """`_device`, where DeepSpeed uses the offload at the section's stage (parameters at stage 3, the optimizer at
-    1-3); "none" where it ignores it."""
+def used_offload_device(zero: dict, key: str):
+    """`offload_device`, where DeepSpeed uses the offload at the section's stage (parameters at stage 3, the
+    optimizer at 1-3); "none" where it ignores it."""
     stage = zero.get("stage", 0)
-    return _device(zero, key) if (stage == 3 if key == "offload_param" else stage >= 1) else "none"
+    return offload_device(zero, key) if (stage == 3 if key == "offload_param" else stage >= 1) else "none"
 
 
 def _check_offload(zero: dict, source: str) -> None:
     """ZeRO-Offload is a ZeRO feature: at stage 0 DeepSpeed ignores it for a torch AdamW, and with `optimizer:
     deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
-    if zero.get("stage", 0) == 0 and _device(zero, "offload_optimizer") != "none":
+    if zero.get("stage", 0) == 0 and offload_device(zero, "offload_optimizer") != "none":
         raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
     for key in ("offload_param", "offload_optimizer"):
-        if _used_device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
+        if used_offload_device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
             raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme without a nvme_path: give the "
                               f"folder on the NVMe drive as {key}.nvme_path (or the offload_param_path option)")
 
@@ -220,7 +220,7 @@ def _check_ema_swap(zero: dict, source: str) -> None:
             raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size is {hpz} (1 needed): {why}hpZ "
                               "gathers from a secondary copy of each parameter that the swap does not reach")
     for key in ("offload_param", "offload_optimizer"):
-        if _used_device(zero, key) == "nvme":
+        if used_offload_device(zero, key) == "nvme":
             raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme: with use_ema the EMA tracks this "
                               "rank's fp32 masters and is swapped into its shards, which must both stay in memory "
                               "(use device cpu, or use_ema false)")

@@ -220,10 +220,11 @@ def configured_layout(cfg) -> tuple[int, bool, bool]:
     builds, where a `deepspeed_config` file's stage and offload sections win over fewstep's options (DeepSpeed
     offloads parameters at stage 3 only)."""
     from fewstep.engine.deepspeed_engine import build_ds_config
+    from fewstep.engine.ds_config_checks import offload_device, used_offload_device
 
     z = build_ds_config(cfg)["zero_optimization"]
-    offloaded = lambda key: (z.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
-    return int(z["stage"]), offloaded("offload_optimizer"), offloaded("offload_param") and z["stage"] == 3
+    return (int(z["stage"]), offload_device(z, "offload_optimizer") not in ("none", None),
+            used_offload_device(z, "offload_param") not in ("none", None))
 
 
 def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float = 80.0,
