@@ -127,13 +127,15 @@ def _loss_inputs(n, dev):
 
     B = 8
     rnd = lambda dt: torch.randn(B, n // B, device=dev, dtype=dt)  # noqa: E731
-    F, cond, uncond = rnd(torch.bfloat16), rnd(torch.bfloat16), rnd(torch.bfloat16)
-    acc, target = rnd(torch.float32), rnd(torch.float32)
+    F = rnd(torch.bfloat16)
+    acc, target = rnd(torch.float32), rnd(torch.float32)  # target: the (already CFG-enhanced) target E, as training
     t = torch.linspace(1.0, 0.3, B, device=dev)
-    kw = dict(delta_t=0.01, clamp=1.0, cond=cond, uncond=uncond, enhanced_ratio=0.5,
-              sample_weight=torch.rand(B, device=dev) + 1.0)
-    # bytes: F 2 + acc 4 + target 4 + cond 2 + uncond 2 read, T 4 written (every row has t - tt >= delta_t)
+    kw = dict(delta_t=0.01, clamp=1.0, sample_weight=torch.rand(B, device=dev) + 1.0)
     return B * (n // B), F, acc, target, t, 0.1 * t, kw
+
+
+# bytes per element of the fused forward: F 2 + acc 4 + target 4 read, T 4 written (every row has t - tt >= delta_t)
+LOSS_FWD_BYTES = 2 + 4 + 4 + 4
 
 
 def case_rcgm_loss_fwd(n, dev, args, K):
@@ -149,7 +151,7 @@ def case_rcgm_loss_fwd(n, dev, args, K):
     def check():
         (la, Ta), (lb, Tb) = fns["triton"](), fns["eager"]()
         return max(_rel(la, lb), _rel(Ta, Tb))
-    return m * 18, {k: _no_grad(torch, v) for k, v in fns.items()}, check
+    return m * LOSS_FWD_BYTES, {k: _no_grad(torch, v) for k, v in fns.items()}, check
 
 
 def _no_grad(torch, fn):
@@ -174,7 +176,7 @@ def case_rcgm_loss_fwd_bwd(n, dev, args, K):
         f = K.compile(K.rcgm_target_loss_reference)
         fns["compile"] = lambda: step(f)
     # backward adds F 2 + T 4 read, dF 2 written
-    return m * (18 + 8), fns, lambda: _rel(fns["triton"](), fns["eager"]())
+    return m * (LOSS_FWD_BYTES + 8), fns, lambda: _rel(fns["triton"](), fns["eager"]())
 
 
 CASES = {"ema_flat": case_ema_flat, "ema_list": case_ema_list, "rcgm_substep": case_rcgm_substep,

@@ -34,17 +34,16 @@ def rcgm_substep_(x, acc, F, t_cur, t_next, *, backend: str = "auto") -> None:
         rcgm_substep_reference_(x, acc, F, t_cur, t_next)
 
 
-def rcgm_target_loss(F_student, acc, target, t, tt, *, delta_t, clamp, cond=None, uncond=None, enhanced_ratio=0.0,
-                     enhance_mask=None, rcgm_mask=None, sample_weight=None, barron_c=1e-3, backend: str = "auto"):
-    """RCGM target and per-sample Barron-reweighted L2 loss (TwinFlow steps 5-6). Returns `(loss [B], T)`.
+def rcgm_target_loss(F_student, acc, target, t, tt, *, delta_t, clamp, rcgm_mask=None, sample_weight=None,
+                     barron_c=1e-3, backend: str = "auto"):
+    """RCGM target and per-sample Barron-reweighted L2 loss of TwinFlow. Returns `(loss [B], T)`.
 
-    E = target + enhanced_ratio*enhance_mask*(cond - uncond); per sample d = t - tt, (cof_l, cof_r) = (d/delta_t,
-    1/delta_t) if d >= delta_t else (1, 0); T = F - clamp(cof_l*F - cof_r*acc - E, +-clamp), and T = E on rows where
+    `target` is the (already CFG-enhanced) target E; per sample d = t - tt, (cof_l, cof_r) = (d/delta_t, 1/delta_t)
+    if d >= delta_t else (1, 0); T = F - clamp(cof_l*F - cof_r*acc - target, +-clamp), and T = target on rows where
     rcgm_mask is False. m = mean((F-T)^2), w = sg((m/c^2+1)^-1/2), loss = sample_weight*w*m/c with c = barron_c.
     T is detached and fp32 (fp64 for fp64 inputs); the loss is differentiable w.r.t. F_student only.
     """
-    kw = dict(delta_t=delta_t, clamp=clamp, cond=cond, uncond=uncond, enhanced_ratio=enhanced_ratio,
-              enhance_mask=enhance_mask, rcgm_mask=rcgm_mask, sample_weight=sample_weight, barron_c=barron_c)
-    if use_triton(backend, F_student, acc, target, cond, uncond, op="rcgm_target_loss"):
+    kw = dict(delta_t=delta_t, clamp=clamp, rcgm_mask=rcgm_mask, sample_weight=sample_weight, barron_c=barron_c)
+    if use_triton(backend, F_student, acc, target, op="rcgm_target_loss"):
         return rcgm_target_loss_triton(F_student, acc, target, t, tt, **kw)
     return rcgm_target_loss_reference(F_student, acc, target, t, tt, **kw)

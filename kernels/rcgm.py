@@ -1,4 +1,4 @@
-"""RCGM kernels (TwinFlow steps 5-6): the teacher sub-step and the fused target + Barron loss.
+"""RCGM kernels of TwinFlow: the teacher sub-step of the rollout, and the fused RCGM target + Barron loss.
 
 All kernels use the same grid: program `pid` handles block `pid % nblk` of sample row `pid // nblk` (a row has n
 elements, nblk = cdiv(n, BLOCK)), so per-sample scalars are loaded once per program and a program never straddles
@@ -85,18 +85,13 @@ def rcgm_substep_triton_(x, acc, F, t_cur, t_next, *, BLOCK: int = DEFAULT_BLOCK
 
 
 @triton.jit
-def _target_fwd_kernel(f_ptr, acc_ptr, tgt_ptr, cond_ptr, uncond_ptr, t_ptr, partial_ptr, cofl_ptr, cofr_ptr,
-                       er_ptr, keep_ptr, acc_len_ptr, clamp, n, nblk, BLOCK: tl.constexpr, CD: tl.constexpr,
-                       HAS_ACC: tl.constexpr, HAS_COND: tl.constexpr):
+def _target_fwd_kernel(f_ptr, acc_ptr, tgt_ptr, t_ptr, partial_ptr, cofl_ptr, cofr_ptr, keep_ptr, acc_len_ptr, clamp,
+                       n, nblk, BLOCK: tl.constexpr, CD: tl.constexpr, HAS_ACC: tl.constexpr):
     pid, row, idx, offs = _row_block(n, nblk, BLOCK)
     mask = offs < n
     keep = tl.load(keep_ptr + row) != 0  # False: adversarial row, T = E
     f = tl.load(f_ptr + idx, mask=mask, other=0.0).to(CD)
-    e = tl.load(tgt_ptr + idx, mask=mask, other=0.0).to(CD)
-    if HAS_COND:  # CFG enhancement E = target + ratio*mask*(cond - uncond)
-        c = tl.load(cond_ptr + idx, mask=mask, other=0.0).to(CD)
-        u = tl.load(uncond_ptr + idx, mask=mask, other=0.0).to(CD)
-        e = e + tl.load(er_ptr + row) * (c - u)
+    e = tl.load(tgt_ptr + idx, mask=mask, other=0.0).to(CD)  # the (already CFG-enhanced) target E
     r = tl.load(cofl_ptr + row) * f - e
     if HAS_ACC:  # acc_len is n, or 0 on rows that never read acc: cof_r == 0 (t - tt < delta_t) or adversarial
         a = tl.load(acc_ptr + idx, mask=offs < tl.load(acc_len_ptr + row), other=0.0).to(CD)
@@ -125,7 +120,7 @@ class _RcgmTargetLoss(torch.autograd.Function):
     """loss_i = sw_i * w_i * m_i / c with m_i = mean_j (F_ij - T_ij)^2; gradient w.r.t. F only (T, w constants)."""
 
     @staticmethod
-    def forward(ctx, F, acc, target, cond, uncond, cof_l, cof_r, er, keep, sw, clamp, c, BLOCK, num_warps):
+    def forward(ctx, F, acc, target, cof_l, cof_r, keep, sw, clamp, c, BLOCK, num_warps):
         B, n = F.shape[0], F[0].numel()
         acc_len = torch.where((keep != 0) & (cof_r != 0), n, 0).to(torch.int64)
         cd = cof_l.dtype
@@ -134,9 +129,8 @@ class _RcgmTargetLoss(torch.autograd.Function):
         T = _empty(F.shape, cd, F.device)
         partial = _empty((B, nblk), cd, F.device)
         _target_fwd_kernel[(B * nblk,)](
-            F, acc if acc is not None else F, target, cond if cond is not None else F,
-            uncond if uncond is not None else F, T, partial, cof_l, cof_r, er, keep, acc_len, clamp, n, nblk, BLOCK=blk,
-            CD=tl_dtype(cd), HAS_ACC=acc is not None, HAS_COND=cond is not None, num_warps=num_warps)
+            F, acc if acc is not None else F, target, T, partial, cof_l, cof_r, keep, acc_len, clamp, n, nblk,
+            BLOCK=blk, CD=tl_dtype(cd), HAS_ACC=acc is not None, num_warps=num_warps)
         # tiny [B] epilogue: Barron weight (detached) and the loss
         m = partial.sum(1) / n
         w = (m / (c * c + BARRON_EPS) + 1.0).rsqrt()
@@ -155,41 +149,33 @@ class _RcgmTargetLoss(torch.autograd.Function):
         _target_bwd_kernel[(F.shape[0] * nblk,)](F, T, scale, dF, n, nblk, BLOCK=blk, CD=tl_dtype(coef.dtype),
                                                  DF_DTYPE=tl_dtype(F.dtype), RTNE_BF16=round_bf16(),
                                                  num_warps=num_warps)
-        return (dF,) + (None,) * 13
+        return (dF,) + (None,) * 10  # one gradient per forward input: F only
 
 
-def rcgm_target_loss_triton(F_student, acc, target, t, tt, *, delta_t, clamp, cond=None, uncond=None,
-                            enhanced_ratio=0.0, enhance_mask=None, rcgm_mask=None, sample_weight=None, barron_c=1e-3,
-                            BLOCK: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_WARPS):
+def rcgm_target_loss_triton(F_student, acc, target, t, tt, *, delta_t, clamp, rcgm_mask=None, sample_weight=None,
+                            barron_c=1e-3, BLOCK: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_WARPS):
     """Fused `rcgm_target_loss_reference`: returns (loss [B], T); T detached, fp32 (fp64 if any input is fp64).
 
-    Forward reads F, target (+cond, uncond, acc) once and writes T; backward reads F, T and writes dF. Gradient only
-    w.r.t. F_student; sample_weight, the targets and the times are constants.
+    `target` is the (already CFG-enhanced) target E. Forward reads F, target (+acc) once and writes T; backward reads
+    F, T and writes dF. Gradient only w.r.t. F_student; sample_weight, the target and the times are constants.
     """
     op = "rcgm_target_loss"
     check_rcgm_scalars(delta_t, clamp, barron_c)
-    if (cond is None) != (uncond is None):
-        raise ValueError(f"{op}: give both cond and uncond, or neither")
-    for name, v in (("acc", acc), ("target", target), ("cond", cond), ("uncond", uncond)):
+    for name, v in (("acc", acc), ("target", target)):
         _check_like(name, v, F_student, op)
     if F_student.dim() < 1 or F_student.numel() == 0:
         raise ValueError(f"{op}: F_student must be [B, ...] with at least one element per sample, "
                          f"got shape {list(F_student.shape)}")
     B, dev = F_student.shape[0], F_student.device
-    cd = compute_dtype(F_student, acc, target, cond, uncond, *(v for v in (t, tt) if isinstance(v, torch.Tensor)))
+    cd = compute_dtype(F_student, acc, target, *(v for v in (t, tt) if isinstance(v, torch.Tensor)))
     t, tt = (per_sample(v, B, name, device=dev, dtype=cd) for v, name in ((t, "t"), (tt, "tt")))
     cof_l, cof_r = rcgm_coefficients_reference(t, tt, delta_t)
     ones = torch.ones(B, dtype=cd, device=dev)
-    mask = ones if enhance_mask is None else per_sample(
-        enhance_mask.to(cd) if isinstance(enhance_mask, torch.Tensor) else enhance_mask, B, "enhance_mask",
-        device=dev, dtype=cd)
-    er = float(enhanced_ratio) * mask
     keep = ones.to(torch.int8) if rcgm_mask is None else per_sample(rcgm_mask, B, "rcgm_mask", device=dev,
                                                                      dtype=torch.bool).to(torch.int8)
     sw = ones if sample_weight is None else per_sample(
         sample_weight.detach() if isinstance(sample_weight, torch.Tensor) else sample_weight, B, "sample_weight",
         device=dev, dtype=cd)
-    cont = [v.detach().contiguous() if v is not None else None for v in (acc, target, cond, uncond)]
+    cont = [v.detach().contiguous() if v is not None else None for v in (acc, target)]
     return _RcgmTargetLoss.apply(F_student.contiguous(), *cont, cof_l.contiguous(), cof_r.contiguous(),
-                                 er.contiguous(), keep.contiguous(), sw, float(clamp), float(barron_c), BLOCK,
-                                 num_warps)
+                                 keep.contiguous(), sw, float(clamp), float(barron_c), BLOCK, num_warps)

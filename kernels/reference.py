@@ -1,7 +1,8 @@
 """Pure-PyTorch references for the fused kernels (the single source of truth for their maths).
 
 Tests, the benchmark and the training methods import these; the Triton kernels in `ema.py` and `rcgm.py` must match
-them. Conventions (TwinFlow, steps 3, 5 and 6 of the algorithm):
+them. They cover the EMA update and the RCGM sub-step, target and loss of TwinFlow, plus its CFG-enhanced target
+(no kernel: training builds it before the teacher rollout, which needs it). Conventions:
 
 - per-sample times `t`, `tt` are [B] float tensors (signed); tensors `F`, `acc`, `target`, ... are [B, ...] with any
   trailing shape; `bcast(s)` views a [B] tensor as [B, 1, 1, ...] against them.
@@ -196,15 +197,14 @@ def barron_loss_reference(F, T, sample_weight=None, c=1e-3) -> torch.Tensor:
     return sw * w * m / c
 
 
-def rcgm_target_loss_reference(F_student, acc, target, t, tt, *, delta_t, clamp, cond=None, uncond=None,
-                               enhanced_ratio=0.0, enhance_mask=None, rcgm_mask=None, sample_weight=None,
+def rcgm_target_loss_reference(F_student, acc, target, t, tt, *, delta_t, clamp, rcgm_mask=None, sample_weight=None,
                                barron_c=1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Enhanced target -> RCGM target T -> Barron loss. Returns `(loss [B], T)`; T detached, in the compute dtype.
+    """RCGM target T -> Barron loss. Returns `(loss [B], T)`; T detached, in the compute dtype.
 
-    The compute dtype is float64 if any tensor input (F, acc, target, cond, uncond, t, tt) is float64, else float32.
+    `target` is the (already CFG-enhanced, `enhance_target_reference`) target E. The compute dtype is float64 if any
+    tensor input (F, acc, target, t, tt) is float64, else float32.
     """
-    cd = compute_dtype(F_student, acc, target, cond, uncond, *(v for v in (t, tt) if isinstance(v, torch.Tensor)))
-    target, cond, uncond = (v if v is None else v.to(cd) for v in (target, cond, uncond))
-    E = enhance_target_reference(target, cond, uncond, enhanced_ratio, enhance_mask)
+    cd = compute_dtype(F_student, acc, target, *(v for v in (t, tt) if isinstance(v, torch.Tensor)))
+    E = target.detach().to(cd)
     T = rcgm_target_reference(F_student, acc, E, t, tt, delta_t=delta_t, clamp=clamp, rcgm_mask=rcgm_mask)
     return barron_loss_reference(F_student, T, sample_weight, barron_c), T

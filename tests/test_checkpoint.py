@@ -292,10 +292,10 @@ def _marker(path):
 
 
 def test_a_resave_never_leaves_the_step_missing(tmp_path, monkeypatch):
-    """Re-saving step N (preempted at a skipped step right after a save of N) once deleted the live step-N before
-    the new copy replaced it: a kill in that window (minutes, for a 20B checkpoint) left no step-N, and `latest`
-    fell back to an older step or to a later run's. The old copy is now renamed aside until the new one is in place,
-    and put back if the commit stopped in between."""
+    """Re-saving step N (a resume from an earlier step saving a step the abandoned run had saved) once deleted the
+    live step-N before the new copy replaced it: a kill in that window (minutes, for a 20B checkpoint) left no step-N,
+    and `latest` fell back to an older step or to a later run's. The old copy is now renamed aside until the new one
+    is in place, and put back if the commit stopped in between."""
     root = str(tmp_path / "ckpt")
     _complete(root, 100)
     final = _complete(root, 200)
@@ -317,6 +317,60 @@ def test_a_resave_never_leaves_the_step_missing(tmp_path, monkeypatch):
     assert not os.path.exists(final)  # only the aside copy holds step 200 now
     assert checkpoint.resolve(root, "latest") == final and _marker(final) == "again"
     assert not [n for n in os.listdir(root) if n.startswith(".replaced-")]
+
+
+def test_a_fresh_run_is_refused_where_a_step_survives_only_as_its_resaves_aside_copy(tmp_path):
+    """A re-save killed between its two renames leaves step N only as `.replaced-step-N`. A fresh run into that folder
+    is refused as for any earlier run's checkpoint, and the step is put back (the check listed `step-*` only: the
+    fresh run went ahead, and its own save of step N deleted the earlier run's only copy)."""
+    from fewstep.checkpoint_resume import find_resume
+
+    root = str(tmp_path / "ckpt")
+    os.rename(_complete(root, 200), os.path.join(root, ".replaced-step-200"))
+    with pytest.raises(checkpoint.EarlierRunCheckpoints, match=r"holds an earlier run's checkpoints \(step-200\)"):
+        find_resume(root, None, {}, use_ema=False)
+    assert sorted(os.listdir(root)) == ["step-200"]
+
+
+def test_a_resume_puts_the_configured_optimizer_settings_over_the_saved_ones():
+    """The optimizer and LR-schedule state a checkpoint restores carry the saved run's rate, betas, eps and weight
+    decay; `apply_configured_settings` makes this run's config win and keeps the schedule's position (a warmup
+    half done stays half done, at the new rate). Restored here as DeepSpeed restores them, with load_state_dict."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fewstep.checkpoint_resume import apply_configured_settings
+    from fewstep.config import load_config
+    from fewstep.engine.deepspeed_engine import lr_lambda
+
+    def schedule(cfg):
+        weight = torch.nn.Parameter(torch.randn(3))
+        opt = torch.optim.AdamW([weight], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "lr_warmup_steps": 4,
+            "lr_scheduler": "cosine", "max_train_steps": 10}
+    old = schedule(load_config(None, {**base, "learning_rate": 1e-3}))
+    for _ in range(2):
+        old.optimizer.step()
+        old.step()
+    cfg = load_config(None, {**base, "learning_rate": 1e-4, "adam_beta2": 0.99, "adam_weight_decay": 0.1})
+    new = schedule(cfg)
+    new.optimizer.load_state_dict(old.optimizer.state_dict())
+    new.load_state_dict(old.state_dict())
+    assert new.optimizer.param_groups[0]["weight_decay"] == 0.01  # what the load alone leaves
+    changes = apply_configured_settings(SimpleNamespace(lr_scheduler=new), cfg)
+    assert changes == ["learning_rate 0.001 -> 0.0001", "adam_beta1/adam_beta2 0.9/0.999 -> 0.9/0.99",
+                       "adam_weight_decay 0.01 -> 0.1"]
+    group = new.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"], group["eps"]) == ((0.9, 0.99), 0.1, 1e-8)
+    assert group["lr"] == new.get_last_lr()[0] == pytest.approx(1e-4 * 3 / 5)  # warmup step 2 of 4
+    new.optimizer.step()
+    new.step()
+    assert new.get_last_lr()[0] == pytest.approx(1e-4 * 4 / 5) and new.base_lrs == [1e-4]
+    assert apply_configured_settings(SimpleNamespace(lr_scheduler=new), cfg) == []  # the same settings: no note
 
 
 def test_deepspeed_checkpoint_reads_are_memory_mapped(tmp_path):

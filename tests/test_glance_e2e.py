@@ -68,6 +68,24 @@ def test_a_resume_with_another_phase_length_is_refused_and_the_exports_stay(glan
         assert open(os.path.join(glance_run, d, "pytorch_lora_weights.safetensors"), "rb").read() == data, d
 
 
+def test_a_preemption_before_the_fast_phases_first_step_keeps_slows_final_checkpoint(tmp_path):
+    """Preempted at Fast's first step, which was skipped (a non-finite loss): the run stops without a save. The engine
+    then holds Fast's fresh LoRA, and saving it as step 3 replaced Slow's final checkpoint with it (all-zero lora_B,
+    no Adam state): a resume into another folder exported that as glance-slow."""
+    backend = write_dataset(str(tmp_path), n=1)
+    cfg = write_config(str(tmp_path), backend, method="glance", glance_slow_timesteps=[t * 1000 for t in SLOW],
+                       glance_fast_timesteps=[t * 1000 for t in FAST], max_train_steps=3, train_batch_size=1)
+    proc = run([PY, "launcher/train.py", "--config", cfg], FEWSTEP_FAULT_NAN_LOSS="4:0",
+               FEWSTEP_FAULT_SIGNAL_AT_STEP="4")
+    assert "preempted at step 3, before glance-fast's first step: nothing to save" in proc.stdout, proc.stdout[-3000:]
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["latest", "step-3"]
+    saved = torch.load(ckpts / "step-3" / "trainable.pt", weights_only=False)["params"]
+    lora_b = [v["fp32"] for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # Slow's trained LoRA
+    assert saved[next(iter(saved))].get("exp_avg") is not None  # with its Adam state
+
+
 def test_one_pipeline_equals_hand_written_euler_with_switch(glance_run):
     from fewstep.models import get_adapter
     from fewstep.sampling import euler_loop, glance_pipeline_sample

@@ -111,9 +111,11 @@ def test_logger_writes_scalars_images_and_resumes_the_same_run(tmp_path, offline
     assert not os.path.exists(os.path.join(out, "logs", "events.out.tfevents"))  # no TensorBoard asked for
 
 
-def test_a_rollback_logs_to_a_new_wandb_run(tmp_path, offline):
-    """Resumed from an earlier step than an earlier run reached, the steps logged again would be dropped by the
-    resumed W&B run (it keeps the first value at each step): they go to a new run, '<name>-from-<step>'."""
+def test_steps_logged_again_after_a_resume_go_to_a_new_wandb_run(tmp_path, offline):
+    """Resumed from an earlier step than the run had logged (a crash after its checkpoint, or a rollback), the steps
+    logged again would be dropped by the resumed W&B run (it keeps the first value at each step): they go to a new
+    run, '<name>-from-<step>'. A crash leaves no later checkpoint, so metrics.jsonl is what tells (the trainer once
+    asked the checkpoints folder, and a crashed run's re-logged steps kept their old values in W&B)."""
     from fewstep.config import load_config as load
 
     out = str(tmp_path / "run")
@@ -123,7 +125,7 @@ def test_a_rollback_logs_to_a_new_wandb_run(tmp_path, offline):
     for step in (1, 2, 3, 4):
         first.log(step, {"loss": 1.0}, samples=1)
     first.close()
-    again = MetricsLogger.from_config(cfg, True, 6, 2, rollback=True)
+    again = MetricsLogger.from_config(cfg, True, 6, 2)  # steps 3 and 4 had been logged
     again.log(3, {"loss": 0.5}, samples=1)
     again.close()
     runs = offline_runs(offline)

@@ -1,15 +1,17 @@
 """End-to-end single-process training through `python launcher/train.py` (the plain-python entry point)."""
 import json
 import os
+import pathlib
 import re
+import signal
 import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep_testing import (PY, assert_resumed_run_matches, cpu_env, read_metrics, side_by_side, write_config,
-                             write_dataset)
+from fewstep_testing import (PY, assert_resumed_run_matches, cpu_env, mount_small_disk, read_metrics, side_by_side,
+                             write_config, write_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,62 @@ def test_a_resume_from_an_earlier_step_saves_its_own_final_checkpoint(data):
     assert "note: step-4 (later steps of an earlier run) are kept" in log[0]
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step-4"
     assert os.stat(os.path.join(ckpts, "step-4", "trainer.json")).st_mtime_ns != written  # B's own
+
+
+@pytest.fixture(scope="module")
+def stopped_in_save(data):
+    """A run (checkpoints every 2 of 4 steps) sent SIGUSR1 while checkpoint step-2 is being saved; (folder, stdout)."""
+    root, backend = data
+    out = os.path.join(str(root), "stopped-in-save")
+    cfg_dir = os.path.join(str(root), "configs", "stopped-in-save")
+    os.makedirs(cfg_dir)
+    cfg = write_config(cfg_dir, backend, output_dir=out, max_train_steps=4, checkpointing_steps=2,
+                       cache_dir=os.path.join(str(root), "cache"))
+    proc = subprocess.Popen([PY, "launcher/train.py", "--config", cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            env=cpu_env(FEWSTEP_TEST_DELAY="checkpoint:3"), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stdout:  # rank 0 sleeps inside the save, its files written, before it is made current
+        lines.append(line)
+        if "[test] rank 0 delayed" in line:
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 0, "".join(lines)[-3000:]
+    return out, "".join(lines)
+
+
+def test_a_signal_during_a_checkpoint_save_stops_the_run_right_after_it(stopped_in_save):
+    """The signal is seen once the save is done: the run stops at step 2 (it trained step 3 and saved a second time,
+    minutes for a large model, into the grace time before the SIGKILL)."""
+    out, stdout = stopped_in_save
+    assert "preempted (SIGUSR1) while checkpoint step-2 was saved; exiting" in stdout, stdout[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-2"]
+
+
+def test_a_resume_trains_with_the_new_optimizer_settings_and_a_full_disk_keeps_the_export(data, stopped_in_save):
+    """Resumed with a lowered learning_rate and another weight decay (what a diverged run is told to do), it trains
+    with them, saying so (DeepSpeed's load put the saved ones back: the old rate trained on). Its checkpoints folder
+    (a small tmpfs) cannot take the final checkpoint: the run ends in one line, and the weights it trained are
+    exported nonetheless (they were lost with the checkpoint, and the message said nothing was)."""
+    root, backend = data
+    out = os.path.join(str(root), "resumed-onto-a-full-disk")
+    if not mount_small_disk(pathlib.Path(out) / "checkpoints", "64k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        log = []
+        train(root, backend, "resumed-onto-a-full-disk", expect_rc=2, output=log, max_train_steps=4,
+              learning_rate=1e-4, adam_weight_decay=0.1,
+              resume_from_checkpoint=os.path.join(stopped_in_save[0], "checkpoints", "step-2"))
+        assert "learning_rate 0.001 -> 0.0001, adam_weight_decay 0.01 -> 0.1 since the checkpoint: this run's " \
+               "values apply from step 3" in log[0], log[0][-3000:]
+        assert [(m["step"], m["lr"]) for m in read_metrics(out)] == [(3, 1e-4), (4, 1e-4)]
+        said = [ln for ln in log[0].splitlines() if ln.startswith("fewstep: checkpoint step-4 was not started")]
+        assert len(said) == 1 and "There is no earlier checkpoint" in said[0], log[0][-3000:]
+        assert said[0].endswith(f"The weights trained to step 4 were exported nonetheless ({out})"), said
+        exported = lora(out)
+        assert exported and all(torch.isfinite(v).all() for v in exported.values())
+    finally:
+        subprocess.run(["umount", "-l", os.path.join(out, "checkpoints")])
 
 
 def test_lora_export_loads_in_stock_pipeline_and_matches_engine_weights(data):

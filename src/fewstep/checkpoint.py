@@ -212,7 +212,7 @@ def resolve(root: str, spec: str | None) -> str | None:
                                  f"({listing(own, 5) if own else 'it has none yet'}), or 'latest' to resume this "
                                  "run's own")
     if not os.path.isdir(spec):  # a re-save of exactly this step interrupted between its renames: put it back
-        _restore_replaced(os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.normpath(spec)))
+        restore_replaced(os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.normpath(spec)))
     if not os.path.isdir(spec):
         import difflib
 
@@ -233,7 +233,7 @@ def resolve(root: str, spec: str | None) -> str | None:
     return spec
 
 
-def _restore_replaced(root: str, step_name: str | None = None) -> None:
+def restore_replaced(root: str, step_name: str | None = None) -> None:
     """A re-save interrupted between its two renames leaves the step only as `.replaced-step-N`: put it back (and
     drop copies whose step is back in place); `step_name`: only that step's."""
     for name in os.listdir(root) if os.path.isdir(root) else []:
@@ -248,7 +248,7 @@ def _restore_replaced(root: str, step_name: str | None = None) -> None:
 
 
 def _resolve_latest(root: str) -> str | None:
-    _restore_replaced(root)
+    restore_replaced(root)
     found = list_checkpoints(root)
     named = None
     if os.path.exists(os.path.join(root, "latest")):

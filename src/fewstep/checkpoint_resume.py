@@ -15,7 +15,8 @@ import torch
 
 from fewstep import checkpoint_space as space
 from fewstep import reshard
-from fewstep.checkpoint import ENGINE_TAG, EarlierRunCheckpoints, list_checkpoints, read_meta, resolve, step_of
+from fewstep.checkpoint import (ENGINE_TAG, EarlierRunCheckpoints, list_checkpoints, read_meta, resolve,
+                                restore_replaced, step_of)
 from fewstep.checkpoint_files import inferred_files, listing
 from fewstep.checkpoint_layout import TRAINABLE_FILE, Resume, plan
 from fewstep.engine import distributed
@@ -44,6 +45,37 @@ def load(path: str, engine, rank: int) -> tuple[dict, dict]:
     return torch.load(rank_file, weights_only=False), read_meta(path)
 
 
+def apply_configured_settings(engine, cfg) -> list[str]:
+    """Train on from a checkpoint with this run's optimizer settings; returns what changed since the checkpoint
+    (`learning_rate 0.001 -> 1e-05`, ...) for the start-up log.
+
+    DeepSpeed's load (and `reshard.apply_trainable`) restores the saved param groups (learning rate, betas, eps, weight
+    decay) and the LR schedule's base rate, so a resume with a lowered learning_rate (what a diverged run is told to
+    do) would train at the old one. The schedule keeps its position: the rate becomes the new base rate times the
+    schedule's factor at that step (the factor is this run's `lr_lambda`, a function of the config: never saved)."""
+    sched = engine.lr_scheduler
+    if sched is None or not hasattr(sched, "lr_lambdas"):
+        return []
+    wanted = {"learning_rate": ("initial_lr", cfg.learning_rate),
+              "adam_beta1/adam_beta2": ("betas", (cfg.adam_beta1, cfg.adam_beta2)),
+              "adam_epsilon": ("eps", cfg.adam_epsilon), "adam_weight_decay": ("weight_decay", cfg.adam_weight_decay)}
+    groups = sched.optimizer.param_groups
+    saved = {"initial_lr": sched.base_lrs[0], **groups[0]}
+    changes = [f"{name} {_setting(saved[key])} -> {_setting(value)}" for name, (key, value) in wanted.items()
+               if key in saved and _setting(saved[key]) != _setting(value)]
+    sched.base_lrs = [cfg.learning_rate for _ in sched.base_lrs]
+    for group in groups:
+        group.update({key: value for key, value in wanted.values() if key in group or key == "initial_lr"})
+    sched._last_lr = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(groups, sched._last_lr):
+        group["lr"] = lr
+    return changes
+
+
+def _setting(value) -> str:
+    return "/".join(f"{float(v):g}" for v in value) if isinstance(value, (tuple, list)) else f"{float(value):g}"
+
+
 def in_own_folder(resume: Resume, root: str) -> bool:
     """Whether the checkpoint resumed from is one of this run's own (in its checkpoints folder `root`), not another
     run's named by resume_from_checkpoint."""
@@ -62,6 +94,8 @@ def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Res
     with distributed.uneven_work("resolve checkpoint"):  # rank 0 decides, so every rank loads the same one
         if distributed.rank() == 0:
             try:
+                if spec is None:
+                    restore_replaced(root)  # a step left only as its re-save's aside copy is an earlier run's too
                 earlier = [os.path.basename(p) for p in list_checkpoints(root)] if spec is None else []
                 if earlier:
                     raise EarlierRunCheckpoints(

@@ -27,8 +27,8 @@ SPACE_CHECK_ENV = "FEWSTEP_CHECKPOINT_SPACE_CHECK"
 
 
 class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (a full disk, ...). Nothing was lost; every rank raises it with the same
-    message, which launcher/train.py prints as one line."""
+    """A checkpoint could not be written (a full disk, ...); earlier checkpoints are intact. Every rank raises it with
+    the same message, which launcher/train.py prints as one line."""
 
 
 @contextlib.contextmanager
@@ -167,7 +167,7 @@ def intact(root: str) -> str:
             named = fh.read().strip()
         return f"Nothing was lost: {named} and `latest` are unchanged"
     except OSError:
-        return "Nothing was lost (there was no earlier checkpoint)"
+        return "There is no earlier checkpoint: a resume starts over"
 
 
 def checkpoint_bytes(path: str) -> int:

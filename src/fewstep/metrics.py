@@ -105,8 +105,7 @@ class MetricsLogger:
     (project, name, config); None: no W&B. `from_config` builds both from a Config."""
 
     def __init__(self, output_dir: str, logging_dir: str | None, enabled: bool, use_tensorboard: bool,
-                 total_steps: int, start_step: int, desc: str = "train", wandb_init: dict | None = None,
-                 new_wandb_run: bool = False):
+                 total_steps: int, start_step: int, desc: str = "train", wandb_init: dict | None = None):
         self.enabled = enabled
         self.jsonl = os.path.join(output_dir, "logs", "metrics.jsonl")
         self.writer = None
@@ -116,7 +115,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(os.path.dirname(self.jsonl), exist_ok=True)
-        self._truncate(start_step)
+        logged_past = self._truncate(start_step)
         log_dir = logging_dir or os.path.join(output_dir, "logs")
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -124,8 +123,13 @@ class MetricsLogger:
             # on resume, TensorBoard drops the earlier run's events after the checkpoint (logged again from here)
             self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step > 0 else None)
         if wandb_init is not None:
+            # Steps logged past the checkpoint (a crash after it, or a resume from an earlier step) are logged again
+            # from here. A resumed W&B run keeps the first value logged at a step and drops the new ones, so these
+            # go to a new run, '<name>-from-<step>'.
+            if logged_past:
+                wandb_init = {**wandb_init, "name": f"{wandb_init['name']}-from-{start_step}"}
             self.wandb_run = _start_wandb(os.path.join(output_dir, "logs", "wandb-run-id"), log_dir, start_step,
-                                          wandb_init, new_wandb_run)
+                                          wandb_init, new_run=logged_past)
         from tqdm.auto import tqdm
         # In a file (stderr redirected, a Slurm .out) the bar's `\r` redraws do not erase: there it prints a line at
         # most every 30 s instead, so the lines printed between (`log_main`'s) start lines of their own.
@@ -133,26 +137,23 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, **lines)
 
     @classmethod
-    def from_config(cls, cfg, enabled: bool, total_steps: int, start_step: int, desc: str = "train",
-                    rollback: bool = False):
-        """The logger `cfg.report_to` asks for (W&B project/run name from tracker_project_name/tracker_run_name).
-        `rollback`: the run resumed from an earlier step than an earlier run reached. W&B keeps the first value
-        logged at a step (a resumed W&B run drops the new ones), so it then gets a new run, '<name>-from-<step>'."""
+    def from_config(cls, cfg, enabled: bool, total_steps: int, start_step: int, desc: str = "train"):
+        """The logger `cfg.report_to` asks for (W&B project/run name from tracker_project_name/tracker_run_name)."""
         chosen = trackers(cfg.report_to)
         wandb_init = None
         if "wandb" in chosen:
             name = cfg.tracker_run_name or os.path.basename(os.path.normpath(cfg.output_dir))
-            wandb_init = {"project": cfg.tracker_project_name, "name": f"{name}-from-{start_step}" if rollback else
-                          name, "config": cfg.to_dict()}
+            wandb_init = {"project": cfg.tracker_project_name, "name": name, "config": cfg.to_dict()}
         return cls(cfg.output_dir, cfg.logging_dir, enabled, "tensorboard" in chosen, total_steps, start_step,
-                   desc=desc, wandb_init=wandb_init, new_wandb_run=rollback)
+                   desc=desc, wandb_init=wandb_init)
 
-    def _truncate(self, start_step: int) -> None:
+    def _truncate(self, start_step: int) -> bool:
         """On resume, drop lines logged after the checkpoint so every step appears exactly once, and a last line cut
-        short (a full disk, a killed process); rewritten atomically, so an interruption keeps the old file."""
+        short (a full disk, a killed process); rewritten atomically, so an interruption keeps the old file. Returns
+        whether any step past `start_step` had been logged."""
         if not os.path.exists(self.jsonl):
-            return
-        keep = []
+            return False
+        keep, past = [], False
         with open(self.jsonl, errors="replace") as fh:
             for ln in fh:
                 try:
@@ -161,7 +162,10 @@ class MetricsLogger:
                     continue
                 if isinstance(row, dict) and row.get("step", 0) <= start_step:
                     keep.append(ln if ln.endswith("\n") else ln + "\n")
+                elif isinstance(row, dict):
+                    past = True
         write_atomic(self.jsonl, "".join(keep))
+        return past
 
     def log(self, step: int, scalars: dict, samples: int) -> None:
         now = time.perf_counter()

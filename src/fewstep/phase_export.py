@@ -22,7 +22,7 @@ def require_finite_weights(params, what: str) -> None:
                             "exports are intact)")
 
 
-def _export_dir(cfg: Config, phase: Phase) -> str:
+def export_dir(cfg: Config, phase: Phase) -> str:
     return os.path.join(cfg.output_dir, phase.export_subdir) if phase.export_subdir else cfg.output_dir
 
 
@@ -30,7 +30,7 @@ def phase_exported(cfg: Config, phase: Phase, step: int) -> bool:
     """Whether the phase's export finished (its run info, written last, names this phase and step); rank 0 reads."""
     done = None
     if distributed.rank() == 0:
-        done = run_info_matches(_export_dir(cfg, phase), phase.name, step)
+        done = run_info_matches(export_dir(cfg, phase), phase.name, step)
     return distributed.broadcast_object(done)
 
 
@@ -41,7 +41,7 @@ def export_phase(cfg: Config, adapter, engine, transformer, ema, phase: Phase, s
     The run info (`fewstep_run.json`) is removed first and written last, so it marks a complete export: a run
     interrupted anywhere in between exports again when it resumes (see `phase_exported`). The EMA export gets its own
     (`"ema": true`), so that `launcher/sample.py` samples `<out>/ema` as it samples `<out>`."""
-    out = _export_dir(cfg, phase)
+    out = export_dir(cfg, phase)
     info = {"sigmas": phase.sigmas, "phase": phase.name, "step": step, "resolution": resolution}
     with distributed.uneven_work("export run info"):  # rank 0's files: a failure reaches every rank
         if is_main:

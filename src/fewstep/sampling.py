@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewstep.config import resolved_method
 from fewstep.errors import UserError
 from fewstep.lora import RUN_INFO
 from fewstep.methods.flow_matching import shift_sigmas
@@ -122,7 +123,7 @@ def run_info(directory: str) -> dict:
 def run_method(info: dict) -> str:
     """The method the run trained (its config's `resolved_method`)."""
     cfg = info["config"]
-    return cfg.get("method") or ("twinflow" if cfg.get("twinflow_enabled") else "flow")
+    return resolved_method(cfg.get("method"), bool(cfg.get("twinflow_enabled")))
 
 
 # the exports `--method` samples: a Glance Slow or Fast LoRA alone is a flow-matching LoRA, and a flow LoRA trained on

@@ -29,12 +29,13 @@ from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, maste
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.engine.loading import load_transformer, local_model
 from fewstep.engine.nonfinite_trace import NonFiniteTrace
+from fewstep.errors import UserError
 from fewstep.kernels import resolve_backend
 from fewstep.lora import check_targets_before_load, count_params, prepare_trainable
 from fewstep.metrics import MetricsLogger, log_main, quiet_library_bars, require_wandb_credentials
 from fewstep.models import get_adapter
 from fewstep.nan_guard import NonFiniteGuard
-from fewstep.phase_export import export_phase, phase_exported, require_finite_weights
+from fewstep.phase_export import export_dir, export_phase, phase_exported, require_finite_weights
 from fewstep.step_context import StepContext
 from fewstep.steps import Phase, build_phases, make_step, reset_trainable
 from fewstep.validation import validate
@@ -118,7 +119,6 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
 
     rank_state, guard = None, NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
     abandoned: set[str] = set()  # checkpoints an earlier run wrote after the step this one resumed from
-    later: list[str] = []  # those of them that are there at this start (rank 0)
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
         rank_state, trainer_state = checkpoint_resume.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
         step = int(trainer_state["step"])
@@ -128,6 +128,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        changed = checkpoint_resume.apply_configured_settings(engine, cfg)
+        if changed:
+            log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
+                              f"{step + 1}")
         with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
             changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
             if changed:
@@ -167,7 +171,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         return stopped(step)
     with distributed.uneven_work("metrics logger"):  # rank 0's alone (TensorBoard's import, wandb.init: seconds)
         faults.work_at("logger")
-        logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method, rollback=bool(later))
+        logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
     rng_streams.set_state(rank_state["rng"] if rank_state is not None else stream)  # last: nothing above draws on
     rank_state = None  # a reshard's tensors map the checkpoint's files: held, NFS could not prune that checkpoint
 
@@ -181,6 +185,22 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         log_main(is_main, f"{phase.name}: validating and exporting")
         validate(ctx, phase, at, logger, vae, is_main)
         export_phase(cfg, adapter, engine, transformer, ema, phase, at, resolution, is_main)
+
+    def end_phase(phase: Phase, at: int) -> None:
+        """The phase's checkpoint, then its validation and export. A checkpoint that cannot be written (a full disk)
+        still leaves the trained weights exported (a LoRA is a small fraction of a checkpoint's size)."""
+        if last_saved == at:
+            return finish(phase, at)
+        try:
+            save(at)  # before the export: a failed or killed export loses no training
+        except checkpoint.CheckpointWriteError as e:
+            try:
+                finish(phase, at)
+            except UserError as also:
+                raise checkpoint.CheckpointWriteError(f"{e}. The {phase.name} export failed too: {also}") from None
+            raise checkpoint.CheckpointWriteError(f"{e}. The weights trained to step {at} were exported nonetheless "
+                                                  f"({export_dir(cfg, phase)})") from None
+        finish(phase, at)
 
     engine.train()
     phase_start = 0
@@ -216,16 +236,22 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                         with rng_streams.isolated():
                             validate(ctx, phase, step, logger, vae, is_main)
                     due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < total
-                if due or outcome.preempt:
+                # A preempted step saves, a skipped one too (its data draws and non-finite streak are state), but not
+                # before a later Glance phase's first step: that fresh LoRA is no state of step N (Slow's end, saved).
+                fresh_phase = phase_idx > 0 and step == phase_start
+                if due or (outcome.preempt and not fresh_phase):
                     save(step)
                 if outcome.applied:
                     faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
                 if outcome.preempt:
-                    log_main(is_main, f"preempted at step {step}, checkpoint saved")
+                    log_main(is_main, f"preempted at step {step}, " + (
+                        f"before {phase.name}'s first step: nothing to save" if fresh_phase else "checkpoint saved"))
                     return stopped(step)
-            if last_saved != step:  # before the export: a failed or killed export loses no training
-                save(step)
-            finish(phase, step)
+                if due and signalled(is_main, f"while checkpoint step-{step} was saved"):  # not one more step
+                    return stopped(step)
+            end_phase(phase, step)
+            if phase_idx + 1 < len(phases) and signalled(is_main, f"while {phase.name} was exported"):
+                return stopped(step)
             phase_start = phase_end
         if step == total and last_saved != step:  # resumed at the end from another run's folder: its own
             save(step)

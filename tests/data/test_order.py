@@ -152,7 +152,10 @@ def test_checkpoint_from_before_buckets_resumes_exactly():
     expected = [ref.next_indices(layout) for _ in range(8)][5:]
     old = DataOrder(7, 2, 1, 2, seed=3)
     old.load_state_dict({"consumed": 5 * 4})  # what fewstep saved before buckets
+    saved_before_a_draw = DataOrder(7, 2, 1, 2, seed=3)  # a checkpoint at once (a resume at the end) keeps the place
+    saved_before_a_draw.load_state_dict(old.state_dict())
     assert [old.next_indices(layout) for _ in range(3)] == expected
+    assert [saved_before_a_draw.next_indices(layout) for _ in range(3)] == expected
     multi = DataOrder(7, 2, 1, 2, seed=3)
     multi.load_state_dict({"consumed": 20})
     with pytest.raises(DataError, match="saved before fewstep had buckets"):

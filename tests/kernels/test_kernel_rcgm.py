@@ -6,7 +6,6 @@ from kernel_helpers import DEVICE, rel_err
 from fewstep.kernels import rcgm_substep_, rcgm_target_loss
 from fewstep.kernels.reference import (
     bcast,
-    enhance_target_reference,
     rcgm_coefficients_reference,
     rcgm_substep_reference_,
     rcgm_target_loss_reference,
@@ -15,8 +14,9 @@ from fewstep.kernels.reference import (
 DELTA, CLAMP = 0.01, 1.0
 
 
-def make_case(B, trailing, dtype, seed, *, enhance=True, with_acc=True):
-    """Random inputs covering every row kind, cycling over the batch:
+def make_case(B, trailing, dtype, seed, *, with_acc=True):
+    """Random inputs covering every row kind, cycling over the batch (`target` stands for the CFG-enhanced target E,
+    which training computes before the rollout and passes in):
     0: e2e (t=1, tt=0); 1: d < delta; 2: t == tt; 3: any tt in [0, t]; 4: adversarial (rcgm_mask False, -t, -t).
     acc is NaN on rows that must never read it (d < delta, adversarial)."""
     g = torch.Generator().manual_seed(seed)
@@ -37,8 +37,6 @@ def make_case(B, trailing, dtype, seed, *, enhance=True, with_acc=True):
     rcgm_mask = kind != 4
     acc[~((d >= DELTA) & rcgm_mask)] = float("nan")
     kw = dict(delta_t=DELTA, clamp=CLAMP, rcgm_mask=rcgm_mask, sample_weight=1.0 + 3.0 * torch.rand(B, generator=g))
-    if enhance:
-        kw.update(cond=rnd(), uncond=rnd(), enhanced_ratio=0.5, enhance_mask=torch.rand(B, generator=g) > 0.3)
     to = lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x  # noqa: E731
     F = rnd().to(dtype).to(DEVICE)
     return F, (to(acc) if with_acc else None), to(target), to(t), to(tt), {k: to(v) for k, v in kw.items()}
@@ -71,9 +69,8 @@ CASES = [  # (B, trailing shape, BLOCK): sizes that are not multiples of BLOCK, 
 
 @pytest.mark.parametrize("B,trailing,block", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("enhance", [True, False])
-def test_target_loss_matches_reference(poison, B, trailing, block, dtype, enhance):
-    F, acc, target, t, tt, kw = make_case(B, trailing, dtype, seed=B * 7 + len(trailing), enhance=enhance)
+def test_target_loss_matches_reference(poison, B, trailing, block, dtype):
+    F, acc, target, t, tt, kw = make_case(B, trailing, dtype, seed=B * 7 + len(trailing))
     (l_ref, T_ref, g_ref), (l_k, T_k, g_k) = run_both(F, acc, target, t, tt, kw, block)
     assert T_k.dtype == torch.float32 and T_k.shape == F.shape and not T_k.requires_grad
     assert torch.isfinite(l_k).all() and torch.isfinite(T_k).all() and torch.isfinite(g_k).all()
@@ -81,11 +78,9 @@ def test_target_loss_matches_reference(poison, B, trailing, block, dtype, enhanc
     assert rel_err(l_k, l_ref) <= 1e-5
     assert g_k.dtype == F.dtype
     assert rel_err(g_k, g_ref) <= (1e-5 if dtype == torch.float32 else 8e-3)
-    # adversarial rows: T is the (enhanced) target exactly
-    E = enhance_target_reference(target, kw.get("cond"), kw.get("uncond"), kw.get("enhanced_ratio", 0.0),
-                                 kw.get("enhance_mask"))
+    # adversarial rows: T is the target E exactly
     adv = ~kw["rcgm_mask"]
-    assert torch.equal(T_k[adv], E[adv])
+    assert torch.equal(T_k[adv], target[adv])
 
 
 def test_cases_exercise_both_branches_and_the_clamp():
@@ -93,9 +88,8 @@ def test_cases_exercise_both_branches_and_the_clamp():
     F, acc, target, t, tt, kw = make_case(5, (3, 17, 19), torch.float32, seed=5 * 7 + 3)
     cof_l, cof_r = rcgm_coefficients_reference(t, tt, DELTA)
     assert (cof_r > 0).any() and (cof_r == 0).any() and (t == tt).any()
-    E = enhance_target_reference(target, kw["cond"], kw["uncond"], 0.5, kw["enhance_mask"])
     keep = kw["rcgm_mask"] & (cof_r > 0)
-    R = bcast(cof_l, F) * F - bcast(cof_r, F) * torch.nan_to_num(acc) - E
+    R = bcast(cof_l, F) * F - bcast(cof_r, F) * torch.nan_to_num(acc) - target  # target: E
     clamped = R[kw["rcgm_mask"]].abs() > CLAMP
     assert clamped.any() and (~clamped).any()
     assert (R[keep].abs() <= CLAMP).any()  # the rollout branch also has unclamped elements
@@ -135,11 +129,10 @@ def test_gradcheck_float64_through_triton():
     g = torch.Generator().manual_seed(0)
     B, shape = 3, (3, 4)
     F = torch.randn(B, *shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(True)
-    target, cond, uncond = (torch.randn(B, *shape, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    target = torch.randn(B, *shape, generator=g, dtype=torch.float64).to(DEVICE)
     t = torch.tensor([-0.3, -0.7, -1.0], dtype=torch.float64, device=DEVICE)
     c = 1e3
-    kw = dict(delta_t=DELTA, clamp=CLAMP, cond=cond, uncond=uncond, enhanced_ratio=0.5,
-              rcgm_mask=torch.zeros(B, dtype=torch.bool, device=DEVICE), barron_c=c,
+    kw = dict(delta_t=DELTA, clamp=CLAMP, rcgm_mask=torch.zeros(B, dtype=torch.bool, device=DEVICE), barron_c=c,
               sample_weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64, device=DEVICE) * c)
     fn = lambda F_: rcgm_target_loss(F_, None, target, t, t, backend="triton", **kw)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (F,), eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -214,8 +207,6 @@ def test_bad_inputs_are_rejected():
     t = torch.rand(3, device=DEVICE)
     with pytest.raises(ValueError, match="target has shape"):
         rcgm_target_loss(F, None, torch.randn(3, 5, device=DEVICE), t, t, delta_t=DELTA, clamp=1.0, backend="triton")
-    with pytest.raises(ValueError, match="both cond and uncond"):
-        rcgm_target_loss(F, None, F, t, t, delta_t=DELTA, clamp=1.0, cond=F, backend="triton")
     with pytest.raises(ValueError, match=r"tt: expected shape \[3\]"):
         rcgm_target_loss(F, None, F, t, t[:2], delta_t=DELTA, clamp=1.0, backend="triton")
     with pytest.raises(ValueError, match="delta_t must be a number > 0, got 0.0"):

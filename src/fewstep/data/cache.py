@@ -190,12 +190,6 @@ class EmbeddingCache:
             for p, item in zip(chunk, items, strict=True):
                 atomic_save({k: v.to(self.dtype) for k, v in item.items()}, self.text_path(p), keep_existing=True)
 
-    def load_latents(self, sample: Sample) -> torch.Tensor:
-        return load_file(self.latent_path(sample))["latents"]
-
-    def load_text(self, prompt: str) -> dict:
-        return load_file(self.text_path(prompt))
-
 
 class CacheSet:
     """Which cache directory holds what (see the module doc): an entry's latents and its captions' embeddings each

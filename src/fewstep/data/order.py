@@ -223,7 +223,10 @@ class DataOrder:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Counters only; `consumed` (samples drawn by all ranks) is what fewstep saved before buckets."""
+        """Counters only; `consumed` (samples drawn by all ranks) is what fewstep saved before buckets. A pre-bucket
+        position not applied yet (no draw since the load) is saved as it was loaded."""
+        if self._legacy is not None:
+            return {"consumed": self._legacy}
         return {"consumed": self.slot * self.global_batch, "slot": self.slot, "entries": dict(self.entry_slots),
                 "positions": dict(self.positions)}
 

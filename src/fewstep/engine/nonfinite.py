@@ -191,11 +191,6 @@ def clip_grad_values(engine, limit: float) -> None:
         torch._foreach_clamp_max_(group, limit * scale)
 
 
-def local_grads_finite(engine) -> bool:
-    """`local_grad_check(engine).finite`."""
-    return local_grad_check(engine).finite
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Skipping the update through DeepSpeed's own overflow path
 # ---------------------------------------------------------------------------------------------------------------
