@@ -7,7 +7,10 @@ pipelines.
     v = adapter.forward(comps.denoiser, x, sigma, cond)
 
 Adding a family = adding one module here whose adapter class is decorated with `@register_adapter`
-(`fewstep.models.registry`); every module in this package is imported below, so the registry fills itself.
+(`fewstep.models.registry`); every module in this package is imported below, so the registry fills itself. Its name
+goes into `model_family`'s choices in `fewstep.config` too (which stays free of model imports). The planner
+(`fewstep.planning.model`, `.activations`), `tiny:<family>` (`fewstep.models.tiny`) and the ComfyUI LoRA layout
+(`fewstep.lora_formats`) refuse a family they have no entry for, by name.
 """
 import importlib as _importlib
 import pkgutil as _pkgutil
