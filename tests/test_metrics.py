@@ -67,6 +67,12 @@ def offline_runs(wandb_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")))
 
 
+def run_id(run_dir: str) -> str:
+    """The W&B run id in an offline folder's name, `offline-run-<date>_<time>-<id>`; wandb appends `-1`, `-2`, ...
+    to a second start of the same run within the same second (the ids were read as `1`: a flaky count)."""
+    return os.path.basename(run_dir).split("-")[3]
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     wandb_dir = tmp_path / "wandb-dir"
@@ -98,7 +104,7 @@ def test_logger_writes_scalars_images_and_resumes_the_same_run(tmp_path, offline
     logger.log(3, {"loss": 0.25, "lr": 0.1}, samples=2)
     logger.close()
     first, second = offline_runs(offline)
-    run_ids = {os.path.basename(r).rsplit("-", 1)[1] for r in (first, second)}
+    run_ids = {run_id(r) for r in (first, second)}
     assert len(run_ids) == 1  # the resumed process continued the same W&B run
     rows = history(wandb_records(first))
     assert [rows[s]["train/loss"] for s in (1, 2)] == [1.0, 0.5]
@@ -128,11 +134,20 @@ def test_steps_logged_again_after_a_resume_go_to_a_new_wandb_run(tmp_path, offli
     again = MetricsLogger.from_config(cfg, True, 6, 2)  # steps 3 and 4 had been logged
     again.log(3, {"loss": 0.5}, samples=1)
     again.close()
+    requeued = MetricsLogger.from_config(cfg, True, 6, 3)  # a plain resume of that run keeps its id and its name
+    requeued.log(4, {"loss": 0.25}, samples=1)
+    requeued.close()
     runs = offline_runs(offline)
-    assert len({os.path.basename(r).rsplit("-", 1)[1] for r in runs}) == 2  # two W&B runs
-    names = {[r.run for r in wandb_records(d) if r.WhichOneof("record_type") == "run"][0].display_name: d for d in runs}
-    assert set(names) == {"unit", "unit-from-2"}
-    assert history(wandb_records(names["unit-from-2"]))[3]["train/loss"] == 0.5
+    assert len({run_id(r) for r in runs}) == 2  # two W&B runs
+    names = [[r.run for r in wandb_records(d) if r.WhichOneof("record_type") == "run"][0].display_name for d in runs]
+    assert sorted(names) == ["unit", "unit-from-2", "unit-from-2"]
+    second = [d for d, name in zip(runs, names) if name == "unit-from-2"][0]
+    assert history(wandb_records(second))[3]["train/loss"] == 0.5
+    restarted = MetricsLogger.from_config(cfg, True, 6, 0)  # a fresh start over an old metrics.jsonl: its own name
+    restarted.close()
+    latest = [d for d in offline_runs(offline) if d not in runs]
+    assert [[r.run for r in wandb_records(d) if r.WhichOneof("record_type") == "run"][0].display_name
+            for d in latest] == ["unit"]
 
 
 def test_trainer_reports_to_wandb_offline_beside_tensorboard(tmp_path):

@@ -1,4 +1,5 @@
 """End-to-end single-process training through `python launcher/train.py` (the plain-python entry point)."""
+import glob
 import json
 import os
 import pathlib
@@ -147,31 +148,43 @@ def test_a_signal_during_a_checkpoint_save_stops_the_run_right_after_it(stopped_
     """The signal is seen once the save is done: the run stops at step 2 (it trained step 3 and saved a second time,
     minutes for a large model, into the grace time before the SIGKILL)."""
     out, stdout = stopped_in_save
-    assert "preempted (SIGUSR1) while checkpoint step-2 was saved; exiting" in stdout, stdout[-3000:]
+    assert "preempted (SIGUSR1) at checkpoint step-2; exiting" in stdout, stdout[-3000:]
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-2"]
 
 
-def test_a_resume_trains_with_the_new_optimizer_settings_and_a_full_disk_keeps_the_export(data, stopped_in_save):
+def test_a_resume_trains_with_this_runs_optimizer_settings(data, stopped_in_save):
     """Resumed with a lowered learning_rate and another weight decay (what a diverged run is told to do), it trains
-    with them, saying so (DeepSpeed's load put the saved ones back: the old rate trained on). Its checkpoints folder
-    (a small tmpfs) cannot take the final checkpoint: the run ends in one line, and the weights it trained are
-    exported nonetheless (they were lost with the checkpoint, and the message said nothing was)."""
+    with them and says so: DeepSpeed's load had put the saved ones back, and the old rate trained on. Read back from
+    the optimizer state of its final checkpoint (the param groups DeepSpeed steps) and from the logged rate."""
     root, backend = data
-    out = os.path.join(str(root), "resumed-onto-a-full-disk")
+    log = []
+    out = train(root, backend, "resumed-new-settings", output=log, max_train_steps=4, learning_rate=1e-4,
+                adam_weight_decay=0.1, resume_from_checkpoint=os.path.join(stopped_in_save[0], "checkpoints", "step-2"))
+    assert "learning_rate 0.001 -> 0.0001, adam_weight_decay 0.01 -> 0.1 since the checkpoint: this run's values " \
+           "apply from step 3" in log[0], log[0][-3000:]
+    assert [(m["step"], m["lr"]) for m in read_metrics(out)] == [(3, 1e-4), (4, 1e-4)]
+    (optim,) = glob.glob(os.path.join(out, "checkpoints", "step-4", "state", "*optim_states.pt"))
+    groups = torch.load(optim, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-4, 0.1)] * len(groups) and groups
+
+
+def test_a_full_disk_at_the_final_checkpoint_still_exports_the_trained_weights(data):
+    """The checkpoints folder (a small tmpfs) cannot take the run's final checkpoint: the run ends in one line, and
+    the weights it trained are exported nonetheless (they were lost with the checkpoint, and the message said
+    nothing was)."""
+    root, backend = data
+    out = os.path.join(str(root), "full-disk")
     if not mount_small_disk(pathlib.Path(out) / "checkpoints", "64k"):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         log = []
-        train(root, backend, "resumed-onto-a-full-disk", expect_rc=2, output=log, max_train_steps=4,
-              learning_rate=1e-4, adam_weight_decay=0.1,
-              resume_from_checkpoint=os.path.join(stopped_in_save[0], "checkpoints", "step-2"))
-        assert "learning_rate 0.001 -> 0.0001, adam_weight_decay 0.01 -> 0.1 since the checkpoint: this run's " \
-               "values apply from step 3" in log[0], log[0][-3000:]
-        assert [(m["step"], m["lr"]) for m in read_metrics(out)] == [(3, 1e-4), (4, 1e-4)]
-        said = [ln for ln in log[0].splitlines() if ln.startswith("fewstep: checkpoint step-4 was not started")]
-        assert len(said) == 1 and "There is no earlier checkpoint" in said[0], log[0][-3000:]
-        assert said[0].endswith(f"The weights trained to step 4 were exported nonetheless ({out})"), said
+        train(root, backend, "full-disk", expect_rc=2, output=log, max_train_steps=2)
+        said = [ln for ln in log[0].splitlines() if ln.startswith("fewstep: checkpoint step-2 was not started")]
+        assert len(said) == 1, log[0][-3000:]
+        assert "There is no earlier checkpoint there. Free some space and start the run again as it was started" \
+               in said[0], said
+        assert said[0].endswith(f"The weights trained to step 2 were exported nonetheless ({out})"), said
         exported = lora(out)
         assert exported and all(torch.isfinite(v).all() for v in exported.values())
     finally:

@@ -128,8 +128,7 @@ def save(root: str, step: int, engine, rank: int, rank_state: dict, trainer_stat
         if rank == 0:  # composed by rank 0 alone, so every rank raises the very same words
             shutil.rmtree(tmp, ignore_errors=True)
             message = (f"checkpoint step-{step} was not saved: {failures[0]}. {space.intact(root)}, and the partial "
-                       f".tmp-step-{step} was removed ({space.free(root)} free now on {root}). Free some space (or "
-                       "lower checkpoints_total_limit) and resume with resume_from_checkpoint latest")
+                       f".tmp-step-{step} was removed ({space.free(root)} free now on {root}). {space.remedy(root)}")
         _barrier()
         raise CheckpointWriteError(distributed.broadcast_object(message))
     faults.crash_if("FEWSTEP_FAULT_IN_SAVE", step)  # fault injection for the atomicity test

@@ -49,9 +49,9 @@ def apply_configured_settings(engine, cfg) -> list[str]:
     """Train on from a checkpoint with this run's optimizer settings; returns what changed since the checkpoint
     (`learning_rate 0.001 -> 1e-05`, ...) for the start-up log.
 
-    DeepSpeed's load (and `reshard.apply_trainable`) restores the saved param groups (learning rate, betas, eps, weight
-    decay) and the LR schedule's base rate, so a resume with a lowered learning_rate (what a diverged run is told to
-    do) would train at the old one. The schedule keeps its position: the rate becomes the new base rate times the
+    DeepSpeed's load restores the saved param groups (learning rate, betas, eps, weight decay) and the LR schedule's
+    base rate, `reshard.apply_trainable` (another world size, stage or optimizer) the schedule's base rate, so a resume
+    with a lowered learning_rate (what a diverged run is told to do) would train at the old one. The schedule keeps its position: the rate becomes the new base rate times the
     schedule's factor at that step (the factor is this run's `lr_lambda`, a function of the config: never saved)."""
     sched = engine.lr_scheduler
     if sched is None or not hasattr(sched, "lr_lambdas"):
@@ -60,7 +60,7 @@ def apply_configured_settings(engine, cfg) -> list[str]:
               "adam_beta1/adam_beta2": ("betas", (cfg.adam_beta1, cfg.adam_beta2)),
               "adam_epsilon": ("eps", cfg.adam_epsilon), "adam_weight_decay": ("weight_decay", cfg.adam_weight_decay)}
     groups = sched.optimizer.param_groups
-    saved = {"initial_lr": sched.base_lrs[0], **groups[0]}
+    saved = {**groups[0], "initial_lr": sched.base_lrs[0]}  # the schedule's base rate is the one it trains from
     changes = [f"{name} {_setting(saved[key])} -> {_setting(value)}" for name, (key, value) in wanted.items()
                if key in saved and _setting(saved[key]) != _setting(value)]
     sched.base_lrs = [cfg.learning_rate for _ in sched.base_lrs]

@@ -161,13 +161,27 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-def intact(root: str) -> str:
+def _newest(root: str) -> str | None:
+    """The checkpoint `latest` names, else the newest step-N folder; None where `root` holds none."""
     try:
         with open(os.path.join(root, "latest")) as fh:
-            named = fh.read().strip()
-        return f"Nothing was lost: {named} and `latest` are unchanged"
+            return fh.read().strip()
     except OSError:
-        return "There is no earlier checkpoint: a resume starts over"
+        steps = [d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit()] if os.path.isdir(root) else []
+        return max(steps, key=lambda d: int(d[5:])) if steps else None
+
+
+def intact(root: str) -> str:
+    """What a failed save left of the saved state, for its message."""
+    named = _newest(root)
+    return f"Nothing was lost: {named} and `latest` are unchanged" if named else "There is no earlier checkpoint there"
+
+
+def remedy(root: str) -> str:
+    """What to do after a save failed for want of space, for its message."""
+    if _newest(root):
+        return "Free some space (or lower checkpoints_total_limit) and resume with resume_from_checkpoint latest"
+    return "Free some space and start the run again as it was started (the same resume_from_checkpoint)"
 
 
 def checkpoint_bytes(path: str) -> int:
@@ -208,8 +222,7 @@ def check(root: str, step: int, previous: str | None, estimate) -> None:
         available = shutil.disk_usage(root).free
         if available < need:
             verdict = (f"checkpoint step-{step} was not started: it needs about {human(need)} ({basis}) but only "
-                       f"{human(available)} is free on {root}. {intact(root)}. Free some space (or lower "
-                       f"checkpoints_total_limit) and resume with resume_from_checkpoint latest "
+                       f"{human(available)} is free on {root}. {intact(root)}. {remedy(root)} "
                        f"({SPACE_CHECK_ENV}=0 skips this check)")
     verdict = distributed.broadcast_object(verdict)
     if verdict:

@@ -126,10 +126,11 @@ class MetricsLogger:
             # Steps logged past the checkpoint (a crash after it, or a resume from an earlier step) are logged again
             # from here. A resumed W&B run keeps the first value logged at a step and drops the new ones, so these
             # go to a new run, '<name>-from-<step>'.
-            if logged_past:
+            new_run = logged_past and start_step > 0
+            if new_run:
                 wandb_init = {**wandb_init, "name": f"{wandb_init['name']}-from-{start_step}"}
             self.wandb_run = _start_wandb(os.path.join(output_dir, "logs", "wandb-run-id"), log_dir, start_step,
-                                          wandb_init, new_run=logged_past)
+                                          wandb_init, new_run=new_run)
         from tqdm.auto import tqdm
         # In a file (stderr redirected, a Slurm .out) the bar's `\r` redraws do not erase: there it prints a line at
         # most every 30 s instead, so the lines printed between (`log_main`'s) start lines of their own.
@@ -236,8 +237,8 @@ class _LineStream:
 
 
 def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_run: bool = False):
-    """wandb.init for this run: a fresh id at step 0 (or with `new_run`), the recorded one on resume
-    (resume='allow')."""
+    """wandb.init for this run: a fresh id at step 0 (or with `new_run`), the recorded one, with the name it was
+    started under ('<name>-from-<step>' after a resume that logged steps again), on resume (resume='allow')."""
     import wandb
 
     from fewstep.errors import UserError
@@ -245,7 +246,9 @@ def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_ru
     run_id = None
     if start_step > 0 and os.path.exists(id_file) and not new_run:
         with open(id_file) as fh:
-            run_id = fh.read().strip() or None
+            run_id, _, name = fh.read().strip().partition("\n")
+        if run_id and name:
+            init = {**init, "name": name}
     run_id = run_id or uuid.uuid4().hex[:8]
     kwargs = dict(init, id=run_id, resume="allow")
     if not os.environ.get("WANDB_DIR"):
@@ -257,7 +260,7 @@ def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_ru
         raise UserError(f"report_to wandb: wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0]}); log "
                         "in (`wandb login` or WANDB_API_KEY) or log offline with WANDB_MODE=offline") from None
     with open(id_file, "w") as fh:
-        fh.write(run_id)
+        fh.write(f"{run_id}\n{init.get('name') or ''}")
     return run
 
 

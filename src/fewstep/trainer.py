@@ -29,7 +29,6 @@ from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, maste
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.engine.loading import load_transformer, local_model
 from fewstep.engine.nonfinite_trace import NonFiniteTrace
-from fewstep.errors import UserError
 from fewstep.kernels import resolve_backend
 from fewstep.lora import check_targets_before_load, count_params, prepare_trainable
 from fewstep.metrics import MetricsLogger, log_main, quiet_library_bars, require_wandb_credentials
@@ -129,7 +128,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 p.sampler.load_state_dict(s)
         log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
         changed = checkpoint_resume.apply_configured_settings(engine, cfg)
-        if changed:
+        if changed and step < total:
             log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
                               f"{step + 1}")
         with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
@@ -196,7 +195,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         except checkpoint.CheckpointWriteError as e:
             try:
                 finish(phase, at)
-            except UserError as also:
+            except Exception as also:  # noqa: BLE001 - the export on a full disk: an OSError, another rank's failure
                 raise checkpoint.CheckpointWriteError(f"{e}. The {phase.name} export failed too: {also}") from None
             raise checkpoint.CheckpointWriteError(f"{e}. The weights trained to step {at} were exported nonetheless "
                                                   f"({export_dir(cfg, phase)})") from None
@@ -212,6 +211,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     log_main(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); "
                                       "exporting")
                     finish(phase, step)
+                    if phase_idx + 1 < len(phases) and signalled(is_main, f"after {phase.name}'s export"):
+                        return stopped(step)
                 phase_start = phase_end
                 continue
             if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
@@ -247,10 +248,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                     log_main(is_main, f"preempted at step {step}, " + (
                         f"before {phase.name}'s first step: nothing to save" if fresh_phase else "checkpoint saved"))
                     return stopped(step)
-                if due and signalled(is_main, f"while checkpoint step-{step} was saved"):  # not one more step
+                if due and signalled(is_main, f"at checkpoint step-{step}"):  # not one more step and save
                     return stopped(step)
             end_phase(phase, step)
-            if phase_idx + 1 < len(phases) and signalled(is_main, f"while {phase.name} was exported"):
+            if phase_idx + 1 < len(phases) and signalled(is_main, f"after {phase.name}'s export"):
                 return stopped(step)
             phase_start = phase_end
         if step == total and last_saved != step:  # resumed at the end from another run's folder: its own
