@@ -51,8 +51,9 @@ def apply_configured_settings(engine, cfg) -> list[str]:
 
     DeepSpeed's load restores the saved param groups (learning rate, betas, eps, weight decay) and the LR schedule's
     base rate, `reshard.apply_trainable` (another world size, stage or optimizer) the schedule's base rate, so a resume
-    with a lowered learning_rate (what a diverged run is told to do) would train at the old one. The schedule keeps its position: the rate becomes the new base rate times the
-    schedule's factor at that step (the factor is this run's `lr_lambda`, a function of the config: never saved)."""
+    with a lowered learning_rate (what a diverged run is told to do) would train at the old one. The schedule keeps its
+    position: the rate becomes the new base rate times the schedule's factor at that step (the factor is this run's
+    `lr_lambda`, a function of the config: never saved)."""
     sched = engine.lr_scheduler
     if sched is None or not hasattr(sched, "lr_lambdas"):
         return []

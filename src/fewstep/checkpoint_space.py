@@ -167,7 +167,8 @@ def _newest(root: str) -> str | None:
         with open(os.path.join(root, "latest")) as fh:
             return fh.read().strip()
     except OSError:
-        steps = [d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit()] if os.path.isdir(root) else []
+        names = os.listdir(root) if os.path.isdir(root) else []
+        steps = [d for d in names if d.startswith("step-") and d[5:].isdigit()]
         return max(steps, key=lambda d: int(d[5:])) if steps else None
 
 
