@@ -163,13 +163,14 @@ def human(n: float) -> str:
 
 def _newest(root: str) -> str | None:
     """The checkpoint `latest` names, else the newest step-N folder; None where `root` holds none."""
+    from fewstep.checkpoint import list_checkpoints  # it imports this module
+
     try:
         with open(os.path.join(root, "latest")) as fh:
             return fh.read().strip()
     except OSError:
-        names = os.listdir(root) if os.path.isdir(root) else []
-        steps = [d for d in names if d.startswith("step-") and d[5:].isdigit()]
-        return max(steps, key=lambda d: int(d[5:])) if steps else None
+        steps = list_checkpoints(root)  # by step number
+        return os.path.basename(steps[-1]) if steps else None
 
 
 def intact(root: str) -> str:

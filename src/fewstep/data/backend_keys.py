@@ -73,8 +73,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "slider_strength": (_never, "slider LoRA training is not supported"),
     "grounding": (_never, "grounding (spatial annotations) is not supported"),
 }
-FEATURES = {k for k, (ok, _) in REFUSED.items() if ok is _never}
-HUB_DATASET_KEYS = {"dataset_name", "split", "revision", "image_column", "caption_column"}  # type huggingface  # refused at any value: said before anything else
+FEATURES = {k for k, (ok, _) in REFUSED.items() if ok is _never}  # refused at any value: said before anything else
+HUB_DATASET_KEYS = {"dataset_name", "split", "revision", "image_column", "caption_column"}  # type huggingface
 
 
 def refuse_features(entry: dict, where: str) -> None:
