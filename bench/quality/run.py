@@ -36,7 +36,8 @@ from recipes import glance_lists  # noqa: E402,F401  (the tests read it from her
 from train_runs import run_parallel  # noqa: E402
 
 STAGES = ("prepare", "teacher", "distil", "eval", "report")
-# Variants trained beside the main runs (skip with --no-ablations): name -> (base run, config overrides, label).
+# Variants trained beside the main runs (--ablations picks some, --no-ablations none): name -> (base run, config
+# overrides, label).
 # A value "@uniform-slow"/"@uniform-fast" is replaced by the Glance lists at steps 1,6,..,46 of the 50-step grid.
 ABLATIONS = {
     "twinflow_full_cfg": ("twinflow_full", {"twinflow_enhanced_ratio": 0.5},
@@ -79,7 +80,10 @@ def parse_args(argv=None):
                                                     "or <out>/results with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (no quality claims)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    ap.add_argument("--no-ablations", action="store_true", help="distil: train only the main TwinFlow/Glance runs")
+    ap.add_argument("--ablations", nargs="*", default=None, metavar="NAME", choices=sorted(ABLATIONS),
+                    help="distil: train only these ablations (default: all of them; none given: none)")
+    ap.add_argument("--no-ablations", dest="ablations", action="store_const", const=[],
+                    help="distil: train only the main TwinFlow/Glance runs (as --ablations with no name)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=BASE:key=value,...",
                     help="distil: an extra run, e.g. twinflow_lora_2400=twinflow_lora:max_train_steps=2400 "
                          "(recorded in <out>/variants.json; evaluated as an ablation row)")
@@ -194,10 +198,12 @@ def variants(out: str) -> dict:
 
 
 def ablation_configs(S, out, names=None):
+    """The variants' configs (ABLATIONS and --variant runs; only `names` among ABLATIONS if given): each its base
+    run's config with its overrides and its own output_dir."""
     base = distil_configs(S, out)
     configs = {}
     for name, (src, over, _) in variants(out).items():
-        if names is not None and name not in names:
+        if names is not None and name in ABLATIONS and name not in names:
             continue
         uniform = dict(zip(("@uniform-slow", "@uniform-fast"), glance_lists(UNIFORM_SLOW_STEPS, UNIFORM_FAST_STEPS)))
         over = {k: (os.path.join(out, v) if k == "data_backend_config" else uniform.get(v, v) if isinstance(v, str)
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
         recorded = _json(path) if os.path.exists(path) else {}
         _json(path, {**recorded, **dict(parse_variant(v) for v in args.variant)})
     if "distil" in args.stages:
-        configs = {**distil_configs(S, out), **({} if args.no_ablations else ablation_configs(S, out))}
+        configs = {**distil_configs(S, out), **ablation_configs(S, out, args.ablations)}
         print(f"quality: distil ({', '.join(configs)}; in parallel)", flush=True)
         train_stage(out, configs, args.force)
     if "eval" in args.stages:

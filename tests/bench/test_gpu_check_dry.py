@@ -5,6 +5,7 @@ interpreter smoke run, two of bench/train_step.py's four runs with --smoke, a 2-
 launcher/sample.py). Skip it with `-k "not dry_run"`.
 """
 import json
+import math
 import subprocess
 
 import pytest
@@ -33,6 +34,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert sorted(ran) == ["train_step_all_rows", "train_step_flow"]
     assert {t["method"] for t in ran.values()} == {"twinflow", "flow"} and ran["train_step_all_rows"]["teacher_rows"] \
         == "all"
+    for t in ran.values():  # Qwen-Image's smoke runs (tests/bench/test_train_step_smoke.py runs SDXL's)
+        assert t["device"].startswith("cpu") and t["family"] == "qwen_image" and t["finite_losses_and_grad_norm"]
+        assert all(math.isfinite(t[k]) and t[k] > 0 for k in ("s_per_step", "tflop_per_step", "model_pass_share",
+                                                              "non_model_share")), t
+        assert t["params_trainable"] > 0 and t["blocks"] > 0
     assert data["train"]["steps"] == 2 and data["train"]["mixed_precision"] == "bf16"
     assert {(r["offload"], r["nfe"]) for r in data["sample"]} == {("none", 1), ("none", 2)}  # offload: no-op on cpu
     summary = (out / "summary.md").read_text()

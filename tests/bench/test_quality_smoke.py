@@ -125,17 +125,34 @@ def _load_run():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    run([PY, os.path.join("bench", "quality", "run.py"), "--smoke", "--out", str(out)], timeout=300)
+    # one ablation per method (each is its base run's training with other options: test_every_ablation_config...)
+    run([PY, os.path.join("bench", "quality", "run.py"), "--smoke", "--out", str(out),
+         "--ablations", *SMOKE_ABLATIONS], timeout=300)
     return str(out)
 
 
+SMOKE_ABLATIONS = ("twinflow_full_frozen", "glance_10img")
 ROWS = ["teacher-1", "teacher-2", "teacher-4", "teacher-10", "teacher-50", "teacher-cfg1.5-50",
         "teacher-10-shift0.6", "teacher-10-shift3.0", "teacher-glance-schedule-10", "twinflow-lora-1",
         "twinflow-lora-2", "twinflow-lora-4", "twinflow-full-1", "twinflow-full-2", "twinflow-full-4", "glance-10",
-        "twinflow-full-cfg-1", "twinflow-full-noadv-1", "twinflow-full-frozen-1", "glance-10img-10",
-        "glance-lr1e4-10", "glance-uniform-10"]
-RUNS = {"teacher", "twinflow_lora", "twinflow_full", "glance", "twinflow_full_cfg", "twinflow_full_noadv",
-        "twinflow_full_frozen", "glance_10img", "glance_lr1e4", "glance_uniform"}
+        "twinflow-full-frozen-1", "glance-10img-10"]
+RUNS = {"teacher", "twinflow_lora", "twinflow_full", "glance", *SMOKE_ABLATIONS}
+
+
+def test_every_ablation_config_differs_from_its_base_run_in_the_option_it_names(tmp_path):
+    run_mod = _load_run()
+    base, ablations = run_mod.distil_configs(run_mod.SMOKE, str(tmp_path)), run_mod.ablation_configs(
+        run_mod.SMOKE, str(tmp_path))
+    assert set(ablations) == set(run_mod.ABLATIONS)
+    for name, (src, over, _) in run_mod.ABLATIONS.items():
+        a, b = ablations[name], base[src]
+        assert {k for k in a if a[k] != b.get(k)} == set(over) | {"output_dir"}, name
+        assert a["output_dir"] == str(tmp_path / name)
+    uniform = ablations["glance_uniform"]  # the teacher's plain 10 steps
+    assert uniform["glance_slow_timesteps"] + uniform["glance_fast_timesteps"] == pytest.approx(
+        [1 - i / 10 for i in range(10)], abs=1e-12)
+    assert ablations["glance_10img"]["data_backend_config"] == str(tmp_path / "data" / "ten.json")
+    assert set(run_mod.ablation_configs(run_mod.SMOKE, str(tmp_path), ["glance_10img"])) == {"glance_10img"}
 
 
 def test_smoke_trains_every_model_with_the_real_exports(smoke):
@@ -153,19 +170,11 @@ def test_smoke_trains_every_model_with_the_real_exports(smoke):
     times = json.load(open(os.path.join(smoke, "times.json")))
     assert set(times) == RUNS
     assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 for t in times.values())
-    # each ablation differs from its base run in exactly the option it names (and its output_dir)
-    for name, base, keys in (("twinflow_full_cfg", "twinflow_full", {"twinflow_enhanced_ratio"}),
-                             ("twinflow_full_noadv", "twinflow_full", {"twinflow_adversarial_enabled"}),
-                             ("twinflow_full_frozen", "twinflow_full", {"ema_decay", "twinflow_enhanced_ratio"}),
-                             ("glance_10img", "glance", {"data_backend_config"}),
-                             ("glance_lr1e4", "glance", {"learning_rate"}),
-                             ("glance_uniform", "glance", {"glance_slow_timesteps", "glance_fast_timesteps",
-                                                           "learning_rate"})):
+    # the ablations trained are written as the configs checked above
+    for name, base, keys in (("twinflow_full_frozen", "twinflow_full", {"ema_decay", "twinflow_enhanced_ratio"}),
+                             ("glance_10img", "glance", {"data_backend_config"})):
         a, b = (json.load(open(os.path.join(smoke, f"{n}.config.json"))) for n in (name, base))
         assert {k for k in a if a[k] != b.get(k)} == keys | {"output_dir"}, name
-    uniform = json.load(open(os.path.join(smoke, "glance_uniform.config.json")))  # the teacher's plain 10 steps
-    assert uniform["glance_slow_timesteps"] + uniform["glance_fast_timesteps"] == pytest.approx(
-        [1 - i / 10 for i in range(10)], abs=1e-12)
     ten = [f for f in os.listdir(os.path.join(smoke, "data", "ten")) if f.endswith(".txt")]
     assert sorted(open(os.path.join(smoke, "data", "ten", f)).read() for f in ten) == sorted(
         f"a drawing of {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
