@@ -218,11 +218,13 @@ def tiny_step_context(family: str, device="cpu", batch_size=8, **cfg):
                        dtype=torch.float32)
 
 
-def load_sample_cli():
-    """launcher/sample.py as a module (it is a script, not part of the package)."""
+def load_launcher(name: str):
+    """launcher/<name>.py as a module (a script, not part of the package): its main(argv) runs in this process, the
+    same code as the command without a new interpreter's imports (seconds each)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fewstep_sample_cli", os.path.join(REPO, "launcher", "sample.py"))
+    spec = importlib.util.spec_from_file_location(f"fewstep_launcher_{name}", os.path.join(REPO, "launcher",
+                                                                                           f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -24,7 +24,7 @@ from fewstep.planning import (GiB, LAYOUTS, AnyStep, ParamCounts, ZeroKnobs, bui
                               resolve_model_config)
 from fewstep.planning.host import host_buffers, host_bytes, pinned_limits
 from fewstep.planning.model import MODEL_CONFIG_DIR
-from fewstep_testing import run
+from fewstep_testing import load_launcher, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {"qwen_image.json": 20.430, "flux_dev.json": 11.901, "sd35_large.json": 8.057,  # billions of parameters
@@ -526,16 +526,27 @@ def test_tiny_model_plans_the_real_architecture_and_says_so():
         "architecture: model_config given as a dict"
 
 
-def test_cli_prints_resolution_and_architecture(tmp_path):
+PLAN_CLI = load_launcher("plan")
+
+
+def plan_cli(capsys, *argv) -> tuple[int, str, str]:
+    """launcher/plan.py's main in this process (its own process, as a user starts it, is tested once below): (exit
+    status, stdout, stderr)."""
+    capsys.readouterr()
+    status = PLAN_CLI.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_prints_resolution_and_architecture(tmp_path, capsys, monkeypatch):
     """`--data_backend_config mdb512.json` plans at 512 px and says so; a tiny test model says that the real
     architecture is planned instead; a data backend the trainer would reject is one `fewstep:` line, exit 2."""
     mdb512 = _backend(tmp_path, "mdb512.json", {"resolution": 512})
     configs = [str(ROOT / "configs" / "glance" / "flux.json"), str(ROOT / "configs" / "demo" / "glance.json")]
-    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config", *configs,
-                           "--data_backend_config", mdb512], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(proc.stdout)
-    real, demo = re.split(r"\n(?=FluxTransformer2DModel:)", proc.stdout)
+    monkeypatch.chdir(ROOT)
+    status, stdout, stderr = plan_cli(capsys, "--config", *configs, "--data_backend_config", mdb512)
+    assert status == 0, stderr[-3000:]
+    real, demo = re.split(r"\n(?=FluxTransformer2DModel:)", stdout)
     for table in (real, demo):
         assert f"\nresolution: 512px, from data_backend_config {mdb512} entry 0\n" in table
         assert ", 512px = 1024 image + 512 text tokens" in table
@@ -733,19 +744,17 @@ def test_plan_matches_deepspeed_training_on_cpu(measured):
 
 
 # ----------------------------------------------------------------------------------------------------- the CLI
-def test_cli_qwen_image_lora_and_full(tmp_path):
+def test_cli_qwen_image_lora_and_full(tmp_path, capsys):
     base = {"--model_family": "qwen_image", "--pretrained_model_name_or_path": "Qwen/Qwen-Image", "--lora_rank": 64,
             "--resolution": 1024, "--train_batch_size": 1, "--gradient_checkpointing": True}
     paths = []
     for mode in ("lora", "full"):
         paths.append(tmp_path / f"qwen_{mode}.json")
         paths[-1].write_text(json.dumps({**base, "--model_type": mode}))
-    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config", *map(str, paths),
-                           "--gpus", "1,8,32"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(proc.stdout)
-    tables = re.split(r"\n(?=QwenImageTransformer2DModel:)", proc.stdout)
-    assert len(tables) == 6, proc.stdout
+    status, stdout, stderr = plan_cli(capsys, "--config", *paths, "--gpus", "1,8,32")
+    assert status == 0, stderr[-3000:]
+    tables = re.split(r"\n(?=QwenImageTransformer2DModel:)", stdout)
+    assert len(tables) == 6, stdout
     names = [layout_memory(ParamCounts(1, 1, 0, 0, 1), 0.0, stage=s, offload_optimizer=o, offload_param=p).name
              for s, o, p in LAYOUTS]
     for i, table in enumerate(tables):
@@ -760,20 +769,17 @@ def test_cli_qwen_image_lora_and_full(tmp_path):
         assert f"recommended: {rec[0][2:26].strip()}," in table
     # 16 bytes per parameter of model states (305 GiB) cannot sit on one 80 GiB GPU without offload
     assert re.search(r"^  ZeRO-0 .* no$", tables[3], re.M)
-    bad = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config", str(paths[0]),
-                          "--lora_rnk", "4"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "lora_rnk" in bad.stderr and "lora_rank" in bad.stderr
+    status, stdout, stderr = plan_cli(capsys, "--config", paths[0], "--lora_rnk", "4")
+    assert status == 2 and stdout == "" and "lora_rnk" in stderr and "lora_rank" in stderr
 
 
-def test_cli_sdxl_twinflow_lora():
+def test_cli_sdxl_twinflow_lora(capsys):
     """configs/twinflow/sdxl_lora.json (TwinFlow through diff2flow, LoRA r64 on the attention projections, 1024px)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "plan.py"), "--config",
-                           str(ROOT / "configs" / "twinflow" / "sdxl_lora.json"), "--gpus", "1,8"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(proc.stdout)
-    tables = re.split(r"\n(?=UNet2DConditionModel:)", proc.stdout)
-    assert len(tables) == 2 and all(t.startswith("UNet2DConditionModel: 2.662B params") for t in tables), proc.stdout
+    status, stdout, stderr = plan_cli(capsys, "--config", ROOT / "configs" / "twinflow" / "sdxl_lora.json", "--gpus",
+                                      "1,8")
+    assert status == 0, stderr[-3000:]
+    tables = re.split(r"\n(?=UNet2DConditionModel:)", stdout)
+    assert len(tables) == 2 and all(t.startswith("UNet2DConditionModel: 2.662B params") for t in tables), stdout
     for gpus, table in zip((1, 8), tables):
         assert f"{gpus} GPU(s)" in table and "LoRA r64" in table and "2.567B frozen" in table
         assert "twinflow, bf16, 1024px = 4096 image + 77 text tokens" in table
