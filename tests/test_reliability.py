@@ -148,50 +148,74 @@ def test_requeued_job_waits_for_the_lock_of_its_own_dead_node(tmp_path):
 
 
 # ---- user mistakes: one line, exit 2 -------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image",
-                                  "missing-model-dir", "unset-variable", "cache-dir-under-a-file",
-                                  "logging-dir-under-a-file", "empty-output-dir", "data-typo-before-model",
-                                  "lora-target-typo"])
-def test_user_mistakes_end_in_one_clean_line(tmp_path, case):
-    backend = write_dataset(str(tmp_path), n=2)
-    overrides, env, expect = {}, {}, ""
+MISTAKES = ["unknown-key", "output-dir-is-a-file", "offline-hub-id", "caption-without-image", "missing-model-dir",
+            "unset-variable", "cache-dir-under-a-file", "logging-dir-under-a-file", "empty-output-dir",
+            "data-typo-before-model", "lora-target-typo"]
+
+
+def mistaken_config(root, case) -> tuple[str, str]:
+    """A config with the mistake `case` under `root` (its own folder), and what the one line must say."""
+    backend = write_dataset(str(root), n=2)
+    overrides, expect = {}, ""
     if case == "unknown-key":
         overrides, expect = {"lora_rnk": 4}, "unknown config key 'lora_rnk' in "
     elif case == "output-dir-is-a-file":
-        (tmp_path / "afile").write_text("x")
-        overrides, expect = {"output_dir": str(tmp_path / "afile")}, "exists and is not a directory"
-    elif case == "offline-hub-id":
-        overrides, env = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}, {"HF_HUB_OFFLINE": "1"}
+        (root / "afile").write_text("x")
+        overrides, expect = {"output_dir": str(root / "afile")}, "exists and is not a directory"
+    elif case == "offline-hub-id":  # HF_HUB_OFFLINE=1
+        overrides = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}
         expect = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
     elif case == "caption-without-image":
-        (tmp_path / "images" / "orphan.txt").write_text("a caption")
+        (root / "images" / "orphan.txt").write_text("a caption")
         expect = "caption without an image: "
     elif case == "unset-variable":  # e.g. $SLURM_TMPDIR off the site that sets it: not a folder named '$SLURM_TMPDIR'
         overrides = {"cache_dir": "$FEWSTEP_UNSET_DIR/cache"}
         expect = "cache_dir '$FEWSTEP_UNSET_DIR/cache': environment variable FEWSTEP_UNSET_DIR is not set"
     elif case in ("cache-dir-under-a-file", "logging-dir-under-a-file"):  # found before the data scan and model load
-        (tmp_path / "afile").write_text("x")
+        (root / "afile").write_text("x")
         key = case.split("-under")[0].replace("-", "_")
-        overrides, expect = {key: str(tmp_path / "afile" / "sub")}, f"cannot create {key} "
+        overrides, expect = {key: str(root / "afile" / "sub")}, f"cannot create {key} "
     elif case == "data-typo-before-model":  # reported before the hub id is resolved (a download, if not cached)
         with open(backend) as fh:
             entries = json.load(fh)
         entries[0]["caption_extention"] = ".txt"
         with open(backend, "w") as fh:
             json.dump(entries, fh)
-        overrides, env = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}, {"HF_HUB_OFFLINE": "1"}
-        expect = "'caption_extention'"
+        overrides, expect = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}, "'caption_extention'"
     elif case == "lora-target-typo":  # checked on the meta-device architecture: before the cache fill and the load
         overrides = {"lora_targets": ["to_qq", "to_k"]}
         expect = "lora_targets: no module of FluxTransformer2DModel is named 'to_qq' (did you mean 'to_q'?)"
     elif case == "empty-output-dir":
         overrides, expect = {"output_dir": ""}, "'output_dir' is empty: give a path"
     else:
-        overrides, expect = {"pretrained_model_name_or_path": str(tmp_path / "nowhere")}, "does not exist"
-    proc = launch(write_config(str(tmp_path), backend, **overrides), **env)
-    assert proc.returncode == 2 and expect in one_clean_line(proc)
-    assert "fewstep: loading" not in proc.stdout  # before the model load
-    assert "caching" not in proc.stdout  # and before the cache fill (VAE and text encoders over the data)
+        overrides, expect = {"pretrained_model_name_or_path": str(root / "nowhere")}, "does not exist"
+    return write_config(str(root), backend, **overrides), expect
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """Every case's config through launcher/train.py's main, in one process started from the repo root (offline, as
+    CI is): {case: (result, expected line)}."""
+    root = tmp_path_factory.mktemp("mistakes")
+    configs, expected = {}, {}
+    for case in MISTAKES:
+        (root / case).mkdir()
+        configs[case], expected[case] = mistaken_config(root / case, case)
+    proc = subprocess.run([PY, "tests/user_mistakes_worker.py", json.dumps(configs), str(root / "results.json")],
+                          cwd=REPO, env=cpu_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((root / "results.json").read_text())
+    return {case: (results[case], expected[case]) for case in MISTAKES}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_user_mistakes_end_in_one_clean_line(mistakes, case):
+    result, expect = mistakes[case]
+    lines = [ln for ln in result["stderr"].splitlines() if ln.strip()]
+    assert result["status"] == 2 and len(lines) == 1 and lines[0].startswith("fewstep: "), result["stderr"][-3000:]
+    assert expect in lines[0], lines[0]
+    assert "fewstep: loading" not in result["stdout"]  # before the model load
+    assert "caching" not in result["stdout"]  # and before the cache fill (VAE and text encoders over the data)
     assert not os.path.exists(os.path.join(REPO, "$FEWSTEP_UNSET_DIR"))  # nothing written under the literal name
 
 
