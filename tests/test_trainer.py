@@ -357,7 +357,7 @@ def _count_reads(monkeypatch) -> list:
 def test_logged_terms_are_read_from_the_device_in_one_copy(monkeypatch):
     """The loss and a method's device-side terms come back as floats, host numbers as they are, in their order, and
     with a single device->host read (one `tolist` of one stacked tensor, whatever the number of terms)."""
-    from fewstep.trainer import read_numbers
+    from fewstep.optimizer_step import read_numbers
 
     reads = _count_reads(monkeypatch)
     out = read_numbers({"loss": torch.tensor(2.5), "n_e2e": 2.0, "l_adv": torch.tensor(0.25, dtype=torch.bfloat16),
@@ -370,7 +370,7 @@ def test_logged_terms_are_read_from_the_device_in_one_copy(monkeypatch):
 def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     """Over gradient-accumulation micro-steps the losses and device-side terms are summed on the device and read once,
     at the end (one `tolist`); the result is the micro-average, and one non-finite loss makes the step non-finite."""
-    from fewstep.trainer import run_micro_steps
+    from fewstep.optimizer_step import run_micro_steps
 
     class Engine:  # the two calls run_micro_steps makes of a DeepSpeed engine
         def backward(self, loss):

@@ -108,7 +108,7 @@ def test_a_micro_step_never_waits_for_the_gpu(family):
     """A TwinFlow micro-step (batch, every pass through the family's real diffusers model, backward) only queues device
     work: on the meta device, where any read of a value raises, it completes, and no host->device copy waits for the
     device's queue (see HostToDeviceCopies). The one read, of the loss and the logged terms, is the trainer's, after
-    backward (`fewstep.trainer.read_numbers`)."""
+    backward (`fewstep.optimizer_step.read_numbers`)."""
     ctx = tiny_step_context(family, device="meta", **TWINFLOW)
     step = make_twinflow_step(ctx)
     step(0)[0].backward()  # warm-up: diffusers' Qwen-Image copies its RoPE tables to the device once, at the first call

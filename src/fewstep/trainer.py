@@ -2,7 +2,8 @@
 
 One loop serves every method: plain flow matching, Glance (two LoRA phases, Slow then Fast, on one loaded base) and
 TwinFlow. What differs per method is the loss of one micro-batch, built in `fewstep.steps`, and what validation
-samples (`fewstep.validation`).
+samples (`fewstep.validation`). One optimizer step (micro-batches, the step's reduction, the update or its skip) is
+`fewstep.optimizer_step`.
 
 Multi-GPU rules this file keeps (see `fewstep.engine.distributed`): one reduction per optimizer step carries the
 logged values and the preemption flag; work that takes different times on different ranks (data scan, cache fill,
@@ -11,9 +12,9 @@ timeout.
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -24,7 +25,7 @@ from fewstep.data.dataset import DataOrder
 from fewstep.data.prepare import build_dataset, read_data_config
 from fewstep.data.record import data_record, resume_warning
 from fewstep.ema import EMA
-from fewstep.engine import distributed, host_memory, nonfinite
+from fewstep.engine import distributed, host_memory
 from fewstep.engine.deepspeed_engine import build_ds_config, build_engine, master_partitions
 from fewstep.engine.distributed import DistInfo, setup_distributed
 from fewstep.engine.loading import load_transformer, local_model
@@ -34,6 +35,7 @@ from fewstep.lora import check_targets_before_load, count_params, prepare_traina
 from fewstep.metrics import MetricsLogger, log_main, quiet_library_bars, require_wandb_credentials
 from fewstep.models import get_adapter
 from fewstep.nan_guard import NonFiniteGuard
+from fewstep.optimizer_step import optimizer_step
 from fewstep.phase_export import export_dir, export_phase, phase_exported, require_finite_weights
 from fewstep.step_context import StepContext
 from fewstep.steps import Phase, build_phases, make_step, reset_trainable
@@ -116,55 +118,24 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
     initial_sched = scheduler.state_dict() if len(phases) > 1 else None
 
-    rank_state, guard = None, NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
-    abandoned: set[str] = set()  # checkpoints an earlier run wrote after the step this one resumed from
+    guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
+
+    def rank_checkpoint_state() -> dict:  # what this rank saves beside DeepSpeed's files (and its RNG streams)
+        return {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
+                "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
+
+    checkpoints = RunCheckpoints(ckpt_root, engine, info, trainable, cfg.checkpoints_total_limit,
+                                 {"method": method, "layout": layout, "data": data_now}, rank_checkpoint_state)
+    rank_state = None
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
-        rank_state, trainer_state = checkpoint_resume.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
-        step = int(trainer_state["step"])
-        order.load_state_dict(rank_state["order"])
-        guard.load_state_dict(rank_state.get("nan_guard") or {})  # absent from checkpoints before 2026-12-06
-        for p, s in zip(phases, rank_state["samplers"]):
-            if p.sampler is not None and s is not None:
-                p.sampler.load_state_dict(s)
-        log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
-        changed = checkpoint_resume.apply_configured_settings(engine, cfg)
-        if changed and step < total:
-            log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
-                              f"{step + 1}")
-        with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
-            changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
-            if changed:
-                log_main(is_main, f"warning: {changed}")
-        if step >= total:  # the loop below has nothing to do (a finished phase's missing export is still written)
-            log_main(is_main, end_note(step, total, len(phases)))
-        later = checkpoint.later_than(ckpt_root, step) if is_main else []
-        if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
-            log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
-                              "counted in checkpoints_total_limit; this run replaces one only by saving that step")
-        abandoned.update(later, trainer_state.get("abandoned", []))
+        step, rank_state = resume_run(resume, cfg, info, engine, ema, order, guard, phases, checkpoints, data,
+                                      data_now)
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
     if ema is not None and method == "twinflow" and resume is None:
         # The reference updates TwinFlow's EMA right before each step's teacher passes, on the weights that step
         # trains from: the same as one update now (the first copies) and one after every applied step.
         ema.update()
-
-    # the newest checkpoint of this run's own line: the one it resumed from, if that is in its own checkpoints folder
-    last_saved = step if resume is not None and checkpoint_resume.in_own_folder(resume, ckpt_root) else None
-
-    @rng_streams.isolated()
-    def save(at: int) -> None:
-        nonlocal last_saved
-        require_finite_weights(trainable, f"checkpoint step-{at}")  # a non-finite weight never reaches a checkpoint
-        log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
-        state = {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
-                 "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
-        abandoned.discard(f"step-{at}")  # re-saved: this run's now
-        path = checkpoint.save(ckpt_root, at, engine, info.rank, state,
-                               {"method": method, "layout": layout, "data": data_now}, cfg.checkpoints_total_limit,
-                               abandoned)
-        last_saved = at
-        log_main(is_main, f"checkpoint saved: {path}")
 
     if signalled(is_main, "before the first step"):  # while loading: nothing new to save
         return stopped(step)
@@ -188,10 +159,10 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     def end_phase(phase: Phase, at: int) -> None:
         """The phase's checkpoint, then its validation and export. A checkpoint that cannot be written (a full disk)
         still leaves the trained weights exported (a LoRA is a small fraction of a checkpoint's size)."""
-        if last_saved == at:
+        if checkpoints.last_saved == at:
             return finish(phase, at)
         try:
-            save(at)  # before the export: a failed or killed export loses no training
+            checkpoints.save(at)  # before the export: a failed or killed export loses no training
         except checkpoint.CheckpointWriteError as e:
             try:
                 finish(phase, at)
@@ -241,7 +212,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                 # before a later Glance phase's first step: that fresh LoRA is no state of step N (Slow's end, saved).
                 fresh_phase = phase_idx > 0 and step == phase_start
                 if due or (outcome.preempt and not fresh_phase):
-                    save(step)
+                    checkpoints.save(step)
                 if outcome.applied:
                     faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
                 if outcome.preempt:
@@ -254,12 +225,75 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
             if phase_idx + 1 < len(phases) and signalled(is_main, f"after {phase.name}'s export"):
                 return stopped(step)
             phase_start = phase_end
-        if step == total and last_saved != step:  # resumed at the end from another run's folder: its own
-            save(step)
+        if step == total and checkpoints.last_saved != step:  # resumed at the end from another run's folder: its own
+            checkpoints.save(step)
     finally:
         logger.close()
     distributed.wait_for_all("end")
     return {"step": step, "preempted": False}
+
+
+def resume_run(resume: checkpoint_resume.Resume, cfg: Config, info: DistInfo, engine, ema: EMA | None,
+               order: DataOrder, guard: NonFiniteGuard, phases: list[Phase], checkpoints: RunCheckpoints, data,
+               data_now) -> tuple[int, dict]:
+    """Engine, EMA, data cursors, non-finite guard and timestep samplers from `resume`, with this run's optimizer
+    settings over the saved ones; says what changed since. Returns the step and this rank's saved state (its RNG
+    streams: set by the caller last, after everything else that draws)."""
+    is_main, total = info.is_main, sum(p.steps for p in phases)
+    rank_state, trainer_state = checkpoint_resume.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
+    step = int(trainer_state["step"])
+    order.load_state_dict(rank_state["order"])
+    guard.load_state_dict(rank_state.get("nan_guard") or {})  # absent from checkpoints before 2026-12-06
+    for p, s in zip(phases, rank_state["samplers"]):
+        if p.sampler is not None and s is not None:
+            p.sampler.load_state_dict(s)
+    log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+    changed = checkpoint_resume.apply_configured_settings(engine, cfg)
+    if changed and step < total:
+        log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
+                          f"{step + 1}")
+    with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
+        changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
+        if changed:
+            log_main(is_main, f"warning: {changed}")
+    if step >= total:  # the loop has nothing to do (a finished phase's missing export is still written)
+        log_main(is_main, end_note(step, total, len(phases)))
+    later = checkpoint.later_than(checkpoints.root, step) if is_main else []
+    if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
+        log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
+                          "counted in checkpoints_total_limit; this run replaces one only by saving that step")
+    checkpoints.abandoned.update(later, trainer_state.get("abandoned", []))
+    if checkpoint_resume.in_own_folder(resume, checkpoints.root):
+        checkpoints.last_saved = step
+    return step, rank_state
+
+
+@dataclass
+class RunCheckpoints:
+    """This run's checkpoint saves, and what they must know of its line: the newest checkpoint of its own
+    (`last_saved`: none yet, or the one it resumed from if that is in its own folder) and the checkpoints an earlier
+    run wrote after the step this one resumed from (`abandoned`: kept, neither pruned nor counted, until this run
+    saves that step itself)."""
+    root: str
+    engine: object
+    info: DistInfo
+    trainable: list
+    limit: int            # checkpoints_total_limit
+    meta: dict            # trainer.json's method, layout and data record
+    rank_state: Callable[[], dict]  # this rank's cursors, EMA, guard and samplers, as they are at the save
+    last_saved: int | None = None
+    abandoned: set[str] = field(default_factory=set)
+
+    @rng_streams.isolated()
+    def save(self, at: int) -> None:
+        is_main = self.info.is_main
+        require_finite_weights(self.trainable, f"checkpoint step-{at}")  # a non-finite weight never reaches one
+        log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
+        self.abandoned.discard(f"step-{at}")  # re-saved: this run's now
+        path = checkpoint.save(self.root, at, self.engine, self.info.rank, self.rank_state(), self.meta, self.limit,
+                               self.abandoned)
+        self.last_saved = at
+        log_main(is_main, f"checkpoint saved: {path}")
 
 
 def nothing_left(cfg: Config, phases: list[Phase], resume: checkpoint_resume.Resume, ckpt_root: str) -> bool:
@@ -285,15 +319,6 @@ def end_note(step: int, total: int, phases: int) -> str:
                else "raise max_train_steps to train further"))
 
 
-@dataclass
-class StepOutcome:
-    applied: bool      # the optimizer update was taken (False: skipped, nothing of the step reached the model)
-    logs: dict         # rank means of the logged terms
-    preempt: bool      # some rank was signalled
-    grad_norm: float   # the global gradient norm before clipping, the same way in every layout (DeepSpeed keeps
-                       # none at stage 0 fp32)
-
-
 def signalled(is_main: bool, when: str) -> bool:
     """Whether any rank has a preemption signal (collective); if so, says so."""
     if not distributed.any_rank(preemption.requested()):
@@ -311,75 +336,3 @@ def stopped(step: int) -> dict:
     received = preemption.received()
     preemption.clear()
     return {"step": step, "preempted": True, "signal": received}
-
-
-def optimizer_step(engine, step_fn, accumulation: int, step: int, info: DistInfo, guard: NonFiniteGuard,
-                   trace: NonFiniteTrace | None = None, clip_value: float = 0.0):
-    """One optimizer step on every rank: micro-batches, the step's single reduction (logged means, preemption and
-    non-finite flags), then the update, or, if any rank saw a non-finite loss or gradient, no update at all.
-    `clip_value` > 0: each gradient value is clipped to it first (grad_clip_method value; the logged norm is the
-    unclipped one)."""
-    if trace is not None:
-        trace.reset()
-    logs, loss_finite = run_micro_steps(engine, step_fn, accumulation, step, info.rank)
-    grads = nonfinite.local_grad_check(engine)  # at the boundary, before the optimizer step; no collective
-    faults.signal_if("FEWSTEP_FAULT_SIGNAL_AT_STEP", step)
-    bad_terms = [k for k, v in logs.items() if not math.isfinite(v)]  # this rank's, to say where it went wrong
-    logs, flags = distributed.reduce_step({**logs, "grad_sq_norm": grads.sq_norm},
-                                          {"preempt": preemption.requested(), "loss": not loss_finite,
-                                           "grads": not grads.finite})
-    grad_norm = math.sqrt(logs.pop("grad_sq_norm") * info.world_size)  # the ranks' shares summed (GradCheck)
-    if flags["loss"] or flags["grads"]:  # parameters, optimizer state, LR schedule and step count stay as they were
-        nonfinite.skip_step(engine)
-        what = " and ".join(name for name, bad in (("loss", flags["loss"]), ("gradients", flags["grads"])) if bad)
-        reason = f"non-finite {what} (on some rank{'; here: ' + ', '.join(bad_terms) if bad_terms else ''})"
-        if trace is not None:
-            reason += f"; {trace.report()}"
-    else:
-        if clip_value > 0:
-            nonfinite.clip_grad_values(engine, clip_value)
-        if take_optimizer_step(engine):
-            guard.good()
-            return StepOutcome(True, logs, flags["preempt"], grad_norm)
-        reason = "gradient norm not finite"  # DeepSpeed itself found it invalid (e.g. overflowing)
-    log_main(info.is_main, f"step {step}: {reason}: update skipped")
-    guard.bad(step)  # raises NonFiniteStop when nan_policy says so
-    return StepOutcome(False, logs, flags["preempt"], grad_norm)
-
-
-def take_optimizer_step(engine) -> bool:
-    """engine.step() at the accumulation boundary; whether DeepSpeed applied it (it skips an invalid norm itself)."""
-    engine.step()
-    return engine.was_step_applied()
-
-
-def run_micro_steps(engine, step_fn, accumulation: int, step: int, rank: int) -> tuple[dict, bool]:
-    """Forward and backward of every micro-batch of one optimizer step, stopping short of the optimizer step itself
-    (the caller decides, with every rank, whether to take it). Returns the micro-averaged logged terms and whether
-    every loss was finite. The loss and the terms a method computes on the device are summed there and read in one
-    copy at the end: a read waits for the GPU, and one per micro-step would keep the host from preparing the next
-    micro-batch while the GPU runs this one's backward."""
-    sums = {}
-    for micro in range(accumulation):
-        loss, terms = step_fn(micro)
-        loss = faults.nan_loss_if(loss, step, rank)
-        engine.backward(loss)
-        if micro < accumulation - 1:
-            engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
-        for k, v in {"loss": loss, **terms}.items():
-            v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
-            sums[k] = sums.get(k, 0.0) + v
-    logs = {k: v / accumulation for k, v in read_numbers(sums).items()}
-    return logs, math.isfinite(logs["loss"])  # a sum of fp32 losses is finite exactly when every one is
-
-
-def read_numbers(terms: dict) -> dict[str, float]:
-    """Numbers and 0-d tensors as floats, the tensors read in one copy per device they are on."""
-    by_device: dict[torch.device, list[str]] = {}
-    for k, v in terms.items():
-        if isinstance(v, torch.Tensor):
-            by_device.setdefault(v.device, []).append(k)
-    numbers = {}
-    for keys in by_device.values():
-        numbers.update(zip(keys, torch.stack([terms[k].detach().double().reshape(()) for k in keys]).tolist()))
-    return {k: numbers[k] if k in numbers else float(v) for k, v in terms.items()}
