@@ -143,10 +143,16 @@ def test_every_ablation_config_differs_from_its_base_run_in_the_option_it_names(
     run_mod = _load_run()
     base, ablations = run_mod.distil_configs(run_mod.SMOKE, str(tmp_path)), run_mod.ablation_configs(
         run_mod.SMOKE, str(tmp_path))
-    assert set(ablations) == set(run_mod.ABLATIONS)
-    for name, (src, over, _) in run_mod.ABLATIONS.items():
+    expected = {"twinflow_full_cfg": ("twinflow_full", {"twinflow_enhanced_ratio"}),
+                "twinflow_full_noadv": ("twinflow_full", {"twinflow_adversarial_enabled"}),
+                "twinflow_full_frozen": ("twinflow_full", {"ema_decay", "twinflow_enhanced_ratio"}),
+                "glance_10img": ("glance", {"data_backend_config"}),
+                "glance_lr1e4": ("glance", {"learning_rate"}),
+                "glance_uniform": ("glance", {"glance_slow_timesteps", "glance_fast_timesteps", "learning_rate"})}
+    assert set(ablations) == set(expected)
+    for name, (src, keys) in expected.items():
         a, b = ablations[name], base[src]
-        assert {k for k in a if a[k] != b.get(k)} == set(over) | {"output_dir"}, name
+        assert {k for k in a if a[k] != b.get(k)} == keys | {"output_dir"}, name
         assert a["output_dir"] == str(tmp_path / name)
     uniform = ablations["glance_uniform"]  # the teacher's plain 10 steps
     assert uniform["glance_slow_timesteps"] + uniform["glance_fast_timesteps"] == pytest.approx(
