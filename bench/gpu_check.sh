@@ -234,7 +234,7 @@ step_train_step() {
     # TwinFlow and the flow-matching peer anchor at 1024², batch 1; then TwinFlow at 512², batch 4 with its teacher
     # passes on the used rows (the default) and on the whole batch (the reference's way), a paired comparison (same
     # groups and times; at batch 1 a rank with no used row still runs one, so the comparison needs batch >= 2)
-    if [[ $MODE == dry ]]; then runs=(all_b4 flow); fi  # every flag the four pass (tests/bench: each family's smoke)
+    if [[ $MODE == dry ]]; then runs=(all_b4 flow); fi  # every flag the four pass (SDXL's smoke: tests/bench)
     for run in "${runs[@]}"; do
         case $run in
             twinflow) json=$WORK/train_step.json args=(--method twinflow --resolution 1024 --batch 1) ;;

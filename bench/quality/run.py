@@ -4,6 +4,7 @@
     python bench/quality/run.py                   # the full benchmark (tens of minutes on 2 CPU cores)
     python bench/quality/run.py --smoke --out D   # tiny sizes, a minute or two: proves the pipeline runs
     python bench/quality/run.py --stages eval report   # re-run some stages (finished ones are skipped unless --force)
+    python bench/quality/run.py --ablations glance_lr1e4   # the main runs and only the ablations named
     python bench/quality/run.py --stages prepare teacher --export-teacher data/digits-teacher   # the demo's teacher
 
 Stages: prepare (data split, dataset, pipeline, classifier, prompt embeddings) -> teacher (plain flow matching, full
