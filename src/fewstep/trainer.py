@@ -5,6 +5,10 @@ TwinFlow. What differs per method is the loss of one micro-batch, built in `fews
 samples (`fewstep.validation`). One optimizer step (micro-batches, the step's reduction, the update or its skip) is
 `fewstep.optimizer_step`.
 
+`_train` sets up (the config's checks, the data, the model and its engine) and hands over to a `Run`: its resume,
+then the loop over phases (`train_phases`) and over one phase's steps (`train_phase`), each phase ending in a
+checkpoint, a validation and an export (`end_phase`).
+
 Multi-GPU rules this file keeps (see `fewstep.engine.distributed`): one reduction per optimizer step carries the
 logged values and the preemption flag; work that takes different times on different ranks (data scan, cache fill,
 rank-0 exports and validation decoding, checkpoint writes) ends in a store-based wait, not a collective with a
@@ -115,21 +119,20 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
                       sampling=cfg.data_backend_sampling)
     with distributed.uneven_work("data record"):  # rank 0 writes it into each checkpoint (seconds at 10 M images)
         data_now = data_record(dataset, cfg.seed, cfg.data_backend_sampling, order.global_batch) if is_main else None
-    initial_weights = [m.detach().clone() for m in master_partitions(engine)] if len(phases) > 1 else None
-    initial_sched = scheduler.state_dict() if len(phases) > 1 else None
+    initial = None  # the trainable weights and LR schedule a later Glance phase starts from
+    if len(phases) > 1:
+        initial = ([m.detach().clone() for m in master_partitions(engine)], scheduler.state_dict())
 
     guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_max_bad_steps)
-
-    def rank_checkpoint_state() -> dict:  # what this rank saves beside DeepSpeed's files (and its RNG streams)
-        return {"order": order.state_dict(), "ema": ema.state_dict() if ema else None, "nan_guard": guard.state_dict(),
-                "samplers": [p.sampler.state_dict() if p.sampler else None for p in phases]}
-
     checkpoints = RunCheckpoints(ckpt_root, engine, info, trainable, cfg.checkpoints_total_limit,
-                                 {"method": method, "layout": layout, "data": data_now}, rank_checkpoint_state)
+                                 {"method": method, "layout": layout, "data": data_now})
+    ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
+                      dtype=dtype, backend=backend, ema=ema)
+    run = Run(cfg, info, ctx, transformer, trainable, scheduler, guard, phases, checkpoints, vae, resolution, initial,
+              trace=NonFiniteTrace(transformer) if cfg.nan_trace else None)
     rank_state = None
     if resume is not None:  # engine, EMA and cursors, resharded to this world size / ZeRO stage if they changed
-        step, rank_state = resume_run(resume, cfg, info, engine, ema, order, guard, phases, checkpoints, data,
-                                      data_now)
+        rank_state = run.resume(resume, data, data_now)
     elif cfg.resume_from_checkpoint == "latest":
         log_main(is_main, "resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
     if ema is not None and method == "twinflow" and resume is None:
@@ -138,134 +141,174 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         ema.update()
 
     if signalled(is_main, "before the first step"):  # while loading: nothing new to save
-        return stopped(step)
+        return stopped(run.step)
     with distributed.uneven_work("metrics logger"):  # rank 0's alone (TensorBoard's import, wandb.init: seconds)
         faults.work_at("logger")
-        logger = MetricsLogger.from_config(cfg, is_main, total, step, desc=method)
+        run.logger = MetricsLogger.from_config(cfg, is_main, total, run.step, desc=method)
     rng_streams.set_state(rank_state["rng"] if rank_state is not None else stream)  # last: nothing above draws on
     rank_state = None  # a reshard's tensors map the checkpoint's files: held, NFS could not prune that checkpoint
+    return run.train_phases()
 
-    ctx = StepContext(cfg=cfg, adapter=adapter, engine=engine, dataset=dataset, order=order, device=info.device,
-                      dtype=dtype, backend=backend, ema=ema)
-    trace = NonFiniteTrace(transformer) if cfg.nan_trace else None
-    clip_value = cfg.max_grad_norm if cfg.grad_clip_method == "value" else 0.0  # per value; else DeepSpeed's norm clip
 
-    @rng_streams.isolated()
-    def finish(phase: Phase, at: int) -> None:
-        log_main(is_main, f"{phase.name}: validating and exporting")
-        validate(ctx, phase, at, logger, vae, is_main)
-        export_phase(cfg, adapter, engine, transformer, ema, phase, at, resolution, is_main)
+@dataclass
+class Run:
+    """One training once its model is loaded: the engine and what a checkpoint saves beside it, and the loop over the
+    phases (one, or Glance's Slow then Fast) from `step` on."""
+    cfg: Config
+    info: DistInfo
+    ctx: StepContext              # the engine, data order, EMA and the rest a micro-step reads
+    transformer: torch.nn.Module
+    trainable: list
+    scheduler: object             # the LR schedule
+    guard: NonFiniteGuard
+    phases: list[Phase]
+    checkpoints: RunCheckpoints
+    vae: object                   # rank 0's, for validation images (None on the other ranks)
+    resolution: int
+    initial: tuple | None         # the trainable weights and LR schedule a later Glance phase starts from
+    trace: NonFiniteTrace | None = None  # nan_trace: names the first module with a non-finite output
+    logger: MetricsLogger | None = None  # made after the resume, at the step it continues from
+    step: int = 0
 
-    def end_phase(phase: Phase, at: int) -> None:
+    @property
+    def total(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def rank_checkpoint_state(self) -> dict:  # what this rank saves beside DeepSpeed's files (and its RNG streams)
+        ema = self.ctx.ema
+        return {"order": self.ctx.order.state_dict(), "ema": ema.state_dict() if ema else None,
+                "nan_guard": self.guard.state_dict(),
+                "samplers": [p.sampler.state_dict() if p.sampler else None for p in self.phases]}
+
+    def save(self, at: int) -> None:
+        self.checkpoints.save(at, self.rank_checkpoint_state)
+
+    def train_phases(self) -> dict:
+        is_main, end = self.info.is_main, 0
+        self.ctx.engine.train()
+        try:
+            for idx, phase in enumerate(self.phases):
+                start, end = end, end + phase.steps
+                if self.step < end:
+                    if not self.train_phase(idx, phase, start, end):
+                        return stopped(self.step)
+                    self.end_phase(phase)
+                elif self.step == end and not phase_exported(self.cfg, phase, end):  # interrupted before its export
+                    log_main(is_main, f"{phase.name}: finished at step {end} but not exported (interrupted); exporting")
+                    self.finish(phase)
+                else:  # finished and exported before this (re)start
+                    continue
+                if idx + 1 < len(self.phases) and signalled(is_main, f"after {phase.name}'s export"):
+                    return stopped(self.step)
+            if self.step == self.total and self.checkpoints.last_saved != self.step:
+                self.save(self.step)  # resumed at the end from another run's folder: its own line's checkpoint
+        finally:
+            self.logger.close()
+        distributed.wait_for_all("end")
+        return {"step": self.step, "preempted": False}
+
+    def train_phase(self, idx: int, phase: Phase, start: int, end: int) -> bool:
+        """Steps from `self.step` to the phase's `end`, with the validations and checkpoints due on the way. False: a
+        signal stopped the run (after saving a checkpoint where there was new state)."""
+        cfg, info, ema, is_main = self.cfg, self.info, self.ctx.ema, self.info.is_main
+        if self.step == start and idx > 0:  # a fresh LoRA for the next Glance phase
+            weights, schedule = self.initial
+            reset_trainable(self.ctx.engine, weights, self.scheduler, schedule)
+            if ema is not None:
+                ema.reset()
+        step_fn = make_step(cfg.resolved_method, phase, self.ctx)
+        clip_value = cfg.max_grad_norm if cfg.grad_clip_method == "value" else 0.0  # per value; else DeepSpeed's norm
+        while self.step < end:
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at (its optimizer step moves it on)
+            outcome = optimizer_step(self.ctx.engine, step_fn, cfg.gradient_accumulation_steps, self.step + 1, info,
+                                     self.guard, self.trace, clip_value)
+            due = False
+            if outcome.applied:
+                if ema is not None:  # after an applied step only: a skipped one leaves it as it was
+                    ema.update()
+                self.step += 1
+                step = self.step
+                faults.poison_weights_if(self.trainable, step, info.rank)
+                self.logger.log(step, {**outcome.logs, "lr": lr,
+                                       "grad_norm": outcome.grad_norm, "skipped_steps": self.guard.skipped},
+                                cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
+                if cfg.validation_steps and step % cfg.validation_steps == 0 and step < end:
+                    with rng_streams.isolated():
+                        validate(self.ctx, phase, step, self.logger, self.vae, is_main)
+                due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < self.total
+            # A preempted step saves, a skipped one too (its data draws and non-finite streak are state), but not
+            # before a later Glance phase's first step: that fresh LoRA is no state of step N (Slow's end, saved).
+            fresh_phase = idx > 0 and self.step == start
+            if due or (outcome.preempt and not fresh_phase):
+                self.save(self.step)
+            if outcome.applied:
+                faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", self.step)
+            if outcome.preempt:
+                log_main(is_main, f"preempted at step {self.step}, " + (
+                    f"before {phase.name}'s first step: nothing to save" if fresh_phase else "checkpoint saved"))
+                return False
+            if due and signalled(is_main, f"at checkpoint step-{self.step}"):  # not one more step and save
+                return False
+        return True
+
+    def end_phase(self, phase: Phase) -> None:
         """The phase's checkpoint, then its validation and export. A checkpoint that cannot be written (a full disk)
         still leaves the trained weights exported (a LoRA is a small fraction of a checkpoint's size)."""
-        if checkpoints.last_saved == at:
-            return finish(phase, at)
+        at = self.step
+        if self.checkpoints.last_saved == at:
+            return self.finish(phase)
         try:
-            checkpoints.save(at)  # before the export: a failed or killed export loses no training
+            self.save(at)  # before the export: a failed or killed export loses no training
         except checkpoint.CheckpointWriteError as e:
             try:
-                finish(phase, at)
+                self.finish(phase)
             except Exception as also:  # noqa: BLE001 - the export on a full disk: an OSError, another rank's failure
                 raise checkpoint.CheckpointWriteError(f"{e}. The {phase.name} export failed too: {also}") from None
             raise checkpoint.CheckpointWriteError(f"{e}. The weights trained to step {at} were exported nonetheless "
-                                                  f"({export_dir(cfg, phase)})") from None
-        finish(phase, at)
+                                                  f"({export_dir(self.cfg, phase)})") from None
+        self.finish(phase)
 
-    engine.train()
-    phase_start = 0
-    try:
-        for phase_idx, phase in enumerate(phases):
-            phase_end = phase_start + phase.steps
-            if step >= phase_end:  # finished before this (re)start; an interruption may have come before its export
-                if step == phase_end and not phase_exported(cfg, phase, step):
-                    log_main(is_main, f"{phase.name}: finished at step {step} but not exported (interrupted); "
-                                      "exporting")
-                    finish(phase, step)
-                    if phase_idx + 1 < len(phases) and signalled(is_main, f"after {phase.name}'s export"):
-                        return stopped(step)
-                phase_start = phase_end
-                continue
-            if step == phase_start and phase_idx > 0:  # a fresh LoRA for the next Glance phase
-                reset_trainable(engine, initial_weights, scheduler, initial_sched)
-                if ema is not None:
-                    ema.reset()
-            step_fn = make_step(method, phase, ctx)
-            while step < phase_end:
-                lr = scheduler.get_last_lr()[0]  # the rate this step trains at (its optimizer step moves it on)
-                outcome = optimizer_step(engine, step_fn, cfg.gradient_accumulation_steps, step + 1, info, guard,
-                                         trace, clip_value)
-                due = False
-                if outcome.applied:
-                    if ema is not None:  # after an applied step only: a skipped one leaves it as it was
-                        ema.update()
-                    step += 1
-                    faults.poison_weights_if(trainable, step, info.rank)
-                    logger.log(step, {**outcome.logs, "lr": lr,
-                                      "grad_norm": outcome.grad_norm, "skipped_steps": guard.skipped},
-                               cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
-                    if cfg.validation_steps and step % cfg.validation_steps == 0 and step < phase_end:
-                        with rng_streams.isolated():
-                            validate(ctx, phase, step, logger, vae, is_main)
-                    due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < total
-                # A preempted step saves, a skipped one too (its data draws and non-finite streak are state), but not
-                # before a later Glance phase's first step: that fresh LoRA is no state of step N (Slow's end, saved).
-                fresh_phase = phase_idx > 0 and step == phase_start
-                if due or (outcome.preempt and not fresh_phase):
-                    checkpoints.save(step)
-                if outcome.applied:
-                    faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", step)
-                if outcome.preempt:
-                    log_main(is_main, f"preempted at step {step}, " + (
-                        f"before {phase.name}'s first step: nothing to save" if fresh_phase else "checkpoint saved"))
-                    return stopped(step)
-                if due and signalled(is_main, f"at checkpoint step-{step}"):  # not one more step and save
-                    return stopped(step)
-            end_phase(phase, step)
-            if phase_idx + 1 < len(phases) and signalled(is_main, f"after {phase.name}'s export"):
-                return stopped(step)
-            phase_start = phase_end
-        if step == total and checkpoints.last_saved != step:  # resumed at the end from another run's folder: its own
-            checkpoints.save(step)
-    finally:
-        logger.close()
-    distributed.wait_for_all("end")
-    return {"step": step, "preempted": False}
+    @rng_streams.isolated()
+    def finish(self, phase: Phase) -> None:
+        """The phase's validation and export, at `self.step`."""
+        log_main(self.info.is_main, f"{phase.name}: validating and exporting")
+        validate(self.ctx, phase, self.step, self.logger, self.vae, self.info.is_main)
+        export_phase(self.cfg, self.ctx.adapter, self.ctx.engine, self.transformer, self.ctx.ema, phase, self.step,
+                     self.resolution, self.info.is_main)
 
-
-def resume_run(resume: checkpoint_resume.Resume, cfg: Config, info: DistInfo, engine, ema: EMA | None,
-               order: DataOrder, guard: NonFiniteGuard, phases: list[Phase], checkpoints: RunCheckpoints, data,
-               data_now) -> tuple[int, dict]:
-    """Engine, EMA, data cursors, non-finite guard and timestep samplers from `resume`, with this run's optimizer
-    settings over the saved ones; says what changed since. Returns the step and this rank's saved state (its RNG
-    streams: set by the caller last, after everything else that draws)."""
-    is_main, total = info.is_main, sum(p.steps for p in phases)
-    rank_state, trainer_state = checkpoint_resume.restore(resume, engine, info.rank, ema=ema, seed=cfg.seed)
-    step = int(trainer_state["step"])
-    order.load_state_dict(rank_state["order"])
-    guard.load_state_dict(rank_state.get("nan_guard") or {})  # absent from checkpoints before 2026-12-06
-    for p, s in zip(phases, rank_state["samplers"]):
-        if p.sampler is not None and s is not None:
-            p.sampler.load_state_dict(s)
-    log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
-    changed = checkpoint_resume.apply_configured_settings(engine, cfg)
-    if changed and step < total:
-        log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
-                          f"{step + 1}")
-    with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
-        changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
-        if changed:
-            log_main(is_main, f"warning: {changed}")
-    if step >= total:  # the loop has nothing to do (a finished phase's missing export is still written)
-        log_main(is_main, end_note(step, total, len(phases)))
-    later = checkpoint.later_than(checkpoints.root, step) if is_main else []
-    if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
-        log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned nor "
-                          "counted in checkpoints_total_limit; this run replaces one only by saving that step")
-    checkpoints.abandoned.update(later, trainer_state.get("abandoned", []))
-    if checkpoint_resume.in_own_folder(resume, checkpoints.root):
-        checkpoints.last_saved = step
-    return step, rank_state
+    def resume(self, resume: checkpoint_resume.Resume, data, data_now) -> dict:
+        """Engine, EMA, data cursors, non-finite guard and timestep samplers from `resume`, with this run's optimizer
+        settings over the saved ones; says what changed since. Returns this rank's saved state (its RNG streams: set
+        by the caller last, after everything else that draws)."""
+        cfg, is_main, total, ctx = self.cfg, self.info.is_main, self.total, self.ctx
+        rank_state, trainer_state = checkpoint_resume.restore(resume, ctx.engine, self.info.rank, ema=ctx.ema,
+                                                              seed=cfg.seed)
+        self.step = step = int(trainer_state["step"])
+        ctx.order.load_state_dict(rank_state["order"])
+        self.guard.load_state_dict(rank_state.get("nan_guard") or {})  # absent from checkpoints before 2026-12-06
+        for p, s in zip(self.phases, rank_state["samplers"]):
+            if p.sampler is not None and s is not None:
+                p.sampler.load_state_dict(s)
+        log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        changed = checkpoint_resume.apply_configured_settings(ctx.engine, cfg)
+        if changed and step < total:
+            log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
+                              f"{step + 1}")
+        with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
+            changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
+            if changed:
+                log_main(is_main, f"warning: {changed}")
+        if step >= total:  # the loop has nothing to do (a finished phase's missing export is still written)
+            log_main(is_main, end_note(step, total, len(self.phases)))
+        checkpoints = self.checkpoints
+        later = checkpoint.later_than(checkpoints.root, step) if is_main else []
+        if later:  # a resume from an earlier step: the abandoned run's checkpoints stay
+            log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned "
+                              "nor counted in checkpoints_total_limit; this run replaces one only by saving that step")
+        checkpoints.abandoned.update(later, trainer_state.get("abandoned", []))
+        if checkpoint_resume.in_own_folder(resume, checkpoints.root):
+            checkpoints.last_saved = step
+        return rank_state
 
 
 @dataclass
@@ -280,17 +323,17 @@ class RunCheckpoints:
     trainable: list
     limit: int            # checkpoints_total_limit
     meta: dict            # trainer.json's method, layout and data record
-    rank_state: Callable[[], dict]  # this rank's cursors, EMA, guard and samplers, as they are at the save
     last_saved: int | None = None
     abandoned: set[str] = field(default_factory=set)
 
     @rng_streams.isolated()
-    def save(self, at: int) -> None:
+    def save(self, at: int, rank_state: Callable[[], dict]) -> None:
+        """Checkpoint step-`at`: DeepSpeed's files and this rank's `rank_state()` (cursors, EMA, guard, samplers)."""
         is_main = self.info.is_main
         require_finite_weights(self.trainable, f"checkpoint step-{at}")  # a non-finite weight never reaches one
         log_main(is_main, f"saving checkpoint step-{at}")  # minutes for a large model: say so before, not only after
         self.abandoned.discard(f"step-{at}")  # re-saved: this run's now
-        path = checkpoint.save(self.root, at, self.engine, self.info.rank, self.rank_state(), self.meta, self.limit,
+        path = checkpoint.save(self.root, at, self.engine, self.info.rank, rank_state(), self.meta, self.limit,
                                self.abandoned)
         self.last_saved = at
         log_main(is_main, f"checkpoint saved: {path}")
