@@ -110,17 +110,14 @@ def twinflow_scheduler(steps: int, args, base_config=None, prediction_type: str 
 
     base_config / prediction_type: for a diffusion base (SDXL), its folder's scheduler config (the betas) and
     'epsilon' / 'v_prediction': the scheduler then scales the UNet's input and converts its output (diff2flow)."""
-    from fewstep.schedulers import TwinFlowScheduler
-    from fewstep.schedulers.twinflow import twinflow_preset
+    from fewstep.schedulers.twinflow import twinflow_sampler
 
-    preset = twinflow_preset(steps)
-    for key in ("target_time", "stochastic_ratio", "gap_end", "kumaraswamy"):
-        if getattr(args, key, None) is not None:
-            preset[key] = tuple(args.kumaraswamy) if key == "kumaraswamy" else getattr(args, key)
+    overrides = {key: getattr(args, key) for key in ("target_time", "stochastic_ratio", "gap_end", "kumaraswamy")
+                 if getattr(args, key, None) is not None}
+    if "kumaraswamy" in overrides:
+        overrides["kumaraswamy"] = tuple(overrides["kumaraswamy"])
     try:
-        if base_config is not None:
-            return TwinFlowScheduler.from_config(base_config, prediction_type=prediction_type, **preset)
-        return TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", **preset)
+        return twinflow_sampler(steps, base_config, prediction_type, **overrides)
     except ValueError as e:
         from fewstep.sampling import SamplingError
         raise SamplingError(str(e)) from None

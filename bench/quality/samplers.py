@@ -55,11 +55,10 @@ def twinflow(pipeline_dir: str, run_dir: str, cond: dict, noise: torch.Tensor, s
     embeddings load from beside the weights; t and tt come from the scheduler's current step, sign +1. The
     scheduler's re-noising draws from the global RNG, seeded here.
     """
-    from fewstep.schedulers import TwinFlowScheduler
-    from fewstep.schedulers.twinflow import twinflow_preset
+    from fewstep.schedulers.twinflow import twinflow_sampler
 
     tdir = os.path.join(run_dir, "transformer") if full else None
-    sched = TwinFlowScheduler(num_train_timesteps=1000, **{**twinflow_preset(steps), **sampler})
+    sched = twinflow_sampler(steps, **sampler)
     comps, pipe = load(pipeline_dir, tdir, sched)
     if not full:
         pipe.load_lora_weights(run_dir)

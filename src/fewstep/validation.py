@@ -61,10 +61,8 @@ def sample_latents(ctx: StepContext, phase: Phase, cond: dict, generator: torch.
     shape = (1, *ctx.dataset.validation_shape(validation_size(cfg.validation_resolution)))
     x = torch.randn(shape, generator=generator).to(ctx.device, ctx.dtype)
     if cfg.resolved_method == "twinflow":
-        from fewstep.schedulers import TwinFlowScheduler
-        from fewstep.schedulers.twinflow import twinflow_preset
-        n = cfg.twinflow_target_step_count  # sampled with the same preset as launcher/sample.py
-        sched = TwinFlowScheduler(num_train_timesteps=1000, prediction_type="flow_matching", **twinflow_preset(n))
+        from fewstep.schedulers.twinflow import twinflow_sampler
+        sched = twinflow_sampler(cfg.twinflow_target_step_count)  # the preset launcher/sample.py samples with
         one = torch.ones(1, device=x.device)
         return twinflow_loop(lambda x_, s, tt: model(x_, s, cond, tt=tt, sign=one), x.float(), sched,
                              cfg.twinflow_target_step_count, generator=generator), None

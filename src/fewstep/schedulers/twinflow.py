@@ -369,3 +369,14 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index += 1
         prev = prev.to(sample.dtype)
         return TwinFlowSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def twinflow_sampler(num_steps: int, base_config=None, prediction_type: str = "flow_matching",
+                     **settings) -> TwinFlowScheduler:
+    """The scheduler fewstep samples `num_steps` NFE with (validation, `launcher/sample.py`, the quality bench): the
+    preset (`twinflow_preset`) with `settings` over it. `base_config`: a diffusion base's scheduler config (its betas,
+    for `prediction_type` 'epsilon' / 'v_prediction'); none for a flow model."""
+    settings = {**twinflow_preset(num_steps), **settings}
+    if base_config is not None:
+        return TwinFlowScheduler.from_config(base_config, prediction_type=prediction_type, **settings)
+    return TwinFlowScheduler(num_train_timesteps=1000, prediction_type=prediction_type, **settings)
