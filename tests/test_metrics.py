@@ -224,7 +224,8 @@ def test_wandb_credentials_check_follows_the_mode(tmp_path, extra, refused):
 
 def test_resume_logs_every_step_once_in_tensorboard_and_jsonl(tmp_path):
     """A run logs steps 1-5 and dies (its last JSONL line cut short); the resume from step 3 logs 4-6 again. TensorBoard
-    and metrics.jsonl then hold steps 1-6 once each, 4 and 5 with the resumed run's values."""
+    and metrics.jsonl then hold steps 1-6 once each, 4 and 5 with the resumed run's values; the replaced lines (4, 5)
+    are kept beside it, and a second resume from step 3 keeps its own in a second file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = str(tmp_path / "run")
@@ -244,6 +245,16 @@ def test_resume_logs_every_step_once_in_tensorboard_and_jsonl(tmp_path):
     expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
     assert scalars == expected
     assert [(m["step"], m["loss"]) for m in read_metrics(out)] == expected
+
+    def rows(name):
+        with open(os.path.join(out, "logs", name)) as fh:
+            return [(r["step"], r["loss"]) for r in map(json.loads, fh)]
+
+    assert rows("metrics.replaced-from-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
+    MetricsLogger(out, None, True, False, total_steps=6, start_step=3).close()  # a rollback to step 3 again
+    assert rows("metrics.replaced-from-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
+    assert rows("metrics.replaced-from-step-3.1.jsonl") == [(4, 14.0), (5, 15.0), (6, 16.0)]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
 
 
 def test_the_logged_lr_is_the_rate_the_step_trained_at(tmp_path):

@@ -149,24 +149,27 @@ class MetricsLogger:
                    desc=desc, wandb_init=wandb_init)
 
     def _truncate(self, start_step: int) -> bool:
-        """On resume, drop lines logged after the checkpoint so every step appears exactly once, and a last line cut
-        short (a full disk, a killed process); rewritten atomically, so an interruption keeps the old file. Returns
-        whether any step past `start_step` had been logged."""
+        """On resume, move lines logged after the checkpoint to `metrics.replaced-from-step-N.jsonl` beside it (the
+        abandoned run's curve stays readable, e.g. the divergence a rollback undoes), so every step appears exactly
+        once in metrics.jsonl; drop a last line cut short (a full disk, a killed process). Both files are written
+        atomically, the replaced lines first, so an interruption loses no line. Returns whether any step past
+        `start_step` had been logged."""
         if not os.path.exists(self.jsonl):
             return False
-        keep, past = [], False
+        keep, replaced = [], []
         with open(self.jsonl, errors="replace") as fh:
             for ln in fh:
                 try:
                     row = json.loads(ln)
                 except ValueError:
                     continue
-                if isinstance(row, dict) and row.get("step", 0) <= start_step:
-                    keep.append(ln if ln.endswith("\n") else ln + "\n")
-                elif isinstance(row, dict):
-                    past = True
+                if isinstance(row, dict):
+                    line = ln if ln.endswith("\n") else ln + "\n"
+                    (keep if row.get("step", 0) <= start_step else replaced).append(line)
+        if replaced:
+            write_atomic(replaced_metrics_path(self.jsonl, start_step), "".join(replaced))
         write_atomic(self.jsonl, "".join(keep))
-        return past
+        return bool(replaced)
 
     def log(self, step: int, scalars: dict, samples: int) -> None:
         now = time.perf_counter()
@@ -262,6 +265,17 @@ def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_ru
     with open(id_file, "w") as fh:
         fh.write(f"{run_id}\n{init.get('name') or ''}")
     return run
+
+
+def replaced_metrics_path(jsonl: str, start_step: int) -> str:
+    """A free name for the lines a resume from `start_step` replaces: metrics.replaced-from-step-N.jsonl, then .1,
+    .2, ... for a later resume from the same step."""
+    stem = os.path.join(os.path.dirname(jsonl), f"metrics.replaced-from-step-{start_step}")
+    path, n = f"{stem}.jsonl", 0
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}.{n}.jsonl"
+    return path
 
 
 def trajectory_scatter(times: list[tuple[float, float]], size: int = 256):

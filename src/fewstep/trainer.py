@@ -184,6 +184,8 @@ class Run:
         self.checkpoints.save(at, self.rank_checkpoint_state)
 
     def train_phases(self) -> dict:
+        """Every phase from `self.step` on (one finished before a restart but not exported is exported now). Returns
+        what `train` does: the step reached, and whether a signal stopped the run."""
         is_main, end = self.info.is_main, 0
         self.ctx.engine.train()
         try:
