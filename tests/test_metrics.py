@@ -250,10 +250,10 @@ def test_resume_logs_every_step_once_in_tensorboard_and_jsonl(tmp_path):
         with open(os.path.join(out, "logs", name)) as fh:
             return [(r["step"], r["loss"]) for r in map(json.loads, fh)]
 
-    assert rows("metrics.replaced-from-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
+    assert rows("metrics.replaced-after-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
     MetricsLogger(out, None, True, False, total_steps=6, start_step=3).close()  # a rollback to step 3 again
-    assert rows("metrics.replaced-from-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
-    assert rows("metrics.replaced-from-step-3.1.jsonl") == [(4, 14.0), (5, 15.0), (6, 16.0)]
+    assert rows("metrics.replaced-after-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
+    assert rows("metrics.replaced-after-step-3.1.jsonl") == [(4, 14.0), (5, 15.0), (6, 16.0)]
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
 
 

@@ -149,11 +149,12 @@ class MetricsLogger:
                    desc=desc, wandb_init=wandb_init)
 
     def _truncate(self, start_step: int) -> bool:
-        """On resume, move lines logged after the checkpoint to `metrics.replaced-from-step-N.jsonl` beside it (the
-        abandoned run's curve stays readable, e.g. the divergence a rollback undoes), so every step appears exactly
-        once in metrics.jsonl; drop a last line cut short (a full disk, a killed process). Both files are written
-        atomically, the replaced lines first, so an interruption loses no line. Returns whether any step past
-        `start_step` had been logged."""
+        """At each start (a resume, or a fresh start over an earlier attempt's log), move the lines logged after
+        `start_step` to `metrics.replaced-after-step-N.jsonl` beside it, so every step appears exactly once in
+        metrics.jsonl and the abandoned run's curve stays readable (e.g. the divergence a rollback undoes). Lines that
+        are no JSON object (the last one cut short by a full disk or a kill) are dropped. The moved lines are written
+        first, then metrics.jsonl, each atomically: a kill between the two loses no line (the next start moves them
+        again, into a second file). Returns whether any step past `start_step` had been logged."""
         if not os.path.exists(self.jsonl):
             return False
         keep, replaced = [], []
@@ -268,9 +269,9 @@ def _start_wandb(id_file: str, log_dir: str, start_step: int, init: dict, new_ru
 
 
 def replaced_metrics_path(jsonl: str, start_step: int) -> str:
-    """A free name for the lines a resume from `start_step` replaces: metrics.replaced-from-step-N.jsonl, then .1,
-    .2, ... for a later resume from the same step."""
-    stem = os.path.join(os.path.dirname(jsonl), f"metrics.replaced-from-step-{start_step}")
+    """A free name for the lines a start at `start_step` replaces: metrics.replaced-after-step-N.jsonl, then .1,
+    .2, ... for a later start at the same step."""
+    stem = os.path.join(os.path.dirname(jsonl), f"metrics.replaced-after-step-{start_step}")
     path, n = f"{stem}.jsonl", 0
     while os.path.exists(path):
         n += 1

@@ -69,7 +69,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
         if is_main:
             require_wandb_credentials(cfg.report_to)
     ds_config = build_ds_config(cfg)
-    step, ckpt_root = 0, os.path.join(cfg.output_dir, "checkpoints")
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     stage = ds_config["zero_optimization"]["stage"]  # the deepspeed_config file's, if it sets one
     layout = checkpoint.run_layout(cfg, adapter, stage, info.world_size)
     # before any data or model is read (a hub id not yet cached would download first): rank 0 resolves and compares
@@ -90,7 +90,7 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     built = build_dataset(cfg, adapter, info, source, data, stop=preemption.requested)  # None: a signal stopped it
     if built is None:  # during the scan or the cache fill (which ends after its batch): no model load (minutes)
         log_main(is_main, preempted_line("before the model loaded"))
-        return stopped(resume.step if resume is not None else step)
+        return stopped(resume.step if resume is not None else 0)
     dataset, resolution, shuffle = built
 
     log_main(is_main, f"loading {cfg.pretrained_model_name_or_path}")
@@ -197,21 +197,22 @@ class Run:
                     self.end_phase(phase)
                 elif self.step == end and not phase_exported(self.cfg, phase, end):  # interrupted before its export
                     log_main(is_main, f"{phase.name}: finished at step {end} but not exported (interrupted); exporting")
-                    self.finish(phase)
+                    self.validate_and_export(phase)
                 else:  # finished and exported before this (re)start
                     continue
                 if idx + 1 < len(self.phases) and signalled(is_main, f"after {phase.name}'s export"):
                     return stopped(self.step)
             if self.step == self.total and self.checkpoints.last_saved != self.step:
-                self.save(self.step)  # resumed at the end from another run's folder: its own line's checkpoint
+                self.save(self.step)  # resumed at the end from another run's folder: a checkpoint in this run's own
         finally:
             self.logger.close()
         distributed.wait_for_all("end")
         return {"step": self.step, "preempted": False}
 
     def train_phase(self, idx: int, phase: Phase, start: int, end: int) -> bool:
-        """Steps from `self.step` to the phase's `end`, with the validations and checkpoints due on the way. False: a
-        signal stopped the run (after saving a checkpoint where there was new state)."""
+        """Steps from `self.step` to the phase's `end`, with the validations and checkpoints due on the way; a later
+        Glance phase (`idx` > 0) starts from the initial LoRA. False: a signal stopped the run (after saving a
+        checkpoint where there was new state)."""
         cfg, info, ema, is_main = self.cfg, self.info, self.ctx.ema, self.info.is_main
         if self.step == start and idx > 0:  # a fresh LoRA for the next Glance phase
             weights, schedule = self.initial
@@ -229,15 +230,15 @@ class Run:
                 if ema is not None:  # after an applied step only: a skipped one leaves it as it was
                     ema.update()
                 self.step += 1
-                step = self.step
-                faults.poison_weights_if(self.trainable, step, info.rank)
-                self.logger.log(step, {**outcome.logs, "lr": lr,
+                faults.poison_weights_if(self.trainable, self.step, info.rank)
+                self.logger.log(self.step, {**outcome.logs, "lr": lr,
                                        "grad_norm": outcome.grad_norm, "skipped_steps": self.guard.skipped},
                                 cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
-                if cfg.validation_steps and step % cfg.validation_steps == 0 and step < end:
+                if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < end:
                     with rng_streams.isolated():
-                        validate(self.ctx, phase, step, self.logger, self.vae, is_main)
-                due = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0 and step < self.total
+                        validate(self.ctx, phase, self.step, self.logger, self.vae, is_main)
+                due = (bool(cfg.checkpointing_steps) and self.step % cfg.checkpointing_steps == 0
+                       and self.step < self.total)
             # A preempted step saves, a skipped one too (its data draws and non-finite streak are state), but not
             # before a later Glance phase's first step: that fresh LoRA is no state of step N (Slow's end, saved).
             fresh_phase = idx > 0 and self.step == start
@@ -258,32 +259,32 @@ class Run:
         still leaves the trained weights exported (a LoRA is a small fraction of a checkpoint's size)."""
         at = self.step
         if self.checkpoints.last_saved == at:
-            return self.finish(phase)
+            return self.validate_and_export(phase)
         try:
             self.save(at)  # before the export: a failed or killed export loses no training
         except checkpoint.CheckpointWriteError as e:
             try:
-                self.finish(phase)
+                self.validate_and_export(phase)
             except Exception as also:  # noqa: BLE001 - the export on a full disk: an OSError, another rank's failure
                 raise checkpoint.CheckpointWriteError(f"{e}. The {phase.name} export failed too: {also}") from None
             raise checkpoint.CheckpointWriteError(f"{e}. The weights trained to step {at} were exported nonetheless "
                                                   f"({export_dir(self.cfg, phase)})") from None
-        self.finish(phase)
+        self.validate_and_export(phase)
 
     @rng_streams.isolated()
-    def finish(self, phase: Phase) -> None:
+    def validate_and_export(self, phase: Phase) -> None:
         """The phase's validation and export, at `self.step`."""
         log_main(self.info.is_main, f"{phase.name}: validating and exporting")
         validate(self.ctx, phase, self.step, self.logger, self.vae, self.info.is_main)
         export_phase(self.cfg, self.ctx.adapter, self.ctx.engine, self.transformer, self.ctx.ema, phase, self.step,
                      self.resolution, self.info.is_main)
 
-    def resume(self, resume: checkpoint_resume.Resume, data, data_now) -> dict:
-        """Engine, EMA, data cursors, non-finite guard and timestep samplers from `resume`, with this run's optimizer
-        settings over the saved ones; says what changed since. Returns this rank's saved state (its RNG streams: set
-        by the caller last, after everything else that draws)."""
+    def resume(self, plan: checkpoint_resume.Resume, data, data_now) -> dict:
+        """Engine, EMA, data cursors, non-finite guard and timestep samplers from the checkpoint `plan` names, with
+        this run's optimizer settings over the saved ones; says what changed since. Returns this rank's saved state
+        (its RNG streams: set by the caller last, after everything else that draws)."""
         cfg, is_main, total, ctx = self.cfg, self.info.is_main, self.total, self.ctx
-        rank_state, trainer_state = checkpoint_resume.restore(resume, ctx.engine, self.info.rank, ema=ctx.ema,
+        rank_state, trainer_state = checkpoint_resume.restore(plan, ctx.engine, self.info.rank, ema=ctx.ema,
                                                               seed=cfg.seed)
         self.step = step = int(trainer_state["step"])
         ctx.order.load_state_dict(rank_state["order"])
@@ -291,13 +292,13 @@ class Run:
         for p, s in zip(self.phases, rank_state["samplers"]):
             if p.sampler is not None and s is not None:
                 p.sampler.load_state_dict(s)
-        log_main(is_main, f"resumed from {resume.path} at step {step}{resume.note}")
+        log_main(is_main, f"resumed from {plan.path} at step {step}{plan.note}")
         changed = checkpoint_resume.apply_configured_settings(ctx.engine, cfg)
         if changed and step < total:
             log_main(is_main, f"note: {', '.join(changed)} since the checkpoint: this run's values apply from step "
                               f"{step + 1}")
         with distributed.uneven_work("data record check"):  # rank 0's (it made the record)
-            changed = resume_warning(trainer_state.get("data"), data_now, data.images, resume.path) if is_main else None
+            changed = resume_warning(trainer_state.get("data"), data_now, data.images, plan.path) if is_main else None
             if changed:
                 log_main(is_main, f"warning: {changed}")
         if step >= total:  # the loop has nothing to do (a finished phase's missing export is still written)
@@ -308,7 +309,7 @@ class Run:
             log_main(is_main, f"note: {', '.join(later)} (later steps of an earlier run) are kept, neither pruned "
                               "nor counted in checkpoints_total_limit; this run replaces one only by saving that step")
         checkpoints.abandoned.update(later, trainer_state.get("abandoned", []))
-        if checkpoint_resume.in_own_folder(resume, checkpoints.root):
+        if checkpoint_resume.in_own_folder(plan, checkpoints.root):
             checkpoints.last_saved = step
         return rank_state
 
