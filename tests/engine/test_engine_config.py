@@ -109,6 +109,21 @@ def test_offload_optimizer_needs_a_zero_stage(tmp_path):
         assert z["offload_optimizer"]["device"] == "cpu"
 
 
+def test_a_partial_optimizer_offload_is_refused_at_stage_3(tmp_path):
+    """ZeRO-3's partial offload (ratio < 1) steps the GPU part with DeepSpeed's `backup_optimizer`, outside the LR
+    schedule and the checkpoints. DeepSpeed's own validation refuses it at stages 1 and 2; ratio 1 is the plain
+    offload."""
+    partial = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.3}}}
+    with pytest.raises(ConfigError, match=r"offload_optimizer.ratio 0.3 \(a partial offload\) is not supported.*"
+                                          r"LR schedule does not reach"):
+        ds_config(tmp_path, partial, zero_stage=3)
+    for stage in (1, 2):
+        with pytest.raises(ConfigError, match=r"ds.json: zero_optimization: Assertion failed, Partial offloading only"):
+            ds_config(tmp_path, partial, zero_stage=stage)
+    whole = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 1.0}}}
+    assert ds_config(tmp_path, whole, zero_stage=3)["zero_optimization"]["stage"] == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The alias guard of `weights_swapped_in`
 # ---------------------------------------------------------------------------------------------------------------

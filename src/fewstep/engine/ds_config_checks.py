@@ -151,9 +151,9 @@ def _check_zero_section(zero: dict, source: str) -> None:
         DeepSpeedZeroConfig(**zero)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
+        where = "".join(f".{x}" for x in first["loc"])
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{source}: zero_optimization.{where}: {first['msg']}, got {first.get('input')!r}"
+        raise ConfigError(f"{source}: zero_optimization{where}: {first['msg']}, got {first.get('input')!r}"
                           f"{more}") from None
 
 
@@ -178,6 +178,16 @@ def _check_offload(zero: dict, source: str) -> None:
         if used_offload_device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
             raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme without a nvme_path: give the "
                               f"folder on the NVMe drive as {key}.nvme_path (or the offload_param_path option)")
+    ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
+    if used_offload_device(zero, "offload_optimizer") != "none" and ratio < 1.0:  # stage 3 (DeepSpeed refuses 1, 2)
+        # DeepSpeed 0.18's stage 3 steps the sub-groups it keeps on the GPU with a `backup_optimizer` whose first
+        # param group is its own copy, made at start-up: the LR schedule never reaches it, nor does its state reach a
+        # checkpoint (checked on the CPU: its lr stays the base value through the warm-up)
+        raise ConfigError(f"{source}: zero_optimization.offload_optimizer.ratio {ratio} (a partial offload) is not "
+                          "supported: DeepSpeed steps the part it keeps on the GPU with a second optimizer that the "
+                          "LR schedule does not reach and checkpoints do not hold (its Adam state would restart at "
+                          "each resume); use ratio 1 (the default: the whole optimizer on the CPU) or no "
+                          "offload_optimizer")
 
 
 def _check_checkpointing(ds: dict, source: str) -> None:
