@@ -203,7 +203,7 @@ class Run:
                 if idx + 1 < len(self.phases) and signalled(is_main, f"after {phase.name}'s export"):
                     return stopped(self.step)
             if self.step == self.total and self.checkpoints.last_saved != self.step:
-                self.save(self.step)  # resumed at the end from another run's folder: a checkpoint in this run's own
+                self.save(self.step)  # resumed at the end from another run's folder: one in this run's own
         finally:
             self.logger.close()
         distributed.wait_for_all("end")
@@ -231,8 +231,8 @@ class Run:
                     ema.update()
                 self.step += 1
                 faults.poison_weights_if(self.trainable, self.step, info.rank)
-                self.logger.log(self.step, {**outcome.logs, "lr": lr,
-                                       "grad_norm": outcome.grad_norm, "skipped_steps": self.guard.skipped},
+                self.logger.log(self.step, {**outcome.logs, "lr": lr, "grad_norm": outcome.grad_norm,
+                                            "skipped_steps": self.guard.skipped},
                                 cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
                 if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < end:
                     with rng_streams.isolated():
