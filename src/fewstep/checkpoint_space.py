@@ -19,7 +19,7 @@ import shutil
 import torch
 
 from fewstep.engine import distributed
-from fewstep.engine.deepspeed_engine import master_partitions
+from fewstep.engine.deepspeed_engine import inner_optimizer, master_partitions
 from fewstep.engine.nonfinite import overridden
 from fewstep.errors import UserError
 
@@ -201,7 +201,7 @@ def checkpoint_bytes(path: str) -> int:
 def estimated_bytes(engine, trainable: dict | None, with_ema: bool) -> int:
     """A first save's size, from this rank's optimizer partition times the world size, plus the module's trainable
     weights, trainable.pt and the small files (DeepSpeed's recovery scripts, RNG states)."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner = inner_optimizer(engine)
     per_rank = 0
     for m in master_partitions(engine):
         per_rank += m.numel() * m.element_size() * (2 if with_ema else 1)

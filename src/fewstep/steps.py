@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fewstep.engine.deepspeed_engine import load_master, reset_optimizer_state
+from fewstep.engine.deepspeed_engine import inner_optimizer, load_master, reset_optimizer_state
 from fewstep.metrics import log_main
 from fewstep.methods.flow_matching import flow_matching_loss, sample_sigmas, schedule_shift
 from fewstep.methods.glance import CustomTimestepSampler, foreign_reference_list, parse_custom_timesteps
@@ -62,8 +62,7 @@ def reset_trainable(engine, initial_weights, scheduler, initial_sched) -> None:
     load_master(engine, initial_weights)
     reset_optimizer_state(engine)
     scheduler.load_state_dict(initial_sched)
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group, lr in zip(inner.param_groups, scheduler.get_last_lr()):
+    for group, lr in zip(inner_optimizer(engine).param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
 
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from fewstep.config import load_config
-from fewstep.engine.deepspeed_engine import _inner_optimizers, build_engine, master_partitions
+from fewstep.engine.deepspeed_engine import build_engine, inner_optimizer, master_partitions
 from fewstep.engine.distributed import all_gather_object, reduce_step, setup_distributed, teardown, world_size
 from fewstep.engine import nonfinite
 from fewstep.engine.nonfinite import clip_grad_values, local_grad_check, skip_step
@@ -136,7 +136,7 @@ class Run:
         self.engine, _, self.scheduler = build_engine(cfg, self.model, list(self.model.parameters()))
         self.stage, self.gas, self.skip, self.problems = stage, gas, skip, problems
         self.rank, self.applied = self.engine.global_rank, 0
-        self.layout = "/".join(type(o).__name__ for o in (self.engine.optimizer, _inner_optimizers(self.engine)[0]))
+        self.layout = "/".join(type(o).__name__ for o in (self.engine.optimizer, inner_optimizer(self.engine)))
 
     def check(self, ok, what):
         if not ok:
@@ -147,11 +147,11 @@ class Run:
         with deepspeed.zero.GatheredParameters([params[n] for n in self.names], enabled=self.stage == 3):
             weights = {n: params[n].detach().clone() for n in self.names}
         state = []
-        for opt in _inner_optimizers(self.engine):
-            for group in opt.param_groups:
-                state.append({k: copy.deepcopy(v) for k, v in group.items() if k != "params"})
-                state += [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-                          for p in group["params"] if p in opt.state]
+        opt = inner_optimizer(self.engine)
+        for group in opt.param_groups:
+            state.append({k: copy.deepcopy(v) for k, v in group.items() if k != "params"})
+            state += [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                      for p in group["params"] if p in opt.state]
         full = [safe_get_full_fp32_param(params[n]) for n in self.names]  # collective
         return {"masters": [m.detach().clone() for m in master_partitions(self.engine)], "weights": weights,
                 "optimizer": state, "scheduler": copy.deepcopy(self.scheduler.state_dict()),
@@ -288,8 +288,8 @@ def value_clip(cfg, stage, gas, problems):
                                                                       for b in before))]
     means, _ = reduce_step({"above": sides[0], "below": sides[1], "sq": local_grad_check(run.engine).sq_norm}, {})
     run.check(means["above"] > 0 and means["below"] > 0, f"values above / below the limit: {means}")
-    adam = [(opt.param_groups[0]["betas"][1], state) for opt in _inner_optimizers(run.engine)
-            for state in opt.state.values() if "exp_avg_sq" in state]  # (ZeRO-3 offload: params swapped in to step)
+    opt = inner_optimizer(run.engine)
+    adam = [(opt.param_groups[0]["betas"][1], state) for state in opt.state.values() if "exp_avg_sq" in state]  # (ZeRO-3 offload: params swapped in to step)
     run.check(len(adam) > 0, "no Adam state after a step")
     v_before = [state["exp_avg_sq"].detach().double().clone() for _, state in adam]
     run.engine.step()

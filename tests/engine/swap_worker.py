@@ -16,7 +16,7 @@ from deepspeed.accelerator import get_accelerator
 
 from fewstep import reshard
 from fewstep.config import load_config
-from fewstep.engine.deepspeed_engine import (_layout, build_engine, lr_lambda, master_partitions,
+from fewstep.engine.deepspeed_engine import (_layout, build_engine, inner_optimizer, lr_lambda, master_partitions,
                                              weights_swapped_in)
 from fewstep.engine.distributed import setup_distributed
 from fewstep.lora import prepare_trainable
@@ -170,7 +170,7 @@ for stage, precision, model_type, opt_name, offload in RUNS:
         (label, "step after reset differs from the first step", max((a - b).abs().nan_to_num().max().item()
                                                                     for a, b in zip(again, first)))
     if info.rank == 0:
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        inner = inner_optimizer(engine)
         print(f"swap ok: {label} ({len(names)} tensors, {type(engine.optimizer).__name__}/{type(inner).__name__})",
               flush=True)
     del engine, optimizer, scheduler

@@ -307,12 +307,11 @@ def load_master(engine, tensors: list[torch.Tensor]) -> None:
         opt.checkpoint_event_epilogue()
 
 
-def _inner_optimizers(engine) -> list:
-    """The torch optimizers doing the Adam maths: the wrapper's `.optimizer` (torch AdamW, FusedAdam,
-    DeepSpeedCPUAdam), or the engine's optimizer itself without a wrapper, plus ZeRO-3's partial-offload
-    `backup_optimizer` when there is one."""
-    opt = engine.optimizer
-    return [o for o in (getattr(opt, "optimizer", opt), getattr(opt, "backup_optimizer", None)) if o is not None]
+def inner_optimizer(engine):
+    """The torch optimizer doing the Adam maths: the ZeRO wrapper's `.optimizer` (torch AdamW, FusedAdam,
+    DeepSpeedCPUAdam), or the engine's optimizer itself without a wrapper. (ZeRO-3's partial offload would add a
+    `backup_optimizer`: refused, `ds_config_checks._check_offload`.)"""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def replay_adam_bias_correction(engine) -> None:
@@ -326,15 +325,15 @@ def replay_adam_bias_correction(engine) -> None:
     on CPU: 2 s after a million steps).
     torch AdamW and FusedAdam's CUDA op compute the correction from the step count alone: nothing to do.
     """
-    for opt in _inner_optimizers(engine):
-        update = _cpu_adam_op(opt)
-        steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
-        if update is None or not steps:
-            continue
-        p, g, m, v = (torch.zeros(1) for _ in range(4))
-        for step in range(1, max(steps) + 1):
-            for group in opt.param_groups:
-                update(step, group, p, g, m, v)
+    opt = inner_optimizer(engine)
+    update = _cpu_adam_op(opt)
+    steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
+    if update is None or not steps:
+        return
+    p, g, m, v = (torch.zeros(1) for _ in range(4))
+    for step in range(1, max(steps) + 1):
+        for group in opt.param_groups:
+            update(step, group, p, g, m, v)
 
 
 def _cpu_adam_op(opt):
@@ -368,8 +367,8 @@ def reset_optimizer_state(engine) -> None:
     DeepSpeedCPUAdam C++ op caches beta**step but recomputes it whenever the step it is given is neither its last
     nor last + 1, so a step restarting at 1 gets the first step's bias correction (swap_worker checks all three).
     """
-    for opt in _inner_optimizers(engine):
-        opt.state.clear()
-        for group in opt.param_groups:
-            if "step" in group:
-                group["step"] = 0
+    opt = inner_optimizer(engine)
+    opt.state.clear()
+    for group in opt.param_groups:
+        if "step" in group:
+            group["step"] = 0
