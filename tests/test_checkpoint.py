@@ -332,6 +332,38 @@ def test_a_fresh_run_is_refused_where_a_step_survives_only_as_its_resaves_aside_
     assert sorted(os.listdir(root)) == ["step-200"]
 
 
+def _mapped_files(t) -> set[str]:
+    """The files whose mappings hold tensor `t`'s memory (empty: t is in anonymous memory, read or copied there)."""
+    start = t.data_ptr()
+    files = set()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= start < hi and len(fields) > 5:
+                files.add(os.path.realpath(fields[5]))
+    return files
+
+
+def test_a_native_resume_maps_the_rank_state_and_its_ema_from_the_file(tmp_path):
+    """A rank's EMA shadow is a tenth of the fp32 model per rank on 8 GPUs: a resume copies it into place from the
+    file's pages (memory-mapped, on the CPU whatever device wrote it), not after reading it whole into memory."""
+    import torch
+
+    from fewstep.checkpoint_resume import read_rank_state
+    from fewstep.checkpoint_space import save_torch
+
+    shadow = [torch.randn(300, 1000), torch.randn(77)]
+    save_torch({"ema": {"shadow": shadow, "decay": 0.5}, "rng": {"torch": torch.get_rng_state()}, "order": {"i": 3}},
+               str(tmp_path / "rank1.pt"))
+    state = read_rank_state(str(tmp_path), 1)
+    assert state["order"] == {"i": 3} and state["ema"]["decay"] == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(state["ema"]["shadow"], shadow))
+    assert _mapped_files(state["ema"]["shadow"][0]) == {os.path.realpath(tmp_path / "rank1.pt")}
+    with pytest.raises(RuntimeError, match="has no state for rank 0: was it written with a different world size"):
+        read_rank_state(str(tmp_path), 0)
+
+
 def test_a_resume_puts_the_configured_optimizer_settings_over_the_saved_ones():
     """The optimizer and LR-schedule state a checkpoint restores carry the saved run's rate, betas, eps and weight
     decay; `apply_configured_settings` makes this run's config win and keeps the schedule's position (a warmup

@@ -39,10 +39,17 @@ def load(path: str, engine, rank: int) -> tuple[dict, dict]:
     """Restore engine state (same layout); returns (this rank's state dict, trainer state). RNG is restored last by
     the caller."""
     _load_engine(path, engine)
+    return read_rank_state(path, rank), read_meta(path)
+
+
+def read_rank_state(path: str, rank: int) -> dict:
+    """This rank's rank{rank}.pt, on the CPU and memory-mapped: the EMA shadow in it (a tenth of the model's fp32
+    weights per rank on 8 GPUs) is copied into place from the page cache, never read whole into memory first. The
+    caller drops it after the resume: held, the mapping would keep NFS from pruning that checkpoint."""
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         raise RuntimeError(f"{path} has no state for rank {rank}: was it written with a different world size?")
-    return torch.load(rank_file, weights_only=False), read_meta(path)
+    return torch.load(rank_file, map_location="cpu", weights_only=False, mmap=True)
 
 
 def apply_configured_settings(engine, cfg) -> list[str]:
@@ -160,7 +167,7 @@ def _restore(resume: Resume, engine, rank: int, ema, seed: int) -> tuple[dict, d
     path = resume.path
     if resume.mode == "native" and resume.saved_world == distributed.world_size():
         rank_state, trainer_state = load(path, engine, rank)
-        saved_ema = rank_state.get("ema")
+        saved_ema = rank_state.pop("ema", None)
     elif resume.mode == "native":  # stage 0 on another world size: nothing is partitioned, the EMA neither
         _load_engine(path, engine)
         trainer_state = read_meta(path)

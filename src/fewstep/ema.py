@@ -44,7 +44,10 @@ class EMA:
         self.decay = 0.0
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.cpu() for s in self.shadow], "decay": self.decay}
+        """The shadow itself, not a copy, for an immediate `torch.save`: torch.save moves one tensor at a time to host
+        memory, where a `.cpu()` of the whole shadow here would hold a second full copy of it (10 GiB per rank for a
+        20B full fine-tune on 8 GPUs) while the checkpoint is written."""
+        return {"shadow": list(self.shadow), "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
         for s, saved in zip(self.shadow, state["shadow"]):
