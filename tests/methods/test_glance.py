@@ -17,7 +17,11 @@ def test_parse_forms_and_scale():
 @pytest.mark.parametrize("value, message", [("", "empty"), ("[]", "empty"), ("1,inf", "non-finite"),
                                             ("1001, 3", "out of range"), ("-1", "negative"), ("a,b", "not a number"),
                                             ("[1,", "not a valid JSON list"),
-                                            ("0.5,800", "0.5 reads as a sigma but 800.0 as a timestep")])
+                                            ("0.5,800", "0.5 reads as a sigma but 800.0 as a timestep"),
+                                            # JSON's true/false are not timesteps (float(True) is 1.0: sigma 1)
+                                            (True, "must be a list of numbers, got True"),
+                                            ([900, False], "False is not a number"),
+                                            ("[true, 0.5]", "True is not a number")])
 def test_parse_errors(value, message):
     with pytest.raises(TimestepListError, match=message):
         parse_custom_timesteps(value)

@@ -30,13 +30,15 @@ def parse_custom_timesteps(value: Any, key: str = "flow_custom_timesteps") -> li
                 raise TimestepListError(f"'{key}': not a valid JSON list ({e})") from None
         else:
             items = [s for s in text.replace(";", ",").split(",") if s.strip()]
-    elif isinstance(value, (int, float)):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         items = [value]
     if not isinstance(items, (list, tuple)):
         raise TimestepListError(f"'{key}' must be a list of numbers, got {value!r}")
     values = []
     for v in items:
         try:
+            if isinstance(v, bool):  # JSON's true is 1.0 to float(): sigma 1, not a timestep anyone wrote
+                raise TypeError
             f = float(v)
         except (TypeError, ValueError):
             raise TimestepListError(f"'{key}': {v!r} is not a number") from None
