@@ -439,6 +439,7 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
     log = proc.stdout + proc.stderr
     assert "model_flavour dev not used: pretrained_model_name_or_path names the model (tiny:flux)" in log
     assert "optimizer adamw_bf16 trains as adamw" in log
+    assert "| clip global norm 2 |" in log  # SimpleTuner's max_grad_norm for a config in its spelling, shown
     assert "SimpleTuner options with no effect in fewstep: hub_model_id (" in log and "disable_benchmark (" in log
     assert "data 'own': 2 images in 1 bucket(s) [32x32 x2]" in log  # an entry's own resolution wins
     assert "data 'bare': 2 images in 1 bucket(s) [48x48 x2]" in log
@@ -449,6 +450,19 @@ def test_a_config_in_simpletuners_spelling_trains_as_simpletuner_reads_it(tmp_pa
     assert Image.open(os.path.join(out, "validation", "flow-step000002.png")).size == (64, 32)
     lrs = [m["lr"] for m in read_metrics(out)]  # step k trains at the rate after k - 1 steps: 1e-3 first
     assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 - k / 4) ** 0.5 for k in (0, 1, 2, 3)], rel=1e-9)
+
+
+def test_the_start_up_line_names_the_clipping_in_effect():
+    """fewstep's default (the global norm to 1.0) and SimpleTuner's (each value to +-2.0) differ, and a config in the
+    spelling both share gets fewstep's: the start-up line says which clipping trains."""
+    from fewstep.config import load_config
+    from fewstep.trainer import clipping
+
+    base = {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux"}
+    assert clipping(load_config(None, base)) == "global norm 1"
+    assert clipping(load_config(None, {**base, "grad_clip_method": "value", "max_grad_norm": 2.0})) == \
+        "each value to +-2"
+    assert clipping(load_config(None, {**base, "max_grad_norm": 0})) == "off"
 
 
 def test_grad_clip_method_value_clips_each_gradient_value(data):

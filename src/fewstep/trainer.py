@@ -112,8 +112,8 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
     log_main(is_main, f"host memory: {allocator}")
     log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
-                      f"world {info.world_size} | ZeRO-{stage} | {dtype} | {len(dataset)} samples @ "
-                      f"{resolution}px")
+                      f"world {info.world_size} | ZeRO-{stage} | {dtype} | clip {clipping(cfg)} | {len(dataset)} "
+                      f"samples @ {resolution}px")
 
     order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle,
                       sampling=cfg.data_backend_sampling)
@@ -356,6 +356,15 @@ def nothing_left(cfg: Config, phases: list[Phase], resume: checkpoint_resume.Res
         if resume.step == end and not phase_exported(cfg, phase, end):
             return False
     return True
+
+
+def clipping(cfg) -> str:
+    """The gradient clipping in effect, for the start-up line: fewstep's default and SimpleTuner's differ, and a
+    config written only in the spelling both share gets fewstep's (README, "SimpleTuner configs")."""
+    if not cfg.max_grad_norm:
+        return "off"
+    return (f"global norm {cfg.max_grad_norm:g}" if cfg.grad_clip_method == "norm" else
+            f"each value to +-{cfg.max_grad_norm:g}")
 
 
 def end_note(step: int, total: int, phases: int) -> str:
