@@ -156,18 +156,18 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         print(f"fewstep: --offload {offload} does nothing on --device cpu (the weights are in CPU memory already); "
               "sampling without it", file=sys.stderr)
         offload = "none"
-    run_dir = args.slow if args.method == "glance" else args.lora
+    run_dir, run_option = (args.slow, "--slow") if args.method == "glance" else (args.lora, "--lora")
     if run_dir is None or (args.method == "glance" and args.fast is None):
         raise SamplingError("--slow and --fast are required for --method glance" if args.method == "glance"
                             else f"--lora is required for --method {args.method}")
-    info = run_info(run_dir)
+    info = run_info(run_dir, run_option)
     cfg = info["config"]
     adapter = export_adapter(run_dir, cfg)
     if adapter.diffusion_base and args.method != "twinflow":  # the stock pipeline's scheduler is a diffusion one
         raise SamplingError(f"--method {args.method}: a {adapter.family} run samples with --method twinflow (a "
                             "diffusion base trains TwinFlow only, through diff2flow)")
-    exports = {"--slow": (args.slow, info), "--fast": (args.fast, run_info(args.fast))} if args.method == "glance" \
-        else {"--lora": (run_dir, info)}
+    exports = {"--slow": (args.slow, info), "--fast": (args.fast, run_info(args.fast, "--fast"))} \
+        if args.method == "glance" else {"--lora": (run_dir, info)}
     for option, (directory, export_info) in exports.items():
         check_export(option, directory, export_info, args.method, adapter.denoiser_subfolder)
     if args.method == "glance":

@@ -170,10 +170,11 @@ def test_a_corrupt_run_info_is_one_line(exports, capsys, text, message):
 
 def test_missing_folders_say_so(exports, capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    assert _main(capsys, "--method", "flow", "--lora", missing) == f"fewstep: {missing} does not exist"
+    expected = "does not exist: expected a fewstep output directory (a run's export)"
+    assert _main(capsys, "--method", "flow", "--lora", missing) == f"fewstep: --lora {missing} {expected}"
     g = exports("glance")
     line = _main(capsys, "--method", "glance", "--slow", g["glance-slow"], "--fast", missing)
-    assert line == f"fewstep: {missing} does not exist"
+    assert line == f"fewstep: --fast {missing} {expected}"
     root = os.path.dirname(g["glance-slow"])  # the Glance run's output_dir: its exports are in the two subfolders
     line = _main(capsys, "--method", "flow", "--lora", root)
     assert "has no fewstep_run.json: a Glance run exports to its glance-slow/ and glance-fast/ folders" in line

@@ -95,13 +95,16 @@ def grid(images: list[Image.Image]) -> np.ndarray:
     return np.concatenate([np.asarray(im) for im in images], axis=1)
 
 
-def run_info(directory: str) -> dict:
-    """The `fewstep_run.json` the trainer writes beside each export (config, trained sigmas, phase)."""
+def run_info(directory: str, option: str = "") -> dict:
+    """The `fewstep_run.json` the trainer writes beside each export (config, trained sigmas, phase). `option`: the
+    command-line option that named `directory` (`--lora`), for the errors."""
     from fewstep.jsonfile import load_json
 
+    named = f"{option} {directory}" if option else directory
     if not os.path.isdir(directory):
-        raise NotARunDir(f"{directory} does not exist" if not os.path.exists(directory) else
-                         f"{directory} is a file: expected a fewstep output directory")
+        raise NotARunDir(f"{named} does not exist: expected a fewstep output directory (a run's export)"
+                         if not os.path.exists(directory) else
+                         f"{named} is a file: expected a fewstep output directory")
     path = os.path.join(directory, RUN_INFO)
     if not os.path.exists(path):
         glance = os.path.isdir(os.path.join(directory, "glance-slow"))
@@ -109,7 +112,7 @@ def run_info(directory: str) -> dict:
         checkpoint = os.path.exists(os.path.join(directory, "trainer.json"))
         export = (f"{os.path.join(run, 'glance-slow')} and {os.path.join(run, 'glance-fast')}"
                   if os.path.isdir(os.path.join(run, "glance-slow")) else run)
-        raise NotARunDir(f"{directory} has no {RUN_INFO}: " + (
+        raise NotARunDir(f"{named} has no {RUN_INFO}: " + (
             "a Glance run exports to its glance-slow/ and glance-fast/ folders" if glance else
             f"it is a training checkpoint; sample the run's export ({export}), written when the run (or a phase) "
             "ends: resume the run to its end to export" if checkpoint else
