@@ -364,6 +364,21 @@ def test_a_native_resume_maps_the_rank_state_and_its_ema_from_the_file(tmp_path)
         read_rank_state(str(tmp_path), 0)
 
 
+def test_a_damaged_rank_file_of_a_checkpoint_without_an_ema_record_is_named_in_one_line(tmp_path):
+    """A checkpoint written before trainer.json recorded its EMA has its rank0.pt read while the resume is planned:
+    a damaged one there ends in the same one-line error as in the restore, not a traceback from torch."""
+    from fewstep.checkpoint_resume import DamagedCheckpointError, find_resume
+
+    root = str(tmp_path / "ckpt")
+    _complete(root, 100)
+    path = _complete(root, 200)
+    with open(os.path.join(path, "rank0.pt"), "wb") as fh:
+        fh.write(b"not a checkpoint" * 64)
+    with pytest.raises(DamagedCheckpointError, match=r"step-200' has a file that cannot be read \(not a torch zip "
+                                                     r"archive\); .*resume_from_checkpoint .*step-100"):
+        find_resume(root, path, {}, use_ema=True)
+
+
 def test_a_resume_puts_the_configured_optimizer_settings_over_the_saved_ones():
     """The optimizer and LR-schedule state a checkpoint restores carry the saved run's rate, betas, eps and weight
     decay; `apply_configured_settings` makes this run's config win and keeps the schedule's position (a warmup

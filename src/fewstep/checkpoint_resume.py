@@ -111,7 +111,11 @@ def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Res
                         "resume_from_checkpoint latest, or start a new one in another output_dir (or move those "
                         "checkpoints away first)")
                 path = resolve(root, spec)
-                outcome = ("ok", _plan(path, layout, use_ema) if path else None)
+                if path:
+                    with _damage_named(path):  # an old checkpoint's rank0.pt is read to see if it holds an EMA
+                        outcome = ("ok", _plan(path, layout, use_ema))
+                else:
+                    outcome = ("ok", None)
             except UserError as e:
                 outcome = ("error", type(e), str(e))
     outcome = distributed.broadcast_object(outcome)
@@ -133,8 +137,10 @@ class DamagedCheckpointError(UserError):
     """A checkpoint file is there but cannot be read (truncated or overwritten after its save)."""
 
 
-# what torch.load raises on a file that is not a whole checkpoint (an empty one: EOFError)
+# what torch.load raises on a file that is not a whole checkpoint (an empty one: EOFError); memory-mapped, on one
+# that is not a zip archive at all: "mmap can only be used with files saved with `torch.save(<path>, ...`"
 _UNREADABLE = ("PytorchStreamReader failed", "failed finding central directory", "invalid header or archive")
+_NOT_AN_ARCHIVE = "mmap can only be used with files saved with"
 
 
 @contextlib.contextmanager
@@ -144,12 +150,14 @@ def _damage_named(path: str):
     try:
         yield
     except (EOFError, pickle.UnpicklingError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not any(m in str(e) for m in _UNREADABLE):
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in (*_UNREADABLE, _NOT_AN_ARCHIVE)):
             raise
         earlier = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(path))) if step_of(c) < step_of(path)]
+        why = ("not a torch zip archive" if _NOT_AN_ARCHIVE in str(e) else
+               f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty or cut short'}")
         raise DamagedCheckpointError(
-            f"resume_from_checkpoint: checkpoint '{path}' has a file that cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:120] if str(e) else 'empty or cut short'}); it was damaged after its save. "
+            f"resume_from_checkpoint: checkpoint '{path}' has a file that cannot be read ({why}); it was damaged "
+            "after its save. "
             + (f"Resume from an earlier one beside it (resume_from_checkpoint {earlier[-1]}; also "
                f"{listing([os.path.basename(c) for c in earlier[:-1][::-1]], 3) or 'none'})" if earlier
                else "No earlier checkpoint is beside it to resume from") + ".") from e
