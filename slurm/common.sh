@@ -52,7 +52,8 @@ _fewstep_die() {
 
 _fewstep_on_signal() {
     # Runs in the batch shell. Remember the signal and pass USR1 on to srun, which forwards it to every task: the
-    # trainer finishes its optimizer step, all ranks save a checkpoint together, and the tasks exit 0. Never TERM:
+    # trainer finishes its optimizer step, all ranks save a checkpoint together, and the tasks exit 75
+    # (FEWSTEP_PREEMPTED_EXIT). Never TERM:
     # srun itself takes a TERM as "forcing job termination" and SIGKILLs the tasks, with no checkpoint.
     FEWSTEP_SIGNAL=$1
     echo "fewstep-slurm: batch shell got SIG$1 at $(date '+%F %T'); forwarding USR1 to the job step" >&2
