@@ -9,8 +9,10 @@ digits with the demo's classifier: FD mean and spread over the draws, accuracy.
     python bench/quality/sampler_modes.py --run output/demo/twinflow --full     # the demo's TwinFlow (full FT)
     python bench/quality/sampler_modes.py --run DIR                               # a TwinFlow LoRA export
     ... --smoke   # the demo's smoke sizes (20 samples, a 1-epoch classifier): proves the script runs, no claims
+    ... --without-anystep --nfe 1 2   # the default sampler with and without the any-step (tt, sign) embeddings
 
-Writes `<out>/sampler_modes.md` and `.json` (default out: the run folder).
+Writes `<out>/sampler_modes.md` and `.json` (`anystep_ablation.*` with --without-anystep; default out: the run
+folder).
 """
 import argparse
 import importlib.util
@@ -41,6 +43,14 @@ def rows(nfes):
     out.append(("many-step preset: any, s=0, Kumaraswamy (1.17, 0.8, 1.1), end gap 0", 30,
                 dict(target_time="any", stochastic_ratio=0.0, gap_end=0.0, kumaraswamy=(1.17, 0.8, 1.1))))
     return out
+
+
+def anystep_rows(nfes):
+    """The default sampler (`twinflow_sampler(n)`, as validation and sample.py run it) with the any-step embeddings,
+    and without them: the weights alone, as a stock pipeline or ComfyUI runs a TwinFlow LoRA."""
+    return [(label, n, sampler) for n in nfes for label, sampler in
+            (("default sampler, with the any-step embeddings", {}),
+             ("default sampler, without them (the weights alone)", {"anystep_embeddings": False}))]
 
 
 def draw_scorer(demo, teacher: str, data_dir: str, draws: int, S: dict | None = None):
@@ -79,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--noises", type=int, default=3)
     ap.add_argument("--no-many-step", action="store_true")
+    ap.add_argument("--without-anystep", action="store_true",
+                    help="instead of the modes: the default sampler with and without the any-step embeddings")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="the demo's smoke sizes (for tests; no quality claims)")
     args = ap.parse_args(argv)
@@ -92,7 +104,8 @@ def main(argv=None) -> int:
     out = args.out or args.run
     _, score = draw_scorer(demo, args.teacher, os.path.join(out, "sampler_modes_data"), args.noises, S)
     n = S["samples"]
-    todo = [r for r in rows(args.nfe) if not (args.no_many_step and r[1] == 30)]
+    todo = anystep_rows(args.nfe) if args.without_anystep else \
+        [r for r in rows(args.nfe) if not (args.no_many_step and r[1] == 30)]
     results = []
     for label, nfe, sampler in todo:
         r = score(lambda cond, k, z: samplers.twinflow(args.teacher, args.run, cond, z, nfe, full=args.full, seed=k,
@@ -106,9 +119,10 @@ def main(argv=None) -> int:
              "| sampler | NFE | FD | accuracy |", "|---|---:|---:|---:|"]
     lines += [f"| {r['mode']} | {r['nfe']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} | {100 * r['accuracy']:.1f}% |"
               for r in results]
-    with open(os.path.join(out, "sampler_modes.md"), "w") as fh:
+    name = "anystep_ablation" if args.without_anystep else "sampler_modes"
+    with open(os.path.join(out, f"{name}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "sampler_modes.json"), "w") as fh:
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump({"run": args.run, "full": args.full, "noises": args.noises, "samples": n, "smoke": args.smoke,
                    "rows": results}, fh, indent=1)
     print("\n".join(lines))

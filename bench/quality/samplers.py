@@ -47,13 +47,14 @@ def euler(pipeline_dir: str, cond: dict, noise: torch.Tensor, sigmas: list[float
 
 
 def twinflow(pipeline_dir: str, run_dir: str, cond: dict, noise: torch.Tensor, steps: int, *, seed: int = 0,
-             full: bool = False, **sampler):
+             full: bool = False, anystep_embeddings: bool = True, **sampler):
     """TwinFlow any-step sampling (UCGM) as `launcher/sample.py` does it: `twinflow_preset(steps)`, with `sampler`
     overriding TwinFlowScheduler settings (target_time, stochastic_ratio, gap_end, kumaraswamy).
 
     LoRA runs: `load_lora_weights(run_dir)`; full runs: the transformer from `run_dir/transformer`. The any-step
     embeddings load from beside the weights; t and tt come from the scheduler's current step, sign +1. The
-    scheduler's re-noising draws from the global RNG, seeded here.
+    scheduler's re-noising draws from the global RNG, seeded here. `anystep_embeddings` False: the weights alone, as
+    a stock pipeline or ComfyUI runs them (the ablation of `sampler_modes.py --without-anystep`).
     """
     from fewstep.schedulers.twinflow import twinflow_sampler
 
@@ -62,9 +63,11 @@ def twinflow(pipeline_dir: str, run_dir: str, cond: dict, noise: torch.Tensor, s
     comps, pipe = load(pipeline_dir, tdir, sched)
     if not full:
         pipe.load_lora_weights(run_dir)
+    torch.manual_seed(seed)
+    if not anystep_embeddings:
+        return run_pipeline(comps, pipe, cond, noise, num_inference_steps=steps)
     ADAPTER.add_anystep(pipe.transformer)
     anystep.load_anystep(pipe.transformer, tdir or run_dir)
-    torch.manual_seed(seed)
     with anystep.anystep_state(pipe.transformer, sign=1.0, scheduler=pipe.scheduler):
         return run_pipeline(comps, pipe, cond, noise, num_inference_steps=steps)
 

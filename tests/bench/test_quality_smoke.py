@@ -204,8 +204,9 @@ def test_smoke_metrics_are_finite_and_reported(smoke):
 
 def test_sampler_modes_and_glance_few_steps_smoke(smoke, tmp_path):
     """bench/quality/sampler_modes.py and glance_few_steps.py --smoke, on the smoke run's teacher and TwinFlow full
-    fine-tune: every sampler row at 1 and 2 NFE plus the many-step preset, and one Glance pair at 4 NFE trained through
-    launcher/train.py on the teacher's plain 4-step grid split 2 + 2; every metric finite."""
+    fine-tune: every sampler row at 1 and 2 NFE plus the many-step preset, the any-step ablation at 1 NFE, and one
+    Glance pair at 4 NFE trained through launcher/train.py on the teacher's plain 4-step grid split 2 + 2; every
+    metric finite."""
     teacher = os.path.join(smoke, "teacher_pipeline")
     modes = tmp_path / "modes"
     run([PY, os.path.join("bench", "quality", "sampler_modes.py"), "--smoke", "--run",
@@ -217,6 +218,14 @@ def test_sampler_modes_and_glance_few_steps_smoke(smoke, tmp_path):
     assert got == expected | {("many-step preset: any", 0.0, 30)}
     assert all(math.isfinite(r["fd_mean"]) and 0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
     assert report["smoke"] and "SMOKE RUN" in (modes / "sampler_modes.md").read_text()
+    run([PY, os.path.join("bench", "quality", "sampler_modes.py"), "--smoke", "--run",  # the README's ablation
+         os.path.join(smoke, "twinflow_full"), "--full", "--teacher", teacher, "--nfe", "1", "--noises", "1",
+         "--out", str(modes), "--without-anystep"], timeout=300)
+    report = json.load(open(modes / "anystep_ablation.json"))
+    assert [(r["mode"], r["sampler"]) for r in report["rows"]] == [
+        ("default sampler, with the any-step embeddings", {}),
+        ("default sampler, without them (the weights alone)", {"anystep_embeddings": False})]
+    assert all(math.isfinite(r["fd_mean"]) for r in report["rows"])
 
     few = tmp_path / "few"
     run([PY, os.path.join("bench", "quality", "glance_few_steps.py"), "--smoke", "--teacher", teacher, "--nfe", "4",
