@@ -44,6 +44,21 @@ def test_pixel_buckets_put_the_short_side_at_resolution():
     assert geometry(4, resolution=30.0, crop=False, crop_aspect="preserve").square == (32, 32)  # buckets round
 
 
+@pytest.mark.parametrize("keys", [dict(), dict(crop=False, crop_aspect="preserve"),
+                                  dict(crop=False, crop_aspect="preserve", resolution_type="pixel_area"),
+                                  dict(crop=False, crop_aspect="preserve", resolution_type="area", resolution=0.25)])
+def test_a_degenerate_shape_is_skipped_under_every_crop_rule(keys):
+    """A divider or banner image: below 1:200 its rounded aspect ratio was 0 (a ZeroDivisionError that stopped the
+    scan with a traceback), and short of that a square crop first resized a 2 x 500 image to 1024 x 256000 at 1024 px.
+    Anything beyond 20:1 is skipped and counted with the reason; 20:1 itself trains."""
+    from fewstep.data.buckets import MAX_ASPECT
+
+    g = geometry(**keys)
+    for w, h in [(2, 500), (1, 300), (500, 2), (19, 400)]:
+        assert g.plan(w, h, "k") == f"aspect ratio beyond {MAX_ASPECT}:1", (w, h)
+    assert isinstance(g.plan(20, 400, "k"), Plan) and isinstance(g.plan(400, 20, "k"), Plan)
+
+
 def test_size_and_aspect_filters():
     g = geometry(resolution=32.0, minimum_image_size=32, minimum_aspect_ratio=0.5, maximum_aspect_ratio=3.0,
                  crop=False, crop_aspect="preserve")

@@ -93,6 +93,28 @@ def _reset_peak() -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_a_damaged_cache_file_is_named_with_the_way_on(tmp_path):
+    """A fill never rewrites a file that exists, so one cut short (a node crash before it reached the disk) or emptied
+    failed every start at its first draw with safetensors' own words and no path. It is now one DataError naming
+    the file and what to do; deleting it makes the next fill encode it again."""
+    from fewstep.data.errors import DataError
+
+    config = load_data_config(write_dataset(str(tmp_path), n=2))
+    samples, _ = collect_samples(config, 1)
+    enc_img, enc_txt = _encoders()
+    ds = CachedDataset(_fill(tmp_path, samples, config, torch.float32, enc_img, enc_txt), config.images, 1)
+    want = ds.item(0)[0].clone()  # a copy: the tensors read map the file, which is cut short below
+    path = ds.latent_path(0)
+    with open(path, "r+b") as fh:
+        fh.truncate(5)
+    with pytest.raises(DataError, match=rf"cache file {path} cannot be read \(.*\): delete it, and the next start "
+                                        "encodes it again"):
+        ds.item(0)
+    os.remove(path)
+    ds = CachedDataset(_fill(tmp_path, samples, config, torch.float32, enc_img, enc_txt), config.images, 1)
+    assert torch.equal(ds.item(0)[0], want)
+
+
 def test_memory_does_not_grow_with_the_data_set(tmp_path):
     """60 captions of a T5-sized embedding (512 x 1024 fp32 = 2 MiB each, 120 MiB in all): building the dataset and
     drawing every item once must not hold them (the old dataset loaded all of them at construction)."""

@@ -11,8 +11,8 @@ Sizes follow SimpleTuner's DATALOADER.md, with sides rounded to the model's mult
 An image is resized (aspect kept) just enough to cover its bucket, then cropped (`crop_style`), as SimpleTuner's
 loader does (`TrainingSample._downsample_before_crop`, since its 2025-11 change; its DATALOADER.md still describes
 a square crop cut from the unresized image, a tile of a large one). With `crop: true`, an image above
-`maximum_image_size` is first resized to `target_downsample_size`, then to cover. `minimum_image_size` and the
-aspect-ratio limits skip images. Random choices (crop position, `crop_aspect: random`) are drawn once per image from
+`maximum_image_size` is first resized to `target_downsample_size`, then to cover. `minimum_image_size`, the
+aspect-ratio limits and fewstep's own limit on degenerate shapes (`MAX_ASPECT`) skip images. Random choices (crop position, `crop_aspect: random`) are drawn once per image from
 its content hash, so every rank and every run agrees and the cached latents stay valid.
 """
 from __future__ import annotations
@@ -31,6 +31,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fewstep.data.backends import ImageEntry, config_given
 from fewstep.data.errors import DataError
 
+# Images longer than this many times their width (or wider than this many times their height) are skipped whatever
+# the entry's settings: a square crop of a 2 x 500 divider first resizes it to 1024 x 256000 (0.8 GB), `preserve` gives
+# it a bucket no VAE encodes, and below 1:200 its rounded aspect ratio is 0. minimum_/maximum_aspect_ratio set
+# narrower limits.
+MAX_ASPECT = 20
 # SimpleTuner's area mapping: a resolution within 0.05 MP of a key trains at the key's square area
 AREA_MAP = {0.25: 512 ** 2, 0.5: 768 ** 2, 1.0: 1024 ** 2, 2.0: 1536 ** 2, 4.0: 2048 ** 2}
 
@@ -114,7 +119,10 @@ class Geometry:
         return self.bucket(1.0)
 
     def skip_reason(self, w: int, h: int) -> Optional[str]:
-        """Why an image of this size is left out (SimpleTuner's size and aspect filters), or None."""
+        """Why an image of this size is left out (SimpleTuner's size and aspect filters, and fewstep's limit on
+        degenerate shapes), or None."""
+        if max(w, h) > MAX_ASPECT * min(w, h):  # a divider or banner: its cover resize or bucket is unbounded
+            return f"aspect ratio beyond {MAX_ASPECT}:1"
         e, aspect = self.entry, round(w / h, 2)
         if e.minimum_aspect_ratio is not None and aspect < e.minimum_aspect_ratio:
             return "aspect ratio below minimum_aspect_ratio"

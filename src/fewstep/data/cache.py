@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fewstep.data.buckets import DECODE_VERSION, load_planned
@@ -255,6 +256,16 @@ class CacheSet:
         return next(c for c in self.caches.values() if c.root == root)
 
 
+def read_cached(path: str) -> dict:
+    """A cache file's tensors; one that cannot be read (cut short by a crash before it reached the disk, or damaged
+    since: fills never rewrite a file that exists) is a DataError naming it and the way on."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"cache file {path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ": delete it, and the next start encodes it again") from None
+
+
 class PromptEmbeddings:
     """prompt -> its cached embeddings, read from disk on each access; the `resident` prompts (the empty one, the
     validation prompts) are read once and kept. A caption is found in its entry's text cache (`CachedDataset.item`
@@ -262,7 +273,7 @@ class PromptEmbeddings:
 
     def __init__(self, caches: list[EmbeddingCache], resident: list[str], resident_cache: EmbeddingCache):
         self.caches = list(dict.fromkeys([resident_cache, *caches]))
-        self.resident = {p: load_file(resident_cache.text_path(p)) for p in resident}
+        self.resident = {p: read_cached(resident_cache.text_path(p)) for p in resident}
 
     def __getitem__(self, prompt: str) -> dict:
         hit = self.resident.get(prompt)
@@ -271,7 +282,7 @@ class PromptEmbeddings:
         for cache in self.caches:
             path = cache.text_path(prompt)
             if os.path.exists(path):
-                return load_file(path)
+                return read_cached(path)
         raise KeyError(f"no cached embedding of prompt {prompt!r}")
 
 
@@ -297,13 +308,13 @@ class CachedDataset:
         return self.latent_cache[sample.entry].latent_path(sample)
 
     def latents(self, i: int) -> torch.Tensor:
-        return load_file(self.latent_path(i))["latents"]
+        return read_cached(self.latent_path(i))["latents"]
 
     def item(self, i: int, variant: int = 0) -> tuple[torch.Tensor, dict]:
         prompt = self.samples.caption(i, variant)
         hit = self.text.resident.get(prompt)
         if hit is None:
-            hit = load_file(self.text_cache[int(self.samples.entries[i])].text_path(prompt))
+            hit = read_cached(self.text_cache[int(self.samples.entries[i])].text_path(prompt))
         return self.latents(i), hit
 
     @property
