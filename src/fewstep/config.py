@@ -205,8 +205,8 @@ class Config:
                                                 "form; JSON text on the command line). Values \"auto\" keep "
                                                 "fewstep's; an optimizer section sets the AdamW options (optimizer "
                                                 "deepspeed).")
-    offload_param_path: Optional[str] = opt(None, "The NVMe folder for a deepspeed_config offload with device nvme "
-                                                  "and no nvme_path (SimpleTuner's option).")
+    offload_param_path: Optional[str] = opt(None, "SimpleTuner's NVMe folder for a DeepSpeed offload to nvme, "
+                                                  "accepted and not used: fewstep refuses NVMe offload (README).")
     offload_optimizer: bool = opt(False, "ZeRO-Offload (stages 1-3): fp32 masters and Adam states on CPU, stepped "
                                          "there (fast with optimizer deepspeed: DeepSpeedCPUAdam; torch AdamW "
                                          "with adamw).")

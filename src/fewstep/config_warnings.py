@@ -58,9 +58,9 @@ def deepspeed_config_warnings(cfg) -> list[str]:
                    f"{cfg.adam_beta2:g}), eps {cfg.adam_epsilon:g}, weight_decay {cfg.adam_weight_decay:g}"
                    + (f"; its values replace the config's ({', '.join(replaced)})" if replaced else ""))
     zero = {**(user.get("zero_optimization") or {}), "stage": zero_stage_in_use(cfg.zero_stage, user)}
-    devices = [offload_device(zero, k) for k in ("offload_param", "offload_optimizer")]
-    if cfg.offload_param_path and "nvme" not in devices:
-        out.append(f"offload_param_path {cfg.offload_param_path} not used: no DeepSpeed offload to nvme is set")
+    if cfg.offload_param_path:
+        out.append(f"offload_param_path {cfg.offload_param_path} not used: fewstep offloads to the CPU only, never "
+                   "to an NVMe drive")
     if "scheduler" in user:
         kind = user["scheduler"].get("type", "?") if isinstance(user["scheduler"], dict) else user["scheduler"]
         out.append(f"{name}: its scheduler section ({kind}) is not used: the learning rate follows lr_scheduler "

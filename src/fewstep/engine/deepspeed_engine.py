@@ -57,10 +57,6 @@ def build_ds_config(cfg, stage: int | None = None) -> dict:
             "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_epsilon,
             "weight_decay": cfg.adam_weight_decay}}
     _deep_update(ds, user)
-    for key in ("offload_param", "offload_optimizer"):  # SimpleTuner's option gives the NVMe folder
-        offload = ds["zero_optimization"].get(key) or {}
-        if offload.get("device") == "nvme" and not offload.get("nvme_path") and cfg.offload_param_path:
-            offload["nvme_path"] = cfg.offload_param_path
     source = describe(cfg.deepspeed_config) if cfg.deepspeed_config else "fewstep's options"
     check_merged(ds, user, source, bf16=cfg.bf16, use_ema=cfg.use_ema)
     return ds

@@ -169,15 +169,26 @@ def used_offload_device(zero: dict, key: str):
     return offload_device(zero, key) if (stage == 3 if key == "offload_param" else stage >= 1) else "none"
 
 
+# Why each NVMe offload is refused (DeepSpeed 0.19: a swapped-out partition is a 1-element placeholder in memory)
+NVME_WHY = {
+    "offload_param": "the partitioned load writes the pretrained weights into each rank's in-memory ZeRO-3 shards, "
+                     "which DeepSpeed swaps out to placeholders (the weights would stay randomly initialised), and "
+                     "the non-finite check before each save reads those shards",
+    "offload_optimizer": "the non-finite check of every step reads the gradients and the EMA tracks the fp32 "
+                         "masters, which DeepSpeed keeps on the drive",
+}
+
+
 def _check_offload(zero: dict, source: str) -> None:
     """ZeRO-Offload is a ZeRO feature: at stage 0 DeepSpeed ignores it for a torch AdamW, and with `optimizer:
     deepspeed` builds DeepSpeedCPUAdam over the parameters where they are (a CUDA parameter fails at the first step)."""
     if zero.get("stage", 0) == 0 and offload_device(zero, "offload_optimizer") != "none":
         raise ConfigError(f"{source}: 'offload_optimizer' (ZeRO-Offload) needs zero_stage 1, 2 or 3, got stage 0")
     for key in ("offload_param", "offload_optimizer"):
-        if used_offload_device(zero, key) == "nvme" and not zero[key].get("nvme_path"):
-            raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme without a nvme_path: give the "
-                              f"folder on the NVMe drive as {key}.nvme_path (or the offload_param_path option)")
+        if used_offload_device(zero, key) == "nvme":
+            raise ConfigError(f"{source}: zero_optimization.{key}.device nvme (ZeRO-Infinity) is not supported: "
+                              f"{NVME_WHY[key]}; use device cpu, which holds a 20B model's optimizer on 8 GPUs "
+                              "(`python launcher/plan.py` says what fits)")
     ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
     if used_offload_device(zero, "offload_optimizer") != "none" and ratio < 1.0:  # stage 3 (DeepSpeed refuses 1, 2)
         # DeepSpeed 0.18's stage 3 steps the sub-groups it keeps on the GPU with a `backup_optimizer` whose first
@@ -212,8 +223,10 @@ def _check_ema_swap(zero: dict, source: str) -> None:
       stage3_model_persistence_threshold) stay gathered in full and are never re-gathered from their shard;
     - hpZ (zero_hpz_partition_size > 1): after a parameter's first gather in a step, later gathers (backward, a
       teacher pass after the student's) read its secondary copy `ds_secondary_tensor`, refreshed only after the
-      optimizer step;
-    - NVMe offload: the shards (offload_param) or the fp32 masters (offload_optimizer) are not in memory.
+      optimizer step.
+
+    (NVMe offload, which would keep the shards or the masters out of memory, is refused for every run:
+    `_check_offload`.)
 
     zero_quantized_weights is fine: it quantizes the shard at every gather (frozen weights, which
     zero_quantized_nontrainable_weights keeps quantized, are never swapped).
@@ -229,11 +242,6 @@ def _check_ema_swap(zero: dict, source: str) -> None:
         if hpz not in (0, 1):
             raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size is {hpz} (1 needed): {why}hpZ "
                               "gathers from a secondary copy of each parameter that the swap does not reach")
-    for key in ("offload_param", "offload_optimizer"):
-        if used_offload_device(zero, key) == "nvme":
-            raise ConfigError(f"{source}: zero_optimization.{key}.device is nvme: with use_ema the EMA tracks this "
-                              "rank's fp32 masters and is swapped into its shards, which must both stay in memory "
-                              "(use device cpu, or use_ema false)")
 
 
 def _is_zero(value) -> bool:
