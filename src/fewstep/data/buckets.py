@@ -12,8 +12,9 @@ An image is resized (aspect kept) just enough to cover its bucket, then cropped 
 loader does (`TrainingSample._downsample_before_crop`, since its 2025-11 change; its DATALOADER.md still describes
 a square crop cut from the unresized image, a tile of a large one). With `crop: true`, an image above
 `maximum_image_size` is first resized to `target_downsample_size`, then to cover. `minimum_image_size`, the
-aspect-ratio limits and fewstep's own limit on degenerate shapes (`MAX_ASPECT`) skip images. Random choices (crop position, `crop_aspect: random`) are drawn once per image from
-its content hash, so every rank and every run agrees and the cached latents stay valid.
+aspect-ratio limits and fewstep's own limit on degenerate shapes (`MAX_ASPECT`) skip images. Random choices (crop
+position, `crop_aspect: random`) are drawn once per image from its content hash, so every rank and every run agrees
+and the cached latents stay valid.
 """
 from __future__ import annotations
 

@@ -187,8 +187,7 @@ def _check_offload(zero: dict, source: str) -> None:
     for key in ("offload_param", "offload_optimizer"):
         if used_offload_device(zero, key) == "nvme":
             raise ConfigError(f"{source}: zero_optimization.{key}.device nvme (ZeRO-Infinity) is not supported: "
-                              f"{NVME_WHY[key]}; use device cpu, which holds a 20B model's optimizer on 8 GPUs "
-                              "(`python launcher/plan.py` says what fits)")
+                              f"{NVME_WHY[key]}; use device cpu (`python launcher/plan.py` says what fits)")
     ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
     if used_offload_device(zero, "offload_optimizer") != "none" and ratio < 1.0:  # stage 3 (DeepSpeed refuses 1, 2)
         # DeepSpeed 0.18's stage 3 steps the sub-groups it keeps on the GPU with a `backup_optimizer` whose first
