@@ -111,11 +111,7 @@ def find_resume(root: str, spec: str | None, layout: dict, use_ema: bool) -> Res
                         "resume_from_checkpoint latest, or start a new one in another output_dir (or move those "
                         "checkpoints away first)")
                 path = resolve(root, spec)
-                if path:
-                    with _damage_named(path):  # an old checkpoint's rank0.pt is read to see if it holds an EMA
-                        outcome = ("ok", _plan(path, layout, use_ema))
-                else:
-                    outcome = ("ok", None)
+                outcome = ("ok", _plan(path, layout, use_ema) if path else None)
             except UserError as e:
                 outcome = ("error", type(e), str(e))
     outcome = distributed.broadcast_object(outcome)
@@ -128,8 +124,9 @@ def _plan(path: str, layout: dict, use_ema: bool) -> Resume:
     meta = read_meta(path)
     files = meta["files"] if "files" in meta else inferred_files(path)
     saved_ema = meta.get("ema")
-    if saved_ema is None:  # written before trainer.json said so
-        saved_ema = _rank0_ema(path) is not None
+    if saved_ema is None:  # written before trainer.json said so: its rank0.pt is read to see
+        with _damage_named(path):
+            saved_ema = _rank0_ema(path) is not None
     return plan(path, meta, layout, files, saved_ema, bool(meta.get("ema_maps")), use_ema)
 
 
