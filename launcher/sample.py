@@ -175,10 +175,17 @@ def sample(args, cpu_offload_hooks: bool = False) -> dict:
         if slow is None or fast is None:
             raise SamplingError("the Glance directories carry no timestep lists (were they trained with Glance "
                                 "lists?)")
-        if len(fast) > 1 and fast[-1] == 0:  # flow_custom_timesteps takes a 0 (a Fast run's list given down to it)
+        fast_cfg = exports["--fast"][1]["config"]  # the pair shares one base: the Slow run's is loaded
+        if fast_cfg.get("model_family") != cfg.get("model_family"):
+            raise SamplingError(f"--slow {args.slow} is a {cfg.get('model_family')} run, --fast {args.fast} a "
+                                f"{fast_cfg.get('model_family')} one: a Glance pair's LoRAs share one base model")
+        if fast_cfg.get("pretrained_model_name_or_path") != cfg.get("pretrained_model_name_or_path") and not args.model:
+            print(f"fewstep: note: --fast {args.fast} was trained on {fast_cfg.get('pretrained_model_name_or_path')}"
+                  f", --slow on {cfg.get('pretrained_model_name_or_path')}: sampling loads the latter (--model "
+                  "picks another)", file=sys.stderr)
+        if 0 in fast and set(fast) != {0}:  # flow_custom_timesteps takes a 0 (a Fast run's list given down to it)
             print(f"fewstep: note: --fast {args.fast} was trained down to sigma 0, the end of sampling, where no step "
                   "is taken: its steps are the list's others", file=sys.stderr)
-            fast = fast[:-1]
         try:
             n_glance = len(glance_schedule(slow, fast)[0]) - 1
         except ValueError as e:  # a Slow and a Fast export of runs with lists that do not chain

@@ -378,27 +378,33 @@ def test_two_run_glance_chains_and_one_half_samples_as_its_validation(runs, tmp_
     assert rec["runs"][0]["steps"] == len(sigmas) - 1 == 5
     assert "guidance_scale is passed" not in capfd.readouterr().err
     # a Fast run whose flow_custom_timesteps went down to 0 (SimpleTuner's key takes it): 0 is the end of sampling,
-    # where no step is taken, so the chain is the same (it was refused: "the last Fast sigma must be > 0")
+    # where no step is taken, so the chain is the same (it was refused: "the last Fast sigma must be > 0"); a list's
+    # order does not matter either (it was refused: "must strictly decrease")
     import shutil
 
     to_zero = str(tmp_path / "fast-to-zero")
     shutil.copytree(fast, to_zero)
     info_path = os.path.join(to_zero, "fewstep_run.json")
     info = json.loads(open(info_path).read())
-    info["sigmas"] = [*info["sigmas"], 0.0]
+    info["sigmas"] = [0.0, *reversed(info["sigmas"])]
     open(info_path, "w").write(json.dumps(info))
     rec, same = _sample(["--method", "glance", "--slow", slow, "--fast", to_zero, "--device", "cpu",
                          "--output", str(tmp_path / "z.png")])
     assert rec["runs"][0]["steps"] == 5 and _rel(same[0], chained[0]) == 0
     assert "trained down to sigma 0, the end of sampling" in capfd.readouterr().err
+    info["config"]["model_family"] = "flux"  # a Fast LoRA of another model (the Slow run's base is loaded)
+    open(info_path, "w").write(json.dumps(info))
+    with pytest.raises(sampling.SamplingError, match=f"--fast {to_zero} a flux one: a Glance pair's LoRAs share"):
+        _sample(["--method", "glance", "--slow", slow, "--fast", to_zero, "--device", "cpu"])
     with pytest.raises(sampling.SamplingError, match=f"--slow {fast} and --fast {slow}"):  # the halves swapped
         _sample(["--method", "glance", "--slow", fast, "--fast", slow, "--device", "cpu"])
 
     # one half alone: which steps ran with the LoRA, seen from inside the transformer
-    seen, bases, original = [], [], sampling.listed_pipeline_sample
+    seen, bases, called, original = [], [], [], sampling.listed_pipeline_sample
 
     def spy(pipe, prompt_kwargs, listed, base, **kw):
         bases.append(list(base))
+        kw["callback_on_step_end"] = lambda p, i, t, k: (called.append(i), k)[1]  # a caller's own, kept
         layer = next(m for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer))
         hook = pipe.transformer.register_forward_pre_hook(
             lambda mod, a, k: seen.append((float(k["timestep"].flatten()[0]), not layer.disable_adapters)),
@@ -417,3 +423,4 @@ def test_two_run_glance_chains_and_one_half_samples_as_its_validation(runs, tmp_
     assert [round(t, 4) for t, _ in seen] == [round(s, 4) for s in expected[:-1]], seen  # Qwen's timestep: sigma
     assert [lora for _, lora in seen] == [round(s, 4) in listed for s in expected[:-1]], seen
     assert 0 < sum(lora for _, lora in seen) < len(seen)
+    assert called == list(range(len(seen)))

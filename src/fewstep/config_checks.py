@@ -158,13 +158,13 @@ def validate(cfg):
 def _prediction_type(cfg, method: str) -> None:
     diffusion_base = cfg.model_family in DIFFUSION_FAMILIES
     diff2flow = {"prediction_type": "epsilon", "diff2flow_enabled": True, "twinflow_allow_diff2flow": True}
+    if diffusion_base and method != "twinflow":
+        raise ConfigError(f"model_family '{cfg.model_family}' trains with method 'twinflow' (through "
+                          f"diff2flow), not '{method}'")
     if diffusion_base and cfg.prediction_type == "flow_matching":
         raise ConfigError(f"model_family '{cfg.model_family}' is a diffusion model (epsilon or v prediction): "
                           f"fewstep trains it with TwinFlow through diff2flow; add {json.dumps(diff2flow)} "
                           "('v_prediction' for a v model)")
-    if diffusion_base and method != "twinflow":
-        raise ConfigError(f"model_family '{cfg.model_family}' trains with method 'twinflow' (through "
-                          f"diff2flow), not '{method}'")
     if not diffusion_base and cfg.prediction_type != "flow_matching":
         raise ConfigError(f"prediction_type '{cfg.prediction_type}' (diff2flow) is for diffusion bases "
                           f"(model_family {', '.join(DIFFUSION_FAMILIES)}); model_family '{cfg.model_family}' "

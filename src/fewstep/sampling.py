@@ -200,7 +200,8 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
     sigma instead of denoising to 0, and the scheduler must not shift custom sigmas (the caller's pipeline uses a
     FlowMatchEulerDiscreteScheduler without dynamic shifting). The active adapter switches after the last Slow step.
     slow_dir/fast_dir None: the adapters are loaded already (`load_glance_loras`, e.g. before `place_pipeline`); given,
-    they are loaded (again) for this call. The adapters active before the call are active again after it.
+    they are loaded (again) for this call. The adapters active before the call are active again after it. A
+    `callback_on_step_end` given runs after the switch, at every step.
     """
     from fewstep.methods.glance import glance_schedule
 
@@ -217,11 +218,12 @@ def glance_pipeline_sample(pipe, prompt_kwargs: dict, slow_dir: str | None, fast
         load_glance_loras(pipe, slow_dir, fast_dir)
     active = pipe.get_active_adapters()
     pipe.set_adapters("slow")
+    then = call_kwargs.pop("callback_on_step_end", None)  # the caller's own callback runs after the switch
 
     def switch(p, i, t, kwargs):
         if i == boundary - 1:
             p.set_adapters("fast")
-        return kwargs
+        return then(p, i, t, kwargs) if then is not None else kwargs
 
     try:
         return pipe(**prompt_kwargs, sigmas=sigmas[:-1], num_inference_steps=steps, callback_on_step_end=switch,
@@ -247,10 +249,12 @@ def listed_pipeline_sample(pipe, prompt_kwargs: dict, listed: Sequence[float], b
     def lora_on(p, on: bool):
         p.enable_lora() if on else p.disable_lora()
 
+    then = call_kwargs.pop("callback_on_step_end", None)
+
     def toggle(p, i, t, kwargs):  # after step i: the model of step i + 1
         if i + 1 < len(on_list):
             lora_on(p, on_list[i + 1])
-        return kwargs
+        return then(p, i, t, kwargs) if then is not None else kwargs
 
     lora_on(pipe, on_list[0])
     try:

@@ -61,8 +61,19 @@ def test_mode_typo_is_an_error():
 def test_glance_schedule_is_slow_then_fast_then_zero():
     sigmas, boundary = glance_schedule([1.0, 0.97], [0.88, 0.3])
     assert sigmas == [1.0, 0.97, 0.88, 0.3, 0.0] and boundary == 2
-    with pytest.raises(TimestepListError, match="strictly decrease"):
+    with pytest.raises(TimestepListError, match="Slow's lowest is 0.5, Fast's highest 0.6"):
         glance_schedule([1.0, 0.5], [0.6, 0.1])
+
+
+def test_glance_lists_are_sets_of_sigmas():
+    """Training draws from each list in any order, so the schedule is the same whatever the order and repeats the user
+    wrote them in (SimpleTuner users write ascending lists too), and a Fast list given down to 0, the end of sampling,
+    takes no step there."""
+    expected = glance_schedule([1.0, 0.97], [0.88, 0.3])
+    assert glance_schedule([0.97, 1.0, 0.97], [0.3, 0.88]) == expected
+    assert glance_schedule([1.0, 0.97], [0.0, 0.88, 0.3, 0.3]) == expected
+    with pytest.raises(TimestepListError, match="the Fast list needs a sigma > 0"):
+        glance_schedule([1.0], [0.0])
 
 
 def test_flux_reference_lists_are_its_50_step_schedule_and_a_qwen_list_on_flux_is_flagged():

@@ -127,19 +127,22 @@ def foreign_reference_list(model_family: str, sigmas: Sequence[float]) -> Option
 def glance_schedule(slow: Sequence[float], fast: Sequence[float]) -> tuple[list[float], int]:
     """The inference sigma schedule: Slow's list, then Fast's, then 0. Returns (sigmas, index where Fast starts).
 
-    The Slow phase stops at the first Fast sigma (it must not denoise to 0); the list must strictly decrease.
+    Each list is a set of training sigmas, so its order and repeats do not matter: each is sorted down and its repeats
+    dropped, and a Fast list given down to 0 (SimpleTuner takes it) loses that 0, the end of sampling where no step
+    is taken. The Slow phase stops at the first Fast sigma (it must not denoise to 0): every Slow sigma must lie above
+    every Fast one.
     """
-    sigmas = list(slow) + list(fast)
     if not slow or not fast:
         raise TimestepListError("Glance needs a non-empty Slow and Fast list")
-    for i, (a, b) in enumerate(zip(sigmas, sigmas[1:])):
-        if not a > b:
-            where = (f"Slow ends at {a:.6g}, Fast starts at {b:.6g}" if i == len(slow) - 1 else
-                     f"the {'Slow' if i < len(slow) else 'Fast'} list has {a:.6g} then {b:.6g}")
-            raise TimestepListError(f"Glance sigmas must strictly decrease (Slow then Fast): {where}")
-    if sigmas[-1] <= 0:
-        raise TimestepListError("the last Fast sigma must be > 0 (0 is appended as the end of sampling)")
-    return sigmas + [0.0], len(slow)
+    slow, fast = (sorted({float(s) for s in part}, reverse=True) for part in (slow, fast))
+    if len(fast) > 1 and fast[-1] == 0:
+        fast = fast[:-1]
+    if slow[-1] <= fast[0]:
+        raise TimestepListError(f"every Slow sigma must lie above every Fast one: Slow's lowest is {slow[-1]:.6g}, "
+                                f"Fast's highest {fast[0]:.6g}")
+    if fast[-1] <= 0:
+        raise TimestepListError("the Fast list needs a sigma > 0 (0 is appended as the end of sampling)")
+    return slow + fast + [0.0], len(slow)
 
 
 def listed_schedule(listed: Sequence[float], base: Sequence[float]) -> tuple[list[float], list[bool]]:
