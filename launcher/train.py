@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         if os.environ.get("FEWSTEP_DEBUG") == "1":
             raise
         report(UserError("interrupted (Ctrl-C twice): stopped at once, without a checkpoint; resume_from_checkpoint "
-                         "latest continues from the last one"), first=False)
+                         "latest continues from the last one saved (a run that saved none starts again)"), first=False)
         return preemption.INTERRUPTED_EXIT
     teardown()
     if not result.get("preempted"):

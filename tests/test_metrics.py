@@ -5,6 +5,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -255,6 +256,27 @@ def test_resume_logs_every_step_once_in_tensorboard_and_jsonl(tmp_path):
     assert rows("metrics.replaced-after-step-3.jsonl") == [(4, 4.0), (5, 5.0)]
     assert rows("metrics.replaced-after-step-3.1.jsonl") == [(4, 14.0), (5, 15.0), (6, 16.0)]
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    # an attempt that died before its first checkpoint, started again from step 0: TensorBoard holds the new curve
+    # only (it kept both, one over the other)
+    again = MetricsLogger(out, None, True, True, total_steps=6, start_step=0)
+    for step in (1, 2):
+        again.log(step, {"loss": 20.0 + step}, samples=1)
+    again.close()
+    acc = EventAccumulator(os.path.join(out, "logs"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 21.0), (2, 22.0)]
+
+
+def test_samples_per_s_counts_the_step_not_a_save_or_validation_before_it(tmp_path):
+    """The trainer restarts the clock after a checkpoint or validation: the next step's rate is its own (it counted
+    the pause too, a dip at every checkpointing_steps)."""
+    logger = MetricsLogger(str(tmp_path), None, True, False, total_steps=2, start_step=0)
+    logger.log(1, {"loss": 1.0}, samples=1)
+    time.sleep(1.0)  # a validation or checkpoint
+    logger.restart_clock()
+    logger.log(2, {"loss": 1.0}, samples=1)
+    logger.close()
+    assert read_metrics(str(tmp_path))[1]["samples_per_s"] > 2  # 1 sample in well under the pause's second
 
 
 def test_the_logged_lr_is_the_rate_the_step_trained_at(tmp_path):

@@ -475,3 +475,20 @@ def test_grad_clip_method_value_clips_each_gradient_value(data):
     b = torch.cat([v.flatten() for k, v in lora(out).items() if "lora_B" in k]).double()
     moved = b[b != 0].abs()
     assert len(moved) > 0.9 * len(b) and torch.allclose(moved, torch.full_like(moved, lr / 2), rtol=1e-4)
+
+
+def test_a_failed_validation_keeps_its_steps_checkpoint(data):
+    """With validation_steps == checkpointing_steps, the step's checkpoint is written before its validation: a
+    validation that fails (here its folder cannot be made, a file has its name; a full disk or an out-of-memory decode
+    alike) loses no training (it ran first and took the checkpoint down with it)."""
+    root, backend = data
+    out = os.path.join(str(root), "failed-validation")
+    os.makedirs(out)
+    open(os.path.join(out, "validation"), "w").close()
+    output = []
+    train(root, backend, "failed-validation", expect_rc=2, output=output, max_train_steps=3, checkpointing_steps=2,
+          validation_steps=2)
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step-2")), output[0][-3000:]
+    errors = [ln for ln in output[0].splitlines() if ln.startswith("fewstep:") and "validation image" in ln]
+    assert len(errors) == 1 and "flow-step000002.png" in errors[0] and "resume_from_checkpoint latest" in errors[0]
+    assert "Traceback" not in output[0]

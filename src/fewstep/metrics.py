@@ -81,7 +81,8 @@ def require_wandb_credentials(report_to: str | None) -> None:
 
 
 def peak_memory_gb() -> float:
-    """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in GiB."""
+    """Peak GPU memory allocated since the last `MetricsLogger.restart_clock` (CUDA: the step's), or the process's
+    peak resident set size so far (CPU), in GiB."""
     import torch
 
     if torch.cuda.is_available():
@@ -120,8 +121,9 @@ class MetricsLogger:
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # on resume, TensorBoard drops the earlier run's events after the checkpoint (logged again from here)
-            self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step > 0 else None)
+            # TensorBoard drops the events an earlier attempt logged after the start step (logged again from here),
+            # on a resume and on a fresh start over an attempt that saved no checkpoint alike
+            self.writer = SummaryWriter(log_dir, purge_step=start_step + 1)
         if wandb_init is not None:
             # Steps logged past the checkpoint (a crash after it, or a resume from an earlier step) are logged again
             # from here. A resumed W&B run keeps the first value logged at a step and drops the new ones, so these
@@ -192,6 +194,15 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{scalars.get('lr', 0):.2e}",
                              refresh=False)
         self.bar.update(1)
+
+    def restart_clock(self) -> None:
+        """The next `log`'s samples/s and peak GPU memory count from here: not a checkpoint or validation run since
+        the last step (its decode's peak would stay in every later step's)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._t = time.perf_counter()
 
     def image(self, tag: str, image_hwc_uint8, step: int) -> None:
         if not self.enabled:

@@ -16,6 +16,7 @@ timeout.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -111,9 +112,13 @@ def _train(cfg: Config, info: DistInfo, allocator: str) -> dict:
     backend = resolve_backend(cfg.fused_kernels)
     ema = EMA(master_partitions(engine), cfg.ema_decay, backend) if cfg.use_ema else None
     log_main(is_main, f"host memory: {allocator}")
+    per_step = (cfg.train_batch_size, cfg.gradient_accumulation_steps, info.world_size)
+    batch = math.prod(per_step)
     log_main(is_main, f"{method} | {cfg.model_family} {cfg.model_type} | {n_trainable:,} trainable params | "
-                      f"world {info.world_size} | ZeRO-{stage} | {dtype} | clip {clipping(cfg)} | {len(dataset)} "
-                      f"samples @ {resolution}px")
+                      f"world {info.world_size} | ZeRO-{stage} | {str(dtype).removeprefix('torch.')} | {total} steps "
+                      f"of {batch} sample{'' if batch == 1 else 's'} ({' x '.join(map(str, per_step))}: per rank, "
+                      f"accumulation, ranks) | lr {cfg.learning_rate:g} {cfg.lr_scheduler} | clip {clipping(cfg)} | "
+                      f"{len(dataset)} sample{'' if len(dataset) == 1 else 's'} @ {resolution}px")
 
     order = DataOrder(len(dataset), cfg.train_batch_size, info.rank, info.world_size, cfg.seed, shuffle,
                       sampling=cfg.data_backend_sampling)
@@ -221,6 +226,7 @@ class Run:
                 ema.reset()
         step_fn = make_step(cfg.resolved_method, phase, self.ctx)
         clip_value = cfg.max_grad_norm if cfg.grad_clip_method == "value" else 0.0  # per value; else DeepSpeed's norm
+        self.logger.restart_clock()
         while self.step < end:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at (its optimizer step moves it on)
             outcome = optimizer_step(self.ctx.engine, step_fn, cfg.gradient_accumulation_steps, self.step + 1, info,
@@ -234,24 +240,26 @@ class Run:
                 self.logger.log(self.step, {**outcome.logs, "lr": lr, "grad_norm": outcome.grad_norm,
                                             "skipped_steps": self.guard.skipped},
                                 cfg.train_batch_size * cfg.gradient_accumulation_steps * info.world_size)
-                if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < end:
-                    with rng_streams.isolated():
-                        validate(self.ctx, phase, self.step, self.logger, self.vae, is_main)
                 due = (bool(cfg.checkpointing_steps) and self.step % cfg.checkpointing_steps == 0
                        and self.step < self.total)
             # A preempted step saves, a skipped one too (its data draws and non-finite streak are state), but not
             # before a later Glance phase's first step: that fresh LoRA is no state of step N (Slow's end, saved).
             fresh_phase = idx > 0 and self.step == start
             if due or (outcome.preempt and not fresh_phase):
-                self.save(self.step)
+                self.save(self.step)  # before the step's validation: a failed one (an OOM, a full disk) loses nothing
             if outcome.applied:
                 faults.crash_if("FEWSTEP_FAULT_AFTER_STEP", self.step)
             if outcome.preempt:
                 log_main(is_main, f"preempted at step {self.step}, " + (
                     f"before {phase.name}'s first step: nothing to save" if fresh_phase else "checkpoint saved"))
                 return False
+            if outcome.applied and cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < end:
+                log_main(is_main, f"{phase.name}: validating at step {self.step}")
+                with rng_streams.isolated():
+                    validate(self.ctx, phase, self.step, self.logger, self.vae, is_main)
             if due and signalled(is_main, f"at checkpoint step-{self.step}"):  # not one more step and save
                 return False
+            self.logger.restart_clock()  # the next step's samples/s counts its own time, not a save or validation
         return True
 
     def end_phase(self, phase: Phase) -> None:

@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 
 from fewstep.data.cache import atomic_save
 from fewstep.engine import distributed
+from fewstep.errors import UserError
 from fewstep.methods.flow_matching import schedule_shift
 from fewstep.methods.glance import glance_schedule, listed_schedule
 from fewstep.metrics import log_main
 from fewstep.models.base import unwrap
+from fewstep.paths import removed_on_failure, temporary_beside
 from fewstep.sampling import euler_loop, flow_sigmas, grid, to_pil, twinflow_loop
 from fewstep.step_context import StepContext, to_device, velocity_fn
 from fewstep.steps import Phase
@@ -173,9 +175,16 @@ def _write_validation(ctx: StepContext, phase: Phase, step: int, logger, vae, la
     pixels = decode_on_device(ctx.adapter, vae, latents, ctx.device)
     images = to_pil(pixels.float().cpu())
     out = os.path.join(ctx.cfg.output_dir, "validation")
-    os.makedirs(out, exist_ok=True)
-    suffix = f"-{name}" if name else ""
-    images[0].save(os.path.join(out, f"{phase.name}-step{step:06d}{suffix}.png"))
+    path = os.path.join(out, f"{phase.name}-step{step:06d}{f'-{name}' if name else ''}.png")
+    try:  # whole or not at all: a resume from an earlier step renders the step again, over it
+        os.makedirs(out, exist_ok=True)
+        tmp = temporary_beside(path)
+        with removed_on_failure(tmp):
+            images[0].save(tmp, format="PNG")
+            os.replace(tmp, path)
+    except OSError as e:  # a full disk, a file named like the folder: the step's checkpoint was written before this
+        raise UserError(f"validation image {path}: {e.strerror or e}; the checkpoints written so far are intact: "
+                        "make room or fix the folder, then resume with resume_from_checkpoint latest") from None
     logger.image(f"validation/{phase.name}{'/' + name if name else ''}", grid(images), step)
     if ctx.twinflow_times and not name:
         from fewstep.metrics import trajectory_scatter
