@@ -302,6 +302,41 @@ def test_layouts_behave():
         layout_memory(c, 0.0, stage=0, offload_optimizer=True)
 
 
+def test_zero3_steps_a_sub_group_at_a_time_and_flattens_through_the_host():
+    """DeepSpeed's ZeRO-3 makes the fp32 gradient and Adam's temporaries of one optimizer sub-group at a time
+    (stage3.py `step`: `_prepare_sub_group` ... `_release_sub_group`; the planner charged them for the whole partition)
+    and flattens its partitions through a host buffer (zero/utils.py `defragment`: no second copy on the GPU);
+    ZeRO-1/2 flatten on the GPU when it has room, else on the host (stage_1_and_2.py)."""
+    G = 10 ** 9
+    whole = ParamCounts(total=4 * G, trainable=4 * G, buffer_bytes=0, persistent=0, largest_module=G // 10,
+                        trainable_sizes=(4 * G,))
+    split = ParamCounts(**{**whole.__dict__, "trainable_sizes": (G,) * 4})  # four sub-groups of sub_group_size 1e9
+    knobs = ZeroKnobs()
+    per_element = 2 + 4 + 4 * knobs.adam_temporaries  # bf16 flattened gradient, its fp32 copy, Adam's temporaries
+    step = lambda c: layout_memory(c, 0.0, stage=3, knobs=knobs).step - 2 * knobs.reduce_bucket_size  # noqa: E731
+    assert step(whole) == per_element * 4 * G and step(split) == per_element * G
+    zero3, zero2 = (layout_memory(split, 0.0, stage=s, knobs=knobs) for s in (3, 2))
+    # ZeRO-3's load: the state after initialize (Adam's moments come at the first step; its gradient partition is
+    # allocated up front) plus the one module zero.Init builds whole (0.2 GB), not the 8 GB flattening copy
+    adam, bucket = 8 * 4 * G, 2 * knobs.reduce_bucket_size
+    state = zero3.params - zero3.window + zero3.optim + zero3.ema - adam + zero3.grads - bucket
+    assert zero3.load == zero3.load_min == state + 2 * G // 10
+    assert zero2.load - zero2.load_min == 2 * 4 * G  # the flattening copy of the trainable weights
+
+
+def test_a_layout_fits_when_its_load_and_export_fit_too():
+    """Qwen-Image full fine-tuning on one 80 GiB GPU: ZeRO-2 with optimizer offload trains in 52 GiB, but its load
+    flattens the 20B bf16 weights beside themselves on the GPU (78 GiB, over the 95% margin): not a fit (it was the
+    recommendation). On a 60 GiB GPU DeepSpeed flattens on the host instead, and the load shown is that one."""
+    path = ROOT / "configs" / "twinflow" / "qwen_image_full.json"
+    at = lambda plan: next(lay for lay in plan.layouts if lay.name == "ZeRO-2 offload opt")  # noqa: E731
+    lay = at(plan_memory(str(path), gpus=1, gpu_mem_gb=80))
+    assert lay.total < 0.95 * 80 * GiB < lay.load and not lay.fits
+    small = at(plan_memory(str(path), gpus=1, gpu_mem_gb=60))
+    assert small.load == small.load_min < lay.load
+    assert small.fits == (max(small.total, small.load, small.export) <= 0.95 * 60 * GiB)
+
+
 # ------------------------------------------------------------------------------------------------ host memory
 def _pow2(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length()  # torch's CachingHostAllocator: PowerOf2Ceil of each pinned block

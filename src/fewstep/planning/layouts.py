@@ -12,7 +12,8 @@ Per GPU, with N = GPUs in the run, P = all parameters, Pt = trainable ones, w = 
             the adapter's (tiny) partition
     step    optimizer-step transients: the reduced gradient partition w*Pt/N, its fp32 copy 4*Pt/N (bf16; always at
             stage 3) and torch AdamW's temporaries (foreach on CUDA: one 4*Pt/N list; DeepSpeed's fused Adam: none);
-            stage 3 keeps its reduce bucket here too
+            stage 3 steps one optimizer sub-group (sub_group_size elements, 1e9) at a time, so there Pt/N is the
+            largest sub-group's size; stage 3 keeps its reduce bucket here too
     acts    activation peak (fewstep.planning.activations), TwinFlow's no-grad teacher passes included
 
     total = params + optim + ema + max(grads + acts, step) + overhead   (stage 3: the window goes with grads + acts)
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.planning.activations import Activations, cached_activations, default_text_tokens
-from fewstep.planning.host import NOTE_REMEDY_MB, host_buffers, host_bytes, pinned_limits
+from fewstep.planning.host import NOTE_REMEDY_MB, host_buffers, host_bytes, pinned_limits, sub_groups
 from fewstep.planning.model import AnyStep, ParamCounts, build_meta_transformer, count_params, model_config_source
 from fewstep.planning.resolution import training_resolution
 
@@ -83,6 +84,8 @@ class Layout:
     gpus: int = 1
     total: float = 0.0
     load: float = 0.0  # peak while loading the model and building the engine
+    load_min: float = 0.0  # the same where DeepSpeed flattens on the host for want of GPU room (ZeRO-1/2); a plan
+    #                         for a GPU without that room shows it as `load`
     export: float = 0.0  # peak while writing a full export (rank 0; its shard buffer is host memory on a GPU)
     export_host: float = 0.0  # rank 0's host memory for the shard being written (full fine-tuning)
     fits: bool = False
@@ -123,9 +126,11 @@ def layout_memory(c: ParamCounts, acts: float, *, stage: int, offload_optimizer:
     optim = 0 if offload_optimizer else (master + 8 * Pt) / (1 if stage == 0 else n)
     shadow = 4 * shard if ema else 0
     step = 0.0  # with optimizer offload the step runs on the host
-    if not offload_optimizer:
-        fp32_grads = 4 * shard if (bf16 or stage == 3) else 0
-        step = w * shard + fp32_grads + knobs.adam_temporaries * 4 * shard
+    if not offload_optimizer:  # ZeRO-3 steps one sub-group at a time: its transients are the largest sub-group's
+        g = shard if stage < 3 else max(sub_groups([-(-t // n) for t in (c.trainable_sizes or (Pt,))],
+                                                   knobs.sub_group_size))
+        fp32_grads = 4 * g if (bf16 or stage == 3) else 0
+        step = w * g + fp32_grads + knobs.adam_temporaries * 4 * g
     if stage == 3:  # ZeRO-3 allocates its reduce bucket once, at initialize: it is there at the step too
         step += buckets
     if knobs.device == "cpu" and 0 < stage < 3:  # gloo's all-gather of the updated weights copies the flat buffer
@@ -136,7 +141,7 @@ def layout_memory(c: ParamCounts, acts: float, *, stage: int, offload_optimizer:
                  acts, step, overhead, host_bytes(bufs, knobs) * (gpus // nodes),
                  host_bytes(bufs, knobs, exact=True) * (gpus // nodes), window, gpus)
     lay.total = params - window + optim + lay.ema + max(grads + acts + window, step) + overhead
-    lay.load, lay.export, lay.export_host = stage_peaks(c, lay, w, knobs)
+    lay.load, lay.load_min, lay.export, lay.export_host = stage_peaks(c, lay, w, knobs)
     return lay
 
 
@@ -147,8 +152,11 @@ def stage_peaks(c: ParamCounts, lay: Layout, w: int, knobs: ZeroKnobs) -> tuple[
     - load: the state after `deepspeed.initialize`: parameters without the gathered window, fp32 masters (Adam's
       moments come at the first step), EMA and ZeRO-3's gradient partition (allocated up front); plus the larger of two
       transients: the one module `zero.Init` holds whole while partitioning it (gloo stages the broadcast: twice),
-      and the copy DeepSpeed makes while flattening the trainable weights (ZeRO-1/2 on the host; on a GPU only
-      ZeRO-3's partition-sized one counts);
+      and the copy DeepSpeed makes while flattening the trainable weights: ZeRO-1/2 flatten them on the GPU when it
+      has room (w*Pt) and on the host otherwise, ZeRO-3 always through the host (its partition, w*Pt/N: a host
+      transient on a GPU);
+    - load_min: the load peak when ZeRO-1/2's flattening takes the host, which DeepSpeed chooses by itself when the
+      GPU lacks room: what a layout needs to load at all;
     - export (validation, then the exports): that state with Adam's moments, plus the larger of the validation
       forward's gathered window and, under ZeRO-3, one gathered block (twice with gloo's staging copy) with, on
       rank 0 of a full fine-tune, the shard being assembled (at most SHARD_BYTES plus one block: host memory on a
@@ -163,13 +171,15 @@ def stage_peaks(c: ParamCounts, lay: Layout, w: int, knobs: ZeroKnobs) -> tuple[
     kept_grads = 0.0 if lay.stage < 2 else max(
         lay.grads - w * knobs.reduce_bucket_size * (2 if knobs.overlap_comm and lay.stage < 3 else 1), 0.0)
     build = w * c.largest_module * (2 if cpu else 1) if lay.stage == 3 else 0.0
-    # ZeRO-1/2 flatten the trainable weights on the host (a copy), ZeRO-3 its partitions where they live
-    flatten = 0.0 if lay.stage == 0 else w * c.trainable / n if lay.stage == 3 else w * c.trainable * cpu
-    load = static - adam + (kept_grads if lay.stage == 3 else 0.0) + max(build, flatten)
+    # ZeRO-1/2 flatten the trainable weights where there is room (a copy); ZeRO-3 its partitions through the host
+    flatten = 0.0 if lay.stage == 0 else w * c.trainable / n * cpu if lay.stage == 3 else w * c.trainable
+    base = static - adam + (kept_grads if lay.stage == 3 else 0.0)
+    load = base + max(build, flatten)
+    load_min = base + max(build, flatten if lay.stage == 3 or cpu else 0.0)
     gathered = w * c.largest_block * (2 if cpu else 1) if lay.stage == 3 else 0.0
     shard = (min(SHARD_BYTES, w * c.total) + w * c.largest_block) if c.trainable == c.total else 0.0
     export = static + kept_grads + max(gathered + (shard if cpu else 0.0), lay.window)
-    return load, export, shard
+    return load, load_min, export, shard
 
 
 # every layout, least communication first: lowest stage without offload, then optimizer, then parameter offload
@@ -235,7 +245,8 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
 
     cfg: a fewstep Config, config dict or JSON path. nodes: default ceil(gpus / 8). gpu_mem_gb, host_mem_gb: GiB per
     GPU, per node. model_config: a diffusers config path or dict instead of the family's shipped one. A layout fits
-    when its total (overhead_gb of CUDA context / NCCL included) is within (1 - margin) of gpu_mem_gb; the
+    when its training total (overhead_gb of CUDA context / NCCL included), load and export peaks are within
+    (1 - margin) of gpu_mem_gb; the
     recommendation is the first fitting layout of `LAYOUTS`. The resolution is the one the trainer would use
     (`fewstep.planning.resolution`: the data backend's, or the config's `resolution`); a data backend the trainer would
     reject raises its DataError (a ValueError). `settings` records where the resolution and the architecture come
@@ -275,7 +286,9 @@ def plan_memory(cfg, gpus: int = 1, nodes: int | None = None, gpu_mem_gb: float 
         lay = layout_memory(counts, act_bytes, stage=stage, offload_optimizer=off_opt, offload_param=off_par,
                             gpus=gpus, nodes=nodes, bf16=bf16, ema=cfg.use_ema, knobs=knobs,
                             overhead=overhead_gb * GiB)
-        lay.fits = lay.total <= gpu_mem_gb * GiB * (1 - margin)
+        if lay.load > gpu_mem_gb * GiB:  # no room for ZeRO-1/2's flattening copy: DeepSpeed makes it on the host
+            lay.load = lay.load_min
+        lay.fits = max(lay.total, lay.load, lay.export) <= gpu_mem_gb * GiB * (1 - margin)  # every stage's peak
         lay.host_fits = None if host_mem_gb is None else lay.host_per_node <= host_mem_gb * GiB * (1 - margin)
         layouts.append(lay)
     fitting = [lay for lay in layouts if lay.fits and lay.host_fits is not False]
@@ -319,7 +332,7 @@ def format_table(plan: Plan) -> str:
              f"text tokens, batch {s['batch']}/GPU, checkpointing {'on' if s['checkpointing'] else 'off'}, "
              f"EMA {'on' if s['ema'] else 'off'}, {s['optimizer']}",
              f"{s['gpus']} GPU(s) = {s['nodes']} node(s) x {s['gpus'] // s['nodes']}, {s['gpu_mem_gb']:g} GiB per GPU "
-             f"(fits: total <= {100 * (1 - s['margin']):.0f}%)" +
+             f"(fits: total, load and export <= {100 * (1 - s['margin']):.0f}%)" +
              (f", {s['host_mem_gb']:g} GiB host per node" if s["host_mem_gb"] else ""), ""]
     head = (f"  {'layout':<24}{'params':>7}{'grads':>7}{'optim':>7}{'ema':>6}{'acts':>6}{'step':>6}{'total':>7}"
             f"{'load':>6}{'export':>7}{'host':>7}  fits")
@@ -334,7 +347,8 @@ def format_table(plan: Plan) -> str:
                   f"{s['overhead_gb']:g} runtime",
               "(grads include reduce buckets; step = optimizer-step transients; ZeRO-3 params include the gathered "
               "window, which goes with grads + acts)",
-              "load: peak while loading and building the engine (ZeRO-3: partitioned as built); export: peak of a "
+              "load: peak while loading and building the engine (ZeRO-3: partitioned as built; ZeRO-1/2 flatten the "
+              "trainable weights on the GPU, or on the host when the GPU lacks room); export: peak of a "
               "full export, one block gathered at a time" + (f" (+ {g(plan.layouts[0].export_host)} GiB host on "
                                                               "rank 0 for the shard being written)"
                                                               if plan.layouts[0].export_host else ""),
