@@ -121,6 +121,14 @@ def test_twinflow_requires_ema_unless_allowed(tmp_path):
     assert load_config(write(tmp_path, {**data, "twinflow_require_ema": False})).resolved_method == "twinflow"
 
 
+def test_an_empty_timestep_list_is_simpletuners_off(tmp_path):
+    """SimpleTuner reads flow_custom_timesteps "" as no list (normal timestep sampling); a ported config carrying it
+    loads, TwinFlow included (it refuses a list); an empty JSON list stays an error (a list with nothing in it)."""
+    assert load_config(write(tmp_path, {**SEED_TWINFLOW, "flow_custom_timesteps": ""})).flow_custom_timesteps is None
+    assert load_config(write(tmp_path, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux",
+                                        "model_type": "lora", "--flow_custom_timesteps": " "})).resolved_method == "flow"
+
+
 def test_twinflow_requires_flow_matching_unless_diff2flow(tmp_path):
     with pytest.raises(ConfigError, match="flow_matching"):
         load_config(write(tmp_path, merged(SEED_TWINFLOW, {"prediction_type": "epsilon"})))

@@ -107,6 +107,8 @@ def validate(cfg):
     cfg.twinflow_group_weights = w  # "2,1,1,1" on the command line arrives as strings
     if len(w) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w):
         raise ConfigError(f"'twinflow_group_weights' must be 4 positive integers (e2e, mul, any, adv), got {w}")
+    if isinstance(cfg.flow_custom_timesteps, str) and not cfg.flow_custom_timesteps.strip():
+        cfg.flow_custom_timesteps = None  # SimpleTuner's "" is no list: normal timestep sampling
     method = cfg.resolved_method
     if method == "twinflow":
         cfg.twinflow_enabled = True
