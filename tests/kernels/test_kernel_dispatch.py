@@ -3,10 +3,36 @@ import subprocess
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fewstep.kernels as K
 from fewstep.kernels import api, resolve_backend
+from fewstep.kernels._dispatch import round_bf16, to_out
 from fewstep_testing import PY, REPO, cpu_env
+
+
+@triton.jit
+def _store_bf16(x_ptr, y_ptr, n, RTNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    tl.store(y_ptr + idx, to_out(tl.load(x_ptr + idx, mask=mask), tl.bfloat16, RTNE_BF16), mask=mask)
+
+
+def test_bf16_stores_round_to_nearest_even_as_torch_does():
+    """Every kernel's bf16 store goes through `to_out`. The interpreter truncates, so there it rounds by hand: exact
+    ties go to the even neighbour (half of them upwards), as torch's `.to(bfloat16)` and a GPU's cast do."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    high = torch.randint(0x0080, 0x7F00, (4096,), generator=g, dtype=torch.int32)  # normal bf16 magnitudes
+    sign = torch.randint(0, 2, (4096,), generator=g, dtype=torch.int32) << 31
+    ties = ((high << 16) | 0x8000 | sign).view(torch.float32)  # exactly halfway between two bf16 values
+    x = torch.cat([ties, torch.randn(4093, generator=g)]).to(device)  # 4093: not a multiple of the block
+    y = torch.empty_like(x, dtype=torch.bfloat16)
+    _store_bf16[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), RTNE_BF16=round_bf16(), BLOCK=1024)
+    expected = x.to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+    assert (expected[:4096].float().abs() > x[:4096].abs()).float().mean().item() == pytest.approx(0.5, abs=0.05)
 
 
 def test_resolve_backend_maps_the_config_switch():

@@ -12,6 +12,11 @@ def test_parse_forms_and_scale():
     assert parse_custom_timesteps([886.7053, 20.0]) == pytest.approx([0.8867053, 0.02])
     assert parse_custom_timesteps("0.9; 0.2") == [0.9, 0.2]
     assert parse_custom_timesteps(0.5) == [0.5]
+    # 1 is the largest sigma and the smallest nonzero timestep: a sigma list starting at 1 stays sigmas, a lone 1 is
+    # sigma 1, and a timestep list may go down to 1
+    assert parse_custom_timesteps("1.0,0.9791915") == [1.0, 0.9791915]
+    assert parse_custom_timesteps("1") == [1.0]
+    assert parse_custom_timesteps("1000,500,1") == [1.0, 0.5, 0.001]
 
 
 @pytest.mark.parametrize("value, message", [("", "empty"), ("[]", "empty"), ("1,inf", "non-finite"),
@@ -51,6 +56,16 @@ def test_round_robin_cycles_exactly_across_ranks_and_resume():
     fresh.load_state_dict(ranks[1].state_dict())
     nxt = ranks[1].sample().tolist()
     assert fresh.sample().tolist() == nxt
+    # a resume in the middle of the cycle (cursor 4 of 5, not 0 as after 20 draws) continues it
+    assert ranks[1].state_dict()["cursor"] != 0
+    fresh.load_state_dict(ranks[1].state_dict())
+    assert fresh.sample().tolist() == ranks[1].sample().tolist()
+
+
+def test_round_robin_warns_when_the_list_is_shorter_than_the_global_batch():
+    """The cycle is walked by the global batch (batch x ranks): 5 sigmas over 4 ranks of 2 repeat within a step."""
+    with pytest.warns(UserWarning, match="shorter than the global batch \\(8\\)"):
+        CustomTimestepSampler([0.9, 0.7, 0.5, 0.3, 0.1], "round-robin", batch_size=2, rank=0, world_size=4)
 
 
 def test_mode_typo_is_an_error():
@@ -63,6 +78,8 @@ def test_glance_schedule_is_slow_then_fast_then_zero():
     assert sigmas == [1.0, 0.97, 0.88, 0.3, 0.0] and boundary == 2
     with pytest.raises(TimestepListError, match="Slow's lowest is 0.5, Fast's highest 0.6"):
         glance_schedule([1.0, 0.5], [0.6, 0.1])
+    with pytest.raises(TimestepListError, match="Slow's lowest is 0.5, Fast's highest 0.5"):  # a zero-length step
+        glance_schedule([1.0, 0.5], [0.5, 0.1])
 
 
 def test_glance_lists_are_sets_of_sigmas():
