@@ -131,6 +131,33 @@ def test_below_the_base_range_the_velocity_reads_the_output_at_the_true_sigma(pr
     torch.testing.assert_close(x + (1 - s) * F, eps, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_above_the_base_range_a_one_step_sample_is_the_base_x0_estimate(prediction_type):
+    """Between hi (~0.936 on SDXL) and 1 the base runs at its last timestep on x_k = s(sigma) x with s != 1, and
+    x - sigma F is its x0 estimate there: the flow identity must use the flow state x, not the base's input x_k."""
+    abar = scaled_linear_alphas()
+    sigma = torch.tensor([0.95, 0.99], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, *MU_SHAPE, generator=g, dtype=torch.float64)
+    out = torch.randn(2, *MU_SHAPE, generator=g, dtype=torch.float64)  # any base output
+    seen = []
+    F = diff2flow_model(lambda xk, ts, c: (seen.append(ts), out)[1], abar, prediction_type)(x, sigma, sigma, None)
+    assert seen[0].tolist() == [999.0, 999.0]  # clamped to the last timestep
+    # by hand: x_k = x / sqrt((1 - sigma)^2 + sigma^2), converted with the last timestep's a = sqrt(abar), b
+    s = sigma.reshape(-1, 1, 1, 1)
+    x_k = x / ((1 - s) ** 2 + s**2).sqrt()
+    a, b = abar[-1].sqrt(), (1 - abar[-1]).sqrt()
+    x0 = (x_k - b * out) / a if prediction_type == "epsilon" else a * x_k - b * out
+    torch.testing.assert_close(x - s * F, x0, rtol=1e-12, atol=1e-12)
+
+
+def test_repeated_alphas_cumprod_is_rejected():
+    """A noise table with a repeated value is not strictly decreasing: two timesteps share a sigma and the timestep
+    lookup would divide by zero, so the table must be rejected up front."""
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sigma_table(torch.tensor([1.0, 0.9, 0.9, 0.5], dtype=torch.float64))
+
+
 def test_bridge_dtype_and_errors():
     abar = scaled_linear_alphas()
     eps_model, _ = gaussian_models(torch.zeros(1, *MU_SHAPE, dtype=torch.float64), abar)

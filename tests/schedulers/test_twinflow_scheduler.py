@@ -187,6 +187,52 @@ def test_scale_noise_and_begin_index():
     assert s.step_index == 2
 
 
+@pytest.mark.parametrize("settings,mu", [(dict(shift=3.0, shift_terminal=0.1), None),
+                                         (dict(use_dynamic_shifting=True, time_shift_type="linear"), 1.7),
+                                         (dict(use_dynamic_shifting=True, time_shift_type="linear",
+                                               shift_terminal=0.02), 0.6)])
+def test_given_sigmas_are_shifted_as_diffusers_does(settings, mu):
+    """Given sigmas go through diffusers' own shift (shift_terminal stretch, linear dynamic shift): a stock Flux /
+    Qwen-Image / SD3 config swapped to TwinFlow must sample the grid the base's own scheduler would."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas = [1.0, 0.8, 0.55, 0.3, 0.12]
+    ref = FlowMatchEulerDiscreteScheduler(**settings)
+    ref.set_timesteps(sigmas=sigmas, mu=mu)
+    s = TwinFlowScheduler(sigmas_policy="always", **settings)
+    s.set_timesteps(sigmas=sigmas, mu=mu)
+    np.testing.assert_allclose(s.sigmas.numpy(), ref.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
+    if settings.get("shift_terminal"):
+        assert math.isclose(float(s.sigmas[-2]), settings["shift_terminal"], rel_tol=1e-12)  # the stretch's target
+
+
+def test_scale_noise_inside_the_loop_uses_the_current_step_as_diffusers():
+    """After set_begin_index and a step, scale_noise (inpainting re-noising the known region each step) uses the
+    current step's sigma, as diffusers does; the begin index would re-noise to the starting sigma every step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    s = TwinFlowScheduler(sigmas_policy="always", stochastic_ratio=0.0)
+    ref = FlowMatchEulerDiscreteScheduler()
+    g = torch.Generator().manual_seed(4)
+    x, n, v = (torch.randn(2, 4, generator=g) for _ in range(3))
+    for sched in (s, ref):
+        sched.set_timesteps(sigmas=sigmas)
+        sched.set_begin_index(0)
+        sched.step(v, sched.timesteps[0], x)
+    assert s.step_index == ref.step_index == 1
+    t = s.timesteps[1:2].expand(2)
+    torch.testing.assert_close(s.scale_noise(x, t, n), ref.scale_noise(x, t, n))
+    torch.testing.assert_close(s.scale_noise(x, t, n), 0.75 * n + 0.25 * x)
+
+
+def test_repeated_sigmas_are_rejected():
+    """Given sigmas must be strictly decreasing: a repeated sigma is a zero-length step (a wasted model call) and
+    makes the step index ambiguous, so it is an error rather than accepted silently."""
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        TwinFlowScheduler(sigmas_policy="always").set_timesteps(sigmas=[1.0, 0.5, 0.5])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # real tiny diffusers pipelines
 

@@ -211,6 +211,26 @@ def test_repeated_clamped_timesteps_count_steps():
     torch.testing.assert_close(results[0], y, rtol=1e-9, atol=1e-9)
 
 
+def test_begin_index_picks_the_step_among_repeated_clamped_timesteps():
+    """sigmas 1.0 and 0.95 share timestep 999 on SDXL: img2img's set_begin_index(1) must start from sigmas[1], which
+    a timestep lookup (first match, step 0) cannot tell apart."""
+    s = TwinFlowScheduler(**SDXL, prediction_type="epsilon", sigmas_policy="always", stochastic_ratio=0.0)
+    s.set_timesteps(sigmas=[1.0, 0.95, 0.5])
+    assert s.timesteps[:2].tolist() == [999.0, 999.0]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    eps = torch.randn(SHAPE, generator=g, dtype=torch.float64)  # any base output
+    s.set_begin_index(1)
+    y = s.step(eps, s.timesteps[1], x).prev_sample
+    # by hand, Euler from 0.95 to 0.5: 0.95 is above the base's range, so x0_hat is the last timestep's estimate
+    # from x_k = x / sqrt(0.05^2 + 0.95^2), and x' = x0_hat + (0.5 / 0.95) (x - x0_hat)
+    abar = s.alphas_cumprod.double()
+    a, b = abar[-1].sqrt(), (1 - abar[-1]).sqrt()
+    x0 = (x / math.sqrt(0.05**2 + 0.95**2) - b * eps) / a
+    torch.testing.assert_close(y, x0 + (0.5 / 0.95) * (x - x0), rtol=1e-9, atol=1e-9)
+    assert s.step_index == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # a stock StableDiffusionXLPipeline with a tiny UNet
 
