@@ -129,6 +129,33 @@ def test_rcgm_rollout_matches_hand_written_loop():
     torch.testing.assert_close(acc, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_rcgm_rollout_of_bf16_input_accumulates_in_fp32():
+    """With bf16 x_t the rollout's state and integral stay fp32 (summed in bf16, small steps lose ~3 digits): I equals
+    an fp32 loop over the bf16 teacher's outputs, and is fp32."""
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(3, *SHAPE, generator=g).bfloat16()
+    E = torch.randn(3, *SHAPE, generator=g)
+    t, tt = torch.tensor([0.9, 0.6, 0.35]), torch.tensor([0.1, 0.3, 0.05])
+
+    def teacher(x, s, ss, cond):  # a bf16 model: bf16 in, bf16 out
+        return (torch.tanh(x.float()) * (1 + bc(s, x).float()) + 2 + bc(ss, x).float()).bfloat16()
+
+    delta, N = 0.05, 3
+    acc = rcgm_rollout(teacher, x_t, t, tt, E, order=N, delta_t=delta)
+    expected = torch.zeros(x_t.shape)
+    for i in range(3):  # per row: fp64 times, fp32 state; the teacher sees the state in bf16
+        ti, tti = t[i].item(), tt[i].item()
+        tm = max(ti - delta, tti)
+        x = x_t[i:i + 1].float() - (ti - tm) * E[i:i + 1]
+        s = [tm + (tti - tm) * (k / N) for k in range(N + 1)]
+        for k in range(N):
+            hG = (s[k] - s[k + 1]) * teacher(x.bfloat16(), torch.tensor([s[k]]), torch.tensor([s[k + 1]]), None).float()
+            x = x - hG
+            expected[i] += hG[0]
+    torch.testing.assert_close(acc, expected, rtol=1e-6, atol=1e-7, check_dtype=False)
+    assert acc.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # RNG replay
 
@@ -273,3 +300,24 @@ def test_methods_import_no_trainer_stack():
             "bad = [m for m in ('diffusers', 'deepspeed', 'transformers', 'peft') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rectify_loss_resolves_a_gap_below_bf16_resolution():
+    """bf16 F_e2e ~ 1 and a fake - real gap of 2^-10 (under bf16's spacing there): F_grad and the target F - F_grad
+    must be formed in fp32, else the gap rounds away and L_rectify is 0. Checked against the Barron loss in fp64."""
+    F_e2e = (1 + 0.1 * torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))).bfloat16()
+    seen = {}
+
+    def model(x, t, tt, cond):  # fp32 fields 0.75 and 0.75 +- 2^-10 (exact in fp32; 0.75 in bf16)
+        out = 0.75 + 2.0 ** -10 * torch.sign(x.float()) * bc(t < 0, x).float()
+        seen[len(seen)] = out
+        return out
+
+    loss = rectify_loss(model, torch.randn(4, *SHAPE).bfloat16(), F_e2e, None, torch.Generator().manual_seed(0))
+    fake, real = seen[0].double().split(4)  # one pass over the rows twice: fake (-t'), then real (+t')
+    gap = (fake - real).clamp(-1, 1)  # F - T, T = sg(F) - F_grad
+    assert gap.abs().max() == 2.0 ** -10
+    m = gap.square().reshape(4, -1).mean(1)
+    c = 1e-3
+    w = (m / (c * c + 1e-8) + 1) ** -0.5  # the reference's Barron weight (alpha 1, c = 1e-3)
+    torch.testing.assert_close(loss.double(), (w * m / c).mean(), rtol=1e-5, atol=0)

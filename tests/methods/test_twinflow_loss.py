@@ -8,7 +8,7 @@ from torch import nn
 from fewstep.kernels.reference import barron_loss_reference, rcgm_target_reference
 from fewstep.methods.rng import capture_rng_state
 from fewstep.methods.twinflow import cfg_enhanced_target, rcgm_rollout, select_rows, twinflow_loss
-from fewstep.methods.twinflow_times import ADV, E2E, assign_groups, sample_times, time_weight
+from fewstep.methods.twinflow_times import ADV, E2E, MUL, assign_groups, sample_times, time_weight
 from fewstep_testing import HostToDeviceCopies
 
 SHAPE = (3, 4, 4)
@@ -196,13 +196,16 @@ def test_empty_counted_rows_still_backprop():
         twinflow_loss(student, student, *batch(4), groups=assign_groups(3, 0), **KW)
 
 
-def test_matches_hand_assembled_loss():
-    """Rebuild the step from the building blocks with the documented draw order (t, u1, u2, eps_adv, z, t', z')."""
+@pytest.mark.parametrize("order", [2, 0])
+def test_matches_hand_assembled_loss(order):
+    """Rebuild the step from the building blocks with the documented draw order (t, u1, u2, eps_adv, z, t', z'). At
+    order 0 (no RCGM target, T = E) only mul and adv rows count, and L_base, L_adv are divided by their number (the
+    reference's loss[mul | adv].mean()), not the batch's."""
     student, teacher = Net(), Net()
     teacher.inp.weight.data += 0.1  # a teacher different from the student
     x0, cond, uncond = batch(8)
     groups = assign_groups(8, 0)
-    kw = {**KW, "adversarial_weight": 2.0, "rectify_weight": 3.0, "backend": "torch"}
+    kw = {**KW, "order": order, "adversarial_weight": 2.0, "rectify_weight": 3.0, "backend": "torch"}
     loss, logs = twinflow_loss(student, teacher, x0, cond, uncond, groups=groups, generator=torch.Generator()
                                .manual_seed(5), **kw)
 
@@ -219,10 +222,17 @@ def test_matches_hand_assembled_loss():
     F = student(x_t, t, tt, cond)
     with torch.no_grad():
         E, _ = cfg_enhanced_target(teacher, x_t, t, z - x, cond, uncond, ratio=0.5, adv_mask=adv)
-        acc = rcgm_rollout(teacher, x_t, t, tt, E, order=2, delta_t=0.01, cond=cond)
-    T = rcgm_target_reference(F, acc, E, t, tt, delta_t=0.01, clamp=1.0, rcgm_mask=~adv)
+    if order:
+        with torch.no_grad():
+            acc = rcgm_rollout(teacher, x_t, t, tt, E, order=order, delta_t=0.01, cond=cond)
+        T = rcgm_target_reference(F, acc, E, t, tt, delta_t=0.01, clamp=1.0, rcgm_mask=~adv)
+        counted = torch.ones_like(adv)
+    else:
+        T, counted = E, (groups == MUL) | adv
     rows = barron_loss_reference(F, T) * time_weight(t, tt, adv)
-    l_base, l_adv = rows[~adv].sum() / 8, rows[adv].sum() / 8
+    n_counted = int(counted.sum())
+    assert n_counted == (8 if order else 4)
+    l_base, l_adv = rows[counted & ~adv].sum() / n_counted, rows[adv].sum() / n_counted
     # rectify on e2e rows: x_hat = x_t - |t| F = z - F there
     n = int(e2e.sum())
     tp = torch.rand(n, generator=g, dtype=torch.float64).float().clamp(1e-5, 1)
@@ -348,3 +358,48 @@ def test_a_step_never_waits_for_the_device(order, used_rows_only, adversarial):
                                               if isinstance(v, torch.Tensor) and k != "times")
     assert not copies.blocking, copies.blocking
     assert logs["n_adv"] == (2 if adversarial else 0)  # host-known numbers stay numbers
+
+
+def test_sampled_times_do_not_depend_on_the_data_dtype():
+    """bf16 data gets the fp32 times of fp32 data from one seed: times drawn in bf16 would keep ~3 digits, bending the
+    time weights and the mul rows' gaps t - tt (at most 0.05 t)."""
+    groups = assign_groups(8, 0, adversarial=False)
+    x0 = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(0))
+    model = lambda x, t, tt, cond: (0.5 * x.float() + bc(t - tt, x.float())).to(x.dtype)  # noqa: E731
+    # by hand: t, u1, u2 ~ U[0, 1) drawn in float64, in that order; e2e (1, 0), mul tt = t - 0.05 u2 t, any t - u1 t
+    g = torch.Generator().manual_seed(4)
+    t, u1, u2 = (torch.rand(8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = t.clamp(1e-5, 1.0)
+    e2e, mul = groups == E2E, groups == MUL
+    want_t = torch.where(e2e, 1.0, t)
+    want_tt = torch.where(e2e, 0.0, torch.where(mul, t - 0.05 * u2 * t, t - u1 * t))
+    for dtype in (torch.bfloat16, torch.float32):
+        _, logs = twinflow_loss(model, model, x0.to(dtype), None, None, groups=groups,
+                                generator=torch.Generator().manual_seed(4),
+                                **{**KW, "order": 1, "enhanced_ratio": 0.0, "adversarial": False, "backend": "torch"})
+        got_t, got_tt = logs["times"]
+        torch.testing.assert_close(got_t.double(), want_t, rtol=1e-6, atol=0)  # fp32 rounding of the fp64 draws
+        torch.testing.assert_close(got_tt.double(), want_tt, rtol=1e-6, atol=1e-7)
+        assert got_t.dtype == got_tt.dtype == torch.float32, dtype
+
+
+def test_clamp_fraction_counts_elements_at_the_clamp():
+    """The logged clamp_fraction is the share of RCGM-row elements whose residual |F - T| reached the clamp c (a
+    student far off the target: 1; off by 0.75 c, past c/2 but under it: 0), as counted by hand."""
+    B, c = 6, 0.4
+    g = torch.Generator().manual_seed(2)
+    x_star = torch.randn(1, *SHAPE, generator=g, dtype=torch.float64)
+    far = torch.rand(B, *SHAPE, generator=g) < 0.3
+    signs = torch.where(torch.rand(B, *SHAPE, generator=g) < 0.5, -1.0, 1.0).double()
+    # mul rows only and delta_t above their gap (t - tt <= 0.05 t): cof = (1, 0), R = F - v; data at x*, so the
+    # point-mass field (x_t - x*)/t is v and a student F = v + a has R = a exactly (up to fp64 round-off)
+    groups = torch.full((B,), MUL)
+    for a in (5 * c * signs, 0.75 * c * signs, torch.where(far, 5 * c, 0.75 * c) * signs):
+        model = lambda x, t, tt, cond, a=a: (x - x_star) / bc(t.abs(), x) + a  # noqa: E731
+        _, logs = twinflow_loss(model, model, x_star.expand(B, *SHAPE).clone(), None, None, groups=groups,
+                                **{**KW, "order": 1, "delta_t": 0.06, "clamp": c, "enhanced_ratio": 0.0,
+                                   "adversarial": False, "backend": "torch"})
+        # by hand: |F - T| = |clamp(R, -c, c)| = min(|a|, c), which is c where |a| = 5c and 0.75c elsewhere
+        hand = (a.abs() >= c).double().reshape(B, -1).mean(1).mean().item()  # per-row share, rows' mean
+        assert hand in (0.0, 1.0) or 0.1 < hand < 0.9, hand
+        assert logs["clamp_fraction"].item() == pytest.approx(hand, abs=1e-12), hand

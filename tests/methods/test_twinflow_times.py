@@ -17,6 +17,15 @@ def test_assign_groups_contiguous(B, sizes):
         assert g.dtype == torch.long and g.tolist() == expected
 
 
+@pytest.mark.parametrize("B, adversarial, sizes", [(7, True, [2, 2, 2, 1]), (11, True, [3, 3, 3, 2]),
+                                                   (5, False, [2, 2, 1])])
+def test_assign_groups_rounds_group_sizes_to_nearest(B, adversarial, sizes):
+    """Each group but the last gets round(B/K) rows, the last the rest (the reference's split: 7/4 = 1.75 -> 2,
+    11/4 = 2.75 -> 3, 5/3 = 1.67 -> 2); flooring would pile the remainder on the last group (7: 1, 1, 1, 4)."""
+    expected = sum(([g] * n for g, n in zip((E2E, MUL, ANY, ADV), sizes)), [])
+    assert assign_groups(B, 0, adversarial=adversarial).tolist() == expected
+
+
 @pytest.mark.parametrize("B", [1, 2, 3])
 def test_assign_groups_cycles_small_batches(B):
     steps = [assign_groups(B, k) for k in range(4)]
