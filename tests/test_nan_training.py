@@ -173,7 +173,7 @@ def test_non_finite_weights_end_the_launched_run_in_one_line_before_their_checkp
     said = [line for line in proc.stderr.splitlines() if line.startswith("fewstep:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(said) == 1, proc.stderr[-3000:]
     assert said[0].startswith("fewstep: the trained weights are non-finite: checkpoint step-3 not written"), said
-    assert "ZeRO-2 | torch.bfloat16" in proc.stdout  # the layout with separate fp32 masters
+    assert "ZeRO-2 | bfloat16" in proc.stdout  # the layout with separate fp32 masters
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-1", "step-2"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
     assert not (out / "pytorch_lora_weights.safetensors").exists()
