@@ -121,6 +121,21 @@ def test_twinflow_requires_ema_unless_allowed(tmp_path):
     assert load_config(write(tmp_path, {**data, "twinflow_require_ema": False})).resolved_method == "twinflow"
 
 
+def test_command_line_values_read_as_users_write_them(tmp_path):
+    """yes / YES / True are booleans, a negative number is a value (not the next flag), a JSON list is one list, an '='
+    inside a --key=value value stays, and nan is no learning rate."""
+    path = write(tmp_path, {"model_family": "flux", "pretrained_model_name_or_path": "tiny:flux", "model_type": "lora"})
+    for yes in ("yes", "YES", "True"):
+        assert load_config(path, ["--gradient_checkpointing", yes]).gradient_checkpointing is True
+    assert load_config(path, ["--flow_logit_mean", "-0.5"]).flow_logit_mean == -0.5
+    assert load_config(path, ["--lora_targets", '["to_q", "to_k"]']).lora_targets == ["to_q", "to_k"]
+    assert load_config(path, ["--validation_prompt=a=b"]).validation_prompt == "a=b"
+    with pytest.raises(ConfigError, match="'learning_rate' expects float, got 'nan'"):
+        load_config(path, ["--learning_rate", "nan"])
+    # a trailing comma, a blank and a repeat in another case name one format (a blank was an unknown format)
+    assert load_config(path, ["--lora_export_formats", "diffusers, ,Diffusers,"]).lora_export_formats == ["diffusers"]
+
+
 def test_an_empty_timestep_list_is_simpletuners_off(tmp_path):
     """SimpleTuner reads flow_custom_timesteps "" as no list (normal timestep sampling); a ported config carrying it
     loads, TwinFlow included (it refuses a list); an empty JSON list stays an error (a list with nothing in it)."""
