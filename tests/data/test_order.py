@@ -263,3 +263,90 @@ def test_repeats_weigh_the_entry_and_bring_each_image_r_plus_1_times_a_round(tmp
     order = DataOrder(len(samples), 2, 0, 1, seed=0)
     for _ in range(3):  # rounds of (4 + 2) x 3 / 2 = 9 batches
         assert Counter(i for _ in range(9) for i, _ in order.next_items(a_only)) == {i: 3 for i in range(6)}
+
+
+def test_each_epoch_is_a_new_permutation_of_every_stream():
+    """Consecutive epochs of a stream (the first, and a later one) are different permutations (module doc, step 3)."""
+    plain = DataOrder(8, 8, 0, 1, seed=3)
+    first, second = plain.next_indices(), plain.next_indices()  # one global batch is one epoch
+    assert sorted(first) == sorted(second) == list(range(8)) and first != second
+    layout = Layout([Stream("x", [0]), Stream("y", list(range(1, 9)))], [("y", 1.0, [1])])
+    later = DataOrder(9, 8, 0, 1, seed=3)
+    first, second = later.next_indices(layout), later.next_indices(layout)
+    assert sorted(first) == sorted(second) == list(range(1, 9)) and first != second
+
+
+def test_equal_size_streams_are_shuffled_apart():
+    """Two buckets of one size in one layout each get their own permutation."""
+    layout = Layout([Stream("x", [0]), Stream("p", list(range(1, 9))), Stream("q", list(range(9, 17)))],
+                    [("a", 1.0, [1, 2])])
+    order = DataOrder(17, 8, 0, 1, seed=3)
+    batches = sorted(order.next_indices(layout) for _ in range(2))  # a round: one batch of each bucket
+    assert [i - 1 for i in batches[0]] != [i - 9 for i in batches[1]]
+
+
+def test_the_seed_shuffles_the_bucket_order_of_a_round():
+    """Two seeds give different bucket sequences over a round (its shuffle is seeded by the seed too)."""
+    layout = layout_of([2] * 6)  # a round: one batch of each bucket
+
+    def buckets(seed):
+        order = DataOrder(12, 2, 0, 1, seed=seed)
+        return [stream_of(layout, order.next_items(layout)[0][0]) for _ in range(6)]
+    assert sorted(buckets(0)) == sorted(buckets(1)) == list(range(6)) and buckets(0) != buckets(1)
+
+
+def test_unshuffled_streams_keep_their_bucket_order():
+    """Streams with shuffle false: each round lists its buckets in order, whatever the seed: [s0, s0, s1]."""
+    layout = Layout([Stream("s0", [0, 1, 2, 3], shuffle=False), Stream("s1", [4, 5], shuffle=False)],
+                    [("e", 1.0, [0, 1])])
+    for seed in (0, 1, 2):
+        order = DataOrder(6, 2, 0, 1, seed=seed)
+        assert [order.next_indices(layout) for _ in range(12)] == [[0, 1], [2, 3], [4, 5]] * 4
+
+
+def test_an_unshuffled_stream_is_in_file_order():
+    """A stream with shuffle false gives its items in file order."""
+    layout = Layout([Stream("s", list(range(6)), shuffle=False)], [("s", 1.0, [0])])
+    order = DataOrder(6, 2, 0, 1, seed=5)
+    assert [order.next_indices(layout) for _ in range(3)] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_a_plain_dataset_without_shuffle_is_in_file_order():
+    """No layout and shuffle=False: the n items in order."""
+    order = DataOrder(8, 2, 0, 1, 0, shuffle=False)
+    assert [order.next_indices() for _ in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_a_stream_smaller_than_the_global_batch_advances_by_the_global_batch():
+    """n = 3 < G = 4: epochs of n positions, no jump to an epoch boundary; positions advance by G."""
+    layout = Layout([Stream("s", [0, 1, 2])], [("s", 1.0, [0])])
+    order = DataOrder(3, 4, 0, 1, seed=0)
+    for _ in range(3):
+        order.next_indices(layout)
+    assert order.state_dict()["positions"] == {"s": 12}
+
+
+def test_caption_variants_depend_on_the_seed_and_the_position():
+    """Variant sequences differ between seeds, and the samples of one batch draw their variants apart."""
+    one = layout_of([1], variants=[5])
+    orders = [DataOrder(1, 1, 0, 1, seed=s) for s in (0, 1)]
+    seqs = [[o.next_items(one)[0][1] for _ in range(30)] for o in orders]
+    assert seqs[0] != seqs[1]
+    batch = DataOrder(16, 16, 0, 1, seed=0).next_items(layout_of([16], variants=[4] * 16))
+    assert len({v for _, v in batch}) > 1
+
+
+def test_a_pre_bucket_checkpoint_resumes_at_its_global_batch_slot():
+    """`consumed` 20 at world 2, batch 2 is slot 5; one draw later: consumed 24, slot 6, the entry at 6."""
+    layout = Layout([Stream("e|32x32", list(range(7)))], [("e", 1.0, [0])], [1] * 7)
+    order = DataOrder(7, 2, 0, 2, seed=3)
+    order.load_state_dict({"consumed": 20})
+    order.next_items(layout)
+    state = order.state_dict()
+    assert (state["consumed"], state["slot"], state["entries"]) == (24, 6, {"e": 6})
+    assert state["positions"] == {"e|32x32": 24}
+
+
+def test_caption_counts_above_255_are_kept():
+    """A dataset index with 300 captions keeps the count 300."""
+    assert Layout([Stream("s", [0])], [("s", 1.0, [0])], [300]).variants.tolist() == [300]
