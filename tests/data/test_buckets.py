@@ -211,3 +211,96 @@ def test_opaque_images_decode_as_before(tmp_path):
         tmp_path / "opaque.png")
     for name, want in (("rgb", rgb), ("l", rgb[..., :1].repeat(3, axis=-1)), ("opaque", rgb)):
         assert np.array_equal(_pixels(tmp_path / f"{name}.png", 6, 6), want.astype(np.float32) / 127.5 - 1), name
+
+
+def test_random_crop_stays_inside_the_resized_image():
+    """A random crop offset is at most the free space (resize - target) on each axis, for landscape and portrait."""
+    g = geometry(resolution=32.0, crop=True, crop_explicit=True, crop_style="random")
+    for w, h in [(64, 48), (48, 64), (100, 40), (40, 100)]:
+        plans = [g.plan(w, h, f"seed{i}") for i in range(40)]
+        free = (plans[0].resize[0] - 32, plans[0].resize[1] - 32)
+        assert plans[0].target == (32, 32) and max(free) > 0 and min(free) == 0, (w, h)  # one free axis
+        assert all(0 <= p.offset[0] <= free[0] and 0 <= p.offset[1] <= free[1] for p in plans), (w, h)
+        assert len({p.offset for p in plans}) > 5, (w, h)  # the free axis is drawn over
+
+
+@pytest.mark.parametrize("resolution, edge", [(0.25, 512), (0.5, 768), (0.47, 768), (0.54, 768), (1.0, 1024),
+                                              (2.0, 1536), (4.0, 2048)])
+def test_area_resolutions_map_to_simpletuners_squares(resolution, edge):
+    """SimpleTuner's megapixel map: within 0.05 MP of 0.25/0.5/1/2/4 trains at 512/768/1024/1536/2048 squared."""
+    assert geometry(8, resolution=resolution, resolution_type="area").square == (edge, edge)
+
+
+def test_pixel_downsample_when_either_side_is_over_maximum():
+    """Pixel mode, crop: true: one side over maximum_image_size is enough; the short side goes to the target."""
+    g = geometry(resolution=32.0, crop=True, crop_explicit=True, maximum_image_size=48, target_downsample_size=40)
+    assert g.plan(120, 45, "k").resize == (107, 40)  # 120 x 40/45 = 106.7
+    assert g.plan(45, 120, "k").resize == (40, 107)
+    assert g.plan(48, 48, "k").resize == (32, 32)  # not over: resized to cover only
+
+
+def test_crop_false_is_never_downsampled():
+    """target_downsample_size applies with crop: true only; an aspect bucket image is resized just to cover."""
+    keys = dict(resolution=32.0, resolution_type="pixel_area", crop_aspect="preserve", maximum_image_size=64,
+                target_downsample_size=48)
+    assert geometry(crop=False, **keys).plan(96, 64, "k") == Plan((40, 28), (42, 28), (1, 0))  # 28/64 x 96 = 42
+    assert geometry(crop=True, crop_explicit=True, **keys).plan(96, 64, "k").resize == (59, 39)  # ~48 x 48 area
+
+
+def test_max_upscale_threshold_compares_each_side_with_its_own():
+    """A bucket is offered when its width <= w x (1 + t) and its height <= h x (1 + t), both."""
+    def closest(bucket):
+        return geometry(resolution=32.0, resolution_type="pixel_area", crop=True, crop_explicit=True,
+                        crop_aspect="closest", crop_aspect_buckets=[bucket], max_upscale_threshold=0.2)
+    assert closest(4.0).plan(80, 20, "k").target == (64, 16)  # 64 <= 96 and 16 <= 24
+    assert closest(1.0).plan(16, 64, "k").startswith("needs more upscaling")  # width 32 > 19.2, height fits
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_the_shown_size(tmp_path, orientation):
+    """Orientations 5-8 transpose the image (width and height swap); 1-4 keep its size."""
+    from fewstep.data.buckets import decoded_size
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (60, 40), (10, 200, 10)).save(tmp_path / "o.jpg", exif=exif)
+    want = (40, 60) if orientation >= 5 else (60, 40)
+    assert image_size(str(tmp_path / "o.jpg")) == want
+    assert decoded_size(str(tmp_path / "o.jpg"), (tmp_path / "o.jpg").read_bytes()) == want
+
+
+def test_a_bucket_side_is_at_least_one_multiple():
+    """Rounding never gives a side of 0: the least is one multiple (SimpleTuner's `_round_to_nearest_multiple`)."""
+    from fewstep.data.buckets import round_to_multiple
+
+    assert round_to_multiple(3, 8) == 8 and round_to_multiple(0, 16) == 16 and round_to_multiple(21, 8) == 24
+    g = geometry(16, resolution=32.0, resolution_type="pixel_area", crop=False, crop_aspect="preserve")
+    assert min(g.bucket(20.0)) >= 16 and min(g.bucket(0.05)) >= 16
+
+
+def test_minimum_image_size_is_inclusive():
+    """An image at exactly minimum_image_size trains: pixel_area area and square-crop short side."""
+    area = geometry(resolution=32.0, resolution_type="pixel_area", minimum_image_size=24, crop=False,
+                    crop_aspect="preserve")
+    assert isinstance(area.plan(24, 24, "k"), Plan)
+    assert area.plan(23, 24, "k") == "smaller than minimum_image_size"
+    square = geometry(resolution=32.0, resolution_type="pixel_area", minimum_image_size=24, crop=True,
+                      crop_explicit=True)
+    assert isinstance(square.plan(24, 40, "k"), Plan)
+    assert square.plan(23, 40, "k") == "smaller than minimum_image_size"
+
+
+def test_minimum_image_size_63_keeps_a_63_px_square():
+    """63 x 63 / 1e6 x 1e6 is 3969.0000000000005: the exact 63 x 63 image was skipped as smaller."""
+    g = geometry(resolution=64.0, resolution_type="pixel_area", minimum_image_size=63, crop=False,
+                 crop_aspect="preserve")
+    assert isinstance(g.plan(63, 63, "k"), Plan)
+    assert g.plan(62, 63, "k") == "smaller than minimum_image_size"  # area 3906 < 3969
+
+
+def test_maximum_image_size_89_keeps_an_89_px_square_as_it_is():
+    """89 x 89 / 1e6 x 1e6 is 7920.999999999999: the exact 89 x 89 image was downsampled as larger than the maximum."""
+    keys = dict(resolution=64.0, resolution_type="pixel_area", crop=True, crop_explicit=True)
+    g, unlimited = geometry(maximum_image_size=89, target_downsample_size=80, **keys), geometry(**keys)
+    assert g.plan(89, 89, "k").resize == unlimited.plan(89, 89, "k").resize
+    assert g.plan(90, 89, "k").resize != unlimited.plan(90, 89, "k").resize  # area 8010 > 7921: downsampled

@@ -133,7 +133,7 @@ class Geometry:
             return None
         if not self.area_kind:
             return "smaller than minimum_image_size" if min(w, h) < self.min_size else None
-        min_area = self.min_size * 1e6
+        min_area = round(self.min_size * 1e6, 6)  # to pixels, less the float noise (63 px: 3969.0000000000005)
         if e.crop and e.crop_aspect == "square" and min(w, h) < math.floor(math.sqrt(min_area)):
             return "smaller than minimum_image_size"
         return "smaller than minimum_image_size" if w * h < min_area else None
@@ -157,7 +157,7 @@ class Geometry:
 
     def _too_large(self, w: int, h: int) -> bool:
         if self.area_kind:
-            return w * h > self.max_size * 1e6
+            return w * h > round(self.max_size * 1e6, 6)  # (89 px: 7920.999999999999, an 89 x 89 image over it)
         return w > self.max_size or h > self.max_size
 
     def _downsampled(self, w: int, h: int) -> tuple[int, int]:
