@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from fewstep.methods.flow_matching import (flow_matching_loss, noisy_latents, resolution_shift, sample_sigmas,
@@ -45,3 +46,31 @@ def test_loss_is_zero_for_the_exact_velocity_and_positive_otherwise():
     assert torch.allclose(xs[1], 0.5 * x0[1] + 0.5 * noise[1])
     loss2, _ = flow_matching_loss(lambda x, s, c: torch.zeros_like(x), x0, sigma, None, noise=noise)
     assert torch.allclose(loss2, ((noise - x0) ** 2).mean())
+
+
+def test_logit_normal_sigmas_follow_the_given_mean_and_std():
+    """logit(sigma) ~ N(logit_mean, logit_std): sample mean/std within ~5 standard errors of the requested values."""
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    for mean, std in ((1.0, 0.5), (-0.7, 1.5)):  # the second case tells mean from mean**2 (1.0**2 == 1.0)
+        z = torch.logit(sample_sigmas(n, logit_mean=mean, logit_std=std, generator=g).double())
+        # standard errors: std/sqrt(n) for the mean (<= 0.011), ~std/sqrt(2n) for the std (<= 0.0075)
+        assert abs(z.mean().item() - mean) < 5 * std / n ** 0.5
+        assert abs(z.std().item() - std) < 5 * std / (2 * n) ** 0.5
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_loss_is_fp32_for_a_bf16_model(exact):
+    """bf16 prediction and latents: the loss is fp32 and equals the fp64 MSE against noise - x0, also where that
+    difference is not a bf16 value (random latents: a target rounded to bf16 was off by up to 0.4%)."""
+    g = torch.Generator().manual_seed(0)
+    if exact:  # multiples of 1/8 in [-2, 2]: exact in bf16, and so is noise - x0
+        x0 = (torch.randint(-16, 17, (2, 4, 8, 8), generator=g) / 8).bfloat16()
+        noise = (torch.randint(-16, 17, (2, 4, 8, 8), generator=g) / 8).bfloat16()
+    else:
+        x0, noise = (torch.randn(2, 4, 8, 8, generator=g).bfloat16() for _ in range(2))
+    pred = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    loss, out = flow_matching_loss(lambda x, s, c: pred, x0, torch.tensor([0.3, 0.7]), None, noise=noise)
+    assert loss.dtype == torch.float32 and out is pred
+    want = ((pred.double() - (noise.double() - x0.double())) ** 2).mean()
+    assert abs(loss.double().item() - want.item()) <= 1e-6 * want.item()

@@ -244,3 +244,86 @@ def test_scheduler_and_tt_are_exclusive(tiny):
     get_adapter("flux").add_anystep(tr)
     with pytest.raises(ValueError, match="either a scheduler or tt"):
         set_anystep_state(tr, tt=0.0, scheduler=TwinFlowScheduler())
+
+
+def _twinflow(mode, steps=4):
+    """A TwinFlowScheduler (no shift, deterministic) with its `steps`-step grid set."""
+    from fewstep.schedulers import TwinFlowScheduler
+
+    sched = TwinFlowScheduler(num_train_timesteps=1000, shift=1.0, target_time=mode, stochastic_ratio=0.0)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def test_scheduler_state_without_sign_feeds_the_current_step_times(tiny):
+    """anystep_state(scheduler=...), no sign: a call gets t = sigma_i, tt = sigma_{i+1} ("any") of the current step."""
+    adapter, tr, cond, x = _setup(tiny, "flux")
+    _randomize(adapter.add_anystep(tr))
+    sched = _twinflow("any")
+    sched.step(torch.zeros_like(x), sched.timesteps[0], x)  # now at step 1
+    assert sched.step_index == 1
+    s1, s2 = float(sched.sigmas[1]), float(sched.sigmas[2])
+    sigma = torch.full((2,), s1)
+    with torch.no_grad():
+        base = adapter.forward(tr, x, sigma, cond)
+        want = adapter.forward(tr, x, sigma, cond, tt=s2)
+        with anystep_state(tr, scheduler=sched):
+            got = adapter.forward(tr, x, sigma, cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, rtol=1e-3, atol=1e-3)
+
+
+def test_scheduler_times_start_at_begin_index(tiny):
+    """Before the first step (img2img/strength), t and tt are those of step begin_index, not of step 0."""
+    adapter, tr, cond, x = _setup(tiny, "flux")
+    embed = adapter.add_anystep(tr)
+    _randomize(embed)
+    sched = _twinflow("any")
+    sched.set_begin_index(1)
+    assert sched.step_index is None
+    s1, s2 = float(sched.sigmas[1]), float(sched.sigmas[2])
+    with anystep_state(tr, scheduler=sched):
+        assert embed._scheduler_times() == (s1, s2)
+    sigma = torch.full((2,), s1)
+    with torch.no_grad():
+        want = adapter.forward(tr, x, sigma, cond, tt=s2)
+        with anystep_state(tr, scheduler=sched):
+            got = adapter.forward(tr, x, sigma, cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_scheduler_mul_mode_is_exactly_flow_matching(tiny, tiny_dirs):
+    """bf16 model, "mul" (tt = sigma_i): t is the scheduler's exact sigma, not the bf16 timestep, so t - tt = 0."""
+    adapter, _, cond, x = _setup(tiny, "flux")
+    tr = adapter.load(tiny_dirs("flux"), dtype=torch.bfloat16, with_text=False, with_vae=False).denoiser
+    _randomize(adapter.add_anystep(tr))
+    x, cond = x.bfloat16(), {k: v.bfloat16() if v.is_floating_point() else v for k, v in cond.items()}
+    sched = _twinflow("mul")
+    i = next(i for i in range(len(sched.sigmas) - 1)  # a sigma the bf16 timestep (sigma * 1000) cannot hold
+             if float((sched.sigmas[i] * 1000).bfloat16()) / 1000 != float(sched.sigmas[i].float()))
+    sched.set_begin_index(i)
+    sigma = torch.full((2,), float(sched.sigmas[i]))
+    with torch.no_grad():
+        no_tt = adapter.forward(tr, x, sigma, cond)
+        with anystep_state(tr, scheduler=sched):
+            got = adapter.forward(tr, x, sigma, cond)
+        assert torch.equal(got, no_tt), (got.float() - no_tt.float()).abs().max()
+        with anystep_state(tr, scheduler=_twinflow("few")):  # the term is live: tt = 0 moves the output
+            assert not torch.equal(adapter.forward(tr, x, sigma, cond), no_tt)
+
+
+def test_embedding_width_reads_the_lora_wrapped_linear(tiny):
+    """A LoRA on time_embedding.linear_2 (peft wrapper): the width is still the real Linear's out_features."""
+    from peft import LoraConfig
+
+    from fewstep.models.anystep import embedding_width
+
+    adapter, comps = tiny("sdxl")
+    unet = copy.deepcopy(comps.denoiser)
+    width = unet.config.block_out_channels[0] * 4  # TimestepEmbedding's width: 4 x the first block's channels
+    assert width == 128 and embedding_width(unet) == width
+    unet.add_adapter(LoraConfig(r=4, target_modules=["time_embedding.linear_2"]))
+    assert not isinstance(unet.time_embedding.linear_2, torch.nn.Linear)  # peft's wrapper
+    assert embedding_width(unet) == embedding_width(unet, "time_embedding") == width
+    embed = adapter.add_anystep(unet)
+    assert embed.sign_embed.weight.shape == (2, width) and embed.tt_linear_2.out_features == width
